@@ -1,2 +1,47 @@
 // SPDX-License-Identifier: EUPL-1.2
-fn main() {}
+//! `cargo xtask`: project automation.
+//!
+//! - `setup`: installs the pinned MLX into `target/mlx` (and cmake if missing)
+//! - `bindgen`: regenerates `crates/mlx-metal/src/ffi/bindings.rs` from the C shim header
+
+mod bindings;
+mod setup;
+mod util;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  setup [--cuda 12|13] [--from-source DIR] [--force]
+        install MLX 0.32.4 into target/mlx (the official wheel for this machine,
+        or a CMake build of an MLX source tree), and cmake if the machine lacks it
+  bindgen [--check]
+        regenerate crates/mlx-metal/src/ffi/bindings.rs from csrc/mlxs.h
+        (--check: fail if the committed file differs; needs libclang)
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = match cmd.as_str() {
+        "setup" => setup::run(rest),
+        "bindgen" => bindings::run(rest),
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,94 @@
+// SPDX-License-Identifier: EUPL-1.2
+//
+// Helpers shared by the mlxs translation units. Not part of the C ABI.
+
+#pragma once
+
+#include <exception>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "mlx/mlx.h"
+#include "mlxs.h"
+
+namespace mx = mlx::core;
+
+struct mlxs_array_s {
+  mx::array a;
+};
+struct mlxs_vec_s {
+  std::vector<mx::array> v;
+};
+struct mlxs_named_s {
+  std::vector<std::pair<std::string, mx::array>> arrays;
+  std::vector<std::pair<std::string, std::string>> meta;
+};
+
+namespace mlxs {
+
+void set_error(const char* msg);
+
+// Runs `body` and converts any C++ exception into a status and a stored
+// message. Nothing escapes.
+template <typename F>
+int guard(F&& body) noexcept {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(e.what());
+  } catch (...) {
+    set_error("unknown C++ exception");
+  }
+  return 1;
+}
+
+inline mx::array& arr(mlxs_array a) {
+  if (a == nullptr) {
+    throw std::invalid_argument("null array handle");
+  }
+  return a->a;
+}
+
+inline std::optional<mx::array> opt(mlxs_array a) {
+  if (a == nullptr) {
+    return std::nullopt;
+  }
+  return a->a;
+}
+
+inline mlxs_array wrap(mx::array a) {
+  return new mlxs_array_s{std::move(a)};
+}
+
+inline void put(mlxs_array* out, mx::array a) {
+  if (out == nullptr) {
+    throw std::invalid_argument("null output pointer");
+  }
+  *out = wrap(std::move(a));
+}
+
+inline mlxs_vec wrap_vec(std::vector<mx::array> v) {
+  return new mlxs_vec_s{std::move(v)};
+}
+
+inline void put_vec(mlxs_vec* out, std::vector<mx::array> v) {
+  if (out == nullptr) {
+    throw std::invalid_argument("null output pointer");
+  }
+  *out = wrap_vec(std::move(v));
+}
+
+mx::Dtype dtype(int d);
+int dtype_code(mx::Dtype d);
+mx::Device device(int kind);
+mx::StreamOrDevice sod(int kind);
+mx::Shape shape(const int* dims, size_t ndim);
+std::vector<int> ints(const int* xs, size_t n);
+std::vector<mx::array> arrays(const mlxs_array* xs, size_t n);
+std::optional<int> opt_int(int v);
+std::string mode(const char* m);
+
+} // namespace mlxs

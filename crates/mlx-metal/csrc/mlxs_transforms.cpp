@@ -1,0 +1,166 @@
+// SPDX-License-Identifier: EUPL-1.2
+//
+// Closures over foreign callbacks, and the transforms that take them:
+// vjp, jvp, value_and_grad, checkpoint and compile.
+
+#include <memory>
+
+#include "mlxs_internal.h"
+
+using Fn = std::function<std::vector<mx::array>(const std::vector<mx::array>&)>;
+using VagFn = mx::ValueAndGradFn;
+
+struct mlxs_closure_s {
+  Fn f;
+};
+struct mlxs_vag_s {
+  VagFn f;
+};
+
+using namespace mlxs;
+
+namespace {
+
+Fn& fn(mlxs_closure c) {
+  if (c == nullptr) {
+    throw std::invalid_argument("null closure handle");
+  }
+  return c->f;
+}
+
+// The payload is shared by every copy of the std::function (MLX copies
+// functions freely); the destructor runs when the last copy is gone.
+Fn make_fn(mlxs_closure_fn cb, void* payload, mlxs_payload_dtor dtor) {
+  std::shared_ptr<void> owner(payload, [dtor](void* p) {
+    if (dtor != nullptr) {
+      dtor(p);
+    }
+  });
+  return [cb, owner](const std::vector<mx::array>& inputs) {
+    std::vector<mlxs_array_s> boxed;
+    boxed.reserve(inputs.size());
+    for (const auto& a : inputs) {
+      boxed.push_back(mlxs_array_s{a});
+    }
+    std::vector<mlxs_array> handles;
+    handles.reserve(boxed.size());
+    for (auto& b : boxed) {
+      handles.push_back(&b);
+    }
+    mlxs_vec_s outputs;
+    int rc = cb(owner.get(), handles.data(), handles.size(), &outputs);
+    if (rc != 0) {
+      throw std::runtime_error("callback failed");
+    }
+    return std::move(outputs.v);
+  };
+}
+
+} // namespace
+
+extern "C" {
+
+int mlxs_closure_new(
+    mlxs_closure* out,
+    mlxs_closure_fn cb,
+    void* payload,
+    mlxs_payload_dtor dtor) {
+  if (out == nullptr || cb == nullptr) {
+    if (dtor != nullptr) {
+      dtor(payload);
+    }
+    set_error("null closure output or callback");
+    return 1;
+  }
+  return guard([&] { *out = new mlxs_closure_s{make_fn(cb, payload, dtor)}; });
+}
+
+void mlxs_closure_free(mlxs_closure c) {
+  delete c;
+}
+
+int mlxs_closure_apply(mlxs_vec* out, mlxs_closure c, const mlxs_array* inputs, size_t n) {
+  return guard([&] { put_vec(out, fn(c)(arrays(inputs, n))); });
+}
+
+int mlxs_vjp(
+    mlxs_vec* outputs,
+    mlxs_vec* vjps,
+    mlxs_closure c,
+    const mlxs_array* primals,
+    size_t n_primals,
+    const mlxs_array* cotangents,
+    size_t n_cotangents) {
+  return guard([&] {
+    auto [outs, grads] =
+        mx::vjp(fn(c), arrays(primals, n_primals), arrays(cotangents, n_cotangents));
+    put_vec(outputs, std::move(outs));
+    put_vec(vjps, std::move(grads));
+  });
+}
+
+int mlxs_jvp(
+    mlxs_vec* outputs,
+    mlxs_vec* jvps,
+    mlxs_closure c,
+    const mlxs_array* primals,
+    size_t n_primals,
+    const mlxs_array* tangents,
+    size_t n_tangents) {
+  return guard([&] {
+    auto [outs, tans] =
+        mx::jvp(fn(c), arrays(primals, n_primals), arrays(tangents, n_tangents));
+    put_vec(outputs, std::move(outs));
+    put_vec(jvps, std::move(tans));
+  });
+}
+
+int mlxs_value_and_grad(mlxs_vag* out, mlxs_closure c, const int* argnums, size_t n) {
+  return guard([&] {
+    auto nums = ints(argnums, n);
+    if (nums.empty()) {
+      nums.push_back(0);
+    }
+    *out = new mlxs_vag_s{mx::value_and_grad(fn(c), nums)};
+  });
+}
+
+void mlxs_vag_free(mlxs_vag f) {
+  delete f;
+}
+
+int mlxs_vag_apply(
+    mlxs_vec* values,
+    mlxs_vec* grads,
+    mlxs_vag f,
+    const mlxs_array* inputs,
+    size_t n) {
+  return guard([&] {
+    if (f == nullptr) {
+      throw std::invalid_argument("null value_and_grad handle");
+    }
+    auto [vals, gs] = f->f(arrays(inputs, n));
+    put_vec(values, std::move(vals));
+    put_vec(grads, std::move(gs));
+  });
+}
+
+int mlxs_checkpoint(mlxs_closure* out, mlxs_closure c) {
+  return guard([&] { *out = new mlxs_closure_s{mx::checkpoint(fn(c))}; });
+}
+
+int mlxs_compile(mlxs_closure* out, mlxs_closure c, bool shapeless) {
+  return guard([&] { *out = new mlxs_closure_s{mx::compile(fn(c), shapeless)}; });
+}
+
+int mlxs_set_compile_enabled(bool enabled) {
+  return guard([&] {
+    if (enabled) {
+      mx::enable_compile();
+    } else {
+      mx::disable_compile();
+    }
+  });
+}
+
+} // extern "C"

@@ -1,0 +1,126 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! MLX's fused kernels (`mlx::core::fast`): RMS norm, layer norm, rotary
+//! position embeddings and scaled dot-product attention.
+
+use crate::array::Array;
+use crate::device::current_code as dev;
+use crate::error::{Error, Result};
+use crate::ffi::{array_out, opt_handle, sys};
+
+/// `x / sqrt(mean(x², -1) + eps) * weight` over the last axis; no scale when
+/// `weight` is `None`.
+pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
+    // SAFETY: live or null handles.
+    array_out("rms_norm", |o| unsafe { sys::mlxs_rms_norm(o, x.as_raw(), opt_handle(weight), eps, dev()) })
+}
+
+/// Layer norm over the last axis with optional scale and shift.
+pub fn layer_norm(x: &Array, weight: Option<&Array>, bias: Option<&Array>, eps: f32) -> Result<Array> {
+    // SAFETY: live or null handles.
+    array_out("layer_norm", |o| unsafe {
+        sys::mlxs_layer_norm(o, x.as_raw(), opt_handle(weight), opt_handle(bias), eps, dev())
+    })
+}
+
+/// Where the rotation frequencies of [`rope`] come from.
+#[derive(Debug, Clone, Copy)]
+pub enum RopeFreqs<'a> {
+    /// `base^(-2i/dims)`, the classic formulation.
+    Base(f32),
+    /// Explicit per-pair inverse frequencies, `dims / 2` of them (e.g. Llama 3
+    /// rope scaling). MLX divides positions by these.
+    Custom(&'a Array),
+}
+
+/// Where the positions of [`rope`] start.
+#[derive(Debug, Clone, Copy)]
+pub enum RopeOffset<'a> {
+    /// A fixed offset.
+    Fixed(i32),
+    /// An int array (scalar, or one offset per batch row).
+    Array(&'a Array),
+}
+
+/// Rotary position embedding on the first `dims` features of the last axis of
+/// `x` (shape `[..., L, D]`), positions `offset..offset + L`. `traditional`
+/// rotates adjacent pairs instead of the two halves.
+pub fn rope(
+    x: &Array,
+    dims: i32,
+    traditional: bool,
+    freqs: RopeFreqs<'_>,
+    scale: f32,
+    offset: RopeOffset<'_>,
+) -> Result<Array> {
+    if dims <= 0 || dims % 2 != 0 {
+        return Err(Error::invalid("rope", format!("dims {dims} must be a positive even number")));
+    }
+    let (has_base, base, freqs_arr) = match freqs {
+        RopeFreqs::Base(b) => (true, b, None),
+        RopeFreqs::Custom(f) => (false, 0.0, Some(f)),
+    };
+    let (off, off_arr) = match offset {
+        RopeOffset::Fixed(o) => (o, None),
+        RopeOffset::Array(a) => (0, Some(a)),
+    };
+    // SAFETY: live or null handles.
+    array_out("rope", |o| unsafe {
+        sys::mlxs_rope(
+            o,
+            x.as_raw(),
+            dims,
+            traditional,
+            has_base,
+            base,
+            scale,
+            off,
+            opt_handle(off_arr),
+            opt_handle(freqs_arr),
+            dev(),
+        )
+    })
+}
+
+/// The mask of [`scaled_dot_product_attention`].
+#[derive(Debug, Clone, Copy)]
+pub enum AttentionMask<'a> {
+    /// Every query sees every key.
+    None,
+    /// Query `i` sees keys `0..=i + (kL - qL)` (lower-right aligned).
+    Causal,
+    /// A boolean mask (true = attend) or an additive float mask, broadcastable
+    /// to `[B, H, qL, kL]`.
+    Array(&'a Array),
+}
+
+/// `softmax(q @ kᵀ * scale + mask) @ v` for `q: [B, H, qL, D]`,
+/// `k, v: [B, H_kv, kL, D]` (grouped-query attention when `H_kv < H`).
+/// `sinks` adds per-head attention-sink logits.
+pub fn scaled_dot_product_attention(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    scale: f32,
+    mask: AttentionMask<'_>,
+    sinks: Option<&Array>,
+) -> Result<Array> {
+    let (mode, arr): (&std::ffi::CStr, Option<&Array>) = match mask {
+        AttentionMask::None => (c"", None),
+        AttentionMask::Causal => (c"causal", None),
+        AttentionMask::Array(m) => (c"array", Some(m)),
+    };
+    // SAFETY: live or null handles; mode is a static C string.
+    array_out("scaled_dot_product_attention", |o| unsafe {
+        sys::mlxs_sdpa(
+            o,
+            q.as_raw(),
+            k.as_raw(),
+            v.as_raw(),
+            scale,
+            mode.as_ptr(),
+            opt_handle(arr),
+            opt_handle(sinks),
+            dev(),
+        )
+    })
+}

@@ -1,0 +1,143 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! Layer helpers shared by the models: linear and embedding layers (dense or
+//! affine-quantised), activations and grouped-query helpers.
+//!
+//! Quantisation is orthogonal to the models: a layer is quantised when its
+//! weights came with `scales` (see [`crate::ops::Quantized`]).
+
+use crate::array::{Array, Dtype};
+use crate::error::{Error, Result};
+use crate::ops::{self, Quantized};
+
+/// The weights of a linear layer.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// A dense `[out, in]` matrix.
+    Dense(Array),
+    /// An affine-quantised `[out, in]` matrix.
+    Quantized(Quantized),
+}
+
+/// `y = x Wᵀ + b`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// The weights.
+    pub weight: LinearWeight,
+    /// The optional bias, `[out]`.
+    pub bias: Option<Array>,
+}
+
+impl Linear {
+    /// A dense layer; `weight` is `[out, in]`.
+    pub fn dense(weight: Array, bias: Option<Array>) -> Result<Linear> {
+        if weight.ndim() != 2 {
+            return Err(Error::invalid(
+                "linear",
+                format!("weight must be 2-D [out, in], got shape {:?}", weight.shape()),
+            ));
+        }
+        Ok(Linear { weight: LinearWeight::Dense(weight), bias })
+    }
+
+    /// A quantised layer.
+    pub fn quantized(q: Quantized, bias: Option<Array>) -> Linear {
+        Linear { weight: LinearWeight::Quantized(q), bias }
+    }
+
+    /// Applies the layer to `x: [..., in]`.
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => ops::matmul(x, &ops::transpose(w, &[1, 0])?)?,
+            LinearWeight::Quantized(q) => ops::quantized_matmul(x, q, true)?,
+        };
+        match &self.bias {
+            Some(b) => ops::add(&y, b),
+            None => Ok(y),
+        }
+    }
+
+    /// `(out, in)` features.
+    pub fn features(&self) -> Result<(i32, i32)> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok((w.dim(0)?, w.dim(1)?)),
+            LinearWeight::Quantized(q) => Ok((q.scales.dim(0)?, q.scales.dim(1)? * q.group_size)),
+        }
+    }
+
+    /// The weights as a dense matrix (dequantised if needed).
+    pub fn dense_weight(&self, dtype: Option<Dtype>) -> Result<Array> {
+        match &self.weight {
+            LinearWeight::Dense(w) => match dtype {
+                Some(d) if d != w.dtype() => ops::astype(w, d),
+                _ => Ok(w.clone()),
+            },
+            LinearWeight::Quantized(q) => ops::dequantize(q, dtype),
+        }
+    }
+}
+
+/// A token embedding table `[vocab, dim]`, dense or quantised.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    /// The table.
+    pub weight: LinearWeight,
+}
+
+impl Embedding {
+    /// Looks up `ids` (any int shape) and returns `[..., dim]`. A quantised
+    /// table dequantises only the rows it gathers.
+    pub fn forward(&self, ids: &Array) -> Result<Array> {
+        match &self.weight {
+            LinearWeight::Dense(w) => ops::take(w, ids, 0),
+            LinearWeight::Quantized(q) => {
+                let rows = Quantized {
+                    weight: ops::take(&q.weight, ids, 0)?,
+                    scales: ops::take(&q.scales, ids, 0)?,
+                    biases: q.biases.as_ref().map(|b| ops::take(b, ids, 0)).transpose()?,
+                    group_size: q.group_size,
+                    bits: q.bits,
+                };
+                ops::dequantize(&rows, None)
+            }
+        }
+    }
+
+    /// Uses the table as the output projection (tied embeddings): `x Eᵀ`.
+    pub fn as_linear(&self, x: &Array) -> Result<Array> {
+        Linear { weight: self.weight.clone(), bias: None }.forward(x)
+    }
+}
+
+/// `x · sigmoid(x)`.
+pub fn silu(x: &Array) -> Result<Array> {
+    ops::multiply(x, &ops::sigmoid(x)?)
+}
+
+/// GELU with the exact error function: `0.5 x (1 + erf(x / √2))`.
+pub fn gelu(x: &Array) -> Result<Array> {
+    let inner = ops::erf(&ops::multiply_scalar(x, std::f64::consts::FRAC_1_SQRT_2)?)?;
+    ops::multiply(&ops::multiply_scalar(x, 0.5)?, &ops::add_scalar(&inner, 1.0)?)
+}
+
+/// GELU, tanh approximation: `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
+pub fn gelu_approx(x: &Array) -> Result<Array> {
+    let x3 = ops::multiply(&ops::square(x)?, x)?;
+    let inner = ops::add(x, &ops::multiply_scalar(&x3, 0.044715)?)?;
+    let t = ops::tanh(&ops::multiply_scalar(&inner, (2.0 / std::f64::consts::PI).sqrt())?)?;
+    ops::multiply(&ops::multiply_scalar(x, 0.5)?, &ops::add_scalar(&t, 1.0)?)
+}
+
+/// Repeats each of the `H_kv` heads of `x: [B, H_kv, L, D]` `n` times, giving
+/// `[B, H_kv·n, L, D]` (grouped-query attention without a fused kernel).
+pub fn repeat_kv(x: &Array, n: i32) -> Result<Array> {
+    if n <= 1 {
+        return Ok(x.clone());
+    }
+    let s = x.shape();
+    if s.len() != 4 {
+        return Err(Error::invalid("repeat_kv", format!("expected [B, H, L, D], got {s:?}")));
+    }
+    let e = ops::expand_dims(x, &[2])?;
+    let b = ops::broadcast_to(&e, &[s[0], s[1], n, s[2], s[3]])?;
+    ops::reshape(&b, &[s[0], s[1] * n, s[2], s[3]])
+}
