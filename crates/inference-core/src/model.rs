@@ -1,0 +1,279 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! The model traits: text generation, and the optional capabilities a model may have.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    AttentionSnapshot, BatchResult, CancelToken, ClassifyResult, Error, GenerateMetrics, GenerateSettings, Message,
+    ModelInfo, Result, TokenStream,
+};
+
+/// A loaded language model.
+///
+/// Handles are `Send + Sync` and are shared as `Arc<dyn TextModel>`; a backend whose native state
+/// is tied to one thread keeps it on its own engine thread and talks to it over channels.
+///
+/// Every call takes the settings and a [`CancelToken`]. Backends validate the settings
+/// ([`GenerateSettings::validate`]) and return [`Error::InvalidSetting`] before doing any work,
+/// return [`Error::EmptyPrompt`] for an empty prompt or message list, [`Error::Closed`] after
+/// [`close`](Self::close), and [`Error::Unsupported`] for an operation they do not implement.
+pub trait TextModel: Send + Sync {
+    /// Generates a continuation of `prompt` as it stands (no chat template).
+    ///
+    /// The stream starts once the call returns; errors found before any work starts (settings,
+    /// empty prompt, closed model) are returned here, later ones arrive as the stream's last item.
+    ///
+    /// # Errors
+    ///
+    /// See the trait documentation.
+    fn generate(&self, prompt: &str, settings: &GenerateSettings, cancel: CancelToken) -> Result<TokenStream>;
+
+    /// Generates the assistant's reply to `messages`, rendered with the model's own chat template.
+    ///
+    /// # Errors
+    ///
+    /// See the trait documentation.
+    fn chat(&self, messages: &[Message], settings: &GenerateSettings, cancel: CancelToken) -> Result<TokenStream>;
+
+    /// Classifies each prompt: one prefill, sampling a single token at the last position (with the
+    /// distribution when [`GenerateSettings::logits`] asks for it). Results are in prompt order.
+    ///
+    /// From a `Vec<String>`: `let prompts: Vec<&str> = owned.iter().map(String::as_str).collect();`
+    ///
+    /// # Errors
+    ///
+    /// See the trait documentation; [`Error::Cancelled`] when cancelled part-way.
+    fn classify(
+        &self,
+        prompts: &[&str],
+        settings: &GenerateSettings,
+        cancel: CancelToken,
+    ) -> Result<Vec<ClassifyResult>>;
+
+    /// Generates a continuation of each prompt; one result per prompt, in order. A failure of
+    /// one prompt is reported in its [`BatchResult`], not as an error of the call. A backend
+    /// without real batching may run the prompts one after another
+    /// (see [`TokenStream::into_batch_result`]).
+    ///
+    /// # Errors
+    ///
+    /// See the trait documentation.
+    fn batch_generate(
+        &self,
+        prompts: &[&str],
+        settings: &GenerateSettings,
+        cancel: CancelToken,
+    ) -> Result<Vec<BatchResult>>;
+
+    /// The model's shape.
+    fn info(&self) -> ModelInfo;
+
+    /// The measurements of the last call that completed (all zero before the first).
+    fn metrics(&self) -> GenerateMetrics;
+
+    /// The architecture name, as config.json's `model_type` gives it (`gemma3`, `qwen3`, `llama`).
+    fn model_type(&self) -> &str;
+
+    /// Releases the model's resources. Idempotent: later calls return `Ok(())`; other calls
+    /// after it return [`Error::Closed`]. Dropping the handle also releases them, but only
+    /// `close` reports failures.
+    ///
+    /// # Errors
+    ///
+    /// The first failure while releasing resources.
+    fn close(&self) -> Result<()>;
+
+    /// The attention-inspection capability, when the model has it.
+    fn attention_inspector(&self) -> Option<&dyn AttentionInspector> {
+        None
+    }
+
+    /// The training capability, when the model has it.
+    fn trainer(&self) -> Option<&dyn TrainableModel> {
+        None
+    }
+}
+
+/// Optional capability: capture the attention keys (and queries) of a prompt.
+///
+/// Reached through [`TextModel::attention_inspector`].
+pub trait AttentionInspector {
+    /// Runs one prefill of `prompt` and returns the captured keys (post-norm, post-RoPE) and,
+    /// when the backend can capture them, queries.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EmptyPrompt`], [`Error::Cancelled`], [`Error::Closed`] or a backend failure.
+    fn inspect_attention(&self, prompt: &str, cancel: CancelToken) -> Result<AttentionSnapshot>;
+}
+
+/// Optional capability: LoRA fine-tuning support.
+///
+/// Reached through [`TextModel::trainer`].
+pub trait TrainableModel {
+    /// Injects LoRA layers described by `config` into the model and returns their adapter.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSetting`] for an invalid config, or a backend failure.
+    fn apply_lora(&self, config: &LoraConfig) -> Result<Box<dyn Adapter>>;
+
+    /// Tokenises `text` (without adding a beginning-of-sequence token).
+    ///
+    /// # Errors
+    ///
+    /// A backend failure, or [`Error::Closed`].
+    fn encode(&self, text: &str) -> Result<Vec<u32>>;
+
+    /// Turns token ids back into text.
+    ///
+    /// # Errors
+    ///
+    /// A backend failure (an id outside the vocabulary), or [`Error::Closed`].
+    fn decode(&self, ids: &[u32]) -> Result<String>;
+
+    /// Number of transformer layers.
+    fn num_layers(&self) -> usize;
+}
+
+/// A set of LoRA layers applied to a model.
+pub trait Adapter: Send + Sync {
+    /// Number of trainable parameters.
+    fn total_params(&self) -> usize;
+
+    /// Saves the adapter weights and adapter_config.json to `path` (a directory).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when writing fails, or a backend failure.
+    fn save(&self, path: &Path) -> Result<()>;
+}
+
+/// The element type of LoRA weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraDType {
+    /// 32-bit floats (the default).
+    #[default]
+    F32,
+    /// bfloat16, for mixed-precision training.
+    Bf16,
+}
+
+/// Where and how big LoRA layers are.
+///
+/// ```
+/// use inference_core::LoraConfig;
+/// let c = LoraConfig::default();
+/// assert_eq!((c.rank, c.alpha, c.scale()), (8, 16.0, 2.0));
+/// assert_eq!(c.target_keys, ["q_proj", "v_proj"]);
+/// assert!(LoraConfig::default().rank(0).validate().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraConfig {
+    /// Rank of the low-rank update; at least 1. Default 8.
+    pub rank: usize,
+    /// Scaling numerator: the update is scaled by `alpha / rank`. Finite and > 0. Default 16.
+    pub alpha: f32,
+    /// Names of the projections to adapt (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`,
+    /// `up_proj`, `down_proj`); not empty. Default `q_proj`, `v_proj`.
+    pub target_keys: Vec<String>,
+    /// Dropout on the adapter's input during training, in [0, 1). Default 0.
+    pub dropout: f32,
+    /// Element type of the adapter weights. Default f32.
+    pub dtype: LoraDType,
+    /// Adapt only the last `n` layers; `None` (the default) adapts all of them.
+    pub num_layers: Option<usize>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            target_keys: vec!["q_proj".to_owned(), "v_proj".to_owned()],
+            dropout: 0.0,
+            dtype: LoraDType::F32,
+            num_layers: None,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// Sets [`rank`](Self::rank).
+    #[must_use]
+    pub fn rank(mut self, rank: usize) -> Self {
+        self.rank = rank;
+        self
+    }
+
+    /// Sets [`alpha`](Self::alpha).
+    #[must_use]
+    pub fn alpha(mut self, alpha: f32) -> Self {
+        self.alpha = alpha;
+        self
+    }
+
+    /// Replaces [`target_keys`](Self::target_keys).
+    #[must_use]
+    pub fn target_keys<S: Into<String>>(mut self, keys: impl IntoIterator<Item = S>) -> Self {
+        self.target_keys = keys.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`dropout`](Self::dropout).
+    #[must_use]
+    pub fn dropout(mut self, dropout: f32) -> Self {
+        self.dropout = dropout;
+        self
+    }
+
+    /// Sets [`dtype`](Self::dtype).
+    #[must_use]
+    pub fn dtype(mut self, dtype: LoraDType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// Sets [`num_layers`](Self::num_layers).
+    #[must_use]
+    pub fn num_layers(mut self, n: usize) -> Self {
+        self.num_layers = Some(n);
+        self
+    }
+
+    /// The factor applied to the low-rank update: `alpha / rank` (0 when the rank is 0).
+    pub fn scale(&self) -> f32 {
+        if self.rank == 0 { 0.0 } else { self.alpha / self.rank as f32 }
+    }
+
+    /// Checks every field.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSetting`] for the first field out of range.
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(Error::invalid_setting("rank", 0, "must be at least 1"));
+        }
+        if !self.alpha.is_finite() || self.alpha <= 0.0 {
+            return Err(Error::invalid_setting("alpha", self.alpha, "must be a finite number > 0"));
+        }
+        if self.target_keys.is_empty() {
+            return Err(Error::invalid_setting("target_keys", "[]", "must name at least one projection"));
+        }
+        if let Some(i) = self.target_keys.iter().position(String::is_empty) {
+            return Err(Error::invalid_setting(format!("target_keys[{i}]"), "\"\"", "must not be empty"));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::invalid_setting("dropout", self.dropout, "must be in [0, 1)"));
+        }
+        if self.num_layers == Some(0) {
+            return Err(Error::invalid_setting("num_layers", 0, "must be at least 1 (leave it unset for all layers)"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,367 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! Settings for generation and for loading a model.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Whether each generated token carries the distribution it was sampled from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogitsMode {
+    /// No distribution (the default; fastest).
+    #[default]
+    None,
+    /// Raw logits, before temperature and filtering.
+    Logits,
+    /// Log-probabilities (log-softmax of the raw logits).
+    LogProbs,
+}
+
+/// How to sample: every field has a default that means "off" or "as the model does".
+///
+/// Plain public fields with chainable setters of the same name. Backends call
+/// [`validate`](Self::validate) before using the settings.
+///
+/// ```
+/// use inference_core::GenerateSettings;
+/// let s = GenerateSettings::new().max_tokens(64).temperature(0.7).top_p(0.9).seed(42);
+/// assert!(s.validate().is_ok());
+/// let err = GenerateSettings::new().temperature(-1.0).validate().unwrap_err();
+/// assert_eq!(err.to_string(), "invalid setting temperature = -1: must be a finite number >= 0");
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerateSettings {
+    /// The most tokens to generate; at least 1. Default 256. Classification ignores it.
+    pub max_tokens: usize,
+    /// Softmax temperature; 0 (the default) means greedy (arg-max) sampling.
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens; `None` or `Some(0)` (the default) is off.
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.
+    /// In (0, 1]; 1 (the default) is off.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one. In [0, 1]; 0 (the default)
+    /// is off.
+    pub min_p: f32,
+    /// Penalty applied to the logits of recently seen tokens; finite and > 0; 1 (the default) is
+    /// off.
+    pub repetition_penalty: f32,
+    /// How many recent tokens the repetition penalty looks at; at least 1. Default 20.
+    pub repetition_context_size: usize,
+    /// Token ids that end generation (in addition to the model's end-of-sequence tokens).
+    pub stop_tokens: Vec<u32>,
+    /// Strings that end generation when they appear in the output; none may be empty.
+    pub stop_strings: Vec<String>,
+    /// Seed for the sampler's random numbers; `None` (the default) lets the backend choose.
+    pub seed: Option<u64>,
+    /// Whether tokens carry logits or log-probabilities.
+    pub logits: LogitsMode,
+    /// Keep generating past end-of-sequence tokens until `max_tokens` (for benchmarks and parity
+    /// tests). Default false. Explicit stop tokens and strings still apply.
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateSettings {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            temperature: 0.0,
+            top_k: None,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            repetition_context_size: 20,
+            stop_tokens: Vec::new(),
+            stop_strings: Vec::new(),
+            seed: None,
+            logits: LogitsMode::None,
+            ignore_eos: false,
+        }
+    }
+}
+
+impl GenerateSettings {
+    /// The defaults: 256 tokens, greedy, no filtering, no penalty.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`max_tokens`](Self::max_tokens).
+    #[must_use]
+    pub fn max_tokens(mut self, n: usize) -> Self {
+        self.max_tokens = n;
+        self
+    }
+
+    /// Sets [`temperature`](Self::temperature).
+    #[must_use]
+    pub fn temperature(mut self, t: f32) -> Self {
+        self.temperature = t;
+        self
+    }
+
+    /// Sets [`top_k`](Self::top_k); 0 turns it off.
+    #[must_use]
+    pub fn top_k(mut self, k: usize) -> Self {
+        self.top_k = Some(k);
+        self
+    }
+
+    /// Sets [`top_p`](Self::top_p).
+    #[must_use]
+    pub fn top_p(mut self, p: f32) -> Self {
+        self.top_p = p;
+        self
+    }
+
+    /// Sets [`min_p`](Self::min_p).
+    #[must_use]
+    pub fn min_p(mut self, p: f32) -> Self {
+        self.min_p = p;
+        self
+    }
+
+    /// Sets [`repetition_penalty`](Self::repetition_penalty).
+    #[must_use]
+    pub fn repetition_penalty(mut self, penalty: f32) -> Self {
+        self.repetition_penalty = penalty;
+        self
+    }
+
+    /// Sets [`repetition_context_size`](Self::repetition_context_size).
+    #[must_use]
+    pub fn repetition_context_size(mut self, n: usize) -> Self {
+        self.repetition_context_size = n;
+        self
+    }
+
+    /// Replaces [`stop_tokens`](Self::stop_tokens).
+    #[must_use]
+    pub fn stop_tokens(mut self, ids: impl IntoIterator<Item = u32>) -> Self {
+        self.stop_tokens = ids.into_iter().collect();
+        self
+    }
+
+    /// Replaces [`stop_strings`](Self::stop_strings).
+    #[must_use]
+    pub fn stop_strings<S: Into<String>>(mut self, strings: impl IntoIterator<Item = S>) -> Self {
+        self.stop_strings = strings.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`seed`](Self::seed).
+    #[must_use]
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Sets [`logits`](Self::logits).
+    #[must_use]
+    pub fn logits(mut self, mode: LogitsMode) -> Self {
+        self.logits = mode;
+        self
+    }
+
+    /// Sets [`ignore_eos`](Self::ignore_eos).
+    #[must_use]
+    pub fn ignore_eos(mut self, ignore: bool) -> Self {
+        self.ignore_eos = ignore;
+        self
+    }
+
+    /// Whether sampling is greedy (temperature 0).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    /// The top-k filter in effect: `None` when off (unset or 0).
+    pub fn effective_top_k(&self) -> Option<usize> {
+        self.top_k.filter(|&k| k > 0)
+    }
+
+    /// Checks every field against its allowed range.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSetting`] for the first field out of range, naming the field, the value and
+    /// the allowed range, for example `invalid setting top_p = 0: must be in (0, 1]`.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_tokens == 0 {
+            return Err(Error::invalid_setting("max_tokens", 0, "must be at least 1"));
+        }
+        let t = self.temperature;
+        if !t.is_finite() || t < 0.0 {
+            return Err(Error::invalid_setting("temperature", t, "must be a finite number >= 0"));
+        }
+        let p = self.top_p;
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(Error::invalid_setting("top_p", p, "must be in (0, 1]"));
+        }
+        let p = self.min_p;
+        if !(0.0..=1.0).contains(&p) {
+            return Err(Error::invalid_setting("min_p", p, "must be in [0, 1]"));
+        }
+        let r = self.repetition_penalty;
+        if !r.is_finite() || r <= 0.0 {
+            return Err(Error::invalid_setting("repetition_penalty", r, "must be a finite number > 0"));
+        }
+        if self.repetition_context_size == 0 {
+            return Err(Error::invalid_setting("repetition_context_size", 0, "must be at least 1"));
+        }
+        if let Some(i) = self.stop_strings.iter().position(String::is_empty) {
+            return Err(Error::invalid_setting(format!("stop_strings[{i}]"), "\"\"", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// The backend's best device: the GPU when there is one, else the CPU (the default).
+    #[default]
+    Auto,
+    /// The GPU; loading fails when there is none.
+    Gpu,
+    /// The CPU.
+    Cpu,
+}
+
+impl Device {
+    /// The lower-case name: `auto`, `gpu` or `cpu`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Gpu => "gpu",
+            Self::Cpu => "cpu",
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Device {
+    type Err = Error;
+
+    /// Parses `auto`, `gpu` or `cpu`, ignoring case and surrounding white space.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "gpu" => Ok(Self::Gpu),
+            "cpu" => Ok(Self::Cpu),
+            _ => Err(Error::invalid_setting("device", format!("{s:?}"), "must be one of auto, gpu, cpu")),
+        }
+    }
+}
+
+/// How to load a model.
+///
+/// ```
+/// use inference_core::{Device, LoadSettings};
+/// let s = LoadSettings::new()
+///     .backend("mlx_lm")
+///     .device(Device::Cpu)
+///     .backend_option("python", "/usr/bin/python3");
+/// assert!(s.validate().is_ok());
+/// assert_eq!(s.backend_options["python"], "/usr/bin/python3");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoadSettings {
+    /// The backend's registered name; `None` uses the registry's default backend.
+    pub backend: Option<String>,
+    /// The context length to allocate for; `None` uses the model's own.
+    pub context_length: Option<usize>,
+    /// Where to run.
+    pub device: Device,
+    /// A LoRA adapter to apply at load (a directory with adapter_config.json and safetensors).
+    pub adapter_path: Option<PathBuf>,
+    /// Backend-specific knobs, for example `python` (the interpreter) for the `mlx_lm` backend.
+    /// Each backend documents the keys it reads and rejects keys it does not know.
+    pub backend_options: BTreeMap<String, String>,
+}
+
+impl LoadSettings {
+    /// The defaults: default backend, model's context length, automatic device, no adapter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`backend`](Self::backend).
+    #[must_use]
+    pub fn backend(mut self, name: impl Into<String>) -> Self {
+        self.backend = Some(name.into());
+        self
+    }
+
+    /// Sets [`context_length`](Self::context_length).
+    #[must_use]
+    pub fn context_length(mut self, n: usize) -> Self {
+        self.context_length = Some(n);
+        self
+    }
+
+    /// Sets [`device`](Self::device).
+    #[must_use]
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Sets [`adapter_path`](Self::adapter_path).
+    #[must_use]
+    pub fn adapter_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.adapter_path = Some(path.into());
+        self
+    }
+
+    /// Adds (or replaces) one of [`backend_options`](Self::backend_options).
+    #[must_use]
+    pub fn backend_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.backend_options.insert(key.into(), value.into());
+        self
+    }
+
+    /// Checks every field.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSetting`] for an empty backend name, a zero context length, an empty
+    /// adapter path or an empty backend option key.
+    pub fn validate(&self) -> Result<()> {
+        if self.backend.as_deref() == Some("") {
+            return Err(Error::invalid_setting(
+                "backend",
+                "\"\"",
+                "must not be empty (leave it unset for the default backend)",
+            ));
+        }
+        if self.context_length == Some(0) {
+            return Err(Error::invalid_setting(
+                "context_length",
+                0,
+                "must be at least 1 (leave it unset for the model's own)",
+            ));
+        }
+        if self.adapter_path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(Error::invalid_setting("adapter_path", "\"\"", "must not be empty"));
+        }
+        if self.backend_options.contains_key("") {
+            return Err(Error::invalid_setting("backend_options", "key \"\"", "keys must not be empty"));
+        }
+        Ok(())
+    }
+}

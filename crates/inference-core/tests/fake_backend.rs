@@ -1,0 +1,646 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! A fake backend that implements the whole contract with a producer thread per call, and the
+//! tests that hold it to the contract: streaming, cancellation, dropped streams, errors after
+//! tokens, metrics, capabilities and sharing across threads.
+//!
+//! The producer reports how it ended on a channel, so the tests observe the producer itself and
+//! never sleep.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use inference_core::{
+    Adapter, AttentionInspector, AttentionSnapshot, Backend, BatchResult, CancelToken, ClassifyResult, Error,
+    GenerateMetrics, GenerateSettings, LoadSettings, LogitsMode, LoraConfig, Message, ModelInfo, Registry, Result,
+    TextModel, Token, TokenStream, TrainableModel,
+};
+
+const VOCAB: usize = 4;
+
+/// How a producer thread ended.
+#[derive(Debug, PartialEq)]
+enum Ending {
+    Finished { sent: usize },
+    Stopped { sent: usize, cancelled: bool },
+    Failed { sent: usize },
+    Vanished { sent: usize },
+}
+
+/// What a prompt asks the fake to do.
+enum Script {
+    /// Echo the words of the prompt, up to `max_tokens`, then finish.
+    Echo(Vec<String>),
+    /// Produce tokens until stopped.
+    Forever,
+    /// Produce `n` tokens, then fail.
+    FailAfter(usize),
+    /// Produce `n` tokens, then drop the sink without finishing.
+    VanishAfter(usize),
+}
+
+impl Script {
+    fn parse(prompt: &str) -> Self {
+        let words: Vec<&str> = prompt.split_whitespace().collect();
+        match words.as_slice() {
+            ["forever"] => Self::Forever,
+            ["fail", "after", n] => Self::FailAfter(n.parse().unwrap()),
+            ["vanish", "after", n] => Self::VanishAfter(n.parse().unwrap()),
+            _ => Self::Echo(words.iter().map(|w| (*w).to_owned()).collect()),
+        }
+    }
+}
+
+struct FakeModel {
+    closed: AtomicBool,
+    last_metrics: Arc<Mutex<GenerateMetrics>>,
+    endings: Sender<Ending>,
+    /// Channel capacity: 0 makes every send wait for the consumer, so counts are exact.
+    capacity: usize,
+}
+
+fn fake_model() -> (FakeModel, Receiver<Ending>) {
+    let (endings, rx) = mpsc::channel();
+    let model = FakeModel { closed: AtomicBool::new(false), last_metrics: Arc::default(), endings, capacity: 0 };
+    (model, rx)
+}
+
+/// The producer's report; a generous bound turns a bug into a failure instead of a hang.
+fn ending(rx: &Receiver<Ending>) -> Ending {
+    rx.recv_timeout(Duration::from_secs(60)).expect("the producer thread should report how it ended")
+}
+
+impl FakeModel {
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) { Err(Error::Closed) } else { Ok(()) }
+    }
+
+    fn start(&self, prompt: &str, settings: &GenerateSettings, cancel: CancelToken) -> Result<TokenStream> {
+        self.check_open()?;
+        settings.validate()?;
+        if prompt.trim().is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let script = Script::parse(prompt);
+        let prompt_tokens = prompt.split_whitespace().count();
+        let max_tokens = settings.max_tokens;
+        let logits = settings.logits;
+        let (sink, stream) = TokenStream::channel_with_capacity(cancel, self.capacity);
+        let endings = self.endings.clone();
+        let last_metrics = Arc::clone(&self.last_metrics);
+
+        thread::spawn(move || {
+            let mut sent = 0;
+            let ending = loop {
+                match script {
+                    Script::FailAfter(n) if sent == n => {
+                        sink.fail(Error::backend("fake", "device lost"));
+                        break Ending::Failed { sent };
+                    }
+                    Script::VanishAfter(n) if sent == n => {
+                        drop(sink);
+                        break Ending::Vanished { sent };
+                    }
+                    _ => {}
+                }
+                let text = match &script {
+                    Script::Echo(words) => words.get(sent).cloned(),
+                    _ => Some(format!("t{sent}")),
+                };
+                let Some(text) = text.filter(|_| sent < max_tokens) else {
+                    let mut metrics = GenerateMetrics {
+                        prompt_tokens,
+                        generated_tokens: sent,
+                        prefill_duration: Duration::from_millis(10),
+                        decode_duration: Duration::from_millis(100),
+                        total_duration: Duration::from_millis(110),
+                        peak_memory_bytes: 1 << 20,
+                        ..GenerateMetrics::default()
+                    };
+                    metrics.compute_rates();
+                    // Recorded before finishing, so the model's metrics are current once the
+                    // consumer sees the end of the stream.
+                    *last_metrics.lock().unwrap() = metrics;
+                    sink.finish(metrics);
+                    break Ending::Finished { sent };
+                };
+                let mut token = Token::new(sent as u32, text);
+                if logits != LogitsMode::None {
+                    token = token.with_logprob(-0.25).with_logits(vec![-1.0; VOCAB]);
+                }
+                if sink.send(token).is_err() {
+                    break Ending::Stopped { sent, cancelled: sink.is_cancelled() };
+                }
+                sent += 1;
+            };
+            let _ = endings.send(ending);
+        });
+        Ok(stream)
+    }
+}
+
+impl TextModel for FakeModel {
+    fn generate(&self, prompt: &str, settings: &GenerateSettings, cancel: CancelToken) -> Result<TokenStream> {
+        self.start(prompt, settings, cancel)
+    }
+
+    fn chat(&self, messages: &[Message], settings: &GenerateSettings, cancel: CancelToken) -> Result<TokenStream> {
+        let last = messages.last().ok_or(Error::EmptyPrompt)?;
+        self.start(&last.content, settings, cancel)
+    }
+
+    fn classify(
+        &self,
+        prompts: &[&str],
+        settings: &GenerateSettings,
+        cancel: CancelToken,
+    ) -> Result<Vec<ClassifyResult>> {
+        self.check_open()?;
+        settings.validate()?;
+        let mut results = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            cancel.check()?;
+            let first = prompt.split_whitespace().next().ok_or(Error::EmptyPrompt)?;
+            let logits = (settings.logits != LogitsMode::None).then(|| vec![0.5; VOCAB]);
+            results.push(ClassifyResult { token: Token::new(prompt.len() as u32 % VOCAB as u32, first), logits });
+        }
+        Ok(results)
+    }
+
+    fn batch_generate(
+        &self,
+        prompts: &[&str],
+        settings: &GenerateSettings,
+        cancel: CancelToken,
+    ) -> Result<Vec<BatchResult>> {
+        self.check_open()?;
+        settings.validate()?;
+        Ok(prompts
+            .iter()
+            .map(|p| match self.start(p, settings, cancel.clone()) {
+                Ok(stream) => stream.into_batch_result(),
+                Err(error) => BatchResult { tokens: Vec::new(), error: Some(error) },
+            })
+            .collect())
+    }
+
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            architecture: "fake".into(),
+            vocab_size: VOCAB,
+            num_layers: 2,
+            hidden_size: 8,
+            quant_bits: Some(4),
+            quant_group: Some(64),
+            context_length: Some(128),
+        }
+    }
+
+    fn metrics(&self) -> GenerateMetrics {
+        *self.last_metrics.lock().unwrap()
+    }
+
+    fn model_type(&self) -> &str {
+        "fake"
+    }
+
+    fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn attention_inspector(&self) -> Option<&dyn AttentionInspector> {
+        Some(self)
+    }
+
+    fn trainer(&self) -> Option<&dyn TrainableModel> {
+        Some(self)
+    }
+}
+
+impl AttentionInspector for FakeModel {
+    fn inspect_attention(&self, prompt: &str, cancel: CancelToken) -> Result<AttentionSnapshot> {
+        self.check_open()?;
+        cancel.check()?;
+        let seq_len = prompt.split_whitespace().count();
+        if seq_len == 0 {
+            return Err(Error::EmptyPrompt);
+        }
+        let head_dim = 2;
+        let heads = |n: usize, scale: f32| -> Vec<Vec<Vec<f32>>> {
+            (0..2)
+                .map(|layer| {
+                    (0..n)
+                        .map(|h| (0..seq_len * head_dim).map(|i| scale * (100 * layer + 10 * h + i) as f32).collect())
+                        .collect()
+                })
+                .collect()
+        };
+        Ok(AttentionSnapshot {
+            num_layers: 2,
+            num_heads: 1,
+            seq_len,
+            head_dim,
+            num_query_heads: 2,
+            keys: heads(1, 1.0),
+            queries: heads(2, -1.0),
+            architecture: "fake".into(),
+        })
+    }
+}
+
+struct FakeAdapter {
+    config: LoraConfig,
+    params: usize,
+}
+
+impl Adapter for FakeAdapter {
+    fn total_params(&self) -> usize {
+        self.params
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+        let file = path.join("adapter_config.json");
+        let json = serde_json::to_vec(&self.config)
+            .map_err(|e| Error::backend_with_source("fake", "cannot encode config", e))?;
+        std::fs::write(&file, json).map_err(|e| Error::io(file, e))
+    }
+}
+
+impl TrainableModel for FakeModel {
+    fn apply_lora(&self, config: &LoraConfig) -> Result<Box<dyn Adapter>> {
+        self.check_open()?;
+        config.validate()?;
+        let layers = config.num_layers.unwrap_or(2).min(2);
+        // A [rank, 8] and B [8, rank] per target per layer.
+        let params = layers * config.target_keys.len() * 2 * 8 * config.rank;
+        Ok(Box::new(FakeAdapter { config: config.clone(), params }))
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.check_open()?;
+        Ok(text.bytes().map(u32::from).collect())
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.check_open()?;
+        ids.iter()
+            .map(|&id| {
+                u8::try_from(id)
+                    .map(char::from)
+                    .map_err(|_| Error::backend("fake", format!("token id {id} is outside the vocabulary")))
+            })
+            .collect()
+    }
+
+    fn num_layers(&self) -> usize {
+        2
+    }
+}
+
+/// A backend that loads fake models, handing their producer reports to the test.
+struct FakeBackend {
+    endings: Mutex<Vec<Receiver<Ending>>>,
+}
+
+impl Backend for FakeBackend {
+    fn name(&self) -> &str {
+        "fake"
+    }
+
+    fn available(&self) -> bool {
+        true
+    }
+
+    fn load_model(&self, path: &Path, settings: &LoadSettings) -> Result<Box<dyn TextModel>> {
+        settings.validate()?;
+        if path.as_os_str().is_empty() {
+            return Err(Error::invalid_model(path, "empty path"));
+        }
+        let (mut model, rx) = fake_model();
+        model.capacity = TokenStream::DEFAULT_CAPACITY;
+        self.endings.lock().unwrap().push(rx);
+        Ok(Box::new(model))
+    }
+}
+
+fn texts(tokens: &[Token]) -> Vec<&str> {
+    tokens.iter().map(|t| t.text.as_str()).collect()
+}
+
+// ---- streaming ----
+
+#[test]
+fn streams_tokens_in_order_then_reports_metrics() {
+    let (model, endings) = fake_model();
+    let settings = GenerateSettings::new().max_tokens(3);
+    let mut stream = model.generate("the quick brown fox", &settings, CancelToken::new()).unwrap();
+    let mut tokens = Vec::new();
+    for token in &mut stream {
+        tokens.push(token.unwrap());
+    }
+    assert_eq!(texts(&tokens), ["the", "quick", "brown"]);
+    assert_eq!(tokens.iter().map(|t| t.id).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(tokens.iter().all(|t| t.logprob.is_none() && t.logits.is_none()));
+    assert!(stream.is_finished());
+    let metrics = *stream.metrics().expect("metrics after a normal end");
+    assert_eq!(metrics.prompt_tokens, 4);
+    assert_eq!(metrics.generated_tokens, 3);
+    assert_eq!(metrics.decode_tokens_per_sec, 30.0);
+    assert_eq!(model.metrics(), metrics);
+    assert_eq!(ending(&endings), Ending::Finished { sent: 3 });
+}
+
+#[test]
+fn tokens_arrive_before_generation_ends() {
+    // "forever" never finishes, so every token read proves streaming.
+    let (model, endings) = fake_model();
+    let mut stream = model.generate("forever", &GenerateSettings::new(), CancelToken::new()).unwrap();
+    let first: Vec<_> = stream.by_ref().take(5).map(Result::unwrap).collect();
+    assert_eq!(texts(&first), ["t0", "t1", "t2", "t3", "t4"]);
+    drop(stream);
+    assert!(matches!(ending(&endings), Ending::Stopped { sent: 5, .. }));
+}
+
+#[test]
+fn logits_are_attached_only_on_request() {
+    let (model, _endings) = fake_model();
+    let settings = GenerateSettings::new().logits(LogitsMode::LogProbs);
+    let done = model.generate("a b", &settings, CancelToken::new()).unwrap().complete().unwrap();
+    assert_eq!(done.text, "ab");
+    for t in &done.tokens {
+        assert_eq!(t.logprob, Some(-0.25));
+        assert_eq!(t.logits.as_ref().map(Vec::len), Some(VOCAB));
+    }
+}
+
+// ---- cancellation ----
+
+#[test]
+fn cancel_mid_stream_stops_the_producer_within_one_token() {
+    let (model, endings) = fake_model();
+    let cancel = CancelToken::new();
+    let mut stream = model.generate("forever", &GenerateSettings::new(), cancel.clone()).unwrap();
+    for expected in ["t0", "t1", "t2"] {
+        assert_eq!(stream.next().unwrap().unwrap().text, expected);
+    }
+    cancel.cancel();
+    assert!(matches!(stream.next(), Some(Err(Error::Cancelled))));
+    assert!(stream.next().is_none());
+    // The producer had handed over exactly three tokens; its next send failed.
+    assert_eq!(ending(&endings), Ending::Stopped { sent: 3, cancelled: true });
+    // The stream is held, not dropped: cancellation alone released the producer.
+    drop(stream);
+}
+
+#[test]
+fn cancel_from_another_thread_stops_generation() {
+    let (model, endings) = fake_model();
+    let cancel = CancelToken::new();
+    let mut stream = model.generate("forever", &GenerateSettings::new(), cancel.clone()).unwrap();
+    assert!(stream.next().unwrap().is_ok());
+    let canceller = cancel.clone();
+    thread::spawn(move || canceller.cancel()).join().unwrap();
+    assert!(matches!(stream.next(), Some(Err(Error::Cancelled))));
+    assert_eq!(ending(&endings), Ending::Stopped { sent: 1, cancelled: true });
+}
+
+#[test]
+fn dropping_the_stream_stops_the_producer() {
+    let (model, endings) = fake_model();
+    let cancel = CancelToken::new();
+    let mut stream = model.generate("forever", &GenerateSettings::new(), cancel.clone()).unwrap();
+    assert!(stream.next().unwrap().is_ok());
+    assert!(stream.next().unwrap().is_ok());
+    drop(stream);
+    assert_eq!(ending(&endings), Ending::Stopped { sent: 2, cancelled: true });
+    assert!(!cancel.is_cancelled(), "dropping a stream must not cancel the caller's token");
+    // The same token still serves the next call.
+    let text = model.generate("still here", &GenerateSettings::new(), cancel).unwrap().collect_text().unwrap();
+    assert_eq!(text, "stillhere");
+}
+
+#[test]
+fn passed_deadline_stops_before_the_first_token() {
+    let (model, endings) = fake_model();
+    let cancel = CancelToken::with_deadline(Instant::now());
+    let mut stream = model.generate("forever", &GenerateSettings::new(), cancel).unwrap();
+    assert!(matches!(stream.next(), Some(Err(Error::Cancelled))));
+    assert_eq!(ending(&endings), Ending::Stopped { sent: 0, cancelled: true });
+}
+
+#[test]
+fn one_token_cancels_many_calls() {
+    let (model, endings) = fake_model();
+    let cancel = CancelToken::new();
+    let mut a = model.generate("forever", &GenerateSettings::new(), cancel.clone()).unwrap();
+    let mut b = model.generate("forever", &GenerateSettings::new(), cancel.clone()).unwrap();
+    assert!(a.next().unwrap().is_ok());
+    assert!(b.next().unwrap().is_ok());
+    cancel.cancel();
+    assert!(matches!(a.next(), Some(Err(Error::Cancelled))));
+    assert!(matches!(b.next(), Some(Err(Error::Cancelled))));
+    for _ in 0..2 {
+        assert!(matches!(ending(&endings), Ending::Stopped { sent: 1, cancelled: true }));
+    }
+}
+
+// ---- errors ----
+
+#[test]
+fn error_after_some_tokens_is_the_last_item() {
+    let (model, endings) = fake_model();
+    let mut stream = model.generate("fail after 2", &GenerateSettings::new(), CancelToken::new()).unwrap();
+    assert_eq!(stream.next().unwrap().unwrap().text, "t0");
+    assert_eq!(stream.next().unwrap().unwrap().text, "t1");
+    let err = stream.next().unwrap().unwrap_err();
+    assert_eq!(err.to_string(), "backend \"fake\": device lost");
+    assert!(stream.next().is_none());
+    assert!(stream.metrics().is_none());
+    assert_eq!(ending(&endings), Ending::Failed { sent: 2 });
+
+    let err = model
+        .generate("fail after 1", &GenerateSettings::new(), CancelToken::new())
+        .unwrap()
+        .collect_text()
+        .unwrap_err();
+    assert!(matches!(err, Error::Backend { .. }));
+}
+
+#[test]
+fn producer_that_vanishes_is_reported() {
+    let (model, endings) = fake_model();
+    let mut stream = model.generate("vanish after 1", &GenerateSettings::new(), CancelToken::new()).unwrap();
+    assert!(stream.next().unwrap().is_ok());
+    assert!(matches!(stream.next(), Some(Err(Error::StreamAborted))));
+    assert!(stream.next().is_none());
+    assert_eq!(ending(&endings), Ending::Vanished { sent: 1 });
+}
+
+#[test]
+fn bad_requests_fail_before_streaming() {
+    let (model, _endings) = fake_model();
+    let bad = GenerateSettings::new().temperature(f32::NAN);
+    assert!(matches!(model.generate("hi", &bad, CancelToken::new()), Err(Error::InvalidSetting { .. })));
+    assert!(matches!(model.generate("  ", &GenerateSettings::new(), CancelToken::new()), Err(Error::EmptyPrompt)));
+    assert!(matches!(model.chat(&[], &GenerateSettings::new(), CancelToken::new()), Err(Error::EmptyPrompt)));
+    assert!(matches!(model.classify(&["x"], &bad, CancelToken::new()), Err(Error::InvalidSetting { .. })));
+    assert!(matches!(model.batch_generate(&["x"], &bad, CancelToken::new()), Err(Error::InvalidSetting { .. })));
+}
+
+// ---- the other operations ----
+
+#[test]
+fn chat_answers_the_last_message() {
+    let (model, _endings) = fake_model();
+    let messages = [Message::system("be brief"), Message::user("hello there")];
+    let text = model.chat(&messages, &GenerateSettings::new(), CancelToken::new()).unwrap().collect_text().unwrap();
+    assert_eq!(text, "hellothere");
+}
+
+#[test]
+fn classify_returns_one_result_per_prompt() {
+    let (model, _endings) = fake_model();
+    let results = model.classify(&["yes it is", "no"], &GenerateSettings::new(), CancelToken::new()).unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0].token, Token::new(1, "yes"));
+    assert_eq!(results[1].token, Token::new(2, "no"));
+    assert!(results.iter().all(|r| r.logits.is_none()));
+
+    let with_logits = GenerateSettings::new().logits(LogitsMode::Logits);
+    let results = model.classify(&["a"], &with_logits, CancelToken::new()).unwrap();
+    assert_eq!(results[0].logits.as_ref().map(Vec::len), Some(VOCAB));
+
+    let cancelled = CancelToken::new();
+    cancelled.cancel();
+    assert!(matches!(model.classify(&["a"], &GenerateSettings::new(), cancelled), Err(Error::Cancelled)));
+}
+
+#[test]
+fn batch_generate_reports_failures_per_prompt() {
+    let (model, _endings) = fake_model();
+    let results =
+        model.batch_generate(&["a b", "fail after 1", ""], &GenerateSettings::new(), CancelToken::new()).unwrap();
+    assert_eq!(results.len(), 3);
+    assert!(results[0].is_ok());
+    assert_eq!(results[0].text(), "ab");
+    assert_eq!(results[1].text(), "t0");
+    assert!(matches!(results[1].error, Some(Error::Backend { .. })));
+    assert!(results[2].tokens.is_empty());
+    assert!(matches!(results[2].error, Some(Error::EmptyPrompt)));
+}
+
+#[test]
+fn info_and_model_type() {
+    let (model, _endings) = fake_model();
+    assert_eq!(model.model_type(), "fake");
+    let info = model.info();
+    assert_eq!(info.architecture, "fake");
+    assert_eq!((info.vocab_size, info.num_layers, info.hidden_size), (4, 2, 8));
+    assert!(info.is_quantised());
+    assert_eq!(info.context_length, Some(128));
+    assert_eq!(model.metrics(), GenerateMetrics::default());
+}
+
+#[test]
+fn close_is_idempotent_and_later_calls_fail_with_closed() {
+    let (model, _endings) = fake_model();
+    model.close().unwrap();
+    model.close().unwrap();
+    let s = GenerateSettings::new();
+    assert!(matches!(model.generate("a", &s, CancelToken::new()), Err(Error::Closed)));
+    assert!(matches!(model.chat(&[Message::user("a")], &s, CancelToken::new()), Err(Error::Closed)));
+    assert!(matches!(model.classify(&["a"], &s, CancelToken::new()), Err(Error::Closed)));
+    assert!(matches!(model.batch_generate(&["a"], &s, CancelToken::new()), Err(Error::Closed)));
+    let inspector = model.attention_inspector().unwrap();
+    assert!(matches!(inspector.inspect_attention("a", CancelToken::new()), Err(Error::Closed)));
+}
+
+// ---- capabilities ----
+
+#[test]
+fn attention_inspector_is_discoverable() {
+    let (model, _endings) = fake_model();
+    let model: Box<dyn TextModel> = Box::new(model);
+    let inspector = model.attention_inspector().expect("fake can inspect");
+    let snap = inspector.inspect_attention("one two three", CancelToken::new()).unwrap();
+    assert_eq!((snap.num_layers, snap.num_heads, snap.seq_len), (2, 1, 3));
+    assert!(snap.has_queries());
+    assert_eq!(snap.key(1, 0).unwrap()[..2], [100.0, 101.0]);
+    assert_eq!(snap.query(0, 1).unwrap()[0], -10.0);
+    assert_eq!(snap.keys[0][0].len(), snap.seq_len * snap.head_dim);
+    assert!(matches!(inspector.inspect_attention("", CancelToken::new()), Err(Error::EmptyPrompt)));
+}
+
+#[test]
+fn trainer_is_discoverable() {
+    let (model, _endings) = fake_model();
+    let model: Arc<dyn TextModel> = Arc::new(model);
+    let trainer = model.trainer().expect("fake can train");
+    assert_eq!(trainer.num_layers(), 2);
+    let ids = trainer.encode("hi").unwrap();
+    assert_eq!(ids, [104, 105]);
+    assert_eq!(trainer.decode(&ids).unwrap(), "hi");
+    assert_eq!(
+        trainer.decode(&[999]).unwrap_err().to_string(),
+        "backend \"fake\": token id 999 is outside the vocabulary"
+    );
+    let adapter = trainer.apply_lora(&LoraConfig::default()).unwrap();
+    assert_eq!(adapter.total_params(), 2 * 2 * 2 * 8 * 8);
+    assert!(matches!(trainer.apply_lora(&LoraConfig::default().rank(0)), Err(Error::InvalidSetting { .. })));
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save(&dir.path().join("adapter")).unwrap();
+    let saved: LoraConfig =
+        serde_json::from_slice(&std::fs::read(dir.path().join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(saved, LoraConfig::default());
+}
+
+#[test]
+fn models_without_capabilities_say_so() {
+    let model: Box<dyn TextModel> = Box::new(common::MinimalModel { path: "/m".into() });
+    assert!(model.attention_inspector().is_none());
+    assert!(model.trainer().is_none());
+    assert_eq!(
+        model.classify(&["x"], &GenerateSettings::new(), CancelToken::new()).unwrap_err().to_string(),
+        "backend \"minimal\" does not support classification"
+    );
+}
+
+// ---- through the registry, shared across threads ----
+
+#[test]
+fn loaded_through_a_registry_and_shared_across_threads() {
+    let backend = Arc::new(FakeBackend { endings: Mutex::new(Vec::new()) });
+    let registry = Registry::new().with(backend.clone());
+    let model: Arc<dyn TextModel> =
+        registry.load_model("/models/fake", &LoadSettings::new().backend("fake")).unwrap().into();
+
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let model = Arc::clone(&model);
+            thread::spawn(move || {
+                let prompt = format!("thread {i} says hi");
+                model
+                    .generate(&prompt, &GenerateSettings::new(), CancelToken::new())
+                    .and_then(TokenStream::collect_text)
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.join().unwrap().unwrap(), format!("thread{i}sayshi"));
+    }
+    let endings = backend.endings.lock().unwrap();
+    assert_eq!(endings.len(), 1);
+    for _ in 0..4 {
+        assert_eq!(ending(&endings[0]), Ending::Finished { sent: 4 });
+    }
+
+    let err = registry.load_model("", &LoadSettings::new()).err().unwrap();
+    assert_eq!(err.report(), "backend \"fake\" failed to load model : invalid model at : empty path");
+}
