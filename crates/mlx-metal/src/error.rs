@@ -56,6 +56,17 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// A model directory cannot be loaded: bad or missing config, missing or
+    /// misshapen tensors, unsupported architecture.
+    #[error("{op}: {path}: {message}")]
+    Model {
+        /// The operation that was called.
+        op: &'static str,
+        /// The model directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A file exists but its contents are not what the format requires.
     #[error("{op}: {path}: {message}")]
     Format {
@@ -77,6 +88,7 @@ impl Error {
             | Error::DtypeMismatch { op, .. }
             | Error::Callback { op, .. }
             | Error::Io { op, .. }
+            | Error::Model { op, .. }
             | Error::Format { op, .. } => op,
         }
     }

@@ -24,14 +24,20 @@
 mod ffi;
 
 pub mod array;
+pub mod cache;
+pub mod chat;
 pub mod device;
 pub mod error;
 pub mod fast;
+pub mod generate;
 pub mod io;
 pub mod memory;
+pub mod model;
 pub mod nn;
 pub mod ops;
 pub mod random;
+pub mod sample;
+pub mod tokenizer;
 pub mod transforms;
 
 pub use array::{Array, Complex64, Dtype, Element};

@@ -44,15 +44,14 @@ impl Linear {
         Linear { weight: LinearWeight::Quantized(q), bias }
     }
 
-    /// Applies the layer to `x: [..., in]`.
+    /// Applies the layer to `x: [..., in]` (as MLX's `nn.Linear` does: `addmm`
+    /// when there is a bias).
     pub fn forward(&self, x: &Array) -> Result<Array> {
-        let y = match &self.weight {
-            LinearWeight::Dense(w) => ops::matmul(x, &ops::transpose(w, &[1, 0])?)?,
-            LinearWeight::Quantized(q) => ops::quantized_matmul(x, q, true)?,
-        };
-        match &self.bias {
-            Some(b) => ops::add(&y, b),
-            None => Ok(y),
+        match (&self.weight, &self.bias) {
+            (LinearWeight::Dense(w), None) => ops::matmul(x, &ops::transpose(w, &[1, 0])?),
+            (LinearWeight::Dense(w), Some(b)) => ops::addmm(b, x, &ops::transpose(w, &[1, 0])?, 1.0, 1.0),
+            (LinearWeight::Quantized(q), None) => ops::quantized_matmul(x, q, true),
+            (LinearWeight::Quantized(q), Some(b)) => ops::add(&ops::quantized_matmul(x, q, true)?, b),
         }
     }
 
@@ -102,6 +101,14 @@ impl Embedding {
         }
     }
 
+    /// `(group_size, bits)` when the table is quantised.
+    pub fn quantisation(&self) -> Option<(i32, i32)> {
+        match &self.weight {
+            LinearWeight::Dense(_) => None,
+            LinearWeight::Quantized(q) => Some((q.group_size, q.bits)),
+        }
+    }
+
     /// Uses the table as the output projection (tied embeddings): `x Eᵀ`.
     pub fn as_linear(&self, x: &Array) -> Result<Array> {
         Linear { weight: self.weight.clone(), bias: None }.forward(x)
@@ -119,9 +126,10 @@ pub fn gelu(x: &Array) -> Result<Array> {
     ops::multiply(&ops::multiply_scalar(x, 0.5)?, &ops::add_scalar(&inner, 1.0)?)
 }
 
-/// GELU, tanh approximation: `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
+/// GELU, tanh approximation: `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))`,
+/// with MLX's order of operations (so low-precision results match mlx-lm's).
 pub fn gelu_approx(x: &Array) -> Result<Array> {
-    let x3 = ops::multiply(&ops::square(x)?, x)?;
+    let x3 = ops::power(x, &ops::scalar_like(x, 3.0)?)?;
     let inner = ops::add(x, &ops::multiply_scalar(&x3, 0.044715)?)?;
     let t = ops::tanh(&ops::multiply_scalar(&inner, (2.0 / std::f64::consts::PI).sqrt())?)?;
     ops::multiply(&ops::multiply_scalar(x, 0.5)?, &ops::add_scalar(&t, 1.0)?)

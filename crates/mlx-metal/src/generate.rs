@@ -1,0 +1,240 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! The generation loop, following mlx-lm's `generate_step`:
+//!
+//! - the prompt is prefilled in chunks (all but its last token), evaluating
+//!   only the caches after each chunk;
+//! - each step runs the model on the newest token(s), applies the logits
+//!   processors and the sampler, and queues the work with `async_eval`;
+//! - step n+1 is queued before token n is read back, so the device works on
+//!   the next token while the host hands out the current one;
+//! - the only host sync per step is reading the sampled id.
+//!
+//! Runs on the thread that owns the model (the engine thread).
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use crate::array::{Array, Dtype};
+use crate::cache::LayerCache;
+use crate::error::{Error, Result};
+use crate::memory;
+use crate::model::LanguageModel;
+use crate::ops;
+use crate::sample::Sampler;
+use crate::transforms::{async_eval, eval};
+
+/// How many prompt tokens one prefill chunk takes (mlx-lm's default).
+pub const PREFILL_STEP: usize = 2048;
+
+/// What the loop hands out per generated token.
+#[derive(Debug)]
+pub struct Step<'a> {
+    /// The token id.
+    pub id: u32,
+    /// Log-probabilities over the vocabulary, `[V]` (lazy; read only if needed).
+    pub logprobs: &'a Array,
+    /// The processed logits `[V]` the token was drawn from (lazy).
+    pub logits: &'a Array,
+}
+
+/// Timings and counts of one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerationStats {
+    /// Prompt tokens processed.
+    pub prompt_tokens: usize,
+    /// Tokens handed out.
+    pub generated_tokens: usize,
+    /// From the start until the first token was known.
+    pub prefill: Duration,
+    /// From the first token until the end.
+    pub decode: Duration,
+    /// Peak MLX memory during the call.
+    pub peak_memory: usize,
+    /// MLX memory in use at the end.
+    pub active_memory: usize,
+}
+
+/// Options of one generation.
+#[derive(Debug, Clone)]
+pub struct LoopOptions {
+    /// Most tokens to produce.
+    pub max_tokens: usize,
+    /// Prompt tokens per prefill chunk.
+    pub prefill_step: usize,
+}
+
+impl Default for LoopOptions {
+    fn default() -> Self {
+        LoopOptions { max_tokens: 256, prefill_step: PREFILL_STEP }
+    }
+}
+
+/// Reads a sampled token id (`uint32` or `int32`, one element).
+pub fn token_id(a: &Array) -> Result<u32> {
+    match a.dtype() {
+        Dtype::Uint32 => a.item::<u32>(),
+        Dtype::Int32 => {
+            let v = a.item::<i32>()?;
+            u32::try_from(v).map_err(|_| Error::invalid("token_id", format!("negative token id {v}")))
+        }
+        d => Err(Error::invalid("token_id", format!("token ids must be integers, got {d}"))),
+    }
+}
+
+fn tokens_array(tokens: &[u32]) -> Result<Array> {
+    let ids: Vec<i32> = tokens
+        .iter()
+        .map(|&t| i32::try_from(t).map_err(|_| Error::invalid("generate", format!("token id {t} is too large"))))
+        .collect::<Result<_>>()?;
+    Array::from_vec(&ids)
+}
+
+/// The model state a generation step needs.
+struct Stepper<'a> {
+    model: &'a dyn LanguageModel,
+    caches: &'a mut [LayerCache],
+    sampler: &'a Sampler,
+    /// All tokens fed so far, when the logits processors need them.
+    history: Option<Array>,
+    history_len: usize,
+}
+
+impl Stepper<'_> {
+    fn feed_history(&mut self, input: &Array, n: usize) -> Result<()> {
+        if let Some(h) = &self.history {
+            let flat = ops::reshape(input, &[-1])?;
+            self.history = Some(ops::concatenate(&[h, &flat], 0)?);
+            self.history_len += n;
+        }
+        Ok(())
+    }
+
+    /// One model call on `input: [L]` int32 (or a lazy `[1]` sampled token):
+    /// returns the sampled token `[1]`, log-probabilities and logits `[1, V]`.
+    fn step(&mut self, input: &Array, n: usize) -> Result<(Array, Array, Array)> {
+        let x = ops::reshape(input, &[1, -1])?;
+        let logits = self.model.forward(&x, self.caches)?;
+        let len = logits.dim(1)?;
+        let mut logits = ops::squeeze(&ops::slice_axis(&logits, 1, len - 1, len)?, &[1])?;
+        if self.sampler.needs_history() {
+            self.feed_history(input, n)?;
+            if let Some(h) = &self.history {
+                let ctx = self.sampler.config().repetition_context_size;
+                let start = self.history_len.saturating_sub(ctx) as i32;
+                let recent = ops::slice_axis(h, 0, start, self.history_len as i32)?;
+                logits = self.sampler.process(&logits, &recent)?;
+            }
+        }
+        let logprobs = Sampler::logprobs(&logits)?;
+        let y = self.sampler.sample(&logprobs)?;
+        Ok((y, logprobs, logits))
+    }
+
+    fn cache_state(&self) -> Vec<&Array> {
+        self.caches.iter().flat_map(|c| c.state()).collect()
+    }
+}
+
+/// Generates from `prompt` (non-empty token ids), appending to `caches`.
+///
+/// `emit` gets each token as soon as it is known and says whether to go on;
+/// `cancelled` is polled between prefill chunks and before each token. The
+/// loop stops after `max_tokens` tokens, when `emit` breaks, or when
+/// cancelled; it then returns `Ok` with what was produced, and the caller
+/// (who owns the cancel flag) reports the cancellation.
+pub fn generate(
+    model: &dyn LanguageModel,
+    caches: &mut [LayerCache],
+    prompt: &[u32],
+    sampler: &Sampler,
+    opts: &LoopOptions,
+    cancelled: &dyn Fn() -> bool,
+    mut emit: impl FnMut(Step<'_>) -> Result<ControlFlow<()>>,
+) -> Result<GenerationStats> {
+    if prompt.is_empty() {
+        return Err(Error::invalid("generate", "the prompt has no tokens"));
+    }
+    let start = Instant::now();
+    memory::reset_peak_memory()?;
+    let prompt_arr = tokens_array(prompt)?;
+    let mut st = Stepper {
+        model,
+        caches,
+        sampler,
+        history: if sampler.needs_history() { Some(ops::zeros(&[0], Dtype::Int32)?) } else { None },
+        history_len: 0,
+    };
+
+    // Prefill all but the last prompt token in chunks.
+    let total = prompt.len();
+    let mut done = 0usize;
+    let step_size = opts.prefill_step.max(1);
+    while total - done > 1 {
+        if cancelled() {
+            return Ok(stats(start, None, total, 0));
+        }
+        let n = step_size.min(total - done - 1);
+        let chunk = ops::slice_axis(&prompt_arr, 0, done as i32, (done + n) as i32)?;
+        let x = ops::reshape(&chunk, &[1, -1])?;
+        st.model.forward(&x, st.caches)?;
+        eval(&st.cache_state())?;
+        st.feed_history(&chunk, n)?;
+        done += n;
+        memory::clear_cache()?;
+    }
+    let rest = ops::slice_axis(&prompt_arr, 0, done as i32, total as i32)?;
+    let (mut y, mut logprobs, mut logits) = st.step(&rest, total - done)?;
+    async_eval(&[&y, &logprobs])?;
+
+    let mut first_token_at: Option<Instant> = None;
+    let mut n = 0usize;
+    loop {
+        let next = if n != opts.max_tokens {
+            let next = st.step(&y, 1)?;
+            async_eval(&[&next.0, &next.1])?;
+            Some(next)
+        } else {
+            None
+        };
+        if n == 0 {
+            y.eval()?;
+            first_token_at = Some(Instant::now());
+        }
+        if n == opts.max_tokens || cancelled() {
+            break;
+        }
+        let id = token_id(&y)?;
+        let lp_row = ops::squeeze(&logprobs, &[0])?;
+        let logits_row = ops::squeeze(&logits, &[0])?;
+        let flow = emit(Step { id, logprobs: &lp_row, logits: &logits_row })?;
+        n += 1;
+        if flow.is_break() {
+            break;
+        }
+        if n.is_multiple_of(256) {
+            memory::clear_cache()?;
+        }
+        match next {
+            Some((ny, nlp, nl)) => {
+                y = ny;
+                logprobs = nlp;
+                logits = nl;
+            }
+            None => break,
+        }
+    }
+    Ok(stats(start, first_token_at, total, n))
+}
+
+fn stats(start: Instant, first: Option<Instant>, prompt: usize, generated: usize) -> GenerationStats {
+    let end = Instant::now();
+    let first = first.unwrap_or(end);
+    GenerationStats {
+        prompt_tokens: prompt,
+        generated_tokens: generated,
+        prefill: first - start,
+        decode: end - first,
+        peak_memory: memory::peak_memory().unwrap_or(0),
+        active_memory: memory::active_memory().unwrap_or(0),
+    }
+}

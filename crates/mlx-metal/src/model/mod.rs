@@ -1,0 +1,158 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! Models: loading a Hugging Face model directory and running it.
+//!
+//! One file per architecture, each reading like mlx-lm's: a `Config` (serde
+//! from config.json, unknown keys ignored), attention, MLP, block, model.
+//! Shared pieces are small: [`config`] (config.json), [`weights`] (strict
+//! tensor lookup), [`rope`] (the rope factory) and the free functions here.
+//!
+//! | `model_type` | file |
+//! |---|---|
+//! | `gemma3`, `gemma3_text` | [`gemma3`] |
+//! | `qwen3` | [`qwen3`] (the [`llama`] decoder with q/k norms) |
+//! | `qwen2` | [`qwen2`] (the [`llama`] decoder with q/k/v biases) |
+//! | `llama`, `mistral` | [`llama`] |
+
+pub mod config;
+pub mod gemma3;
+pub mod llama;
+pub mod qwen2;
+pub mod qwen3;
+pub mod rope;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use crate::array::Array;
+use crate::cache::{LayerCache, Mask};
+use crate::error::{Error, Result};
+use crate::fast;
+use crate::ops;
+
+use self::config::ModelConfig;
+use self::weights::{Weights, model_err};
+
+/// The architectures this crate runs, by `model_type`.
+pub const SUPPORTED: &[&str] = &["gemma3", "gemma3_text", "llama", "mistral", "qwen2", "qwen3"];
+
+/// What a loaded model is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Description {
+    /// `model_type` from config.json.
+    pub architecture: String,
+    /// Vocabulary size (rows of the embedding table).
+    pub vocab_size: usize,
+    /// Decoder blocks.
+    pub num_layers: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Bits of the quantised weights, if quantised.
+    pub quant_bits: Option<u32>,
+    /// Group size of the quantised weights, if quantised.
+    pub quant_group: Option<u32>,
+    /// Trained context length, when the config gives it.
+    pub max_position_embeddings: Option<usize>,
+}
+
+impl Description {
+    pub(crate) fn new(
+        config: &ModelConfig,
+        dims: &(i32, i32, i32, Option<i32>),
+        embed_quant: Option<(i32, i32)>,
+    ) -> Description {
+        let quant = config.quant.as_ref().map(|q| (q.group_size, q.bits)).or(embed_quant);
+        let u = |v: i32| usize::try_from(v).unwrap_or(0);
+        Description {
+            architecture: config.model_type.clone(),
+            vocab_size: u(dims.0),
+            num_layers: u(dims.1),
+            hidden_size: u(dims.2),
+            quant_bits: quant.map(|q| q.1 as u32),
+            quant_group: quant.map(|q| q.0 as u32),
+            max_position_embeddings: dims.3.map(u),
+        }
+    }
+}
+
+/// A causal language model: token ids in, logits out, with per-layer caches
+/// the caller owns.
+pub trait LanguageModel {
+    /// Runs `inputs: [B, L]` (int32 token ids) through the model, appending to
+    /// `caches` (one per layer, from [`LanguageModel::make_cache`]), and returns
+    /// logits `[B, L, vocab]`.
+    fn forward(&self, inputs: &Array, caches: &mut [LayerCache]) -> Result<Array>;
+
+    /// Fresh caches, one per layer (rotating ones for sliding-window layers).
+    fn make_cache(&self) -> Result<Vec<LayerCache>>;
+
+    /// What the model is.
+    fn description(&self) -> &Description;
+}
+
+/// A loaded model with its directory and config.
+pub struct LoadedModel {
+    /// The model.
+    pub model: Box<dyn LanguageModel>,
+    /// The parsed config.json.
+    pub config: ModelConfig,
+    /// The model directory.
+    pub dir: PathBuf,
+}
+
+/// The model directory of `path`: the path itself, or the directory of a file in it.
+pub fn model_dir(path: &Path) -> Result<PathBuf> {
+    let meta =
+        std::fs::metadata(path).map_err(|source| Error::Io { op: "load_model", path: path.to_path_buf(), source })?;
+    let dir = if meta.is_dir() { path.to_path_buf() } else { path.parent().map(Path::to_path_buf).unwrap_or_default() };
+    if !dir.join("config.json").is_file() {
+        return Err(model_err(&dir, "no config.json (is this a Hugging Face model directory?)"));
+    }
+    Ok(dir)
+}
+
+/// Loads the model at `path` (a directory, or a file inside one).
+pub fn load(path: &Path) -> Result<LoadedModel> {
+    let dir = model_dir(path)?;
+    let config = ModelConfig::load(&dir)?;
+    let arch = config.model_type.as_str();
+    if !SUPPORTED.contains(&arch) {
+        return Err(model_err(&dir, format!("unsupported architecture {arch:?}; supported: {}", SUPPORTED.join(", "))));
+    }
+    let weights = Weights::load(&dir, config.quant.clone())?;
+    let model: Box<dyn LanguageModel> = match arch {
+        "gemma3" | "gemma3_text" => Box::new(gemma3::Gemma3::load(&config, &weights)?),
+        "qwen3" => Box::new(qwen3::load(&config, &weights)?),
+        "qwen2" => Box::new(qwen2::load(&config, &weights)?),
+        _ => {
+            let cfg = llama::DecoderConfig::llama(&config, &dir)?;
+            Box::new(llama::Decoder::load(&config, cfg, &weights)?)
+        }
+    };
+    weights.finish()?;
+    Ok(LoadedModel { model, config, dir })
+}
+
+/// `[B, L, H·D]` → `[B, H, L, D]`.
+pub(crate) fn split_heads(x: &Array, b: i32, l: i32, heads: i32) -> Result<Array> {
+    ops::transpose(&ops::reshape(x, &[b, l, heads, -1])?, &[0, 2, 1, 3])
+}
+
+/// `[B, H, L, D]` → `[B, L, H·D]`.
+pub(crate) fn merge_heads(x: &Array, b: i32, l: i32) -> Result<Array> {
+    ops::reshape(&ops::transpose(x, &[0, 2, 1, 3])?, &[b, l, -1])
+}
+
+/// Scaled dot-product attention with the fused kernel.
+pub(crate) fn attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: &Mask) -> Result<Array> {
+    fast::scaled_dot_product_attention(q, k, v, scale, mask.as_attention(), None)
+}
+
+pub(crate) fn check_caches(caches: &[LayerCache], layers: usize) -> Result<()> {
+    if caches.len() != layers {
+        return Err(Error::invalid(
+            "forward",
+            format!("the model has {layers} layers but {} caches were given", caches.len()),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,302 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! Loading a checkpoint's tensors and looking them up strictly.
+//!
+//! [`Weights`] holds every tensor of a model directory (one safetensors file,
+//! several, or a sharded checkpoint with `model.safetensors.index.json`).
+//! Models read them through a [`WeightPath`] that keeps Hugging Face names
+//! visible (`w.pp("model").pp("layers").pp(3).pp("self_attn")`). A missing
+//! tensor, a wrong shape or a wrong dtype is an error that names the tensor;
+//! tensors nobody read are reported by [`Weights::finish`].
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use crate::array::{Array, Dtype};
+use crate::error::{Error, Result};
+use crate::io;
+use crate::nn::{Embedding, Linear, LinearWeight};
+use crate::ops::Quantized;
+
+use super::config::QuantConfig;
+
+const OP: &str = "load_weights";
+
+/// All tensors of a checkpoint.
+pub struct Weights {
+    tensors: BTreeMap<String, Array>,
+    used: RefCell<BTreeSet<String>>,
+    dir: PathBuf,
+    quant: Option<QuantConfig>,
+}
+
+impl Weights {
+    /// Loads every tensor of the model in `dir`: the files named by
+    /// `model.safetensors.index.json` when present, otherwise every
+    /// `*.safetensors` file.
+    pub fn load(dir: &Path, quant: Option<QuantConfig>) -> Result<Weights> {
+        let files = safetensors_files(dir)?;
+        let mut tensors = BTreeMap::new();
+        for f in &files {
+            let loaded = io::load_safetensors(f)?;
+            for (name, arr) in loaded.tensors {
+                if tensors.insert(name.clone(), arr).is_some() {
+                    return Err(model_err(dir, format!("tensor {name} appears in more than one file")));
+                }
+            }
+        }
+        if tensors.is_empty() {
+            return Err(model_err(dir, "the safetensors files hold no tensors"));
+        }
+        Ok(Weights { tensors, used: RefCell::new(BTreeSet::new()), dir: dir.to_path_buf(), quant })
+    }
+
+    /// Weights from tensors in memory (tests, converted models).
+    pub fn from_tensors(dir: &Path, tensors: BTreeMap<String, Array>, quant: Option<QuantConfig>) -> Weights {
+        Weights { tensors, used: RefCell::new(BTreeSet::new()), dir: dir.to_path_buf(), quant }
+    }
+
+    /// The root path for lookups.
+    pub fn root(&self) -> WeightPath<'_> {
+        WeightPath { weights: self, path: String::new() }
+    }
+
+    /// The model directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The names a lookup of `name` tries, in order: the name itself, then the
+    /// wrappers multimodal checkpoints put around the language model.
+    fn candidates(name: &str) -> Vec<String> {
+        let mut c = vec![name.to_string()];
+        if let Some(rest) = name.strip_prefix("model.") {
+            c.push(format!("language_model.{name}"));
+            c.push(format!("language_model.model.{rest}"));
+            c.push(format!("model.language_model.{rest}"));
+            c.push(format!("model.language_model.model.{rest}"));
+        } else {
+            c.push(format!("language_model.{name}"));
+            c.push(format!("model.language_model.{name}"));
+        }
+        c
+    }
+
+    fn resolve(&self, name: &str) -> Option<(&String, &Array)> {
+        Self::candidates(name).into_iter().find_map(|c| self.tensors.get_key_value(&c))
+    }
+
+    /// Whether a tensor exists (under any accepted name).
+    pub fn contains(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+
+    /// A tensor by name; an error names it when it is missing.
+    pub fn get(&self, name: &str) -> Result<Array> {
+        match self.resolve(name) {
+            Some((key, arr)) => {
+                self.used.borrow_mut().insert(key.clone());
+                Ok(arr.clone())
+            }
+            None => Err(model_err(&self.dir, format!("missing tensor {name}"))),
+        }
+    }
+
+    /// Marks tensors as deliberately unused (e.g. rotary caches, a tied head).
+    pub fn ignore(&self, pred: impl Fn(&str) -> bool) {
+        let mut used = self.used.borrow_mut();
+        for k in self.tensors.keys().filter(|k| pred(k)) {
+            used.insert(k.clone());
+        }
+    }
+
+    /// Fails if a tensor was never read (an architecture mismatch or a
+    /// checkpoint with parts this loader does not understand).
+    pub fn finish(self) -> Result<()> {
+        let used = self.used.into_inner();
+        let unused: Vec<&String> = self.tensors.keys().filter(|k| !used.contains(*k)).collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<&str> = unused.iter().take(8).map(|s| s.as_str()).collect();
+        Err(model_err(
+            &self.dir,
+            format!(
+                "{} tensor(s) are not used by this architecture: {}{}",
+                unused.len(),
+                shown.join(", "),
+                if unused.len() > shown.len() { ", ..." } else { "" }
+            ),
+        ))
+    }
+
+    fn quant_layer(&self, prefix: &str) -> Option<(i32, i32)> {
+        self.quant.as_ref().and_then(|q| q.layer_override(prefix))
+    }
+}
+
+/// A path prefix into [`Weights`].
+#[derive(Clone)]
+pub struct WeightPath<'a> {
+    weights: &'a Weights,
+    path: String,
+}
+
+impl<'a> WeightPath<'a> {
+    /// Extends the path: `pp("layers").pp(3)` → `layers.3`.
+    pub fn pp(&self, part: impl std::fmt::Display) -> WeightPath<'a> {
+        let path = if self.path.is_empty() { part.to_string() } else { format!("{}.{part}", self.path) };
+        WeightPath { weights: self.weights, path }
+    }
+
+    /// The full name of `leaf` under this path.
+    pub fn name(&self, leaf: &str) -> String {
+        if self.path.is_empty() { leaf.to_string() } else { format!("{}.{leaf}", self.path) }
+    }
+
+    /// Whether `leaf` exists under this path.
+    pub fn contains(&self, leaf: &str) -> bool {
+        self.weights.contains(&self.name(leaf))
+    }
+
+    /// A float tensor with the given shape.
+    pub fn tensor(&self, leaf: &str, shape: &[i32]) -> Result<Array> {
+        let name = self.name(leaf);
+        let a = self.weights.get(&name)?;
+        check_float(self.weights.dir(), &name, &a)?;
+        check_shape(self.weights.dir(), &name, &a, shape)?;
+        Ok(a)
+    }
+
+    /// A linear layer `[out, in]`, dense or quantised (when `scales` exist),
+    /// with a bias `[out]` when `bias` is true.
+    pub fn linear(&self, out: i32, inp: i32, bias: bool) -> Result<Linear> {
+        let weight = self.matrix(out, inp)?;
+        let bias = if bias { Some(self.tensor("bias", &[out])?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    /// An embedding table `[vocab, dim]`, dense or quantised.
+    pub fn embedding(&self, vocab: i32, dim: i32) -> Result<Embedding> {
+        Ok(Embedding { weight: self.matrix(vocab, dim)? })
+    }
+
+    fn matrix(&self, out: i32, inp: i32) -> Result<LinearWeight> {
+        let dir = self.weights.dir();
+        if !self.contains("scales") {
+            return Ok(LinearWeight::Dense(self.tensor("weight", &[out, inp])?));
+        }
+        let wname = self.name("weight");
+        let sname = self.name("scales");
+        let weight = self.weights.get(&wname)?;
+        let scales = self.weights.get(&sname)?;
+        if weight.dtype() != Dtype::Uint32 {
+            return Err(model_err(dir, format!("{wname} is {} but quantised weights are uint32", weight.dtype())));
+        }
+        check_float(dir, &sname, &scales)?;
+        let (ws, ss) = (weight.shape(), scales.shape());
+        if ws.len() != 2 || ss.len() != 2 || ws[0] != out || ss[0] != out || ss[1] == 0 {
+            return Err(model_err(
+                dir,
+                format!("{wname} {ws:?} and {sname} {ss:?} do not fit a quantised [{out}, {inp}] matrix"),
+            ));
+        }
+        // Like mlx-lm: a per-layer entry in config.json wins, otherwise the
+        // group size and bits follow from the packed shapes.
+        let (group_size, bits) = match self.weights.quant_layer(&self.path) {
+            Some(gb) => gb,
+            None => (inp / ss[1], ws[1] * 32 / inp),
+        };
+        if group_size * ss[1] != inp || bits * inp != ws[1] * 32 {
+            return Err(model_err(
+                dir,
+                format!(
+                    "{wname} {ws:?} with {sname} {ss:?} is not a {bits}-bit, group-{group_size} packing of [{out}, {inp}]"
+                ),
+            ));
+        }
+        let biases = if self.contains("biases") {
+            let bname = self.name("biases");
+            let b = self.weights.get(&bname)?;
+            check_float(dir, &bname, &b)?;
+            check_shape(dir, &bname, &b, &ss)?;
+            Some(b)
+        } else {
+            None
+        };
+        if ![32, 64, 128].contains(&group_size) || ![2, 3, 4, 5, 6, 8].contains(&bits) {
+            return Err(model_err(dir, format!("{wname}: {bits} bits with group size {group_size} is not supported")));
+        }
+        Ok(LinearWeight::Quantized(Quantized { weight, scales, biases, group_size, bits }))
+    }
+}
+
+fn check_float(dir: &Path, name: &str, a: &Array) -> Result<()> {
+    match a.dtype() {
+        Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float32 => Ok(()),
+        d => Err(model_err(dir, format!("{name} is {d}; expected float16, bfloat16 or float32"))),
+    }
+}
+
+fn check_shape(dir: &Path, name: &str, a: &Array, shape: &[i32]) -> Result<()> {
+    let got = a.shape();
+    if got != shape {
+        return Err(model_err(dir, format!("{name} has shape {got:?}; expected {shape:?}")));
+    }
+    Ok(())
+}
+
+pub(crate) fn model_err(path: &Path, message: impl Into<String>) -> Error {
+    Error::Model { op: OP, path: path.to_path_buf(), message: message.into() }
+}
+
+/// The safetensors files of a model directory.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text =
+            std::fs::read_to_string(&index).map_err(|source| Error::Io { op: OP, path: index.clone(), source })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| model_err(&index, format!("not valid JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| model_err(&index, "no weight_map object"))?;
+        let mut files = BTreeSet::new();
+        for (tensor, file) in map {
+            let f = file
+                .as_str()
+                .ok_or_else(|| model_err(&index, format!("weight_map entry for {tensor} is not a file name")))?;
+            if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+                return Err(model_err(
+                    &index,
+                    format!("weight_map names {f:?}, which is not a file in the model directory"),
+                ));
+            }
+            files.insert(dir.join(f));
+        }
+        for f in &files {
+            if !f.is_file() {
+                return Err(model_err(dir, format!("shard {} named by the index is missing", f.display())));
+            }
+        }
+        return Ok(files.into_iter().collect());
+    }
+    // Like mlx-lm: `model*.safetensors` (so adapters or other files beside
+    // the model are not mistaken for weights).
+    let rd = std::fs::read_dir(dir).map_err(|source| Error::Io { op: OP, path: dir.to_path_buf(), source })?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file()
+                && p.extension().is_some_and(|x| x == "safetensors")
+                && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("model"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(model_err(dir, "no model*.safetensors files"));
+    }
+    Ok(files)
+}
