@@ -79,6 +79,10 @@ pub fn read_safetensors_header(path: impl AsRef<Path>) -> Result<SafetensorsHead
     let mut out = SafetensorsHeader::default();
     for (name, v) in obj {
         if name == "__metadata__" {
+            // MLX itself writes `"__metadata__": null` when there is no metadata.
+            if v.is_null() {
+                continue;
+            }
             let m = v.as_object().ok_or_else(|| format_err(path, "__metadata__ is not an object"))?;
             for (k, v) in m {
                 let s =

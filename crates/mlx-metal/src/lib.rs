@@ -24,6 +24,7 @@
 mod ffi;
 
 pub mod array;
+pub mod backend;
 pub mod cache;
 pub mod chat;
 pub mod device;
@@ -41,6 +42,7 @@ pub mod tokenizer;
 pub mod transforms;
 
 pub use array::{Array, Complex64, Dtype, Element};
+pub use backend::{MetalBackend, MetalModel, register};
 pub use device::{Device, mlx_version};
 pub use error::{Error, Result};
 

@@ -64,7 +64,8 @@ pub fn set_cache_limit(limit: usize) -> Result<usize> {
 }
 
 /// Sets the wired (resident) limit on Metal; returns the previous one. Other
-/// backends accept only 0 and report 0.
+/// backends (CPU, CUDA) have no wired memory: they ignore the value and
+/// report 0.
 pub fn set_wired_limit(limit: usize) -> Result<usize> {
     set("set_wired_limit", sys::mlxs_set_wired_limit, limit)
 }

@@ -545,7 +545,9 @@ pub fn slice_axis(a: &Array, axis: i32, start: i32, stop: i32) -> Result<Array> 
 }
 
 /// A slice whose start is an int array (it may be lazy) over `axes`, with
-/// fixed `sizes` for those axes.
+/// fixed `sizes` for every axis. A negative start counts from the end, and a
+/// start that would run the window past the array is clamped (MLX itself
+/// does not check, so the shim does).
 pub fn slice_dynamic(a: &Array, start: &Array, axes: &[i32], sizes: &[i32]) -> Result<Array> {
     // SAFETY: lists valid for their lengths.
     array_out("slice_dynamic", |o| unsafe {
@@ -592,7 +594,8 @@ pub fn slice_update_strided(
     })
 }
 
-/// `src` with `update` written at an int-array `start` over `axes`.
+/// `src` with `update` written at an int-array `start` over `axes`. Starts are
+/// clamped like those of [`slice_dynamic`], so the write stays inside `src`.
 pub fn slice_update_dynamic(src: &Array, update: &Array, start: &Array, axes: &[i32]) -> Result<Array> {
     // SAFETY: axes valid for its length.
     array_out("slice_update_dynamic", |o| unsafe {
@@ -608,25 +611,31 @@ pub fn slice_update_dynamic(src: &Array, update: &Array, start: &Array, axes: &[
     })
 }
 
-/// Elements of `a` at `indices` along `axis`.
+/// Elements of `a` at integer `indices` along `axis`.
+///
+/// A negative index counts from the end; an index still outside the axis is
+/// clamped to the nearest valid one (MLX does not bounds-check gathers, so
+/// the shim clamps rather than read outside the array).
 pub fn take(a: &Array, indices: &Array, axis: i32) -> Result<Array> {
     // SAFETY: live handles.
     array_out("take", |o| unsafe { sys::mlxs_take(o, a.as_raw(), indices.as_raw(), axis, true, dev()) })
 }
 
-/// Elements of the flattened `a` at `indices`.
+/// Elements of the flattened `a` at integer `indices` (clamped as in [`take`]).
 pub fn take_flat(a: &Array, indices: &Array) -> Result<Array> {
     // SAFETY: live handles.
     array_out("take", |o| unsafe { sys::mlxs_take(o, a.as_raw(), indices.as_raw(), 0, false, dev()) })
 }
 
-/// `a` gathered along `axis` with per-position `indices`.
+/// `a` gathered along `axis` with per-position integer `indices` (clamped as
+/// in [`take`]).
 pub fn take_along_axis(a: &Array, indices: &Array, axis: i32) -> Result<Array> {
     // SAFETY: live handles.
     array_out("take_along_axis", |o| unsafe { sys::mlxs_take_along_axis(o, a.as_raw(), indices.as_raw(), axis, dev()) })
 }
 
-/// `a` with `values` scattered along `axis` at per-position `indices`.
+/// `a` with `values` scattered along `axis` at per-position integer `indices`
+/// (clamped as in [`take`], so a bad index never writes outside `a`).
 pub fn put_along_axis(a: &Array, indices: &Array, values: &Array, axis: i32) -> Result<Array> {
     // SAFETY: live handles.
     array_out("put_along_axis", |o| unsafe {
@@ -726,7 +735,8 @@ pub fn quantized_matmul(x: &Array, q: &Quantized, transpose: bool) -> Result<Arr
 }
 
 /// Batched matmul that picks the matrices of `a` and `b` by index
-/// (mixture-of-experts routing).
+/// (mixture-of-experts routing). Indices outside the batch are clamped as in
+/// [`take`].
 pub fn gather_mm(
     a: &Array,
     b: &Array,
@@ -748,7 +758,7 @@ pub fn gather_mm(
     })
 }
 
-/// The quantised form of [`gather_mm`].
+/// The quantised form of [`gather_mm`] (indices clamped likewise).
 pub fn gather_qmm(
     x: &Array,
     q: &Quantized,

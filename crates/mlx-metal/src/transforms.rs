@@ -172,11 +172,13 @@ pub fn jvp(f: &Closure, primals: &[&Array], tangents: &[&Array]) -> Result<(Vec<
 /// (a scalar) with respect to the inputs named by `argnums`.
 pub struct ValueAndGrad {
     raw: NonNull<sys::mlxs_vag_s>,
+    argnums: Vec<i32>,
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
 impl ValueAndGrad {
-    /// Differentiates `f` with respect to its inputs at `argnums` (default `[0]`).
+    /// Differentiates `f` with respect to its inputs at `argnums` (default
+    /// `[0]`; negative numbers count from the end; no repeats).
     pub fn new(f: &Closure, argnums: &[i32]) -> Result<ValueAndGrad> {
         let mut out: sys::mlxs_vag = std::ptr::null_mut();
         // SAFETY: live closure; argnums valid for its length.
@@ -184,16 +186,38 @@ impl ValueAndGrad {
             sys::mlxs_value_and_grad(&mut out, f.as_raw(), argnums.as_ptr(), argnums.len())
         })?;
         let raw = NonNull::new(out).ok_or(Error::Mlx { op: "value_and_grad", message: "null handle".into() })?;
-        Ok(ValueAndGrad { raw, _not_send: std::marker::PhantomData })
+        let argnums = if argnums.is_empty() { vec![0] } else { argnums.to_vec() };
+        Ok(ValueAndGrad { raw, argnums, _not_send: std::marker::PhantomData })
     }
 
-    /// Returns `(values, gradients)` at `inputs`.
+    /// Returns `(values, gradients)` at `inputs`, one gradient per argnum in
+    /// the order the argnums were given.
     pub fn call(&self, inputs: &[&Array]) -> Result<(Vec<Array>, Vec<Array>)> {
         let hs = handles(inputs);
-        two_vecs("value_and_grad", |a, b| {
+        let (values, grads) = two_vecs("value_and_grad", |a, b| {
             // SAFETY: live handles.
             unsafe { sys::mlxs_vag_apply(a, b, self.raw.as_ptr(), hs.as_ptr(), hs.len()) }
-        })
+        })?;
+        // MLX returns the gradients in ascending argnum order; put them back
+        // in the caller's order.
+        let n = inputs.len() as i64;
+        let given: Vec<i64> =
+            self.argnums.iter().map(|&a| if a < 0 { i64::from(a) + n } else { i64::from(a) }).collect();
+        let mut sorted = given.clone();
+        sorted.sort_unstable();
+        if grads.len() != sorted.len() {
+            return Err(Error::Mlx {
+                op: "value_and_grad",
+                message: format!("MLX returned {} gradients for {} argnums", grads.len(), sorted.len()),
+            });
+        }
+        let mut slots: Vec<Option<Array>> = grads.into_iter().map(Some).collect();
+        let grads = given
+            .iter()
+            .map(|a| sorted.binary_search(a).ok().and_then(|i| slots[i].take()))
+            .collect::<Option<Vec<Array>>>()
+            .ok_or_else(|| Error::Mlx { op: "value_and_grad", message: "gradients do not match the argnums".into() })?;
+        Ok((values, grads))
     }
 }
 
