@@ -10,10 +10,12 @@ use std::path::PathBuf;
 
 use crate::util::workspace_root;
 
+#[cfg_attr(not(feature = "bindgen"), allow(dead_code))]
 pub(crate) fn header_path() -> PathBuf {
     workspace_root().join("crates/mlx-metal/csrc/mlxs.h")
 }
 
+#[cfg_attr(not(feature = "bindgen"), allow(dead_code))]
 pub(crate) fn bindings_path() -> PathBuf {
     workspace_root().join("crates/mlx-metal/src/ffi/bindings.rs")
 }

