@@ -52,7 +52,7 @@ fn read(path: &Path) -> Value {
 /// it points at real models that are not here.
 fn resolve(recorded: &str) -> Option<PathBuf> {
     let path = match recorded.strip_prefix("$MLXR_MODELS/") {
-        Some(rest) => PathBuf::from(std::env::var_os("MLXR_MODELS")?).join(rest),
+        Some(rest) => parity::models_dir()?.join(rest),
         None => workspace().join(recorded),
     };
     path.exists().then_some(path)
