@@ -161,15 +161,7 @@ impl MetalModel {
             }
         };
         let template = ChatTemplate::for_model(&tokenizer, &desc.architecture).map_err(core_err)?;
-        let info = ModelInfo {
-            architecture: desc.architecture.clone(),
-            vocab_size: desc.vocab_size,
-            num_layers: desc.num_layers,
-            hidden_size: desc.hidden_size,
-            quant_bits: desc.quant_bits,
-            quant_group: desc.quant_group,
-            context_length: settings.context_length.or(desc.max_position_embeddings),
-        };
+        let info = ModelInfo { context_length: settings.context_length.or(desc.context_length), ..desc.clone() };
         Ok(MetalModel {
             jobs: Mutex::new(Some(job_tx)),
             thread: Mutex::new(Some(thread)),
@@ -221,7 +213,7 @@ impl MetalModel {
         if ids.is_empty() {
             return Err(CoreError::EmptyPrompt);
         }
-        let limit = self.context_length.or(self.desc.max_position_embeddings);
+        let limit = self.context_length.or(self.desc.context_length);
         if let Some(limit) = limit
             && ids.len() > limit
         {

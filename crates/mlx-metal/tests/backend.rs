@@ -2,6 +2,8 @@
 //! The "metal" backend through inference-core: loading by name, streaming,
 //! cancellation, metrics, model info and bad input, on the tiny fixtures.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use inference_core::{
@@ -12,14 +14,13 @@ fn testdata() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
 }
 
-fn tiny(name: &str) -> PathBuf {
-    testdata().join("models").join(name)
-}
-
 fn load(name: &str) -> Box<dyn TextModel> {
     let reg = Registry::new().with(mlx_metal::backend::backend());
-    reg.load_model(tiny(name), &LoadSettings::default().backend("metal").device(inference_core::Device::Cpu))
-        .unwrap_or_else(|e| panic!("loading {name}: {}", e.report()))
+    reg.load_model(
+        common::tiny_model(name),
+        &LoadSettings::default().backend("metal").device(inference_core::Device::Cpu),
+    )
+    .unwrap_or_else(|e| panic!("loading {name}: {}", e.report()))
 }
 
 fn golden(name: &str) -> serde_json::Value {
@@ -35,7 +36,8 @@ fn greedy(max: usize) -> GenerateSettings {
 fn registers_as_metal_and_loads_by_name() {
     mlx_metal::register();
     assert!(inference_core::list().contains(&"metal".to_string()));
-    let model = inference_core::load_model(tiny("llama-tiny"), &LoadSettings::default().backend("metal")).unwrap();
+    let model = inference_core::load_model(common::tiny_model("llama-tiny"), &LoadSettings::default().backend("metal"))
+        .unwrap();
     assert_eq!(model.model_type(), "llama");
 }
 
@@ -192,7 +194,8 @@ fn memory_stays_flat_over_two_thousand_tokens() {
     let m = model.metrics();
     // llama-tiny: 2 layers × (k + v) × 2 KV heads × 16 dims × f32, over 2,304 slots (9 steps of 256).
     let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny("llama-tiny").join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(common::tiny_model("llama-tiny").join("config.json")).unwrap())
+            .unwrap();
     let layers = cfg["num_hidden_layers"].as_u64().unwrap();
     let kv = cfg["num_key_value_heads"].as_u64().unwrap();
     let hd = cfg["hidden_size"].as_u64().unwrap() / cfg["num_attention_heads"].as_u64().unwrap();
@@ -218,7 +221,7 @@ fn bad_input_gives_clear_errors() {
     assert!(err.to_string().contains("context length"), "{err}");
     let small = Registry::new()
         .with(mlx_metal::backend::backend())
-        .load_model(tiny("llama-tiny"), &LoadSettings::default().backend("metal").context_length(8))
+        .load_model(common::tiny_model("llama-tiny"), &LoadSettings::default().backend("metal").context_length(8))
         .unwrap();
     let err =
         small.generate("one two three four five six seven eight nine ten", &greedy(4), CancelToken::new()).unwrap_err();
@@ -226,15 +229,6 @@ fn bad_input_gives_clear_errors() {
     model.close().unwrap();
     model.close().unwrap();
     assert!(matches!(model.generate("x", &greedy(1), CancelToken::new()), Err(CoreError::Closed)));
-}
-
-fn copy_model(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(tiny(name)).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-    }
-    dir
 }
 
 fn load_err(dir: &Path) -> String {
@@ -250,28 +244,28 @@ fn broken_model_directories_fail_to_load_with_the_reason() {
     let missing = load_err(Path::new("/nonexistent/model"));
     assert!(missing.contains("/nonexistent/model"), "{missing}");
 
-    let d = copy_model("llama-tiny");
+    let d = common::copy_tiny_model("llama-tiny");
     std::fs::write(d.path().join("config.json"), "{ not json").unwrap();
     assert!(load_err(d.path()).contains("not valid JSON"));
 
-    let d = copy_model("llama-tiny");
+    let d = common::copy_tiny_model("llama-tiny");
     let cfg = std::fs::read_to_string(d.path().join("config.json")).unwrap().replace("\"llama\"", "\"mamba\"");
     std::fs::write(d.path().join("config.json"), cfg).unwrap();
     let e = load_err(d.path());
     assert!(e.contains("unsupported architecture \"mamba\""), "{e}");
 
-    let d = copy_model("llama-tiny");
+    let d = common::copy_tiny_model("llama-tiny");
     let st = d.path().join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
     let e = load_err(d.path());
     assert!(e.contains("truncated"), "{e}");
 
-    let d = copy_model("llama-tiny");
+    let d = common::copy_tiny_model("llama-tiny");
     std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
     assert!(load_err(d.path()).contains("safetensors"));
 
-    let d = copy_model("llama-tiny");
+    let d = common::copy_tiny_model("llama-tiny");
     let cfg = std::fs::read_to_string(d.path().join("config.json")).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     v["intermediate_size"] = serde_json::json!(100);
@@ -279,7 +273,7 @@ fn broken_model_directories_fail_to_load_with_the_reason() {
     let e = load_err(d.path());
     assert!(e.contains("mlp.gate_proj.weight has shape"), "{e}");
 
-    let d = copy_model("llama-tiny");
+    let d = common::copy_tiny_model("llama-tiny");
     std::fs::remove_file(d.path().join("tokenizer.json")).unwrap();
     assert!(load_err(d.path()).contains("tokenizer.json"));
 }
@@ -287,7 +281,7 @@ fn broken_model_directories_fail_to_load_with_the_reason() {
 #[test]
 fn wrong_dtype_and_missing_tensor_are_named() {
     use mlx_metal::{Array, io};
-    let d = copy_model("llama-tiny");
+    let d = common::copy_tiny_model("llama-tiny");
     let st = d.path().join("model.safetensors");
     let mut loaded = io::load_safetensors(&st).unwrap();
     let name = "model.layers.0.self_attn.q_proj.weight";

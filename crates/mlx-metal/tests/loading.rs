@@ -3,24 +3,13 @@
 //! to a file inside the model directory, nested text configs, and the errors
 //! for broken indexes and quantisation sections.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use mlx_metal::model::{self, LanguageModel};
 use mlx_metal::{Array, Dtype, io, ops};
-
-fn tiny(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models").join(name)
-}
-
-fn copy_model(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(tiny(name)).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-    }
-    dir
-}
 
 fn logits(m: &dyn LanguageModel) -> Vec<f32> {
     let ids = [2i32, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50];
@@ -38,8 +27,8 @@ fn err_of(dir: &Path) -> String {
 
 #[test]
 fn sharded_checkpoint_with_index_equals_single_file() {
-    let reference = logits(model::load(&tiny("llama-tiny")).unwrap().model.as_ref());
-    let d = copy_model("llama-tiny");
+    let reference = logits(model::load(&common::tiny_model("llama-tiny")).unwrap().model.as_ref());
+    let d = common::copy_tiny_model("llama-tiny");
     let st = d.path().join("model.safetensors");
     let all = io::load_safetensors(&st).unwrap();
     std::fs::remove_file(&st).unwrap();
@@ -65,7 +54,7 @@ fn sharded_checkpoint_with_index_equals_single_file() {
 
 #[test]
 fn index_naming_a_path_outside_the_directory_is_refused() {
-    let d = copy_model("llama-tiny");
+    let d = common::copy_tiny_model("llama-tiny");
     let index = serde_json::json!({"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}});
     std::fs::write(d.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
     let e = err_of(d.path());
@@ -74,8 +63,8 @@ fn index_naming_a_path_outside_the_directory_is_refused() {
 
 #[test]
 fn float16_weights_load_and_run_close_to_float32() {
-    let reference = logits(model::load(&tiny("llama-tiny")).unwrap().model.as_ref());
-    let d = copy_model("llama-tiny");
+    let reference = logits(model::load(&common::tiny_model("llama-tiny")).unwrap().model.as_ref());
+    let d = common::copy_tiny_model("llama-tiny");
     let st = d.path().join("model.safetensors");
     let all = io::load_safetensors(&st).unwrap();
     let half: BTreeMap<String, Array> =
@@ -88,30 +77,31 @@ fn float16_weights_load_and_run_close_to_float32() {
 
 #[test]
 fn a_file_inside_the_model_directory_is_accepted() {
-    let by_dir = logits(model::load(&tiny("qwen2-tiny")).unwrap().model.as_ref());
-    let by_file = logits(model::load(&tiny("qwen2-tiny").join("model.safetensors")).unwrap().model.as_ref());
+    let by_dir = logits(model::load(&common::tiny_model("qwen2-tiny")).unwrap().model.as_ref());
+    let by_file =
+        logits(model::load(&common::tiny_model("qwen2-tiny").join("model.safetensors")).unwrap().model.as_ref());
     assert_eq!(by_dir, by_file);
 }
 
 #[test]
 fn nested_text_config_equals_flat_config() {
-    let flat = logits(model::load(&tiny("gemma3-tiny")).unwrap().model.as_ref());
-    let nested = logits(model::load(&tiny("gemma3-tiny-mm")).unwrap().model.as_ref());
+    let flat = logits(model::load(&common::tiny_model("gemma3-tiny")).unwrap().model.as_ref());
+    let nested = logits(model::load(&common::tiny_model("gemma3-tiny-mm")).unwrap().model.as_ref());
     assert_eq!(flat, nested);
 }
 
 #[test]
 fn description_reports_the_model() {
-    let d = model::load(&tiny("llama-tiny-8bit")).unwrap().model.description().clone();
+    let d = model::load(&common::tiny_model("llama-tiny-8bit")).unwrap().model.description().clone();
     assert_eq!(d.architecture, "llama");
     assert_eq!((d.quant_bits, d.quant_group), (Some(8), Some(32)));
-    let q = model::load(&tiny("qwen3-tiny")).unwrap().model.description().clone();
+    let q = model::load(&common::tiny_model("qwen3-tiny")).unwrap().model.description().clone();
     assert_eq!((q.architecture.as_str(), q.quant_bits), ("qwen3", None));
 }
 
 #[test]
 fn unsupported_quantisation_and_missing_model_type_are_errors() {
-    let d = copy_model("llama-tiny");
+    let d = common::copy_tiny_model("llama-tiny");
     let cfg_path = d.path().join("config.json");
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["quantization_config"] = serde_json::json!({"quant_method": "gptq", "bits": 4, "group_size": 128});
@@ -120,7 +110,8 @@ fn unsupported_quantisation_and_missing_model_type_are_errors() {
     assert!(e.contains("gptq"), "{e}");
 
     let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny("llama-tiny").join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(common::tiny_model("llama-tiny").join("config.json")).unwrap())
+            .unwrap();
     cfg.as_object_mut().unwrap().remove("model_type");
     cfg.as_object_mut().unwrap().remove("architectures");
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
@@ -132,7 +123,7 @@ fn unsupported_quantisation_and_missing_model_type_are_errors() {
 
 #[test]
 fn a_tensor_nobody_reads_is_reported() {
-    let d = copy_model("qwen2-tiny");
+    let d = common::copy_tiny_model("qwen2-tiny");
     let st = d.path().join("model.safetensors");
     let mut all = io::load_safetensors(&st).unwrap();
     all.tensors.insert("model.layers.0.mlp.extra_proj.weight".into(), Array::scalar(1.0f32));

@@ -23,7 +23,7 @@ use crate::ops;
 use super::config::{ModelConfig, RopeScaling};
 use super::rope::Rope;
 use super::weights::{WeightPath, Weights, model_err};
-use super::{Description, LanguageModel, attention, merge_heads, split_heads};
+use super::{Description, LanguageModel, attention, describe, merge_heads, split_heads};
 
 /// `config.json` fields Gemma 3 reads, with mlx-lm's defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -240,7 +240,7 @@ impl Gemma3 {
         weights.ignore(|k| {
             k.contains("rotary_emb.inv_freq") || k.starts_with("vision_tower") || k.starts_with("multi_modal_projector")
         });
-        let desc = Description::new(config, &cfg_desc(&cfg), embed_tokens.quantisation());
+        let desc = describe(config, &cfg_desc(&cfg), embed_tokens.quantisation());
         Ok(Gemma3 { cfg, embed_tokens, layers, norm, lm_head, desc })
     }
 }

@@ -21,7 +21,7 @@ use crate::ops;
 use super::config::{ModelConfig, RopeScaling};
 use super::rope::Rope;
 use super::weights::{WeightPath, Weights, model_err};
-use super::{Description, LanguageModel, attention, merge_heads, split_heads};
+use super::{Description, LanguageModel, attention, describe, merge_heads, split_heads};
 
 /// `config.json` fields of `llama`, with mlx-lm's defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -336,7 +336,7 @@ impl Decoder {
         };
         let norm = Norm::load(&m.pp("norm"), hidden, eps)?;
         weights.ignore(|k| k.contains("rotary_emb.inv_freq"));
-        let desc = Description::new(
+        let desc = describe(
             config,
             &(cfg.vocab_size, cfg.num_layers, cfg.hidden_size, cfg.max_position_embeddings),
             embed_tokens.quantisation(),

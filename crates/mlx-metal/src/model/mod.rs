@@ -23,6 +23,8 @@ pub mod weights;
 
 use std::path::{Path, PathBuf};
 
+use inference_core::ModelInfo;
+
 use crate::array::Array;
 use crate::cache::{LayerCache, Mask};
 use crate::error::{Error, Result};
@@ -35,42 +37,25 @@ use self::weights::{Weights, model_err};
 /// The architectures this crate runs, by `model_type`.
 pub const SUPPORTED: &[&str] = &["gemma3", "gemma3_text", "llama", "mistral", "qwen2", "qwen3"];
 
-/// What a loaded model is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Description {
-    /// `model_type` from config.json.
-    pub architecture: String,
-    /// Vocabulary size (rows of the embedding table).
-    pub vocab_size: usize,
-    /// Decoder blocks.
-    pub num_layers: usize,
-    /// Model width.
-    pub hidden_size: usize,
-    /// Bits of the quantised weights, if quantised.
-    pub quant_bits: Option<u32>,
-    /// Group size of the quantised weights, if quantised.
-    pub quant_group: Option<u32>,
-    /// Trained context length, when the config gives it.
-    pub max_position_embeddings: Option<usize>,
-}
+/// What a loaded model is: inference-core's [`ModelInfo`], with
+/// `context_length` set to the trained context (`max_position_embeddings`).
+pub type Description = ModelInfo;
 
-impl Description {
-    pub(crate) fn new(
-        config: &ModelConfig,
-        dims: &(i32, i32, i32, Option<i32>),
-        embed_quant: Option<(i32, i32)>,
-    ) -> Description {
-        let quant = config.quant.as_ref().map(|q| (q.group_size, q.bits)).or(embed_quant);
-        let u = |v: i32| usize::try_from(v).unwrap_or(0);
-        Description {
-            architecture: config.model_type.clone(),
-            vocab_size: u(dims.0),
-            num_layers: u(dims.1),
-            hidden_size: u(dims.2),
-            quant_bits: quant.map(|q| q.1 as u32),
-            quant_group: quant.map(|q| q.0 as u32),
-            max_position_embeddings: dims.3.map(u),
-        }
+pub(crate) fn describe(
+    config: &ModelConfig,
+    dims: &(i32, i32, i32, Option<i32>),
+    embed_quant: Option<(i32, i32)>,
+) -> Description {
+    let quant = config.quant.as_ref().map(|q| (q.group_size, q.bits)).or(embed_quant);
+    let u = |v: i32| usize::try_from(v).unwrap_or(0);
+    ModelInfo {
+        architecture: config.model_type.clone(),
+        vocab_size: u(dims.0),
+        num_layers: u(dims.1),
+        hidden_size: u(dims.2),
+        quant_bits: quant.map(|q| q.1 as u32),
+        quant_group: quant.map(|q| q.0 as u32),
+        context_length: dims.3.map(u),
     }
 }
 

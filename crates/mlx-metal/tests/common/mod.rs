@@ -190,3 +190,18 @@ pub(crate) fn softmax_ref(x: &[f64], n: usize) -> Vec<f64> {
         })
         .collect()
 }
+
+/// A tiny fixture model directory (`testdata/models/<name>`).
+pub(crate) fn tiny_model(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models").join(name)
+}
+
+/// A scratch copy of a tiny fixture model, to break on purpose.
+pub(crate) fn copy_tiny_model(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for e in std::fs::read_dir(tiny_model(name)).expect("the fixture directory") {
+        let e = e.expect("a directory entry");
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).expect("copying a fixture file");
+    }
+    dir
+}
