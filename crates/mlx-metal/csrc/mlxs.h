@@ -322,6 +322,20 @@ int mlxs_as_strided(
     size_t offset,
     int dev);
 
+// Input [N, H, W, C_in] (NHWC), weight [C_out, kH, kW, C_in / groups].
+int mlxs_conv2d(
+    mlxs_array* out,
+    mlxs_array input,
+    mlxs_array weight,
+    int stride_h,
+    int stride_w,
+    int pad_h,
+    int pad_w,
+    int dilation_h,
+    int dilation_w,
+    int groups,
+    int dev);
+
 // ---------------------------------------------------------------- indexing
 
 int mlxs_slice(

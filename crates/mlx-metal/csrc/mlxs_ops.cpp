@@ -524,6 +524,31 @@ int mlxs_as_strided(
   });
 }
 
+int mlxs_conv2d(
+    mlxs_array* out,
+    mlxs_array input,
+    mlxs_array weight,
+    int stride_h,
+    int stride_w,
+    int pad_h,
+    int pad_w,
+    int dilation_h,
+    int dilation_w,
+    int groups,
+    int dev) {
+  return guard([&] {
+    put(out,
+        mx::conv2d(
+            arr(input),
+            arr(weight),
+            {stride_h, stride_w},
+            {pad_h, pad_w},
+            {dilation_h, dilation_w},
+            groups,
+            sod(dev)));
+  });
+}
+
 // ---------------------------------------------------------------- indexing
 
 int mlxs_slice(

@@ -497,6 +497,46 @@ pub fn as_strided(a: &Array, shape: &[i32], strides: &[i64], offset: usize) -> R
     })
 }
 
+/// Options of [`conv2d`]: `(height, width)` pairs and the group count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2d {
+    /// Step between windows.
+    pub stride: (i32, i32),
+    /// Zeros added on each side.
+    pub padding: (i32, i32),
+    /// Spacing of the kernel taps.
+    pub dilation: (i32, i32),
+    /// Channel groups.
+    pub groups: i32,
+}
+
+impl Default for Conv2d {
+    fn default() -> Self {
+        Conv2d { stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1 }
+    }
+}
+
+/// 2-D convolution of `input: [N, H, W, C_in]` (channels last, MLX's layout)
+/// with `weight: [C_out, kH, kW, C_in / groups]`.
+pub fn conv2d(input: &Array, weight: &Array, opts: Conv2d) -> Result<Array> {
+    // SAFETY: live handles.
+    array_out("conv2d", |o| unsafe {
+        sys::mlxs_conv2d(
+            o,
+            input.as_raw(),
+            weight.as_raw(),
+            opts.stride.0,
+            opts.stride.1,
+            opts.padding.0,
+            opts.padding.1,
+            opts.dilation.0,
+            opts.dilation.1,
+            opts.groups,
+            dev(),
+        )
+    })
+}
+
 // ---------------------------------------------------------------- indexing
 
 fn check_bounds(op: &'static str, a: &Array, start: &[i32], stop: &[i32], strides: &[i32]) -> Result<()> {
