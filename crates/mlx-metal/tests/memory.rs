@@ -42,6 +42,7 @@ fn limits_are_set_and_restored() {
 fn active_peak_and_cache_figures() {
     let _g = serial();
     memory::clear_cache().unwrap();
+    common::settle();
     let before = memory::stats().unwrap();
     assert_eq!(before.cache, 0);
     memory::reset_peak_memory().unwrap();
@@ -54,6 +55,7 @@ fn active_peak_and_cache_figures() {
     assert!(during.peak >= during.active);
 
     drop(a);
+    common::settle();
     let after = memory::stats().unwrap();
     assert_eq!(after.active, before.active, "active memory returns when the array is dropped");
     assert!(after.peak >= before.active + 4 * MIB, "the peak remembers the array");

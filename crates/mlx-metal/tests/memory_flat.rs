@@ -3,6 +3,8 @@
 //! iterations. MLX's active-memory figure is process-wide, so this binary
 //! holds this one test only.
 
+mod common;
+
 use mlx_metal::transforms::{self, Closure};
 use mlx_metal::{Array, memory, ops};
 
@@ -24,6 +26,7 @@ fn active_memory_returns_to_baseline() {
     for i in 0..10 {
         iteration(i);
     }
+    common::settle();
     let baseline = memory::active_memory().unwrap();
 
     let mut checksum = 0.0f64;
@@ -31,6 +34,7 @@ fn active_memory_returns_to_baseline() {
         checksum += f64::from(iteration(i % 7));
     }
     assert!(checksum.is_finite());
+    common::settle();
     let after = memory::active_memory().unwrap();
     assert_eq!(
         after,
@@ -48,6 +52,7 @@ fn active_memory_returns_to_baseline() {
         transforms::eval(&[&out[0], &grads[0]]).unwrap();
     }
     drop(f);
+    common::settle();
     let after = memory::active_memory().unwrap();
     assert_eq!(after, baseline, "active memory grew by {} bytes over 1,000 vjp calls", after as i64 - baseline as i64);
 

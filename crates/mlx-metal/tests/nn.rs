@@ -23,7 +23,7 @@ fn dense_linear_matches_f64() {
     let wt = permute_ref(&wide(&w), &[OUT, IN], &[1, 0]);
     let want: Vec<f64> =
         matmul_ref(&wide(&x), &wt, 3, IN, OUT).iter().enumerate().map(|(i, v)| v + f64::from(b[i % OUT])).collect();
-    assert_close(&vals(&y), &want, 1e-5);
+    assert_close(&vals(&y), &want, common::matmul_tol(1e-5));
     // Leading batch axes pass through.
     let y3 = lin.forward(&arr(&x, &[3, 1, IN as i32])).unwrap();
     assert_eq!(y3.shape(), vec![3, 1, OUT as i32]);
@@ -51,7 +51,7 @@ fn quantised_linear_is_close_to_dense() {
         let yq = vals(&lin.forward(&xa).unwrap());
         // Exactly the dense layer over the dequantised weights ...
         let deq = Linear::dense(lin.dense_weight(None).unwrap(), None).unwrap();
-        assert_close(&yq, &wide(&vals(&deq.forward(&xa).unwrap())), 1e-4);
+        assert_close(&yq, &wide(&vals(&deq.forward(&xa).unwrap())), common::matmul_tol(1e-4));
         // ... and close to the original dense layer. Each weight moves by up
         // to a step of 2 / (2^bits - 1), randomly, so over 128 inputs the
         // relative error of the outputs is about 13 % at 4 bits and 1 % at 8.

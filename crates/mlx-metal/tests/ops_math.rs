@@ -70,6 +70,7 @@ fn unary_math_matches_f64() {
 
 #[test]
 fn unary_math_in_float64() {
+    let _cpu = common::cpu_for_float64();
     let xs = [0.1f64, 0.7, 1.3, 2.9];
     let a = Array::from_slice(&xs, &[4]).unwrap();
     let e = ops::exp(&a).unwrap();
@@ -212,6 +213,7 @@ fn clip_bounds() {
 
 #[test]
 fn astype_conversions() {
+    let _cpu = common::cpu_for_float64();
     let a = arr(&[1.7, -1.7, 0.5, 300.0], &[4]);
     assert_eq!(ints(&ops::astype(&a, Dtype::Int32).unwrap()), vec![1, -1, 0, 300]);
     assert_eq!(ops::astype(&a, Dtype::Bool).unwrap().to_vec::<bool>().unwrap(), vec![true, true, true, true]);
@@ -310,7 +312,7 @@ fn matmul_case(m: usize, k: usize, n: usize, seed: u64) {
     let b = data(k * n, seed + 1);
     let out = ops::matmul(&arr(&a, &[m as i32, k as i32]), &arr(&b, &[k as i32, n as i32])).unwrap();
     assert_eq!(out.shape(), vec![m as i32, n as i32]);
-    assert_close(&vals(&out), &matmul_ref(&wide(&a), &wide(&b), m, k, n), 1e-5);
+    assert_close(&vals(&out), &matmul_ref(&wide(&a), &wide(&b), m, k, n), common::matmul_tol(1e-5));
 }
 
 #[test]
@@ -337,7 +339,7 @@ fn batched_matmul_broadcasts_batches() {
     assert_eq!(out.shape(), vec![2, 3, 2]);
     let mut expected = matmul_ref(&wide(&a[..m * k]), &wide(&b), m, k, n);
     expected.extend(matmul_ref(&wide(&a[m * k..]), &wide(&b), m, k, n));
-    assert_close(&vals(&out), &expected, 1e-5);
+    assert_close(&vals(&out), &expected, common::matmul_tol(1e-5));
 }
 
 #[test]
@@ -347,7 +349,7 @@ fn matmul_of_transposed_views() {
     let b = data(8, 22);
     let out = ops::matmul(&at, &arr(&b, &[4, 2])).unwrap();
     let a_t = common::permute_ref(&wide(&a), &[4, 3], &[1, 0]);
-    assert_close(&vals(&out), &matmul_ref(&a_t, &wide(&b), 3, 4, 2), 1e-5);
+    assert_close(&vals(&out), &matmul_ref(&a_t, &wide(&b), 3, 4, 2), common::matmul_tol(1e-5));
 }
 
 #[test]
@@ -401,6 +403,6 @@ fn addmm_matches_f64() {
     let out = ops::addmm(&arr(&c, &[2, 2]), &arr(&a, &[2, 3]), &arr(&b, &[3, 2]), 2.0, 0.5).unwrap();
     let ab = matmul_ref(&wide(&a), &wide(&b), 2, 3, 2);
     let expected: Vec<f64> = ab.iter().zip(&c).map(|(x, &y)| 2.0 * x + 0.5 * f64::from(y)).collect();
-    assert_close(&vals(&out), &expected, 1e-5);
+    assert_close(&vals(&out), &expected, common::matmul_tol(1e-5));
     expect_err(ops::addmm(&arr(&c, &[2, 2]), &arr(&a, &[2, 3]), &arr(&b, &[2, 3]), 1.0, 1.0), "addmm");
 }

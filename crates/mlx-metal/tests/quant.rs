@@ -174,7 +174,11 @@ fn gather_mm_picks_matrices_by_index() {
     assert_close(&vals(&out), &matmul_ref(&wide(&a_d[..m * k]), &bm, m, k, n), 1e-5);
     // Without indices it is a plain matmul.
     let plain = ops::gather_mm(&x, &arr(&b_d[..k * n], &[k as i32, n as i32]), None, None, false).unwrap();
-    assert_close(&vals(&plain), &matmul_ref(&wide(&a_d[..m * k]), &wide(&b_d[..k * n]), m, k, n), 1e-5);
+    assert_close(
+        &vals(&plain),
+        &matmul_ref(&wide(&a_d[..m * k]), &wide(&b_d[..k * n]), m, k, n),
+        common::matmul_tol(1e-5),
+    );
 
     // Indices outside the batch are clamped by the shim, never read outside b.
     let out = ops::gather_mm(&x, &b, None, Some(&iarr(&[7], &[1])), false).unwrap();

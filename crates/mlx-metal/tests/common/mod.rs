@@ -205,3 +205,25 @@ pub(crate) fn copy_tiny_model(name: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+/// Whether ops on this thread run on a GPU (Metal or CUDA).
+pub(crate) fn on_gpu() -> bool {
+    matches!(mlx_metal::device::current(), Ok(mlx_metal::Device::Gpu))
+}
+
+/// A matmul tolerance: `cpu` on the CPU; on a GPU at least 2e-3, because
+/// float32 matmuls there may run on TF32 tensor cores (10-bit mantissa).
+pub(crate) fn matmul_tol(cpu: f64) -> f64 {
+    if on_gpu() { cpu.max(2e-3) } else { cpu }
+}
+
+/// MLX's GPU backends have no float64: tests of float64 run on the CPU.
+pub(crate) fn cpu_for_float64() -> mlx_metal::device::DeviceScope {
+    mlx_metal::device::DeviceScope::new(mlx_metal::Device::Cpu).expect("the CPU is always available")
+}
+
+/// Waits for queued device work, so process-wide memory figures are settled
+/// (GPU backends free buffers when the stream has finished with them).
+pub(crate) fn settle() {
+    mlx_metal::device::synchronize(None).expect("synchronize");
+}
