@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use inference_core::{
-    Backend, BatchResult, CancelToken, ClassifyResult, Error as CoreError, GenerateMetrics, GenerateSettings,
-    LoadSettings, LogitsMode, Message, ModelInfo, Result as CoreResult, TextModel, Token, TokenSink, TokenStream,
+    AttentionInspector, AttentionSnapshot, Backend, BatchResult, CancelToken, ClassifyResult, Error as CoreError,
+    GenerateMetrics, GenerateSettings, LoadSettings, LogitsMode, Message, ModelInfo, Result as CoreResult, TextModel,
+    Token, TokenSink, TokenStream,
 };
 
 use crate::array::Array;
@@ -309,6 +310,10 @@ impl TextModel for MetalModel {
         &self.info.architecture
     }
 
+    fn attention_inspector(&self) -> Option<&dyn AttentionInspector> {
+        Some(self)
+    }
+
     fn close(&self) -> CoreResult<()> {
         drop(lock(&self.jobs).take());
         if let Some(t) = lock(&self.thread).take()
@@ -318,6 +323,32 @@ impl TextModel for MetalModel {
         }
         Ok(())
     }
+}
+
+impl AttentionInspector for MetalModel {
+    /// One prefill of `prompt`; keys and queries are captured after the q/k
+    /// norms and rope, for every position of the prompt (sliding-window
+    /// layers included, whatever their cache keeps).
+    fn inspect_attention(&self, prompt: &str, cancel: CancelToken) -> CoreResult<AttentionSnapshot> {
+        if prompt.is_empty() {
+            return Err(CoreError::EmptyPrompt);
+        }
+        let ids = self.tokenizer.encode_prompt(prompt).map_err(core_err)?;
+        self.check_prompt(&ids)?;
+        let architecture = self.info.architecture.clone();
+        self.call(move |e| {
+            cancel.check()?;
+            e.inspect(&ids, architecture).map_err(core_err)
+        })
+    }
+}
+
+/// `[1, H, L, D]` → per head, `L * D` values.
+fn per_head(a: &Array) -> Result<Vec<Vec<f32>>, Error> {
+    let shape = a.shape();
+    let (heads, len) = (shape[1] as usize, (shape[2] * shape[3]) as usize);
+    let flat = a.to_vec_f32()?;
+    Ok((0..heads).map(|h| flat[h * len..(h + 1) * len].to_vec()).collect())
 }
 
 fn sampler_for(settings: &GenerateSettings) -> Result<Sampler, Error> {
@@ -450,6 +481,28 @@ impl Engine {
             let _ = sink.send(last);
         }
         Ok(stats)
+    }
+
+    fn inspect(&mut self, ids: &[u32], architecture: String) -> Result<AttentionSnapshot, Error> {
+        let model = self.loaded.model.as_ref();
+        let mut caches = model.make_cache()?;
+        let x: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        let x = Array::from_slice(&x, &[1, x.len() as i32])?;
+        let mut taps = model::AttentionTaps::default();
+        let logits = model.forward_tapped(&x, &mut caches, Some(&mut taps))?;
+        logits.eval()?;
+        let mut snap =
+            AttentionSnapshot { architecture, num_layers: taps.layers.len(), ..AttentionSnapshot::default() };
+        for (q, k) in &taps.layers {
+            let (qs, ks) = (q.shape(), k.shape());
+            snap.num_query_heads = qs[1] as usize;
+            snap.num_heads = ks[1] as usize;
+            snap.seq_len = ks[2] as usize;
+            snap.head_dim = ks[3] as usize;
+            snap.queries.push(per_head(q)?);
+            snap.keys.push(per_head(k)?);
+        }
+        Ok(snap)
     }
 
     fn classify(

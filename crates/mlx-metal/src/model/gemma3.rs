@@ -23,7 +23,7 @@ use crate::ops;
 use super::config::{ModelConfig, RopeScaling};
 use super::rope::Rope;
 use super::weights::{WeightPath, Weights, model_err};
-use super::{Description, LanguageModel, attention, describe, merge_heads, split_heads};
+use super::{AttentionTaps, Description, LanguageModel, attention, describe, merge_heads, split_heads};
 
 /// `config.json` fields Gemma 3 reads, with mlx-lm's defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -114,7 +114,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
+    fn forward(
+        &self,
+        x: &Array,
+        mask: &Mask,
+        cache: &mut LayerCache,
+        mut taps: Option<&mut AttentionTaps>,
+    ) -> Result<Array> {
         let (b, l) = (x.dim(0)?, x.dim(1)?);
         let q = split_heads(&self.q_proj.forward(x)?, b, l, self.n_heads)?;
         let k = split_heads(&self.k_proj.forward(x)?, b, l, self.n_kv_heads)?;
@@ -124,6 +130,7 @@ impl Attention {
         let offset = cache.offset();
         let q = self.rope.apply(&q, offset)?;
         let k = self.rope.apply(&k, offset)?;
+        AttentionTaps::record(&mut taps, &q, &k);
         let (k, v) = cache.update_and_fetch(&k, &v)?;
         let out = attention(&q, &k, &v, self.scale, mask)?;
         self.o_proj.forward(&merge_heads(&out, b, l)?)
@@ -154,8 +161,14 @@ struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
-        let r = self.self_attn.forward(&self.input_layernorm.forward(x)?, mask, cache)?;
+    fn forward(
+        &self,
+        x: &Array,
+        mask: &Mask,
+        cache: &mut LayerCache,
+        taps: Option<&mut AttentionTaps>,
+    ) -> Result<Array> {
+        let r = self.self_attn.forward(&self.input_layernorm.forward(x)?, mask, cache, taps)?;
         let h = clip_residual(x, &self.post_attention_layernorm.forward(&r)?)?;
         let r = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h)?)?;
         clip_residual(&h, &self.post_feedforward_layernorm.forward(&r)?)
@@ -276,7 +289,12 @@ fn check(cfg: &Config, dir: &Path) -> Result<()> {
 }
 
 impl LanguageModel for Gemma3 {
-    fn forward(&self, inputs: &Array, caches: &mut [LayerCache]) -> Result<Array> {
+    fn forward_tapped(
+        &self,
+        inputs: &Array,
+        caches: &mut [LayerCache],
+        mut taps: Option<&mut AttentionTaps>,
+    ) -> Result<Array> {
         super::check_caches(caches, self.layers.len())?;
         let mut h = self.embed_tokens.forward(inputs)?;
         // The reference rounds √hidden to bfloat16 before scaling.
@@ -289,7 +307,7 @@ impl LanguageModel for Gemma3 {
             if pattern > 1 { caches[0].make_mask(n, Some(self.cfg.sliding_window))? } else { Mask::None };
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             let mask = if layer.is_sliding { &sliding_mask } else { &global_mask };
-            h = layer.forward(&h, mask, cache)?;
+            h = layer.forward(&h, mask, cache, taps.as_deref_mut())?;
         }
         let h = self.norm.forward(&h)?;
         match &self.lm_head {

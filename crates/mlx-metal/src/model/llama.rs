@@ -21,7 +21,7 @@ use crate::ops;
 use super::config::{ModelConfig, RopeScaling};
 use super::rope::Rope;
 use super::weights::{WeightPath, Weights, model_err};
-use super::{Description, LanguageModel, attention, describe, merge_heads, split_heads};
+use super::{AttentionTaps, Description, LanguageModel, attention, describe, merge_heads, split_heads};
 
 /// `config.json` fields of `llama`, with mlx-lm's defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -228,7 +228,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
+    fn forward(
+        &self,
+        x: &Array,
+        mask: &Mask,
+        cache: &mut LayerCache,
+        mut taps: Option<&mut AttentionTaps>,
+    ) -> Result<Array> {
         let (b, l) = (x.dim(0)?, x.dim(1)?);
         let mut q = split_heads(&self.q_proj.forward(x)?, b, l, self.n_heads)?;
         let mut k = split_heads(&self.k_proj.forward(x)?, b, l, self.n_kv_heads)?;
@@ -240,6 +246,7 @@ impl Attention {
         let offset = cache.offset();
         let q = self.rope.apply(&q, offset)?;
         let k = self.rope.apply(&k, offset)?;
+        AttentionTaps::record(&mut taps, &q, &k);
         let (k, v) = cache.update_and_fetch(&k, &v)?;
         let out = attention(&q, &k, &v, self.scale, mask)?;
         self.o_proj.forward(&merge_heads(&out, b, l)?)
@@ -268,8 +275,14 @@ struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
-        let r = self.self_attn.forward(&self.input_layernorm.forward(x)?, mask, cache)?;
+    fn forward(
+        &self,
+        x: &Array,
+        mask: &Mask,
+        cache: &mut LayerCache,
+        taps: Option<&mut AttentionTaps>,
+    ) -> Result<Array> {
+        let r = self.self_attn.forward(&self.input_layernorm.forward(x)?, mask, cache, taps)?;
         let h = ops::add(x, &r)?;
         let r = self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?;
         ops::add(&h, &r)
@@ -346,7 +359,12 @@ impl Decoder {
 }
 
 impl LanguageModel for Decoder {
-    fn forward(&self, inputs: &Array, caches: &mut [LayerCache]) -> Result<Array> {
+    fn forward_tapped(
+        &self,
+        inputs: &Array,
+        caches: &mut [LayerCache],
+        mut taps: Option<&mut AttentionTaps>,
+    ) -> Result<Array> {
         super::check_caches(caches, self.layers.len())?;
         let mut h = self.embed_tokens.forward(inputs)?;
         let n = h.dim(1)?;
@@ -362,7 +380,7 @@ impl LanguageModel for Decoder {
         };
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             let mask = if layer.is_sliding { &swa_mask } else { &full_mask };
-            h = layer.forward(&h, mask, cache)?;
+            h = layer.forward(&h, mask, cache, taps.as_deref_mut())?;
         }
         let h = self.norm.forward(&h)?;
         match &self.lm_head {

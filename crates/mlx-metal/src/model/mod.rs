@@ -59,13 +59,40 @@ pub(crate) fn describe(
     }
 }
 
+/// The post-rope queries and keys of every attention layer of one forward
+/// pass, in layer order: `(queries [B, H, L, D], keys [B, H_kv, L, D])`.
+#[derive(Debug, Default)]
+pub struct AttentionTaps {
+    /// One entry per layer.
+    pub layers: Vec<(Array, Array)>,
+}
+
+impl AttentionTaps {
+    pub(crate) fn record(taps: &mut Option<&mut AttentionTaps>, q: &Array, k: &Array) {
+        if let Some(t) = taps.as_deref_mut() {
+            t.layers.push((q.clone(), k.clone()));
+        }
+    }
+}
+
 /// A causal language model: token ids in, logits out, with per-layer caches
 /// the caller owns.
 pub trait LanguageModel {
     /// Runs `inputs: [B, L]` (int32 token ids) through the model, appending to
     /// `caches` (one per layer, from [`LanguageModel::make_cache`]), and returns
     /// logits `[B, L, vocab]`.
-    fn forward(&self, inputs: &Array, caches: &mut [LayerCache]) -> Result<Array>;
+    fn forward(&self, inputs: &Array, caches: &mut [LayerCache]) -> Result<Array> {
+        self.forward_tapped(inputs, caches, None)
+    }
+
+    /// [`LanguageModel::forward`], also recording each layer's post-rope
+    /// queries and keys into `taps` when given.
+    fn forward_tapped(
+        &self,
+        inputs: &Array,
+        caches: &mut [LayerCache],
+        taps: Option<&mut AttentionTaps>,
+    ) -> Result<Array>;
 
     /// Fresh caches, one per layer (rotating ones for sliding-window layers).
     fn make_cache(&self) -> Result<Vec<LayerCache>>;
