@@ -70,10 +70,17 @@ impl Sampler {
             return Err(Error::invalid(OP, format!("top_p {} must be in [0, 1]", cfg.top_p)));
         }
         if cfg.min_tokens_to_keep < 1 {
-            return Err(Error::invalid(OP, "min_tokens_to_keep must be at least 1"));
+            return Err(Error::invalid(OP, "min_tokens_to_keep 0 must be at least 1"));
         }
         if !cfg.repetition_penalty.is_finite() || cfg.repetition_penalty < 0.0 {
-            return Err(Error::invalid(OP, format!("repetition penalty {} must be >= 0", cfg.repetition_penalty)));
+            return Err(Error::invalid(
+                OP,
+                format!("repetition_penalty {} must be a finite number >= 0", cfg.repetition_penalty),
+            ));
+        }
+        if cfg.repetition_context_size < 1 {
+            // mlx-lm would slice `tokens[-0:]` and penalise the whole history.
+            return Err(Error::invalid(OP, "repetition_context_size 0 must be at least 1"));
         }
         Ok(Sampler { cfg })
     }

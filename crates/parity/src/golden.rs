@@ -81,6 +81,9 @@ pub struct ModelGolden {
     pub sequences: Vec<Sequence>,
     /// Greedy continuations.
     pub greedy: Vec<GreedyRun>,
+    /// Seeded sampled continuations (some tiny models; empty elsewhere).
+    #[serde(default)]
+    pub sampling: Vec<SampledRun>,
     /// Chat templates rendered by the model's tokenizer (empty when it has no template).
     #[serde(default)]
     pub chat: Vec<ChatCase>,
@@ -149,6 +152,42 @@ pub struct GreedyRun {
     /// At each step, the log-probability gap between the best and the second-best token: a small
     /// margin is a near tie that another correct implementation may break the other way.
     pub margins: Vec<f32>,
+}
+
+/// A seeded continuation by mlx-lm's `generate_step`: `mx.random.seed(seed)`, then
+/// `make_sampler(temp, top_p, min_p, min_tokens_to_keep, top_k)` and
+/// `make_logits_processors(repetition_penalty, repetition_context_size)` (EOS not checked).
+#[derive(Debug, Clone, Deserialize)]
+pub struct SampledRun {
+    /// The setting's name (`temp`, `top_p`, `top_k`, `min_p`, `combined`, `greedy_penalty`, ...).
+    pub name: String,
+    /// The sequence the prompt came from.
+    pub sequence: String,
+    /// The prompt ids.
+    pub prompt: Vec<u32>,
+    /// The seed of MLX's random state.
+    pub seed: u64,
+    /// How many tokens were generated.
+    pub max_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// mlx-lm's `top_p`: 0 (its default) or 1 means off.
+    pub top_p: f32,
+    /// 0 means off.
+    pub min_p: f32,
+    /// 0 means off.
+    pub top_k: usize,
+    /// Tokens min-p always keeps.
+    pub min_tokens_to_keep: usize,
+    /// The multiplicative repetition penalty; `None` when no logits processor ran.
+    pub repetition_penalty: Option<f32>,
+    /// How many recent tokens (the prompt included) the penalty looks at.
+    pub repetition_context_size: usize,
+    /// The sampled ids.
+    pub tokens: Vec<u32>,
+    /// The log-probability of each sampled token (after the processors, before the sampler's
+    /// filters and temperature), as `generate_step` yields it.
+    pub logprobs: Vec<f32>,
 }
 
 /// A chat conversation rendered by the model's template.
@@ -304,6 +343,11 @@ impl ModelGolden {
             let n = g.tokens.len();
             if n != g.max_tokens || g.logprobs.len() != n || g.margins.len() != n {
                 return Err(invalid(path, format!("greedy run `{}`: inconsistent lengths", g.name)));
+            }
+        }
+        for r in &self.sampling {
+            if r.tokens.len() != r.max_tokens || r.logprobs.len() != r.max_tokens {
+                return Err(invalid(path, format!("sampling run `{}`: inconsistent lengths", r.name)));
             }
         }
         Ok(self)

@@ -16,8 +16,8 @@
 //! # use parity::{BoxError, Fixture, Greedy, ParityModel};
 //! # struct MyModel;
 //! # impl ParityModel for MyModel {
-//! #     fn logits(&mut self, _: &[u32]) -> Result<Vec<Vec<f32>>, BoxError> { unimplemented!() }
-//! #     fn greedy(&mut self, _: &[u32], _: usize) -> Result<Greedy, BoxError> { unimplemented!() }
+//! #     fn logits(&mut self, _: &[u32]) -> Result<Vec<Vec<f32>>, BoxError> { Ok(Vec::new()) }
+//! #     fn greedy(&mut self, _: &[u32], _: usize) -> Result<Greedy, BoxError> { Ok(Greedy::from(Vec::new())) }
 //! # }
 //! # fn load(_: &std::path::Path) -> MyModel { MyModel }
 //! for name in parity::tiny_fixture_names()? {
@@ -58,8 +58,8 @@ pub use compare::{
     compare_text, compare_top_k, row_checksums,
 };
 pub use golden::{
-    ChatCase, ChatMessage, Golden, GreedyRun, Kind, MODEL_FORMAT, ModelGolden, Quantization, RowChecksums, Sequence,
-    TOKENIZER_FORMAT, TokenizerCase, TokenizerGolden, TopK, Versions,
+    ChatCase, ChatMessage, Golden, GreedyRun, Kind, MODEL_FORMAT, ModelGolden, Quantization, RowChecksums, SampledRun,
+    Sequence, TOKENIZER_FORMAT, TokenizerCase, TokenizerGolden, TopK, Versions,
 };
 pub use locate::{
     Fixture, MODELS_PLACEHOLDER, REAL_MODEL_STAMP, REQUIRE_REAL_MODELS_ENV, TokenizerFixture, golden_dir, golden_files,
