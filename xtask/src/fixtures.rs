@@ -144,6 +144,16 @@ fn step(name: &str, f: impl FnOnce() -> Result<(), String>) -> Result<(), String
     Ok(())
 }
 
+/// The fixtures virtualenv's interpreter (with mlx-lm), for tests that drive
+/// mlx-lm themselves; `run` must have made it.
+pub(crate) fn venv_interpreter() -> Result<PathBuf, String> {
+    let root = workspace_root();
+    let req_path = root.join(REQUIREMENTS);
+    let req = fs::read(&req_path).map_err(|e| format!("could not read {}: {e}", req_path.display()))?;
+    let py = venv_python(&cache_dir()?.join(venv_name(&req)));
+    if py.is_file() { Ok(py) } else { Err(format!("{} is missing: run `cargo xtask fixtures`", py.display())) }
+}
+
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let opts = parse(args)?;
     let started = Instant::now();

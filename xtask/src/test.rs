@@ -4,7 +4,8 @@
 //! 1. `setup` (MLX into target/mlx; a no-op when present)
 //! 2. `fixtures` (models and goldens; cached)
 //! 3. `cargo test --workspace` with `MLXR_REQUIRE_REAL_MODELS=1`, so tests that
-//!    need the real models fail instead of skipping.
+//!    need the real models fail instead of skipping, and `MLXR_PYTHON` set to the
+//!    fixtures virtualenv (mlx-lm) for the mlx_lm bridge's tests.
 
 use std::process::Command;
 
@@ -18,11 +19,13 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     };
     crate::setup::run(&[])?;
     crate::fixtures::run(&[])?;
+    let python = crate::fixtures::venv_interpreter()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run_cmd(
         Command::new(cargo)
             .current_dir(workspace_root())
             .env("MLXR_REQUIRE_REAL_MODELS", "1")
+            .env("MLXR_PYTHON", &python)
             .args(["test", "--workspace"])
             .args(extra),
     )
