@@ -41,8 +41,8 @@ fn limits_are_set_and_restored() {
 #[test]
 fn active_peak_and_cache_figures() {
     let _g = serial();
-    memory::clear_cache().unwrap();
     common::settle();
+    memory::clear_cache().unwrap();
     let before = memory::stats().unwrap();
     assert_eq!(before.cache, 0);
     memory::reset_peak_memory().unwrap();

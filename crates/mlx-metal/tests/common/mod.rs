@@ -211,10 +211,11 @@ pub(crate) fn on_gpu() -> bool {
     matches!(mlx_metal::device::current(), Ok(mlx_metal::Device::Gpu))
 }
 
-/// A matmul tolerance: `cpu` on the CPU; on a GPU at least 2e-3, because
-/// float32 matmuls there may run on TF32 tensor cores (10-bit mantissa).
+/// A matmul tolerance: `cpu` on the CPU; on a GPU at least 1e-2, because
+/// float32 matmuls there may run on TF32 tensor cores (10-bit mantissa), and
+/// long sums of such products drift by a few 1e-3.
 pub(crate) fn matmul_tol(cpu: f64) -> f64 {
-    if on_gpu() { cpu.max(2e-3) } else { cpu }
+    if on_gpu() { cpu.max(1e-2) } else { cpu }
 }
 
 /// MLX's GPU backends have no float64: tests of float64 run on the CPU.
