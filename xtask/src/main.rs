@@ -4,8 +4,10 @@
 //! - `setup`: installs the pinned MLX into `target/mlx` (and cmake if missing)
 //! - `test`: setup + fixtures + the whole test suite (what CI runs)
 //! - `fixtures`: real and tiny models and mlx-lm golden outputs for the parity tests
+//! - `bench`: our engine against mlx-lm on a model directory (prefill, decode, TTFT, memory, load)
 //! - `bindgen`: regenerates `crates/mlx-metal/src/ffi/bindings.rs` from the C shim header
 
+mod bench;
 mod bindings;
 mod fixtures;
 mod setup;
@@ -36,6 +38,18 @@ commands:
         --tiny-only      skip the real models and their goldens
         --force          rebuild the real and tiny models even when their stamps match
         --check          write nothing; fail if a model or golden is missing or stale
+  bench --model DIR [--runs 3] [--warmup 1] [--prompts 128,512,2048] [--decode 256]
+        [--rounds 1] [--bandwidth GBps] [--json OUT] [--python PY] [--no-public] [--no-build]
+        our engine (crates/mlx-metal/examples/bench.rs, built in release) and mlx-lm's
+        generate_step on the same model and prompt tokens, in one run: prefill tok/s, time to
+        first token, decode tok/s (EOS ignored), peak memory, load time, the ratios ours/mlx-lm
+        and decode as a percentage of the memory-bandwidth roofline (--bandwidth, or measured);
+        the driver is xtask/bench/run_all.py, which also runs alone with a prebuilt binary;
+        models of real shapes with random weights: xtask/bench/make_model.py (docs/benchmarks.md)
+        --python PY  the Python with mlx and mlx-lm (default: MLX_PYTHON, else the fixtures'
+                     virtualenv, else python3)
+        --rounds N   repeat both sides N times, alternating which goes first
+        --no-public  skip the extra runs through the public API (engine thread and token stream)
 ";
 
 fn main() -> ExitCode {
@@ -49,6 +63,7 @@ fn main() -> ExitCode {
         "bindgen" => bindings::run(rest),
         "fixtures" => fixtures::run(rest),
         "test" => test::run(rest),
+        "bench" => bench::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
