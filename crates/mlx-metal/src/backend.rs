@@ -35,6 +35,9 @@ use crate::tokenizer::{StopMatcher, Tokenizer};
 /// The backend's registered name.
 pub const NAME: &str = "metal";
 
+/// Tokens a stream holds before the engine waits for its consumer.
+const STREAM_BUFFER: usize = 4;
+
 /// The MLX backend.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct MetalBackend;
@@ -230,7 +233,9 @@ impl MetalModel {
     fn stream(&self, ids: Vec<u32>, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
         settings.validate()?;
         self.check_prompt(&ids)?;
-        let (sink, stream) = TokenStream::channel(cancel);
+        // A short buffer: the consumer rarely falls behind, and a cancel or a
+        // dropped stream then stops generation within a few tokens.
+        let (sink, stream) = TokenStream::channel_with_capacity(cancel, STREAM_BUFFER);
         let settings = settings.clone();
         self.submit(Box::new(move |engine: &mut Engine| engine.generate_into(&ids, &settings, sink)))?;
         Ok(stream)

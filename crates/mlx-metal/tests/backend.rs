@@ -79,6 +79,12 @@ fn cancelling_after_five_tokens_stops_before_twenty() {
     cancel.cancel();
     let rest: Vec<_> = stream.by_ref().collect();
     assert!(matches!(rest.last(), Some(Err(CoreError::Cancelled))), "{rest:?}");
+    // A call that queues behind the cancelled one (and leaves the metrics
+    // alone) returns once the engine has stopped it; the cancelled call's
+    // metrics then say how far it got.
+    model.attention_inspector().unwrap().inspect_attention("x", CancelToken::new()).unwrap();
+    let stopped_after = model.metrics().generated_tokens;
+    assert!((5..20).contains(&stopped_after), "generation stopped after {stopped_after} tokens");
     // The engine is free again and the cancelled call's metrics show where it stopped.
     let next = model.generate("hello", &greedy(2), CancelToken::new()).unwrap().complete().unwrap();
     assert_eq!(next.tokens.len(), 2);
