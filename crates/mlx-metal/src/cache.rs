@@ -71,6 +71,15 @@ fn write_seq(buf: &Array, update: &Array, start: i32) -> Result<Array> {
     ops::slice_update(buf, update, &[0, 0, start, 0], &[s[0], s[1], start + len, s[3]])
 }
 
+/// The first `offset` positions of the buffers (all of them when full).
+fn written(op: &'static str, keys: &Option<Array>, values: &Option<Array>, offset: i32) -> Result<(Array, Array)> {
+    match (keys, values) {
+        (Some(k), Some(v)) if offset < k.dim(2)? => Ok((slice_seq(k, 0, offset)?, slice_seq(v, 0, offset)?)),
+        (Some(k), Some(v)) => Ok((k.clone(), v.clone())),
+        _ => Err(Error::invalid(op, "the cache is empty")),
+    }
+}
+
 fn zeros_like_steps(like: &Array, positions: i32) -> Result<Array> {
     let s = like.shape();
     ops::zeros(&[s[0], s[1], positions, s[3]], like.dtype())
@@ -142,16 +151,7 @@ impl KvCache {
 
     /// The cached keys and values, `[B, H, offset, D]`.
     pub fn keys_and_values(&self) -> Result<(Array, Array)> {
-        match (&self.keys, &self.values) {
-            (Some(k), Some(v)) => {
-                if self.offset < k.dim(2)? {
-                    Ok((slice_seq(k, 0, self.offset)?, slice_seq(v, 0, self.offset)?))
-                } else {
-                    Ok((k.clone(), v.clone()))
-                }
-            }
-            _ => Err(Error::invalid("kv_cache_fetch", "the cache is empty")),
-        }
+        written("kv_cache_fetch", &self.keys, &self.values, self.offset)
     }
 
     /// Forgets the last `n` positions (at most all of them); returns how many.
@@ -329,16 +329,7 @@ impl RotatingKvCache {
 
     /// The stored keys and values (in storage order; see [`Self::ordered`]).
     pub fn keys_and_values(&self) -> Result<(Array, Array)> {
-        match (&self.keys, &self.values) {
-            (Some(k), Some(v)) => {
-                if self.offset < k.dim(2)? {
-                    Ok((slice_seq(k, 0, self.offset)?, slice_seq(v, 0, self.offset)?))
-                } else {
-                    Ok((k.clone(), v.clone()))
-                }
-            }
-            _ => Err(Error::invalid("rotating_kv_cache_fetch", "the cache is empty")),
-        }
+        written("rotating_kv_cache_fetch", &self.keys, &self.values, self.offset)
     }
 
     /// The kept keys and values in chronological order.
