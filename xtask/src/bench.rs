@@ -15,7 +15,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::util::{fnv1a64, run as run_cmd, workspace_root};
+use crate::util::{run as run_cmd, workspace_root};
 
 /// What `cargo xtask bench` takes.
 #[derive(Debug, Default, PartialEq)]
@@ -130,21 +130,8 @@ fn target_dir(root: &Path, var: Option<PathBuf>) -> PathBuf {
     }
 }
 
-/// The fixtures' virtualenv (which has mlx and mlx-lm), when `cargo xtask fixtures` made it.
-/// Follows fixtures.rs: `<cache>/venv-<hash of xtask/fixtures/requirements.txt>`.
-fn fixtures_python(root: &Path) -> Option<PathBuf> {
-    let var = |k: &str| env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    let cache = var("MLXR_CACHE_DIR")
-        .or_else(|| var("XDG_CACHE_HOME").map(|p| p.join("mlxr")))
-        .or_else(|| var("HOME").map(|h| h.join(".cache").join("mlxr")))?;
-    let req = std::fs::read(root.join("xtask/fixtures/requirements.txt")).ok()?;
-    let venv = cache.join(format!("venv-{:012x}", fnv1a64(&req) >> 16));
-    let py = if cfg!(windows) { venv.join("Scripts").join("python.exe") } else { venv.join("bin").join("python") };
-    py.is_file().then_some(py)
-}
-
 /// `--python`, else `MLX_PYTHON`, else the fixtures' virtualenv, else `python3`.
-fn pick_python(o: &Options, root: &Path) -> String {
+fn pick_python(o: &Options) -> String {
     if let Some(p) = &o.python {
         return p.clone();
     }
@@ -153,7 +140,7 @@ fn pick_python(o: &Options, root: &Path) -> String {
     {
         return p;
     }
-    fixtures_python(root).map(|p| p.display().to_string()).unwrap_or_else(|| "python3".into())
+    crate::fixtures::venv_interpreter().map(|p| p.display().to_string()).unwrap_or_else(|_| "python3".into())
 }
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
@@ -184,7 +171,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     if !bin.is_file() {
         return Err(format!("bench: {} is missing (run without --no-build)", bin.display()));
     }
-    let python = pick_python(&o, &root);
+    let python = pick_python(&o);
     let mut cmd = Command::new(&python);
     cmd.current_dir(&root)
         .arg(root.join("xtask/bench/run_all.py"))
