@@ -94,6 +94,73 @@ pub trait TextModel: Send + Sync {
     fn trainer(&self) -> Option<&dyn TrainableModel> {
         None
     }
+
+    /// Starts a [`ChatSession`]: a conversation that keeps the model's state between turns, so
+    /// each turn prefills only what is new.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] when the backend has no sessions (the default), [`Error::Closed`].
+    fn new_session(&self) -> Result<Box<dyn ChatSession>> {
+        Err(Error::unsupported("(this model's backend)", "chat sessions"))
+    }
+}
+
+/// A conversation that keeps its KV cache across turns.
+///
+/// Each call takes the **whole** conversation (or the whole raw text) so far. The session
+/// compares its tokens with the tokens it has already processed, keeps the longest common
+/// prefix, and prefills only the rest; when the history diverges (an edited message, a new
+/// system prompt) it falls back to the common prefix, and when nothing can be kept it starts
+/// again. The reply is as if the conversation were run fresh: the same tokens, greedy or
+/// seeded. The stream's [`GenerateMetrics`] say how many prompt tokens came from the cache
+/// ([`cached_prompt_tokens`](GenerateMetrics::cached_prompt_tokens)) and how many were new.
+///
+/// Turns run one after another; a turn started while another is still streaming waits for it.
+pub trait ChatSession: Send {
+    /// Generates the assistant's reply to `messages`, rendered with the model's chat template.
+    ///
+    /// # Errors
+    ///
+    /// As [`TextModel::chat`].
+    fn chat(&mut self, messages: &[Message], settings: &GenerateSettings, cancel: CancelToken) -> Result<TokenStream>;
+
+    /// Generates a continuation of `prompt` (the whole text so far, no chat template).
+    ///
+    /// # Errors
+    ///
+    /// As [`TextModel::generate`].
+    fn generate(&mut self, prompt: &str, settings: &GenerateSettings, cancel: CancelToken) -> Result<TokenStream>;
+
+    /// How many tokens the session's cache holds now (after any running turn).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] or a backend failure.
+    fn cached_tokens(&self) -> Result<usize>;
+
+    /// Forgets everything: the next turn prefills from the start.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] or a backend failure.
+    fn reset(&mut self) -> Result<()>;
+
+    /// Saves the session's cache and tokens to `path` (one safetensors file), replacing it
+    /// atomically.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when writing fails, or a backend failure.
+    fn save(&self, path: &Path) -> Result<()>;
+
+    /// Replaces the session's state with one saved by [`save`](Self::save).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when reading fails, [`Error::InvalidModel`] when the file is not a session
+    /// or was saved from a different model; the session is unchanged then.
+    fn load(&mut self, path: &Path) -> Result<()>;
 }
 
 /// Optional capability: capture the attention keys (and queries) of a prompt.

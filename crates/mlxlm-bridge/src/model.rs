@@ -352,6 +352,11 @@ impl TextModel for BridgeModel {
     fn attention_inspector(&self) -> Option<&dyn AttentionInspector> {
         Some(self)
     }
+
+    /// mlx-lm's prompt cache lives in the subprocess; the bridge does not expose sessions yet.
+    fn new_session(&self) -> Result<Box<dyn inference_core::ChatSession>> {
+        Err(Error::unsupported(BACKEND_NAME, "chat sessions"))
+    }
 }
 
 impl AttentionInspector for BridgeModel {
