@@ -9,19 +9,23 @@
 //! token, stops generation before the next token. Calls on one model run one
 //! after another; different models run in parallel on their own threads.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use inference_core::{
-    AttentionInspector, AttentionSnapshot, Backend, BatchResult, CancelToken, ClassifyResult, Error as CoreError,
-    GenerateMetrics, GenerateSettings, LoadSettings, LogitsMode, Message, ModelInfo, Result as CoreResult, TextModel,
-    Token, TokenSink, TokenStream,
+    AttentionInspector, AttentionSnapshot, Backend, BatchResult, CancelToken, ChatSession, ClassifyResult,
+    Error as CoreError, GenerateMetrics, GenerateSettings, LoadSettings, LogitsMode, Message, ModelInfo,
+    Result as CoreResult, TextModel, Token, TokenSink, TokenStream,
 };
 
 use crate::array::Array;
+use crate::batch;
 use crate::cache::LayerCache;
 use crate::chat::ChatTemplate;
 use crate::device::{Device, DeviceScope};
@@ -30,13 +34,18 @@ use crate::generate::{self, GenerationStats, LoopOptions, Step};
 use crate::model::{self, Description, LoadedModel};
 use crate::ops;
 use crate::sample::{Sampler, SamplerConfig};
-use crate::tokenizer::{StopMatcher, Tokenizer};
+use crate::session::{Fingerprint, SessionCache};
+use crate::tokenizer::{StopMatcher, StreamDecoder, Tokenizer};
 
 /// The backend's registered name.
 pub const NAME: &str = "metal";
 
 /// Tokens a stream holds before the engine waits for its consumer.
 const STREAM_BUFFER: usize = 4;
+
+/// Most rows run together in one batch; longer batches run in groups of
+/// prompts of similar length.
+pub const MAX_BATCH: usize = 16;
 
 /// The MLX backend.
 #[derive(Debug, Default, Clone, Copy)]
@@ -75,9 +84,51 @@ pub(crate) fn core_err(e: Error) -> CoreError {
 
 type Job = Box<dyn FnOnce(&mut Engine) + Send>;
 
+/// The way to a model's engine thread, shared by the model and its sessions.
+type Jobs = Arc<Mutex<Option<mpsc::Sender<Job>>>>;
+
+/// Runs `job` on the engine thread.
+fn submit(jobs: &Jobs, job: Job) -> CoreResult<()> {
+    let guard = lock(jobs);
+    let tx = guard.as_ref().ok_or(CoreError::Closed)?;
+    tx.send(job).map_err(|_| CoreError::backend(NAME, "the engine thread has stopped"))
+}
+
+/// Runs `f` on the engine thread and waits for its answer.
+fn call<T: Send + 'static>(
+    jobs: &Jobs,
+    f: impl FnOnce(&mut Engine) -> CoreResult<T> + Send + 'static,
+) -> CoreResult<T> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    submit(
+        jobs,
+        Box::new(move |e| {
+            let _ = tx.send(f(e));
+        }),
+    )?;
+    rx.recv().map_err(|_| CoreError::backend(NAME, "the engine thread stopped during the call"))?
+}
+
+/// Rejects an empty prompt or one longer than the context.
+fn check_prompt(ids: &[u32], limit: Option<usize>) -> CoreResult<()> {
+    if ids.is_empty() {
+        return Err(CoreError::EmptyPrompt);
+    }
+    if let Some(limit) = limit
+        && ids.len() > limit
+    {
+        return Err(CoreError::invalid_setting(
+            "prompt",
+            format!("{} tokens", ids.len()),
+            format!("longer than the context length of {limit} tokens"),
+        ));
+    }
+    Ok(())
+}
+
 /// A model loaded on its engine thread.
 pub struct MetalModel {
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    jobs: Jobs,
     thread: Mutex<Option<JoinHandle<()>>>,
     tokenizer: Tokenizer,
     template: ChatTemplate,
@@ -98,6 +149,8 @@ pub(crate) struct Engine {
     tokenizer: Tokenizer,
     metrics: Arc<Mutex<GenerateMetrics>>,
     context_length: Option<usize>,
+    fingerprint: Fingerprint,
+    sessions: HashMap<u64, SessionCache>,
 }
 
 impl MetalModel {
@@ -145,9 +198,18 @@ impl MetalModel {
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok(loaded.model.description().clone()));
-                let mut engine =
-                    Engine { loaded, tokenizer: engine_tokenizer, metrics: engine_metrics, context_length };
+                let desc = loaded.model.description().clone();
+                let config_json = std::fs::read(loaded.dir.join("config.json")).unwrap_or_default();
+                let fingerprint = Fingerprint::new(&desc, &config_json);
+                let _ = ready_tx.send(Ok(desc));
+                let mut engine = Engine {
+                    loaded,
+                    tokenizer: engine_tokenizer,
+                    metrics: engine_metrics,
+                    context_length,
+                    fingerprint,
+                    sessions: HashMap::new(),
+                };
                 while let Ok(job) = job_rx.recv() {
                     job(&mut engine);
                 }
@@ -167,7 +229,7 @@ impl MetalModel {
         let template = ChatTemplate::for_model(&tokenizer, &desc.architecture).map_err(core_err)?;
         let info = ModelInfo { context_length: settings.context_length.or(desc.context_length), ..desc.clone() };
         Ok(MetalModel {
-            jobs: Mutex::new(Some(job_tx)),
+            jobs: Arc::new(Mutex::new(Some(job_tx))),
             thread: Mutex::new(Some(thread)),
             tokenizer,
             template,
@@ -194,40 +256,56 @@ impl MetalModel {
         &self.template
     }
 
-    /// Runs `job` on the engine thread.
-    pub(crate) fn submit(&self, job: Job) -> CoreResult<()> {
-        let guard = lock(&self.jobs);
-        let tx = guard.as_ref().ok_or(CoreError::Closed)?;
-        tx.send(job).map_err(|_| CoreError::backend(NAME, "the engine thread has stopped"))
-    }
-
     /// Runs `f` on the engine thread and waits for its answer.
     pub(crate) fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Engine) -> CoreResult<T> + Send + 'static,
     ) -> CoreResult<T> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.submit(Box::new(move |e| {
-            let _ = tx.send(f(e));
-        }))?;
-        rx.recv().map_err(|_| CoreError::backend(NAME, "the engine thread stopped during the call"))?
+        call(&self.jobs, f)
+    }
+
+    fn limit(&self) -> Option<usize> {
+        self.context_length.or(self.desc.context_length)
     }
 
     fn check_prompt(&self, ids: &[u32]) -> CoreResult<()> {
-        if ids.is_empty() {
-            return Err(CoreError::EmptyPrompt);
+        check_prompt(ids, self.limit())
+    }
+
+    /// Encodes a batch: an error for an empty batch, and per prompt its ids
+    /// or why it cannot run.
+    fn encode_batch(&self, prompts: &[&str]) -> CoreResult<Vec<CoreResult<Vec<u32>>>> {
+        if prompts.is_empty() {
+            return Err(CoreError::invalid_setting("prompts", "[]", "the batch has no prompts"));
         }
-        let limit = self.context_length.or(self.desc.context_length);
-        if let Some(limit) = limit
-            && ids.len() > limit
-        {
-            return Err(CoreError::invalid_setting(
-                "prompt",
-                format!("{} tokens", ids.len()),
-                format!("longer than the context length of {limit} tokens"),
-            ));
+        Ok(prompts
+            .iter()
+            .map(|p| {
+                if p.is_empty() {
+                    return Err(CoreError::EmptyPrompt);
+                }
+                let ids = self.tokenizer.encode_prompt(p).map_err(core_err)?;
+                self.check_prompt(&ids)?;
+                Ok(ids)
+            })
+            .collect())
+    }
+
+    /// Starts a chat session (see [`ChatSession`]); the concrete type, for
+    /// callers that use mlx-metal directly.
+    pub fn session(&self) -> CoreResult<MetalSession> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        if lock(&self.jobs).is_none() {
+            return Err(CoreError::Closed);
         }
-        Ok(())
+        Ok(MetalSession {
+            id,
+            jobs: Arc::clone(&self.jobs),
+            tokenizer: self.tokenizer.clone(),
+            template: self.template.clone(),
+            limit: self.limit(),
+        })
     }
 
     fn stream(&self, ids: Vec<u32>, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
@@ -237,7 +315,7 @@ impl MetalModel {
         // dropped stream then stops generation within a few tokens.
         let (sink, stream) = TokenStream::channel_with_capacity(cancel, STREAM_BUFFER);
         let settings = settings.clone();
-        self.submit(Box::new(move |engine: &mut Engine| engine.generate_into(&ids, &settings, sink)))?;
+        submit(&self.jobs, Box::new(move |engine: &mut Engine| engine.generate_into(&ids, &settings, sink)))?;
         Ok(stream)
     }
 }
@@ -272,19 +350,17 @@ impl TextModel for MetalModel {
         cancel: CancelToken,
     ) -> CoreResult<Vec<ClassifyResult>> {
         settings.validate()?;
-        let mut encoded = Vec::with_capacity(prompts.len());
-        for p in prompts {
-            if p.is_empty() {
-                return Err(CoreError::EmptyPrompt);
-            }
-            let ids = self.tokenizer.encode_prompt(p).map_err(core_err)?;
-            self.check_prompt(&ids)?;
-            encoded.push(ids);
-        }
+        let encoded = self.encode_batch(prompts)?;
+        let encoded = encoded.into_iter().collect::<CoreResult<Vec<_>>>()?;
         let settings = settings.clone();
         self.call(move |e| e.classify(&encoded, &settings, &cancel))
     }
 
+    /// Runs the prompts as left-padded batches (at most [`MAX_BATCH`] rows,
+    /// grouped by length); each row's tokens equal a run of its prompt alone
+    /// (greedy; sampled rows share one random stream). An empty or
+    /// over-long prompt fails in its own result; a cancel ends every
+    /// unfinished row with [`CoreError::Cancelled`], keeping its tokens.
     fn batch_generate(
         &self,
         prompts: &[&str],
@@ -292,15 +368,9 @@ impl TextModel for MetalModel {
         cancel: CancelToken,
     ) -> CoreResult<Vec<BatchResult>> {
         settings.validate()?;
-        let mut results = Vec::with_capacity(prompts.len());
-        for p in prompts {
-            let stream = self.generate(p, settings, cancel.clone());
-            results.push(match stream {
-                Ok(s) => s.into_batch_result(),
-                Err(e) => BatchResult { tokens: Vec::new(), error: Some(e) },
-            });
-        }
-        Ok(results)
+        let encoded = self.encode_batch(prompts)?;
+        let settings = settings.clone();
+        self.call(move |e| Ok(e.batch_generate(encoded, &settings, &cancel)))
     }
 
     fn info(&self) -> ModelInfo {
@@ -317,6 +387,10 @@ impl TextModel for MetalModel {
 
     fn attention_inspector(&self) -> Option<&dyn AttentionInspector> {
         Some(self)
+    }
+
+    fn new_session(&self) -> CoreResult<Box<dyn ChatSession>> {
+        Ok(Box::new(self.session()?))
     }
 
     fn close(&self) -> CoreResult<()> {
@@ -398,17 +472,86 @@ fn with_scores(mut token: Token, step: &Step<'_>, mode: LogitsMode) -> Result<To
     Ok(token)
 }
 
+/// Turns a model's tokens into the tokens a caller sees: stops at EOS and
+/// stop tokens, decodes text as it becomes complete, cuts at stop strings
+/// and attaches the requested scores.
+struct TextOut<'a> {
+    settings: &'a GenerateSettings,
+    tokenizer: &'a Tokenizer,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    held: Option<Token>,
+}
+
+impl<'a> TextOut<'a> {
+    fn new(tokenizer: &'a Tokenizer, settings: &'a GenerateSettings) -> Self {
+        TextOut {
+            settings,
+            tokenizer,
+            decoder: tokenizer.stream_decoder(true),
+            stops: StopMatcher::new(settings.stop_strings.iter().cloned()),
+            held: None,
+        }
+    }
+
+    /// Handles one step; `send` delivers a token and says whether the
+    /// consumer is still there.
+    fn push(&mut self, step: &Step<'_>, send: &mut impl FnMut(Token) -> bool) -> Result<ControlFlow<()>, Error> {
+        let id = step.id;
+        if self.settings.stop_tokens.contains(&id) || (!self.settings.ignore_eos && self.tokenizer.is_eos(id)) {
+            return Ok(ControlFlow::Break(()));
+        }
+        let piece = self.decoder.push(id)?;
+        let chunk = self.stops.push(&piece);
+        let token = with_scores(Token::new(id, chunk.text), step, self.settings.logits)?;
+        // A token whose text may still grow (held stop-string prefix or an
+        // unfinished character) waits until the next token or the end.
+        if let Some(prev) = self.held.take()
+            && !send(prev)
+        {
+            return Ok(ControlFlow::Break(()));
+        }
+        if chunk.stopped {
+            self.held = Some(token);
+            return Ok(ControlFlow::Break(()));
+        }
+        if !self.settings.stop_strings.is_empty() || self.stops.has_pending() || self.decoder.has_pending() {
+            self.held = Some(token);
+        } else if !send(token) {
+            return Ok(ControlFlow::Break(()));
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Delivers the held token with the rest of the text.
+    fn finish(mut self, send: &mut impl FnMut(Token) -> bool) -> Result<(), Error> {
+        if let Some(mut last) = self.held.take() {
+            if !self.stops.is_stopped() {
+                let tail = self.decoder.finish()?;
+                let chunk = self.stops.push(&tail);
+                last.text.push_str(&chunk.text);
+                if !chunk.stopped {
+                    last.text.push_str(&self.stops.finish());
+                }
+            }
+            send(last);
+        }
+        Ok(())
+    }
+}
+
 impl Engine {
-    fn max_tokens(&self, prompt_len: usize, settings: &GenerateSettings) -> usize {
+    /// The most tokens to generate after `context` tokens of prompt.
+    fn max_tokens(&self, context: usize, settings: &GenerateSettings) -> usize {
         match self.context_length {
-            Some(ctx) => settings.max_tokens.min(ctx.saturating_sub(prompt_len)),
+            Some(ctx) => settings.max_tokens.min(ctx.saturating_sub(context)),
             None => settings.max_tokens,
         }
     }
 
     /// Generates into a token stream (on the engine thread).
     fn generate_into(&mut self, ids: &[u32], settings: &GenerateSettings, sink: TokenSink) {
-        let result = self.run_generation(ids, settings, &sink, None);
+        let result = self.run_generation(ids, 0, settings, &sink, None);
         match result {
             Ok(stats) => {
                 let m = metrics_from(&stats);
@@ -420,10 +563,12 @@ impl Engine {
     }
 
     /// The generation itself: the loop plus EOS, stop tokens, stop strings,
-    /// streaming text and the requested scores.
+    /// streaming text and the requested scores. `prior` tokens are already
+    /// in `caches` (a session); `ids` are the new ones.
     pub(crate) fn run_generation(
         &mut self,
         ids: &[u32],
+        prior: usize,
         settings: &GenerateSettings,
         sink: &TokenSink,
         caches: Option<&mut Vec<LayerCache>>,
@@ -440,52 +585,59 @@ impl Engine {
                 &mut own_caches
             }
         };
-        let opts = LoopOptions { max_tokens: self.max_tokens(ids.len(), settings), ..LoopOptions::default() };
+        let opts = LoopOptions { max_tokens: self.max_tokens(prior + ids.len(), settings), ..LoopOptions::default() };
         let tokenizer = self.tokenizer.clone();
-        let mut decoder = tokenizer.stream_decoder(true);
-        let mut stops = StopMatcher::new(settings.stop_strings.iter().cloned());
-        let hold_for_stops = !settings.stop_strings.is_empty();
-        let mut held: Option<Token> = None;
+        let mut out = TextOut::new(&tokenizer, settings);
+        let mut send = |t: Token| sink.send(t).is_ok();
         let cancelled = || sink.is_cancelled();
         let model = self.loaded.model.as_ref();
-        let stats = generate::generate(model, caches, ids, &sampler, &opts, &cancelled, |step| {
-            let id = step.id;
-            if settings.stop_tokens.contains(&id) || (!settings.ignore_eos && tokenizer.is_eos(id)) {
-                return Ok(ControlFlow::Break(()));
-            }
-            let piece = decoder.push(id)?;
-            let chunk = stops.push(&piece);
-            let token = with_scores(Token::new(id, chunk.text), &step, settings.logits)?;
-            // A token whose text may still grow (held stop-string prefix or an
-            // unfinished character) waits until the next token or the end.
-            if let Some(prev) = held.take()
-                && sink.send(prev).is_err()
-            {
-                return Ok(ControlFlow::Break(()));
-            }
-            if chunk.stopped {
-                held = Some(token);
-                return Ok(ControlFlow::Break(()));
-            }
-            if hold_for_stops || stops.has_pending() || decoder.has_pending() {
-                held = Some(token);
-            } else if sink.send(token).is_err() {
-                return Ok(ControlFlow::Break(()));
-            }
-            Ok(ControlFlow::Continue(()))
-        })?;
-        if let Some(mut last) = held.take() {
-            if !stops.is_stopped() {
-                let tail = decoder.finish()?;
-                let chunk = stops.push(&tail);
-                last.text.push_str(&chunk.text);
-                if !chunk.stopped {
-                    last.text.push_str(&stops.finish());
-                }
-            }
-            let _ = sink.send(last);
-        }
+        let stats =
+            generate::generate(model, caches, ids, &sampler, &opts, &cancelled, |step| out.push(&step, &mut send))?;
+        out.finish(&mut send)?;
         Ok(stats)
+    }
+
+    /// One turn of session `id` over the whole token sequence `ids`.
+    fn session_turn(&mut self, id: u64, ids: &[u32], settings: &GenerateSettings, sink: TokenSink) {
+        let mut state = match self.sessions.remove(&id) {
+            Some(s) => s,
+            None => match SessionCache::new(self.loaded.model.as_ref()) {
+                Ok(s) => s,
+                Err(e) => return sink.fail(core_err(e)),
+            },
+        };
+        let result = (|| {
+            let cached = state.prepare(self.loaded.model.as_ref(), ids)?;
+            let stats = self.run_generation(&ids[cached..], cached, settings, &sink, Some(state.caches_mut()))?;
+            state.record(self.loaded.model.as_ref(), ids, &stats.fed)?;
+            Ok::<_, Error>((cached, stats))
+        })();
+        match result {
+            Ok((cached, stats)) => {
+                self.sessions.insert(id, state);
+                let mut m = metrics_from(&stats);
+                m.prompt_tokens = ids.len();
+                m.cached_prompt_tokens = cached;
+                m.compute_rates();
+                *lock(&self.metrics) = m;
+                sink.finish(m);
+            }
+            Err(e) => {
+                // The caches may be half-updated: the session starts again.
+                if state.reset(self.loaded.model.as_ref()).is_ok() {
+                    self.sessions.insert(id, state);
+                }
+                sink.fail(core_err(e));
+            }
+        }
+    }
+
+    fn session_cache(&mut self, id: u64) -> Result<&mut SessionCache, Error> {
+        if !self.sessions.contains_key(&id) {
+            let fresh = SessionCache::new(self.loaded.model.as_ref())?;
+            self.sessions.insert(id, fresh);
+        }
+        self.sessions.get_mut(&id).ok_or_else(|| Error::invalid("session", "the session vanished"))
     }
 
     fn inspect(&mut self, ids: &[u32], architecture: String) -> Result<AttentionSnapshot, Error> {
@@ -510,6 +662,8 @@ impl Engine {
         Ok(snap)
     }
 
+    /// Classifies in left-padded batches: one prefill, one sample at each
+    /// prompt's last token.
     fn classify(
         &mut self,
         prompts: &[Vec<u32>],
@@ -520,15 +674,20 @@ impl Engine {
         if let Some(seed) = settings.seed {
             Sampler::seed(seed).map_err(core_err)?;
         }
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         crate::memory::reset_peak_memory().map_err(core_err)?;
-        let mut out = Vec::with_capacity(prompts.len());
-        for ids in prompts {
-            if cancel.is_cancelled() {
-                return Err(CoreError::Cancelled);
+        let mut out: Vec<Option<ClassifyResult>> = (0..prompts.len()).map(|_| None).collect();
+        let cancelled = || cancel.is_cancelled();
+        for group in groups(prompts.iter().map(Vec::len)) {
+            cancel.check()?;
+            let rows: Vec<&[u32]> = group.iter().map(|&i| prompts[i].as_slice()).collect();
+            let model = self.loaded.model.as_ref();
+            let pre = batch::prefill(model, &rows, generate::PREFILL_STEP, &cancelled).map_err(core_err)?;
+            let Some(pre) = pre else { return Err(CoreError::Cancelled) };
+            let results = self.classify_rows(&pre.logits, &sampler, settings.logits).map_err(core_err)?;
+            for (&i, r) in group.iter().zip(results) {
+                out[i] = Some(r);
             }
-            let r = self.classify_one(ids, &sampler, settings.logits).map_err(core_err)?;
-            out.push(r);
         }
         let elapsed = start.elapsed();
         let mut m = GenerateMetrics {
@@ -542,24 +701,228 @@ impl Engine {
         };
         m.compute_rates();
         *lock(&self.metrics) = m;
+        out.into_iter().map(|r| r.ok_or_else(|| CoreError::backend(NAME, "a prompt was not classified"))).collect()
+    }
+
+    fn classify_rows(&self, logits: &Array, sampler: &Sampler, mode: LogitsMode) -> Result<Vec<ClassifyResult>, Error> {
+        let logprobs = Sampler::logprobs(logits)?;
+        let ids = sampler.sample(&logprobs)?;
+        let ids = ops::astype(&ids, crate::array::Dtype::Int32)?.to_vec::<i32>()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (row, &id) in ids.iter().enumerate() {
+            let id = u32::try_from(id).map_err(|_| Error::invalid("classify", format!("negative token id {id}")))?;
+            let r = row as i32;
+            let lp_row = ops::squeeze(&ops::slice_axis(&logprobs, 0, r, r + 1)?, &[0])?;
+            let logits_row = ops::squeeze(&ops::slice_axis(logits, 0, r, r + 1)?, &[0])?;
+            let text = self.tokenizer.decode(&[id], true)?;
+            let token = with_scores(Token::new(id, text), &Step { id, logprobs: &lp_row, logits: &logits_row }, mode)?;
+            let logits = token.logits.clone();
+            out.push(ClassifyResult { token, logits });
+        }
         Ok(out)
     }
 
-    fn classify_one(&mut self, ids: &[u32], sampler: &Sampler, mode: LogitsMode) -> Result<ClassifyResult, Error> {
-        let model = self.loaded.model.as_ref();
-        let mut caches = model.make_cache()?;
-        let x: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
-        let x = Array::from_slice(&x, &[1, x.len() as i32])?;
-        let logits = model.forward(&x, &mut caches)?;
-        let len = logits.dim(1)?;
-        let last = ops::squeeze(&ops::slice_axis(&logits, 1, len - 1, len)?, &[1])?;
-        let logprobs = Sampler::logprobs(&last)?;
-        let id = generate::token_id(&sampler.sample(&logprobs)?)?;
-        let text = self.tokenizer.decode(&[id], true)?;
-        let lp_row = ops::squeeze(&logprobs, &[0])?;
-        let logits_row = ops::squeeze(&last, &[0])?;
-        let token = with_scores(Token::new(id, text), &Step { id, logprobs: &lp_row, logits: &logits_row }, mode)?;
-        let logits = token.logits.clone();
-        Ok(ClassifyResult { token, logits })
+    /// Generates for every prompt that encoded, in length-sorted groups.
+    fn batch_generate(
+        &mut self,
+        prompts: Vec<CoreResult<Vec<u32>>>,
+        settings: &GenerateSettings,
+        cancel: &CancelToken,
+    ) -> Vec<BatchResult> {
+        let mut results: Vec<BatchResult> =
+            prompts.iter().map(|_| BatchResult { tokens: Vec::new(), error: None }).collect();
+        let mut runnable = Vec::new();
+        for (i, p) in prompts.into_iter().enumerate() {
+            match p {
+                Ok(ids) => runnable.push((i, ids)),
+                Err(e) => results[i].error = Some(e),
+            }
+        }
+        let start = Instant::now();
+        let _ = crate::memory::reset_peak_memory();
+        let mut total = batch::BatchStats::default();
+        let sampler = match sampler_for(settings) {
+            Ok(s) => s,
+            Err(e) => return fail_all(results, &runnable, &core_err(e)),
+        };
+        if let Some(seed) = settings.seed
+            && let Err(e) = Sampler::seed(seed)
+        {
+            return fail_all(results, &runnable, &core_err(e));
+        }
+        let tokenizer = self.tokenizer.clone();
+        for group in groups(runnable.iter().map(|(_, ids)| ids.len())) {
+            let rows: Vec<&[u32]> = group.iter().map(|&g| runnable[g].1.as_slice()).collect();
+            let limits: Vec<usize> = rows.iter().map(|r| self.max_tokens(r.len(), settings)).collect();
+            let mut outs: Vec<TextOut<'_>> = rows.iter().map(|_| TextOut::new(&tokenizer, settings)).collect();
+            let mut collected: Vec<Vec<Token>> = vec![Vec::new(); rows.len()];
+            let cancelled = || cancel.is_cancelled();
+            let model = self.loaded.model.as_ref();
+            let run =
+                batch::generate(model, &rows, &sampler, &limits, generate::PREFILL_STEP, &cancelled, |r, step| {
+                    let sink = &mut collected[r];
+                    outs[r].push(&step, &mut |t| {
+                        sink.push(t);
+                        true
+                    })
+                });
+            let stats = match run {
+                Ok(s) => s,
+                Err(e) => {
+                    let e = core_err(e);
+                    let members: Vec<(usize, Vec<u32>)> = group.iter().map(|&g| (runnable[g].0, Vec::new())).collect();
+                    results = fail_all(results, &members, &e);
+                    continue;
+                }
+            };
+            for ((out, mut tokens), &g) in outs.into_iter().zip(collected).zip(&group) {
+                let i = runnable[g].0;
+                let finished = out.finish(&mut |t| {
+                    tokens.push(t);
+                    true
+                });
+                results[i].tokens = tokens;
+                if let Err(e) = finished {
+                    results[i].error = Some(core_err(e));
+                } else if stats.cancelled {
+                    results[i].error = Some(CoreError::Cancelled);
+                }
+            }
+            total.rows += stats.rows;
+            total.prompt_tokens += stats.prompt_tokens;
+            total.generated_tokens += stats.generated_tokens;
+            total.prefill += stats.prefill;
+            total.decode += stats.decode;
+        }
+        let mut m = GenerateMetrics {
+            prompt_tokens: total.prompt_tokens,
+            generated_tokens: total.generated_tokens,
+            prefill_duration: total.prefill,
+            decode_duration: total.decode,
+            total_duration: start.elapsed(),
+            peak_memory_bytes: crate::memory::peak_memory().unwrap_or(0) as u64,
+            active_memory_bytes: crate::memory::active_memory().unwrap_or(0) as u64,
+            ..GenerateMetrics::default()
+        };
+        m.compute_rates();
+        *lock(&self.metrics) = m;
+        results
+    }
+}
+
+/// Sets `error` on the results of `members` (index, prompt) that have none.
+fn fail_all(mut results: Vec<BatchResult>, members: &[(usize, Vec<u32>)], error: &CoreError) -> Vec<BatchResult> {
+    for (i, _) in members {
+        if results[*i].error.is_none() {
+            results[*i].error = Some(CoreError::backend(NAME, error.to_string()));
+        }
+    }
+    results
+}
+
+/// Indices of `lengths` grouped for batching: sorted by length, at most
+/// [`MAX_BATCH`] per group.
+fn groups(lengths: impl Iterator<Item = usize>) -> Vec<Vec<usize>> {
+    let mut order: Vec<(usize, usize)> = lengths.enumerate().map(|(i, l)| (l, i)).collect();
+    order.sort_unstable();
+    order.chunks(MAX_BATCH).map(|c| c.iter().map(|&(_, i)| i).collect()).collect()
+}
+
+/// A chat session on a [`MetalModel`]: its KV cache lives on the model's
+/// engine thread and is dropped with the session.
+pub struct MetalSession {
+    id: u64,
+    jobs: Jobs,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    limit: Option<usize>,
+}
+
+impl MetalSession {
+    fn turn(&mut self, ids: Vec<u32>, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
+        settings.validate()?;
+        check_prompt(&ids, self.limit)?;
+        let (sink, stream) = TokenStream::channel_with_capacity(cancel, STREAM_BUFFER);
+        let settings = settings.clone();
+        let id = self.id;
+        submit(&self.jobs, Box::new(move |e: &mut Engine| e.session_turn(id, &ids, &settings, sink)))?;
+        Ok(stream)
+    }
+}
+
+fn session_file_err(path: &Path, e: Error) -> CoreError {
+    match e {
+        Error::Io { source, .. } => CoreError::Io { path: path.to_path_buf(), source },
+        Error::Model { message, .. } | Error::Format { message, .. } => CoreError::invalid_model(path, message),
+        other => core_err(other),
+    }
+}
+
+impl ChatSession for MetalSession {
+    fn chat(
+        &mut self,
+        messages: &[Message],
+        settings: &GenerateSettings,
+        cancel: CancelToken,
+    ) -> CoreResult<TokenStream> {
+        if messages.is_empty() {
+            return Err(CoreError::EmptyPrompt);
+        }
+        let ids = self.template.render_and_encode(&self.tokenizer, messages).map_err(core_err)?;
+        self.turn(ids, settings, cancel)
+    }
+
+    fn generate(&mut self, prompt: &str, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
+        if prompt.is_empty() {
+            return Err(CoreError::EmptyPrompt);
+        }
+        let ids = self.tokenizer.encode_prompt(prompt).map_err(core_err)?;
+        self.turn(ids, settings, cancel)
+    }
+
+    fn cached_tokens(&self) -> CoreResult<usize> {
+        let id = self.id;
+        call(&self.jobs, move |e| Ok(e.sessions.get(&id).map_or(0, |s| s.tokens().len())))
+    }
+
+    fn reset(&mut self) -> CoreResult<()> {
+        let id = self.id;
+        call(&self.jobs, move |e| {
+            e.sessions.remove(&id);
+            Ok(())
+        })
+    }
+
+    fn save(&self, path: &Path) -> CoreResult<()> {
+        let id = self.id;
+        let path: PathBuf = path.to_path_buf();
+        call(&self.jobs, move |e| {
+            let fingerprint = e.fingerprint.clone();
+            let state = e.session_cache(id).map_err(core_err)?;
+            state.save(&path, &fingerprint).map_err(|err| session_file_err(&path, err))
+        })
+    }
+
+    fn load(&mut self, path: &Path) -> CoreResult<()> {
+        let id = self.id;
+        let path: PathBuf = path.to_path_buf();
+        call(&self.jobs, move |e| {
+            let state = SessionCache::load(&path, e.loaded.model.as_ref(), &e.fingerprint)
+                .map_err(|err| session_file_err(&path, err))?;
+            e.sessions.insert(id, state);
+            Ok(())
+        })
+    }
+}
+
+impl Drop for MetalSession {
+    fn drop(&mut self) {
+        let id = self.id;
+        let _ = submit(
+            &self.jobs,
+            Box::new(move |e: &mut Engine| {
+                e.sessions.remove(&id);
+            }),
+        );
     }
 }

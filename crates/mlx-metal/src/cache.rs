@@ -39,6 +39,16 @@ impl Mask {
     }
 }
 
+/// Where the positions of a forward pass's new tokens start: one offset for
+/// every row, or one per row (a left-padded batch).
+#[derive(Debug, Clone)]
+pub enum Offset {
+    /// The same offset for every row.
+    Fixed(i32),
+    /// An int32 `[B]` array, one offset per row.
+    PerRow(Array),
+}
+
 /// A boolean causal mask `[n, offset + n]` for `n` new queries after `offset`
 /// cached positions; with `window`, each query sees at most `window` keys.
 pub fn causal_mask(n: i32, offset: i32, window: Option<i32>) -> Result<Array> {
@@ -161,6 +171,28 @@ impl KvCache {
         n
     }
 
+    /// A cache holding `keys`/`values` (`[B, H, L, D]`), all `L` positions written.
+    pub fn from_state(keys: Array, values: Array) -> Result<Self> {
+        let offset = seq_len("kv_cache_restore", &keys)?;
+        if keys.shape()[..3] != values.shape()[..3] {
+            return Err(Error::invalid(
+                "kv_cache_restore",
+                format!("keys {:?} and values {:?} disagree", keys.shape(), values.shape()),
+            ));
+        }
+        Ok(KvCache { keys: Some(keys), values: Some(values), offset })
+    }
+
+    /// Replaces both buffers with `f(buffer)`.
+    fn select(&mut self, f: impl Fn(&Array) -> Result<Array>) -> Result<()> {
+        if let (Some(k), Some(v)) = (&self.keys, &self.values) {
+            let (k, v) = (f(k)?, f(v)?);
+            self.keys = Some(k);
+            self.values = Some(v);
+        }
+        Ok(())
+    }
+
     /// The attention mask for `n` new queries.
     pub fn make_mask(&self, n: i32, window: Option<i32>) -> Result<Mask> {
         if let Some(w) = window {
@@ -207,6 +239,36 @@ impl RotatingKvCache {
     /// Positions seen so far (including those rotated out).
     pub fn offset(&self) -> i32 {
         self.offset
+    }
+
+    /// The first positions that are never rotated out.
+    pub fn keep(&self) -> i32 {
+        self.keep
+    }
+
+    /// A cache whose kept positions are `keys`/`values` in chronological
+    /// order (as [`Self::ordered`] returns them) after `offset` positions.
+    pub fn from_state(keys: Array, values: Array, offset: i32, max_size: i32, keep: i32) -> Result<Self> {
+        const OP: &str = "rotating_kv_cache_restore";
+        let mut c = Self::with_keep(max_size, keep)?;
+        let len = seq_len(OP, &keys)?;
+        if keys.shape()[..3] != values.shape()[..3] {
+            return Err(Error::invalid(
+                OP,
+                format!("keys {:?} and values {:?} disagree", keys.shape(), values.shape()),
+            ));
+        }
+        if len > offset || (offset > len && len < max_size) {
+            return Err(Error::invalid(
+                OP,
+                format!("{len} kept positions cannot follow {offset} seen (window {max_size})"),
+            ));
+        }
+        c.keys = Some(keys);
+        c.values = Some(values);
+        c.offset = offset;
+        c.idx = len;
+        Ok(c)
     }
 
     /// The most positions kept.
@@ -395,6 +457,121 @@ impl RotatingKvCache {
     }
 }
 
+/// A cache for a batch of left-padded sequences of different lengths
+/// (mlx-lm's `BatchKVCache`).
+///
+/// Row `b` starts with `left_padding[b]` padding positions. Every row keeps
+/// its own positions (rope offsets count from its first real token) and its
+/// masks hide the padding, so a row computes what it would compute alone.
+/// Sliding-window layers use this cache too, with a windowed mask: it keeps
+/// every position, which the window then hides.
+#[derive(Debug, Clone)]
+pub struct BatchKvCache {
+    inner: KvCache,
+    left_padding: Vec<i32>,
+}
+
+impl BatchKvCache {
+    /// An empty cache for rows with these amounts of left padding.
+    pub fn new(left_padding: Vec<i32>) -> Result<Self> {
+        if left_padding.is_empty() {
+            return Err(Error::invalid("batch_kv_cache", "a batch needs at least one row"));
+        }
+        if let Some(p) = left_padding.iter().find(|&&p| p < 0) {
+            return Err(Error::invalid("batch_kv_cache", format!("left padding {p} is negative")));
+        }
+        Ok(BatchKvCache { inner: KvCache::new(), left_padding })
+    }
+
+    /// Rows in the batch.
+    pub fn rows(&self) -> usize {
+        self.left_padding.len()
+    }
+
+    /// Columns written so far (padding included).
+    pub fn offset(&self) -> i32 {
+        self.inner.offset()
+    }
+
+    /// The padding before each row's first token.
+    pub fn left_padding(&self) -> &[i32] {
+        &self.left_padding
+    }
+
+    /// Each row's position of the next token, `[B]` int32.
+    pub fn rope_offset(&self) -> Result<Offset> {
+        let off = self.inner.offset();
+        let per_row: Vec<i32> = self.left_padding.iter().map(|p| off - p).collect();
+        Ok(Offset::PerRow(Array::from_vec(&per_row)?))
+    }
+
+    /// Appends `keys`/`values` (`[B, H, L, D]`) and returns everything cached.
+    pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array)> {
+        let rows = keys.dim(0)?;
+        if rows as usize != self.rows() {
+            return Err(Error::invalid(
+                "batch_kv_cache_update",
+                format!("the cache has {} rows but the keys have {rows}", self.rows()),
+            ));
+        }
+        self.inner.update_and_fetch(keys, values)
+    }
+
+    /// The mask `[B, 1, n, offset + n]` for `n` new queries: causal (within
+    /// `window` when given) and hiding each row's padding. A padding query
+    /// sees itself, so no row of scores is entirely masked.
+    pub fn make_mask(&self, n: i32, window: Option<i32>) -> Result<Mask> {
+        let offset = self.inner.offset();
+        if window.is_none() && self.left_padding.iter().all(|&p| p == 0) {
+            return self.inner.make_mask(n, None);
+        }
+        let total = offset + n;
+        let causal = ops::expand_dims(&causal_mask(n, offset, window)?, &[0])?;
+        let rinds = ops::expand_dims(&ops::arange(0.0, f64::from(total), 1.0, Dtype::Int32)?, &[0])?;
+        let pad = Array::from_slice(&self.left_padding, &[self.rows() as i32, 1])?;
+        let real = ops::expand_dims(&ops::greater_equal(&rinds, &pad)?, &[1])?;
+        let linds = ops::expand_dims(&ops::arange(f64::from(offset), f64::from(total), 1.0, Dtype::Int32)?, &[1])?;
+        let own = ops::expand_dims(&ops::equal(&linds, &rinds)?, &[0])?;
+        let mask = ops::logical_or(&ops::logical_and(&causal, &real)?, &own)?;
+        Ok(Mask::Array(ops::expand_dims(&mask, &[1])?))
+    }
+
+    /// Keeps only the rows `keep` (indices into the current rows, in the
+    /// order given), then drops the columns that are padding in every row.
+    pub fn filter(&mut self, keep: &[usize]) -> Result<()> {
+        if keep.is_empty() {
+            return Err(Error::invalid("batch_kv_cache_filter", "at least one row must be kept"));
+        }
+        if let Some(&bad) = keep.iter().find(|&&i| i >= self.rows()) {
+            return Err(Error::invalid(
+                "batch_kv_cache_filter",
+                format!("row {bad} is out of range for a batch of {}", self.rows()),
+            ));
+        }
+        let left_padding: Vec<i32> = keep.iter().map(|&i| self.left_padding[i]).collect();
+        let shift = left_padding.iter().copied().min().unwrap_or(0);
+        let idx: Vec<i32> = keep.iter().map(|&i| i as i32).collect();
+        let idx = Array::from_vec(&idx)?;
+        self.inner.select(|buf| {
+            let rows = ops::take(buf, &idx, 0)?;
+            if shift > 0 { slice_seq(&rows, shift, rows.dim(2)?) } else { Ok(rows) }
+        })?;
+        self.inner.offset -= shift;
+        self.left_padding = left_padding.iter().map(|p| p - shift).collect();
+        Ok(())
+    }
+
+    /// Forgets the last `n` columns; returns how many.
+    pub fn trim(&mut self, n: i32) -> i32 {
+        self.inner.trim(n)
+    }
+
+    /// The raw buffers.
+    pub fn state(&self) -> Vec<&Array> {
+        self.inner.state()
+    }
+}
+
 /// One layer's cache.
 #[derive(Debug, Clone)]
 pub enum LayerCache {
@@ -402,6 +579,8 @@ pub enum LayerCache {
     Standard(KvCache),
     /// Keeps a window.
     Rotating(RotatingKvCache),
+    /// A left-padded batch.
+    Batch(BatchKvCache),
 }
 
 impl LayerCache {
@@ -410,6 +589,15 @@ impl LayerCache {
         match self {
             LayerCache::Standard(c) => c.offset(),
             LayerCache::Rotating(c) => c.offset(),
+            LayerCache::Batch(c) => c.offset(),
+        }
+    }
+
+    /// Where the rope positions of the next tokens start.
+    pub fn rope_offset(&self) -> Result<Offset> {
+        match self {
+            LayerCache::Batch(c) => c.rope_offset(),
+            _ => Ok(Offset::Fixed(self.offset())),
         }
     }
 
@@ -418,6 +606,7 @@ impl LayerCache {
         match self {
             LayerCache::Standard(c) => c.update_and_fetch(keys, values),
             LayerCache::Rotating(c) => c.update_and_fetch(keys, values),
+            LayerCache::Batch(c) => c.update_and_fetch(keys, values),
         }
     }
 
@@ -426,6 +615,7 @@ impl LayerCache {
         match self {
             LayerCache::Standard(c) => c.make_mask(n, window),
             LayerCache::Rotating(c) => c.make_mask(n, window),
+            LayerCache::Batch(c) => c.make_mask(n, window),
         }
     }
 
@@ -434,13 +624,14 @@ impl LayerCache {
         match self {
             LayerCache::Standard(c) => c.trim(n),
             LayerCache::Rotating(c) => c.trim(n),
+            LayerCache::Batch(c) => c.trim(n),
         }
     }
 
     /// Whether trimming is possible.
     pub fn is_trimmable(&self) -> bool {
         match self {
-            LayerCache::Standard(_) => true,
+            LayerCache::Standard(_) | LayerCache::Batch(_) => true,
             LayerCache::Rotating(c) => c.is_trimmable(),
         }
     }
@@ -450,6 +641,7 @@ impl LayerCache {
         match self {
             LayerCache::Standard(c) => c.state(),
             LayerCache::Rotating(c) => c.state(),
+            LayerCache::Batch(c) => c.state(),
         }
     }
 }

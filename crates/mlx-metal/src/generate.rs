@@ -38,7 +38,7 @@ pub struct Step<'a> {
 }
 
 /// Timings and counts of one generation.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerationStats {
     /// Prompt tokens processed.
     pub prompt_tokens: usize,
@@ -52,6 +52,11 @@ pub struct GenerationStats {
     pub peak_memory: usize,
     /// MLX memory in use at the end.
     pub active_memory: usize,
+    /// The generated ids that went into the caches after the prompt, in
+    /// order: the caches end `prompt + fed` positions further on. (The loop
+    /// feeds each token before handing it out, so this can include the token
+    /// that stopped generation.)
+    pub fed: Vec<u32>,
 }
 
 /// Options of one generation.
@@ -171,7 +176,7 @@ pub fn generate(
     let step_size = opts.prefill_step.max(1);
     while total - done > 1 {
         if cancelled() {
-            return Ok(stats(start, None, total, 0));
+            return Ok(stats(start, None, total, Vec::new()));
         }
         let n = step_size.min(total - done - 1);
         let chunk = ops::slice_axis(&prompt_arr, 0, done as i32, (done + n) as i32)?;
@@ -188,9 +193,13 @@ pub fn generate(
 
     let mut first_token_at: Option<Instant> = None;
     let mut n = 0usize;
+    // Ids read back, and how many sampled tokens were fed to the model.
+    let mut read: Vec<u32> = Vec::new();
+    let mut fed = 0usize;
     loop {
         let next = if n != opts.max_tokens {
             let next = st.step(&y, 1)?;
+            fed += 1;
             async_eval(&[&next.0, &next.1])?;
             Some(next)
         } else {
@@ -201,9 +210,13 @@ pub fn generate(
             first_token_at = Some(Instant::now());
         }
         if n == opts.max_tokens || cancelled() {
+            if fed > read.len() {
+                read.push(token_id(&y)?);
+            }
             break;
         }
         let id = token_id(&y)?;
+        read.push(id);
         let lp_row = ops::squeeze(&logprobs, &[0])?;
         let logits_row = ops::squeeze(&logits, &[0])?;
         let flow = emit(Step { id, logprobs: &lp_row, logits: &logits_row })?;
@@ -223,18 +236,22 @@ pub fn generate(
             None => break,
         }
     }
-    Ok(stats(start, first_token_at, total, n))
+    read.truncate(fed);
+    let mut out = stats(start, first_token_at, total, read);
+    out.generated_tokens = n;
+    Ok(out)
 }
 
-fn stats(start: Instant, first: Option<Instant>, prompt: usize, generated: usize) -> GenerationStats {
+fn stats(start: Instant, first: Option<Instant>, prompt: usize, fed: Vec<u32>) -> GenerationStats {
     let end = Instant::now();
     let first = first.unwrap_or(end);
     GenerationStats {
         prompt_tokens: prompt,
-        generated_tokens: generated,
+        generated_tokens: 0,
         prefill: first - start,
         decode: end - first,
         peak_memory: memory::peak_memory().unwrap_or(0),
         active_memory: memory::active_memory().unwrap_or(0),
+        fed,
     }
 }

@@ -25,6 +25,7 @@ mod ffi;
 
 pub mod array;
 pub mod backend;
+pub mod batch;
 pub mod cache;
 pub mod chat;
 pub mod device;
@@ -38,6 +39,7 @@ pub mod nn;
 pub mod ops;
 pub mod random;
 pub mod sample;
+pub mod session;
 pub mod tokenizer;
 pub mod transforms;
 

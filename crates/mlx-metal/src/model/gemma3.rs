@@ -127,9 +127,9 @@ impl Attention {
         let v = split_heads(&self.v_proj.forward(x)?, b, l, self.n_kv_heads)?;
         let q = self.q_norm.forward(&q)?;
         let k = self.k_norm.forward(&k)?;
-        let offset = cache.offset();
-        let q = self.rope.apply(&q, offset)?;
-        let k = self.rope.apply(&k, offset)?;
+        let offset = cache.rope_offset()?;
+        let q = self.rope.apply(&q, &offset)?;
+        let k = self.rope.apply(&k, &offset)?;
         AttentionTaps::record(&mut taps, &q, &k);
         let (k, v) = cache.update_and_fetch(&k, &v)?;
         let out = attention(&q, &k, &v, self.scale, mask)?;

@@ -243,9 +243,9 @@ impl Attention {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
-        let offset = cache.offset();
-        let q = self.rope.apply(&q, offset)?;
-        let k = self.rope.apply(&k, offset)?;
+        let offset = cache.rope_offset()?;
+        let q = self.rope.apply(&q, &offset)?;
+        let k = self.rope.apply(&k, &offset)?;
         AttentionTaps::record(&mut taps, &q, &k);
         let (k, v) = cache.update_and_fetch(&k, &v)?;
         let out = attention(&q, &k, &v, self.scale, mask)?;

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use crate::array::{Array, Dtype};
+use crate::cache::Offset;
 use crate::error::Result;
 use crate::fast::{self, RopeFreqs, RopeOffset};
 use crate::ops;
@@ -52,14 +53,19 @@ impl Rope {
         }
     }
 
-    /// Applies the rope to `x: [B, H, L, D]` for positions `offset..offset + L`.
-    pub fn apply(&self, x: &Array, offset: i32) -> Result<Array> {
+    /// Applies the rope to `x: [B, H, L, D]` for positions `offset..offset + L`
+    /// (one offset for every row, or one per row of a batch).
+    pub fn apply(&self, x: &Array, offset: &Offset) -> Result<Array> {
+        let offset = match offset {
+            Offset::Fixed(o) => RopeOffset::Fixed(*o),
+            Offset::PerRow(a) => RopeOffset::Array(a),
+        };
         match self {
             Rope::Standard { dims, base, scale, traditional } => {
-                fast::rope(x, *dims, *traditional, RopeFreqs::Base(*base), *scale, RopeOffset::Fixed(offset))
+                fast::rope(x, *dims, *traditional, RopeFreqs::Base(*base), *scale, offset)
             }
             Rope::Custom { dims, freqs, traditional } => {
-                fast::rope(x, *dims, *traditional, RopeFreqs::Custom(freqs), 1.0, RopeOffset::Fixed(offset))
+                fast::rope(x, *dims, *traditional, RopeFreqs::Custom(freqs), 1.0, offset)
             }
         }
     }

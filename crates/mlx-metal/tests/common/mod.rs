@@ -228,3 +228,20 @@ pub(crate) fn cpu_for_float64() -> mlx_metal::device::DeviceScope {
 pub(crate) fn settle() {
     mlx_metal::device::synchronize(None).expect("synchronize");
 }
+
+/// A real model from the models cache (`cargo xtask fixtures`); `None` with a
+/// note when it is absent, a panic when `MLXR_REQUIRE_REAL_MODELS=1`.
+#[allow(dead_code)]
+pub(crate) fn real_model(name: &str) -> Option<std::path::PathBuf> {
+    let dir = parity::models_dir().map(|d| d.join(name));
+    match dir {
+        Some(d) if d.join("config.json").is_file() => Some(d),
+        _ if parity::real_models_required() => {
+            panic!("real model {name} is missing and MLXR_REQUIRE_REAL_MODELS is set; run `cargo xtask fixtures`")
+        }
+        _ => {
+            eprintln!("note: real model {name} is absent (run `cargo xtask fixtures`); skipped");
+            None
+        }
+    }
+}

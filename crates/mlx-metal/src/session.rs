@@ -1,0 +1,256 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! The model side of a chat session: per-layer caches that follow a token
+//! sequence across turns, and their file format.
+//!
+//! A turn gives the whole token sequence so far. [`SessionCache::prepare`]
+//! keeps the longest common prefix with what the caches hold (trimming the
+//! rest) and returns how many tokens need no prefill; after the turn,
+//! [`SessionCache::record`] notes what the caches hold now (the prompt and
+//! the generated tokens that were fed back). A rotating (sliding-window)
+//! cache that has wrapped cannot be trimmed: the positions it rotated out are
+//! gone, so a divergence then starts again from an empty cache.
+//!
+//! # File format
+//!
+//! One safetensors file: `layers.{i}.keys` / `layers.{i}.values` per layer
+//! (`[1, H_kv, L, D]`, the kept positions in chronological order) and string
+//! metadata: `format` = `mlxr-session`, `version` = `1`, `model` (the
+//! [`Fingerprint`] as JSON), `tokens` (the token ids as a JSON array) and
+//! `layers` (per layer, its kind and, for rotating caches, offset, window
+//! and kept prefix, as JSON).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::array::Array;
+use crate::cache::{KvCache, LayerCache, RotatingKvCache};
+use crate::error::{Error, Result};
+use crate::io;
+use crate::model::LanguageModel;
+
+const FORMAT: &str = "mlxr-session";
+const VERSION: &str = "1";
+
+/// What identifies the model a session belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// `model_type`.
+    pub architecture: String,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// A hash (FNV-1a, hex) of config.json's bytes.
+    pub config_hash: String,
+}
+
+impl Fingerprint {
+    /// The fingerprint of a model directory's description and config.json.
+    pub fn new(desc: &crate::model::Description, config_json: &[u8]) -> Fingerprint {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in config_json {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        Fingerprint {
+            architecture: desc.architecture.clone(),
+            num_layers: desc.num_layers,
+            hidden_size: desc.hidden_size,
+            vocab_size: desc.vocab_size,
+            config_hash: format!("{h:016x}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum LayerKind {
+    Standard,
+    Rotating { offset: i32, max_size: i32, keep: i32 },
+}
+
+/// The caches of a session and the tokens they hold.
+pub struct SessionCache {
+    caches: Vec<LayerCache>,
+    tokens: Vec<u32>,
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl SessionCache {
+    /// Empty caches for `model`.
+    pub fn new(model: &dyn LanguageModel) -> Result<SessionCache> {
+        Ok(SessionCache { caches: model.make_cache()?, tokens: Vec::new() })
+    }
+
+    /// The tokens the caches hold.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The caches, one per layer.
+    pub fn caches_mut(&mut self) -> &mut Vec<LayerCache> {
+        &mut self.caches
+    }
+
+    /// Forgets everything.
+    pub fn reset(&mut self, model: &dyn LanguageModel) -> Result<()> {
+        self.caches = model.make_cache()?;
+        self.tokens.clear();
+        Ok(())
+    }
+
+    /// Makes the caches hold a prefix of `ids` (non-empty) that leaves at
+    /// least one token to feed, and returns its length.
+    pub fn prepare(&mut self, model: &dyn LanguageModel, ids: &[u32]) -> Result<usize> {
+        if ids.is_empty() {
+            return Err(Error::invalid("session", "the prompt has no tokens"));
+        }
+        let keep = common_prefix(&self.tokens, ids).min(ids.len() - 1);
+        let drop = self.tokens.len() - keep;
+        if drop > 0 {
+            if keep == 0 || !self.caches.iter().all(LayerCache::is_trimmable) {
+                self.reset(model)?;
+                return Ok(0);
+            }
+            for c in &mut self.caches {
+                c.trim(drop as i32);
+            }
+            self.tokens.truncate(keep);
+        }
+        Ok(keep)
+    }
+
+    /// Records what the caches hold after a turn over `ids` that fed `fed`
+    /// generated tokens back. When the caches disagree with that (an error
+    /// part-way), the session starts again.
+    pub fn record(&mut self, model: &dyn LanguageModel, ids: &[u32], fed: &[u32]) -> Result<()> {
+        let offsets: Vec<i32> = self.caches.iter().map(LayerCache::offset).collect();
+        let held = offsets.first().copied().unwrap_or(0).max(0) as usize;
+        if offsets.iter().any(|&o| o as usize != held) || held > ids.len() + fed.len() {
+            return self.reset(model);
+        }
+        self.tokens = ids.iter().chain(fed).copied().take(held).collect();
+        Ok(())
+    }
+
+    /// Saves the caches and tokens to `path` (replaced atomically).
+    pub fn save(&self, path: &Path, fingerprint: &Fingerprint) -> Result<()> {
+        let mut tensors: Vec<(String, Array)> = Vec::new();
+        let mut kinds = Vec::with_capacity(self.caches.len());
+        for (i, c) in self.caches.iter().enumerate() {
+            let (kind, kv) = match c {
+                LayerCache::Standard(c) => {
+                    (LayerKind::Standard, if c.offset() > 0 { Some(c.keys_and_values()?) } else { None })
+                }
+                LayerCache::Rotating(c) => (
+                    LayerKind::Rotating { offset: c.offset(), max_size: c.max_size(), keep: c.keep() },
+                    if c.offset() > 0 { Some(c.ordered()?) } else { None },
+                ),
+                LayerCache::Batch(_) => {
+                    return Err(Error::invalid("save_session", "a batch cache cannot be saved as a session"));
+                }
+            };
+            if let Some((k, v)) = kv {
+                tensors.push((format!("layers.{i}.keys"), k));
+                tensors.push((format!("layers.{i}.values"), v));
+            }
+            kinds.push(kind);
+        }
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_owned(), FORMAT.to_owned());
+        meta.insert("version".to_owned(), VERSION.to_owned());
+        meta.insert("model".to_owned(), to_json(fingerprint)?);
+        meta.insert("tokens".to_owned(), to_json(&self.tokens)?);
+        meta.insert("layers".to_owned(), to_json(&kinds)?);
+        io::save_safetensors(path, tensors.iter().map(|(k, a)| (k.as_str(), a)), &meta)
+    }
+
+    /// Loads a session saved by [`Self::save`] for the model `fingerprint`
+    /// names; `model` gives the expected cache layout.
+    pub fn load(path: &Path, model: &dyn LanguageModel, fingerprint: &Fingerprint) -> Result<SessionCache> {
+        let bad = |message: String| Error::Format { op: "load_session", path: path.to_path_buf(), message };
+        let header = io::read_safetensors_header(path)?;
+        let meta = &header.metadata;
+        if meta.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(bad("not a session file (its metadata has no format = \"mlxr-session\")".into()));
+        }
+        if meta.get("version").map(String::as_str) != Some(VERSION) {
+            return Err(bad(format!("session format version {:?} is not {VERSION}", meta.get("version"))));
+        }
+        let field = |k: &str| meta.get(k).ok_or_else(|| bad(format!("the metadata has no {k:?}")));
+        let saved: Fingerprint =
+            serde_json::from_str(field("model")?).map_err(|e| bad(format!("bad \"model\" metadata: {e}")))?;
+        if &saved != fingerprint {
+            return Err(Error::Model {
+                op: "load_session",
+                path: path.to_path_buf(),
+                message: format!(
+                    "the session was saved from another model ({} with {} layers, hidden size {}, vocabulary {}, \
+                     config {}), not this one ({} with {} layers, hidden size {}, vocabulary {}, config {})",
+                    saved.architecture,
+                    saved.num_layers,
+                    saved.hidden_size,
+                    saved.vocab_size,
+                    saved.config_hash,
+                    fingerprint.architecture,
+                    fingerprint.num_layers,
+                    fingerprint.hidden_size,
+                    fingerprint.vocab_size,
+                    fingerprint.config_hash
+                ),
+            });
+        }
+        let tokens: Vec<u32> =
+            serde_json::from_str(field("tokens")?).map_err(|e| bad(format!("bad \"tokens\" metadata: {e}")))?;
+        let kinds: Vec<LayerKind> =
+            serde_json::from_str(field("layers")?).map_err(|e| bad(format!("bad \"layers\" metadata: {e}")))?;
+        let fresh = model.make_cache()?;
+        if kinds.len() != fresh.len() {
+            return Err(bad(format!("{} layers saved, the model has {}", kinds.len(), fresh.len())));
+        }
+        let mut loaded = io::load_safetensors(path)?;
+        let mut caches = Vec::with_capacity(kinds.len());
+        for (i, (kind, expected)) in kinds.into_iter().zip(fresh).enumerate() {
+            let k = loaded.tensors.remove(&format!("layers.{i}.keys"));
+            let v = loaded.tensors.remove(&format!("layers.{i}.values"));
+            let cache = match (kind, expected, k, v) {
+                (LayerKind::Standard, LayerCache::Standard(_), Some(k), Some(v)) => {
+                    LayerCache::Standard(KvCache::from_state(k, v)?)
+                }
+                (LayerKind::Standard, LayerCache::Standard(c), None, None) => LayerCache::Standard(c),
+                (LayerKind::Rotating { offset, max_size, keep }, LayerCache::Rotating(c), k, v)
+                    if max_size == c.max_size() =>
+                {
+                    match (k, v) {
+                        (Some(k), Some(v)) => {
+                            LayerCache::Rotating(RotatingKvCache::from_state(k, v, offset, max_size, keep)?)
+                        }
+                        (None, None) if offset == 0 => LayerCache::Rotating(c),
+                        _ => return Err(bad(format!("layer {i}: keys or values are missing"))),
+                    }
+                }
+                _ => return Err(bad(format!("layer {i}: the saved cache does not fit this model's layer"))),
+            };
+            caches.push(cache);
+        }
+        if let Some(extra) = loaded.tensors.keys().next() {
+            return Err(bad(format!("unexpected tensor {extra:?}")));
+        }
+        let held = caches.first().map_or(0, LayerCache::offset);
+        if caches.iter().any(|c| c.offset() != held) || held as usize != tokens.len() {
+            return Err(bad(format!("the caches hold {held} positions but {} tokens are recorded", tokens.len())));
+        }
+        Ok(SessionCache { caches, tokens })
+    }
+}
+
+fn to_json<T: Serialize + ?Sized>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::invalid("save_session", e.to_string()))
+}
