@@ -42,6 +42,7 @@ pub mod sample;
 pub mod session;
 pub mod tokenizer;
 pub mod transforms;
+pub mod workflows;
 
 pub use array::{Array, Complex64, Dtype, Element};
 pub use backend::{MetalBackend, MetalModel, register};
