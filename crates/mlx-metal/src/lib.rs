@@ -25,6 +25,7 @@ mod ffi;
 
 pub mod array;
 pub mod backend;
+pub mod bench;
 pub mod cache;
 pub mod chat;
 pub mod device;
