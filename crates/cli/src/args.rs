@@ -31,6 +31,9 @@ pub(crate) enum Command {
     Models(ModelsArgs),
     /// Print the device and MLX version, and a model's shape when one is given.
     Info(InfoArgs),
+    /// Measure prefill and decode speed on a model (the engine's own loop; JSON on stdout).
+    #[cfg(feature = "metal")]
+    Bench(BenchArgs),
 }
 
 /// Which model to load and how.
@@ -237,6 +240,35 @@ pub(crate) struct InfoArgs {
     /// The Python interpreter for the `mlx_lm` backend.
     #[arg(long, value_name = "PATH")]
     pub(crate) python: Option<PathBuf>,
+}
+
+#[cfg(feature = "metal")]
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// The model directory.
+    #[arg(short, long, value_name = "DIR")]
+    pub(crate) model: PathBuf,
+    /// Prompt lengths in tokens, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
+    pub(crate) prompts: Vec<usize>,
+    /// Tokens to decode per run (at least 2).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) decode: usize,
+    /// Measured runs per prompt length (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) runs: usize,
+    /// Unmeasured runs first.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) warmup: usize,
+    /// Seed of the pseudo-random prompt ids.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Skip the runs through the public API.
+    #[arg(long)]
+    pub(crate) no_public: bool,
+    /// Write the report as JSON to this file instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) json: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@
 //! with (cargo features `metal` and `mlx_lm`) is registered at start-up.
 
 mod args;
+#[cfg(feature = "metal")]
+mod bench;
 mod chat;
 mod failure;
 mod generate;
@@ -42,6 +44,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Serve(a) => serve::run(&a),
         Command::Models(a) => models::run(&a),
         Command::Info(a) => info::run(&a),
+        #[cfg(feature = "metal")]
+        Command::Bench(a) => bench::run(&a),
     }
 }
 

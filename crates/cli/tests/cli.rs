@@ -155,3 +155,31 @@ fn smollm2_knows_the_capital_of_france() {
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("Paris"), "{stdout}");
 }
+
+#[test]
+fn bench_reports_json_for_a_tiny_model() {
+    let model = tiny("llama3-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("bench.json");
+    let out = run(
+        &["bench", "-m", &model, "--prompts", "8,16", "--decode", "4", "--runs", "1", "--warmup", "0", "--json"],
+        "",
+    );
+    assert!(!out.status.success(), "--json needs a value");
+    let args = ["bench", "-m", &model, "--prompts", "8,16", "--decode", "4", "--runs", "1", "--warmup", "0"];
+    let out = run(&[&args[..], &["--json", report.to_str().unwrap()]].concat(), "");
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("ours         prompt     8:"), "a summary line per prompt length: {stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(doc["schema"], "mlxr-bench/1");
+    let results = doc["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["prompt_tokens"], 8);
+    assert_eq!(results[1]["runs"][0]["generated_tokens"], 4);
+    assert!(doc["public"].is_object(), "the public API's side ran or says why not: {}", doc["public"]);
+
+    let bad = run(&["bench", "-m", &model, "--decode", "1"], "");
+    assert!(!bad.status.success());
+    assert_eq!(text(&bad).1, "mlxr: error: bench: decode must be at least 2 (the decode rate needs two tokens)\n");
+}
