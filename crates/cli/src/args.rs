@@ -3,7 +3,7 @@
 //! [`LoadSettings`] and [`GenerateSettings`].
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
@@ -81,10 +81,28 @@ impl ModelArgs {
     /// Loads the model, logging how long it took.
     pub(crate) fn load(&self) -> Result<Box<dyn TextModel>, Failure> {
         let started = Instant::now();
-        let model = inference_core::load_model(&self.model, &self.load_settings())?;
+        let model = load_model(&self.model, &self.load_settings())?;
         tracing::info!(model = %self.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
         Ok(model)
     }
+}
+
+/// Loads through the process-wide registry. The registry asks a backend whether it is
+/// [`available`](inference_core::Backend::available) before loading, and the `mlx_lm` backend
+/// answers for its default interpreter (`MLXR_PYTHON`, else `python3`), not the one `--python`
+/// names; so when a backend is named and given an interpreter, it is asked to load directly, and
+/// a missing interpreter is reported by the load itself.
+pub(crate) fn load_model(path: &Path, settings: &LoadSettings) -> Result<Box<dyn TextModel>, inference_core::Error> {
+    let direct = settings.backend_options.contains_key("python").then_some(settings.backend.as_deref()).flatten();
+    let Some(backend) = direct.and_then(inference_core::get) else {
+        return inference_core::load_model(path, settings);
+    };
+    settings.validate()?;
+    backend.load_model(path, settings).map_err(|source| inference_core::Error::LoadFailed {
+        backend: backend.name().to_owned(),
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
 }
 
 /// How to sample; the defaults are [`GenerateSettings`]'s (greedy, 256 tokens).

@@ -23,7 +23,7 @@ pub(crate) fn run(args: &InfoArgs) -> Result<(), Failure> {
         if let Some(python) = &args.python {
             settings = settings.backend_option("python", python.to_string_lossy());
         }
-        let model = inference_core::load_model(path, &settings)?;
+        let model = crate::args::load_model(path, &settings)?;
         print!("{}", describe(&path.display().to_string(), model.model_type(), &model.info()));
         model.close()?;
     }

@@ -183,3 +183,30 @@ fn bench_reports_json_for_a_tiny_model() {
     assert!(!bad.status.success());
     assert_eq!(text(&bad).1, "mlxr: error: bench: decode must be at least 2 (the decode rate needs two tokens)\n");
 }
+
+/// The fixtures virtualenv's interpreter (with mlx-lm), or a printed reason to skip.
+fn python(test: &str) -> Option<String> {
+    match std::env::var("MLXR_PYTHON") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ => {
+            common::skip(test, "MLXR_PYTHON is not set (cargo xtask test sets it to the fixtures virtualenv)");
+            None
+        }
+    }
+}
+
+#[test]
+fn both_backends_generate_the_same_text() {
+    let Some(python) = python("both_backends_generate_the_same_text") else { return };
+    let model = tiny("qwen3-tiny");
+    for extra in [&["The quick brown fox"][..], &["--chat", "Hi"][..]] {
+        let base = ["generate", "--model", &model, "--max-tokens", "10"];
+        let metal = run(&[&base[..], &["--backend", "metal"], extra].concat(), "");
+        let mlx_lm = run(&[&base[..], &["--backend", "mlx_lm", "--python", &python], extra].concat(), "");
+        assert!(metal.status.success() && mlx_lm.status.success(), "{:?} {:?}", text(&metal), text(&mlx_lm));
+        assert_eq!(text(&metal).0, text(&mlx_lm).0, "greedy output of {extra:?} through metal and mlx_lm");
+    }
+    let out = run(&["generate", "--model", &model, "--backend", "mlx_lm", "--python", "/no/python", "x"], "");
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("cannot start the Python interpreter /no/python"), "{:?}", text(&out));
+}

@@ -276,6 +276,28 @@ fn a_bad_model_directory_fails_before_listening() {
 }
 
 #[test]
+fn the_mlx_lm_backend_serves_the_same_answers() {
+    let test = "the_mlx_lm_backend_serves_the_same_answers";
+    let Some(python) = std::env::var("MLXR_PYTHON").ok().filter(|p| !p.is_empty()) else {
+        common::skip(test, "MLXR_PYTHON is not set (cargo xtask test sets it to the fixtures virtualenv)");
+        return;
+    };
+    let metal = Server::start(&tiny(MODEL), &[]);
+    let bridge = Server::start(&tiny(MODEL), &["--backend", "mlx_lm", "--python", &python]);
+    let (_, expected) = post(&metal.url("/v1/chat/completions"), &chat_body(12));
+    let (status, answer) = post(&bridge.url("/v1/chat/completions"), &chat_body(12));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["message"], expected["choices"][0]["message"]);
+    assert_eq!(answer["usage"], expected["usage"]);
+    let mut body = chat_body(12);
+    body["stream"] = json!(true);
+    let (_, events) = post_stream(&bridge.url("/v1/chat/completions"), &body);
+    let (streamed, _, done) = read_stream(events);
+    assert!(done);
+    assert_eq!(streamed, expected["choices"][0]["message"]["content"].as_str().unwrap());
+}
+
+#[test]
 fn smollm2_answers_over_http() {
     let Some(model) = common::smollm2("smollm2_answers_over_http") else { return };
     let server = Server::start(&model, &[]);
