@@ -253,6 +253,28 @@ fn a_client_that_disconnects_cancels_its_generation() {
 }
 
 #[test]
+fn a_client_that_disconnects_before_a_whole_answer_cancels_it_too() {
+    use std::io::Write;
+    let server = Server::start(&tiny(MODEL), &["--max-tokens-limit", "100000"]);
+    let body = json!({"prompt": "x", "max_tokens": 100000, "ignore_eos": true}).to_string();
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut socket = std::net::TcpStream::connect(&addr).expect("connecting");
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).and_then(|()| socket.write_all(body.as_bytes())).expect("sending");
+    server.wait_for("the generation starts", Duration::from_secs(60), |s| s["running"] == 1);
+    socket.shutdown(std::net::Shutdown::Both).expect("closing");
+    drop(socket);
+    let stats = server.wait_for("the engine stops after the disconnect", Duration::from_secs(60), |s| {
+        s["running"] == 0 && s["cancelled"] == 1
+    });
+    assert!(stats["cancelled_generation_tokens"].as_u64().unwrap() < 100000, "{stats}");
+    assert_eq!(stats["completed"], 0);
+}
+
+#[test]
 fn sigterm_stops_the_server_cleanly_mid_stream() {
     let server = Server::start(&tiny(MODEL), &["--max-tokens-limit", "100000"]);
     let body = json!({"prompt": "x", "max_tokens": 100000, "ignore_eos": true, "stream": true});
