@@ -7,11 +7,13 @@
 //!
 //! Commands: `/reset`, `/system [TEXT]`, `/save FILE`, `/load FILE`, `/help`, `/exit`. `/save`
 //! writes the conversation as JSON to FILE and, with a session, its KV cache to `FILE.kv`
-//! (safetensors); `/load` reads both back, so the next turn starts from the cache.
+//! (safetensors); `/load` reads both back, so the next turn starts from the cache. Ctrl-C during
+//! a reply stops it (the turn is not kept); between turns it ends the chat.
 
 use std::fs;
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use inference_core::{CancelToken, ChatSession, Error, GenerateMetrics, GenerateSettings, Message, Role, TextModel};
 use serde::{Deserialize, Serialize};
@@ -45,7 +47,9 @@ pub(crate) fn run(args: &ChatArgs) -> Result<(), Failure> {
     if interactive {
         eprintln!("{HELP}");
     }
-    let options = ReplOptions { settings, metrics: args.metrics, interactive };
+    let current = Turn::default();
+    handle_ctrl_c(Arc::clone(&current));
+    let options = ReplOptions { settings, metrics: args.metrics, interactive, current };
     let result = repl(
         model.as_ref(),
         &mut conversation,
@@ -143,13 +147,14 @@ impl Conversation {
         model: &dyn TextModel,
         text: String,
         settings: &GenerateSettings,
+        cancel: CancelToken,
         out: &mut impl Write,
     ) -> Result<GenerateMetrics, Failure> {
         self.turns.push(Message::user(text));
         let messages = self.messages();
         let stream = match &mut self.session {
-            Some(session) => session.chat(&messages, settings, CancelToken::new()),
-            None => model.chat(&messages, settings, CancelToken::new()),
+            Some(session) => session.chat(&messages, settings, cancel),
+            None => model.chat(&messages, settings, cancel),
         };
         let mut reply = Vec::new();
         let result = stream.map_err(Failure::from).and_then(|stream| {
@@ -164,6 +169,9 @@ impl Conversation {
             }
             Err(e) => {
                 self.turns.pop();
+                if !reply.is_empty() {
+                    let _ = writeln!(out);
+                }
                 Err(e)
             }
         }
@@ -247,6 +255,57 @@ pub(crate) struct ReplOptions {
     pub(crate) settings: GenerateSettings,
     pub(crate) metrics: bool,
     pub(crate) interactive: bool,
+    /// Where the running turn's cancel token is kept, for the Ctrl-C handler.
+    pub(crate) current: Turn,
+}
+
+/// The running turn's cancel token, if a turn is running.
+pub(crate) type Turn = Arc<Mutex<Option<CancelToken>>>;
+
+/// On Ctrl-C: cancels the running turn, or, between turns, exits (status 130, as the shell's
+/// default would). Without a handler (it could not be installed) Ctrl-C ends the process.
+fn handle_ctrl_c(current: Turn) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        tracing::warn!("cannot watch for Ctrl-C; it will end the chat");
+        return;
+    };
+    // Registered here, before the first turn, so no Ctrl-C is missed.
+    #[cfg(unix)]
+    let mut signals = {
+        let _context = runtime.enter();
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch for Ctrl-C; it will end the chat");
+                return;
+            }
+        }
+    };
+    let spawned = std::thread::Builder::new().name("ctrl-c".into()).spawn(move || {
+        loop {
+            #[cfg(unix)]
+            let received = runtime.block_on(signals.recv()).is_some();
+            #[cfg(not(unix))]
+            let received = runtime.block_on(tokio::signal::ctrl_c()).is_ok();
+            if !received {
+                return;
+            }
+            let running = current.lock().unwrap_or_else(PoisonError::into_inner).take();
+            match running {
+                Some(turn) => {
+                    turn.cancel();
+                    eprintln!("(interrupted)");
+                }
+                None => {
+                    eprintln!();
+                    std::process::exit(130);
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot watch for Ctrl-C; it will end the chat");
+    }
 }
 
 /// Reads lines from `input` until it ends or `/exit`; replies go to `out`, notes and errors to
@@ -289,9 +348,20 @@ pub(crate) fn repl(
             Ok(Line::Load(path)) => conversation.load(&path).and_then(|()| {
                 writeln!(err, "(loaded {} turns from {})", conversation.turns.len(), path.display()).map_err(stderr)
             }),
-            Ok(Line::Say(text)) => conversation.reply(model, text, &options.settings, out).and_then(|metrics| {
-                if options.metrics { writeln!(err, "{}", metrics_line(&metrics)).map_err(stderr) } else { Ok(()) }
-            }),
+            Ok(Line::Say(text)) => {
+                let cancel = CancelToken::new();
+                *options.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(cancel.clone());
+                let replied = conversation.reply(model, text, &options.settings, cancel.clone(), out);
+                options.current.lock().unwrap_or_else(PoisonError::into_inner).take();
+                match replied {
+                    Err(_) if cancel.is_cancelled() => {
+                        writeln!(err, "(the reply was interrupted and is not kept)").map_err(stderr)
+                    }
+                    Err(e) => Err(e),
+                    Ok(metrics) if options.metrics => writeln!(err, "{}", metrics_line(&metrics)).map_err(stderr),
+                    Ok(_) => Ok(()),
+                }
+            }
         };
         if let Err(failure) = outcome {
             writeln!(err, "error: {failure}").map_err(stderr)?;
@@ -302,7 +372,6 @@ pub(crate) fn repl(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
 
     use inference_core::{
         BatchResult, ClassifyResult, ModelInfo, Result as CoreResult, Token, TokenStream, TokenStream as Stream,
@@ -413,7 +482,12 @@ mod tests {
 
     fn run_script(model: &Echo, conversation: &mut Conversation, script: &str) -> (String, String) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let options = ReplOptions { settings: GenerateSettings::new(), metrics: false, interactive: false };
+        let options = ReplOptions {
+            settings: GenerateSettings::new(),
+            metrics: false,
+            interactive: false,
+            current: Turn::default(),
+        };
         repl(model, conversation, &mut script.as_bytes(), &mut out, &mut err, &options).unwrap();
         (String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
     }
@@ -486,7 +560,7 @@ mod tests {
         let model = Echo { seen: Arc::default(), sessions: false };
         let mut conversation = Conversation::new(None, None);
         let mut out = Vec::new();
-        let err = conversation.reply(&model, String::new(), &GenerateSettings::new(), &mut out);
+        let err = conversation.reply(&model, String::new(), &GenerateSettings::new(), CancelToken::new(), &mut out);
         assert!(err.is_ok(), "the echo model accepts an empty message");
         struct Broken;
         impl Write for Broken {
@@ -498,7 +572,9 @@ mod tests {
             }
         }
         let before = conversation.turns.len();
-        let err = conversation.reply(&model, "x".into(), &GenerateSettings::new(), &mut Broken).unwrap_err();
+        let err = conversation
+            .reply(&model, "x".into(), &GenerateSettings::new(), CancelToken::new(), &mut Broken)
+            .unwrap_err();
         assert_eq!(err.message(), "writing to standard output: closed");
         assert_eq!(conversation.turns.len(), before);
     }

@@ -210,3 +210,47 @@ fn both_backends_generate_the_same_text() {
     assert!(!out.status.success());
     assert!(text(&out).1.contains("cannot start the Python interpreter /no/python"), "{:?}", text(&out));
 }
+
+/// Ctrl-C during a reply stops it and the chat goes on; Ctrl-C between turns ends the chat.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_interrupts_a_reply_and_then_ends_the_chat() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+
+    let model = tiny("qwen3-tiny");
+    let mut child = common::mlxr()
+        .args(["chat", "--model", &model, "--max-tokens", "1000000", "--ignore-eos"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting mlxr chat");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    stdin.write_all(b"talk for ever\n").and_then(|()| stdin.flush()).unwrap();
+    let mut first = [0u8; 64];
+    let n = stdout.read(&mut first).expect("the reply starts");
+    assert!(n > 0, "the reply starts streaming");
+    let pid = child.id().to_string();
+    let interrupt = || assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    interrupt();
+    // The chat goes on: a second, short turn is answered.
+    stdin.write_all(b"/reset\n").unwrap();
+    drop(stdout);
+    let mut stderr = child.stderr.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while !seen.contains("(conversation reset)") {
+        let n = stderr.read(&mut buf).expect("reading stderr");
+        assert!(n > 0, "the chat ended early; stderr: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.contains("(interrupted)"), "{seen}");
+    assert!(seen.contains("(the reply was interrupted and is not kept)"), "{seen}");
+    // Between turns, Ctrl-C ends the chat with 130.
+    interrupt();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    drop(stdin);
+}
