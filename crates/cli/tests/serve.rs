@@ -226,6 +226,22 @@ fn a_full_queue_is_refused_with_429() {
 }
 
 #[test]
+fn a_request_that_waits_too_long_gets_503() {
+    let server = Server::start(
+        &tiny(MODEL),
+        &["--max-concurrent", "1", "--queue-timeout", "0.2", "--max-tokens-limit", "100000"],
+    );
+    let body = json!({"prompt": "a", "max_tokens": 100000, "ignore_eos": true, "stream": true});
+    let (_, mut events) = post_stream(&server.url("/v1/completions"), &body);
+    assert!(events.next().is_some(), "the long generation has started");
+    let started = Instant::now();
+    let msg = expect_error(post(&server.url("/v1/completions"), &json!({"prompt": "b", "max_tokens": 2})), 503, None);
+    assert_eq!(msg, "the server is busy: no turn came within 0.2 s; try again later");
+    assert!(started.elapsed() >= Duration::from_millis(200), "it waited its turn first");
+    drop(events);
+}
+
+#[test]
 fn a_client_that_disconnects_cancels_its_generation() {
     let server = Server::start(&tiny(MODEL), &["--max-tokens-limit", "100000"]);
     let body = json!({

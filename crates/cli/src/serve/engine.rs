@@ -160,7 +160,7 @@ impl Engine {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => Err(closed()),
             Err(_) => Err(ApiError::unavailable(format!(
-                "the server is busy: no turn came within {:.0} s; try again later",
+                "the server is busy: no turn came within {} s; try again later",
                 self.limits.queue_timeout.as_secs_f64()
             ))),
         }
