@@ -73,6 +73,8 @@ pub(crate) struct Sampling {
     stop: Option<OneOrMany>,
     n: Option<u64>,
     ignore_eos: Option<bool>,
+    /// `true` (chat) or a count (completions); only "off" is supported.
+    logprobs: Option<Value>,
 }
 
 /// The server's limits on what a request may ask for.
@@ -118,6 +120,14 @@ impl Sampling {
                     format!("{name} = {v} is not supported; use repetition_penalty"),
                 ));
             }
+        }
+        let wants_logprobs = match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+            Some(_) => true,
+        };
+        if wants_logprobs {
+            return Err(ApiError::invalid(Some("logprobs"), "invalid_value", "logprobs are not supported yet"));
         }
         let mut s = GenerateSettings::new().max_tokens(max_tokens);
         if let Some(t) = self.temperature {
@@ -377,6 +387,9 @@ mod tests {
         assert_eq!(param(r#"{"temperature": "hot"}"#).as_deref(), Some("temperature"));
         assert_eq!(param(r#"{"stop": [""]}"#).as_deref(), Some("stop"));
         assert_eq!(param(r#"{"frequency_penalty": 0.5}"#).as_deref(), Some("frequency_penalty"));
+        assert_eq!(param(r#"{"logprobs": true}"#).as_deref(), Some("logprobs"));
+        assert_eq!(param(r#"{"logprobs": 3}"#).as_deref(), Some("logprobs"));
+        assert!(sampling(r#"{"logprobs": false}"#).is_ok() && sampling(r#"{"logprobs": 0}"#).is_ok());
         let e = sampling(r#"{"temperature": "hot"}"#).unwrap_err();
         assert!(e.message.starts_with("invalid field temperature: invalid type: string \"hot\""), "{}", e.message);
         let e = sampling(r#"{"max_tokens": 101}"#).unwrap_err();
