@@ -12,6 +12,9 @@ exits non-zero with the reason at the first failure.
 import argparse
 import json
 import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
@@ -76,6 +79,35 @@ def main():
     ]
     check("".join(parts) == whole, f"streamed completion {''.join(parts)!r} != {whole!r}")
     print("completions stream: ok")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(
+            pool.map(
+                lambda _: client.chat.completions.create(model=args.model, messages=messages, max_tokens=12),
+                range(4),
+            )
+        )
+    check(all(a.choices[0].message.content == text for a in answers), "concurrent answers differ")
+    print("concurrent: ok")
+
+    stream = client.chat.completions.create(
+        model=args.model, messages=messages, max_tokens=4000, stream=True, extra_body={"ignore_eos": True}
+    )
+    chunks = iter(stream)
+    next(chunks)
+    next(chunks)
+    stream.close()
+    health_url = args.base_url.rstrip("/").removesuffix("/v1") + "/health"
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(health_url, timeout=30) as r:
+            engine = json.load(r)["engine"]
+        if engine["running"] == 0 and engine["cancelled"] >= 1:
+            break
+        check(time.monotonic() < deadline, f"the closed stream's generation did not stop: {engine}")
+        time.sleep(0.05)
+    check(engine["cancelled_generation_tokens"] < 4000, f"the generation ran to the end: {engine}")
+    print("disconnect: ok")
 
     try:
         client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)

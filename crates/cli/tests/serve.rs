@@ -347,7 +347,8 @@ fn smollm2_answers_over_http() {
 }
 
 /// The official `openai` Python package against the server: chat with and without streaming,
-/// and completions. Needs `MLXR_PYTHON` (set by `cargo xtask test` to the fixtures virtualenv).
+/// completions, four requests at once, a stream closed after two chunks (its generation stops),
+/// and the errors for an unknown model and a bad setting. Needs `MLXR_PYTHON` (set by `cargo xtask test` to the fixtures virtualenv).
 #[test]
 fn the_openai_python_package_talks_to_the_server() {
     let test = "the_openai_python_package_talks_to_the_server";
@@ -371,9 +372,16 @@ fn the_openai_python_package_talks_to_the_server() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
-    for check in
-        ["chat: ok", "chat stream: ok", "completions: ok", "completions stream: ok", "bad model: ok", "bad setting: ok"]
-    {
+    for check in [
+        "chat: ok",
+        "chat stream: ok",
+        "completions: ok",
+        "completions stream: ok",
+        "concurrent: ok",
+        "disconnect: ok",
+        "bad model: ok",
+        "bad setting: ok",
+    ] {
         assert!(lines.contains(&check), "missing {check:?} in:\n{stdout}");
     }
     // The script's answers are the server's greedy answers.
