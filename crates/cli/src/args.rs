@@ -26,6 +26,11 @@ pub(crate) enum Command {
     /// Talk with a model, turn by turn; /help lists the commands.
     Chat(ChatArgs),
     /// Serve a model over an OpenAI-compatible HTTP API.
+    ///
+    /// Endpoints: POST /v1/chat/completions and /v1/completions (with "stream": true for
+    /// server-sent events), GET /v1/models and /health. Requests without a temperature are greedy,
+    /// as with mlx-lm's server; top_k, min_p, repetition_penalty and ignore_eos are accepted beside
+    /// OpenAI's fields. Ctrl-C stops the server, cancelling running generations.
     Serve(ServeArgs),
     /// Find model directories under a directory and print them as a table.
     Models(ModelsArgs),
@@ -222,7 +227,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     pub(crate) max_queue: u32,
     /// How long a request may wait for its turn, in seconds, before 503.
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 300.0)]
     pub(crate) queue_timeout: f64,
     /// The largest request body, in bytes (larger ones get 413).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]

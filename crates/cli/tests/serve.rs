@@ -389,3 +389,12 @@ fn the_openai_python_package_talks_to_the_server() {
     let expected = format!("chat text: {}", serde_json::to_string(&whole["choices"][0]["message"]["content"]).unwrap());
     assert!(stdout.lines().any(|l| l == expected), "{expected} not in:\n{stdout}");
 }
+
+#[test]
+fn bad_server_flags_fail_before_loading() {
+    let out = run(&["serve", "--model", &tiny(MODEL), "--port", "0", "--max-tokens-limit", "0"], "");
+    assert!(!out.status.success());
+    assert_eq!(text(&out).1, "mlxr: error: --max-tokens-limit and --default-max-tokens must be at least 1\n");
+    let out = run(&["serve", "--model", &tiny(MODEL), "--port", "0", "--queue-timeout", "-1"], "");
+    assert!(text(&out).1.contains("--queue-timeout -1: must be a number of seconds >= 0"), "{:?}", text(&out));
+}

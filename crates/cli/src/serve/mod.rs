@@ -70,6 +70,9 @@ pub(crate) fn run(args: &ServeArgs) -> Result<(), Failure> {
     if args.queue_timeout.is_nan() || args.queue_timeout < 0.0 {
         return Err(Failure::new(format!("--queue-timeout {}: must be a number of seconds >= 0", args.queue_timeout)));
     }
+    if args.max_tokens_limit == 0 || args.default_max_tokens == 0 {
+        return Err(Failure::new("--max-tokens-limit and --default-max-tokens must be at least 1"));
+    }
     let model_id = match &args.model_id {
         Some(id) if !id.is_empty() => id.clone(),
         Some(_) => return Err(Failure::new("--model-id must not be empty")),
