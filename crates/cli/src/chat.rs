@@ -358,7 +358,7 @@ pub(crate) fn repl(
                         writeln!(err, "(the reply was interrupted and is not kept)").map_err(stderr)
                     }
                     Err(e) => Err(e),
-                    Ok(metrics) if options.metrics => writeln!(err, "{}", metrics_line(&metrics)).map_err(stderr),
+                    Ok(metrics) if options.metrics => writeln!(err, "{}", metrics_line(&metrics, true)).map_err(stderr),
                     Ok(_) => Ok(()),
                 }
             }

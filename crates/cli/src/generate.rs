@@ -27,7 +27,7 @@ pub(crate) fn run(args: &GenerateArgs) -> Result<(), Failure> {
         let metrics = stream_to(stream, &mut out, model.as_ref())?;
         writeln!(out).map_err(|e| failure::io("writing to standard output", e))?;
         if args.metrics {
-            eprintln!("{}", metrics_line(&metrics));
+            eprintln!("{}", metrics_line(&metrics, false));
         }
         Ok(())
     })();
@@ -78,9 +78,10 @@ pub(crate) fn stream_to(
     Ok(stream.metrics().copied().unwrap_or_else(|| model.metrics()))
 }
 
-/// One line of measurements for standard error.
-pub(crate) fn metrics_line(m: &GenerateMetrics) -> String {
-    let cached = if m.cached_prompt_tokens > 0 {
+/// One line of measurements for standard error; the prompt's split into cached and new tokens
+/// is shown when some were cached, or always with `split`.
+pub(crate) fn metrics_line(m: &GenerateMetrics, split: bool) -> String {
+    let cached = if split || m.cached_prompt_tokens > 0 {
         format!(" ({} cached, {} new)", m.cached_prompt_tokens, m.prompt_tokens.saturating_sub(m.cached_prompt_tokens))
     } else {
         String::new()
@@ -135,13 +136,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            metrics_line(&m),
+            metrics_line(&m, false),
             "prompt: 10 tokens (4 cached, 6 new), 100.0 tokens/s; generation: 5 tokens, 50.0 tokens/s, \
              peak memory 2.000 GB"
         );
         assert_eq!(
-            metrics_line(&GenerateMetrics::default()),
+            metrics_line(&GenerateMetrics::default(), false),
             "prompt: 0 tokens, 0.0 tokens/s; generation: 0 tokens, 0.0 tokens/s"
         );
+        let fresh = GenerateMetrics { prompt_tokens: 3, ..Default::default() };
+        assert!(metrics_line(&fresh, true).starts_with("prompt: 3 tokens (0 cached, 3 new), "));
     }
 }

@@ -85,6 +85,7 @@ fn chat_takes_turns_and_commands_from_standard_input() {
     assert!(stderr.contains("(loaded 4 turns from "), "{stderr}");
     assert!(stderr.contains("(conversation reset)") && stderr.contains("(system message set)"), "{stderr}");
     assert_eq!(stderr.matches("generation: ").count(), 4, "four turns were sent: {stderr}");
+    assert_eq!(stderr.matches(" cached, ").count(), 4, "each turn says how much of the prompt was cached: {stderr}");
 
     let read = |p: &std::path::Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
