@@ -164,6 +164,9 @@ fn malformed_requests_get_clear_4xx_errors() {
         400,
         Some("messages[0].content[0]"),
     );
+    let long = json!([{"role": "user", "content": "word ".repeat(300)}]);
+    let msg = expect_error(bad(json!({"messages": long})), 400, Some("prompt"));
+    assert!(msg.contains("longer than the context length of 128 tokens"), "{msg}");
     let (status, ok) = bad(json!({"some_future_field": {"x": 1}, "user": "ignored"}));
     assert_eq!(status, 200, "unknown fields are ignored: {ok}");
 
