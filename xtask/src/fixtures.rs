@@ -28,7 +28,8 @@ use crate::util::{fnv1a64, python, run as run_cmd, workspace_root};
 const REQUIREMENTS: &str = "xtask/fixtures/requirements.txt";
 const VENV_STAMP: &str = ".mlxr-venv";
 /// What the virtualenv must be able to import before it is trusted.
-const VENV_IMPORTS: &str = "import mlx.core, mlx_lm, transformers, tokenizers, gguf, safetensors, jinja2, numpy";
+const VENV_IMPORTS: &str =
+    "import mlx.core, mlx_lm, transformers, tokenizers, gguf, safetensors, jinja2, numpy, openai";
 
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Options {
@@ -293,7 +294,7 @@ mod tests {
             assert!(root.join("xtask/fixtures").join(f).is_file(), "xtask/fixtures/{f} is missing");
         }
         let req = fs::read_to_string(root.join(REQUIREMENTS)).unwrap();
-        for pin in ["mlx[cpu]==0.32.4", "mlx-lm==0.32.2", "transformers==5.23.0", "gguf==0.19.0"] {
+        for pin in ["mlx[cpu]==0.32.4", "mlx-lm==0.32.2", "transformers==5.23.0", "gguf==0.19.0", "openai==3.54.0"] {
             assert!(req.lines().any(|l| l.trim() == pin), "requirements.txt lacks {pin}");
         }
     }

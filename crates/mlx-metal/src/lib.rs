@@ -26,6 +26,7 @@ mod ffi;
 pub mod array;
 pub mod backend;
 pub mod batch;
+pub mod bench;
 pub mod cache;
 pub mod chat;
 pub mod device;

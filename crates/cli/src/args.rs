@@ -1,0 +1,381 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! The command line: subcommands and their flags, and how the shared flags become
+//! [`LoadSettings`] and [`GenerateSettings`].
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use inference_core::{Device, GenerateSettings, LoadSettings, TextModel};
+
+use crate::failure::Failure;
+
+/// mlxr — run and fine-tune LLMs on MLX.
+#[derive(Debug, Parser)]
+#[command(name = "mlxr", version, about = "mlxr — run and fine-tune LLMs on MLX", propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Generate a continuation of one prompt (an argument, or standard input), streamed.
+    Generate(GenerateArgs),
+    /// Talk with a model, turn by turn; /help lists the commands.
+    Chat(ChatArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API.
+    ///
+    /// Endpoints: POST /v1/chat/completions and /v1/completions (with "stream": true for
+    /// server-sent events), GET /v1/models and /health. Requests without a temperature are greedy,
+    /// as with mlx-lm's server; top_k, min_p, repetition_penalty and ignore_eos are accepted beside
+    /// OpenAI's fields. Ctrl-C stops the server, cancelling running generations.
+    Serve(ServeArgs),
+    /// Find model directories under a directory and print them as a table.
+    Models(ModelsArgs),
+    /// Print the device and MLX version, and a model's shape when one is given.
+    Info(InfoArgs),
+    /// Measure prefill and decode speed on a model (the engine's own loop; JSON on stdout).
+    #[cfg(feature = "metal")]
+    Bench(BenchArgs),
+}
+
+/// Which model to load and how.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ModelArgs {
+    /// The model directory (config.json, tokenizer and safetensors).
+    #[arg(short, long, value_name = "DIR")]
+    pub(crate) model: PathBuf,
+    /// The backend: `metal` (native MLX) or `mlx_lm` (Python mlx-lm); default: the first
+    /// available.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) backend: Option<String>,
+    /// Where to run: auto, gpu or cpu.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub(crate) device: Device,
+    /// The context length to allocate for (default: the model's own).
+    #[arg(long, value_name = "TOKENS")]
+    pub(crate) context_length: Option<usize>,
+    /// A LoRA adapter directory to apply at load.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) adapter: Option<PathBuf>,
+    /// The Python interpreter (or virtualenv) for the `mlx_lm` backend (default: $MLXR_PYTHON,
+    /// else python3).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) python: Option<PathBuf>,
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse::<Device>().map_err(|e| e.to_string())
+}
+
+impl ModelArgs {
+    /// The load settings these flags ask for.
+    pub(crate) fn load_settings(&self) -> LoadSettings {
+        let mut s = LoadSettings::new().device(self.device);
+        s.backend = self.backend.clone();
+        s.context_length = self.context_length;
+        s.adapter_path = self.adapter.clone();
+        if let Some(python) = &self.python {
+            s = s.backend_option("python", python.to_string_lossy());
+        }
+        s
+    }
+
+    /// Loads the model, logging how long it took.
+    pub(crate) fn load(&self) -> Result<Box<dyn TextModel>, Failure> {
+        let started = Instant::now();
+        let model = load_model(&self.model, &self.load_settings())?;
+        tracing::info!(model = %self.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+        Ok(model)
+    }
+}
+
+/// Loads through the process-wide registry. The registry asks a backend whether it is
+/// [`available`](inference_core::Backend::available) before loading, and the `mlx_lm` backend
+/// answers for its default interpreter (`MLXR_PYTHON`, else `python3`), not the one `--python`
+/// names; so when a backend is named and given an interpreter, it is asked to load directly, and
+/// a missing interpreter is reported by the load itself.
+pub(crate) fn load_model(path: &Path, settings: &LoadSettings) -> Result<Box<dyn TextModel>, inference_core::Error> {
+    let direct = settings.backend_options.contains_key("python").then_some(settings.backend.as_deref()).flatten();
+    let Some(backend) = direct.and_then(inference_core::get) else {
+        return inference_core::load_model(path, settings);
+    };
+    settings.validate()?;
+    backend.load_model(path, settings).map_err(|source| inference_core::Error::LoadFailed {
+        backend: backend.name().to_owned(),
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+/// How to sample; the defaults are [`GenerateSettings`]'s (greedy, 256 tokens).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct SamplingArgs {
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) max_tokens: usize,
+    /// Softmax temperature; 0 is greedy.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
+    pub(crate) temperature: f32,
+    /// Nucleus sampling threshold, in (0, 1]; 1 is off.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
+    pub(crate) top_p: f32,
+    /// Keep only the k most likely tokens; 0 is off.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) top_k: usize,
+    /// Drop tokens less likely than this fraction of the most likely one; 0 is off.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
+    pub(crate) min_p: f32,
+    /// Penalty on recently seen tokens; 1 is off.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
+    pub(crate) repetition_penalty: f32,
+    /// How many recent tokens the repetition penalty looks at.
+    #[arg(long, default_value_t = 20)]
+    pub(crate) repetition_context_size: usize,
+    /// A string that ends generation (repeat for several).
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub(crate) stop: Vec<String>,
+    /// Seed for the sampler.
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// Keep generating past end-of-sequence tokens, up to --max-tokens.
+    #[arg(long)]
+    pub(crate) ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    /// The generation settings, validated.
+    ///
+    /// # Errors
+    ///
+    /// The first flag out of range, named as its flag.
+    pub(crate) fn settings(&self) -> Result<GenerateSettings, Failure> {
+        let mut s = GenerateSettings::new()
+            .max_tokens(self.max_tokens)
+            .temperature(self.temperature)
+            .top_p(self.top_p)
+            .top_k(self.top_k)
+            .min_p(self.min_p)
+            .repetition_penalty(self.repetition_penalty)
+            .repetition_context_size(self.repetition_context_size)
+            .stop_strings(self.stop.iter().cloned())
+            .ignore_eos(self.ignore_eos);
+        s.seed = self.seed;
+        s.validate().map_err(|e| match e {
+            inference_core::Error::InvalidSetting { name, value, reason } => {
+                let flag = if name.starts_with("stop_strings") { "stop".to_owned() } else { name.replace('_', "-") };
+                Failure::new(format!("--{flag} {value}: {reason}"))
+            }
+            other => Failure::from(other),
+        })?;
+        Ok(s)
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GenerateArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
+    /// The prompt; `-` or nothing reads it from standard input.
+    pub(crate) prompt: Option<String>,
+    /// Apply the model's chat template (the prompt is the user's message).
+    #[arg(long)]
+    pub(crate) chat: bool,
+    /// A system message (implies --chat).
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) system: Option<String>,
+    /// Print token counts, speeds and peak memory to standard error at the end.
+    #[arg(long)]
+    pub(crate) metrics: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ChatArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
+    /// The system message to start with (/system changes it).
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) system: Option<String>,
+    /// After each reply, print cached and new prompt tokens and the speed to standard error.
+    #[arg(long)]
+    pub(crate) metrics: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// The address to listen on; the default serves this machine only.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) host: IpAddr,
+    /// The port; 0 picks a free one (the address is printed on standard output).
+    #[arg(long, default_value_t = 8080)]
+    pub(crate) port: u16,
+    /// The model's id in the API (default: the model directory's name).
+    #[arg(long, value_name = "ID")]
+    pub(crate) model_id: Option<String>,
+    /// How many generations run at once; more requests wait in the queue.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub(crate) max_concurrent: u32,
+    /// How many requests may wait for their turn; more are refused with 429.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) max_queue: u32,
+    /// How long a request may wait for its turn, in seconds, before 503.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 300.0)]
+    pub(crate) queue_timeout: f64,
+    /// The largest request body, in bytes (larger ones get 413).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub(crate) max_body_bytes: usize,
+    /// The largest max_tokens a request may ask for (larger ones get 400).
+    #[arg(long, default_value_t = 4096)]
+    pub(crate) max_tokens_limit: usize,
+    /// max_tokens for requests that do not give one (capped by --max-tokens-limit).
+    #[arg(long, default_value_t = 512)]
+    pub(crate) default_max_tokens: usize,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ModelsArgs {
+    /// The directory to search (default: $MLXR_MODELS_DIR, else ~/.cache/mlxr/models).
+    pub(crate) dir: Option<PathBuf>,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct InfoArgs {
+    /// A model directory to load and describe.
+    #[arg(short, long, value_name = "DIR")]
+    pub(crate) model: Option<PathBuf>,
+    /// The backend for --model.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) backend: Option<String>,
+    /// Where to load --model: auto, gpu or cpu.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub(crate) device: Device,
+    /// The Python interpreter for the `mlx_lm` backend.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) python: Option<PathBuf>,
+}
+
+#[cfg(feature = "metal")]
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// The model directory.
+    #[arg(short, long, value_name = "DIR")]
+    pub(crate) model: PathBuf,
+    /// Prompt lengths in tokens, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
+    pub(crate) prompts: Vec<usize>,
+    /// Tokens to decode per run (at least 2).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) decode: usize,
+    /// Measured runs per prompt length (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) runs: usize,
+    /// Unmeasured runs first.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) warmup: usize,
+    /// Seed of the pseudo-random prompt ids.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Skip the runs through the public API.
+    #[arg(long)]
+    pub(crate) no_public: bool,
+    /// Write the report as JSON to this file instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) json: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mlxr").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn generate_flags_become_settings() {
+        let cli = parse(&[
+            "generate",
+            "-m",
+            "/m",
+            "--backend",
+            "mlx_lm",
+            "--device",
+            "CPU",
+            "--max-tokens",
+            "7",
+            "--temperature",
+            "0.5",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "3",
+            "--stop",
+            "a",
+            "--stop",
+            "b",
+            "--seed",
+            "4",
+            "hi",
+        ])
+        .unwrap();
+        let Command::Generate(g) = cli.command else { panic!("not generate") };
+        assert_eq!(g.prompt.as_deref(), Some("hi"));
+        let load = g.model.load_settings();
+        assert_eq!(load.backend.as_deref(), Some("mlx_lm"));
+        assert_eq!(load.device, Device::Cpu);
+        let s = g.sampling.settings().unwrap();
+        assert_eq!((s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed), (7, 0.5, 0.9, Some(3), Some(4)));
+        assert_eq!(s.stop_strings, ["a", "b"]);
+    }
+
+    #[test]
+    fn bad_flags_are_refused_naming_the_flag() {
+        let cli = parse(&["generate", "-m", "/m", "--top-p", "1.5", "x"]).unwrap();
+        let Command::Generate(g) = cli.command else { panic!("not generate") };
+        assert_eq!(g.sampling.settings().unwrap_err().message(), "--top-p 1.5: must be in (0, 1]");
+        let cli = parse(&["generate", "-m", "/m", "--stop", "", "x"]).unwrap();
+        let Command::Generate(g) = cli.command else { panic!("not generate") };
+        assert!(g.sampling.settings().unwrap_err().message().starts_with("--stop \"\""));
+
+        let err = parse(&["generate", "-m", "/m", "--device", "tpu"]).unwrap_err().to_string();
+        assert!(err.contains("must be one of auto, gpu, cpu"), "{err}");
+        assert!(parse(&["generate", "--max-tokens", "-3", "-m", "/m"]).is_err());
+        assert!(parse(&["serve", "-m", "/m", "--max-concurrent", "0"]).is_err());
+        assert!(parse(&["serve", "-m", "/m", "--host", "localhost:80"]).is_err());
+        assert!(parse(&["frobnicate"]).is_err());
+    }
+
+    #[test]
+    fn serve_defaults_bind_localhost() {
+        let cli = parse(&["serve", "-m", "/m"]).unwrap();
+        let Command::Serve(s) = cli.command else { panic!("not serve") };
+        assert_eq!(s.host.to_string(), "127.0.0.1");
+        assert_eq!(s.port, 8080);
+        assert_eq!(s.max_concurrent, 1);
+    }
+
+    #[test]
+    fn python_becomes_a_backend_option() {
+        let cli = parse(&["chat", "-m", "/m", "--python", "/venv/bin/python", "--system", "be brief"]).unwrap();
+        let Command::Chat(c) = cli.command else { panic!("not chat") };
+        assert_eq!(c.model.load_settings().backend_options["python"], "/venv/bin/python");
+        assert_eq!(c.system.as_deref(), Some("be brief"));
+    }
+}

@@ -1,0 +1,67 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! `mlxr` — run and fine-tune LLMs on MLX: one binary for people.
+//!
+//! Subcommands: `generate` (one prompt, streamed), `chat` (an interactive conversation),
+//! `serve` (an OpenAI-compatible HTTP server), `models` (discover model directories), `info`
+//! (model, device and MLX version) and `bench` (the engine's speed on a model). Backends are
+//! chosen by name at run time (`--backend metal` or `mlx_lm`); each one this binary was built
+//! with (cargo features `metal` and `mlx_lm`) is registered at start-up.
+
+mod args;
+#[cfg(feature = "metal")]
+mod bench;
+mod chat;
+mod failure;
+mod generate;
+mod info;
+mod models;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{Cli, Command};
+use crate::failure::Failure;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Command::Serve(_)));
+    register_backends();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("mlxr: error: {}", failure.message());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Generate(a) => generate::run(&a),
+        Command::Chat(a) => chat::run(&a),
+        Command::Serve(a) => serve::run(&a),
+        Command::Models(a) => models::run(&a),
+        Command::Info(a) => info::run(&a),
+        #[cfg(feature = "metal")]
+        Command::Bench(a) => bench::run(&a),
+    }
+}
+
+/// Every backend this binary was built with, in the process-wide registry.
+fn register_backends() {
+    #[cfg(feature = "metal")]
+    mlx_metal::register();
+    #[cfg(feature = "mlx_lm")]
+    mlxlm_bridge::register();
+}
+
+/// Logs to stderr, filtered by `RUST_LOG`; the default is `warn`, and `info` for the server's
+/// own request log.
+fn init_tracing(serving: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if serving { "warn,mlxr=info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -1,0 +1,465 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! The OpenAI request and response shapes: parsing with errors that name the field, the
+//! settings a request asks for, and the JSON the server sends back.
+//!
+//! Unknown fields are ignored, as OpenAI's API does. Sampling fields beyond OpenAI's (`top_k`,
+//! `min_p`, `repetition_penalty`, `repetition_context_size`, `ignore_eos`) are accepted as
+//! mlx-lm's server accepts them. `temperature` defaults to 0 (greedy), as in mlx-lm's server.
+
+use inference_core::{GenerateSettings, Message, Role};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+
+/// Parses a request body: first as JSON (a syntax error is reported with its line and column),
+/// then as `T` (a wrong type names the field's path).
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<(T, Value), ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(None, "invalid_json", format!("the request body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::invalid(None, "invalid_json", "the request body must be a JSON object"));
+    }
+    let typed = from_value(&value)?;
+    Ok((typed, value))
+}
+
+/// `T` from an already-parsed object; errors name the field.
+pub(crate) fn from_value<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let param = (path != ".").then(|| path.clone());
+        let inner = e.into_inner().to_string();
+        let message = match &param {
+            Some(p) => format!("invalid field {p}: {inner}"),
+            None => format!("invalid request: {inner}"),
+        };
+        ApiError::invalid(param.as_deref(), "invalid_value", message)
+    })
+}
+
+/// One string or several.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// The sampling fields shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct Sampling {
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    repetition_context_size: Option<u64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<OneOrMany>,
+    n: Option<u64>,
+    ignore_eos: Option<bool>,
+    /// `true` (chat) or a count (completions); only "off" is supported.
+    logprobs: Option<Value>,
+}
+
+/// The server's limits on what a request may ask for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_tokens: usize,
+    pub(crate) default_max_tokens: usize,
+}
+
+impl Sampling {
+    /// The settings this request asks for, validated.
+    pub(crate) fn settings(&self, limits: Limits) -> Result<GenerateSettings, ApiError> {
+        let (field, asked) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(n), _) => ("max_completion_tokens", Some(n)),
+            (None, Some(n)) => ("max_tokens", Some(n)),
+            (None, None) => ("max_tokens", None),
+        };
+        let max_tokens = match asked {
+            Some(n) if n > limits.max_tokens as u64 => {
+                return Err(ApiError::invalid(
+                    Some(field),
+                    "invalid_value",
+                    format!("{field} = {n} is more than this server's limit of {}", limits.max_tokens),
+                ));
+            }
+            Some(n) => n as usize,
+            None => limits.default_max_tokens.min(limits.max_tokens),
+        };
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(ApiError::invalid(Some("n"), "invalid_value", format!("n = {n}: only n = 1 is supported")));
+        }
+        for (name, value) in
+            [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)]
+        {
+            if let Some(v) = value
+                && v != 0.0
+            {
+                return Err(ApiError::invalid(
+                    Some(name),
+                    "invalid_value",
+                    format!("{name} = {v} is not supported; use repetition_penalty"),
+                ));
+            }
+        }
+        let wants_logprobs = match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+            Some(_) => true,
+        };
+        if wants_logprobs {
+            return Err(ApiError::invalid(Some("logprobs"), "invalid_value", "logprobs are not supported yet"));
+        }
+        let mut s = GenerateSettings::new().max_tokens(max_tokens);
+        if let Some(t) = self.temperature {
+            s = s.temperature(t);
+        }
+        if let Some(p) = self.top_p {
+            s = s.top_p(p);
+        }
+        if let Some(k) = self.top_k {
+            let k = usize::try_from(k).map_err(|_| {
+                ApiError::invalid(Some("top_k"), "invalid_value", format!("top_k = {k}: must be 0 (off) or more"))
+            })?;
+            s = s.top_k(k);
+        }
+        if let Some(p) = self.min_p {
+            s = s.min_p(p);
+        }
+        if let Some(r) = self.repetition_penalty {
+            s = s.repetition_penalty(r);
+        }
+        if let Some(n) = self.repetition_context_size {
+            s = s.repetition_context_size(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        if let Some(seed) = self.seed {
+            s = s.seed(seed as u64);
+        }
+        if let Some(stop) = &self.stop {
+            s = s.stop_strings(stop.clone().into_vec());
+        }
+        if let Some(ignore) = self.ignore_eos {
+            s = s.ignore_eos(ignore);
+        }
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub(crate) struct StreamOptions {
+    #[serde(default)]
+    pub(crate) include_usage: bool,
+}
+
+/// The fields both endpoints read besides the sampling ones.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct Common {
+    pub(crate) model: Option<String>,
+    #[serde(default)]
+    pub(crate) stream: Option<bool>,
+    pub(crate) stream_options: Option<StreamOptions>,
+}
+
+impl Common {
+    pub(crate) fn streaming(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    pub(crate) fn include_usage(&self) -> bool {
+        self.stream_options.is_some_and(|o| o.include_usage)
+    }
+}
+
+/// A chat message's content: text, or a list of parts of which only text parts are supported.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+/// `/v1/chat/completions`'s own fields.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct ChatRequest {
+    messages: Vec<ChatMessage>,
+}
+
+impl ChatRequest {
+    /// The conversation, as the engine takes it.
+    pub(crate) fn messages(&self) -> Result<Vec<Message>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid(Some("messages"), "invalid_value", "messages must not be empty"));
+        }
+        self.messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Parts(parts)) => {
+                        let mut text = String::new();
+                        for (j, part) in parts.iter().enumerate() {
+                            match (part.kind.as_str(), &part.text) {
+                                ("text", Some(t)) => text.push_str(t),
+                                (kind, _) => {
+                                    let param = format!("messages[{i}].content[{j}]");
+                                    return Err(ApiError::invalid(
+                                        Some(&param),
+                                        "invalid_value",
+                                        format!("{param}: only text parts are supported (got type {kind:?})"),
+                                    ));
+                                }
+                            }
+                        }
+                        text
+                    }
+                };
+                // OpenAI's newer name for the system role.
+                let role = if m.role == "developer" { Role::SYSTEM } else { Role::new(m.role.as_str()) };
+                if m.role.is_empty() {
+                    let param = format!("messages[{i}].role");
+                    return Err(ApiError::invalid(Some(&param), "invalid_value", format!("{param} must not be empty")));
+                }
+                Ok(Message::new(role, content))
+            })
+            .collect()
+    }
+}
+
+/// `/v1/completions`'s own fields.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct CompletionRequest {
+    prompt: OneOrMany,
+}
+
+impl CompletionRequest {
+    /// The one prompt.
+    pub(crate) fn prompt(&self) -> Result<String, ApiError> {
+        match &self.prompt {
+            OneOrMany::One(p) => Ok(p.clone()),
+            OneOrMany::Many(v) if v.len() == 1 => Ok(v[0].clone()),
+            OneOrMany::Many(v) => Err(ApiError::invalid(
+                Some("prompt"),
+                "invalid_value",
+                format!("prompt holds {} strings: only one prompt per request is supported", v.len()),
+            )),
+        }
+    }
+}
+
+/// Token counts, as OpenAI reports them.
+pub(crate) fn usage(prompt: usize, completion: usize) -> Value {
+    json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
+}
+
+/// What a response's header fields say.
+#[derive(Debug, Clone)]
+pub(crate) struct Head {
+    pub(crate) id: String,
+    pub(crate) created: u64,
+    pub(crate) model: String,
+}
+
+/// A whole `chat.completion`.
+pub(crate) fn chat_completion(head: &Head, text: &str, finish: &str, usage: Value) -> Value {
+    json!({
+        "id": head.id,
+        "object": "chat.completion",
+        "created": head.created,
+        "model": head.model,
+        "system_fingerprint": null,
+        "choices": [{
+            "index": 0,
+            "message": { "role": "assistant", "content": text },
+            "logprobs": null,
+            "finish_reason": finish,
+        }],
+        "usage": usage,
+    })
+}
+
+/// One `chat.completion.chunk`: a delta, or (with `choices` empty) the usage.
+pub(crate) fn chat_chunk(head: &Head, delta: Option<Value>, finish: Option<&str>, usage: Option<Value>) -> Value {
+    let choices = match delta {
+        Some(delta) => json!([{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }]),
+        None => json!([]),
+    };
+    json!({
+        "id": head.id,
+        "object": "chat.completion.chunk",
+        "created": head.created,
+        "model": head.model,
+        "system_fingerprint": null,
+        "choices": choices,
+        "usage": usage,
+    })
+}
+
+/// A whole `text_completion`, or (streaming) one piece of it.
+pub(crate) fn text_completion(head: &Head, text: Option<&str>, finish: Option<&str>, usage: Option<Value>) -> Value {
+    let choices = match text {
+        Some(text) => json!([{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }]),
+        None => json!([]),
+    };
+    json!({
+        "id": head.id,
+        "object": "text_completion",
+        "created": head.created,
+        "model": head.model,
+        "system_fingerprint": null,
+        "choices": choices,
+        "usage": usage,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { max_tokens: 100, default_max_tokens: 512 };
+
+    fn sampling(json: &str) -> Result<GenerateSettings, ApiError> {
+        let (s, _): (Sampling, Value) = parse(json.as_bytes())?;
+        s.settings(LIMITS)
+    }
+
+    #[test]
+    fn fields_become_settings() {
+        let s = sampling(
+            r#"{"max_tokens": 5, "temperature": 0.7, "top_p": 0.9, "top_k": 4, "min_p": 0.1, "seed": 3,
+                "repetition_penalty": 1.1, "stop": "END", "n": 1, "presence_penalty": 0, "unknown": [1]}"#,
+        )
+        .unwrap();
+        assert_eq!((s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed), (5, 0.7, 0.9, Some(4), Some(3)));
+        assert_eq!(s.stop_strings, ["END"]);
+        assert_eq!(sampling("{}").unwrap().max_tokens, 100, "the default is capped by the limit");
+        assert_eq!(sampling(r#"{"max_tokens": 9, "max_completion_tokens": 7}"#).unwrap().max_tokens, 7);
+        assert_eq!(sampling(r#"{"stop": ["a", "b"]}"#).unwrap().stop_strings, ["a", "b"]);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let param = |json: &str| sampling(json).unwrap_err().param;
+        assert_eq!(param(r#"{"temperature": -1}"#).as_deref(), Some("temperature"));
+        assert_eq!(param(r#"{"top_p": 1.5}"#).as_deref(), Some("top_p"));
+        assert_eq!(param(r#"{"top_k": -2}"#).as_deref(), Some("top_k"));
+        assert_eq!(param(r#"{"n": 2}"#).as_deref(), Some("n"));
+        assert_eq!(param(r#"{"max_tokens": 101}"#).as_deref(), Some("max_tokens"));
+        assert_eq!(param(r#"{"max_completion_tokens": 0}"#).as_deref(), Some("max_tokens"));
+        assert_eq!(param(r#"{"max_tokens": -1}"#).as_deref(), Some("max_tokens"));
+        assert_eq!(param(r#"{"temperature": "hot"}"#).as_deref(), Some("temperature"));
+        assert_eq!(param(r#"{"stop": [""]}"#).as_deref(), Some("stop"));
+        assert_eq!(param(r#"{"frequency_penalty": 0.5}"#).as_deref(), Some("frequency_penalty"));
+        assert_eq!(param(r#"{"logprobs": true}"#).as_deref(), Some("logprobs"));
+        assert_eq!(param(r#"{"logprobs": 3}"#).as_deref(), Some("logprobs"));
+        assert!(sampling(r#"{"logprobs": false}"#).is_ok() && sampling(r#"{"logprobs": 0}"#).is_ok());
+        let e = sampling(r#"{"temperature": "hot"}"#).unwrap_err();
+        assert!(e.message.starts_with("invalid field temperature: invalid type: string \"hot\""), "{}", e.message);
+        let e = sampling(r#"{"max_tokens": 101}"#).unwrap_err();
+        assert_eq!(e.message, "max_tokens = 101 is more than this server's limit of 100");
+    }
+
+    #[test]
+    fn malformed_bodies_are_refused() {
+        let e = parse::<Sampling>(b"{\"model\": ").unwrap_err();
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        assert!(e.message.starts_with("the request body is not valid JSON: EOF while parsing"), "{}", e.message);
+        assert_eq!(e.code, Some("invalid_json"));
+        let e = parse::<Sampling>(b"[1, 2]").unwrap_err();
+        assert_eq!(e.message, "the request body must be a JSON object");
+        assert!(parse::<Sampling>(b"").is_err());
+        assert!(parse::<Sampling>(&[0xff, 0x00]).is_err());
+    }
+
+    #[test]
+    fn messages_are_read() {
+        let (r, _): (ChatRequest, Value) = parse(
+            br#"{"messages": [{"role": "developer", "content": "be kind"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": null}]}"#,
+        )
+        .unwrap();
+        let m = r.messages().unwrap();
+        assert_eq!(m, [Message::system("be kind"), Message::user("ab"), Message::assistant("")]);
+    }
+
+    #[test]
+    fn bad_messages_are_named() {
+        let e = parse::<ChatRequest>(br#"{"model": "x"}"#).unwrap_err();
+        assert_eq!(e.message, "invalid request: missing field `messages`");
+        let e = parse::<ChatRequest>(br#"{"messages": [{"content": "hi"}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0]"));
+        let (r, _): (ChatRequest, Value) = parse(br#"{"messages": []}"#).unwrap();
+        assert_eq!(r.messages().unwrap_err().param.as_deref(), Some("messages"));
+        let (r, _): (ChatRequest, Value) =
+            parse(br#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#).unwrap();
+        assert_eq!(r.messages().unwrap_err().param.as_deref(), Some("messages[0].content[0]"));
+        let (r, _): (ChatRequest, Value) = parse(br#"{"messages": [{"role": "", "content": "x"}]}"#).unwrap();
+        assert_eq!(r.messages().unwrap_err().param.as_deref(), Some("messages[0].role"));
+    }
+
+    #[test]
+    fn prompts_are_one_string() {
+        let (r, _): (CompletionRequest, Value) = parse(br#"{"prompt": ["only"]}"#).unwrap();
+        assert_eq!(r.prompt().unwrap(), "only");
+        let (r, _): (CompletionRequest, Value) = parse(br#"{"prompt": ["a", "b"]}"#).unwrap();
+        assert_eq!(r.prompt().unwrap_err().param.as_deref(), Some("prompt"));
+        assert_eq!(parse::<CompletionRequest>(br#"{"prompt": [1, 2]}"#).unwrap_err().param.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn responses_have_openais_shape() {
+        let head = Head { id: "chatcmpl-1".into(), created: 7, model: "m".into() };
+        let v = chat_completion(&head, "hi", "stop", usage(3, 1));
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["choices"][0]["message"]["content"], "hi");
+        assert_eq!(v["usage"]["total_tokens"], 4);
+        let c = chat_chunk(&head, Some(json!({"content": "x"})), None, None);
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert!(c["choices"][0]["finish_reason"].is_null());
+        let u = chat_chunk(&head, None, None, Some(usage(1, 2)));
+        assert_eq!(u["choices"], json!([]));
+        let t = text_completion(&head, Some("x"), Some("length"), None);
+        assert_eq!(
+            (t["object"].as_str(), t["choices"][0]["finish_reason"].as_str()),
+            (Some("text_completion"), Some("length"))
+        );
+    }
+}

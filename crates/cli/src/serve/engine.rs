@@ -1,0 +1,260 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! The queue in front of the model, and the bridge from its blocking token stream to async code.
+//!
+//! A request first takes one of `--max-concurrent` permits; while none is free it waits, up to
+//! `--max-queue` requests and `--queue-timeout`. With a permit, a blocking task calls the model
+//! and forwards each token over a bounded channel. The [`Generation`] that the handler holds
+//! cancels the call when it is dropped, so a client that disconnects (axum drops the response
+//! body, and with it the generation) stops the engine at its next token.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use inference_core::{CancelToken, Error, GenerateSettings, Message, TextModel};
+use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use super::error::ApiError;
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub(crate) enum Prompt {
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<Message>),
+    /// Raw text, continued as it stands.
+    Text(String),
+}
+
+/// What a generation sends to its handler.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// The next piece of text.
+    Token(String),
+    /// The end.
+    Done(Outcome),
+    /// The engine failed part-way (the last event).
+    Failed(Error),
+}
+
+/// How a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    pub(crate) prompt_tokens: usize,
+    pub(crate) completion_tokens: usize,
+    /// `"length"` when it stopped at max_tokens, else `"stop"`.
+    pub(crate) finish_reason: &'static str,
+}
+
+/// Counters shown by `/health`.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    queued: AtomicUsize,
+    running: AtomicUsize,
+    completed: AtomicU64,
+    cancelled: AtomicU64,
+    failed: AtomicU64,
+    generated_tokens: AtomicU64,
+    cancelled_tokens: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn json(&self) -> Value {
+        let get = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        json!({
+            "queued": self.queued.load(Ordering::SeqCst),
+            "running": self.running.load(Ordering::SeqCst),
+            "completed": get(&self.completed),
+            "cancelled": get(&self.cancelled),
+            "failed": get(&self.failed),
+            "generated_tokens": get(&self.generated_tokens),
+            "cancelled_generation_tokens": get(&self.cancelled_tokens),
+        })
+    }
+}
+
+/// Decrements a counter when dropped.
+struct Count<'a>(&'a AtomicUsize);
+
+impl<'a> Count<'a> {
+    fn up(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for Count<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The queue's settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueLimits {
+    pub(crate) max_concurrent: usize,
+    pub(crate) max_queue: usize,
+    pub(crate) queue_timeout: Duration,
+}
+
+/// The loaded model behind its queue.
+pub(crate) struct Engine {
+    model: Arc<dyn TextModel>,
+    permits: Arc<Semaphore>,
+    limits: QueueLimits,
+    /// The parent of every generation's token: cancelled at shutdown.
+    shutdown: CancelToken,
+    pub(crate) stats: Stats,
+}
+
+/// A running generation. Dropping it cancels the engine's work.
+pub(crate) struct Generation {
+    events: mpsc::Receiver<Event>,
+    cancel: CancelToken,
+}
+
+impl Generation {
+    /// The next event; `None` when the engine stopped without finishing (a shutdown).
+    pub(crate) async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Engine {
+    pub(crate) fn new(model: Arc<dyn TextModel>, limits: QueueLimits) -> Self {
+        Self {
+            model,
+            permits: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
+            limits,
+            shutdown: CancelToken::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Cancels every generation and refuses new ones.
+    pub(crate) fn shut_down(&self) {
+        self.shutdown.cancel();
+        self.permits.close();
+    }
+
+    /// Waits for a permit: at once when one is free, else in the queue.
+    async fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        let closed = || ApiError::unavailable("the server is shutting down");
+        match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => return Ok(permit),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(closed()),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {}
+        }
+        let queued = self.stats.queued.load(Ordering::SeqCst);
+        if queued >= self.limits.max_queue {
+            return Err(ApiError::queue_full(queued));
+        }
+        let _waiting = Count::up(&self.stats.queued);
+        match tokio::time::timeout(self.limits.queue_timeout, Arc::clone(&self.permits).acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(closed()),
+            Err(_) => Err(ApiError::unavailable(format!(
+                "the server is busy: no turn came within {} s; try again later",
+                self.limits.queue_timeout.as_secs_f64()
+            ))),
+        }
+    }
+
+    /// Queues the request, starts it, and returns once the model has accepted it (errors about
+    /// the prompt or settings come back here, before any token).
+    pub(crate) async fn start(
+        self: &Arc<Self>,
+        prompt: Prompt,
+        settings: GenerateSettings,
+    ) -> Result<Generation, ApiError> {
+        let permit = self.admit().await?;
+        let cancel = self.shutdown.child();
+        let (started_tx, started_rx) = oneshot::channel();
+        let (tx, rx) = mpsc::channel(32);
+        let engine = Arc::clone(self);
+        let token = cancel.clone();
+        // Dropped before the model has answered (the client went away): cancel the call.
+        let generation = Generation { events: rx, cancel };
+        tokio::task::spawn_blocking(move || {
+            engine.produce(prompt, &settings, token, started_tx, &tx);
+            drop(permit);
+        });
+        match started_rx.await {
+            Ok(Ok(())) => Ok(generation),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(ApiError::internal("the engine stopped before starting the generation")),
+        }
+    }
+
+    /// Runs on a blocking thread: calls the model and forwards its tokens.
+    fn produce(
+        &self,
+        prompt: Prompt,
+        settings: &GenerateSettings,
+        cancel: CancelToken,
+        started: oneshot::Sender<Result<(), Error>>,
+        tx: &mpsc::Sender<Event>,
+    ) {
+        let stream = match &prompt {
+            Prompt::Chat(messages) => self.model.chat(messages, settings, cancel),
+            Prompt::Text(text) => self.model.generate(text, settings, cancel),
+        };
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                let _ = started.send(Err(e));
+                return;
+            }
+        };
+        let _running = Count::up(&self.stats.running);
+        if started.send(Ok(())).is_err() {
+            self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+        let mut generated = 0usize;
+        let mut cancelled = false;
+        loop {
+            match stream.next() {
+                Some(Ok(token)) => {
+                    generated += 1;
+                    if tx.blocking_send(Event::Token(token.text)).is_err() {
+                        cancelled = true;
+                        break;
+                    }
+                }
+                Some(Err(e)) if e.is_cancelled() => {
+                    cancelled = true;
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e.report(), "generation failed");
+                    self.stats.failed.fetch_add(1, Ordering::SeqCst);
+                    let _ = tx.blocking_send(Event::Failed(e));
+                    break;
+                }
+                None => {
+                    let prompt_tokens = stream.metrics().map_or(0, |m| m.prompt_tokens);
+                    let finish_reason = if generated >= settings.max_tokens { "length" } else { "stop" };
+                    let outcome = Outcome { prompt_tokens, completion_tokens: generated, finish_reason };
+                    self.stats.completed.fetch_add(1, Ordering::SeqCst);
+                    let _ = tx.blocking_send(Event::Done(outcome));
+                    break;
+                }
+            }
+        }
+        // Stop the backend before the permit goes to the next request.
+        drop(stream);
+        self.stats.generated_tokens.fetch_add(generated as u64, Ordering::SeqCst);
+        if cancelled {
+            tracing::info!(generated, "generation cancelled");
+            self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+            self.stats.cancelled_tokens.fetch_add(generated as u64, Ordering::SeqCst);
+        }
+    }
+}

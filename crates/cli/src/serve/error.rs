@@ -1,0 +1,140 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with a 4xx or 5xx
+//! status.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
+    pub(crate) kind: &'static str,
+    pub(crate) param: Option<String>,
+    pub(crate) code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, code: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), kind, param: None, code }
+    }
+
+    /// 400: the request is malformed or a field is out of range.
+    pub(crate) fn invalid(param: Option<&str>, code: &'static str, message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some(code), message);
+        e.param = param.map(str::to_owned);
+        e
+    }
+
+    /// 404: no such model.
+    pub(crate) fn model_not_found(requested: &str, served: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("model_not_found"),
+            format!("the model {requested:?} does not exist; this server serves {served:?}"),
+        );
+        e.param = Some("model".to_owned());
+        e
+    }
+
+    /// 404: no such path.
+    pub(crate) fn no_route(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("unknown_url"),
+            format!("no such endpoint: {method} {path}"),
+        )
+    }
+
+    /// 413: the body is over the limit.
+    pub(crate) fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            Some("request_too_large"),
+            format!("the request body is larger than the limit of {limit} bytes"),
+        )
+    }
+
+    /// 429: the queue is full.
+    pub(crate) fn queue_full(queued: usize) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            Some("queue_full"),
+            format!("the server is busy: {queued} requests are already waiting; try again later"),
+        )
+    }
+
+    /// 503: waited too long, or the server is stopping.
+    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("server_busy"), message)
+    }
+
+    /// 500: the engine failed.
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, message)
+    }
+
+    /// The JSON body.
+    pub(crate) fn body(&self) -> Value {
+        json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
+    }
+}
+
+impl From<inference_core::Error> for ApiError {
+    /// Errors about the request are 400s naming the field; the rest are the server's.
+    fn from(err: inference_core::Error) -> Self {
+        use inference_core::Error as E;
+        match &err {
+            E::InvalidSetting { name, .. } => {
+                let param = name.split('[').next().unwrap_or(name);
+                let param = if param == "stop_strings" { "stop" } else { param };
+                Self::invalid(Some(param), "invalid_value", err.report())
+            }
+            E::EmptyPrompt => Self::invalid(None, "invalid_value", err.report()),
+            E::Closed | E::Cancelled => Self::unavailable(err.report()),
+            _ => Self::internal(err.report()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_has_openais_shape() {
+        let e = ApiError::model_not_found("gpt-4", "qwen3-tiny");
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            e.body(),
+            json!({"error": {
+                "message": "the model \"gpt-4\" does not exist; this server serves \"qwen3-tiny\"",
+                "type": "invalid_request_error", "param": "model", "code": "model_not_found"
+            }})
+        );
+    }
+
+    #[test]
+    fn core_errors_map_to_statuses() {
+        let e = ApiError::from(inference_core::Error::invalid_setting("stop_strings[0]", "\"\"", "must not be empty"));
+        assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some("stop")));
+        let e = ApiError::from(inference_core::Error::invalid_setting("prompt", "9 tokens", "too long"));
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        assert_eq!(ApiError::from(inference_core::Error::EmptyPrompt).status, StatusCode::BAD_REQUEST);
+        assert_eq!(ApiError::from(inference_core::Error::Closed).status, StatusCode::SERVICE_UNAVAILABLE);
+        let e = ApiError::from(inference_core::Error::backend("metal", "boom"));
+        assert_eq!((e.status, e.kind), (StatusCode::INTERNAL_SERVER_ERROR, "server_error"));
+    }
+}

@@ -1,0 +1,208 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! Helpers shared by the end-to-end tests: the built binary, the fixture models, a server
+//! started on a free port, and an HTTP client.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `mlxr` binary under test.
+pub(crate) fn mlxr() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mlxr"));
+    c.env_remove("RUST_LOG");
+    c
+}
+
+/// Runs `mlxr args...` with `stdin` as standard input.
+pub(crate) fn run(args: &[&str], stdin: &str) -> Output {
+    let mut child = mlxr()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting mlxr");
+    let mut input = child.stdin.take().expect("a piped stdin");
+    input.write_all(stdin.as_bytes()).expect("writing mlxr's standard input");
+    drop(input);
+    child.wait_with_output().expect("waiting for mlxr")
+}
+
+/// Standard output and error as text.
+pub(crate) fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// A tiny fixture model (`testdata/models/<name>`): random weights, deterministic gibberish.
+pub(crate) fn tiny(name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models").join(name);
+    p.to_str().expect("a UTF-8 path").to_owned()
+}
+
+fn require_real() -> bool {
+    std::env::var("MLXR_REQUIRE_REAL_MODELS").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Prints why a test is skipped, or fails it when `MLXR_REQUIRE_REAL_MODELS=1`.
+pub(crate) fn skip(test: &str, why: &str) {
+    assert!(!require_real(), "MLXR_REQUIRE_REAL_MODELS=1 but {why}");
+    eprintln!("note: {test} skipped: {why} (set MLXR_REQUIRE_REAL_MODELS=1 to make this an error)");
+}
+
+/// The real SmolLM2 135M Instruct that `cargo xtask fixtures` converts, where the parity crate
+/// looks for it: `MLXR_MODELS_DIR`, else `MLXR_CACHE_DIR/models`, else `~/.cache/mlxr/models`.
+pub(crate) fn smollm2(test: &str) -> Option<String> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let base = var("MLXR_MODELS_DIR")
+        .or_else(|| var("MLXR_CACHE_DIR").map(|c| c.join("models")))
+        .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("mlxr/models")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache/mlxr/models")));
+    let dir = base.map(|b| b.join("smollm2-135m-instruct"));
+    match dir {
+        Some(d) if d.join("config.json").is_file() => Some(d.to_str().expect("a UTF-8 path").to_owned()),
+        Some(d) => {
+            skip(test, &format!("{} is missing (run `cargo xtask fixtures`)", d.display()));
+            None
+        }
+        None => {
+            skip(test, "no models directory (set MLXR_MODELS_DIR or HOME)");
+            None
+        }
+    }
+}
+
+/// A running `mlxr serve`, killed when dropped.
+pub(crate) struct Server {
+    child: Child,
+    pub(crate) base: String,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Server {
+    /// Starts `mlxr serve --port 0 extra...` and waits for its address.
+    pub(crate) fn start(model: &str, extra: &[&str]) -> Server {
+        let mut child = mlxr()
+            .args(["serve", "--model", model, "--port", "0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting mlxr serve");
+        let mut err = child.stderr.take().expect("a piped stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text);
+            text
+        });
+        let mut out = BufReader::new(child.stdout.take().expect("a piped stdout"));
+        let mut line = String::new();
+        let n = out.read_line(&mut line).expect("reading the server's first line");
+        let mut server = Server { child, base: String::new(), stderr: Some(stderr) };
+        if n == 0 {
+            let _ = server.child.wait();
+            panic!("mlxr serve exited before listening; stderr:\n{}", server.stderr_text());
+        }
+        let addr =
+            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        server.base = addr.to_owned();
+        server
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends SIGTERM (on Unix) and waits for a clean exit within `within`.
+    pub(crate) fn stop(mut self, within: Duration) -> (Option<i32>, String) {
+        #[cfg(unix)]
+        {
+            let pid = self.child.id().to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (status.code(), self.stderr_text());
+            }
+            assert!(Instant::now() < deadline, "the server did not stop within {within:?}");
+            std::thread::yield_now();
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+    }
+
+    fn stderr_text(&mut self) -> String {
+        self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+    }
+
+    /// `/health`'s engine counters.
+    pub(crate) fn engine_stats(&self) -> Value {
+        let (status, body) = get(&self.url("/health"));
+        assert_eq!(status, 200, "{body}");
+        body["engine"].clone()
+    }
+
+    /// Polls `/health` until `done(engine counters)` or the deadline.
+    pub(crate) fn wait_for(&self, what: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let stats = self.engine_stats();
+            if done(&stats) {
+                return stats;
+            }
+            assert!(Instant::now() < deadline, "{what}: not within {within:?}; last counters {stats}");
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client that returns 4xx and 5xx answers instead of failing on them.
+pub(crate) fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(180)))
+        .build()
+        .into()
+}
+
+/// GET, with the status and the JSON body.
+pub(crate) fn get(url: &str) -> (u16, Value) {
+    let mut r = agent().get(url).call().expect("a GET");
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().expect("the body");
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}")))
+}
+
+/// POST of a raw body, with the status and the JSON body.
+pub(crate) fn post_raw(url: &str, body: &str) -> (u16, Value) {
+    let mut r = agent().post(url).header("content-type", "application/json").send(body).expect("a POST");
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().expect("the body");
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}")))
+}
+
+/// POST of a JSON value.
+pub(crate) fn post(url: &str, body: &Value) -> (u16, Value) {
+    post_raw(url, &body.to_string())
+}
+
+/// A streaming POST: the status, and the `data:` payloads of the events as they arrive.
+pub(crate) fn post_stream(url: &str, body: &Value) -> (u16, impl Iterator<Item = String> + use<>) {
+    let r = agent().post(url).header("content-type", "application/json").send(body.to_string()).expect("a POST");
+    let status = r.status().as_u16();
+    let lines = BufReader::new(r.into_body().into_reader()).lines();
+    let data = lines.map_while(Result::ok).filter_map(|l| l.strip_prefix("data: ").map(str::to_owned));
+    (status, data)
+}
