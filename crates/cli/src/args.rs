@@ -92,22 +92,10 @@ impl ModelArgs {
     }
 }
 
-/// Loads through the process-wide registry. The registry asks a backend whether it is
-/// [`available`](inference_core::Backend::available) before loading, and the `mlx_lm` backend
-/// answers for its default interpreter (`MLXR_PYTHON`, else `python3`), not the one `--python`
-/// names; so when a backend is named and given an interpreter, it is asked to load directly, and
-/// a missing interpreter is reported by the load itself.
+/// Loads through the process-wide registry, which checks that the named backend can run with
+/// these settings (for `mlx_lm`, the interpreter `--python` names) before loading.
 pub(crate) fn load_model(path: &Path, settings: &LoadSettings) -> Result<Box<dyn TextModel>, inference_core::Error> {
-    let direct = settings.backend_options.contains_key("python").then_some(settings.backend.as_deref()).flatten();
-    let Some(backend) = direct.and_then(inference_core::get) else {
-        return inference_core::load_model(path, settings);
-    };
-    settings.validate()?;
-    backend.load_model(path, settings).map_err(|source| inference_core::Error::LoadFailed {
-        backend: backend.name().to_owned(),
-        path: path.to_owned(),
-        source: Box::new(source),
-    })
+    inference_core::load_model(path, settings)
 }
 
 /// How to sample; the defaults are [`GenerateSettings`]'s (greedy, 256 tokens).

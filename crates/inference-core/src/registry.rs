@@ -26,6 +26,18 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Whether the backend can load a model with `settings` (which may choose its device or
+    /// interpreter); `Err` says why not. The [`Registry`] asks this before loading with a backend
+    /// named in the settings. The default is [`available`](Self::available).
+    ///
+    /// # Errors
+    ///
+    /// The reason the backend cannot run with these settings.
+    fn check_available(&self, settings: &LoadSettings) -> std::result::Result<(), String> {
+        let _ = settings;
+        if self.available() { Ok(()) } else { Err(self.unavailable_reason().unwrap_or_else(|| NO_REASON.to_owned())) }
+    }
+
     /// Loads the model at `path` (each backend resolves the path its own way).
     ///
     /// The [`Registry`] validates `settings` before calling this and wraps an error in
@@ -178,7 +190,18 @@ impl Registry {
     pub fn load_model(&self, path: impl AsRef<Path>, settings: &LoadSettings) -> Result<Box<dyn TextModel>> {
         let path = path.as_ref();
         settings.validate()?;
-        let backend = self.select(settings.backend.as_deref())?;
+        let backend = match settings.backend.as_deref() {
+            Some(name) => {
+                let backend = self
+                    .get(name)
+                    .ok_or_else(|| Error::BackendNotRegistered { name: name.to_owned(), registered: self.list() })?;
+                backend
+                    .check_available(settings)
+                    .map_err(|reason| Error::BackendUnavailable { name: name.to_owned(), reason })?;
+                backend
+            }
+            None => self.default_backend()?,
+        };
         backend.load_model(path, settings).map_err(|source| Error::LoadFailed {
             backend: backend.name().to_owned(),
             path: path.to_owned(),
@@ -257,6 +280,36 @@ mod tests {
         fn load_model(&self, _: &Path, _: &LoadSettings) -> Result<Box<dyn TextModel>> {
             Err(Error::unsupported(self.0, "loading"))
         }
+    }
+
+    /// Available only when the settings carry `ok = yes`.
+    struct Picky;
+
+    impl Backend for Picky {
+        fn name(&self) -> &str {
+            "picky"
+        }
+        fn available(&self) -> bool {
+            false
+        }
+        fn check_available(&self, settings: &LoadSettings) -> std::result::Result<(), String> {
+            match settings.backend_options.get("ok").map(String::as_str) {
+                Some("yes") => Ok(()),
+                _ => Err("needs ok = yes".to_owned()),
+            }
+        }
+        fn load_model(&self, _: &Path, _: &LoadSettings) -> Result<Box<dyn TextModel>> {
+            Err(Error::unsupported("picky", "loading"))
+        }
+    }
+
+    #[test]
+    fn a_named_backend_is_checked_with_the_load_settings() {
+        let registry = Registry::new().with(Arc::new(Picky));
+        let e = registry.load_model("/m", &LoadSettings::new().backend("picky")).err().unwrap();
+        assert!(matches!(&e, Error::BackendUnavailable { reason, .. } if reason == "needs ok = yes"), "{e}");
+        let e = registry.load_model("/m", &LoadSettings::new().backend("picky").backend_option("ok", "yes")).err();
+        assert!(matches!(e, Some(Error::LoadFailed { .. })), "{e:?}");
     }
 
     #[test]

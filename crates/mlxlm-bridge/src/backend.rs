@@ -159,6 +159,12 @@ impl Backend for MlxLmBackend {
         probe(&self.python()).err()
     }
 
+    /// Probes the interpreter the settings choose (their `python` option), not only the default.
+    fn check_available(&self, settings: &LoadSettings) -> std::result::Result<(), String> {
+        let options = self.options(settings).map_err(|e| e.to_string())?;
+        probe(&options.python)
+    }
+
     fn load_model(&self, path: &Path, settings: &LoadSettings) -> Result<Box<dyn TextModel>> {
         Ok(Box::new(self.load(path, settings)?))
     }
