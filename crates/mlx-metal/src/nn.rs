@@ -5,9 +5,13 @@
 //! Quantisation is orthogonal to the models: a layer is quantised when its
 //! weights came with `scales` (see [`crate::ops::Quantized`]).
 
+use std::cell::OnceCell;
+use std::thread::LocalKey;
+
 use crate::array::{Array, Dtype};
 use crate::error::{Error, Result};
 use crate::ops::{self, Quantized};
+use crate::transforms::{self, Closure};
 
 /// The weights of a linear layer.
 #[derive(Debug, Clone)]
@@ -115,9 +119,54 @@ impl Embedding {
     }
 }
 
-/// `x · sigmoid(x)`.
-pub fn silu(x: &Array) -> Result<Array> {
+/// An elementwise function of arrays, compiled once per thread.
+type Elementwise = fn(&[Array]) -> Result<Vec<Array>>;
+
+thread_local! {
+    static SILU: OnceCell<Option<Closure>> = const { OnceCell::new() };
+    static GELU_APPROX: OnceCell<Option<Closure>> = const { OnceCell::new() };
+    static SWIGLU: OnceCell<Option<Closure>> = const { OnceCell::new() };
+    static GEGLU_APPROX: OnceCell<Option<Closure>> = const { OnceCell::new() };
+}
+
+/// Runs `f` compiled (shapeless, so one compilation serves every shape): MLX
+/// fuses its ops into one kernel, with no intermediate arrays, as mlx-lm's
+/// `@mx.compile`d activations do. Where compiling fails (MLX's compiler
+/// switched off, or no JIT toolchain) the plain ops run instead.
+fn fused(slot: &'static LocalKey<OnceCell<Option<Closure>>>, f: Elementwise, inputs: &[&Array]) -> Result<Array> {
+    let out = slot.with(|cell| {
+        let compiled = cell.get_or_init(|| Closure::new(f).and_then(|c| transforms::compile(&c, true)).ok());
+        match compiled {
+            Some(c) => c.call(inputs),
+            None => f(&inputs.iter().map(|a| (*a).clone()).collect::<Vec<_>>()),
+        }
+    })?;
+    out.into_iter().next().ok_or_else(|| Error::invalid("fused", "the compiled function returned nothing"))
+}
+
+fn first(xs: &[Array]) -> Result<&Array> {
+    xs.first().ok_or_else(|| Error::invalid("fused", "missing input"))
+}
+
+fn second(xs: &[Array]) -> Result<&Array> {
+    xs.get(1).ok_or_else(|| Error::invalid("fused", "missing second input"))
+}
+
+fn silu_plain(x: &Array) -> Result<Array> {
     ops::multiply(x, &ops::sigmoid(x)?)
+}
+
+/// GELU, tanh approximation, with MLX's order of operations.
+fn gelu_approx_plain(x: &Array) -> Result<Array> {
+    let x3 = ops::power(x, &ops::scalar_like(x, 3.0)?)?;
+    let inner = ops::add(x, &ops::multiply_scalar(&x3, 0.044715)?)?;
+    let t = ops::tanh(&ops::multiply_scalar(&inner, (2.0 / std::f64::consts::PI).sqrt())?)?;
+    ops::multiply(&ops::multiply_scalar(x, 0.5)?, &ops::add_scalar(&t, 1.0)?)
+}
+
+/// `x · sigmoid(x)` (compiled).
+pub fn silu(x: &Array) -> Result<Array> {
+    fused(&SILU, |xs| Ok(vec![silu_plain(first(xs)?)?]), &[x])
 }
 
 /// GELU with the exact error function: `0.5 x (1 + erf(x / √2))`.
@@ -127,12 +176,21 @@ pub fn gelu(x: &Array) -> Result<Array> {
 }
 
 /// GELU, tanh approximation: `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))`,
-/// with MLX's order of operations (so low-precision results match mlx-lm's).
+/// with MLX's order of operations (so low-precision results match mlx-lm's),
+/// compiled.
 pub fn gelu_approx(x: &Array) -> Result<Array> {
-    let x3 = ops::power(x, &ops::scalar_like(x, 3.0)?)?;
-    let inner = ops::add(x, &ops::multiply_scalar(&x3, 0.044715)?)?;
-    let t = ops::tanh(&ops::multiply_scalar(&inner, (2.0 / std::f64::consts::PI).sqrt())?)?;
-    ops::multiply(&ops::multiply_scalar(x, 0.5)?, &ops::add_scalar(&t, 1.0)?)
+    fused(&GELU_APPROX, |xs| Ok(vec![gelu_approx_plain(first(xs)?)?]), &[x])
+}
+
+/// The SwiGLU gate of Llama and Qwen MLPs, `silu(gate) · x`, as one compiled
+/// kernel (mlx-lm's `swiglu`).
+pub fn swiglu(gate: &Array, x: &Array) -> Result<Array> {
+    fused(&SWIGLU, |xs| Ok(vec![ops::multiply(&silu_plain(first(xs)?)?, second(xs)?)?]), &[gate, x])
+}
+
+/// The gate of Gemma MLPs, `gelu_approx(gate) · x`, as one compiled kernel.
+pub fn geglu_approx(gate: &Array, x: &Array) -> Result<Array> {
+    fused(&GEGLU_APPROX, |xs| Ok(vec![ops::multiply(&gelu_approx_plain(first(xs)?)?, second(xs)?)?]), &[gate, x])
 }
 
 /// Repeats each of the `H_kv` heads of `x: [B, H_kv, L, D]` `n` times, giving

@@ -145,8 +145,8 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Array) -> Result<Array> {
-        let gate = nn::gelu_approx(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&ops::multiply(&gate, &self.up_proj.forward(x)?)?)
+        let h = nn::geglu_approx(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
     }
 }
 

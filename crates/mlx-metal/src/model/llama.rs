@@ -261,8 +261,8 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Array) -> Result<Array> {
-        let gate = nn::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&ops::multiply(&gate, &self.up_proj.forward(x)?)?)
+        let h = nn::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
     }
 }
 
