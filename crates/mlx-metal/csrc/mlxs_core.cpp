@@ -314,7 +314,9 @@ int mlxs_array_read(mlxs_array a, void* out, size_t nbytes) {
     }
     x.eval();
     if (!x.flags().row_contiguous) {
-      x = mx::contiguous(x, false);
+      // The host reads the result, so copy on the CPU: every dtype has CPU
+      // kernels (GPU backends have no float64), and the memory is shared.
+      x = mx::contiguous(x, false, mx::Device(mx::Device::cpu));
       x.eval();
     }
     std::memcpy(out, x.data<char>(), nbytes);

@@ -27,7 +27,7 @@ fn dense_linear_matches_f64() {
     // Leading batch axes pass through.
     let y3 = lin.forward(&arr(&x, &[3, 1, IN as i32])).unwrap();
     assert_eq!(y3.shape(), vec![3, 1, OUT as i32]);
-    assert_close(&vals(&y3), &want, 1e-5);
+    assert_close(&vals(&y3), &want, common::matmul_tol(1e-5));
 
     expect_err(Linear::dense(arr(&w, &[OUT as i32 * IN as i32]), None), "linear");
     // An input of the wrong width fails in the product (matmul or addmm,
