@@ -29,6 +29,7 @@ pub mod batch;
 pub mod cache;
 pub mod chat;
 pub mod device;
+pub mod distributed;
 pub mod error;
 pub mod fast;
 pub mod generate;
