@@ -33,6 +33,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::os::raw::c_int;
 use std::ptr::NonNull;
+use std::rc::Rc;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -386,17 +387,51 @@ impl Shard {
         Shard { rank: group.rank(), size: group.size() }
     }
 
-    /// This rank's part `[start, start + len)` of `n` items split evenly;
-    /// `what` names the dimension in the error when `n` does not divide.
-    pub fn part(&self, n: i32, what: &str) -> Result<(i32, i32)> {
-        if n % self.size != 0 {
+    /// This rank's part `(start, len)` of `n` items: `[rank·n/size,
+    /// (rank+1)·n/size)`, so the parts differ by at most one item when `n`
+    /// does not divide. `what` names the dimension in the error when `n` is
+    /// smaller than the number of ranks (some rank would get nothing).
+    pub fn range(&self, n: i32, what: &str) -> Result<(i32, i32)> {
+        if n < self.size {
             return Err(Error::invalid(
                 "shard",
-                format!("{what} = {n} does not divide evenly over {} tensor-parallel ranks", self.size),
+                format!("{what} = {n} cannot be split over {} tensor-parallel ranks", self.size),
             ));
         }
-        let len = n / self.size;
-        Ok((self.rank * len, len))
+        let bound = |r: i32| (i64::from(r) * i64::from(n) / i64::from(self.size)) as i32;
+        let start = bound(self.rank);
+        Ok((start, bound(self.rank + 1) - start))
+    }
+}
+
+/// What a tensor-parallel model needs at load and run time: its shard and the
+/// group its blocks sum over. Cheap to clone (the group is shared); like
+/// [`Group`], it stays on the thread that made it.
+#[derive(Debug, Clone)]
+pub struct TensorParallel {
+    shard: Shard,
+    group: Rc<Group>,
+}
+
+impl TensorParallel {
+    /// Tensor parallelism over every rank of `group`.
+    pub fn new(group: Group) -> TensorParallel {
+        TensorParallel { shard: Shard::of(&group), group: Rc::new(group) }
+    }
+
+    /// This process's shard.
+    pub fn shard(&self) -> Shard {
+        self.shard
+    }
+
+    /// The group.
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    /// `x` summed over the ranks (the end of a row-parallel layer).
+    pub fn all_sum(&self, x: &Array) -> Result<Array> {
+        if self.shard.size == 1 { Ok(x.clone()) } else { all_sum(x, &self.group) }
     }
 }
 
@@ -413,10 +448,20 @@ mod tests {
     }
 
     #[test]
-    fn shard_parts() {
-        let s = Shard::new(1, 2).ok();
-        assert_eq!(s.and_then(|s| s.part(8, "heads").ok()), Some((4, 4)));
-        assert!(s.is_some_and(|s| s.part(3, "heads").is_err()));
+    fn shard_ranges_cover_every_item_once() {
+        for size in 1..5 {
+            for n in size..20 {
+                let mut next = 0;
+                for rank in 0..size {
+                    let (start, len) = Shard::new(rank, size).and_then(|s| s.range(n, "n")).unwrap_or((-1, 0));
+                    assert_eq!(start, next);
+                    assert!(len == n / size || len == n / size + 1);
+                    next += len;
+                }
+                assert_eq!(next, n);
+            }
+        }
+        assert!(Shard::new(0, 2).and_then(|s| s.range(1, "heads")).is_err());
         assert!(Shard::new(2, 2).is_err());
         assert!(Shard::new(0, 0).is_err());
     }

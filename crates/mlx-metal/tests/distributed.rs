@@ -36,7 +36,13 @@ fn spec(role: &str, ranks: usize) -> LaunchSpec {
 }
 
 fn run_job(role: &str, ranks: usize) -> Vec<RankOutput> {
-    launch::spawn(&spec(role, ranks)).and_then(launch::Job::wait).unwrap_or_else(|e| panic!("job {role}: {e}"))
+    run_job_with(role, ranks, &[])
+}
+
+fn run_job_with(role: &str, ranks: usize, env: &[(&str, &str)]) -> Vec<RankOutput> {
+    let mut s = spec(role, ranks);
+    s.env.extend(env.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))));
+    launch::spawn(&s).and_then(launch::Job::wait).unwrap_or_else(|e| panic!("job {role}: {e}"))
 }
 
 /// The `RESULT` line of a rank's stdout.
@@ -205,9 +211,11 @@ fn backends_parse_and_report_availability() {
 fn shard_ranges_and_errors() {
     use distributed::Shard;
     let s = Shard::new(1, 2).expect("shard");
-    assert_eq!(s.part(8, "heads").expect("even"), (4, 4));
-    let e = s.part(9, "heads").expect_err("uneven");
-    assert!(e.to_string().contains("heads = 9 does not divide evenly over 2"), "{e}");
+    assert_eq!(s.range(8, "heads").expect("even"), (4, 4));
+    assert_eq!(s.range(9, "heads").expect("uneven"), (4, 5));
+    assert_eq!(Shard::new(0, 2).and_then(|s| s.range(9, "heads")).expect("uneven"), (0, 4));
+    let e = Shard::new(0, 4).and_then(|s| s.range(3, "kv heads")).expect_err("too few");
+    assert!(e.to_string().contains("kv heads = 3 cannot be split over 4 tensor-parallel ranks"), "{e}");
     assert!(Shard::new(2, 2).is_err() && Shard::new(-1, 2).is_err() && Shard::new(0, 0).is_err());
 }
 
@@ -313,6 +321,215 @@ fn a_job_past_its_deadline_is_killed() {
     assert!(start.elapsed() < Duration::from_secs(20));
 }
 
+// ---------------------------------------------------------------- tensor parallelism
+
 mod tp {
-    pub(super) fn rank_generate(_arg: &str) {}
+    use std::path::{Path, PathBuf};
+
+    use mlx_metal::distributed::TensorParallel;
+    use mlx_metal::model::{self, LanguageModel};
+    use mlx_metal::{Array, memory, ops};
+    use serde_json::{Value, json};
+
+    use super::{join_ring, result_of, run_job_with};
+
+    /// A text prompt (tokenised by the model's tokenizer) instead of [`PROMPT`].
+    const TEXT: &str = "MLXR_DIST_TEST_TEXT";
+
+    /// Prompt ids every fixture's vocabulary holds.
+    const PROMPT: [i32; 8] = [1, 5, 9, 42, 7, 3, 100, 12];
+    const TOKENS: usize = 12;
+
+    /// Greedy decoding of `n` tokens after `prompt`, one token at a time,
+    /// with the gap between the two best logits at each step.
+    fn greedy(model: &dyn LanguageModel, prompt: &[i32], n: usize) -> (Vec<u32>, Vec<f32>) {
+        let mut caches = model.make_cache().expect("caches");
+        let mut input = Array::from_slice(prompt, &[1, prompt.len() as i32]).expect("prompt");
+        let mut out = Vec::with_capacity(n);
+        let mut gaps = Vec::with_capacity(n);
+        for _ in 0..n {
+            let logits = model.forward(&input, &mut caches).expect("forward");
+            let l = logits.dim(1).expect("length");
+            let last = ops::slice_axis(&logits, 1, l - 1, l).expect("last position");
+            let id = ops::argmax(&last, -1, false).expect("argmax").to_vec::<u32>().expect("id")[0];
+            let row = last.to_vec_f32().expect("logits");
+            let best = row[id as usize];
+            let second =
+                row.iter().enumerate().filter(|&(i, _)| i != id as usize).map(|(_, &v)| v).fold(f32::MIN, f32::max);
+            gaps.push(best - second);
+            out.push(id);
+            input = Array::from_slice(&[id as i32], &[1, 1]).expect("next input");
+        }
+        (out, gaps)
+    }
+
+    /// A rank (or the single process, `single:` roles) loads and decodes.
+    pub(super) fn rank_generate(arg: &str) {
+        let (single, dir) = match arg.strip_prefix("single:") {
+            Some(d) => (true, d),
+            None => (false, arg),
+        };
+        let (rank, loaded) = if single {
+            (0, model::load(Path::new(dir)))
+        } else {
+            let g = join_ring();
+            let rank = g.rank();
+            (rank, model::load_sharded(Path::new(dir), TensorParallel::new(g)))
+        };
+        let loaded = loaded.unwrap_or_else(|e| {
+            eprintln!("rank {rank}: loading failed: {e}");
+            std::process::exit(5)
+        });
+        let prompt: Vec<i32> = match std::env::var(TEXT) {
+            Ok(text) => mlx_metal::tokenizer::Tokenizer::from_dir(dir)
+                .and_then(|t| t.encode_prompt(&text))
+                .expect("tokenising the prompt")
+                .into_iter()
+                .map(|id| id as i32)
+                .collect(),
+            Err(_) => PROMPT.to_vec(),
+        };
+        let (tokens, gaps) = greedy(loaded.model.as_ref(), &prompt, TOKENS);
+        // What stays allocated is the weights (caches and temporaries are gone).
+        let _ = memory::clear_cache();
+        let active = memory::active_memory().expect("active memory");
+        println!("RESULT {}", json!({"rank": rank, "tokens": tokens, "gaps": gaps, "active_bytes": active}));
+    }
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models").join(name)
+    }
+
+    /// The single process's and the 2 ranks' results on `dir`.
+    fn run_pair(dir: &Path, env: &[(&str, &str)]) -> (Value, Vec<Value>) {
+        let d = dir.to_str().expect("a UTF-8 path");
+        let single = result_of(&run_job_with(&format!("tp:single:{d}"), 1, env)[0]);
+        let ranks: Vec<Value> = run_job_with(&format!("tp:{d}"), 2, env).iter().map(result_of).collect();
+        assert_eq!(single["tokens"].as_array().map(Vec::len), Some(TOKENS), "{single}");
+        (single, ranks)
+    }
+
+    /// Each rank must hold less than the single process; returns the figures.
+    fn memory(dir: &Path, single: &Value, ranks: &[Value]) -> (u64, Vec<u64>) {
+        let single_bytes = single["active_bytes"].as_u64().expect("bytes");
+        let per_rank: Vec<u64> = ranks.iter().map(|r| r["active_bytes"].as_u64().expect("bytes")).collect();
+        for b in &per_rank {
+            assert!(*b < single_bytes, "a rank holds {b} bytes, the single process {single_bytes}");
+        }
+        eprintln!("{}: single process {single_bytes} bytes; per rank {per_rank:?}", dir.display());
+        (single_bytes, per_rank)
+    }
+
+    /// The first `n` greedy tokens of every rank equal the single process's.
+    fn assert_same_tokens(dir: &Path, single: &Value, ranks: &[Value], n: usize) {
+        let want: Vec<Value> = single["tokens"].as_array().expect("tokens").iter().take(n).cloned().collect();
+        for r in ranks {
+            let got: Vec<Value> = r["tokens"].as_array().expect("tokens").iter().take(n).cloned().collect();
+            assert_eq!(
+                got,
+                want,
+                "rank {} diverged from the single process on {}; top-2 logit gaps: single {}, rank {}",
+                r["rank"],
+                dir.display(),
+                single["gaps"],
+                r["gaps"]
+            );
+        }
+    }
+
+    /// Greedy tokens of the single process and of 2 tensor-parallel ranks
+    /// must be identical; each rank must hold less than the whole model.
+    fn check_identical(dir: &Path) -> (u64, Vec<u64>) {
+        let (single, ranks) = run_pair(dir, &[]);
+        assert_same_tokens(dir, &single, &ranks, TOKENS);
+        memory(dir, &single, &ranks)
+    }
+
+    /// A float32 copy of the model in `dir` (weights cast, other files copied).
+    fn float32_copy(dir: &Path) -> tempfile::TempDir {
+        let out = tempfile::tempdir().expect("tempdir");
+        for entry in std::fs::read_dir(dir).expect("model dir").flatten() {
+            let p = entry.path();
+            let name = entry.file_name();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                let st = mlx_metal::io::load_safetensors(&p).expect("weights");
+                let cast: Vec<(String, Array)> = st
+                    .tensors
+                    .iter()
+                    .map(|(k, a)| (k.clone(), ops::astype(a, mlx_metal::Dtype::Float32).expect("cast")))
+                    .collect();
+                mlx_metal::io::save_safetensors(out.path().join(&name), cast.iter().map(|(k, a)| (k, a)), &st.metadata)
+                    .expect("save");
+            } else if p.is_file() {
+                std::fs::copy(&p, out.path().join(&name)).expect("copy");
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn llama_over_two_ranks_matches_the_single_process() {
+        check_identical(&fixture("llama-tiny"));
+    }
+
+    #[test]
+    fn qwen3_over_two_ranks_matches_the_single_process() {
+        check_identical(&fixture("qwen3-tiny"));
+    }
+
+    #[test]
+    fn qwen2_with_qkv_biases_over_two_ranks_matches_the_single_process() {
+        check_identical(&fixture("qwen2-tiny"));
+    }
+
+    #[test]
+    fn quantised_llama_over_two_ranks_matches_the_single_process() {
+        check_identical(&fixture("llama-tiny-8bit"));
+    }
+
+    #[test]
+    fn gemma3_with_one_kv_head_over_two_ranks_matches_the_single_process() {
+        check_identical(&fixture("gemma3-tiny"));
+    }
+
+    #[test]
+    fn a_quantised_shard_off_the_group_boundary_is_a_clear_error() {
+        // qwen3-tiny-4bit: o_proj has 64 inputs in groups of 64; 32 per rank.
+        let d = fixture("qwen3-tiny-4bit");
+        let spec = super::spec(&format!("tp:{}", d.display()), 2);
+        let e = mlx_metal::distributed::launch::spawn(&spec)
+            .and_then(mlx_metal::distributed::launch::Job::wait)
+            .expect_err("the shard cannot be quantised");
+        let msg = e.to_string();
+        assert!(msg.contains("does not fall on quantisation groups of 64"), "{msg}");
+    }
+
+    const SMOLLM2_PROMPT: &str = "The capital of France is Paris. The capital of Italy is";
+
+    #[test]
+    fn smollm2_over_two_ranks_matches_the_single_process() {
+        let Some(dir) = crate::common::real_model("smollm2-135m-instruct") else { return };
+        // In bfloat16 the ranks' partial sums round differently from one
+        // matmul, so logits move by an ulp (0.125 near 20): tokens agree up
+        // to the first near tie of the single process (gap below 0.5).
+        let (single, ranks) = run_pair(&dir, &[(TEXT, SMOLLM2_PROMPT)]);
+        let gaps: Vec<f64> = single["gaps"].as_array().expect("gaps").iter().filter_map(Value::as_f64).collect();
+        let decisive = gaps.iter().position(|&g| g < 0.5).unwrap_or(TOKENS);
+        assert!(decisive >= 2, "the prompt gives near ties at once: {gaps:?}");
+        assert_same_tokens(&dir, &single, &ranks, decisive);
+        // 9 heads over 3 kv groups split 1:2, the MLP 768:768; the tied
+        // embedding (28.3M of 134.5M parameters) is replicated.
+        let (single_bytes, per_rank) = memory(&dir, &single, &ranks);
+        for b in per_rank {
+            assert!((b as f64) < 0.75 * single_bytes as f64, "a rank holds {b} of {single_bytes} bytes");
+        }
+    }
+
+    #[test]
+    fn smollm2_in_float32_over_two_ranks_gives_identical_greedy_tokens() {
+        let Some(dir) = crate::common::real_model("smollm2-135m-instruct") else { return };
+        let f32_dir = float32_copy(&dir);
+        let (single, ranks) = run_pair(f32_dir.path(), &[(TEXT, SMOLLM2_PROMPT)]);
+        assert_same_tokens(f32_dir.path(), &single, &ranks, TOKENS);
+    }
 }
