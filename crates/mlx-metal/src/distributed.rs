@@ -435,6 +435,74 @@ impl TensorParallel {
     }
 }
 
+/// Tensor parallelism asked for through [`inference_core::LoadSettings`]'s
+/// backend options, read by [`crate::MetalModel::load`]:
+///
+/// - `tensor_parallel`: the number of ranks (the job must have exactly that many);
+/// - `distributed_backend`: `any` (default), `ring`, `mpi`, `nccl` or `jaccl`;
+/// - `distributed_timeout_s`: how long to wait for every rank to join (default 60).
+///
+/// Every rank loads the same model with the same options and must then make
+/// the same calls in the same order (each block sums over the ranks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorParallelOptions {
+    /// The number of ranks.
+    pub ranks: i32,
+    /// How to join the group.
+    pub init: InitOptions,
+}
+
+impl TensorParallelOptions {
+    /// The options, or `None` when `tensor_parallel` is absent or 1.
+    ///
+    /// # Errors
+    /// A value that is not a positive number or not a known backend.
+    pub fn from_backend_options(
+        options: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<TensorParallelOptions>> {
+        const OP: &str = "load_settings";
+        let Some(n) = options.get("tensor_parallel") else { return Ok(None) };
+        let ranks: i32 =
+            n.parse().ok().filter(|&r| r >= 1).ok_or_else(|| {
+                Error::invalid(OP, format!("tensor_parallel = {n:?} is not a positive number of ranks"))
+            })?;
+        if ranks == 1 {
+            return Ok(None);
+        }
+        let backend = match options.get("distributed_backend") {
+            Some(b) => b.parse()?,
+            None => Backend::Any,
+        };
+        let timeout = match options.get("distributed_timeout_s") {
+            Some(t) => t
+                .parse::<f64>()
+                .ok()
+                .filter(|t| t.is_finite() && *t > 0.0 && *t < 1e9)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| Error::invalid(OP, format!("distributed_timeout_s = {t:?} is not a positive number")))?,
+            None => DEFAULT_INIT_TIMEOUT,
+        };
+        Ok(Some(TensorParallelOptions { ranks, init: InitOptions { backend, strict: true, timeout } }))
+    }
+
+    /// Joins the group (on the calling thread, which then owns it) and loads
+    /// this rank's shard of the model in `dir`.
+    ///
+    /// # Errors
+    /// The group did not form, its size is not [`TensorParallelOptions::ranks`],
+    /// or the model cannot be split that way.
+    pub fn load(&self, dir: &std::path::Path) -> Result<crate::model::LoadedModel> {
+        let group = init(&self.init)?;
+        if group.size() != self.ranks {
+            return Err(Error::invalid(
+                "distributed_init",
+                format!("tensor_parallel asks for {} ranks but the job has {}", self.ranks, group.size()),
+            ));
+        }
+        crate::model::load_sharded(dir, TensorParallel::new(group))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

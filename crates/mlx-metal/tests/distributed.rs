@@ -87,6 +87,7 @@ fn rank_process() {
             println!("RESULT {}", json!({"rank": g.rank(), "size": g.size()}));
         }
         r if r.starts_with("tp:") => tp::rank_generate(&r[3..]),
+        r if r.starts_with("metal:") => metal::rank_chat(&r[6..]),
         _ => {
             let g = distributed::init(&InitOptions::default()).expect("a single-process group");
             assert_eq!((g.rank(), g.size()), (0, 1));
@@ -531,5 +532,87 @@ mod tp {
         let f32_dir = float32_copy(&dir);
         let (single, ranks) = run_pair(f32_dir.path(), &[(TEXT, SMOLLM2_PROMPT)]);
         assert_same_tokens(f32_dir.path(), &single, &ranks, TOKENS);
+    }
+}
+
+// ---------------------------------------------------------------- through MetalModel
+
+mod metal {
+    use std::path::Path;
+
+    use inference_core::{CancelToken, GenerateSettings, LoadSettings, Message, TextModel};
+    use mlx_metal::MetalModel;
+    use serde_json::json;
+
+    use super::{result_of, run_job};
+
+    fn tp_settings() -> LoadSettings {
+        LoadSettings::default()
+            .backend_option("tensor_parallel", "2")
+            .backend_option("distributed_backend", "ring")
+            .backend_option("distributed_timeout_s", "20")
+    }
+
+    fn chat(model: &MetalModel) -> (Vec<u32>, String) {
+        let settings = GenerateSettings::default().max_tokens(10).temperature(0.0).ignore_eos(true);
+        let stream = model.chat(&[Message::user("Hello there")], &settings, CancelToken::new()).expect("chat");
+        let tokens: Vec<_> = stream.map(|t| t.expect("a token")).collect();
+        (tokens.iter().map(|t| t.id).collect(), tokens.iter().map(|t| t.text.as_str()).collect())
+    }
+
+    /// A rank: the model loaded through `MetalModel` with the
+    /// `tensor_parallel` backend option (the engine thread joins the group).
+    pub(super) fn rank_chat(dir: &str) {
+        let rank = mlx_metal::distributed::launch::rank_from_env().expect("MLX_RANK").expect("a rank");
+        let model = MetalModel::load(Path::new(dir), &tp_settings()).unwrap_or_else(|e| {
+            eprintln!("rank {rank}: {e}");
+            std::process::exit(6)
+        });
+        let (ids, text) = chat(&model);
+        println!("RESULT {}", json!({"rank": rank, "ids": ids, "text": text}));
+        model.close().expect("close");
+    }
+
+    #[test]
+    fn metal_model_with_the_tensor_parallel_option_matches_the_single_process() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen3-tiny");
+        let single = MetalModel::load(&dir, &LoadSettings::default()).expect("single process");
+        let (ids, text) = chat(&single);
+        single.close().expect("close");
+        assert_eq!(ids.len(), 10);
+        for out in run_job(&format!("metal:{}", dir.display()), 2) {
+            let r = result_of(&out);
+            assert_eq!(r["ids"], json!(ids), "rank {}", out.rank);
+            assert_eq!(r["text"], json!(text), "rank {}", out.rank);
+        }
+    }
+
+    #[test]
+    fn tensor_parallel_options_are_checked() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen3-tiny");
+        for (key, value, want) in [
+            ("tensor_parallel", "two", "tensor_parallel = \"two\" is not a positive number of ranks"),
+            ("tensor_parallel", "0", "is not a positive number of ranks"),
+            ("distributed_backend", "tcp", "unknown backend \"tcp\""),
+            ("distributed_timeout_s", "-1", "distributed_timeout_s = \"-1\" is not a positive number"),
+        ] {
+            let settings = tp_settings().backend_option(key, value);
+            let e = MetalModel::load(&dir, &settings).err().expect("a bad option");
+            assert!(e.to_string().contains(want), "{key}={value}: {e}");
+        }
+        // One rank is no tensor parallelism at all.
+        let one = LoadSettings::default().backend_option("tensor_parallel", "1");
+        MetalModel::load(&dir, &one).expect("tensor_parallel = 1").close().expect("close");
+    }
+
+    #[test]
+    fn tensor_parallel_without_a_launcher_says_what_is_missing() {
+        if mlx_metal::distributed::launch::is_rank_process() {
+            eprintln!("note: MLX_RANK is set in this environment; skipped");
+            return;
+        }
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen3-tiny");
+        let e = MetalModel::load(&dir, &tp_settings()).err().expect("no launcher environment");
+        assert!(e.to_string().contains("MLX_RANK"), "{e}");
     }
 }

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::{Backend, Group, InitOptions};
+use super::Backend;
 use crate::error::{Error, Result};
 
 const OP: &str = "distributed_launch";
@@ -347,28 +347,48 @@ pub fn is_rank_process() -> bool {
 /// What [`launch_or_join`] made of this process.
 #[derive(Debug)]
 pub enum Role {
-    /// This process is a rank: its group, initialised strictly.
-    Rank(Group),
+    /// This process is rank `.0` of a job: it should join the group (with
+    /// [`super::init`], or by loading a model with the `tensor_parallel`
+    /// backend option) on the thread that will use it.
+    Rank(i32),
     /// This process launched the ranks and they all finished.
     Launched(Vec<RankOutput>),
 }
 
-/// The entry point of a program that runs tensor-parallel: started by a
-/// launcher (`MLX_RANK` set, by [`spawn`] or `mlx.launch`), it joins the
-/// group and returns [`Role::Rank`]; started by hand, it starts `ranks`
-/// copies of itself (same arguments, rank 0's stdout shown) over `backend`
-/// and returns [`Role::Launched`] once they all succeed.
+/// This process's rank from the launcher's environment (`MLX_RANK`), if any.
 ///
 /// # Errors
-/// The group did not form within `opts.timeout`, or a rank failed (see
-/// [`Job::wait`]).
-pub fn launch_or_join(ranks: usize, opts: &InitOptions) -> Result<Role> {
-    if is_rank_process() {
-        return super::init(&InitOptions { strict: true, ..opts.clone() }).map(Role::Rank);
+/// `MLX_RANK` is set but not a rank number.
+pub fn rank_from_env() -> Result<Option<i32>> {
+    match std::env::var(RANK_ENV) {
+        Ok(v) => v
+            .trim()
+            .parse::<i32>()
+            .ok()
+            .filter(|r| *r >= 0)
+            .map(Some)
+            .ok_or_else(|| err(format!("{RANK_ENV} = {v:?} is not a rank number"))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The entry point of a program that runs tensor-parallel: started by a
+/// launcher (`MLX_RANK` set, by [`spawn`] or `mlx.launch`), it returns
+/// [`Role::Rank`]; started by hand, it starts `ranks` copies of itself (same
+/// arguments, rank 0's stdout shown, the others' output kept for errors) with
+/// `backend`'s environment and returns [`Role::Launched`] once they all
+/// succeed. `timeout` bounds the whole job.
+///
+/// # Errors
+/// A rank failed or the job ran past `timeout` (see [`Job::wait`]).
+pub fn launch_or_join(ranks: usize, backend: Backend, timeout: Option<Duration>) -> Result<Role> {
+    if let Some(rank) = rank_from_env()? {
+        return Ok(Role::Rank(rank));
     }
     let program = std::env::current_exe().map_err(|e| err(format!("cannot find this program: {e}")))?;
     let mut spec = LaunchSpec::ring(program, std::env::args_os().skip(1).collect(), ranks);
-    spec.backend = opts.backend;
+    spec.backend = backend;
+    spec.timeout = timeout;
     spec.inherit_rank0_stdout = true;
     let _ = std::io::stdout().flush();
     spawn(&spec)?.wait().map(Role::Launched)
