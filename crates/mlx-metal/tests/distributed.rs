@@ -364,8 +364,16 @@ mod tp {
         (out, gaps)
     }
 
+    /// Bytes this process has read through `read(2)`-like calls (Linux's
+    /// `/proc/self/io` `rchar`), when the system says.
+    fn bytes_read() -> Option<u64> {
+        let io = std::fs::read_to_string("/proc/self/io").ok()?;
+        io.lines().find_map(|l| l.strip_prefix("rchar: ")).and_then(|v| v.trim().parse().ok())
+    }
+
     /// A rank (or the single process, `single:` roles) loads and decodes.
     pub(super) fn rank_generate(arg: &str) {
+        let read_before = bytes_read();
         let (single, dir) = match arg.strip_prefix("single:") {
             Some(d) => (true, d),
             None => (false, arg),
@@ -394,7 +402,12 @@ mod tp {
         // What stays allocated is the weights (caches and temporaries are gone).
         let _ = memory::clear_cache();
         let active = memory::active_memory().expect("active memory");
-        println!("RESULT {}", json!({"rank": rank, "tokens": tokens, "gaps": gaps, "active_bytes": active}));
+        let peak = memory::peak_memory().expect("peak memory");
+        let read = read_before.zip(bytes_read()).map(|(a, b)| b - a);
+        println!(
+            "RESULT {}",
+            json!({"rank": rank, "tokens": tokens, "gaps": gaps, "active_bytes": active, "peak_bytes": peak, "read_bytes": read})
+        );
     }
 
     fn fixture(name: &str) -> PathBuf {
@@ -523,6 +536,23 @@ mod tp {
         let (single_bytes, per_rank) = memory(&dir, &single, &ranks);
         for b in per_rank {
             assert!((b as f64) < 0.75 * single_bytes as f64, "a rank holds {b} of {single_bytes} bytes");
+        }
+        // No rank ever held the whole model, and none read it all from disk.
+        let single_read = single["read_bytes"].as_u64();
+        for r in &ranks {
+            let peak = r["peak_bytes"].as_u64().expect("peak");
+            assert!((peak as f64) < 0.8 * single_bytes as f64, "rank {} peaked at {peak} bytes", r["rank"]);
+            if let (Some(all), Some(read)) = (single_read, r["read_bytes"].as_u64()) {
+                assert!(
+                    (read as f64) < 0.75 * all as f64,
+                    "rank {} read {read} bytes, the single process {all}",
+                    r["rank"]
+                );
+            }
+            eprintln!(
+                "rank {}: peak {peak} bytes, read {} bytes (single process: {single_read:?})",
+                r["rank"], r["read_bytes"]
+            );
         }
     }
 
