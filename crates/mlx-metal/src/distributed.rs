@@ -35,7 +35,8 @@ use std::os::raw::c_int;
 use std::ptr::NonNull;
 use std::rc::Rc;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -145,8 +146,11 @@ pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A world group of more than one process is held by a live [`Group`].
 static WORLD_HELD: AtomicBool = AtomicBool::new(false);
-/// An initialisation timed out and its helper thread is still blocked.
-static INIT_STUCK: AtomicBool = AtomicBool::new(false);
+/// Initialisations that timed out while their helper thread is still blocked.
+static ABANDONED: AtomicI64 = AtomicI64::new(0);
+const RUNNING: u8 = 0;
+const DONE: u8 = 1;
+const ABANDONED_STATE: u8 = 2;
 
 struct RawGroup(NonNull<sys::mlxs_group_s>);
 
@@ -190,17 +194,21 @@ impl fmt::Debug for Group {
 /// still stuck waiting for peers, or a world group is already held.
 pub fn init(opts: &InitOptions) -> Result<Group> {
     const OP: &str = "distributed_init";
-    if INIT_STUCK.load(Ordering::SeqCst) {
+    if ABANDONED.load(Ordering::SeqCst) > 0 {
         return Err(Error::Mlx {
             op: OP,
-            message: "an earlier initialisation timed out and is still waiting for its peers; start a new process"
+            message: "an earlier initialisation timed out and is still waiting for its peers (start a new process \
+                      to try again)"
                 .into(),
         });
     }
     let backend = opts.backend;
     let name = backend.c_name();
     let (tx, rx) = mpsc::channel::<Result<RawGroup>>();
-    INIT_STUCK.store(true, Ordering::SeqCst);
+    // RUNNING → DONE by the helper, RUNNING → ABANDONED by this thread on a
+    // timeout: whichever comes first decides who accounts for a stuck helper.
+    let state = Arc::new(AtomicU8::new(RUNNING));
+    let helper_state = Arc::clone(&state);
     let strict = opts.strict;
     let spawned = std::thread::Builder::new().name("mlx-distributed-init".into()).spawn(move || {
         let mut raw: sys::mlxs_group = std::ptr::null_mut();
@@ -211,17 +219,21 @@ pub fn init(opts: &InitOptions) -> Result<Group> {
                 .map(RawGroup)
                 .ok_or(Error::Mlx { op: OP, message: "the shim returned a null group".into() })
         });
-        INIT_STUCK.store(false, Ordering::SeqCst);
-        // Nobody waits any more after a timeout: the group is dropped here.
+        if helper_state.swap(DONE, Ordering::SeqCst) == ABANDONED_STATE {
+            ABANDONED.fetch_sub(1, Ordering::SeqCst);
+        }
+        // After a timeout nobody waits: the group is dropped here.
         let _ = tx.send(result);
     });
     if let Err(e) = spawned {
-        INIT_STUCK.store(false, Ordering::SeqCst);
         return Err(Error::Mlx { op: OP, message: format!("cannot start the initialisation thread: {e}") });
     }
     let raw = match rx.recv_timeout(opts.timeout) {
         Ok(r) => r?,
-        Err(mpsc::RecvTimeoutError::Timeout) => {
+        Err(mpsc::RecvTimeoutError::Timeout)
+            if state.compare_exchange(RUNNING, ABANDONED_STATE, Ordering::SeqCst, Ordering::SeqCst).is_ok() =>
+        {
+            ABANDONED.fetch_add(1, Ordering::SeqCst);
             let rank = std::env::var("MLX_RANK").unwrap_or_else(|_| "?".into());
             return Err(Error::Mlx {
                 op: OP,
@@ -232,6 +244,10 @@ pub fn init(opts: &InitOptions) -> Result<Group> {
                 ),
             });
         }
+        // The helper finished just as the deadline passed: its result is sent.
+        Err(mpsc::RecvTimeoutError::Timeout) => rx
+            .recv()
+            .map_err(|_| Error::Mlx { op: OP, message: "the initialisation thread ended without a result".into() })??,
         Err(mpsc::RecvTimeoutError::Disconnected) => {
             return Err(Error::Mlx { op: OP, message: "the initialisation thread ended without a result".into() });
         }

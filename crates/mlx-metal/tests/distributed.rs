@@ -336,6 +336,16 @@ mod tp {
 
     /// A text prompt (tokenised by the model's tokenizer) instead of [`PROMPT`].
     const TEXT: &str = "MLXR_DIST_TEST_TEXT";
+    /// Comma-separated prompt ids instead of [`PROMPT`] (no tokenizer to load).
+    const IDS: &str = "MLXR_DIST_TEST_IDS";
+    /// How many tokens to decode instead of [`TOKENS`].
+    const COUNT: &str = "MLXR_DIST_TEST_TOKENS";
+
+    fn token_count(env: &[(&str, &str)]) -> usize {
+        let from_env = std::env::var(COUNT).ok();
+        let v = env.iter().find(|(k, _)| *k == COUNT).map(|(_, v)| v.to_string()).or(from_env);
+        v.and_then(|v| v.parse().ok()).unwrap_or(TOKENS)
+    }
 
     /// Prompt ids every fixture's vocabulary holds.
     const PROMPT: [i32; 8] = [1, 5, 9, 42, 7, 3, 100, 12];
@@ -389,16 +399,18 @@ mod tp {
             eprintln!("rank {rank}: loading failed: {e}");
             std::process::exit(5)
         });
-        let prompt: Vec<i32> = match std::env::var(TEXT) {
-            Ok(text) => mlx_metal::tokenizer::Tokenizer::from_dir(dir)
+        let ids = std::env::var(IDS).ok().map(|v| v.split(',').map(|i| i.trim().parse().expect("an id")).collect());
+        let prompt: Vec<i32> = match (ids, std::env::var(TEXT)) {
+            (Some(ids), _) => ids,
+            (None, Ok(text)) => mlx_metal::tokenizer::Tokenizer::from_dir(dir)
                 .and_then(|t| t.encode_prompt(&text))
                 .expect("tokenising the prompt")
                 .into_iter()
                 .map(|id| id as i32)
                 .collect(),
-            Err(_) => PROMPT.to_vec(),
+            (None, Err(_)) => PROMPT.to_vec(),
         };
-        let (tokens, gaps) = greedy(loaded.model.as_ref(), &prompt, TOKENS);
+        let (tokens, gaps) = greedy(loaded.model.as_ref(), &prompt, token_count(&[]));
         // What stays allocated is the weights (caches and temporaries are gone).
         let _ = memory::clear_cache();
         let active = memory::active_memory().expect("active memory");
@@ -419,7 +431,7 @@ mod tp {
         let d = dir.to_str().expect("a UTF-8 path");
         let single = result_of(&run_job_with(&format!("tp:single:{d}"), 1, env)[0]);
         let ranks: Vec<Value> = run_job_with(&format!("tp:{d}"), 2, env).iter().map(result_of).collect();
-        assert_eq!(single["tokens"].as_array().map(Vec::len), Some(TOKENS), "{single}");
+        assert_eq!(single["tokens"].as_array().map(Vec::len), Some(token_count(env)), "{single}");
         (single, ranks)
     }
 
@@ -527,10 +539,7 @@ mod tp {
         // matmul, so logits move by an ulp (0.125 near 20): tokens agree up
         // to the first near tie of the single process (gap below 0.5).
         let (single, ranks) = run_pair(&dir, &[(TEXT, SMOLLM2_PROMPT)]);
-        let gaps: Vec<f64> = single["gaps"].as_array().expect("gaps").iter().filter_map(Value::as_f64).collect();
-        let decisive = gaps.iter().position(|&g| g < 0.5).unwrap_or(TOKENS);
-        assert!(decisive >= 2, "the prompt gives near ties at once: {gaps:?}");
-        assert_same_tokens(&dir, &single, &ranks, decisive);
+        assert_same_until_near_tie(&dir, &single, &ranks);
         // 9 heads over 3 kv groups split 1:2, the MLP 768:768; the tied
         // embedding (28.3M of 134.5M parameters) is replicated.
         let (single_bytes, per_rank) = memory(&dir, &single, &ranks);
@@ -554,6 +563,40 @@ mod tp {
                 r["rank"], r["read_bytes"]
             );
         }
+    }
+
+    /// Tokens agree up to the first near tie of the single process (top-2
+    /// gap below 0.5, a few bfloat16 ulps); returns how many were compared.
+    fn assert_same_until_near_tie(dir: &Path, single: &Value, ranks: &[Value]) -> usize {
+        let gaps: Vec<f64> = single["gaps"].as_array().expect("gaps").iter().filter_map(Value::as_f64).collect();
+        let decisive = gaps.iter().position(|&g| g < 0.5).unwrap_or(gaps.len());
+        assert!(decisive >= 2, "the prompt gives near ties at once: {gaps:?}");
+        assert_same_tokens(dir, single, ranks, decisive);
+        decisive
+    }
+
+    #[test]
+    fn quantised_gemma3_270m_over_two_ranks_agrees_with_the_single_process() {
+        let Some(dir) = crate::common::real_model("gemma3-270m-4bit") else { return };
+        // 4 query heads, 1 key/value head: each rank holds the kv head and 2
+        // query heads; o_proj's 1024 inputs split 512:512 on groups of 64.
+        // SMOLLM2_PROMPT in Gemma 3's tokenizer (with BOS): its 33 MB
+        // tokenizer.json takes seconds to load in every rank.
+        let ids = "2,818,5279,529,7001,563,9079,236761,669,5279,529,11702,563";
+        let (single, ranks) = run_pair(&dir, &[(IDS, ids), (COUNT, "6")]);
+        let n = assert_same_until_near_tie(&dir, &single, &ranks);
+        eprintln!("gemma3-270m-4bit: {n} tokens compared");
+        memory(&dir, &single, &ranks);
+    }
+
+    #[test]
+    fn quantised_smollm2_over_two_ranks_agrees_with_the_single_process() {
+        let Some(dir) = crate::common::real_model("smollm2-135m-instruct-4bit") else { return };
+        // o_proj's 576 inputs split 192:384, both on groups of 64.
+        let (single, ranks) = run_pair(&dir, &[(TEXT, SMOLLM2_PROMPT)]);
+        let n = assert_same_until_near_tie(&dir, &single, &ranks);
+        eprintln!("smollm2-135m-instruct-4bit: {n} tokens compared");
+        memory(&dir, &single, &ranks);
     }
 
     #[test]
