@@ -379,6 +379,43 @@ pub fn recv_like(like: &Array, src: i32, group: &Group) -> Result<Array> {
     array_out("recv_like", |o| unsafe { sys::mlxs_recv_like(o, like.as_raw(), src, group.as_raw(), dev()) })
 }
 
+/// Rank `root`'s `x` on every rank: an [`all_sum`] to which only `root`
+/// contributes (the other ranks pass any array of the same shape and dtype).
+/// Exact for integers; for floats a `-0.0` arrives as `0.0`.
+pub fn broadcast(x: &Array, root: i32, group: &Group) -> Result<Array> {
+    if root < 0 || root >= group.size() {
+        return Err(Error::invalid("broadcast", format!("root {root} is not a rank of a group of {}", group.size())));
+    }
+    if x.dtype() == Dtype::Bool {
+        return Err(Error::invalid("broadcast", "bool arrays cannot be summed; cast them to uint8"));
+    }
+    if group.rank() == root { all_sum(x, group) } else { all_sum(&crate::ops::zeros_like(x)?, group) }
+}
+
+/// Rank `root`'s bytes on every rank (`data` is read on `root` only): how
+/// rank 0 can pass a request to the other ranks of a tensor-parallel job.
+/// Two collectives: the length, then the bytes.
+pub fn broadcast_bytes(data: &[u8], root: i32, group: &Group) -> Result<Vec<u8>> {
+    const OP: &str = "broadcast_bytes";
+    let mine = group.rank() == root;
+    let len = if mine {
+        i32::try_from(data.len()).map_err(|_| Error::invalid(OP, format!("{} bytes is too many", data.len())))?
+    } else {
+        0
+    };
+    let n = broadcast(&Array::from_slice(&[len], &[1])?, root, group)?.to_vec::<i32>()?;
+    let n = n
+        .first()
+        .copied()
+        .filter(|&n| n >= 0)
+        .ok_or_else(|| Error::Mlx { op: OP, message: "the broadcast length is not a length".into() })?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let payload = if mine { Array::from_slice(data, &[n])? } else { crate::ops::zeros(&[n], Dtype::Uint8)? };
+    broadcast(&payload, root, group)?.to_vec::<u8>()
+}
+
 /// Which slice of a tensor-parallel model this process holds: rank `rank` of
 /// `size` ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

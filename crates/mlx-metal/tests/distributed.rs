@@ -121,9 +121,14 @@ fn rank_ops() {
         transforms::eval(&[&sent]).expect("eval send back");
         f32s(&got)
     };
+    let request = if rank == 0 { "{\"prompt\": \"héllo\"}".as_bytes() } else { &b"ignored on rank 1"[..] };
+    let broadcast = distributed::broadcast_bytes(request, 0, &g).expect("broadcast_bytes");
+    let empty = distributed::broadcast_bytes(&[], 1, &g).expect("broadcast nothing");
     let r = json!({
         "rank": rank,
         "size": size,
+        "broadcast": String::from_utf8(broadcast).expect("UTF-8"),
+        "empty": empty.len(),
         "sum": f32s(&sum),
         "max": f32s(&max),
         "min": f32s(&min),
@@ -176,6 +181,19 @@ fn point_to_point_needs_another_rank() {
         assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
         assert!(e.to_string().contains("is not another rank of this group"), "{e}");
     }
+}
+
+#[test]
+fn broadcast_checks_its_root_and_dtype() {
+    let g = distributed::init(&InitOptions::default()).expect("group");
+    let x = Array::from_slice(&[7i32, 8], &[2]).expect("x");
+    assert_eq!(distributed::broadcast(&x, 0, &g).expect("root 0").to_vec::<i32>().expect("ints"), vec![7, 8]);
+    assert_eq!(distributed::broadcast_bytes(b"abc", 0, &g).expect("bytes"), b"abc".to_vec());
+    let e = distributed::broadcast(&x, 1, &g).expect_err("no rank 1");
+    assert!(e.to_string().contains("root 1 is not a rank of a group of 1"), "{e}");
+    let flags = Array::from_slice(&[true], &[1]).expect("bool");
+    let e = distributed::broadcast(&flags, 0, &g).expect_err("bool");
+    assert!(e.to_string().contains("cast them to uint8"), "{e}");
 }
 
 #[test]
@@ -263,6 +281,8 @@ fn two_ranks_over_the_ring_sum_gather_and_exchange() {
         assert_eq!(r["gather"], json!([0.0, 0.0, 1.0, 10.0]));
         assert_eq!(r["gather_shape"], json!([2, 2]));
         assert_eq!(r["isum"], json!([114]));
+        assert_eq!(r["broadcast"], json!("{\"prompt\": \"héllo\"}"));
+        assert_eq!(r["empty"], json!(0));
         let echo = if out.rank == 0 { json!([3.0, -4.0, 6.5]) } else { json!([1.5, -2.0, 3.25]) };
         assert_eq!(r["echo"], echo, "rank {}", out.rank);
     }
