@@ -28,6 +28,8 @@
 
 pub mod launch;
 
+pub use launch::{Role, launch_or_join};
+
 use std::ffi::CString;
 use std::fmt;
 use std::marker::PhantomData;
