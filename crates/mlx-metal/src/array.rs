@@ -277,6 +277,25 @@ impl Array {
         })
     }
 
+    /// An array of `shape` and `dtype` holding a copy of the raw row-major
+    /// `bytes` (little-endian, as safetensors stores them).
+    pub(crate) fn from_bytes(bytes: &[u8], shape: &[i32], dtype: Dtype) -> Result<Array> {
+        ffi::array_out("array_from_bytes", |out| {
+            // SAFETY: bytes is valid for its length; the shim copies it and
+            // checks the length against the shape and dtype.
+            unsafe {
+                sys::mlxs_array_from_data(
+                    out,
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    shape.as_ptr(),
+                    shape.len(),
+                    dtype.code(),
+                )
+            }
+        })
+    }
+
     /// A one-dimensional array holding a copy of `data`.
     pub fn from_vec<T: Element>(data: &[T]) -> Result<Array> {
         let n = ffi::to_c_int("array_from_slice", "length", data.len())?;

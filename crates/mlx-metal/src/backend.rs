@@ -174,6 +174,10 @@ impl MetalModel {
             }
         };
         let dir = model::model_dir(path).map_err(core_err)?;
+        // Tensor parallelism (docs/distributed.md): this process is one rank.
+        let tensor_parallel =
+            crate::distributed::TensorParallelOptions::from_backend_options(&settings.backend_options)
+                .map_err(core_err)?;
         let tokenizer = Tokenizer::from_dir(&dir).map_err(core_err)?;
         let metrics = Arc::new(Mutex::new(GenerateMetrics::default()));
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<Description, Error>>(1);
@@ -191,7 +195,11 @@ impl MetalModel {
                         return;
                     }
                 };
-                let loaded = match model::load(&dir) {
+                let loaded = match &tensor_parallel {
+                    Some(tp) => tp.load(&dir),
+                    None => model::load(&dir),
+                };
+                let loaded = match loaded {
                     Ok(l) => l,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

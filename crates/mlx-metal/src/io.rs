@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use crate::array::{Array, Dtype};
@@ -34,6 +34,8 @@ pub struct SafetensorsHeader {
     pub tensors: BTreeMap<String, TensorInfo>,
     /// The `__metadata__` map.
     pub metadata: BTreeMap<String, String>,
+    /// Where the data section starts in the file (8 + the header's length).
+    pub data_start: u64,
 }
 
 /// Tensors and metadata of a safetensors file.
@@ -76,7 +78,7 @@ pub fn read_safetensors_header(path: impl AsRef<Path>) -> Result<SafetensorsHead
     let obj = json.as_object().ok_or_else(|| format_err(path, "header is not a JSON object"))?;
     let data_len = file_len - 8 - header_len;
 
-    let mut out = SafetensorsHeader::default();
+    let mut out = SafetensorsHeader { data_start: 8 + header_len, ..SafetensorsHeader::default() };
     for (name, v) in obj {
         if name == "__metadata__" {
             // MLX itself writes `"__metadata__": null` when there is no metadata.
@@ -125,6 +127,61 @@ pub fn read_safetensors_header(path: impl AsRef<Path>) -> Result<SafetensorsHead
         out.tensors.insert(name.clone(), TensorInfo { dtype, shape, data_offsets: (start, end) });
     }
     Ok(out)
+}
+
+/// Reads `[start, start + len)` along `axis` of the 1-D or 2-D tensor `name`
+/// straight from the file, and nothing else of it: one contiguous range for
+/// `axis` 0, one range per row for `axis` 1. `header` is the file's
+/// [`read_safetensors_header`]. This is how a tensor-parallel rank reads only
+/// its shard of a weight.
+pub fn read_tensor_slice(
+    path: &Path,
+    header: &SafetensorsHeader,
+    name: &str,
+    axis: usize,
+    start: i64,
+    len: i64,
+) -> Result<Array> {
+    const OP: &str = "read_tensor_slice";
+    let info = header.tensors.get(name).ok_or_else(|| Error::Format {
+        op: OP,
+        path: path.to_path_buf(),
+        message: format!("no tensor {name:?}"),
+    })?;
+    let shape = &info.shape;
+    let bad = |message: String| Error::Format { op: OP, path: path.to_path_buf(), message };
+    if shape.is_empty() || shape.len() > 2 || axis >= shape.len() {
+        return Err(bad(format!("{name} {shape:?} cannot be sliced along axis {axis} (1-D or 2-D tensors only)")));
+    }
+    let dim = shape[axis];
+    if start < 0 || len < 0 || start.checked_add(len).is_none_or(|end| end > dim) {
+        return Err(bad(format!("{name} {shape:?}: [{start}, {start} + {len}) is outside axis {axis}")));
+    }
+    let elem = info.dtype.size_of() as u64;
+    let base = header.data_start + info.data_offsets.0;
+    let (rows, cols) = if shape.len() == 2 { (shape[0] as u64, shape[1] as u64) } else { (shape[0] as u64, 1) };
+    let io = |source| Error::Io { op: OP, path: path.to_path_buf(), source };
+    let mut f = File::open(path).map_err(io)?;
+    let (start, len) = (start as u64, len as u64);
+    let (bytes, out_shape) = if axis == 0 {
+        let row = cols * elem;
+        let mut buf = vec![0u8; (len * row) as usize];
+        f.seek(SeekFrom::Start(base + start * row)).map_err(io)?;
+        f.read_exact(&mut buf).map_err(io)?;
+        let mut s: Vec<i64> = shape.clone();
+        s[0] = len as i64;
+        (buf, s)
+    } else {
+        let seg = (len * elem) as usize;
+        let mut buf = vec![0u8; seg * rows as usize];
+        for (r, chunk) in buf.chunks_exact_mut(seg.max(1)).enumerate().take(rows as usize) {
+            f.seek(SeekFrom::Start(base + (r as u64 * cols + start) * elem)).map_err(io)?;
+            f.read_exact(chunk).map_err(io)?;
+        }
+        (buf, vec![rows as i64, len as i64])
+    };
+    let dims: Vec<i32> = out_shape.iter().map(|&d| d as i32).collect();
+    Array::from_bytes(&bytes, &dims, info.dtype)
 }
 
 fn c_path(op: &'static str, path: &Path) -> Result<CString> {

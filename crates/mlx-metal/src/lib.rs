@@ -10,6 +10,8 @@
 //!   because MLX streams are per thread.
 //! - [`ops`], [`fast`], [`random`], [`transforms`], [`io`], [`memory`],
 //!   [`device`], [`nn`]: safe functions over arrays; errors name the op.
+//! - [`distributed`]: MLX's distributed layer (groups, collectives, a
+//!   launcher) and the tensor-parallel loading of [`model`]s.
 //!
 //! ```
 //! use mlx_metal::{Array, ops};
@@ -30,6 +32,7 @@ pub mod bench;
 pub mod cache;
 pub mod chat;
 pub mod device;
+pub mod distributed;
 pub mod error;
 pub mod fast;
 pub mod generate;

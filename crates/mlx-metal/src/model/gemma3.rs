@@ -22,6 +22,7 @@ use crate::ops;
 
 use super::config::{ModelConfig, RopeScaling};
 use super::rope::Rope;
+use super::tp::{self, Heads, Reduce};
 use super::weights::{WeightPath, Weights, model_err};
 use super::{AttentionTaps, Description, LanguageModel, attention, describe, merge_heads, split_heads};
 
@@ -111,6 +112,7 @@ struct Attention {
     n_kv_heads: i32,
     scale: f32,
     rope: Rope,
+    reduce: Reduce,
 }
 
 impl Attention {
@@ -133,7 +135,7 @@ impl Attention {
         AttentionTaps::record(&mut taps, &q, &k);
         let (k, v) = cache.update_and_fetch(&k, &v)?;
         let out = attention(&q, &k, &v, self.scale, mask)?;
-        self.o_proj.forward(&merge_heads(&out, b, l)?)
+        self.reduce.apply(self.o_proj.forward(&merge_heads(&out, b, l)?)?)
     }
 }
 
@@ -141,12 +143,13 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    reduce: Reduce,
 }
 
 impl Mlp {
     fn forward(&self, x: &Array) -> Result<Array> {
         let h = nn::geglu_approx(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
-        self.down_proj.forward(&h)
+        self.reduce.apply(self.down_proj.forward(&h)?)
     }
 }
 
@@ -208,6 +211,11 @@ impl Gemma3 {
         let m = root.pp("model");
         let (hidden, heads, kv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps;
+        // Tensor parallelism (see `tp`): this rank's heads and MLP slice.
+        let tpar = weights.tensor_parallel();
+        let shard = tpar.map(|t| t.shard());
+        let part = Heads::of(heads, kv, shard).map_err(|e| model_err(dir, e.to_string()))?;
+        let (mlp_in, mlp_out) = tp::mlp(cfg.intermediate_size, shard).map_err(|e| model_err(dir, e.to_string()))?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers as usize);
         for i in 0..cfg.num_hidden_layers {
             let lw = m.pp("layers").pp(i);
@@ -220,21 +228,33 @@ impl Gemma3 {
             };
             layers.push(Block {
                 self_attn: Attention {
-                    q_proj: a.pp("q_proj").linear(heads * hd, hidden, false)?,
-                    k_proj: a.pp("k_proj").linear(kv * hd, hidden, false)?,
-                    v_proj: a.pp("v_proj").linear(kv * hd, hidden, false)?,
-                    o_proj: a.pp("o_proj").linear(hidden, heads * hd, false)?,
+                    q_proj: a.pp("q_proj").linear_split(heads * hd, hidden, false, part.q(hd))?,
+                    k_proj: a.pp("k_proj").linear_split(kv * hd, hidden, false, part.kv(hd))?,
+                    v_proj: a.pp("v_proj").linear_split(kv * hd, hidden, false, part.kv(hd))?,
+                    o_proj: a.pp("o_proj").linear_split(hidden, heads * hd, false, part.o(hd, shard))?,
                     q_norm: Norm::load(&a.pp("q_norm"), hd, eps)?,
                     k_norm: Norm::load(&a.pp("k_norm"), hd, eps)?,
-                    n_heads: heads,
-                    n_kv_heads: kv,
+                    n_heads: part.q_len,
+                    n_kv_heads: part.kv_len,
                     scale: cfg.query_pre_attn_scalar.powf(-0.5) as f32,
                     rope,
+                    reduce: Reduce::new(tpar),
                 },
                 mlp: Mlp {
-                    gate_proj: lw.pp("mlp").pp("gate_proj").linear(cfg.intermediate_size, hidden, false)?,
-                    up_proj: lw.pp("mlp").pp("up_proj").linear(cfg.intermediate_size, hidden, false)?,
-                    down_proj: lw.pp("mlp").pp("down_proj").linear(hidden, cfg.intermediate_size, false)?,
+                    gate_proj: lw.pp("mlp").pp("gate_proj").linear_split(
+                        cfg.intermediate_size,
+                        hidden,
+                        false,
+                        mlp_in,
+                    )?,
+                    up_proj: lw.pp("mlp").pp("up_proj").linear_split(cfg.intermediate_size, hidden, false, mlp_in)?,
+                    down_proj: lw.pp("mlp").pp("down_proj").linear_split(
+                        hidden,
+                        cfg.intermediate_size,
+                        false,
+                        mlp_out,
+                    )?,
+                    reduce: Reduce::new(tpar),
                 },
                 input_layernorm: Norm::load(&lw.pp("input_layernorm"), hidden, eps)?,
                 post_attention_layernorm: Norm::load(&lw.pp("post_attention_layernorm"), hidden, eps)?,

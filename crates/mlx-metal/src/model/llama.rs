@@ -20,6 +20,7 @@ use crate::ops;
 
 use super::config::{ModelConfig, RopeScaling};
 use super::rope::Rope;
+use super::tp::{self, Heads, Reduce};
 use super::weights::{WeightPath, Weights, model_err};
 use super::{AttentionTaps, Description, LanguageModel, attention, describe, merge_heads, split_heads};
 
@@ -225,6 +226,7 @@ struct Attention {
     n_kv_heads: i32,
     scale: f32,
     rope: Rope,
+    reduce: Reduce,
 }
 
 impl Attention {
@@ -249,7 +251,7 @@ impl Attention {
         AttentionTaps::record(&mut taps, &q, &k);
         let (k, v) = cache.update_and_fetch(&k, &v)?;
         let out = attention(&q, &k, &v, self.scale, mask)?;
-        self.o_proj.forward(&merge_heads(&out, b, l)?)
+        self.reduce.apply(self.o_proj.forward(&merge_heads(&out, b, l)?)?)
     }
 }
 
@@ -257,12 +259,13 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    reduce: Reduce,
 }
 
 impl Mlp {
     fn forward(&self, x: &Array) -> Result<Array> {
         let h = nn::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
-        self.down_proj.forward(&h)
+        self.reduce.apply(self.down_proj.forward(&h)?)
     }
 }
 
@@ -308,6 +311,11 @@ impl Decoder {
         let m = root.pp("model");
         let (hidden, heads, kv, hd, eps) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.eps);
         let var = cfg.variant;
+        // Tensor parallelism (see `tp`): this rank's heads and MLP slice.
+        let tpar = weights.tensor_parallel();
+        let shard = tpar.map(|t| t.shard());
+        let part = Heads::of(heads, kv, shard).map_err(|e| model_err(dir, e.to_string()))?;
+        let (mlp_in, mlp_out) = tp::mlp(cfg.intermediate_size, shard).map_err(|e| model_err(dir, e.to_string()))?;
         let mut layers = Vec::with_capacity(cfg.num_layers as usize);
         for (i, &is_sliding) in cfg.sliding.iter().enumerate() {
             let lw = m.pp("layers").pp(i);
@@ -320,20 +328,22 @@ impl Decoder {
             };
             layers.push(Block {
                 self_attn: Attention {
-                    q_proj: a.pp("q_proj").linear(heads * hd, hidden, var.qkv_bias)?,
-                    k_proj: a.pp("k_proj").linear(kv * hd, hidden, var.qkv_bias)?,
-                    v_proj: a.pp("v_proj").linear(kv * hd, hidden, var.qkv_bias)?,
-                    o_proj: a.pp("o_proj").linear(hidden, heads * hd, var.o_bias)?,
+                    q_proj: a.pp("q_proj").linear_split(heads * hd, hidden, var.qkv_bias, part.q(hd))?,
+                    k_proj: a.pp("k_proj").linear_split(kv * hd, hidden, var.qkv_bias, part.kv(hd))?,
+                    v_proj: a.pp("v_proj").linear_split(kv * hd, hidden, var.qkv_bias, part.kv(hd))?,
+                    o_proj: a.pp("o_proj").linear_split(hidden, heads * hd, var.o_bias, part.o(hd, shard))?,
                     qk_norm,
-                    n_heads: heads,
-                    n_kv_heads: kv,
+                    n_heads: part.q_len,
+                    n_kv_heads: part.kv_len,
                     scale: (f64::from(hd)).powf(-0.5) as f32,
                     rope: Rope::new(hd, cfg.rope_theta, cfg.rope_traditional, cfg.rope_scaling.as_ref(), dir)?,
+                    reduce: Reduce::new(tpar),
                 },
                 mlp: Mlp {
-                    gate_proj: mw.pp("gate_proj").linear(cfg.intermediate_size, hidden, var.mlp_bias)?,
-                    up_proj: mw.pp("up_proj").linear(cfg.intermediate_size, hidden, var.mlp_bias)?,
-                    down_proj: mw.pp("down_proj").linear(hidden, cfg.intermediate_size, var.mlp_bias)?,
+                    gate_proj: mw.pp("gate_proj").linear_split(cfg.intermediate_size, hidden, var.mlp_bias, mlp_in)?,
+                    up_proj: mw.pp("up_proj").linear_split(cfg.intermediate_size, hidden, var.mlp_bias, mlp_in)?,
+                    down_proj: mw.pp("down_proj").linear_split(hidden, cfg.intermediate_size, var.mlp_bias, mlp_out)?,
+                    reduce: Reduce::new(tpar),
                 },
                 input_layernorm: Norm::load(&lw.pp("input_layernorm"), hidden, eps)?,
                 post_attention_layernorm: Norm::load(&lw.pp("post_attention_layernorm"), hidden, eps)?,

@@ -19,6 +19,7 @@ pub mod llama;
 pub mod qwen2;
 pub mod qwen3;
 pub mod rope;
+pub mod tp;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ use inference_core::ModelInfo;
 
 use crate::array::Array;
 use crate::cache::{LayerCache, Mask};
+use crate::distributed::TensorParallel;
 use crate::error::{Error, Result};
 use crate::fast;
 use crate::ops;
@@ -124,13 +126,27 @@ pub fn model_dir(path: &Path) -> Result<PathBuf> {
 
 /// Loads the model at `path` (a directory, or a file inside one).
 pub fn load(path: &Path) -> Result<LoadedModel> {
+    load_with(path, None)
+}
+
+/// Loads this rank's shard of a tensor-parallel model (see [`tp`]): every
+/// rank of `tp`'s group loads the same directory and must then run the same
+/// forward passes, since each block ends in a sum over the ranks.
+pub fn load_sharded(path: &Path, tp: TensorParallel) -> Result<LoadedModel> {
+    load_with(path, Some(tp))
+}
+
+fn load_with(path: &Path, tp: Option<TensorParallel>) -> Result<LoadedModel> {
     let dir = model_dir(path)?;
     let config = ModelConfig::load(&dir)?;
     let arch = config.model_type.as_str();
     if !SUPPORTED.contains(&arch) {
         return Err(model_err(&dir, format!("unsupported architecture {arch:?}; supported: {}", SUPPORTED.join(", "))));
     }
-    let weights = Weights::load(&dir, config.quant.clone())?;
+    let weights = match tp {
+        Some(tp) => Weights::load_sharded(&dir, config.quant.clone(), tp)?,
+        None => Weights::load(&dir, config.quant.clone())?,
+    };
     let model: Box<dyn LanguageModel> = match arch {
         "gemma3" | "gemma3_text" => Box::new(gemma3::Gemma3::load(&config, &weights)?),
         "qwen3" => Box::new(qwen3::load(&config, &weights)?),

@@ -7,16 +7,24 @@
 //! visible (`w.pp("model").pp("layers").pp(3).pp("self_attn")`). A missing
 //! tensor, a wrong shape or a wrong dtype is an error that names the tensor;
 //! tensors nobody read are reported by [`Weights::finish`].
+//!
+//! Tensor parallelism ([`Weights::load_sharded`]): a rank asks for the slice
+//! of a linear layer it holds ([`WeightPath::linear_split`]): the output rows
+//! of a column-parallel layer, the input columns of a row-parallel one. The
+//! slice is read straight from the file ([`io::read_tensor_slice`]); MLX's
+//! lazy loader never reads the rest, so a rank's memory holds only its shard
+//! (plus the replicated tensors: norms, the embedding and the head).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::array::{Array, Dtype};
+use crate::distributed::TensorParallel;
 use crate::error::{Error, Result};
-use crate::io;
+use crate::io::{self, SafetensorsHeader};
 use crate::nn::{Embedding, Linear, LinearWeight};
-use crate::ops::Quantized;
+use crate::ops::{self, Quantized};
 
 use super::config::QuantConfig;
 
@@ -28,6 +36,9 @@ pub struct Weights {
     used: RefCell<BTreeSet<String>>,
     dir: PathBuf,
     quant: Option<QuantConfig>,
+    /// The files' headers, for reading slices straight from them.
+    files: Vec<(PathBuf, SafetensorsHeader)>,
+    tp: Option<TensorParallel>,
 }
 
 impl Weights {
@@ -48,12 +59,68 @@ impl Weights {
         if tensors.is_empty() {
             return Err(model_err(dir, "the safetensors files hold no tensors"));
         }
-        Ok(Weights { tensors, used: RefCell::new(BTreeSet::new()), dir: dir.to_path_buf(), quant })
+        Ok(Weights {
+            tensors,
+            used: RefCell::new(BTreeSet::new()),
+            dir: dir.to_path_buf(),
+            quant,
+            files: Vec::new(),
+            tp: None,
+        })
+    }
+
+    /// [`Weights::load`] for one rank of a tensor-parallel model: the
+    /// sharded layers read only this rank's slice from the files.
+    pub fn load_sharded(dir: &Path, quant: Option<QuantConfig>, tp: TensorParallel) -> Result<Weights> {
+        let mut w = Weights::load(dir, quant)?;
+        w.files = safetensors_files(dir)?
+            .into_iter()
+            .map(|f| io::read_safetensors_header(&f).map(|h| (f, h)))
+            .collect::<Result<_>>()?;
+        w.tp = Some(tp);
+        Ok(w)
+    }
+
+    /// The same weights, sharded for `tp` (slices of in-memory tensors are
+    /// copies).
+    pub fn with_tensor_parallel(mut self, tp: TensorParallel) -> Weights {
+        self.tp = Some(tp);
+        self
+    }
+
+    /// The tensor parallelism these weights are loaded for.
+    pub fn tensor_parallel(&self) -> Option<&TensorParallel> {
+        self.tp.as_ref()
+    }
+
+    /// `[start, start + len)` along `axis` of tensor `name` (already resolved
+    /// and marked used): read from its file when it came from one.
+    fn slice(&self, name: &str, axis: usize, start: i32, len: i32) -> Result<Array> {
+        let (key, arr) = self.resolve(name).ok_or_else(|| model_err(&self.dir, format!("missing tensor {name}")))?;
+        if let Some((path, header)) = self.files.iter().find(|(_, h)| h.tensors.contains_key(key)) {
+            return io::read_tensor_slice(path, header, key, axis, i64::from(start), i64::from(len));
+        }
+        let shape = arr.shape();
+        let mut lo = vec![0; shape.len()];
+        let mut hi = shape.clone();
+        if axis >= shape.len() {
+            return Err(model_err(&self.dir, format!("{key} {shape:?} has no axis {axis} to shard")));
+        }
+        lo[axis] = start;
+        hi[axis] = start + len;
+        ops::copy(&ops::slice(arr, &lo, &hi)?)
     }
 
     /// Weights from tensors in memory (tests, converted models).
     pub fn from_tensors(dir: &Path, tensors: BTreeMap<String, Array>, quant: Option<QuantConfig>) -> Weights {
-        Weights { tensors, used: RefCell::new(BTreeSet::new()), dir: dir.to_path_buf(), quant }
+        Weights {
+            tensors,
+            used: RefCell::new(BTreeSet::new()),
+            dir: dir.to_path_buf(),
+            quant,
+            files: Vec::new(),
+            tp: None,
+        }
     }
 
     /// The root path for lookups.
@@ -176,6 +243,75 @@ impl<'a> WeightPath<'a> {
         Ok(Linear { weight, bias })
     }
 
+    /// The tensor parallelism the weights are loaded for.
+    pub fn tensor_parallel(&self) -> Option<&'a TensorParallel> {
+        self.weights.tp.as_ref()
+    }
+
+    /// A linear layer `[out, in]` of which this rank holds the part `split`
+    /// says (the whole layer when it covers everything): column-parallel
+    /// layers keep output rows (and their bias), row-parallel ones input
+    /// columns (a quantised layer only at group boundaries). Only the part
+    /// is read from the checkpoint.
+    pub fn linear_split(&self, out: i32, inp: i32, bias: bool, split: Split) -> Result<Linear> {
+        let full = self.linear(out, inp, bias)?;
+        let (axis, start, len) = match split {
+            Split::Output { start, len } => (0, start, len),
+            Split::Input { start, len, .. } => (1, start, len),
+        };
+        let dim = if axis == 0 { out } else { inp };
+        if start == 0 && len == dim {
+            return Ok(full);
+        }
+        if start < 0 || len <= 0 || start + len > dim {
+            return Err(model_err(
+                self.weights.dir(),
+                format!("{}: shard [{start}, {start} + {len}) is outside [0, {dim})", self.name("weight")),
+            ));
+        }
+        let weight = match full.weight {
+            LinearWeight::Dense(_) => LinearWeight::Dense(self.slice("weight", axis, start, len)?),
+            LinearWeight::Quantized(q) => {
+                let gs = q.group_size;
+                let (packed, groups) = if axis == 0 {
+                    ((start, len), (start, len))
+                } else {
+                    if start % gs != 0 || len % gs != 0 {
+                        return Err(model_err(
+                            self.weights.dir(),
+                            format!(
+                                "{}: the input shard [{start}, {start} + {len}) does not fall on quantisation groups \
+                                 of {gs}; use fewer tensor-parallel ranks",
+                                self.name("weight")
+                            ),
+                        ));
+                    }
+                    ((start * q.bits / 32, len * q.bits / 32), (start / gs, len / gs))
+                };
+                LinearWeight::Quantized(Quantized {
+                    weight: self.slice("weight", axis, packed.0, packed.1)?,
+                    scales: self.slice("scales", axis, groups.0, groups.1)?,
+                    biases: match q.biases {
+                        Some(_) => Some(self.slice("biases", axis, groups.0, groups.1)?),
+                        None => None,
+                    },
+                    group_size: q.group_size,
+                    bits: q.bits,
+                })
+            }
+        };
+        let bias = match (full.bias, split) {
+            (Some(_), Split::Output { start, len }) => Some(self.slice("bias", 0, start, len)?),
+            (Some(b), Split::Input { keep_bias: true, .. }) => Some(b),
+            _ => None,
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    fn slice(&self, leaf: &str, axis: usize, start: i32, len: i32) -> Result<Array> {
+        self.weights.slice(&self.name(leaf), axis, start, len)
+    }
+
     /// An embedding table `[vocab, dim]`, dense or quantised.
     pub fn embedding(&self, vocab: i32, dim: i32) -> Result<Embedding> {
         Ok(Embedding { weight: self.matrix(vocab, dim)? })
@@ -229,6 +365,28 @@ impl<'a> WeightPath<'a> {
         }
         Ok(LinearWeight::Quantized(Quantized { weight, scales, biases, group_size, bits }))
     }
+}
+
+/// Which part of a linear layer a tensor-parallel rank holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Column-parallel: output features `[start, start + len)` (and their bias).
+    Output {
+        /// First output feature.
+        start: i32,
+        /// How many.
+        len: i32,
+    },
+    /// Row-parallel: input features `[start, start + len)`; the partial
+    /// outputs are summed over the ranks, so only one rank keeps the bias.
+    Input {
+        /// First input feature.
+        start: i32,
+        /// How many.
+        len: i32,
+        /// Whether this rank adds the bias.
+        keep_bias: bool,
+    },
 }
 
 fn check_float(dir: &Path, name: &str, a: &Array) -> Result<()> {

@@ -1,0 +1,115 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! Tensor-parallel generation over MLX's distributed layer.
+//!
+//! ```text
+//! cargo run --release -p mlx-metal --example tp_generate -- \
+//!     --ranks 2 --backend ring --model ~/.cache/mlxr/models/smollm2-135m-instruct \
+//!     --max-tokens 32 "What is the capital of France?"
+//! ```
+//!
+//! Started by hand, it starts `--ranks` copies of itself on this machine
+//! (ring: a loopback hostfile in `MLX_HOSTFILE` and `MLX_RANK` per rank;
+//! nccl: `MLX_RANK`, `MLX_WORLD_SIZE`, `NCCL_HOST_IP`, `NCCL_PORT`, one GPU
+//! per rank, `NCCL_NVLS_ENABLE=0`) and waits for them: a rank that fails ends
+//! the job. Started by `mlx.launch` (or any launcher that sets `MLX_RANK`)
+//! it is one rank. Every rank loads its shard of the model and runs the same
+//! greedy generation; rank 0 prints the text.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use inference_core::{CancelToken, GenerateSettings, LoadSettings, Message};
+use mlx_metal::distributed::Backend;
+use mlx_metal::distributed::launch::{self, Role};
+
+struct Args {
+    ranks: usize,
+    backend: Backend,
+    model: PathBuf,
+    max_tokens: usize,
+    timeout_s: Option<f64>,
+    prompt: String,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        ranks: 2,
+        backend: Backend::Ring,
+        model: PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache/mlxr/models/smollm2-135m-instruct"),
+        max_tokens: 32,
+        timeout_s: None,
+        prompt: String::new(),
+    };
+    let mut prompt = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--ranks" => a.ranks = value("--ranks")?.parse().map_err(|_| "--ranks takes a number")?,
+            "--backend" => a.backend = value("--backend")?.parse().map_err(|e| format!("{e}"))?,
+            "--model" => a.model = PathBuf::from(value("--model")?),
+            "--max-tokens" => {
+                a.max_tokens = value("--max-tokens")?.parse().map_err(|_| "--max-tokens takes a number")?
+            }
+            "--timeout-s" => {
+                a.timeout_s = Some(value("--timeout-s")?.parse().map_err(|_| "--timeout-s takes seconds")?);
+            }
+            _ => prompt.push(arg),
+        }
+    }
+    if a.ranks < 1 {
+        return Err("--ranks must be at least 1".into());
+    }
+    a.prompt = if prompt.is_empty() { "What is the capital of France?".into() } else { prompt.join(" ") };
+    Ok(a)
+}
+
+fn main() {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let timeout = args.timeout_s.filter(|t| t.is_finite() && *t > 0.0).map(Duration::from_secs_f64);
+    match launch::launch_or_join(args.ranks, args.backend, timeout) {
+        Ok(Role::Launched(outputs)) => eprintln!("{} ranks finished", outputs.len()),
+        Ok(Role::Rank(rank)) => {
+            if let Err(e) = run_rank(rank, &args) {
+                eprintln!("rank {rank}: error: {}", e.report());
+                std::process::exit(1);
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run_rank(rank: i32, args: &Args) -> inference_core::Result<()> {
+    mlx_metal::register();
+    let settings = LoadSettings::default()
+        .backend("metal")
+        .backend_option("tensor_parallel", args.ranks.to_string())
+        .backend_option("distributed_backend", args.backend.name());
+    let llm = inference_core::load_model(&args.model, &settings)?;
+    // Greedy, so every rank picks the same tokens and stops at the same step.
+    let generate = GenerateSettings::default().max_tokens(args.max_tokens).temperature(0.0);
+    let stream = llm.chat(&[Message::user(args.prompt.clone())], &generate, CancelToken::new())?;
+    let mut out = std::io::stdout();
+    for token in stream {
+        let token = token?;
+        if rank == 0 {
+            let _ = write!(out, "{}", token.text);
+            let _ = out.flush();
+        }
+    }
+    if rank == 0 {
+        println!();
+    }
+    llm.close()
+}

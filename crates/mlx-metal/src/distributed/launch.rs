@@ -1,0 +1,395 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! Starting the ranks of a job on this machine, `mlx.launch`-compatible.
+//!
+//! A launcher spawns N copies of a program with the environment MLX's
+//! backends read: for the ring, `MLX_RANK` and `MLX_HOSTFILE` (a JSON list,
+//! one entry per rank, each a list of `"ip:port"` addresses; see
+//! [`loopback_hosts`]); for NCCL, `MLX_RANK`, `MLX_WORLD_SIZE`,
+//! `NCCL_HOST_IP`, `NCCL_PORT`, `CUDA_VISIBLE_DEVICES` (one GPU per rank) and
+//! `NCCL_NVLS_ENABLE=0`. The same program started by Python's `mlx.launch`
+//! sees the same variables, so either launcher works.
+//!
+//! [`Job::wait`] watches every rank: the first rank that exits with a failure
+//! (or is killed) ends the job — the other ranks are killed, since a
+//! surviving rank would otherwise wait for its dead peer in a collective —
+//! and the error names the rank, its exit status and the tail of its stderr.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::Backend;
+use crate::error::{Error, Result};
+
+const OP: &str = "distributed_launch";
+
+/// The rank variable every backend reads.
+pub const RANK_ENV: &str = "MLX_RANK";
+/// The ring backend's hostfile variable.
+pub const HOSTFILE_ENV: &str = "MLX_HOSTFILE";
+/// The NCCL backend's world size variable.
+pub const WORLD_SIZE_ENV: &str = "MLX_WORLD_SIZE";
+
+/// How much of a failed rank's stderr an error quotes.
+const STDERR_TAIL: usize = 2000;
+
+fn err(message: impl Into<String>) -> Error {
+    Error::Mlx { op: OP, message: message.into() }
+}
+
+/// Ring addresses for `ranks` processes on loopback, one free port each:
+/// `[["127.0.0.1:p0"], ["127.0.0.1:p1"], ...]`. The ports were free when
+/// chosen (bound and released at once).
+pub fn loopback_hosts(ranks: usize) -> Result<Vec<Vec<String>>> {
+    let listeners = (0..ranks)
+        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| err(format!("cannot find a free loopback port: {e}")))?;
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .map(|a| vec![format!("127.0.0.1:{}", a.port())])
+                .map_err(|e| err(format!("cannot read a bound port: {e}")))
+        })
+        .collect()
+}
+
+/// Writes a ring hostfile (the JSON `mlx.launch` writes).
+pub fn write_hostfile(path: &Path, hosts: &[Vec<String>]) -> Result<()> {
+    let text = serde_json::to_string(hosts).map_err(|e| err(format!("cannot encode the hostfile: {e}")))?;
+    std::fs::write(path, text).map_err(|source| Error::Io { op: OP, path: path.to_path_buf(), source })
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// The program every rank runs.
+    pub program: PathBuf,
+    /// Its arguments (the same for every rank).
+    pub args: Vec<OsString>,
+    /// How many ranks.
+    pub ranks: usize,
+    /// The backend whose environment is set: [`Backend::Ring`] (loopback
+    /// hostfile) or [`Backend::Nccl`] (one GPU per rank).
+    pub backend: Backend,
+    /// Extra environment for every rank.
+    pub env: Vec<(OsString, OsString)>,
+    /// Rank 0's stdout goes to this process's stdout instead of being captured.
+    pub inherit_rank0_stdout: bool,
+    /// The whole job must end within this time; then every rank is killed.
+    pub timeout: Option<Duration>,
+}
+
+impl LaunchSpec {
+    /// `ranks` copies of `program args` over the ring backend on loopback.
+    pub fn ring(program: impl Into<PathBuf>, args: Vec<OsString>, ranks: usize) -> LaunchSpec {
+        LaunchSpec {
+            program: program.into(),
+            args,
+            ranks,
+            backend: Backend::Ring,
+            env: Vec::new(),
+            inherit_rank0_stdout: false,
+            timeout: None,
+        }
+    }
+}
+
+/// What one rank left behind.
+#[derive(Debug, Clone)]
+pub struct RankOutput {
+    /// The rank.
+    pub rank: usize,
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Its stdout (empty when inherited).
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+}
+
+enum Event {
+    Line { rank: usize, stderr: bool, text: String },
+    Closed { rank: usize },
+}
+
+/// A started job: every rank's process, watched until all end.
+pub struct Job {
+    children: Vec<Option<Child>>,
+    open_pipes: Vec<usize>,
+    events: mpsc::Receiver<Event>,
+    stdout: Vec<String>,
+    stderr: Vec<String>,
+    hostfile: Option<PathBuf>,
+    deadline: Option<Instant>,
+}
+
+static JOB_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Starts every rank of `spec`.
+///
+/// # Errors
+/// A rank count below 1, a backend this launcher cannot set up (MPI and JACCL
+/// need their own launchers), a hostfile that cannot be written or a process
+/// that cannot be started (the ones already started are killed).
+pub fn spawn(spec: &LaunchSpec) -> Result<Job> {
+    if spec.ranks < 1 {
+        return Err(err("a job needs at least one rank"));
+    }
+    let mut common: Vec<(OsString, OsString)> = Vec::new();
+    let mut hostfile = None;
+    match spec.backend {
+        Backend::Ring | Backend::Any => {
+            let n = JOB_COUNTER.fetch_add(1, Ordering::SeqCst);
+            let path = std::env::temp_dir().join(format!("mlxr-ring-{}-{n}.json", std::process::id()));
+            write_hostfile(&path, &loopback_hosts(spec.ranks)?)?;
+            common.push((HOSTFILE_ENV.into(), path.clone().into()));
+            hostfile = Some(path);
+        }
+        Backend::Nccl => {
+            let port = loopback_hosts(1)?
+                .first()
+                .and_then(|h| h.first())
+                .and_then(|a| a.rsplit(':').next().map(str::to_string))
+                .ok_or_else(|| err("cannot find a free port for NCCL"))?;
+            common.push(("NCCL_HOST_IP".into(), "127.0.0.1".into()));
+            common.push(("NCCL_PORT".into(), port.into()));
+            common.push((WORLD_SIZE_ENV.into(), spec.ranks.to_string().into()));
+            common.push(("NCCL_NVLS_ENABLE".into(), "0".into()));
+        }
+        b @ (Backend::Mpi | Backend::Jaccl) => {
+            return Err(err(format!("the {b} backend is launched with its own tools (mpirun, mlx.launch)")));
+        }
+    }
+    let (tx, events) = mpsc::channel();
+    let mut job = Job {
+        children: Vec::with_capacity(spec.ranks),
+        open_pipes: vec![0; spec.ranks],
+        events,
+        stdout: vec![String::new(); spec.ranks],
+        stderr: vec![String::new(); spec.ranks],
+        hostfile,
+        deadline: spec.timeout.map(|t| Instant::now() + t),
+    };
+    for rank in 0..spec.ranks {
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args).stdin(Stdio::null()).stderr(Stdio::piped());
+        let inherit = rank == 0 && spec.inherit_rank0_stdout;
+        cmd.stdout(if inherit { Stdio::inherit() } else { Stdio::piped() });
+        cmd.envs(common.iter().map(|(k, v)| (k, v))).envs(spec.env.iter().map(|(k, v)| (k, v)));
+        cmd.env(RANK_ENV, rank.to_string());
+        if spec.backend == Backend::Nccl {
+            cmd.env("CUDA_VISIBLE_DEVICES", rank.to_string());
+        }
+        let mut child =
+            cmd.spawn().map_err(|e| err(format!("cannot start rank {rank} ({}): {e}", spec.program.display())))?;
+        if let Some(out) = child.stdout.take() {
+            job.open_pipes[rank] += 1;
+            pump(rank, false, Pipe::Out(out), tx.clone());
+        }
+        if let Some(e) = child.stderr.take() {
+            job.open_pipes[rank] += 1;
+            pump(rank, true, Pipe::Err(e), tx.clone());
+        }
+        job.children.push(Some(child));
+    }
+    Ok(job)
+}
+
+enum Pipe {
+    Out(ChildStdout),
+    Err(ChildStderr),
+}
+
+fn pump(rank: usize, stderr: bool, pipe: Pipe, tx: mpsc::Sender<Event>) {
+    std::thread::spawn(move || {
+        let reader: Box<dyn Read> = match pipe {
+            Pipe::Out(p) => Box::new(p),
+            Pipe::Err(p) => Box::new(p),
+        };
+        let mut lines = BufReader::new(reader);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match lines.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    if tx.send(Event::Line { rank, stderr, text }).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Event::Closed { rank });
+    });
+}
+
+impl Job {
+    /// Waits for every rank. The first rank to fail ends the job: the others
+    /// are killed and the error names it.
+    ///
+    /// # Errors
+    /// A rank exited unsuccessfully (its status and stderr tail), or the
+    /// job's timeout passed (every rank is killed).
+    pub fn wait(mut self) -> Result<Vec<RankOutput>> {
+        let mut statuses: BTreeMap<usize, ExitStatus> = BTreeMap::new();
+        let ranks = self.children.len();
+        while statuses.len() < ranks {
+            let event = match self.deadline {
+                Some(d) => match self.events.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                    Ok(e) => e,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let running: Vec<String> =
+                            (0..ranks).filter(|r| !statuses.contains_key(r)).map(|r| r.to_string()).collect();
+                        self.kill_all();
+                        return Err(err(format!(
+                            "the job did not finish in time; killed the ranks still running ({})",
+                            running.join(", ")
+                        )));
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                },
+                None => match self.events.recv() {
+                    Ok(e) => e,
+                    Err(_) => break,
+                },
+            };
+            match event {
+                Event::Line { rank, stderr, text } => {
+                    let buf = if stderr { &mut self.stderr[rank] } else { &mut self.stdout[rank] };
+                    buf.push_str(&text);
+                }
+                Event::Closed { rank } => {
+                    self.open_pipes[rank] = self.open_pipes[rank].saturating_sub(1);
+                    if self.open_pipes[rank] > 0 {
+                        continue;
+                    }
+                    // Both pipes closed: the process has exited (or is exiting).
+                    let status = match self.children[rank].as_mut().map(Child::wait) {
+                        Some(Ok(s)) => s,
+                        Some(Err(e)) => {
+                            self.kill_all();
+                            return Err(err(format!("cannot wait for rank {rank}: {e}")));
+                        }
+                        None => continue,
+                    };
+                    self.children[rank] = None;
+                    statuses.insert(rank, status);
+                    if !status.success() {
+                        self.kill_all();
+                        let tail = tail(&self.stderr[rank], STDERR_TAIL);
+                        return Err(err(format!(
+                            "rank {rank} of {ranks} failed ({status}); stopped the other ranks. Its stderr ends:\n{tail}"
+                        )));
+                    }
+                }
+            }
+        }
+        if statuses.len() < ranks {
+            self.kill_all();
+            return Err(err("lost track of the ranks' output pipes"));
+        }
+        Ok(statuses
+            .into_iter()
+            .map(|(rank, status)| RankOutput {
+                rank,
+                status,
+                stdout: std::mem::take(&mut self.stdout[rank]),
+                stderr: std::mem::take(&mut self.stderr[rank]),
+            })
+            .collect())
+    }
+
+    fn kill_all(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for c in &mut self.children {
+            *c = None;
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.kill_all();
+        if let Some(p) = self.hostfile.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    if s.len() <= n {
+        return s;
+    }
+    let mut start = s.len() - n;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// Whether this process was started as a rank by a launcher (`MLX_RANK` set).
+pub fn is_rank_process() -> bool {
+    std::env::var_os(RANK_ENV).is_some()
+}
+
+/// What [`launch_or_join`] made of this process.
+#[derive(Debug)]
+pub enum Role {
+    /// This process is rank `.0` of a job: it should join the group (with
+    /// [`super::init`], or by loading a model with the `tensor_parallel`
+    /// backend option) on the thread that will use it.
+    Rank(i32),
+    /// This process launched the ranks and they all finished.
+    Launched(Vec<RankOutput>),
+}
+
+/// This process's rank from the launcher's environment (`MLX_RANK`), if any.
+///
+/// # Errors
+/// `MLX_RANK` is set but not a rank number.
+pub fn rank_from_env() -> Result<Option<i32>> {
+    match std::env::var(RANK_ENV) {
+        Ok(v) => v
+            .trim()
+            .parse::<i32>()
+            .ok()
+            .filter(|r| *r >= 0)
+            .map(Some)
+            .ok_or_else(|| err(format!("{RANK_ENV} = {v:?} is not a rank number"))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The entry point of a program that runs tensor-parallel: started by a
+/// launcher (`MLX_RANK` set, by [`spawn`] or `mlx.launch`), it returns
+/// [`Role::Rank`]; started by hand, it starts `ranks` copies of itself (same
+/// arguments, rank 0's stdout shown, the others' output kept for errors) with
+/// `backend`'s environment and returns [`Role::Launched`] once they all
+/// succeed. `timeout` bounds the whole job.
+///
+/// # Errors
+/// A rank failed or the job ran past `timeout` (see [`Job::wait`]).
+pub fn launch_or_join(ranks: usize, backend: Backend, timeout: Option<Duration>) -> Result<Role> {
+    if let Some(rank) = rank_from_env()? {
+        return Ok(Role::Rank(rank));
+    }
+    let program = std::env::current_exe().map_err(|e| err(format!("cannot find this program: {e}")))?;
+    let mut spec = LaunchSpec::ring(program, std::env::args_os().skip(1).collect(), ranks);
+    spec.backend = backend;
+    spec.timeout = timeout;
+    spec.inherit_rank0_stdout = true;
+    let _ = std::io::stdout().flush();
+    spawn(&spec)?.wait().map(Role::Launched)
+}
