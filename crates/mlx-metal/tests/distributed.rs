@@ -35,6 +35,14 @@ fn spec(role: &str, ranks: usize) -> LaunchSpec {
     spec
 }
 
+/// Multi-process tests run one at a time: their ranks find free loopback
+/// ports by binding and releasing them, and a lone rank retries its
+/// connection, so two jobs at once could meet on the same port.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static JOBS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    JOBS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn run_job(role: &str, ranks: usize) -> Vec<RankOutput> {
     run_job_with(role, ranks, &[])
 }
@@ -205,6 +213,7 @@ fn a_single_process_group_cannot_split() {
 
 #[test]
 fn strict_ring_without_a_launcher_names_the_variables() {
+    let _serial = serial();
     if launch::is_rank_process() {
         eprintln!("note: MLX_RANK is set in this environment; skipped");
         return;
@@ -240,6 +249,7 @@ fn shard_ranges_and_errors() {
 
 #[test]
 fn launcher_rejects_what_it_cannot_start() {
+    let _serial = serial();
     let mut s = LaunchSpec::ring("/nonexistent/mlxr-rank", Vec::new(), 2);
     let e = launch::spawn(&s).err().expect("a missing program");
     assert!(e.to_string().contains("cannot start rank 0"), "{e}");
@@ -252,6 +262,7 @@ fn launcher_rejects_what_it_cannot_start() {
 
 #[test]
 fn loopback_hostfile_is_mlx_launch_json() {
+    let _serial = serial();
     let hosts = launch::loopback_hosts(3).expect("ports");
     assert_eq!(hosts.len(), 3);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -269,6 +280,7 @@ fn loopback_hostfile_is_mlx_launch_json() {
 
 #[test]
 fn two_ranks_over_the_ring_sum_gather_and_exchange() {
+    let _serial = serial();
     let outs = run_job("ops", 2);
     assert_eq!(outs.len(), 2);
     for out in &outs {
@@ -290,6 +302,7 @@ fn two_ranks_over_the_ring_sum_gather_and_exchange() {
 
 #[test]
 fn a_rank_that_never_joins_is_a_clear_error_within_the_timeout() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let hostfile = dir.path().join("hosts.json");
     launch::write_hostfile(&hostfile, &launch::loopback_hosts(2).expect("ports")).expect("hostfile");
@@ -317,6 +330,7 @@ fn a_rank_that_never_joins_is_a_clear_error_within_the_timeout() {
 
 #[test]
 fn a_rank_that_dies_ends_the_job_with_a_clear_error() {
+    let _serial = serial();
     let start = Instant::now();
     let e = launch::spawn(&spec("die", 2)).and_then(launch::Job::wait).expect_err("rank 1 exits with status 3");
     let msg = e.to_string();
@@ -327,6 +341,7 @@ fn a_rank_that_dies_ends_the_job_with_a_clear_error() {
 
 #[test]
 fn a_job_past_its_deadline_is_killed() {
+    let _serial = serial();
     // Rank 0 of a job of one waits for a rank 1 nobody starts; the job's
     // deadline is shorter than the rank's own init timeout.
     let mut s = spec("join", 1);
@@ -515,31 +530,37 @@ mod tp {
 
     #[test]
     fn llama_over_two_ranks_matches_the_single_process() {
+        let _serial = super::serial();
         check_identical(&fixture("llama-tiny"));
     }
 
     #[test]
     fn qwen3_over_two_ranks_matches_the_single_process() {
+        let _serial = super::serial();
         check_identical(&fixture("qwen3-tiny"));
     }
 
     #[test]
     fn qwen2_with_qkv_biases_over_two_ranks_matches_the_single_process() {
+        let _serial = super::serial();
         check_identical(&fixture("qwen2-tiny"));
     }
 
     #[test]
     fn quantised_llama_over_two_ranks_matches_the_single_process() {
+        let _serial = super::serial();
         check_identical(&fixture("llama-tiny-8bit"));
     }
 
     #[test]
     fn gemma3_with_one_kv_head_over_two_ranks_matches_the_single_process() {
+        let _serial = super::serial();
         check_identical(&fixture("gemma3-tiny"));
     }
 
     #[test]
     fn a_quantised_shard_off_the_group_boundary_is_a_clear_error() {
+        let _serial = super::serial();
         // qwen3-tiny-4bit: o_proj has 64 inputs in groups of 64; 32 per rank.
         let d = fixture("qwen3-tiny-4bit");
         let spec = super::spec(&format!("tp:{}", d.display()), 2);
@@ -621,6 +642,7 @@ mod tp {
 
     #[test]
     fn smollm2_in_float32_over_two_ranks_gives_identical_greedy_tokens() {
+        let _serial = super::serial();
         let Some(dir) = crate::common::real_model("smollm2-135m-instruct") else { return };
         let f32_dir = float32_copy(&dir);
         let (single, ranks) = run_pair(f32_dir.path(), &[(TEXT, SMOLLM2_PROMPT)]);
@@ -668,6 +690,7 @@ mod metal {
 
     #[test]
     fn metal_model_with_the_tensor_parallel_option_matches_the_single_process() {
+        let _serial = super::serial();
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen3-tiny");
         let single = MetalModel::load(&dir, &LoadSettings::default()).expect("single process");
         let (ids, text) = chat(&single);
@@ -700,6 +723,7 @@ mod metal {
 
     #[test]
     fn tensor_parallel_without_a_launcher_says_what_is_missing() {
+        let _serial = super::serial();
         if mlx_metal::distributed::launch::is_rank_process() {
             eprintln!("note: MLX_RANK is set in this environment; skipped");
             return;
