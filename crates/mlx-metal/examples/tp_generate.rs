@@ -30,6 +30,9 @@ struct Args {
     max_tokens: usize,
     timeout_s: Option<f64>,
     prompt: String,
+    /// Generate exactly `max_tokens` (EOS ignored) from the raw prompt, and
+    /// print the metrics as JSON on rank 0: for benchmarks.
+    bench: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -41,6 +44,7 @@ fn parse() -> Result<Args, String> {
         max_tokens: 32,
         timeout_s: None,
         prompt: String::new(),
+        bench: false,
     };
     let mut prompt = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -55,6 +59,12 @@ fn parse() -> Result<Args, String> {
             }
             "--timeout-s" => {
                 a.timeout_s = Some(value("--timeout-s")?.parse().map_err(|_| "--timeout-s takes seconds")?);
+            }
+            "--bench" => a.bench = true,
+            "--prompt-words" => {
+                // The bench models' word-level vocabulary: "t0 t1 ...".
+                let n: usize = value("--prompt-words")?.parse().map_err(|_| "--prompt-words takes a number")?;
+                prompt.push((0..n).map(|i| format!("t{}", (i * 7919) % 4096)).collect::<Vec<_>>().join(" "));
             }
             _ => prompt.push(arg),
         }
@@ -98,7 +108,26 @@ fn run_rank(rank: i32, args: &Args) -> inference_core::Result<()> {
         .backend_option("distributed_backend", args.backend.name());
     let llm = inference_core::load_model(&args.model, &settings)?;
     // Greedy, so every rank picks the same tokens and stops at the same step.
-    let generate = GenerateSettings::default().max_tokens(args.max_tokens).temperature(0.0);
+    let generate = GenerateSettings::default().max_tokens(args.max_tokens).temperature(0.0).ignore_eos(args.bench);
+    if args.bench {
+        // A warm-up run, then the measured one.
+        llm.generate(&args.prompt, &generate, CancelToken::new())?.complete()?;
+        let out = llm.generate(&args.prompt, &generate, CancelToken::new())?.complete()?;
+        let m = out.metrics.unwrap_or_default();
+        if rank == 0 {
+            println!(
+                "{{\"ranks\": {}, \"prompt_tokens\": {}, \"generated_tokens\": {}, \"prefill_tok_s\": {:.1}, \
+                 \"decode_tok_s\": {:.1}, \"peak_memory_bytes\": {}}}",
+                args.ranks,
+                m.prompt_tokens,
+                m.generated_tokens,
+                m.prefill_tokens_per_sec,
+                m.decode_tokens_per_sec,
+                m.peak_memory_bytes
+            );
+        }
+        return llm.close();
+    }
     let stream = llm.chat(&[Message::user(args.prompt.clone())], &generate, CancelToken::new())?;
     let mut out = std::io::stdout();
     for token in stream {
