@@ -209,7 +209,8 @@ fn both_backends_generate_the_same_text() {
     }
     let out = run(&["generate", "--model", &model, "--backend", "mlx_lm", "--python", "/no/python", "x"], "");
     assert!(!out.status.success());
-    assert!(text(&out).1.contains("cannot start the Python interpreter /no/python"), "{:?}", text(&out));
+    let err = text(&out).1;
+    assert!(err.contains("\"mlx_lm\" is not available") && err.contains("Python interpreter /no/python"), "{err:?}");
 }
 
 /// Ctrl-C during a reply stops it and the chat goes on; Ctrl-C between turns ends the chat.
