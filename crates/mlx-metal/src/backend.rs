@@ -104,9 +104,7 @@ impl MetalModel {
     /// Loads the model at `path` (a directory, or a file in it) on a new engine thread.
     pub fn load(path: &Path, settings: &LoadSettings) -> CoreResult<MetalModel> {
         settings.validate()?;
-        if settings.adapter_path.is_some() {
-            return Err(CoreError::unsupported(NAME, "loading a LoRA adapter (adapter_path)"));
-        }
+        let adapter_path = settings.adapter_path.clone();
         let device = match settings.device {
             inference_core::Device::Auto => Device::best(),
             inference_core::Device::Cpu => Device::Cpu,
@@ -138,13 +136,19 @@ impl MetalModel {
                         return;
                     }
                 };
-                let loaded = match model::load(&dir) {
+                let mut loaded = match model::load(&dir) {
                     Ok(l) => l,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
+                if let Some(adapter) = &adapter_path
+                    && let Err(e) = crate::lora::load_adapter(loaded.model.as_mut(), adapter)
+                {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
                 let _ = ready_tx.send(Ok(loaded.model.description().clone()));
                 let mut engine =
                     Engine { loaded, tokenizer: engine_tokenizer, metrics: engine_metrics, context_length };
@@ -192,6 +196,27 @@ impl MetalModel {
     /// The chat template in use (the model's own, or a built-in fallback).
     pub fn chat_template(&self) -> &ChatTemplate {
         &self.template
+    }
+
+    /// Replaces the model's LoRA adapter on the engine thread: `Some(dir)`
+    /// loads mlx-lm's adapter directory (`adapters.safetensors` and
+    /// `adapter_config.json`), `None` removes the adapter. Jobs queued before
+    /// run with the old adapter. On error the model is left without an adapter.
+    ///
+    /// # Errors
+    ///
+    /// A missing or malformed adapter, one that does not fit this model
+    /// (every mismatching tensor is listed), or [`CoreError::Closed`].
+    pub fn set_adapter(&self, dir: Option<&Path>) -> CoreResult<()> {
+        let dir = dir.map(Path::to_path_buf);
+        self.call(move |engine| {
+            let model = engine.loaded.model.as_mut();
+            crate::lora::remove_lora(model);
+            if let Some(dir) = dir {
+                crate::lora::load_adapter(model, &dir).map_err(core_err)?;
+            }
+            Ok(())
+        })
     }
 
     /// Runs `job` on the engine thread.

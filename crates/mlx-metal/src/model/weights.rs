@@ -173,7 +173,7 @@ impl<'a> WeightPath<'a> {
     pub fn linear(&self, out: i32, inp: i32, bias: bool) -> Result<Linear> {
         let weight = self.matrix(out, inp)?;
         let bias = if bias { Some(self.tensor("bias", &[out])?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, lora: None })
     }
 
     /// An embedding table `[vocab, dim]`, dense or quantised.
