@@ -15,6 +15,7 @@ fn memory_is_flat_over_200_steps_on_the_tiny_llama() {
 }
 
 #[test]
+#[ignore = "about 10 minutes on a 2-core CPU (200 bf16 steps of a 135M model); run with --ignored"]
 fn memory_is_flat_over_200_steps_on_smollm2() {
     if let Some(dir) = common::real("smollm2-135m-instruct") {
         flat(&dir, "smollm2-135m-instruct");
@@ -27,10 +28,12 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn flat(dir: &std::path::Path, name: &str) {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let m = model::load(dir).unwrap();
-    let ds = common::dataset(&m, &common::completions(4), &DataConfig::default());
+    // Short text records and the top two blocks adapted keep the 200 steps quick.
+    let ds = common::dataset(&m, &common::texts(4), &DataConfig::default());
     let batches = [ds.batch(&[0, 1], 64).unwrap(), ds.batch(&[2, 3], 64).unwrap()];
     let settings = StepSettings { learning_rate: 1e-3, grad_clip: Some(1.0), ..StepSettings::default() };
-    let mut t = common::trainer(m, settings, Dtype::Float32, 4);
+    let mut t = common::trainer_top(m, settings, Dtype::Float32, 4, 2);
+    let started = std::time::Instant::now();
     let mut after_warmup = 0;
     let mut readings = Vec::new();
     for i in 0..200 {
@@ -47,5 +50,8 @@ fn flat(dir: &std::path::Path, name: &str) {
         max <= after_warmup + 64 * 1024,
         "{name}: active memory grew from {after_warmup} to {max} bytes over 200 steps"
     );
-    eprintln!("{name}: active memory after warm-up {after_warmup} bytes, at most {max} bytes over 190 more steps");
+    eprintln!(
+        "{name}: active memory after warm-up {after_warmup} bytes, at most {max} bytes over 190 more steps ({:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
 }

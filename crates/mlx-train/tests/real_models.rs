@@ -20,12 +20,14 @@ const MODELS: [&str; 2] = ["smollm2-135m-instruct", "gemma3-270m"];
 fn loss_falls(name: &str) {
     let Some(dir) = common::real(name) else { return };
     let m = model::load(&dir).unwrap();
-    let ds = common::dataset(&m, &common::completions(4), &DataConfig::default());
-    let settings = StepSettings { learning_rate: 2e-4, ..StepSettings::default() };
-    let mut t = common::trainer(m, settings, Dtype::Float32, 0);
+    // Short text records, batches of two, the top four blocks adapted: seconds per step on a CPU.
+    let ds = common::dataset(&m, &common::texts(4), &DataConfig::default());
+    let settings = StepSettings { learning_rate: 1e-3, ..StepSettings::default() };
+    let mut t = common::trainer_top(m, settings, Dtype::Float32, 0, 4);
     let batches = [ds.batch(&[0, 1], 64).unwrap(), ds.batch(&[2, 3], 64).unwrap()];
+    let started = std::time::Instant::now();
     let losses: Vec<f32> = (0..20).map(|i| t.step(&batches[i % 2]).unwrap().loss).collect();
-    eprintln!("{name}: losses over 20 steps {losses:?}");
+    eprintln!("{name}: losses over 20 steps {losses:?} ({:.1}s)", started.elapsed().as_secs_f64());
     let first = (losses[0] + losses[1]) / 2.0;
     let last = (losses[18] + losses[19]) / 2.0;
     assert!(losses.iter().all(|l| l.is_finite()));
@@ -38,20 +40,23 @@ fn smollm2_loss_falls_over_20_steps() {
 }
 
 #[test]
+#[ignore = "about 7 minutes on a 2-core CPU (bf16 matmuls over a 262k vocabulary); run with --ignored"]
 fn gemma3_270m_loss_falls_over_20_steps() {
     loss_falls(MODELS[1]);
 }
 
 /// Our adapter (random A, random B) saved, loaded by mlx-lm: the loss and the
-/// gradient norm of the first batch match.
-fn first_step_matches(name: &str) {
+/// gradient norm of the first batch match. `chat`: prompt/completion records
+/// with the prompt masked (SmolLM2); otherwise text records (the Gemma 3
+/// fixture is a base model without a chat template, which mlx-lm requires).
+fn first_step_matches(name: &str, chat: bool) {
     let Some(dir) = common::real(name) else { return };
     let Some(python) = common::python() else { return };
     let data = tempfile::tempdir().unwrap();
-    let lines = common::completions(4);
+    let lines = if chat { common::completions(4) } else { common::texts(4) };
     common::write_lines(data.path(), "train.jsonl", &lines);
     let m = model::load(&dir).unwrap();
-    let cfg = DataConfig { mask_prompt: true, ..DataConfig::default() };
+    let cfg = DataConfig { mask_prompt: chat, ..DataConfig::default() };
     let ds = common::dataset(&m, &lines, &cfg);
     let t = common::trainer(m, StepSettings::default(), Dtype::Float32, 5);
     random::seed(9).unwrap();
@@ -81,48 +86,63 @@ fn first_step_matches(name: &str) {
         })
         .sum::<f64>()
         .sqrt();
-    let r = common::reference(
-        &python,
-        &[
-            "loss",
-            dir.to_str().unwrap(),
-            data.path().to_str().unwrap(),
-            adapter.path().to_str().unwrap(),
-            "4",
-            "2048",
-            "--mask-prompt",
-        ],
+    let mut args = vec![
+        "loss",
+        dir.to_str().unwrap(),
+        data.path().to_str().unwrap(),
+        adapter.path().to_str().unwrap(),
+        "4",
+        "2048",
+    ];
+    if chat {
+        args.push("--mask-prompt");
+    }
+    let r = common::reference(&python, &args);
+    // mlx-lm 0.32.2 sorts a cached dataset by `len(record)` (the number of keys), so its rows keep file
+    // order; ours are sorted by token length. The loss and gradients do not depend on the row order.
+    let rows = |v: &serde_json::Value| -> Vec<Vec<i64>> {
+        let mut r: Vec<Vec<i64>> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect())
+            .collect();
+        r.sort();
+        r
+    };
+    let width = batch.tokens.dim(1).unwrap() as usize;
+    let ours_rows = |flat: Vec<i32>, w: usize| -> Vec<Vec<i64>> {
+        let mut r: Vec<Vec<i64>> = flat.chunks(w).map(|c| c.iter().map(|&x| i64::from(x)).collect()).collect();
+        r.sort();
+        r
+    };
+    assert_eq!(
+        ours_rows(batch.tokens_i32().unwrap(), width),
+        rows(&r["batch"]),
+        "{name}: the batch differs from mlx-lm's"
     );
-    let batch_ref: Vec<i32> = r["batch"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_i64().unwrap() as i32))
-        .collect();
-    assert_eq!(batch.tokens_i32().unwrap(), batch_ref, "{name}: the batch differs from mlx-lm's");
-    let lengths_ref: Vec<i32> = r["lengths"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_i64().unwrap() as i32))
-        .collect();
-    assert_eq!(batch.lengths.to_vec::<i32>().unwrap(), lengths_ref, "{name}: offsets and lengths differ");
+    assert_eq!(
+        ours_rows(batch.lengths.to_vec::<i32>().unwrap(), 2),
+        rows(&r["lengths"]),
+        "{name}: offsets and lengths differ"
+    );
     let (ref_loss, ref_ntoks, ref_norm) =
         (r["loss"].as_f64().unwrap(), r["ntoks"].as_u64().unwrap() as usize, r["grad_norm"].as_f64().unwrap());
     eprintln!("{name}: loss ours {loss} mlx-lm {ref_loss}; ntoks {ntoks} / {ref_ntoks}; grad norm {norm} / {ref_norm}");
     assert_eq!(ntoks, ref_ntoks);
-    assert!((f64::from(loss) - ref_loss).abs() <= 2e-3 * ref_loss.abs(), "{name}: loss {loss} vs mlx-lm {ref_loss}");
-    assert!((norm - ref_norm).abs() <= 2e-2 * ref_norm, "{name}: gradient norm {norm} vs mlx-lm {ref_norm}");
+    assert!((f64::from(loss) - ref_loss).abs() <= 1e-4 * ref_loss.abs(), "{name}: loss {loss} vs mlx-lm {ref_loss}");
+    assert!((norm - ref_norm).abs() <= 2e-3 * ref_norm, "{name}: gradient norm {norm} vs mlx-lm {ref_norm}");
 }
 
 #[test]
 fn smollm2_first_step_matches_mlx_lm() {
-    first_step_matches(MODELS[0]);
+    first_step_matches(MODELS[0], true);
 }
 
 #[test]
+#[ignore = "minutes on a 2-core CPU (mlx-lm and ours, bf16 over a 262k vocabulary); run with --ignored"]
 fn gemma3_270m_first_step_matches_mlx_lm() {
-    first_step_matches(MODELS[1]);
+    first_step_matches(MODELS[1], false);
 }
 
 #[test]
@@ -177,7 +197,7 @@ fn last_logits(m: &dyn model::LanguageModel, tokens: &[i32]) -> Vec<f32> {
 fn smollm2_checkpointed_gradients_match_plain_ones() {
     let Some(dir) = common::real(MODELS[0]) else { return };
     let m = model::load(&dir).unwrap();
-    let ds = common::dataset(&m, &common::completions(2), &DataConfig::default());
+    let ds = common::dataset(&m, &common::texts(2), &DataConfig::default());
     let batch = ds.batch(&[0, 1], 64).unwrap();
     let mut plain = common::trainer(m, StepSettings::default(), Dtype::Float32, 6);
     let ck_settings = StepSettings { grad_checkpoint: true, ..StepSettings::default() };

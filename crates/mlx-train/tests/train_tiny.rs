@@ -182,3 +182,41 @@ fn the_config_round_trips_through_json() {
     assert_eq!(partial.learning_rate, 1e-5);
     assert!(serde_json::from_str::<TrainConfig>(r#"{"modle": "m"}"#).is_err(), "unknown keys are rejected");
 }
+
+#[test]
+fn a_trained_adapter_fuses_into_a_model_equal_to_base_plus_adapter() {
+    let data = tempfile::tempdir().unwrap();
+    common::write_lines(data.path(), "train.jsonl", &common::completions(4));
+    let out = tempfile::tempdir().unwrap();
+    let adapter = out.path().join("adapter");
+    let config = TrainConfig {
+        model: common::tiny("llama-tiny"),
+        data: data.path().to_path_buf(),
+        adapter_path: adapter.clone(),
+        iters: 4,
+        batch_size: 2,
+        learning_rate: 5e-2,
+        lora: inference_core::LoraConfig::default().rank(4).target_keys(["q_proj", "v_proj", "down_proj"]),
+        ..TrainConfig::default()
+    };
+    mlx_train::train(&config, |_| ControlFlow::Continue(())).unwrap();
+    let fused_dir = out.path().join("fused");
+    let fused = mlx_train::fuse(&config.model, &adapter, &fused_dir).unwrap();
+    assert!(!fused.is_empty());
+    let logits = |m: &dyn model::LanguageModel| {
+        let x = mlx_metal::Array::from_slice(&[1i32, 4, 9, 16, 25], &[1, 5]).unwrap();
+        let mut c = m.make_cache().unwrap();
+        m.forward(&x, &mut c).unwrap()
+    };
+    let mut with = model::load(&config.model).unwrap();
+    let base = logits(with.model.as_ref());
+    mlx_metal::lora::load_adapter(with.model.as_mut(), &adapter).unwrap();
+    let expected = logits(with.model.as_ref());
+    let got = logits(model::load(&fused_dir).unwrap().model.as_ref());
+    let moved = max_diff(&base, &expected);
+    let err = max_diff(&expected, &got);
+    eprintln!("fused model: the adapter moved the logits by {moved}, the fused model differs by {err}");
+    assert!(moved > 1e-3, "training changed nothing");
+    assert!(err <= 1e-4 * moved.max(1.0), "the fused model differs by {err} (adapter effect {moved})");
+    assert!(mlx_train::fuse(&config.model, &out.path().join("none"), &fused_dir).is_err());
+}

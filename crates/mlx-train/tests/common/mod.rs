@@ -90,6 +90,18 @@ pub(crate) fn completions(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// The same facts as `{"text": ...}` records (for models without a chat template).
+pub(crate) fn texts(n: usize) -> Vec<String> {
+    completions(n)
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a record");
+            let text = format!("{} {}", v["prompt"].as_str().unwrap_or(""), v["completion"].as_str().unwrap_or(""));
+            serde_json::json!({ "text": text }).to_string()
+        })
+        .collect()
+}
+
 /// Loads `lines` as a dataset for `model`.
 pub(crate) fn dataset(model: &LoadedModel, lines: &[String], cfg: &DataConfig) -> Dataset {
     let (tok, template) = mlx_train::load_encoding(&model.dir, &model.config.model_type).expect("tokeniser");
@@ -99,9 +111,22 @@ pub(crate) fn dataset(model: &LoadedModel, lines: &[String], cfg: &DataConfig) -
 
 /// A trainer with a fresh adapter on `q_proj` and `v_proj` of every block.
 pub(crate) fn trainer(model: LoadedModel, settings: StepSettings, dtype: mlx_metal::Dtype, seed: u64) -> Trainer {
+    let n = model.model.num_layers();
+    trainer_top(model, settings, dtype, seed, n)
+}
+
+/// A trainer with a fresh adapter on `q_proj` and `v_proj` of the top `layers` blocks (the backward pass
+/// stops at the lowest adapted block, so fewer layers train faster).
+pub(crate) fn trainer_top(
+    model: LoadedModel,
+    settings: StepSettings,
+    dtype: mlx_metal::Dtype,
+    seed: u64,
+    layers: usize,
+) -> Trainer {
     mlx_metal::random::seed(seed).unwrap();
     let n = model.model.num_layers();
-    let lora = inference_core::LoraConfig::default().rank(4);
+    let lora = inference_core::LoraConfig::default().rank(4).num_layers(layers);
     let cfg = mlx_train::adapter_config(&lora, n);
     Trainer::new(model.model, cfg, dtype, settings).expect("a trainer")
 }
