@@ -143,11 +143,29 @@ fn fused_quantised_model_is_requantised_and_close_to_base_plus_adapter() {
     let mut m = load("llama-tiny-8bit");
     attach(m.model.as_mut(), &["q_proj", "v_proj"], 5);
     let with = logits(m.model.as_ref());
+    // What mlx-lm's fuse computes for one layer: quantize(dequantize(W) + scale·(AB)ᵀ), same group size and bits.
+    let expected = {
+        let (_, lin) = m.model.linears_mut().into_iter().find(|(p, _)| p == "model.layers.0.self_attn.q_proj").unwrap();
+        let LinearWeight::Quantized(q) = &lin.weight else { panic!("the fixture's q_proj is not quantised") };
+        let w = ops::dequantize(q, None).unwrap();
+        let delta = lin.lora.as_ref().unwrap().delta(w.dtype()).unwrap();
+        let fused = ops::quantize(&ops::add(&w, &delta).unwrap(), q.group_size, q.bits).unwrap();
+        (fused.weight.to_vec::<u32>().unwrap(), fused.scales.to_vec_f32().unwrap(), q.group_size, q.bits)
+    };
     let out = tempfile::tempdir().unwrap();
     lora::fuse_and_save(&mut m, out.path()).unwrap();
     let mut reloaded = model::load(out.path()).unwrap();
     for (path, linear) in reloaded.model.linears_mut() {
-        assert!(matches!(linear.weight, LinearWeight::Quantized(_)), "{path} is no longer quantised");
+        let LinearWeight::Quantized(q) = &linear.weight else { panic!("{path} is no longer quantised") };
+        if path == "model.layers.0.self_attn.q_proj" {
+            assert_eq!((q.group_size, q.bits), (expected.2, expected.3), "the group size and bits are kept");
+            assert_eq!(
+                q.weight.to_vec::<u32>().unwrap(),
+                expected.0,
+                "re-quantised weights differ from mlx-lm's recipe"
+            );
+            assert_eq!(q.scales.to_vec_f32().unwrap(), expected.1);
+        }
     }
     let fused = logits(reloaded.model.as_ref());
     let scale = with.iter().map(|v| v.abs()).fold(0.0, f32::max);
