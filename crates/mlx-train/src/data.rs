@@ -11,6 +11,7 @@
 //! - `{"text": ...}`: plain text, encoded with the tokeniser's special tokens
 //!   and ended with the EOS token.
 //!
+//! A record's `tools` are passed to the chat template, as mlx-lm passes them.
 //! With `mask_prompt`, the loss leaves out everything before the last
 //! assistant turn (the offset is the length of the rendered prompt with its
 //! generation prompt). Every problem names the file and the 1-based line.
@@ -120,8 +121,17 @@ impl Encoder<'_> {
         Ok(ids)
     }
 
-    fn chat(&self, messages: &[Message], generation_prompt: bool) -> mlx_metal::Result<Vec<u32>> {
-        let text = self.template.render(messages, generation_prompt)?;
+    fn chat(
+        &self,
+        messages: &[Message],
+        generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+    ) -> mlx_metal::Result<Vec<u32>> {
+        let mut extra = serde_json::Map::new();
+        if let Some(t) = tools {
+            extra.insert("tools".into(), t.clone());
+        }
+        let text = self.template.render_with(messages, generation_prompt, &extra)?;
         self.tokenizer.encode(&text, false)
     }
 }
@@ -236,22 +246,25 @@ impl Dataset {
                 }
             };
             let mlx = |e: mlx_metal::Error| bad(e.to_string());
+            // mlx-lm passes a record's `tools` to the chat template.
+            let tools = obj.get("tools").filter(|t| !t.is_null());
             let (tokens, offset) = match fmt {
                 Format::Text => (enc.text(string_field(&obj, &cfg.text_feature, &bad)?).map_err(mlx)?, 0),
                 Format::Completions => {
                     let prompt = string_field(&obj, &cfg.prompt_feature, &bad)?;
                     let completion = string_field(&obj, &cfg.completion_feature, &bad)?;
                     let msgs = [Message::new("user", prompt), Message::new("assistant", completion)];
-                    let tokens = enc.chat(&msgs, false).map_err(mlx)?;
-                    let offset = if cfg.mask_prompt { enc.chat(&msgs[..1], true).map_err(mlx)?.len() } else { 0 };
+                    let tokens = enc.chat(&msgs, false, tools).map_err(mlx)?;
+                    let offset =
+                        if cfg.mask_prompt { enc.chat(&msgs[..1], true, tools).map_err(mlx)?.len() } else { 0 };
                     (tokens, offset)
                 }
                 Format::Chat => {
                     let msgs = messages(obj.get(&cfg.chat_feature), &cfg.chat_feature, &bad)?;
-                    let tokens = enc.chat(&msgs, false).map_err(mlx)?;
+                    let tokens = enc.chat(&msgs, false, tools).map_err(mlx)?;
                     let offset = if cfg.mask_prompt {
                         let last_is_assistant = msgs.last().is_some_and(|m| m.role.as_str() == "assistant");
-                        enc.chat(&msgs[..msgs.len() - 1], last_is_assistant).map_err(mlx)?.len()
+                        enc.chat(&msgs[..msgs.len() - 1], last_is_assistant, tools).map_err(mlx)?.len()
                     } else {
                         0
                     };

@@ -220,3 +220,26 @@ fn a_trained_adapter_fuses_into_a_model_equal_to_base_plus_adapter() {
     assert!(err <= 1e-4 * moved.max(1.0), "the fused model differs by {err} (adapter effect {moved})");
     assert!(mlx_train::fuse(&config.model, &out.path().join("none"), &fused_dir).is_err());
 }
+
+#[test]
+fn dropout_acts_only_while_training() {
+    let m = model::load(&common::tiny("llama-tiny")).unwrap();
+    let ds = common::dataset(&m, &common::completions(2), &DataConfig::default());
+    let batch = ds.batch(&[0, 1], 2048).unwrap();
+    mlx_metal::random::seed(8).unwrap();
+    let lora = inference_core::LoraConfig::default().rank(4).dropout(0.5);
+    let cfg = mlx_train::adapter_config(&lora, m.model.num_layers());
+    assert_eq!(cfg.lora_parameters.dropout, 0.5);
+    let settings = StepSettings { learning_rate: 1e-2, ..StepSettings::default() };
+    let mut t = mlx_train::Trainer::new(m.model, cfg, Dtype::Float32, settings).unwrap();
+    // B is zero at first, so take a step to make the adapter matter.
+    t.set_training(true).unwrap();
+    t.step(&batch).unwrap();
+    let (a, _, _) = t.gradients(&batch).unwrap();
+    let (b, _, _) = t.gradients(&batch).unwrap();
+    assert_ne!(a, b, "two training passes draw different dropout masks");
+    t.set_training(false).unwrap();
+    let (c, _) = t.loss(&batch).unwrap();
+    let (d, _) = t.loss(&batch).unwrap();
+    assert_eq!(c, d, "no dropout in evaluation");
+}
