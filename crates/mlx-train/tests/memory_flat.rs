@@ -15,7 +15,7 @@ fn memory_is_flat_over_200_steps_on_the_tiny_llama() {
 }
 
 #[test]
-#[ignore = "about 10 minutes on a 2-core CPU (200 bf16 steps of a 135M model); run with --ignored"]
+#[ignore = "about 18 minutes on a 2-core CPU (200 bf16 steps of a 135M model); run with --ignored"]
 fn memory_is_flat_over_200_steps_on_smollm2() {
     if let Some(dir) = common::real("smollm2-135m-instruct") {
         flat(&dir, "smollm2-135m-instruct");

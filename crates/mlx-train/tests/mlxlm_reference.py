@@ -9,6 +9,10 @@ Run by the tests through MLXR_PYTHON (the fixtures virtualenv with mlx-lm
       DATA_DIR/train.jsonl with mlx-lm's dataset code, takes the first batch
       of iterate_batches and prints default_loss and its gradient norm.
 
+  logits MODEL TOKENS [ADAPTER_DIR]
+      Loads the model (with the adapter, when given) and prints the logits
+      of the last of the comma-separated TOKENS.
+
   make-adapter MODEL OUT_DIR RANK SCALE NUM_LAYERS SEED KEYS TOKENS
       Attaches LoRA layers with mlx-lm's linear_to_lora_layers, fills lora_b
       with random values (so the adapter changes the output), saves the
@@ -92,10 +96,22 @@ def cmd_make_adapter(args):
     print(json.dumps({"logits": logits[0, -1].tolist(), "tensors": sorted(weights)}))
 
 
+def cmd_logits(args):
+    model_path, tokens = args[:2]
+    adapter = args[2] if len(args) > 2 else None
+    model, _ = load(model_path, adapter_path=adapter)
+    ids = mx.array([[int(t) for t in tokens.split(",")]])
+    logits = model(ids).astype(mx.float32)
+    mx.eval(logits)
+    print(json.dumps({"logits": logits[0, -1].tolist()}))
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "loss":
         cmd_loss(args)
+    elif cmd == "logits":
+        cmd_logits(args)
     elif cmd == "make-adapter":
         cmd_make_adapter(args)
     else:

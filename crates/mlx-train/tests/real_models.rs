@@ -255,6 +255,18 @@ fn save_reload_and_fuse(name: &str) {
     let (moved, err) = (max(&base, &with), max(&with, &got));
     eprintln!("{name}: the adapter moved the logits by {moved}; the fused model differs from base + adapter by {err}");
     assert!(err < 0.25 * moved, "{name}: fused model differs by {err} (adapter effect {moved})");
+
+    // mlx-lm reads both: our adapter on the base model, and the fused model alone.
+    let Some(python) = common::python() else { return };
+    let csv = tokens.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let theirs =
+        floats(&common::reference(&python, &["logits", dir.to_str().unwrap(), &csv, adapter.path().to_str().unwrap()]));
+    assert!(max(&theirs, &with) <= 1e-3 * moved, "{name}: mlx-lm with our adapter differs by {}", max(&theirs, &with));
+    let theirs = floats(&common::reference(&python, &["logits", out.path().to_str().unwrap(), &csv]));
+    assert!(max(&theirs, &got) <= 1e-3 * moved, "{name}: mlx-lm on our fused model differs by {}", max(&theirs, &got));
 }
 
 #[test]
