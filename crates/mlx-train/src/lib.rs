@@ -18,7 +18,7 @@
 //! The LoRA layer and adapter files live in [`mlx_metal::lora`], so inference
 //! can load adapters without this crate.
 //!
-//! ```no_run
+//! ```no_run,standalone_crate
 //! use std::ops::ControlFlow;
 //! let config = mlx_train::TrainConfig {
 //!     model: "models/smollm2".into(),
