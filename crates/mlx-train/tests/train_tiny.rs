@@ -181,6 +181,13 @@ fn the_config_round_trips_through_json() {
     assert_eq!(partial.lora.rank, 16);
     assert_eq!(partial.learning_rate, 1e-5);
     assert!(serde_json::from_str::<TrainConfig>(r#"{"modle": "m"}"#).is_err(), "unknown keys are rejected");
+    // The example in docs/training.md is a valid config.
+    let doc = include_str!("../../../docs/training.md");
+    let start = doc.find("```json\n").expect("a JSON example") + "```json\n".len();
+    let end = start + doc[start..].find("```").expect("the end of the example");
+    let example: TrainConfig = serde_json::from_str(&doc[start..end]).expect("the documented config parses");
+    example.validate().expect("the documented config is valid");
+    assert_eq!(example.lora.num_layers, Some(16));
 }
 
 #[test]
