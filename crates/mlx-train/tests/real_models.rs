@@ -278,3 +278,18 @@ fn smollm2_save_reload_and_fuse() {
 fn gemma3_270m_save_reload_and_fuse() {
     save_reload_and_fuse(MODELS[1]);
 }
+
+#[test]
+fn smollm2_trains_a_bf16_adapter() {
+    let Some(dir) = common::real(MODELS[0]) else { return };
+    let m = model::load(&dir).unwrap();
+    let ds = common::dataset(&m, &common::texts(2), &DataConfig::default());
+    let batch = ds.batch(&[0, 1], 64).unwrap();
+    let settings = StepSettings { learning_rate: 1e-3, ..StepSettings::default() };
+    let mut t = common::trainer_top(m, settings, Dtype::Bfloat16, 7, 2);
+    let losses: Vec<f32> = (0..4).map(|_| t.step(&batch).unwrap().loss).collect();
+    eprintln!("smollm2 with a bf16 adapter: losses {losses:?}");
+    assert!(losses.iter().all(|l| l.is_finite()));
+    assert!(t.params().iter().all(|p| p.dtype() == Dtype::Bfloat16), "the adapter stays bf16");
+    assert!(losses[3] < losses[0], "the bf16 loss did not fall: {losses:?}");
+}
