@@ -5,7 +5,8 @@
 //! mlx-lm loads here and gives mlx-lm's logits; checkpointed gradients match;
 //! a bf16 adapter trains; save, reload and fuse keep the outputs (and mlx-lm
 //! reads our adapter and our fused model). The Gemma 3 loss-over-20-steps test
-//! is `#[ignore]`d for its run time (about 7 minutes here). Skipped with a note when the models or `MLXR_PYTHON` are absent, unless
+//! is `#[ignore]`d for its run time (about 7 minutes here). Skipped with a
+//! note when the models or `MLXR_PYTHON` are absent, unless
 //! `MLXR_REQUIRE_REAL_MODELS=1`.
 
 mod common;
