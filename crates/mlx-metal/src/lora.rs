@@ -245,19 +245,40 @@ fn check_lora_dtype(dtype: Dtype) -> Result<()> {
 
 /// Attaches fresh adapters to the layers `config` selects, initialised as
 /// mlx-lm does (`A ~ U(-1/√in, 1/√in)`, `B = 0`) from MLX's global random
-/// state (seed it with [`random::seed`]), in `dtype`. Existing adapters are
-/// replaced. Returns the adapted paths; `config.lora_parameters.keys` is set
-/// to the layer-relative paths actually adapted, so the config can be saved
-/// as it is.
+/// state (seed it with [`random::seed`]), in `dtype`. Any adapter already
+/// attached is removed first, so the model carries exactly this one. Returns
+/// the adapted paths; `config.lora_parameters.keys` is set to the
+/// layer-relative paths actually adapted, so the config can be saved as it is.
+/// On error the model is left without an adapter.
 pub fn apply_lora(model: &mut dyn LanguageModel, config: &mut AdapterConfig, dtype: Dtype) -> Result<Vec<String>> {
     check_lora_dtype(dtype)?;
     let p = config.lora_parameters.clone();
     if p.rank < 1 {
         return Err(Error::invalid("apply_lora", format!("rank {} must be at least 1", p.rank)));
     }
+    remove_lora(model);
+    match attach_fresh(model, config.num_layers, &p, dtype) {
+        Ok((paths, keys)) => {
+            config.lora_parameters.keys = Some(keys);
+            Ok(paths)
+        }
+        Err(e) => {
+            remove_lora(model);
+            Err(e)
+        }
+    }
+}
+
+/// The body of [`apply_lora`]: the adapted paths and their layer-relative keys.
+fn attach_fresh(
+    model: &mut dyn LanguageModel,
+    num_layers: i64,
+    p: &LoraParameters,
+    dtype: Dtype,
+) -> Result<(Vec<String>, Vec<String>)> {
     let mut paths = Vec::new();
     let mut keys = BTreeSet::new();
-    for (path, linear) in select_linears(model, config.num_layers, p.keys.as_deref()) {
+    for (path, linear) in select_linears(model, num_layers, p.keys.as_deref()) {
         let (out, inp) = linear.features()?;
         let bound = 1.0 / f64::from(inp).sqrt();
         let lo = Array::scalar_as(-bound, Dtype::Float32)?;
@@ -274,11 +295,10 @@ pub fn apply_lora(model: &mut dyn LanguageModel, config: &mut AdapterConfig, dty
     if paths.is_empty() {
         return Err(Error::invalid(
             "apply_lora",
-            format!("no linear layer matches the keys {:?}", p.keys.unwrap_or_default()),
+            format!("no linear layer matches the keys {:?}", p.keys.clone().unwrap_or_default()),
         ));
     }
-    config.lora_parameters.keys = Some(keys.into_iter().collect());
-    Ok(paths)
+    Ok((paths, keys.into_iter().collect()))
 }
 
 /// Every adapter weight of the model by mlx-lm's name

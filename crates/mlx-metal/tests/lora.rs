@@ -88,6 +88,11 @@ fn apply_selects_targets_and_layers_from_the_top() {
     // Bad input is an error, not a panic.
     let mut none = config(&["no_such_proj"], 0);
     assert!(lora::apply_lora(m.model.as_mut(), &mut none, Dtype::Float32).is_err());
+    assert!(lora::lora_weights(m.model.as_mut()).is_empty(), "a failed apply leaves no adapter");
+    // Applying again replaces the whole adapter.
+    lora::apply_lora(m.model.as_mut(), &mut config(&["k_proj"], 0), Dtype::Float32).unwrap();
+    let names: Vec<String> = lora::lora_weights(m.model.as_mut()).into_keys().collect();
+    assert!(names.iter().all(|n| n.contains("k_proj")), "{names:?}");
     let mut bad_rank = config(&["q_proj"], 0);
     bad_rank.lora_parameters.rank = 0;
     assert!(lora::apply_lora(m.model.as_mut(), &mut bad_rank, Dtype::Float32).is_err());

@@ -201,6 +201,7 @@ pub struct Trainer {
     micro: usize,
     last_lr: f32,
     config: AdapterConfig,
+    training: std::cell::Cell<bool>,
 }
 
 impl Trainer {
@@ -233,6 +234,7 @@ impl Trainer {
         settings: StepSettings,
     ) -> TrainResult<Trainer> {
         settings.validate()?;
+        lora::set_training(model.as_mut(), false);
         let mut paths = Vec::new();
         let mut params = Vec::new();
         let layers = model.num_layers();
@@ -273,7 +275,18 @@ impl Trainer {
         let vag = ValueAndGrad::new(&f, &argnums)?;
         let optimizer = AdamW::new(settings.optimizer);
         let lr = settings.schedule.at(settings.learning_rate, 0);
-        Ok(Trainer { shared, vag, params, optimizer, settings, accumulated: None, micro: 0, last_lr: lr, config })
+        Ok(Trainer {
+            shared,
+            vag,
+            params,
+            optimizer,
+            settings,
+            accumulated: None,
+            micro: 0,
+            last_lr: lr,
+            config,
+            training: std::cell::Cell::new(false),
+        })
     }
 
     /// The adapter's config (what [`Trainer::save_adapter`] writes).
@@ -318,9 +331,11 @@ impl Trainer {
         Ok(m)
     }
 
-    /// Turns adapter dropout on (training) or off (evaluation).
+    /// Turns adapter dropout on (training) or off (evaluation, the default).
     pub fn set_training(&self, training: bool) -> TrainResult<()> {
-        self.with_model(|m| lora::set_training(m, training))
+        self.with_model(|m| lora::set_training(m, training))?;
+        self.training.set(training);
+        Ok(())
     }
 
     /// The loss and the gradients of the adapter weights on `batch`, without
@@ -389,7 +404,8 @@ impl Trainer {
     }
 
     /// The token-weighted mean loss over the first `num_batches` batches of
-    /// `dataset` (all of them when `None`), in length order, dropout off.
+    /// `dataset` (all of them when `None`), in length order, with dropout off
+    /// (and back as it was afterwards).
     pub fn evaluate(
         &self,
         dataset: &Dataset,
@@ -397,6 +413,7 @@ impl Trainer {
         num_batches: Option<usize>,
         max_seq_length: usize,
     ) -> TrainResult<f32> {
+        let was_training = self.training.get();
         self.set_training(false)?;
         let batches = dataset.batch_indices(batch_size)?;
         let take = num_batches.unwrap_or(batches.len()).min(batches.len());
@@ -410,7 +427,7 @@ impl Trainer {
                 memory::clear_cache()?;
             }
         }
-        self.set_training(true)?;
+        self.set_training(was_training)?;
         if tokens == 0 {
             return Err(Error::data(&dataset.path, None, "the validation batches hold no target tokens"));
         }
