@@ -202,6 +202,8 @@ impl MetalModel {
     /// loads mlx-lm's adapter directory (`adapters.safetensors` and
     /// `adapter_config.json`), `None` removes the adapter. Jobs queued before
     /// run with the old adapter. On error the model is left without an adapter.
+    /// KV caches filled before the swap hold the old adapter's keys and values:
+    /// anything that keeps a cache across calls must start a new one.
     ///
     /// # Errors
     ///
