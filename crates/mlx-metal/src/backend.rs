@@ -157,9 +157,7 @@ impl MetalModel {
     /// Loads the model at `path` (a directory, or a file in it) on a new engine thread.
     pub fn load(path: &Path, settings: &LoadSettings) -> CoreResult<MetalModel> {
         settings.validate()?;
-        if settings.adapter_path.is_some() {
-            return Err(CoreError::unsupported(NAME, "loading a LoRA adapter (adapter_path)"));
-        }
+        let adapter_path = settings.adapter_path.clone();
         let device = match settings.device {
             inference_core::Device::Auto => Device::best(),
             inference_core::Device::Cpu => Device::Cpu,
@@ -199,13 +197,19 @@ impl MetalModel {
                     Some(tp) => tp.load(&dir),
                     None => model::load(&dir),
                 };
-                let loaded = match loaded {
+                let mut loaded = match loaded {
                     Ok(l) => l,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
+                if let Some(adapter) = &adapter_path
+                    && let Err(e) = crate::lora::load_adapter(loaded.model.as_mut(), adapter)
+                {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
                 let desc = loaded.model.description().clone();
                 let config_json = std::fs::read(loaded.dir.join("config.json")).unwrap_or_default();
                 let fingerprint = Fingerprint::new(&desc, &config_json);
@@ -262,6 +266,31 @@ impl MetalModel {
     /// The chat template in use (the model's own, or a built-in fallback).
     pub fn chat_template(&self) -> &ChatTemplate {
         &self.template
+    }
+
+    /// Replaces the model's LoRA adapter on the engine thread: `Some(dir)`
+    /// loads mlx-lm's adapter directory (`adapters.safetensors` and
+    /// `adapter_config.json`), `None` removes the adapter. Jobs queued before
+    /// run with the old adapter. On error the model is left without an adapter.
+    /// KV caches filled before the swap hold the old adapter's keys and values,
+    /// so every chat session of the model starts again (its next turn
+    /// prefills the whole conversation).
+    ///
+    /// # Errors
+    ///
+    /// A missing or malformed adapter, one that does not fit this model
+    /// (every mismatching tensor is listed), or [`CoreError::Closed`].
+    pub fn set_adapter(&self, dir: Option<&Path>) -> CoreResult<()> {
+        let dir = dir.map(Path::to_path_buf);
+        self.call(move |engine| {
+            engine.sessions.clear();
+            let model = engine.loaded.model.as_mut();
+            crate::lora::remove_lora(model);
+            if let Some(dir) = dir {
+                crate::lora::load_adapter(model, &dir).map_err(core_err)?;
+            }
+            Ok(())
+        })
     }
 
     /// Runs `f` on the engine thread and waits for its answer.

@@ -37,6 +37,7 @@ pub mod error;
 pub mod fast;
 pub mod generate;
 pub mod io;
+pub mod lora;
 pub mod memory;
 pub mod model;
 pub mod nn;

@@ -10,6 +10,7 @@ use std::thread::LocalKey;
 
 use crate::array::{Array, Dtype};
 use crate::error::{Error, Result};
+use crate::lora::LoraLayer;
 use crate::ops::{self, Quantized};
 use crate::transforms::{self, Closure};
 
@@ -22,13 +23,16 @@ pub enum LinearWeight {
     Quantized(Quantized),
 }
 
-/// `y = x Wᵀ + b`.
+/// `y = x Wᵀ + b`, plus a LoRA update when an adapter is attached
+/// (see [`crate::lora`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// The weights.
     pub weight: LinearWeight,
     /// The optional bias, `[out]`.
     pub bias: Option<Array>,
+    /// The optional low-rank adapter: `y += scale · (dropout(x) A) B`.
+    pub lora: Option<LoraLayer>,
 }
 
 impl Linear {
@@ -40,17 +44,26 @@ impl Linear {
                 format!("weight must be 2-D [out, in], got shape {:?}", weight.shape()),
             ));
         }
-        Ok(Linear { weight: LinearWeight::Dense(weight), bias })
+        Ok(Linear { weight: LinearWeight::Dense(weight), bias, lora: None })
     }
 
     /// A quantised layer.
     pub fn quantized(q: Quantized, bias: Option<Array>) -> Linear {
-        Linear { weight: LinearWeight::Quantized(q), bias }
+        Linear { weight: LinearWeight::Quantized(q), bias, lora: None }
     }
 
     /// Applies the layer to `x: [..., in]` (as MLX's `nn.Linear` does: `addmm`
-    /// when there is a bias).
+    /// when there is a bias), adding the LoRA update when there is one.
     pub fn forward(&self, x: &Array) -> Result<Array> {
+        let y = self.forward_base(x)?;
+        match &self.lora {
+            Some(lora) => lora.apply(x, &y),
+            None => Ok(y),
+        }
+    }
+
+    /// The layer without its LoRA update.
+    pub fn forward_base(&self, x: &Array) -> Result<Array> {
         match (&self.weight, &self.bias) {
             (LinearWeight::Dense(w), None) => ops::matmul(x, &ops::transpose(w, &[1, 0])?),
             (LinearWeight::Dense(w), Some(b)) => ops::addmm(b, x, &ops::transpose(w, &[1, 0])?, 1.0, 1.0),
@@ -115,7 +128,7 @@ impl Embedding {
 
     /// Uses the table as the output projection (tied embeddings): `x Eᵀ`.
     pub fn as_linear(&self, x: &Array) -> Result<Array> {
-        Linear { weight: self.weight.clone(), bias: None }.forward(x)
+        Linear { weight: self.weight.clone(), bias: None, lora: None }.forward(x)
     }
 }
 

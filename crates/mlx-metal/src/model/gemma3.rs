@@ -352,4 +352,46 @@ impl LanguageModel for Gemma3 {
     fn description(&self) -> &Description {
         &self.desc
     }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut l.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &mut l.mlp.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj));
+        }
+        out
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn embed(&self, inputs: &Array) -> Result<Array> {
+        let h = self.embed_tokens.forward(inputs)?;
+        let scale = bf16::from_f32((f64::from(self.cfg.hidden_size).sqrt()) as f32).to_f64();
+        ops::multiply(&h, &Array::scalar_as(scale, h.dtype())?)
+    }
+
+    fn forward_layer(&self, layer: usize, h: &Array, cache: &mut LayerCache) -> Result<Array> {
+        super::layer_index("forward_layer", layer, self.layers.len())?;
+        let block = &self.layers[layer];
+        let window = if block.is_sliding { Some(self.cfg.sliding_window) } else { None };
+        let mask = cache.make_mask(h.dim(1)?, window)?;
+        block.forward(h, &mask, cache, None)
+    }
+
+    fn head(&self, h: &Array) -> Result<Array> {
+        let h = self.norm.forward(h)?;
+        match &self.lm_head {
+            Some(head) => head.forward(&h),
+            None => self.embed_tokens.as_linear(&h),
+        }
+    }
 }

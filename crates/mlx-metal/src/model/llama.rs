@@ -412,4 +412,44 @@ impl LanguageModel for Decoder {
     fn description(&self) -> &Description {
         &self.desc
     }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut l.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &mut l.mlp.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj));
+        }
+        out
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn embed(&self, inputs: &Array) -> Result<Array> {
+        self.embed_tokens.forward(inputs)
+    }
+
+    fn forward_layer(&self, layer: usize, h: &Array, cache: &mut LayerCache) -> Result<Array> {
+        super::layer_index("forward_layer", layer, self.layers.len())?;
+        let block = &self.layers[layer];
+        let window = if block.is_sliding { self.cfg.sliding_window } else { None };
+        let mask = cache.make_mask(h.dim(1)?, window)?;
+        block.forward(h, &mask, cache, None)
+    }
+
+    fn head(&self, h: &Array) -> Result<Array> {
+        let h = self.norm.forward(h)?;
+        match &self.lm_head {
+            Some(head) => head.forward(&h),
+            None => self.embed_tokens.as_linear(&h),
+        }
+    }
 }

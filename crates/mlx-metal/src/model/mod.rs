@@ -31,6 +31,7 @@ use crate::cache::{LayerCache, Mask};
 use crate::distributed::TensorParallel;
 use crate::error::{Error, Result};
 use crate::fast;
+use crate::nn::Linear;
 use crate::ops;
 
 use self::config::ModelConfig;
@@ -101,6 +102,48 @@ pub trait LanguageModel {
 
     /// What the model is.
     fn description(&self) -> &Description;
+
+    /// Every linear layer inside the decoder blocks, with its module path as
+    /// mlx-lm names it (`model.layers.3.self_attn.q_proj`), in layer order.
+    /// LoRA adapters ([`crate::lora`]) are attached through these.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        Vec::new()
+    }
+
+    /// The number of decoder blocks ([`LanguageModel::forward_layer`] takes
+    /// `0..num_layers()`).
+    fn num_layers(&self) -> usize {
+        self.description().num_layers
+    }
+
+    /// The first part of [`LanguageModel::forward`]: token ids `[B, L]` to
+    /// hidden states `[B, L, hidden]`.
+    fn embed(&self, _inputs: &Array) -> Result<Array> {
+        Err(Error::invalid("embed", "this model does not run block by block"))
+    }
+
+    /// Runs decoder block `layer` on hidden states `h` with its cache (the
+    /// mask comes from the cache, as in [`LanguageModel::forward`]). Calling
+    /// [`LanguageModel::embed`], every block in order and
+    /// [`LanguageModel::head`] gives the same logits as `forward`; training
+    /// uses this to checkpoint one block at a time.
+    fn forward_layer(&self, _layer: usize, _h: &Array, _cache: &mut LayerCache) -> Result<Array> {
+        Err(Error::invalid("forward_layer", "this model does not run block by block"))
+    }
+
+    /// The last part of [`LanguageModel::forward`]: the final norm and the
+    /// output projection, hidden states to logits.
+    fn head(&self, _h: &Array) -> Result<Array> {
+        Err(Error::invalid("head", "this model does not run block by block"))
+    }
+}
+
+/// The block `layer` of a model, or an error naming the count.
+pub(crate) fn layer_index(op: &'static str, layer: usize, count: usize) -> Result<()> {
+    if layer >= count {
+        return Err(Error::invalid(op, format!("layer {layer} is out of range: the model has {count} layers")));
+    }
+    Ok(())
 }
 
 /// A loaded model with its directory and config.

@@ -240,7 +240,7 @@ impl<'a> WeightPath<'a> {
     pub fn linear(&self, out: i32, inp: i32, bias: bool) -> Result<Linear> {
         let weight = self.matrix(out, inp)?;
         let bias = if bias { Some(self.tensor("bias", &[out])?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, lora: None })
     }
 
     /// The tensor parallelism the weights are loaded for.
@@ -305,7 +305,7 @@ impl<'a> WeightPath<'a> {
             (Some(b), Split::Input { keep_bias: true, .. }) => Some(b),
             _ => None,
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, lora: None })
     }
 
     fn slice(&self, leaf: &str, axis: usize, start: i32, len: i32) -> Result<Array> {
