@@ -39,6 +39,14 @@ pub(crate) enum Command {
     /// Measure prefill and decode speed on a model (the engine's own loop; JSON on stdout).
     #[cfg(feature = "metal")]
     Bench(BenchArgs),
+    /// Fine-tune a LoRA adapter on a dataset directory (train.jsonl, valid.jsonl in mlx-lm's
+    /// formats); the adapter loads in mlx-lm, and here with `--adapter DIR`.
+    #[cfg(feature = "metal")]
+    Lora(crate::train::LoraArgs),
+    /// Fold a LoRA adapter into its base model and save a standalone model directory
+    /// (re-quantising a quantised base).
+    #[cfg(feature = "metal")]
+    Fuse(crate::train::FuseArgs),
 }
 
 /// Which model to load and how.

@@ -3,7 +3,8 @@
 //!
 //! Subcommands: `generate` (one prompt, streamed), `chat` (an interactive conversation),
 //! `serve` (an OpenAI-compatible HTTP server), `models` (discover model directories), `info`
-//! (model, device and MLX version) and `bench` (the engine's speed on a model). Backends are
+//! (model, device and MLX version), `bench` (the engine's speed on a model), `lora` (fine-tune a LoRA adapter)
+//! and `fuse` (fold an adapter into its model). Backends are
 //! chosen by name at run time (`--backend metal` or `mlx_lm`); each one this binary was built
 //! with (cargo features `metal` and `mlx_lm`) is registered at start-up.
 
@@ -16,6 +17,8 @@ mod generate;
 mod info;
 mod models;
 mod serve;
+#[cfg(feature = "metal")]
+mod train;
 
 use std::process::ExitCode;
 
@@ -46,6 +49,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Info(a) => info::run(&a),
         #[cfg(feature = "metal")]
         Command::Bench(a) => bench::run(&a),
+        #[cfg(feature = "metal")]
+        Command::Lora(a) => train::run_lora(&a),
+        #[cfg(feature = "metal")]
+        Command::Fuse(a) => train::run_fuse(&a),
     }
 }
 
