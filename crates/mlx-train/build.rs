@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: EUPL-1.2
-//! The tests and examples link libmlx through mlx-metal: give them an rpath.
+//! Every target links libmlx through mlx-metal, the doctests too: give them all an rpath.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    mlx_build::rpath_for(&["tests", "examples"]);
+    mlx_build::rpath_all();
 }

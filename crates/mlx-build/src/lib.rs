@@ -44,6 +44,20 @@ pub fn workspace_of(manifest_dir: &Path) -> PathBuf {
     manifest_dir.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_else(|| manifest_dir.to_path_buf())
 }
 
+/// For a crate whose every target links `mlx-metal`, doctests included
+/// (Cargo's per-kind link arguments do not reach doctests): adds the rpath to
+/// all of them. Exits the build with the search message when MLX is missing.
+pub fn rpath_all() {
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
+    match find(&workspace_of(&manifest)) {
+        Ok(prefix) => println!("cargo:rustc-link-arg={}", rpath_arg(&prefix.join("lib"))),
+        Err(msg) => {
+            eprintln!("{msg}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// For a crate whose targets of the given kinds (`"tests"`, `"examples"`,
 /// `"bins"`, `"benches"`; Cargo refuses kinds the package does not have) link
 /// `mlx-metal`: finds MLX and adds an rpath to its lib directory to them.

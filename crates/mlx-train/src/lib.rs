@@ -18,18 +18,41 @@
 //! The LoRA layer and adapter files live in [`mlx_metal::lora`], so inference
 //! can load adapters without this crate.
 //!
-//! ```no_run,standalone_crate
-//! use std::ops::ControlFlow;
+//! Train an adapter on a tiny fixture model, load it with the load settings,
+//! and fold it into a standalone model:
+//!
+//! ```
+//! use inference_core::{CancelToken, GenerateSettings, LoadSettings};
+//! # let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/models/llama-tiny");
+//! let work = std::env::temp_dir().join(format!("mlxr-doc-lora-{}", std::process::id()));
+//! let data = work.join("data");
+//! std::fs::create_dir_all(&data)?;
+//! // mlx-lm's formats, one record per line: {"text"}, {"prompt", "completion"} or {"messages"}.
+//! std::fs::write(data.join("train.jsonl"), "{\"prompt\": \"Hi\", \"completion\": \" there\"}\n".repeat(4))?;
 //! let config = mlx_train::TrainConfig {
-//!     model: "models/smollm2".into(),
-//!     data: "data".into(),
-//!     iters: 100,
+//!     model: model.into(),
+//!     data: data.clone(),
+//!     adapter_path: work.join("adapters"),
+//!     iters: 4,
+//!     batch_size: 2,
+//!     learning_rate: 1e-3,
 //!     ..Default::default()
 //! };
 //! let mut printer = mlx_train::ProgressPrinter::new(std::io::stderr());
 //! let summary = mlx_train::train(&config, |e| printer.event(e))?;
-//! println!("final loss {:?}", summary.last_loss);
-//! # Ok::<(), mlx_train::Error>(())
+//! assert_eq!(summary.iterations, 4);
+//!
+//! // Load the adapter (adapters.safetensors + adapter_config.json, as mlx-lm writes them) at load time...
+//! mlx_metal::register();
+//! let settings = LoadSettings::new().backend("metal").adapter_path(&config.adapter_path);
+//! let llm = inference_core::load_model(model, &settings)?;
+//! let reply = llm.generate("Hi", &GenerateSettings::default().max_tokens(4), CancelToken::new())?.collect_text()?;
+//! println!("{reply}");
+//! // ...or fold it into the weights of a standalone model directory.
+//! let fused = mlx_train::fuse(model.as_ref(), &config.adapter_path, &work.join("fused"))?;
+//! assert!(!fused.is_empty());
+//! # std::fs::remove_dir_all(&work).ok();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 #![deny(missing_docs)]
