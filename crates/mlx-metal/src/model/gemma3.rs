@@ -356,15 +356,13 @@ impl LanguageModel for Gemma3 {
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::with_capacity(self.layers.len() * 7);
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &mut l.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            out.push((format!("{p}.mlp.gate_proj"), &mut l.mlp.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj));
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            super::push_block_linears(
+                &mut out,
+                i,
+                [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj],
+                [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj],
+            );
         }
         out
     }

@@ -146,6 +146,24 @@ pub(crate) fn layer_index(op: &'static str, layer: usize, count: usize) -> Resul
     Ok(())
 }
 
+/// Appends block `layer`'s linear layers under mlx-lm's module paths
+/// (`model.layers.N.self_attn.{q,k,v,o}_proj`, `model.layers.N.mlp.{gate,up,down}_proj`), for
+/// [`LanguageModel::linears_mut`].
+pub(crate) fn push_block_linears<'a>(
+    out: &mut Vec<(String, &'a mut Linear)>,
+    layer: usize,
+    [q, k, v, o]: [&'a mut Linear; 4],
+    [gate, up, down]: [&'a mut Linear; 3],
+) {
+    let p = format!("model.layers.{layer}");
+    for (name, lin) in [("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o)] {
+        out.push((format!("{p}.self_attn.{name}"), lin));
+    }
+    for (name, lin) in [("gate_proj", gate), ("up_proj", up), ("down_proj", down)] {
+        out.push((format!("{p}.mlp.{name}"), lin));
+    }
+}
+
 /// A loaded model with its directory and config.
 pub struct LoadedModel {
     /// The model.
