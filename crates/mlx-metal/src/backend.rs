@@ -744,10 +744,9 @@ impl Engine {
     fn classify_rows(&self, logits: &Array, sampler: &Sampler, mode: LogitsMode) -> Result<Vec<ClassifyResult>, Error> {
         let logprobs = Sampler::logprobs(logits)?;
         let ids = sampler.sample(&logprobs)?;
-        let ids = ops::astype(&ids, crate::array::Dtype::Int32)?.to_vec::<i32>()?;
+        let ids = batch::read_ids("classify", &ids)?;
         let mut out = Vec::with_capacity(ids.len());
         for (row, &id) in ids.iter().enumerate() {
-            let id = u32::try_from(id).map_err(|_| Error::invalid("classify", format!("negative token id {id}")))?;
             let r = row as i32;
             let lp_row = ops::squeeze(&ops::slice_axis(&logprobs, 0, r, r + 1)?, &[0])?;
             let logits_row = ops::squeeze(&ops::slice_axis(logits, 0, r, r + 1)?, &[0])?;
@@ -780,12 +779,16 @@ impl Engine {
         let mut total = batch::BatchStats::default();
         let sampler = match sampler_for(settings) {
             Ok(s) => s,
-            Err(e) => return fail_all(results, &runnable, &core_err(e)),
+            Err(e) => {
+                fail_rows(&mut results, runnable.iter().map(|(i, _)| *i), &core_err(e));
+                return results;
+            }
         };
         if let Some(seed) = settings.seed
             && let Err(e) = Sampler::seed(seed)
         {
-            return fail_all(results, &runnable, &core_err(e));
+            fail_rows(&mut results, runnable.iter().map(|(i, _)| *i), &core_err(e));
+            return results;
         }
         let tokenizer = self.tokenizer.clone();
         for group in groups(runnable.iter().map(|(_, ids)| ids.len())) {
@@ -806,9 +809,7 @@ impl Engine {
             let stats = match run {
                 Ok(s) => s,
                 Err(e) => {
-                    let e = core_err(e);
-                    let members: Vec<(usize, Vec<u32>)> = group.iter().map(|&g| (runnable[g].0, Vec::new())).collect();
-                    results = fail_all(results, &members, &e);
+                    fail_rows(&mut results, group.iter().map(|&g| runnable[g].0), &core_err(e));
                     continue;
                 }
             };
@@ -847,14 +848,13 @@ impl Engine {
     }
 }
 
-/// Sets `error` on the results of `members` (index, prompt) that have none.
-fn fail_all(mut results: Vec<BatchResult>, members: &[(usize, Vec<u32>)], error: &CoreError) -> Vec<BatchResult> {
-    for (i, _) in members {
-        if results[*i].error.is_none() {
-            results[*i].error = Some(CoreError::backend(NAME, error.to_string()));
+/// Sets `error` on the results at `rows` that have none.
+fn fail_rows(results: &mut [BatchResult], rows: impl Iterator<Item = usize>, error: &CoreError) {
+    for i in rows {
+        if results[i].error.is_none() {
+            results[i].error = Some(CoreError::backend(NAME, error.to_string()));
         }
     }
-    results
 }
 
 /// Indices of `lengths` grouped for batching: sorted by length, at most

@@ -256,7 +256,7 @@ pub fn generate(
             stats.cancelled = true;
             break;
         }
-        let ids = read_ids(&y)?;
+        let ids = read_ids("batch_generate", &y)?;
         let mut keep = Vec::with_capacity(rows.ids.len());
         for (pos, &row) in rows.ids.iter().enumerate() {
             let lp = ops::squeeze(&ops::slice_axis(&logprobs, 0, pos as i32, pos as i32 + 1)?, &[0])?;
@@ -290,10 +290,10 @@ pub fn generate(
     Ok(finish(stats, first_at))
 }
 
-/// Reads sampled ids (`uint32` or `int32`, `[B]`).
-fn read_ids(a: &Array) -> Result<Vec<u32>> {
+/// Reads sampled ids (`uint32` or `int32`, `[B]`); `op` names the caller in errors.
+pub(crate) fn read_ids(op: &'static str, a: &Array) -> Result<Vec<u32>> {
     let ints = ops::astype(a, Dtype::Int32)?.to_vec::<i32>()?;
     ints.into_iter()
-        .map(|v| u32::try_from(v).map_err(|_| Error::invalid("batch_generate", format!("negative token id {v}"))))
+        .map(|v| u32::try_from(v).map_err(|_| Error::invalid(op, format!("negative token id {v}"))))
         .collect()
 }
