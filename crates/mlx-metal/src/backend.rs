@@ -775,7 +775,7 @@ impl Engine {
             }
         }
         let start = Instant::now();
-        let _ = crate::memory::reset_peak_memory();
+        // Each group's run resets MLX's peak; the call's peak is the largest of them.
         let mut total = batch::BatchStats::default();
         let sampler = match sampler_for(settings) {
             Ok(s) => s,
@@ -831,6 +831,7 @@ impl Engine {
             total.generated_tokens += stats.generated_tokens;
             total.prefill += stats.prefill;
             total.decode += stats.decode;
+            total.peak_memory = total.peak_memory.max(stats.peak_memory);
         }
         let mut m = GenerateMetrics {
             prompt_tokens: total.prompt_tokens,
@@ -838,7 +839,7 @@ impl Engine {
             prefill_duration: total.prefill,
             decode_duration: total.decode,
             total_duration: start.elapsed(),
-            peak_memory_bytes: crate::memory::peak_memory().unwrap_or(0) as u64,
+            peak_memory_bytes: total.peak_memory as u64,
             active_memory_bytes: crate::memory::active_memory().unwrap_or(0) as u64,
             ..GenerateMetrics::default()
         };
