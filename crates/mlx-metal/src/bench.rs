@@ -107,14 +107,7 @@ pub fn prompt_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 
 /// FNV-1a 64 over the ids as little-endian u32, as 16 hex digits (`common.fingerprint`).
 pub fn fingerprint(ids: &[u32]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for id in ids {
-        for b in id.to_le_bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    format!("{h:016x}")
+    format!("{:016x}", crate::fnv1a64(ids.iter().flat_map(|id| id.to_le_bytes())))
 }
 
 /// One measured generation: the call's start, each token's arrival, the generated ids.

@@ -61,10 +61,11 @@ pub fn __bindings_freshness() -> (String, String) {
     let header = include_bytes!("../csrc/mlxs.h");
     let bindings = include_str!("ffi/bindings.rs");
     let recorded = bindings.lines().find_map(|l| l.strip_prefix("// header-hash: ")).unwrap_or("").to_string();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in header {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (recorded, format!("{h:016x}"))
+    (recorded, format!("{:016x}", fnv1a64(header.iter().copied())))
+}
+
+/// The 64-bit FNV-1a hash of `bytes` (the header hash, session fingerprints,
+/// the benchmark's prompt fingerprint).
+pub(crate) fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }

@@ -51,11 +51,7 @@ pub struct Fingerprint {
 impl Fingerprint {
     /// The fingerprint of a model directory's description and config.json.
     pub fn new(desc: &crate::model::Description, config_json: &[u8]) -> Fingerprint {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in config_json {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        let h = crate::fnv1a64(config_json.iter().copied());
         Fingerprint {
             architecture: desc.architecture.clone(),
             num_layers: desc.num_layers,
