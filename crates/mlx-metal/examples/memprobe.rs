@@ -13,9 +13,8 @@
 use std::path::PathBuf;
 
 use mlx_metal::array::Array;
-use mlx_metal::cache::LayerCache;
 use mlx_metal::model;
-use mlx_metal::{memory, ops, transforms};
+use mlx_metal::{memory, ops};
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -47,9 +46,7 @@ fn run() -> Result<(), BoxError> {
         let prompt = Array::from_slice(&ids, &[1, n as i32])?;
         if n > 1 {
             let chunk = ops::slice_axis(&prompt, 1, 0, n as i32 - 1)?;
-            m.forward(&chunk, &mut caches)?;
-            let state: Vec<&Array> = caches.iter().flat_map(LayerCache::state).collect();
-            transforms::eval(&state)?;
+            mlx_metal::generate::prefill_chunk(m, &chunk, &mut caches)?;
             report("prefill", n)?;
             memory::clear_cache()?;
         }

@@ -289,7 +289,8 @@ impl MetalModel {
             if let Some(dir) = dir {
                 crate::lora::load_adapter(model, &dir).map_err(core_err)?;
             }
-            Ok(())
+            // Layers without an adapter run their decode projections fused again.
+            model.fuse_projections().map_err(core_err)
         })
     }
 

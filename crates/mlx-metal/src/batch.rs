@@ -23,7 +23,7 @@ use crate::memory;
 use crate::model::LanguageModel;
 use crate::ops;
 use crate::sample::Sampler;
-use crate::transforms::{async_eval, eval};
+use crate::transforms::async_eval;
 
 /// Timings and counts of one batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -103,9 +103,7 @@ pub fn prefill(
         }
         let n = step.min(width - done - 1);
         let chunk = ops::slice_axis(&tokens, 1, done, done + n)?;
-        model.forward(&chunk, &mut caches)?;
-        let state: Vec<&Array> = caches.iter().flat_map(LayerCache::state).collect();
-        eval(&state)?;
+        crate::generate::prefill_chunk(model, &chunk, &mut caches)?;
         done += n;
         memory::clear_cache()?;
     }

@@ -26,6 +26,40 @@ use crate::transforms::{async_eval, eval};
 /// How many prompt tokens one prefill chunk takes (mlx-lm's default).
 pub const PREFILL_STEP: usize = 2048;
 
+/// Runs one prefill chunk `inputs: [B, L]` through the model into `caches`
+/// and evaluates the caches; the logits are never computed (a prefill chunk
+/// needs only what the caches hold).
+///
+/// A model that runs block by block ([`LanguageModel::runs_block_by_block`])
+/// is evaluated one decoder block at a time: block `i` is queued with
+/// `async_eval` and the host then waits for block `i − 1`. The device never
+/// idles (one block is always queued behind the running one), and only about
+/// two blocks' temporaries are alive at once. Evaluating the whole chunk as one
+/// graph instead keeps every block's temporaries (and, for quantised weights
+/// at large `L`, every block's dequantised weights) until the whole graph has
+/// run: on a GPU that is most of the prefill's peak memory.
+pub fn prefill_chunk(model: &dyn LanguageModel, inputs: &Array, caches: &mut [LayerCache]) -> Result<()> {
+    if !model.runs_block_by_block() {
+        model.forward(inputs, caches)?;
+        let state: Vec<&Array> = caches.iter().flat_map(LayerCache::state).collect();
+        return eval(&state);
+    }
+    crate::model::check_caches(caches, model.num_layers())?;
+    let mut h = model.embed(inputs)?;
+    let mut queued: Option<Array> = None;
+    for (layer, cache) in caches.iter_mut().enumerate() {
+        h = model.forward_layer(layer, &h, cache)?;
+        async_eval(&[&h])?;
+        if let Some(prev) = queued.replace(h.clone()) {
+            prev.eval()?;
+        }
+    }
+    // The last block's output holds every cache update as an input.
+    h.eval()?;
+    let state: Vec<&Array> = caches.iter().flat_map(LayerCache::state).collect();
+    eval(&state)
+}
+
 /// What the loop hands out per generated token.
 #[derive(Debug)]
 pub struct Step<'a> {
@@ -134,10 +168,6 @@ impl Stepper<'_> {
         let y = self.sampler.sample(&logprobs)?;
         Ok((y, logprobs, logits))
     }
-
-    fn cache_state(&self) -> Vec<&Array> {
-        self.caches.iter().flat_map(|c| c.state()).collect()
-    }
 }
 
 /// Generates from `prompt` (non-empty token ids), appending to `caches`.
@@ -181,8 +211,7 @@ pub fn generate(
         let n = step_size.min(total - done - 1);
         let chunk = ops::slice_axis(&prompt_arr, 0, done as i32, (done + n) as i32)?;
         let x = ops::reshape(&chunk, &[1, -1])?;
-        st.model.forward(&x, st.caches)?;
-        eval(&st.cache_state())?;
+        prefill_chunk(st.model, &x, st.caches)?;
         st.feed_history(&chunk, n)?;
         done += n;
         memory::clear_cache()?;

@@ -92,6 +92,144 @@ impl Linear {
     }
 }
 
+/// Several linear layers that read the same input, run as one matmul: the
+/// attention's q, k and v projections, or an MLP's gate and up projections.
+///
+/// A decode step of one sequence is a chain of small kernels whose launch
+/// cost exceeds their work; one matmul instead of three (or two) removes
+/// those launches. The weights are stored once: [`FusedLinear::fuse`]
+/// concatenates the parts' weights and then makes each part's weights a view
+/// of its rows of the fused matrix, so the parts keep working on their own
+/// (training, adapters, batches) with no extra memory.
+#[derive(Debug, Clone)]
+pub struct FusedLinear {
+    fused: Linear,
+    /// Where each part's outputs end along the fused output axis.
+    ends: Vec<i32>,
+}
+
+impl FusedLinear {
+    /// Fuses `parts` when they can run as one matmul: same input width, all
+    /// dense in one dtype or all quantised alike (bits, group size, scale
+    /// dtype), biases on all or none, and no LoRA adapter. Returns `None`
+    /// otherwise, leaving the parts as they were.
+    ///
+    /// Nothing is computed here: the concatenation runs (once) when the fused
+    /// layer or one of the parts is first used, so loading stays lazy.
+    ///
+    /// # Errors
+    ///
+    /// When MLX rejects the concatenation (shapes that do not fit).
+    pub fn fuse(parts: &mut [&mut Linear]) -> Result<Option<FusedLinear>> {
+        if parts.len() < 2 || !Self::compatible(parts)? {
+            return Ok(None);
+        }
+        let mut ends = Vec::with_capacity(parts.len());
+        let mut end = 0;
+        for p in parts.iter() {
+            end += p.features()?.0;
+            ends.push(end);
+        }
+        let cat = |get: &dyn Fn(&Linear) -> Option<&Array>| -> Result<Option<Array>> {
+            let arrays: Vec<&Array> = parts.iter().filter_map(|p| get(p)).collect();
+            if arrays.len() != parts.len() {
+                return Ok(None);
+            }
+            Ok(Some(ops::concatenate(&arrays, 0)?))
+        };
+        let bias = cat(&|l| l.bias.as_ref())?;
+        let weight = match &parts[0].weight {
+            LinearWeight::Dense(_) => {
+                let w = cat(&|l| match &l.weight {
+                    LinearWeight::Dense(w) => Some(w),
+                    LinearWeight::Quantized(_) => None,
+                })?;
+                match w {
+                    Some(w) => LinearWeight::Dense(w),
+                    None => return Ok(None),
+                }
+            }
+            LinearWeight::Quantized(q0) => {
+                let quant = |get: fn(&Quantized) -> Option<&Array>| {
+                    cat(&move |l| match &l.weight {
+                        LinearWeight::Quantized(q) => get(q),
+                        LinearWeight::Dense(_) => None,
+                    })
+                };
+                let (Some(weight), Some(scales)) = (quant(|q| Some(&q.weight))?, quant(|q| Some(&q.scales))?) else {
+                    return Ok(None);
+                };
+                let biases = quant(|q| q.biases.as_ref())?;
+                LinearWeight::Quantized(Quantized { weight, scales, biases, group_size: q0.group_size, bits: q0.bits })
+            }
+        };
+        let fused = Linear { weight, bias, lora: None };
+        // Each part now views its rows of the fused weights.
+        let mut start = 0;
+        for (p, &end) in parts.iter_mut().zip(&ends) {
+            let rows = |a: &Array| ops::slice_axis(a, 0, start, end);
+            p.weight = match &fused.weight {
+                LinearWeight::Dense(w) => LinearWeight::Dense(rows(w)?),
+                LinearWeight::Quantized(q) => LinearWeight::Quantized(Quantized {
+                    weight: rows(&q.weight)?,
+                    scales: rows(&q.scales)?,
+                    biases: q.biases.as_ref().map(&rows).transpose()?,
+                    group_size: q.group_size,
+                    bits: q.bits,
+                }),
+            };
+            if let Some(b) = &fused.bias {
+                p.bias = Some(rows(b)?);
+            }
+            start = end;
+        }
+        Ok(Some(FusedLinear { fused, ends }))
+    }
+
+    fn compatible(parts: &[&mut Linear]) -> Result<bool> {
+        let first = &parts[0];
+        let input = first.features()?.1;
+        for p in parts.iter() {
+            if p.lora.is_some() || p.features()?.1 != input || p.bias.is_some() != first.bias.is_some() {
+                return Ok(false);
+            }
+            if let (Some(a), Some(b)) = (&p.bias, &first.bias)
+                && a.dtype() != b.dtype()
+            {
+                return Ok(false);
+            }
+            let alike = match (&p.weight, &first.weight) {
+                (LinearWeight::Dense(a), LinearWeight::Dense(b)) => a.dtype() == b.dtype(),
+                (LinearWeight::Quantized(a), LinearWeight::Quantized(b)) => {
+                    a.bits == b.bits
+                        && a.group_size == b.group_size
+                        && a.scales.dtype() == b.scales.dtype()
+                        && a.biases.is_some() == b.biases.is_some()
+                }
+                _ => false,
+            };
+            if !alike {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Runs the fused matmul on `x: [..., in]` and returns each part's
+    /// output `[..., out_i]`, in the order the parts were given.
+    pub fn forward(&self, x: &Array) -> Result<Vec<Array>> {
+        let y = self.fused.forward_base(x)?;
+        let last = y.ndim() as i32 - 1;
+        let mut out = Vec::with_capacity(self.ends.len());
+        let mut start = 0;
+        for &end in &self.ends {
+            out.push(ops::slice_axis(&y, last, start, end)?);
+            start = end;
+        }
+        Ok(out)
+    }
+}
+
 /// A token embedding table `[vocab, dim]`, dense or quantised.
 #[derive(Debug, Clone)]
 pub struct Embedding {

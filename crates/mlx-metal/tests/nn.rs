@@ -153,3 +153,67 @@ fn repeat_kv_repeats_each_head() {
     assert_eq!(vals(&nn::repeat_kv(&x, 1).unwrap()), vals(&x));
     expect_err(nn::repeat_kv(&iota(&[2, 2, 3]), 2), "repeat_kv");
 }
+
+/// Three layers of different widths, dense or quantised, with or without biases.
+fn three_layers(quantised: bool, biased: bool) -> Vec<Linear> {
+    [4usize, 2, 3]
+        .iter()
+        .enumerate()
+        .map(|(i, &rows)| {
+            let w = arr(&data(rows * IN, 20 + i as u64), &[rows as i32, IN as i32]);
+            let b = biased.then(|| arr(&data(rows, 30 + i as u64), &[rows as i32]));
+            if quantised {
+                Linear::quantized(ops::quantize(&w, 64, 4).unwrap(), b)
+            } else {
+                Linear::dense(w, b).unwrap()
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn fused_linears_equal_the_parts_which_keep_working() {
+    let x = arr(&data(IN, 40), &[1, 1, IN as i32]);
+    let xs = arr(&data(3 * IN, 41), &[3, IN as i32]);
+    for quantised in [false, true] {
+        for biased in [false, true] {
+            let mut layers = three_layers(quantised, biased);
+            let want: Vec<Vec<f32>> = layers.iter().map(|l| vals(&l.forward(&x).unwrap())).collect();
+            let want_s: Vec<Vec<f32>> = layers.iter().map(|l| vals(&l.forward(&xs).unwrap())).collect();
+            let mut parts: Vec<&mut Linear> = layers.iter_mut().collect();
+            let fused = nn::FusedLinear::fuse(&mut parts).unwrap().expect("compatible layers fuse");
+            let got = fused.forward(&x).unwrap();
+            assert_eq!(got.len(), 3);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.shape(), vec![1, 1, [4, 2, 3][i]]);
+                assert_close(&vals(g), &wide(w), 1e-5);
+            }
+            // The parts now view the fused weights and still give their own outputs.
+            for (l, w) in layers.iter().zip(&want_s) {
+                assert_close(&vals(&l.forward(&xs).unwrap()), &wide(w), 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn layers_that_cannot_run_as_one_matmul_are_not_fused() {
+    // A LoRA adapter on one part.
+    let mut layers = three_layers(false, false);
+    let (a, b) = (arr(&data(IN * 2, 50), &[IN as i32, 2]), arr(&data(2 * 2, 51), &[2, 2]));
+    layers[1].lora = Some(mlx_metal::lora::LoraLayer::new(a, b, 1.0, 0.0).unwrap());
+    let mut parts: Vec<&mut Linear> = layers.iter_mut().collect();
+    assert!(nn::FusedLinear::fuse(&mut parts).unwrap().is_none());
+    // Dense next to quantised; a bias on only some parts.
+    let mut mixed = three_layers(false, false);
+    mixed[2] = three_layers(true, false).remove(2);
+    let mut parts: Vec<&mut Linear> = mixed.iter_mut().collect();
+    assert!(nn::FusedLinear::fuse(&mut parts).unwrap().is_none());
+    let mut some_bias = three_layers(false, false);
+    some_bias[0].bias = Some(arr(&data(4, 52), &[4]));
+    let mut parts: Vec<&mut Linear> = some_bias.iter_mut().collect();
+    assert!(nn::FusedLinear::fuse(&mut parts).unwrap().is_none());
+    // A single layer has nothing to fuse with.
+    let mut one = three_layers(false, false);
+    assert!(nn::FusedLinear::fuse(&mut [&mut one[0]]).unwrap().is_none());
+}

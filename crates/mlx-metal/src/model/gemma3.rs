@@ -17,14 +17,14 @@ use crate::array::{Array, Dtype};
 use crate::cache::{KvCache, LayerCache, Mask, RotatingKvCache};
 use crate::error::Result;
 use crate::fast;
-use crate::nn::{self, Embedding, Linear};
+use crate::nn::{self, Embedding, FusedLinear, Linear};
 use crate::ops;
 
 use super::config::{ModelConfig, RopeScaling};
 use super::rope::Rope;
 use super::tp::{self, Heads, Reduce};
 use super::weights::{WeightPath, Weights, model_err};
-use super::{AttentionTaps, Description, LanguageModel, attention, describe, merge_heads, split_heads};
+use super::{AttentionTaps, Description, LanguageModel, attention, describe, merge_heads, project, split_heads};
 
 /// `config.json` fields Gemma 3 reads, with mlx-lm's defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -106,6 +106,8 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// q, k and v as one matmul, for decode steps (`nn::FusedLinear`).
+    qkv: Option<FusedLinear>,
     q_norm: Norm,
     k_norm: Norm,
     n_heads: i32,
@@ -124,9 +126,10 @@ impl Attention {
         mut taps: Option<&mut AttentionTaps>,
     ) -> Result<Array> {
         let (b, l) = (x.dim(0)?, x.dim(1)?);
-        let q = split_heads(&self.q_proj.forward(x)?, b, l, self.n_heads)?;
-        let k = split_heads(&self.k_proj.forward(x)?, b, l, self.n_kv_heads)?;
-        let v = split_heads(&self.v_proj.forward(x)?, b, l, self.n_kv_heads)?;
+        let [q, k, v] = project(self.qkv.as_ref(), [&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let q = split_heads(&q, b, l, self.n_heads)?;
+        let k = split_heads(&k, b, l, self.n_kv_heads)?;
+        let v = split_heads(&v, b, l, self.n_kv_heads)?;
         let q = self.q_norm.forward(&q)?;
         let k = self.k_norm.forward(&k)?;
         let offset = cache.rope_offset()?;
@@ -143,12 +146,15 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// gate and up as one matmul, for decode steps.
+    gate_up: Option<FusedLinear>,
     reduce: Reduce,
 }
 
 impl Mlp {
     fn forward(&self, x: &Array) -> Result<Array> {
-        let h = nn::geglu_approx(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        let [gate, up] = project(self.gate_up.as_ref(), [&self.gate_proj, &self.up_proj], x)?;
+        let h = nn::geglu_approx(&gate, &up)?;
         self.reduce.apply(self.down_proj.forward(&h)?)
     }
 }
@@ -238,6 +244,7 @@ impl Gemma3 {
                     n_kv_heads: part.kv_len,
                     scale: cfg.query_pre_attn_scalar.powf(-0.5) as f32,
                     rope,
+                    qkv: None,
                     reduce: Reduce::new(tpar),
                 },
                 mlp: Mlp {
@@ -254,6 +261,7 @@ impl Gemma3 {
                         false,
                         mlp_out,
                     )?,
+                    gate_up: None,
                     reduce: Reduce::new(tpar),
                 },
                 input_layernorm: Norm::load(&lw.pp("input_layernorm"), hidden, eps)?,
@@ -353,7 +361,21 @@ impl LanguageModel for Gemma3 {
         &self.desc
     }
 
+    fn fuse_projections(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            a.qkv = FusedLinear::fuse(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+            m.gate_up = FusedLinear::fuse(&mut [&mut m.gate_proj, &mut m.up_proj])?;
+        }
+        Ok(())
+    }
+
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        // The caller may change the layers: the fused copies would go stale.
+        for l in &mut self.layers {
+            l.self_attn.qkv = None;
+            l.mlp.gate_up = None;
+        }
         let mut out = Vec::with_capacity(self.layers.len() * 7);
         for (i, l) in self.layers.iter_mut().enumerate() {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);
@@ -375,6 +397,10 @@ impl LanguageModel for Gemma3 {
         let h = self.embed_tokens.forward(inputs)?;
         let scale = bf16::from_f32((f64::from(self.cfg.hidden_size).sqrt()) as f32).to_f64();
         ops::multiply(&h, &Array::scalar_as(scale, h.dtype())?)
+    }
+
+    fn runs_block_by_block(&self) -> bool {
+        true
     }
 
     fn forward_layer(&self, layer: usize, h: &Array, cache: &mut LayerCache) -> Result<Array> {

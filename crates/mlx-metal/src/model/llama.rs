@@ -15,14 +15,14 @@ use crate::array::Array;
 use crate::cache::{KvCache, LayerCache, Mask, RotatingKvCache};
 use crate::error::Result;
 use crate::fast;
-use crate::nn::{self, Embedding, Linear};
+use crate::nn::{self, Embedding, FusedLinear, Linear};
 use crate::ops;
 
 use super::config::{ModelConfig, RopeScaling};
 use super::rope::Rope;
 use super::tp::{self, Heads, Reduce};
 use super::weights::{WeightPath, Weights, model_err};
-use super::{AttentionTaps, Description, LanguageModel, attention, describe, merge_heads, split_heads};
+use super::{AttentionTaps, Description, LanguageModel, attention, describe, merge_heads, project, split_heads};
 
 /// `config.json` fields of `llama`, with mlx-lm's defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -221,6 +221,8 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// q, k and v as one matmul, for decode steps (`nn::FusedLinear`).
+    qkv: Option<FusedLinear>,
     qk_norm: Option<(Norm, Norm)>,
     n_heads: i32,
     n_kv_heads: i32,
@@ -238,9 +240,10 @@ impl Attention {
         mut taps: Option<&mut AttentionTaps>,
     ) -> Result<Array> {
         let (b, l) = (x.dim(0)?, x.dim(1)?);
-        let mut q = split_heads(&self.q_proj.forward(x)?, b, l, self.n_heads)?;
-        let mut k = split_heads(&self.k_proj.forward(x)?, b, l, self.n_kv_heads)?;
-        let v = split_heads(&self.v_proj.forward(x)?, b, l, self.n_kv_heads)?;
+        let [q, k, v] = project(self.qkv.as_ref(), [&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let mut q = split_heads(&q, b, l, self.n_heads)?;
+        let mut k = split_heads(&k, b, l, self.n_kv_heads)?;
+        let v = split_heads(&v, b, l, self.n_kv_heads)?;
         if let Some((qn, kn)) = &self.qk_norm {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
@@ -259,12 +262,15 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// gate and up as one matmul, for decode steps.
+    gate_up: Option<FusedLinear>,
     reduce: Reduce,
 }
 
 impl Mlp {
     fn forward(&self, x: &Array) -> Result<Array> {
-        let h = nn::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        let [gate, up] = project(self.gate_up.as_ref(), [&self.gate_proj, &self.up_proj], x)?;
+        let h = nn::swiglu(&gate, &up)?;
         self.reduce.apply(self.down_proj.forward(&h)?)
     }
 }
@@ -337,12 +343,14 @@ impl Decoder {
                     n_kv_heads: part.kv_len,
                     scale: (f64::from(hd)).powf(-0.5) as f32,
                     rope: Rope::new(hd, cfg.rope_theta, cfg.rope_traditional, cfg.rope_scaling.as_ref(), dir)?,
+                    qkv: None,
                     reduce: Reduce::new(tpar),
                 },
                 mlp: Mlp {
                     gate_proj: mw.pp("gate_proj").linear_split(cfg.intermediate_size, hidden, var.mlp_bias, mlp_in)?,
                     up_proj: mw.pp("up_proj").linear_split(cfg.intermediate_size, hidden, var.mlp_bias, mlp_in)?,
                     down_proj: mw.pp("down_proj").linear_split(hidden, cfg.intermediate_size, var.mlp_bias, mlp_out)?,
+                    gate_up: None,
                     reduce: Reduce::new(tpar),
                 },
                 input_layernorm: Norm::load(&lw.pp("input_layernorm"), hidden, eps)?,
@@ -413,7 +421,21 @@ impl LanguageModel for Decoder {
         &self.desc
     }
 
+    fn fuse_projections(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            a.qkv = FusedLinear::fuse(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+            m.gate_up = FusedLinear::fuse(&mut [&mut m.gate_proj, &mut m.up_proj])?;
+        }
+        Ok(())
+    }
+
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        // The caller may change the layers: the fused copies would go stale.
+        for l in &mut self.layers {
+            l.self_attn.qkv = None;
+            l.mlp.gate_up = None;
+        }
         let mut out = Vec::with_capacity(self.layers.len() * 7);
         for (i, l) in self.layers.iter_mut().enumerate() {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);
@@ -433,6 +455,10 @@ impl LanguageModel for Decoder {
 
     fn embed(&self, inputs: &Array) -> Result<Array> {
         self.embed_tokens.forward(inputs)
+    }
+
+    fn runs_block_by_block(&self) -> bool {
+        true
     }
 
     fn forward_layer(&self, layer: usize, h: &Array, cache: &mut LayerCache) -> Result<Array> {

@@ -31,7 +31,7 @@ use crate::cache::{LayerCache, Mask};
 use crate::distributed::TensorParallel;
 use crate::error::{Error, Result};
 use crate::fast;
-use crate::nn::Linear;
+use crate::nn::{FusedLinear, Linear};
 use crate::ops;
 
 use self::config::ModelConfig;
@@ -114,6 +114,23 @@ pub trait LanguageModel {
     /// `0..num_layers()`).
     fn num_layers(&self) -> usize {
         self.description().num_layers
+    }
+
+    /// Fuses the projections that read the same input (q/k/v, gate/up) so
+    /// that a decode step of one sequence runs one matmul for each group
+    /// ([`crate::nn::FusedLinear`]); layers with a LoRA adapter stay apart.
+    /// [`load`] calls it, and so does [`crate::backend::MetalModel::set_adapter`];
+    /// taking the layers through [`LanguageModel::linears_mut`] undoes it.
+    fn fuse_projections(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether [`LanguageModel::embed`], [`LanguageModel::forward_layer`] and
+    /// [`LanguageModel::head`] are implemented, so that the model can run one
+    /// decoder block at a time (the prefill does, to bound its memory; see
+    /// [`crate::generate::prefill_chunk`]).
+    fn runs_block_by_block(&self) -> bool {
+        false
     }
 
     /// The first part of [`LanguageModel::forward`]: token ids `[B, L]` to
@@ -208,7 +225,7 @@ fn load_with(path: &Path, tp: Option<TensorParallel>) -> Result<LoadedModel> {
         Some(tp) => Weights::load_sharded(&dir, config.quant.clone(), tp)?,
         None => Weights::load(&dir, config.quant.clone())?,
     };
-    let model: Box<dyn LanguageModel> = match arch {
+    let mut model: Box<dyn LanguageModel> = match arch {
         "gemma3" | "gemma3_text" => Box::new(gemma3::Gemma3::load(&config, &weights)?),
         "qwen3" => Box::new(qwen3::load(&config, &weights)?),
         "qwen2" => Box::new(qwen2::load(&config, &weights)?),
@@ -218,6 +235,7 @@ fn load_with(path: &Path, tp: Option<TensorParallel>) -> Result<LoadedModel> {
         }
     };
     weights.finish()?;
+    model.fuse_projections()?;
     Ok(LoadedModel { model, config, dir })
 }
 
@@ -234,6 +252,29 @@ pub(crate) fn merge_heads(x: &Array, b: i32, l: i32) -> Result<Array> {
 /// Scaled dot-product attention with the fused kernel.
 pub(crate) fn attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: &Mask) -> Result<Array> {
     fast::scaled_dot_product_attention(q, k, v, scale, mask.as_attention(), None)
+}
+
+/// Runs `parts` on `x`, through `fused` (one matmul) when `x` is a single
+/// position of a single sequence — a decode step, where kernel launches cost
+/// more than the work — and one by one otherwise.
+pub(crate) fn project<const N: usize>(
+    fused: Option<&FusedLinear>,
+    parts: [&Linear; N],
+    x: &Array,
+) -> Result<[Array; N]> {
+    if let Some(f) = fused
+        && x.size() == x.dim(-1)? as usize
+    {
+        let out = f.forward(x)?;
+        if let Ok(arr) = <[Array; N]>::try_from(out) {
+            return Ok(arr);
+        }
+    }
+    let mut out = Vec::with_capacity(N);
+    for p in parts {
+        out.push(p.forward(x)?);
+    }
+    <[Array; N]>::try_from(out).map_err(|_| Error::invalid("project", "wrong number of outputs"))
 }
 
 pub(crate) fn check_caches(caches: &[LayerCache], layers: usize) -> Result<()> {
