@@ -364,7 +364,10 @@ mod tp {
 
     use mlx_metal::distributed::{TensorParallel, VocabLayout};
     use mlx_metal::model::{self, LanguageModel};
-    use mlx_metal::{Array, memory, ops};
+    use std::ops::ControlFlow;
+
+    use mlx_metal::sample::{Sampler, SamplerConfig};
+    use mlx_metal::{Array, batch, memory, ops};
     use serde_json::{Value, json};
 
     use super::{join_ring, result_of, run_job_with};
@@ -411,6 +414,21 @@ mod tp {
         (out, gaps)
     }
 
+    /// Greedy tokens of a left-padded batch of two rows (`prompt` and its
+    /// last 3 tokens), prefilled in chunks of 4 columns.
+    fn batched(model: &dyn LanguageModel, prompt: &[i32]) -> Vec<Vec<u32>> {
+        let ids: Vec<u32> = prompt.iter().map(|&i| i as u32).collect();
+        let rows: [&[u32]; 2] = [&ids, &ids[ids.len().saturating_sub(3)..]];
+        let sampler = Sampler::new(SamplerConfig::default()).expect("a greedy sampler");
+        let mut out = vec![Vec::new(); rows.len()];
+        batch::generate(model, &rows, &sampler, &[4, 4], 4, &|| false, |row, step| {
+            out[row].push(step.id);
+            Ok(ControlFlow::Continue(()))
+        })
+        .expect("a batch");
+        out
+    }
+
     /// Bytes this process has read through `read(2)`-like calls (Linux's
     /// `/proc/self/io` `rchar`), when the system says.
     fn bytes_read() -> Option<u64> {
@@ -455,9 +473,11 @@ mod tp {
         let active = memory::active_memory().expect("active memory");
         let peak = memory::peak_memory().expect("peak memory");
         let read = read_before.zip(bytes_read()).map(|(a, b)| b - a);
+        // After the figures: a batch resets MLX's peak.
+        let batch = batched(loaded.model.as_ref(), &prompt);
         println!(
             "RESULT {}",
-            json!({"rank": rank, "tokens": tokens, "gaps": gaps, "active_bytes": active, "peak_bytes": peak, "read_bytes": read})
+            json!({"rank": rank, "tokens": tokens, "gaps": gaps, "batch": batch, "active_bytes": active, "peak_bytes": peak, "read_bytes": read})
         );
     }
 
@@ -507,7 +527,17 @@ mod tp {
     fn check_identical(dir: &Path) -> (u64, Vec<u64>) {
         let (single, ranks) = run_pair(dir, &[]);
         assert_same_tokens(dir, &single, &ranks, TOKENS);
+        assert_same_batch(dir, &single, &ranks);
         memory(dir, &single, &ranks)
+    }
+
+    /// A left-padded batch of two prompts decodes the same on every rank as
+    /// in the single process.
+    fn assert_same_batch(dir: &Path, single: &Value, ranks: &[Value]) {
+        assert_eq!(single["batch"].as_array().map(Vec::len), Some(2), "{single}");
+        for r in ranks {
+            assert_eq!(r["batch"], single["batch"], "rank {}'s batch on {}", r["rank"], dir.display());
+        }
     }
 
     /// A float32 copy of the model in `dir` (weights cast, other files copied).
@@ -707,6 +737,7 @@ mod tp {
         let f32_dir = float32_copy(&dir);
         let (single, ranks) = run_pair(f32_dir.path(), &[(TEXT, SMOLLM2_PROMPT)]);
         assert_same_tokens(f32_dir.path(), &single, &ranks, TOKENS);
+        assert_same_batch(f32_dir.path(), &single, &ranks);
     }
 }
 
