@@ -750,7 +750,10 @@ mod metal {
     use mlx_metal::MetalModel;
     use serde_json::json;
 
-    use super::{result_of, run_job};
+    use super::{result_of, run_job_with};
+
+    /// The `tp_vocab` option the ranks load with.
+    const TP_VOCAB: &str = "MLXR_DIST_TEST_TP_VOCAB";
 
     fn tp_settings() -> LoadSettings {
         LoadSettings::default()
@@ -770,7 +773,11 @@ mod metal {
     /// `tensor_parallel` backend option (the engine thread joins the group).
     pub(super) fn rank_chat(dir: &str) {
         let rank = mlx_metal::distributed::launch::rank_from_env().expect("MLX_RANK").expect("a rank");
-        let model = MetalModel::load(Path::new(dir), &tp_settings()).unwrap_or_else(|e| {
+        let mut settings = tp_settings();
+        if let Ok(layout) = std::env::var(TP_VOCAB) {
+            settings = settings.backend_option("tp_vocab", layout);
+        }
+        let model = MetalModel::load(Path::new(dir), &settings).unwrap_or_else(|e| {
             eprintln!("rank {rank}: {e}");
             std::process::exit(6)
         });
@@ -787,10 +794,13 @@ mod metal {
         let (ids, text) = chat(&single);
         single.close().expect("close");
         assert_eq!(ids.len(), 10);
-        for out in run_job(&format!("metal:{}", dir.display()), 2) {
-            let r = result_of(&out);
-            assert_eq!(r["ids"], json!(ids), "rank {}", out.rank);
-            assert_eq!(r["text"], json!(text), "rank {}", out.rank);
+        // The vocabulary sharded (the default) and replicated.
+        for layout in ["sharded", "replicated"] {
+            for out in run_job_with(&format!("metal:{}", dir.display()), 2, &[(TP_VOCAB, layout)]) {
+                let r = result_of(&out);
+                assert_eq!(r["ids"], json!(ids), "rank {} ({layout})", out.rank);
+                assert_eq!(r["text"], json!(text), "rank {} ({layout})", out.rank);
+            }
         }
     }
 
