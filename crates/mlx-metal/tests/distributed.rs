@@ -467,7 +467,9 @@ mod tp {
                 .collect(),
             (None, Err(_)) => PROMPT.to_vec(),
         };
+        let started = std::time::Instant::now();
         let (tokens, gaps) = greedy(loaded.model.as_ref(), &prompt, token_count(&[]));
+        let generate_ms = started.elapsed().as_millis() as u64;
         // What stays allocated is the weights (caches and temporaries are gone).
         let _ = memory::clear_cache();
         let active = memory::active_memory().expect("active memory");
@@ -477,7 +479,7 @@ mod tp {
         let batch = batched(loaded.model.as_ref(), &prompt);
         println!(
             "RESULT {}",
-            json!({"rank": rank, "tokens": tokens, "gaps": gaps, "batch": batch, "active_bytes": active, "peak_bytes": peak, "read_bytes": read})
+            json!({"rank": rank, "tokens": tokens, "gaps": gaps, "batch": batch, "generate_ms": generate_ms, "active_bytes": active, "peak_bytes": peak, "read_bytes": read})
         );
     }
 
@@ -501,7 +503,11 @@ mod tp {
         for b in &per_rank {
             assert!(*b < single_bytes, "a rank holds {b} bytes, the single process {single_bytes}");
         }
-        eprintln!("{}: single process {single_bytes} bytes; per rank {per_rank:?}", dir.display());
+        let ms: Vec<&Value> = std::iter::once(single).chain(ranks).map(|r| &r["generate_ms"]).collect();
+        eprintln!(
+            "{}: single process {single_bytes} bytes; per rank {per_rank:?}; generation ms {ms:?}",
+            dir.display()
+        );
         (single_bytes, per_rank)
     }
 

@@ -160,7 +160,10 @@ impl Vocab {
         };
         let s = tp.shard();
         let ranges = vocab_ranges(size, s.size)?;
-        let (start, len) = ranges[s.rank as usize];
+        let (start, len) = ranges
+            .get(s.rank as usize)
+            .copied()
+            .ok_or_else(|| Error::invalid("shard", format!("rank {} has no vocabulary rows", s.rank)))?;
         let padded = ranges.iter().map(|r| r.1).max().unwrap_or(len);
         let columns = if ranges.iter().all(|r| r.1 == padded) {
             None
