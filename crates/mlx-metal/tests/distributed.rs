@@ -429,6 +429,22 @@ mod tp {
         out
     }
 
+    /// Fingerprints of the bits of `embed(prompt)` and of `head` applied to
+    /// those embeddings (the vocabulary-parallel parts alone, no blocks).
+    fn embed_and_head_bits(model: &dyn LanguageModel, prompt: &[i32]) -> (String, String) {
+        let ids = Array::from_slice(prompt, &[1, prompt.len() as i32]).expect("ids");
+        let h = model.embed(&ids).expect("embed");
+        let logits = model.head(&h).expect("head");
+        let bits = |a: &Array| {
+            let v = ops::astype(a, mlx_metal::Dtype::Float32).expect("float32").to_vec_f32().expect("values");
+            let h = v
+                .iter()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ u64::from(x.to_bits())).wrapping_mul(0x100_0000_01b3));
+            format!("{h:016x} ({} values)", v.len())
+        };
+        (bits(&h), bits(&logits))
+    }
+
     /// Bytes this process has read through `read(2)`-like calls (Linux's
     /// `/proc/self/io` `rchar`), when the system says.
     fn bytes_read() -> Option<u64> {
@@ -477,9 +493,10 @@ mod tp {
         let read = read_before.zip(bytes_read()).map(|(a, b)| b - a);
         // After the figures: a batch resets MLX's peak.
         let batch = batched(loaded.model.as_ref(), &prompt);
+        let (embed_bits, head_bits) = embed_and_head_bits(loaded.model.as_ref(), &prompt);
         println!(
             "RESULT {}",
-            json!({"rank": rank, "tokens": tokens, "gaps": gaps, "batch": batch, "generate_ms": generate_ms, "active_bytes": active, "peak_bytes": peak, "read_bytes": read})
+            json!({"rank": rank, "tokens": tokens, "gaps": gaps, "batch": batch, "embed_bits": embed_bits, "head_bits": head_bits, "generate_ms": generate_ms, "active_bytes": active, "peak_bytes": peak, "read_bytes": read})
         );
     }
 
@@ -534,6 +551,7 @@ mod tp {
         let (single, ranks) = run_pair(dir, &[]);
         assert_same_tokens(dir, &single, &ranks, TOKENS);
         assert_same_batch(dir, &single, &ranks);
+        assert_same_vocabulary_bits(dir, &single, &ranks);
         memory(dir, &single, &ranks)
     }
 
@@ -543,6 +561,15 @@ mod tp {
         assert_eq!(single["batch"].as_array().map(Vec::len), Some(2), "{single}");
         for r in ranks {
             assert_eq!(r["batch"], single["batch"], "rank {}'s batch on {}", r["rank"], dir.display());
+        }
+    }
+
+    /// The embedding's sum and the head's gather are exact: embeddings and
+    /// the head's logits (without the blocks) have the single process's bits.
+    fn assert_same_vocabulary_bits(dir: &Path, single: &Value, ranks: &[Value]) {
+        for r in ranks {
+            assert_eq!(r["embed_bits"], single["embed_bits"], "rank {}'s embeddings on {}", r["rank"], dir.display());
+            assert_eq!(r["head_bits"], single["head_bits"], "rank {}'s head logits on {}", r["rank"], dir.display());
         }
     }
 
@@ -656,6 +683,7 @@ mod tp {
         // to the first near tie of the single process (gap below 0.5).
         let (single, ranks) = run_pair(&dir, &[(TEXT, SMOLLM2_PROMPT)]);
         assert_same_until_near_tie(&dir, &single, &ranks);
+        assert_same_vocabulary_bits(&dir, &single, &ranks);
         // 9 heads over 3 kv groups split 1:2, the MLP 768:768, the tied
         // embedding (28.3M of 134.5M parameters) 24576:24576 rows.
         let (single_bytes, per_rank) = memory(&dir, &single, &ranks);
@@ -703,6 +731,7 @@ mod tp {
         let (single, ranks) = run_pair(&dir, &[(IDS, ids), (COUNT, "6")]);
         let n = assert_same_until_near_tie(&dir, &single, &ranks);
         eprintln!("gemma3-270m-4bit: {n} tokens compared");
+        assert_same_vocabulary_bits(&dir, &single, &ranks);
         // The 262144 × 640 embedding (tied head) is most of the model; each
         // rank holds half its rows.
         let (single_bytes, per_rank) = memory(&dir, &single, &ranks);
@@ -719,6 +748,7 @@ mod tp {
         let (single, ranks) = run_pair(&dir, &[(IDS, ids), (COUNT, "6")]);
         let n = assert_same_until_near_tie(&dir, &single, &ranks);
         eprintln!("gemma3-270m: {n} tokens compared");
+        assert_same_vocabulary_bits(&dir, &single, &ranks);
         let (single_bytes, per_rank) = memory(&dir, &single, &ranks);
         for b in per_rank {
             assert!((b as f64) < 0.6 * single_bytes as f64, "a rank holds {b} of {single_bytes} bytes");
@@ -733,6 +763,7 @@ mod tp {
         let (single, ranks) = run_pair(&dir, &[(TEXT, SMOLLM2_PROMPT)]);
         let n = assert_same_until_near_tie(&dir, &single, &ranks);
         eprintln!("smollm2-135m-instruct-4bit: {n} tokens compared");
+        assert_same_vocabulary_bits(&dir, &single, &ranks);
         memory(&dir, &single, &ranks);
     }
 
@@ -744,6 +775,7 @@ mod tp {
         let (single, ranks) = run_pair(f32_dir.path(), &[(TEXT, SMOLLM2_PROMPT)]);
         assert_same_tokens(f32_dir.path(), &single, &ranks, TOKENS);
         assert_same_batch(f32_dir.path(), &single, &ranks);
+        assert_same_vocabulary_bits(f32_dir.path(), &single, &ranks);
     }
 }
 
