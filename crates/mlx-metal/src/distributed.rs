@@ -459,19 +459,74 @@ impl Shard {
     }
 }
 
-/// What a tensor-parallel model needs at load and run time: its shard and the
-/// group its blocks sum over. Cheap to clone (the group is shared); like
-/// [`Group`], it stays on the thread that made it.
+/// How a tensor-parallel model holds its token embedding and output head
+/// (the `tp_vocab` backend option; see `docs/distributed.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum VocabLayout {
+    /// Vocabulary-parallel: each rank holds a contiguous run of the
+    /// vocabulary's rows of the embedding and the head. A lookup costs one
+    /// `all_sum` of the embeddings, the head one `all_gather` of the logits;
+    /// a rank holds about `1/N` of the tables.
+    #[default]
+    Sharded,
+    /// Every rank holds the whole embedding and head (no extra collectives,
+    /// the tables' full memory on every rank).
+    Replicated,
+}
+
+impl VocabLayout {
+    /// The option value: `sharded` or `replicated`.
+    pub fn name(self) -> &'static str {
+        match self {
+            VocabLayout::Sharded => "sharded",
+            VocabLayout::Replicated => "replicated",
+        }
+    }
+}
+
+impl fmt::Display for VocabLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for VocabLayout {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<VocabLayout> {
+        [VocabLayout::Sharded, VocabLayout::Replicated].into_iter().find(|v| v.name() == s).ok_or_else(|| {
+            Error::invalid("tp_vocab", format!("unknown vocabulary layout {s:?}; expected sharded or replicated"))
+        })
+    }
+}
+
+/// What a tensor-parallel model needs at load and run time: its shard, the
+/// group its blocks sum over, and how it holds the vocabulary's tables.
+/// Cheap to clone (the group is shared); like [`Group`], it stays on the
+/// thread that made it.
 #[derive(Debug, Clone)]
 pub struct TensorParallel {
     shard: Shard,
     group: Rc<Group>,
+    vocab: VocabLayout,
 }
 
 impl TensorParallel {
-    /// Tensor parallelism over every rank of `group`.
+    /// Tensor parallelism over every rank of `group`, with the vocabulary
+    /// sharded ([`VocabLayout::Sharded`]).
     pub fn new(group: Group) -> TensorParallel {
-        TensorParallel { shard: Shard::of(&group), group: Rc::new(group) }
+        TensorParallel { shard: Shard::of(&group), group: Rc::new(group), vocab: VocabLayout::default() }
+    }
+
+    /// The same, holding the embedding and head as `layout` says.
+    pub fn with_vocab_layout(mut self, layout: VocabLayout) -> TensorParallel {
+        self.vocab = layout;
+        self
+    }
+
+    /// How the embedding and head are held.
+    pub fn vocab_layout(&self) -> VocabLayout {
+        self.vocab
     }
 
     /// This process's shard.
@@ -488,6 +543,11 @@ impl TensorParallel {
     pub fn all_sum(&self, x: &Array) -> Result<Array> {
         if self.shard.size == 1 { Ok(x.clone()) } else { all_sum(x, &self.group) }
     }
+
+    /// Every rank's `x` concatenated along axis 0, in rank order.
+    pub fn all_gather(&self, x: &Array) -> Result<Array> {
+        if self.shard.size == 1 { Ok(x.clone()) } else { all_gather(x, &self.group) }
+    }
 }
 
 /// Tensor parallelism asked for through [`inference_core::LoadSettings`]'s
@@ -495,7 +555,8 @@ impl TensorParallel {
 ///
 /// - `tensor_parallel`: the number of ranks (the job must have exactly that many);
 /// - `distributed_backend`: `any` (default), `ring`, `mpi`, `nccl` or `jaccl`;
-/// - `distributed_timeout_s`: how long to wait for every rank to join (default 60).
+/// - `distributed_timeout_s`: how long to wait for every rank to join (default 60);
+/// - `tp_vocab`: `sharded` (default) or `replicated` embedding and head ([`VocabLayout`]).
 ///
 /// Every rank loads the same model with the same options and must then make
 /// the same calls in the same order (each block sums over the ranks).
@@ -505,6 +566,8 @@ pub struct TensorParallelOptions {
     pub ranks: i32,
     /// How to join the group.
     pub init: InitOptions,
+    /// How the embedding and head are held.
+    pub vocab: VocabLayout,
 }
 
 impl TensorParallelOptions {
@@ -537,7 +600,11 @@ impl TensorParallelOptions {
                 .ok_or_else(|| Error::invalid(OP, format!("distributed_timeout_s = {t:?} is not a positive number")))?,
             None => DEFAULT_INIT_TIMEOUT,
         };
-        Ok(Some(TensorParallelOptions { ranks, init: InitOptions { backend, strict: true, timeout } }))
+        let vocab = match options.get("tp_vocab") {
+            Some(v) => v.parse()?,
+            None => VocabLayout::default(),
+        };
+        Ok(Some(TensorParallelOptions { ranks, init: InitOptions { backend, strict: true, timeout }, vocab }))
     }
 
     /// Joins the group (on the calling thread, which then owns it) and loads
@@ -554,7 +621,7 @@ impl TensorParallelOptions {
                 format!("tensor_parallel asks for {} ranks but the job has {}", self.ranks, group.size()),
             ));
         }
-        crate::model::load_sharded(dir, TensorParallel::new(group))
+        crate::model::load_sharded(dir, TensorParallel::new(group).with_vocab_layout(self.vocab))
     }
 }
 
@@ -568,6 +635,25 @@ mod tests {
             assert_eq!(b.name().parse::<Backend>().ok(), Some(b));
         }
         assert!("tcp".parse::<Backend>().is_err());
+    }
+
+    #[test]
+    fn vocab_layouts_parse_from_the_backend_options() {
+        for v in [VocabLayout::Sharded, VocabLayout::Replicated] {
+            assert_eq!(v.to_string().parse::<VocabLayout>().ok(), Some(v));
+        }
+        let e = "rows".parse::<VocabLayout>().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("unknown vocabulary layout \"rows\"; expected sharded or replicated"), "{e}");
+        let mut options = std::collections::BTreeMap::new();
+        options.insert("tensor_parallel".to_string(), "2".to_string());
+        let vocab = |o: &std::collections::BTreeMap<String, String>| {
+            TensorParallelOptions::from_backend_options(o).ok().flatten().map(|t| t.vocab)
+        };
+        assert_eq!(vocab(&options), Some(VocabLayout::Sharded));
+        options.insert("tp_vocab".to_string(), "replicated".to_string());
+        assert_eq!(vocab(&options), Some(VocabLayout::Replicated));
+        options.insert("tp_vocab".to_string(), "half".to_string());
+        assert!(TensorParallelOptions::from_backend_options(&options).is_err());
     }
 
     #[test]

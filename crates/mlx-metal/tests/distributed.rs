@@ -362,9 +362,12 @@ fn a_job_past_its_deadline_is_killed() {
 mod tp {
     use std::path::{Path, PathBuf};
 
-    use mlx_metal::distributed::TensorParallel;
+    use mlx_metal::distributed::{TensorParallel, VocabLayout};
     use mlx_metal::model::{self, LanguageModel};
-    use mlx_metal::{Array, memory, ops};
+    use std::ops::ControlFlow;
+
+    use mlx_metal::sample::{Sampler, SamplerConfig};
+    use mlx_metal::{Array, batch, memory, ops};
     use serde_json::{Value, json};
 
     use super::{join_ring, result_of, run_job_with};
@@ -375,6 +378,8 @@ mod tp {
     const IDS: &str = "MLXR_DIST_TEST_IDS";
     /// How many tokens to decode instead of [`TOKENS`].
     const COUNT: &str = "MLXR_DIST_TEST_TOKENS";
+    /// The ranks' vocabulary layout (`sharded` when absent).
+    const VOCAB: &str = "MLXR_DIST_TEST_VOCAB";
 
     fn token_count(env: &[(&str, &str)]) -> usize {
         let from_env = std::env::var(COUNT).ok();
@@ -409,6 +414,37 @@ mod tp {
         (out, gaps)
     }
 
+    /// Greedy tokens of a left-padded batch of two rows (`prompt` and its
+    /// last 3 tokens), prefilled in chunks of 4 columns.
+    fn batched(model: &dyn LanguageModel, prompt: &[i32]) -> Vec<Vec<u32>> {
+        let ids: Vec<u32> = prompt.iter().map(|&i| i as u32).collect();
+        let rows: [&[u32]; 2] = [&ids, &ids[ids.len().saturating_sub(3)..]];
+        let sampler = Sampler::new(SamplerConfig::default()).expect("a greedy sampler");
+        let mut out = vec![Vec::new(); rows.len()];
+        batch::generate(model, &rows, &sampler, &[4, 4], 4, &|| false, |row, step| {
+            out[row].push(step.id);
+            Ok(ControlFlow::Continue(()))
+        })
+        .expect("a batch");
+        out
+    }
+
+    /// Fingerprints of the bits of `embed(prompt)` and of `head` applied to
+    /// those embeddings (the vocabulary-parallel parts alone, no blocks).
+    fn embed_and_head_bits(model: &dyn LanguageModel, prompt: &[i32]) -> (String, String) {
+        let ids = Array::from_slice(prompt, &[1, prompt.len() as i32]).expect("ids");
+        let h = model.embed(&ids).expect("embed");
+        let logits = model.head(&h).expect("head");
+        let bits = |a: &Array| {
+            let v = ops::astype(a, mlx_metal::Dtype::Float32).expect("float32").to_vec_f32().expect("values");
+            let h = v
+                .iter()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ u64::from(x.to_bits())).wrapping_mul(0x100_0000_01b3));
+            format!("{h:016x} ({} values)", v.len())
+        };
+        (bits(&h), bits(&logits))
+    }
+
     /// Bytes this process has read through `read(2)`-like calls (Linux's
     /// `/proc/self/io` `rchar`), when the system says.
     fn bytes_read() -> Option<u64> {
@@ -428,7 +464,9 @@ mod tp {
         } else {
             let g = join_ring();
             let rank = g.rank();
-            (rank, model::load_sharded(Path::new(dir), TensorParallel::new(g)))
+            let layout: VocabLayout =
+                std::env::var(VOCAB).map_or(Ok(VocabLayout::default()), |v| v.parse()).expect("a layout");
+            (rank, model::load_sharded(Path::new(dir), TensorParallel::new(g).with_vocab_layout(layout)))
         };
         let loaded = loaded.unwrap_or_else(|e| {
             eprintln!("rank {rank}: loading failed: {e}");
@@ -445,15 +483,20 @@ mod tp {
                 .collect(),
             (None, Err(_)) => PROMPT.to_vec(),
         };
+        let started = std::time::Instant::now();
         let (tokens, gaps) = greedy(loaded.model.as_ref(), &prompt, token_count(&[]));
+        let generate_ms = started.elapsed().as_millis() as u64;
         // What stays allocated is the weights (caches and temporaries are gone).
         let _ = memory::clear_cache();
         let active = memory::active_memory().expect("active memory");
         let peak = memory::peak_memory().expect("peak memory");
         let read = read_before.zip(bytes_read()).map(|(a, b)| b - a);
+        // After the figures: a batch resets MLX's peak.
+        let batch = batched(loaded.model.as_ref(), &prompt);
+        let (embed_bits, head_bits) = embed_and_head_bits(loaded.model.as_ref(), &prompt);
         println!(
             "RESULT {}",
-            json!({"rank": rank, "tokens": tokens, "gaps": gaps, "active_bytes": active, "peak_bytes": peak, "read_bytes": read})
+            json!({"rank": rank, "tokens": tokens, "gaps": gaps, "batch": batch, "embed_bits": embed_bits, "head_bits": head_bits, "generate_ms": generate_ms, "active_bytes": active, "peak_bytes": peak, "read_bytes": read})
         );
     }
 
@@ -477,7 +520,11 @@ mod tp {
         for b in &per_rank {
             assert!(*b < single_bytes, "a rank holds {b} bytes, the single process {single_bytes}");
         }
-        eprintln!("{}: single process {single_bytes} bytes; per rank {per_rank:?}", dir.display());
+        let ms: Vec<&Value> = std::iter::once(single).chain(ranks).map(|r| &r["generate_ms"]).collect();
+        eprintln!(
+            "{}: single process {single_bytes} bytes; per rank {per_rank:?}; generation ms {ms:?}",
+            dir.display()
+        );
         (single_bytes, per_rank)
     }
 
@@ -503,7 +550,27 @@ mod tp {
     fn check_identical(dir: &Path) -> (u64, Vec<u64>) {
         let (single, ranks) = run_pair(dir, &[]);
         assert_same_tokens(dir, &single, &ranks, TOKENS);
+        assert_same_batch(dir, &single, &ranks);
+        assert_same_vocabulary_bits(dir, &single, &ranks);
         memory(dir, &single, &ranks)
+    }
+
+    /// A left-padded batch of two prompts decodes the same on every rank as
+    /// in the single process.
+    fn assert_same_batch(dir: &Path, single: &Value, ranks: &[Value]) {
+        assert_eq!(single["batch"].as_array().map(Vec::len), Some(2), "{single}");
+        for r in ranks {
+            assert_eq!(r["batch"], single["batch"], "rank {}'s batch on {}", r["rank"], dir.display());
+        }
+    }
+
+    /// The embedding's sum and the head's gather are exact: embeddings and
+    /// the head's logits (without the blocks) have the single process's bits.
+    fn assert_same_vocabulary_bits(dir: &Path, single: &Value, ranks: &[Value]) {
+        for r in ranks {
+            assert_eq!(r["embed_bits"], single["embed_bits"], "rank {}'s embeddings on {}", r["rank"], dir.display());
+            assert_eq!(r["head_bits"], single["head_bits"], "rank {}'s head logits on {}", r["rank"], dir.display());
+        }
     }
 
     /// A float32 copy of the model in `dir` (weights cast, other files copied).
@@ -559,6 +626,40 @@ mod tp {
     }
 
     #[test]
+    fn llama3_with_a_vocabulary_that_does_not_divide_matches_the_single_process() {
+        let _serial = super::serial();
+        // 389 rows over 2 ranks: 194 and 195; rank 0 pads its logits by one
+        // for the gather, and the padding is sliced away.
+        check_identical(&fixture("llama3-tiny"));
+    }
+
+    #[test]
+    fn gemma3_multimodal_checkpoint_over_two_ranks_matches_the_single_process() {
+        let _serial = super::serial();
+        // The language model under `language_model.`, vision tower ignored.
+        check_identical(&fixture("gemma3-tiny-mm"));
+    }
+
+    #[test]
+    fn the_replicated_vocabulary_gives_the_same_tokens_and_holds_more() {
+        let _serial = super::serial();
+        let dir = fixture("gemma3-tiny");
+        let (single, sharded) = run_pair(&dir, &[]);
+        let d = dir.to_str().expect("a UTF-8 path");
+        let replicated: Vec<Value> =
+            run_job_with(&format!("tp:{d}"), 2, &[(VOCAB, "replicated")]).iter().map(result_of).collect();
+        assert_same_tokens(&dir, &single, &sharded, TOKENS);
+        assert_same_tokens(&dir, &single, &replicated, TOKENS);
+        // The tied 512 × 64 bfloat16 table: each sharded rank holds 256 rows.
+        let table = 512 * 64 * 2;
+        for (s, r) in sharded.iter().zip(&replicated) {
+            let (s, r) = (s["active_bytes"].as_i64().expect("bytes"), r["active_bytes"].as_i64().expect("bytes"));
+            let saved = (r - s) as f64 / f64::from(table / 2);
+            assert!((0.9..1.1).contains(&saved), "a rank holds {s} bytes sharded, {r} replicated");
+        }
+    }
+
+    #[test]
     fn a_quantised_shard_off_the_group_boundary_is_a_clear_error() {
         let _serial = super::serial();
         // qwen3-tiny-4bit: o_proj has 64 inputs in groups of 64; 32 per rank.
@@ -575,17 +676,19 @@ mod tp {
 
     #[test]
     fn smollm2_over_two_ranks_matches_the_single_process() {
+        let _serial = super::serial();
         let Some(dir) = crate::common::real_model("smollm2-135m-instruct") else { return };
         // In bfloat16 the ranks' partial sums round differently from one
         // matmul, so logits move by an ulp (0.125 near 20): tokens agree up
         // to the first near tie of the single process (gap below 0.5).
         let (single, ranks) = run_pair(&dir, &[(TEXT, SMOLLM2_PROMPT)]);
         assert_same_until_near_tie(&dir, &single, &ranks);
-        // 9 heads over 3 kv groups split 1:2, the MLP 768:768; the tied
-        // embedding (28.3M of 134.5M parameters) is replicated.
+        assert_same_vocabulary_bits(&dir, &single, &ranks);
+        // 9 heads over 3 kv groups split 1:2, the MLP 768:768, the tied
+        // embedding (28.3M of 134.5M parameters) 24576:24576 rows.
         let (single_bytes, per_rank) = memory(&dir, &single, &ranks);
         for b in per_rank {
-            assert!((b as f64) < 0.75 * single_bytes as f64, "a rank holds {b} of {single_bytes} bytes");
+            assert!((b as f64) < 0.6 * single_bytes as f64, "a rank holds {b} of {single_bytes} bytes");
         }
         // No rank ever held the whole model, and none read it all from disk.
         let single_read = single["read_bytes"].as_u64();
@@ -618,6 +721,7 @@ mod tp {
 
     #[test]
     fn quantised_gemma3_270m_over_two_ranks_agrees_with_the_single_process() {
+        let _serial = super::serial();
         let Some(dir) = crate::common::real_model("gemma3-270m-4bit") else { return };
         // 4 query heads, 1 key/value head: each rank holds the kv head and 2
         // query heads; o_proj's 1024 inputs split 512:512 on groups of 64.
@@ -627,16 +731,39 @@ mod tp {
         let (single, ranks) = run_pair(&dir, &[(IDS, ids), (COUNT, "6")]);
         let n = assert_same_until_near_tie(&dir, &single, &ranks);
         eprintln!("gemma3-270m-4bit: {n} tokens compared");
-        memory(&dir, &single, &ranks);
+        assert_same_vocabulary_bits(&dir, &single, &ranks);
+        // The 262144 × 640 embedding (tied head) is most of the model; each
+        // rank holds half its rows.
+        let (single_bytes, per_rank) = memory(&dir, &single, &ranks);
+        for b in per_rank {
+            assert!((b as f64) < 0.6 * single_bytes as f64, "a rank holds {b} of {single_bytes} bytes");
+        }
+    }
+
+    #[test]
+    fn gemma3_270m_over_two_ranks_agrees_with_the_single_process() {
+        let _serial = super::serial();
+        let Some(dir) = crate::common::real_model("gemma3-270m") else { return };
+        let ids = "2,818,5279,529,7001,563,9079,236761,669,5279,529,11702,563";
+        let (single, ranks) = run_pair(&dir, &[(IDS, ids), (COUNT, "6")]);
+        let n = assert_same_until_near_tie(&dir, &single, &ranks);
+        eprintln!("gemma3-270m: {n} tokens compared");
+        assert_same_vocabulary_bits(&dir, &single, &ranks);
+        let (single_bytes, per_rank) = memory(&dir, &single, &ranks);
+        for b in per_rank {
+            assert!((b as f64) < 0.6 * single_bytes as f64, "a rank holds {b} of {single_bytes} bytes");
+        }
     }
 
     #[test]
     fn quantised_smollm2_over_two_ranks_agrees_with_the_single_process() {
+        let _serial = super::serial();
         let Some(dir) = crate::common::real_model("smollm2-135m-instruct-4bit") else { return };
         // o_proj's 576 inputs split 192:384, both on groups of 64.
         let (single, ranks) = run_pair(&dir, &[(TEXT, SMOLLM2_PROMPT)]);
         let n = assert_same_until_near_tie(&dir, &single, &ranks);
         eprintln!("smollm2-135m-instruct-4bit: {n} tokens compared");
+        assert_same_vocabulary_bits(&dir, &single, &ranks);
         memory(&dir, &single, &ranks);
     }
 
@@ -647,6 +774,8 @@ mod tp {
         let f32_dir = float32_copy(&dir);
         let (single, ranks) = run_pair(f32_dir.path(), &[(TEXT, SMOLLM2_PROMPT)]);
         assert_same_tokens(f32_dir.path(), &single, &ranks, TOKENS);
+        assert_same_batch(f32_dir.path(), &single, &ranks);
+        assert_same_vocabulary_bits(f32_dir.path(), &single, &ranks);
     }
 }
 
@@ -659,7 +788,10 @@ mod metal {
     use mlx_metal::MetalModel;
     use serde_json::json;
 
-    use super::{result_of, run_job};
+    use super::{result_of, run_job_with};
+
+    /// The `tp_vocab` option the ranks load with.
+    const TP_VOCAB: &str = "MLXR_DIST_TEST_TP_VOCAB";
 
     fn tp_settings() -> LoadSettings {
         LoadSettings::default()
@@ -679,7 +811,11 @@ mod metal {
     /// `tensor_parallel` backend option (the engine thread joins the group).
     pub(super) fn rank_chat(dir: &str) {
         let rank = mlx_metal::distributed::launch::rank_from_env().expect("MLX_RANK").expect("a rank");
-        let model = MetalModel::load(Path::new(dir), &tp_settings()).unwrap_or_else(|e| {
+        let mut settings = tp_settings();
+        if let Ok(layout) = std::env::var(TP_VOCAB) {
+            settings = settings.backend_option("tp_vocab", layout);
+        }
+        let model = MetalModel::load(Path::new(dir), &settings).unwrap_or_else(|e| {
             eprintln!("rank {rank}: {e}");
             std::process::exit(6)
         });
@@ -696,10 +832,13 @@ mod metal {
         let (ids, text) = chat(&single);
         single.close().expect("close");
         assert_eq!(ids.len(), 10);
-        for out in run_job(&format!("metal:{}", dir.display()), 2) {
-            let r = result_of(&out);
-            assert_eq!(r["ids"], json!(ids), "rank {}", out.rank);
-            assert_eq!(r["text"], json!(text), "rank {}", out.rank);
+        // The vocabulary sharded (the default) and replicated.
+        for layout in ["sharded", "replicated"] {
+            for out in run_job_with(&format!("metal:{}", dir.display()), 2, &[(TP_VOCAB, layout)]) {
+                let r = result_of(&out);
+                assert_eq!(r["ids"], json!(ids), "rank {} ({layout})", out.rank);
+                assert_eq!(r["text"], json!(text), "rank {} ({layout})", out.rank);
+            }
         }
     }
 
@@ -711,6 +850,7 @@ mod metal {
             ("tensor_parallel", "0", "is not a positive number of ranks"),
             ("distributed_backend", "tcp", "unknown backend \"tcp\""),
             ("distributed_timeout_s", "-1", "distributed_timeout_s = \"-1\" is not a positive number"),
+            ("tp_vocab", "rows", "unknown vocabulary layout \"rows\"; expected sharded or replicated"),
         ] {
             let settings = tp_settings().backend_option(key, value);
             let e = MetalModel::load(&dir, &settings).err().expect("a bad option");

@@ -22,7 +22,7 @@ use crate::ops;
 
 use super::config::{ModelConfig, RopeScaling};
 use super::rope::Rope;
-use super::tp::{self, Heads, Reduce};
+use super::tp::{self, Heads, Reduce, Vocab};
 use super::weights::{WeightPath, Weights, model_err};
 use super::{AttentionTaps, Description, LanguageModel, attention, describe, merge_heads, project, split_heads};
 
@@ -204,6 +204,8 @@ pub struct Gemma3 {
     layers: Vec<Block>,
     norm: Norm,
     lm_head: Option<Linear>,
+    /// Which vocabulary rows this rank's embedding and head hold.
+    vocab: Vocab,
     desc: Description,
 }
 
@@ -271,9 +273,12 @@ impl Gemma3 {
                 is_sliding,
             });
         }
-        let embed_tokens = m.pp("embed_tokens").embedding(cfg.vocab_size, hidden)?;
+        // The embedding and head: this rank's vocabulary rows (see `tp::Vocab`).
+        let vocab = Vocab::new(cfg.vocab_size, tpar).map_err(|e| model_err(dir, e.to_string()))?;
+        let (v_start, v_len) = vocab.rows();
+        let embed_tokens = m.pp("embed_tokens").embedding_rows(cfg.vocab_size, hidden, v_start, v_len)?;
         let lm_head = if root.pp("lm_head").contains("weight") {
-            Some(root.pp("lm_head").linear(cfg.vocab_size, hidden, false)?)
+            Some(root.pp("lm_head").linear_split(cfg.vocab_size, hidden, false, vocab.split())?)
         } else {
             None
         };
@@ -282,7 +287,7 @@ impl Gemma3 {
             k.contains("rotary_emb.inv_freq") || k.starts_with("vision_tower") || k.starts_with("multi_modal_projector")
         });
         let desc = describe(config, &cfg_desc(&cfg), embed_tokens.quantisation());
-        Ok(Gemma3 { cfg, embed_tokens, layers, norm, lm_head, desc })
+        Ok(Gemma3 { cfg, embed_tokens, layers, norm, lm_head, vocab, desc })
     }
 }
 
@@ -324,7 +329,7 @@ impl LanguageModel for Gemma3 {
         mut taps: Option<&mut AttentionTaps>,
     ) -> Result<Array> {
         super::check_caches(caches, self.layers.len())?;
-        let mut h = self.embed_tokens.forward(inputs)?;
+        let mut h = self.vocab.embed(&self.embed_tokens, inputs)?;
         // The reference rounds √hidden to bfloat16 before scaling.
         let scale = bf16::from_f32((f64::from(self.cfg.hidden_size).sqrt()) as f32).to_f64();
         h = ops::multiply(&h, &Array::scalar_as(scale, h.dtype())?)?;
@@ -337,11 +342,7 @@ impl LanguageModel for Gemma3 {
             let mask = if layer.is_sliding { &sliding_mask } else { &global_mask };
             h = layer.forward(&h, mask, cache, taps.as_deref_mut())?;
         }
-        let h = self.norm.forward(&h)?;
-        match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.embed_tokens.as_linear(&h),
-        }
+        self.head(&h)
     }
 
     fn make_cache(&self) -> Result<Vec<LayerCache>> {
@@ -394,7 +395,7 @@ impl LanguageModel for Gemma3 {
     }
 
     fn embed(&self, inputs: &Array) -> Result<Array> {
-        let h = self.embed_tokens.forward(inputs)?;
+        let h = self.vocab.embed(&self.embed_tokens, inputs)?;
         let scale = bf16::from_f32((f64::from(self.cfg.hidden_size).sqrt()) as f32).to_f64();
         ops::multiply(&h, &Array::scalar_as(scale, h.dtype())?)
     }
@@ -413,9 +414,10 @@ impl LanguageModel for Gemma3 {
 
     fn head(&self, h: &Array) -> Result<Array> {
         let h = self.norm.forward(h)?;
-        match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.embed_tokens.as_linear(&h),
-        }
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(&h)?,
+            None => self.embed_tokens.as_linear(&h)?,
+        };
+        self.vocab.gather(&logits)
     }
 }

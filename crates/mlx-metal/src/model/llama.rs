@@ -20,7 +20,7 @@ use crate::ops;
 
 use super::config::{ModelConfig, RopeScaling};
 use super::rope::Rope;
-use super::tp::{self, Heads, Reduce};
+use super::tp::{self, Heads, Reduce, Vocab};
 use super::weights::{WeightPath, Weights, model_err};
 use super::{AttentionTaps, Description, LanguageModel, attention, describe, merge_heads, project, split_heads};
 
@@ -305,6 +305,8 @@ pub struct Decoder {
     layers: Vec<Block>,
     norm: Norm,
     lm_head: Option<Linear>,
+    /// Which vocabulary rows this rank's embedding and head hold.
+    vocab: Vocab,
     desc: Description,
 }
 
@@ -358,12 +360,15 @@ impl Decoder {
                 is_sliding,
             });
         }
-        let embed_tokens = m.pp("embed_tokens").embedding(cfg.vocab_size, hidden)?;
+        // The embedding and head: this rank's vocabulary rows (see `tp::Vocab`).
+        let vocab = Vocab::new(cfg.vocab_size, tpar).map_err(|e| model_err(dir, e.to_string()))?;
+        let (v_start, v_len) = vocab.rows();
+        let embed_tokens = m.pp("embed_tokens").embedding_rows(cfg.vocab_size, hidden, v_start, v_len)?;
         let lm_head = if cfg.tie_word_embeddings {
             weights.ignore(|k| k == "lm_head.weight" || k.starts_with("lm_head."));
             None
         } else {
-            Some(root.pp("lm_head").linear(cfg.vocab_size, hidden, false)?)
+            Some(root.pp("lm_head").linear_split(cfg.vocab_size, hidden, false, vocab.split())?)
         };
         let norm = Norm::load(&m.pp("norm"), hidden, eps)?;
         weights.ignore(|k| k.contains("rotary_emb.inv_freq"));
@@ -372,7 +377,7 @@ impl Decoder {
             &(cfg.vocab_size, cfg.num_layers, cfg.hidden_size, cfg.max_position_embeddings),
             embed_tokens.quantisation(),
         );
-        Ok(Decoder { cfg, embed_tokens, layers, norm, lm_head, desc })
+        Ok(Decoder { cfg, embed_tokens, layers, norm, lm_head, vocab, desc })
     }
 }
 
@@ -384,7 +389,7 @@ impl LanguageModel for Decoder {
         mut taps: Option<&mut AttentionTaps>,
     ) -> Result<Array> {
         super::check_caches(caches, self.layers.len())?;
-        let mut h = self.embed_tokens.forward(inputs)?;
+        let mut h = self.vocab.embed(&self.embed_tokens, inputs)?;
         let n = h.dim(1)?;
         let full = self.layers.iter().position(|l| !l.is_sliding);
         let swa = self.layers.iter().position(|l| l.is_sliding);
@@ -400,11 +405,7 @@ impl LanguageModel for Decoder {
             let mask = if layer.is_sliding { &swa_mask } else { &full_mask };
             h = layer.forward(&h, mask, cache, taps.as_deref_mut())?;
         }
-        let h = self.norm.forward(&h)?;
-        match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.embed_tokens.as_linear(&h),
-        }
+        self.head(&h)
     }
 
     fn make_cache(&self) -> Result<Vec<LayerCache>> {
@@ -454,7 +455,7 @@ impl LanguageModel for Decoder {
     }
 
     fn embed(&self, inputs: &Array) -> Result<Array> {
-        self.embed_tokens.forward(inputs)
+        self.vocab.embed(&self.embed_tokens, inputs)
     }
 
     fn runs_block_by_block(&self) -> bool {
@@ -471,9 +472,10 @@ impl LanguageModel for Decoder {
 
     fn head(&self, h: &Array) -> Result<Array> {
         let h = self.norm.forward(h)?;
-        match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.embed_tokens.as_linear(&h),
-        }
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(&h)?,
+            None => self.embed_tokens.as_linear(&h)?,
+        };
+        self.vocab.gather(&logits)
     }
 }

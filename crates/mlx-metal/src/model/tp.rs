@@ -2,8 +2,17 @@
 //! Tensor parallelism in the models, as mlx-lm's `model.shard()` lays it out:
 //! in each block q/k/v and gate/up are column-parallel (each rank computes
 //! its heads and its slice of the MLP), o_proj and down_proj row-parallel,
-//! followed by one `all_sum` each. Norms, the embedding and the output head
-//! are replicated, so every rank computes the same logits.
+//! followed by one `all_sum` each. Norms are replicated.
+//!
+//! The embedding and the output head are vocabulary-parallel ([`Vocab`]):
+//! rank `r` holds the rows `[r·V/N, (r+1)·V/N)` of the embedding table and
+//! of an untied head (contiguous, uneven by at most one row when `V` does not
+//! divide). A lookup zeroes the ids outside the rank's rows and sums the
+//! ranks' embeddings (one `all_sum`, exact: every position has one non-zero
+//! term); the head computes the rank's logits and gathers them (one
+//! `all_gather`, each rank's slice padded to the longest), so every rank ends
+//! with the same full logits. [`VocabLayout::Replicated`] keeps both tables
+//! whole on every rank instead.
 //!
 //! Heads are split along key/value groups so that a rank's query heads find
 //! their key/value heads on the same rank: with at least as many key/value
@@ -13,8 +22,9 @@
 //! query heads (Gemma 3's single key/value head).
 
 use crate::array::{Array, Dtype};
-use crate::distributed::{Shard, TensorParallel};
+use crate::distributed::{Shard, TensorParallel, VocabLayout};
 use crate::error::{Error, Result};
+use crate::nn::Embedding;
 use crate::ops;
 
 use super::weights::Split;
@@ -114,6 +124,124 @@ impl Reduce {
     }
 }
 
+/// Each rank's rows `(start, len)` of a vocabulary of `vocab` over `ranks`
+/// ranks: contiguous, in rank order, lengths differing by at most one.
+pub fn vocab_ranges(vocab: i32, ranks: i32) -> Result<Vec<(i32, i32)>> {
+    (0..ranks).map(|r| Shard::new(r, ranks).and_then(|s| s.range(vocab, "vocab_size"))).collect()
+}
+
+/// A vocabulary-parallel embedding and head (see the module docs), or the
+/// whole vocabulary on one rank.
+#[derive(Debug, Clone)]
+pub struct Vocab {
+    /// The group, when the vocabulary is sharded over more than one rank.
+    tp: Option<TensorParallel>,
+    /// The whole vocabulary.
+    size: i32,
+    /// This rank's first row.
+    start: i32,
+    /// This rank's rows.
+    len: i32,
+    /// The longest rank's rows (what every rank pads its logits to).
+    padded: i32,
+    /// The columns of the gathered, padded logits that are real, in
+    /// vocabulary order (`None` when no rank pads).
+    columns: Option<Array>,
+}
+
+impl Vocab {
+    /// The vocabulary of `size` rows as `tp` holds it: sharded when there
+    /// are several ranks and the layout is [`VocabLayout::Sharded`], whole
+    /// otherwise.
+    pub fn new(size: i32, tp: Option<&TensorParallel>) -> Result<Vocab> {
+        let whole = Vocab { tp: None, size, start: 0, len: size, padded: size, columns: None };
+        let Some(tp) = tp.filter(|t| t.shard().size > 1 && t.vocab_layout() == VocabLayout::Sharded) else {
+            return Ok(whole);
+        };
+        let s = tp.shard();
+        let ranges = vocab_ranges(size, s.size)?;
+        let (start, len) = ranges
+            .get(s.rank as usize)
+            .copied()
+            .ok_or_else(|| Error::invalid("shard", format!("rank {} has no vocabulary rows", s.rank)))?;
+        let padded = ranges.iter().map(|r| r.1).max().unwrap_or(len);
+        let columns = if ranges.iter().all(|r| r.1 == padded) {
+            None
+        } else {
+            let cols: Vec<i32> =
+                ranges.iter().enumerate().flat_map(|(r, &(_, n))| (0..n).map(move |i| r as i32 * padded + i)).collect();
+            Some(Array::from_slice(&cols, &[size])?)
+        };
+        Ok(Vocab { tp: Some(tp.clone()), size, start, len, padded, columns })
+    }
+
+    /// The rows this rank holds, as a split of an `[vocab, hidden]` table.
+    pub fn split(&self) -> Split {
+        Split::Output { start: self.start, len: self.len }
+    }
+
+    /// This rank's rows `(start, len)`.
+    pub fn rows(&self) -> (i32, i32) {
+        (self.start, self.len)
+    }
+
+    /// Whether the vocabulary is sharded over several ranks.
+    pub fn is_sharded(&self) -> bool {
+        self.tp.is_some()
+    }
+
+    /// Looks `ids` up in `table` (this rank's rows): ids outside them give
+    /// zeros, and the sum over the ranks gives every rank the full
+    /// embeddings `[..., hidden]`, exactly as the whole table would.
+    pub fn embed(&self, table: &Embedding, ids: &Array) -> Result<Array> {
+        let Some(tp) = &self.tp else { return table.forward(ids) };
+        let lo = Array::scalar_as(f64::from(self.start), ids.dtype())?;
+        let hi = Array::scalar_as(f64::from(self.start + self.len), ids.dtype())?;
+        let mine = ops::logical_and(&ops::greater_equal(ids, &lo)?, &ops::less(ids, &hi)?)?;
+        let local = ops::where_(&mine, &ops::subtract(ids, &lo)?, &Array::scalar_as(0.0, ids.dtype())?)?;
+        let rows = table.forward(&local)?;
+        let zero = Array::scalar_as(0.0, rows.dtype())?;
+        let rows = ops::where_(&ops::expand_dims(&mine, &[-1])?, &rows, &zero)?;
+        tp.all_sum(&rows)
+    }
+
+    /// This rank's logits `[..., len]` gathered into the full `[..., vocab]`
+    /// in vocabulary order, the same on every rank.
+    pub fn gather(&self, logits: &Array) -> Result<Array> {
+        let Some(tp) = &self.tp else { return Ok(logits.clone()) };
+        let shape = logits.shape();
+        let n = shape.len();
+        if n == 0 || shape[n - 1] != self.len {
+            return Err(Error::invalid(
+                "vocab_gather",
+                format!("this rank's logits {shape:?} do not end in its {} vocabulary rows", self.len),
+            ));
+        }
+        let x = if self.len < self.padded {
+            let zero = Array::scalar_as(0.0, logits.dtype())?;
+            ops::pad(logits, &[n as i32 - 1], &[0], &[self.padded - self.len], &zero)?
+        } else {
+            logits.clone()
+        };
+        // all_gather stacks along axis 0: [N, ..., padded] → [..., N, padded].
+        let all = tp.all_gather(&ops::expand_dims(&x, &[0])?)?;
+        let order: Vec<i32> = (1..n as i32).chain([0, n as i32]).collect();
+        let moved = ops::transpose(&all, &order)?;
+        let mut out_shape = shape;
+        out_shape[n - 1] = -1;
+        let full = ops::reshape(&moved, &out_shape)?;
+        match &self.columns {
+            Some(c) => ops::take(&full, c, -1),
+            None => Ok(full),
+        }
+    }
+
+    /// The whole vocabulary's size.
+    pub fn size(&self) -> i32 {
+        self.size
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +269,25 @@ mod tests {
         let e = Heads::of(6, 2, shard(0, 4)).expect_err("2 kv heads over 4 ranks with 6 query heads");
         assert!(e.to_string().contains("cannot be split over 4 tensor-parallel ranks"), "{e}");
         assert!(Heads::of(5, 2, shard(0, 2)).is_err());
+    }
+
+    #[test]
+    fn vocab_ranges_are_contiguous_and_uneven_by_at_most_one_row() {
+        assert_eq!(vocab_ranges(512, 2).ok(), Some(vec![(0, 256), (256, 256)]));
+        assert_eq!(vocab_ranges(389, 2).ok(), Some(vec![(0, 194), (194, 195)]));
+        assert_eq!(vocab_ranges(10, 4).ok(), Some(vec![(0, 2), (2, 3), (5, 2), (7, 3)]));
+        assert_eq!(vocab_ranges(262_144, 1).ok(), Some(vec![(0, 262_144)]));
+        let e = vocab_ranges(3, 4).expect_err("fewer rows than ranks");
+        assert!(e.to_string().contains("vocab_size = 3 cannot be split over 4 tensor-parallel ranks"), "{e}");
+    }
+
+    #[test]
+    fn without_tensor_parallelism_the_vocabulary_is_whole() {
+        let v = Vocab::new(389, None).expect("a vocabulary");
+        assert!(!v.is_sharded());
+        assert_eq!((v.rows(), v.size(), v.split()), ((0, 389), 389, Split::Output { start: 0, len: 389 }));
+        let logits = ops::zeros(&[1, 2, 389], Dtype::Float32).expect("logits");
+        assert_eq!(v.gather(&logits).map(|l| l.shape()).ok(), Some(vec![1, 2, 389]));
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! of a column-parallel layer, the input columns of a row-parallel one. The
 //! slice is read straight from the file ([`io::read_tensor_slice`]); MLX's
 //! lazy loader never reads the rest, so a rank's memory holds only its shard
-//! (plus the replicated tensors: norms, the embedding and the head).
+//! (plus the replicated norms). The embedding and the head are read by
+//! vocabulary rows ([`WeightPath::embedding_rows`]) unless the model keeps
+//! them replicated.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -315,6 +317,15 @@ impl<'a> WeightPath<'a> {
     /// An embedding table `[vocab, dim]`, dense or quantised.
     pub fn embedding(&self, vocab: i32, dim: i32) -> Result<Embedding> {
         Ok(Embedding { weight: self.matrix(vocab, dim)? })
+    }
+
+    /// The rows `[start, start + len)` of an embedding table `[vocab, dim]`
+    /// (a vocabulary-parallel rank's part; see [`super::tp::Vocab`]): only
+    /// those rows are read from the checkpoint. A quantised table packs
+    /// along `dim`, so whole rows never cut a quantisation group.
+    pub fn embedding_rows(&self, vocab: i32, dim: i32, start: i32, len: i32) -> Result<Embedding> {
+        let rows = self.linear_split(vocab, dim, false, Split::Output { start, len })?;
+        Ok(Embedding { weight: rows.weight })
     }
 
     fn matrix(&self, out: i32, inp: i32) -> Result<LinearWeight> {
