@@ -21,7 +21,8 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Generate a continuation of one prompt (an argument, or standard input), streamed.
+    /// Generate a continuation of one prompt (an argument, or standard input), streamed; with
+    /// --tensor-parallel N, by a model split over N processes.
     Generate(GenerateArgs),
     /// Talk with a model, turn by turn; /help lists the commands.
     Chat(ChatArgs),
@@ -30,7 +31,8 @@ pub(crate) enum Command {
     /// Endpoints: POST /v1/chat/completions and /v1/completions (with "stream": true for
     /// server-sent events), GET /v1/models and /health. Requests without a temperature are greedy,
     /// as with mlx-lm's server; top_k, min_p, repetition_penalty and ignore_eos are accepted beside
-    /// OpenAI's fields. Ctrl-C stops the server, cancelling running generations.
+    /// OpenAI's fields. Ctrl-C stops the server, cancelling running generations. With
+    /// --tensor-parallel N the model is split over N processes of mlxr; only rank 0 listens.
     Serve(ServeArgs),
     /// Find model directories under a directory and print them as a table.
     Models(ModelsArgs),

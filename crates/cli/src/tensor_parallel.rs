@@ -112,6 +112,7 @@ mod imp {
 
     #[cfg(unix)]
     mod signals {
+        use std::io::Write;
         use std::sync::atomic::{AtomicI32, Ordering};
         use std::time::Duration;
 
@@ -155,8 +156,12 @@ mod imp {
                 loop {
                     std::thread::park_timeout(Duration::from_millis(250));
                     if std::os::unix::process::parent_id() != parent {
-                        eprintln!("mlxr: the tensor-parallel launcher has gone; this rank exits");
-                        std::process::exit(1);
+                        // Standard error may be a pipe to the dead launcher: a failed write is fine.
+                        let _ =
+                            writeln!(std::io::stderr(), "mlxr: the tensor-parallel launcher has gone; this rank exits");
+                        // At once: exit handlers could wait on MLX's threads, blocked on a peer.
+                        // SAFETY: _exit ends the process without running anything else.
+                        unsafe { libc::_exit(1) }
                     }
                 }
             });

@@ -726,29 +726,41 @@ impl Engine {
             // and are ignored in a tensor-parallel job; stopping is rank 0's).
             let (sink, _) = TokenStream::channel_with_capacity(CancelToken::new(), 0);
             let cancel = CancelToken::new();
+            // Scores are rank 0's to hand out; here they would only be read back for nothing.
+            let quiet = |mut s: GenerateSettings| {
+                s.logits = LogitsMode::None;
+                s
+            };
             match request {
                 Request::Generate { ids, settings } => {
-                    self.generate_once(&ids, &settings, &sink).map_err(|e| failed("a generation", e))?;
+                    self.generate_once(&ids, &quiet(settings), &sink).map_err(|e| failed("a generation", e))?;
                 }
                 Request::SessionTurn { session, ids, settings } => {
-                    self.session_turn_once(session, &ids, &settings, &sink).map_err(|e| failed("a session turn", e))?;
+                    self.session_turn_once(session, &ids, &quiet(settings), &sink)
+                        .map_err(|e| failed("a session turn", e))?;
                 }
                 Request::EndSession { session } => {
                     self.sessions.remove(&session);
                 }
-                Request::Classify { prompts, settings } => match self.classify(&prompts, &settings, &cancel) {
+                Request::Classify { prompts, settings } => match self.classify(&prompts, &quiet(settings), &cancel) {
                     Ok(_) | Err(CoreError::Cancelled) => {}
                     Err(e) => return Err(failed("a classification", e)),
                 },
                 Request::Batch { prompts, settings } => {
                     let prompts = prompts.into_iter().map(|p| p.ok_or(CoreError::EmptyPrompt)).collect();
                     // Row errors are rank 0's to report; they are the same here.
-                    self.batch_generate(prompts, &settings, &cancel);
+                    self.batch_generate(prompts, &quiet(settings), &cancel);
                 }
                 Request::Inspect { ids } => {
                     self.inspect(&ids, String::new()).map_err(|e| failed("an attention inspection", core_err(e)))?;
                 }
-                Request::SetAdapter { dir } => self.set_adapter(dir).map_err(|e| failed("an adapter swap", e))?,
+                Request::SetAdapter { dir } => {
+                    // Rank 0 reports a bad adapter to its caller and is left without one; so is
+                    // this rank, still in step.
+                    if let Err(e) = self.set_adapter(dir) {
+                        eprintln!("mlx-metal: tensor-parallel rank {rank}: the adapter swap failed as on rank 0: {e}");
+                    }
+                }
                 Request::Shutdown => return Ok(()),
             }
         }
