@@ -332,21 +332,7 @@ impl MetalModel {
     ) -> CoreResult<T> {
         call(&self.jobs, f)
     }
-}
 
-impl Engine {
-    fn set_adapter(&mut self, dir: Option<PathBuf>) -> CoreResult<()> {
-        self.sessions.clear();
-        let model = self.loaded.model.as_mut();
-        crate::lora::remove_lora(model);
-        if let Some(dir) = dir {
-            crate::lora::load_adapter(model, &dir).map_err(core_err)?;
-        }
-        Ok(())
-    }
-}
-
-impl MetalModel {
     fn limit(&self) -> Option<usize> {
         self.context_length.or(self.desc.context_length)
     }
@@ -859,6 +845,17 @@ impl Engine {
             Some(m) => Stop::Shared(m.stop_flag(local)),
             None => Stop::Local(local),
         }
+    }
+
+    /// Swaps the LoRA adapter (see [`MetalModel::set_adapter`]).
+    fn set_adapter(&mut self, dir: Option<PathBuf>) -> CoreResult<()> {
+        self.sessions.clear();
+        let model = self.loaded.model.as_mut();
+        crate::lora::remove_lora(model);
+        if let Some(dir) = dir {
+            crate::lora::load_adapter(model, &dir).map_err(core_err)?;
+        }
+        Ok(())
     }
 
     /// A session file holds one rank's caches only: refused in a tensor-parallel job.
