@@ -21,7 +21,8 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Generate a continuation of one prompt (an argument, or standard input), streamed.
+    /// Generate a continuation of one prompt (an argument, or standard input), streamed; with
+    /// --tensor-parallel N, by a model split over N processes.
     Generate(GenerateArgs),
     /// Talk with a model, turn by turn; /help lists the commands.
     Chat(ChatArgs),
@@ -30,7 +31,8 @@ pub(crate) enum Command {
     /// Endpoints: POST /v1/chat/completions and /v1/completions (with "stream": true for
     /// server-sent events), GET /v1/models and /health. Requests without a temperature are greedy,
     /// as with mlx-lm's server; top_k, min_p, repetition_penalty and ignore_eos are accepted beside
-    /// OpenAI's fields. Ctrl-C stops the server, cancelling running generations.
+    /// OpenAI's fields. Ctrl-C stops the server, cancelling running generations. With
+    /// --tensor-parallel N the model is split over N processes of mlxr; only rank 0 listens.
     Serve(ServeArgs),
     /// Find model directories under a directory and print them as a table.
     Models(ModelsArgs),
@@ -93,8 +95,13 @@ impl ModelArgs {
 
     /// Loads the model, logging how long it took.
     pub(crate) fn load(&self) -> Result<Box<dyn TextModel>, Failure> {
+        self.load_with(self.load_settings())
+    }
+
+    /// Loads the model with `settings` (these flags' settings, amended), logging how long it took.
+    pub(crate) fn load_with(&self, settings: LoadSettings) -> Result<Box<dyn TextModel>, Failure> {
         let started = Instant::now();
-        let model = load_model(&self.model, &self.load_settings())?;
+        let model = load_model(&self.model, &settings)?;
         tracing::info!(model = %self.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
         Ok(model)
     }
@@ -104,6 +111,40 @@ impl ModelArgs {
 /// these settings (for `mlx_lm`, the interpreter `--python` names) before loading.
 pub(crate) fn load_model(path: &Path, settings: &LoadSettings) -> Result<Box<dyn TextModel>, inference_core::Error> {
     inference_core::load_model(path, settings)
+}
+
+/// Tensor parallelism: the model split over several processes on this machine.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct TensorParallelArgs {
+    /// Split the model over N processes (tensor parallelism, `metal` backend): mlxr starts N
+    /// copies of itself with the same arguments; rank 0 reads the prompt, prints or serves, and
+    /// the other ranks mirror its work. Ctrl-C or SIGTERM to this process ends every rank.
+    /// 1 is off.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub(crate) tensor_parallel: u32,
+    /// How the ranks talk: ring (TCP over loopback, any device), nccl (one CUDA GPU per rank) or
+    /// any (MLX's first that works).
+    #[arg(long, value_name = "NAME", default_value = "ring", value_parser = ["ring", "nccl", "any"])]
+    pub(crate) distributed_backend: String,
+    /// How long the ranks wait for each other to start, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub(crate) distributed_timeout: f64,
+}
+
+impl TensorParallelArgs {
+    /// `settings` with the backend options that make the model one rank of the job (the
+    /// `metal` backend), or unchanged for one process.
+    pub(crate) fn load_settings(&self, settings: LoadSettings) -> LoadSettings {
+        if self.tensor_parallel <= 1 {
+            return settings;
+        }
+        let mut s = settings
+            .backend_option("tensor_parallel", self.tensor_parallel.to_string())
+            .backend_option("distributed_backend", self.distributed_backend.as_str())
+            .backend_option("distributed_timeout_s", self.distributed_timeout.to_string());
+        s.backend = Some("metal".to_owned());
+        s
+    }
 }
 
 /// How to sample; the defaults are [`GenerateSettings`]'s (greedy, 256 tokens).
@@ -187,6 +228,8 @@ pub(crate) struct GenerateArgs {
     /// Print token counts, speeds and peak memory to standard error at the end.
     #[arg(long)]
     pub(crate) metrics: bool,
+    #[command(flatten)]
+    pub(crate) tensor_parallel: TensorParallelArgs,
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +277,8 @@ pub(crate) struct ServeArgs {
     /// max_tokens for requests that do not give one (capped by --max-tokens-limit).
     #[arg(long, default_value_t = 512)]
     pub(crate) default_max_tokens: usize,
+    #[command(flatten)]
+    pub(crate) tensor_parallel: TensorParallelArgs,
 }
 
 #[derive(Debug, Args)]
@@ -365,6 +410,22 @@ mod tests {
         assert_eq!(s.host.to_string(), "127.0.0.1");
         assert_eq!(s.port, 8080);
         assert_eq!(s.max_concurrent, 1);
+    }
+
+    #[test]
+    fn tensor_parallel_flags_become_backend_options() {
+        let cli = parse(&["serve", "-m", "/m", "--tensor-parallel", "2", "--distributed-timeout", "5"]).unwrap();
+        let Command::Serve(s) = cli.command else { panic!("not serve") };
+        let load = s.tensor_parallel.load_settings(s.model.load_settings());
+        assert_eq!(load.backend.as_deref(), Some("metal"));
+        assert_eq!(load.backend_options["tensor_parallel"], "2");
+        assert_eq!(load.backend_options["distributed_backend"], "ring");
+        assert_eq!(load.backend_options["distributed_timeout_s"], "5");
+        let cli = parse(&["generate", "-m", "/m", "x"]).unwrap();
+        let Command::Generate(g) = cli.command else { panic!("not generate") };
+        assert!(g.tensor_parallel.load_settings(g.model.load_settings()).backend_options.is_empty());
+        assert!(parse(&["generate", "-m", "/m", "--tensor-parallel", "0", "x"]).is_err());
+        assert!(parse(&["generate", "-m", "/m", "--distributed-backend", "tcp", "x"]).is_err());
     }
 
     #[test]

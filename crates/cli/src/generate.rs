@@ -3,15 +3,28 @@
 
 use std::io::{self, IsTerminal, Read, Write};
 
-use inference_core::{CancelToken, GenerateMetrics, Message, TextModel, TokenStream};
+use inference_core::{CancelToken, GenerateMetrics, GenerateSettings, Message, TextModel, TokenStream};
 
 use crate::args::GenerateArgs;
 use crate::failure::{self, Failure};
+use crate::tensor_parallel;
+
+/// The prompt, passed from a tensor-parallel launcher to its ranks (whose standard input is
+/// empty).
+const PROMPT_ENV: &str = "MLXR_TENSOR_PARALLEL_PROMPT";
 
 pub(crate) fn run(args: &GenerateArgs) -> Result<(), Failure> {
     let settings = args.sampling.settings()?;
-    let prompt = read_prompt(args.prompt.as_deref(), &mut io::stdin().lock(), io::stdin().is_terminal())?;
-    let model = args.model.load()?;
+    let prompt = match std::env::var(PROMPT_ENV) {
+        Ok(p) if args.tensor_parallel.tensor_parallel > 1 => p,
+        _ => read_prompt(args.prompt.as_deref(), &mut io::stdin().lock(), io::stdin().is_terminal())?,
+    };
+    let env = vec![(PROMPT_ENV.into(), prompt.clone().into())];
+    tensor_parallel::run(&args.tensor_parallel, &args.model, env, || generate(args, settings, prompt))
+}
+
+fn generate(args: &GenerateArgs, settings: GenerateSettings, prompt: String) -> Result<(), Failure> {
+    let model = args.model.load_with(args.tensor_parallel.load_settings(args.model.load_settings()))?;
     let result = (|| -> Result<(), Failure> {
         let stream = if args.chat || args.system.is_some() {
             let mut messages = Vec::new();

@@ -17,6 +17,7 @@ mod generate;
 mod info;
 mod models;
 mod serve;
+mod tensor_parallel;
 #[cfg(feature = "metal")]
 mod train;
 

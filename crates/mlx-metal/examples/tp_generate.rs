@@ -12,14 +12,16 @@
 //! nccl: `MLX_RANK`, `MLX_WORLD_SIZE`, `NCCL_HOST_IP`, `NCCL_PORT`, one GPU
 //! per rank, `NCCL_NVLS_ENABLE=0`) and waits for them: a rank that fails ends
 //! the job. Started by `mlx.launch` (or any launcher that sets `MLX_RANK`)
-//! it is one rank. Every rank loads its shard of the model and runs the same
-//! greedy generation; rank 0 prints the text.
+//! it is one rank. Every rank loads its shard of the model; rank 0 makes the
+//! calls and prints the text, and the other ranks run the same jobs through
+//! `MetalModel::follow` until rank 0's model is closed.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use inference_core::{CancelToken, GenerateSettings, LoadSettings, Message};
+use inference_core::{CancelToken, GenerateSettings, LoadSettings, Message, TextModel};
+use mlx_metal::MetalModel;
 use mlx_metal::distributed::Backend;
 use mlx_metal::distributed::launch::{self, Role};
 
@@ -101,44 +103,40 @@ fn main() {
 }
 
 fn run_rank(rank: i32, args: &Args) -> inference_core::Result<()> {
-    mlx_metal::register();
     let settings = LoadSettings::default()
-        .backend("metal")
         .backend_option("tensor_parallel", args.ranks.to_string())
         .backend_option("distributed_backend", args.backend.name());
-    let llm = inference_core::load_model(&args.model, &settings)?;
-    // Greedy, so every rank picks the same tokens and stops at the same step.
+    let llm = MetalModel::load(&args.model, &settings)?;
+    if rank != 0 {
+        // Rank 0's calls, mirrored, until it closes its model.
+        llm.follow()?;
+        return llm.close();
+    }
     let generate = GenerateSettings::default().max_tokens(args.max_tokens).temperature(0.0).ignore_eos(args.bench);
     if args.bench {
         // A warm-up run, then the measured one.
         llm.generate(&args.prompt, &generate, CancelToken::new())?.complete()?;
         let out = llm.generate(&args.prompt, &generate, CancelToken::new())?.complete()?;
         let m = out.metrics.unwrap_or_default();
-        if rank == 0 {
-            println!(
-                "{{\"ranks\": {}, \"prompt_tokens\": {}, \"generated_tokens\": {}, \"prefill_tok_s\": {:.1}, \
-                 \"decode_tok_s\": {:.1}, \"peak_memory_bytes\": {}}}",
-                args.ranks,
-                m.prompt_tokens,
-                m.generated_tokens,
-                m.prefill_tokens_per_sec,
-                m.decode_tokens_per_sec,
-                m.peak_memory_bytes
-            );
-        }
+        println!(
+            "{{\"ranks\": {}, \"prompt_tokens\": {}, \"generated_tokens\": {}, \"prefill_tok_s\": {:.1}, \
+             \"decode_tok_s\": {:.1}, \"peak_memory_bytes\": {}}}",
+            args.ranks,
+            m.prompt_tokens,
+            m.generated_tokens,
+            m.prefill_tokens_per_sec,
+            m.decode_tokens_per_sec,
+            m.peak_memory_bytes
+        );
         return llm.close();
     }
     let stream = llm.chat(&[Message::user(args.prompt.clone())], &generate, CancelToken::new())?;
     let mut out = std::io::stdout();
     for token in stream {
         let token = token?;
-        if rank == 0 {
-            let _ = write!(out, "{}", token.text);
-            let _ = out.flush();
-        }
+        let _ = write!(out, "{}", token.text);
+        let _ = out.flush();
     }
-    if rank == 0 {
-        println!();
-    }
+    println!();
     llm.close()
 }

@@ -24,6 +24,9 @@ use inference_core::{
     Result as CoreResult, TextModel, Token, TokenSink, TokenStream,
 };
 
+mod mirror;
+
+use self::mirror::{Mirror, Request};
 use crate::array::Array;
 use crate::batch;
 use crate::cache::LayerCache;
@@ -151,6 +154,8 @@ pub(crate) struct Engine {
     context_length: Option<usize>,
     fingerprint: Fingerprint,
     sessions: HashMap<u64, SessionCache>,
+    /// Set when this process is one rank of a tensor-parallel job.
+    mirror: Option<Mirror>,
 }
 
 impl MetalModel {
@@ -193,9 +198,12 @@ impl MetalModel {
                         return;
                     }
                 };
-                let loaded = match &tensor_parallel {
-                    Some(tp) => tp.load(&dir),
-                    None => model::load(&dir),
+                let (loaded, mirror) = match &tensor_parallel {
+                    Some(options) => match options.join() {
+                        Ok(tp) => (model::load_sharded(&dir, tp.clone()), Some(Mirror::new(tp))),
+                        Err(e) => (Err(e), None),
+                    },
+                    None => (model::load(&dir), None),
                 };
                 let mut loaded = match loaded {
                     Ok(l) => l,
@@ -221,9 +229,16 @@ impl MetalModel {
                     context_length,
                     fingerprint,
                     sessions: HashMap::new(),
+                    mirror,
                 };
                 while let Ok(job) = job_rx.recv() {
                     job(&mut engine);
+                }
+                // Closed on rank 0: the other ranks leave their follower loop.
+                if let Some(m) = engine.mirror.as_ref().filter(|m| m.is_root())
+                    && let Err(e) = m.announce(&Request::Shutdown)
+                {
+                    eprintln!("mlx-metal: could not tell the other tensor-parallel ranks to stop: {e}");
                 }
             })
             .map_err(|e| CoreError::backend(NAME, format!("could not start the engine thread: {e}")))?;
@@ -283,15 +298,31 @@ impl MetalModel {
     pub fn set_adapter(&self, dir: Option<&Path>) -> CoreResult<()> {
         let dir = dir.map(Path::to_path_buf);
         self.call(move |engine| {
-            engine.sessions.clear();
-            let model = engine.loaded.model.as_mut();
-            crate::lora::remove_lora(model);
-            if let Some(dir) = dir {
-                crate::lora::load_adapter(model, &dir).map_err(core_err)?;
-            }
-            // Layers without an adapter run their decode projections fused again.
-            model.fuse_projections().map_err(core_err)
+            engine.announce(|| Request::SetAdapter { dir: dir.clone() })?;
+            engine.set_adapter(dir)
         })
+    }
+
+    /// Makes this process, rank 1 or later of a tensor-parallel job, run
+    /// what rank 0's model runs: it receives each job rank 0 announces
+    /// (generations, session turns, batches, classification, adapter swaps)
+    /// and runs the same engine code, discarding the output, until rank 0's
+    /// model is closed. Calls on this model wait until then.
+    /// See docs/distributed.md, "Using it from a program".
+    ///
+    /// # Errors
+    ///
+    /// The model is not a tensor-parallel rank other than 0, a job failed on
+    /// this rank (it should not: every rank runs the same inputs), or a
+    /// collective failed (a rank died). The ranks are then out of step, so a
+    /// program should exit unsuccessfully, which ends the job.
+    pub fn follow(&self) -> CoreResult<()> {
+        self.call(Engine::follow)
+    }
+
+    /// This process's rank when it is one rank of a tensor-parallel job.
+    pub fn tensor_parallel_rank(&self) -> CoreResult<Option<i32>> {
+        self.call(|e| Ok(e.mirror.as_ref().map(Mirror::rank)))
     }
 
     /// Runs `f` on the engine thread and waits for its answer.
@@ -353,7 +384,16 @@ impl MetalModel {
         // dropped stream then stops generation within a few tokens.
         let (sink, stream) = TokenStream::channel_with_capacity(cancel, STREAM_BUFFER);
         let settings = settings.clone();
-        submit(&self.jobs, Box::new(move |engine: &mut Engine| engine.generate_into(&ids, &settings, sink)))?;
+        submit(
+            &self.jobs,
+            Box::new(move |engine: &mut Engine| {
+                let settings = engine.seeded(settings);
+                if let Err(e) = engine.announce(|| Request::Generate { ids: ids.clone(), settings: settings.clone() }) {
+                    return sink.fail(e);
+                }
+                engine.generate_into(&ids, &settings, sink)
+            }),
+        )?;
         Ok(stream)
     }
 }
@@ -391,7 +431,11 @@ impl TextModel for MetalModel {
         let encoded = self.encode_batch(prompts)?;
         let encoded = encoded.into_iter().collect::<CoreResult<Vec<_>>>()?;
         let settings = settings.clone();
-        self.call(move |e| e.classify(&encoded, &settings, &cancel))
+        self.call(move |e| {
+            let settings = e.seeded(settings);
+            e.announce(|| Request::Classify { prompts: encoded.clone(), settings: settings.clone() })?;
+            e.classify(&encoded, &settings, &cancel)
+        })
     }
 
     /// Runs the prompts as left-padded batches (at most [`MAX_BATCH`] rows,
@@ -408,7 +452,14 @@ impl TextModel for MetalModel {
         settings.validate()?;
         let encoded = self.encode_batch(prompts)?;
         let settings = settings.clone();
-        self.call(move |e| Ok(e.batch_generate(encoded, &settings, &cancel)))
+        self.call(move |e| {
+            let settings = e.seeded(settings);
+            e.announce(|| Request::Batch {
+                prompts: encoded.iter().map(|p| p.as_ref().ok().cloned()).collect(),
+                settings: settings.clone(),
+            })?;
+            Ok(e.batch_generate(encoded, &settings, &cancel))
+        })
     }
 
     fn info(&self) -> ModelInfo {
@@ -455,6 +506,7 @@ impl AttentionInspector for MetalModel {
         let architecture = self.info.architecture.clone();
         self.call(move |e| {
             cancel.check()?;
+            e.announce(|| Request::Inspect { ids: ids.clone() })?;
             e.inspect(&ids, architecture).map_err(core_err)
         })
     }
@@ -589,14 +641,114 @@ impl Engine {
 
     /// Generates into a token stream (on the engine thread).
     fn generate_into(&mut self, ids: &[u32], settings: &GenerateSettings, sink: TokenSink) {
-        let result = self.run_generation(ids, 0, settings, &sink, None);
-        match result {
-            Ok(stats) => {
-                let m = metrics_from(&stats);
-                *lock(&self.metrics) = m;
-                sink.finish(m);
+        match self.generate_once(ids, settings, &sink) {
+            Ok(m) => sink.finish(m),
+            Err(e) => sink.fail(e),
+        }
+    }
+
+    fn generate_once(
+        &mut self,
+        ids: &[u32],
+        settings: &GenerateSettings,
+        sink: &TokenSink,
+    ) -> CoreResult<GenerateMetrics> {
+        let stats = self.run_generation(ids, 0, settings, sink, None).map_err(core_err)?;
+        let m = metrics_from(&stats);
+        *lock(&self.metrics) = m;
+        Ok(m)
+    }
+
+    /// Rank 0 of a tensor-parallel job: tells the other ranks to run the job
+    /// `request()` describes (built only then). Nothing in a single process;
+    /// an error on the other ranks, whose jobs come from rank 0.
+    fn announce(&self, request: impl FnOnce() -> Request) -> CoreResult<()> {
+        match &self.mirror {
+            None => Ok(()),
+            Some(m) if m.is_root() => m.announce(&request()).map_err(core_err),
+            Some(m) => Err(CoreError::backend(
+                NAME,
+                format!(
+                    "rank {} of a tensor-parallel job runs what rank 0 runs (MetalModel::follow); call rank 0's model",
+                    m.rank()
+                ),
+            )),
+        }
+    }
+
+    /// The settings a job runs with: in a tensor-parallel job, rank 0 fixes
+    /// the seed so that every rank samples alike.
+    fn seeded(&self, settings: GenerateSettings) -> GenerateSettings {
+        match &self.mirror {
+            Some(m) => m.seeded(settings),
+            None => settings,
+        }
+    }
+
+    /// The loop of ranks 1 and later: rank 0's jobs until it shuts down.
+    fn follow(&mut self) -> CoreResult<()> {
+        let rank = match &self.mirror {
+            Some(m) if !m.is_root() => m.rank(),
+            Some(_) => {
+                return Err(CoreError::backend(
+                    NAME,
+                    "rank 0 of a tensor-parallel job takes calls; it does not follow",
+                ));
             }
-            Err(e) => sink.fail(core_err(e)),
+            None => return Err(CoreError::backend(NAME, "follow needs a model loaded as a tensor-parallel rank")),
+        };
+        let failed = |what: &str, e: CoreError| {
+            CoreError::backend(
+                NAME,
+                format!("tensor-parallel rank {rank} failed {what} (the ranks are out of step): {e}"),
+            )
+        };
+        loop {
+            let request = match &self.mirror {
+                Some(m) => m.receive().map_err(|e| failed("to receive rank 0's next job", core_err(e)))?,
+                None => return Ok(()),
+            };
+            // The output goes nowhere: a sink whose stream is gone (sends fail
+            // and are ignored in a tensor-parallel job; stopping is rank 0's).
+            let (sink, _) = TokenStream::channel_with_capacity(CancelToken::new(), 0);
+            let cancel = CancelToken::new();
+            // Scores are rank 0's to hand out; here they would only be read back for nothing.
+            let quiet = |mut s: GenerateSettings| {
+                s.logits = LogitsMode::None;
+                s
+            };
+            match request {
+                Request::Generate { ids, settings } => {
+                    self.generate_once(&ids, &quiet(settings), &sink).map_err(|e| failed("a generation", e))?;
+                }
+                Request::SessionTurn { session, ids, settings } => {
+                    self.session_turn_once(session, &ids, &quiet(settings), &sink)
+                        .map_err(|e| failed("a session turn", e))?;
+                }
+                Request::EndSession { session } => {
+                    self.sessions.remove(&session);
+                }
+                Request::Classify { prompts, settings } => match self.classify(&prompts, &quiet(settings), &cancel) {
+                    Ok(_) | Err(CoreError::Cancelled) => {}
+                    Err(e) => return Err(failed("a classification", e)),
+                },
+                Request::Batch { prompts, settings } => {
+                    let prompts = prompts.into_iter().map(|p| p.ok_or(CoreError::EmptyPrompt)).collect();
+                    // Row errors are rank 0's to report; they are the same here.
+                    self.batch_generate(prompts, &quiet(settings), &cancel);
+                }
+                Request::Inspect { ids } => {
+                    self.inspect(&ids, String::new()).map_err(|e| failed("an attention inspection", core_err(e)))?;
+                }
+                Request::SetAdapter { dir } => {
+                    // Rank 0 reports a bad adapter to its caller and is left without one; so is
+                    // this rank, still in step.
+                    if let Err(e) = self.set_adapter(dir) {
+                        eprintln!("mlx-metal: tensor-parallel rank {rank}: the adapter swap failed as on rank 0: {e}");
+                    }
+                }
+                Request::Shutdown => return Ok(()),
+            }
         }
     }
 
@@ -626,27 +778,43 @@ impl Engine {
         let opts = LoopOptions { max_tokens: self.max_tokens(prior + ids.len(), settings), ..LoopOptions::default() };
         let tokenizer = self.tokenizer.clone();
         let mut out = TextOut::new(&tokenizer, settings);
-        let mut send = |t: Token| sink.send(t).is_ok();
-        let cancelled = || sink.is_cancelled();
+        // In a tensor-parallel job a consumer that went away stops every
+        // rank through the shared flag, never this rank alone.
+        let mirrored = self.mirror.is_some();
+        let mut send = |t: Token| sink.send(t).is_ok() || mirrored;
+        let local = || sink.is_cancelled();
+        let stop = self.stop_flag(&local);
+        let cancelled = || stop.poll();
         let model = self.loaded.model.as_ref();
         let stats =
             generate::generate(model, caches, ids, &sampler, &opts, &cancelled, |step| out.push(&step, &mut send))?;
+        stop.check()?;
         out.finish(&mut send)?;
         Ok(stats)
     }
 
     /// One turn of session `id` over the whole token sequence `ids`.
     fn session_turn(&mut self, id: u64, ids: &[u32], settings: &GenerateSettings, sink: TokenSink) {
+        match self.session_turn_once(id, ids, settings, &sink) {
+            Ok(m) => sink.finish(m),
+            Err(e) => sink.fail(e),
+        }
+    }
+
+    fn session_turn_once(
+        &mut self,
+        id: u64,
+        ids: &[u32],
+        settings: &GenerateSettings,
+        sink: &TokenSink,
+    ) -> CoreResult<GenerateMetrics> {
         let mut state = match self.sessions.remove(&id) {
             Some(s) => s,
-            None => match SessionCache::new(self.loaded.model.as_ref()) {
-                Ok(s) => s,
-                Err(e) => return sink.fail(core_err(e)),
-            },
+            None => SessionCache::new(self.loaded.model.as_ref()).map_err(core_err)?,
         };
         let result = (|| {
             let cached = state.prepare(self.loaded.model.as_ref(), ids)?;
-            let stats = self.run_generation(&ids[cached..], cached, settings, &sink, Some(state.caches_mut()))?;
+            let stats = self.run_generation(&ids[cached..], cached, settings, sink, Some(state.caches_mut()))?;
             state.record(self.loaded.model.as_ref(), ids, &stats.fed)?;
             Ok::<_, Error>((cached, stats))
         })();
@@ -658,15 +826,48 @@ impl Engine {
                 m.cached_prompt_tokens = cached;
                 m.compute_rates();
                 *lock(&self.metrics) = m;
-                sink.finish(m);
+                Ok(m)
             }
             Err(e) => {
                 // The caches may be half-updated: the session starts again.
                 if state.reset(self.loaded.model.as_ref()).is_ok() {
                     self.sessions.insert(id, state);
                 }
-                sink.fail(core_err(e));
+                Err(core_err(e))
             }
+        }
+    }
+
+    /// The stop decision of a generation: `local()` in a single process;
+    /// rank 0's `local()`, shared with every rank, in a tensor-parallel job.
+    fn stop_flag<'a>(&'a self, local: &'a dyn Fn() -> bool) -> Stop<'a> {
+        match &self.mirror {
+            Some(m) => Stop::Shared(m.stop_flag(local)),
+            None => Stop::Local(local),
+        }
+    }
+
+    /// Swaps the LoRA adapter (see [`MetalModel::set_adapter`]).
+    fn set_adapter(&mut self, dir: Option<PathBuf>) -> CoreResult<()> {
+        self.sessions.clear();
+        let model = self.loaded.model.as_mut();
+        crate::lora::remove_lora(model);
+        if let Some(dir) = dir {
+            crate::lora::load_adapter(model, &dir).map_err(core_err)?;
+        }
+        // Layers without an adapter run their decode projections fused again.
+        model.fuse_projections().map_err(core_err)
+    }
+
+    /// A session file holds one rank's caches only: refused in a tensor-parallel job.
+    fn refuse_session_files(&self) -> CoreResult<()> {
+        match &self.mirror {
+            Some(_) => Err(CoreError::backend(
+                NAME,
+                "saving and loading chat sessions is not supported for a tensor-parallel model (each rank holds \
+                 only its own attention heads' caches)",
+            )),
+            None => Ok(()),
         }
     }
 
@@ -715,12 +916,18 @@ impl Engine {
         let start = Instant::now();
         crate::memory::reset_peak_memory().map_err(core_err)?;
         let mut out: Vec<Option<ClassifyResult>> = (0..prompts.len()).map(|_| None).collect();
-        let cancelled = || cancel.is_cancelled();
+        let local = || cancel.is_cancelled();
+        let stop = self.stop_flag(&local);
+        let cancelled = || stop.poll();
         for group in groups(prompts.iter().map(Vec::len)) {
-            cancel.check()?;
+            if cancelled() {
+                stop.check().map_err(core_err)?;
+                return Err(CoreError::Cancelled);
+            }
             let rows: Vec<&[u32]> = group.iter().map(|&i| prompts[i].as_slice()).collect();
             let model = self.loaded.model.as_ref();
             let pre = batch::prefill(model, &rows, generate::PREFILL_STEP, &cancelled).map_err(core_err)?;
+            stop.check().map_err(core_err)?;
             let Some(pre) = pre else { return Err(CoreError::Cancelled) };
             let results = self.classify_rows(&pre.logits, &sampler, settings.logits).map_err(core_err)?;
             for (&i, r) in group.iter().zip(results) {
@@ -797,7 +1004,9 @@ impl Engine {
             let limits: Vec<usize> = rows.iter().map(|r| self.max_tokens(r.len(), settings)).collect();
             let mut outs: Vec<TextOut<'_>> = rows.iter().map(|_| TextOut::new(&tokenizer, settings)).collect();
             let mut collected: Vec<Vec<Token>> = vec![Vec::new(); rows.len()];
-            let cancelled = || cancel.is_cancelled();
+            let local = || cancel.is_cancelled();
+            let stop = self.stop_flag(&local);
+            let cancelled = || stop.poll();
             let model = self.loaded.model.as_ref();
             let run =
                 batch::generate(model, &rows, &sampler, &limits, generate::PREFILL_STEP, &cancelled, |r, step| {
@@ -807,6 +1016,7 @@ impl Engine {
                         true
                     })
                 });
+            let run = run.and_then(|s| stop.check().map(|()| s));
             let stats = match run {
                 Ok(s) => s,
                 Err(e) => {
@@ -850,6 +1060,30 @@ impl Engine {
     }
 }
 
+/// When a generation stops: decided here, or by rank 0 of a tensor-parallel job.
+enum Stop<'a> {
+    Local(&'a dyn Fn() -> bool),
+    Shared(mirror::StopFlag<'a>),
+}
+
+impl Stop<'_> {
+    /// Whether to stop now (a collective per call in a tensor-parallel job).
+    fn poll(&self) -> bool {
+        match self {
+            Stop::Local(f) => f(),
+            Stop::Shared(flag) => flag.poll(),
+        }
+    }
+
+    /// The error of a failed collective, if any.
+    fn check(&self) -> Result<(), Error> {
+        match self {
+            Stop::Local(_) => Ok(()),
+            Stop::Shared(flag) => flag.check(),
+        }
+    }
+}
+
 /// Sets `error` on the results at `rows` that have none.
 fn fail_rows(results: &mut [BatchResult], rows: impl Iterator<Item = usize>, error: &CoreError) {
     for i in rows {
@@ -884,7 +1118,18 @@ impl MetalSession {
         let (sink, stream) = TokenStream::channel_with_capacity(cancel, STREAM_BUFFER);
         let settings = settings.clone();
         let id = self.id;
-        submit(&self.jobs, Box::new(move |e: &mut Engine| e.session_turn(id, &ids, &settings, sink)))?;
+        submit(
+            &self.jobs,
+            Box::new(move |e: &mut Engine| {
+                let settings = e.seeded(settings);
+                if let Err(err) =
+                    e.announce(|| Request::SessionTurn { session: id, ids: ids.clone(), settings: settings.clone() })
+                {
+                    return sink.fail(err);
+                }
+                e.session_turn(id, &ids, &settings, sink)
+            }),
+        )?;
         Ok(stream)
     }
 }
@@ -927,6 +1172,7 @@ impl ChatSession for MetalSession {
     fn reset(&mut self) -> CoreResult<()> {
         let id = self.id;
         call(&self.jobs, move |e| {
+            e.announce(|| Request::EndSession { session: id })?;
             e.sessions.remove(&id);
             Ok(())
         })
@@ -936,6 +1182,7 @@ impl ChatSession for MetalSession {
         let id = self.id;
         let path: PathBuf = path.to_path_buf();
         call(&self.jobs, move |e| {
+            e.refuse_session_files()?;
             let fingerprint = e.fingerprint.clone();
             let state = e.session_cache(id).map_err(core_err)?;
             state.save(&path, &fingerprint).map_err(|err| session_file_err(&path, err))
@@ -946,6 +1193,7 @@ impl ChatSession for MetalSession {
         let id = self.id;
         let path: PathBuf = path.to_path_buf();
         call(&self.jobs, move |e| {
+            e.refuse_session_files()?;
             let state = SessionCache::load(&path, e.loaded.model.as_ref(), &e.fingerprint)
                 .map_err(|err| session_file_err(&path, err))?;
             e.sessions.insert(id, state);
@@ -960,7 +1208,10 @@ impl Drop for MetalSession {
         let _ = submit(
             &self.jobs,
             Box::new(move |e: &mut Engine| {
-                e.sessions.remove(&id);
+                // Only a session that ran holds caches on the other ranks.
+                if e.sessions.remove(&id).is_some() {
+                    let _ = e.announce(|| Request::EndSession { session: id });
+                }
             }),
         );
     }

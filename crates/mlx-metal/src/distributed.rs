@@ -614,6 +614,14 @@ impl TensorParallelOptions {
     /// The group did not form, its size is not [`TensorParallelOptions::ranks`],
     /// or the model cannot be split that way.
     pub fn load(&self, dir: &std::path::Path) -> Result<crate::model::LoadedModel> {
+        crate::model::load_sharded(dir, self.join()?)
+    }
+
+    /// Joins the group (on the calling thread, which then owns it).
+    ///
+    /// # Errors
+    /// The group did not form, or its size is not [`TensorParallelOptions::ranks`].
+    pub fn join(&self) -> Result<TensorParallel> {
         let group = init(&self.init)?;
         if group.size() != self.ranks {
             return Err(Error::invalid(
@@ -621,7 +629,7 @@ impl TensorParallelOptions {
                 format!("tensor_parallel asks for {} ranks but the job has {}", self.ranks, group.size()),
             ));
         }
-        crate::model::load_sharded(dir, TensorParallel::new(group).with_vocab_layout(self.vocab))
+        Ok(TensorParallel::new(group).with_vocab_layout(self.vocab))
     }
 }
 

@@ -6,6 +6,7 @@
 //! `GET /health`. Every error is OpenAI's `{"error": {...}}` with a 4xx or 5xx status. The
 //! address it listens on is printed on standard output as `listening on http://ADDR` once it is
 //! ready. Ctrl-C (or SIGTERM) stops accepting, cancels running generations and closes the model.
+//! With `--tensor-parallel N` only rank 0 serves (see [`crate::tensor_parallel`]).
 
 mod api;
 mod engine;
@@ -78,7 +79,13 @@ pub(crate) fn run(args: &ServeArgs) -> Result<(), Failure> {
         Some(_) => return Err(Failure::new("--model-id must not be empty")),
         None => model_id_of(&args.model.model),
     };
-    let model: Arc<dyn inference_core::TextModel> = Arc::from(args.model.load()?);
+    crate::tensor_parallel::run(&args.tensor_parallel, &args.model, Vec::new(), || serve_model(args, model_id))
+}
+
+/// Loads the model (this process's shard with `--tensor-parallel`) and serves it.
+fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
+    let settings = args.tensor_parallel.load_settings(args.model.load_settings());
+    let model: Arc<dyn inference_core::TextModel> = Arc::from(args.model.load_with(settings)?);
     let limits = QueueLimits {
         max_concurrent: args.max_concurrent as usize,
         max_queue: args.max_queue as usize,

@@ -233,6 +233,12 @@ fn pump(rank: usize, stderr: bool, pipe: Pipe, tx: mpsc::Sender<Event>) {
 }
 
 impl Job {
+    /// The process ids of the ranks, in rank order (`None` for a rank that
+    /// has ended): for passing a signal on, e.g. a launcher's Ctrl-C to rank 0.
+    pub fn pids(&self) -> Vec<Option<u32>> {
+        self.children.iter().map(|c| c.as_ref().map(Child::id)).collect()
+    }
+
     /// Waits for every rank. The first rank to fail ends the job: the others
     /// are killed and the error names it.
     ///

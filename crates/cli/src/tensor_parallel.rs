@@ -1,0 +1,194 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! `--tensor-parallel N`: one command over N processes on this machine.
+//!
+//! Started by hand, the command starts N copies of itself with the same arguments (mlx-metal's
+//! launcher: `MLX_RANK` and the backend's environment per rank), shows rank 0's standard output
+//! as it comes and its standard error at the end, and waits: the first rank that fails ends the
+//! job. Ctrl-C or SIGTERM to the launcher is passed on to rank 0, which finishes as it would
+//! alone (the server stops accepting and cancels running generations) and closes its model,
+//! which tells the other ranks to stop. In each copy, rank 0 runs the command itself (loads its
+//! shard, prints or serves: only it binds the port), and the other ranks load theirs and follow
+//! rank 0's jobs (`MetalModel::follow`) until rank 0 closes its model. The ranks ignore Ctrl-C
+//! (the terminal sends it to all of them; the launcher passes it to rank 0) and exit when the
+//! launcher has gone.
+
+use std::ffi::OsString;
+
+use crate::args::{ModelArgs, TensorParallelArgs};
+use crate::failure::Failure;
+
+/// Runs `lead` in this process alone, or as rank 0 of a tensor-parallel job (launching the job
+/// first when this process was started by hand). `env` goes to every rank.
+pub(crate) fn run(
+    tp: &TensorParallelArgs,
+    model: &ModelArgs,
+    env: Vec<(OsString, OsString)>,
+    lead: impl FnOnce() -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    if tp.tensor_parallel <= 1 {
+        return lead();
+    }
+    if let Some(backend) = model.backend.as_deref().filter(|b| *b != "metal") {
+        return Err(Failure::new(format!(
+            "--tensor-parallel needs the metal backend; --backend {backend} cannot split a model"
+        )));
+    }
+    if !tp.distributed_timeout.is_finite() || tp.distributed_timeout <= 0.0 {
+        return Err(Failure::new(format!(
+            "--distributed-timeout {}: must be a positive number of seconds",
+            tp.distributed_timeout
+        )));
+    }
+    imp::run(tp, model, env, lead)
+}
+
+#[cfg(feature = "metal")]
+mod imp {
+    use std::ffi::OsString;
+    use std::io::Write;
+
+    use inference_core::TextModel;
+    use mlx_metal::MetalModel;
+    use mlx_metal::distributed::Backend;
+    use mlx_metal::distributed::launch::{self, LaunchSpec};
+
+    use crate::args::{ModelArgs, TensorParallelArgs};
+    use crate::failure::{self, Failure};
+
+    fn err(e: mlx_metal::Error) -> Failure {
+        Failure::new(e.to_string())
+    }
+
+    pub(super) fn run(
+        tp: &TensorParallelArgs,
+        model: &ModelArgs,
+        env: Vec<(OsString, OsString)>,
+        lead: impl FnOnce() -> Result<(), Failure>,
+    ) -> Result<(), Failure> {
+        let backend: Backend = tp.distributed_backend.parse().map_err(err)?;
+        match launch::rank_from_env().map_err(err)? {
+            None => launch_job(tp.tensor_parallel as usize, backend, env),
+            Some(0) => {
+                signals::exit_with_launcher();
+                lead()
+            }
+            Some(rank) => {
+                signals::ignore_interrupts();
+                signals::exit_with_launcher();
+                follow(tp, model, rank)
+            }
+        }
+    }
+
+    /// Starts the ranks (this program, these arguments) and waits for them.
+    fn launch_job(ranks: usize, backend: Backend, env: Vec<(OsString, OsString)>) -> Result<(), Failure> {
+        let program = std::env::current_exe().map_err(|e| failure::io("finding this program", e))?;
+        let mut spec = LaunchSpec::ring(program, std::env::args_os().skip(1).collect(), ranks);
+        spec.backend = backend;
+        spec.env = env;
+        spec.inherit_rank0_stdout = true;
+        let _ = std::io::stdout().flush();
+        let job = launch::spawn(&spec).map_err(err)?;
+        if let Some(Some(pid)) = job.pids().first() {
+            signals::forward_to(*pid);
+        }
+        let outputs = job.wait().map_err(err)?;
+        // Rank 0's messages (metrics, the server's log) once it has finished.
+        if let Some(rank0) = outputs.first() {
+            eprint!("{}", rank0.stderr);
+        }
+        Ok(())
+    }
+
+    /// Ranks 1 and later: load this rank's shard and run rank 0's jobs until it closes its model.
+    fn follow(tp: &TensorParallelArgs, model: &ModelArgs, rank: i32) -> Result<(), Failure> {
+        let settings = tp.load_settings(model.load_settings());
+        let loaded = MetalModel::load(&model.model, &settings)?;
+        let followed = loaded.follow();
+        let closed = loaded.close();
+        followed.map_err(|e| Failure::new(format!("rank {rank}: {e}")))?;
+        closed.map_err(Failure::from)
+    }
+
+    #[cfg(unix)]
+    mod signals {
+        use std::io::Write;
+        use std::sync::atomic::{AtomicI32, Ordering};
+        use std::time::Duration;
+
+        static RANK0: AtomicI32 = AtomicI32::new(0);
+
+        extern "C" fn pass_on(_signal: libc::c_int) {
+            let pid = RANK0.load(Ordering::SeqCst);
+            if pid > 0 {
+                // SAFETY: kill is async-signal-safe; pid is our child's.
+                unsafe {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+            }
+        }
+
+        /// The launcher: Ctrl-C and SIGTERM become SIGTERM to rank 0, which ends the job in order.
+        pub(super) fn forward_to(pid: u32) {
+            let Ok(pid) = i32::try_from(pid) else { return };
+            RANK0.store(pid, Ordering::SeqCst);
+            let handler = pass_on as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            // SAFETY: installing a handler that only calls an async-signal-safe function.
+            unsafe {
+                libc::signal(libc::SIGINT, handler);
+                libc::signal(libc::SIGTERM, handler);
+            }
+        }
+
+        /// Ranks other than 0 leave stopping to rank 0 (a terminal's Ctrl-C reaches every rank).
+        pub(super) fn ignore_interrupts() {
+            // SAFETY: setting the disposition of two signals to "ignore".
+            unsafe {
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
+                libc::signal(libc::SIGTERM, libc::SIG_IGN);
+            }
+        }
+
+        /// A rank whose launcher has gone (killed outright) exits: nobody would stop it.
+        pub(super) fn exit_with_launcher() {
+            let parent = std::os::unix::process::parent_id();
+            let _ = std::thread::Builder::new().name("launcher-watch".into()).spawn(move || {
+                loop {
+                    std::thread::park_timeout(Duration::from_millis(250));
+                    if std::os::unix::process::parent_id() != parent {
+                        // Standard error may be a pipe to the dead launcher: a failed write is fine.
+                        let _ =
+                            writeln!(std::io::stderr(), "mlxr: the tensor-parallel launcher has gone; this rank exits");
+                        // At once: exit handlers could wait on MLX's threads, blocked on a peer.
+                        // SAFETY: _exit ends the process without running anything else.
+                        unsafe { libc::_exit(1) }
+                    }
+                }
+            });
+        }
+    }
+
+    #[cfg(not(unix))]
+    mod signals {
+        pub(super) fn forward_to(_pid: u32) {}
+        pub(super) fn ignore_interrupts() {}
+        pub(super) fn exit_with_launcher() {}
+    }
+}
+
+#[cfg(not(feature = "metal"))]
+mod imp {
+    use std::ffi::OsString;
+
+    use crate::args::{ModelArgs, TensorParallelArgs};
+    use crate::failure::Failure;
+
+    pub(super) fn run(
+        _tp: &TensorParallelArgs,
+        _model: &ModelArgs,
+        _env: Vec<(OsString, OsString)>,
+        _lead: impl FnOnce() -> Result<(), Failure>,
+    ) -> Result<(), Failure> {
+        Err(Failure::new("--tensor-parallel needs mlxr built with the metal feature"))
+    }
+}

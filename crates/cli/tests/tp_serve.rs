@@ -1,0 +1,138 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! `mlxr serve` and `mlxr generate` with `--tensor-parallel 2` over the ring backend on
+//! loopback: the launcher starts two ranks, rank 0 answers and the other mirrors it. On a
+//! float32 fixture the answers are exactly the single process's.
+
+mod common;
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use common::{Server, post, post_stream, run, text, tiny};
+use serde_json::{Value, json};
+
+const MODEL: &str = "qwen3-tiny";
+const TP: [&str; 6] = ["--tensor-parallel", "2", "--distributed-backend", "ring", "--distributed-timeout", "30"];
+
+/// One job at a time: the ranks find free loopback ports by binding and releasing them.
+fn serial() -> MutexGuard<'static, ()> {
+    static JOBS: Mutex<()> = Mutex::new(());
+    JOBS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The text of a stream's chunks (chat deltas or completion texts), and whether it ended with
+/// `[DONE]`.
+fn read_stream(events: impl Iterator<Item = String>) -> (String, bool) {
+    let mut text = String::new();
+    let mut done = false;
+    for data in events {
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap_or_else(|e| panic!("not JSON ({e}): {data}"));
+        if let Some(choice) = chunk["choices"].get(0) {
+            text.push_str(choice["delta"]["content"].as_str().or(choice["text"].as_str()).unwrap_or(""));
+        }
+    }
+    (text, done)
+}
+
+/// A few greedy requests, whole and streamed, chat and completion: what the server said.
+fn answers(server: &Server) -> Value {
+    let chat = json!({"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 12, "ignore_eos": true});
+    let text = json!({"prompt": "The quick brown fox", "max_tokens": 10, "ignore_eos": true});
+    let stop = json!({"prompt": "The quick brown fox", "max_tokens": 20, "stop": ["e"]});
+    let mut out = Vec::new();
+    for (path, body) in [("/v1/chat/completions", &chat), ("/v1/completions", &text), ("/v1/completions", &stop)] {
+        let (status, whole) = post(&server.url(path), body);
+        assert_eq!(status, 200, "{whole}");
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let (status, events) = post_stream(&server.url(path), &streamed);
+        assert_eq!(status, 200);
+        let (streamed_text, done) = read_stream(events);
+        assert!(done, "the stream ends with [DONE]");
+        let choice = &whole["choices"][0];
+        out.push(json!({
+            "text": choice["message"]["content"].as_str().or(choice["text"].as_str()),
+            "finish": choice["finish_reason"],
+            "usage": whole["usage"],
+            "streamed": streamed_text,
+        }));
+    }
+    Value::Array(out)
+}
+
+#[test]
+fn a_sharded_server_answers_like_the_single_process_and_survives_a_disconnect() {
+    let _serial = serial();
+    let model = tiny(MODEL);
+    let single = Server::start(&model, &[]);
+    let want = answers(&single);
+    let (code, stderr) = single.stop(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{stderr}");
+
+    let mut args = vec!["--max-tokens-limit", "100000"];
+    args.extend(TP);
+    let server = Server::start(&model, &args);
+    assert_eq!(answers(&server), want, "two ranks answer exactly as one process");
+
+    // A client that goes away mid-stream: rank 0 cancels, and both ranks stop at the same step.
+    let body = json!({
+        "messages": [{"role": "user", "content": "go on forever"}],
+        "max_tokens": 100000, "ignore_eos": true, "stream": true
+    });
+    let (status, mut events) = post_stream(&server.url("/v1/chat/completions"), &body);
+    assert_eq!(status, 200);
+    for _ in 0..3 {
+        assert!(events.next().is_some(), "chunks arrive");
+    }
+    drop(events);
+    let stats = server.wait_for("the engine stops after the disconnect", Duration::from_secs(60), |s| {
+        s["running"] == 0 && s["cancelled"] == 1
+    });
+    assert!(stats["cancelled_generation_tokens"].as_u64().is_some_and(|n| n < 100000), "{stats}");
+    // Were the ranks out of step, these answers would differ or never come.
+    assert_eq!(answers(&server), want, "the ranks stayed in step");
+
+    // SIGTERM to the launcher: rank 0 shuts down, the other rank follows, and all exit cleanly.
+    let (code, stderr) = server.stop(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "every rank ends successfully; stderr:\n{stderr}");
+    assert!(stderr.contains("shutting down"), "rank 0's log is shown: {stderr}");
+}
+
+#[test]
+fn generate_over_two_ranks_prints_what_one_process_prints() {
+    let _serial = serial();
+    let model = tiny(MODEL);
+    let base = ["generate", "--model", &model, "--max-tokens", "12", "--ignore-eos"];
+    let one = run(&[&base[..], &["Hello"]].concat(), "");
+    let (want, stderr) = text(&one);
+    assert!(one.status.success(), "{stderr}");
+    assert!(!want.trim().is_empty());
+
+    let two = run(&[&base[..], &TP, &["--metrics", "Hello"]].concat(), "");
+    let (got, stderr) = text(&two);
+    assert!(two.status.success(), "{stderr}");
+    assert_eq!(got, want, "the same text over two ranks");
+    assert!(stderr.contains("generation: 12 tokens"), "rank 0's metrics reach the launcher's stderr: {stderr}");
+
+    // The prompt on standard input reaches the ranks too.
+    let piped = run(&[&base[..], &TP].concat(), "Hello\n");
+    let (got, stderr) = text(&piped);
+    assert!(piped.status.success(), "{stderr}");
+    assert_eq!(got, want);
+}
+
+#[test]
+fn tensor_parallel_needs_the_metal_backend() {
+    let model = tiny(MODEL);
+    let out = run(&["generate", "--model", &model, "--backend", "mlx_lm", "--tensor-parallel", "2", "x"], "");
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--tensor-parallel needs the metal backend; --backend mlx_lm"), "{stderr}");
+    let out = run(&["generate", "--model", &model, "--tensor-parallel", "2", "--distributed-timeout", "0", "x"], "");
+    let (_, stderr) = text(&out);
+    assert!(stderr.contains("--distributed-timeout 0: must be a positive number of seconds"), "{stderr}");
+}
