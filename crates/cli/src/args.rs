@@ -93,11 +93,6 @@ impl ModelArgs {
         s
     }
 
-    /// Loads the model, logging how long it took.
-    pub(crate) fn load(&self) -> Result<Box<dyn TextModel>, Failure> {
-        self.load_with(self.load_settings())
-    }
-
     /// Loads the model with `settings` (these flags' settings, amended), logging how long it took.
     pub(crate) fn load_with(&self, settings: LoadSettings) -> Result<Box<dyn TextModel>, Failure> {
         let started = Instant::now();
@@ -244,6 +239,8 @@ pub(crate) struct ChatArgs {
     /// After each reply, print cached and new prompt tokens and the speed to standard error.
     #[arg(long)]
     pub(crate) metrics: bool,
+    #[command(flatten)]
+    pub(crate) tensor_parallel: TensorParallelArgs,
 }
 
 #[derive(Debug, Args)]

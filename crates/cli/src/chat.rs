@@ -30,7 +30,17 @@ const SAVE_FORMAT: &str = "mlxr-chat/1";
 
 pub(crate) fn run(args: &ChatArgs) -> Result<(), Failure> {
     let settings = args.sampling.settings()?;
-    let model = args.model.load()?;
+    crate::tensor_parallel::run(
+        &args.tensor_parallel,
+        &args.model,
+        Vec::new(),
+        crate::tensor_parallel::Terminal::Interactive,
+        || chat(args, settings),
+    )
+}
+
+fn chat(args: &ChatArgs, settings: GenerateSettings) -> Result<(), Failure> {
+    let model = args.model.load_with(args.tensor_parallel.load_settings(args.model.load_settings()))?;
     let session = match model.new_session() {
         Ok(session) => Some(session),
         Err(Error::Unsupported { .. }) => {

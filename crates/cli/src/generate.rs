@@ -20,7 +20,9 @@ pub(crate) fn run(args: &GenerateArgs) -> Result<(), Failure> {
         _ => read_prompt(args.prompt.as_deref(), &mut io::stdin().lock(), io::stdin().is_terminal())?,
     };
     let env = vec![(PROMPT_ENV.into(), prompt.clone().into())];
-    tensor_parallel::run(&args.tensor_parallel, &args.model, env, || generate(args, settings, prompt))
+    tensor_parallel::run(&args.tensor_parallel, &args.model, env, tensor_parallel::Terminal::Batch, || {
+        generate(args, settings, prompt)
+    })
 }
 
 fn generate(args: &GenerateArgs, settings: GenerateSettings, prompt: String) -> Result<(), Failure> {

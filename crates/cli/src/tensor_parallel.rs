@@ -17,12 +17,24 @@ use std::ffi::OsString;
 use crate::args::{ModelArgs, TensorParallelArgs};
 use crate::failure::Failure;
 
+/// How the launcher treats rank 0's terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Terminal {
+    /// Rank 0 prints (generate) or serves: its stdout is ours, its stderr is shown at the end,
+    /// and Ctrl-C ends the job.
+    Batch,
+    /// Rank 0 converses (chat): it reads our stdin and writes our stdout and stderr as it goes,
+    /// and Ctrl-C reaches it directly (it cancels the current turn); SIGTERM ends the job.
+    Interactive,
+}
+
 /// Runs `lead` in this process alone, or as rank 0 of a tensor-parallel job (launching the job
 /// first when this process was started by hand). `env` goes to every rank.
 pub(crate) fn run(
     tp: &TensorParallelArgs,
     model: &ModelArgs,
     env: Vec<(OsString, OsString)>,
+    terminal: Terminal,
     lead: impl FnOnce() -> Result<(), Failure>,
 ) -> Result<(), Failure> {
     if tp.tensor_parallel <= 1 {
@@ -39,7 +51,7 @@ pub(crate) fn run(
             tp.distributed_timeout
         )));
     }
-    imp::run(tp, model, env, lead)
+    imp::run(tp, model, env, terminal, lead)
 }
 
 #[cfg(feature = "metal")]
@@ -52,6 +64,7 @@ mod imp {
     use mlx_metal::distributed::Backend;
     use mlx_metal::distributed::launch::{self, LaunchSpec};
 
+    use super::Terminal;
     use crate::args::{ModelArgs, TensorParallelArgs};
     use crate::failure::{self, Failure};
 
@@ -63,11 +76,12 @@ mod imp {
         tp: &TensorParallelArgs,
         model: &ModelArgs,
         env: Vec<(OsString, OsString)>,
+        terminal: Terminal,
         lead: impl FnOnce() -> Result<(), Failure>,
     ) -> Result<(), Failure> {
         let backend: Backend = tp.distributed_backend.parse().map_err(err)?;
         match launch::rank_from_env().map_err(err)? {
-            None => launch_job(tp.tensor_parallel as usize, backend, env),
+            None => launch_job(tp.tensor_parallel as usize, backend, env, terminal),
             Some(0) => {
                 signals::exit_with_launcher();
                 lead()
@@ -81,20 +95,28 @@ mod imp {
     }
 
     /// Starts the ranks (this program, these arguments) and waits for them.
-    fn launch_job(ranks: usize, backend: Backend, env: Vec<(OsString, OsString)>) -> Result<(), Failure> {
+    fn launch_job(
+        ranks: usize,
+        backend: Backend,
+        env: Vec<(OsString, OsString)>,
+        terminal: Terminal,
+    ) -> Result<(), Failure> {
         let program = std::env::current_exe().map_err(|e| failure::io("finding this program", e))?;
         let mut spec = LaunchSpec::ring(program, std::env::args_os().skip(1).collect(), ranks);
         spec.backend = backend;
         spec.env = env;
         spec.inherit_rank0_stdout = true;
+        let interactive = terminal == Terminal::Interactive;
+        spec.inherit_rank0_stdin = interactive;
+        spec.echo_rank0_stderr = interactive;
         let _ = std::io::stdout().flush();
         let job = launch::spawn(&spec).map_err(err)?;
         if let Some(Some(pid)) = job.pids().first() {
-            signals::forward_to(*pid);
+            signals::forward_to(*pid, interactive);
         }
         let outputs = job.wait().map_err(err)?;
         // Rank 0's messages (metrics, the server's log) once it has finished.
-        if let Some(rank0) = outputs.first() {
+        if let Some(rank0) = outputs.first().filter(|_| !interactive) {
             eprint!("{}", rank0.stderr);
         }
         Ok(())
@@ -129,13 +151,16 @@ mod imp {
         }
 
         /// The launcher: Ctrl-C and SIGTERM become SIGTERM to rank 0, which ends the job in order.
-        pub(super) fn forward_to(pid: u32) {
+        /// With an interactive rank 0, Ctrl-C is left to it (the terminal sends it to the whole
+        /// process group; a chat cancels its current turn) and only SIGTERM is passed on.
+        pub(super) fn forward_to(pid: u32, interactive: bool) {
             let Ok(pid) = i32::try_from(pid) else { return };
             RANK0.store(pid, Ordering::SeqCst);
             let handler = pass_on as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            // SAFETY: installing a handler that only calls an async-signal-safe function.
+            // SAFETY: installing a handler that only calls an async-signal-safe function, or
+            // ignoring a signal.
             unsafe {
-                libc::signal(libc::SIGINT, handler);
+                libc::signal(libc::SIGINT, if interactive { libc::SIG_IGN } else { handler });
                 libc::signal(libc::SIGTERM, handler);
             }
         }
@@ -170,7 +195,7 @@ mod imp {
 
     #[cfg(not(unix))]
     mod signals {
-        pub(super) fn forward_to(_pid: u32) {}
+        pub(super) fn forward_to(_pid: u32, _interactive: bool) {}
         pub(super) fn ignore_interrupts() {}
         pub(super) fn exit_with_launcher() {}
     }
@@ -180,6 +205,7 @@ mod imp {
 mod imp {
     use std::ffi::OsString;
 
+    use super::Terminal;
     use crate::args::{ModelArgs, TensorParallelArgs};
     use crate::failure::Failure;
 
@@ -187,6 +213,7 @@ mod imp {
         _tp: &TensorParallelArgs,
         _model: &ModelArgs,
         _env: Vec<(OsString, OsString)>,
+        _terminal: Terminal,
         _lead: impl FnOnce() -> Result<(), Failure>,
     ) -> Result<(), Failure> {
         Err(Failure::new("--tensor-parallel needs mlxr built with the metal feature"))

@@ -126,6 +126,27 @@ fn generate_over_two_ranks_prints_what_one_process_prints() {
 }
 
 #[test]
+fn chat_over_two_ranks_answers_what_one_process_answers() {
+    let _serial = serial();
+    let model = tiny(MODEL);
+    let base = ["chat", "--model", &model, "--max-tokens", "6", "--metrics"];
+    let script = "Hello\nHow are you?\n/reset\nHello\n/exit\n";
+    let one = run(&base, script);
+    let (want, stderr) = text(&one);
+    assert!(one.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("generation: ").count(), 3, "three turns: {stderr}");
+    assert!(!want.is_empty());
+
+    // Rank 0 reads the launcher's standard input and writes its output as it goes.
+    let two = run(&[&base[..], &TP].concat(), script);
+    let (got, stderr) = text(&two);
+    assert!(two.status.success(), "{stderr}");
+    assert_eq!(got, want, "the same replies over two ranks");
+    assert_eq!(stderr.matches("generation: ").count(), 3, "rank 0's metrics for each turn: {stderr}");
+    assert!(stderr.contains("(conversation reset)"), "{stderr}");
+}
+
+#[test]
 fn tensor_parallel_needs_the_metal_backend() {
     let model = tiny(MODEL);
     let out = run(&["generate", "--model", &model, "--backend", "mlx_lm", "--tensor-parallel", "2", "x"], "");

@@ -90,6 +90,7 @@ fn rank_process() {
     match role.as_str() {
         "ops" => rank_ops(),
         "die" => rank_die(),
+        "linger" => rank_linger(),
         "join" => {
             let g = join_ring();
             println!("RESULT {}", json!({"rank": g.rank(), "size": g.size()}));
@@ -160,6 +161,20 @@ fn rank_die() {
     let _ = transforms::eval(&[&got]);
     eprintln!("rank 0: the receive from a dead peer ended");
     std::process::exit(4);
+}
+
+/// Rank 0 ends successfully without a word to rank 1, which waits for it
+/// (as a follower whose leader never closed its model would).
+fn rank_linger() {
+    let g = join_ring();
+    if g.rank() == 0 {
+        std::process::exit(0);
+    }
+    let got = distributed::recv(&[1], Dtype::Float32, 0, &g).expect("recv");
+    let _ = transforms::eval(&[&got]);
+    loop {
+        std::thread::park();
+    }
 }
 
 // ---------------------------------------------------------------- single process
@@ -337,6 +352,18 @@ fn a_rank_that_dies_ends_the_job_with_a_clear_error() {
     let msg = e.to_string();
     assert!(msg.contains("of 2 failed") && msg.contains("stopped the other ranks"), "{msg}");
     assert!(msg.contains("rank 1 of 2 failed") || msg.contains("rank 0 of 2 failed"), "{msg}");
+    assert!(start.elapsed() < Duration::from_secs(40), "took {:?}", start.elapsed());
+}
+
+#[test]
+fn ranks_left_running_after_rank_0_finished_are_stopped_after_the_grace_period() {
+    let _serial = serial();
+    let mut s = spec("linger", 2);
+    s.follower_grace = Some(Duration::from_secs(2));
+    let start = Instant::now();
+    let e = launch::spawn(&s).and_then(launch::Job::wait).expect_err("rank 1 never ends");
+    let msg = e.to_string();
+    assert!(msg.contains("rank 0 finished but rank(s) 1 were still running 2 s later"), "{msg}");
     assert!(start.elapsed() < Duration::from_secs(40), "took {:?}", start.elapsed());
 }
 

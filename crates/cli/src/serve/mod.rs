@@ -79,7 +79,13 @@ pub(crate) fn run(args: &ServeArgs) -> Result<(), Failure> {
         Some(_) => return Err(Failure::new("--model-id must not be empty")),
         None => model_id_of(&args.model.model),
     };
-    crate::tensor_parallel::run(&args.tensor_parallel, &args.model, Vec::new(), || serve_model(args, model_id))
+    crate::tensor_parallel::run(
+        &args.tensor_parallel,
+        &args.model,
+        Vec::new(),
+        crate::tensor_parallel::Terminal::Batch,
+        || serve_model(args, model_id),
+    )
 }
 
 /// Loads the model (this process's shard with `--tensor-parallel`) and serves it.

@@ -67,6 +67,9 @@ pub fn write_hostfile(path: &Path, hosts: &[Vec<String>]) -> Result<()> {
     std::fs::write(path, text).map_err(|source| Error::Io { op: OP, path: path.to_path_buf(), source })
 }
 
+/// How long the other ranks may run on after rank 0 has exited successfully.
+pub const DEFAULT_FOLLOWER_GRACE: Duration = Duration::from_secs(30);
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
@@ -83,8 +86,19 @@ pub struct LaunchSpec {
     pub env: Vec<(OsString, OsString)>,
     /// Rank 0's stdout goes to this process's stdout instead of being captured.
     pub inherit_rank0_stdout: bool,
+    /// Rank 0 reads this process's stdin (the other ranks' is empty): an
+    /// interactive program such as a chat.
+    pub inherit_rank0_stdin: bool,
+    /// Rank 0's stderr is copied to this process's stderr line by line as it
+    /// comes (it is kept for error messages as well).
+    pub echo_rank0_stderr: bool,
     /// The whole job must end within this time; then every rank is killed.
     pub timeout: Option<Duration>,
+    /// Once rank 0 has exited successfully, the other ranks must end within
+    /// this time (a follower waits for rank 0's requests and would otherwise
+    /// wait forever if rank 0 ended without telling it); then they are
+    /// killed and the job fails. `None`: no limit. Default 30 s.
+    pub follower_grace: Option<Duration>,
 }
 
 impl LaunchSpec {
@@ -97,7 +111,10 @@ impl LaunchSpec {
             backend: Backend::Ring,
             env: Vec::new(),
             inherit_rank0_stdout: false,
+            inherit_rank0_stdin: false,
+            echo_rank0_stderr: false,
             timeout: None,
+            follower_grace: Some(DEFAULT_FOLLOWER_GRACE),
         }
     }
 }
@@ -129,6 +146,8 @@ pub struct Job {
     stderr: Vec<String>,
     hostfile: Option<PathBuf>,
     deadline: Option<Instant>,
+    follower_grace: Option<Duration>,
+    echo_rank0_stderr: bool,
 }
 
 static JOB_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -177,10 +196,13 @@ pub fn spawn(spec: &LaunchSpec) -> Result<Job> {
         stderr: vec![String::new(); spec.ranks],
         hostfile,
         deadline: spec.timeout.map(|t| Instant::now() + t),
+        follower_grace: spec.follower_grace,
+        echo_rank0_stderr: spec.echo_rank0_stderr,
     };
     for rank in 0..spec.ranks {
         let mut cmd = Command::new(&spec.program);
-        cmd.args(&spec.args).stdin(Stdio::null()).stderr(Stdio::piped());
+        let stdin = rank == 0 && spec.inherit_rank0_stdin;
+        cmd.args(&spec.args).stdin(if stdin { Stdio::inherit() } else { Stdio::null() }).stderr(Stdio::piped());
         let inherit = rank == 0 && spec.inherit_rank0_stdout;
         cmd.stdout(if inherit { Stdio::inherit() } else { Stdio::piped() });
         cmd.envs(common.iter().map(|(k, v)| (k, v))).envs(spec.env.iter().map(|(k, v)| (k, v)));
@@ -248,18 +270,33 @@ impl Job {
     pub fn wait(mut self) -> Result<Vec<RankOutput>> {
         let mut statuses: BTreeMap<usize, ExitStatus> = BTreeMap::new();
         let ranks = self.children.len();
+        // Set when rank 0 has exited successfully: the others' deadline.
+        let mut grace_end: Option<Instant> = None;
         while statuses.len() < ranks {
-            let event = match self.deadline {
+            let deadline = match (self.deadline, grace_end) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let event = match deadline {
                 Some(d) => match self.events.recv_timeout(d.saturating_duration_since(Instant::now())) {
                     Ok(e) => e,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         let running: Vec<String> =
                             (0..ranks).filter(|r| !statuses.contains_key(r)).map(|r| r.to_string()).collect();
                         self.kill_all();
-                        return Err(err(format!(
-                            "the job did not finish in time; killed the ranks still running ({})",
-                            running.join(", ")
-                        )));
+                        let grace = self.follower_grace.unwrap_or_default().as_secs_f64();
+                        return Err(err(if grace_end.is_some_and(|g| self.deadline.is_none_or(|d| g <= d)) {
+                            format!(
+                                "rank 0 finished but rank(s) {} were still running {grace:.0} s later (did rank 0 \
+                                 close its model, which tells the others to stop?); killed them",
+                                running.join(", ")
+                            )
+                        } else {
+                            format!(
+                                "the job did not finish in time; killed the ranks still running ({})",
+                                running.join(", ")
+                            )
+                        }));
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 },
@@ -270,6 +307,10 @@ impl Job {
             };
             match event {
                 Event::Line { rank, stderr, text } => {
+                    if stderr && rank == 0 && self.echo_rank0_stderr {
+                        // Best effort: our own stderr may be closed.
+                        let _ = std::io::stderr().write_all(text.as_bytes());
+                    }
                     let buf = if stderr { &mut self.stderr[rank] } else { &mut self.stdout[rank] };
                     buf.push_str(&text);
                 }
@@ -289,6 +330,9 @@ impl Job {
                     };
                     self.children[rank] = None;
                     statuses.insert(rank, status);
+                    if rank == 0 && status.success() {
+                        grace_end = self.follower_grace.map(|g| Instant::now() + g);
+                    }
                     if !status.success() {
                         self.kill_all();
                         let tail = tail(&self.stderr[rank], STDERR_TAIL);
