@@ -15,6 +15,11 @@
 //! it is one rank. Every rank loads its shard of the model; rank 0 makes the
 //! calls and prints the text, and the other ranks run the same jobs through
 //! `MetalModel::follow` until rank 0's model is closed.
+//!
+//! `--tp-vocab replicated` keeps the embedding and head whole on every rank
+//! (the default, `sharded`, splits them by vocabulary row); `--bench` times
+//! one greedy generation after a warm-up, EOS ignored, with a prompt of
+//! `--prompt-words N` words.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -35,6 +40,8 @@ struct Args {
     /// Generate exactly `max_tokens` (EOS ignored) from the raw prompt, and
     /// print the metrics as JSON on rank 0: for benchmarks.
     bench: bool,
+    /// `tp_vocab`: `sharded` (default) or `replicated`.
+    tp_vocab: Option<String>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -47,6 +54,7 @@ fn parse() -> Result<Args, String> {
         timeout_s: None,
         prompt: String::new(),
         bench: false,
+        tp_vocab: None,
     };
     let mut prompt = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -63,6 +71,7 @@ fn parse() -> Result<Args, String> {
                 a.timeout_s = Some(value("--timeout-s")?.parse().map_err(|_| "--timeout-s takes seconds")?);
             }
             "--bench" => a.bench = true,
+            "--tp-vocab" => a.tp_vocab = Some(value("--tp-vocab")?),
             "--prompt-words" => {
                 // The bench models' word-level vocabulary: "t0 t1 ...".
                 let n: usize = value("--prompt-words")?.parse().map_err(|_| "--prompt-words takes a number")?;
@@ -103,9 +112,12 @@ fn main() {
 }
 
 fn run_rank(rank: i32, args: &Args) -> inference_core::Result<()> {
-    let settings = LoadSettings::default()
+    let mut settings = LoadSettings::default()
         .backend_option("tensor_parallel", args.ranks.to_string())
         .backend_option("distributed_backend", args.backend.name());
+    if let Some(layout) = &args.tp_vocab {
+        settings = settings.backend_option("tp_vocab", layout.as_str());
+    }
     let llm = MetalModel::load(&args.model, &settings)?;
     if rank != 0 {
         // Rank 0's calls, mirrored, until it closes its model.
