@@ -7,32 +7,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, get, post, post_raw, post_stream, run, text, tiny};
+use common::{Server, get, post, post_raw, post_stream, read_stream, run, text, tiny};
 use serde_json::{Value, json};
 
 const MODEL: &str = "qwen3-tiny";
 
 fn chat_body(max_tokens: u64) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": max_tokens})
-}
-
-/// The text of a stream's chunks (chat deltas or completion texts) and its parsed chunks.
-fn read_stream(events: impl Iterator<Item = String>) -> (String, Vec<Value>, bool) {
-    let mut text = String::new();
-    let mut chunks = Vec::new();
-    let mut done = false;
-    for data in events {
-        if data == "[DONE]" {
-            done = true;
-            continue;
-        }
-        let chunk: Value = serde_json::from_str(&data).unwrap_or_else(|e| panic!("not JSON ({e}): {data}"));
-        if let Some(choice) = chunk["choices"].get(0) {
-            text.push_str(choice["delta"]["content"].as_str().or(choice["text"].as_str()).unwrap_or(""));
-        }
-        chunks.push(chunk);
-    }
-    (text, chunks, done)
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use common::{Server, post, post_stream, run, text, tiny};
+use common::{Server, post, post_stream, read_stream, run, text, tiny};
 use serde_json::{Value, json};
 
 const MODEL: &str = "qwen3-tiny";
@@ -18,24 +18,6 @@ const TP: [&str; 6] = ["--tensor-parallel", "2", "--distributed-backend", "ring"
 fn serial() -> MutexGuard<'static, ()> {
     static JOBS: Mutex<()> = Mutex::new(());
     JOBS.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// The text of a stream's chunks (chat deltas or completion texts), and whether it ended with
-/// `[DONE]`.
-fn read_stream(events: impl Iterator<Item = String>) -> (String, bool) {
-    let mut text = String::new();
-    let mut done = false;
-    for data in events {
-        if data == "[DONE]" {
-            done = true;
-            continue;
-        }
-        let chunk: Value = serde_json::from_str(&data).unwrap_or_else(|e| panic!("not JSON ({e}): {data}"));
-        if let Some(choice) = chunk["choices"].get(0) {
-            text.push_str(choice["delta"]["content"].as_str().or(choice["text"].as_str()).unwrap_or(""));
-        }
-    }
-    (text, done)
 }
 
 /// A few greedy requests, whole and streamed, chat and completion: what the server said.
@@ -51,7 +33,7 @@ fn answers(server: &Server) -> Value {
         streamed["stream"] = json!(true);
         let (status, events) = post_stream(&server.url(path), &streamed);
         assert_eq!(status, 200);
-        let (streamed_text, done) = read_stream(events);
+        let (streamed_text, _, done) = read_stream(events);
         assert!(done, "the stream ends with [DONE]");
         let choice = &whole["choices"][0];
         out.push(json!({

@@ -206,3 +206,22 @@ pub(crate) fn post_stream(url: &str, body: &Value) -> (u16, impl Iterator<Item =
     let data = lines.map_while(Result::ok).filter_map(|l| l.strip_prefix("data: ").map(str::to_owned));
     (status, data)
 }
+
+/// The text of a stream's chunks (chat deltas or completion texts) and its parsed chunks.
+pub(crate) fn read_stream(events: impl Iterator<Item = String>) -> (String, Vec<Value>, bool) {
+    let mut text = String::new();
+    let mut chunks = Vec::new();
+    let mut done = false;
+    for data in events {
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap_or_else(|e| panic!("not JSON ({e}): {data}"));
+        if let Some(choice) = chunk["choices"].get(0) {
+            text.push_str(choice["delta"]["content"].as_str().or(choice["text"].as_str()).unwrap_or(""));
+        }
+        chunks.push(chunk);
+    }
+    (text, chunks, done)
+}

@@ -365,8 +365,8 @@ impl LanguageModel for Gemma3 {
     fn fuse_projections(&mut self) -> Result<()> {
         for l in &mut self.layers {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            a.qkv = FusedLinear::fuse(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
-            m.gate_up = FusedLinear::fuse(&mut [&mut m.gate_proj, &mut m.up_proj])?;
+            (a.qkv, m.gate_up) =
+                super::fuse_block([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj], [&mut m.gate_proj, &mut m.up_proj])?;
         }
         Ok(())
     }

@@ -277,6 +277,15 @@ pub(crate) fn project<const N: usize>(
     <[Array; N]>::try_from(out).map_err(|_| Error::invalid("project", "wrong number of outputs"))
 }
 
+/// A decoder block's fused projections: q/k/v and gate/up (see
+/// [`LanguageModel::fuse_projections`]).
+pub(crate) fn fuse_block(
+    [q, k, v]: [&mut Linear; 3],
+    [gate, up]: [&mut Linear; 2],
+) -> Result<(Option<FusedLinear>, Option<FusedLinear>)> {
+    Ok((FusedLinear::fuse(&mut [q, k, v])?, FusedLinear::fuse(&mut [gate, up])?))
+}
+
 pub(crate) fn check_caches(caches: &[LayerCache], layers: usize) -> Result<()> {
     if caches.len() != layers {
         return Err(Error::invalid(
