@@ -22,7 +22,9 @@ use super::config::{ModelConfig, RopeScaling};
 use super::rope::Rope;
 use super::tp::{self, Heads, Reduce, Vocab};
 use super::weights::{WeightPath, Weights, model_err};
-use super::{AttentionTaps, Description, LanguageModel, attention, describe, merge_heads, project, split_heads};
+use super::{
+    AttentionTaps, BlockLinears, Description, LanguageModel, attention, describe, merge_heads, project, split_heads,
+};
 
 /// `config.json` fields of `llama`, with mlx-lm's defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -284,6 +286,17 @@ struct Block {
 }
 
 impl Block {
+    /// The block's linear layers, lent to LoRA and to fusing.
+    fn linears(&mut self) -> BlockLinears<'_> {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        BlockLinears {
+            attn: [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj],
+            mlp: [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj],
+            qkv: &mut a.qkv,
+            gate_up: &mut m.gate_up,
+        }
+    }
+
     fn forward(
         &self,
         x: &Array,
@@ -423,31 +436,11 @@ impl LanguageModel for Decoder {
     }
 
     fn fuse_projections(&mut self) -> Result<()> {
-        for l in &mut self.layers {
-            let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            (a.qkv, m.gate_up) =
-                super::fuse_block([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj], [&mut m.gate_proj, &mut m.up_proj])?;
-        }
-        Ok(())
+        super::fuse_blocks(self.layers.iter_mut().map(Block::linears))
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        // The caller may change the layers: the fused copies would go stale.
-        for l in &mut self.layers {
-            l.self_attn.qkv = None;
-            l.mlp.gate_up = None;
-        }
-        let mut out = Vec::with_capacity(self.layers.len() * 7);
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            super::push_block_linears(
-                &mut out,
-                i,
-                [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj],
-                [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj],
-            );
-        }
-        out
+        super::block_linears(self.layers.iter_mut().map(Block::linears))
     }
 
     fn num_layers(&self) -> usize {

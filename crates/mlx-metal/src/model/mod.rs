@@ -163,22 +163,48 @@ pub(crate) fn layer_index(op: &'static str, layer: usize, count: usize) -> Resul
     Ok(())
 }
 
-/// Appends block `layer`'s linear layers under mlx-lm's module paths
-/// (`model.layers.N.self_attn.{q,k,v,o}_proj`, `model.layers.N.mlp.{gate,up,down}_proj`), for
-/// [`LanguageModel::linears_mut`].
-pub(crate) fn push_block_linears<'a>(
-    out: &mut Vec<(String, &'a mut Linear)>,
-    layer: usize,
-    [q, k, v, o]: [&'a mut Linear; 4],
-    [gate, up, down]: [&'a mut Linear; 3],
-) {
-    let p = format!("model.layers.{layer}");
-    for (name, lin) in [("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o)] {
-        out.push((format!("{p}.self_attn.{name}"), lin));
+/// A decoder block's linear layers and fused projections, borrowed: what
+/// LoRA (through [`LanguageModel::linears_mut`]) and
+/// [`LanguageModel::fuse_projections`] work on. Each model lends its blocks
+/// this way, so the two operations are written once.
+pub(crate) struct BlockLinears<'a> {
+    /// q, k, v and o.
+    pub attn: [&'a mut Linear; 4],
+    /// gate, up and down.
+    pub mlp: [&'a mut Linear; 3],
+    /// q/k/v as one matmul, when fused.
+    pub qkv: &'a mut Option<FusedLinear>,
+    /// gate/up as one matmul, when fused.
+    pub gate_up: &'a mut Option<FusedLinear>,
+}
+
+/// Fuses every block's q/k/v and gate/up (layers with LoRA stay apart).
+pub(crate) fn fuse_blocks<'a>(blocks: impl Iterator<Item = BlockLinears<'a>>) -> Result<()> {
+    for b in blocks {
+        let ([q, k, v, _], [gate, up, _]) = (b.attn, b.mlp);
+        *b.qkv = FusedLinear::fuse(&mut [q, k, v])?;
+        *b.gate_up = FusedLinear::fuse(&mut [gate, up])?;
     }
-    for (name, lin) in [("gate_proj", gate), ("up_proj", up), ("down_proj", down)] {
-        out.push((format!("{p}.mlp.{name}"), lin));
+    Ok(())
+}
+
+/// Every block's linear layers with their mlx-lm module paths
+/// (`model.layers.3.self_attn.q_proj`), in layer order. The fused copies are
+/// dropped first: the caller may change the layers, and they would go stale.
+pub(crate) fn block_linears<'a>(blocks: impl Iterator<Item = BlockLinears<'a>>) -> Vec<(String, &'a mut Linear)> {
+    let mut out = Vec::new();
+    for (layer, b) in blocks.enumerate() {
+        *b.qkv = None;
+        *b.gate_up = None;
+        let p = format!("model.layers.{layer}");
+        for (name, lin) in ["q_proj", "k_proj", "v_proj", "o_proj"].into_iter().zip(b.attn) {
+            out.push((format!("{p}.self_attn.{name}"), lin));
+        }
+        for (name, lin) in ["gate_proj", "up_proj", "down_proj"].into_iter().zip(b.mlp) {
+            out.push((format!("{p}.mlp.{name}"), lin));
+        }
     }
+    out
 }
 
 /// A loaded model with its directory and config.
@@ -275,15 +301,6 @@ pub(crate) fn project<const N: usize>(
         out.push(p.forward(x)?);
     }
     <[Array; N]>::try_from(out).map_err(|_| Error::invalid("project", "wrong number of outputs"))
-}
-
-/// A decoder block's fused projections: q/k/v and gate/up (see
-/// [`LanguageModel::fuse_projections`]).
-pub(crate) fn fuse_block(
-    [q, k, v]: [&mut Linear; 3],
-    [gate, up]: [&mut Linear; 2],
-) -> Result<(Option<FusedLinear>, Option<FusedLinear>)> {
-    Ok((FusedLinear::fuse(&mut [q, k, v])?, FusedLinear::fuse(&mut [gate, up])?))
 }
 
 pub(crate) fn check_caches(caches: &[LayerCache], layers: usize) -> Result<()> {
