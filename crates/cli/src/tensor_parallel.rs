@@ -3,8 +3,7 @@
 //!
 //! Started by hand, the command starts N copies of itself with the same arguments (mlx-metal's
 //! launcher: `MLX_RANK` and the backend's environment per rank), shows rank 0's standard output
-//! as it comes and its standard error at the end, and waits: the first rank that fails ends the
-//! job. Ctrl-C or SIGTERM to the launcher is passed on to rank 0, which finishes as it would
+//! and standard error as they come, and waits: the first rank that fails ends the job. Ctrl-C or SIGTERM to the launcher is passed on to rank 0, which finishes as it would
 //! alone (the server stops accepting and cancels running generations) and closes its model,
 //! which tells the other ranks to stop. In each copy, rank 0 runs the command itself (loads its
 //! shard, prints or serves: only it binds the port), and the other ranks load theirs and follow
@@ -20,11 +19,11 @@ use crate::failure::Failure;
 /// How the launcher treats rank 0's terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Terminal {
-    /// Rank 0 prints (generate) or serves: its stdout is ours, its stderr is shown at the end,
-    /// and Ctrl-C ends the job.
+    /// Rank 0 prints (generate) or serves: its stdout and stderr are ours, and Ctrl-C ends the
+    /// job.
     Batch,
-    /// Rank 0 converses (chat): it reads our stdin and writes our stdout and stderr as it goes,
-    /// and Ctrl-C reaches it directly (it cancels the current turn); SIGTERM ends the job.
+    /// Rank 0 converses (chat): it also reads our stdin, and Ctrl-C reaches it directly (it
+    /// cancels the current turn); SIGTERM ends the job.
     Interactive,
 }
 
@@ -108,17 +107,14 @@ mod imp {
         spec.inherit_rank0_stdout = true;
         let interactive = terminal == Terminal::Interactive;
         spec.inherit_rank0_stdin = interactive;
-        spec.echo_rank0_stderr = interactive;
+        // Rank 0's messages (metrics, the server's log, a chat's notes) as they come.
+        spec.echo_rank0_stderr = true;
         let _ = std::io::stdout().flush();
         let job = launch::spawn(&spec).map_err(err)?;
         if let Some(Some(pid)) = job.pids().first() {
             signals::forward_to(*pid, interactive);
         }
-        let outputs = job.wait().map_err(err)?;
-        // Rank 0's messages (metrics, the server's log) once it has finished.
-        if let Some(rank0) = outputs.first().filter(|_| !interactive) {
-            eprint!("{}", rank0.stderr);
-        }
+        job.wait().map_err(err)?;
         Ok(())
     }
 
