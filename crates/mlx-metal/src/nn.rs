@@ -273,19 +273,37 @@ impl Embedding {
 /// An elementwise function of arrays, compiled once per thread.
 type Elementwise = fn(&[Array]) -> Result<Vec<Array>>;
 
+/// A thread's compiled function, never freed from a thread-local destructor.
+///
+/// MLX keeps its compile cache in a C++ `thread_local`, and the order in which
+/// a thread's C++ and Rust thread-local destructors run is unspecified: freeing
+/// the compiled function erases its cache entry, which after the cache's own
+/// destructor is a use after free (seen as heap corruption when a test binary
+/// exits). At thread exit the handle is therefore left alone; the cache frees
+/// the compiled graph itself.
+struct ThreadCompiled(OnceCell<Option<Closure>>);
+
+impl Drop for ThreadCompiled {
+    fn drop(&mut self) {
+        if let Some(Some(c)) = self.0.take() {
+            std::mem::forget(c);
+        }
+    }
+}
+
 thread_local! {
-    static SILU: OnceCell<Option<Closure>> = const { OnceCell::new() };
-    static GELU_APPROX: OnceCell<Option<Closure>> = const { OnceCell::new() };
-    static SWIGLU: OnceCell<Option<Closure>> = const { OnceCell::new() };
+    static SILU: ThreadCompiled = const { ThreadCompiled(OnceCell::new()) };
+    static GELU_APPROX: ThreadCompiled = const { ThreadCompiled(OnceCell::new()) };
+    static SWIGLU: ThreadCompiled = const { ThreadCompiled(OnceCell::new()) };
 }
 
 /// Runs `f` compiled (shapeless, so one compilation serves every shape): MLX
 /// fuses its ops into one kernel, with no intermediate arrays, as mlx-lm's
 /// `@mx.compile`d activations do. Where compiling fails (MLX's compiler
 /// switched off, or no JIT toolchain) the plain ops run instead.
-fn fused(slot: &'static LocalKey<OnceCell<Option<Closure>>>, f: Elementwise, inputs: &[&Array]) -> Result<Array> {
+fn fused(slot: &'static LocalKey<ThreadCompiled>, f: Elementwise, inputs: &[&Array]) -> Result<Array> {
     let out = slot.with(|cell| {
-        let compiled = cell.get_or_init(|| Closure::new(f).and_then(|c| transforms::compile(&c, true)).ok());
+        let compiled = cell.0.get_or_init(|| Closure::new(f).and_then(|c| transforms::compile(&c, true)).ok());
         match compiled {
             Some(c) => c.call(inputs),
             None => f(&inputs.iter().map(|a| (*a).clone()).collect::<Vec<_>>()),
