@@ -288,19 +288,13 @@ pub(crate) fn project<const N: usize>(
     parts: [&Linear; N],
     x: &Array,
 ) -> Result<[Array; N]> {
-    if let Some(f) = fused
-        && x.size() == x.dim(-1)? as usize
-    {
-        let out = f.forward(x)?;
-        if let Ok(arr) = <[Array; N]>::try_from(out) {
-            return Ok(arr);
-        }
-    }
-    let mut out = Vec::with_capacity(N);
-    for p in parts {
-        out.push(p.forward(x)?);
-    }
-    <[Array; N]>::try_from(out).map_err(|_| Error::invalid("project", "wrong number of outputs"))
+    let out = match fused {
+        Some(f) if x.size() == x.dim(-1)? as usize => f.forward(x)?,
+        _ => parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?,
+    };
+    // A fused layer built from other parts than these is a bug: say so rather than recompute.
+    <[Array; N]>::try_from(out)
+        .map_err(|o| Error::invalid("project", format!("{} outputs for {N} projections", o.len())))
 }
 
 pub(crate) fn check_caches(caches: &[LayerCache], layers: usize) -> Result<()> {
