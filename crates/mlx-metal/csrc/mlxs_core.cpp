@@ -4,14 +4,57 @@
 // random numbers.
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <future>
+#include <memory>
+#include <mutex>
 #include <sstream>
 
+#include "mlx/scheduler.h"
 #include "mlxs_internal.h"
 
 namespace {
 thread_local std::string last_error;
+
+// MLX's CPU stream workers outlive the threads that queued work on them, and
+// a queued task holds buffers that it hands back to the allocator when it
+// has run. The allocator is a function-local static, destroyed by exit(): a
+// task still running then corrupts the heap. This handler, registered after
+// the allocator exists (so it runs before the allocator is destroyed), waits
+// a bounded time for every CPU stream to run what it holds. GPU streams can
+// only be synchronised from their own thread; threads of this library do
+// that themselves before they end (FinishThread on the Rust side).
+void drain_cpu_streams() {
+  try {
+    std::vector<std::future<void>> waits;
+    for (const auto& s : mx::get_streams()) {
+      if (s.device != mx::Device::cpu) {
+        continue;
+      }
+      auto done = std::make_shared<std::promise<void>>();
+      waits.push_back(done->get_future());
+      mx::scheduler::enqueue(s, [done] { done->set_value(); });
+    }
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    for (auto& w : waits) {
+      w.wait_until(deadline);
+    }
+  } catch (...) {
+    // Exiting: nothing to report to, and a failed stream has no work left.
+  }
+}
+
+void drain_at_exit() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    // Makes sure the allocator exists, so that its destructor is registered
+    // before this handler and therefore runs after it.
+    (void)mx::get_active_memory();
+    std::atexit(drain_cpu_streams);
+  });
+}
 }
 
 namespace mlxs {
@@ -313,6 +356,7 @@ int mlxs_array_read(mlxs_array a, void* out, size_t nbytes) {
       return;
     }
     x.eval();
+    drain_at_exit();
     if (!x.flags().row_contiguous) {
       // The host reads the result, so copy on the CPU: every dtype has CPU
       // kernels (GPU backends have no float64), and the memory is shared.
@@ -342,11 +386,17 @@ bool mlxs_array_row_contiguous(mlxs_array a) {
 }
 
 int mlxs_eval(const mlxs_array* xs, size_t n) {
-  return guard([&] { mx::eval(arrays(xs, n)); });
+  return guard([&] {
+    mx::eval(arrays(xs, n));
+    drain_at_exit();
+  });
 }
 
 int mlxs_async_eval(const mlxs_array* xs, size_t n) {
-  return guard([&] { mx::async_eval(arrays(xs, n)); });
+  return guard([&] {
+    mx::async_eval(arrays(xs, n));
+    drain_at_exit();
+  });
 }
 
 // ---------------------------------------------------------------- vectors

@@ -191,6 +191,8 @@ impl MetalModel {
         let thread = std::thread::Builder::new()
             .name(format!("mlx-engine-{}", dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()))
             .spawn(move || {
+                // Dropped last, after the model: see `finish_thread`.
+                let _finish = crate::device::FinishThread(device);
                 let _scope = match DeviceScope::new(device) {
                     Ok(s) => s,
                     Err(e) => {

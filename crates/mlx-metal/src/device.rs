@@ -168,6 +168,31 @@ pub fn synchronize(device: Option<Device>) -> Result<()> {
     check("synchronize", unsafe { sys::mlxs_synchronize(code) })
 }
 
+/// Waits until every task this thread queued on `device`'s stream, and on the
+/// CPU stream (host reads copy there), has run. A thread that used MLX calls
+/// this before it ends: MLX's stream workers outlive the thread, and a task
+/// still queued holds buffers it frees later; if that happens while the
+/// process exits, it races MLX's allocator being destroyed (a corrupted heap
+/// at exit). Errors are ignored: the thread is ending, and a failed step
+/// already reported its error.
+pub fn finish_thread(device: Device) {
+    let _ = synchronize(Some(device));
+    if device != Device::Cpu {
+        let _ = synchronize(Some(Device::Cpu));
+    }
+}
+
+/// Calls [`finish_thread`] when dropped: declare it first in a thread that
+/// uses MLX, so it runs after everything else the thread owns is freed, on
+/// every way out (early returns and panics included).
+pub struct FinishThread(pub Device);
+
+impl Drop for FinishThread {
+    fn drop(&mut self) {
+        finish_thread(self.0);
+    }
+}
+
 /// The MLX version the library runs against, e.g. "0.32.4".
 pub fn mlx_version() -> String {
     // SAFETY: returns a static NUL-terminated string owned by MLX.
