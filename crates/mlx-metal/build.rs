@@ -5,8 +5,13 @@
 use std::env;
 use std::path::PathBuf;
 
-const SHIM_SOURCES: &[&str] =
-    &["csrc/mlxs_core.cpp", "csrc/mlxs_ops.cpp", "csrc/mlxs_transforms.cpp", "csrc/mlxs_distributed.cpp"];
+const SHIM_SOURCES: &[&str] = &[
+    "csrc/mlxs_core.cpp",
+    "csrc/mlxs_ops.cpp",
+    "csrc/mlxs_transforms.cpp",
+    "csrc/mlxs_distributed.cpp",
+    "csrc/mlxs_kernels.cpp",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc");

@@ -428,6 +428,16 @@ int mlxs_quantized_matmul(
     int bits,
     const char* mode,
     int dev);
+// Our own GPU kernels (mlxs_kernels.cpp) in place of MLX's where they apply.
+// AUTO unless MLXR_CUSTOM_KERNELS was "0" (OFF) or "always" (ALWAYS) in the
+// environment at first use.
+enum mlxs_kernels_mode {
+  MLXS_KERNELS_OFF = 0,
+  MLXS_KERNELS_AUTO = 1,
+  MLXS_KERNELS_ALWAYS = 2,
+};
+int mlxs_set_custom_kernels(int mode);
+int mlxs_custom_kernels(void);
 // lhs_indices/rhs_indices may be NULL.
 int mlxs_gather_mm(
     mlxs_array* out,

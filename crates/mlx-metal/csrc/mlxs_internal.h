@@ -91,4 +91,17 @@ std::vector<mx::array> arrays(const mlxs_array* xs, size_t n);
 std::optional<int> opt_int(int v);
 std::string mode(const char* m);
 
+// Our kernel for one row of x times 4-bit weights, where it applies (see
+// mlxs_kernels.cpp); nullopt where MLX's quantized_matmul must run.
+std::optional<mx::array> try_fast_qmv(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const std::optional<mx::array>& biases,
+    bool transpose,
+    std::optional<int> group_size,
+    std::optional<int> bits,
+    const std::string& mode,
+    mx::StreamOrDevice s);
+
 } // namespace mlxs

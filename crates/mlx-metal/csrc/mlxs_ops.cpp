@@ -773,6 +773,19 @@ int mlxs_quantized_matmul(
     const char* m,
     int dev) {
   return guard([&] {
+    if (auto y = try_fast_qmv(
+            arr(x),
+            arr(w),
+            arr(scales),
+            opt(biases),
+            transpose,
+            opt_int(group_size),
+            opt_int(bits),
+            mode(m),
+            sod(dev))) {
+      put(out, std::move(*y));
+      return;
+    }
     put(out,
         mx::quantized_matmul(
             arr(x),

@@ -317,6 +317,7 @@ pub fn run(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Value, Bo
         },
         "device": device.to_string(),
         "device_info": device_info,
+        "custom_kernels": format!("{:?}", crate::fast::custom_kernels()).to_lowercase(),
         "model": {
             "dir": o.model.display().to_string(),
             "architecture": desc.architecture,

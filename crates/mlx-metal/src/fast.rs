@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! MLX's fused kernels (`mlx::core::fast`): RMS norm, layer norm, rotary
-//! position embeddings and scaled dot-product attention.
+//! position embeddings and scaled dot-product attention; and the switch for
+//! our own GPU kernels ([`set_custom_kernels`]).
 
 use crate::array::Array;
 use crate::device::current_code as dev;
@@ -123,4 +124,46 @@ pub fn scaled_dot_product_attention(
             dev(),
         )
     })
+}
+
+/// When mlx-metal's own GPU kernels run in place of MLX's. They exist where
+/// MLX's are the bottleneck and ours give the same result within rounding
+/// (today: 4-bit affine matrix-vector products on CUDA, the projections of a
+/// decode step; `csrc/mlxs_kernels.cpp`, measured in docs/benchmarks.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CustomKernels {
+    /// Never: MLX's kernels everywhere.
+    Off,
+    /// Where they pay: matrices of at least 4,096 × 4,096 values. A custom
+    /// kernel costs more host time per call than MLX's own, which a small
+    /// model's decode step (bound by host time) would feel. The default.
+    Auto,
+    /// Wherever they apply, whatever the size (tests, measurements).
+    Always,
+}
+
+/// Sets [`CustomKernels`] for the whole process. The default is
+/// [`CustomKernels::Auto`]; `MLXR_CUSTOM_KERNELS=0` (off) or `=always` in the
+/// environment changes it. Graphs already built keep the kernels they were
+/// built with.
+pub fn set_custom_kernels(mode: CustomKernels) {
+    let code = match mode {
+        CustomKernels::Off => sys::mlxs_kernels_mode::MLXS_KERNELS_OFF,
+        CustomKernels::Auto => sys::mlxs_kernels_mode::MLXS_KERNELS_AUTO,
+        CustomKernels::Always => sys::mlxs_kernels_mode::MLXS_KERNELS_ALWAYS,
+    };
+    // SAFETY: plain call; an atomic store. The code is one of the three the
+    // shim accepts, so it cannot fail.
+    let _ = unsafe { sys::mlxs_set_custom_kernels(code as std::os::raw::c_int) };
+}
+
+/// The current [`CustomKernels`] mode.
+pub fn custom_kernels() -> CustomKernels {
+    // SAFETY: plain call; an atomic load.
+    let code = unsafe { sys::mlxs_custom_kernels() };
+    match u32::try_from(code) {
+        Ok(sys::mlxs_kernels_mode::MLXS_KERNELS_OFF) => CustomKernels::Off,
+        Ok(sys::mlxs_kernels_mode::MLXS_KERNELS_ALWAYS) => CustomKernels::Always,
+        _ => CustomKernels::Auto,
+    }
 }
