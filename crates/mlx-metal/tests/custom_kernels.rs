@@ -119,6 +119,8 @@ fn quantized_matvec_kernel_matches_mlx() {
         Case { n: 200, k: 1024, group: 64, bits: 8, dtype: Dtype::Bfloat16, lead: &[1], x_offset: 0 },
         Case { n: 200, k: 1024, group: 64, bits: 4, dtype: Dtype::Float32, lead: &[1], x_offset: 0 },
         Case { n: 70, k: 1024, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1, 3], x_offset: 0 },
+        // x longer than the kernel's shared memory holds
+        Case { n: 16, k: 25600, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1], x_offset: 0 },
     ];
     for (i, case) in not_applied.iter().enumerate() {
         let (_, theirs, ours) = run(case, 40 + i as u64, on_cuda);
