@@ -8,8 +8,8 @@
 // kernel 24-295 us of GPU time (400-1,000 GB/s of weights) and this one
 // 13-168 us (720-1,760 GB/s): 1.2-2.4x less. One block of 8 warps copies x
 // into shared memory once; then one warp per output row streams its packed
-// words (16 bytes, 32 values, per lane per step; the loop unrolled 2 or, for
-// long rows, 8 deep so several loads are in flight), turns nibble pairs into
+// words (16 bytes, 32 values, per lane per step; the loop unrolled 2 or 8
+// deep, see qmv_unroll, so several loads are in flight), turns nibble pairs into
 // bf16/fp16 pairs with the exponent trick ((w & 0x000F000F) | magic is
 // 128 + n or 1024 + n exactly), dequantises them with one paired fma,
 // multiplies by x in pairs and sums in float. Registers stay few, so many
@@ -159,6 +159,13 @@ constexpr int kQmvWarpsPerBlock = 8;
 // x lives in static shared memory, at most 48 KB a block.
 constexpr int kQmvMaxK = 24576;
 
+// Measured on an H200 (docs/benchmarks.md): 2 is best for rows of 4,096,
+// 8 for long rows (12,288, 14,336) and for widths that leave some lanes a
+// chunk short (1,152: Gemma 3 1B's head takes 163 us at 8, 227 at 2).
+int qmv_unroll(int k) {
+  return (k % 1024 == 0 && k <= 8192) ? 2 : 8;
+}
+
 const mx::fast::CustomKernelFunction& qmv_kernel() {
   static const mx::fast::CustomKernelFunction k = mx::fast::cuda_kernel(
       "mlxr_qmv4", {"x", "w", "scales", "biases"}, {"out"}, kQmvSource,
@@ -223,7 +230,7 @@ std::optional<mx::array> try_fast_qmv(
       {t},
       {blocks * threads, 1, 1},
       {threads, 1, 1},
-      {{"T", t}, {"K", k}, {"GROUP", group}, {"UNROLL", k > 8192 ? 8 : 2}},
+      {{"T", t}, {"K", k}, {"GROUP", group}, {"UNROLL", qmv_unroll(k)}},
       std::nullopt,
       false,
       stream);
