@@ -773,30 +773,19 @@ int mlxs_quantized_matmul(
     const char* m,
     int dev) {
   return guard([&] {
-    if (auto y = try_fast_qmv(
-            arr(x),
-            arr(w),
-            arr(scales),
-            opt(biases),
-            transpose,
-            opt_int(group_size),
-            opt_int(bits),
-            mode(m),
-            sod(dev))) {
+    auto& xs = arr(x);
+    auto& ws = arr(w);
+    auto& ss = arr(scales);
+    auto bs = opt(biases);
+    auto gs = opt_int(group_size);
+    auto nb = opt_int(bits);
+    auto md = mode(m);
+    auto s = sod(dev);
+    if (auto y = try_fast_qmv(xs, ws, ss, bs, transpose, gs, nb, md, s)) {
       put(out, std::move(*y));
       return;
     }
-    put(out,
-        mx::quantized_matmul(
-            arr(x),
-            arr(w),
-            arr(scales),
-            opt(biases),
-            transpose,
-            opt_int(group_size),
-            opt_int(bits),
-            mode(m),
-            sod(dev)));
+    put(out, mx::quantized_matmul(xs, ws, ss, bs, transpose, gs, nb, md, s));
   });
 }
 
