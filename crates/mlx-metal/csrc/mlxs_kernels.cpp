@@ -158,6 +158,8 @@ constexpr const char* kQmvSource = R"(
 constexpr int kQmvWarpsPerBlock = 8;
 // x lives in static shared memory, at most 48 KB a block.
 constexpr int kQmvMaxK = 24576;
+// The launch counts threads in an int: 32 per row.
+constexpr int kQmvMaxRows = 1 << 25;
 
 // Measured on an H200 (docs/benchmarks.md): 2 is best for rows of 4,096,
 // 8 for long rows (12,288, 14,336) and for widths that leave some lanes a
@@ -213,7 +215,7 @@ std::optional<mx::array> try_fast_qmv(
   if (x.shape(-1) != k || x.size() != static_cast<size_t>(k) || k % 32 != 0 ||
       k > kQmvMaxK ||
       k % group != 0 || scales.shape(0) != n || scales.shape(1) != k / group ||
-      b.shape() != scales.shape() || n <= 0) {
+      b.shape() != scales.shape() || n <= 0 || n > kQmvMaxRows) {
     return std::nullopt;
   }
   if (kernels == MLXS_KERNELS_AUTO &&
