@@ -19,13 +19,12 @@
 // Used only where it applies exactly (CUDA device, affine 4-bit weights with
 // biases, transposed, bf16 or fp16, one row of x, not under a transform: the
 // kernel has no derivative); everything else goes to MLX's quantized_matmul.
-// MLXR_CUSTOM_KERNELS=0 in the environment, or mlxs_set_custom_kernels(false),
-// turns it off.
+// MLXR_CUSTOM_KERNELS=0 in the environment, or
+// mlxs_set_custom_kernels(MLXS_KERNELS_OFF), turns it off.
 
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <optional>
 
 #include "mlx/backend/cuda/cuda.h"
