@@ -1,59 +1,8 @@
 // SPDX-License-Identifier: EUPL-1.2
-//! Finds MLX (see the `mlx-build` crate for the search order), compiles the C
-//! shim in `csrc/` against it and links libmlx with an rpath to its directory.
-
-use std::env;
-use std::path::PathBuf;
-
-const SHIM_SOURCES: &[&str] = &[
-    "csrc/mlxs_core.cpp",
-    "csrc/mlxs_ops.cpp",
-    "csrc/mlxs_transforms.cpp",
-    "csrc/mlxs_distributed.cpp",
-    "csrc/mlxs_kernels.cpp",
-];
+//! Every target of this crate links libmlx (through mlx and mlx-sys), the doctests too: give them
+//! all an rpath to it.
 
 fn main() {
-    println!("cargo:rerun-if-changed=csrc");
     println!("cargo:rerun-if-changed=build.rs");
-
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let prefix = match mlx_build::find(&mlx_build::workspace_of(&manifest)) {
-        Ok(p) => p,
-        Err(msg) => {
-            eprintln!("{msg}");
-            std::process::exit(1);
-        }
-    };
-    let include = prefix.join("include");
-    let lib = prefix.join("lib");
-    println!("cargo:rerun-if-changed={}", lib.display());
-
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .std("c++20")
-        .include("csrc")
-        .include(&include)
-        .flag_if_supported("-Wno-deprecated-declarations")
-        .flag_if_supported("-Wno-unused-parameter")
-        .opt_level(2)
-        .define("NDEBUG", None);
-    if env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("macos") {
-        build.flag("-mmacosx-version-min=14.0");
-    }
-    for src in SHIM_SOURCES {
-        build.file(src);
-        println!("cargo:rerun-if-changed={src}");
-    }
-    build.compile("mlxs");
-
-    println!("cargo:rustc-link-search=native={}", lib.display());
-    println!("cargo:rustc-link-lib=dylib=mlx");
-    // This package's own tests and examples; dependants call
-    // `mlx_build::rpath_for(..)` from their build scripts.
-    println!("cargo:rustc-link-arg={}", mlx_build::rpath_arg(&lib));
-    println!("cargo:libdir={}", lib.display());
-    println!("cargo:include={}", include.display());
-    println!("cargo:prefix={}", prefix.display());
+    mlx_build::rpath_all();
 }

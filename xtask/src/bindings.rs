@@ -2,7 +2,7 @@
 //! `cargo xtask bindgen`: regenerates the Rust declarations of the C shim.
 //!
 //! The output starts with the FNV-1a hash of `csrc/mlxs.h`; a test in
-//! mlx-metal recomputes it, so a header edited without regenerating fails the
+//! mlx-sys recomputes it, so a header edited without regenerating fails the
 //! test suite (no libclang needed for that check). `--check` regenerates into
 //! memory and compares the whole file (needs libclang).
 
@@ -12,12 +12,12 @@ use crate::util::workspace_root;
 
 #[cfg_attr(not(feature = "bindgen"), allow(dead_code))]
 pub(crate) fn header_path() -> PathBuf {
-    workspace_root().join("crates/mlx-metal/csrc/mlxs.h")
+    workspace_root().join("crates/mlx-sys/csrc/mlxs.h")
 }
 
 #[cfg_attr(not(feature = "bindgen"), allow(dead_code))]
 pub(crate) fn bindings_path() -> PathBuf {
-    workspace_root().join("crates/mlx-metal/src/ffi/bindings.rs")
+    workspace_root().join("crates/mlx-sys/src/bindings.rs")
 }
 
 #[cfg(not(feature = "bindgen"))]

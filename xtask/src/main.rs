@@ -5,7 +5,9 @@
 //! - `test`: setup + fixtures + the whole test suite (what CI runs)
 //! - `fixtures`: real and tiny models and mlx-lm golden outputs for the parity tests
 //! - `bench`: our engine against mlx-lm on a model directory (prefill, decode, TTFT, memory, load)
-//! - `bindgen`: regenerates `crates/mlx-metal/src/ffi/bindings.rs` from the C shim header
+//! - `bindgen`: regenerates `crates/mlx-sys/src/bindings.rs` from the C shim header
+
+#![forbid(unsafe_code)]
 
 mod bench;
 mod bindings;
@@ -27,7 +29,7 @@ commands:
         install MLX 0.32.4 into target/mlx (the official wheel for this machine,
         or a CMake build of an MLX source tree), and cmake if the machine lacks it
   bindgen [--check]
-        regenerate crates/mlx-metal/src/ffi/bindings.rs from csrc/mlxs.h
+        regenerate crates/mlx-sys/src/bindings.rs from csrc/mlxs.h
         (--check: fail if the committed file differs; needs libclang)
   fixtures [--regen-goldens] [--tiny-only] [--force] [--check]
         build the parity fixtures with mlx-lm in a pinned virtualenv (~/.cache/mlxr/venv-*):

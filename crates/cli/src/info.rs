@@ -33,8 +33,8 @@ pub(crate) fn run(args: &InfoArgs) -> Result<(), Failure> {
 /// The MLX version and what MLX says about each device it has.
 #[cfg(feature = "metal")]
 fn platform() -> String {
-    use mlx_metal::Device;
-    let mut out = format!("MLX {}\n", mlx_metal::mlx_version());
+    use mlx::Device;
+    let mut out = format!("MLX {}\n", mlx::mlx_version());
     let default = Device::mlx_default().map(|d| d.to_string()).unwrap_or_else(|e| format!("unknown ({e})"));
     out.push_str(&format!("default device: {default}\n"));
     for device in [Device::Gpu, Device::Cpu] {

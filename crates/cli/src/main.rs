@@ -8,6 +8,8 @@
 //! chosen by name at run time (`--backend metal` or `mlx_lm`); each one this binary was built
 //! with (cargo features `metal` and `mlx_lm`) is registered at start-up.
 
+#![forbid(unsafe_code)]
+
 mod args;
 #[cfg(feature = "metal")]
 mod bench;

@@ -59,13 +59,16 @@ mod imp {
     use std::io::Write;
 
     use inference_core::TextModel;
+    use mlx::distributed::launch::{self, LaunchSpec};
+    use mlx::distributed::{Backend, signals};
     use mlx_metal::MetalModel;
-    use mlx_metal::distributed::Backend;
-    use mlx_metal::distributed::launch::{self, LaunchSpec};
 
     use super::Terminal;
     use crate::args::{ModelArgs, TensorParallelArgs};
     use crate::failure::{self, Failure};
+
+    /// What a rank says when its launcher was killed outright.
+    const LAUNCHER_GONE: &str = "mlxr: the tensor-parallel launcher has gone; this rank exits";
 
     fn err(e: mlx_metal::Error) -> Failure {
         Failure::new(e.to_string())
@@ -82,12 +85,12 @@ mod imp {
         match launch::rank_from_env().map_err(err)? {
             None => launch_job(tp.tensor_parallel as usize, backend, env, terminal),
             Some(0) => {
-                signals::exit_with_launcher();
+                signals::exit_with_launcher(LAUNCHER_GONE);
                 lead()
             }
             Some(rank) => {
                 signals::ignore_interrupts();
-                signals::exit_with_launcher();
+                signals::exit_with_launcher(LAUNCHER_GONE);
                 follow(tp, model, rank)
             }
         }
@@ -112,7 +115,7 @@ mod imp {
         let _ = std::io::stdout().flush();
         let job = launch::spawn(&spec).map_err(err)?;
         if let Some(Some(pid)) = job.pids().first() {
-            signals::forward_to(*pid, interactive);
+            signals::forward_to_rank0(*pid, interactive);
         }
         job.wait().map_err(err)?;
         Ok(())
@@ -126,74 +129,6 @@ mod imp {
         let closed = loaded.close();
         followed.map_err(|e| Failure::new(format!("rank {rank}: {e}")))?;
         closed.map_err(Failure::from)
-    }
-
-    #[cfg(unix)]
-    mod signals {
-        use std::io::Write;
-        use std::sync::atomic::{AtomicI32, Ordering};
-        use std::time::Duration;
-
-        static RANK0: AtomicI32 = AtomicI32::new(0);
-
-        extern "C" fn pass_on(_signal: libc::c_int) {
-            let pid = RANK0.load(Ordering::SeqCst);
-            if pid > 0 {
-                // SAFETY: kill is async-signal-safe; pid is our child's.
-                unsafe {
-                    libc::kill(pid, libc::SIGTERM);
-                }
-            }
-        }
-
-        /// The launcher: Ctrl-C and SIGTERM become SIGTERM to rank 0, which ends the job in order.
-        /// With an interactive rank 0, Ctrl-C is left to it (the terminal sends it to the whole
-        /// process group; a chat cancels its current turn) and only SIGTERM is passed on.
-        pub(super) fn forward_to(pid: u32, interactive: bool) {
-            let Ok(pid) = i32::try_from(pid) else { return };
-            RANK0.store(pid, Ordering::SeqCst);
-            let handler = pass_on as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            // SAFETY: installing a handler that only calls an async-signal-safe function, or
-            // ignoring a signal.
-            unsafe {
-                libc::signal(libc::SIGINT, if interactive { libc::SIG_IGN } else { handler });
-                libc::signal(libc::SIGTERM, handler);
-            }
-        }
-
-        /// Ranks other than 0 leave stopping to rank 0 (a terminal's Ctrl-C reaches every rank).
-        pub(super) fn ignore_interrupts() {
-            // SAFETY: setting the disposition of two signals to "ignore".
-            unsafe {
-                libc::signal(libc::SIGINT, libc::SIG_IGN);
-                libc::signal(libc::SIGTERM, libc::SIG_IGN);
-            }
-        }
-
-        /// A rank whose launcher has gone (killed outright) exits: nobody would stop it.
-        pub(super) fn exit_with_launcher() {
-            let parent = std::os::unix::process::parent_id();
-            let _ = std::thread::Builder::new().name("launcher-watch".into()).spawn(move || {
-                loop {
-                    std::thread::park_timeout(Duration::from_millis(250));
-                    if std::os::unix::process::parent_id() != parent {
-                        // Standard error may be a pipe to the dead launcher: a failed write is fine.
-                        let _ =
-                            writeln!(std::io::stderr(), "mlxr: the tensor-parallel launcher has gone; this rank exits");
-                        // At once: exit handlers could wait on MLX's threads, blocked on a peer.
-                        // SAFETY: _exit ends the process without running anything else.
-                        unsafe { libc::_exit(1) }
-                    }
-                }
-            });
-        }
-    }
-
-    #[cfg(not(unix))]
-    mod signals {
-        pub(super) fn forward_to(_pid: u32, _interactive: bool) {}
-        pub(super) fn ignore_interrupts() {}
-        pub(super) fn exit_with_launcher() {}
     }
 }
 

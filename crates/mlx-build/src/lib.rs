@@ -14,6 +14,8 @@
 //! link `mlx-metal` call [`rpath_for`] from their build script,
 //! because Cargo passes a package's link arguments only to its own targets.
 
+#![forbid(unsafe_code)]
+
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;

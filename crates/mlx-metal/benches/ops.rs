@@ -9,11 +9,11 @@
 //! default device (the GPU where there is one).
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use mlx_metal::array::{Array, Dtype};
+use mlx::array::{Array, Dtype};
+use mlx::fast::{self, AttentionMask, RopeFreqs, RopeOffset};
+use mlx::ops;
+use mlx::random;
 use mlx_metal::cache::KvCache;
-use mlx_metal::fast::{self, AttentionMask, RopeFreqs, RopeOffset};
-use mlx_metal::ops;
-use mlx_metal::random;
 use mlx_metal::sample::{Sampler, SamplerConfig};
 
 fn normal(shape: &[i32], dtype: Dtype, seed: u64) -> Array {

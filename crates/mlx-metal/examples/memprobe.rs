@@ -12,9 +12,9 @@
 
 use std::path::PathBuf;
 
-use mlx_metal::array::Array;
+use mlx::array::Array;
+use mlx::{memory, ops};
 use mlx_metal::model;
-use mlx_metal::{memory, ops};
 
 type BoxError = Box<dyn std::error::Error>;
 

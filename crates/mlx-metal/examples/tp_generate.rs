@@ -26,9 +26,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use inference_core::{CancelToken, GenerateSettings, LoadSettings, Message, TextModel};
+use mlx::distributed::Backend;
+use mlx::distributed::launch::{self, Role};
 use mlx_metal::MetalModel;
-use mlx_metal::distributed::Backend;
-use mlx_metal::distributed::launch::{self, Role};
 
 struct Args {
     ranks: usize,

@@ -15,15 +15,15 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use crate::array::{Array, Dtype};
 use crate::cache::{BatchKvCache, LayerCache};
-use crate::error::{Error, Result};
 use crate::generate::Step;
-use crate::memory;
 use crate::model::LanguageModel;
-use crate::ops;
 use crate::sample::Sampler;
-use crate::transforms::async_eval;
+use mlx::memory;
+use mlx::ops;
+use mlx::transforms::async_eval;
+use mlx::{Array, Dtype};
+use mlx::{Error, Result};
 
 /// Timings and counts of one batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

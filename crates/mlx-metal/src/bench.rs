@@ -23,11 +23,12 @@ use std::time::Instant;
 use inference_core::{CancelToken, GenerateSettings, LoadSettings, TextModel};
 use serde_json::{Value, json};
 
+use crate::MetalModel;
 use crate::cache::LayerCache;
 use crate::generate::{self, LoopOptions};
 use crate::model::{self, LanguageModel};
 use crate::sample::{Sampler, SamplerConfig};
-use crate::{Array, Device, MetalModel, memory};
+use mlx::{Array, Device, memory};
 
 /// The report's schema name.
 pub const SCHEMA: &str = "mlxr-bench/1";
@@ -312,12 +313,12 @@ pub fn run(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Value, Bo
         "schema": SCHEMA,
         "engine": "ours",
         "versions": {
-            "mlx": crate::mlx_version(),
+            "mlx": mlx::mlx_version(),
             "engine": env!("CARGO_PKG_VERSION"),
         },
         "device": device.to_string(),
         "device_info": device_info,
-        "custom_kernels": format!("{:?}", crate::fast::custom_kernels()).to_lowercase(),
+        "custom_kernels": format!("{:?}", mlx::fast::custom_kernels()).to_lowercase(),
         "model": {
             "dir": o.model.display().to_string(),
             "architecture": desc.architecture,

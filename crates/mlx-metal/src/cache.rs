@@ -11,9 +11,9 @@
 //! attention masks and results match the reference exactly. Keys and values
 //! are `[B, H_kv, L, D]`.
 
-use crate::array::{Array, Dtype};
-use crate::error::{Error, Result};
-use crate::ops;
+use mlx::ops;
+use mlx::{Array, Dtype};
+use mlx::{Error, Result};
 
 const STEP: i32 = 256;
 
@@ -30,11 +30,11 @@ pub enum Mask {
 
 impl Mask {
     /// The mask in the form the fused attention kernel takes.
-    pub fn as_attention(&self) -> crate::fast::AttentionMask<'_> {
+    pub fn as_attention(&self) -> mlx::fast::AttentionMask<'_> {
         match self {
-            Mask::None => crate::fast::AttentionMask::None,
-            Mask::Causal => crate::fast::AttentionMask::Causal,
-            Mask::Array(a) => crate::fast::AttentionMask::Array(a),
+            Mask::None => mlx::fast::AttentionMask::None,
+            Mask::Causal => mlx::fast::AttentionMask::Causal,
+            Mask::Array(a) => mlx::fast::AttentionMask::Array(a),
         }
     }
 }

@@ -14,14 +14,14 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use crate::array::{Array, Dtype};
 use crate::cache::LayerCache;
-use crate::error::{Error, Result};
-use crate::memory;
 use crate::model::LanguageModel;
-use crate::ops;
 use crate::sample::Sampler;
-use crate::transforms::{async_eval, eval};
+use mlx::memory;
+use mlx::ops;
+use mlx::transforms::{async_eval, eval};
+use mlx::{Array, Dtype};
+use mlx::{Error, Result};
 
 /// How many prompt tokens one prefill chunk takes (mlx-lm's default).
 pub const PREFILL_STEP: usize = 2048;

@@ -29,13 +29,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::array::{Array, Dtype};
-use crate::error::{Error, Result};
-use crate::io;
 use crate::model::{LanguageModel, LoadedModel};
 use crate::nn::{Linear, LinearWeight};
-use crate::ops;
-use crate::random;
+use mlx::io;
+use mlx::ops;
+use mlx::random;
+use mlx::{Array, Dtype};
+use mlx::{Error, Result};
 
 /// The adapter weights file of an adapter directory.
 pub const ADAPTER_FILE: &str = "adapters.safetensors";

@@ -3,16 +3,16 @@
 //! affine-quantised), activations and grouped-query helpers.
 //!
 //! Quantisation is orthogonal to the models: a layer is quantised when its
-//! weights came with `scales` (see [`crate::ops::Quantized`]).
+//! weights came with `scales` (see [`mlx::ops::Quantized`]).
 
 use std::cell::OnceCell;
 use std::thread::LocalKey;
 
-use crate::array::{Array, Dtype};
-use crate::error::{Error, Result};
 use crate::lora::LoraLayer;
-use crate::ops::{self, Quantized};
-use crate::transforms::{self, Closure};
+use mlx::ops::{self, Quantized};
+use mlx::transforms::{self, Closure};
+use mlx::{Array, Dtype};
+use mlx::{Error, Result};
 
 /// The weights of a linear layer.
 #[derive(Debug, Clone)]

@@ -13,9 +13,9 @@
 //! the calling thread's sequence exactly as `mx.random.seed` does, so the same
 //! seed draws the same tokens as mlx-lm.
 
-use crate::array::{Array, Dtype};
-use crate::error::{Error, Result};
-use crate::{ops, random};
+use mlx::{Array, Dtype};
+use mlx::{Error, Result};
+use mlx::{ops, random};
 
 /// Sampling settings (the subset of generation settings that shapes a draw).
 #[derive(Debug, Clone, PartialEq)]

@@ -24,11 +24,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::array::Array;
 use crate::cache::{KvCache, LayerCache, RotatingKvCache};
-use crate::error::{Error, Result};
-use crate::io;
 use crate::model::LanguageModel;
+use mlx::Array;
+use mlx::io;
+use mlx::{Error, Result};
 
 const FORMAT: &str = "mlxr-session";
 const VERSION: &str = "1";

@@ -110,7 +110,7 @@
 //! assert_eq!(Some(m), out.metrics);
 //! println!("prefill {:.0} tok/s, decode {:.0} tok/s, peak {} bytes", m.prefill_tokens_per_sec,
 //!          m.decode_tokens_per_sec, m.peak_memory_bytes);
-//! println!("MLX {} on {:?}", mlx_metal::device::mlx_version(), mlx_metal::device::Device::best());
+//! println!("MLX {} on {:?}", mlx::device::mlx_version(), mlx::device::Device::best());
 //! # Ok::<(), inference_core::Error>(())
 //! ```
 //!
@@ -129,7 +129,7 @@
 //! # Memory controls
 //!
 //! ```
-//! use mlx_metal::memory;
+//! use mlx::memory;
 //!
 //! let stats = memory::stats()?;
 //! println!("active {} B, cache {} B, peak {} B", stats.active, stats.cache, stats.peak);

@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! Attention inspection: post-rope keys and queries per layer and head.
 
+#[path = "../../mlx/tests/common/mod.rs"]
 mod common;
 
 use inference_core::{CancelToken, Error as CoreError, LoadSettings, Registry, TextModel};
-use mlx_metal::fast::{self, RopeFreqs, RopeOffset};
-use mlx_metal::{Array, io, ops};
+use mlx::fast::{self, RopeFreqs, RopeOffset};
+use mlx::{Array, io, ops};
 
 fn load(name: &str) -> Box<dyn TextModel> {
     Registry::new()

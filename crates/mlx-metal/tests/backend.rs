@@ -2,6 +2,7 @@
 //! The "metal" backend through inference-core: loading by name, streaming,
 //! cancellation, metrics, model info and bad input, on the tiny fixtures.
 
+#[path = "../../mlx/tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -286,13 +287,13 @@ fn broken_model_directories_fail_to_load_with_the_reason() {
 
 #[test]
 fn wrong_dtype_and_missing_tensor_are_named() {
-    use mlx_metal::{Array, io};
+    use mlx::{Array, io};
     let d = common::copy_tiny_model("llama-tiny");
     let st = d.path().join("model.safetensors");
     let mut loaded = io::load_safetensors(&st).unwrap();
     let name = "model.layers.0.self_attn.q_proj.weight";
     let w = loaded.tensors.remove(name).unwrap();
-    let as_int = mlx_metal::ops::astype(&w, mlx_metal::Dtype::Int32).unwrap();
+    let as_int = mlx::ops::astype(&w, mlx::Dtype::Int32).unwrap();
     loaded.tensors.insert(name.to_string(), as_int);
     io::save_safetensors(&st, loaded.tensors.iter().map(|(k, v)| (k.as_str(), v)), &loaded.metadata).unwrap();
     let e = load_err(d.path());

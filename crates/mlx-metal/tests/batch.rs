@@ -2,16 +2,17 @@
 //! Batched prefill and generation: every row of a left-padded batch equals
 //! running its prompt alone, on every tiny fixture (sliding windows included).
 
+#[path = "../../mlx/tests/common/mod.rs"]
 mod common;
 
 use std::ops::ControlFlow;
 
-use mlx_metal::array::Array;
+use mlx::array::Array;
+use mlx::device::{Device, DeviceScope};
+use mlx::ops;
 use mlx_metal::batch;
-use mlx_metal::device::{Device, DeviceScope};
 use mlx_metal::generate::{self, LoopOptions};
 use mlx_metal::model::{self, LanguageModel};
-use mlx_metal::ops;
 use mlx_metal::sample::{Sampler, SamplerConfig};
 
 const MODELS: &[&str] =

@@ -3,6 +3,7 @@
 //! equals its prompt run alone (text, ids, scores), cancels keep what each
 //! row has, and bad batches are refused with the reason.
 
+#[path = "../../mlx/tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;

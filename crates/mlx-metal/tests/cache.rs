@@ -17,12 +17,13 @@
 
 use std::ops::ControlFlow;
 
+use mlx::Array;
+use mlx_metal::Error;
 use mlx_metal::cache::{KvCache, LayerCache, Mask, RotatingKvCache, causal_mask};
 use mlx_metal::generate::{LoopOptions, generate};
 use mlx_metal::model::{self, LanguageModel};
 use mlx_metal::sample::{Sampler, SamplerConfig};
 use mlx_metal::tokenizer::Tokenizer;
-use mlx_metal::{Array, Error};
 use parity::{Fixture, Tolerances};
 
 /// Keys and values for positions `start .. start + n` (1-based).

@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! conv2d against a float64 reference, and the expert bank of nn.
 
+#[path = "../../mlx/tests/common/mod.rs"]
 mod common;
 
 use common::assert_close;
+use mlx::ops::{self, Conv2d};
+use mlx::{Array, Dtype};
 use mlx_metal::nn::{LinearWeight, SwitchLinear};
-use mlx_metal::ops::{self, Conv2d};
-use mlx_metal::{Array, Dtype};
 
 fn reference_conv(
     x: &[f32],

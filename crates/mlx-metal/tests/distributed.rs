@@ -7,15 +7,17 @@
 //! variable `MLXR_DIST_TEST_ROLE` says what the rank does. Each rank prints
 //! `RESULT <json>` lines that the parent reads back.
 
+#[path = "../../mlx/tests/common/mod.rs"]
 mod common;
 
 use std::ffi::OsString;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mlx_metal::distributed::launch::{self, LaunchSpec, RankOutput};
-use mlx_metal::distributed::{self, Backend, Group, InitOptions};
-use mlx_metal::{Array, Dtype, Error, transforms};
+use mlx::distributed::launch::{self, LaunchSpec, RankOutput};
+use mlx::distributed::{self, Backend, Group, InitOptions};
+use mlx::{Array, Dtype, transforms};
+use mlx_metal::Error;
 use serde_json::{Value, json};
 
 const ROLE: &str = "MLXR_DIST_TEST_ROLE";
@@ -124,9 +126,9 @@ fn rank_ops() {
         let back = distributed::recv(&[3], Dtype::Float32, 1, &g).expect("recv");
         f32s(&back)
     } else {
-        let like = mlx_metal::ops::zeros(&[3], Dtype::Float32).expect("like");
+        let like = mlx::ops::zeros(&[3], Dtype::Float32).expect("like");
         let got = distributed::recv_like(&like, 0, &g).expect("recv_like");
-        let doubled = mlx_metal::ops::multiply_scalar(&got, 2.0).expect("double");
+        let doubled = mlx::ops::multiply_scalar(&got, 2.0).expect("double");
         let sent = distributed::send(&doubled, 0, &g).expect("send back");
         transforms::eval(&[&sent]).expect("eval send back");
         f32s(&got)
@@ -253,7 +255,7 @@ fn backends_parse_and_report_availability() {
 
 #[test]
 fn shard_ranges_and_errors() {
-    use distributed::Shard;
+    use mlx_metal::model::tp::Shard;
     let s = Shard::new(1, 2).expect("shard");
     assert_eq!(s.range(8, "heads").expect("even"), (4, 4));
     assert_eq!(s.range(9, "heads").expect("uneven"), (4, 5));
@@ -390,12 +392,13 @@ fn a_job_past_its_deadline_is_killed() {
 mod tp {
     use std::path::{Path, PathBuf};
 
-    use mlx_metal::distributed::{TensorParallel, VocabLayout};
+    use mlx_metal::model::tp::{TensorParallel, VocabLayout};
     use mlx_metal::model::{self, LanguageModel};
     use std::ops::ControlFlow;
 
+    use mlx::{Array, memory, ops};
+    use mlx_metal::batch;
     use mlx_metal::sample::{Sampler, SamplerConfig};
-    use mlx_metal::{Array, batch, memory, ops};
     use serde_json::{Value, json};
 
     use super::{join_ring, result_of, run_job_with};
@@ -464,7 +467,7 @@ mod tp {
         let h = model.embed(&ids).expect("embed");
         let logits = model.head(&h).expect("head");
         let bits = |a: &Array| {
-            let v = ops::astype(a, mlx_metal::Dtype::Float32).expect("float32").to_vec_f32().expect("values");
+            let v = ops::astype(a, mlx::Dtype::Float32).expect("float32").to_vec_f32().expect("values");
             let h = v
                 .iter()
                 .fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ u64::from(x.to_bits())).wrapping_mul(0x100_0000_01b3));
@@ -608,13 +611,13 @@ mod tp {
             let p = entry.path();
             let name = entry.file_name();
             if p.extension().is_some_and(|x| x == "safetensors") {
-                let st = mlx_metal::io::load_safetensors(&p).expect("weights");
+                let st = mlx::io::load_safetensors(&p).expect("weights");
                 let cast: Vec<(String, Array)> = st
                     .tensors
                     .iter()
-                    .map(|(k, a)| (k.clone(), ops::astype(a, mlx_metal::Dtype::Float32).expect("cast")))
+                    .map(|(k, a)| (k.clone(), ops::astype(a, mlx::Dtype::Float32).expect("cast")))
                     .collect();
-                mlx_metal::io::save_safetensors(out.path().join(&name), cast.iter().map(|(k, a)| (k, a)), &st.metadata)
+                mlx::io::save_safetensors(out.path().join(&name), cast.iter().map(|(k, a)| (k, a)), &st.metadata)
                     .expect("save");
             } else if p.is_file() {
                 std::fs::copy(&p, out.path().join(&name)).expect("copy");
@@ -693,8 +696,8 @@ mod tp {
         // qwen3-tiny-4bit: o_proj has 64 inputs in groups of 64; 32 per rank.
         let d = fixture("qwen3-tiny-4bit");
         let spec = super::spec(&format!("tp:{}", d.display()), 2);
-        let e = mlx_metal::distributed::launch::spawn(&spec)
-            .and_then(mlx_metal::distributed::launch::Job::wait)
+        let e = mlx::distributed::launch::spawn(&spec)
+            .and_then(mlx::distributed::launch::Job::wait)
             .expect_err("the shard cannot be quantised");
         let msg = e.to_string();
         assert!(msg.contains("does not fall on quantisation groups of 64"), "{msg}");
@@ -840,7 +843,7 @@ mod metal {
     /// A rank: the model loaded through `MetalModel` with the
     /// `tensor_parallel` backend option (the engine thread joins the group).
     pub(super) fn rank_chat(dir: &str) {
-        let rank = mlx_metal::distributed::launch::rank_from_env().expect("MLX_RANK").expect("a rank");
+        let rank = mlx::distributed::launch::rank_from_env().expect("MLX_RANK").expect("a rank");
         let mut settings = tp_settings();
         if let Ok(layout) = std::env::var(TP_VOCAB) {
             settings = settings.backend_option("tp_vocab", layout);
@@ -960,7 +963,7 @@ mod metal {
 
     /// A rank of a mirrored job: rank 0 makes the calls, the others follow.
     pub(super) fn rank_mirrored(dir: &str) {
-        let rank = mlx_metal::distributed::launch::rank_from_env().expect("MLX_RANK").expect("a rank");
+        let rank = mlx::distributed::launch::rank_from_env().expect("MLX_RANK").expect("a rank");
         let model = MetalModel::load(Path::new(dir), &tp_settings()).unwrap_or_else(|e| {
             eprintln!("rank {rank}: {e}");
             std::process::exit(6)
@@ -1038,7 +1041,7 @@ mod metal {
     #[test]
     fn tensor_parallel_without_a_launcher_says_what_is_missing() {
         let _serial = super::serial();
-        if mlx_metal::distributed::launch::is_rank_process() {
+        if mlx::distributed::launch::is_rank_process() {
             eprintln!("note: MLX_RANK is set in this environment; skipped");
             return;
         }

@@ -3,13 +3,14 @@
 //! to a file inside the model directory, nested text configs, and the errors
 //! for broken indexes and quantisation sections.
 
+#[path = "../../mlx/tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use mlx::{Array, Dtype, io, ops};
 use mlx_metal::model::{self, LanguageModel};
-use mlx_metal::{Array, Dtype, io, ops};
 
 fn logits(m: &dyn LanguageModel) -> Vec<f32> {
     let ids = [2i32, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50];

@@ -4,16 +4,18 @@
 //! mismatched or missing adapters fail with the problem named, and the
 //! backend loads and swaps adapters on its engine thread.
 
+#[path = "../../mlx/tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use inference_core::{CancelToken, GenerateSettings, LoadSettings, TextModel};
+use mlx::{Array, Dtype, ops, random};
+use mlx_metal::MetalModel;
 use mlx_metal::lora::{self, AdapterConfig, LoraParameters};
 use mlx_metal::model::{self, LanguageModel, LoadedModel};
 use mlx_metal::nn::LinearWeight;
-use mlx_metal::{Array, Dtype, MetalModel, ops, random};
 
 fn load(name: &str) -> LoadedModel {
     model::load(&common::tiny_model(name)).unwrap_or_else(|e| panic!("loading {name}: {e}"))
@@ -193,7 +195,7 @@ fn an_adapter_for_another_model_is_rejected_with_every_mismatch_named() {
     // A tensor the model does not have.
     let mut w: BTreeMap<String, Array> = lora::lora_weights(llama.model.as_mut());
     w.insert("model.layers.0.self_attn.k_proj.lora_a".into(), Array::from_slice(&[0f32; 4], &[1, 4]).unwrap());
-    mlx_metal::io::save_safetensors(dir.path().join("adapters.safetensors"), w.iter(), &BTreeMap::new()).unwrap();
+    mlx::io::save_safetensors(dir.path().join("adapters.safetensors"), w.iter(), &BTreeMap::new()).unwrap();
     let mut fresh = load("llama-tiny");
     let err = lora::load_adapter(fresh.model.as_mut(), dir.path()).unwrap_err().to_string();
     assert!(err.contains("k_proj.lora_a: not an adapter parameter"), "{err}");

@@ -2,11 +2,12 @@
 //! Layer helpers: dense and quantised Linear and Embedding, activations
 //! against float64 formulas, and repeat_kv.
 
+#[path = "../../mlx/tests/common/mod.rs"]
 mod common;
 
 use common::{arr, assert_close, data, expect_err, iarr, iota, matmul_ref, permute_ref, vals, wide};
+use mlx::{Dtype, ops};
 use mlx_metal::nn::{self, Embedding, Linear, LinearWeight};
-use mlx_metal::{Dtype, ops};
 
 const IN: usize = 128;
 const OUT: usize = 6;

@@ -7,10 +7,10 @@
 
 use std::ops::ControlFlow;
 
+use mlx::{Array, ops};
 use mlx_metal::generate::{LoopOptions, generate};
 use mlx_metal::model::{self, LanguageModel};
 use mlx_metal::sample::{Sampler, SamplerConfig};
-use mlx_metal::{Array, ops};
 use parity::{BoxError, Fixture, Greedy, ParityModel};
 
 struct Metal {

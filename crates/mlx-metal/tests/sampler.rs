@@ -4,10 +4,12 @@
 //! `apply_min_p`, mlx-lm's `sample_utils` functions) keep exactly the tokens
 //! worked out by hand below, setting the rest to -inf.
 
+#[path = "../../mlx/tests/common/mod.rs"]
 mod common;
 
+use mlx::{Array, Dtype, ops};
+use mlx_metal::Error;
 use mlx_metal::sample::{Sampler, SamplerConfig, apply_min_p, apply_top_k, apply_top_p};
-use mlx_metal::{Array, Dtype, Error, ops};
 
 /// Two rows of probabilities, in different orders (no ties, no sums on a threshold).
 const PROBS: [[f32; 5]; 2] = [[0.1, 0.4, 0.2, 0.25, 0.05], [0.25, 0.05, 0.4, 0.1, 0.2]];

@@ -12,10 +12,10 @@
 
 use std::ops::ControlFlow;
 
+use mlx::{Array, ops};
 use mlx_metal::generate::{LoopOptions, generate};
 use mlx_metal::model::{self, LanguageModel};
 use mlx_metal::sample::{Sampler, SamplerConfig};
-use mlx_metal::{Array, ops};
 use parity::{Fixture, SampledRun, Tolerances};
 
 /// The sampler settings of a run, as mlx-lm was given them.
@@ -58,7 +58,7 @@ fn sample(model: &dyn LanguageModel, prompt: &[u32], seed: u64, cfg: SamplerConf
 fn check(name: &str) {
     // The goldens are mlx-lm's draws on MLX's CPU; other devices round
     // differently (TF32 matmuls, other kernels), which changes later draws.
-    let _cpu = mlx_metal::device::DeviceScope::new(mlx_metal::Device::Cpu).unwrap();
+    let _cpu = mlx::device::DeviceScope::new(mlx::Device::Cpu).unwrap();
     let fixture = Fixture::load(name).unwrap_or_else(|e| panic!("{e}"));
     let runs = &fixture.golden.sampling;
     let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();

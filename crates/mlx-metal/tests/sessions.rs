@@ -3,6 +3,7 @@
 //! a fresh run over the whole conversation; divergent histories, sliding
 //! windows, saving and loading, and bad session files.
 
+#[path = "../../mlx/tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
@@ -227,7 +228,7 @@ fn a_cancelled_turn_leaves_a_usable_session() {
 fn a_wrapped_sliding_window_cache_survives_saving() {
     use std::ops::ControlFlow;
 
-    use mlx_metal::device::{Device, DeviceScope};
+    use mlx::device::{Device, DeviceScope};
     use mlx_metal::generate::{self, LoopOptions};
     use mlx_metal::sample::{Sampler, SamplerConfig};
     use mlx_metal::session::{Fingerprint, SessionCache};

@@ -19,9 +19,9 @@
 use std::path::{Path, PathBuf};
 
 use inference_core::Message;
+use mlx::{Array, ops};
 use mlx_metal::chat::ChatTemplate;
 use mlx_metal::tokenizer::Tokenizer;
-use mlx_metal::{Array, ops};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, TrainResult};
@@ -377,7 +377,7 @@ pub struct Batch {
 impl Batch {
     /// The batch with its tokens as `[B, W]` int32 (for tests and checks).
     pub fn tokens_i32(&self) -> mlx_metal::Result<Vec<i32>> {
-        ops::astype(&self.tokens, mlx_metal::Dtype::Int32)?.to_vec::<i32>()
+        ops::astype(&self.tokens, mlx::Dtype::Int32)?.to_vec::<i32>()
     }
 }
 

@@ -55,6 +55,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod data;
@@ -70,10 +71,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use inference_core::{LoraConfig, LoraDType};
+use mlx::{Dtype, memory, random};
 use mlx_metal::chat::ChatTemplate;
 use mlx_metal::lora::{self, AdapterConfig, LoraParameters};
 use mlx_metal::tokenizer::Tokenizer;
-use mlx_metal::{Dtype, memory, random};
 use serde::{Deserialize, Serialize};
 
 pub use data::{Batch, BatchStream, DataConfig, Dataset, Encoder, Example, Format};

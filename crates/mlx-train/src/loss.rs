@@ -2,7 +2,9 @@
 //! Cross-entropy as MLX's `nn.losses.cross_entropy` computes it, and mlx-lm's
 //! `default_loss`: the mean over the unmasked target tokens.
 
-use mlx_metal::{Array, Dtype, Result, ops};
+use mlx_metal::Result;
+
+use mlx::{Array, Dtype, ops};
 
 /// Per-position cross-entropy of `logits: [..., V]` against integer
 /// `targets: [...]`, in the logits' dtype (MLX's reference path: logits

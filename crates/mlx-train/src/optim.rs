@@ -2,7 +2,9 @@
 //! AdamW exactly as MLX's `optim.AdamW`, mlx-lm's learning-rate schedule
 //! (linear warm-up, then cosine decay), and clipping by the global norm.
 
-use mlx_metal::{Array, Result, ops};
+use mlx_metal::Result;
+
+use mlx::{Array, ops};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, TrainResult};
@@ -185,13 +187,13 @@ impl AdamW {
 /// `max_norm` (MLX's `clip_grad_norm`: unchanged when the norm is below it).
 /// Returns the clipped gradients and the norm before clipping (a lazy scalar).
 pub fn clip_grad_norm(grads: &[Array], max_norm: f32) -> Result<(Vec<Array>, Array)> {
-    let mut total = Array::scalar_as(0.0, mlx_metal::Dtype::Float32)?;
+    let mut total = Array::scalar_as(0.0, mlx::Dtype::Float32)?;
     for g in grads {
-        let g32 = ops::astype(g, mlx_metal::Dtype::Float32)?;
+        let g32 = ops::astype(g, mlx::Dtype::Float32)?;
         total = ops::add(&total, &ops::sum_all(&ops::square(&g32)?, false)?)?;
     }
     let norm = ops::sqrt(&total)?;
-    let max = Array::scalar_as(f64::from(max_norm), mlx_metal::Dtype::Float32)?;
+    let max = Array::scalar_as(f64::from(max_norm), mlx::Dtype::Float32)?;
     let normaliser = ops::divide(&max, &ops::add_scalar(&norm, 1e-6)?)?;
     let below = ops::less(&norm, &max)?;
     let clipped = grads

@@ -14,11 +14,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::rc::{Rc, Weak};
 
+use mlx::transforms::{self, Closure, ValueAndGrad};
+use mlx::{Array, Dtype, io, memory, ops};
 use mlx_metal::lora::{self, AdapterConfig};
 use mlx_metal::model::LanguageModel;
 use mlx_metal::nn::Linear;
-use mlx_metal::transforms::{self, Closure, ValueAndGrad};
-use mlx_metal::{Array, Dtype, io, memory, ops};
 
 use crate::data::{Batch, Dataset};
 use crate::error::{Error, TrainResult};

@@ -6,7 +6,9 @@
 
 mod common;
 
-use mlx_metal::{Dtype, memory, model};
+use mlx_metal::model;
+
+use mlx::{Dtype, memory};
 use mlx_train::{DataConfig, StepSettings};
 
 #[test]

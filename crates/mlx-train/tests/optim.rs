@@ -2,7 +2,7 @@
 //! AdamW, the schedule, clipping and the masked loss against hand-computed
 //! float64 references of MLX's and mlx-lm's formulas.
 
-use mlx_metal::{Array, Dtype, ops};
+use mlx::{Array, Dtype, ops};
 use mlx_train::loss::{cross_entropy, masked_loss, target_mask};
 use mlx_train::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
 

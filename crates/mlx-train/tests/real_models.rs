@@ -13,9 +13,9 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use mlx::{Array, Dtype, ops, random};
 use mlx_metal::lora;
 use mlx_metal::model;
-use mlx_metal::{Array, Dtype, ops, random};
 use mlx_train::{DataConfig, StepSettings};
 
 const MODELS: [&str; 2] = ["smollm2-135m-instruct", "gemma3-270m"];

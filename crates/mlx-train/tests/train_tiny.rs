@@ -8,11 +8,11 @@ mod common;
 
 use std::ops::ControlFlow;
 
+use mlx::{Dtype, ops};
 use mlx_metal::model;
-use mlx_metal::{Dtype, ops};
 use mlx_train::{DataConfig, StepSettings, TrainConfig, TrainEvent};
 
-fn max_diff(a: &mlx_metal::Array, b: &mlx_metal::Array) -> f32 {
+fn max_diff(a: &mlx::Array, b: &mlx::Array) -> f32 {
     let d = ops::abs(&ops::subtract(a, b).unwrap()).unwrap();
     ops::astype(&ops::max_all(&d, false).unwrap(), Dtype::Float32).unwrap().item::<f32>().unwrap()
 }
@@ -143,8 +143,8 @@ fn train_writes_mlx_lm_files_reports_events_and_resumes_exactly() {
     let rest = TrainConfig { adapter_path: resumed.clone(), resume: true, ..config.clone() };
     let s = mlx_train::train(&rest, |_| ControlFlow::Continue(())).unwrap();
     assert_eq!(s.iterations, 6);
-    let a = mlx_metal::io::load_safetensors(straight.join("adapters.safetensors")).unwrap().tensors;
-    let b = mlx_metal::io::load_safetensors(resumed.join("adapters.safetensors")).unwrap().tensors;
+    let a = mlx::io::load_safetensors(straight.join("adapters.safetensors")).unwrap().tensors;
+    let b = mlx::io::load_safetensors(resumed.join("adapters.safetensors")).unwrap().tensors;
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (k, x) in &a {
         assert!(max_diff(x, &b[k]) < 1e-6, "{k} differs after resuming by {}", max_diff(x, &b[k]));
@@ -211,7 +211,7 @@ fn a_trained_adapter_fuses_into_a_model_equal_to_base_plus_adapter() {
     let fused = mlx_train::fuse(&config.model, &adapter, &fused_dir).unwrap();
     assert!(!fused.is_empty());
     let logits = |m: &dyn model::LanguageModel| {
-        let x = mlx_metal::Array::from_slice(&[1i32, 4, 9, 16, 25], &[1, 5]).unwrap();
+        let x = mlx::Array::from_slice(&[1i32, 4, 9, 16, 25], &[1, 5]).unwrap();
         let mut c = m.make_cache().unwrap();
         m.forward(&x, &mut c).unwrap()
     };
@@ -233,7 +233,7 @@ fn dropout_acts_only_while_training() {
     let m = model::load(&common::tiny("llama-tiny")).unwrap();
     let ds = common::dataset(&m, &common::completions(2), &DataConfig::default());
     let batch = ds.batch(&[0, 1], 2048).unwrap();
-    mlx_metal::random::seed(8).unwrap();
+    mlx::random::seed(8).unwrap();
     let lora = inference_core::LoraConfig::default().rank(4).dropout(0.5);
     let cfg = mlx_train::adapter_config(&lora, m.model.num_layers());
     assert_eq!(cfg.lora_parameters.dropout, 0.5);

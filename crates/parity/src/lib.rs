@@ -45,6 +45,7 @@
 //!
 //! Tolerances are in [`Tolerances`]; the file formats and the pipeline in `testdata/README.md`.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod compare;

@@ -24,13 +24,19 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use inference_core::GenerateSettings;
+use inference_core::{
+    CancelToken, Error as CoreError, GenerateSettings, LogitsMode, Result as CoreResult, TokenStream,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::array::Array;
-use crate::distributed::{self, TensorParallel, broadcast_bytes};
-use crate::error::Error;
-use crate::transforms::async_eval;
+use crate::model::tp::TensorParallel;
+use mlx::Array;
+use mlx::Error;
+use mlx::distributed::{self, broadcast_bytes};
+use mlx::transforms::async_eval;
+
+use super::engine::Engine;
+use super::{NAME, core_err};
 
 const OP: &str = "tensor_parallel_mirror";
 
@@ -195,6 +201,146 @@ impl StopFlag<'_> {
         match self.error.borrow_mut().take() {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+}
+
+impl Engine {
+    /// Rank 0 of a tensor-parallel job: tells the other ranks to run the job
+    /// `request()` describes (built only then). Nothing in a single process;
+    /// an error on the other ranks, whose jobs come from rank 0.
+    pub(super) fn announce(&self, request: impl FnOnce() -> Request) -> CoreResult<()> {
+        match &self.mirror {
+            None => Ok(()),
+            Some(m) if m.is_root() => m.announce(&request()).map_err(core_err),
+            Some(m) => Err(CoreError::backend(
+                NAME,
+                format!(
+                    "rank {} of a tensor-parallel job runs what rank 0 runs (MetalModel::follow); call rank 0's model",
+                    m.rank()
+                ),
+            )),
+        }
+    }
+
+    /// The settings a job runs with: in a tensor-parallel job, rank 0 fixes
+    /// the seed so that every rank samples alike.
+    pub(super) fn seeded(&self, settings: GenerateSettings) -> GenerateSettings {
+        match &self.mirror {
+            Some(m) => m.seeded(settings),
+            None => settings,
+        }
+    }
+
+    /// The loop of ranks 1 and later: rank 0's jobs until it shuts down.
+    pub(super) fn follow(&mut self) -> CoreResult<()> {
+        let rank = match &self.mirror {
+            Some(m) if !m.is_root() => m.rank(),
+            Some(_) => {
+                return Err(CoreError::backend(
+                    NAME,
+                    "rank 0 of a tensor-parallel job takes calls; it does not follow",
+                ));
+            }
+            None => return Err(CoreError::backend(NAME, "follow needs a model loaded as a tensor-parallel rank")),
+        };
+        let failed = |what: &str, e: CoreError| {
+            CoreError::backend(
+                NAME,
+                format!("tensor-parallel rank {rank} failed {what} (the ranks are out of step): {e}"),
+            )
+        };
+        loop {
+            let request = match &self.mirror {
+                Some(m) => m.receive().map_err(|e| failed("to receive rank 0's next job", core_err(e)))?,
+                None => return Ok(()),
+            };
+            // The output goes nowhere: a sink whose stream is gone (sends fail
+            // and are ignored in a tensor-parallel job; stopping is rank 0's).
+            let (sink, _) = TokenStream::channel_with_capacity(CancelToken::new(), 0);
+            let cancel = CancelToken::new();
+            // Scores are rank 0's to hand out; here they would only be read back for nothing.
+            let quiet = |mut s: GenerateSettings| {
+                s.logits = LogitsMode::None;
+                s
+            };
+            match request {
+                Request::Generate { ids, settings } => {
+                    self.generate_once(&ids, &quiet(settings), &sink).map_err(|e| failed("a generation", e))?;
+                }
+                Request::SessionTurn { session, ids, settings } => {
+                    self.session_turn_once(session, &ids, &quiet(settings), &sink)
+                        .map_err(|e| failed("a session turn", e))?;
+                }
+                Request::EndSession { session } => {
+                    self.sessions.remove(&session);
+                }
+                Request::Classify { prompts, settings } => match self.classify(&prompts, &quiet(settings), &cancel) {
+                    Ok(_) | Err(CoreError::Cancelled) => {}
+                    Err(e) => return Err(failed("a classification", e)),
+                },
+                Request::Batch { prompts, settings } => {
+                    let prompts = prompts.into_iter().map(|p| p.ok_or(CoreError::EmptyPrompt)).collect();
+                    // Row errors are rank 0's to report; they are the same here.
+                    self.batch_generate(prompts, &quiet(settings), &cancel);
+                }
+                Request::Inspect { ids } => {
+                    self.inspect(&ids, String::new()).map_err(|e| failed("an attention inspection", core_err(e)))?;
+                }
+                Request::SetAdapter { dir } => {
+                    // Rank 0 reports a bad adapter to its caller and is left without one; so is
+                    // this rank, still in step.
+                    if let Err(e) = self.set_adapter(dir) {
+                        eprintln!("mlx-metal: tensor-parallel rank {rank}: the adapter swap failed as on rank 0: {e}");
+                    }
+                }
+                Request::Shutdown => return Ok(()),
+            }
+        }
+    }
+
+    /// The stop decision of a generation: `local()` in a single process;
+    /// rank 0's `local()`, shared with every rank, in a tensor-parallel job.
+    pub(super) fn stop_flag<'a>(&'a self, local: &'a dyn Fn() -> bool) -> Stop<'a> {
+        match &self.mirror {
+            Some(m) => Stop::Shared(m.stop_flag(local)),
+            None => Stop::Local(local),
+        }
+    }
+
+    /// A session file holds one rank's caches only: refused in a tensor-parallel job.
+    pub(super) fn refuse_session_files(&self) -> CoreResult<()> {
+        match &self.mirror {
+            Some(_) => Err(CoreError::backend(
+                NAME,
+                "saving and loading chat sessions is not supported for a tensor-parallel model (each rank holds \
+                 only its own attention heads' caches)",
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// When a generation stops: decided here, or by rank 0 of a tensor-parallel job.
+pub(super) enum Stop<'a> {
+    Local(&'a dyn Fn() -> bool),
+    Shared(StopFlag<'a>),
+}
+
+impl Stop<'_> {
+    /// Whether to stop now (a collective per call in a tensor-parallel job).
+    pub(super) fn poll(&self) -> bool {
+        match self {
+            Stop::Local(f) => f(),
+            Stop::Shared(flag) => flag.poll(),
+        }
+    }
+
+    /// The error of a failed collective, if any.
+    pub(super) fn check(&self) -> Result<(), Error> {
+        match self {
+            Stop::Local(_) => Ok(()),
+            Stop::Shared(flag) => flag.check(),
         }
     }
 }

@@ -32,8 +32,8 @@ use minijinja::{AutoEscape, Environment, Value};
 
 pub use builtin::BuiltinTemplate;
 
-use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
+use mlx::{Error, Result};
 
 const NAME: &str = "chat_template";
 

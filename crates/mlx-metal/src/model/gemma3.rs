@@ -13,12 +13,12 @@ use std::path::Path;
 use half::bf16;
 use serde::Deserialize;
 
-use crate::array::{Array, Dtype};
 use crate::cache::{KvCache, LayerCache, Mask, RotatingKvCache};
-use crate::error::Result;
-use crate::fast;
 use crate::nn::{self, Embedding, FusedLinear, Linear};
-use crate::ops;
+use mlx::Result;
+use mlx::fast;
+use mlx::ops;
+use mlx::{Array, Dtype};
 
 use super::config::{ModelConfig, RopeScaling};
 use super::rope::Rope;

@@ -11,12 +11,12 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::array::Array;
 use crate::cache::{KvCache, LayerCache, Mask, RotatingKvCache};
-use crate::error::Result;
-use crate::fast;
 use crate::nn::{self, Embedding, FusedLinear, Linear};
-use crate::ops;
+use mlx::Array;
+use mlx::Result;
+use mlx::fast;
+use mlx::ops;
 
 use super::config::{ModelConfig, RopeScaling};
 use super::rope::Rope;

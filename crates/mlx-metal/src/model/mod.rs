@@ -26,13 +26,13 @@ use std::path::{Path, PathBuf};
 
 use inference_core::ModelInfo;
 
-use crate::array::Array;
 use crate::cache::{LayerCache, Mask};
-use crate::distributed::TensorParallel;
-use crate::error::{Error, Result};
-use crate::fast;
+use crate::model::tp::TensorParallel;
 use crate::nn::{FusedLinear, Linear};
-use crate::ops;
+use mlx::Array;
+use mlx::fast;
+use mlx::ops;
+use mlx::{Error, Result};
 
 use self::config::ModelConfig;
 use self::weights::{Weights, model_err};

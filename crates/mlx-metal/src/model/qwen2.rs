@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use crate::error::Result;
+use mlx::Result;
 
 use super::config::{ModelConfig, RopeScaling};
 use super::llama::{Decoder, DecoderConfig, Variant};

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::error::Result;
+use mlx::Result;
 
 use super::config::{ModelConfig, RopeScaling};
 use super::llama::{Decoder, DecoderConfig, Variant};

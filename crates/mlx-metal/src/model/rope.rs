@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
-use crate::array::{Array, Dtype};
 use crate::cache::Offset;
-use crate::error::Result;
-use crate::fast::{self, RopeFreqs, RopeOffset};
-use crate::ops;
+use mlx::Result;
+use mlx::fast::{self, RopeFreqs, RopeOffset};
+use mlx::ops;
+use mlx::{Array, Dtype};
 
 use super::config::RopeScaling;
 use super::weights::model_err;

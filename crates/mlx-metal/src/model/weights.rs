@@ -21,12 +21,12 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use crate::array::{Array, Dtype};
-use crate::distributed::TensorParallel;
-use crate::error::{Error, Result};
-use crate::io::{self, SafetensorsHeader};
+use crate::model::tp::TensorParallel;
 use crate::nn::{Embedding, Linear, LinearWeight};
-use crate::ops::{self, Quantized};
+use mlx::io::{self, SafetensorsHeader};
+use mlx::ops::{self, Quantized};
+use mlx::{Array, Dtype};
+use mlx::{Error, Result};
 
 use super::config::QuantConfig;
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use mlx::{Error, Result};
 
 /// What the optional files of a model directory say about tokens and templates.
 #[derive(Debug, Default)]

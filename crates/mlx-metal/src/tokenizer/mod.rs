@@ -36,8 +36,8 @@ use std::sync::Arc;
 pub use stop::{StopChunk, StopMatcher};
 pub use stream::StreamDecoder;
 
-use crate::error::{Error, Result};
 use config::ModelFiles;
+use mlx::{Error, Result};
 
 /// The file every model directory must hold.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";

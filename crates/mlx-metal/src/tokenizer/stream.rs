@@ -2,7 +2,7 @@
 //! Streaming detokenisation: text for each new id, whole characters only.
 
 use super::Tokenizer;
-use crate::error::Result;
+use mlx::Result;
 
 const REPLACEMENT: char = '\u{FFFD}';
 

@@ -110,7 +110,7 @@ pub(crate) fn dataset(model: &LoadedModel, lines: &[String], cfg: &DataConfig) -
 }
 
 /// A trainer with a fresh adapter on `q_proj` and `v_proj` of every block.
-pub(crate) fn trainer(model: LoadedModel, settings: StepSettings, dtype: mlx_metal::Dtype, seed: u64) -> Trainer {
+pub(crate) fn trainer(model: LoadedModel, settings: StepSettings, dtype: mlx::Dtype, seed: u64) -> Trainer {
     let n = model.model.num_layers();
     trainer_top(model, settings, dtype, seed, n)
 }
@@ -120,11 +120,11 @@ pub(crate) fn trainer(model: LoadedModel, settings: StepSettings, dtype: mlx_met
 pub(crate) fn trainer_top(
     model: LoadedModel,
     settings: StepSettings,
-    dtype: mlx_metal::Dtype,
+    dtype: mlx::Dtype,
     seed: u64,
     layers: usize,
 ) -> Trainer {
-    mlx_metal::random::seed(seed).unwrap();
+    mlx::random::seed(seed).unwrap();
     let n = model.model.num_layers();
     let lora = inference_core::LoraConfig::default().rank(4).num_layers(layers);
     let cfg = mlx_train::adapter_config(&lora, n);

@@ -1,0 +1,394 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! [`MetalModel`]: the `Send + Sync` handle of a model that lives on its own
+//! engine thread, and its `inference-core` methods.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use inference_core::{
+    AttentionInspector, AttentionSnapshot, BatchResult, CancelToken, ChatSession, ClassifyResult, Error as CoreError,
+    GenerateMetrics, GenerateSettings, LoadSettings, Message, ModelInfo, Result as CoreResult, TextModel, TokenStream,
+};
+use mlx::Error;
+use mlx::device::{Device, DeviceScope};
+
+use super::engine::Engine;
+use super::mirror::{Mirror, Request};
+use super::session::MetalSession;
+use super::{Job, Jobs, NAME, STREAM_BUFFER, call, check_prompt, core_err, lock, submit};
+use crate::chat::ChatTemplate;
+use crate::model::{self, Description};
+use crate::session::Fingerprint;
+use crate::tokenizer::Tokenizer;
+
+/// A model loaded on its engine thread.
+pub struct MetalModel {
+    jobs: Jobs,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    info: ModelInfo,
+    desc: Description,
+    device: Device,
+    context_length: Option<usize>,
+    metrics: Arc<Mutex<GenerateMetrics>>,
+}
+
+impl MetalModel {
+    /// Loads the model at `path` (a directory, or a file in it) on a new engine thread.
+    pub fn load(path: &Path, settings: &LoadSettings) -> CoreResult<MetalModel> {
+        settings.validate()?;
+        let adapter_path = settings.adapter_path.clone();
+        let device = match settings.device {
+            inference_core::Device::Auto => Device::best(),
+            inference_core::Device::Cpu => Device::Cpu,
+            inference_core::Device::Gpu => {
+                if !Device::Gpu.is_available() {
+                    return Err(CoreError::BackendUnavailable {
+                        name: NAME.into(),
+                        reason: "the GPU was requested but this MLX build has no GPU device here".into(),
+                    });
+                }
+                Device::Gpu
+            }
+        };
+        let dir = model::model_dir(path).map_err(core_err)?;
+        // Tensor parallelism (docs/distributed.md): this process is one rank.
+        let tensor_parallel = crate::model::tp::TensorParallelOptions::from_backend_options(&settings.backend_options)
+            .map_err(core_err)?;
+        let tokenizer = Tokenizer::from_dir(&dir).map_err(core_err)?;
+        let metrics = Arc::new(Mutex::new(GenerateMetrics::default()));
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<Description, Error>>(1);
+        let (job_tx, job_rx) = mpsc::channel::<Job>();
+        let engine_tokenizer = tokenizer.clone();
+        let engine_metrics = Arc::clone(&metrics);
+        let context_length = settings.context_length;
+        let thread = std::thread::Builder::new()
+            .name(format!("mlx-engine-{}", dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()))
+            .spawn(move || {
+                // Dropped last, after the model: see `finish_thread`.
+                let _finish = mlx::device::FinishThread(device);
+                let _scope = match DeviceScope::new(device) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let (loaded, mirror) = match &tensor_parallel {
+                    Some(options) => match options.join() {
+                        Ok(tp) => (model::load_sharded(&dir, tp.clone()), Some(Mirror::new(tp))),
+                        Err(e) => (Err(e), None),
+                    },
+                    None => (model::load(&dir), None),
+                };
+                let mut loaded = match loaded {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if let Some(adapter) = &adapter_path
+                    && let Err(e) = crate::lora::load_adapter(loaded.model.as_mut(), adapter)
+                {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+                let desc = loaded.model.description().clone();
+                let config_json = std::fs::read(loaded.dir.join("config.json")).unwrap_or_default();
+                let fingerprint = Fingerprint::new(&desc, &config_json);
+                let _ = ready_tx.send(Ok(desc));
+                let mut engine = Engine {
+                    loaded,
+                    tokenizer: engine_tokenizer,
+                    metrics: engine_metrics,
+                    context_length,
+                    fingerprint,
+                    sessions: HashMap::new(),
+                    mirror,
+                };
+                while let Ok(job) = job_rx.recv() {
+                    job(&mut engine);
+                }
+                // Closed on rank 0: the other ranks leave their follower loop.
+                if let Some(m) = engine.mirror.as_ref().filter(|m| m.is_root())
+                    && let Err(e) = m.announce(&Request::Shutdown)
+                {
+                    eprintln!("mlx-metal: could not tell the other tensor-parallel ranks to stop: {e}");
+                }
+            })
+            .map_err(|e| CoreError::backend(NAME, format!("could not start the engine thread: {e}")))?;
+        let desc = match ready_rx.recv() {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(core_err(e));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(CoreError::backend(NAME, "the engine thread stopped while loading the model"));
+            }
+        };
+        let template = ChatTemplate::for_model(&tokenizer, &desc.architecture).map_err(core_err)?;
+        let info = ModelInfo { context_length: settings.context_length.or(desc.context_length), ..desc.clone() };
+        Ok(MetalModel {
+            jobs: Arc::new(Mutex::new(Some(job_tx))),
+            thread: Mutex::new(Some(thread)),
+            tokenizer,
+            template,
+            info,
+            desc,
+            device,
+            context_length: settings.context_length,
+            metrics,
+        })
+    }
+
+    /// The MLX device the model runs on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template in use (the model's own, or a built-in fallback).
+    pub fn chat_template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// Replaces the model's LoRA adapter on the engine thread: `Some(dir)`
+    /// loads mlx-lm's adapter directory (`adapters.safetensors` and
+    /// `adapter_config.json`), `None` removes the adapter. Jobs queued before
+    /// run with the old adapter. On error the model is left without an adapter.
+    /// KV caches filled before the swap hold the old adapter's keys and values,
+    /// so every chat session of the model starts again (its next turn
+    /// prefills the whole conversation).
+    ///
+    /// # Errors
+    ///
+    /// A missing or malformed adapter, one that does not fit this model
+    /// (every mismatching tensor is listed), or [`CoreError::Closed`].
+    pub fn set_adapter(&self, dir: Option<&Path>) -> CoreResult<()> {
+        let dir = dir.map(Path::to_path_buf);
+        self.call(move |engine| {
+            engine.announce(|| Request::SetAdapter { dir: dir.clone() })?;
+            engine.set_adapter(dir)
+        })
+    }
+
+    /// Makes this process, rank 1 or later of a tensor-parallel job, run
+    /// what rank 0's model runs: it receives each job rank 0 announces
+    /// (generations, session turns, batches, classification, adapter swaps)
+    /// and runs the same engine code, discarding the output, until rank 0's
+    /// model is closed. Calls on this model wait until then.
+    /// See docs/distributed.md, "Using it from a program".
+    ///
+    /// # Errors
+    ///
+    /// The model is not a tensor-parallel rank other than 0, a job failed on
+    /// this rank (it should not: every rank runs the same inputs), or a
+    /// collective failed (a rank died). The ranks are then out of step, so a
+    /// program should exit unsuccessfully, which ends the job.
+    pub fn follow(&self) -> CoreResult<()> {
+        self.call(Engine::follow)
+    }
+
+    /// This process's rank when it is one rank of a tensor-parallel job.
+    pub fn tensor_parallel_rank(&self) -> CoreResult<Option<i32>> {
+        self.call(|e| Ok(e.mirror.as_ref().map(Mirror::rank)))
+    }
+
+    /// Runs `f` on the engine thread and waits for its answer.
+    pub(crate) fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Engine) -> CoreResult<T> + Send + 'static,
+    ) -> CoreResult<T> {
+        call(&self.jobs, f)
+    }
+
+    fn limit(&self) -> Option<usize> {
+        self.context_length.or(self.desc.context_length)
+    }
+
+    fn check_prompt(&self, ids: &[u32]) -> CoreResult<()> {
+        check_prompt(ids, self.limit())
+    }
+
+    /// Encodes a batch: an error for an empty batch, and per prompt its ids
+    /// or why it cannot run.
+    fn encode_batch(&self, prompts: &[&str]) -> CoreResult<Vec<CoreResult<Vec<u32>>>> {
+        if prompts.is_empty() {
+            return Err(CoreError::invalid_setting("prompts", "[]", "the batch has no prompts"));
+        }
+        Ok(prompts
+            .iter()
+            .map(|p| {
+                if p.is_empty() {
+                    return Err(CoreError::EmptyPrompt);
+                }
+                let ids = self.tokenizer.encode_prompt(p).map_err(core_err)?;
+                self.check_prompt(&ids)?;
+                Ok(ids)
+            })
+            .collect())
+    }
+
+    /// Starts a chat session (see [`ChatSession`]); the concrete type, for
+    /// callers that use mlx-metal directly.
+    pub fn session(&self) -> CoreResult<MetalSession> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        if lock(&self.jobs).is_none() {
+            return Err(CoreError::Closed);
+        }
+        Ok(MetalSession {
+            id,
+            jobs: Arc::clone(&self.jobs),
+            tokenizer: self.tokenizer.clone(),
+            template: self.template.clone(),
+            limit: self.limit(),
+        })
+    }
+
+    fn stream(&self, ids: Vec<u32>, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
+        settings.validate()?;
+        self.check_prompt(&ids)?;
+        // A short buffer: the consumer rarely falls behind, and a cancel or a
+        // dropped stream then stops generation within a few tokens.
+        let (sink, stream) = TokenStream::channel_with_capacity(cancel, STREAM_BUFFER);
+        let settings = settings.clone();
+        submit(
+            &self.jobs,
+            Box::new(move |engine: &mut Engine| {
+                let settings = engine.seeded(settings);
+                if let Err(e) = engine.announce(|| Request::Generate { ids: ids.clone(), settings: settings.clone() }) {
+                    return sink.fail(e);
+                }
+                engine.generate_into(&ids, &settings, sink)
+            }),
+        )?;
+        Ok(stream)
+    }
+}
+
+impl Drop for MetalModel {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+impl TextModel for MetalModel {
+    fn generate(&self, prompt: &str, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
+        if prompt.is_empty() {
+            return Err(CoreError::EmptyPrompt);
+        }
+        let ids = self.tokenizer.encode_prompt(prompt).map_err(core_err)?;
+        self.stream(ids, settings, cancel)
+    }
+
+    fn chat(&self, messages: &[Message], settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
+        if messages.is_empty() {
+            return Err(CoreError::EmptyPrompt);
+        }
+        let ids = self.template.render_and_encode(&self.tokenizer, messages).map_err(core_err)?;
+        self.stream(ids, settings, cancel)
+    }
+
+    fn classify(
+        &self,
+        prompts: &[&str],
+        settings: &GenerateSettings,
+        cancel: CancelToken,
+    ) -> CoreResult<Vec<ClassifyResult>> {
+        settings.validate()?;
+        let encoded = self.encode_batch(prompts)?;
+        let encoded = encoded.into_iter().collect::<CoreResult<Vec<_>>>()?;
+        let settings = settings.clone();
+        self.call(move |e| {
+            let settings = e.seeded(settings);
+            e.announce(|| Request::Classify { prompts: encoded.clone(), settings: settings.clone() })?;
+            e.classify(&encoded, &settings, &cancel)
+        })
+    }
+
+    /// Runs the prompts as left-padded batches (at most [`MAX_BATCH`](super::MAX_BATCH) rows,
+    /// grouped by length); each row's tokens equal a run of its prompt alone
+    /// (greedy; sampled rows share one random stream). An empty or
+    /// over-long prompt fails in its own result; a cancel ends every
+    /// unfinished row with [`CoreError::Cancelled`], keeping its tokens.
+    fn batch_generate(
+        &self,
+        prompts: &[&str],
+        settings: &GenerateSettings,
+        cancel: CancelToken,
+    ) -> CoreResult<Vec<BatchResult>> {
+        settings.validate()?;
+        let encoded = self.encode_batch(prompts)?;
+        let settings = settings.clone();
+        self.call(move |e| {
+            let settings = e.seeded(settings);
+            e.announce(|| Request::Batch {
+                prompts: encoded.iter().map(|p| p.as_ref().ok().cloned()).collect(),
+                settings: settings.clone(),
+            })?;
+            Ok(e.batch_generate(encoded, &settings, &cancel))
+        })
+    }
+
+    fn info(&self) -> ModelInfo {
+        self.info.clone()
+    }
+
+    fn metrics(&self) -> GenerateMetrics {
+        *lock(&self.metrics)
+    }
+
+    fn model_type(&self) -> &str {
+        &self.info.architecture
+    }
+
+    fn attention_inspector(&self) -> Option<&dyn AttentionInspector> {
+        Some(self)
+    }
+
+    fn new_session(&self) -> CoreResult<Box<dyn ChatSession>> {
+        Ok(Box::new(self.session()?))
+    }
+
+    fn close(&self) -> CoreResult<()> {
+        drop(lock(&self.jobs).take());
+        if let Some(t) = lock(&self.thread).take()
+            && t.join().is_err()
+        {
+            return Err(CoreError::backend(NAME, "the engine thread panicked"));
+        }
+        Ok(())
+    }
+}
+
+impl AttentionInspector for MetalModel {
+    /// One prefill of `prompt`; keys and queries are captured after the q/k
+    /// norms and rope, for every position of the prompt (sliding-window
+    /// layers included, whatever their cache keeps).
+    fn inspect_attention(&self, prompt: &str, cancel: CancelToken) -> CoreResult<AttentionSnapshot> {
+        if prompt.is_empty() {
+            return Err(CoreError::EmptyPrompt);
+        }
+        let ids = self.tokenizer.encode_prompt(prompt).map_err(core_err)?;
+        self.check_prompt(&ids)?;
+        let architecture = self.info.architecture.clone();
+        self.call(move |e| {
+            cancel.check()?;
+            e.announce(|| Request::Inspect { ids: ids.clone() })?;
+            e.inspect(&ids, architecture).map_err(core_err)
+        })
+    }
+}

@@ -1,0 +1,132 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! The `"metal"` backend of inference-core: models on their own engine
+//! thread, reached through a `Send + Sync` handle.
+//!
+//! MLX arrays must be evaluated on the thread that made them, so each loaded
+//! model lives on one engine thread (an actor) for its whole life. The public
+//! [`MetalModel`] sends it jobs over a channel; token streams come back over
+//! inference-core's [`TokenStream`](inference_core::TokenStream). Dropping a stream, or cancelling its
+//! token, stops generation before the next token. Calls on one model run one
+//! after another; different models run in parallel on their own threads.
+//!
+//! The module, by job:
+//! - this file: registration ([`MetalBackend`], [`register`]) and the job
+//!   channel to an engine thread;
+//! - [`handle`]: [`MetalModel`], the handle, and its `TextModel` methods;
+//! - `engine`: what the engine thread owns and runs (generation,
+//!   classification, batches, attention inspection, adapter swaps);
+//! - `text`: tokens to text (EOS, stop strings, streaming detokenising,
+//!   scores);
+//! - `session`: [`MetalSession`], chat sessions whose caches live on the
+//!   engine thread;
+//! - `mirror`: tensor-parallel jobs mirrored from rank 0 to the other ranks.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use inference_core::{Backend, Error as CoreError, LoadSettings, Result as CoreResult, TextModel};
+use mlx::Error;
+
+mod engine;
+pub mod handle;
+mod mirror;
+mod session;
+mod text;
+
+use self::engine::Engine;
+pub use self::handle::MetalModel;
+pub use self::session::MetalSession;
+
+/// The backend's registered name.
+pub const NAME: &str = "metal";
+
+/// Tokens a stream holds before the engine waits for its consumer.
+const STREAM_BUFFER: usize = 4;
+
+/// Most rows run together in one batch; longer batches run in groups of
+/// prompts of similar length.
+pub const MAX_BATCH: usize = 16;
+
+/// The MLX backend.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MetalBackend;
+
+/// The backend as inference-core wants it.
+pub fn backend() -> Arc<dyn Backend> {
+    Arc::new(MetalBackend)
+}
+
+/// Registers `"metal"` in inference-core's process-wide registry (idempotent).
+pub fn register() {
+    inference_core::register(backend());
+}
+
+impl Backend for MetalBackend {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    /// MLX is linked in, so its CPU device is always there.
+    fn available(&self) -> bool {
+        true
+    }
+
+    fn load_model(&self, path: &Path, settings: &LoadSettings) -> CoreResult<Box<dyn TextModel>> {
+        Ok(Box::new(MetalModel::load(path, settings)?))
+    }
+}
+
+/// Turns a crate error into inference-core's. The message carries the whole
+/// story (op, path, cause), so it is not chained again as a source.
+pub(crate) fn core_err(e: Error) -> CoreError {
+    CoreError::backend(NAME, e.to_string())
+}
+
+type Job = Box<dyn FnOnce(&mut Engine) + Send>;
+
+/// The way to a model's engine thread, shared by the model and its sessions.
+type Jobs = Arc<Mutex<Option<mpsc::Sender<Job>>>>;
+
+/// Runs `job` on the engine thread.
+fn submit(jobs: &Jobs, job: Job) -> CoreResult<()> {
+    let guard = lock(jobs);
+    let tx = guard.as_ref().ok_or(CoreError::Closed)?;
+    tx.send(job).map_err(|_| CoreError::backend(NAME, "the engine thread has stopped"))
+}
+
+/// Runs `f` on the engine thread and waits for its answer.
+fn call<T: Send + 'static>(
+    jobs: &Jobs,
+    f: impl FnOnce(&mut Engine) -> CoreResult<T> + Send + 'static,
+) -> CoreResult<T> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    submit(
+        jobs,
+        Box::new(move |e| {
+            let _ = tx.send(f(e));
+        }),
+    )?;
+    rx.recv().map_err(|_| CoreError::backend(NAME, "the engine thread stopped during the call"))?
+}
+
+/// Rejects an empty prompt or one longer than the context.
+fn check_prompt(ids: &[u32], limit: Option<usize>) -> CoreResult<()> {
+    if ids.is_empty() {
+        return Err(CoreError::EmptyPrompt);
+    }
+    if let Some(limit) = limit
+        && ids.len() > limit
+    {
+        return Err(CoreError::invalid_setting(
+            "prompt",
+            format!("{} tokens", ids.len()),
+            format!("longer than the context length of {limit} tokens"),
+        ));
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

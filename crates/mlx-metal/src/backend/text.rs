@@ -1,0 +1,98 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! Tokens to the text a caller sees: EOS and stop tokens end a generation,
+//! text is decoded as it becomes complete, stop strings cut it, and the
+//! requested scores ride along.
+
+use std::ops::ControlFlow;
+
+use inference_core::{GenerateSettings, LogitsMode, Token};
+use mlx::{Array, Error, ops};
+
+use crate::generate::Step;
+use crate::tokenizer::{StopMatcher, StreamDecoder, Tokenizer};
+
+/// Attaches the requested log-probabilities or logits to a token.
+pub(super) fn with_scores(mut token: Token, step: &Step<'_>, mode: LogitsMode) -> Result<Token, Error> {
+    if mode == LogitsMode::None {
+        return Ok(token);
+    }
+    let idx = Array::scalar(step.id as i32);
+    token.logprob = Some(ops::take(step.logprobs, &idx, 0)?.to_vec_f32()?[0]);
+    token.logits = Some(match mode {
+        LogitsMode::Logits => step.logits.to_vec_f32()?,
+        _ => step.logprobs.to_vec_f32()?,
+    });
+    Ok(token)
+}
+
+/// Turns a model's tokens into the tokens a caller sees: stops at EOS and
+/// stop tokens, decodes text as it becomes complete, cuts at stop strings
+/// and attaches the requested scores.
+pub(super) struct TextOut<'a> {
+    settings: &'a GenerateSettings,
+    tokenizer: &'a Tokenizer,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    held: Option<Token>,
+}
+
+impl<'a> TextOut<'a> {
+    pub(super) fn new(tokenizer: &'a Tokenizer, settings: &'a GenerateSettings) -> Self {
+        TextOut {
+            settings,
+            tokenizer,
+            decoder: tokenizer.stream_decoder(true),
+            stops: StopMatcher::new(settings.stop_strings.iter().cloned()),
+            held: None,
+        }
+    }
+
+    /// Handles one step; `send` delivers a token and says whether the
+    /// consumer is still there.
+    pub(super) fn push(
+        &mut self,
+        step: &Step<'_>,
+        send: &mut impl FnMut(Token) -> bool,
+    ) -> Result<ControlFlow<()>, Error> {
+        let id = step.id;
+        if self.settings.stop_tokens.contains(&id) || (!self.settings.ignore_eos && self.tokenizer.is_eos(id)) {
+            return Ok(ControlFlow::Break(()));
+        }
+        let piece = self.decoder.push(id)?;
+        let chunk = self.stops.push(&piece);
+        let token = with_scores(Token::new(id, chunk.text), step, self.settings.logits)?;
+        // A token whose text may still grow (held stop-string prefix or an
+        // unfinished character) waits until the next token or the end.
+        if let Some(prev) = self.held.take()
+            && !send(prev)
+        {
+            return Ok(ControlFlow::Break(()));
+        }
+        if chunk.stopped {
+            self.held = Some(token);
+            return Ok(ControlFlow::Break(()));
+        }
+        if !self.settings.stop_strings.is_empty() || self.stops.has_pending() || self.decoder.has_pending() {
+            self.held = Some(token);
+        } else if !send(token) {
+            return Ok(ControlFlow::Break(()));
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Delivers the held token with the rest of the text.
+    pub(super) fn finish(mut self, send: &mut impl FnMut(Token) -> bool) -> Result<(), Error> {
+        if let Some(mut last) = self.held.take() {
+            if !self.stops.is_stopped() {
+                let tail = self.decoder.finish()?;
+                let chunk = self.stops.push(&tail);
+                last.text.push_str(&chunk.text);
+                if !chunk.stopped {
+                    last.text.push_str(&self.stops.finish());
+                }
+            }
+            send(last);
+        }
+        Ok(())
+    }
+}

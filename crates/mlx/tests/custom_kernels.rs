@@ -1,0 +1,126 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! Our own GPU kernels against MLX's (`csrc/mlxs_kernels.cpp`). The switch is
+//! process-wide, so everything runs in one test of its own binary.
+//!
+//! On a CUDA device the 4-bit matrix-vector kernel must be as close to an
+//! f32 reference as MLX's own kernel is (both round the products in bf16 or
+//! fp16); everywhere else (the CPU, Metal, more than one row, other bit
+//! widths) the switch must change nothing, bit for bit.
+
+use mlx::fast::{CustomKernels, custom_kernels, set_custom_kernels};
+use mlx::ops;
+use mlx::{Device, Dtype, random};
+
+fn cuda() -> bool {
+    Device::Gpu.is_available()
+        && Device::Gpu.info().is_ok_and(|i| i.properties.contains_key("compute_capability_major"))
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+struct Case {
+    n: i32,
+    k: i32,
+    group: i32,
+    bits: i32,
+    dtype: Dtype,
+    /// Leading shape of x: its product is the number of rows.
+    lead: &'static [i32],
+    /// Take x as a view starting this many elements into a larger array.
+    x_offset: i32,
+}
+
+fn run(case: &Case, seed: u64, on_cuda: bool) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>) {
+    let Case { n, k, group, bits, dtype, lead, x_offset } = *case;
+    let wkey = random::key(seed).unwrap();
+    let xkey = random::key(seed + 1000).unwrap();
+    let w = random::normal(&[n, k], Dtype::Float32, 0.0, 0.02, Some(&wkey)).unwrap();
+    let w = ops::astype(&w, dtype).unwrap();
+    let q = ops::quantize(&w, group, bits).unwrap();
+    let rows: i32 = lead.iter().product();
+    let wide = random::normal(&[rows * k + x_offset], Dtype::Float32, 0.0, 1.0, Some(&xkey)).unwrap();
+    let wide = ops::astype(&wide, dtype).unwrap();
+    wide.eval().unwrap();
+    let flat = ops::slice(&wide, &[x_offset], &[x_offset + rows * k]).unwrap();
+    let mut shape = lead.to_vec();
+    shape.push(k);
+    let x = ops::reshape(&flat, &shape).unwrap();
+
+    let reference = {
+        let deq = ops::dequantize(&q, Some(Dtype::Float32)).unwrap();
+        let xf = ops::astype(&x, Dtype::Float32).unwrap();
+        let wt = ops::transpose(&deq, &[1, 0]).unwrap();
+        ops::matmul(&xf, &wt).unwrap().to_vec_f32().unwrap()
+    };
+    // MLX 0.32.4's own CUDA kernel faults ("misaligned address") on an x
+    // that is not 16-byte aligned, so there only ours runs.
+    let theirs = (!on_cuda || x_offset % 8 == 0).then(|| {
+        set_custom_kernels(CustomKernels::Off);
+        ops::quantized_matmul(&x, &q, true).unwrap().to_vec_f32().unwrap()
+    });
+    set_custom_kernels(CustomKernels::Always);
+    let ours = ops::quantized_matmul(&x, &q, true).unwrap().to_vec_f32().unwrap();
+    assert_eq!(ours.len(), (rows * n) as usize);
+    (reference, theirs, ours)
+}
+
+#[test]
+fn quantized_matvec_kernel_matches_mlx() {
+    let device = Device::best();
+    let on_cuda = device == Device::Gpu && cuda();
+    let before = custom_kernels();
+    let _scope = mlx::device::DeviceScope::new(device).unwrap();
+
+    // The kernel's cases: one row of x, 4-bit, every group size, bf16 and
+    // fp16, K a multiple of 1,024 or not (Gemma 3 1B's 1,152 and 6,912),
+    // x a view that is not 16-byte aligned.
+    let applies = [
+        Case { n: 300, k: 4096, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1], x_offset: 0 },
+        Case { n: 257, k: 1152, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1, 1], x_offset: 0 },
+        Case { n: 64, k: 6912, group: 32, bits: 4, dtype: Dtype::Float16, lead: &[1, 1, 1], x_offset: 0 },
+        Case { n: 129, k: 2048, group: 128, bits: 4, dtype: Dtype::Bfloat16, lead: &[1], x_offset: 3 },
+        Case { n: 96, k: 14336, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1], x_offset: 8 },
+    ];
+    for (i, case) in applies.iter().enumerate() {
+        eprintln!(
+            "case {i}: n {} k {} group {} {:?} x offset {}",
+            case.n, case.k, case.group, case.dtype, case.x_offset
+        );
+        let (reference, theirs, ours) = run(case, 10 + i as u64, on_cuda);
+        let err_ours = max_abs_diff(&ours, &reference);
+        if on_cuda {
+            // Both kernels round products to 8 (bf16) or 11 (fp16) bits; ours
+            // sums in f32, MLX's partly in the input dtype.
+            let scale = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let err_theirs = theirs.as_ref().map_or(0.0, |t| max_abs_diff(t, &reference));
+            assert!(
+                err_ours <= err_theirs.max(0.01 * scale) * 1.5,
+                "case {i} (n {} k {} group {}): ours is {err_ours} from the f32 reference, MLX's {err_theirs}",
+                case.n,
+                case.k,
+                case.group
+            );
+        } else {
+            assert_eq!(Some(ours), theirs, "case {i}: the switch changed a result off CUDA");
+        }
+    }
+
+    // Where the kernel does not apply, the switch changes nothing anywhere.
+    let not_applied = [
+        Case { n: 200, k: 1024, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[2], x_offset: 0 },
+        Case { n: 200, k: 1024, group: 64, bits: 8, dtype: Dtype::Bfloat16, lead: &[1], x_offset: 0 },
+        Case { n: 200, k: 1024, group: 64, bits: 4, dtype: Dtype::Float32, lead: &[1], x_offset: 0 },
+        Case { n: 70, k: 1024, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1, 3], x_offset: 0 },
+        // x longer than the kernel's shared memory holds
+        Case { n: 16, k: 25600, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1], x_offset: 0 },
+    ];
+    for (i, case) in not_applied.iter().enumerate() {
+        let (_, theirs, ours) = run(case, 40 + i as u64, on_cuda);
+        assert_eq!(Some(ours), theirs, "case {i}: the kernel ran where it should not");
+    }
+    set_custom_kernels(before);
+    eprintln!("custom kernels checked on {device}{}", if on_cuda { " (CUDA)" } else { "" });
+}
