@@ -2,8 +2,12 @@
 //! `cargo xtask setup`: installs the pinned MLX into `target/mlx`.
 //!
 //! The official wheels carry everything a native build needs
-//! (`mlx/include`, `mlx/lib/libmlx.*`, `mlx/share/cmake/MLX`), so the wheel is
-//! unpacked with `pip install --target` and `MLX_DIR` is `target/mlx/mlx`.
+//! (`mlx/include`, `mlx/lib/libmlx.*`, `mlx/share/cmake/MLX`; on macOS also
+//! `mlx/lib/mlx.metallib`, the Metal kernels MLX loads from beside
+//! `libmlx.dylib`), so the wheel is unpacked with `pip install --target` and
+//! `MLX_DIR` is `target/mlx/mlx`. On macOS that wheel is `mlx-metal`, not
+//! `mlx`: `mlx` is the Python bindings only (no headers, no library) and
+//! depends on `mlx-metal`, which holds the native files and fits any Python.
 //! A stamp file records what was installed, so a second run is a no-op.
 
 use std::fs;
@@ -53,17 +57,19 @@ fn parse(args: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
-/// The wheel that fits this machine.
-fn wheel_for(cuda: Option<u32>) -> Result<String, String> {
+/// The wheel that fits a machine with this OS and architecture (as Rust
+/// names them in `std::env::consts`: `"macos"`, `"linux"`; `"aarch64"`,
+/// `"x86_64"`).
+fn wheel_for(cuda: Option<u32>, os: &str, arch: &str) -> Result<String, String> {
     if let Some(v) = cuda {
-        if !cfg!(target_os = "linux") {
+        if os != "linux" {
             return Err("--cuda is for Linux with an NVIDIA GPU".into());
         }
         return Ok(format!("mlx-cuda-{v}=={MLX_VERSION}"));
     }
-    if cfg!(all(target_os = "macos", target_arch = "aarch64")) {
+    if os == "macos" && arch == "aarch64" {
         Ok(format!("mlx-metal=={MLX_VERSION}"))
-    } else if cfg!(target_os = "linux") {
+    } else if os == "linux" {
         Ok(format!("mlx-cpu=={MLX_VERSION}"))
     } else {
         Err("no official MLX wheel for this platform; build MLX from source with `cargo xtask setup --from-source DIR` or set MLX_DIR".into())
@@ -74,15 +80,16 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let opts = parse(args)?;
     let root = workspace_root();
     let target = root.join("target/mlx");
-    let prefix = target.join("mlx");
+    let prefix = prefix_of(&target);
+    let os = std::env::consts::OS;
 
     let wanted = match &opts.from_source {
         Some(dir) => format!("source:{}", dir.display()),
-        None => wheel_for(opts.cuda)?,
+        None => wheel_for(opts.cuda, os, std::env::consts::ARCH)?,
     };
     let stamp = target.join(STAMP);
     let have = fs::read_to_string(&stamp).unwrap_or_default();
-    let installed = have.trim() == wanted && has_mlx(&prefix);
+    let installed = have.trim() == wanted && missing_files(&prefix, os).is_empty();
 
     if installed && !opts.force {
         println!("MLX {MLX_VERSION} ({wanted}) is already installed at {}", prefix.display());
@@ -93,10 +100,11 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         fs::create_dir_all(&target).map_err(|e| format!("could not create {}: {e}", target.display()))?;
         match &opts.from_source {
             Some(src) => build_from_source(src, &root, &prefix)?,
-            None => install_wheel(&wanted, &target, opts.cuda.is_some())?,
+            None => install_wheel(&wanted, &target, opts.cuda.is_some(), os)?,
         }
-        if !has_mlx(&prefix) {
-            return Err(format!("the install finished but {} lacks include/mlx/mlx.h or lib/libmlx", prefix.display()));
+        let missing = missing_files(&prefix, os);
+        if !missing.is_empty() {
+            return Err(format!("the install finished but {} lacks {}", prefix.display(), missing.join(", ")));
         }
         fs::write(&stamp, format!("{wanted}\n")).map_err(|e| format!("could not write {}: {e}", stamp.display()))?;
         println!("installed MLX {MLX_VERSION} ({wanted}) at {}", prefix.display());
@@ -107,9 +115,27 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn has_mlx(prefix: &Path) -> bool {
-    prefix.join("include/mlx/mlx.h").is_file()
-        && (prefix.join("lib/libmlx.so").is_file() || prefix.join("lib/libmlx.dylib").is_file())
+/// The MLX prefix inside the `pip install --target` directory: the wheels
+/// put everything under `mlx/`.
+fn prefix_of(target: &Path) -> PathBuf {
+    target.join("mlx")
+}
+
+/// What `prefix` lacks of the files a build on `os` needs (empty when it is
+/// complete): the headers and the library, and on macOS the metallib beside
+/// the library, without which every GPU operation fails at run time. The
+/// same files as `mlx_build::required_files`, which the build checks.
+fn missing_files(prefix: &Path, os: &str) -> Vec<String> {
+    let required: &[&[&'static str]] = match os {
+        "macos" => &[&["include/mlx/mlx.h"], &["lib/libmlx.dylib"], &["lib/mlx.metallib"]],
+        "linux" => &[&["include/mlx/mlx.h"], &["lib/libmlx.so"]],
+        _ => &[&["include/mlx/mlx.h"], &["lib/libmlx.so", "lib/libmlx.dylib"]],
+    };
+    required
+        .iter()
+        .filter(|any_of| !any_of.iter().any(|f| prefix.join(f).is_file()))
+        .map(|any_of| any_of.join(" or "))
+        .collect()
 }
 
 fn pip_base() -> Result<Command, String> {
@@ -122,7 +148,7 @@ fn pip_base() -> Result<Command, String> {
     Ok(c)
 }
 
-fn install_wheel(spec: &str, target: &Path, with_deps: bool) -> Result<(), String> {
+fn install_wheel(spec: &str, target: &Path, with_deps: bool, os: &str) -> Result<(), String> {
     println!("installing {spec} into {} ...", target.display());
     let mut c = pip_base()?;
     c.arg("--target").arg(target).arg("--only-binary=:all:");
@@ -132,7 +158,16 @@ fn install_wheel(spec: &str, target: &Path, with_deps: bool) -> Result<(), Strin
         c.arg("--no-deps");
     }
     c.arg(spec);
-    run_cmd(&mut c)
+    run_cmd(&mut c).map_err(|e| if os == "macos" { format!("{e}\n{}", macos_wheel_note()) } else { e })
+}
+
+/// Why pip may find no `mlx-metal` wheel on a Mac.
+fn macos_wheel_note() -> String {
+    format!(
+        "note: the mlx-metal {MLX_VERSION} wheel is tagged macosx_14_0_arm64: it needs macOS 14 or later on Apple \
+         silicon (on older macOS pip reports `No matching distribution`); otherwise build MLX with \
+         `cargo xtask setup --from-source DIR`"
+    )
 }
 
 fn build_from_source(src: &Path, root: &Path, prefix: &Path) -> Result<(), String> {
@@ -185,6 +220,9 @@ fn ensure_cmake(root: &Path) -> Result<PathBuf, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Component;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
     #[test]
@@ -198,13 +236,121 @@ mod tests {
 
     #[test]
     fn picks_a_wheel() {
-        assert_eq!(
-            wheel_for(Some(12)).ok().as_deref().map(|s| s.starts_with("mlx-cuda-12==")),
-            cfg!(target_os = "linux").then_some(true)
-        );
-        let w = wheel_for(None);
+        assert_eq!(wheel_for(None, "macos", "aarch64").unwrap(), "mlx-metal==0.32.4");
+        assert_eq!(wheel_for(None, "linux", "x86_64").unwrap(), "mlx-cpu==0.32.4");
+        assert_eq!(wheel_for(None, "linux", "aarch64").unwrap(), "mlx-cpu==0.32.4");
+        assert_eq!(wheel_for(Some(12), "linux", "x86_64").unwrap(), "mlx-cuda-12==0.32.4");
+        assert_eq!(wheel_for(Some(13), "linux", "aarch64").unwrap(), "mlx-cuda-13==0.32.4");
+        assert!(wheel_for(Some(13), "macos", "aarch64").unwrap_err().contains("--cuda is for Linux"));
+        // No Intel-Mac or Windows wheel: the message points at a source build.
+        assert!(wheel_for(None, "macos", "x86_64").unwrap_err().contains("--from-source"));
+        assert!(wheel_for(None, "windows", "x86_64").unwrap_err().contains("no official MLX wheel"));
+        // This machine gets its own answer.
+        let here = wheel_for(None, std::env::consts::OS, std::env::consts::ARCH);
         if cfg!(target_os = "linux") {
-            assert_eq!(w.unwrap(), format!("mlx-cpu=={MLX_VERSION}"));
+            assert_eq!(here.unwrap(), format!("mlx-cpu=={MLX_VERSION}"));
         }
+    }
+
+    /// The paths of a wheel recorded under `testdata/wheels` (comments and
+    /// blank lines skipped).
+    fn wheel_files(name: &str) -> Vec<String> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/wheels").join(name);
+        let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect()
+    }
+
+    /// A fresh directory under the system's temporary folder, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "xtask-setup-{name}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Lays the recorded wheel out as empty files under `target`, as `pip
+    /// install --target target` does, leaving out the paths in `skip`.
+    fn pip_install_target(target: &Path, wheel: &str, skip: &[&str]) {
+        for f in wheel_files(wheel).iter().filter(|f| !skip.contains(&f.as_str())) {
+            let rel = Path::new(f);
+            assert!(rel.components().all(|c| matches!(c, Component::Normal(_))), "fixture path {f} is not plain");
+            fs::create_dir_all(target.join(rel).parent().unwrap()).unwrap();
+            fs::File::create(target.join(rel)).unwrap();
+        }
+    }
+
+    const METAL_WHEEL: &str = "mlx-metal-0.32.4-macosx-arm64.txt";
+    const MLX_WHEEL: &str = "mlx-0.32.4-cp312-macosx-arm64.txt";
+
+    #[test]
+    fn the_macos_pin_is_the_recorded_wheel() {
+        let spec = wheel_for(None, "macos", "aarch64").unwrap();
+        let (name, version) = spec.split_once("==").unwrap();
+        // pip writes the dist-info of `mlx-metal==V` as `mlx_metal-V.dist-info`.
+        let dist_info = format!("{}-{version}.dist-info/METADATA", name.replace('-', "_"));
+        assert!(wheel_files(METAL_WHEEL).contains(&dist_info), "{dist_info} is not in the recorded wheel");
+        assert_eq!(version, MLX_VERSION);
+    }
+
+    #[test]
+    fn the_metal_wheel_installs_a_complete_macos_prefix() {
+        let tmp = Scratch::new("metal");
+        let target = tmp.0.join("target/mlx");
+        pip_install_target(&target, METAL_WHEEL, &[]);
+        let prefix = prefix_of(&target);
+        assert_eq!(prefix, tmp.0.join("target/mlx/mlx"));
+        assert_eq!(missing_files(&prefix, "macos"), Vec::<String>::new());
+        for f in ["lib/libmlx.dylib", "lib/mlx.metallib", "include/mlx/mlx.h", "share/cmake/MLX/MLXConfig.cmake"] {
+            assert!(prefix.join(f).is_file(), "{f} is not where the wheel puts it");
+        }
+        // A macOS prefix is no Linux prefix.
+        assert_eq!(missing_files(&prefix, "linux"), ["lib/libmlx.so"]);
+        assert_eq!(missing_files(&prefix, "freebsd"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_macos_install_without_the_metallib_is_not_installed() {
+        let tmp = Scratch::new("nometallib");
+        let target = tmp.0.join("target/mlx");
+        pip_install_target(&target, METAL_WHEEL, &["mlx/lib/mlx.metallib"]);
+        assert_eq!(missing_files(&prefix_of(&target), "macos"), ["lib/mlx.metallib"]);
+        // Linux wheels have no metallib and need none.
+        let linux = prefix_of(&tmp.0.join("linux"));
+        for f in ["include/mlx/mlx.h", "lib/libmlx.so"] {
+            fs::create_dir_all(linux.join(f).parent().unwrap()).unwrap();
+            fs::File::create(linux.join(f)).unwrap();
+        }
+        assert_eq!(missing_files(&linux, "linux"), Vec::<String>::new());
+        assert_eq!(missing_files(&linux, "macos"), ["lib/libmlx.dylib", "lib/mlx.metallib"]);
+    }
+
+    #[test]
+    fn the_mlx_wheel_alone_is_not_enough_on_macos() {
+        // `mlx` is the Python bindings; the native files are in `mlx-metal`.
+        let tmp = Scratch::new("mlx-only");
+        let target = tmp.0.join("target/mlx");
+        pip_install_target(&target, MLX_WHEEL, &[]);
+        assert_eq!(
+            missing_files(&prefix_of(&target), "macos"),
+            ["include/mlx/mlx.h", "lib/libmlx.dylib", "lib/mlx.metallib"]
+        );
+        // Both together (what `pip install mlx` does) fill the same prefix.
+        pip_install_target(&target, METAL_WHEEL, &[]);
+        assert_eq!(missing_files(&prefix_of(&target), "macos"), Vec::<String>::new());
     }
 }
