@@ -79,14 +79,14 @@ fn quantised_embedding_equals_the_dequantised_gather() {
     let table = arr(&data(vocab * dim, 6), &[vocab as i32, dim as i32]);
     let q = ops::quantize(&table, 32, 4).unwrap();
     let deq = ops::dequantize(&q, None).unwrap();
-    let emb = Embedding { weight: LinearWeight::Quantized(q) };
+    let emb = Embedding::new(LinearWeight::Quantized(q));
     let ids = iarr(&[3, 0, 9, 3, 7, 1], &[2, 3]);
     let got = emb.forward(&ids).unwrap();
     assert_eq!(got.shape(), vec![2, 3, dim as i32]);
     let want = ops::take(&deq, &ids, 0).unwrap();
     assert_eq!(vals(&got), vals(&want));
 
-    let dense = Embedding { weight: LinearWeight::Dense(table.clone()) };
+    let dense = Embedding::new(LinearWeight::Dense(table.clone()));
     let got = dense.forward(&ids).unwrap();
     assert_eq!(vals(&got), vals(&ops::take(&table, &ids, 0).unwrap()));
     // Tied output projection: x Eᵀ.

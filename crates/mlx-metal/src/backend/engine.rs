@@ -124,8 +124,7 @@ impl Engine {
         let mut caches = model.make_cache()?;
         let x: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
         let x = Array::from_slice(&x, &[1, x.len() as i32])?;
-        let mut taps = model::AttentionTaps::default();
-        let logits = model.forward_tapped(&x, &mut caches, Some(&mut taps))?;
+        let (logits, taps) = model::AttentionTaps::capture(|| model.forward(&x, &mut caches))?;
         logits.eval()?;
         let mut snap =
             AttentionSnapshot { architecture, num_layers: taps.layers.len(), ..AttentionSnapshot::default() };

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
@@ -68,7 +69,18 @@ impl ModelConfig {
     /// The text settings as a typed config (unknown keys ignored, defaults for
     /// missing ones).
     pub fn text_as<T: DeserializeOwned>(&self, path: &Path) -> Result<T> {
-        serde_json::from_value(Value::Object(self.text.clone()))
+        self.text_with_defaults(path, Value::Null)
+    }
+
+    /// [`ModelConfig::text_as`], with the keys of `defaults` (a JSON object)
+    /// standing in for those config.json does not set.
+    pub fn text_with_defaults<T: DeserializeOwned>(&self, path: &Path, defaults: Value) -> Result<T> {
+        let mut text = match defaults {
+            Value::Object(d) => d,
+            _ => Map::new(),
+        };
+        text.extend(self.text.iter().map(|(k, v)| (k.clone(), v.clone())));
+        serde_json::from_value(Value::Object(text))
             .map_err(|e| model_err(path, format!("config.json does not fit {}: {e}", self.model_type)))
     }
 }
@@ -149,4 +161,47 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: Option<f64>,
     /// transformers 5 nests the base here.
     pub rope_theta: Option<f64>,
+}
+
+/// The sizes every decoder's config.json names alike (the `ModelArgs` fields
+/// of the same names in each of mlx-lm's model files); each architecture's
+/// `Config` flattens it in.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Sizes {
+    /// Model width.
+    pub hidden_size: i32,
+    /// Decoder blocks.
+    pub num_hidden_layers: i32,
+    /// MLP width.
+    pub intermediate_size: i32,
+    /// Query heads.
+    pub num_attention_heads: i32,
+    /// RMS norm epsilon.
+    pub rms_norm_eps: f64,
+    /// Vocabulary size.
+    pub vocab_size: i32,
+}
+
+impl Sizes {
+    /// Checks that every size is positive (`kv_heads` and `head_dim` as the
+    /// architecture reads them, then `more`), naming the first that is not,
+    /// and that the query heads group over the key/value heads.
+    pub fn check(&self, dir: &Path, kv_heads: i32, head_dim: i32, more: &[(&str, i32)]) -> Result<()> {
+        let sizes = [
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", kv_heads),
+            ("head_dim", head_dim),
+            ("vocab_size", self.vocab_size),
+        ];
+        if let Some((name, v)) = sizes.iter().chain(more).find(|(_, v)| *v <= 0) {
+            return Err(model_err(dir, format!("{name} = {v} must be positive")));
+        }
+        if self.num_attention_heads % kv_heads != 0 {
+            return Err(model_err(dir, "num_attention_heads must be a multiple of num_key_value_heads"));
+        }
+        Ok(())
+    }
 }

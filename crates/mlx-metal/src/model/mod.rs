@@ -2,9 +2,15 @@
 //! Models: loading a Hugging Face model directory and running it.
 //!
 //! One file per architecture, each reading like mlx-lm's: a `Config` (serde
-//! from config.json, unknown keys ignored), attention, MLP, block, model.
-//! Shared pieces are small: [`config`] (config.json), [`weights`] (strict
-//! tensor lookup), [`rope`] (the rope factory) and the free functions here.
+//! from config.json, unknown keys ignored, mlx-lm's defaults), the block and
+//! the model. The pieces every block is built from are written once in
+//! [`layers`] (RMS norm, attention, the gated MLP); [`config`] reads
+//! config.json, [`weights`] looks tensors up strictly, [`rope`] is the rope
+//! factory. What is not the architecture's business stays out of the model
+//! files: a model lends its blocks' attention and MLP, its embedding and its
+//! head ([`LanguageModel::parts_mut`]), and LoRA ([`crate::lora`]), decode
+//! fusion ([`LanguageModel::fuse_projections`]) and tensor parallelism
+//! ([`tp::shard`]) work on those, once for every architecture.
 //!
 //! | `model_type` | file |
 //! |---|---|
@@ -15,27 +21,28 @@
 
 pub mod config;
 pub mod gemma3;
+pub mod layers;
 pub mod llama;
 pub mod qwen2;
 pub mod qwen3;
 pub mod rope;
 pub mod tp;
+pub mod transformer;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
 
 use inference_core::ModelInfo;
 
-use crate::cache::{LayerCache, Mask};
-use crate::model::tp::TensorParallel;
-use crate::nn::{FusedLinear, Linear};
-use mlx::Array;
-use mlx::fast;
-use mlx::ops;
-use mlx::{Error, Result};
+use mlx::{Array, Error, Result};
 
 use self::config::ModelConfig;
+pub use self::layers::AttentionTaps;
+use self::layers::{Attention, Mlp};
+use self::tp::TensorParallel;
 use self::weights::{Weights, model_err};
+use crate::cache::LayerCache;
+use crate::nn::{Embedding, FusedLinear, Linear};
 
 /// The architectures this crate runs, by `model_type`.
 pub const SUPPORTED: &[&str] = &["gemma3", "gemma3_text", "llama", "mistral", "qwen2", "qwen3"];
@@ -62,40 +69,14 @@ pub(crate) fn describe(
     }
 }
 
-/// The post-rope queries and keys of every attention layer of one forward
-/// pass, in layer order: `(queries [B, H, L, D], keys [B, H_kv, L, D])`.
-#[derive(Debug, Default)]
-pub struct AttentionTaps {
-    /// One entry per layer.
-    pub layers: Vec<(Array, Array)>,
-}
-
-impl AttentionTaps {
-    pub(crate) fn record(taps: &mut Option<&mut AttentionTaps>, q: &Array, k: &Array) {
-        if let Some(t) = taps.as_deref_mut() {
-            t.layers.push((q.clone(), k.clone()));
-        }
-    }
-}
-
 /// A causal language model: token ids in, logits out, with per-layer caches
 /// the caller owns.
 pub trait LanguageModel {
     /// Runs `inputs: [B, L]` (int32 token ids) through the model, appending to
     /// `caches` (one per layer, from [`LanguageModel::make_cache`]), and returns
-    /// logits `[B, L, vocab]`.
-    fn forward(&self, inputs: &Array, caches: &mut [LayerCache]) -> Result<Array> {
-        self.forward_tapped(inputs, caches, None)
-    }
-
-    /// [`LanguageModel::forward`], also recording each layer's post-rope
-    /// queries and keys into `taps` when given.
-    fn forward_tapped(
-        &self,
-        inputs: &Array,
-        caches: &mut [LayerCache],
-        taps: Option<&mut AttentionTaps>,
-    ) -> Result<Array>;
+    /// logits `[B, L, vocab]`. [`AttentionTaps::capture`] records each
+    /// layer's post-rope queries and keys on the way.
+    fn forward(&self, inputs: &Array, caches: &mut [LayerCache]) -> Result<Array>;
 
     /// Fresh caches, one per layer (rotating ones for sliding-window layers).
     fn make_cache(&self) -> Result<Vec<LayerCache>>;
@@ -103,11 +84,33 @@ pub trait LanguageModel {
     /// What the model is.
     fn description(&self) -> &Description;
 
+    /// The parts every architecture shares, borrowed: each block's attention
+    /// and MLP, the embedding and the head. LoRA, decode fusion and tensor
+    /// parallelism work on these.
+    fn parts_mut(&mut self) -> Parts<'_>;
+
     /// Every linear layer inside the decoder blocks, with its module path as
     /// mlx-lm names it (`model.layers.3.self_attn.q_proj`), in layer order.
-    /// LoRA adapters ([`crate::lora`]) are attached through these.
+    /// LoRA adapters ([`crate::lora`]) are attached through these. The fused
+    /// copies ([`LanguageModel::fuse_projections`]) are dropped first: the
+    /// caller may change the layers, and they would go stale.
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        Vec::new()
+        let mut out = Vec::new();
+        for (layer, b) in self.parts_mut().layers.into_iter().enumerate() {
+            let (a, m) = (b.self_attn, b.mlp);
+            (a.qkv, m.gate_up) = (None, None);
+            let p = format!("model.layers.{layer}");
+            let attn = [("q_proj", &mut a.q_proj), ("k_proj", &mut a.k_proj), ("v_proj", &mut a.v_proj)];
+            for (name, lin) in attn.into_iter().chain([("o_proj", &mut a.o_proj)]) {
+                out.push((format!("{p}.self_attn.{name}"), lin));
+            }
+            for (name, lin) in
+                [("gate_proj", &mut m.gate_proj), ("up_proj", &mut m.up_proj), ("down_proj", &mut m.down_proj)]
+            {
+                out.push((format!("{p}.mlp.{name}"), lin));
+            }
+        }
+        out
     }
 
     /// The number of decoder blocks ([`LanguageModel::forward_layer`] takes
@@ -122,6 +125,11 @@ pub trait LanguageModel {
     /// [`load`] calls it, and so does [`crate::backend::MetalModel::set_adapter`];
     /// taking the layers through [`LanguageModel::linears_mut`] undoes it.
     fn fuse_projections(&mut self) -> Result<()> {
+        for b in self.parts_mut().layers {
+            let (a, m) = (b.self_attn, b.mlp);
+            a.qkv = FusedLinear::fuse(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+            m.gate_up = FusedLinear::fuse(&mut [&mut m.gate_proj, &mut m.up_proj])?;
+        }
         Ok(())
     }
 
@@ -163,48 +171,22 @@ pub(crate) fn layer_index(op: &'static str, layer: usize, count: usize) -> Resul
     Ok(())
 }
 
-/// A decoder block's linear layers and fused projections, borrowed: what
-/// LoRA (through [`LanguageModel::linears_mut`]) and
-/// [`LanguageModel::fuse_projections`] work on. Each model lends its blocks
-/// this way, so the two operations are written once.
-pub(crate) struct BlockLinears<'a> {
-    /// q, k, v and o.
-    pub attn: [&'a mut Linear; 4],
-    /// gate, up and down.
-    pub mlp: [&'a mut Linear; 3],
-    /// q/k/v as one matmul, when fused.
-    pub qkv: &'a mut Option<FusedLinear>,
-    /// gate/up as one matmul, when fused.
-    pub gate_up: &'a mut Option<FusedLinear>,
+/// One decoder block's shared pieces, borrowed (see [`LanguageModel::parts_mut`]).
+pub struct BlockParts<'a> {
+    /// The attention layer.
+    pub self_attn: &'a mut Attention,
+    /// The MLP.
+    pub mlp: &'a mut Mlp,
 }
 
-/// Fuses every block's q/k/v and gate/up (layers with LoRA stay apart).
-pub(crate) fn fuse_blocks<'a>(blocks: impl Iterator<Item = BlockLinears<'a>>) -> Result<()> {
-    for b in blocks {
-        let ([q, k, v, _], [gate, up, _]) = (b.attn, b.mlp);
-        *b.qkv = FusedLinear::fuse(&mut [q, k, v])?;
-        *b.gate_up = FusedLinear::fuse(&mut [gate, up])?;
-    }
-    Ok(())
-}
-
-/// Every block's linear layers with their mlx-lm module paths
-/// (`model.layers.3.self_attn.q_proj`), in layer order. The fused copies are
-/// dropped first: the caller may change the layers, and they would go stale.
-pub(crate) fn block_linears<'a>(blocks: impl Iterator<Item = BlockLinears<'a>>) -> Vec<(String, &'a mut Linear)> {
-    let mut out = Vec::new();
-    for (layer, b) in blocks.enumerate() {
-        *b.qkv = None;
-        *b.gate_up = None;
-        let p = format!("model.layers.{layer}");
-        for (name, lin) in ["q_proj", "k_proj", "v_proj", "o_proj"].into_iter().zip(b.attn) {
-            out.push((format!("{p}.self_attn.{name}"), lin));
-        }
-        for (name, lin) in ["gate_proj", "up_proj", "down_proj"].into_iter().zip(b.mlp) {
-            out.push((format!("{p}.mlp.{name}"), lin));
-        }
-    }
-    out
+/// A model's shared pieces, borrowed (see [`LanguageModel::parts_mut`]).
+pub struct Parts<'a> {
+    /// Every decoder block, in order.
+    pub layers: Vec<BlockParts<'a>>,
+    /// The token embedding.
+    pub embed_tokens: &'a mut Embedding,
+    /// The output head, when it is not the embedding (tied).
+    pub lm_head: Option<&'a mut Linear>,
 }
 
 /// A loaded model with its directory and config.
@@ -248,53 +230,23 @@ fn load_with(path: &Path, tp: Option<TensorParallel>) -> Result<LoadedModel> {
         return Err(model_err(&dir, format!("unsupported architecture {arch:?}; supported: {}", SUPPORTED.join(", "))));
     }
     let weights = match tp {
-        Some(tp) => Weights::load_sharded(&dir, config.quant.clone(), tp)?,
+        // A rank reads its slices of the sharded layers straight from the files.
+        Some(_) => Weights::load_sliceable(&dir, config.quant.clone())?,
         None => Weights::load(&dir, config.quant.clone())?,
     };
     let mut model: Box<dyn LanguageModel> = match arch {
         "gemma3" | "gemma3_text" => Box::new(gemma3::Gemma3::load(&config, &weights)?),
         "qwen3" => Box::new(qwen3::load(&config, &weights)?),
         "qwen2" => Box::new(qwen2::load(&config, &weights)?),
-        _ => {
-            let cfg = llama::DecoderConfig::llama(&config, &dir)?;
-            Box::new(llama::Decoder::load(&config, cfg, &weights)?)
-        }
+        _ => Box::new(llama::Llama::load(&config, &weights)?),
     };
+    // As mlx-lm's `shard()`: the built model is split over the ranks.
+    if let Some(tp) = &tp {
+        tp::shard(model.as_mut(), &weights, tp)?;
+    }
     weights.finish()?;
     model.fuse_projections()?;
     Ok(LoadedModel { model, config, dir })
-}
-
-/// `[B, L, H·D]` → `[B, H, L, D]`.
-pub(crate) fn split_heads(x: &Array, b: i32, l: i32, heads: i32) -> Result<Array> {
-    ops::transpose(&ops::reshape(x, &[b, l, heads, -1])?, &[0, 2, 1, 3])
-}
-
-/// `[B, H, L, D]` → `[B, L, H·D]`.
-pub(crate) fn merge_heads(x: &Array, b: i32, l: i32) -> Result<Array> {
-    ops::reshape(&ops::transpose(x, &[0, 2, 1, 3])?, &[b, l, -1])
-}
-
-/// Scaled dot-product attention with the fused kernel.
-pub(crate) fn attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: &Mask) -> Result<Array> {
-    fast::scaled_dot_product_attention(q, k, v, scale, mask.as_attention(), None)
-}
-
-/// Runs `parts` on `x`, through `fused` (one matmul) when `x` is a single
-/// position of a single sequence — a decode step, where kernel launches cost
-/// more than the work — and one by one otherwise.
-pub(crate) fn project<const N: usize>(
-    fused: Option<&FusedLinear>,
-    parts: [&Linear; N],
-    x: &Array,
-) -> Result<[Array; N]> {
-    let out = match fused {
-        Some(f) if x.size() == x.dim(-1)? as usize => f.forward(x)?,
-        _ => parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?,
-    };
-    // A fused layer built from other parts than these is a bug: say so rather than recompute.
-    <[Array; N]>::try_from(out)
-        .map_err(|o| Error::invalid("project", format!("{} outputs for {N} projections", o.len())))
 }
 
 pub(crate) fn check_caches(caches: &[LayerCache], layers: usize) -> Result<()> {

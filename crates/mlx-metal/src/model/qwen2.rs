@@ -6,25 +6,18 @@ use serde::Deserialize;
 
 use mlx::Result;
 
-use super::config::{ModelConfig, RopeScaling};
-use super::llama::{Decoder, DecoderConfig, Variant};
+use super::config::{ModelConfig, RopeScaling, Sizes};
+use super::layers::{Attention, AttentionSpec, Gate, Mlp};
+use super::llama::{Block, Head, Llama};
+use super::rope::Rope;
 use super::weights::Weights;
 
 /// `config.json` fields of `qwen2`, with mlx-lm's defaults.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
-    /// Model width.
-    pub hidden_size: i32,
-    /// Decoder blocks.
-    pub num_hidden_layers: i32,
-    /// MLP width.
-    pub intermediate_size: i32,
-    /// Query heads.
-    pub num_attention_heads: i32,
-    /// RMS norm epsilon.
-    pub rms_norm_eps: f64,
-    /// Vocabulary size.
-    pub vocab_size: i32,
+    /// Width, depth, heads, norm epsilon, vocabulary.
+    #[serde(flatten)]
+    pub sizes: Sizes,
     /// Key/value heads.
     pub num_key_value_heads: i32,
     /// Trained context length.
@@ -57,26 +50,30 @@ fn default_true() -> bool {
 }
 
 /// Loads a Qwen 2 model.
-pub fn load(config: &ModelConfig, weights: &Weights) -> Result<Decoder> {
-    let c: Config = config.text_as(weights.dir())?;
-    let head_dim = if c.num_attention_heads > 0 { c.hidden_size / c.num_attention_heads } else { 0 };
-    let cfg = DecoderConfig {
-        hidden_size: c.hidden_size,
-        num_layers: c.num_hidden_layers,
-        intermediate_size: c.intermediate_size,
-        num_heads: c.num_attention_heads,
-        num_kv_heads: c.num_key_value_heads,
-        head_dim,
-        eps: c.rms_norm_eps,
-        vocab_size: c.vocab_size,
-        rope_theta: c.rope_theta,
-        rope_traditional: c.rope_traditional,
-        rope_scaling: c.rope_scaling,
-        tie_word_embeddings: c.tie_word_embeddings,
-        sliding: vec![false; c.num_hidden_layers.max(0) as usize],
-        sliding_window: None,
-        max_position_embeddings: Some(c.max_position_embeddings),
-        variant: Variant { qkv_bias: true, o_bias: false, mlp_bias: false, qk_norm: false },
+pub fn load(config: &ModelConfig, weights: &Weights) -> Result<Llama> {
+    let dir = weights.dir();
+    let c: Config = config.text_as(dir)?;
+    let s = &c.sizes;
+    let heads = s.num_attention_heads;
+    let spec = AttentionSpec {
+        hidden: s.hidden_size,
+        heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: if heads > 0 { s.hidden_size / heads } else { 0 },
+        qkv_bias: true,
+        o_bias: false,
     };
-    Decoder::load(config, cfg, weights)
+    s.check(dir, spec.kv_heads, spec.head_dim, &[])?;
+    let scale = f64::from(spec.head_dim).powf(-0.5) as f32;
+    let mut layers = Vec::with_capacity(s.num_hidden_layers as usize);
+    for i in 0..s.num_hidden_layers {
+        let w = weights.root().pp("model.layers").pp(i);
+        let rope = Rope::new(spec.head_dim, c.rope_theta, c.rope_traditional, c.rope_scaling.as_ref(), dir)?;
+        let attn = Attention::load(&w.pp("self_attn"), &spec, rope, scale)?;
+        let mlp = Mlp::load(&w.pp("mlp"), s.hidden_size, s.intermediate_size, false, Gate::Silu)?;
+        layers.push(Block::load(&w, attn, mlp, s.hidden_size, s.rms_norm_eps)?);
+    }
+    let head =
+        Head { tie_word_embeddings: c.tie_word_embeddings, max_position_embeddings: Some(c.max_position_embeddings) };
+    Llama::assemble(config, weights, layers, s, head)
 }

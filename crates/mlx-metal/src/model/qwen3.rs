@@ -2,35 +2,26 @@
 //! Qwen 3 (`qwen3`): the Llama decoder with RMS norms on queries and keys
 //! (per head, before rope) and no biases.
 
-use std::path::Path;
-
 use serde::Deserialize;
 
 use mlx::Result;
 
-use super::config::{ModelConfig, RopeScaling};
-use super::llama::{Decoder, DecoderConfig, Variant};
+use super::config::{ModelConfig, RopeScaling, Sizes};
+use super::layers::{Attention, AttentionSpec, Gate, Mlp, RmsNorm};
+use super::llama::{Block, Head, Llama};
+use super::rope::Rope;
 use super::weights::{Weights, model_err};
 
 /// `config.json` fields of `qwen3` (required ones have no default, as in mlx-lm).
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
-    /// Model width.
-    pub hidden_size: i32,
-    /// Decoder blocks.
-    pub num_hidden_layers: i32,
-    /// MLP width.
-    pub intermediate_size: i32,
-    /// Query heads.
-    pub num_attention_heads: i32,
+    /// Width, depth, heads, norm epsilon, vocabulary.
+    #[serde(flatten)]
+    pub sizes: Sizes,
     /// Key/value heads.
     pub num_key_value_heads: i32,
     /// Features per head.
     pub head_dim: i32,
-    /// RMS norm epsilon.
-    pub rms_norm_eps: f64,
-    /// Vocabulary size.
-    pub vocab_size: i32,
     /// Trained context length.
     pub max_position_embeddings: i32,
     /// Tied embeddings.
@@ -47,34 +38,36 @@ pub struct Config {
 }
 
 /// Loads a Qwen 3 model.
-pub fn load(config: &ModelConfig, weights: &Weights) -> Result<Decoder> {
-    let cfg = decoder_config(config, weights.dir())?;
-    Decoder::load(config, cfg, weights)
-}
-
-fn decoder_config(config: &ModelConfig, dir: &Path) -> Result<DecoderConfig> {
+pub fn load(config: &ModelConfig, weights: &Weights) -> Result<Llama> {
+    let dir = weights.dir();
     let c: Config = config.text_as(dir)?;
+    let s = &c.sizes;
+    s.check(dir, c.num_key_value_heads, c.head_dim, &[])?;
     let theta = c
         .rope_theta
         .or_else(|| c.rope_parameters.as_ref().and_then(|p| p.rope_theta))
         .ok_or_else(|| model_err(dir, "rope_theta is missing from config.json"))?;
-    let scaling = c.rope_scaling.or(c.rope_parameters);
-    Ok(DecoderConfig {
-        hidden_size: c.hidden_size,
-        num_layers: c.num_hidden_layers,
-        intermediate_size: c.intermediate_size,
-        num_heads: c.num_attention_heads,
-        num_kv_heads: c.num_key_value_heads,
+    let scaling = c.rope_scaling.as_ref().or(c.rope_parameters.as_ref());
+    let spec = AttentionSpec {
+        hidden: s.hidden_size,
+        heads: s.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
         head_dim: c.head_dim,
-        eps: c.rms_norm_eps,
-        vocab_size: c.vocab_size,
-        rope_theta: theta,
-        rope_traditional: false,
-        rope_scaling: scaling,
-        tie_word_embeddings: c.tie_word_embeddings,
-        sliding: vec![false; c.num_hidden_layers.max(0) as usize],
-        sliding_window: None,
-        max_position_embeddings: Some(c.max_position_embeddings),
-        variant: Variant { qkv_bias: false, o_bias: false, mlp_bias: false, qk_norm: true },
-    })
+        qkv_bias: false,
+        o_bias: false,
+    };
+    let (hd, eps) = (c.head_dim, s.rms_norm_eps);
+    let mut layers = Vec::with_capacity(s.num_hidden_layers as usize);
+    for i in 0..s.num_hidden_layers {
+        let w = weights.root().pp("model.layers").pp(i);
+        let a = w.pp("self_attn");
+        let rope = Rope::new(hd, theta, false, scaling, dir)?;
+        let qk_norm = (RmsNorm::load(&a.pp("q_norm"), hd, eps)?, RmsNorm::load(&a.pp("k_norm"), hd, eps)?);
+        let attn = Attention::load(&a, &spec, rope, f64::from(hd).powf(-0.5) as f32)?.with_qk_norm(qk_norm);
+        let mlp = Mlp::load(&w.pp("mlp"), s.hidden_size, s.intermediate_size, false, Gate::Silu)?;
+        layers.push(Block::load(&w, attn, mlp, s.hidden_size, eps)?);
+    }
+    let head =
+        Head { tie_word_embeddings: c.tie_word_embeddings, max_position_embeddings: Some(c.max_position_embeddings) };
+    Llama::assemble(config, weights, layers, s, head)
 }

@@ -8,20 +8,20 @@
 //! tensor, a wrong shape or a wrong dtype is an error that names the tensor;
 //! tensors nobody read are reported by [`Weights::finish`].
 //!
-//! Tensor parallelism ([`Weights::load_sharded`]): a rank asks for the slice
-//! of a linear layer it holds ([`WeightPath::linear_split`]): the output rows
-//! of a column-parallel layer, the input columns of a row-parallel one. The
-//! slice is read straight from the file ([`io::read_tensor_slice`]); MLX's
-//! lazy loader never reads the rest, so a rank's memory holds only its shard
-//! (plus the replicated norms). The embedding and the head are read by
-//! vocabulary rows ([`WeightPath::embedding_rows`]) unless the model keeps
+//! Tensor parallelism ([`Weights::load_sliceable`], then [`super::tp::shard`]
+//! on the built model): a rank asks for the slice of a linear layer it holds
+//! ([`WeightPath::linear_split`]): the output rows of a column-parallel layer,
+//! the input columns of a row-parallel one. The slice is read straight from
+//! the file ([`io::read_tensor_slice`]); the whole tensor the model was built
+//! with is a lazy array that is never evaluated, so a rank's memory holds only
+//! its shard (plus the replicated norms). The embedding and the head are read
+//! by vocabulary rows ([`WeightPath::embedding_rows`]) unless the model keeps
 //! them replicated.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use crate::model::tp::TensorParallel;
 use crate::nn::{Embedding, Linear, LinearWeight};
 use mlx::io::{self, SafetensorsHeader};
 use mlx::ops::{self, Quantized};
@@ -40,7 +40,6 @@ pub struct Weights {
     quant: Option<QuantConfig>,
     /// The files' headers, for reading slices straight from them.
     files: Vec<(PathBuf, SafetensorsHeader)>,
-    tp: Option<TensorParallel>,
 }
 
 impl Weights {
@@ -61,38 +60,19 @@ impl Weights {
         if tensors.is_empty() {
             return Err(model_err(dir, "the safetensors files hold no tensors"));
         }
-        Ok(Weights {
-            tensors,
-            used: RefCell::new(BTreeSet::new()),
-            dir: dir.to_path_buf(),
-            quant,
-            files: Vec::new(),
-            tp: None,
-        })
+        Ok(Weights { tensors, used: RefCell::new(BTreeSet::new()), dir: dir.to_path_buf(), quant, files: Vec::new() })
     }
 
-    /// [`Weights::load`] for one rank of a tensor-parallel model: the
-    /// sharded layers read only this rank's slice from the files.
-    pub fn load_sharded(dir: &Path, quant: Option<QuantConfig>, tp: TensorParallel) -> Result<Weights> {
+    /// [`Weights::load`] for one rank of a tensor-parallel model: slices of
+    /// the sharded layers ([`WeightPath::linear_split`]) are read straight
+    /// from the files, never the whole tensor.
+    pub fn load_sliceable(dir: &Path, quant: Option<QuantConfig>) -> Result<Weights> {
         let mut w = Weights::load(dir, quant)?;
         w.files = safetensors_files(dir)?
             .into_iter()
             .map(|f| io::read_safetensors_header(&f).map(|h| (f, h)))
             .collect::<Result<_>>()?;
-        w.tp = Some(tp);
         Ok(w)
-    }
-
-    /// The same weights, sharded for `tp` (slices of in-memory tensors are
-    /// copies).
-    pub fn with_tensor_parallel(mut self, tp: TensorParallel) -> Weights {
-        self.tp = Some(tp);
-        self
-    }
-
-    /// The tensor parallelism these weights are loaded for.
-    pub fn tensor_parallel(&self) -> Option<&TensorParallel> {
-        self.tp.as_ref()
     }
 
     /// `[start, start + len)` along `axis` of tensor `name` (already resolved
@@ -115,14 +95,7 @@ impl Weights {
 
     /// Weights from tensors in memory (tests, converted models).
     pub fn from_tensors(dir: &Path, tensors: BTreeMap<String, Array>, quant: Option<QuantConfig>) -> Weights {
-        Weights {
-            tensors,
-            used: RefCell::new(BTreeSet::new()),
-            dir: dir.to_path_buf(),
-            quant,
-            files: Vec::new(),
-            tp: None,
-        }
+        Weights { tensors, used: RefCell::new(BTreeSet::new()), dir: dir.to_path_buf(), quant, files: Vec::new() }
     }
 
     /// The root path for lookups.
@@ -242,12 +215,12 @@ impl<'a> WeightPath<'a> {
     pub fn linear(&self, out: i32, inp: i32, bias: bool) -> Result<Linear> {
         let weight = self.matrix(out, inp)?;
         let bias = if bias { Some(self.tensor("bias", &[out])?) } else { None };
-        Ok(Linear { weight, bias, lora: None })
+        Ok(Linear::new(weight, bias))
     }
 
-    /// The tensor parallelism the weights are loaded for.
-    pub fn tensor_parallel(&self) -> Option<&'a TensorParallel> {
-        self.weights.tp.as_ref()
+    /// The model directory (for messages).
+    pub fn dir(&self) -> &'a Path {
+        self.weights.dir()
     }
 
     /// A linear layer `[out, in]` of which this rank holds the part `split`
@@ -307,7 +280,7 @@ impl<'a> WeightPath<'a> {
             (Some(b), Split::Input { keep_bias: true, .. }) => Some(b),
             _ => None,
         };
-        Ok(Linear { weight, bias, lora: None })
+        Ok(Linear::new(weight, bias))
     }
 
     fn slice(&self, leaf: &str, axis: usize, start: i32, len: i32) -> Result<Array> {
@@ -316,16 +289,16 @@ impl<'a> WeightPath<'a> {
 
     /// An embedding table `[vocab, dim]`, dense or quantised.
     pub fn embedding(&self, vocab: i32, dim: i32) -> Result<Embedding> {
-        Ok(Embedding { weight: self.matrix(vocab, dim)? })
+        Ok(Embedding::new(self.matrix(vocab, dim)?))
     }
 
     /// The rows `[start, start + len)` of an embedding table `[vocab, dim]`
-    /// (a vocabulary-parallel rank's part; see [`super::tp::Vocab`]): only
+    /// (a vocabulary-parallel rank's part; see [`crate::nn::VocabShard`]): only
     /// those rows are read from the checkpoint. A quantised table packs
     /// along `dim`, so whole rows never cut a quantisation group.
     pub fn embedding_rows(&self, vocab: i32, dim: i32, start: i32, len: i32) -> Result<Embedding> {
         let rows = self.linear_split(vocab, dim, false, Split::Output { start, len })?;
-        Ok(Embedding { weight: rows.weight })
+        Ok(Embedding::new(rows.weight))
     }
 
     fn matrix(&self, out: i32, inp: i32) -> Result<LinearWeight> {

@@ -1,18 +1,22 @@
 // SPDX-License-Identifier: EUPL-1.2
-//! Tensor parallelism in the models, as mlx-lm's `model.shard()` lays it out:
-//! in each block q/k/v and gate/up are column-parallel (each rank computes
-//! its heads and its slice of the MLP), o_proj and down_proj row-parallel,
-//! followed by one `all_sum` each. Norms are replicated.
+//! Tensor parallelism, applied to a built model as mlx-lm's `model.shard()`
+//! does ([`shard`]): in each block q/k/v and gate/up become column-parallel
+//! (each rank holds its heads and its slice of the MLP), o_proj and down_proj
+//! row-parallel, each ending with one `all_sum` ([`crate::nn::AllSum`]).
+//! Norms are replicated. The models' own code knows nothing of it: their
+//! attention and MLP read like the single-device model, and [`shard`] works on
+//! the pieces every architecture lends ([`super::LanguageModel::parts_mut`]),
+//! reading each rank's slices straight from the checkpoint's files.
 //!
-//! The embedding and the output head are vocabulary-parallel ([`Vocab`]):
+//! The embedding and the output head are vocabulary-parallel ([`crate::nn::VocabShard`]):
 //! rank `r` holds the rows `[r·V/N, (r+1)·V/N)` of the embedding table and
 //! of an untied head (contiguous, uneven by at most one row when `V` does not
 //! divide). A lookup zeroes the ids outside the rank's rows and sums the
 //! ranks' embeddings (one `all_sum`, exact: every position has one non-zero
 //! term); the head computes the rank's logits and gathers them (one
 //! `all_gather`, each rank's slice padded to the longest), so every rank ends
-//! with the same full logits. [`VocabLayout::Replicated`] keeps both tables
-//! whole on every rank instead.
+//! with the same full logits ([`crate::nn::VocabShard`]).
+//! [`VocabLayout::Replicated`] keeps both tables whole on every rank instead.
 //!
 //! Heads are split along key/value groups so that a rank's query heads find
 //! their key/value heads on the same rank: with at least as many key/value
@@ -25,12 +29,13 @@ mod options;
 
 pub use options::{Shard, TensorParallel, TensorParallelOptions, VocabLayout};
 
-use crate::nn::Embedding;
-use mlx::ops;
-use mlx::{Array, Dtype};
+use std::rc::Rc;
+
 use mlx::{Error, Result};
 
-use crate::model::weights::Split;
+use super::LanguageModel;
+use super::weights::{Split, Weights, model_err};
+use crate::nn::{AllSum, Linear, Parallel, VocabShard};
 
 /// A rank's attention heads: query heads `[q_start, q_start + q_len)` and
 /// key/value heads `[kv_start, kv_start + kv_len)`.
@@ -104,145 +109,86 @@ pub fn mlp(n: i32, shard: Option<Shard>) -> Result<(Split, Split)> {
     Ok((Split::Output { start, len }, Split::Input { start, len, keep_bias: shard.is_none_or(|s| s.rank == 0) }))
 }
 
-/// The sum over the ranks that ends a row-parallel layer (nothing without
-/// tensor parallelism).
-#[derive(Debug, Clone, Default)]
-pub struct Reduce(Option<TensorParallel>);
-
-impl Reduce {
-    /// The reduction of `tp`.
-    pub fn new(tp: Option<&TensorParallel>) -> Reduce {
-        Reduce(tp.filter(|t| t.shard().size > 1).cloned())
-    }
-
-    /// `x` summed over the ranks. Half-precision partial sums are added in
-    /// float32 and rounded once, closer to the single-process matmul, which
-    /// accumulates in float32 and rounds once.
-    pub fn apply(&self, x: Array) -> Result<Array> {
-        let Some(tp) = &self.0 else { return Ok(x) };
-        match x.dtype() {
-            d @ (Dtype::Bfloat16 | Dtype::Float16) => ops::astype(&tp.all_sum(&ops::astype(&x, Dtype::Float32)?)?, d),
-            _ => tp.all_sum(&x),
-        }
-    }
-}
-
 /// Each rank's rows `(start, len)` of a vocabulary of `vocab` over `ranks`
 /// ranks: contiguous, in rank order, lengths differing by at most one.
 pub fn vocab_ranges(vocab: i32, ranks: i32) -> Result<Vec<(i32, i32)>> {
     (0..ranks).map(|r| Shard::new(r, ranks).and_then(|s| s.range(vocab, "vocab_size"))).collect()
 }
 
-/// A vocabulary-parallel embedding and head (see the module docs), or the
-/// whole vocabulary on one rank.
-#[derive(Debug, Clone)]
-pub struct Vocab {
-    /// The group, when the vocabulary is sharded over more than one rank.
-    tp: Option<TensorParallel>,
-    /// The whole vocabulary.
-    size: i32,
-    /// This rank's first row.
-    start: i32,
-    /// This rank's rows.
-    len: i32,
-    /// The longest rank's rows (what every rank pads its logits to).
-    padded: i32,
-    /// The columns of the gathered, padded logits that are real, in
-    /// vocabulary order (`None` when no rank pads).
-    columns: Option<Array>,
+/// The rows each rank holds of a vocabulary of `size` rows, or `None` when the
+/// tables stay whole: one rank, or [`VocabLayout::Replicated`].
+pub fn vocab_plan(size: i32, shard: Shard, layout: VocabLayout) -> Result<Option<Vec<(i32, i32)>>> {
+    if shard.size <= 1 || layout == VocabLayout::Replicated {
+        return Ok(None);
+    }
+    vocab_ranges(size, shard.size).map(Some)
 }
 
-impl Vocab {
-    /// The vocabulary of `size` rows as `tp` holds it: sharded when there
-    /// are several ranks and the layout is [`VocabLayout::Sharded`], whole
-    /// otherwise.
-    pub fn new(size: i32, tp: Option<&TensorParallel>) -> Result<Vocab> {
-        let whole = Vocab { tp: None, size, start: 0, len: size, padded: size, columns: None };
-        let Some(tp) = tp.filter(|t| t.shard().size > 1 && t.vocab_layout() == VocabLayout::Sharded) else {
-            return Ok(whole);
-        };
-        let s = tp.shard();
-        let ranges = vocab_ranges(size, s.size)?;
-        let (start, len) = ranges
-            .get(s.rank as usize)
-            .copied()
-            .ok_or_else(|| Error::invalid("shard", format!("rank {} has no vocabulary rows", s.rank)))?;
-        let padded = ranges.iter().map(|r| r.1).max().unwrap_or(len);
-        let columns = if ranges.iter().all(|r| r.1 == padded) {
-            None
-        } else {
-            let cols: Vec<i32> =
-                ranges.iter().enumerate().flat_map(|(r, &(_, n))| (0..n).map(move |i| r as i32 * padded + i)).collect();
-            Some(Array::from_slice(&cols, &[size])?)
-        };
-        Ok(Vocab { tp: Some(tp.clone()), size, start, len, padded, columns })
+/// Splits a built model over the ranks of `tp`, as mlx-lm's `shard()`: every
+/// block's q/k/v and gate/up keep this rank's output rows, o_proj and
+/// down_proj this rank's input columns followed by a sum over the ranks, the
+/// attention its heads; the embedding and the head keep this rank's
+/// vocabulary rows unless the layout is replicated. The slices are read from
+/// `weights`' files (loaded with [`Weights::load_sliceable`]); the whole
+/// tensors the model was built with are dropped unread.
+///
+/// # Errors
+/// The model's heads, MLP or vocabulary cannot be split over this many ranks,
+/// or a slice cannot be read.
+pub fn shard(model: &mut dyn LanguageModel, weights: &Weights, tp: &TensorParallel) -> Result<()> {
+    let s = tp.shard();
+    if s.size <= 1 {
+        return Ok(());
     }
+    let dir = weights.dir();
+    let split_err = |e: Error| model_err(dir, e.to_string());
+    let group = tp.group_rc();
+    let parts = model.parts_mut();
+    for (i, block) in parts.layers.into_iter().enumerate() {
+        let (a, m) = (block.self_attn, block.mlp);
+        (a.qkv, m.gate_up) = (None, None);
+        let p = format!("model.layers.{i}");
+        let head_dim = a.q_proj.features()?.0 / a.n_heads.max(1);
+        let heads = Heads::of(a.n_heads, a.n_kv_heads, Some(s)).map_err(split_err)?;
+        let attn = format!("{p}.self_attn");
+        a.q_proj = slice(weights, &format!("{attn}.q_proj"), &a.q_proj, heads.q(head_dim))?;
+        a.k_proj = slice(weights, &format!("{attn}.k_proj"), &a.k_proj, heads.kv(head_dim))?;
+        a.v_proj = slice(weights, &format!("{attn}.v_proj"), &a.v_proj, heads.kv(head_dim))?;
+        a.o_proj = summed(slice(weights, &format!("{attn}.o_proj"), &a.o_proj, heads.o(head_dim, Some(s)))?, &group);
+        (a.n_heads, a.n_kv_heads) = (heads.q_len, heads.kv_len);
+        let (cols, rows) = mlp(m.gate_proj.features()?.0, Some(s)).map_err(split_err)?;
+        m.gate_proj = slice(weights, &format!("{p}.mlp.gate_proj"), &m.gate_proj, cols)?;
+        m.up_proj = slice(weights, &format!("{p}.mlp.up_proj"), &m.up_proj, cols)?;
+        m.down_proj = summed(slice(weights, &format!("{p}.mlp.down_proj"), &m.down_proj, rows)?, &group);
+    }
+    let (vocab, hidden) = match &parts.embed_tokens.weight {
+        crate::nn::LinearWeight::Dense(w) => (w.dim(0)?, w.dim(1)?),
+        crate::nn::LinearWeight::Quantized(q) => (q.scales.dim(0)?, q.scales.dim(1)? * q.group_size),
+    };
+    let Some(ranges) = vocab_plan(vocab, s, tp.vocab_layout()).map_err(split_err)? else { return Ok(()) };
+    let rows = VocabShard::new(Rc::clone(&group), vocab, &ranges)?;
+    let (start, len) = rows.rows();
+    let mut table = weights.root().pp("model.embed_tokens").embedding_rows(vocab, hidden, start, len)?;
+    table.vocab = Some(rows.clone());
+    *parts.embed_tokens = table;
+    if let Some(head) = parts.lm_head {
+        let mut sliced = slice(weights, "lm_head", head, Split::Output { start, len })?;
+        sliced.parallel = Parallel::Gather(rows);
+        *head = sliced;
+    }
+    Ok(())
+}
 
-    /// The rows this rank holds, as a split of an `[vocab, hidden]` table.
-    pub fn split(&self) -> Split {
-        Split::Output { start: self.start, len: self.len }
-    }
+/// This rank's part of the linear layer `layer` at `path`, read from the files.
+fn slice(weights: &Weights, path: &str, layer: &Linear, split: Split) -> Result<Linear> {
+    let (out, inp) = layer.features()?;
+    weights.root().pp(path).linear_split(out, inp, layer.bias.is_some(), split)
+}
 
-    /// This rank's rows `(start, len)`.
-    pub fn rows(&self) -> (i32, i32) {
-        (self.start, self.len)
-    }
-
-    /// Whether the vocabulary is sharded over several ranks.
-    pub fn is_sharded(&self) -> bool {
-        self.tp.is_some()
-    }
-
-    /// Looks `ids` up in `table` (this rank's rows): ids outside them give
-    /// zeros, and the sum over the ranks gives every rank the full
-    /// embeddings `[..., hidden]`, exactly as the whole table would.
-    pub fn embed(&self, table: &Embedding, ids: &Array) -> Result<Array> {
-        let Some(tp) = &self.tp else { return table.forward(ids) };
-        let lo = Array::scalar_as(f64::from(self.start), ids.dtype())?;
-        let hi = Array::scalar_as(f64::from(self.start + self.len), ids.dtype())?;
-        let mine = ops::logical_and(&ops::greater_equal(ids, &lo)?, &ops::less(ids, &hi)?)?;
-        let local = ops::where_(&mine, &ops::subtract(ids, &lo)?, &Array::scalar_as(0.0, ids.dtype())?)?;
-        let rows = table.forward(&local)?;
-        let zero = Array::scalar_as(0.0, rows.dtype())?;
-        let rows = ops::where_(&ops::expand_dims(&mine, &[-1])?, &rows, &zero)?;
-        tp.all_sum(&rows)
-    }
-
-    /// This rank's logits `[..., len]` gathered into the full `[..., vocab]`
-    /// in vocabulary order, the same on every rank.
-    pub fn gather(&self, logits: &Array) -> Result<Array> {
-        let Some(tp) = &self.tp else { return Ok(logits.clone()) };
-        let shape = logits.shape();
-        let n = shape.len();
-        if n == 0 || shape[n - 1] != self.len {
-            return Err(Error::invalid(
-                "vocab_gather",
-                format!("this rank's logits {shape:?} do not end in its {} vocabulary rows", self.len),
-            ));
-        }
-        let x = if self.len < self.padded {
-            let zero = Array::scalar_as(0.0, logits.dtype())?;
-            ops::pad(logits, &[n as i32 - 1], &[0], &[self.padded - self.len], &zero)?
-        } else {
-            logits.clone()
-        };
-        // all_gather stacks along axis 0: [N, ..., padded] → [..., N, padded].
-        let all = tp.all_gather(&ops::expand_dims(&x, &[0])?)?;
-        let order: Vec<i32> = (1..n as i32).chain([0, n as i32]).collect();
-        let moved = ops::transpose(&all, &order)?;
-        let mut out_shape = shape;
-        out_shape[n - 1] = -1;
-        let full = ops::reshape(&moved, &out_shape)?;
-        match &self.columns {
-            Some(c) => ops::take(&full, c, -1),
-            None => Ok(full),
-        }
-    }
-
-    /// The whole vocabulary's size.
-    pub fn size(&self) -> i32 {
-        self.size
-    }
+/// A row-parallel layer: its outputs are summed over the ranks.
+fn summed(mut layer: Linear, group: &Rc<mlx::distributed::Group>) -> Linear {
+    layer.parallel = Parallel::Sum(AllSum::new(Rc::clone(group)));
+    layer
 }
 
 #[cfg(test)]
@@ -286,11 +232,12 @@ mod tests {
 
     #[test]
     fn without_tensor_parallelism_the_vocabulary_is_whole() {
-        let v = Vocab::new(389, None).expect("a vocabulary");
-        assert!(!v.is_sharded());
-        assert_eq!((v.rows(), v.size(), v.split()), ((0, 389), 389, Split::Output { start: 0, len: 389 }));
-        let logits = ops::zeros(&[1, 2, 389], Dtype::Float32).expect("logits");
-        assert_eq!(v.gather(&logits).map(|l| l.shape()).ok(), Some(vec![1, 2, 389]));
+        let one = Shard::new(0, 1).expect("one rank");
+        assert_eq!(vocab_plan(389, one, VocabLayout::Sharded).ok(), Some(None));
+        let two = Shard::new(1, 2).expect("two ranks");
+        assert_eq!(vocab_plan(389, two, VocabLayout::Replicated).ok(), Some(None));
+        assert_eq!(vocab_plan(389, two, VocabLayout::Sharded).ok(), Some(Some(vec![(0, 194), (194, 195)])));
+        assert!(vocab_plan(1, two, VocabLayout::Sharded).is_err());
     }
 
     #[test]

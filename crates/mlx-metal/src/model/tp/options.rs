@@ -133,6 +133,11 @@ impl TensorParallel {
         &self.group
     }
 
+    /// The group, shared (what a sharded layer's collective holds).
+    pub fn group_rc(&self) -> Rc<Group> {
+        Rc::clone(&self.group)
+    }
+
     /// `x` summed over the ranks (the end of a row-parallel layer).
     pub fn all_sum(&self, x: &Array) -> Result<Array> {
         if self.shard.size == 1 { Ok(x.clone()) } else { distributed::all_sum(x, &self.group) }

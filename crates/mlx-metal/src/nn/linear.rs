@@ -1,18 +1,13 @@
 // SPDX-License-Identifier: EUPL-1.2
-//! Layer helpers shared by the models: linear and embedding layers (dense or
-//! affine-quantised), activations and grouped-query helpers.
-//!
-//! Quantisation is orthogonal to the models: a layer is quantised when its
-//! weights came with `scales` (see [`mlx::ops::Quantized`]).
+//! Linear layers and embedding tables, dense or affine-quantised, and
+//! [`FusedLinear`], several linear layers that read one input run as one
+//! matmul.
 
-use std::cell::OnceCell;
-use std::thread::LocalKey;
-
-use crate::lora::LoraLayer;
 use mlx::ops::{self, Quantized};
-use mlx::transforms::{self, Closure};
-use mlx::{Array, Dtype};
-use mlx::{Error, Result};
+use mlx::{Array, Dtype, Error, Result};
+
+use super::lora::LoraLayer;
+use super::parallel::{Parallel, VocabShard};
 
 /// The weights of a linear layer.
 #[derive(Debug, Clone)]
@@ -24,7 +19,8 @@ pub enum LinearWeight {
 }
 
 /// `y = x Wᵀ + b`, plus a LoRA update when an adapter is attached
-/// (see [`crate::lora`]).
+/// (see [`crate::lora`]), then — in a tensor-parallel model — the collective
+/// that ends the layer ([`Parallel`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// The weights.
@@ -33,6 +29,8 @@ pub struct Linear {
     pub bias: Option<Array>,
     /// The optional low-rank adapter: `y += scale · (dropout(x) A) B`.
     pub lora: Option<LoraLayer>,
+    /// What follows the matmul when the layer is split over ranks.
+    pub parallel: Parallel,
 }
 
 impl Linear {
@@ -44,25 +42,32 @@ impl Linear {
                 format!("weight must be 2-D [out, in], got shape {:?}", weight.shape()),
             ));
         }
-        Ok(Linear { weight: LinearWeight::Dense(weight), bias, lora: None })
+        Ok(Linear::new(LinearWeight::Dense(weight), bias))
     }
 
     /// A quantised layer.
     pub fn quantized(q: Quantized, bias: Option<Array>) -> Linear {
-        Linear { weight: LinearWeight::Quantized(q), bias, lora: None }
+        Linear::new(LinearWeight::Quantized(q), bias)
+    }
+
+    /// A layer of `weight` and `bias`, with no adapter, on one device.
+    pub fn new(weight: LinearWeight, bias: Option<Array>) -> Linear {
+        Linear { weight, bias, lora: None, parallel: Parallel::None }
     }
 
     /// Applies the layer to `x: [..., in]` (as MLX's `nn.Linear` does: `addmm`
-    /// when there is a bias), adding the LoRA update when there is one.
+    /// when there is a bias), adding the LoRA update when there is one, and
+    /// ending with the layer's collective in a tensor-parallel model.
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let y = self.forward_base(x)?;
-        match &self.lora {
-            Some(lora) => lora.apply(x, &y),
-            None => Ok(y),
-        }
+        let y = match &self.lora {
+            Some(lora) => lora.apply(x, &y)?,
+            None => y,
+        };
+        self.parallel.finish(y)
     }
 
-    /// The layer without its LoRA update.
+    /// The layer's own matmul: no LoRA update, no collective.
     pub fn forward_base(&self, x: &Array) -> Result<Array> {
         match (&self.weight, &self.bias) {
             (LinearWeight::Dense(w), None) => ops::matmul(x, &ops::transpose(w, &[1, 0])?),
@@ -111,7 +116,8 @@ pub struct FusedLinear {
 impl FusedLinear {
     /// Fuses `parts` when they can run as one matmul: same input width, all
     /// dense in one dtype or all quantised alike (bits, group size, scale
-    /// dtype), biases on all or none, and no LoRA adapter. Returns `None`
+    /// dtype), biases on all or none, no LoRA adapter and no collective after
+    /// them (column-parallel parts have none). Returns `None`
     /// otherwise, leaving the parts as they were.
     ///
     /// Nothing is computed here: the concatenation runs (once) when the fused
@@ -163,7 +169,7 @@ impl FusedLinear {
                 LinearWeight::Quantized(Quantized { weight, scales, biases, group_size: q0.group_size, bits: q0.bits })
             }
         };
-        let fused = Linear { weight, bias, lora: None };
+        let fused = Linear::new(weight, bias);
         // Each part now views its rows of the fused weights.
         let mut start = 0;
         for (p, &end) in parts.iter_mut().zip(&ends) {
@@ -190,7 +196,11 @@ impl FusedLinear {
         let first = &parts[0];
         let input = first.features()?.1;
         for p in parts.iter() {
-            if p.lora.is_some() || p.features()?.1 != input || p.bias.is_some() != first.bias.is_some() {
+            if p.lora.is_some()
+                || !p.parallel.is_none()
+                || p.features()?.1 != input
+                || p.bias.is_some() != first.bias.is_some()
+            {
                 return Ok(false);
             }
             if let (Some(a), Some(b)) = (&p.bias, &first.bias)
@@ -230,17 +240,33 @@ impl FusedLinear {
     }
 }
 
-/// A token embedding table `[vocab, dim]`, dense or quantised.
+/// A token embedding table `[vocab, dim]`, dense or quantised; in a
+/// tensor-parallel model, this rank's rows of it ([`VocabShard`]).
 #[derive(Debug, Clone)]
 pub struct Embedding {
-    /// The table.
+    /// The table (this rank's rows when `vocab` is set).
     pub weight: LinearWeight,
+    /// The rows this rank holds of a vocabulary-parallel table.
+    pub vocab: Option<VocabShard>,
 }
 
 impl Embedding {
+    /// A whole table.
+    pub fn new(weight: LinearWeight) -> Embedding {
+        Embedding { weight, vocab: None }
+    }
+
     /// Looks up `ids` (any int shape) and returns `[..., dim]`. A quantised
-    /// table dequantises only the rows it gathers.
+    /// table dequantises only the rows it gathers. A vocabulary-parallel table
+    /// looks up its own rows and sums over the ranks.
     pub fn forward(&self, ids: &Array) -> Result<Array> {
+        match &self.vocab {
+            Some(shard) => shard.embed(ids, |local| self.lookup(local)),
+            None => self.lookup(ids),
+        }
+    }
+
+    fn lookup(&self, ids: &Array) -> Result<Array> {
         match &self.weight {
             LinearWeight::Dense(w) => ops::take(w, ids, 0),
             LinearWeight::Quantized(q) => {
@@ -264,147 +290,13 @@ impl Embedding {
         }
     }
 
-    /// Uses the table as the output projection (tied embeddings): `x Eᵀ`.
+    /// Uses the table as the output projection (tied embeddings): `x Eᵀ`
+    /// (gathered over the ranks when the table is vocabulary-parallel).
     pub fn as_linear(&self, x: &Array) -> Result<Array> {
-        Linear { weight: self.weight.clone(), bias: None, lora: None }.forward(x)
-    }
-}
-
-/// An elementwise function of arrays, compiled once per thread.
-type Elementwise = fn(&[Array]) -> Result<Vec<Array>>;
-
-/// A thread's compiled function, never freed from a thread-local destructor.
-///
-/// MLX keeps its compile cache in a C++ `thread_local`, and the order in which
-/// a thread's C++ and Rust thread-local destructors run is unspecified: freeing
-/// the compiled function erases its cache entry, which after the cache's own
-/// destructor is a use after free (seen as heap corruption when a test binary
-/// exits). At thread exit the handle is therefore left alone; the cache frees
-/// the compiled graph itself.
-struct ThreadCompiled(OnceCell<Option<Closure>>);
-
-impl Drop for ThreadCompiled {
-    fn drop(&mut self) {
-        if let Some(Some(c)) = self.0.take() {
-            std::mem::forget(c);
-        }
-    }
-}
-
-thread_local! {
-    static SILU: ThreadCompiled = const { ThreadCompiled(OnceCell::new()) };
-    static GELU_APPROX: ThreadCompiled = const { ThreadCompiled(OnceCell::new()) };
-    static SWIGLU: ThreadCompiled = const { ThreadCompiled(OnceCell::new()) };
-}
-
-/// Runs `f` compiled (shapeless, so one compilation serves every shape): MLX
-/// fuses its ops into one kernel, with no intermediate arrays, as mlx-lm's
-/// `@mx.compile`d activations do. Where compiling fails (MLX's compiler
-/// switched off, or no JIT toolchain) the plain ops run instead.
-fn fused(slot: &'static LocalKey<ThreadCompiled>, f: Elementwise, inputs: &[&Array]) -> Result<Array> {
-    let out = slot.with(|cell| {
-        let compiled = cell.0.get_or_init(|| Closure::new(f).and_then(|c| transforms::compile(&c, true)).ok());
-        match compiled {
-            Some(c) => c.call(inputs),
-            None => f(&inputs.iter().map(|a| (*a).clone()).collect::<Vec<_>>()),
-        }
-    })?;
-    out.into_iter().next().ok_or_else(|| Error::invalid("fused", "the compiled function returned nothing"))
-}
-
-fn first(xs: &[Array]) -> Result<&Array> {
-    xs.first().ok_or_else(|| Error::invalid("fused", "missing input"))
-}
-
-fn second(xs: &[Array]) -> Result<&Array> {
-    xs.get(1).ok_or_else(|| Error::invalid("fused", "missing second input"))
-}
-
-fn silu_plain(x: &Array) -> Result<Array> {
-    ops::multiply(x, &ops::sigmoid(x)?)
-}
-
-/// GELU, tanh approximation, with MLX's order of operations.
-fn gelu_approx_plain(x: &Array) -> Result<Array> {
-    let x3 = ops::power(x, &ops::scalar_like(x, 3.0)?)?;
-    let inner = ops::add(x, &ops::multiply_scalar(&x3, 0.044715)?)?;
-    let t = ops::tanh(&ops::multiply_scalar(&inner, (2.0 / std::f64::consts::PI).sqrt())?)?;
-    ops::multiply(&ops::multiply_scalar(x, 0.5)?, &ops::add_scalar(&t, 1.0)?)
-}
-
-/// `x · sigmoid(x)` (compiled).
-pub fn silu(x: &Array) -> Result<Array> {
-    fused(&SILU, |xs| Ok(vec![silu_plain(first(xs)?)?]), &[x])
-}
-
-/// GELU with the exact error function: `0.5 x (1 + erf(x / √2))`.
-pub fn gelu(x: &Array) -> Result<Array> {
-    let inner = ops::erf(&ops::multiply_scalar(x, std::f64::consts::FRAC_1_SQRT_2)?)?;
-    ops::multiply(&ops::multiply_scalar(x, 0.5)?, &ops::add_scalar(&inner, 1.0)?)
-}
-
-/// GELU, tanh approximation: `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))`,
-/// with MLX's order of operations (so low-precision results match mlx-lm's),
-/// compiled.
-pub fn gelu_approx(x: &Array) -> Result<Array> {
-    fused(&GELU_APPROX, |xs| Ok(vec![gelu_approx_plain(first(xs)?)?]), &[x])
-}
-
-/// The SwiGLU gate of Llama and Qwen MLPs, `silu(gate) · x`, as one compiled
-/// kernel (mlx-lm's `swiglu`).
-pub fn swiglu(gate: &Array, x: &Array) -> Result<Array> {
-    fused(&SWIGLU, |xs| Ok(vec![ops::multiply(&silu_plain(first(xs)?)?, second(xs)?)?]), &[gate, x])
-}
-
-/// The gate of Gemma MLPs, `gelu_approx(gate) · x`: the compiled
-/// [`gelu_approx`], then the product, exactly as mlx-lm's Gemma 3 MLP computes
-/// it. Fusing the product into the compiled kernel as well changes how
-/// bfloat16 rounds on a GPU (the fused kernel does not round the activation
-/// before multiplying), and logits then drift from mlx-lm's by more than the
-/// parity tolerance.
-pub fn geglu_approx(gate: &Array, x: &Array) -> Result<Array> {
-    ops::multiply(&gelu_approx(gate)?, x)
-}
-
-/// Repeats each of the `H_kv` heads of `x: [B, H_kv, L, D]` `n` times, giving
-/// `[B, H_kv·n, L, D]` (grouped-query attention without a fused kernel).
-pub fn repeat_kv(x: &Array, n: i32) -> Result<Array> {
-    if n <= 1 {
-        return Ok(x.clone());
-    }
-    let s = x.shape();
-    if s.len() != 4 {
-        return Err(Error::invalid("repeat_kv", format!("expected [B, H, L, D], got {s:?}")));
-    }
-    let e = ops::expand_dims(x, &[2])?;
-    let b = ops::broadcast_to(&e, &[s[0], s[1], n, s[2], s[3]])?;
-    ops::reshape(&b, &[s[0], s[1] * n, s[2], s[3]])
-}
-
-/// A bank of linear layers (mixture-of-experts experts), weights
-/// `[experts, out, in]`, applied by expert index with a gathered matmul.
-#[derive(Debug, Clone)]
-pub struct SwitchLinear {
-    /// The stacked weights, dense or quantised.
-    pub weight: LinearWeight,
-    /// Optional per-expert bias `[experts, out]`.
-    pub bias: Option<Array>,
-}
-
-impl SwitchLinear {
-    /// Applies expert `indices[...]` to `x: [..., 1, in]` (one row per selected
-    /// expert, as mlx-lm's `SwitchGLU` lays it out), giving `[..., 1, out]`.
-    pub fn forward(&self, x: &Array, indices: &Array, sorted_indices: bool) -> Result<Array> {
-        let y = match &self.weight {
-            LinearWeight::Dense(w) => {
-                let wt = ops::swapaxes(w, -1, -2)?;
-                ops::gather_mm(x, &wt, None, Some(indices), sorted_indices)?
-            }
-            LinearWeight::Quantized(q) => ops::gather_qmm(x, q, None, Some(indices), true, sorted_indices)?,
-        };
-        match &self.bias {
-            Some(b) => ops::add(&y, &ops::expand_dims(&ops::take(b, indices, 0)?, &[-2])?),
-            None => Ok(y),
+        let logits = Linear::new(self.weight.clone(), None).forward(x)?;
+        match &self.vocab {
+            Some(shard) => shard.gather(&logits),
+            None => Ok(logits),
         }
     }
 }
