@@ -248,3 +248,94 @@ fn dependencies_point_down_the_layers() {
     }
     assert!(wrong.is_empty(), "dependencies that do not point down: {wrong:?}");
 }
+
+/// The modules of `mlx-metal`'s `src/` (a file `name.rs` or a folder `name/`) and the other modules each may
+/// use (`crate::other` outside comments): the layers inside the backend crate, bottom to top. A module missing
+/// from the table, or a use the table does not allow, fails: a new dependency is a decision to write down here.
+const METAL_MODULES: &[(&str, &[&str])] = &[
+    ("nn", &[]),
+    ("cache", &[]),
+    ("sample", &[]),
+    ("tokenizer", &[]),
+    ("chat", &["tokenizer"]),
+    ("model", &["nn", "cache"]),
+    ("lora", &["model", "nn"]),
+    ("generate", &["model", "cache", "sample"]),
+    ("batch", &["model", "cache", "sample", "generate"]),
+    ("session", &["model", "cache", "fnv1a64"]),
+    ("backend", &["nn", "cache", "sample", "tokenizer", "chat", "model", "lora", "generate", "batch", "session"]),
+    ("bench", &["cache", "sample", "model", "generate", "fnv1a64", "MetalModel", "register"]),
+    ("workflows", &[]),
+];
+
+/// The `crate::name` paths in `text` outside comments.
+fn crate_uses(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for line in text.lines() {
+        let code = line.split("//").next().unwrap_or("");
+        let mut rest = code;
+        while let Some(i) = rest.find("crate::") {
+            let tail = &rest[i + "crate::".len()..];
+            let name: String = tail.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+            if !name.is_empty() {
+                out.insert(name);
+            }
+            rest = tail;
+        }
+    }
+    out
+}
+
+#[test]
+fn modules_of_mlx_metal_depend_only_downwards() {
+    let src = workspace().join("crates/mlx-metal/src");
+    let entries: Vec<PathBuf> =
+        std::fs::read_dir(&src).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let mut wrong = Vec::new();
+    let mut checked = 0;
+    for path in entries {
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        if name == "lib" {
+            continue;
+        }
+        let Some((_, allowed)) = METAL_MODULES.iter().find(|(m, _)| *m == name) else {
+            wrong.push(format!("module {name} is not in METAL_MODULES"));
+            continue;
+        };
+        let mut files = Vec::new();
+        if path.is_dir() {
+            rust_files(&path, &mut files);
+        } else {
+            files.push(path.clone());
+        }
+        for file in files {
+            checked += 1;
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            for used in crate_uses(&text) {
+                if used != name && !allowed.contains(&used.as_str()) {
+                    wrong.push(format!("{} uses crate::{used}", file.strip_prefix(&src).unwrap_or(&file).display()));
+                }
+            }
+        }
+    }
+    assert!(checked > 30, "read only {checked} files of {}", src.display());
+    assert!(
+        wrong.is_empty(),
+        "mlx-metal modules that reach up or sideways (see METAL_MODULES):\n  {}",
+        wrong.join("\n  ")
+    );
+}
+
+#[test]
+fn model_files_stay_short() {
+    // One file per architecture, reading like mlx-lm's: at most 300 lines each.
+    let dir = workspace().join("crates/mlx-metal/src/model");
+    let mut long = Vec::new();
+    for arch in ["gemma3.rs", "llama.rs", "qwen2.rs", "qwen3.rs"] {
+        let lines = std::fs::read_to_string(dir.join(arch)).map(|t| t.lines().count()).unwrap_or(usize::MAX);
+        if lines > 300 {
+            long.push(format!("{arch}: {lines} lines"));
+        }
+    }
+    assert!(long.is_empty(), "model files over 300 lines: {long:?}");
+}
