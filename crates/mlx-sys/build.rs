@@ -7,7 +7,13 @@ use std::path::PathBuf;
 
 const SHIM_SOURCES: &[&str] = &[
     "csrc/mlxs_core.cpp",
+    "csrc/mlxs_runtime.cpp",
+    "csrc/mlxs_io.cpp",
+    "csrc/mlxs_random.cpp",
     "csrc/mlxs_ops.cpp",
+    "csrc/mlxs_index.cpp",
+    "csrc/mlxs_quant.cpp",
+    "csrc/mlxs_fast.cpp",
     "csrc/mlxs_transforms.cpp",
     "csrc/mlxs_distributed.cpp",
     "csrc/mlxs_kernels.cpp",

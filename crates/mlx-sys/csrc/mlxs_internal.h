@@ -91,6 +91,15 @@ std::vector<mx::array> arrays(const mlxs_array* xs, size_t n);
 std::optional<int> opt_int(int v);
 std::string mode(const char* m);
 
+// Batch indices of a gathered matmul (gather_mm, gather_qmm) into the batch
+// of matrices of `x` ([..., M, N]), each clamped into it as every gather
+// index is (see mlxs_index.cpp): MLX does not bounds-check them.
+std::optional<mx::array> safe_batch_indices(
+    const char* op,
+    const std::optional<mx::array>& idx,
+    const mx::array& x,
+    mx::StreamOrDevice s);
+
 // Our kernel for one row of x times 4-bit weights, where it applies (see
 // mlxs_kernels.cpp); nullopt where MLX's quantized_matmul must run.
 std::optional<mx::array> try_fast_qmv(

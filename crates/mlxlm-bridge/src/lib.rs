@@ -21,7 +21,8 @@
 //! # The process
 //!
 //! Each loaded model has its own Python process running the bridge script shipped in this crate
-//! ([`BRIDGE_SOURCE`], written to a temporary directory at run time and removed with the model).
+//! ([`BRIDGE_SOURCE`] and the modules it imports, [`BRIDGE_FILES`], written to a temporary
+//! directory at run time and removed with the model).
 //! Requests to one model are serialised; different models run in parallel.
 //!
 //! * **Interpreter**: the load settings' backend option `python`, else
@@ -193,7 +194,7 @@ mod python;
 
 pub use backend::{DEFAULT_TIMEOUT, MlxLmBackend, OPTION_BRIDGE_SCRIPT, OPTION_PYTHON, OPTION_TIMEOUT, OPTIONS};
 pub use model::BridgeModel;
-pub use process::{BRIDGE_SOURCE, BridgeVersions, MAX_LINE_BYTES, PythonTraceback, STDERR_TAIL_BYTES};
+pub use process::{BRIDGE_FILES, BRIDGE_SOURCE, BridgeVersions, MAX_LINE_BYTES, PythonTraceback, STDERR_TAIL_BYTES};
 pub use protocol::PROTOCOL_VERSION;
 pub use python::{DEFAULT_PYTHON, PROBE_TIMEOUT, PYTHON_ENV, interpreter, probe, resolve_python};
 

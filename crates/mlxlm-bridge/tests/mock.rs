@@ -77,14 +77,16 @@ fn renamed_mock(dir: &Path, name: &str) -> PathBuf {
 #[test]
 fn the_bridge_assembles_token_texts_and_cuts_at_stop_strings() {
     // The bridge imports mlx-lm only inside its handlers, so its text assembly can be checked
-    // with any Python 3 (tests/fixtures/assembler_check.py, with a fake tokenizer).
+    // with any Python 3 (tests/fixtures/assembler_check.py, with a fake tokenizer), on the files
+    // as they are shipped.
     let dir = tempfile::tempdir().unwrap();
-    let bridge = dir.path().join("bridge.py");
-    std::fs::write(&bridge, mlxlm_bridge::BRIDGE_SOURCE).unwrap();
+    for (name, source) in mlxlm_bridge::BRIDGE_FILES {
+        std::fs::write(dir.path().join(name), source).unwrap();
+    }
     let check = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/assembler_check.py");
     let out = std::process::Command::new(mlxlm_bridge::resolve_python(None))
         .arg(check)
-        .arg(&bridge)
+        .arg(dir.path().join("bridge_text.py"))
         .output()
         .expect("run Python");
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

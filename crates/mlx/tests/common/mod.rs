@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! Helpers shared by the integration tests: tolerant comparisons against
 //! float64 references, error checks, deterministic data and CPU-side
-//! reference implementations of shape algebra.
+//! reference implementations of shape algebra; `ranks` starts multi-process
+//! jobs of the test binary itself.
 
 #![allow(dead_code)]
+
+pub(crate) mod ranks;
 
 use mlx::{Array, Error, Result};
 

@@ -1,21 +1,32 @@
 // SPDX-License-Identifier: EUPL-1.2
-//! The bridge process: spawning it, the threads that read its stdout and drain its stderr, one
-//! request-and-reply exchange at a time, and the crash boundary around all of it.
+//! The bridge process: spawning it, one request-and-reply exchange at a time, and the crash
+//! boundary around all of it. The script it runs is in `script`, the threads that read its stdout
+//! and drain its stderr in `pipes`, and the errors it reports in `errors`.
 
-use std::io::{self, BufReader, Read, Write};
+mod errors;
+mod pipes;
+mod script;
+
+use std::io::{self, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command as OsCommand, ExitStatus, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread;
+use std::process::{ChildStdin, Command as OsCommand, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
 use std::time::{Duration, Instant};
 
 use inference_core::{CancelToken, Error, Result, Stopped, Token};
 use tempfile::TempDir;
 
+pub use errors::PythonTraceback;
+use errors::backend_error;
+pub(crate) use errors::bridge_error;
+pub(crate) use pipes::{ChildHandle, StderrTail};
+use pipes::{Incoming, spawn_threads};
+pub(crate) use script::Script;
+pub use script::{BRIDGE_FILES, BRIDGE_SOURCE};
+
 use crate::BACKEND_NAME;
-use crate::lines::{Line, read_line};
-use crate::protocol::{Command, Event, PROTOCOL_VERSION, Request, WireError};
+use crate::protocol::{Command, Event, PROTOCOL_VERSION, Request};
 use crate::python::CHILD_ENV;
 
 /// The longest line accepted from the bridge, in bytes.
@@ -23,9 +34,6 @@ pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
 
 /// How much of the bridge's stderr is kept (the most recent bytes).
 pub const STDERR_TAIL_BYTES: usize = 64 * 1024;
-
-/// How much of the kept stderr goes into an error message.
-const STDERR_IN_ERRORS: usize = 4 * 1024;
 
 /// How often a wait for the bridge looks at the caller's cancel token.
 pub(crate) const POLL: Duration = Duration::from_millis(20);
@@ -37,9 +45,6 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// Events buffered between the stdout reader and the exchange; beyond this the reader waits, so
 /// a stalled consumer holds the bridge up instead of growing a queue.
 const EVENT_BUFFER: usize = 256;
-
-/// The bridge script shipped in this crate, written to a temporary directory for each process.
-pub const BRIDGE_SOURCE: &str = include_str!("../bridge/bridge.py");
 
 /// What the bridge reported when it started.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -57,15 +62,6 @@ pub struct BridgeVersions {
     pub interpreter: PathBuf,
 }
 
-/// Which script the process runs.
-#[derive(Debug, Clone)]
-pub(crate) enum Script {
-    /// [`BRIDGE_SOURCE`], written out to a temporary directory.
-    Shipped,
-    /// A script file, for tests (the mock bridge).
-    File(PathBuf),
-}
-
 /// How to start a bridge process.
 #[derive(Debug, Clone)]
 pub(crate) struct Spawn {
@@ -73,105 +69,6 @@ pub(crate) struct Spawn {
     pub(crate) script: Script,
     /// For the start-up handshake, load and info, and for a cancelled request to finish.
     pub(crate) timeout: Duration,
-}
-
-/// The last bytes the bridge wrote to stderr, filled by the drain thread.
-#[derive(Debug, Default)]
-pub(crate) struct StderrTail {
-    state: Mutex<TailState>,
-    closed: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct TailState {
-    bytes: Vec<u8>,
-    dropped: bool,
-    closed: bool,
-}
-
-impl StderrTail {
-    fn lock(&self) -> MutexGuard<'_, TailState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn push(&self, bytes: &[u8]) {
-        let mut state = self.lock();
-        state.bytes.extend_from_slice(bytes);
-        if state.bytes.len() > STDERR_TAIL_BYTES {
-            let excess = state.bytes.len() - STDERR_TAIL_BYTES;
-            state.bytes.drain(..excess);
-            state.dropped = true;
-        }
-    }
-
-    fn close(&self) {
-        self.lock().closed = true;
-        self.closed.notify_all();
-    }
-
-    fn wait_closed(&self, timeout: Duration) {
-        let state = self.lock();
-        let _ = self.closed.wait_timeout_while(state, timeout, |s| !s.closed);
-    }
-
-    /// The last `max` bytes as text (lossy), with "…" in front when earlier output was cut.
-    pub(crate) fn text(&self, max: usize) -> String {
-        let state = self.lock();
-        let start = state.bytes.len().saturating_sub(max);
-        let text = String::from_utf8_lossy(&state.bytes[start..]);
-        let text = text.trim();
-        if start > 0 || state.dropped { format!("…{text}") } else { text.to_owned() }
-    }
-
-    /// "; stderr: …" for an error message, or a note that there was none.
-    fn suffix(&self) -> String {
-        let text = self.text(STDERR_IN_ERRORS);
-        if text.is_empty() { "; nothing on stderr".to_owned() } else { format!("; stderr: {text}") }
-    }
-}
-
-/// The child, shared so that it can be killed from any thread while an exchange runs.
-#[derive(Debug)]
-pub(crate) struct ChildHandle {
-    child: Mutex<Child>,
-}
-
-impl ChildHandle {
-    fn lock(&self) -> MutexGuard<'_, Child> {
-        self.child.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Kills the child if it is still running and reaps it. Idempotent.
-    pub(crate) fn kill(&self) {
-        let mut child = self.lock();
-        if matches!(child.try_wait(), Ok(None)) {
-            let _ = child.kill();
-        }
-        let _ = child.wait();
-    }
-
-    /// The exit status once the child has exited, waiting at most `timeout`.
-    fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.lock().try_wait() {
-                Ok(Some(status)) => return Some(status),
-                Ok(None) if Instant::now() < deadline => {}
-                Ok(None) | Err(_) => return None,
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-/// What the stdout reader hands over.
-#[derive(Debug)]
-pub(crate) enum Incoming {
-    Event(Box<Event>),
-    Malformed { excerpt: String, error: String },
-    Oversized,
-    Eof,
-    Failed(io::Error),
 }
 
 /// How one exchange waits: for a cancel token, a time limit, and what to do with tokens.
@@ -208,45 +105,10 @@ pub(crate) struct Process {
     _script_dir: Option<TempDir>,
 }
 
-fn backend_error(message: impl Into<String>) -> Error {
-    Error::backend(BACKEND_NAME, message)
-}
-
-/// A traceback that the bridge sent as the cause of an error.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("Python traceback:\n{traceback}")]
-pub struct PythonTraceback {
-    /// The traceback as Python formatted it.
-    pub traceback: String,
-}
-
-/// The error for a bridge `error` event (or a failed prompt of a batch).
-pub(crate) fn bridge_error(error: WireError) -> Error {
-    match error.kind.as_str() {
-        "empty_prompt" => Error::EmptyPrompt,
-        "unsupported" => Error::unsupported(BACKEND_NAME, error.operation.unwrap_or(error.message)),
-        _ => match error.cause.filter(|c| !c.trim().is_empty()) {
-            Some(traceback) => Error::backend_with_source(BACKEND_NAME, error.message, PythonTraceback { traceback }),
-            None => backend_error(error.message),
-        },
-    }
-}
-
 impl Process {
     /// Starts the bridge and waits for its `ready` event.
     pub(crate) fn start(spawn: &Spawn) -> Result<Process> {
-        let (script_dir, script) = match &spawn.script {
-            Script::Shipped => {
-                let dir = tempfile::Builder::new()
-                    .prefix("mlxlm-bridge-")
-                    .tempdir()
-                    .map_err(|err| Error::io(std::env::temp_dir(), err))?;
-                let path = dir.path().join("bridge.py");
-                std::fs::write(&path, BRIDGE_SOURCE).map_err(|err| Error::io(&path, err))?;
-                (Some(dir), path)
-            }
-            Script::File(path) => (None, path.clone()),
-        };
+        let (script_dir, script) = spawn.script.materialise()?;
         let python = &spawn.python;
         let mut child = OsCommand::new(python)
             .arg("-u")
@@ -266,7 +128,7 @@ impl Process {
             })?;
         let pid = child.id();
         let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
-        let handle = Arc::new(ChildHandle { child: Mutex::new(child) });
+        let handle = Arc::new(ChildHandle::new(child));
         let tail = Arc::new(StderrTail::default());
         let (tx, events) = sync_channel(EVENT_BUFFER);
         let threads = match (stdout, stderr) {
@@ -552,64 +414,11 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-fn spawn_threads(
-    stdout: ChildStdout,
-    stderr: ChildStderr,
-    tx: SyncSender<Incoming>,
-    tail: Arc<StderrTail>,
-) -> io::Result<()> {
-    thread::Builder::new().name("mlxlm-stdout".into()).spawn(move || read_stdout(stdout, &tx))?;
-    thread::Builder::new().name("mlxlm-stderr".into()).spawn(move || drain_stderr(stderr, &tail))?;
-    Ok(())
-}
-
-fn read_stdout(stdout: ChildStdout, tx: &SyncSender<Incoming>) {
-    let mut reader = BufReader::with_capacity(64 * 1024, stdout);
-    loop {
-        let incoming = match read_line(&mut reader, MAX_LINE_BYTES) {
-            Ok(Line::Complete(line)) if line.iter().all(u8::is_ascii_whitespace) => continue,
-            Ok(Line::Complete(line)) => parse(&line),
-            Ok(Line::Eof) => Incoming::Eof,
-            Ok(Line::TooLong) => Incoming::Oversized,
-            Err(err) => Incoming::Failed(err),
-        };
-        let last = !matches!(incoming, Incoming::Event(_) | Incoming::Malformed { .. });
-        if tx.send(incoming).is_err() || last {
-            return;
-        }
-    }
-}
-
-fn parse(line: &[u8]) -> Incoming {
-    match serde_json::from_slice::<Event>(line) {
-        Ok(event) => Incoming::Event(Box::new(event)),
-        Err(err) => {
-            let text = String::from_utf8_lossy(line);
-            let mut excerpt: String = text.chars().take(200).collect();
-            if excerpt.len() < text.len() {
-                excerpt.push('…');
-            }
-            Incoming::Malformed { excerpt, error: err.to_string() }
-        }
-    }
-}
-
-fn drain_stderr(mut stderr: ChildStderr, tail: &StderrTail) {
-    let mut buf = [0u8; 8192];
-    loop {
-        match stderr.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => tail.push(&buf[..n]),
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    tail.close();
-}
-
 #[cfg(test)]
 mod tests {
+    use super::pipes::parse;
     use super::*;
+    use crate::protocol::WireError;
 
     #[test]
     fn stderr_tail_keeps_the_last_bytes() {

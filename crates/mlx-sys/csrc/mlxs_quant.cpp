@@ -1,0 +1,139 @@
+// SPDX-License-Identifier: EUPL-1.2
+//
+// Affine quantisation: quantize, dequantize, the quantised matmul (with our
+// own kernel for decode steps on CUDA, see mlxs_kernels.cpp) and the
+// gathered matmuls of mixture-of-experts routing.
+
+#include "mlxs_internal.h"
+
+using namespace mlxs;
+
+extern "C" {
+
+int mlxs_quantize(
+    mlxs_vec* out,
+    mlxs_array w,
+    int group_size,
+    int bits,
+    const char* m,
+    int dev) {
+  return guard([&] {
+    put_vec(
+        out,
+        mx::quantize(
+            arr(w), opt_int(group_size), opt_int(bits), mode(m), std::nullopt, sod(dev)));
+  });
+}
+
+int mlxs_dequantize(
+    mlxs_array* out,
+    mlxs_array w,
+    mlxs_array scales,
+    mlxs_array biases,
+    int group_size,
+    int bits,
+    const char* m,
+    int out_dtype,
+    int dev) {
+  return guard([&] {
+    std::optional<mx::Dtype> dt;
+    if (out_dtype >= 0) {
+      dt = dtype(out_dtype);
+    }
+    put(out,
+        mx::dequantize(
+            arr(w),
+            arr(scales),
+            opt(biases),
+            opt_int(group_size),
+            opt_int(bits),
+            mode(m),
+            std::nullopt,
+            dt,
+            sod(dev)));
+  });
+}
+
+int mlxs_quantized_matmul(
+    mlxs_array* out,
+    mlxs_array x,
+    mlxs_array w,
+    mlxs_array scales,
+    mlxs_array biases,
+    bool transpose,
+    int group_size,
+    int bits,
+    const char* m,
+    int dev) {
+  return guard([&] {
+    auto& xs = arr(x);
+    auto& ws = arr(w);
+    auto& ss = arr(scales);
+    auto bs = opt(biases);
+    auto gs = opt_int(group_size);
+    auto nb = opt_int(bits);
+    auto md = mode(m);
+    auto s = sod(dev);
+    if (auto y = try_fast_qmv(xs, ws, ss, bs, transpose, gs, nb, md, s)) {
+      put(out, std::move(*y));
+      return;
+    }
+    put(out, mx::quantized_matmul(xs, ws, ss, bs, transpose, gs, nb, md, s));
+  });
+}
+
+int mlxs_gather_mm(
+    mlxs_array* out,
+    mlxs_array a,
+    mlxs_array b,
+    mlxs_array lhs_indices,
+    mlxs_array rhs_indices,
+    bool sorted_indices,
+    int dev) {
+  return guard([&] {
+    auto& x = arr(a);
+    auto& y = arr(b);
+    auto lhs = safe_batch_indices("gather_mm", opt(lhs_indices), x, sod(dev));
+    auto rhs = safe_batch_indices("gather_mm", opt(rhs_indices), y, sod(dev));
+    put(out, mx::gather_mm(x, y, lhs, rhs, sorted_indices, sod(dev)));
+  });
+}
+
+int mlxs_gather_qmm(
+    mlxs_array* out,
+    mlxs_array x,
+    mlxs_array w,
+    mlxs_array scales,
+    mlxs_array biases,
+    mlxs_array lhs_indices,
+    mlxs_array rhs_indices,
+    bool transpose,
+    int group_size,
+    int bits,
+    const char* m,
+    bool sorted_indices,
+    int dev) {
+  return guard([&] {
+    auto& xs = arr(x);
+    auto& ws = arr(w);
+    auto lhs = safe_batch_indices("gather_qmm", opt(lhs_indices), xs, sod(dev));
+    auto rhs = safe_batch_indices("gather_qmm", opt(rhs_indices), ws, sod(dev));
+    put(out,
+        mx::gather_qmm(
+            xs,
+            ws,
+            arr(scales),
+            opt(biases),
+            lhs,
+            rhs,
+            transpose,
+            opt_int(group_size),
+            opt_int(bits),
+            mode(m),
+            std::nullopt,
+            sorted_indices,
+            sod(dev)));
+  });
+}
+
+} // extern "C"
