@@ -68,10 +68,16 @@ fn register_backends() {
 }
 
 /// Logs to stderr, filtered by `RUST_LOG`; the default is `warn`, and `info` for the server's
-/// own request log.
+/// own request log. A span the filter lets through is logged when it closes, with its fields and
+/// its busy and idle time (the engine's spans: docs/tracing.md).
 fn init_tracing(serving: bool) {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::fmt::format::FmtSpan;
     let default = if serving { "warn,mlxr=info" } else { "warn" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_span_events(FmtSpan::CLOSE)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

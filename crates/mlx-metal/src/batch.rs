@@ -184,6 +184,13 @@ pub fn generate(
             format!("{} prompts but {} token limits", prompts.len(), max_tokens.len()),
         ));
     }
+    let span = tracing::debug_span!(
+        "batch_generate",
+        rows = prompts.len(),
+        prompt_tokens = tracing::field::Empty,
+        generated_tokens = tracing::field::Empty,
+    );
+    let _batch = span.enter();
     let start = Instant::now();
     memory::reset_peak_memory()?;
     let mut stats = BatchStats {
@@ -191,7 +198,9 @@ pub fn generate(
         prompt_tokens: prompts.iter().map(|p| p.len()).sum(),
         ..BatchStats::default()
     };
+    span.record("prompt_tokens", stats.prompt_tokens);
     let finish = |mut s: BatchStats, first: Option<Instant>| {
+        span.record("generated_tokens", s.generated_tokens);
         let end = Instant::now();
         let first = first.unwrap_or(end);
         s.prefill = first - start;
@@ -233,6 +242,9 @@ pub fn generate(
     let mut first_at = None;
     let mut step_no = 0usize;
     loop {
+        // Plain integers only, and nothing built unless a subscriber wants
+        // TRACE: this runs once per step.
+        let _step = tracing::trace_span!("decode_step", step = step_no, rows = rows.ids.len()).entered();
         // Queue the next step unless every row ends with this token.
         let more = rows.ids.iter().any(|&r| produced[r] + 1 < max_tokens[r]);
         let next = if more {

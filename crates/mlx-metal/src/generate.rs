@@ -39,6 +39,8 @@ pub const PREFILL_STEP: usize = 2048;
 /// at large `L`, every block's dequantised weights) until the whole graph has
 /// run: on a GPU that is most of the prefill's peak memory.
 pub fn prefill_chunk(model: &dyn LanguageModel, inputs: &Array, caches: &mut [LayerCache]) -> Result<()> {
+    let _span = tracing::debug_span!("prefill", rows = inputs.dim(0).unwrap_or(0), tokens = inputs.dim(1).unwrap_or(0))
+        .entered();
     if !model.runs_block_by_block() {
         model.forward(inputs, caches)?;
         let state: Vec<&Array> = caches.iter().flat_map(LayerCache::state).collect();
@@ -189,6 +191,13 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(Error::invalid("generate", "the prompt has no tokens"));
     }
+    let span = tracing::debug_span!(
+        "generate",
+        prompt_tokens = prompt.len(),
+        max_tokens = opts.max_tokens,
+        generated_tokens = tracing::field::Empty,
+    );
+    let _generate = span.enter();
     let start = Instant::now();
     memory::reset_peak_memory()?;
     let prompt_arr = tokens_array(prompt)?;
@@ -226,6 +235,15 @@ pub fn generate(
     let mut read: Vec<u32> = Vec::new();
     let mut fed = 0usize;
     loop {
+        // Plain integers only, and nothing built unless a subscriber wants
+        // TRACE: this runs once per token. The pass that only ends the loop
+        // at the token limit is no step.
+        let step_span = if n < opts.max_tokens {
+            tracing::trace_span!("decode_step", step = n, token = tracing::field::Empty)
+        } else {
+            tracing::Span::none()
+        };
+        let _step = step_span.enter();
         let next = if n != opts.max_tokens {
             let next = st.step(&y, 1)?;
             fed += 1;
@@ -245,6 +263,9 @@ pub fn generate(
             break;
         }
         let id = token_id(&y)?;
+        if !step_span.is_disabled() {
+            step_span.record("token", id);
+        }
         read.push(id);
         let lp_row = ops::squeeze(&logprobs, &[0])?;
         let logits_row = ops::squeeze(&logits, &[0])?;
@@ -268,6 +289,7 @@ pub fn generate(
     read.truncate(fed);
     let mut out = stats(start, first_token_at, total, read);
     out.generated_tokens = n;
+    span.record("generated_tokens", n);
     Ok(out)
 }
 

@@ -331,6 +331,8 @@ fn adapter_err(path: &Path, message: impl Into<String>) -> Error {
 /// for another model fails with every mismatch listed, and the model is left
 /// without an adapter.
 pub fn load_adapter(model: &mut dyn LanguageModel, dir: &Path) -> Result<AdapterConfig> {
+    let span = tracing::debug_span!("load_adapter", dir = %dir.display(), layers = tracing::field::Empty);
+    let _enter = span.enter();
     if !dir.is_dir() {
         return Err(Error::Io {
             op: "load_adapter",
@@ -379,6 +381,8 @@ pub fn load_adapter(model: &mut dyn LanguageModel, dir: &Path) -> Result<Adapter
         errors.sort();
         return Err(adapter_err(&file, format!("the adapter does not fit this model:\n{}", errors.join("\n"))));
     }
+    // Each adapted layer uses two tensors, lora_a and lora_b.
+    span.record("layers", used.len() / 2);
     Ok(config)
 }
 

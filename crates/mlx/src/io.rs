@@ -5,12 +5,23 @@
 //! when a tensor is first computed. [`load_safetensors`] therefore reads and
 //! checks the header first — every tensor's dtype, shape and byte range
 //! against the file's size — and fails with the file and tensor named.
+//!
+//! Only the 8-byte length and the header JSON are read for that. The header
+//! is parsed and validated by the `safetensors` crate (Hugging Face's
+//! reference implementation: the JSON layout, the dtype names, every byte
+//! range equal to its shape × dtype and the ranges packed one after another
+//! from 0, without gaps or overlaps). On top of that we check what the crate
+//! can only check with the whole file in memory (the header length against
+//! the file's size, the data section ending exactly where the last tensor
+//! ends) and what MLX needs (a dtype MLX has, dimensions that fit in `i32`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Metadata, TensorInfo as StInfo};
 
 use crate::array::{Array, Dtype};
 use crate::error::{Error, Result};
@@ -47,13 +58,25 @@ pub struct SafeTensors {
     pub metadata: BTreeMap<String, String>,
 }
 
-const MAX_HEADER: u64 = 100 * 1024 * 1024;
+/// The largest header we read: the `safetensors` crate's own limit
+/// (100,000,000 bytes), which it only applies when given the whole file.
+pub const MAX_HEADER_LEN: u64 = 100_000_000;
 
 fn format_err(path: &Path, message: impl Into<String>) -> Error {
     Error::Format { op: "load_safetensors", path: path.to_path_buf(), message: message.into() }
 }
 
-/// Reads and checks the header of a safetensors file without loading tensors.
+/// Reads and checks the header of a safetensors file without loading tensors:
+/// only the length field and the header JSON are read.
+///
+/// # Errors
+/// [`Error::Io`] when the file cannot be read; [`Error::Format`], naming the
+/// file and, where there is one, the tensor, when the file is shorter than
+/// its header says, the header is longer than [`MAX_HEADER_LEN`], not valid
+/// JSON or not what the safetensors format allows (unknown dtypes, byte
+/// ranges that do not match shape × dtype, overlap, leave gaps or run past
+/// the end of the file, data after the last tensor), or holds a tensor MLX
+/// cannot represent.
 pub fn read_safetensors_header(path: impl AsRef<Path>) -> Result<SafetensorsHeader> {
     let path = path.as_ref();
     let io = |source| Error::Io { op: "load_safetensors", path: path.to_path_buf(), source };
@@ -65,66 +88,168 @@ pub fn read_safetensors_header(path: impl AsRef<Path>) -> Result<SafetensorsHead
     let mut len_bytes = [0u8; 8];
     f.read_exact(&mut len_bytes).map_err(io)?;
     let header_len = u64::from_le_bytes(len_bytes);
-    if header_len > MAX_HEADER || header_len > file_len - 8 {
+    if header_len > MAX_HEADER_LEN {
+        return Err(format_err(
+            path,
+            format!("header claims {header_len} bytes, more than the {MAX_HEADER_LEN} a safetensors header may have"),
+        ));
+    }
+    if header_len > file_len - 8 {
         return Err(format_err(
             path,
             format!("header claims {header_len} bytes but the file has {} after the length field", file_len - 8),
         ));
     }
+    // At most MAX_HEADER_LEN, so it fits in usize.
     let mut header = vec![0u8; header_len as usize];
     f.read_exact(&mut header).map_err(io)?;
-    let json: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| format_err(path, format!("header is not valid JSON: {e}")))?;
-    let obj = json.as_object().ok_or_else(|| format_err(path, "header is not a JSON object"))?;
     let data_len = file_len - 8 - header_len;
+    let meta = parse_header(&header).map_err(|message| format_err(path, message))?;
+    check_header(&meta, 8 + header_len, data_len).map_err(|message| format_err(path, message))
+}
 
-    let mut out = SafetensorsHeader { data_start: 8 + header_len, ..SafetensorsHeader::default() };
-    for (name, v) in obj {
+/// The header through the `safetensors` crate. Its errors say what is wrong
+/// but not always where, so a rejected header is looked at again entry by
+/// entry to name the tensor.
+fn parse_header(header: &[u8]) -> std::result::Result<Metadata, String> {
+    serde_json::from_slice::<Metadata>(header).map_err(|e| explain_rejected_header(header, &e))
+}
+
+/// Why the `safetensors` crate rejected `header` (with `error`), naming the
+/// entry at fault. Only runs on a header already rejected, so it decides
+/// nothing: it finds which entry fails the crate's checks, and falls back to
+/// the crate's own message.
+fn explain_rejected_header(header: &[u8], error: &serde_json::Error) -> String {
+    let value: serde_json::Value = match serde_json::from_slice(header) {
+        Ok(v) => v,
+        Err(e) => return format!("header is not valid JSON: {e}"),
+    };
+    let Some(entries) = value.as_object() else {
+        return "header is not a JSON object".into();
+    };
+    let mut tensors = Vec::with_capacity(entries.len());
+    for (name, v) in entries {
         if name == "__metadata__" {
-            // MLX itself writes `"__metadata__": null` when there is no metadata.
-            if v.is_null() {
-                continue;
-            }
-            let m = v.as_object().ok_or_else(|| format_err(path, "__metadata__ is not an object"))?;
-            for (k, v) in m {
-                let s =
-                    v.as_str().ok_or_else(|| format_err(path, format!("metadata value of {k:?} is not a string")))?;
-                out.metadata.insert(k.clone(), s.to_string());
+            if let Err(e) = serde_json::from_value::<Option<HashMap<String, String>>>(v.clone()) {
+                return format!("__metadata__ must map names to strings: {e}");
             }
             continue;
         }
-        let bad = |what: &str| format_err(path, format!("tensor {name:?}: {what}"));
-        let dtype_s = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("missing dtype"))?;
-        let dtype = Dtype::parse(dtype_s).ok_or_else(|| bad(&format!("unsupported dtype {dtype_s}")))?;
-        let shape: Vec<i64> = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .ok_or_else(|| bad("missing shape"))?
-            .iter()
-            .map(|d| d.as_i64().filter(|&d| d >= 0 && d <= i64::from(i32::MAX)))
-            .collect::<Option<_>>()
-            .ok_or_else(|| bad("shape has a negative or non-integer dimension"))?;
-        let offs = v
-            .get("data_offsets")
-            .and_then(|o| o.as_array())
-            .filter(|o| o.len() == 2)
-            .ok_or_else(|| bad("data_offsets must be [start, end]"))?;
-        let (start, end) = match (offs[0].as_u64(), offs[1].as_u64()) {
-            (Some(s), Some(e)) if s <= e => (s, e),
-            _ => return Err(bad("data_offsets must be [start, end] with start <= end")),
-        };
-        let elems = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
-        let want =
-            elems.and_then(|n| n.checked_mul(dtype.size_of() as u64)).ok_or_else(|| bad("shape is too large"))?;
-        if end - start != want {
-            return Err(bad(&format!("{dtype} {shape:?} needs {want} bytes but data_offsets cover {}", end - start)));
+        match serde_json::from_value::<StInfo>(v.clone()) {
+            Ok(info) => tensors.push((name, info)),
+            Err(e) => {
+                return format!(
+                    "tensor {name:?}: {e} (a tensor needs a dtype name, a shape of non-negative integers \
+                     and data_offsets [start, end])"
+                );
+            }
         }
+    }
+    // Every entry reads: the byte ranges are wrong. The crate walks the
+    // tensors in the order of their offsets, each starting where the last
+    // ended; find the first that does not.
+    tensors.sort_by_key(|(_, info)| info.data_offsets);
+    let mut end = 0;
+    let mut previous: Option<&str> = None;
+    for (name, info) in &tensors {
+        let (s, e) = info.data_offsets;
+        if e < s {
+            return format!("tensor {name:?}: data_offsets [{s}, {e}] end before they start");
+        }
+        if s != end {
+            let Some(p) = previous else {
+                return format!(
+                    "tensor {name:?}: data_offsets [{s}, {e}] leave a gap at the start of the data \
+                     (the first tensor starts at byte 0)"
+                );
+            };
+            let how = if s < end { "overlap" } else { "leave a gap after" };
+            return format!("tensor {name:?}: data_offsets [{s}, {e}] {how} tensor {p:?}, which ends at byte {end}");
+        }
+        let bits = info
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|n| n.checked_mul(info.dtype.bitsize()));
+        let Some(bits) = bits else {
+            return format!("tensor {name:?}: {} {:?} is too large", info.dtype, info.shape);
+        };
+        if bits % 8 != 0 {
+            return format!("tensor {name:?}: {} {:?} does not fill a whole number of bytes", info.dtype, info.shape);
+        }
+        if e - s != bits / 8 {
+            return format!(
+                "tensor {name:?}: {} {:?} needs {} bytes but data_offsets [{s}, {e}] cover {}",
+                info.dtype,
+                info.shape,
+                bits / 8,
+                e - s
+            );
+        }
+        end = e;
+        previous = Some(name);
+    }
+    format!("header rejected: {error}")
+}
+
+/// MLX's dtype for a safetensors dtype, when MLX has it.
+fn mlx_dtype(d: safetensors::Dtype) -> Option<Dtype> {
+    use safetensors::Dtype as St;
+    Some(match d {
+        St::BOOL => Dtype::Bool,
+        St::U8 => Dtype::Uint8,
+        St::U16 => Dtype::Uint16,
+        St::U32 => Dtype::Uint32,
+        St::U64 => Dtype::Uint64,
+        St::I8 => Dtype::Int8,
+        St::I16 => Dtype::Int16,
+        St::I32 => Dtype::Int32,
+        St::I64 => Dtype::Int64,
+        St::F16 => Dtype::Float16,
+        St::BF16 => Dtype::Bfloat16,
+        St::F32 => Dtype::Float32,
+        St::F64 => Dtype::Float64,
+        St::C64 => Dtype::Complex64,
+        _ => return None,
+    })
+}
+
+/// Our checks on a header the crate accepted: the tensors against the
+/// `data_len` bytes the file holds after the header, and against MLX.
+fn check_header(meta: &Metadata, data_start: u64, data_len: u64) -> std::result::Result<SafetensorsHeader, String> {
+    let mut out = SafetensorsHeader { data_start, ..SafetensorsHeader::default() };
+    // In the order of their data, so a truncated file names the first tensor
+    // cut short.
+    for name in meta.offset_keys() {
+        let Some(info) = meta.info(&name) else { continue };
+        let bad = |what: String| format!("tensor {name:?}: {what}");
+        let dtype = mlx_dtype(info.dtype)
+            .ok_or_else(|| bad(format!("unsupported dtype {} (MLX has no such type)", info.dtype)))?;
+        let shape = info
+            .shape
+            .iter()
+            .map(|&d| i64::try_from(d).ok().filter(|&d| d <= i64::from(i32::MAX)))
+            .collect::<Option<Vec<i64>>>()
+            .ok_or_else(|| {
+                bad(format!("shape {:?} has a dimension larger than MLX's limit of {}", info.shape, i32::MAX))
+            })?;
+        let (start, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
         if end > data_len {
-            return Err(bad(&format!(
+            return Err(bad(format!(
                 "data ends at byte {end} but the file holds only {data_len} bytes of data (truncated?)"
             )));
         }
-        out.tensors.insert(name.clone(), TensorInfo { dtype, shape, data_offsets: (start, end) });
+        out.tensors.insert(name, TensorInfo { dtype, shape, data_offsets: (start, end) });
+    }
+    let used = meta.data_len() as u64;
+    if used != data_len {
+        return Err(format!(
+            "the file holds {data_len} bytes of data but its tensors cover {used}: {} bytes after the last tensor",
+            data_len - used
+        ));
+    }
+    if let Some(m) = meta.metadata() {
+        out.metadata = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     }
     Ok(out)
 }

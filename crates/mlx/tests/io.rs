@@ -234,7 +234,7 @@ fn corrupt_headers_are_format_errors() {
     write_raw(&path, r#"{"w": {"dtype": "F32", "shape": [1]}}"#, 4);
     expect_format(&path, "data_offsets");
     write_raw(&path, r#"{"w": {"shape": [1], "data_offsets": [0, 4]}}"#, 4);
-    expect_format(&path, "missing dtype");
+    expect_format(&path, "\"w\": missing field `dtype`");
     write_raw(&path, r#"{"__metadata__": {"k": 1}}"#, 0);
     expect_format(&path, "metadata");
     // A length field far larger than the file.
@@ -247,4 +247,152 @@ fn corrupt_headers_are_format_errors() {
     let st = io::load_safetensors(&path).unwrap();
     assert_eq!(vals(&st.tensors["w"]), vec![0.0, 0.0]);
     assert_eq!(st.metadata["a"], "b");
+}
+
+#[test]
+fn byte_ranges_must_be_packed_without_gaps_or_overlaps() {
+    // The safetensors crate requires the ranges to follow one another from
+    // byte 0; our messages name the tensor at fault and the one before it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.safetensors");
+    write_raw(
+        &path,
+        r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}"#,
+        12,
+    );
+    expect_format(&path, "tensor \"b\": data_offsets [4, 12] overlap tensor \"a\", which ends at byte 8");
+    write_raw(
+        &path,
+        r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}"#,
+        16,
+    );
+    expect_format(&path, "tensor \"b\": data_offsets [12, 16] leave a gap after tensor \"a\"");
+    write_raw(&path, r#"{"a": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]}}"#, 4);
+    expect_format(
+        &path,
+        "tensor \"a\": data_offsets [2, 4] leave a gap at the start of the data (the first tensor starts at byte 0)",
+    );
+    // Two tensors sharing one range (aliasing) overlap too.
+    write_raw(
+        &path,
+        r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#,
+        4,
+    );
+    expect_format(&path, "overlap");
+    // Empty tensors take no bytes and may sit anywhere in the sequence.
+    write_raw(
+        &path,
+        r#"{"e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [4, 4]},
+            "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "s": {"dtype": "I32", "shape": [], "data_offsets": [4, 8]}}"#,
+        8,
+    );
+    let header = io::read_safetensors_header(&path).unwrap();
+    assert_eq!(header.tensors["e"].shape, vec![0, 3]);
+    assert_eq!(header.tensors["s"].data_offsets, (4, 8));
+    assert_eq!(io::load_safetensors(&path).unwrap().tensors.len(), 3);
+}
+
+#[test]
+fn data_after_the_last_tensor_is_refused() {
+    // The safetensors format ends with the last tensor's data (the crate's
+    // `SafeTensors::read_metadata` refuses anything else); we check the same
+    // from the file's size without reading the data.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trailing.safetensors");
+    write_raw(&path, r#"{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}"#, 11);
+    expect_format(&path, "the file holds 11 bytes of data but its tensors cover 8: 3 bytes after the last tensor");
+    // A header with no tensors and no data is a valid, empty file.
+    write_raw(&path, r#"{"__metadata__": {"k": "v"}}"#, 0);
+    let header = io::read_safetensors_header(&path).unwrap();
+    assert!(header.tensors.is_empty());
+    assert_eq!(header.metadata["k"], "v");
+}
+
+#[test]
+fn dtypes_and_shapes_mlx_cannot_hold_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.safetensors");
+    // A dtype the format has but MLX does not.
+    write_raw(&path, r#"{"f8": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}"#, 4);
+    expect_format(&path, "tensor \"f8\": unsupported dtype F8_E4M3");
+    // Sub-byte types must fill whole bytes (the crate's check).
+    write_raw(&path, r#"{"f4": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}"#, 2);
+    expect_format(&path, "tensor \"f4\": F4 [3] does not fill a whole number of bytes");
+    // A dimension past MLX's i32 limit, refused before the data is looked at.
+    write_raw(&path, r#"{"big": {"dtype": "U8", "shape": [2147483648], "data_offsets": [0, 2147483648]}}"#, 0);
+    expect_format(&path, "tensor \"big\": shape [2147483648] has a dimension larger than MLX's limit of 2147483647");
+    // A shape whose size overflows.
+    write_raw(
+        &path,
+        r#"{"huge": {"dtype": "F32", "shape": [4294967296, 4294967296, 4294967296], "data_offsets": [0, 4]}}"#,
+        4,
+    );
+    expect_format(&path, "tensor \"huge\": F32 [4294967296, 4294967296, 4294967296] is too large");
+    // Metadata that is not a map of strings.
+    write_raw(&path, r#"{"__metadata__": ["a"]}"#, 0);
+    expect_format(&path, "__metadata__ must map names to strings");
+}
+
+#[test]
+fn an_absurd_header_length_is_refused_before_reading_it() {
+    // Past the safetensors crate's limit of 100,000,000 bytes, even when the
+    // file is that long (a sparse file: nothing is written or read).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.safetensors");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(8 + io::MAX_HEADER_LEN + 16).unwrap();
+    drop(f);
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::io::Write::write_all(&mut f, &(io::MAX_HEADER_LEN + 1).to_le_bytes()).unwrap();
+    drop(f);
+    expect_format(&path, "header claims 100000001 bytes, more than the 100000000 a safetensors header may have");
+}
+
+#[test]
+fn a_slice_is_read_straight_from_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.safetensors");
+    save(&path, &[("pad", &iota(&[3])), ("m", &iota(&[4, 5])), ("v", &iota(&[6]))], &BTreeMap::new());
+    let header = io::read_safetensors_header(&path).unwrap();
+    let rows = io::read_tensor_slice(&path, &header, "m", 0, 1, 2).unwrap();
+    assert_eq!(rows.shape(), vec![2, 5]);
+    assert_eq!(vals(&rows), (5..15).map(|x| x as f32).collect::<Vec<_>>());
+    let cols = io::read_tensor_slice(&path, &header, "m", 1, 3, 2).unwrap();
+    assert_eq!(cols.shape(), vec![4, 2]);
+    assert_eq!(vals(&cols), vec![3.0, 4.0, 8.0, 9.0, 13.0, 14.0, 18.0, 19.0]);
+    let v = io::read_tensor_slice(&path, &header, "v", 0, 4, 2).unwrap();
+    assert_eq!(vals(&v), vec![4.0, 5.0]);
+    let e = io::read_tensor_slice(&path, &header, "m", 1, 4, 2).unwrap_err();
+    assert_eq!(e.op(), "read_tensor_slice");
+    assert!(e.to_string().contains("outside axis 1"), "{e}");
+    let e = io::read_tensor_slice(&path, &header, "nope", 0, 0, 1).unwrap_err();
+    assert!(e.to_string().contains("no tensor \"nope\""), "{e}");
+}
+
+#[test]
+fn every_fixture_checkpoint_passes_the_header_checks() {
+    // The checks are at least as strict as the safetensors crate; files
+    // written by Hugging Face's tools, mlx-lm and MLX must all pass them.
+    let mut roots = vec![parity::testdata_dir().join("models")];
+    roots.extend(parity::models_dir().filter(|d| d.is_dir()));
+    let mut checked = 0;
+    let mut stack = roots;
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e == "safetensors") {
+                let header = io::read_safetensors_header(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                assert!(!header.tensors.is_empty(), "{} holds no tensors", p.display());
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 8, "only {checked} fixture files found under testdata/models");
 }

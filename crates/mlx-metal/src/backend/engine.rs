@@ -4,9 +4,11 @@
 //! the channel of [`super::MetalModel`] and runs here, one after another.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use tracing::field::Empty;
 
 use inference_core::{
     AttentionSnapshot, BatchResult, CancelToken, ClassifyResult, Error as CoreError, GenerateMetrics, GenerateSettings,
@@ -60,7 +62,16 @@ impl Engine {
         settings: &GenerateSettings,
         sink: &TokenSink,
     ) -> CoreResult<GenerateMetrics> {
+        let span = tracing::info_span!(
+            "job",
+            kind = "generate",
+            prompt_tokens = ids.len(),
+            max_tokens = settings.max_tokens,
+            generated_tokens = Empty,
+        );
+        let _job = span.enter();
         let stats = self.run_generation(ids, 0, settings, sink, None).map_err(core_err)?;
+        span.record("generated_tokens", stats.generated_tokens);
         let m = metrics_from(&stats);
         *lock(&self.metrics) = m;
         Ok(m)
@@ -109,6 +120,10 @@ impl Engine {
 
     /// Swaps the LoRA adapter (see [`MetalModel::set_adapter`]).
     pub(super) fn set_adapter(&mut self, dir: Option<PathBuf>) -> CoreResult<()> {
+        let adapter = dir
+            .as_deref()
+            .map_or(tracing::field::display(Path::new("none").display()), |d| tracing::field::display(d.display()));
+        let _job = tracing::info_span!("job", kind = "set_adapter", adapter).entered();
         self.sessions.clear();
         let model = self.loaded.model.as_mut();
         crate::lora::remove_lora(model);
@@ -120,6 +135,7 @@ impl Engine {
     }
 
     pub(super) fn inspect(&mut self, ids: &[u32], architecture: String) -> Result<AttentionSnapshot, Error> {
+        let _job = tracing::info_span!("job", kind = "inspect", prompt_tokens = ids.len()).entered();
         let model = self.loaded.model.as_ref();
         let mut caches = model.make_cache()?;
         let x: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
@@ -148,6 +164,13 @@ impl Engine {
         settings: &GenerateSettings,
         cancel: &CancelToken,
     ) -> CoreResult<Vec<ClassifyResult>> {
+        let _job = tracing::info_span!(
+            "job",
+            kind = "classify",
+            prompts = prompts.len(),
+            prompt_tokens = prompts.iter().map(Vec::len).sum::<usize>(),
+        )
+        .entered();
         let sampler = sampler_for(settings).map_err(core_err)?;
         if let Some(seed) = settings.seed {
             Sampler::seed(seed).map_err(core_err)?;
@@ -217,6 +240,15 @@ impl Engine {
         settings: &GenerateSettings,
         cancel: &CancelToken,
     ) -> Vec<BatchResult> {
+        let span = tracing::info_span!(
+            "job",
+            kind = "batch",
+            prompts = prompts.len(),
+            prompt_tokens = prompts.iter().map(|p| p.as_ref().map_or(0, Vec::len)).sum::<usize>(),
+            max_tokens = settings.max_tokens,
+            generated_tokens = Empty,
+        );
+        let _job = span.enter();
         let mut results: Vec<BatchResult> =
             prompts.iter().map(|_| BatchResult { tokens: Vec::new(), error: None }).collect();
         let mut runnable = Vec::new();
@@ -288,6 +320,7 @@ impl Engine {
             total.decode += stats.decode;
             total.peak_memory = total.peak_memory.max(stats.peak_memory);
         }
+        span.record("generated_tokens", total.generated_tokens);
         let mut m = GenerateMetrics {
             prompt_tokens: total.prompt_tokens,
             generated_tokens: total.generated_tokens,

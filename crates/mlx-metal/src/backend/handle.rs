@@ -60,13 +60,18 @@ impl MetalModel {
         // Tensor parallelism (docs/distributed.md): this process is one rank.
         let tensor_parallel = crate::model::tp::TensorParallelOptions::from_backend_options(&settings.backend_options)
             .map_err(core_err)?;
-        let tokenizer = Tokenizer::from_dir(&dir).map_err(core_err)?;
+        let tokenizer = {
+            let _span = tracing::debug_span!("load_tokenizer", dir = %dir.display()).entered();
+            Tokenizer::from_dir(&dir).map_err(core_err)?
+        };
         let metrics = Arc::new(Mutex::new(GenerateMetrics::default()));
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<Description, Error>>(1);
         let (job_tx, job_rx) = mpsc::channel::<Job>();
         let engine_tokenizer = tokenizer.clone();
         let engine_metrics = Arc::clone(&metrics);
         let context_length = settings.context_length;
+        // The loading on the engine thread runs inside the caller's span.
+        let caller = tracing::Span::current();
         let thread = std::thread::Builder::new()
             .name(format!("mlx-engine-{}", dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()))
             .spawn(move || {
@@ -79,6 +84,7 @@ impl MetalModel {
                         return;
                     }
                 };
+                let loading = caller.enter();
                 let (loaded, mirror) = match &tensor_parallel {
                     Some(options) => match options.join() {
                         Ok(tp) => (model::load_sharded(&dir, tp.clone()), Some(Mirror::new(tp))),
@@ -103,6 +109,8 @@ impl MetalModel {
                 let config_json = std::fs::read(loaded.dir.join("config.json")).unwrap_or_default();
                 let fingerprint = Fingerprint::new(&desc, &config_json);
                 let _ = ready_tx.send(Ok(desc));
+                // Jobs run inside their own callers' spans (see `submit`).
+                drop(loading);
                 let mut engine = Engine {
                     loaded,
                     tokenizer: engine_tokenizer,

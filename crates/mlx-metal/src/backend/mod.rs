@@ -88,8 +88,19 @@ type Job = Box<dyn FnOnce(&mut Engine) + Send>;
 /// The way to a model's engine thread, shared by the model and its sessions.
 type Jobs = Arc<Mutex<Option<mpsc::Sender<Job>>>>;
 
-/// Runs `job` on the engine thread.
+/// Runs `job` on the engine thread, inside the caller's current `tracing`
+/// span, so that an application's own span (a request, say) is the parent of
+/// the engine's `job` span.
 fn submit(jobs: &Jobs, job: Job) -> CoreResult<()> {
+    let caller = tracing::Span::current();
+    let job: Job = if caller.is_disabled() {
+        job
+    } else {
+        Box::new(move |engine| {
+            let _caller = caller.enter();
+            job(engine)
+        })
+    };
     let guard = lock(jobs);
     let tx = guard.as_ref().ok_or(CoreError::Closed)?;
     tx.send(job).map_err(|_| CoreError::backend(NAME, "the engine thread has stopped"))

@@ -150,6 +150,16 @@ impl Engine {
         settings: &GenerateSettings,
         sink: &TokenSink,
     ) -> CoreResult<GenerateMetrics> {
+        let span = tracing::info_span!(
+            "job",
+            kind = "session_turn",
+            session = id,
+            prompt_tokens = ids.len(),
+            max_tokens = settings.max_tokens,
+            cached_tokens = tracing::field::Empty,
+            generated_tokens = tracing::field::Empty,
+        );
+        let _job = span.enter();
         let mut state = match self.sessions.remove(&id) {
             Some(s) => s,
             None => SessionCache::new(self.loaded.model.as_ref()).map_err(core_err)?,
@@ -162,6 +172,8 @@ impl Engine {
         })();
         match result {
             Ok((cached, stats)) => {
+                span.record("cached_tokens", cached);
+                span.record("generated_tokens", stats.generated_tokens);
                 self.sessions.insert(id, state);
                 let mut m = metrics_from(&stats);
                 m.prompt_tokens = ids.len();

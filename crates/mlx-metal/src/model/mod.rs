@@ -223,17 +223,31 @@ pub fn load_sharded(path: &Path, tp: TensorParallel) -> Result<LoadedModel> {
 }
 
 fn load_with(path: &Path, tp: Option<TensorParallel>) -> Result<LoadedModel> {
+    let span = tracing::info_span!(
+        "load",
+        dir = %path.display(),
+        architecture = tracing::field::Empty,
+        rank = tracing::field::Empty,
+        ranks = tracing::field::Empty,
+    );
+    let _load = span.enter();
     let dir = model_dir(path)?;
     let config = ModelConfig::load(&dir)?;
     let arch = config.model_type.as_str();
+    span.record("architecture", arch);
     if !SUPPORTED.contains(&arch) {
         return Err(model_err(&dir, format!("unsupported architecture {arch:?}; supported: {}", SUPPORTED.join(", "))));
+    }
+    if let Some(tp) = &tp {
+        span.record("rank", tp.shard().rank);
+        span.record("ranks", tp.shard().size);
     }
     let weights = match tp {
         // A rank reads its slices of the sharded layers straight from the files.
         Some(_) => Weights::load_sliceable(&dir, config.quant.clone())?,
         None => Weights::load(&dir, config.quant.clone())?,
     };
+    let _build = tracing::debug_span!("build_model").entered();
     let mut model: Box<dyn LanguageModel> = match arch {
         "gemma3" | "gemma3_text" => Box::new(gemma3::Gemma3::load(&config, &weights)?),
         "qwen3" => Box::new(qwen3::load(&config, &weights)?),

@@ -47,7 +47,10 @@ impl Weights {
     /// `model.safetensors.index.json` when present, otherwise every
     /// `*.safetensors` file.
     pub fn load(dir: &Path, quant: Option<QuantConfig>) -> Result<Weights> {
+        let span = tracing::debug_span!("load_weights", files = tracing::field::Empty, tensors = tracing::field::Empty);
+        let _enter = span.enter();
         let files = safetensors_files(dir)?;
+        span.record("files", files.len());
         let mut tensors = BTreeMap::new();
         for f in &files {
             let loaded = io::load_safetensors(f)?;
@@ -60,6 +63,7 @@ impl Weights {
         if tensors.is_empty() {
             return Err(model_err(dir, "the safetensors files hold no tensors"));
         }
+        span.record("tensors", tensors.len());
         Ok(Weights { tensors, used: RefCell::new(BTreeSet::new()), dir: dir.to_path_buf(), quant, files: Vec::new() })
     }
 
