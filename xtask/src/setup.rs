@@ -124,18 +124,13 @@ fn prefix_of(target: &Path) -> PathBuf {
 /// What `prefix` lacks of the files a build on `os` needs (empty when it is
 /// complete): the headers and the library, and on macOS the metallib beside
 /// the library, without which every GPU operation fails at run time. The
-/// same files as `mlx_build::required_files`, which the build checks.
+/// build's own list (`mlx_build::required_files`), so setup and the build
+/// never disagree about what an install is.
 fn missing_files(prefix: &Path, os: &str) -> Vec<String> {
-    let required: &[&[&'static str]] = match os {
-        "macos" => &[&["include/mlx/mlx.h"], &["lib/libmlx.dylib"], &["lib/mlx.metallib"]],
-        "linux" => &[&["include/mlx/mlx.h"], &["lib/libmlx.so"]],
-        _ => &[&["include/mlx/mlx.h"], &["lib/libmlx.so", "lib/libmlx.dylib"]],
-    };
-    required
-        .iter()
-        .filter(|any_of| !any_of.iter().any(|f| prefix.join(f).is_file()))
-        .map(|any_of| any_of.join(" or "))
-        .collect()
+    match mlx_build::check_prefix(prefix, mlx_build::TargetOs::from_cfg(os)) {
+        Ok(()) => Vec::new(),
+        Err(incomplete) => incomplete.missing.iter().map(|r| r.any_of.join(" or ")).collect(),
+    }
 }
 
 fn pip_base() -> Result<Command, String> {
