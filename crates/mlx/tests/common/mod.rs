@@ -195,6 +195,21 @@ pub(crate) fn copy_tiny_model(name: &str) -> tempfile::TempDir {
     dir
 }
 
+/// A scratch copy of a tiny fixture model whose weights (`model.safetensors`, its metadata kept)
+/// `edit` has changed.
+pub(crate) fn copy_tiny_model_with(
+    name: &str,
+    edit: impl FnOnce(&mut std::collections::BTreeMap<String, Array>),
+) -> tempfile::TempDir {
+    let dir = copy_tiny_model(name);
+    let path = dir.path().join("model.safetensors");
+    let mut weights = mlx::io::load_safetensors(&path).expect("the fixture's weights");
+    edit(&mut weights.tensors);
+    let tensors = weights.tensors.iter().map(|(k, v)| (k.as_str(), v));
+    mlx::io::save_safetensors(&path, tensors, &weights.metadata).expect("saving the edited weights");
+    dir
+}
+
 /// Whether ops on this thread run on a GPU (Metal or CUDA).
 pub(crate) fn on_gpu() -> bool {
     matches!(mlx::device::current(), Ok(mlx::Device::Gpu))
