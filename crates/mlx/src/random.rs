@@ -86,7 +86,8 @@ fn in_range(
     dtype: Dtype,
     key: Option<&Array>,
 ) -> Result<Array> {
-    // SAFETY: shape valid for its length; live or null handles.
+    // SAFETY: `sample` is one of the shim's range samplers; shape valid for its length; live or
+    // null handles.
     array_out(op, |o| unsafe {
         sample(o, low.as_raw(), high.as_raw(), shape.as_ptr(), shape.len(), dtype.code(), opt_handle(key), dev())
     })
