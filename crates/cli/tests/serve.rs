@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, get, post, post_raw, post_stream, read_stream, run, text, tiny};
+use common::{Server, endless_chat, get, post, post_raw, post_stream, read_stream, run, text, tiny};
 use serde_json::{Value, json};
 
 const MODEL: &str = "qwen3-tiny";
@@ -231,15 +231,7 @@ fn a_request_that_waits_too_long_gets_503() {
 #[test]
 fn a_client_that_disconnects_cancels_its_generation() {
     let server = Server::start(&tiny(MODEL), &["--max-tokens-limit", "100000"]);
-    let body = json!({
-        "messages": [{"role": "user", "content": "go on forever"}],
-        "max_tokens": 100000, "ignore_eos": true, "stream": true
-    });
-    let (status, mut events) = post_stream(&server.url("/v1/chat/completions"), &body);
-    assert_eq!(status, 200);
-    for _ in 0..3 {
-        assert!(events.next().is_some(), "chunks arrive");
-    }
+    let events = endless_chat(&server);
     assert_eq!(server.engine_stats()["running"], 1);
     drop(events);
     let stats = server.wait_for("the engine stops after the disconnect", Duration::from_secs(60), |s| {

@@ -8,7 +8,7 @@ mod common;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use common::{Server, post, post_stream, read_stream, run, text, tiny};
+use common::{Server, endless_chat, post, post_stream, read_stream, run, text, tiny};
 use serde_json::{Value, json};
 
 const MODEL: &str = "qwen3-tiny";
@@ -61,15 +61,7 @@ fn a_sharded_server_answers_like_the_single_process_and_survives_a_disconnect() 
     assert_eq!(answers(&server), want, "two ranks answer exactly as one process");
 
     // A client that goes away mid-stream: rank 0 cancels, and both ranks stop at the same step.
-    let body = json!({
-        "messages": [{"role": "user", "content": "go on forever"}],
-        "max_tokens": 100000, "ignore_eos": true, "stream": true
-    });
-    let (status, mut events) = post_stream(&server.url("/v1/chat/completions"), &body);
-    assert_eq!(status, 200);
-    for _ in 0..3 {
-        assert!(events.next().is_some(), "chunks arrive");
-    }
+    let events = endless_chat(&server);
     drop(events);
     let stats = server.wait_for("the engine stops after the disconnect", Duration::from_secs(60), |s| {
         s["running"] == 0 && s["cancelled"] == 1

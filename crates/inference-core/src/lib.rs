@@ -200,6 +200,9 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+#[macro_use]
+mod macros;
+
 mod cancel;
 mod discover;
 mod error;

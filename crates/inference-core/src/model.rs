@@ -270,46 +270,19 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
-    /// Sets [`rank`](Self::rank).
-    #[must_use]
-    pub fn rank(mut self, rank: usize) -> Self {
-        self.rank = rank;
-        self
-    }
-
-    /// Sets [`alpha`](Self::alpha).
-    #[must_use]
-    pub fn alpha(mut self, alpha: f32) -> Self {
-        self.alpha = alpha;
-        self
-    }
-
-    /// Replaces [`target_keys`](Self::target_keys).
-    #[must_use]
-    pub fn target_keys<S: Into<String>>(mut self, keys: impl IntoIterator<Item = S>) -> Self {
-        self.target_keys = keys.into_iter().map(Into::into).collect();
-        self
-    }
-
-    /// Sets [`dropout`](Self::dropout).
-    #[must_use]
-    pub fn dropout(mut self, dropout: f32) -> Self {
-        self.dropout = dropout;
-        self
-    }
-
-    /// Sets [`dtype`](Self::dtype).
-    #[must_use]
-    pub fn dtype(mut self, dtype: LoraDType) -> Self {
-        self.dtype = dtype;
-        self
-    }
-
-    /// Sets [`num_layers`](Self::num_layers).
-    #[must_use]
-    pub fn num_layers(mut self, n: usize) -> Self {
-        self.num_layers = Some(n);
-        self
+    setters! {
+        /// Sets [`rank`](Self::rank).
+        rank(rank: usize) = rank;
+        /// Sets [`alpha`](Self::alpha).
+        alpha(alpha: f32) = alpha;
+        /// Replaces [`target_keys`](Self::target_keys).
+        target_keys<S: Into<String>>(keys: impl IntoIterator<Item = S>) = keys.into_iter().map(Into::into).collect();
+        /// Sets [`dropout`](Self::dropout).
+        dropout(dropout: f32) = dropout;
+        /// Sets [`dtype`](Self::dtype).
+        dtype(dtype: LoraDType) = dtype;
+        /// Sets [`num_layers`](Self::num_layers).
+        num_layers(n: usize) = Some(n);
     }
 
     /// The factor applied to the low-rank update: `alpha / rank` (0 when the rank is 0).

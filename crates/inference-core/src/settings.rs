@@ -93,88 +93,31 @@ impl GenerateSettings {
         Self::default()
     }
 
-    /// Sets [`max_tokens`](Self::max_tokens).
-    #[must_use]
-    pub fn max_tokens(mut self, n: usize) -> Self {
-        self.max_tokens = n;
-        self
-    }
-
-    /// Sets [`temperature`](Self::temperature).
-    #[must_use]
-    pub fn temperature(mut self, t: f32) -> Self {
-        self.temperature = t;
-        self
-    }
-
-    /// Sets [`top_k`](Self::top_k); 0 turns it off.
-    #[must_use]
-    pub fn top_k(mut self, k: usize) -> Self {
-        self.top_k = Some(k);
-        self
-    }
-
-    /// Sets [`top_p`](Self::top_p).
-    #[must_use]
-    pub fn top_p(mut self, p: f32) -> Self {
-        self.top_p = p;
-        self
-    }
-
-    /// Sets [`min_p`](Self::min_p).
-    #[must_use]
-    pub fn min_p(mut self, p: f32) -> Self {
-        self.min_p = p;
-        self
-    }
-
-    /// Sets [`repetition_penalty`](Self::repetition_penalty).
-    #[must_use]
-    pub fn repetition_penalty(mut self, penalty: f32) -> Self {
-        self.repetition_penalty = penalty;
-        self
-    }
-
-    /// Sets [`repetition_context_size`](Self::repetition_context_size).
-    #[must_use]
-    pub fn repetition_context_size(mut self, n: usize) -> Self {
-        self.repetition_context_size = n;
-        self
-    }
-
-    /// Replaces [`stop_tokens`](Self::stop_tokens).
-    #[must_use]
-    pub fn stop_tokens(mut self, ids: impl IntoIterator<Item = u32>) -> Self {
-        self.stop_tokens = ids.into_iter().collect();
-        self
-    }
-
-    /// Replaces [`stop_strings`](Self::stop_strings).
-    #[must_use]
-    pub fn stop_strings<S: Into<String>>(mut self, strings: impl IntoIterator<Item = S>) -> Self {
-        self.stop_strings = strings.into_iter().map(Into::into).collect();
-        self
-    }
-
-    /// Sets [`seed`](Self::seed).
-    #[must_use]
-    pub fn seed(mut self, seed: u64) -> Self {
-        self.seed = Some(seed);
-        self
-    }
-
-    /// Sets [`logits`](Self::logits).
-    #[must_use]
-    pub fn logits(mut self, mode: LogitsMode) -> Self {
-        self.logits = mode;
-        self
-    }
-
-    /// Sets [`ignore_eos`](Self::ignore_eos).
-    #[must_use]
-    pub fn ignore_eos(mut self, ignore: bool) -> Self {
-        self.ignore_eos = ignore;
-        self
+    setters! {
+        /// Sets [`max_tokens`](Self::max_tokens).
+        max_tokens(n: usize) = n;
+        /// Sets [`temperature`](Self::temperature).
+        temperature(t: f32) = t;
+        /// Sets [`top_k`](Self::top_k); 0 turns it off.
+        top_k(k: usize) = Some(k);
+        /// Sets [`top_p`](Self::top_p).
+        top_p(p: f32) = p;
+        /// Sets [`min_p`](Self::min_p).
+        min_p(p: f32) = p;
+        /// Sets [`repetition_penalty`](Self::repetition_penalty).
+        repetition_penalty(penalty: f32) = penalty;
+        /// Sets [`repetition_context_size`](Self::repetition_context_size).
+        repetition_context_size(n: usize) = n;
+        /// Replaces [`stop_tokens`](Self::stop_tokens).
+        stop_tokens(ids: impl IntoIterator<Item = u32>) = ids.into_iter().collect();
+        /// Replaces [`stop_strings`](Self::stop_strings).
+        stop_strings<S: Into<String>>(strings: impl IntoIterator<Item = S>) = strings.into_iter().map(Into::into).collect();
+        /// Sets [`seed`](Self::seed).
+        seed(seed: u64) = Some(seed);
+        /// Sets [`logits`](Self::logits).
+        logits(mode: LogitsMode) = mode;
+        /// Sets [`ignore_eos`](Self::ignore_eos).
+        ignore_eos(ignore: bool) = ignore;
     }
 
     /// Whether sampling is greedy (temperature 0).
@@ -300,32 +243,15 @@ impl LoadSettings {
         Self::default()
     }
 
-    /// Sets [`backend`](Self::backend).
-    #[must_use]
-    pub fn backend(mut self, name: impl Into<String>) -> Self {
-        self.backend = Some(name.into());
-        self
-    }
-
-    /// Sets [`context_length`](Self::context_length).
-    #[must_use]
-    pub fn context_length(mut self, n: usize) -> Self {
-        self.context_length = Some(n);
-        self
-    }
-
-    /// Sets [`device`](Self::device).
-    #[must_use]
-    pub fn device(mut self, device: Device) -> Self {
-        self.device = device;
-        self
-    }
-
-    /// Sets [`adapter_path`](Self::adapter_path).
-    #[must_use]
-    pub fn adapter_path(mut self, path: impl Into<PathBuf>) -> Self {
-        self.adapter_path = Some(path.into());
-        self
+    setters! {
+        /// Sets [`backend`](Self::backend).
+        backend(name: impl Into<String>) = Some(name.into());
+        /// Sets [`context_length`](Self::context_length).
+        context_length(n: usize) = Some(n);
+        /// Sets [`device`](Self::device).
+        device(device: Device) = device;
+        /// Sets [`adapter_path`](Self::adapter_path).
+        adapter_path(path: impl Into<PathBuf>) = Some(path.into());
     }
 
     /// Adds (or replaces) one of [`backend_options`](Self::backend_options).

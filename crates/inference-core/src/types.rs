@@ -32,18 +32,11 @@ impl Token {
         Self { id, text: text.into(), logprob: None, logits: None }
     }
 
-    /// This token with its log-probability set.
-    #[must_use]
-    pub fn with_logprob(mut self, logprob: f32) -> Self {
-        self.logprob = Some(logprob);
-        self
-    }
-
-    /// This token with the full distribution set.
-    #[must_use]
-    pub fn with_logits(mut self, logits: Vec<f32>) -> Self {
-        self.logits = Some(logits);
-        self
+    setters! {
+        /// This token with its log-probability set.
+        with_logprob(logprob: f32) => logprob = Some(logprob);
+        /// This token with the full distribution set.
+        with_logits(logits: Vec<f32>) => logits = Some(logits);
     }
 }
 

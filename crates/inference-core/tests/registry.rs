@@ -9,6 +9,11 @@ use std::sync::Arc;
 use common::TestBackend;
 use inference_core::{Backend, Device, Error, LoadSettings, Registry, UnavailableBackend};
 
+/// A registry of available test backends with these names, registered in this order.
+fn available(names: &[&'static str]) -> Registry {
+    names.iter().fold(Registry::new(), |r, name| r.with(Arc::new(TestBackend::available(name))))
+}
+
 fn names(backends: &[Arc<dyn Backend>]) -> Vec<&str> {
     backends.iter().map(|b| b.name()).collect()
 }
@@ -36,10 +41,7 @@ fn register_then_get_returns_the_same_backend() {
 
 #[test]
 fn list_is_sorted_whatever_the_registration_order() {
-    let r = Registry::new()
-        .with(Arc::new(TestBackend::available("zeta")))
-        .with(Arc::new(TestBackend::available("metal")))
-        .with(Arc::new(TestBackend::available("alpha")));
+    let r = available(&["zeta", "metal", "alpha"]);
     assert_eq!(r.list(), ["alpha", "metal", "zeta"]);
     assert_eq!(names(&r.backends()), ["alpha", "metal", "zeta"]);
 }
@@ -75,10 +77,7 @@ fn default_with_nothing_registered_is_no_backends() {
 
 #[test]
 fn default_prefers_metal_when_available() {
-    let r = Registry::new()
-        .with(Arc::new(TestBackend::available("aardvark")))
-        .with(Arc::new(TestBackend::available("metal")))
-        .with(Arc::new(TestBackend::available("mlx_lm")));
+    let r = available(&["aardvark", "metal", "mlx_lm"]);
     assert_eq!(r.default_backend().unwrap().name(), "metal");
 }
 
@@ -127,9 +126,7 @@ fn select_none_is_the_default() {
 
 #[test]
 fn select_unregistered_name_lists_the_registered_ones_and_the_fix() {
-    let r = Registry::new()
-        .with(Arc::new(TestBackend::available("mlx_lm")))
-        .with(Arc::new(TestBackend::available("cpu_ref")));
+    let r = available(&["mlx_lm", "cpu_ref"]);
     let err = r.select(Some("metal")).err().unwrap();
     assert_eq!(
         err.to_string(),

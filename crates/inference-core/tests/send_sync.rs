@@ -10,16 +10,25 @@ fn assert_send_sync<T: Send + Sync + ?Sized>() {}
 fn assert_send<T: Send + ?Sized>() {}
 fn assert_static<T: 'static + ?Sized>() {}
 
+/// `assert_send_sync::<T>()` for each type listed.
+macro_rules! assert_all_send_sync {
+    ($($t:ty),+ $(,)?) => {
+        $(assert_send_sync::<$t>();)+
+    };
+}
+
 #[test]
 fn model_handles_and_backends_are_send_and_sync() {
-    assert_send_sync::<dyn TextModel>();
-    assert_send_sync::<Box<dyn TextModel>>();
-    assert_send_sync::<Arc<dyn TextModel>>();
-    assert_send_sync::<dyn Backend>();
-    assert_send_sync::<Arc<dyn Backend>>();
-    assert_send_sync::<dyn Adapter>();
-    assert_send_sync::<Box<dyn Adapter>>();
-    assert_send_sync::<Registry>();
+    assert_all_send_sync!(
+        dyn TextModel,
+        Box<dyn TextModel>,
+        Arc<dyn TextModel>,
+        dyn Backend,
+        Arc<dyn Backend>,
+        dyn Adapter,
+        Box<dyn Adapter>,
+        Registry
+    );
 }
 
 #[test]
@@ -42,19 +51,21 @@ fn streams_and_tokens_cross_threads() {
 
 #[test]
 fn data_types_are_send_and_sync() {
-    assert_send_sync::<Token>();
-    assert_send_sync::<Role>();
-    assert_send_sync::<Message>();
-    assert_send_sync::<GenerateSettings>();
-    assert_send_sync::<LoadSettings>();
-    assert_send_sync::<LoraConfig>();
-    assert_send_sync::<ClassifyResult>();
-    assert_send_sync::<BatchResult>();
-    assert_send_sync::<GenerateMetrics>();
-    assert_send_sync::<ModelInfo>();
-    assert_send_sync::<AttentionSnapshot>();
-    assert_send_sync::<DiscoveredModel>();
-    assert_send_sync::<Completion>();
+    assert_all_send_sync!(
+        Token,
+        Role,
+        Message,
+        GenerateSettings,
+        LoadSettings,
+        LoraConfig,
+        ClassifyResult,
+        BatchResult,
+        GenerateMetrics,
+        ModelInfo,
+        AttentionSnapshot,
+        DiscoveredModel,
+        Completion
+    );
 }
 
 #[test]

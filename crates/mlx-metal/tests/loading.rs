@@ -65,12 +65,11 @@ fn index_naming_a_path_outside_the_directory_is_refused() {
 #[test]
 fn float16_weights_load_and_run_close_to_float32() {
     let reference = logits(model::load(&common::tiny_model("llama-tiny")).unwrap().model.as_ref());
-    let d = common::copy_tiny_model("llama-tiny");
-    let st = d.path().join("model.safetensors");
-    let all = io::load_safetensors(&st).unwrap();
-    let half: BTreeMap<String, Array> =
-        all.tensors.iter().map(|(k, v)| (k.clone(), ops::astype(v, Dtype::Float16).unwrap())).collect();
-    io::save_safetensors(&st, half.iter().map(|(k, v)| (k.as_str(), v)), &all.metadata).unwrap();
+    let d = common::copy_tiny_model_with("llama-tiny", |tensors| {
+        for v in tensors.values_mut() {
+            *v = ops::astype(v, Dtype::Float16).unwrap();
+        }
+    });
     let got = logits(model::load(d.path()).unwrap().model.as_ref());
     let worst = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(worst < 0.1, "float16 logits differ from float32 by up to {worst}");
@@ -124,11 +123,9 @@ fn unsupported_quantisation_and_missing_model_type_are_errors() {
 
 #[test]
 fn a_tensor_nobody_reads_is_reported() {
-    let d = common::copy_tiny_model("qwen2-tiny");
-    let st = d.path().join("model.safetensors");
-    let mut all = io::load_safetensors(&st).unwrap();
-    all.tensors.insert("model.layers.0.mlp.extra_proj.weight".into(), Array::scalar(1.0f32));
-    io::save_safetensors(&st, all.tensors.iter().map(|(k, v)| (k.as_str(), v)), &all.metadata).unwrap();
+    let d = common::copy_tiny_model_with("qwen2-tiny", |tensors| {
+        tensors.insert("model.layers.0.mlp.extra_proj.weight".into(), Array::scalar(1.0f32));
+    });
     let e = err_of(d.path());
     assert!(e.contains("extra_proj") && e.contains("not used"), "{e}");
 }

@@ -10,6 +10,20 @@
 
 using namespace mlxs;
 
+namespace {
+
+// The `i`th entry of one of `m`'s lists (`&mlxs_named_s::arrays` or
+// `&mlxs_named_s::meta`), or nullptr when `m` is null or `i` out of range.
+template <class Entries>
+const typename Entries::value_type* nth(mlxs_named m, Entries mlxs_named_s::*list, size_t i) {
+  if (m == nullptr || i >= (m->*list).size()) {
+    return nullptr;
+  }
+  return &(m->*list)[i];
+}
+
+} // namespace
+
 extern "C" {
 
 // ---------------------------------------------------------------- named maps
@@ -27,18 +41,17 @@ size_t mlxs_named_len(mlxs_named m) {
 }
 
 const char* mlxs_named_key(mlxs_named m, size_t i) {
-  if (m == nullptr || i >= m->arrays.size()) {
-    return nullptr;
-  }
-  return m->arrays[i].first.c_str();
+  auto* entry = nth(m, &mlxs_named_s::arrays, i);
+  return entry == nullptr ? nullptr : entry->first.c_str();
 }
 
 int mlxs_named_get(mlxs_array* out, mlxs_named m, size_t i) {
   return guard([&] {
-    if (m == nullptr || i >= m->arrays.size()) {
+    auto* entry = nth(m, &mlxs_named_s::arrays, i);
+    if (entry == nullptr) {
       throw std::out_of_range("named array index out of range");
     }
-    put(out, m->arrays[i].second);
+    put(out, entry->second);
   });
 }
 
@@ -56,17 +69,13 @@ size_t mlxs_named_meta_len(mlxs_named m) {
 }
 
 const char* mlxs_named_meta_key(mlxs_named m, size_t i) {
-  if (m == nullptr || i >= m->meta.size()) {
-    return nullptr;
-  }
-  return m->meta[i].first.c_str();
+  auto* entry = nth(m, &mlxs_named_s::meta, i);
+  return entry == nullptr ? nullptr : entry->first.c_str();
 }
 
 const char* mlxs_named_meta_value(mlxs_named m, size_t i) {
-  if (m == nullptr || i >= m->meta.size()) {
-    return nullptr;
-  }
-  return m->meta[i].second.c_str();
+  auto* entry = nth(m, &mlxs_named_s::meta, i);
+  return entry == nullptr ? nullptr : entry->second.c_str();
 }
 
 int mlxs_named_push_meta(mlxs_named m, const char* key, const char* value) {

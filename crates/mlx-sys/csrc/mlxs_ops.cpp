@@ -111,6 +111,12 @@ mx::array scan(int op, const mx::array& a, int axis, bool reverse, bool inclusiv
   throw std::invalid_argument("unknown scan op code " + std::to_string(op));
 }
 
+// `op(a)` (every axis) when no axes are given, else `op(a, axes)`.
+template <class Op>
+mx::array on_axes(const mx::array& a, const int* axes, size_t naxes, Op op) {
+  return naxes == 0 ? op(a) : op(a, ints(axes, naxes));
+}
+
 mx::Strides strides_of(const int64_t* xs, size_t n) {
   if (n > 0 && xs == nullptr) {
     throw std::invalid_argument("null strides pointer");
@@ -282,11 +288,9 @@ int mlxs_reshape(mlxs_array* out, mlxs_array a, const int* dims, size_t ndim, in
 
 int mlxs_transpose(mlxs_array* out, mlxs_array a, const int* axes, size_t naxes, int dev) {
   return guard([&] {
-    if (naxes == 0) {
-      put(out, mx::transpose(arr(a), sod(dev)));
-    } else {
-      put(out, mx::transpose(arr(a), ints(axes, naxes), sod(dev)));
-    }
+    put(out, on_axes(arr(a), axes, naxes, [&](const auto&... args) {
+          return mx::transpose(args..., sod(dev));
+        }));
   });
 }
 
@@ -296,11 +300,9 @@ int mlxs_expand_dims(mlxs_array* out, mlxs_array a, const int* axes, size_t naxe
 
 int mlxs_squeeze(mlxs_array* out, mlxs_array a, const int* axes, size_t naxes, int dev) {
   return guard([&] {
-    if (naxes == 0) {
-      put(out, mx::squeeze(arr(a), sod(dev)));
-    } else {
-      put(out, mx::squeeze(arr(a), ints(axes, naxes), sod(dev)));
-    }
+    put(out, on_axes(arr(a), axes, naxes, [&](const auto&... args) {
+          return mx::squeeze(args..., sod(dev));
+        }));
   });
 }
 

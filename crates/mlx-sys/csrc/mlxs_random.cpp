@@ -44,21 +44,20 @@ int mlxs_random_normal(
   });
 }
 
-int mlxs_random_uniform(
-    mlxs_array* out,
-    mlxs_array low,
-    mlxs_array high,
-    const int* dims,
-    size_t ndim,
-    int dt,
-    mlxs_array key,
-    int dev) {
-  return guard([&] {
-    put(out,
-        mx::random::uniform(
-            arr(low), arr(high), shape(dims, ndim), dtype(dt), opt(key), sod(dev)));
-  });
-}
+// Samples of shape `dims` between `low` and `high`: mlxs_random_uniform and
+// mlxs_random_randint take the same arguments.
+#define MLXS_RANDOM_RANGE(name)                                                        \
+  int mlxs_random_##name(                                                              \
+      mlxs_array* out, mlxs_array low, mlxs_array high, const int* dims,               \
+      size_t ndim, int dt, mlxs_array key, int dev) {                                  \
+    return guard([&] {                                                                 \
+      put(out,                                                                         \
+          mx::random::name(                                                            \
+              arr(low), arr(high), shape(dims, ndim), dtype(dt), opt(key), sod(dev))); \
+    });                                                                                \
+  }
+
+MLXS_RANDOM_RANGE(uniform)
 
 int mlxs_random_categorical(
     mlxs_array* out,
@@ -83,20 +82,8 @@ int mlxs_random_bernoulli(
   });
 }
 
-int mlxs_random_randint(
-    mlxs_array* out,
-    mlxs_array low,
-    mlxs_array high,
-    const int* dims,
-    size_t ndim,
-    int dt,
-    mlxs_array key,
-    int dev) {
-  return guard([&] {
-    put(out,
-        mx::random::randint(
-            arr(low), arr(high), shape(dims, ndim), dtype(dt), opt(key), sod(dev)));
-  });
-}
+MLXS_RANDOM_RANGE(randint)
+
+#undef MLXS_RANDOM_RANGE
 
 } // extern "C"

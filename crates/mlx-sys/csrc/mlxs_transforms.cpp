@@ -83,37 +83,26 @@ int mlxs_closure_apply(mlxs_vec* out, mlxs_closure c, const mlxs_array* inputs, 
   return guard([&] { put_vec(out, fn(c)(arrays(inputs, n))); });
 }
 
-int mlxs_vjp(
-    mlxs_vec* outputs,
-    mlxs_vec* vjps,
-    mlxs_closure c,
-    const mlxs_array* primals,
-    size_t n_primals,
-    const mlxs_array* cotangents,
-    size_t n_cotangents) {
-  return guard([&] {
-    auto [outs, grads] =
-        mx::vjp(fn(c), arrays(primals, n_primals), arrays(cotangents, n_cotangents));
-    put_vec(outputs, std::move(outs));
-    put_vec(vjps, std::move(grads));
-  });
-}
+// The outputs of a closure at the primals and its vector product with the
+// cotangents (vjp) or tangents (jvp): mlxs_vjp and mlxs_jvp take the same
+// arguments.
+#define MLXS_VECTOR_PRODUCT(name)                                                  \
+  int mlxs_##name(                                                                 \
+      mlxs_vec* outputs, mlxs_vec* products, mlxs_closure c,                       \
+      const mlxs_array* primals, size_t n_primals,                                 \
+      const mlxs_array* vectors, size_t n_vectors) {                               \
+    return guard([&] {                                                             \
+      auto [outs, prods] =                                                         \
+          mx::name(fn(c), arrays(primals, n_primals), arrays(vectors, n_vectors)); \
+      put_vec(outputs, std::move(outs));                                           \
+      put_vec(products, std::move(prods));                                         \
+    });                                                                            \
+  }
 
-int mlxs_jvp(
-    mlxs_vec* outputs,
-    mlxs_vec* jvps,
-    mlxs_closure c,
-    const mlxs_array* primals,
-    size_t n_primals,
-    const mlxs_array* tangents,
-    size_t n_tangents) {
-  return guard([&] {
-    auto [outs, tans] =
-        mx::jvp(fn(c), arrays(primals, n_primals), arrays(tangents, n_tangents));
-    put_vec(outputs, std::move(outs));
-    put_vec(jvps, std::move(tans));
-  });
-}
+MLXS_VECTOR_PRODUCT(vjp)
+MLXS_VECTOR_PRODUCT(jvp)
+
+#undef MLXS_VECTOR_PRODUCT
 
 int mlxs_value_and_grad(mlxs_vag* out, mlxs_closure c, const int* argnums, size_t n) {
   return guard([&] {

@@ -7,6 +7,7 @@
 mod common;
 
 use std::ops::ControlFlow;
+use std::path::Path;
 
 use mlx::{Dtype, ops};
 use mlx_metal::model;
@@ -83,6 +84,18 @@ fn bf16_adapters_train_and_stay_bf16() {
     assert!(last < first, "bf16 loss did not fall: {first} -> {last}");
 }
 
+/// Training the tiny Llama on `data` into `adapter`: two records a batch, rank-4 adapters.
+fn tiny_llama_config(data: &Path, adapter: &Path) -> TrainConfig {
+    TrainConfig {
+        model: common::tiny("llama-tiny"),
+        data: data.to_path_buf(),
+        adapter_path: adapter.to_path_buf(),
+        batch_size: 2,
+        lora: inference_core::LoraConfig::default().rank(4),
+        ..TrainConfig::default()
+    }
+}
+
 #[test]
 fn train_writes_mlx_lm_files_reports_events_and_resumes_exactly() {
     let data = tempfile::tempdir().unwrap();
@@ -91,17 +104,12 @@ fn train_writes_mlx_lm_files_reports_events_and_resumes_exactly() {
     let out = tempfile::tempdir().unwrap();
     let straight = out.path().join("straight");
     let config = TrainConfig {
-        model: common::tiny("llama-tiny"),
-        data: data.path().to_path_buf(),
-        adapter_path: straight.clone(),
         iters: 6,
-        batch_size: 2,
         learning_rate: 1e-2,
         steps_per_eval: 3,
         val_batches: Some(2),
         save_every: 3,
-        lora: inference_core::LoraConfig::default().rank(4),
-        ..TrainConfig::default()
+        ..tiny_llama_config(data.path(), &straight)
     };
     let mut lines = Vec::new();
     let mut jsonl = mlx_train::JsonLinesWriter::new(&mut lines);
@@ -197,14 +205,10 @@ fn a_trained_adapter_fuses_into_a_model_equal_to_base_plus_adapter() {
     let out = tempfile::tempdir().unwrap();
     let adapter = out.path().join("adapter");
     let config = TrainConfig {
-        model: common::tiny("llama-tiny"),
-        data: data.path().to_path_buf(),
-        adapter_path: adapter.clone(),
         iters: 4,
-        batch_size: 2,
         learning_rate: 5e-2,
         lora: inference_core::LoraConfig::default().rank(4).target_keys(["q_proj", "v_proj", "down_proj"]),
-        ..TrainConfig::default()
+        ..tiny_llama_config(data.path(), &adapter)
     };
     mlx_train::train(&config, |_| ControlFlow::Continue(())).unwrap();
     let fused_dir = out.path().join("fused");

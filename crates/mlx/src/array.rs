@@ -152,11 +152,7 @@ impl Dtype {
     }
 }
 
-impl fmt::Display for Dtype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+display_by_name!(Dtype);
 
 /// A complex number with `f32` parts, laid out as MLX's `complex64`.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]

@@ -26,6 +26,9 @@
 
 #![deny(missing_docs)]
 
+#[macro_use]
+mod macros;
+
 mod ffi;
 
 pub mod array;

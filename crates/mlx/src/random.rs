@@ -39,19 +39,7 @@ pub fn normal(shape: &[i32], dtype: Dtype, loc: f32, scale: f32, key: Option<&Ar
 
 /// Uniform samples in `[low, high)`.
 pub fn uniform(low: &Array, high: &Array, shape: &[i32], dtype: Dtype, key: Option<&Array>) -> Result<Array> {
-    // SAFETY: shape valid for its length; live or null handles.
-    array_out("random_uniform", |o| unsafe {
-        sys::mlxs_random_uniform(
-            o,
-            low.as_raw(),
-            high.as_raw(),
-            shape.as_ptr(),
-            shape.len(),
-            dtype.code(),
-            opt_handle(key),
-            dev(),
-        )
-    })
+    in_range("random_uniform", sys::mlxs_random_uniform, low, high, shape, dtype, key)
 }
 
 /// Samples category indices from unnormalised log-probabilities along `axis`.
@@ -72,17 +60,35 @@ pub fn bernoulli(p: &Array, shape: &[i32], key: Option<&Array>) -> Result<Array>
 
 /// Integers in `[low, high)`.
 pub fn randint(low: &Array, high: &Array, shape: &[i32], dtype: Dtype, key: Option<&Array>) -> Result<Array> {
-    // SAFETY: shape valid for its length; live or null handles.
-    array_out("random_randint", |o| unsafe {
-        sys::mlxs_random_randint(
-            o,
-            low.as_raw(),
-            high.as_raw(),
-            shape.as_ptr(),
-            shape.len(),
-            dtype.code(),
-            opt_handle(key),
-            dev(),
-        )
+    in_range("random_randint", sys::mlxs_random_randint, low, high, shape, dtype, key)
+}
+
+/// The shim's samplers between `low` and `high` (uniform, randint): out, low, high, shape, its
+/// length, dtype, key, device.
+type RangeSampler = unsafe extern "C" fn(
+    *mut sys::mlxs_array,
+    sys::mlxs_array,
+    sys::mlxs_array,
+    *const i32,
+    usize,
+    i32,
+    sys::mlxs_array,
+    i32,
+) -> i32;
+
+/// Samples of `shape` between `low` and `high` by `sample`, reported as `op` on failure.
+fn in_range(
+    op: &'static str,
+    sample: RangeSampler,
+    low: &Array,
+    high: &Array,
+    shape: &[i32],
+    dtype: Dtype,
+    key: Option<&Array>,
+) -> Result<Array> {
+    // SAFETY: `sample` is one of the shim's range samplers; shape valid for its length; live or
+    // null handles.
+    array_out(op, |o| unsafe {
+        sample(o, low.as_raw(), high.as_raw(), shape.as_ptr(), shape.len(), dtype.code(), opt_handle(key), dev())
     })
 }

@@ -15,7 +15,7 @@ use inference_core::{
 
 use crate::BACKEND_NAME;
 use crate::process::{BridgeVersions, ChildHandle, Control, Process, STDERR_TAIL_BYTES, StderrTail, bridge_error};
-use crate::protocol::{Command, Event, WireSettings};
+use crate::protocol::{Command, Event, WireSettings, WireStats};
 
 /// How often a call waiting for the model (busy with another call) looks at its cancel token.
 const BUSY_POLL: Duration = Duration::from_millis(50);
@@ -200,6 +200,30 @@ impl BridgeModel {
             .map_err(|err| Error::backend_with_source(BACKEND_NAME, "cannot start a generation thread", err))?;
         Ok(stream)
     }
+
+    /// Runs a command that answers with one result per prompt (nothing to send for no prompts):
+    /// `results` takes the results and stats out of the reply, or gives back an unexpected one.
+    /// Checks that the count matches the prompts (naming `what` when not) and records the metrics.
+    fn per_prompt<T>(
+        &self,
+        what: &str,
+        prompts: &[&str],
+        command: impl FnOnce(Vec<String>) -> Command,
+        results: impl FnOnce(Event) -> std::result::Result<(Vec<T>, WireStats), Event>,
+        cancel: &CancelToken,
+    ) -> Result<Vec<T>> {
+        if prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let command = command(prompts.iter().map(|p| (*p).to_owned()).collect());
+        let (event, elapsed) = self.shared.call(&command, cancel)?;
+        let (results, stats) = results(event).map_err(|event| unexpected(&event))?;
+        if results.len() != prompts.len() {
+            return Err(count_mismatch(what, results.len(), prompts.len()));
+        }
+        self.shared.set_metrics(stats.metrics(elapsed));
+        Ok(results)
+    }
 }
 
 /// The body of a stream's thread: wait for the process, run the request, feed the sink.
@@ -266,19 +290,16 @@ impl TextModel for BridgeModel {
             return Err(Error::EmptyPrompt);
         }
         self.ensure_open()?;
-        if prompts.is_empty() {
-            return Ok(Vec::new());
-        }
-        let command = Command::Classify {
-            prompts: prompts.iter().map(|p| (*p).to_owned()).collect(),
-            settings: WireSettings::from(settings),
-        };
-        let (event, elapsed) = self.shared.call(&command, &cancel)?;
-        let Event::Classified { results, stats, .. } = event else { return Err(unexpected(&event)) };
-        if results.len() != prompts.len() {
-            return Err(count_mismatch("classify", results.len(), prompts.len()));
-        }
-        self.shared.set_metrics(stats.metrics(elapsed));
+        let results = self.per_prompt(
+            "classify",
+            prompts,
+            |prompts| Command::Classify { prompts, settings: WireSettings::from(settings) },
+            |event| match event {
+                Event::Classified { results, stats, .. } => Ok((results, stats)),
+                other => Err(other),
+            },
+            &cancel,
+        )?;
         let want_logits = settings.logits != LogitsMode::None;
         Ok(results
             .into_iter()
@@ -297,19 +318,16 @@ impl TextModel for BridgeModel {
     ) -> Result<Vec<BatchResult>> {
         settings.validate()?;
         self.ensure_open()?;
-        if prompts.is_empty() {
-            return Ok(Vec::new());
-        }
-        let command = Command::BatchGenerate {
-            prompts: prompts.iter().map(|p| (*p).to_owned()).collect(),
-            settings: WireSettings::from(settings),
-        };
-        let (event, elapsed) = self.shared.call(&command, &cancel)?;
-        let Event::Batch { results, stats, .. } = event else { return Err(unexpected(&event)) };
-        if results.len() != prompts.len() {
-            return Err(count_mismatch("batch", results.len(), prompts.len()));
-        }
-        self.shared.set_metrics(stats.metrics(elapsed));
+        let results = self.per_prompt(
+            "batch",
+            prompts,
+            |prompts| Command::BatchGenerate { prompts, settings: WireSettings::from(settings) },
+            |event| match event {
+                Event::Batch { results, stats, .. } => Ok((results, stats)),
+                other => Err(other),
+            },
+            &cancel,
+        )?;
         Ok(results
             .into_iter()
             .map(|r| BatchResult {

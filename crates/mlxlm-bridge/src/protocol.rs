@@ -212,20 +212,14 @@ impl Event {
 
 /// The fields of an `info` event.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
 pub(crate) struct WireInfo {
-    #[serde(default)]
     pub(crate) model_type: String,
-    #[serde(default)]
     pub(crate) vocab_size: usize,
-    #[serde(default)]
     pub(crate) num_layers: usize,
-    #[serde(default)]
     pub(crate) hidden_size: usize,
-    #[serde(default)]
     pub(crate) quant_bits: Option<u32>,
-    #[serde(default)]
     pub(crate) quant_group: Option<u32>,
-    #[serde(default)]
     pub(crate) context_length: Option<usize>,
 }
 
@@ -271,45 +265,34 @@ impl WireToken {
 }
 
 /// One prompt's outcome in a `batch` event.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
 pub(crate) struct WireBatchResult {
-    #[serde(default)]
     pub(crate) tokens: Vec<WireToken>,
-    #[serde(default)]
     pub(crate) error: Option<WireError>,
 }
 
 /// The fields of an `error` event (and of a failed prompt in a `batch` event).
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
 pub(crate) struct WireError {
-    #[serde(default)]
     pub(crate) kind: String,
-    #[serde(default)]
     pub(crate) message: String,
-    #[serde(default)]
     pub(crate) operation: Option<String>,
-    #[serde(default)]
     pub(crate) cause: Option<String>,
 }
 
 /// The measurements that `done`, `classified` and `batch` carry.
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(default)]
 pub(crate) struct WireStats {
-    #[serde(default)]
     prompt_tokens: usize,
-    #[serde(default)]
     generation_tokens: usize,
-    #[serde(default)]
     prompt_time: f64,
-    #[serde(default)]
     generation_time: f64,
-    #[serde(default)]
     prompt_tps: f64,
-    #[serde(default)]
     generation_tps: f64,
-    #[serde(default)]
     peak_memory: u64,
-    #[serde(default)]
     active_memory: u64,
 }
 

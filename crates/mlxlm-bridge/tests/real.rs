@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use inference_core::{Backend, CancelToken, Error, GenerateSettings, LoadSettings, LogitsMode, Message, TextModel};
+use inference_core::{
+    Backend, CancelToken, Completion, Error, GenerateSettings, LoadSettings, LogitsMode, Message, TextModel,
+};
 use mlxlm_bridge::{BridgeModel, MlxLmBackend};
 
 const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/reference.py");
@@ -158,6 +160,16 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
     serde_json::from_value(v.clone()).expect("a list of token ids")
 }
 
+/// Checks a completion's token ids and text against the reference's `<what>_tokens` and
+/// `<what>_text` (`stream` for mlx-lm's stream_generate, `chat`).
+#[track_caller]
+fn assert_same_as_reference(done: &Completion, reference: &serde_json::Value, what: &str, path: &Path) {
+    let got: Vec<u32> = done.tokens.iter().map(|t| t.id).collect();
+    assert_eq!(got, ids(&reference[format!("{what}_tokens")]), "{}: {what} tokens", name(path));
+    let text = reference[format!("{what}_text")].as_str().unwrap();
+    assert_eq!(done.text, text, "{}: {what} text", name(path));
+}
+
 fn greedy(n: usize) -> GenerateSettings {
     GenerateSettings::new().max_tokens(n)
 }
@@ -187,9 +199,7 @@ fn greedy_generation_matches_mlx_lm() {
         assert!(m.prompt_tokens > 0 && m.decode_tokens_per_sec > 0.0 && m.peak_memory_bytes > 0, "{m:?}");
 
         let done = model.generate(PROMPT, &greedy(N), CancelToken::new()).unwrap().complete().unwrap();
-        let got: Vec<u32> = done.tokens.iter().map(|t| t.id).collect();
-        assert_eq!(got, ids(&reference["stream_tokens"]), "{}: stream_generate tokens", name(path));
-        assert_eq!(done.text, reference["stream_text"].as_str().unwrap(), "{}: stream_generate text", name(path));
+        assert_same_as_reference(&done, &reference, "stream", path);
     }
 }
 
@@ -267,9 +277,7 @@ fn chat_matches_mlx_lm() {
             continue;
         }
         let done = result.unwrap_or_else(|e| panic!("{}: chat: {}", name(path), e.report()));
-        let got: Vec<u32> = done.tokens.iter().map(|t| t.id).collect();
-        assert_eq!(got, ids(&reference["chat_tokens"]), "{}: chat tokens", name(path));
-        assert_eq!(done.text, reference["chat_text"].as_str().unwrap(), "{}: chat text", name(path));
+        assert_same_as_reference(&done, &reference, "chat", path);
     }
 }
 

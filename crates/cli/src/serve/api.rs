@@ -299,20 +299,9 @@ pub(crate) struct Head {
 
 /// A whole `chat.completion`.
 pub(crate) fn chat_completion(head: &Head, text: &str, finish: &str, usage: Value) -> Value {
-    json!({
-        "id": head.id,
-        "object": "chat.completion",
-        "created": head.created,
-        "model": head.model,
-        "system_fingerprint": null,
-        "choices": [{
-            "index": 0,
-            "message": { "role": "assistant", "content": text },
-            "logprobs": null,
-            "finish_reason": finish,
-        }],
-        "usage": usage,
-    })
+    let message = json!({ "role": "assistant", "content": text });
+    let choices = json!([{ "index": 0, "message": message, "logprobs": null, "finish_reason": finish }]);
+    response(head, "chat.completion", choices, Some(usage))
 }
 
 /// One `chat.completion.chunk`: a delta, or (with `choices` empty) the usage.
@@ -321,15 +310,7 @@ pub(crate) fn chat_chunk(head: &Head, delta: Option<Value>, finish: Option<&str>
         Some(delta) => json!([{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }]),
         None => json!([]),
     };
-    json!({
-        "id": head.id,
-        "object": "chat.completion.chunk",
-        "created": head.created,
-        "model": head.model,
-        "system_fingerprint": null,
-        "choices": choices,
-        "usage": usage,
-    })
+    response(head, "chat.completion.chunk", choices, usage)
 }
 
 /// A whole `text_completion`, or (streaming) one piece of it.
@@ -338,9 +319,14 @@ pub(crate) fn text_completion(head: &Head, text: Option<&str>, finish: Option<&s
         Some(text) => json!([{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }]),
         None => json!([]),
     };
+    response(head, "text_completion", choices, usage)
+}
+
+/// A response object of type `object`: the head's fields around `choices` and `usage`.
+fn response(head: &Head, object: &str, choices: Value, usage: Option<Value>) -> Value {
     json!({
         "id": head.id,
-        "object": "text_completion",
+        "object": object,
         "created": head.created,
         "model": head.model,
         "system_fingerprint": null,

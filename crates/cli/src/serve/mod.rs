@@ -254,15 +254,11 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let request: Parsed<api::ChatRequest> = parse_request(&state, body)?;
     let messages = request.own.messages()?;
-    let generation = state.engine.start(Prompt::Chat(messages), request.settings).await?;
-    let head = state.head("chatcmpl");
-    if request.common.streaming() {
-        Ok(stream_response(generation, head, Kind::Chat, request.common.include_usage()))
-    } else {
-        let (text, outcome) = collect(generation).await?;
-        let usage = api::usage(outcome.prompt_tokens, outcome.completion_tokens);
-        Ok(Json(api::chat_completion(&head, &text, outcome.finish_reason, usage)).into_response())
-    }
+    let prompt = Prompt::Chat(messages);
+    respond(&state, &request.common, prompt, request.settings, "chatcmpl", Kind::Chat, |head, text, finish, usage| {
+        api::chat_completion(head, text, finish, usage)
+    })
+    .await
 }
 
 async fn completions(
@@ -270,15 +266,33 @@ async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request: Parsed<api::CompletionRequest> = parse_request(&state, body)?;
-    let prompt = request.own.prompt()?;
-    let generation = state.engine.start(Prompt::Text(prompt), request.settings).await?;
-    let head = state.head("cmpl");
-    if request.common.streaming() {
-        Ok(stream_response(generation, head, Kind::Text, request.common.include_usage()))
+    let prompt = Prompt::Text(request.own.prompt()?);
+    respond(&state, &request.common, prompt, request.settings, "cmpl", Kind::Text, |head, text, finish, usage| {
+        api::text_completion(head, Some(text), Some(finish), Some(usage))
+    })
+    .await
+}
+
+/// Starts `prompt` and answers with a stream of `kind` chunks or, when the request does not
+/// stream, with the whole completion that `whole` makes of the head, the text, the finish reason
+/// and the usage. New ids start with `id_prefix`.
+async fn respond(
+    state: &AppState,
+    common: &Common,
+    prompt: Prompt,
+    settings: inference_core::GenerateSettings,
+    id_prefix: &str,
+    kind: Kind,
+    whole: impl FnOnce(&api::Head, &str, &str, Value) -> Value,
+) -> Result<Response, ApiError> {
+    let generation = state.engine.start(prompt, settings).await?;
+    let head = state.head(id_prefix);
+    if common.streaming() {
+        Ok(stream_response(generation, head, kind, common.include_usage()))
     } else {
         let (text, outcome) = collect(generation).await?;
         let usage = api::usage(outcome.prompt_tokens, outcome.completion_tokens);
-        Ok(Json(api::text_completion(&head, Some(&text), Some(outcome.finish_reason), Some(usage))).into_response())
+        Ok(Json(whole(&head, &text, outcome.finish_reason, usage)).into_response())
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The `mlxr` binary under test.
 pub(crate) fn mlxr() -> Command {
@@ -18,15 +18,15 @@ pub(crate) fn mlxr() -> Command {
     c
 }
 
+/// Starts `command` with `stdin` as its standard input and its output and errors piped; `what`
+/// says what failed to start.
+fn spawn_piped(command: &mut Command, stdin: Stdio, what: &str) -> Child {
+    command.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect(what)
+}
+
 /// Runs `mlxr args...` with `stdin` as standard input.
 pub(crate) fn run(args: &[&str], stdin: &str) -> Output {
-    let mut child = mlxr()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting mlxr");
+    let mut child = spawn_piped(mlxr().args(args), Stdio::piped(), "starting mlxr");
     let mut input = child.stdin.take().expect("a piped stdin");
     input.write_all(stdin.as_bytes()).expect("writing mlxr's standard input");
     drop(input);
@@ -86,14 +86,8 @@ pub(crate) struct Server {
 impl Server {
     /// Starts `mlxr serve --port 0 extra...` and waits for its address.
     pub(crate) fn start(model: &str, extra: &[&str]) -> Server {
-        let mut child = mlxr()
-            .args(["serve", "--model", model, "--port", "0"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting mlxr serve");
+        let serve = ["serve", "--model", model, "--port", "0"];
+        let mut child = spawn_piped(mlxr().args(serve).args(extra), Stdio::null(), "starting mlxr serve");
         let mut err = child.stderr.take().expect("a piped stderr");
         let stderr = std::thread::spawn(move || {
             let mut text = String::new();
@@ -205,6 +199,21 @@ pub(crate) fn post_stream(url: &str, body: &Value) -> (u16, impl Iterator<Item =
     let lines = BufReader::new(r.into_body().into_reader()).lines();
     let data = lines.map_while(Result::ok).filter_map(|l| l.strip_prefix("data: ").map(str::to_owned));
     (status, data)
+}
+
+/// Starts a streamed chat that would go on for 100,000 tokens (the server needs
+/// `--max-tokens-limit 100000`) and returns its events once three chunks have arrived.
+pub(crate) fn endless_chat(server: &Server) -> impl Iterator<Item = String> + use<> {
+    let body = json!({
+        "messages": [{"role": "user", "content": "go on forever"}],
+        "max_tokens": 100000, "ignore_eos": true, "stream": true
+    });
+    let (status, mut events) = post_stream(&server.url("/v1/chat/completions"), &body);
+    assert_eq!(status, 200);
+    for _ in 0..3 {
+        assert!(events.next().is_some(), "chunks arrive");
+    }
+    events
 }
 
 /// The text of a stream's chunks (chat deltas or completion texts) and its parsed chunks.

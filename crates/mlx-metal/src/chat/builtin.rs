@@ -1,8 +1,6 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! Chat templates for models that ship none, and the choice between them.
 
-use std::fmt;
-
 use crate::tokenizer::Tokenizer;
 
 /// A chat format built into the crate, used only when a model has no chat template of its own.
@@ -62,11 +60,7 @@ impl BuiltinTemplate {
     }
 }
 
-impl fmt::Display for BuiltinTemplate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+display_by_name!(BuiltinTemplate);
 
 const GEMMA3: &str = r#"{{- '<bos>' -}}
 {%- set ns = namespace(prefix='', start=0) -%}

@@ -55,7 +55,7 @@ pub(super) fn rank_chat(dir: &str) {
 #[test]
 fn metal_model_with_the_tensor_parallel_option_matches_the_single_process() {
     let _serial = super::serial();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen3-tiny");
+    let dir = crate::common::tiny_model("qwen3-tiny");
     let single = MetalModel::load(&dir, &LoadSettings::default()).expect("single process");
     let (ids, text) = chat(&single);
     single.close().expect("close");
@@ -184,7 +184,7 @@ pub(super) fn rank_mirrored(dir: &str) {
 #[test]
 fn a_mirrored_model_answers_like_the_single_process_and_stops_every_rank_together() {
     let _serial = super::serial();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen3-tiny");
+    let dir = crate::common::tiny_model("qwen3-tiny");
     let single = MetalModel::load(&dir, &LoadSettings::default()).expect("single process");
     let want = scenario(&single);
     single.close().expect("close");
@@ -197,7 +197,7 @@ fn a_mirrored_model_answers_like_the_single_process_and_stops_every_rank_togethe
 
 #[test]
 fn follow_needs_a_tensor_parallel_follower() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen3-tiny");
+    let dir = crate::common::tiny_model("qwen3-tiny");
     let model = MetalModel::load(&dir, &LoadSettings::default()).expect("load");
     let e = model.follow().expect_err("a single process has nothing to follow");
     assert!(e.to_string().contains("tensor-parallel rank"), "{e}");
@@ -207,7 +207,7 @@ fn follow_needs_a_tensor_parallel_follower() {
 
 #[test]
 fn tensor_parallel_options_are_checked() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen3-tiny");
+    let dir = crate::common::tiny_model("qwen3-tiny");
     for (key, value, want) in [
         ("tensor_parallel", "two", "tensor_parallel = \"two\" is not a positive number of ranks"),
         ("tensor_parallel", "0", "is not a positive number of ranks"),
@@ -231,7 +231,7 @@ fn tensor_parallel_without_a_launcher_says_what_is_missing() {
         eprintln!("note: MLX_RANK is set in this environment; skipped");
         return;
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen3-tiny");
+    let dir = crate::common::tiny_model("qwen3-tiny");
     let e = MetalModel::load(&dir, &tp_settings()).err().expect("no launcher environment");
     assert!(e.to_string().contains("MLX_RANK"), "{e}");
 }

@@ -3,7 +3,7 @@
 //! batch, the vocabulary-parallel embedding and head (bit for bit), and the memory each rank holds
 //! and reads, on the tiny fixtures and on real models.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use mlx_metal::model::tp::{TensorParallel, VocabLayout};
 use mlx_metal::model::{self, LanguageModel};
@@ -143,10 +143,6 @@ pub(super) fn rank_generate(arg: &str) {
     );
 }
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models").join(name)
-}
-
 /// The single process's and the 2 ranks' results on `dir`.
 fn run_pair(dir: &Path, env: &[(&str, &str)]) -> (Value, Vec<Value>) {
     let d = dir.to_str().expect("a UTF-8 path");
@@ -235,55 +231,34 @@ fn float32_copy(dir: &Path) -> tempfile::TempDir {
     out
 }
 
-#[test]
-fn llama_over_two_ranks_matches_the_single_process() {
-    let _serial = super::serial();
-    check_identical(&fixture("llama-tiny"));
+/// One test per fixture: the model over two ranks answers exactly as the single process.
+macro_rules! identical_over_two_ranks {
+    ($($test:ident: $fixture:literal;)+) => {$(
+        #[test]
+        fn $test() {
+            let _serial = super::serial();
+            check_identical(&crate::common::tiny_model($fixture));
+        }
+    )+};
 }
 
-#[test]
-fn qwen3_over_two_ranks_matches_the_single_process() {
-    let _serial = super::serial();
-    check_identical(&fixture("qwen3-tiny"));
-}
-
-#[test]
-fn qwen2_with_qkv_biases_over_two_ranks_matches_the_single_process() {
-    let _serial = super::serial();
-    check_identical(&fixture("qwen2-tiny"));
-}
-
-#[test]
-fn quantised_llama_over_two_ranks_matches_the_single_process() {
-    let _serial = super::serial();
-    check_identical(&fixture("llama-tiny-8bit"));
-}
-
-#[test]
-fn gemma3_with_one_kv_head_over_two_ranks_matches_the_single_process() {
-    let _serial = super::serial();
-    check_identical(&fixture("gemma3-tiny"));
-}
-
-#[test]
-fn llama3_with_a_vocabulary_that_does_not_divide_matches_the_single_process() {
-    let _serial = super::serial();
+identical_over_two_ranks! {
+    llama_over_two_ranks_matches_the_single_process: "llama-tiny";
+    qwen3_over_two_ranks_matches_the_single_process: "qwen3-tiny";
+    qwen2_with_qkv_biases_over_two_ranks_matches_the_single_process: "qwen2-tiny";
+    quantised_llama_over_two_ranks_matches_the_single_process: "llama-tiny-8bit";
+    gemma3_with_one_kv_head_over_two_ranks_matches_the_single_process: "gemma3-tiny";
     // 389 rows over 2 ranks: 194 and 195; rank 0 pads its logits by one
     // for the gather, and the padding is sliced away.
-    check_identical(&fixture("llama3-tiny"));
-}
-
-#[test]
-fn gemma3_multimodal_checkpoint_over_two_ranks_matches_the_single_process() {
-    let _serial = super::serial();
+    llama3_with_a_vocabulary_that_does_not_divide_matches_the_single_process: "llama3-tiny";
     // The language model under `language_model.`, vision tower ignored.
-    check_identical(&fixture("gemma3-tiny-mm"));
+    gemma3_multimodal_checkpoint_over_two_ranks_matches_the_single_process: "gemma3-tiny-mm";
 }
 
 #[test]
 fn the_replicated_vocabulary_gives_the_same_tokens_and_holds_more() {
     let _serial = super::serial();
-    let dir = fixture("gemma3-tiny");
+    let dir = crate::common::tiny_model("gemma3-tiny");
     let (single, sharded) = run_pair(&dir, &[]);
     let d = dir.to_str().expect("a UTF-8 path");
     let replicated: Vec<Value> =
@@ -303,7 +278,7 @@ fn the_replicated_vocabulary_gives_the_same_tokens_and_holds_more() {
 fn a_quantised_shard_off_the_group_boundary_is_a_clear_error() {
     let _serial = super::serial();
     // qwen3-tiny-4bit: o_proj has 64 inputs in groups of 64; 32 per rank.
-    let d = fixture("qwen3-tiny-4bit");
+    let d = crate::common::tiny_model("qwen3-tiny-4bit");
     let spec = super::spec(&format!("tp:{}", d.display()), 2);
     let e = mlx::distributed::launch::spawn(&spec)
         .and_then(mlx::distributed::launch::Job::wait)
@@ -359,18 +334,18 @@ fn assert_same_until_near_tie(dir: &Path, single: &Value, ranks: &[Value]) -> us
     decisive
 }
 
-#[test]
-fn quantised_gemma3_270m_over_two_ranks_agrees_with_the_single_process() {
+/// Gemma 3 270M (`name`: a checkpoint of it) over two ranks agrees with the
+/// single process up to the first near tie, and each rank holds well under
+/// what the single process holds.
+fn gemma3_270m_agrees_with_the_single_process(name: &str) {
     let _serial = super::serial();
-    let Some(dir) = crate::common::real_model("gemma3-270m-4bit") else { return };
-    // 4 query heads, 1 key/value head: each rank holds the kv head and 2
-    // query heads; o_proj's 1024 inputs split 512:512 on groups of 64.
+    let Some(dir) = crate::common::real_model(name) else { return };
     // SMOLLM2_PROMPT in Gemma 3's tokenizer (with BOS): its 33 MB
     // tokenizer.json takes seconds to load in every rank.
     let ids = "2,818,5279,529,7001,563,9079,236761,669,5279,529,11702,563";
     let (single, ranks) = run_pair(&dir, &[(IDS, ids), (COUNT, "6")]);
     let n = assert_same_until_near_tie(&dir, &single, &ranks);
-    eprintln!("gemma3-270m-4bit: {n} tokens compared");
+    eprintln!("{name}: {n} tokens compared");
     assert_same_vocabulary_bits(&dir, &single, &ranks);
     // The 262144 × 640 embedding (tied head) is most of the model; each
     // rank holds half its rows.
@@ -381,18 +356,15 @@ fn quantised_gemma3_270m_over_two_ranks_agrees_with_the_single_process() {
 }
 
 #[test]
+fn quantised_gemma3_270m_over_two_ranks_agrees_with_the_single_process() {
+    // 4 query heads, 1 key/value head: each rank holds the kv head and 2
+    // query heads; o_proj's 1024 inputs split 512:512 on groups of 64.
+    gemma3_270m_agrees_with_the_single_process("gemma3-270m-4bit");
+}
+
+#[test]
 fn gemma3_270m_over_two_ranks_agrees_with_the_single_process() {
-    let _serial = super::serial();
-    let Some(dir) = crate::common::real_model("gemma3-270m") else { return };
-    let ids = "2,818,5279,529,7001,563,9079,236761,669,5279,529,11702,563";
-    let (single, ranks) = run_pair(&dir, &[(IDS, ids), (COUNT, "6")]);
-    let n = assert_same_until_near_tie(&dir, &single, &ranks);
-    eprintln!("gemma3-270m: {n} tokens compared");
-    assert_same_vocabulary_bits(&dir, &single, &ranks);
-    let (single_bytes, per_rank) = memory(&dir, &single, &ranks);
-    for b in per_rank {
-        assert!((b as f64) < 0.6 * single_bytes as f64, "a rank holds {b} of {single_bytes} bytes");
-    }
+    gemma3_270m_agrees_with_the_single_process("gemma3-270m");
 }
 
 #[test]

@@ -14,30 +14,11 @@ use mlx::{Array, Error, Result};
 /// (absolute near zero, relative elsewhere), and reports the first mismatch.
 #[track_caller]
 pub(crate) fn assert_close(actual: &[f32], expected: &[f64], tol: f64) {
-    assert_eq!(
-        actual.len(),
-        expected.len(),
-        "length differs: got {} values, expected {}",
-        actual.len(),
-        expected.len()
-    );
-    for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
-        let a = f64::from(a);
-        let ok = if e.is_nan() {
-            a.is_nan()
-        } else if e.is_infinite() {
-            a == e
-        } else {
-            (a - e).abs() <= tol * e.abs().max(1.0)
-        };
-        assert!(
-            ok,
-            "first mismatch at index {i}: got {a}, expected {e} (tolerance {tol})\nactual:   {actual:?}\nexpected: {expected:?}"
-        );
-    }
+    let actual: Vec<f64> = actual.iter().map(|&a| f64::from(a)).collect();
+    assert_close64(&actual, expected, tol);
 }
 
-/// [`assert_close`] for `f64` results.
+/// [`assert_close`] for `f64` results (the comparison both use).
 #[track_caller]
 pub(crate) fn assert_close64(actual: &[f64], expected: &[f64], tol: f64) {
     assert_eq!(
@@ -48,9 +29,16 @@ pub(crate) fn assert_close64(actual: &[f64], expected: &[f64], tol: f64) {
         expected.len()
     );
     for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+        let ok = if e.is_nan() {
+            a.is_nan()
+        } else if e.is_infinite() {
+            a == e
+        } else {
+            (a - e).abs() <= tol * e.abs().max(1.0)
+        };
         assert!(
-            (a - e).abs() <= tol * e.abs().max(1.0),
-            "first mismatch at index {i}: got {a}, expected {e} (tolerance {tol})"
+            ok,
+            "first mismatch at index {i}: got {a}, expected {e} (tolerance {tol})\nactual:   {actual:?}\nexpected: {expected:?}"
         );
     }
 }
@@ -204,6 +192,21 @@ pub(crate) fn copy_tiny_model(name: &str) -> tempfile::TempDir {
         let e = e.expect("a directory entry");
         std::fs::copy(e.path(), dir.path().join(e.file_name())).expect("copying a fixture file");
     }
+    dir
+}
+
+/// A scratch copy of a tiny fixture model whose weights (`model.safetensors`, its metadata kept)
+/// `edit` has changed.
+pub(crate) fn copy_tiny_model_with(
+    name: &str,
+    edit: impl FnOnce(&mut std::collections::BTreeMap<String, Array>),
+) -> tempfile::TempDir {
+    let dir = copy_tiny_model(name);
+    let path = dir.path().join("model.safetensors");
+    let mut weights = mlx::io::load_safetensors(&path).expect("the fixture's weights");
+    edit(&mut weights.tensors);
+    let tensors = weights.tensors.iter().map(|(k, v)| (k.as_str(), v));
+    mlx::io::save_safetensors(&path, tensors, &weights.metadata).expect("saving the edited weights");
     dir
 }
 

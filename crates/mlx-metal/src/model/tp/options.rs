@@ -4,7 +4,6 @@
 //! vocabulary ([`VocabLayout`]), and the load options that ask for it
 //! ([`TensorParallelOptions`]).
 
-use std::fmt;
 use std::rc::Rc;
 use std::str::FromStr;
 use std::time::Duration;
@@ -78,11 +77,7 @@ impl VocabLayout {
     }
 }
 
-impl fmt::Display for VocabLayout {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+display_by_name!(VocabLayout);
 
 impl FromStr for VocabLayout {
     type Err = Error;
