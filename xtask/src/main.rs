@@ -15,6 +15,10 @@ mod fixtures;
 mod setup;
 mod test;
 mod util;
+/// The recorded MLX wheels laid out as pip would, shared with mlx-build's tests.
+#[cfg(test)]
+#[path = "../../crates/mlx-build/tests/wheels/mod.rs"]
+mod wheels;
 
 use std::process::ExitCode;
 

@@ -215,10 +215,9 @@ fn ensure_cmake(root: &Path) -> Result<PathBuf, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Component;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+    use crate::wheels::{METAL_WHEEL, MLX_WHEEL, lay_out, scratch, wheel_files};
 
     #[test]
     fn parses_options() {
@@ -247,51 +246,6 @@ mod tests {
         }
     }
 
-    /// The paths of a wheel recorded under `testdata/wheels` (comments and
-    /// blank lines skipped).
-    fn wheel_files(name: &str) -> Vec<String> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/wheels").join(name);
-        let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect()
-    }
-
-    /// A fresh directory under the system's temporary folder, removed on drop.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(name: &str) -> Scratch {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let dir = std::env::temp_dir().join(format!(
-                "xtask-setup-{name}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).unwrap();
-            Scratch(dir)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// Lays the recorded wheel out as empty files under `target`, as `pip
-    /// install --target target` does, leaving out the paths in `skip`.
-    fn pip_install_target(target: &Path, wheel: &str, skip: &[&str]) {
-        for f in wheel_files(wheel).iter().filter(|f| !skip.contains(&f.as_str())) {
-            let rel = Path::new(f);
-            assert!(rel.components().all(|c| matches!(c, Component::Normal(_))), "fixture path {f} is not plain");
-            fs::create_dir_all(target.join(rel).parent().unwrap()).unwrap();
-            fs::File::create(target.join(rel)).unwrap();
-        }
-    }
-
-    const METAL_WHEEL: &str = "mlx-metal-0.32.4-macosx-arm64.txt";
-    const MLX_WHEEL: &str = "mlx-0.32.4-cp312-macosx-arm64.txt";
-
     #[test]
     fn the_macos_pin_is_the_recorded_wheel() {
         let spec = wheel_for(None, "macos", "aarch64").unwrap();
@@ -304,11 +258,11 @@ mod tests {
 
     #[test]
     fn the_metal_wheel_installs_a_complete_macos_prefix() {
-        let tmp = Scratch::new("metal");
-        let target = tmp.0.join("target/mlx");
-        pip_install_target(&target, METAL_WHEEL, &[]);
+        let tmp = scratch();
+        let target = tmp.path().join("target/mlx");
+        lay_out(&target, METAL_WHEEL, &[]);
         let prefix = prefix_of(&target);
-        assert_eq!(prefix, tmp.0.join("target/mlx/mlx"));
+        assert_eq!(prefix, tmp.path().join("target/mlx/mlx"));
         assert_eq!(missing_files(&prefix, "macos"), Vec::<String>::new());
         for f in ["lib/libmlx.dylib", "lib/mlx.metallib", "include/mlx/mlx.h", "share/cmake/MLX/MLXConfig.cmake"] {
             assert!(prefix.join(f).is_file(), "{f} is not where the wheel puts it");
@@ -320,12 +274,12 @@ mod tests {
 
     #[test]
     fn a_macos_install_without_the_metallib_is_not_installed() {
-        let tmp = Scratch::new("nometallib");
-        let target = tmp.0.join("target/mlx");
-        pip_install_target(&target, METAL_WHEEL, &["mlx/lib/mlx.metallib"]);
+        let tmp = scratch();
+        let target = tmp.path().join("target/mlx");
+        lay_out(&target, METAL_WHEEL, &["mlx/lib/mlx.metallib"]);
         assert_eq!(missing_files(&prefix_of(&target), "macos"), ["lib/mlx.metallib"]);
         // Linux wheels have no metallib and need none.
-        let linux = prefix_of(&tmp.0.join("linux"));
+        let linux = prefix_of(&tmp.path().join("linux"));
         for f in ["include/mlx/mlx.h", "lib/libmlx.so"] {
             fs::create_dir_all(linux.join(f).parent().unwrap()).unwrap();
             fs::File::create(linux.join(f)).unwrap();
@@ -337,15 +291,15 @@ mod tests {
     #[test]
     fn the_mlx_wheel_alone_is_not_enough_on_macos() {
         // `mlx` is the Python bindings; the native files are in `mlx-metal`.
-        let tmp = Scratch::new("mlx-only");
-        let target = tmp.0.join("target/mlx");
-        pip_install_target(&target, MLX_WHEEL, &[]);
+        let tmp = scratch();
+        let target = tmp.path().join("target/mlx");
+        lay_out(&target, MLX_WHEEL, &[]);
         assert_eq!(
             missing_files(&prefix_of(&target), "macos"),
             ["include/mlx/mlx.h", "lib/libmlx.dylib", "lib/mlx.metallib"]
         );
         // Both together (what `pip install mlx` does) fill the same prefix.
-        pip_install_target(&target, METAL_WHEEL, &[]);
+        lay_out(&target, METAL_WHEEL, &[]);
         assert_eq!(missing_files(&prefix_of(&target), "macos"), Vec::<String>::new());
     }
 }

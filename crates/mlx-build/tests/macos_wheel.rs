@@ -5,57 +5,15 @@
 //! MLX search must find (or reject, naming what is missing) the prefix in
 //! them. Runs on any OS: the target OS is an argument.
 
+mod wheels;
+
 use std::cell::Cell;
 use std::fs;
-use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
+
+use wheels::{METAL_WHEEL, MLX_WHEEL, lay_out, scratch, wheel_files};
 
 use mlx_build::{Places, TargetOs, check_prefix, required_files, search};
-
-const METAL_WHEEL: &str = "mlx-metal-0.32.4-macosx-arm64.txt";
-const MLX_WHEEL: &str = "mlx-0.32.4-cp312-macosx-arm64.txt";
-
-/// The paths a recorded wheel holds (comment and blank lines skipped).
-fn wheel_files(name: &str) -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/wheels").join(name);
-    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect()
-}
-
-/// A fresh directory under the system's temporary folder, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "mlx-build-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Lays out `files` under `root` as empty files, as `pip install --target
-/// root` would (less their contents), leaving out those in `skip`.
-fn materialise(root: &Path, files: &[String], skip: &[&str]) {
-    for f in files.iter().filter(|f| !skip.contains(&f.as_str())) {
-        let rel = Path::new(f);
-        assert!(rel.components().all(|c| matches!(c, Component::Normal(_))), "fixture path {f} is not plain");
-        let path = root.join(rel);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::File::create(&path).unwrap();
-    }
-}
 
 /// Places that hold only the workspace: nothing from this machine's
 /// environment, Homebrew or /usr/local.
@@ -103,9 +61,9 @@ fn macos_needs_the_metallib_beside_the_dylib() {
 
 #[test]
 fn the_metal_wheel_is_a_complete_macos_prefix() {
-    let tmp = Scratch::new("complete");
-    materialise(&tmp.0, &wheel_files(METAL_WHEEL), &[]);
-    let prefix = tmp.0.join("mlx");
+    let tmp = scratch();
+    lay_out(tmp.path(), METAL_WHEEL, &[]);
+    let prefix = tmp.path().join("mlx");
     assert_eq!(check_prefix(&prefix, TargetOs::MacOs), Ok(()));
     assert!(prefix.join("share/cmake/MLX/MLXConfig.cmake").is_file());
     // The same prefix is no use to a Linux build, and says why.
@@ -118,22 +76,22 @@ fn the_metal_wheel_is_a_complete_macos_prefix() {
 #[test]
 fn the_search_finds_the_xtask_setup_prefix_on_macos() {
     // `cargo xtask setup` runs `pip install --target <workspace>/target/mlx mlx-metal==0.32.4`.
-    let ws = Scratch::new("setup");
-    materialise(&ws.0.join("target/mlx"), &wheel_files(METAL_WHEEL), &[]);
+    let ws = scratch();
+    lay_out(&ws.path().join("target/mlx"), METAL_WHEEL, &[]);
     let asked = Cell::new(false);
-    let found = search(&places(&ws.0), TargetOs::MacOs, |_| {
+    let found = search(&places(ws.path()), TargetOs::MacOs, |_| {
         asked.set(true);
         Vec::new()
     });
-    assert_eq!(found, Ok(ws.0.join("target/mlx/mlx")));
+    assert_eq!(found, Ok(ws.path().join("target/mlx/mlx")));
     assert!(!asked.get(), "Python was asked although the setup prefix is complete");
 }
 
 #[test]
 fn a_macos_prefix_without_the_metallib_is_named() {
-    let ws = Scratch::new("nometallib");
-    materialise(&ws.0.join("target/mlx"), &wheel_files(METAL_WHEEL), &["mlx/lib/mlx.metallib"]);
-    let prefix = ws.0.join("target/mlx/mlx");
+    let ws = scratch();
+    lay_out(&ws.path().join("target/mlx"), METAL_WHEEL, &["mlx/lib/mlx.metallib"]);
+    let prefix = ws.path().join("target/mlx/mlx");
 
     let e = check_prefix(&prefix, TargetOs::MacOs).unwrap_err();
     assert_eq!(e.missing.iter().map(|r| r.any_of).collect::<Vec<_>>(), [&["lib/mlx.metallib"][..]]);
@@ -141,7 +99,7 @@ fn a_macos_prefix_without_the_metallib_is_named() {
     // Linux does not want a metallib; the library is what it lacks there.
     assert_eq!(check_prefix(&prefix, TargetOs::Linux).unwrap_err().missing[0].any_of, ["lib/libmlx.so"]);
 
-    let msg = search(&places(&ws.0), TargetOs::MacOs, |_| Vec::new()).unwrap_err();
+    let msg = search(&places(ws.path()), TargetOs::MacOs, |_| Vec::new()).unwrap_err();
     let line = format!(
         "cargo xtask setup prefix: {} (lacks lib/mlx.metallib (the Metal kernels, which MLX loads from beside \
          libmlx.dylib at run time))",
@@ -152,7 +110,7 @@ fn a_macos_prefix_without_the_metallib_is_named() {
     assert!(msg.contains("holds include/mlx/mlx.h, lib/libmlx.dylib and lib/mlx.metallib,"), "{msg}");
 
     // An MLX_DIR that lacks it is an error on its own, naming the file.
-    let mut p = places(&ws.0);
+    let mut p = places(ws.path());
     p.mlx_dir = Some(prefix.clone());
     let msg = search(&p, TargetOs::MacOs, |_| panic!("MLX_DIR is set: Python must not be asked")).unwrap_err();
     assert!(msg.contains(&format!("MLX_DIR={}", prefix.display())), "{msg}");
@@ -164,10 +122,10 @@ fn a_macos_prefix_without_the_metallib_is_named() {
 
 #[test]
 fn mlx_dir_pointing_at_site_packages_is_refused() {
-    let sp = Scratch::new("sitepackages");
-    materialise(&sp.0, &wheel_files(METAL_WHEEL), &[]);
-    let mut p = places(&sp.0);
-    p.mlx_dir = Some(sp.0.clone());
+    let sp = scratch();
+    lay_out(sp.path(), METAL_WHEEL, &[]);
+    let mut p = places(sp.path());
+    p.mlx_dir = Some(sp.path().to_path_buf());
     let msg = search(&p, TargetOs::MacOs, |_| Vec::new()).unwrap_err();
     assert!(
         msg.contains(
@@ -175,29 +133,29 @@ fn mlx_dir_pointing_at_site_packages_is_refused() {
         ),
         "{msg}"
     );
-    p.mlx_dir = Some(sp.0.join("mlx"));
-    assert_eq!(search(&p, TargetOs::MacOs, |_| Vec::new()), Ok(sp.0.join("mlx")));
-    p.mlx_dir = Some(sp.0.join("nowhere"));
+    p.mlx_dir = Some(sp.path().join("mlx"));
+    assert_eq!(search(&p, TargetOs::MacOs, |_| Vec::new()), Ok(sp.path().join("mlx")));
+    p.mlx_dir = Some(sp.path().join("nowhere"));
     let msg = search(&p, TargetOs::MacOs, |_| Vec::new()).unwrap_err();
-    assert!(msg.contains(&format!("MLX_DIR={} does not exist", sp.0.join("nowhere").display())), "{msg}");
+    assert!(msg.contains(&format!("MLX_DIR={} does not exist", sp.path().join("nowhere").display())), "{msg}");
 }
 
 #[test]
 fn the_python_package_needs_mlx_metal_beside_it() {
     // `pip install mlx` on macOS brings mlx-metal, and both fill site-packages/mlx.
-    let ws = Scratch::new("ws-empty");
-    let sp = Scratch::new("pip");
-    materialise(&sp.0, &wheel_files(MLX_WHEEL), &[]);
-    let folder = sp.0.join("mlx");
+    let ws = scratch();
+    let sp = scratch();
+    lay_out(sp.path(), MLX_WHEEL, &[]);
+    let folder = sp.path().join("mlx");
 
     // The `mlx` wheel alone (say, installed with --no-deps) is no prefix.
-    let msg = search(&places(&ws.0), TargetOs::MacOs, |py| {
+    let msg = search(&places(ws.path()), TargetOs::MacOs, |py| {
         assert_eq!(py, "python-under-test");
         vec![folder.clone()]
     })
     .unwrap_err();
     assert!(
-        msg.contains(&format!("cargo xtask setup prefix: {} (not there)", ws.0.join("target/mlx/mlx").display())),
+        msg.contains(&format!("cargo xtask setup prefix: {} (not there)", ws.path().join("target/mlx/mlx").display())),
         "{msg}"
     );
     let line = format!("Python mlx package (python-under-test): {} (the Python bindings only: ", folder.display());
@@ -205,42 +163,43 @@ fn the_python_package_needs_mlx_metal_beside_it() {
     assert!(msg.contains("come in the mlx-metal, mlx-cpu or mlx-cuda-* wheel"), "{msg}");
 
     // With mlx-metal in the same site-packages it is.
-    materialise(&sp.0, &wheel_files(METAL_WHEEL), &[]);
-    assert_eq!(search(&places(&ws.0), TargetOs::MacOs, |_| vec![folder.clone()]), Ok(folder.clone()));
+    lay_out(sp.path(), METAL_WHEEL, &[]);
+    assert_eq!(search(&places(ws.path()), TargetOs::MacOs, |_| vec![folder.clone()]), Ok(folder.clone()));
 }
 
 #[test]
 fn a_namespace_package_split_over_two_folders_is_searched_in_both() {
-    let ws = Scratch::new("ws-split");
-    let user = Scratch::new("user-site");
-    let system = Scratch::new("system-site");
-    materialise(&user.0, &wheel_files(MLX_WHEEL), &[]);
-    materialise(&system.0, &wheel_files(METAL_WHEEL), &[]);
-    let found = search(&places(&ws.0), TargetOs::MacOs, |_| vec![user.0.join("mlx"), system.0.join("mlx")]);
-    assert_eq!(found, Ok(system.0.join("mlx")));
+    let ws = scratch();
+    let user = scratch();
+    let system = scratch();
+    lay_out(user.path(), MLX_WHEEL, &[]);
+    lay_out(system.path(), METAL_WHEEL, &[]);
+    let found =
+        search(&places(ws.path()), TargetOs::MacOs, |_| vec![user.path().join("mlx"), system.path().join("mlx")]);
+    assert_eq!(found, Ok(system.path().join("mlx")));
 }
 
 #[test]
 fn linux_prefixes_need_no_metallib() {
     // The mlx-cpu wheel's native part: headers and libmlx.so, no metallib.
-    let ws = Scratch::new("linux");
-    let prefix = ws.0.join("target/mlx/mlx");
+    let ws = scratch();
+    let prefix = ws.path().join("target/mlx/mlx");
     for f in ["include/mlx/mlx.h", "lib/libmlx.so", "share/cmake/MLX/MLXConfig.cmake"] {
         fs::create_dir_all(prefix.join(f).parent().unwrap()).unwrap();
         fs::File::create(prefix.join(f)).unwrap();
     }
     assert_eq!(check_prefix(&prefix, TargetOs::Linux), Ok(()));
-    assert_eq!(search(&places(&ws.0), TargetOs::Linux, |_| Vec::new()), Ok(prefix.clone()));
+    assert_eq!(search(&places(ws.path()), TargetOs::Linux, |_| Vec::new()), Ok(prefix.clone()));
     assert_eq!(check_prefix(&prefix, TargetOs::MacOs).unwrap_err().missing.len(), 2);
     // Other targets take either library, as before.
     assert_eq!(check_prefix(&prefix, TargetOs::Other), Ok(()));
 
     // A system place with no MLX at all is said to be just that.
-    let bare = Scratch::new("bare");
-    let mut p = places(&bare.0);
-    p.system = vec![("/usr/local".into(), bare.0.clone())];
+    let bare = scratch();
+    let mut p = places(bare.path());
+    p.system = vec![("/usr/local".into(), bare.path().to_path_buf())];
     let msg = search(&p, TargetOs::Linux, |_| Vec::new()).unwrap_err();
-    assert!(msg.contains(&format!("/usr/local: {} (no MLX there)", bare.0.display())), "{msg}");
+    assert!(msg.contains(&format!("/usr/local: {} (no MLX there)", bare.path().display())), "{msg}");
     assert!(msg.contains("holds include/mlx/mlx.h and lib/libmlx.so,"), "{msg}");
 }
 
