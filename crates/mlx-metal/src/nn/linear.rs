@@ -18,6 +18,18 @@ pub enum LinearWeight {
     Quantized(Quantized),
 }
 
+impl LinearWeight {
+    /// The matrix's `(rows, columns)`: `(out, in)` of a linear layer,
+    /// `(vocab, dim)` of an embedding table (a quantised matrix's columns
+    /// counted before packing).
+    pub fn features(&self) -> Result<(i32, i32)> {
+        match self {
+            LinearWeight::Dense(w) => Ok((w.dim(0)?, w.dim(1)?)),
+            LinearWeight::Quantized(q) => Ok((q.scales.dim(0)?, q.scales.dim(1)? * q.group_size)),
+        }
+    }
+}
+
 /// `y = x Wᵀ + b`, plus a LoRA update when an adapter is attached
 /// (see [`crate::lora`]), then — in a tensor-parallel model — the collective
 /// that ends the layer ([`Parallel`]).
@@ -79,10 +91,7 @@ impl Linear {
 
     /// `(out, in)` features.
     pub fn features(&self) -> Result<(i32, i32)> {
-        match &self.weight {
-            LinearWeight::Dense(w) => Ok((w.dim(0)?, w.dim(1)?)),
-            LinearWeight::Quantized(q) => Ok((q.scales.dim(0)?, q.scales.dim(1)? * q.group_size)),
-        }
+        self.weight.features()
     }
 
     /// The weights as a dense matrix (dequantised if needed).

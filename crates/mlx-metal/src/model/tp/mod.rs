@@ -161,10 +161,7 @@ pub fn shard(model: &mut dyn LanguageModel, weights: &Weights, tp: &TensorParall
         m.up_proj = slice(weights, &format!("{p}.mlp.up_proj"), &m.up_proj, cols)?;
         m.down_proj = summed(slice(weights, &format!("{p}.mlp.down_proj"), &m.down_proj, rows)?, &group);
     }
-    let (vocab, hidden) = match &parts.embed_tokens.weight {
-        crate::nn::LinearWeight::Dense(w) => (w.dim(0)?, w.dim(1)?),
-        crate::nn::LinearWeight::Quantized(q) => (q.scales.dim(0)?, q.scales.dim(1)? * q.group_size),
-    };
+    let (vocab, hidden) = parts.embed_tokens.weight.features()?;
     let Some(ranges) = vocab_plan(vocab, s, tp.vocab_layout()).map_err(split_err)? else { return Ok(()) };
     let rows = VocabShard::new(Rc::clone(&group), vocab, &ranges)?;
     let (start, len) = rows.rows();
