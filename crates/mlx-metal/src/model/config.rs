@@ -183,6 +183,13 @@ pub struct Sizes {
 }
 
 impl Sizes {
+    /// `hidden_size / num_attention_heads`, the head size of architectures
+    /// that do not name one (0 when there are no heads, which [`Sizes::check`]
+    /// reports).
+    pub fn even_head_dim(&self) -> i32 {
+        if self.num_attention_heads > 0 { self.hidden_size / self.num_attention_heads } else { 0 }
+    }
+
     /// Checks that every size is positive (`kv_heads` and `head_dim` as the
     /// architecture reads them, then `more`), naming the first that is not,
     /// and that the query heads group over the key/value heads.

@@ -60,6 +60,13 @@ pub struct AttentionSpec {
     pub o_bias: bool,
 }
 
+impl AttentionSpec {
+    /// The usual factor on `q kᵀ`: `1 / √head_dim`.
+    pub fn scale(&self) -> f32 {
+        f64::from(self.head_dim).powf(-0.5) as f32
+    }
+}
+
 /// Multi-head attention with grouped key/value heads.
 pub struct Attention {
     /// Queries.

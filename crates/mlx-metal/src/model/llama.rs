@@ -136,7 +136,7 @@ impl Llama {
             hidden: s.hidden_size,
             heads,
             kv_heads: c.num_key_value_heads.unwrap_or(heads),
-            head_dim: c.head_dim.unwrap_or(if heads > 0 { s.hidden_size / heads } else { 0 }),
+            head_dim: c.head_dim.unwrap_or(s.even_head_dim()),
             qkv_bias: c.attention_bias,
             o_bias: c.attention_bias,
         };
@@ -153,12 +153,11 @@ impl Llama {
             return Err(model_err(dir, "sliding layers need a positive sliding_window"));
         }
         let theta = c.rope_scaling.as_ref().and_then(|s| s.rope_theta).unwrap_or(c.rope_theta);
-        let scale = f64::from(spec.head_dim).powf(-0.5) as f32;
         let mut layers = Vec::with_capacity(sliding.len());
         for (i, is_sliding) in sliding.into_iter().enumerate() {
             let w = weights.root().pp("model.layers").pp(i);
             let rope = Rope::new(spec.head_dim, theta, c.rope_traditional, c.rope_scaling.as_ref(), dir)?;
-            let attn = Attention::load(&w.pp("self_attn"), &spec, rope, scale)?;
+            let attn = Attention::load(&w.pp("self_attn"), &spec, rope, spec.scale())?;
             let mlp = Mlp::load(&w.pp("mlp"), s.hidden_size, s.intermediate_size, c.mlp_bias, Gate::Silu)?;
             let window = if is_sliding { c.sliding_window } else { None };
             layers.push(Block { window, ..Block::load(&w, attn, mlp, s.hidden_size, s.rms_norm_eps)? });

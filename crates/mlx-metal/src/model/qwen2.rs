@@ -54,22 +54,20 @@ pub fn load(config: &ModelConfig, weights: &Weights) -> Result<Llama> {
     let dir = weights.dir();
     let c: Config = config.text_as(dir)?;
     let s = &c.sizes;
-    let heads = s.num_attention_heads;
     let spec = AttentionSpec {
         hidden: s.hidden_size,
-        heads,
+        heads: s.num_attention_heads,
         kv_heads: c.num_key_value_heads,
-        head_dim: if heads > 0 { s.hidden_size / heads } else { 0 },
+        head_dim: s.even_head_dim(),
         qkv_bias: true,
         o_bias: false,
     };
     s.check(dir, spec.kv_heads, spec.head_dim, &[])?;
-    let scale = f64::from(spec.head_dim).powf(-0.5) as f32;
     let mut layers = Vec::with_capacity(s.num_hidden_layers as usize);
     for i in 0..s.num_hidden_layers {
         let w = weights.root().pp("model.layers").pp(i);
         let rope = Rope::new(spec.head_dim, c.rope_theta, c.rope_traditional, c.rope_scaling.as_ref(), dir)?;
-        let attn = Attention::load(&w.pp("self_attn"), &spec, rope, scale)?;
+        let attn = Attention::load(&w.pp("self_attn"), &spec, rope, spec.scale())?;
         let mlp = Mlp::load(&w.pp("mlp"), s.hidden_size, s.intermediate_size, false, Gate::Silu)?;
         layers.push(Block::load(&w, attn, mlp, s.hidden_size, s.rms_norm_eps)?);
     }

@@ -63,7 +63,7 @@ pub fn load(config: &ModelConfig, weights: &Weights) -> Result<Llama> {
         let a = w.pp("self_attn");
         let rope = Rope::new(hd, theta, false, scaling, dir)?;
         let qk_norm = (RmsNorm::load(&a.pp("q_norm"), hd, eps)?, RmsNorm::load(&a.pp("k_norm"), hd, eps)?);
-        let attn = Attention::load(&a, &spec, rope, f64::from(hd).powf(-0.5) as f32)?.with_qk_norm(qk_norm);
+        let attn = Attention::load(&a, &spec, rope, spec.scale())?.with_qk_norm(qk_norm);
         let mlp = Mlp::load(&w.pp("mlp"), s.hidden_size, s.intermediate_size, false, Gate::Silu)?;
         layers.push(Block::load(&w, attn, mlp, s.hidden_size, eps)?);
     }
