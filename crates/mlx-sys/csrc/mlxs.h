@@ -31,4 +31,4 @@
 #include "mlxs_transforms.h"
 #include "mlxs_distributed.h"
 
-#endif // MLXS_H
+#endif  // MLXS_H

@@ -56,13 +56,11 @@ void drain_at_exit() {
     std::atexit(drain_cpu_streams);
   });
 }
-}
+}  // namespace
 
 namespace mlxs {
 
-void set_error(const char* msg) {
-  last_error = msg == nullptr ? "" : msg;
-}
+void set_error(const char* msg) { last_error = msg == nullptr ? "" : msg; }
 
 mx::Dtype dtype(int d) {
   switch (d) {
@@ -155,11 +153,9 @@ std::optional<int> opt_int(int v) {
   return v;
 }
 
-std::string mode(const char* m) {
-  return m == nullptr ? std::string("affine") : std::string(m);
-}
+std::string mode(const char* m) { return m == nullptr ? std::string("affine") : std::string(m); }
 
-} // namespace mlxs
+}  // namespace mlxs
 
 using namespace mlxs;
 
@@ -167,31 +163,20 @@ extern "C" {
 
 // ---------------------------------------------------------------- errors
 
-const char* mlxs_last_error(void) {
-  return last_error.c_str();
-}
+const char* mlxs_last_error(void) { return last_error.c_str(); }
 
-void mlxs_clear_error(void) {
-  last_error.clear();
-}
+void mlxs_clear_error(void) { last_error.clear(); }
 
 // ---------------------------------------------------------------- arrays
 
-void mlxs_array_free(mlxs_array a) {
-  delete a;
-}
+void mlxs_array_free(mlxs_array a) { delete a; }
 
 int mlxs_array_clone(mlxs_array* out, mlxs_array a) {
   return guard([&] { put(out, arr(a)); });
 }
 
-int mlxs_array_from_data(
-    mlxs_array* out,
-    const void* data,
-    size_t nbytes,
-    const int* dims,
-    size_t ndim,
-    int dt) {
+int mlxs_array_from_data(mlxs_array* out, const void* data, size_t nbytes, const int* dims,
+                         size_t ndim, int dt) {
   return guard([&] {
     auto d = dtype(dt);
     auto sh = shape(dims, ndim);
@@ -203,9 +188,8 @@ int mlxs_array_from_data(
       count *= static_cast<size_t>(s);
     }
     if (count * d.size() != nbytes) {
-      throw std::invalid_argument(
-          "data has " + std::to_string(nbytes) + " bytes but the shape needs " +
-          std::to_string(count * d.size()));
+      throw std::invalid_argument("data has " + std::to_string(nbytes) +
+                                  " bytes but the shape needs " + std::to_string(count * d.size()));
     }
     void* copy = std::malloc(nbytes == 0 ? 1 : nbytes);
     if (copy == nullptr) {
@@ -230,9 +214,7 @@ int mlxs_array_from_bool(mlxs_array* out, bool v) {
   return guard([&] { put(out, mx::array(v)); });
 }
 
-size_t mlxs_array_ndim(mlxs_array a) {
-  return a == nullptr ? 0 : a->a.ndim();
-}
+size_t mlxs_array_ndim(mlxs_array a) { return a == nullptr ? 0 : a->a.ndim(); }
 
 void mlxs_array_shape(mlxs_array a, int* dims, size_t cap) {
   if (a == nullptr || dims == nullptr) {
@@ -244,25 +226,18 @@ void mlxs_array_shape(mlxs_array a, int* dims, size_t cap) {
   }
 }
 
-size_t mlxs_array_size(mlxs_array a) {
-  return a == nullptr ? 0 : a->a.size();
-}
+size_t mlxs_array_size(mlxs_array a) { return a == nullptr ? 0 : a->a.size(); }
 
-size_t mlxs_array_nbytes(mlxs_array a) {
-  return a == nullptr ? 0 : a->a.nbytes();
-}
+size_t mlxs_array_nbytes(mlxs_array a) { return a == nullptr ? 0 : a->a.nbytes(); }
 
-int mlxs_array_dtype(mlxs_array a) {
-  return a == nullptr ? -1 : dtype_code(a->a.dtype());
-}
+int mlxs_array_dtype(mlxs_array a) { return a == nullptr ? -1 : dtype_code(a->a.dtype()); }
 
 int mlxs_array_read(mlxs_array a, void* out, size_t nbytes) {
   return guard([&] {
     auto x = arr(a);
     if (x.nbytes() != nbytes) {
-      throw std::invalid_argument(
-          "read buffer has " + std::to_string(nbytes) +
-          " bytes but the array has " + std::to_string(x.nbytes()));
+      throw std::invalid_argument("read buffer has " + std::to_string(nbytes) +
+                                  " bytes but the array has " + std::to_string(x.nbytes()));
     }
     if (nbytes == 0) {
       return;
@@ -317,13 +292,9 @@ int mlxs_vec_new(mlxs_vec* out) {
   return guard([&] { *out = new mlxs_vec_s{}; });
 }
 
-void mlxs_vec_free(mlxs_vec v) {
-  delete v;
-}
+void mlxs_vec_free(mlxs_vec v) { delete v; }
 
-size_t mlxs_vec_len(mlxs_vec v) {
-  return v == nullptr ? 0 : v->v.size();
-}
+size_t mlxs_vec_len(mlxs_vec v) { return v == nullptr ? 0 : v->v.size(); }
 
 int mlxs_vec_get(mlxs_array* out, mlxs_vec v, size_t i) {
   return guard([&] {
@@ -343,4 +314,4 @@ int mlxs_vec_push(mlxs_vec v, mlxs_array a) {
   });
 }
 
-} // extern "C"
+}  // extern "C"

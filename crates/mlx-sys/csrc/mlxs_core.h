@@ -37,13 +37,8 @@ int mlxs_synchronize(int kind);
 
 void mlxs_array_free(mlxs_array a);
 int mlxs_array_clone(mlxs_array* out, mlxs_array a);
-int mlxs_array_from_data(
-    mlxs_array* out,
-    const void* data,
-    size_t nbytes,
-    const int* shape,
-    size_t ndim,
-    int dtype);
+int mlxs_array_from_data(mlxs_array* out, const void* data, size_t nbytes, const int* shape,
+                         size_t ndim, int dtype);
 int mlxs_array_from_f64(mlxs_array* out, double v, int dtype);
 int mlxs_array_from_i64(mlxs_array* out, int64_t v, int dtype);
 int mlxs_array_from_bool(mlxs_array* out, bool v);
@@ -91,4 +86,4 @@ int mlxs_save_safetensors(const char* path, mlxs_named m);
 }
 #endif
 
-#endif // MLXS_CORE_H
+#endif  // MLXS_CORE_H

@@ -41,7 +41,7 @@ std::optional<mxd::Group> grp(mlxs_group g) {
   return g->g;
 }
 
-} // namespace
+}  // namespace
 
 extern "C" {
 
@@ -65,9 +65,7 @@ int mlxs_distributed_init(mlxs_group* out, bool strict, const char* backend) {
   });
 }
 
-void mlxs_group_free(mlxs_group g) {
-  delete g;
-}
+void mlxs_group_free(mlxs_group g) { delete g; }
 
 int mlxs_group_rank(mlxs_group g, int* out) {
   return guard([&] {
@@ -116,21 +114,13 @@ int mlxs_send(mlxs_array* out, mlxs_array x, int dst, mlxs_group g, int dev) {
   return guard([&] { put(out, mxd::send(arr(x), dst, grp(g), sod(dev))); });
 }
 
-int mlxs_recv(
-    mlxs_array* out,
-    const int* dims,
-    size_t ndim,
-    int dt,
-    int src,
-    mlxs_group g,
-    int dev) {
-  return guard([&] {
-    put(out, mxd::recv(shape(dims, ndim), dtype(dt), src, grp(g), sod(dev)));
-  });
+int mlxs_recv(mlxs_array* out, const int* dims, size_t ndim, int dt, int src, mlxs_group g,
+              int dev) {
+  return guard([&] { put(out, mxd::recv(shape(dims, ndim), dtype(dt), src, grp(g), sod(dev))); });
 }
 
 int mlxs_recv_like(mlxs_array* out, mlxs_array like, int src, mlxs_group g, int dev) {
   return guard([&] { put(out, mxd::recv_like(arr(like), src, grp(g), sod(dev))); });
 }
 
-} // extern "C"
+}  // extern "C"

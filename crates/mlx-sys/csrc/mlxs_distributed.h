@@ -29,18 +29,12 @@ int mlxs_all_max(mlxs_array* out, mlxs_array x, mlxs_group g, int dev);
 int mlxs_all_min(mlxs_array* out, mlxs_array x, mlxs_group g, int dev);
 int mlxs_all_gather(mlxs_array* out, mlxs_array x, mlxs_group g, int dev);
 int mlxs_send(mlxs_array* out, mlxs_array x, int dst, mlxs_group g, int dev);
-int mlxs_recv(
-    mlxs_array* out,
-    const int* shape,
-    size_t ndim,
-    int dtype,
-    int src,
-    mlxs_group g,
-    int dev);
+int mlxs_recv(mlxs_array* out, const int* shape, size_t ndim, int dtype, int src, mlxs_group g,
+              int dev);
 int mlxs_recv_like(mlxs_array* out, mlxs_array like, int src, mlxs_group g, int dev);
 
 #ifdef __cplusplus
 }
 #endif
 
-#endif // MLXS_DISTRIBUTED_H
+#endif  // MLXS_DISTRIBUTED_H

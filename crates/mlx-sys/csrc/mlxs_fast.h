@@ -17,41 +17,18 @@ extern "C" {
 // weight may be NULL.
 int mlxs_rms_norm(mlxs_array* out, mlxs_array x, mlxs_array weight, float eps, int dev);
 // weight and bias may be NULL.
-int mlxs_layer_norm(
-    mlxs_array* out,
-    mlxs_array x,
-    mlxs_array weight,
-    mlxs_array bias,
-    float eps,
-    int dev);
+int mlxs_layer_norm(mlxs_array* out, mlxs_array x, mlxs_array weight, mlxs_array bias, float eps,
+                    int dev);
 // Either has_base (base used) or freqs non-NULL. offset_arr may be NULL, then
 // `offset` is used.
-int mlxs_rope(
-    mlxs_array* out,
-    mlxs_array x,
-    int dims,
-    bool traditional,
-    bool has_base,
-    float base,
-    float scale,
-    int offset,
-    mlxs_array offset_arr,
-    mlxs_array freqs,
-    int dev);
+int mlxs_rope(mlxs_array* out, mlxs_array x, int dims, bool traditional, bool has_base, float base,
+              float scale, int offset, mlxs_array offset_arr, mlxs_array freqs, int dev);
 // mask_mode: "" (none, or the array mask), "causal". mask and sinks may be NULL.
-int mlxs_sdpa(
-    mlxs_array* out,
-    mlxs_array q,
-    mlxs_array k,
-    mlxs_array v,
-    float scale,
-    const char* mask_mode,
-    mlxs_array mask,
-    mlxs_array sinks,
-    int dev);
+int mlxs_sdpa(mlxs_array* out, mlxs_array q, mlxs_array k, mlxs_array v, float scale,
+              const char* mask_mode, mlxs_array mask, mlxs_array sinks, int dev);
 
 #ifdef __cplusplus
 }
 #endif
 
-#endif // MLXS_FAST_H
+#endif  // MLXS_FAST_H

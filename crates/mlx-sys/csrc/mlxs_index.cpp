@@ -28,20 +28,15 @@ int64_t normalised_axis(int axis, size_t ndim) {
 void require_integer(const char* op, const mx::array& idx, const char* what) {
   if (!mx::issubdtype(idx.dtype(), mx::integer)) {
     std::ostringstream msg;
-    msg << "[" << op << "] " << what << " must be integers, got "
-        << idx.dtype();
+    msg << "[" << op << "] " << what << " must be integers, got " << idx.dtype();
     throw std::invalid_argument(msg.str());
   }
 }
 
 // `idx` with every element clamped to [lo, hi] (elementwise bounds, which
 // broadcast), after negative ones have had `wrap` added.
-mx::array clamp_indices(
-    const mx::array& idx,
-    const mx::array& wrap,
-    const mx::array& lo,
-    const mx::array& hi,
-    mx::StreamOrDevice s) {
+mx::array clamp_indices(const mx::array& idx, const mx::array& wrap, const mx::array& lo,
+                        const mx::array& hi, mx::StreamOrDevice s) {
   // Small integer types are widened so that `idx + wrap` cannot overflow;
   // int32 cannot overflow (a negative index plus a dimension fits) and
   // 64-bit types are wide enough.
@@ -61,16 +56,11 @@ mx::array clamp_indices(
 }
 
 // Indices into an axis of `n` elements, each landing in [0, n).
-mx::array safe_indices(
-    const char* op,
-    const mx::array& idx,
-    int64_t n,
-    mx::StreamOrDevice s) {
+mx::array safe_indices(const char* op, const mx::array& idx, int64_t n, mx::StreamOrDevice s) {
   require_integer(op, idx, "indices");
   if (n <= 0) {
     if (idx.size() > 0) {
-      throw std::invalid_argument(
-          std::string("[") + op + "] Cannot index into an empty axis.");
+      throw std::invalid_argument(std::string("[") + op + "] Cannot index into an empty axis.");
     }
     return idx;
   }
@@ -88,23 +78,18 @@ int64_t batch_count(const mx::array& x) {
 
 // Dynamic slice starts over `axes`, each clamped so that a window of
 // `extent[axis]` elements from it stays inside `shape`.
-mx::array safe_starts(
-    const char* op,
-    const mx::array& start,
-    const std::vector<int>& axes,
-    const mx::Shape& shape,
-    const mx::Shape& extent,
-    mx::StreamOrDevice s) {
+mx::array safe_starts(const char* op, const mx::array& start, const std::vector<int>& axes,
+                      const mx::Shape& shape, const mx::Shape& extent, mx::StreamOrDevice s) {
   require_integer(op, start, "start indices");
   if (start.ndim() > 1 || start.size() != axes.size()) {
-    return start; // MLX reports the mismatch
+    return start;  // MLX reports the mismatch
   }
   std::vector<int64_t> wrap;
   std::vector<int64_t> hi;
   for (int ax : axes) {
     auto a = normalised_axis(ax, shape.size());
     if (a < 0) {
-      return start; // MLX reports the bad axis
+      return start;  // MLX reports the bad axis
     }
     int64_t dim = shape[a];
     wrap.push_back(dim);
@@ -117,55 +102,37 @@ mx::array safe_starts(
   return clamp_indices(start, w, mx::array(0), h, s);
 }
 
-} // namespace
+}  // namespace
 
 namespace mlxs {
 
-std::optional<mx::array> safe_batch_indices(
-    const char* op,
-    const std::optional<mx::array>& idx,
-    const mx::array& x,
-    mx::StreamOrDevice s) {
+std::optional<mx::array> safe_batch_indices(const char* op, const std::optional<mx::array>& idx,
+                                            const mx::array& x, mx::StreamOrDevice s) {
   if (!idx) {
     return idx;
   }
   return safe_indices(op, *idx, batch_count(x), s);
 }
 
-} // namespace mlxs
+}  // namespace mlxs
 
 extern "C" {
 
-int mlxs_slice(
-    mlxs_array* out,
-    mlxs_array a,
-    const int* start,
-    const int* stop,
-    const int* strides,
-    size_t ndim,
-    int dev) {
+int mlxs_slice(mlxs_array* out, mlxs_array a, const int* start, const int* stop, const int* strides,
+               size_t ndim, int dev) {
   return guard([&] {
     auto& x = arr(a);
     if (ndim != x.ndim()) {
-      throw std::invalid_argument(
-          "[slice] got " + std::to_string(ndim) + " bounds for an array with " +
-          std::to_string(x.ndim()) + " dimensions");
+      throw std::invalid_argument("[slice] got " + std::to_string(ndim) +
+                                  " bounds for an array with " + std::to_string(x.ndim()) +
+                                  " dimensions");
     }
-    put(out,
-        mx::slice(
-            x, shape(start, ndim), shape(stop, ndim), shape(strides, ndim), sod(dev)));
+    put(out, mx::slice(x, shape(start, ndim), shape(stop, ndim), shape(strides, ndim), sod(dev)));
   });
 }
 
-int mlxs_slice_dynamic(
-    mlxs_array* out,
-    mlxs_array a,
-    mlxs_array start,
-    const int* axes,
-    size_t naxes,
-    const int* sizes,
-    size_t nsizes,
-    int dev) {
+int mlxs_slice_dynamic(mlxs_array* out, mlxs_array a, mlxs_array start, const int* axes,
+                       size_t naxes, const int* sizes, size_t nsizes, int dev) {
   return guard([&] {
     auto& x = arr(a);
     auto ax = ints(axes, naxes);
@@ -175,55 +142,34 @@ int mlxs_slice_dynamic(
         throw std::invalid_argument("[slice] Negative slice size.");
       }
     }
-    auto st = sz.size() == x.ndim()
-        ? safe_starts("slice", arr(start), ax, x.shape(), sz, sod(dev))
-        : arr(start);
+    auto st = sz.size() == x.ndim() ? safe_starts("slice", arr(start), ax, x.shape(), sz, sod(dev))
+                                    : arr(start);
     put(out, mx::slice(x, st, std::move(ax), std::move(sz), sod(dev)));
   });
 }
 
-int mlxs_slice_update(
-    mlxs_array* out,
-    mlxs_array src,
-    mlxs_array update,
-    const int* start,
-    const int* stop,
-    const int* strides,
-    size_t ndim,
-    int dev) {
+int mlxs_slice_update(mlxs_array* out, mlxs_array src, mlxs_array update, const int* start,
+                      const int* stop, const int* strides, size_t ndim, int dev) {
   return guard([&] {
     auto& x = arr(src);
     if (ndim != x.ndim()) {
-      throw std::invalid_argument(
-          "[slice_update] got " + std::to_string(ndim) +
-          " bounds for an array with " + std::to_string(x.ndim()) + " dimensions");
+      throw std::invalid_argument("[slice_update] got " + std::to_string(ndim) +
+                                  " bounds for an array with " + std::to_string(x.ndim()) +
+                                  " dimensions");
     }
-    put(out,
-        mx::slice_update(
-            x,
-            arr(update),
-            shape(start, ndim),
-            shape(stop, ndim),
-            shape(strides, ndim),
-            sod(dev)));
+    put(out, mx::slice_update(x, arr(update), shape(start, ndim), shape(stop, ndim),
+                              shape(strides, ndim), sod(dev)));
   });
 }
 
-int mlxs_slice_update_dynamic(
-    mlxs_array* out,
-    mlxs_array src,
-    mlxs_array update,
-    mlxs_array start,
-    const int* axes,
-    size_t naxes,
-    int dev) {
+int mlxs_slice_update_dynamic(mlxs_array* out, mlxs_array src, mlxs_array update, mlxs_array start,
+                              const int* axes, size_t naxes, int dev) {
   return guard([&] {
     auto& x = arr(src);
     auto& u = arr(update);
     if (u.ndim() > x.ndim()) {
       // MLX 0.32 computes ndim differences in size_t and would underflow.
-      throw std::invalid_argument(
-          "[slice_update] The update has more dimensions than the source.");
+      throw std::invalid_argument("[slice_update] The update has more dimensions than the source.");
     }
     auto ax = ints(axes, naxes);
     // The extent MLX broadcasts the update to (see mlx::core::slice_update).
@@ -232,28 +178,20 @@ int mlxs_slice_update_dynamic(
     for (size_t d = 0; d < x.ndim(); ++d) {
       extent[d] = d < diff ? 1 : std::min(u.shape(d - diff), x.shape(d));
     }
-    auto st = safe_starts(
-        "slice_update", arr(start), ax, x.shape(), extent, sod(dev));
+    auto st = safe_starts("slice_update", arr(start), ax, x.shape(), extent, sod(dev));
     put(out, mx::slice_update(x, u, st, std::move(ax), sod(dev)));
   });
 }
 
-int mlxs_take(
-    mlxs_array* out,
-    mlxs_array a,
-    mlxs_array indices,
-    int axis,
-    bool has_axis,
-    int dev) {
+int mlxs_take(mlxs_array* out, mlxs_array a, mlxs_array indices, int axis, bool has_axis, int dev) {
   return guard([&] {
     auto& x = arr(a);
     auto& idx = arr(indices);
     require_integer("take", idx, "indices");
     if (has_axis) {
       auto ax = normalised_axis(axis, x.ndim());
-      auto safe = ax < 0 || x.shape(ax) == 0
-          ? idx
-          : safe_indices("take", idx, x.shape(ax), sod(dev));
+      auto safe =
+          ax < 0 || x.shape(ax) == 0 ? idx : safe_indices("take", idx, x.shape(ax), sod(dev));
       put(out, mx::take(x, safe, axis, sod(dev)));
     } else {
       auto n = static_cast<int64_t>(x.size());
@@ -263,12 +201,7 @@ int mlxs_take(
   });
 }
 
-int mlxs_take_along_axis(
-    mlxs_array* out,
-    mlxs_array a,
-    mlxs_array indices,
-    int axis,
-    int dev) {
+int mlxs_take_along_axis(mlxs_array* out, mlxs_array a, mlxs_array indices, int axis, int dev) {
   return guard([&] {
     auto& x = arr(a);
     auto idx = arr(indices);
@@ -281,13 +214,8 @@ int mlxs_take_along_axis(
   });
 }
 
-int mlxs_put_along_axis(
-    mlxs_array* out,
-    mlxs_array a,
-    mlxs_array indices,
-    mlxs_array values,
-    int axis,
-    int dev) {
+int mlxs_put_along_axis(mlxs_array* out, mlxs_array a, mlxs_array indices, mlxs_array values,
+                        int axis, int dev) {
   return guard([&] {
     auto& x = arr(a);
     auto idx = arr(indices);
@@ -300,4 +228,4 @@ int mlxs_put_along_axis(
   });
 }
 
-} // extern "C"
+}  // extern "C"

@@ -59,9 +59,7 @@ inline std::optional<mx::array> opt(mlxs_array a) {
   return a->a;
 }
 
-inline mlxs_array wrap(mx::array a) {
-  return new mlxs_array_s{std::move(a)};
-}
+inline mlxs_array wrap(mx::array a) { return new mlxs_array_s{std::move(a)}; }
 
 inline void put(mlxs_array* out, mx::array a) {
   if (out == nullptr) {
@@ -70,9 +68,7 @@ inline void put(mlxs_array* out, mx::array a) {
   *out = wrap(std::move(a));
 }
 
-inline mlxs_vec wrap_vec(std::vector<mx::array> v) {
-  return new mlxs_vec_s{std::move(v)};
-}
+inline mlxs_vec wrap_vec(std::vector<mx::array> v) { return new mlxs_vec_s{std::move(v)}; }
 
 inline void put_vec(mlxs_vec* out, std::vector<mx::array> v) {
   if (out == nullptr) {
@@ -94,23 +90,15 @@ std::string mode(const char* m);
 // Batch indices of a gathered matmul (gather_mm, gather_qmm) into the batch
 // of matrices of `x` ([..., M, N]), each clamped into it as every gather
 // index is (see mlxs_index.cpp): MLX does not bounds-check them.
-std::optional<mx::array> safe_batch_indices(
-    const char* op,
-    const std::optional<mx::array>& idx,
-    const mx::array& x,
-    mx::StreamOrDevice s);
+std::optional<mx::array> safe_batch_indices(const char* op, const std::optional<mx::array>& idx,
+                                            const mx::array& x, mx::StreamOrDevice s);
 
 // Our kernel for one row of x times 4-bit weights, where it applies (see
 // mlxs_kernels.cpp); nullopt where MLX's quantized_matmul must run.
-std::optional<mx::array> try_fast_qmv(
-    const mx::array& x,
-    const mx::array& w,
-    const mx::array& scales,
-    const std::optional<mx::array>& biases,
-    bool transpose,
-    std::optional<int> group_size,
-    std::optional<int> bits,
-    const std::string& mode,
-    mx::StreamOrDevice s);
+std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
+                                      const mx::array& scales,
+                                      const std::optional<mx::array>& biases, bool transpose,
+                                      std::optional<int> group_size, std::optional<int> bits,
+                                      const std::string& mode, mx::StreamOrDevice s);
 
-} // namespace mlxs
+}  // namespace mlxs

@@ -15,14 +15,14 @@ namespace {
 // The `i`th entry of one of `m`'s lists (`&mlxs_named_s::arrays` or
 // `&mlxs_named_s::meta`), or nullptr when `m` is null or `i` out of range.
 template <class Entries>
-const typename Entries::value_type* nth(mlxs_named m, Entries mlxs_named_s::*list, size_t i) {
+const typename Entries::value_type* nth(mlxs_named m, Entries mlxs_named_s::* list, size_t i) {
   if (m == nullptr || i >= (m->*list).size()) {
     return nullptr;
   }
   return &(m->*list)[i];
 }
 
-} // namespace
+}  // namespace
 
 extern "C" {
 
@@ -32,13 +32,9 @@ int mlxs_named_new(mlxs_named* out) {
   return guard([&] { *out = new mlxs_named_s{}; });
 }
 
-void mlxs_named_free(mlxs_named m) {
-  delete m;
-}
+void mlxs_named_free(mlxs_named m) { delete m; }
 
-size_t mlxs_named_len(mlxs_named m) {
-  return m == nullptr ? 0 : m->arrays.size();
-}
+size_t mlxs_named_len(mlxs_named m) { return m == nullptr ? 0 : m->arrays.size(); }
 
 const char* mlxs_named_key(mlxs_named m, size_t i) {
   auto* entry = nth(m, &mlxs_named_s::arrays, i);
@@ -64,9 +60,7 @@ int mlxs_named_push(mlxs_named m, const char* key, mlxs_array a) {
   });
 }
 
-size_t mlxs_named_meta_len(mlxs_named m) {
-  return m == nullptr ? 0 : m->meta.size();
-}
+size_t mlxs_named_meta_len(mlxs_named m) { return m == nullptr ? 0 : m->meta.size(); }
 
 const char* mlxs_named_meta_key(mlxs_named m, size_t i) {
   auto* entry = nth(m, &mlxs_named_s::meta, i);
@@ -98,9 +92,8 @@ int mlxs_load_safetensors(mlxs_named* out, const char* path) {
     for (auto& [k, v] : tensors) {
       m->arrays.emplace_back(k, v);
     }
-    std::sort(m->arrays.begin(), m->arrays.end(), [](auto& x, auto& y) {
-      return x.first < y.first;
-    });
+    std::sort(m->arrays.begin(), m->arrays.end(),
+              [](auto& x, auto& y) { return x.first < y.first; });
     for (auto& [k, v] : meta) {
       m->meta.emplace_back(k, v);
     }
@@ -120,10 +113,9 @@ int mlxs_save_safetensors(const char* path, mlxs_named m) {
         throw std::invalid_argument("duplicate tensor name " + k);
       }
     }
-    std::unordered_map<std::string, std::string> meta(
-        m->meta.begin(), m->meta.end());
+    std::unordered_map<std::string, std::string> meta(m->meta.begin(), m->meta.end());
     mx::save_safetensors(std::string(path), std::move(tensors), std::move(meta));
   });
 }
 
-} // extern "C"
+}  // extern "C"

@@ -163,31 +163,24 @@ constexpr int kQmvMaxRows = 1 << 25;
 // Measured on an H200 (docs/benchmarks.md): 2 is best for rows of 4,096,
 // 8 for long rows (12,288, 14,336) and for widths that leave some lanes a
 // chunk short (1,152: Gemma 3 1B's head takes 163 us at 8, 227 at 2).
-int qmv_unroll(int k) {
-  return (k % 1024 == 0 && k <= 8192) ? 2 : 8;
-}
+int qmv_unroll(int k) { return (k % 1024 == 0 && k <= 8192) ? 2 : 8; }
 
 const mx::fast::CustomKernelFunction& qmv_kernel() {
-  static const mx::fast::CustomKernelFunction k = mx::fast::cuda_kernel(
-      "mlxr_qmv4", {"x", "w", "scales", "biases"}, {"out"}, kQmvSource,
-      kQmvHeader, /* ensure_row_contiguous */ true);
+  static const mx::fast::CustomKernelFunction k =
+      mx::fast::cuda_kernel("mlxr_qmv4", {"x", "w", "scales", "biases"}, {"out"}, kQmvSource,
+                            kQmvHeader, /* ensure_row_contiguous */ true);
   return k;
 }
 
-} // namespace
+}  // namespace
 
 namespace mlxs {
 
-std::optional<mx::array> try_fast_qmv(
-    const mx::array& x,
-    const mx::array& w,
-    const mx::array& scales,
-    const std::optional<mx::array>& biases,
-    bool transpose,
-    std::optional<int> group_size,
-    std::optional<int> bits,
-    const std::string& mode,
-    mx::StreamOrDevice s) {
+std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
+                                      const mx::array& scales,
+                                      const std::optional<mx::array>& biases, bool transpose,
+                                      std::optional<int> group_size, std::optional<int> bits,
+                                      const std::string& mode, mx::StreamOrDevice s) {
   int group = group_size.value_or(64);
   int kernels = kernels_mode();
   if (kernels == MLXS_KERNELS_OFF || !transpose || mode != "affine" || bits.value_or(4) != 4 ||
@@ -200,9 +193,9 @@ std::optional<mx::array> try_fast_qmv(
   }
   const auto& b = *biases;
   auto t = x.dtype();
-  if ((t != mx::bfloat16 && t != mx::float16) || scales.dtype() != t ||
-      b.dtype() != t || w.dtype() != mx::uint32 || w.ndim() != 2 ||
-      scales.ndim() != 2 || b.ndim() != 2 || x.ndim() < 1) {
+  if ((t != mx::bfloat16 && t != mx::float16) || scales.dtype() != t || b.dtype() != t ||
+      w.dtype() != mx::uint32 || w.ndim() != 2 || scales.ndim() != 2 || b.ndim() != 2 ||
+      x.ndim() < 1) {
     return std::nullopt;
   }
   // Under a transform (grad, vmap, compile) the kernel has no rules to follow.
@@ -211,40 +204,31 @@ std::optional<mx::array> try_fast_qmv(
   }
   int n = w.shape(0);
   int k = w.shape(1) * 8;
-  if (x.shape(-1) != k || x.size() != static_cast<size_t>(k) || k % 32 != 0 ||
-      k > kQmvMaxK ||
+  if (x.shape(-1) != k || x.size() != static_cast<size_t>(k) || k % 32 != 0 || k > kQmvMaxK ||
       k % group != 0 || scales.shape(0) != n || scales.shape(1) != k / group ||
       b.shape() != scales.shape() || n <= 0 || n > kQmvMaxRows) {
     return std::nullopt;
   }
-  if (kernels == MLXS_KERNELS_AUTO &&
-      static_cast<int64_t>(n) * k < kQmvAutoMinValues) {
+  if (kernels == MLXS_KERNELS_AUTO && static_cast<int64_t>(n) * k < kQmvAutoMinValues) {
     return std::nullopt;
   }
   auto out_shape = x.shape();
   out_shape.back() = n;
   int threads = 32 * kQmvWarpsPerBlock;
   int blocks = (n + kQmvWarpsPerBlock - 1) / kQmvWarpsPerBlock;
-  auto outs = qmv_kernel()(
-      {x, w, scales, b},
-      {out_shape},
-      {t},
-      {blocks * threads, 1, 1},
-      {threads, 1, 1},
-      {{"T", t}, {"K", k}, {"GROUP", group}, {"UNROLL", qmv_unroll(k)}},
-      std::nullopt,
-      false,
-      stream);
+  auto outs =
+      qmv_kernel()({x, w, scales, b}, {out_shape}, {t}, {blocks * threads, 1, 1}, {threads, 1, 1},
+                   {{"T", t}, {"K", k}, {"GROUP", group}, {"UNROLL", qmv_unroll(k)}}, std::nullopt,
+                   false, stream);
   return outs.at(0);
 }
 
-} // namespace mlxs
+}  // namespace mlxs
 
 extern "C" {
 
 int mlxs_set_custom_kernels(int mode) {
-  if (mode != MLXS_KERNELS_OFF && mode != MLXS_KERNELS_AUTO &&
-      mode != MLXS_KERNELS_ALWAYS) {
+  if (mode != MLXS_KERNELS_OFF && mode != MLXS_KERNELS_AUTO && mode != MLXS_KERNELS_ALWAYS) {
     mlxs::set_error(("unknown custom kernel mode " + std::to_string(mode)).c_str());
     return 1;
   }
@@ -252,8 +236,6 @@ int mlxs_set_custom_kernels(int mode) {
   return 0;
 }
 
-int mlxs_custom_kernels(void) {
-  return kernels_mode();
-}
+int mlxs_custom_kernels(void) { return kernels_mode(); }
 
-} // extern "C"
+}  // extern "C"

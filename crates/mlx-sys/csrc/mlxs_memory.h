@@ -27,4 +27,4 @@ int mlxs_set_wired_limit(size_t limit, size_t* previous);
 }
 #endif
 
-#endif // MLXS_MEMORY_H
+#endif  // MLXS_MEMORY_H

@@ -77,12 +77,8 @@ std::vector<int> all_axes_of(const mx::array& a) {
   return axes;
 }
 
-mx::array reduce(
-    int op,
-    const mx::array& a,
-    const std::vector<int>& axes,
-    bool keepdims,
-    mx::StreamOrDevice s) {
+mx::array reduce(int op, const mx::array& a, const std::vector<int>& axes, bool keepdims,
+                 mx::StreamOrDevice s) {
   switch (op) {
     case MLXS_SUM: return mx::sum(a, axes, keepdims, s);
     case MLXS_MEAN: return mx::mean(a, axes, keepdims, s);
@@ -99,7 +95,8 @@ mx::array reduce(
   throw std::invalid_argument("unknown reduction op code " + std::to_string(op));
 }
 
-mx::array scan(int op, const mx::array& a, int axis, bool reverse, bool inclusive, mx::StreamOrDevice s) {
+mx::array scan(int op, const mx::array& a, int axis, bool reverse, bool inclusive,
+               mx::StreamOrDevice s) {
   switch (op) {
     case MLXS_CUMSUM: return mx::cumsum(a, axis, reverse, inclusive, s);
     case MLXS_CUMPROD: return mx::cumprod(a, axis, reverse, inclusive, s);
@@ -124,7 +121,7 @@ mx::Strides strides_of(const int64_t* xs, size_t n) {
   return mx::Strides(xs, xs + n);
 }
 
-} // namespace
+}  // namespace
 
 extern "C" {
 
@@ -138,25 +135,11 @@ int mlxs_ones(mlxs_array* out, const int* dims, size_t ndim, int dt, int dev) {
   return guard([&] { put(out, mx::ones(shape(dims, ndim), dtype(dt), sod(dev))); });
 }
 
-int mlxs_full(
-    mlxs_array* out,
-    const int* dims,
-    size_t ndim,
-    mlxs_array value,
-    int dt,
-    int dev) {
-  return guard([&] {
-    put(out, mx::full(shape(dims, ndim), arr(value), dtype(dt), sod(dev)));
-  });
+int mlxs_full(mlxs_array* out, const int* dims, size_t ndim, mlxs_array value, int dt, int dev) {
+  return guard([&] { put(out, mx::full(shape(dims, ndim), arr(value), dtype(dt), sod(dev))); });
 }
 
-int mlxs_arange(
-    mlxs_array* out,
-    double start,
-    double stop,
-    double step,
-    int dt,
-    int dev) {
+int mlxs_arange(mlxs_array* out, double start, double stop, double step, int dt, int dev) {
   return guard([&] { put(out, mx::arange(start, stop, step, dtype(dt), sod(dev))); });
 }
 
@@ -190,17 +173,9 @@ int mlxs_astype(mlxs_array* out, mlxs_array a, int dt, int dev) {
   return guard([&] { put(out, mx::astype(arr(a), dtype(dt), sod(dev))); });
 }
 
-int mlxs_addmm(
-    mlxs_array* out,
-    mlxs_array c,
-    mlxs_array a,
-    mlxs_array b,
-    float alpha,
-    float beta,
-    int dev) {
-  return guard([&] {
-    put(out, mx::addmm(arr(c), arr(a), arr(b), alpha, beta, sod(dev)));
-  });
+int mlxs_addmm(mlxs_array* out, mlxs_array c, mlxs_array a, mlxs_array b, float alpha, float beta,
+               int dev) {
+  return guard([&] { put(out, mx::addmm(arr(c), arr(a), arr(b), alpha, beta, sod(dev))); });
 }
 
 int mlxs_tril(mlxs_array* out, mlxs_array a, int k, int dev) {
@@ -213,15 +188,8 @@ int mlxs_triu(mlxs_array* out, mlxs_array a, int k, int dev) {
 
 // ---------------------------------------------------------------- reductions
 
-int mlxs_reduce(
-    mlxs_array* out,
-    int op,
-    mlxs_array a,
-    const int* axes,
-    size_t naxes,
-    bool all_axes,
-    bool keepdims,
-    int dev) {
+int mlxs_reduce(mlxs_array* out, int op, mlxs_array a, const int* axes, size_t naxes, bool all_axes,
+                bool keepdims, int dev) {
   return guard([&] {
     auto& x = arr(a);
     auto ax = all_axes ? all_axes_of(x) : ints(axes, naxes);
@@ -237,26 +205,13 @@ int mlxs_argmin(mlxs_array* out, mlxs_array a, int axis, bool keepdims, int dev)
   return guard([&] { put(out, mx::argmin(arr(a), axis, keepdims, sod(dev))); });
 }
 
-int mlxs_softmax(
-    mlxs_array* out,
-    mlxs_array a,
-    const int* axes,
-    size_t naxes,
-    bool precise,
-    int dev) {
-  return guard([&] {
-    put(out, mx::softmax(arr(a), ints(axes, naxes), precise, sod(dev)));
-  });
+int mlxs_softmax(mlxs_array* out, mlxs_array a, const int* axes, size_t naxes, bool precise,
+                 int dev) {
+  return guard([&] { put(out, mx::softmax(arr(a), ints(axes, naxes), precise, sod(dev))); });
 }
 
-int mlxs_scan(
-    mlxs_array* out,
-    int op,
-    mlxs_array a,
-    int axis,
-    bool reverse,
-    bool inclusive,
-    int dev) {
+int mlxs_scan(mlxs_array* out, int op, mlxs_array a, int axis, bool reverse, bool inclusive,
+              int dev) {
   return guard([&] { put(out, scan(op, arr(a), axis, reverse, inclusive, sod(dev))); });
 }
 
@@ -288,9 +243,8 @@ int mlxs_reshape(mlxs_array* out, mlxs_array a, const int* dims, size_t ndim, in
 
 int mlxs_transpose(mlxs_array* out, mlxs_array a, const int* axes, size_t naxes, int dev) {
   return guard([&] {
-    put(out, on_axes(arr(a), axes, naxes, [&](const auto&... args) {
-          return mx::transpose(args..., sod(dev));
-        }));
+    put(out, on_axes(arr(a), axes, naxes,
+                     [&](const auto&... args) { return mx::transpose(args..., sod(dev)); }));
   });
 }
 
@@ -300,9 +254,8 @@ int mlxs_expand_dims(mlxs_array* out, mlxs_array a, const int* axes, size_t naxe
 
 int mlxs_squeeze(mlxs_array* out, mlxs_array a, const int* axes, size_t naxes, int dev) {
   return guard([&] {
-    put(out, on_axes(arr(a), axes, naxes, [&](const auto&... args) {
-          return mx::squeeze(args..., sod(dev));
-        }));
+    put(out, on_axes(arr(a), axes, naxes,
+                     [&](const auto&... args) { return mx::squeeze(args..., sod(dev)); }));
   });
 }
 
@@ -322,16 +275,9 @@ int mlxs_split_sections(mlxs_vec* out, mlxs_array a, int sections, int axis, int
   return guard([&] { put_vec(out, mx::split(arr(a), sections, axis, sod(dev))); });
 }
 
-int mlxs_split_indices(
-    mlxs_vec* out,
-    mlxs_array a,
-    const int* indices,
-    size_t n,
-    int axis,
-    int dev) {
-  return guard([&] {
-    put_vec(out, mx::split(arr(a), shape(indices, n), axis, sod(dev)));
-  });
+int mlxs_split_indices(mlxs_vec* out, mlxs_array a, const int* indices, size_t n, int axis,
+                       int dev) {
+  return guard([&] { put_vec(out, mx::split(arr(a), shape(indices, n), axis, sod(dev))); });
 }
 
 int mlxs_flatten(mlxs_array* out, mlxs_array a, int start_axis, int end_axis, int dev) {
@@ -346,36 +292,16 @@ int mlxs_repeat(mlxs_array* out, mlxs_array a, int repeats, int axis, int dev) {
   return guard([&] { put(out, mx::repeat(arr(a), repeats, axis, sod(dev))); });
 }
 
-int mlxs_pad(
-    mlxs_array* out,
-    mlxs_array a,
-    const int* axes,
-    const int* low,
-    const int* high,
-    size_t n,
-    mlxs_array value,
-    int dev) {
+int mlxs_pad(mlxs_array* out, mlxs_array a, const int* axes, const int* low, const int* high,
+             size_t n, mlxs_array value, int dev) {
   return guard([&] {
-    put(out,
-        mx::pad(
-            arr(a),
-            ints(axes, n),
-            shape(low, n),
-            shape(high, n),
-            arr(value),
-            "constant",
-            sod(dev)));
+    put(out, mx::pad(arr(a), ints(axes, n), shape(low, n), shape(high, n), arr(value), "constant",
+                     sod(dev)));
   });
 }
 
-int mlxs_as_strided(
-    mlxs_array* out,
-    mlxs_array a,
-    const int* dims,
-    const int64_t* strides,
-    size_t ndim,
-    size_t offset,
-    int dev) {
+int mlxs_as_strided(mlxs_array* out, mlxs_array a, const int* dims, const int64_t* strides,
+                    size_t ndim, size_t offset, int dev) {
   return guard([&] {
     auto& x = arr(a);
     auto sh = shape(dims, ndim);
@@ -400,38 +326,20 @@ int mlxs_as_strided(
       }
     }
     if (!empty && (lo < 0 || hi >= static_cast<int64_t>(x.size()))) {
-      throw std::invalid_argument(
-          "[as_strided] the view reaches elements [" + std::to_string(lo) +
-          ", " + std::to_string(hi) + "] outside the source of " +
-          std::to_string(x.size()) + " elements");
+      throw std::invalid_argument("[as_strided] the view reaches elements [" + std::to_string(lo) +
+                                  ", " + std::to_string(hi) + "] outside the source of " +
+                                  std::to_string(x.size()) + " elements");
     }
     put(out, mx::as_strided(x, std::move(sh), std::move(st), offset, sod(dev)));
   });
 }
 
-int mlxs_conv2d(
-    mlxs_array* out,
-    mlxs_array input,
-    mlxs_array weight,
-    int stride_h,
-    int stride_w,
-    int pad_h,
-    int pad_w,
-    int dilation_h,
-    int dilation_w,
-    int groups,
-    int dev) {
+int mlxs_conv2d(mlxs_array* out, mlxs_array input, mlxs_array weight, int stride_h, int stride_w,
+                int pad_h, int pad_w, int dilation_h, int dilation_w, int groups, int dev) {
   return guard([&] {
-    put(out,
-        mx::conv2d(
-            arr(input),
-            arr(weight),
-            {stride_h, stride_w},
-            {pad_h, pad_w},
-            {dilation_h, dilation_w},
-            groups,
-            sod(dev)));
+    put(out, mx::conv2d(arr(input), arr(weight), {stride_h, stride_w}, {pad_h, pad_w},
+                        {dilation_h, dilation_w}, groups, sod(dev)));
   });
 }
 
-} // extern "C"
+}  // extern "C"

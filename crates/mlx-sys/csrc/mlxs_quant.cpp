@@ -10,61 +10,28 @@ using namespace mlxs;
 
 extern "C" {
 
-int mlxs_quantize(
-    mlxs_vec* out,
-    mlxs_array w,
-    int group_size,
-    int bits,
-    const char* m,
-    int dev) {
+int mlxs_quantize(mlxs_vec* out, mlxs_array w, int group_size, int bits, const char* m, int dev) {
   return guard([&] {
-    put_vec(
-        out,
-        mx::quantize(
-            arr(w), opt_int(group_size), opt_int(bits), mode(m), std::nullopt, sod(dev)));
+    put_vec(out, mx::quantize(arr(w), opt_int(group_size), opt_int(bits), mode(m), std::nullopt,
+                              sod(dev)));
   });
 }
 
-int mlxs_dequantize(
-    mlxs_array* out,
-    mlxs_array w,
-    mlxs_array scales,
-    mlxs_array biases,
-    int group_size,
-    int bits,
-    const char* m,
-    int out_dtype,
-    int dev) {
+int mlxs_dequantize(mlxs_array* out, mlxs_array w, mlxs_array scales, mlxs_array biases,
+                    int group_size, int bits, const char* m, int out_dtype, int dev) {
   return guard([&] {
     std::optional<mx::Dtype> dt;
     if (out_dtype >= 0) {
       dt = dtype(out_dtype);
     }
-    put(out,
-        mx::dequantize(
-            arr(w),
-            arr(scales),
-            opt(biases),
-            opt_int(group_size),
-            opt_int(bits),
-            mode(m),
-            std::nullopt,
-            dt,
-            sod(dev)));
+    put(out, mx::dequantize(arr(w), arr(scales), opt(biases), opt_int(group_size), opt_int(bits),
+                            mode(m), std::nullopt, dt, sod(dev)));
   });
 }
 
-int mlxs_quantized_matmul(
-    mlxs_array* out,
-    mlxs_array x,
-    mlxs_array w,
-    mlxs_array scales,
-    mlxs_array biases,
-    bool transpose,
-    int group_size,
-    int bits,
-    const char* m,
-    int dev) {
+int mlxs_quantized_matmul(mlxs_array* out, mlxs_array x, mlxs_array w, mlxs_array scales,
+                          mlxs_array biases, bool transpose, int group_size, int bits,
+                          const char* m, int dev) {
   return guard([&] {
     auto& xs = arr(x);
     auto& ws = arr(w);
@@ -82,14 +49,8 @@ int mlxs_quantized_matmul(
   });
 }
 
-int mlxs_gather_mm(
-    mlxs_array* out,
-    mlxs_array a,
-    mlxs_array b,
-    mlxs_array lhs_indices,
-    mlxs_array rhs_indices,
-    bool sorted_indices,
-    int dev) {
+int mlxs_gather_mm(mlxs_array* out, mlxs_array a, mlxs_array b, mlxs_array lhs_indices,
+                   mlxs_array rhs_indices, bool sorted_indices, int dev) {
   return guard([&] {
     auto& x = arr(a);
     auto& y = arr(b);
@@ -99,41 +60,19 @@ int mlxs_gather_mm(
   });
 }
 
-int mlxs_gather_qmm(
-    mlxs_array* out,
-    mlxs_array x,
-    mlxs_array w,
-    mlxs_array scales,
-    mlxs_array biases,
-    mlxs_array lhs_indices,
-    mlxs_array rhs_indices,
-    bool transpose,
-    int group_size,
-    int bits,
-    const char* m,
-    bool sorted_indices,
-    int dev) {
+int mlxs_gather_qmm(mlxs_array* out, mlxs_array x, mlxs_array w, mlxs_array scales,
+                    mlxs_array biases, mlxs_array lhs_indices, mlxs_array rhs_indices,
+                    bool transpose, int group_size, int bits, const char* m, bool sorted_indices,
+                    int dev) {
   return guard([&] {
     auto& xs = arr(x);
     auto& ws = arr(w);
     auto lhs = safe_batch_indices("gather_qmm", opt(lhs_indices), xs, sod(dev));
     auto rhs = safe_batch_indices("gather_qmm", opt(rhs_indices), ws, sod(dev));
     put(out,
-        mx::gather_qmm(
-            xs,
-            ws,
-            arr(scales),
-            opt(biases),
-            lhs,
-            rhs,
-            transpose,
-            opt_int(group_size),
-            opt_int(bits),
-            mode(m),
-            std::nullopt,
-            sorted_indices,
-            sod(dev)));
+        mx::gather_qmm(xs, ws, arr(scales), opt(biases), lhs, rhs, transpose, opt_int(group_size),
+                       opt_int(bits), mode(m), std::nullopt, sorted_indices, sod(dev)));
   });
 }
 
-} // extern "C"
+}  // extern "C"

@@ -15,35 +15,13 @@ extern "C" {
 #endif
 
 // mode: "affine" (NULL means affine). group_size/bits <= 0 mean MLX's default.
-int mlxs_quantize(
-    mlxs_vec* out,
-    mlxs_array w,
-    int group_size,
-    int bits,
-    const char* mode,
-    int dev);
+int mlxs_quantize(mlxs_vec* out, mlxs_array w, int group_size, int bits, const char* mode, int dev);
 // biases may be NULL; out_dtype < 0 keeps MLX's choice.
-int mlxs_dequantize(
-    mlxs_array* out,
-    mlxs_array w,
-    mlxs_array scales,
-    mlxs_array biases,
-    int group_size,
-    int bits,
-    const char* mode,
-    int out_dtype,
-    int dev);
-int mlxs_quantized_matmul(
-    mlxs_array* out,
-    mlxs_array x,
-    mlxs_array w,
-    mlxs_array scales,
-    mlxs_array biases,
-    bool transpose,
-    int group_size,
-    int bits,
-    const char* mode,
-    int dev);
+int mlxs_dequantize(mlxs_array* out, mlxs_array w, mlxs_array scales, mlxs_array biases,
+                    int group_size, int bits, const char* mode, int out_dtype, int dev);
+int mlxs_quantized_matmul(mlxs_array* out, mlxs_array x, mlxs_array w, mlxs_array scales,
+                          mlxs_array biases, bool transpose, int group_size, int bits,
+                          const char* mode, int dev);
 // Our own GPU kernels (mlxs_kernels.cpp) in place of MLX's where they apply.
 // AUTO unless MLXR_CUSTOM_KERNELS was "0" (OFF) or "always" (ALWAYS) in the
 // environment at first use.
@@ -55,31 +33,15 @@ enum mlxs_kernels_mode {
 int mlxs_set_custom_kernels(int mode);
 int mlxs_custom_kernels(void);
 // lhs_indices/rhs_indices may be NULL.
-int mlxs_gather_mm(
-    mlxs_array* out,
-    mlxs_array a,
-    mlxs_array b,
-    mlxs_array lhs_indices,
-    mlxs_array rhs_indices,
-    bool sorted_indices,
-    int dev);
-int mlxs_gather_qmm(
-    mlxs_array* out,
-    mlxs_array x,
-    mlxs_array w,
-    mlxs_array scales,
-    mlxs_array biases,
-    mlxs_array lhs_indices,
-    mlxs_array rhs_indices,
-    bool transpose,
-    int group_size,
-    int bits,
-    const char* mode,
-    bool sorted_indices,
-    int dev);
+int mlxs_gather_mm(mlxs_array* out, mlxs_array a, mlxs_array b, mlxs_array lhs_indices,
+                   mlxs_array rhs_indices, bool sorted_indices, int dev);
+int mlxs_gather_qmm(mlxs_array* out, mlxs_array x, mlxs_array w, mlxs_array scales,
+                    mlxs_array biases, mlxs_array lhs_indices, mlxs_array rhs_indices,
+                    bool transpose, int group_size, int bits, const char* mode, bool sorted_indices,
+                    int dev);
 
 #ifdef __cplusplus
 }
 #endif
 
-#endif // MLXS_QUANT_H
+#endif  // MLXS_QUANT_H

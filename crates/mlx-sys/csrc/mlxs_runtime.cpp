@@ -38,15 +38,13 @@ std::string json_escape(const std::string& s) {
   return o.str();
 }
 
-} // namespace
+}  // namespace
 
 extern "C" {
 
 // ---------------------------------------------------------------- runtime
 
-const char* mlxs_version(void) {
-  return mx::version();
-}
+const char* mlxs_version(void) { return mx::version(); }
 
 int mlxs_device_available(int kind, bool* out) {
   return guard([&] { *out = mx::is_available(device(kind)); });
@@ -60,10 +58,8 @@ int mlxs_device_count(int kind, int* out) {
 }
 
 int mlxs_default_device(int* kind) {
-  return guard([&] {
-    *kind = mx::default_device().type == mx::Device::cpu ? MLXS_DEV_CPU
-                                                          : MLXS_DEV_GPU;
-  });
+  return guard(
+      [&] { *kind = mx::default_device().type == mx::Device::cpu ? MLXS_DEV_CPU : MLXS_DEV_GPU; });
 }
 
 int mlxs_set_default_device(int kind) {
@@ -93,9 +89,7 @@ int mlxs_device_info_json(int kind, char** out) {
   });
 }
 
-void mlxs_string_free(char* s) {
-  std::free(s);
-}
+void mlxs_string_free(char* s) { std::free(s); }
 
 int mlxs_synchronize(int kind) {
   return guard([&] {
@@ -145,4 +139,4 @@ int mlxs_set_wired_limit(size_t limit, size_t* previous) {
   return guard([&] { *previous = mx::set_wired_limit(limit); });
 }
 
-} // extern "C"
+}  // extern "C"

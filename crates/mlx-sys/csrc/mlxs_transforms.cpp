@@ -56,15 +56,11 @@ Fn make_fn(mlxs_closure_fn cb, void* payload, mlxs_payload_dtor dtor) {
   };
 }
 
-} // namespace
+}  // namespace
 
 extern "C" {
 
-int mlxs_closure_new(
-    mlxs_closure* out,
-    mlxs_closure_fn cb,
-    void* payload,
-    mlxs_payload_dtor dtor) {
+int mlxs_closure_new(mlxs_closure* out, mlxs_closure_fn cb, void* payload, mlxs_payload_dtor dtor) {
   if (out == nullptr || cb == nullptr) {
     if (dtor != nullptr) {
       dtor(payload);
@@ -75,9 +71,7 @@ int mlxs_closure_new(
   return guard([&] { *out = new mlxs_closure_s{make_fn(cb, payload, dtor)}; });
 }
 
-void mlxs_closure_free(mlxs_closure c) {
-  delete c;
-}
+void mlxs_closure_free(mlxs_closure c) { delete c; }
 
 int mlxs_closure_apply(mlxs_vec* out, mlxs_closure c, const mlxs_array* inputs, size_t n) {
   return guard([&] { put_vec(out, fn(c)(arrays(inputs, n))); });
@@ -86,17 +80,16 @@ int mlxs_closure_apply(mlxs_vec* out, mlxs_closure c, const mlxs_array* inputs, 
 // The outputs of a closure at the primals and its vector product with the
 // cotangents (vjp) or tangents (jvp): mlxs_vjp and mlxs_jvp take the same
 // arguments.
-#define MLXS_VECTOR_PRODUCT(name)                                                  \
-  int mlxs_##name(                                                                 \
-      mlxs_vec* outputs, mlxs_vec* products, mlxs_closure c,                       \
-      const mlxs_array* primals, size_t n_primals,                                 \
-      const mlxs_array* vectors, size_t n_vectors) {                               \
-    return guard([&] {                                                             \
-      auto [outs, prods] =                                                         \
-          mx::name(fn(c), arrays(primals, n_primals), arrays(vectors, n_vectors)); \
-      put_vec(outputs, std::move(outs));                                           \
-      put_vec(products, std::move(prods));                                         \
-    });                                                                            \
+#define MLXS_VECTOR_PRODUCT(name)                                                         \
+  int mlxs_##name(mlxs_vec* outputs, mlxs_vec* products, mlxs_closure c,                  \
+                  const mlxs_array* primals, size_t n_primals, const mlxs_array* vectors, \
+                  size_t n_vectors) {                                                     \
+    return guard([&] {                                                                    \
+      auto [outs, prods] =                                                                \
+          mx::name(fn(c), arrays(primals, n_primals), arrays(vectors, n_vectors));        \
+      put_vec(outputs, std::move(outs));                                                  \
+      put_vec(products, std::move(prods));                                                \
+    });                                                                                   \
   }
 
 MLXS_VECTOR_PRODUCT(vjp)
@@ -114,16 +107,10 @@ int mlxs_value_and_grad(mlxs_vag* out, mlxs_closure c, const int* argnums, size_
   });
 }
 
-void mlxs_vag_free(mlxs_vag f) {
-  delete f;
-}
+void mlxs_vag_free(mlxs_vag f) { delete f; }
 
-int mlxs_vag_apply(
-    mlxs_vec* values,
-    mlxs_vec* grads,
-    mlxs_vag f,
-    const mlxs_array* inputs,
-    size_t n) {
+int mlxs_vag_apply(mlxs_vec* values, mlxs_vec* grads, mlxs_vag f, const mlxs_array* inputs,
+                   size_t n) {
   return guard([&] {
     if (f == nullptr) {
       throw std::invalid_argument("null value_and_grad handle");
@@ -152,4 +139,4 @@ int mlxs_set_compile_enabled(bool enabled) {
   });
 }
 
-} // extern "C"
+}  // extern "C"

@@ -16,46 +16,23 @@ extern "C" {
 
 // A callback: fills `outputs` from `inputs`. Returns 0 on success; non-zero
 // means the callback failed (the Rust side keeps the error or panic).
-typedef int (*mlxs_closure_fn)(
-    void* payload,
-    const mlxs_array* inputs,
-    size_t n_inputs,
-    mlxs_vec outputs);
+typedef int (*mlxs_closure_fn)(void* payload, const mlxs_array* inputs, size_t n_inputs,
+                               mlxs_vec outputs);
 typedef void (*mlxs_payload_dtor)(void* payload);
 
 // Takes ownership of `payload`: `dtor` runs once when the last copy of the
 // closure is gone (also when this call fails).
-int mlxs_closure_new(
-    mlxs_closure* out,
-    mlxs_closure_fn fn,
-    void* payload,
-    mlxs_payload_dtor dtor);
+int mlxs_closure_new(mlxs_closure* out, mlxs_closure_fn fn, void* payload, mlxs_payload_dtor dtor);
 void mlxs_closure_free(mlxs_closure c);
 int mlxs_closure_apply(mlxs_vec* out, mlxs_closure c, const mlxs_array* inputs, size_t n);
-int mlxs_vjp(
-    mlxs_vec* outputs,
-    mlxs_vec* vjps,
-    mlxs_closure c,
-    const mlxs_array* primals,
-    size_t n_primals,
-    const mlxs_array* cotangents,
-    size_t n_cotangents);
-int mlxs_jvp(
-    mlxs_vec* outputs,
-    mlxs_vec* jvps,
-    mlxs_closure c,
-    const mlxs_array* primals,
-    size_t n_primals,
-    const mlxs_array* tangents,
-    size_t n_tangents);
+int mlxs_vjp(mlxs_vec* outputs, mlxs_vec* vjps, mlxs_closure c, const mlxs_array* primals,
+             size_t n_primals, const mlxs_array* cotangents, size_t n_cotangents);
+int mlxs_jvp(mlxs_vec* outputs, mlxs_vec* jvps, mlxs_closure c, const mlxs_array* primals,
+             size_t n_primals, const mlxs_array* tangents, size_t n_tangents);
 int mlxs_value_and_grad(mlxs_vag* out, mlxs_closure c, const int* argnums, size_t n);
 void mlxs_vag_free(mlxs_vag f);
-int mlxs_vag_apply(
-    mlxs_vec* values,
-    mlxs_vec* grads,
-    mlxs_vag f,
-    const mlxs_array* inputs,
-    size_t n);
+int mlxs_vag_apply(mlxs_vec* values, mlxs_vec* grads, mlxs_vag f, const mlxs_array* inputs,
+                   size_t n);
 int mlxs_checkpoint(mlxs_closure* out, mlxs_closure c);
 int mlxs_compile(mlxs_closure* out, mlxs_closure c, bool shapeless);
 int mlxs_set_compile_enabled(bool enabled);
@@ -64,4 +41,4 @@ int mlxs_set_compile_enabled(bool enabled);
 }
 #endif
 
-#endif // MLXS_TRANSFORMS_H
+#endif  // MLXS_TRANSFORMS_H

@@ -119,4 +119,4 @@ enum mlxs_scan_op {
   MLXS_LOGCUMSUMEXP,
 };
 
-#endif // MLXS_TYPES_H
+#endif  // MLXS_TYPES_H
