@@ -152,7 +152,7 @@ impl Dtype {
     }
 }
 
-display_by_name!(Dtype);
+crate::display_by_name!(Dtype);
 
 /// A complex number with `f32` parts, laid out as MLX's `complex64`.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]

@@ -83,7 +83,7 @@ impl Backend {
     }
 }
 
-display_by_name!(Backend);
+crate::display_by_name!(Backend);
 
 impl FromStr for Backend {
     type Err = Error;

@@ -60,7 +60,7 @@ impl BuiltinTemplate {
     }
 }
 
-display_by_name!(BuiltinTemplate);
+mlx::display_by_name!(BuiltinTemplate);
 
 const GEMMA3: &str = r#"{{- '<bos>' -}}
 {%- set ns = namespace(prefix='', start=0) -%}

@@ -77,7 +77,7 @@ impl VocabLayout {
     }
 }
 
-display_by_name!(VocabLayout);
+mlx::display_by_name!(VocabLayout);
 
 impl FromStr for VocabLayout {
     type Err = Error;
