@@ -220,5 +220,6 @@ pub use registry::{Backend, PREFERRED_BACKENDS, Registry, default_backend, get, 
 pub use settings::{Device, GenerateSettings, LoadSettings, LogitsMode};
 pub use stream::{Completion, Stopped, TokenSink, TokenStream};
 pub use types::{
-    AttentionSnapshot, BatchResult, ClassifyResult, DiscoveredModel, GenerateMetrics, Message, ModelInfo, Role, Token,
+    AttentionSnapshot, BatchResult, ClassifyResult, DiscoveredModel, EngineLoad, GenerateMetrics, Message, ModelInfo,
+    Role, Token,
 };

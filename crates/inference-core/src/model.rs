@@ -6,8 +6,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    AttentionSnapshot, BatchResult, CancelToken, ClassifyResult, Error, GenerateMetrics, GenerateSettings, Message,
-    ModelInfo, Result, TokenStream,
+    AttentionSnapshot, BatchResult, CancelToken, ClassifyResult, EngineLoad, Error, GenerateMetrics, GenerateSettings,
+    Message, ModelInfo, Result, TokenStream,
 };
 
 /// A loaded language model.
@@ -84,6 +84,12 @@ pub trait TextModel: Send + Sync {
     ///
     /// The first failure while releasing resources.
     fn close(&self) -> Result<()>;
+
+    /// What the engine is doing now (queue, running generations, batch size), for backends
+    /// that batch requests; `None` for those that do not say.
+    fn engine_load(&self) -> Option<EngineLoad> {
+        None
+    }
 
     /// The attention-inspection capability, when the model has it.
     fn attention_inspector(&self) -> Option<&dyn AttentionInspector> {

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::iter::FusedIterator;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, channel, sync_channel};
 use std::time::Instant;
 
 use crate::{BatchResult, CancelToken, Error, GenerateMetrics, Result, Token};
@@ -68,8 +68,23 @@ pub struct TokenStream {
 /// [`fail`](Self::fail) (or let [`run`](Self::run) do it). Dropping the sink without either makes
 /// the stream end with [`Error::StreamAborted`].
 pub struct TokenSink {
-    tx: SyncSender<Event>,
+    tx: Tx,
     cancel: CancelToken,
+}
+
+/// The sending half of a stream's channel: bounded (the producer waits) or not.
+enum Tx {
+    Bounded(SyncSender<Event>),
+    Unbounded(Sender<Event>),
+}
+
+impl Tx {
+    fn send(&self, event: Event) -> std::result::Result<(), Stopped> {
+        match self {
+            Tx::Bounded(tx) => tx.send(event).map_err(|_| Stopped),
+            Tx::Unbounded(tx) => tx.send(event).map_err(|_| Stopped),
+        }
+    }
 }
 
 /// [`TokenSink::send`] failed: the consumer cancelled or dropped the stream. The producer should
@@ -111,6 +126,18 @@ impl TokenStream {
     /// [`send`](TokenSink::send) waits until the consumer takes the token).
     pub fn channel_with_capacity(cancel: CancelToken, capacity: usize) -> (TokenSink, TokenStream) {
         let (tx, rx) = sync_channel(capacity);
+        Self::connected(cancel, Tx::Bounded(tx), rx)
+    }
+
+    /// A connected sink and stream whose buffer has no bound: [`send`](TokenSink::send) never
+    /// waits. For a producer that serves many streams at once (a batch) and must not stall
+    /// them all on one slow consumer; what it buffers is bounded by what it generates.
+    pub fn unbounded_channel(cancel: CancelToken) -> (TokenSink, TokenStream) {
+        let (tx, rx) = channel();
+        Self::connected(cancel, Tx::Unbounded(tx), rx)
+    }
+
+    fn connected(cancel: CancelToken, tx: Tx, rx: Receiver<Event>) -> (TokenSink, TokenStream) {
         let cancel = cancel.child();
         let sink = TokenSink { tx, cancel: cancel.clone() };
         let stream = TokenStream { source: Source::Channel(rx), cancel, metrics: None };
@@ -269,7 +296,7 @@ impl fmt::Debug for TokenStream {
 }
 
 impl TokenSink {
-    /// Hands one token to the consumer, waiting while the buffer is full.
+    /// Hands one token to the consumer, waiting while a bounded buffer is full.
     ///
     /// # Errors
     ///
@@ -279,7 +306,7 @@ impl TokenSink {
         if self.cancel.is_cancelled() {
             return Err(Stopped);
         }
-        self.tx.send(Event::Token(token)).map_err(|_| Stopped)
+        self.tx.send(Event::Token(token))
     }
 
     /// Ends the stream normally, with the call's measurements.
@@ -342,6 +369,18 @@ mod tests {
         assert!(stream.is_finished());
         assert_eq!(stream.metrics().unwrap().generated_tokens, 1);
         assert!(stream.next().is_none());
+    }
+
+    #[test]
+    fn unbounded_sink_never_waits_and_stops_when_the_stream_goes() {
+        let (sink, mut stream) = TokenStream::unbounded_channel(CancelToken::new());
+        // Far more than any bounded buffer here, with nobody reading: no send waits.
+        for i in 0..(4 * TokenStream::DEFAULT_CAPACITY as u32) {
+            sink.send(Token::new(i, "x")).unwrap();
+        }
+        assert_eq!(stream.next().unwrap().unwrap().id, 0);
+        drop(stream);
+        assert_eq!(sink.send(Token::new(0, "y")), Err(Stopped));
     }
 
     #[test]

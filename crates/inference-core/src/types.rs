@@ -166,6 +166,24 @@ impl BatchResult {
     }
 }
 
+/// What a model's engine is doing at the moment: requests waiting for room, generations
+/// running, and the rows of its batched decode steps. For a server's health and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EngineLoad {
+    /// Requests waiting for room in the batch.
+    pub queued: usize,
+    /// Generations being prefilled or decoded.
+    pub running: usize,
+    /// Rows in the latest decode step (0 when idle).
+    pub batch_size: usize,
+    /// The most rows the engine decodes at once.
+    pub max_batch: usize,
+    /// The most rows any decode step has had since the model was loaded.
+    pub peak_batch_size: usize,
+    /// Decode steps run since the model was loaded.
+    pub decode_steps: u64,
+}
+
 /// Measurements of one generate, chat, classify or batch call.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct GenerateMetrics {

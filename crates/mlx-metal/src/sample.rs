@@ -9,9 +9,12 @@
 //!    filters top-p, min-p, top-k in that order, then a categorical draw from
 //!    `logprobs / temperature` using MLX's random state.
 //!
-//! Randomness: MLX keeps its key sequence per thread; [`Sampler::seed`] seeds
-//! the calling thread's sequence exactly as `mx.random.seed` does, so the same
-//! seed draws the same tokens as mlx-lm.
+//! Randomness: each generation draws from its own [`KeySequence`], which
+//! steps exactly as MLX's global sequence does after `mx.random.seed(seed)`
+//! (split the key, keep the first half, draw with the second), so a seeded
+//! generation draws the same tokens as mlx-lm's, alone or among other rows
+//! of a batch. [`Sampler::seed`] seeds the thread's global sequence, which
+//! [`Sampler::sample`] draws from without a key.
 
 use mlx::{Array, Dtype};
 use mlx::{Error, Result};
@@ -124,8 +127,28 @@ impl Sampler {
         ops::subtract(logits, &ops::logsumexp(logits, &[-1], true)?)
     }
 
-    /// Draws token ids `[B]` from `logprobs: [B, V]`.
+    /// Draws token ids `[B]` from `logprobs: [B, V]` with MLX's global key
+    /// sequence (see [`Sampler::seed`]).
     pub fn sample(&self, logprobs: &Array) -> Result<Array> {
+        self.sample_with(logprobs, None)
+    }
+
+    /// Draws token ids `[B]` from `logprobs: [B, V]`; a random draw takes
+    /// the next key of `keys` (greedy sampling takes none).
+    pub fn sample_keyed(&self, logprobs: &Array, keys: &mut KeySequence) -> Result<Array> {
+        if self.is_greedy() {
+            return self.sample_with(logprobs, None);
+        }
+        let key = keys.next_key()?;
+        self.sample_with(logprobs, Some(&key))
+    }
+
+    /// Whether sampling is the argmax (temperature 0): no randomness.
+    pub fn is_greedy(&self) -> bool {
+        self.cfg.temperature == 0.0
+    }
+
+    fn sample_with(&self, logprobs: &Array, key: Option<&Array>) -> Result<Array> {
         let c = &self.cfg;
         if c.temperature == 0.0 {
             return ops::argmax(logprobs, -1, false);
@@ -141,7 +164,32 @@ impl Sampler {
             lp = apply_top_k(&lp, c.top_k)?;
         }
         let scaled = ops::multiply(&lp, &ops::scalar_like(&lp, f64::from(1.0 / c.temperature))?)?;
-        random::categorical(&scaled, -1, None)
+        random::categorical(&scaled, -1, key)
+    }
+}
+
+/// A generation's own random keys: MLX's key sequence, one per generation
+/// instead of one per thread. From a seed it yields the keys that
+/// `mx.random.seed(seed)` makes the global sequence yield.
+#[derive(Debug, Clone)]
+pub struct KeySequence {
+    key: Array,
+}
+
+impl KeySequence {
+    /// The sequence that `mx.random.seed(seed)` starts.
+    pub fn new(seed: u64) -> Result<KeySequence> {
+        Ok(KeySequence { key: random::key(seed)? })
+    }
+
+    /// The next key: the key is split in two, the first half is kept for
+    /// later and the second is returned (as MLX's `KeySequence::next`).
+    pub fn next_key(&mut self) -> Result<Array> {
+        let halves = random::split(&self.key, 2)?;
+        let rest = ops::squeeze(&ops::slice_axis(&halves, 0, 0, 1)?, &[0])?;
+        let drawn = ops::squeeze(&ops::slice_axis(&halves, 0, 1, 2)?, &[0])?;
+        self.key = rest;
+        Ok(drawn)
     }
 }
 

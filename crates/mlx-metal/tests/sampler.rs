@@ -9,7 +9,7 @@ mod common;
 
 use mlx::{Array, Dtype, ops};
 use mlx_metal::Error;
-use mlx_metal::sample::{Sampler, SamplerConfig, apply_min_p, apply_top_k, apply_top_p};
+use mlx_metal::sample::{KeySequence, Sampler, SamplerConfig, apply_min_p, apply_top_k, apply_top_p};
 
 /// Two rows of probabilities, in different orders (no ties, no sums on a threshold).
 const PROBS: [[f32; 5]; 2] = [[0.1, 0.4, 0.2, 0.25, 0.05], [0.25, 0.05, 0.4, 0.1, 0.2]];
@@ -171,4 +171,30 @@ fn filters_that_leave_one_token_make_sampling_deterministic() {
             assert_eq!(common::ints64(&ids), [1, 2], "{cfg:?}, seed {seed}");
         }
     }
+}
+
+#[test]
+fn a_key_sequence_draws_what_the_seeded_global_sequence_draws() {
+    // A generation's own keys must replay `mx.random.seed(seed)` followed by draws from the
+    // global sequence, draw after draw, so that a seeded row of a batch samples as mlx-lm does.
+    let lp = logprobs();
+    let s = Sampler::new(SamplerConfig { temperature: 1.0, ..SamplerConfig::default() }).unwrap();
+    for seed in [0u64, 7, 12345] {
+        Sampler::seed(seed).unwrap();
+        let global: Vec<Vec<i64>> = (0..16).map(|_| common::ints64(&s.sample(&lp).unwrap())).collect();
+        let mut keys = KeySequence::new(seed).unwrap();
+        let own: Vec<Vec<i64>> = (0..16).map(|_| common::ints64(&s.sample_keyed(&lp, &mut keys).unwrap())).collect();
+        assert_eq!(own, global, "seed {seed}");
+        // The draws vary (a sequence that repeated one key would draw alike every time).
+        assert!(global.windows(2).any(|w| w[0] != w[1]), "seed {seed}: {global:?}");
+    }
+    // Greedy sampling takes no key: the sequence is where it was.
+    let greedy = Sampler::new(SamplerConfig::default()).unwrap();
+    let mut a = KeySequence::new(3).unwrap();
+    let mut b = KeySequence::new(3).unwrap();
+    assert_eq!(common::ints64(&greedy.sample_keyed(&lp, &mut a).unwrap()), [1, 2]);
+    assert_eq!(
+        common::ints64(&s.sample_keyed(&lp, &mut a).unwrap()),
+        common::ints64(&s.sample_keyed(&lp, &mut b).unwrap())
+    );
 }

@@ -17,6 +17,7 @@ use inference_core::{
 use mlx::{Array, Error, ops};
 
 use super::mirror::Mirror;
+use super::scheduler::Scheduler;
 use super::text::{TextOut, with_scores};
 use super::{MAX_BATCH, NAME, core_err, lock};
 use crate::batch;
@@ -37,9 +38,49 @@ pub(crate) struct Engine {
     pub(super) sessions: HashMap<u64, SessionCache>,
     /// Set when this process is one rank of a tensor-parallel job.
     pub(super) mirror: Option<Mirror>,
+    /// Every generation in flight (single process).
+    pub(super) scheduler: Scheduler,
 }
 
 impl Engine {
+    /// Starts a generation: handed to the scheduler, which batches it with
+    /// every other one. A tensor-parallel rank runs it to the end now, one
+    /// after another, as every rank must run the same steps.
+    pub(super) fn start_generation(&mut self, ids: Vec<u32>, settings: GenerateSettings, sink: TokenSink) {
+        if self.mirror.is_some() {
+            if let Err(e) =
+                self.announce(|| super::mirror::Request::Generate { ids: ids.clone(), settings: settings.clone() })
+            {
+                return sink.fail(e);
+            }
+            return self.generate_into(&ids, &settings, sink);
+        }
+        let max_tokens = self.max_tokens(ids.len(), &settings);
+        let span = tracing::info_span!(
+            "job",
+            kind = "generate",
+            prompt_tokens = ids.len(),
+            max_tokens = settings.max_tokens,
+            generated_tokens = Empty,
+        );
+        self.scheduler.submit(super::scheduler::Request { ids, settings, max_tokens, sink, span });
+    }
+
+    /// Whether the scheduler has nothing to do.
+    pub(super) fn is_idle(&self) -> bool {
+        self.scheduler.is_idle()
+    }
+
+    /// One step of the scheduler.
+    pub(super) fn step(&mut self) {
+        self.scheduler.step(self.loaded.model.as_ref(), &self.tokenizer, &self.metrics);
+    }
+
+    /// Before a job runs: rows whose streams were cancelled leave first.
+    pub(super) fn before_job(&mut self) {
+        self.scheduler.retire_cancelled(&self.metrics);
+    }
+
     /// The most tokens to generate after `context` tokens of prompt.
     pub(super) fn max_tokens(&self, context: usize, settings: &GenerateSettings) -> usize {
         match self.context_length {
@@ -278,7 +319,7 @@ impl Engine {
         for group in groups(runnable.iter().map(|(_, ids)| ids.len())) {
             let rows: Vec<&[u32]> = group.iter().map(|&g| runnable[g].1.as_slice()).collect();
             let limits: Vec<usize> = rows.iter().map(|r| self.max_tokens(r.len(), settings)).collect();
-            let mut outs: Vec<TextOut<'_>> = rows.iter().map(|_| TextOut::new(&tokenizer, settings)).collect();
+            let mut outs: Vec<TextOut> = rows.iter().map(|_| TextOut::new(&tokenizer, settings)).collect();
             let mut collected: Vec<Vec<Token>> = vec![Vec::new(); rows.len()];
             let local = || cancel.is_cancelled();
             let stop = self.stop_flag(&local);

@@ -10,16 +10,18 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use inference_core::{
-    AttentionInspector, AttentionSnapshot, BatchResult, CancelToken, ChatSession, ClassifyResult, Error as CoreError,
-    GenerateMetrics, GenerateSettings, LoadSettings, Message, ModelInfo, Result as CoreResult, TextModel, TokenStream,
+    AttentionInspector, AttentionSnapshot, BatchResult, CancelToken, ChatSession, ClassifyResult, EngineLoad,
+    Error as CoreError, GenerateMetrics, GenerateSettings, LoadSettings, Message, ModelInfo, Result as CoreResult,
+    TextModel, TokenStream,
 };
 use mlx::Error;
 use mlx::device::{Device, DeviceScope};
 
 use super::engine::Engine;
 use super::mirror::{Mirror, Request};
+use super::scheduler::{Limits, Scheduler};
 use super::session::MetalSession;
-use super::{Job, Jobs, NAME, STREAM_BUFFER, call, check_prompt, core_err, lock, submit};
+use super::{Job, Jobs, NAME, call, check_prompt, core_err, lock, submit};
 use crate::chat::ChatTemplate;
 use crate::model::{self, Description};
 use crate::session::Fingerprint;
@@ -36,6 +38,7 @@ pub struct MetalModel {
     device: Device,
     context_length: Option<usize>,
     metrics: Arc<Mutex<GenerateMetrics>>,
+    load: Arc<Mutex<EngineLoad>>,
 }
 
 impl MetalModel {
@@ -65,6 +68,8 @@ impl MetalModel {
             Tokenizer::from_dir(&dir).map_err(core_err)?
         };
         let metrics = Arc::new(Mutex::new(GenerateMetrics::default()));
+        let load = Arc::new(Mutex::new(EngineLoad::default()));
+        let engine_load = Arc::clone(&load);
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<Description, Error>>(1);
         let (job_tx, job_rx) = mpsc::channel::<Job>();
         let engine_tokenizer = tokenizer.clone();
@@ -119,10 +124,9 @@ impl MetalModel {
                     fingerprint,
                     sessions: HashMap::new(),
                     mirror,
+                    scheduler: Scheduler::new(Limits::default(), engine_load),
                 };
-                while let Ok(job) = job_rx.recv() {
-                    job(&mut engine);
-                }
+                run_engine(&mut engine, &job_rx);
                 // Closed on rank 0: the other ranks leave their follower loop.
                 if let Some(m) = engine.mirror.as_ref().filter(|m| m.is_root())
                     && let Err(e) = m.announce(&Request::Shutdown)
@@ -154,6 +158,7 @@ impl MetalModel {
             device,
             context_length: settings.context_length,
             metrics,
+            load,
         })
     }
 
@@ -271,19 +276,43 @@ impl MetalModel {
         self.check_prompt(&ids)?;
         // A short buffer: the consumer rarely falls behind, and a cancel or a
         // dropped stream then stops generation within a few tokens.
-        let (sink, stream) = TokenStream::channel_with_capacity(cancel, STREAM_BUFFER);
+        // Unbounded: the engine serves every stream at once and must not
+        // wait for any one reader.
+        let (sink, stream) = TokenStream::unbounded_channel(cancel);
         let settings = settings.clone();
         submit(
             &self.jobs,
             Box::new(move |engine: &mut Engine| {
                 let settings = engine.seeded(settings);
-                if let Err(e) = engine.announce(|| Request::Generate { ids: ids.clone(), settings: settings.clone() }) {
-                    return sink.fail(e);
-                }
-                engine.generate_into(&ids, &settings, sink)
+                engine.start_generation(ids, settings, sink)
             }),
         )?;
         Ok(stream)
+    }
+}
+
+/// The engine thread's loop: jobs as they come (each after the rows it
+/// cancelled have left), and a scheduler step whenever no job waits. It
+/// sleeps on the channel only when the scheduler is idle, and ends when the
+/// model is closed and the last generation has finished.
+fn run_engine(engine: &mut Engine, jobs: &mpsc::Receiver<Job>) {
+    loop {
+        let job = if engine.is_idle() {
+            match jobs.recv() {
+                Ok(job) => job,
+                Err(mpsc::RecvError) => return,
+            }
+        } else {
+            match jobs.try_recv() {
+                Ok(job) => job,
+                Err(mpsc::TryRecvError::Empty | mpsc::TryRecvError::Disconnected) => {
+                    engine.step();
+                    continue;
+                }
+            }
+        };
+        engine.before_job();
+        job(engine);
     }
 }
 
@@ -361,6 +390,10 @@ impl TextModel for MetalModel {
 
     fn model_type(&self) -> &str {
         &self.info.architecture
+    }
+
+    fn engine_load(&self) -> Option<EngineLoad> {
+        Some(*lock(&self.load))
     }
 
     fn attention_inspector(&self) -> Option<&dyn AttentionInspector> {

@@ -31,6 +31,7 @@ use mlx::Error;
 mod engine;
 pub mod handle;
 mod mirror;
+pub mod scheduler;
 mod session;
 mod text;
 

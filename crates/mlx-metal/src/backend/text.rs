@@ -28,19 +28,19 @@ pub(super) fn with_scores(mut token: Token, step: &Step<'_>, mode: LogitsMode) -
 /// Turns a model's tokens into the tokens a caller sees: stops at EOS and
 /// stop tokens, decodes text as it becomes complete, cuts at stop strings
 /// and attaches the requested scores.
-pub(super) struct TextOut<'a> {
-    settings: &'a GenerateSettings,
-    tokenizer: &'a Tokenizer,
+pub(super) struct TextOut {
+    settings: GenerateSettings,
+    tokenizer: Tokenizer,
     decoder: StreamDecoder,
     stops: StopMatcher,
     held: Option<Token>,
 }
 
-impl<'a> TextOut<'a> {
-    pub(super) fn new(tokenizer: &'a Tokenizer, settings: &'a GenerateSettings) -> Self {
+impl TextOut {
+    pub(super) fn new(tokenizer: &Tokenizer, settings: &GenerateSettings) -> Self {
         TextOut {
-            settings,
-            tokenizer,
+            settings: settings.clone(),
+            tokenizer: tokenizer.clone(),
             decoder: tokenizer.stream_decoder(true),
             stops: StopMatcher::new(settings.stop_strings.iter().cloned()),
             held: None,

@@ -1,12 +1,21 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! [`BatchKvCache`]: the cache of a left-padded batch, with per-row rope
-//! offsets, masks that hide each row's padding and `filter` to drop
-//! finished rows.
+//! offsets, masks that hide each row's padding, `filter` to drop finished
+//! rows, `extend` to take in new ones, and, for sliding-window layers,
+//! `compact` to drop the positions no query will see again.
 
 use mlx::ops;
 use mlx::{Array, Dtype, Error, Result};
 
-use super::{KvCache, Mask, Offset, causal_mask, slice_seq};
+use super::{KvCache, Mask, Offset, causal_mask, slice_seq, zeros_like_steps};
+
+/// `a` (`[B, H, L, D]`) with `n` zero columns before its first.
+fn pad_seq(a: &Array, n: i32) -> Result<Array> {
+    if n == 0 {
+        return Ok(a.clone());
+    }
+    ops::concatenate(&[&zeros_like_steps(a, n)?, a], 2)
+}
 
 /// A cache for a batch of left-padded sequences of different lengths
 /// (mlx-lm's `BatchKVCache`).
@@ -14,12 +23,15 @@ use super::{KvCache, Mask, Offset, causal_mask, slice_seq};
 /// Row `b` starts with `left_padding[b]` padding positions. Every row keeps
 /// its own positions (rope offsets count from its first real token) and its
 /// masks hide the padding, so a row computes what it would compute alone.
-/// Sliding-window layers use this cache too, with a windowed mask: it keeps
-/// every position, which the window then hides.
+/// Sliding-window layers use this cache too ([`windowed`](Self::windowed)),
+/// with a windowed mask; [`compact`](Self::compact) drops the positions that
+/// have left every row's window. A row's padding may then be negative: its
+/// first positions were dropped, and its rope offset still counts them.
 #[derive(Debug, Clone)]
 pub struct BatchKvCache {
     inner: KvCache,
     left_padding: Vec<i32>,
+    window: Option<i32>,
 }
 
 impl BatchKvCache {
@@ -31,7 +43,21 @@ impl BatchKvCache {
         if let Some(p) = left_padding.iter().find(|&&p| p < 0) {
             return Err(Error::invalid("batch_kv_cache", format!("left padding {p} is negative")));
         }
-        Ok(BatchKvCache { inner: KvCache::new(), left_padding })
+        Ok(BatchKvCache { inner: KvCache::new(), left_padding, window: None })
+    }
+
+    /// An empty cache for a sliding-window layer whose queries see at most
+    /// `window` keys.
+    pub fn windowed(left_padding: Vec<i32>, window: i32) -> Result<Self> {
+        if window < 1 {
+            return Err(Error::invalid("batch_kv_cache", format!("window {window} must be at least 1")));
+        }
+        Ok(BatchKvCache { window: Some(window), ..Self::new(left_padding)? })
+    }
+
+    /// The window of a sliding-window layer's cache.
+    pub fn window(&self) -> Option<i32> {
+        self.window
     }
 
     /// Rows in the batch.
@@ -49,11 +75,23 @@ impl BatchKvCache {
         &self.left_padding
     }
 
-    /// Each row's position of the next token, `[B]` int32.
+    /// Each row's position of the next token: one offset when every row is
+    /// at the same position (a single row, say), else `[B]` int32.
     pub fn rope_offset(&self) -> Result<Offset> {
         let off = self.inner.offset();
+        if let Some((&first, rest)) = self.left_padding.split_first()
+            && rest.iter().all(|&p| p == first)
+        {
+            return Ok(Offset::Fixed(off - first));
+        }
         let per_row: Vec<i32> = self.left_padding.iter().map(|p| off - p).collect();
         Ok(Offset::PerRow(Array::from_vec(&per_row)?))
+    }
+
+    /// Each row's position of the next token (its real length so far).
+    pub fn positions(&self) -> Vec<i32> {
+        let off = self.inner.offset();
+        self.left_padding.iter().map(|p| off - p).collect()
     }
 
     /// Appends `keys`/`values` (`[B, H, L, D]`) and returns everything cached.
@@ -100,7 +138,7 @@ impl BatchKvCache {
             ));
         }
         let left_padding: Vec<i32> = keep.iter().map(|&i| self.left_padding[i]).collect();
-        let shift = left_padding.iter().copied().min().unwrap_or(0);
+        let shift = left_padding.iter().copied().min().unwrap_or(0).max(0);
         let idx: Vec<i32> = keep.iter().map(|&i| i as i32).collect();
         let idx = Array::from_vec(&idx)?;
         self.inner.select(|buf| {
@@ -110,6 +148,64 @@ impl BatchKvCache {
         self.inner.offset -= shift;
         self.left_padding = left_padding.iter().map(|p| p - shift).collect();
         Ok(())
+    }
+
+    /// Takes in the rows of `other` after this cache's: the shorter side is
+    /// padded on the left so that every row's last position is in the last
+    /// column. Both must be of the same kind of layer (the same window).
+    pub fn extend(&mut self, other: &BatchKvCache) -> Result<()> {
+        const OP: &str = "batch_kv_cache_extend";
+        if self.window != other.window {
+            return Err(Error::invalid(
+                OP,
+                format!("a cache with window {:?} cannot take rows with window {:?}", self.window, other.window),
+            ));
+        }
+        let (ours, theirs) = (self.inner.offset(), other.inner.offset());
+        let (k, v) = self.inner.keys_and_values()?;
+        let (ok, ov) = other.inner.keys_and_values()?;
+        let width = ours.max(theirs);
+        let keys = ops::concatenate(&[&pad_seq(&k, width - ours)?, &pad_seq(&ok, width - theirs)?], 0)?;
+        let values = ops::concatenate(&[&pad_seq(&v, width - ours)?, &pad_seq(&ov, width - theirs)?], 0)?;
+        self.inner = KvCache::from_state(keys, values)?;
+        let (mine, added) = (width - ours, width - theirs);
+        self.left_padding =
+            self.left_padding.iter().map(|p| p + mine).chain(other.left_padding.iter().map(|p| p + added)).collect();
+        Ok(())
+    }
+
+    /// A sliding-window layer: drops the columns that no query from now on
+    /// can see (those before `offset - window + 1` in every row) once there
+    /// are at least `window` of them, so the cache holds at most about twice
+    /// the window and each copy is paid for by `window` steps. Rope offsets
+    /// and masks are unchanged; call it between forward passes.
+    pub fn compact(&mut self) -> Result<()> {
+        let Some(window) = self.window else { return Ok(()) };
+        let dead = self.inner.offset() - window + 1;
+        if dead < window {
+            return Ok(());
+        }
+        let end = self.inner.offset();
+        self.inner.select(|buf| slice_seq(buf, dead, end))?;
+        self.inner.offset -= dead;
+        for p in &mut self.left_padding {
+            *p -= dead;
+        }
+        Ok(())
+    }
+
+    /// One row's keys and values (`[1, H, L, D]`, its real positions only:
+    /// padding, and what [`compact`](Self::compact) dropped, left out) and
+    /// its position.
+    pub fn row(&self, row: usize) -> Result<(Array, Array, i32)> {
+        let Some(&pad) = self.left_padding.get(row) else {
+            return Err(Error::invalid("batch_kv_cache_row", format!("row {row} is out of range for {}", self.rows())));
+        };
+        let (k, v) = self.inner.keys_and_values()?;
+        let r = row as i32;
+        let (start, end) = (pad.max(0), self.inner.offset());
+        let one = |a: &Array| slice_seq(&ops::slice_axis(a, 0, r, r + 1)?, start, end);
+        Ok((one(&k)?, one(&v)?, end - pad))
     }
 
     /// Forgets the last `n` columns; returns how many.

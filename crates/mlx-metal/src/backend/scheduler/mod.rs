@@ -1,0 +1,406 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! Continuous batching: the scheduler the engine thread runs between jobs.
+//!
+//! Every generation is a *row*. A request waits until there is room
+//! ([`Limits::max_batch`] rows), then its prompt is prefilled on a cache of
+//! its own, at most [`Limits::prefill_step`] prompt tokens per step (all
+//! requests together), so a long prompt never holds up the others' streams
+//! for more than one chunk. When its prompt is in, the row joins the running
+//! batch: its cache is merged into the batch's left-padded caches and from
+//! then on every step runs one forward pass for all rows, samples each row
+//! with its own settings and its own random keys, hands each token to its
+//! own stream and retires the rows that finished, were cancelled or whose
+//! consumer went away. Nobody waits for the batch to drain.
+//!
+//! The cache layout is today's left-padded [`BatchKvCache`] (mlx-lm's
+//! `BatchKVCache`): rows are aligned on their last position, a joining row
+//! is padded on the left (or the batch is, when the newcomer is longer), a
+//! retiring row is taken out with `take`. Merging copies the batch's cache
+//! once per join and filtering once per retirement, but a decode step reads
+//! one contiguous buffer per layer. Per-row caches gathered every step
+//! would copy everything at every step, and paged caches need an attention
+//! kernel over pages that MLX does not have. Sliding-window layers drop the
+//! columns that left every row's window ([`BatchKvCache::compact`]).
+//!
+//! Each step queues the next forward pass before reading the tokens of the
+//! current one (as the single-stream loop does), so the device works on
+//! step n+1 while the host hands out step n's tokens; a row that finishes at
+//! step n costs one wasted row of step n+1.
+
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use inference_core::{EngineLoad, Error as CoreError, GenerateMetrics, GenerateSettings, Token, TokenSink};
+use mlx::{Array, Dtype, Error, Result, memory, ops};
+
+use self::prefill::{Prefill, prefill_some, single_row_caches};
+use self::rows::{Draw, Outputs, Row, finish, sample_rows, tokens};
+use super::text::TextOut;
+use super::{core_err, lock};
+use crate::batch::read_ids;
+use crate::cache::LayerCache;
+use crate::generate::{self, Step};
+use crate::model::LanguageModel;
+use crate::tokenizer::Tokenizer;
+
+mod prefill;
+mod rows;
+
+/// How much the scheduler takes on at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most rows decoding at once (requests being prefilled count too).
+    pub max_batch: usize,
+    /// Most prompt tokens prefilled per step, all requests together; also
+    /// the size of one prefill chunk.
+    pub prefill_step: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_batch: super::MAX_BATCH, prefill_step: generate::PREFILL_STEP }
+    }
+}
+
+/// A generation handed to the scheduler.
+pub(crate) struct Request {
+    /// The prompt's token ids (non-empty).
+    pub(crate) ids: Vec<u32>,
+    /// The settings, validated, with the seed the row draws from.
+    pub(crate) settings: GenerateSettings,
+    /// Most tokens to generate (the settings' limit, cut to the context).
+    pub(crate) max_tokens: usize,
+    /// Where the tokens go.
+    pub(crate) sink: TokenSink,
+    /// The generation's `job` span (a child of the caller's), open until it ends.
+    pub(crate) span: tracing::Span,
+}
+
+/// The rows decoding together.
+struct Batch {
+    rows: Vec<Row>,
+    caches: Vec<LayerCache>,
+    /// The outputs of the last forward pass, one per row, not read yet.
+    pending: Outputs,
+}
+
+/// The scheduler's queues and batch.
+pub(crate) struct Scheduler {
+    limits: Limits,
+    waiting: VecDeque<Request>,
+    prefilling: VecDeque<Prefill>,
+    batch: Option<Batch>,
+    /// What [`MetalModel::engine_load`](super::MetalModel) reports, updated every step.
+    load: Arc<Mutex<EngineLoad>>,
+    /// Generations that ended during a step, told after the load is published (so that a
+    /// caller whose stream has ended sees a load without it).
+    ending: Vec<Ending>,
+}
+
+/// A generation that ended.
+enum Ending {
+    /// Refused before it started.
+    Refused(TokenSink, CoreError),
+    /// A row: finished, or ended by an error.
+    Row(Box<Row>, Option<CoreError>),
+}
+
+impl Scheduler {
+    pub(crate) fn new(limits: Limits, load: Arc<Mutex<EngineLoad>>) -> Scheduler {
+        lock(&load).max_batch = limits.max_batch.max(1);
+        Scheduler {
+            limits,
+            waiting: VecDeque::new(),
+            prefilling: VecDeque::new(),
+            batch: None,
+            load,
+            ending: Vec::new(),
+        }
+    }
+
+    /// Publishes the queue and batch sizes; `stepped` counts a decode step of `rows` rows.
+    fn publish(&self, stepped: Option<usize>) {
+        let mut load = lock(&self.load);
+        load.queued = self.waiting.len();
+        load.running = self.running();
+        load.batch_size = self.batch.as_ref().map_or(0, |b| b.rows.len());
+        if let Some(rows) = stepped {
+            load.decode_steps += 1;
+            load.peak_batch_size = load.peak_batch_size.max(rows);
+        }
+    }
+
+    /// Publishes the load, then tells the generations that ended.
+    fn publish_and_end(&mut self, stepped: Option<usize>, last_metrics: &Arc<Mutex<GenerateMetrics>>) {
+        self.publish(stepped);
+        for ending in std::mem::take(&mut self.ending) {
+            match ending {
+                Ending::Refused(sink, e) => sink.fail(e),
+                Ending::Row(row, error) => finish(*row, error, last_metrics),
+            }
+        }
+    }
+
+    /// Nothing waiting, nothing running.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.prefilling.is_empty() && self.batch.is_none()
+    }
+
+    /// Rows being prefilled or decoded.
+    pub(crate) fn running(&self) -> usize {
+        self.prefilling.len() + self.batch.as_ref().map_or(0, |b| b.rows.len())
+    }
+
+    /// Queues a generation; it starts at a coming step.
+    pub(crate) fn submit(&mut self, request: Request) {
+        self.waiting.push_back(request);
+        self.publish(None);
+    }
+
+    /// One step: admits what fits, prefills up to the budget, then decodes
+    /// one token for every row of the batch.
+    pub(crate) fn step(
+        &mut self,
+        model: &dyn LanguageModel,
+        tokenizer: &Tokenizer,
+        last_metrics: &Arc<Mutex<GenerateMetrics>>,
+    ) {
+        let was_idle = self.prefilling.is_empty() && self.batch.is_none();
+        self.admit(model, tokenizer, was_idle);
+        let joining = self.prefill(model);
+        if let Err(e) = self.join(joining) {
+            self.fail_batch(&e);
+        }
+        let rows = self.batch.as_ref().map(|b| b.rows.len());
+        if let Err(e) = self.decode(model) {
+            self.fail_batch(&e);
+        }
+        self.publish_and_end(rows, last_metrics);
+    }
+
+    /// Moves waiting requests into prefill while there is room.
+    fn admit(&mut self, model: &dyn LanguageModel, tokenizer: &Tokenizer, was_idle: bool) {
+        if was_idle && !self.waiting.is_empty() {
+            // The peak reported with each generation is that of the busy spell it ran in.
+            let _ = memory::reset_peak_memory();
+        }
+        while self.running() < self.limits.max_batch.max(1) {
+            let Some(Request { ids, settings, max_tokens, sink, span }) = self.waiting.pop_front() else { break };
+            if sink.is_cancelled() {
+                self.ending.push(Ending::Refused(sink, CoreError::Cancelled));
+                continue;
+            }
+            let parts = || -> Result<(Vec<LayerCache>, Draw, Array)> {
+                Ok((single_row_caches(model)?, Draw::new(&settings, &ids)?, tokens(&ids)?))
+            };
+            let (caches, draw, prompt) = match parts() {
+                Ok(p) => p,
+                Err(e) => {
+                    self.ending.push(Ending::Refused(sink, core_err(e)));
+                    continue;
+                }
+            };
+            let row = Row {
+                sink,
+                span,
+                out: TextOut::new(tokenizer, &settings),
+                draw,
+                max_tokens,
+                produced: 0,
+                prompt_tokens: ids.len(),
+                admitted: Instant::now(),
+                first_token: None,
+            };
+            if max_tokens == 0 {
+                self.ending.push(Ending::Row(Box::new(row), None));
+                continue;
+            }
+            self.prefilling.push_back(Prefill { row, prompt, caches, done: 0 });
+        }
+    }
+
+    /// Prefills waiting prompts, at most `prefill_step` tokens in all;
+    /// returns the rows whose prompts are now in, with their first tokens
+    /// sampled (lazily).
+    fn prefill(&mut self, model: &dyn LanguageModel) -> Vec<(Prefill, Outputs)> {
+        let mut budget = self.limits.prefill_step.max(1);
+        let mut joining = Vec::new();
+        let mut i = 0;
+        while i < self.prefilling.len() && budget > 0 {
+            if self.prefilling[i].row.sink.is_cancelled() {
+                if let Some(p) = self.prefilling.remove(i) {
+                    self.ending.push(Ending::Row(Box::new(p.row), Some(CoreError::Cancelled)));
+                }
+                continue;
+            }
+            match prefill_some(model, &mut self.prefilling[i], self.limits.prefill_step, &mut budget) {
+                Ok(None) => i += 1,
+                Ok(Some(first)) => {
+                    if let Some(p) = self.prefilling.remove(i) {
+                        joining.push((p, first));
+                    }
+                }
+                Err(e) => {
+                    if let Some(p) = self.prefilling.remove(i) {
+                        self.ending.push(Ending::Row(Box::new(p.row), Some(core_err(e))));
+                    }
+                }
+            }
+        }
+        joining
+    }
+
+    /// Merges rows whose prompts are in into the batch.
+    fn join(&mut self, joining: Vec<(Prefill, Outputs)>) -> Result<()> {
+        for (p, first) in joining {
+            let Prefill { row, caches, .. } = p;
+            match &mut self.batch {
+                None => self.batch = Some(Batch { rows: vec![row], caches, pending: first }),
+                Some(batch) => {
+                    for (mine, theirs) in batch.caches.iter_mut().zip(&caches) {
+                        match (mine, theirs) {
+                            (LayerCache::Batch(m), LayerCache::Batch(t)) => m.extend(t)?,
+                            _ => return Err(Error::invalid("scheduler", "a batch holds batch caches only")),
+                        }
+                    }
+                    batch.pending = Outputs::concat(&[batch.pending.clone(), first])?;
+                    batch.rows.push(row);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One decode step of the batch: queues the next forward pass, hands
+    /// out the pending tokens, retires the rows that are done.
+    fn decode(&mut self, model: &dyn LanguageModel) -> Result<()> {
+        let Some(batch) = self.batch.as_mut() else { return Ok(()) };
+        let _step = tracing::trace_span!("decode_step", rows = batch.rows.len()).entered();
+        // Queue the next step unless every row ends with this token.
+        let more = batch.rows.iter().any(|r| r.produced + 1 < r.max_tokens);
+        let next = if more {
+            for c in &mut batch.caches {
+                if let LayerCache::Batch(b) = c {
+                    b.compact()?;
+                }
+            }
+            let x = ops::reshape(&batch.pending.ids, &[-1, 1])?;
+            let logits = ops::squeeze(&model.forward(&x, &mut batch.caches)?, &[1])?;
+            let fed = ops::astype(&batch.pending.ids, Dtype::Int32)?;
+            let next = sample_rows(&mut batch.rows, &logits, Some(&fed))?;
+            next.queue()?;
+            Some(next)
+        } else {
+            None
+        };
+        let ids = read_ids("scheduler", &batch.pending.ids)?;
+        let now = Instant::now();
+        let mut keep = Vec::with_capacity(batch.rows.len());
+        let mut done: Vec<(usize, Option<CoreError>)> = Vec::new();
+        for (pos, row) in batch.rows.iter_mut().enumerate() {
+            if row.sink.is_cancelled() {
+                done.push((pos, Some(CoreError::Cancelled)));
+                continue;
+            }
+            row.first_token.get_or_insert(now);
+            let p = pos as i32;
+            let lp = ops::squeeze(&ops::slice_axis(&batch.pending.logprobs, 0, p, p + 1)?, &[0])?;
+            let lg = ops::squeeze(&ops::slice_axis(&batch.pending.logits, 0, p, p + 1)?, &[0])?;
+            let sink = &row.sink;
+            let flow =
+                row.out.push(&Step { id: ids[pos], logprobs: &lp, logits: &lg }, &mut |t: Token| sink.send(t).is_ok());
+            row.produced += 1;
+            match flow {
+                Ok(ControlFlow::Continue(())) if row.produced < row.max_tokens && next.is_some() => keep.push(pos),
+                Ok(_) => done.push((pos, None)),
+                Err(e) => done.push((pos, Some(core_err(e)))),
+            }
+        }
+        self.settle(done, &keep, next)
+    }
+
+    /// Between steps: retires the rows whose streams were cancelled or
+    /// dropped, so that a job that follows a cancel sees it done.
+    pub(crate) fn retire_cancelled(&mut self, last_metrics: &Arc<Mutex<GenerateMetrics>>) {
+        for req in std::mem::take(&mut self.waiting) {
+            if req.sink.is_cancelled() {
+                self.ending.push(Ending::Refused(req.sink, CoreError::Cancelled));
+            } else {
+                self.waiting.push_back(req);
+            }
+        }
+        for p in std::mem::take(&mut self.prefilling) {
+            if p.row.sink.is_cancelled() {
+                self.ending.push(Ending::Row(Box::new(p.row), Some(CoreError::Cancelled)));
+            } else {
+                self.prefilling.push_back(p);
+            }
+        }
+        let Some(batch) = &self.batch else { return self.publish_and_end(None, last_metrics) };
+        let (mut keep, mut done) = (Vec::new(), Vec::new());
+        for (pos, row) in batch.rows.iter().enumerate() {
+            if row.sink.is_cancelled() {
+                done.push((pos, Some(CoreError::Cancelled)));
+            } else {
+                keep.push(pos);
+            }
+        }
+        if !done.is_empty() {
+            let pending = batch.pending.clone();
+            if let Err(e) = self.settle(done, &keep, Some(pending)) {
+                self.fail_batch(&e);
+            }
+        }
+        self.publish_and_end(None, last_metrics);
+    }
+
+    /// Ends the rows at `done`; the rows at `keep` go on with `next` (one
+    /// entry per row before the change), or the batch ends without it.
+    fn settle(&mut self, done: Vec<(usize, Option<CoreError>)>, keep: &[usize], next: Option<Outputs>) -> Result<()> {
+        let Some(batch) = self.batch.as_mut() else { return Ok(()) };
+        if done.is_empty()
+            && let Some(next) = next
+        {
+            batch.pending = next;
+            return Ok(());
+        }
+        let mut rows: Vec<Option<Row>> = std::mem::take(&mut batch.rows).into_iter().map(Some).collect();
+        for (pos, error) in done {
+            if let Some(row) = rows.get_mut(pos).and_then(Option::take) {
+                self.ending.push(Ending::Row(Box::new(row), error));
+            }
+        }
+        let kept: Vec<Row> = rows.into_iter().flatten().collect();
+        match next {
+            Some(next) if !kept.is_empty() => {
+                for c in &mut batch.caches {
+                    if let LayerCache::Batch(b) = c {
+                        b.filter(keep)?;
+                    }
+                }
+                batch.pending = next.take(keep)?;
+                batch.rows = kept;
+            }
+            _ => {
+                self.ending.extend(kept.into_iter().map(|row| Ending::Row(Box::new(row), None)));
+                self.batch = None;
+            }
+        }
+        if self.is_idle() {
+            memory::clear_cache()?;
+        }
+        Ok(())
+    }
+
+    /// Fails every row of the batch with `e` (a forward pass failed).
+    fn fail_batch(&mut self, e: &Error) {
+        if let Some(batch) = self.batch.take() {
+            tracing::warn!(error = %e, rows = batch.rows.len(), "a batched step failed");
+            for row in batch.rows {
+                self.ending.push(Ending::Row(Box::new(row), Some(CoreError::backend(super::NAME, e.to_string()))));
+            }
+        }
+    }
+}

@@ -1,0 +1,191 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! A row of the batch: how it draws its tokens (its own sampler, random
+//! keys and history), what it has produced, its outputs not read yet, and
+//! how it ends.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use inference_core::{Error as CoreError, GenerateMetrics, GenerateSettings, TokenSink};
+use mlx::transforms::async_eval;
+use mlx::{Array, Error, Result, memory, ops};
+
+use super::super::text::TextOut;
+use super::super::{core_err, lock};
+use crate::sample::{KeySequence, Sampler, SamplerConfig};
+
+/// What a row draws with.
+pub(super) struct Draw {
+    pub(super) sampler: Sampler,
+    pub(super) keys: KeySequence,
+    /// Every token fed so far (int32 `[T]`), when a repetition penalty needs them.
+    pub(super) history: Option<Array>,
+}
+
+impl Draw {
+    pub(super) fn new(settings: &GenerateSettings, prompt: &[u32]) -> Result<Draw> {
+        let sampler = sampler_for(settings)?;
+        let seed = settings.seed.unwrap_or_else(fresh_seed);
+        let history = if sampler.needs_history() { Some(tokens(prompt)?) } else { None };
+        Ok(Draw { sampler, keys: KeySequence::new(seed)?, history })
+    }
+
+    /// Samples `logits: [1, V]` after feeding `fed` (`[1]` int32) to the history.
+    pub(super) fn sample(&mut self, logits: &Array, fed: Option<&Array>) -> Result<(Array, Array, Array)> {
+        let logits = match &mut self.history {
+            Some(h) => {
+                if let Some(fed) = fed {
+                    *h = ops::concatenate(&[&*h, fed], 0)?;
+                }
+                let len = h.dim(0)?;
+                let ctx = self.sampler.config().repetition_context_size as i32;
+                let recent = ops::slice_axis(h, 0, (len - ctx).max(0), len)?;
+                self.sampler.process(logits, &recent)?
+            }
+            None => logits.clone(),
+        };
+        let logprobs = Sampler::logprobs(&logits)?;
+        let y = self.sampler.sample_keyed(&logprobs, &mut self.keys)?;
+        Ok((y, logprobs, logits))
+    }
+
+    /// Greedy with no logits processor: rows like this sample together.
+    fn is_plain_greedy(&self) -> bool {
+        self.sampler.is_greedy() && self.history.is_none()
+    }
+}
+
+/// A seed for a request that gave none: different for every request.
+fn fresh_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or_default();
+    now ^ NEXT.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+}
+
+fn sampler_for(settings: &GenerateSettings) -> Result<Sampler> {
+    Sampler::new(SamplerConfig {
+        temperature: settings.temperature,
+        top_p: settings.top_p,
+        min_p: settings.min_p,
+        top_k: settings.effective_top_k().unwrap_or(0),
+        min_tokens_to_keep: 1,
+        repetition_penalty: settings.repetition_penalty,
+        repetition_context_size: settings.repetition_context_size,
+    })
+}
+
+pub(super) fn tokens(ids: &[u32]) -> Result<Array> {
+    let ints = ids
+        .iter()
+        .map(|&t| i32::try_from(t).map_err(|_| Error::invalid("scheduler", format!("token id {t} is too large"))))
+        .collect::<Result<Vec<i32>>>()?;
+    Array::from_vec(&ints)
+}
+
+/// One generation, from admission to its last token.
+pub(super) struct Row {
+    pub(super) sink: TokenSink,
+    pub(super) span: tracing::Span,
+    pub(super) out: TextOut,
+    pub(super) draw: Draw,
+    pub(super) max_tokens: usize,
+    pub(super) produced: usize,
+    pub(super) prompt_tokens: usize,
+    pub(super) admitted: Instant,
+    pub(super) first_token: Option<Instant>,
+}
+
+impl Row {
+    pub(super) fn metrics(&self) -> GenerateMetrics {
+        let end = Instant::now();
+        let first = self.first_token.unwrap_or(end);
+        let mut m = GenerateMetrics {
+            prompt_tokens: self.prompt_tokens,
+            generated_tokens: self.produced,
+            prefill_duration: first - self.admitted,
+            decode_duration: end - first,
+            total_duration: end - self.admitted,
+            peak_memory_bytes: memory::peak_memory().unwrap_or(0) as u64,
+            active_memory_bytes: memory::active_memory().unwrap_or(0) as u64,
+            ..GenerateMetrics::default()
+        };
+        m.compute_rates();
+        m
+    }
+}
+
+/// Sampled but not yet read: one entry per row of the batch (lazy).
+#[derive(Clone)]
+pub(super) struct Outputs {
+    /// Token ids, `[B]`.
+    pub(super) ids: Array,
+    /// Log-probabilities, `[B, V]`.
+    pub(super) logprobs: Array,
+    /// The processed logits the ids were drawn from, `[B, V]`.
+    pub(super) logits: Array,
+}
+
+impl Outputs {
+    pub(super) fn concat(parts: &[Outputs]) -> Result<Outputs> {
+        if let [one] = parts {
+            return Ok(one.clone());
+        }
+        let cat = |f: fn(&Outputs) -> &Array| ops::concatenate(&parts.iter().map(f).collect::<Vec<_>>(), 0);
+        Ok(Outputs { ids: cat(|o| &o.ids)?, logprobs: cat(|o| &o.logprobs)?, logits: cat(|o| &o.logits)? })
+    }
+
+    pub(super) fn take(&self, keep: &[usize]) -> Result<Outputs> {
+        let idx: Vec<i32> = keep.iter().map(|&k| k as i32).collect();
+        let idx = Array::from_vec(&idx)?;
+        Ok(Outputs {
+            ids: ops::take(&self.ids, &idx, 0)?,
+            logprobs: ops::take(&self.logprobs, &idx, 0)?,
+            logits: ops::take(&self.logits, &idx, 0)?,
+        })
+    }
+
+    pub(super) fn queue(&self) -> Result<()> {
+        async_eval(&[&self.ids, &self.logprobs])
+    }
+}
+
+/// Samples every row of `logits: [B, V]`; `fed` (`[B]` int32) is what went in.
+pub(super) fn sample_rows(rows: &mut [Row], logits: &Array, fed: Option<&Array>) -> Result<Outputs> {
+    if rows.iter().all(|r| r.draw.is_plain_greedy()) {
+        let logprobs = Sampler::logprobs(logits)?;
+        let ids = ops::argmax(&logprobs, -1, false)?;
+        return Ok(Outputs { ids, logprobs, logits: logits.clone() });
+    }
+    let mut parts = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter_mut().enumerate() {
+        let r = i as i32;
+        let one = ops::slice_axis(logits, 0, r, r + 1)?;
+        let fed = fed.map(|f| ops::slice_axis(f, 0, r, r + 1)).transpose()?;
+        let (ids, logprobs, logits) = row.draw.sample(&one, fed.as_ref())?;
+        parts.push(Outputs { ids, logprobs, logits });
+    }
+    Outputs::concat(&parts)
+}
+
+/// Ends a row: the held text goes out, then the metrics or the error. The
+/// model's last metrics become this row's, unless it failed.
+pub(super) fn finish(row: Row, error: Option<CoreError>, last_metrics: &Arc<Mutex<GenerateMetrics>>) {
+    let m = row.metrics();
+    row.span.record("generated_tokens", row.produced);
+    let Row { sink, out, .. } = row;
+    if let Some(e) = error {
+        if e.is_cancelled() {
+            *lock(last_metrics) = m;
+        }
+        return sink.fail(e);
+    }
+    match out.finish(&mut |t| sink.send(t).is_ok()) {
+        Ok(()) => {
+            *lock(last_metrics) = m;
+            sink.finish(m);
+        }
+        Err(e) => sink.fail(core_err(e)),
+    }
+}
