@@ -28,6 +28,20 @@ fn model(dir: &Path, config: &str, files: usize) {
     }
 }
 
+/// A [`tree`] holding a model directory for each `(relative path, config, files)` (see [`model`]).
+fn tree_with(models: &[(&str, &str, usize)]) -> (TempDir, PathBuf) {
+    let (dir, root) = tree();
+    for &(rel, config, files) in models {
+        model(&root.join(rel), config, files);
+    }
+    (dir, root)
+}
+
+/// Every model `discover` finds below `root`, in walk order.
+fn discovered(root: &Path) -> Vec<DiscoveredModel> {
+    discover(root).unwrap().collect()
+}
+
 fn paths(models: &[DiscoveredModel], root: &Path) -> Vec<String> {
     models
         .iter()
@@ -39,20 +53,20 @@ fn paths(models: &[DiscoveredModel], root: &Path) -> Vec<String> {
 }
 
 fn found(root: &Path) -> Vec<String> {
-    let models: Vec<_> = discover(root).unwrap().collect();
-    paths(&models, root)
+    paths(&discovered(root), root)
 }
 
 // ---- good ----
 
 #[test]
 fn finds_nested_models_depth_first_in_lexical_order() {
-    let (_dir, root) = tree();
-    model(&root.join("z-last"), QWEN, 1);
-    model(&root.join("b/c/deep"), QWEN, 1);
-    model(&root.join("a"), GEMMA, 2);
-    model(&root.join("a/adapter"), QWEN, 1);
-    model(&root.join("a/0-first-child"), QWEN, 1);
+    let (_dir, root) = tree_with(&[
+        ("z-last", QWEN, 1),
+        ("b/c/deep", QWEN, 1),
+        ("a", GEMMA, 2),
+        ("a/adapter", QWEN, 1),
+        ("a/0-first-child", QWEN, 1),
+    ]);
     fs::create_dir_all(root.join("b/empty")).unwrap();
     assert_eq!(found(&root), ["a", "a/0-first-child", "a/adapter", "b/c/deep", "z-last"]);
 }
@@ -76,11 +90,10 @@ fn order_is_by_bytes_not_case_or_insertion() {
 
 #[test]
 fn reports_architecture_quantisation_and_file_count() {
-    let (_dir, root) = tree();
-    model(&root.join("gemma"), GEMMA, 3);
+    let (_dir, root) = tree_with(&[("gemma", GEMMA, 3)]);
     fs::write(root.join("gemma/model.safetensors.index.json"), "{}").unwrap();
     fs::write(root.join("gemma/tokenizer.json"), "{}").unwrap();
-    let models: Vec<_> = discover(&root).unwrap().collect();
+    let models = discovered(&root);
     assert_eq!(
         models,
         [DiscoveredModel {
@@ -96,15 +109,16 @@ fn reports_architecture_quantisation_and_file_count() {
 
 #[test]
 fn architecture_and_quantisation_fallbacks() {
-    let (_dir, root) = tree();
-    model(&root.join("a-text-config"), r#"{"text_config": {"model_type": "gemma3_text"}}"#, 1);
-    model(
-        &root.join("b-architectures"),
-        r#"{"architectures": ["LlamaForCausalLM"], "quantization_config": {"bits": 8, "group_size": 32}}"#,
-        1,
-    );
-    model(&root.join("c-nothing"), "{}", 1);
-    let models: Vec<_> = discover(&root).unwrap().collect();
+    let (_dir, root) = tree_with(&[
+        ("a-text-config", r#"{"text_config": {"model_type": "gemma3_text"}}"#, 1),
+        (
+            "b-architectures",
+            r#"{"architectures": ["LlamaForCausalLM"], "quantization_config": {"bits": 8, "group_size": 32}}"#,
+            1,
+        ),
+        ("c-nothing", "{}", 1),
+    ]);
+    let models = discovered(&root);
     assert_eq!(models[0].model_type.as_deref(), Some("gemma3_text"));
     assert_eq!(models[1].model_type.as_deref(), Some("LlamaForCausalLM"));
     assert_eq!((models[1].quant_bits, models[1].quant_group), (Some(8), Some(32)));
@@ -114,9 +128,7 @@ fn architecture_and_quantisation_fallbacks() {
 
 #[test]
 fn walk_is_lazy_and_can_stop_early() {
-    let (_dir, root) = tree();
-    model(&root.join("a"), QWEN, 1);
-    model(&root.join("b"), QWEN, 1);
+    let (_dir, root) = tree_with(&[("a", QWEN, 1), ("b", QWEN, 1)]);
     let mut walk = discover(&root).unwrap();
     assert_eq!(walk.next().unwrap().path, root.join("a"));
     drop(walk);
@@ -136,7 +148,7 @@ fn hugging_face_cache_layout_with_symlinked_files_is_found() {
     fs::create_dir_all(&snap).unwrap();
     symlink("../../../blobs/aaa", snap.join("config.json")).unwrap();
     symlink("../../../blobs/bbb", snap.join("model.safetensors")).unwrap();
-    let models: Vec<_> = discover(&root).unwrap().collect();
+    let models = discovered(&root);
     assert_eq!(paths(&models, &root), ["models--org--m/snapshots/0123"]);
     assert_eq!(models[0].model_type.as_deref(), Some("qwen3"));
 }
@@ -145,12 +157,11 @@ fn hugging_face_cache_layout_with_symlinked_files_is_found() {
 
 #[test]
 fn invalid_json_still_yields_the_model() {
-    let (_dir, root) = tree();
-    model(&root.join("truncated"), r#"{"model_type": "gem"#, 1);
+    let (_dir, root) = tree_with(&[("truncated", r#"{"model_type": "gem"#, 1)]);
     fs::create_dir_all(root.join("binary")).unwrap();
     fs::write(root.join("binary/config.json"), [0xff, 0xfe, 0x00]).unwrap();
     fs::write(root.join("binary/w.safetensors"), b"").unwrap();
-    let models: Vec<_> = discover(&root).unwrap().collect();
+    let models = discovered(&root);
     assert_eq!(paths(&models, &root), ["binary", "truncated"]);
     for m in &models {
         assert_eq!((&m.model_type, m.quant_bits, m.quant_group, m.num_files), (&None, None, None, 1));
@@ -159,8 +170,7 @@ fn invalid_json_still_yields_the_model() {
 
 #[test]
 fn config_without_safetensors_is_not_a_model() {
-    let (_dir, root) = tree();
-    model(&root.join("no-weights"), QWEN, 0);
+    let (_dir, root) = tree_with(&[("no-weights", QWEN, 0)]);
     fs::write(root.join("no-weights/model.gguf"), b"").unwrap();
     assert!(found(&root).is_empty());
 }
@@ -228,8 +238,7 @@ fn safetensors_directory_is_not_a_weights_file() {
 
 #[test]
 fn symlink_loops_terminate_and_report_each_model_once() {
-    let (_dir, root) = tree();
-    model(&root.join("a"), QWEN, 1);
+    let (_dir, root) = tree_with(&[("a", QWEN, 1)]);
     symlink(&root, root.join("a/back-to-root")).unwrap();
     symlink("..", root.join("a/parent")).unwrap();
     symlink(".", root.join("self")).unwrap();
@@ -246,7 +255,7 @@ fn symlinked_model_directory_is_followed_once() {
     model(elsewhere.path(), GEMMA, 1);
     symlink(elsewhere.path(), root.join("linked")).unwrap();
     symlink(elsewhere.path(), root.join("linked-again")).unwrap();
-    let models: Vec<_> = discover(&root).unwrap().collect();
+    let models = discovered(&root);
     assert_eq!(paths(&models, &root), ["linked"]);
     assert_eq!(models[0].model_type.as_deref(), Some("gemma3"));
 }
@@ -266,8 +275,7 @@ fn broken_symlinks_are_ignored() {
 
 #[test]
 fn relative_base_gives_absolute_paths() {
-    let (_dir, root) = tree();
-    model(&root.join("m"), QWEN, 1);
+    let (_dir, root) = tree_with(&[("m", QWEN, 1)]);
     // Build a relative path from the current directory to the tree without changing the
     // process-wide current directory (tests run in parallel).
     let cwd = fs::canonicalize(std::env::current_dir().unwrap()).unwrap();
@@ -291,17 +299,14 @@ fn deep_tree_does_not_overflow_the_stack() {
         deep.push("d");
     }
     model(&deep, QWEN, 1);
-    let models: Vec<_> = discover(&root).unwrap().collect();
+    let models = discovered(&root);
     assert_eq!(models.len(), 1);
     assert_eq!(models[0].path, deep);
 }
 
 #[test]
 fn unreadable_directory_is_skipped_without_panicking() {
-    let (_dir, root) = tree();
-    model(&root.join("a"), QWEN, 1);
-    model(&root.join("locked/inner"), QWEN, 1);
-    model(&root.join("z"), QWEN, 1);
+    let (_dir, root) = tree_with(&[("a", QWEN, 1), ("locked/inner", QWEN, 1), ("z", QWEN, 1)]);
     let locked = root.join("locked");
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
 

@@ -5,11 +5,12 @@
 mod common;
 mod fake;
 
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Instant;
 
-use fake::{Ending, FakeBackend, VOCAB, ending, fake_model};
+use fake::{Ending, FakeBackend, FakeModel, VOCAB, ending, fake_model};
 use inference_core::{
     CancelToken, Error, GenerateMetrics, GenerateSettings, LoadSettings, LogitsMode, LoraConfig, Message, Registry,
     TextModel, Token, TokenStream,
@@ -17,6 +18,20 @@ use inference_core::{
 
 fn texts(tokens: &[Token]) -> Vec<&str> {
     tokens.iter().map(|t| t.text.as_str()).collect()
+}
+
+/// A fake model, the channel its producers report their endings on, and a
+/// stream of "forever" (a prompt the fake never finishes) under `cancel`.
+fn streaming_forever(cancel: CancelToken) -> (FakeModel, Receiver<Ending>, TokenStream) {
+    let (model, endings) = fake_model();
+    let stream = model.generate("forever", &GenerateSettings::new(), cancel).unwrap();
+    (model, endings, stream)
+}
+
+/// The fake model as callers hold it: behind the `TextModel` trait.
+fn fake_text_model() -> Box<dyn TextModel> {
+    let (model, _endings) = fake_model();
+    Box::new(model)
 }
 
 // ---- streaming ----
@@ -45,8 +60,7 @@ fn streams_tokens_in_order_then_reports_metrics() {
 #[test]
 fn tokens_arrive_before_generation_ends() {
     // "forever" never finishes, so every token read proves streaming.
-    let (model, endings) = fake_model();
-    let mut stream = model.generate("forever", &GenerateSettings::new(), CancelToken::new()).unwrap();
+    let (_model, endings, mut stream) = streaming_forever(CancelToken::new());
     let first: Vec<_> = stream.by_ref().take(5).map(Result::unwrap).collect();
     assert_eq!(texts(&first), ["t0", "t1", "t2", "t3", "t4"]);
     drop(stream);
@@ -69,9 +83,8 @@ fn logits_are_attached_only_on_request() {
 
 #[test]
 fn cancel_mid_stream_stops_the_producer_within_one_token() {
-    let (model, endings) = fake_model();
     let cancel = CancelToken::new();
-    let mut stream = model.generate("forever", &GenerateSettings::new(), cancel.clone()).unwrap();
+    let (_model, endings, mut stream) = streaming_forever(cancel.clone());
     for expected in ["t0", "t1", "t2"] {
         assert_eq!(stream.next().unwrap().unwrap().text, expected);
     }
@@ -86,9 +99,8 @@ fn cancel_mid_stream_stops_the_producer_within_one_token() {
 
 #[test]
 fn cancel_from_another_thread_stops_generation() {
-    let (model, endings) = fake_model();
     let cancel = CancelToken::new();
-    let mut stream = model.generate("forever", &GenerateSettings::new(), cancel.clone()).unwrap();
+    let (_model, endings, mut stream) = streaming_forever(cancel.clone());
     assert!(stream.next().unwrap().is_ok());
     let canceller = cancel.clone();
     thread::spawn(move || canceller.cancel()).join().unwrap();
@@ -98,9 +110,8 @@ fn cancel_from_another_thread_stops_generation() {
 
 #[test]
 fn dropping_the_stream_stops_the_producer() {
-    let (model, endings) = fake_model();
     let cancel = CancelToken::new();
-    let mut stream = model.generate("forever", &GenerateSettings::new(), cancel.clone()).unwrap();
+    let (model, endings, mut stream) = streaming_forever(cancel.clone());
     assert!(stream.next().unwrap().is_ok());
     assert!(stream.next().unwrap().is_ok());
     drop(stream);
@@ -113,9 +124,7 @@ fn dropping_the_stream_stops_the_producer() {
 
 #[test]
 fn passed_deadline_stops_before_the_first_token() {
-    let (model, endings) = fake_model();
-    let cancel = CancelToken::with_deadline(Instant::now());
-    let mut stream = model.generate("forever", &GenerateSettings::new(), cancel).unwrap();
+    let (_model, endings, mut stream) = streaming_forever(CancelToken::with_deadline(Instant::now()));
     assert!(matches!(stream.next(), Some(Err(Error::Cancelled))));
     assert_eq!(ending(&endings), Ending::Stopped { sent: 0, cancelled: true });
 }
@@ -251,8 +260,7 @@ fn close_is_idempotent_and_later_calls_fail_with_closed() {
 
 #[test]
 fn attention_inspector_is_discoverable() {
-    let (model, _endings) = fake_model();
-    let model: Box<dyn TextModel> = Box::new(model);
+    let model = fake_text_model();
     let inspector = model.attention_inspector().expect("fake can inspect");
     let snap = inspector.inspect_attention("one two three", CancelToken::new()).unwrap();
     assert_eq!((snap.num_layers, snap.num_heads, snap.seq_len), (2, 1, 3));
@@ -265,8 +273,7 @@ fn attention_inspector_is_discoverable() {
 
 #[test]
 fn trainer_is_discoverable() {
-    let (model, _endings) = fake_model();
-    let model: Arc<dyn TextModel> = Arc::new(model);
+    let model = fake_text_model();
     let trainer = model.trainer().expect("fake can train");
     assert_eq!(trainer.num_layers(), 2);
     let ids = trainer.encode("hi").unwrap();

@@ -66,12 +66,18 @@ fn batched(
     (out, stats)
 }
 
+/// Loads each named tiny fixture and hands it to `check` with its name, all on the CPU.
+fn on_cpu_with_each(names: &[&str], check: impl Fn(&str, &dyn LanguageModel)) {
+    let _cpu = DeviceScope::new(Device::Cpu).unwrap();
+    for name in names {
+        let m = model::load(&common::tiny_model(name)).unwrap();
+        check(name, m.model.as_ref());
+    }
+}
+
 #[test]
 fn every_row_of_a_batch_equals_its_prompt_alone() {
-    let _cpu = DeviceScope::new(Device::Cpu).unwrap();
-    for name in MODELS {
-        let m = model::load(&common::tiny_model(name)).unwrap();
-        let model = m.model.as_ref();
+    on_cpu_with_each(MODELS, |name, model| {
         let sampler = greedy();
         let prompts = prompts();
         let expected: Vec<Vec<u32>> = prompts.iter().map(|p| alone(model, p, &sampler, 12)).collect();
@@ -83,15 +89,12 @@ fn every_row_of_a_batch_equals_its_prompt_alone() {
             assert_eq!(stats.prompt_tokens, 40);
             assert!(!stats.cancelled);
         }
-    }
+    });
 }
 
 #[test]
 fn rows_that_finish_early_leave_the_others_unchanged() {
-    let _cpu = DeviceScope::new(Device::Cpu).unwrap();
-    for name in ["gemma3-tiny", "qwen3-tiny"] {
-        let m = model::load(&common::tiny_model(name)).unwrap();
-        let model = m.model.as_ref();
+    on_cpu_with_each(&["gemma3-tiny", "qwen3-tiny"], |name, model| {
         let sampler = greedy();
         let prompts = prompts();
         let limits = [3, 14, 0, 9];
@@ -103,29 +106,28 @@ fn rows_that_finish_early_leave_the_others_unchanged() {
         assert!(got[2].is_empty());
         assert_eq!(got[3], expected[3], "{name}");
         assert_eq!(stats.generated_tokens, 3 + 5 + 9);
-    }
+    });
 }
 
 #[test]
 fn the_repetition_penalty_is_applied_per_row() {
-    let _cpu = DeviceScope::new(Device::Cpu).unwrap();
-    let m = model::load(&common::tiny_model("llama-tiny")).unwrap();
-    let model = m.model.as_ref();
-    let sampler =
-        Sampler::new(SamplerConfig { repetition_penalty: 1.5, repetition_context_size: 6, ..SamplerConfig::default() })
-            .unwrap();
-    let prompts = prompts();
-    let expected: Vec<Vec<u32>> = prompts.iter().map(|p| alone(model, p, &sampler, 10)).collect();
-    let (got, _) = batched(model, &prompts, &sampler, &[10; 4], 2048, None);
-    assert_eq!(got, expected);
+    on_cpu_with_each(&["llama-tiny"], |_, model| {
+        let sampler = Sampler::new(SamplerConfig {
+            repetition_penalty: 1.5,
+            repetition_context_size: 6,
+            ..SamplerConfig::default()
+        })
+        .unwrap();
+        let prompts = prompts();
+        let expected: Vec<Vec<u32>> = prompts.iter().map(|p| alone(model, p, &sampler, 10)).collect();
+        let (got, _) = batched(model, &prompts, &sampler, &[10; 4], 2048, None);
+        assert_eq!(got, expected);
+    });
 }
 
 #[test]
 fn batched_prefill_logits_match_a_single_prefill() {
-    let _cpu = DeviceScope::new(Device::Cpu).unwrap();
-    for name in ["gemma3-tiny", "llama3-tiny"] {
-        let m = model::load(&common::tiny_model(name)).unwrap();
-        let model = m.model.as_ref();
+    on_cpu_with_each(&["gemma3-tiny", "llama3-tiny"], |name, model| {
         let prompts = prompts();
         let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
         let pre = batch::prefill(model, &refs, 2048, &|| false).unwrap().unwrap();
@@ -140,45 +142,44 @@ fn batched_prefill_logits_match_a_single_prefill() {
             let worst = single.iter().zip(&row).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst < 1e-4, "{name} row {i}: logits differ by {worst}");
         }
-    }
+    });
 }
 
 #[test]
 fn bad_batches_are_rejected_with_the_reason() {
-    let _cpu = DeviceScope::new(Device::Cpu).unwrap();
-    let m = model::load(&common::tiny_model("llama-tiny")).unwrap();
-    let model = m.model.as_ref();
-    let sampler = greedy();
-    let none: Vec<&[u32]> = Vec::new();
-    let e = batch::generate(model, &none, &sampler, &[], 2048, &|| false, |_, _| Ok(ControlFlow::Continue(())))
-        .unwrap_err();
-    assert!(e.to_string().contains("no prompts"), "{e}");
-    let with_empty: Vec<&[u32]> = vec![&[1, 2], &[]];
-    let e =
-        batch::generate(model, &with_empty, &sampler, &[4, 4], 2048, &|| false, |_, _| Ok(ControlFlow::Continue(())))
+    on_cpu_with_each(&["llama-tiny"], |_, model| {
+        let sampler = greedy();
+        let none: Vec<&[u32]> = Vec::new();
+        let e = batch::generate(model, &none, &sampler, &[], 2048, &|| false, |_, _| Ok(ControlFlow::Continue(())))
             .unwrap_err();
-    assert!(e.to_string().contains("prompt 1"), "{e}");
-    let e = batch::generate(model, &[&[1u32, 2][..]], &sampler, &[4, 4], 2048, &|| false, |_, _| {
-        Ok(ControlFlow::Continue(()))
-    })
-    .unwrap_err();
-    assert!(e.to_string().contains("token limits"), "{e}");
+        assert!(e.to_string().contains("no prompts"), "{e}");
+        let with_empty: Vec<&[u32]> = vec![&[1, 2], &[]];
+        let e = batch::generate(model, &with_empty, &sampler, &[4, 4], 2048, &|| false, |_, _| {
+            Ok(ControlFlow::Continue(()))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("prompt 1"), "{e}");
+        let e = batch::generate(model, &[&[1u32, 2][..]], &sampler, &[4, 4], 2048, &|| false, |_, _| {
+            Ok(ControlFlow::Continue(()))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("token limits"), "{e}");
+    });
 }
 
 #[test]
 fn a_cancelled_batch_stops_and_says_so() {
-    let _cpu = DeviceScope::new(Device::Cpu).unwrap();
-    let m = model::load(&common::tiny_model("qwen3-tiny")).unwrap();
-    let model = m.model.as_ref();
-    let prompts = prompts();
-    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-    let count = std::cell::Cell::new(0usize);
-    let cancelled = || count.get() >= 8;
-    let stats = batch::generate(model, &refs, &greedy(), &[50; 4], 2048, &cancelled, |_, _| {
-        count.set(count.get() + 1);
-        Ok(ControlFlow::Continue(()))
-    })
-    .unwrap();
-    assert!(stats.cancelled);
-    assert_eq!(stats.generated_tokens, 8, "two steps of four rows, then the cancel is seen");
+    on_cpu_with_each(&["qwen3-tiny"], |_, model| {
+        let prompts = prompts();
+        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let count = std::cell::Cell::new(0usize);
+        let cancelled = || count.get() >= 8;
+        let stats = batch::generate(model, &refs, &greedy(), &[50; 4], 2048, &cancelled, |_, _| {
+            count.set(count.get() + 1);
+            Ok(ControlFlow::Continue(()))
+        })
+        .unwrap();
+        assert!(stats.cancelled);
+        assert_eq!(stats.generated_tokens, 8, "two steps of four rows, then the cancel is seen");
+    });
 }

@@ -273,6 +273,20 @@ fn rotating_cache_rejects_bad_sizes() {
     assert!(RotatingKvCache::new(4).unwrap().ordered().is_err(), "an empty cache has nothing to fetch");
 }
 
+/// From `cache` as given, for each of `wants` in turn: checks what `masks` makes of the cache
+/// against it, then writes the next single token (positions 1, 2, …).
+fn masks_token_by_token<G: PartialEq<W> + std::fmt::Debug, W: std::fmt::Debug>(
+    mut cache: RotatingKvCache,
+    wants: impl IntoIterator<Item = W>,
+    masks: impl Fn(&RotatingKvCache) -> G,
+) {
+    for (p, want) in (1..).zip(wants) {
+        assert_eq!(masks(&cache), want, "with {} cached", cache.offset());
+        let (k, v) = kv(p, 1);
+        cache.update_and_fetch(&k, &v).unwrap();
+    }
+}
+
 #[test]
 fn rotating_cache_masks_match_mlx_lm() {
     // max 4: before each of seven single-token updates, the masks for 1, 2, 3 and 5 queries with
@@ -322,9 +336,8 @@ fn rotating_cache_masks_match_mlx_lm() {
             "[2, 5] 01110 00111",
         ],
     ];
-    let mut c = RotatingKvCache::new(4).unwrap();
-    for (p, want) in (1..).zip(plan) {
-        let got = [
+    masks_token_by_token(RotatingKvCache::new(4).unwrap(), plan, |c| {
+        [
             c.make_mask(1, None),
             c.make_mask(2, None),
             c.make_mask(3, None),
@@ -332,11 +345,8 @@ fn rotating_cache_masks_match_mlx_lm() {
             c.make_mask(1, Some(3)),
             c.make_mask(2, Some(3)),
         ]
-        .map(|m| pattern(&m.unwrap()));
-        assert_eq!(got, want, "with {} cached", c.offset());
-        let (k, v) = kv(p, 1);
-        c.update_and_fetch(&k, &v).unwrap();
-    }
+        .map(|m| pattern(&m.unwrap()))
+    });
 
     // max 8, window 4: one query at a time, the mask in storage order, rolled as the cache wraps.
     let want = [
@@ -353,12 +363,7 @@ fn rotating_cache_masks_match_mlx_lm() {
         "[8] 11100001",
         "[8] 11110000",
     ];
-    let mut c = RotatingKvCache::new(8).unwrap();
-    for (p, want) in (1..).zip(want) {
-        assert_eq!(pattern(&c.make_mask(1, Some(4)).unwrap()), want, "with {} cached", c.offset());
-        let (k, v) = kv(p, 1);
-        c.update_and_fetch(&k, &v).unwrap();
-    }
+    masks_token_by_token(RotatingKvCache::new(8).unwrap(), want, |c| pattern(&c.make_mask(1, Some(4)).unwrap()));
 }
 
 #[test]

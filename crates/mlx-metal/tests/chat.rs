@@ -265,24 +265,23 @@ fn tojson_writes_what_python_json_dumps_writes() {
     assert_eq!(text, expected);
 }
 
+/// Compiles `source` and renders `messages` with it, without the generation prompt.
+fn render(source: &str, messages: &[Message]) -> String {
+    ChatTemplate::new(source).unwrap().render(messages, false).unwrap()
+}
+
 #[test]
 fn generation_tags_are_accepted() {
-    let t = ChatTemplate::new(
-        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}",
-    )
-    .unwrap();
-    assert_eq!(t.render(&[Message::user("a"), Message::assistant("b")], false).unwrap(), "ab");
+    let source = "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}";
+    assert_eq!(render(source, &[Message::user("a"), Message::assistant("b")]), "ab");
 }
 
 #[test]
 fn trim_blocks_and_lstrip_blocks_are_on() {
-    let t = ChatTemplate::new(
-        "{% for m in messages %}\n    {% if true %}\n{{ m.content }}\n    {% endif %}\n{% endfor %}\n",
-    )
-    .unwrap();
+    let source = "{% for m in messages %}\n    {% if true %}\n{{ m.content }}\n    {% endif %}\n{% endfor %}\n";
     // Like Jinja2 with trim_blocks/lstrip_blocks: block lines vanish; the final newline of the
     // source is dropped (keep_trailing_newline is off).
-    assert_eq!(t.render(&[Message::user("a"), Message::user("b")], false).unwrap(), "a\nb\n");
+    assert_eq!(render(source, &[Message::user("a"), Message::user("b")]), "a\nb\n");
 }
 
 // ---------------------------------------------------------------------------------------------

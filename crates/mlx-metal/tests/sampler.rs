@@ -41,6 +41,22 @@ fn kept(input: &Array, output: &Array) -> [String; 2] {
     [row(0), row(1)]
 }
 
+/// What keeping the `n` most likely tokens (1 to 5) of each row of [`PROBS`] leaves, as [`kept`]
+/// writes it.
+fn most_likely(n: usize) -> [&'static str; 2] {
+    [["01000", "00100"], ["01010", "10100"], ["01110", "10101"], ["11110", "10111"], ["11111", "11111"]][n - 1]
+}
+
+/// Applies `filter` to [`logprobs`] with each `(setting, n)` in turn and checks that it kept
+/// exactly the `n` most likely tokens of each row.
+#[track_caller]
+fn check_filter<P: Copy + std::fmt::Debug>(filter: impl Fn(&Array, P) -> mlx::Result<Array>, cases: &[(P, usize)]) {
+    let lp = logprobs();
+    for &(setting, n) in cases {
+        assert_eq!(kept(&lp, &filter(&lp, setting).unwrap()), most_likely(n), "setting {setting:?}");
+    }
+}
+
 // --- settings ---------------------------------------------------------------------------------
 
 #[track_caller]
@@ -95,25 +111,25 @@ fn the_edges_of_the_ranges_are_accepted() {
 
 #[test]
 fn top_k_keeps_the_k_most_likely() {
-    let lp = logprobs();
-    assert_eq!(kept(&lp, &apply_top_k(&lp, 1).unwrap()), ["01000", "00100"]);
-    assert_eq!(kept(&lp, &apply_top_k(&lp, 2).unwrap()), ["01010", "10100"]);
-    assert_eq!(kept(&lp, &apply_top_k(&lp, 4).unwrap()), ["11110", "10111"]);
-    // 0 and k >= vocabulary keep everything (mlx-lm refuses them; the distribution is the same).
-    for k in [0, 5, 6, usize::MAX] {
-        assert_eq!(kept(&lp, &apply_top_k(&lp, k).unwrap()), ["11111", "11111"], "k = {k}");
-    }
+    check_filter(
+        apply_top_k,
+        &[
+            (1, 1),
+            (2, 2),
+            (4, 4),
+            // 0 and k >= vocabulary keep everything (mlx-lm refuses them; the distribution is the same).
+            (0, 5),
+            (5, 5),
+            (6, 5),
+            (usize::MAX, 5),
+        ],
+    );
 }
 
 #[test]
 fn top_p_keeps_the_smallest_set_that_reaches_p() {
     // Row 0 sorted: 0.4, 0.25, 0.2, 0.1, 0.05; cumulative 0.4, 0.65, 0.85, 0.95, 1.
-    let lp = logprobs();
-    assert_eq!(kept(&lp, &apply_top_p(&lp, 0.3).unwrap()), ["01000", "00100"]);
-    assert_eq!(kept(&lp, &apply_top_p(&lp, 0.6).unwrap()), ["01010", "10100"]);
-    assert_eq!(kept(&lp, &apply_top_p(&lp, 0.7).unwrap()), ["01110", "10101"]);
-    assert_eq!(kept(&lp, &apply_top_p(&lp, 0.9).unwrap()), ["11110", "10111"]);
-    assert_eq!(kept(&lp, &apply_top_p(&lp, 0.99).unwrap()), ["11111", "11111"]);
+    check_filter(apply_top_p, &[(0.3, 1), (0.6, 2), (0.7, 3), (0.9, 4), (0.99, 5)]);
 }
 
 #[test]
@@ -121,25 +137,29 @@ fn top_p_works_on_bfloat16_and_unnormalised_rows() {
     // The mass is taken relative to the row's total, so scaled logits give the same set.
     let lp = logprobs();
     let shifted = ops::add(&lp, &Array::scalar(3.0f32)).unwrap();
-    assert_eq!(kept(&shifted, &apply_top_p(&shifted, 0.6).unwrap()), ["01010", "10100"]);
+    assert_eq!(kept(&shifted, &apply_top_p(&shifted, 0.6).unwrap()), most_likely(2));
     let bf = ops::astype(&lp, Dtype::Bfloat16).unwrap();
-    assert_eq!(kept(&bf, &apply_top_p(&bf, 0.7).unwrap()), ["01110", "10101"]);
+    assert_eq!(kept(&bf, &apply_top_p(&bf, 0.7).unwrap()), most_likely(3));
 }
 
 #[test]
 fn min_p_drops_tokens_below_min_p_times_the_best() {
-    // Row 0: the best is 0.4.
-    let lp = logprobs();
-    // Threshold 0.22: 0.4 and 0.25 stay.
-    assert_eq!(kept(&lp, &apply_min_p(&lp, 0.55, 1).unwrap()), ["01010", "10100"]);
-    // Threshold 0.12: 0.4, 0.25 and 0.2 stay.
-    assert_eq!(kept(&lp, &apply_min_p(&lp, 0.3, 1).unwrap()), ["01110", "10101"]);
-    // Threshold 0.36: only the best, unless min_tokens_to_keep says otherwise.
-    assert_eq!(kept(&lp, &apply_min_p(&lp, 0.9, 1).unwrap()), ["01000", "00100"]);
-    assert_eq!(kept(&lp, &apply_min_p(&lp, 0.9, 3).unwrap()), ["01110", "10101"]);
-    assert_eq!(kept(&lp, &apply_min_p(&lp, 1.0, 1).unwrap()), ["01000", "00100"]);
-    // 0 keeps everything.
-    assert_eq!(kept(&lp, &apply_min_p(&lp, 0.0, 1).unwrap()), ["11111", "11111"]);
+    // Row 0: the best is 0.4. Each setting is (min_p, min_tokens_to_keep).
+    check_filter(
+        |lp, (min_p, keep)| apply_min_p(lp, min_p, keep),
+        &[
+            // Threshold 0.22: 0.4 and 0.25 stay.
+            ((0.55, 1), 2),
+            // Threshold 0.12: 0.4, 0.25 and 0.2 stay.
+            ((0.3, 1), 3),
+            // Threshold 0.36: only the best, unless min_tokens_to_keep says otherwise.
+            ((0.9, 1), 1),
+            ((0.9, 3), 3),
+            ((1.0, 1), 1),
+            // 0 keeps everything.
+            ((0.0, 1), 5),
+        ],
+    );
 }
 
 #[test]

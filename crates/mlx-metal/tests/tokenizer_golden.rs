@@ -108,18 +108,29 @@ impl Report {
     }
 }
 
-#[test]
-fn tokenizer_goldens_match_hugging_face() {
+/// Reads each golden that [`goldens`] lists and hands it to `check`, which says whether it used
+/// the golden (or skipped it); then fails with every check that differed, after saying how many
+/// goldens were used.
+fn check_goldens(tokenizer: bool, what: &str, mut check: impl FnMut(&mut Report, &Path, &Value) -> bool) {
     let mut report = Report::default();
     let mut used = 0;
-    for file in goldens(true) {
+    for file in goldens(tokenizer) {
         let doc = read(&file);
-        assert_eq!(str_field(&doc, "format", &file), TOKENIZER_FORMAT, "{}", file.display());
-        let Some(path) = resolve(str_field(&doc, "tokenizer_file", &file)) else {
+        if check(&mut report, &file, &doc) {
+            used += 1;
+        }
+    }
+    report.finish(used, what);
+}
+
+#[test]
+fn tokenizer_goldens_match_hugging_face() {
+    check_goldens(true, "tokenizer", |report, file, doc| {
+        assert_eq!(str_field(doc, "format", file), TOKENIZER_FORMAT, "{}", file.display());
+        let Some(path) = resolve(str_field(doc, "tokenizer_file", file)) else {
             eprintln!("skipping {}: its tokenizer.json is not here", file.display());
-            continue;
+            return false;
         };
-        used += 1;
         let tok = Tokenizer::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         if let Some(size) = doc.get("vocab_size").and_then(Value::as_u64) {
             report.check(&format!("{} vocab_size", file.display()), tok.vocab_size() as u64, size);
@@ -128,7 +139,7 @@ fn tokenizer_goldens_match_hugging_face() {
         let cases = doc.get("cases").and_then(Value::as_array).unwrap_or_else(|| panic!("{name}: no `cases`"));
         assert!(!cases.is_empty(), "{name}: no cases");
         for (i, case) in cases.iter().enumerate() {
-            let text = str_field(case, "text", &file);
+            let text = str_field(case, "text", file);
             let label = format!("{name} case {i} {text:?}");
             let plain = ids(case, "ids", &label);
             let special = ids(case, "ids_with_special", &label);
@@ -143,7 +154,7 @@ fn tokenizer_goldens_match_hugging_face() {
                 special.clone(),
             );
             for (key, skip) in [("decoded", false), ("decoded_skip_special", true)] {
-                let want = str_field(case, key, &file).to_string();
+                let want = str_field(case, key, file).to_string();
                 report.check(
                     &format!("{label}: decode(skip_special_tokens={skip})"),
                     tok.decode(&special, skip).unwrap(),
@@ -161,35 +172,31 @@ fn tokenizer_goldens_match_hugging_face() {
                 report.check(&format!("{label}: tokens"), got, want);
             }
         }
-    }
-    report.finish(used, "tokenizer");
+        true
+    });
 }
 
 #[test]
 fn chat_goldens_match_transformers() {
-    let mut report = Report::default();
-    let mut used = 0;
-    for file in goldens(false) {
-        let doc = read(&file);
+    check_goldens(false, "chat", |report, file, doc| {
         if doc.get("format").and_then(Value::as_str) != Some(MODEL_FORMAT) {
-            continue;
+            return false;
         }
-        let Some(cases) = doc.get("chat").and_then(Value::as_array).filter(|c| !c.is_empty()) else { continue };
-        let Some(dir) = resolve(str_field(&doc, "model_dir", &file)) else {
+        let Some(cases) = doc.get("chat").and_then(Value::as_array).filter(|c| !c.is_empty()) else { return false };
+        let Some(dir) = resolve(str_field(doc, "model_dir", file)) else {
             eprintln!("skipping {}: its model is not here", file.display());
-            continue;
+            return false;
         };
-        used += 1;
         let name = file.file_name().unwrap().to_string_lossy().to_string();
         let tok = Tokenizer::from_dir(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let template = ChatTemplate::for_model(&tok, str_field(&doc, "model_type", &file))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let template =
+            ChatTemplate::for_model(&tok, str_field(doc, "model_type", file)).unwrap_or_else(|e| panic!("{name}: {e}"));
         for case in cases {
             let label = format!("{name} chat {}", case.get("name").and_then(Value::as_str).unwrap_or("?"));
             let messages: Vec<Message> =
                 serde_json::from_value(case["messages"].clone()).unwrap_or_else(|e| panic!("{label}: messages: {e}"));
             let gen_prompt = case.get("add_generation_prompt").and_then(Value::as_bool).unwrap_or(true);
-            let want_text = str_field(case, "text", &file);
+            let want_text = str_field(case, "text", file);
             let want_ids = ids(case, "ids", &label);
             match template.render(&messages, gen_prompt) {
                 Ok(text) => report.check(&format!("{label}: rendered text"), text.as_str(), want_text),
@@ -206,6 +213,6 @@ fn chat_goldens_match_transformers() {
                 report.check(&format!("{label}: BOS count at the start of encode_prompt"), count.min(1), count);
             }
         }
-    }
-    report.finish(used, "chat");
+        true
+    });
 }

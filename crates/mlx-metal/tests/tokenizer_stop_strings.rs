@@ -8,11 +8,13 @@ use mlx_metal::tokenizer::{StopChunk, StopMatcher};
 use proptest::prelude::*;
 use text_common::*;
 
-fn run_stop(stops: &[&str], chunks: &[&str]) -> (String, bool) {
+/// Feeds `chunks` to a matcher for `stops` until it stops: the text it let through, and whether
+/// it stopped (when it did not, what it still held is released at the end).
+fn run_stop(stops: &[&str], chunks: &[impl AsRef<str>]) -> (String, bool) {
     let mut m = StopMatcher::new(stops.iter().copied());
     let mut out = String::new();
     for chunk in chunks {
-        let StopChunk { text, stopped } = m.push(chunk);
+        let StopChunk { text, stopped } = m.push(chunk.as_ref());
         out.push_str(&text);
         if stopped {
             return (out, true);
@@ -68,18 +70,8 @@ fn stop_strings_work_on_streamed_tokens() {
     let fx = fixtures();
     let tok = &fx[0].tokenizer;
     let ids = tok.encode("hello world 🦀<|eot_id|> after", false).unwrap();
-    let mut dec = tok.stream_decoder(false);
-    let mut stop = StopMatcher::new(["🦀<|eot"]);
-    let mut out = String::new();
-    for &id in &ids {
-        let chunk = stop.push(&dec.push(id).unwrap());
-        out.push_str(&chunk.text);
-        if chunk.stopped {
-            break;
-        }
-    }
-    assert_eq!(out, "hello world ");
-    assert!(stop.is_stopped());
+    let pieces = stream_pieces(&mut tok.stream_decoder(false), &ids);
+    assert_eq!(run_stop(&["🦀<|eot"], &pieces), ("hello world ".into(), true));
 }
 
 proptest! {

@@ -12,11 +12,12 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use mlx::{Array, Dtype, ops, random};
 use mlx_metal::lora;
-use mlx_metal::model;
-use mlx_train::{DataConfig, StepSettings};
+use mlx_metal::model::{self, LoadedModel};
+use mlx_train::{Batch, DataConfig, StepSettings};
 
 const MODELS: [&str; 2] = ["smollm2-135m-instruct", "gemma3-270m"];
 
@@ -195,12 +196,19 @@ fn last_logits(m: &dyn model::LanguageModel, tokens: &[i32]) -> Vec<f32> {
     ops::astype(&last, Dtype::Float32).unwrap().to_vec::<f32>().unwrap()
 }
 
-#[test]
-fn smollm2_checkpointed_gradients_match_plain_ones() {
-    let Some(dir) = common::real(MODELS[0]) else { return };
+/// SmolLM2's directory (when it is here), the model loaded from it, and a batch of two of the
+/// common texts.
+fn smollm2_with_a_batch() -> Option<(PathBuf, LoadedModel, Batch)> {
+    let dir = common::real(MODELS[0])?;
     let m = model::load(&dir).unwrap();
     let ds = common::dataset(&m, &common::texts(2), &DataConfig::default());
     let batch = ds.batch(&[0, 1], 64).unwrap();
+    Some((dir, m, batch))
+}
+
+#[test]
+fn smollm2_checkpointed_gradients_match_plain_ones() {
+    let Some((dir, m, batch)) = smollm2_with_a_batch() else { return };
     let mut plain = common::trainer(m, StepSettings::default(), Dtype::Float32, 6);
     let ck_settings = StepSettings { grad_checkpoint: true, ..StepSettings::default() };
     let mut ck = common::trainer(model::load(&dir).unwrap(), ck_settings, Dtype::Float32, 6);
@@ -284,10 +292,7 @@ fn gemma3_270m_save_reload_and_fuse() {
 
 #[test]
 fn smollm2_trains_a_bf16_adapter() {
-    let Some(dir) = common::real(MODELS[0]) else { return };
-    let m = model::load(&dir).unwrap();
-    let ds = common::dataset(&m, &common::texts(2), &DataConfig::default());
-    let batch = ds.batch(&[0, 1], 64).unwrap();
+    let Some((_, m, batch)) = smollm2_with_a_batch() else { return };
     let settings = StepSettings { learning_rate: 1e-3, ..StepSettings::default() };
     let mut t = common::trainer_top(m, settings, Dtype::Bfloat16, 7, 2);
     let losses: Vec<f32> = (0..4).map(|_| t.step(&batch).unwrap().loss).collect();

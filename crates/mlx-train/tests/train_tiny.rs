@@ -96,11 +96,18 @@ fn tiny_llama_config(data: &Path, adapter: &Path) -> TrainConfig {
     }
 }
 
+/// A data directory holding, for each `(file, n)`, `n` completion examples in `file`.
+fn completions_dir(files: &[(&str, usize)]) -> tempfile::TempDir {
+    let data = tempfile::tempdir().unwrap();
+    for &(file, n) in files {
+        common::write_lines(data.path(), file, &common::completions(n));
+    }
+    data
+}
+
 #[test]
 fn train_writes_mlx_lm_files_reports_events_and_resumes_exactly() {
-    let data = tempfile::tempdir().unwrap();
-    common::write_lines(data.path(), "train.jsonl", &common::completions(6));
-    common::write_lines(data.path(), "valid.jsonl", &common::completions(4));
+    let data = completions_dir(&[("train.jsonl", 6), ("valid.jsonl", 4)]);
     let out = tempfile::tempdir().unwrap();
     let straight = out.path().join("straight");
     let config = TrainConfig {
@@ -200,8 +207,7 @@ fn the_config_round_trips_through_json() {
 
 #[test]
 fn a_trained_adapter_fuses_into_a_model_equal_to_base_plus_adapter() {
-    let data = tempfile::tempdir().unwrap();
-    common::write_lines(data.path(), "train.jsonl", &common::completions(4));
+    let data = completions_dir(&[("train.jsonl", 4)]);
     let out = tempfile::tempdir().unwrap();
     let adapter = out.path().join("adapter");
     let config = TrainConfig {

@@ -215,28 +215,33 @@ fn write_raw(path: &Path, header: &str, data_len: usize) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// Writes each `(header, data_len, needle)` case to `path` in turn and checks
+/// that loading it is a format error whose message mentions `needle`.
+fn expect_refused(path: &Path, cases: &[(&str, usize, &str)]) {
+    for &(header, data_len, needle) in cases {
+        write_raw(path, header, data_len);
+        expect_format(path, needle);
+    }
+}
+
 #[test]
 fn corrupt_headers_are_format_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.safetensors");
-    write_raw(&path, "{not json", 0);
-    expect_format(&path, "JSON");
-    write_raw(&path, "[1, 2]", 0);
-    expect_format(&path, "not a JSON object");
-    write_raw(&path, r#"{"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}"#, 4);
-    expect_format(&path, "\"w\"");
-    write_raw(&path, r#"{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}"#, 4);
-    expect_format(&path, "needs 8 bytes");
-    write_raw(&path, r#"{"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}"#, 4);
-    expect_format(&path, "negative");
-    write_raw(&path, r#"{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}"#, 4);
-    expect_format(&path, "data_offsets");
-    write_raw(&path, r#"{"w": {"dtype": "F32", "shape": [1]}}"#, 4);
-    expect_format(&path, "data_offsets");
-    write_raw(&path, r#"{"w": {"shape": [1], "data_offsets": [0, 4]}}"#, 4);
-    expect_format(&path, "\"w\": missing field `dtype`");
-    write_raw(&path, r#"{"__metadata__": {"k": 1}}"#, 0);
-    expect_format(&path, "metadata");
+    expect_refused(
+        &path,
+        &[
+            ("{not json", 0, "JSON"),
+            ("[1, 2]", 0, "not a JSON object"),
+            (r#"{"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}"#, 4, "\"w\""),
+            (r#"{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}"#, 4, "needs 8 bytes"),
+            (r#"{"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}"#, 4, "negative"),
+            (r#"{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}"#, 4, "data_offsets"),
+            (r#"{"w": {"dtype": "F32", "shape": [1]}}"#, 4, "data_offsets"),
+            (r#"{"w": {"shape": [1], "data_offsets": [0, 4]}}"#, 4, "\"w\": missing field `dtype`"),
+            (r#"{"__metadata__": {"k": 1}}"#, 0, "metadata"),
+        ],
+    );
     // A length field far larger than the file.
     let mut bytes = u64::MAX.to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{}");
@@ -255,33 +260,35 @@ fn byte_ranges_must_be_packed_without_gaps_or_overlaps() {
     // byte 0; our messages name the tensor at fault and the one before it.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.safetensors");
-    write_raw(
+    expect_refused(
         &path,
-        r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}"#,
-        12,
+        &[
+            (
+                r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}"#,
+                12,
+                "tensor \"b\": data_offsets [4, 12] overlap tensor \"a\", which ends at byte 8",
+            ),
+            (
+                r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}"#,
+                16,
+                "tensor \"b\": data_offsets [12, 16] leave a gap after tensor \"a\"",
+            ),
+            (
+                r#"{"a": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]}}"#,
+                4,
+                "tensor \"a\": data_offsets [2, 4] leave a gap at the start of the data (the first tensor starts at byte 0)",
+            ),
+            // Two tensors sharing one range (aliasing) overlap too.
+            (
+                r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                    "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#,
+                4,
+                "overlap",
+            ),
+        ],
     );
-    expect_format(&path, "tensor \"b\": data_offsets [4, 12] overlap tensor \"a\", which ends at byte 8");
-    write_raw(
-        &path,
-        r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-            "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}"#,
-        16,
-    );
-    expect_format(&path, "tensor \"b\": data_offsets [12, 16] leave a gap after tensor \"a\"");
-    write_raw(&path, r#"{"a": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]}}"#, 4);
-    expect_format(
-        &path,
-        "tensor \"a\": data_offsets [2, 4] leave a gap at the start of the data (the first tensor starts at byte 0)",
-    );
-    // Two tensors sharing one range (aliasing) overlap too.
-    write_raw(
-        &path,
-        r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-            "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#,
-        4,
-    );
-    expect_format(&path, "overlap");
     // Empty tensors take no bytes and may sit anywhere in the sequence.
     write_raw(
         &path,
@@ -316,25 +323,37 @@ fn data_after_the_last_tensor_is_refused() {
 fn dtypes_and_shapes_mlx_cannot_hold_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d.safetensors");
-    // A dtype the format has but MLX does not.
-    write_raw(&path, r#"{"f8": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}"#, 4);
-    expect_format(&path, "tensor \"f8\": unsupported dtype F8_E4M3");
-    // Sub-byte types must fill whole bytes (the crate's check).
-    write_raw(&path, r#"{"f4": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}"#, 2);
-    expect_format(&path, "tensor \"f4\": F4 [3] does not fill a whole number of bytes");
-    // A dimension past MLX's i32 limit, refused before the data is looked at.
-    write_raw(&path, r#"{"big": {"dtype": "U8", "shape": [2147483648], "data_offsets": [0, 2147483648]}}"#, 0);
-    expect_format(&path, "tensor \"big\": shape [2147483648] has a dimension larger than MLX's limit of 2147483647");
-    // A shape whose size overflows.
-    write_raw(
+    expect_refused(
         &path,
-        r#"{"huge": {"dtype": "F32", "shape": [4294967296, 4294967296, 4294967296], "data_offsets": [0, 4]}}"#,
-        4,
+        &[
+            // A dtype the format has but MLX does not.
+            (
+                r#"{"f8": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}"#,
+                4,
+                "tensor \"f8\": unsupported dtype F8_E4M3",
+            ),
+            // Sub-byte types must fill whole bytes (the crate's check).
+            (
+                r#"{"f4": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}"#,
+                2,
+                "tensor \"f4\": F4 [3] does not fill a whole number of bytes",
+            ),
+            // A dimension past MLX's i32 limit, refused before the data is looked at.
+            (
+                r#"{"big": {"dtype": "U8", "shape": [2147483648], "data_offsets": [0, 2147483648]}}"#,
+                0,
+                "tensor \"big\": shape [2147483648] has a dimension larger than MLX's limit of 2147483647",
+            ),
+            // A shape whose size overflows.
+            (
+                r#"{"huge": {"dtype": "F32", "shape": [4294967296, 4294967296, 4294967296], "data_offsets": [0, 4]}}"#,
+                4,
+                "tensor \"huge\": F32 [4294967296, 4294967296, 4294967296] is too large",
+            ),
+            // Metadata that is not a map of strings.
+            (r#"{"__metadata__": ["a"]}"#, 0, "__metadata__ must map names to strings"),
+        ],
     );
-    expect_format(&path, "tensor \"huge\": F32 [4294967296, 4294967296, 4294967296] is too large");
-    // Metadata that is not a map of strings.
-    write_raw(&path, r#"{"__metadata__": ["a"]}"#, 0);
-    expect_format(&path, "__metadata__ must map names to strings");
 }
 
 #[test]

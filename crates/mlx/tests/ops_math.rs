@@ -2,6 +2,7 @@
 //! Creation, elementwise arithmetic and math, comparisons, `where`, `astype`
 //! and matmul, checked against float64 references; bad broadcasts and dtypes.
 
+#[macro_use]
 mod common;
 
 use common::{arr, assert_close, data, expect_err, iarr, ints, iota, matmul_ref, vals, wide};
@@ -282,16 +283,7 @@ fn empty_elementwise() {
 fn incompatible_broadcasts_name_the_op() {
     let a = iota(&[2, 3]);
     let b = iota(&[4]);
-    for (f, name) in [
-        (ops::add as Binary, "add"),
-        (ops::subtract, "subtract"),
-        (ops::multiply, "multiply"),
-        (ops::divide, "divide"),
-        (ops::maximum, "maximum"),
-        (ops::equal, "equal"),
-        (ops::less, "less"),
-        (ops::power, "power"),
-    ] {
+    for (f, name) in named_ops!(Binary; add, subtract, multiply, divide, maximum, equal, less, power) {
         let e = expect_err(f(&a, &b), name);
         assert!(e.to_string().to_lowercase().contains("broadcast"), "{e}");
     }

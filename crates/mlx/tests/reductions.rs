@@ -2,6 +2,7 @@
 //! Reductions, softmax, logsumexp, argmax/argmin, scans, sorting, top-k and
 //! partitions, against float64 references; out-of-range axes and empty input.
 
+#[macro_use]
 mod common;
 
 use common::{arr, assert_close, data, expect_err, iarr, ints, iota, softmax_ref, vals, wide};
@@ -144,19 +145,7 @@ fn reductions_of_empty_arrays() {
 #[test]
 fn reductions_with_out_of_range_axes() {
     let a = iota(&[2, 3]);
-    let all: [(Reduction, &str); 10] = [
-        (ops::sum, "sum"),
-        (ops::mean, "mean"),
-        (ops::max, "max"),
-        (ops::min, "min"),
-        (ops::prod, "prod"),
-        (ops::all, "all"),
-        (ops::any, "any"),
-        (ops::logsumexp, "logsumexp"),
-        (ops::var, "var"),
-        (ops::std, "std"),
-    ];
-    for (f, name) in all {
+    for (f, name) in named_ops!(Reduction; sum, mean, max, min, prod, all, any, logsumexp, var, std) {
         expect_err(f(&a, &[2], false), name);
         expect_err(f(&a, &[-3], false), name);
         expect_err(f(&a, &[0, 0], false), name);

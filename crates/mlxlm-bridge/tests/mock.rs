@@ -65,6 +65,28 @@ fn process_exists(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Asserts that `err`'s message starts with `prefix`.
+#[track_caller]
+fn assert_starts_with(err: &Error, prefix: &str) {
+    assert!(err.to_string().starts_with(prefix), "{err}");
+}
+
+/// Asserts that the bridge process `pid` has gone (where that can be checked).
+#[track_caller]
+fn assert_exited(pid: u32) {
+    #[cfg(unix)]
+    assert!(!process_exists(pid), "the bridge process {pid} is still running");
+    #[cfg(not(unix))]
+    let _ = pid;
+}
+
+/// The mock model, and the error that ended its generation of `prompt`.
+fn failed_generation(prompt: &str) -> (BridgeModel, Error) {
+    let model = load("/models/mock");
+    let err = last_error(start(&model, prompt));
+    (model, err)
+}
+
 /// A copy of the mock under a name that selects a start-up behaviour.
 fn renamed_mock(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
@@ -144,9 +166,7 @@ fn invalid_settings_are_rejected_before_starting_anything() {
 #[test]
 fn missing_interpreter_is_a_clear_error_and_unavailable() {
     let err = load_err("/m", settings().backend_option("python", "/nonexistent/bin/python"));
-    assert!(
-        err.to_string().starts_with("backend \"mlx_lm\": cannot start the Python interpreter /nonexistent/bin/python")
-    );
+    assert_starts_with(&err, "backend \"mlx_lm\": cannot start the Python interpreter /nonexistent/bin/python");
     let backend = MlxLmBackend::with_python("/nonexistent/venv");
     assert!(!backend.available());
     let reason = backend.unavailable_reason().unwrap();
@@ -159,10 +179,11 @@ fn start_up_failures_end_in_clean_errors() {
     let script = |name: &str| renamed_mock(dir.path(), name).to_str().unwrap().to_owned();
 
     let err = load_err("/m", settings().backend_option("bridge_script", script("mock_protocol2.py")));
-    assert!(err.to_string().starts_with(
+    assert_starts_with(
+        &err,
         "backend \"mlx_lm\": the bridge speaks protocol 2; this crate speaks 1 during start-up; the bridge process was \
-         stopped; stderr: mock bridge starting"
-    ), "{err}");
+         stopped; stderr: mock bridge starting",
+    );
 
     let err = load_err("/m", settings().backend_option("bridge_script", script("mock_importfail.py")));
     assert_eq!(
@@ -181,10 +202,7 @@ fn start_up_failures_end_in_clean_errors() {
     let silent =
         settings().backend_option("bridge_script", script("mock_silent.py")).backend_option("timeout_secs", "1");
     let err = load_err("/m", silent);
-    assert!(
-        err.to_string().starts_with("backend \"mlx_lm\": the bridge did not say ready within 1 s during start-up"),
-        "{err}"
-    );
+    assert_starts_with(&err, "backend \"mlx_lm\": the bridge did not say ready within 1 s during start-up");
 }
 
 #[test]
@@ -380,11 +398,9 @@ fn a_crash_mid_stream_reports_the_exit_status_and_stderr() {
     );
     assert!(stream.next().is_none());
     let err = start(&model, "Hi").collect_text().unwrap_err();
-    assert!(
-        err.to_string().starts_with(
-            "backend \"mlx_lm\": the bridge process is no longer usable: the bridge process exited (exit status: 3)"
-        ),
-        "{err}"
+    assert_starts_with(
+        &err,
+        "backend \"mlx_lm\": the bridge process is no longer usable: the bridge process exited (exit status: 3)",
     );
     assert!(model.stderr_tail().ends_with("mock: simulated crash"));
     assert!(model.close().is_ok());
@@ -392,31 +408,26 @@ fn a_crash_mid_stream_reports_the_exit_status_and_stderr() {
 
 #[test]
 fn a_malformed_line_is_a_clean_error() {
-    let model = load("/models/mock");
-    let err = last_error(start(&model, "MALFORMED"));
-    assert!(
-        err.to_string().starts_with("backend \"mlx_lm\": the bridge sent a malformed line (expected ident at line 1 column 2): this is not json during generate; the bridge process was stopped"),
-        "{err}"
+    let (model, err) = failed_generation("MALFORMED");
+    assert_starts_with(
+        &err,
+        "backend \"mlx_lm\": the bridge sent a malformed line (expected ident at line 1 column 2): this is not json during generate; the bridge process was stopped",
     );
     assert!(start(&model, "Hi").collect_text().unwrap_err().to_string().contains("no longer usable"));
 }
 
 #[test]
 fn an_oversized_line_is_a_clean_error() {
-    let model = load("/models/mock");
-    let err = last_error(start(&model, "OVERSIZED"));
-    assert!(
-        err.to_string().starts_with(
-            "backend \"mlx_lm\": bridge line exceeds 16777216 bytes during generate; the bridge process was stopped"
-        ),
-        "{err}"
+    let (_model, err) = failed_generation("OVERSIZED");
+    assert_starts_with(
+        &err,
+        "backend \"mlx_lm\": bridge line exceeds 16777216 bytes during generate; the bridge process was stopped",
     );
 }
 
 #[test]
 fn a_reply_to_another_request_is_a_protocol_error() {
-    let model = load("/models/mock");
-    let err = last_error(start(&model, "WRONGID"));
+    let (_model, err) = failed_generation("WRONGID");
     assert!(
         err.to_string().contains("the bridge sent a token event for request 1003 while request 3 was pending"),
         "{err}"
@@ -440,9 +451,7 @@ fn a_bridge_that_hangs_after_cancel_is_killed() {
         "backend \"mlx_lm\": the bridge process is no longer usable: the bridge did not end a cancelled generate within \
          2 s and was stopped"
     );
-    #[cfg(unix)]
-    assert!(!process_exists(pid));
-    let _ = pid;
+    assert_exited(pid);
 }
 
 // ---- close and drop -----------------------------------------------------------------------------
@@ -456,8 +465,7 @@ fn close_is_explicit_idempotent_and_final() {
     assert!(matches!(model.generate("Hi", &GenerateSettings::new(), CancelToken::new()), Err(Error::Closed)));
     assert!(matches!(model.classify(&["a"], &GenerateSettings::new(), CancelToken::new()), Err(Error::Closed)));
     assert_eq!(model.info().vocab_size, 32000);
-    #[cfg(unix)]
-    assert!(!process_exists(model.pid()));
+    assert_exited(model.pid());
 }
 
 #[test]
@@ -477,14 +485,8 @@ fn close_kills_a_bridge_that_ignores_quit() {
     let model = load_with("/models/SLOWQUIT", settings().backend_option("timeout_secs", "2"));
     let pid = model.pid();
     let err = model.close().unwrap_err();
-    assert!(
-        err.to_string()
-            .starts_with("backend \"mlx_lm\": the bridge process did not exit within 2 s of quit and was killed"),
-        "{err}"
-    );
-    #[cfg(unix)]
-    assert!(!process_exists(pid));
-    let _ = pid;
+    assert_starts_with(&err, "backend \"mlx_lm\": the bridge process did not exit within 2 s of quit and was killed");
+    assert_exited(pid);
 }
 
 #[test]
@@ -494,8 +496,7 @@ fn close_during_a_stream_ends_it_with_closed() {
     next_token(&mut stream);
     model.close().unwrap();
     assert!(matches!(last_error(stream), Error::Closed));
-    #[cfg(unix)]
-    assert!(!process_exists(model.pid()));
+    assert_exited(model.pid());
 }
 
 #[cfg(unix)]

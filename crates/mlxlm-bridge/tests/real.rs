@@ -156,6 +156,11 @@ fn reference(python: &str, models: &[PathBuf], path: &Path) -> Arc<serde_json::V
     value
 }
 
+/// The model at `path` and mlx-lm's own results for it.
+fn with_reference(python: &str, models: &[PathBuf], path: &Path) -> (Arc<BridgeModel>, Arc<serde_json::Value>) {
+    (model(python, path), reference(python, models, path))
+}
+
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     serde_json::from_value(v.clone()).expect("a list of token ids")
 }
@@ -188,8 +193,7 @@ fn the_interpreter_is_available_and_reports_its_versions() {
 fn greedy_generation_matches_mlx_lm() {
     let Some((python, models)) = setup("greedy_generation_matches_mlx_lm") else { return };
     for path in &models {
-        let model = model(&python, path);
-        let reference = reference(&python, &models, path);
+        let (model, reference) = with_reference(&python, &models, path);
         let s = greedy(N).ignore_eos(true);
         let done = model.generate(PROMPT, &s, CancelToken::new()).unwrap().complete().unwrap();
         let got: Vec<u32> = done.tokens.iter().map(|t| t.id).collect();
@@ -207,8 +211,7 @@ fn greedy_generation_matches_mlx_lm() {
 fn seeded_sampling_matches_mlx_lm() {
     let Some((python, models)) = setup("seeded_sampling_matches_mlx_lm") else { return };
     let path = primary(&models);
-    let model = model(&python, path);
-    let reference = reference(&python, &models, path);
+    let (model, reference) = with_reference(&python, &models, path);
     let s = greedy(N).temperature(0.8).top_k(20).seed(7).ignore_eos(true);
     let done = model.generate(PROMPT, &s, CancelToken::new()).unwrap().complete().unwrap();
     let got: Vec<u32> = done.tokens.iter().map(|t| t.id).collect();
@@ -269,8 +272,7 @@ fn chat_matches_mlx_lm() {
     let Some((python, models)) = setup("chat_matches_mlx_lm") else { return };
     let messages = [Message::user("What is the capital of France?")];
     for path in &models {
-        let model = model(&python, path);
-        let reference = reference(&python, &models, path);
+        let (model, reference) = with_reference(&python, &models, path);
         let result = model.chat(&messages, &greedy(N), CancelToken::new()).unwrap().complete();
         if reference["chat_tokens"].is_null() {
             assert!(matches!(result, Err(Error::Unsupported { .. })), "{}: no chat template", name(path));
@@ -327,8 +329,7 @@ fn info_matches_config() {
 fn classify_and_batch_generate_match_mlx_lm() {
     let Some((python, models)) = setup("classify_and_batch_generate_match_mlx_lm") else { return };
     let path = primary(&models);
-    let model = model(&python, path);
-    let reference = reference(&python, &models, path);
+    let (model, reference) = with_reference(&python, &models, path);
     let results = model.classify(&PROMPTS, &GenerateSettings::new(), CancelToken::new()).unwrap();
     let got: Vec<u32> = results.iter().map(|r| r.token.id).collect();
     assert_eq!(got, ids(&reference["first_tokens"]), "{}: classify", name(path));
@@ -345,8 +346,7 @@ fn classify_and_batch_generate_match_mlx_lm() {
 fn inspect_captures_post_rope_keys_and_queries() {
     let Some((python, models)) = setup("inspect_captures_post_rope_keys_and_queries") else { return };
     for path in &models {
-        let model = model(&python, path);
-        let reference = reference(&python, &models, path);
+        let (model, reference) = with_reference(&python, &models, path);
         let snap = model.attention_inspector().unwrap().inspect_attention(PROMPT, CancelToken::new()).unwrap();
         let info = model.info();
         let len = reference["prompt_len"].as_u64().unwrap() as usize;
@@ -392,8 +392,7 @@ fn greedy_generation_matches_the_goldens() {
     let mut checked = 0;
     for path in &models {
         let Some(golden) = golden(path) else { continue };
-        let model = model(&python, path);
-        let reference = reference(&python, &models, path);
+        let (model, reference) = with_reference(&python, &models, path);
         for (i, run) in golden["greedy"].as_array().into_iter().flatten().enumerate() {
             let what = format!("{} greedy {}", name(path), run["name"]);
             let Some(text) = reference["golden_texts"][i].as_str() else {

@@ -2,7 +2,7 @@
 //! `MetalModel` with the `tensor_parallel` backend option: a rank's chat, jobs mirrored from rank 0
 //! to the ranks that follow it (every kind of call, cancellation), and the options' checks.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use inference_core::{
     CancelToken, ChatSession, Error as CoreError, GenerateSettings, LoadSettings, Message, TextModel,
@@ -27,6 +27,16 @@ fn chat(model: &MetalModel) -> (Vec<u32>, String) {
     let stream = model.chat(&[Message::user("Hello there")], &settings, CancelToken::new()).expect("chat");
     let tokens: Vec<_> = stream.map(|t| t.expect("a token")).collect();
     (tokens.iter().map(|t| t.id).collect(), tokens.iter().map(|t| t.text.as_str()).collect())
+}
+
+/// qwen3-tiny's directory, and what `run` gives on the model loaded in this one process (the
+/// reference the ranks must match).
+fn single_process<T>(run: impl FnOnce(&MetalModel) -> T) -> (PathBuf, T) {
+    let dir = crate::common::tiny_model("qwen3-tiny");
+    let single = MetalModel::load(&dir, &LoadSettings::default()).expect("single process");
+    let out = run(&single);
+    single.close().expect("close");
+    (dir, out)
 }
 
 /// A rank: the model loaded through `MetalModel` with the
@@ -55,10 +65,7 @@ pub(super) fn rank_chat(dir: &str) {
 #[test]
 fn metal_model_with_the_tensor_parallel_option_matches_the_single_process() {
     let _serial = super::serial();
-    let dir = crate::common::tiny_model("qwen3-tiny");
-    let single = MetalModel::load(&dir, &LoadSettings::default()).expect("single process");
-    let (ids, text) = chat(&single);
-    single.close().expect("close");
+    let (dir, (ids, text)) = single_process(chat);
     assert_eq!(ids.len(), 10);
     // The vocabulary sharded (the default) and replicated; rank 0 answers,
     // the other rank follows it.
@@ -184,10 +191,7 @@ pub(super) fn rank_mirrored(dir: &str) {
 #[test]
 fn a_mirrored_model_answers_like_the_single_process_and_stops_every_rank_together() {
     let _serial = super::serial();
-    let dir = crate::common::tiny_model("qwen3-tiny");
-    let single = MetalModel::load(&dir, &LoadSettings::default()).expect("single process");
-    let want = scenario(&single);
-    single.close().expect("close");
+    let (dir, want) = single_process(scenario);
     let outs = run_job(&format!("mirror:{}", dir.display()), 2);
     let results: Vec<Value> = outs.iter().map(result_of).collect();
     assert_eq!(results[0]["calls"], want, "rank 0's answers equal the single process's");

@@ -97,6 +97,17 @@ pub(crate) fn wide(xs: &[f32]) -> Vec<f64> {
     xs.iter().map(|&x| f64::from(x)).collect()
 }
 
+/// A table of functions from `mlx::ops`, each cast to the function-pointer
+/// type `$ty` and paired with its name (the op its errors must name):
+/// `named_ops!(Binary; add, less)` is
+/// `[(ops::add as Binary, "add"), (ops::less as Binary, "less")]`.
+#[allow(unused_macros)]
+macro_rules! named_ops {
+    ($ty:ty; $($op:ident),+ $(,)?) => {
+        [$((mlx::ops::$op as $ty, stringify!($op))),+]
+    };
+}
+
 /// Asserts that `r` failed with an error naming `op` and carrying a
 /// non-empty message, and returns the error.
 #[track_caller]
