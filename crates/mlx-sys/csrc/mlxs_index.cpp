@@ -13,6 +13,15 @@ using namespace mlxs;
 
 namespace {
 
+// Throws unless `ndim` bounds came for the `ndim` dimensions of `x`.
+void check_bounds(const char* op, size_t ndim, const mx::array& x) {
+  if (ndim != x.ndim()) {
+    throw std::invalid_argument(std::string("[") + op + "] got " + std::to_string(ndim) +
+                                " bounds for an array with " + std::to_string(x.ndim()) +
+                                " dimensions");
+  }
+}
+
 // MLX does not bounds-check gather and scatter indices (nor dynamic slice
 // starts): an index outside the axis reads or writes foreign memory. These
 // helpers make every index land inside its axis, lazily and cheaply: a
@@ -122,11 +131,7 @@ int mlxs_slice(mlxs_array* out, mlxs_array a, const int* start, const int* stop,
                size_t ndim, int dev) {
   return guard([&] {
     auto& x = arr(a);
-    if (ndim != x.ndim()) {
-      throw std::invalid_argument("[slice] got " + std::to_string(ndim) +
-                                  " bounds for an array with " + std::to_string(x.ndim()) +
-                                  " dimensions");
-    }
+    check_bounds("slice", ndim, x);
     put(out, mx::slice(x, shape(start, ndim), shape(stop, ndim), shape(strides, ndim), sod(dev)));
   });
 }
@@ -152,11 +157,7 @@ int mlxs_slice_update(mlxs_array* out, mlxs_array src, mlxs_array update, const 
                       const int* stop, const int* strides, size_t ndim, int dev) {
   return guard([&] {
     auto& x = arr(src);
-    if (ndim != x.ndim()) {
-      throw std::invalid_argument("[slice_update] got " + std::to_string(ndim) +
-                                  " bounds for an array with " + std::to_string(x.ndim()) +
-                                  " dimensions");
-    }
+    check_bounds("slice_update", ndim, x);
     put(out, mx::slice_update(x, arr(update), shape(start, ndim), shape(stop, ndim),
                               shape(strides, ndim), sod(dev)));
   });

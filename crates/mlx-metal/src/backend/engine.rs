@@ -17,14 +17,14 @@ use inference_core::{
 use mlx::{Array, Error, ops};
 
 use super::mirror::Mirror;
-use super::scheduler::Scheduler;
+use super::scheduler::{Scheduler, sampler_for};
 use super::text::{TextOut, with_scores};
 use super::{MAX_BATCH, NAME, core_err, lock};
 use crate::batch;
 use crate::cache::LayerCache;
 use crate::generate::{self, GenerationStats, LoopOptions, Step};
 use crate::model::{self, LoadedModel};
-use crate::sample::{Sampler, SamplerConfig};
+use crate::sample::Sampler;
 use crate::session::{Fingerprint, SessionCache};
 use crate::tokenizer::Tokenizer;
 
@@ -56,13 +56,7 @@ impl Engine {
             return self.generate_into(&ids, &settings, sink);
         }
         let max_tokens = self.max_tokens(ids.len(), &settings);
-        let span = tracing::info_span!(
-            "job",
-            kind = "generate",
-            prompt_tokens = ids.len(),
-            max_tokens = settings.max_tokens,
-            generated_tokens = Empty,
-        );
+        let span = generation_span(ids.len(), &settings);
         self.scheduler.submit(super::scheduler::Request { ids, settings, max_tokens, sink, span });
     }
 
@@ -103,13 +97,7 @@ impl Engine {
         settings: &GenerateSettings,
         sink: &TokenSink,
     ) -> CoreResult<GenerateMetrics> {
-        let span = tracing::info_span!(
-            "job",
-            kind = "generate",
-            prompt_tokens = ids.len(),
-            max_tokens = settings.max_tokens,
-            generated_tokens = Empty,
-        );
+        let span = generation_span(ids.len(), settings);
         let _job = span.enter();
         let stats = self.run_generation(ids, 0, settings, sink, None).map_err(core_err)?;
         span.record("generated_tokens", stats.generated_tokens);
@@ -378,24 +366,24 @@ impl Engine {
     }
 }
 
+/// The `job` span of one generation (a child of the caller's span); its
+/// `generated_tokens` is recorded when it ends.
+fn generation_span(prompt_tokens: usize, settings: &GenerateSettings) -> tracing::Span {
+    tracing::info_span!(
+        "job",
+        kind = "generate",
+        prompt_tokens,
+        max_tokens = settings.max_tokens,
+        generated_tokens = Empty,
+    )
+}
+
 /// `[1, H, L, D]` → per head, `L * D` values.
 fn per_head(a: &Array) -> Result<Vec<Vec<f32>>, Error> {
     let shape = a.shape();
     let (heads, len) = (shape[1] as usize, (shape[2] * shape[3]) as usize);
     let flat = a.to_vec_f32()?;
     Ok((0..heads).map(|h| flat[h * len..(h + 1) * len].to_vec()).collect())
-}
-
-fn sampler_for(settings: &GenerateSettings) -> Result<Sampler, Error> {
-    Sampler::new(SamplerConfig {
-        temperature: settings.temperature,
-        top_p: settings.top_p,
-        min_p: settings.min_p,
-        top_k: settings.effective_top_k().unwrap_or(0),
-        min_tokens_to_keep: 1,
-        repetition_penalty: settings.repetition_penalty,
-        repetition_context_size: settings.repetition_context_size,
-    })
 }
 
 pub(super) fn metrics_from(stats: &GenerationStats) -> GenerateMetrics {

@@ -21,8 +21,6 @@
 
 use std::cell::RefCell;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use inference_core::{
     CancelToken, Error as CoreError, GenerateSettings, LogitsMode, Result as CoreResult, TokenStream,
@@ -137,11 +135,7 @@ impl Mirror {
     /// `settings` with a seed: rank 0 picks one when the request has none,
     /// so that every rank samples the same tokens.
     pub(crate) fn seeded(&self, mut settings: GenerateSettings) -> GenerateSettings {
-        if settings.seed.is_none() {
-            static NEXT: AtomicU64 = AtomicU64::new(0);
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or_default();
-            settings.seed = Some(now ^ NEXT.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
-        }
+        settings.seed = Some(settings.seed.unwrap_or_else(super::scheduler::fresh_seed));
         settings
     }
 

@@ -5,9 +5,15 @@
 //! MLX arrays must be evaluated on the thread that made them, so each loaded
 //! model lives on one engine thread (an actor) for its whole life. The public
 //! [`MetalModel`] sends it jobs over a channel; token streams come back over
-//! inference-core's [`TokenStream`](inference_core::TokenStream). Dropping a stream, or cancelling its
-//! token, stops generation before the next token. Calls on one model run one
-//! after another; different models run in parallel on their own threads.
+//! inference-core's [`TokenStream`](inference_core::TokenStream). Between
+//! jobs the thread runs the [`scheduler`]: every generation (`generate`,
+//! `chat`) is a row of one continuously batched decode, whoever called it and
+//! from whatever thread. Dropping a stream, or cancelling its token, ends its
+//! row before the next step (and before any job submitted after the cancel);
+//! the engine never waits for a reader, so a stream nobody reads buffers up
+//! to its `max_tokens`. Other calls (classification, batches, sessions,
+//! attention inspection, adapter swaps) run between steps. Different models
+//! run in parallel on their own threads.
 //!
 //! The module, by job:
 //! - this file: registration ([`MetalBackend`], [`register`]) and the job
@@ -15,6 +21,7 @@
 //! - [`handle`]: [`MetalModel`], the handle, and its `TextModel` methods;
 //! - `engine`: what the engine thread owns and runs (generation,
 //!   classification, batches, attention inspection, adapter swaps);
+//! - [`scheduler`]: continuous batching of every generation;
 //! - `text`: tokens to text (EOS, stop strings, streaming detokenising,
 //!   scores);
 //! - `session`: [`MetalSession`], chat sessions whose caches live on the

@@ -48,6 +48,8 @@ use crate::tokenizer::Tokenizer;
 mod prefill;
 mod rows;
 
+pub(crate) use self::rows::{fresh_seed, sampler_for};
+
 /// How much the scheduler takes on at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

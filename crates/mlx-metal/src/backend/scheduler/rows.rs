@@ -56,7 +56,7 @@ impl Draw {
 }
 
 /// A seed for a request that gave none: different for every request.
-fn fresh_seed() -> u64 {
+pub(crate) fn fresh_seed() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{SystemTime, UNIX_EPOCH};
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -64,7 +64,8 @@ fn fresh_seed() -> u64 {
     now ^ NEXT.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
 }
 
-fn sampler_for(settings: &GenerateSettings) -> Result<Sampler> {
+/// The sampler a generation's settings ask for.
+pub(crate) fn sampler_for(settings: &GenerateSettings) -> Result<Sampler> {
     Sampler::new(SamplerConfig {
         temperature: settings.temperature,
         top_p: settings.top_p,
