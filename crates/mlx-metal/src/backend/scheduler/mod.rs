@@ -12,7 +12,7 @@
 //! own stream and retires the rows that finished, were cancelled or whose
 //! consumer went away. Nobody waits for the batch to drain.
 //!
-//! The cache layout is today's left-padded [`BatchKvCache`] (mlx-lm's
+//! The cache layout is today's left-padded [`BatchKvCache`](crate::cache::BatchKvCache) (mlx-lm's
 //! `BatchKVCache`): rows are aligned on their last position, a joining row
 //! is padded on the left (or the batch is, when the newcomer is longer), a
 //! retiring row is taken out with `take`. Merging copies the batch's cache
@@ -20,7 +20,7 @@
 //! one contiguous buffer per layer. Per-row caches gathered every step
 //! would copy everything at every step, and paged caches need an attention
 //! kernel over pages that MLX does not have. Sliding-window layers drop the
-//! columns that left every row's window ([`BatchKvCache::compact`]).
+//! columns that left every row's window ([`BatchKvCache::compact`](crate::cache::BatchKvCache::compact)).
 //!
 //! Each step queues the next forward pass before reading the tokens of the
 //! current one (as the single-stream loop does), so the device works on
