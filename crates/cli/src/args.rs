@@ -256,9 +256,16 @@ pub(crate) struct ServeArgs {
     /// The model's id in the API (default: the model directory's name).
     #[arg(long, value_name = "ID")]
     pub(crate) model_id: Option<String>,
-    /// How many generations run at once; more requests wait in the queue.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub(crate) max_concurrent: u32,
+    /// The most rows the engine decodes together in one batch (metal backend).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub(crate) max_batch: u32,
+    /// The most prompt tokens the engine prefills between two decode steps, so that a long prompt
+    /// holds up the others' streams by one chunk at most (metal backend).
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) prefill_step: u32,
+    /// How many requests the engine holds at once (default: --max-batch); more wait in the queue.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub(crate) max_concurrent: Option<u32>,
     /// How many requests may wait for their turn; more are refused with 429.
     #[arg(long, default_value_t = 64)]
     pub(crate) max_queue: u32,
@@ -276,6 +283,28 @@ pub(crate) struct ServeArgs {
     pub(crate) default_max_tokens: usize,
     #[command(flatten)]
     pub(crate) tensor_parallel: TensorParallelArgs,
+}
+
+impl ServeArgs {
+    /// How many requests the engine holds at once.
+    pub(crate) fn requests_at_once(&self) -> usize {
+        self.max_concurrent.unwrap_or(self.max_batch) as usize
+    }
+
+    /// `settings` with the engine's batch limits, for the metal backend (the others take no
+    /// such options and would refuse them).
+    pub(crate) fn engine_settings(&self, settings: LoadSettings) -> LoadSettings {
+        let backend = settings
+            .backend
+            .clone()
+            .or_else(|| inference_core::default_backend().ok().map(|b| b.name().to_owned()));
+        if backend.as_deref() != Some("metal") {
+            return settings;
+        }
+        settings
+            .backend_option("max_batch", self.max_batch.to_string())
+            .backend_option("prefill_step", self.prefill_step.to_string())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -396,6 +425,8 @@ mod tests {
         assert!(err.contains("must be one of auto, gpu, cpu"), "{err}");
         assert!(parse(&["generate", "--max-tokens", "-3", "-m", "/m"]).is_err());
         assert!(parse(&["serve", "-m", "/m", "--max-concurrent", "0"]).is_err());
+        assert!(parse(&["serve", "-m", "/m", "--max-batch", "0"]).is_err());
+        assert!(parse(&["serve", "-m", "/m", "--prefill-step", "0"]).is_err());
         assert!(parse(&["serve", "-m", "/m", "--host", "localhost:80"]).is_err());
         assert!(parse(&["frobnicate"]).is_err());
     }
@@ -406,7 +437,8 @@ mod tests {
         let Command::Serve(s) = cli.command else { panic!("not serve") };
         assert_eq!(s.host.to_string(), "127.0.0.1");
         assert_eq!(s.port, 8080);
-        assert_eq!(s.max_concurrent, 1);
+        assert_eq!((s.max_batch, s.prefill_step, s.max_concurrent), (32, 2048, None));
+        assert_eq!(s.requests_at_once(), 32);
     }
 
     #[test]

@@ -232,3 +232,35 @@ fn a_refused_request_leaves_the_running_ones_alone() {
         assert_same(g, e, &format!("{p:?} beside refused requests"));
     }
 }
+
+#[test]
+fn max_batch_and_prefill_step_come_from_the_load_settings() {
+    let path = common::tiny_model("llama3-tiny");
+    let reg = Registry::new().with(mlx_metal::backend::backend());
+    let with = |key: &str, value: &str| {
+        let settings = LoadSettings::default().backend("metal").device(inference_core::Device::Cpu);
+        reg.load_model(&path, &settings.backend_option(key, value))
+    };
+    for (key, value) in [("max_batch", "0"), ("max_batch", "many"), ("prefill_step", "-3")] {
+        let e = with(key, value).err().unwrap_or_else(|| panic!("{key} = {value} was accepted"));
+        let report = e.report().to_string();
+        assert!(report.contains(key) && report.contains("at least 1"), "{report}");
+    }
+    // Two rows at most, and prompts going in three tokens per step: four callers still each get
+    // what they get alone, two at a time.
+    let model: Arc<dyn TextModel> = Arc::from(with("max_batch", "2").unwrap());
+    assert_eq!(model.engine_load().unwrap().max_batch, 2);
+    let (prompts, settings) = (prompts(), settings());
+    let expected = alone(model.as_ref(), &prompts[..4], &settings[..4]);
+    let got = staggered(model.as_ref(), &prompts[..4], &settings[..4]);
+    for ((g, e), p) in got.iter().zip(&expected).zip(&prompts) {
+        assert_same(g, e, &format!("{p:?} with max_batch 2"));
+    }
+    assert_eq!(model.engine_load().unwrap().peak_batch_size, 2);
+    let chunked: Arc<dyn TextModel> = Arc::from(with("prefill_step", "3").unwrap());
+    let got = staggered(chunked.as_ref(), &prompts[..4], &settings[..4]);
+    let expected = alone(chunked.as_ref(), &prompts[..4], &settings[..4]);
+    for ((g, e), p) in got.iter().zip(&expected).zip(&prompts) {
+        assert_same(g, e, &format!("{p:?} prefilled three tokens a step"));
+    }
+}

@@ -137,6 +137,15 @@ impl Engine {
         }
     }
 
+    /// The counters and, when the backend batches, what its engine is doing now.
+    pub(crate) fn json(&self) -> Value {
+        let mut stats = self.stats.json();
+        if let Some(load) = self.model.engine_load() {
+            stats["batch"] = json!(load);
+        }
+        stats
+    }
+
     /// Cancels every generation and refuses new ones.
     pub(crate) fn shut_down(&self) {
         self.shutdown.cancel();

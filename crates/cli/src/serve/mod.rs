@@ -90,10 +90,10 @@ pub(crate) fn run(args: &ServeArgs) -> Result<(), Failure> {
 
 /// Loads the model (this process's shard with `--tensor-parallel`) and serves it.
 fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
-    let settings = args.tensor_parallel.load_settings(args.model.load_settings());
+    let settings = args.engine_settings(args.tensor_parallel.load_settings(args.model.load_settings()));
     let model: Arc<dyn inference_core::TextModel> = Arc::from(args.model.load_with(settings)?);
     let limits = QueueLimits {
-        max_concurrent: args.max_concurrent as usize,
+        max_concurrent: args.requests_at_once(),
         max_queue: args.max_queue as usize,
         queue_timeout: Duration::from_secs_f64(args.queue_timeout.min(1e9)),
     };
@@ -198,7 +198,7 @@ async fn no_route(request: Request) -> ApiError {
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({ "status": "ok", "model": state.model_id, "engine": state.engine.stats.json() }))
+    Json(json!({ "status": "ok", "model": state.model_id, "engine": state.engine.json() }))
 }
 
 fn model_object(state: &AppState) -> Value {

@@ -63,6 +63,7 @@ impl MetalModel {
         // Tensor parallelism (docs/distributed.md): this process is one rank.
         let tensor_parallel = crate::model::tp::TensorParallelOptions::from_backend_options(&settings.backend_options)
             .map_err(core_err)?;
+        let limits = Limits::from_backend_options(&settings.backend_options).map_err(core_err)?;
         let tokenizer = {
             let _span = tracing::debug_span!("load_tokenizer", dir = %dir.display()).entered();
             Tokenizer::from_dir(&dir).map_err(core_err)?
@@ -124,7 +125,7 @@ impl MetalModel {
                     fingerprint,
                     sessions: HashMap::new(),
                     mirror,
-                    scheduler: Scheduler::new(Limits::default(), engine_load),
+                    scheduler: Scheduler::new(limits, engine_load),
                 };
                 run_engine(&mut engine, &job_rx);
                 // Closed on rank 0: the other ranks leave their follower loop.

@@ -60,9 +60,34 @@ pub struct Limits {
     pub prefill_step: usize,
 }
 
+/// The most rows decoding at once unless the load settings say otherwise
+/// (mlx-lm's server decodes up to 32 too).
+pub const DEFAULT_MAX_BATCH: usize = 32;
+
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_batch: super::MAX_BATCH, prefill_step: generate::PREFILL_STEP }
+        Limits { max_batch: DEFAULT_MAX_BATCH, prefill_step: generate::PREFILL_STEP }
+    }
+}
+
+impl Limits {
+    /// The limits that the load settings' backend options `max_batch` and
+    /// `prefill_step` (whole numbers >= 1) set; the defaults for those absent.
+    ///
+    /// # Errors
+    ///
+    /// An option that is not a whole number >= 1, named with its value.
+    pub fn from_backend_options(options: &std::collections::BTreeMap<String, String>) -> Result<Limits> {
+        let read = |key: &str, default: usize| -> Result<usize> {
+            match options.get(key) {
+                None => Ok(default),
+                Some(v) => v.trim().parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| {
+                    Error::invalid("load_settings", format!("{key} = {v:?} must be a whole number of at least 1"))
+                }),
+            }
+        };
+        let d = Limits::default();
+        Ok(Limits { max_batch: read("max_batch", d.max_batch)?, prefill_step: read("prefill_step", d.prefill_step)? })
     }
 }
 
