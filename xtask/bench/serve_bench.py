@@ -388,6 +388,8 @@ def main():
         p.error(f"{args.model} has no config.json")
     args.model = args.model.resolve()
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Even where SIGINT came ignored (a background job of a script): Ctrl-C must stop the servers.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     needed = args.warmup + args.rounds * sum(args.clients)
     if needed > distinct_prompts():
