@@ -88,7 +88,7 @@ fn check_value(name: &str, kind: Kind, v: &str) -> Result<String, String> {
     }
 }
 
-fn absolute(p: &Path) -> PathBuf {
+pub(crate) fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() { p.to_path_buf() } else { env::current_dir().map(|d| d.join(p)).unwrap_or(p.to_path_buf()) }
 }
 
@@ -122,7 +122,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
 }
 
 /// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the workspace root), else `target`.
-fn target_dir(root: &Path, var: Option<PathBuf>) -> PathBuf {
+pub(crate) fn target_dir(root: &Path, var: Option<PathBuf>) -> PathBuf {
     match var {
         Some(p) if p.is_absolute() => p,
         Some(p) => root.join(p),
@@ -131,9 +131,9 @@ fn target_dir(root: &Path, var: Option<PathBuf>) -> PathBuf {
 }
 
 /// `--python`, else `MLX_PYTHON`, else the fixtures' virtualenv, else `python3`.
-fn pick_python(o: &Options) -> String {
-    if let Some(p) = &o.python {
-        return p.clone();
+pub(crate) fn pick_python(given: Option<&str>) -> String {
+    if let Some(p) = given {
+        return p.to_owned();
     }
     if let Ok(p) = env::var("MLX_PYTHON")
         && !p.is_empty()
@@ -171,7 +171,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     if !bin.is_file() {
         return Err(format!("bench: {} is missing (run without --no-build)", bin.display()));
     }
-    let python = pick_python(&o);
+    let python = pick_python(o.python.as_deref());
     let mut cmd = Command::new(&python);
     cmd.current_dir(&root)
         .arg(root.join("xtask/bench/run_all.py"))

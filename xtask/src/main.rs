@@ -5,11 +5,13 @@
 //! - `test`: setup + fixtures + the whole test suite (what CI runs)
 //! - `fixtures`: real and tiny models and mlx-lm golden outputs for the parity tests
 //! - `bench`: our engine against mlx-lm on a model directory (prefill, decode, TTFT, memory, load)
+//! - `bench-serve`: `mlxr serve` against `mlx_lm.server` under 1 to 32 concurrent streaming clients
 //! - `bindgen`: regenerates `crates/mlx-sys/src/bindings.rs` from the C shim header
 
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_serve;
 mod bindings;
 mod fixtures;
 mod setup;
@@ -56,6 +58,20 @@ commands:
                      virtualenv, else python3)
         --rounds N   repeat both sides N times, alternating which goes first
         --no-public  skip the extra runs through the public API (engine thread and token stream)
+  bench-serve --model DIR [--clients 1,2,4,8,16,32] [--max-tokens 32] [--prompt-words N]
+        [--rounds 2] [--warmup 1] [--ours-args \"...\"] [--mlxlm-args \"...\"] [--skip-ours]
+        [--skip-mlxlm] [--json OUT] [--markdown] [--log-dir DIR] [--start-timeout 300]
+        [--request-timeout 600] [--python PY] [--no-build]
+        `mlxr serve` (built in release) and `mlx_lm.server` on the same model, one after the
+        other, each driven by 1, 2, 4, ... concurrent streaming chat clients with the same
+        prompts: aggregate tok/s, time to first token p50/p95, per-stream tok/s and the ratios
+        ours/mlx-lm, as a table and JSON; the driver is xtask/bench/serve_bench.py (standard
+        library only), which also runs alone with a prebuilt mlxr (docs/benchmarks.md)
+        --ours-args   extra flags for `mlxr serve`, one string (by default the driver passes
+                      --max-concurrent and --max-queue so that no request is refused)
+        --mlxlm-args  extra flags for mlx-lm's server, one string
+        --python PY   the Python with mlx-lm (default: MLX_PYTHON, else the fixtures'
+                      virtualenv, else python3)
 ";
 
 fn main() -> ExitCode {
@@ -70,6 +86,7 @@ fn main() -> ExitCode {
         "fixtures" => fixtures::run(rest),
         "test" => test::run(rest),
         "bench" => bench::run(rest),
+        "bench-serve" => bench_serve::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
