@@ -294,10 +294,8 @@ impl ServeArgs {
     /// `settings` with the engine's batch limits, for the metal backend (the others take no
     /// such options and would refuse them).
     pub(crate) fn engine_settings(&self, settings: LoadSettings) -> LoadSettings {
-        let backend = settings
-            .backend
-            .clone()
-            .or_else(|| inference_core::default_backend().ok().map(|b| b.name().to_owned()));
+        let backend =
+            settings.backend.clone().or_else(|| inference_core::default_backend().ok().map(|b| b.name().to_owned()));
         if backend.as_deref() != Some("metal") {
             return settings;
         }

@@ -195,6 +195,10 @@ fn concurrent_requests_queue_and_all_complete() {
     });
     assert_eq!(stats["completed"], 7);
     assert_eq!(stats["running"], 0);
+    // The metal engine batches what it holds and says so.
+    let batch = &stats["batch"];
+    assert_eq!((batch["max_batch"].as_u64(), batch["running"].as_u64()), (Some(32), Some(0)), "{stats}");
+    assert!(batch["decode_steps"].as_u64().is_some_and(|n| n >= 16), "{stats}");
 }
 
 #[test]
