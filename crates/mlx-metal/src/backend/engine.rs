@@ -17,7 +17,8 @@ use inference_core::{
 use mlx::{Array, Error, ops};
 
 use super::mirror::Mirror;
-use super::scheduler::{Scheduler, sampler_for};
+use super::mirror::Request as MirrorRequest;
+use super::scheduler::{Group, Request, Scheduler, sampler_for};
 use super::text::{TextOut, with_scores};
 use super::{MAX_BATCH, NAME, core_err, lock};
 use crate::batch;
@@ -48,16 +49,107 @@ impl Engine {
     /// after another, as every rank must run the same steps.
     pub(super) fn start_generation(&mut self, ids: Vec<u32>, settings: GenerateSettings, sink: TokenSink) {
         if self.mirror.is_some() {
-            if let Err(e) =
-                self.announce(|| super::mirror::Request::Generate { ids: ids.clone(), settings: settings.clone() })
-            {
+            if let Err(e) = self.announce(|| MirrorRequest::Generate { ids: ids.clone(), settings: settings.clone() }) {
                 return sink.fail(e);
             }
             return self.generate_into(&ids, &settings, sink);
         }
         let max_tokens = self.max_tokens(ids.len(), &settings);
         let span = generation_span(ids.len(), &settings);
-        self.scheduler.submit(super::scheduler::Request { ids, settings, max_tokens, sink, span });
+        self.scheduler.submit(Request { ids, settings, max_tokens, sink, span, classify: false, group: None });
+    }
+
+    /// Starts one row per prompt of a classification (`classify`: one token
+    /// each, as drawn) or a batch, each with its sink; the rows run with
+    /// every other generation. A tensor-parallel rank runs the call to the
+    /// end now, batched as before, and hands each row its result.
+    pub(super) fn start_rows(
+        &mut self,
+        rows: Vec<(Vec<u32>, TokenSink)>,
+        settings: GenerateSettings,
+        classify: bool,
+        cancel: &CancelToken,
+    ) {
+        if self.mirror.is_some() {
+            return self.run_rows_mirrored(rows, &settings, classify, cancel);
+        }
+        let kind = if classify { "classify" } else { "batch" };
+        let span = tracing::info_span!(
+            "job",
+            kind,
+            prompts = rows.len(),
+            prompt_tokens = rows.iter().map(|(ids, _)| ids.len()).sum::<usize>(),
+            max_tokens = settings.max_tokens,
+            generated_tokens = Empty,
+        );
+        let group = Group::new(span);
+        for (index, (ids, sink)) in rows.into_iter().enumerate() {
+            let max_tokens = if classify { 1 } else { self.max_tokens(ids.len(), &settings) };
+            let span = tracing::info_span!(parent: group.span(), "row", index, prompt_tokens = ids.len());
+            let group = Some(Arc::clone(&group));
+            self.scheduler.submit(Request { ids, settings: settings.clone(), max_tokens, sink, span, classify, group });
+        }
+    }
+
+    /// [`Engine::start_rows`] on a tensor-parallel rank: the whole call now, every rank in step.
+    fn run_rows_mirrored(
+        &mut self,
+        rows: Vec<(Vec<u32>, TokenSink)>,
+        settings: &GenerateSettings,
+        classify: bool,
+        cancel: &CancelToken,
+    ) {
+        let (prompts, sinks): (Vec<Vec<u32>>, Vec<TokenSink>) = rows.into_iter().unzip();
+        let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        let row_metrics = |i: usize, generated_tokens: usize| GenerateMetrics {
+            prompt_tokens: lens[i],
+            generated_tokens,
+            ..GenerateMetrics::default()
+        };
+        let request = || match classify {
+            true => MirrorRequest::Classify { prompts: prompts.clone(), settings: settings.clone() },
+            false => MirrorRequest::Batch {
+                prompts: prompts.iter().cloned().map(Some).collect(),
+                settings: settings.clone(),
+            },
+        };
+        if let Err(e) = self.announce(request) {
+            for sink in sinks {
+                sink.fail(CoreError::backend(NAME, e.to_string()));
+            }
+            return;
+        }
+        if classify {
+            match self.classify(&prompts, settings, cancel) {
+                Ok(results) => {
+                    for (i, (sink, r)) in sinks.into_iter().zip(results).enumerate() {
+                        let _ = sink.send(r.token);
+                        sink.finish(row_metrics(i, 1));
+                    }
+                }
+                Err(e) => {
+                    for sink in sinks {
+                        sink.fail(if e.is_cancelled() {
+                            CoreError::Cancelled
+                        } else {
+                            CoreError::backend(NAME, e.to_string())
+                        });
+                    }
+                }
+            }
+            return;
+        }
+        let results = self.batch_generate(prompts.into_iter().map(Ok).collect(), settings, cancel);
+        for (i, (sink, r)) in sinks.into_iter().zip(results).enumerate() {
+            let n = r.tokens.len();
+            for t in r.tokens {
+                let _ = sink.send(t);
+            }
+            match r.error {
+                Some(e) => sink.fail(e),
+                None => sink.finish(row_metrics(i, n)),
+            }
+        }
     }
 
     /// Whether the scheduler has nothing to do.

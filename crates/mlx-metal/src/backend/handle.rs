@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use inference_core::{
     AttentionInspector, AttentionSnapshot, BatchResult, CancelToken, ChatSession, ClassifyResult, EngineLoad,
@@ -290,6 +291,56 @@ impl MetalModel {
         )?;
         Ok(stream)
     }
+
+    /// One stream per prompt that encoded (the others keep their error),
+    /// all handed to the engine in one job.
+    fn rows(
+        &self,
+        prompts: Vec<CoreResult<Vec<u32>>>,
+        settings: &GenerateSettings,
+        classify: bool,
+        cancel: &CancelToken,
+    ) -> CoreResult<Vec<CoreResult<TokenStream>>> {
+        let mut rows = Vec::new();
+        let streams = prompts
+            .into_iter()
+            .map(|p| {
+                let ids = p?;
+                let (sink, stream) = TokenStream::unbounded_channel(cancel.clone());
+                rows.push((ids, sink));
+                Ok(stream)
+            })
+            .collect();
+        let settings = settings.clone();
+        let cancel = cancel.clone();
+        submit(
+            &self.jobs,
+            Box::new(move |engine: &mut Engine| {
+                let settings = engine.seeded(settings);
+                engine.start_rows(rows, settings, classify, &cancel)
+            }),
+        )?;
+        Ok(streams)
+    }
+}
+
+/// The measurements of a call of several rows that ran together: tokens
+/// summed, the longest prefill, `wall` for the whole call.
+fn aggregate(rows: &[GenerateMetrics], wall: std::time::Duration) -> GenerateMetrics {
+    let prefill = rows.iter().map(|m| m.prefill_duration).max().unwrap_or_default();
+    let mut m = GenerateMetrics {
+        prompt_tokens: rows.iter().map(|m| m.prompt_tokens).sum(),
+        cached_prompt_tokens: rows.iter().map(|m| m.cached_prompt_tokens).sum(),
+        generated_tokens: rows.iter().map(|m| m.generated_tokens).sum(),
+        prefill_duration: prefill,
+        decode_duration: wall.saturating_sub(prefill),
+        total_duration: wall,
+        peak_memory_bytes: rows.iter().map(|m| m.peak_memory_bytes).max().unwrap_or(0),
+        active_memory_bytes: rows.last().map_or(0, |m| m.active_memory_bytes),
+        ..GenerateMetrics::default()
+    };
+    m.compute_rates();
+    m
 }
 
 /// The engine thread's loop: jobs as they come (each after the rows it
@@ -347,20 +398,29 @@ impl TextModel for MetalModel {
         cancel: CancelToken,
     ) -> CoreResult<Vec<ClassifyResult>> {
         settings.validate()?;
-        let encoded = self.encode_batch(prompts)?;
-        let encoded = encoded.into_iter().collect::<CoreResult<Vec<_>>>()?;
-        let settings = settings.clone();
-        self.call(move |e| {
-            let settings = e.seeded(settings);
-            e.announce(|| Request::Classify { prompts: encoded.clone(), settings: settings.clone() })?;
-            e.classify(&encoded, &settings, &cancel)
-        })
+        let encoded = self.encode_batch(prompts)?.into_iter().collect::<CoreResult<Vec<_>>>()?;
+        let started = Instant::now();
+        let streams = self.rows(encoded.into_iter().map(Ok).collect(), settings, true, &cancel)?;
+        let mut results = Vec::with_capacity(streams.len());
+        let mut metrics = Vec::with_capacity(streams.len());
+        for stream in streams {
+            let done = stream?.complete()?;
+            metrics.extend(done.metrics);
+            let token = done
+                .tokens
+                .into_iter()
+                .next()
+                .ok_or_else(|| CoreError::backend(NAME, "a prompt was not classified"))?;
+            let logits = token.logits.clone();
+            results.push(ClassifyResult { token, logits });
+        }
+        *lock(&self.metrics) = aggregate(&metrics, started.elapsed());
+        Ok(results)
     }
 
-    /// Runs the prompts as left-padded batches (at most [`MAX_BATCH`](super::MAX_BATCH) rows,
-    /// grouped by length); each row's tokens equal a run of its prompt alone
-    /// (greedy; sampled rows share one random stream). An empty or
-    /// over-long prompt fails in its own result; a cancel ends every
+    /// Runs every prompt as a row of the engine's batch, with every other
+    /// generation; each row's tokens equal a run of its prompt alone. An
+    /// empty or over-long prompt fails in its own result; a cancel ends every
     /// unfinished row with [`CoreError::Cancelled`], keeping its tokens.
     fn batch_generate(
         &self,
@@ -370,15 +430,28 @@ impl TextModel for MetalModel {
     ) -> CoreResult<Vec<BatchResult>> {
         settings.validate()?;
         let encoded = self.encode_batch(prompts)?;
-        let settings = settings.clone();
-        self.call(move |e| {
-            let settings = e.seeded(settings);
-            e.announce(|| Request::Batch {
-                prompts: encoded.iter().map(|p| p.as_ref().ok().cloned()).collect(),
-                settings: settings.clone(),
-            })?;
-            Ok(e.batch_generate(encoded, &settings, &cancel))
-        })
+        let started = Instant::now();
+        let streams = self.rows(encoded, settings, false, &cancel)?;
+        let mut metrics = Vec::with_capacity(streams.len());
+        let results = streams
+            .into_iter()
+            .map(|s| match s {
+                Ok(mut stream) => {
+                    let mut r = BatchResult::default();
+                    for token in &mut stream {
+                        match token {
+                            Ok(token) => r.tokens.push(token),
+                            Err(e) => r.error = Some(e),
+                        }
+                    }
+                    metrics.extend(stream.metrics().copied());
+                    r
+                }
+                Err(error) => BatchResult { tokens: Vec::new(), error: Some(error) },
+            })
+            .collect();
+        *lock(&self.metrics) = aggregate(&metrics, started.elapsed());
+        Ok(results)
     }
 
     fn info(&self) -> ModelInfo {

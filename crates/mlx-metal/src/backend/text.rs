@@ -80,6 +80,19 @@ impl TextOut {
         Ok(ControlFlow::Continue(()))
     }
 
+    /// Classification: the token as the model drew it (EOS, stop tokens and
+    /// stop strings do not apply), with its text and the requested scores;
+    /// always the last.
+    pub(super) fn push_raw(
+        &mut self,
+        step: &Step<'_>,
+        send: &mut impl FnMut(Token) -> bool,
+    ) -> Result<ControlFlow<()>, Error> {
+        let text = self.tokenizer.decode(&[step.id], true)?;
+        send(with_scores(Token::new(step.id, text), step, self.settings.logits)?);
+        Ok(ControlFlow::Break(()))
+    }
+
     /// Delivers the held token with the rest of the text.
     pub(super) fn finish(mut self, send: &mut impl FnMut(Token) -> bool) -> Result<(), Error> {
         if let Some(mut last) = self.held.take() {

@@ -28,11 +28,10 @@
 //! step n costs one wasted row of step n+1.
 
 use std::collections::VecDeque;
-use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use inference_core::{EngineLoad, Error as CoreError, GenerateMetrics, GenerateSettings, Token, TokenSink};
+use inference_core::{EngineLoad, Error as CoreError, GenerateMetrics, GenerateSettings, TokenSink};
 use mlx::{Array, Dtype, Error, Result, memory, ops};
 
 use self::prefill::{Prefill, prefill_some, single_row_caches};
@@ -41,14 +40,14 @@ use super::text::TextOut;
 use super::{core_err, lock};
 use crate::batch::read_ids;
 use crate::cache::LayerCache;
-use crate::generate::{self, Step};
+use crate::generate;
 use crate::model::LanguageModel;
 use crate::tokenizer::Tokenizer;
 
 mod prefill;
 mod rows;
 
-pub(crate) use self::rows::{fresh_seed, sampler_for};
+pub(crate) use self::rows::{Group, fresh_seed, sampler_for};
 
 /// How much the scheduler takes on at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +102,10 @@ pub(crate) struct Request {
     pub(crate) sink: TokenSink,
     /// The generation's `job` span (a child of the caller's), open until it ends.
     pub(crate) span: tracing::Span,
+    /// Classification: one token as drawn (no EOS or stop rules), with its scores.
+    pub(crate) classify: bool,
+    /// The call this request is one of, if it is one of several.
+    pub(crate) group: Option<Arc<Group>>,
 }
 
 /// The rows decoding together.
@@ -196,7 +199,15 @@ impl Scheduler {
     ) {
         let was_idle = self.prefilling.is_empty() && self.batch.is_none();
         self.admit(model, tokenizer, was_idle);
-        let joining = self.prefill(model);
+        let (single, joining): (Vec<_>, Vec<_>) =
+            self.prefill(model).into_iter().partition(|(p, _)| p.row.max_tokens <= 1);
+        // A row of one token (a classification, say) ends here, without joining the batch.
+        for (p, first) in single {
+            let mut row = p.row;
+            let emitted = read_ids("scheduler", &first.ids).and_then(|ids| row.emit(&first, 0, ids[0], Instant::now()));
+            let error = emitted.err().map(core_err);
+            self.ending.push(Ending::Row(Box::new(row), error));
+        }
         if let Err(e) = self.join(joining) {
             self.fail_batch(&e);
         }
@@ -214,7 +225,10 @@ impl Scheduler {
             let _ = memory::reset_peak_memory();
         }
         while self.running() < self.limits.max_batch.max(1) {
-            let Some(Request { ids, settings, max_tokens, sink, span }) = self.waiting.pop_front() else { break };
+            let Some(Request { ids, settings, max_tokens, sink, span, classify, group }) = self.waiting.pop_front()
+            else {
+                break;
+            };
             if sink.is_cancelled() {
                 self.ending.push(Ending::Refused(sink, CoreError::Cancelled));
                 continue;
@@ -231,6 +245,8 @@ impl Scheduler {
             };
             let row = Row {
                 sink,
+                classify,
+                group,
                 span,
                 out: TextOut::new(tokenizer, &settings),
                 draw,
@@ -331,16 +347,8 @@ impl Scheduler {
                 done.push((pos, Some(CoreError::Cancelled)));
                 continue;
             }
-            row.first_token.get_or_insert(now);
-            let p = pos as i32;
-            let lp = ops::squeeze(&ops::slice_axis(&batch.pending.logprobs, 0, p, p + 1)?, &[0])?;
-            let lg = ops::squeeze(&ops::slice_axis(&batch.pending.logits, 0, p, p + 1)?, &[0])?;
-            let sink = &row.sink;
-            let flow =
-                row.out.push(&Step { id: ids[pos], logprobs: &lp, logits: &lg }, &mut |t: Token| sink.send(t).is_ok());
-            row.produced += 1;
-            match flow {
-                Ok(ControlFlow::Continue(())) if row.produced < row.max_tokens && next.is_some() => keep.push(pos),
+            match row.emit(&batch.pending, pos, ids[pos], now) {
+                Ok(true) if next.is_some() => keep.push(pos),
                 Ok(_) => done.push((pos, None)),
                 Err(e) => done.push((pos, Some(core_err(e)))),
             }

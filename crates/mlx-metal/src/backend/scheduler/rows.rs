@@ -3,15 +3,17 @@
 //! keys and history), what it has produced, its outputs not read yet, and
 //! how it ends.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use inference_core::{Error as CoreError, GenerateMetrics, GenerateSettings, TokenSink};
+use inference_core::{Error as CoreError, GenerateMetrics, GenerateSettings, Token, TokenSink};
 use mlx::transforms::async_eval;
 use mlx::{Array, Error, Result, memory, ops};
 
 use super::super::text::TextOut;
 use super::super::{core_err, lock};
+use crate::generate::Step;
 use crate::sample::{KeySequence, Sampler, SamplerConfig};
 
 /// What a row draws with.
@@ -85,9 +87,38 @@ pub(super) fn tokens(ids: &[u32]) -> Result<Array> {
     Array::from_vec(&ints)
 }
 
+/// The rows of one call (a batch or a classification): the call's `job`
+/// span, which records the tokens of every row when the last one has ended.
+pub(crate) struct Group {
+    span: tracing::Span,
+    generated: AtomicUsize,
+}
+
+impl Group {
+    /// A group whose span is `span` (with a `generated_tokens` field).
+    pub(crate) fn new(span: tracing::Span) -> Arc<Group> {
+        Arc::new(Group { span, generated: AtomicUsize::new(0) })
+    }
+
+    /// The call's span, the parent of its rows' spans.
+    pub(crate) fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.span.record("generated_tokens", self.generated.load(Ordering::Relaxed));
+    }
+}
+
 /// One generation, from admission to its last token.
 pub(super) struct Row {
     pub(super) sink: TokenSink,
+    /// Classification: the first token as drawn, whatever it is, then the end.
+    pub(super) classify: bool,
+    /// The call this row is one of, if it is one of several.
+    pub(super) group: Option<Arc<Group>>,
     pub(super) span: tracing::Span,
     pub(super) out: TextOut,
     pub(super) draw: Draw,
@@ -99,6 +130,22 @@ pub(super) struct Row {
 }
 
 impl Row {
+    /// Hands the row its token: entry `pos` of `out`, whose id is `id`.
+    /// Returns whether the row goes on.
+    pub(super) fn emit(&mut self, out: &Outputs, pos: usize, id: u32, now: Instant) -> Result<bool> {
+        self.first_token.get_or_insert(now);
+        let p = pos as i32;
+        let logprobs = ops::squeeze(&ops::slice_axis(&out.logprobs, 0, p, p + 1)?, &[0])?;
+        let logits = ops::squeeze(&ops::slice_axis(&out.logits, 0, p, p + 1)?, &[0])?;
+        let step = Step { id, logprobs: &logprobs, logits: &logits };
+        let sink = &self.sink;
+        let mut send = |t: Token| sink.send(t).is_ok();
+        let flow =
+            if self.classify { self.out.push_raw(&step, &mut send)? } else { self.out.push(&step, &mut send)? };
+        self.produced += 1;
+        Ok(flow.is_continue() && self.produced < self.max_tokens)
+    }
+
     pub(super) fn metrics(&self) -> GenerateMetrics {
         let end = Instant::now();
         let first = self.first_token.unwrap_or(end);
@@ -175,6 +222,9 @@ pub(super) fn sample_rows(rows: &mut [Row], logits: &Array, fed: Option<&Array>)
 pub(super) fn finish(row: Row, error: Option<CoreError>, last_metrics: &Arc<Mutex<GenerateMetrics>>) {
     let m = row.metrics();
     row.span.record("generated_tokens", row.produced);
+    if let Some(g) = &row.group {
+        g.generated.fetch_add(row.produced, Ordering::Relaxed);
+    }
     let Row { sink, out, .. } = row;
     if let Some(e) = error {
         if e.is_cancelled() {
