@@ -259,6 +259,14 @@ fn the_backend_loads_and_swaps_adapters_on_its_engine_thread() {
     assert_eq!(greedy(&adapted), base_ids, "removing the adapter gives the base model's tokens");
     base.set_adapter(Some(dir.path())).unwrap();
     assert_eq!(greedy(&base), adapted_ids, "swapping the adapter in gives the adapted tokens");
+    // A swap waits for the generations started before it, which finish with the old adapter.
+    base.set_adapter(None).unwrap();
+    let settings6 = GenerateSettings::default().max_tokens(6).ignore_eos(true);
+    let running = base.generate("hello there", &settings6, CancelToken::new()).unwrap();
+    base.set_adapter(Some(dir.path())).unwrap();
+    let before: Vec<u32> = running.complete().unwrap().tokens.iter().map(|t| t.id).collect();
+    assert_eq!(before, base_ids, "a generation started before the swap keeps the old adapter");
+    assert_eq!(greedy(&base), adapted_ids);
     let err = base.set_adapter(Some(Path::new("/nonexistent/adapter"))).unwrap_err().to_string();
     assert!(err.contains("/nonexistent/adapter"), "{err}");
     assert_eq!(greedy(&base), base_ids, "a failed swap leaves no adapter");

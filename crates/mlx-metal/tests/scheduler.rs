@@ -264,3 +264,38 @@ fn max_batch_and_prefill_step_come_from_the_load_settings() {
         assert_same(g, e, &format!("{p:?} prefilled three tokens a step"));
     }
 }
+
+/// Two turns of a session, the second starting before the first is read: their texts.
+fn two_turns(model: &dyn TextModel, first: &str, second: &str, s: &GenerateSettings) -> (String, String, usize) {
+    let mut session = model.new_session().unwrap();
+    let a = session.generate(first, s, CancelToken::new()).unwrap();
+    // Jobs on a session wait for its running turn: this answer counts the whole first turn.
+    let cached = session.cached_tokens().unwrap();
+    let b = session.generate(&format!("{first}{second}"), s, CancelToken::new()).unwrap();
+    (a.complete().unwrap().text, b.complete().unwrap().text, cached)
+}
+
+#[test]
+fn session_turns_join_the_batch_and_equal_each_alone() {
+    for name in ["gemma3-tiny", "qwen3-tiny"] {
+        let model = load(&common::tiny_model(name));
+        let s = GenerateSettings::default().max_tokens(12).ignore_eos(true);
+        let (first, second) = ("once upon a time there was a river ".repeat(3), " and then".to_owned());
+        let by_itself = two_turns(model.as_ref(), &first, &second, &s);
+        assert!(by_itself.2 > 0, "{name}: the first turn left nothing cached");
+        // Now with other generations decoding all along.
+        let (prompts, settings) = (prompts(), settings());
+        let expected = alone(model.as_ref(), &prompts[..3], &settings[..3]);
+        let others: Vec<TokenStream> = prompts[..3]
+            .iter()
+            .zip(&settings[..3])
+            .map(|(p, s)| model.generate(p, s, CancelToken::new()).unwrap())
+            .collect();
+        let batched = two_turns(model.as_ref(), &first, &second, &s);
+        assert_eq!(batched, by_itself, "{name}: session turns beside other rows");
+        for ((o, e), p) in others.into_iter().zip(&expected).zip(&prompts) {
+            assert_same(&o.complete().unwrap(), e, &format!("{name}: {p:?} beside session turns"));
+        }
+        assert!(model.engine_load().unwrap().peak_batch_size >= 2);
+    }
+}

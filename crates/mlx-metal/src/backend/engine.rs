@@ -41,6 +41,11 @@ pub(crate) struct Engine {
     pub(super) mirror: Option<Mirror>,
     /// Every generation in flight (single process).
     pub(super) scheduler: Scheduler,
+    /// Sessions whose turn is running: their state (caches out with the
+    /// turn) and the jobs on them that wait for it to end.
+    pub(super) turns: HashMap<u64, (SessionCache, Vec<super::Job>)>,
+    /// Jobs that wait until every generation submitted before them has ended.
+    pub(super) after_drain: Vec<super::Job>,
 }
 
 impl Engine {
@@ -56,7 +61,8 @@ impl Engine {
         }
         let max_tokens = self.max_tokens(ids.len(), &settings);
         let span = generation_span(ids.len(), &settings);
-        self.scheduler.submit(Request { ids, settings, max_tokens, sink, span, classify: false, group: None });
+        let session = None;
+        self.scheduler.submit(Request { ids, settings, max_tokens, sink, span, classify: false, group: None, session });
     }
 
     /// Starts one row per prompt of a classification (`classify`: one token
@@ -87,7 +93,8 @@ impl Engine {
             let max_tokens = if classify { 1 } else { self.max_tokens(ids.len(), &settings) };
             let span = tracing::info_span!(parent: group.span(), "row", index, prompt_tokens = ids.len());
             let group = Some(Arc::clone(&group));
-            self.scheduler.submit(Request { ids, settings: settings.clone(), max_tokens, sink, span, classify, group });
+            let settings = settings.clone();
+            self.scheduler.submit(Request { ids, settings, max_tokens, sink, span, classify, group, session: None });
         }
     }
 
@@ -157,14 +164,34 @@ impl Engine {
         self.scheduler.is_idle()
     }
 
-    /// One step of the scheduler.
+    /// One step of the scheduler; sessions whose turns ended get their caches
+    /// back, and jobs waiting for the generations before them run once those
+    /// have ended.
     pub(super) fn step(&mut self) {
         self.scheduler.step(self.loaded.model.as_ref(), &self.tokenizer, &self.metrics);
+        self.take_back_sessions();
+        if !self.after_drain.is_empty() && self.scheduler.drained() {
+            for job in std::mem::take(&mut self.after_drain) {
+                job(self);
+            }
+            self.scheduler.release();
+        }
+    }
+
+    /// Runs `job` once every generation submitted before it has ended (new
+    /// ones wait meanwhile): for jobs that change the model under them.
+    pub(super) fn after_drain(&mut self, job: super::Job) {
+        if self.after_drain.is_empty() && self.scheduler.drained() {
+            return job(self);
+        }
+        self.scheduler.hold();
+        self.after_drain.push(job);
     }
 
     /// Before a job runs: rows whose streams were cancelled leave first.
     pub(super) fn before_job(&mut self) {
         self.scheduler.retire_cancelled(&self.metrics);
+        self.take_back_sessions();
     }
 
     /// The most tokens to generate after `context` tokens of prompt.

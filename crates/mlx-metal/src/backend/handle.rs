@@ -127,6 +127,8 @@ impl MetalModel {
                     sessions: HashMap::new(),
                     mirror,
                     scheduler: Scheduler::new(limits, engine_load),
+                    turns: HashMap::new(),
+                    after_drain: Vec::new(),
                 };
                 run_engine(&mut engine, &job_rx);
                 // Closed on rank 0: the other ranks leave their follower loop.
@@ -181,8 +183,9 @@ impl MetalModel {
 
     /// Replaces the model's LoRA adapter on the engine thread: `Some(dir)`
     /// loads mlx-lm's adapter directory (`adapters.safetensors` and
-    /// `adapter_config.json`), `None` removes the adapter. Jobs queued before
-    /// run with the old adapter. On error the model is left without an adapter.
+    /// `adapter_config.json`), `None` removes the adapter. Generations started
+    /// before finish with the old adapter (the swap waits for them; those
+    /// started meanwhile wait for the swap). On error the model is left without an adapter.
     /// KV caches filled before the swap hold the old adapter's keys and values,
     /// so every chat session of the model starts again (its next turn
     /// prefills the whole conversation).
@@ -193,10 +196,19 @@ impl MetalModel {
     /// (every mismatching tensor is listed), or [`CoreError::Closed`].
     pub fn set_adapter(&self, dir: Option<&Path>) -> CoreResult<()> {
         let dir = dir.map(Path::to_path_buf);
-        self.call(move |engine| {
-            engine.announce(|| Request::SetAdapter { dir: dir.clone() })?;
-            engine.set_adapter(dir)
-        })
+        let (tx, rx) = mpsc::sync_channel(1);
+        submit(
+            &self.jobs,
+            Box::new(move |engine: &mut Engine| {
+                engine.after_drain(Box::new(move |engine: &mut Engine| {
+                    let swapped = engine
+                        .announce(|| Request::SetAdapter { dir: dir.clone() })
+                        .and_then(|()| engine.set_adapter(dir));
+                    let _ = tx.send(swapped);
+                }))
+            }),
+        )?;
+        rx.recv().map_err(|_| CoreError::backend(NAME, "the engine thread stopped during the call"))?
     }
 
     /// Makes this process, rank 1 or later of a tensor-parallel job, run

@@ -49,9 +49,6 @@ pub use self::session::MetalSession;
 /// The backend's registered name.
 pub const NAME: &str = "metal";
 
-/// Tokens a stream holds before the engine waits for its consumer.
-const STREAM_BUFFER: usize = 4;
-
 /// Most rows run together in one batch; longer batches run in groups of
 /// prompts of similar length.
 pub const MAX_BATCH: usize = 16;

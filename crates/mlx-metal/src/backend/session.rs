@@ -13,7 +13,9 @@ use mlx::Error;
 
 use super::engine::{Engine, metrics_from};
 use super::mirror::Request;
-use super::{Jobs, STREAM_BUFFER, call, check_prompt, core_err, lock, submit};
+use super::scheduler::{Request as ScheduledRequest, SessionTurn};
+use super::{Job, Jobs, call, check_prompt, core_err, lock, submit};
+use crate::cache::{BatchKvCache, KvCache, LayerCache, RotatingKvCache};
 use crate::chat::ChatTemplate;
 use crate::session::SessionCache;
 use crate::tokenizer::Tokenizer;
@@ -32,23 +34,44 @@ impl MetalSession {
     fn turn(&mut self, ids: Vec<u32>, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
         settings.validate()?;
         check_prompt(&ids, self.limit)?;
-        let (sink, stream) = TokenStream::channel_with_capacity(cancel, STREAM_BUFFER);
+        let (sink, stream) = TokenStream::unbounded_channel(cancel);
         let settings = settings.clone();
         let id = self.id;
         submit(
             &self.jobs,
             Box::new(move |e: &mut Engine| {
-                let settings = e.seeded(settings);
-                if let Err(err) =
-                    e.announce(|| Request::SessionTurn { session: id, ids: ids.clone(), settings: settings.clone() })
-                {
-                    return sink.fail(err);
-                }
-                e.session_turn(id, &ids, &settings, sink)
+                e.when_session_free(
+                    id,
+                    Box::new(move |e: &mut Engine| {
+                        let settings = e.seeded(settings);
+                        e.start_session_turn(id, ids, settings, sink)
+                    }),
+                )
             }),
         )?;
         Ok(stream)
     }
+}
+
+/// Runs `f` on the engine thread once session `id` has no turn running
+/// (jobs on a session run in the order they were made), and waits for its answer.
+fn session_call<T: Send + 'static>(
+    jobs: &Jobs,
+    id: u64,
+    f: impl FnOnce(&mut Engine) -> CoreResult<T> + Send + 'static,
+) -> CoreResult<T> {
+    call(jobs, move |e| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        e.when_session_free(
+            id,
+            Box::new(move |e: &mut Engine| {
+                let _ = tx.send(f(e));
+            }),
+        );
+        Ok(rx)
+    })?
+    .recv()
+    .map_err(|_| CoreError::backend(super::NAME, "the engine thread stopped during the call"))?
 }
 
 fn session_file_err(path: &Path, e: Error) -> CoreError {
@@ -83,12 +106,12 @@ impl ChatSession for MetalSession {
 
     fn cached_tokens(&self) -> CoreResult<usize> {
         let id = self.id;
-        call(&self.jobs, move |e| Ok(e.sessions.get(&id).map_or(0, |s| s.tokens().len())))
+        session_call(&self.jobs, id, move |e| Ok(e.sessions.get(&id).map_or(0, |s| s.tokens().len())))
     }
 
     fn reset(&mut self) -> CoreResult<()> {
         let id = self.id;
-        call(&self.jobs, move |e| {
+        session_call(&self.jobs, id, move |e| {
             e.announce(|| Request::EndSession { session: id })?;
             e.sessions.remove(&id);
             Ok(())
@@ -98,7 +121,7 @@ impl ChatSession for MetalSession {
     fn save(&self, path: &Path) -> CoreResult<()> {
         let id = self.id;
         let path: PathBuf = path.to_path_buf();
-        call(&self.jobs, move |e| {
+        session_call(&self.jobs, id, move |e| {
             e.refuse_session_files()?;
             let fingerprint = e.fingerprint.clone();
             let state = e.session_cache(id).map_err(core_err)?;
@@ -109,7 +132,7 @@ impl ChatSession for MetalSession {
     fn load(&mut self, path: &Path) -> CoreResult<()> {
         let id = self.id;
         let path: PathBuf = path.to_path_buf();
-        call(&self.jobs, move |e| {
+        session_call(&self.jobs, id, move |e| {
             e.refuse_session_files()?;
             let state = SessionCache::load(&path, e.loaded.model.as_ref(), &e.fingerprint)
                 .map_err(|err| session_file_err(&path, err))?;
@@ -125,16 +148,100 @@ impl Drop for MetalSession {
         let _ = submit(
             &self.jobs,
             Box::new(move |e: &mut Engine| {
-                // Only a session that ran holds caches on the other ranks.
-                if e.sessions.remove(&id).is_some() {
-                    let _ = e.announce(|| Request::EndSession { session: id });
-                }
+                e.when_session_free(
+                    id,
+                    Box::new(move |e: &mut Engine| {
+                        // Only a session that ran holds caches on the other ranks.
+                        if e.sessions.remove(&id).is_some() {
+                            let _ = e.announce(|| Request::EndSession { session: id });
+                        }
+                    }),
+                )
             }),
         );
     }
 }
 
 impl Engine {
+    /// Runs `job` now, or, while a turn of session `id` runs, once it has ended.
+    pub(super) fn when_session_free(&mut self, id: u64, job: Job) {
+        match self.turns.get_mut(&id) {
+            Some((_, waiting)) => waiting.push(job),
+            None => job(self),
+        }
+    }
+
+    /// Starts a turn of session `id` over the whole conversation `ids`: the
+    /// session's caches keep the longest prefix they share with it and go
+    /// with the row to the scheduler; the turn prefills only the rest. A
+    /// tensor-parallel rank runs the turn to the end now.
+    pub(super) fn start_session_turn(&mut self, id: u64, ids: Vec<u32>, settings: GenerateSettings, sink: TokenSink) {
+        if self.mirror.is_some() {
+            if let Err(e) =
+                self.announce(|| Request::SessionTurn { session: id, ids: ids.clone(), settings: settings.clone() })
+            {
+                return sink.fail(e);
+            }
+            return self.session_turn(id, &ids, &settings, sink);
+        }
+        let model = self.loaded.model.as_ref();
+        let mut state = match self.sessions.remove(&id) {
+            Some(s) => s,
+            None => match SessionCache::new(model) {
+                Ok(s) => s,
+                Err(e) => return sink.fail(core_err(e)),
+            },
+        };
+        let prepared = state.prepare(model, &ids).and_then(|cached| Ok((cached, to_rows(state.caches_mut())?)));
+        let (cached, caches) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                if state.reset(model).is_ok() {
+                    self.sessions.insert(id, state);
+                }
+                return sink.fail(core_err(e));
+            }
+        };
+        let span = tracing::info_span!(
+            "job",
+            kind = "session_turn",
+            session = id,
+            prompt_tokens = ids.len(),
+            max_tokens = settings.max_tokens,
+            cached_tokens = cached,
+            generated_tokens = tracing::field::Empty,
+        );
+        let max_tokens = self.max_tokens(ids.len(), &settings);
+        let prompt = ids[cached..].to_vec();
+        self.turns.insert(id, (state, Vec::new()));
+        let session = Some(SessionTurn { id, ids, cached, caches });
+        let request =
+            ScheduledRequest { ids: prompt, settings, max_tokens, sink, span, classify: false, group: None, session };
+        self.scheduler.submit(request);
+    }
+
+    /// Puts back the caches of sessions whose turns ended, then runs the
+    /// jobs that waited for them.
+    pub(super) fn take_back_sessions(&mut self) {
+        for back in self.scheduler.take_returned() {
+            let Some((mut state, waiting)) = self.turns.remove(&back.id) else { continue };
+            let model = self.loaded.model.as_ref();
+            let restored = back.caches.ok_or(()).and_then(|rows| {
+                let caches = from_rows(&rows).map_err(|_| ())?;
+                *state.caches_mut() = caches;
+                state.record(model, &back.ids, &back.emitted).map_err(|_| ())
+            });
+            // A turn that failed part-way may have half-written caches: the session starts again.
+            if restored.is_err() && state.reset(model).is_err() {
+                continue;
+            }
+            self.sessions.insert(back.id, state);
+            for job in waiting {
+                self.when_session_free(back.id, job);
+            }
+        }
+    }
+
     /// One turn of session `id` over the whole token sequence `ids`.
     pub(super) fn session_turn(&mut self, id: u64, ids: &[u32], settings: &GenerateSettings, sink: TokenSink) {
         match self.session_turn_once(id, ids, settings, &sink) {
@@ -199,4 +306,52 @@ impl Engine {
         }
         self.sessions.get_mut(&id).ok_or_else(|| Error::invalid("session", "the session vanished"))
     }
+}
+
+/// A session's caches as one-row batch caches (what the scheduler runs on).
+fn to_rows(caches: &[LayerCache]) -> Result<Vec<LayerCache>, Error> {
+    caches
+        .iter()
+        .map(|c| {
+            let row = match c {
+                LayerCache::Standard(k) if k.offset() == 0 => BatchKvCache::new(vec![0])?,
+                LayerCache::Standard(k) => {
+                    let (keys, values) = k.keys_and_values()?;
+                    BatchKvCache::from_row(keys, values, k.offset(), None)?
+                }
+                LayerCache::Rotating(r) if r.offset() == 0 => BatchKvCache::windowed(vec![0], r.max_size())?,
+                LayerCache::Rotating(r) if r.keep() > 0 && r.offset() > r.len() => {
+                    return Err(Error::invalid("session", "a rotated cache that keeps its first positions"));
+                }
+                LayerCache::Rotating(r) => {
+                    let (keys, values) = r.ordered()?;
+                    BatchKvCache::from_row(keys, values, r.offset(), Some(r.max_size()))?
+                }
+                LayerCache::Batch(b) => b.clone(),
+            };
+            Ok(LayerCache::Batch(row))
+        })
+        .collect()
+}
+
+/// One-row batch caches back in a session's own kinds: full ones, and
+/// rotating ones that keep their window's positions.
+fn from_rows(rows: &[LayerCache]) -> Result<Vec<LayerCache>, Error> {
+    rows.iter()
+        .map(|c| {
+            let LayerCache::Batch(b) = c else { return Ok(c.clone()) };
+            let (keys, values, position) = b.row(0)?;
+            match b.window() {
+                None if position == 0 => Ok(LayerCache::Standard(KvCache::new())),
+                None => Ok(LayerCache::Standard(KvCache::from_state(keys, values)?)),
+                Some(w) if position == 0 => Ok(LayerCache::Rotating(RotatingKvCache::new(w)?)),
+                Some(w) => {
+                    let held = keys.dim(2)?;
+                    let from = held - held.min(w);
+                    let last = |a: &mlx::Array| mlx::ops::slice_axis(a, 2, from, held);
+                    Ok(LayerCache::Rotating(RotatingKvCache::from_state(last(&keys)?, last(&values)?, position, w, 0)?))
+                }
+            }
+        })
+        .collect()
 }

@@ -55,6 +55,29 @@ impl BatchKvCache {
         Ok(BatchKvCache { window: Some(window), ..Self::new(left_padding)? })
     }
 
+    /// A one-row cache holding `keys`/`values` (`[1, H, L, D]`): the last
+    /// `L` of `position` positions (all of them for a full-attention layer;
+    /// at least those of the window for a sliding-window one).
+    pub fn from_row(keys: Array, values: Array, position: i32, window: Option<i32>) -> Result<Self> {
+        const OP: &str = "batch_kv_cache_from_row";
+        if keys.dim(0)? != 1 {
+            return Err(Error::invalid(OP, format!("one row, not {}", keys.dim(0)?)));
+        }
+        let inner = KvCache::from_state(keys, values)?;
+        let held = inner.offset();
+        let enough = match window {
+            None => held == position,
+            Some(w) => held <= position && held >= w.min(position),
+        };
+        if !enough {
+            return Err(Error::invalid(
+                OP,
+                format!("{held} positions cannot stand for {position} (window {window:?})"),
+            ));
+        }
+        Ok(BatchKvCache { inner, left_padding: vec![held - position], window })
+    }
+
     /// The window of a sliding-window layer's cache.
     pub fn window(&self) -> Option<i32> {
         self.window

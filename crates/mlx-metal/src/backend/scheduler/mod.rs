@@ -34,7 +34,7 @@ use std::time::Instant;
 use inference_core::{EngineLoad, Error as CoreError, GenerateMetrics, GenerateSettings, TokenSink};
 use mlx::{Array, Dtype, Error, Result, memory, ops};
 
-use self::prefill::{Prefill, prefill_some, single_row_caches};
+use self::prefill::{Prefill, prefill_some, row_caches, single_row_caches};
 use self::rows::{Draw, Outputs, Row, finish, sample_rows, tokens};
 use super::text::TextOut;
 use super::{core_err, lock};
@@ -106,6 +106,34 @@ pub(crate) struct Request {
     pub(crate) classify: bool,
     /// The call this request is one of, if it is one of several.
     pub(crate) group: Option<Arc<Group>>,
+    /// A chat session's turn: its caches, which come back when it ends.
+    pub(crate) session: Option<SessionTurn>,
+}
+
+/// A chat session's turn: the session's caches go in with the request
+/// (holding `ids[..cached]`; the request's prompt is the rest) and come back
+/// ([`Returned`]) when the row ends.
+pub(crate) struct SessionTurn {
+    /// The session.
+    pub(crate) id: u64,
+    /// The whole conversation so far.
+    pub(crate) ids: Vec<u32>,
+    /// How many of `ids` the caches hold.
+    pub(crate) cached: usize,
+    /// One-row batch caches ([`LayerCache::Batch`]).
+    pub(crate) caches: Vec<LayerCache>,
+}
+
+/// A session's caches back from its turn.
+pub(crate) struct Returned {
+    /// The session.
+    pub(crate) id: u64,
+    /// The conversation the turn ran over.
+    pub(crate) ids: Vec<u32>,
+    /// The tokens the turn handed out, in order.
+    pub(crate) emitted: Vec<u32>,
+    /// The caches, or `None` when the turn failed and they may be half-written.
+    pub(crate) caches: Option<Vec<LayerCache>>,
 }
 
 /// The rows decoding together.
@@ -119,20 +147,28 @@ struct Batch {
 /// The scheduler's queues and batch.
 pub(crate) struct Scheduler {
     limits: Limits,
-    waiting: VecDeque<Request>,
+    /// Requests waiting for room, with the order they came in.
+    waiting: VecDeque<(u64, Request)>,
     prefilling: VecDeque<Prefill>,
+    /// The next request's place in the order.
+    next_seq: u64,
+    /// Requests from this place on wait until [`Scheduler::release`] (a job
+    /// that must see the model alone runs first).
+    hold_from: Option<u64>,
     batch: Option<Batch>,
     /// What [`MetalModel::engine_load`](super::MetalModel) reports, updated every step.
     load: Arc<Mutex<EngineLoad>>,
     /// Generations that ended during a step, told after the load is published (so that a
     /// caller whose stream has ended sees a load without it).
     ending: Vec<Ending>,
+    /// Sessions' caches back from their turns, for the engine to take.
+    returned: Vec<Returned>,
 }
 
 /// A generation that ended.
 enum Ending {
-    /// Refused before it started.
-    Refused(TokenSink, CoreError),
+    /// Refused before it started (a session's turn gives its caches back untouched).
+    Refused(TokenSink, CoreError, Option<SessionTurn>),
     /// A row: finished, or ended by an error.
     Row(Box<Row>, Option<CoreError>),
 }
@@ -144,9 +180,12 @@ impl Scheduler {
             limits,
             waiting: VecDeque::new(),
             prefilling: VecDeque::new(),
+            next_seq: 0,
+            hold_from: None,
             batch: None,
             load,
             ending: Vec::new(),
+            returned: Vec::new(),
         }
     }
 
@@ -167,10 +206,32 @@ impl Scheduler {
         self.publish(stepped);
         for ending in std::mem::take(&mut self.ending) {
             match ending {
-                Ending::Refused(sink, e) => sink.fail(e),
-                Ending::Row(row, error) => finish(*row, error, last_metrics),
+                Ending::Refused(sink, e, turn) => {
+                    if let Some(t) = turn {
+                        self.returned.push(Returned {
+                            id: t.id,
+                            ids: t.ids,
+                            emitted: Vec::new(),
+                            caches: Some(t.caches),
+                        });
+                    }
+                    sink.fail(e);
+                }
+                Ending::Row(mut row, error) => {
+                    if let Some(t) = row.session.take() {
+                        let failed = error.as_ref().is_some_and(|e| !e.is_cancelled());
+                        let caches = if failed { None } else { Some(t.caches) };
+                        self.returned.push(Returned { id: t.id, ids: t.ids, emitted: row.emitted.clone(), caches });
+                    }
+                    finish(*row, error, last_metrics);
+                }
             }
         }
+    }
+
+    /// The sessions' caches that came back since the last call.
+    pub(crate) fn take_returned(&mut self) -> Vec<Returned> {
+        std::mem::take(&mut self.returned)
     }
 
     /// Nothing waiting, nothing running.
@@ -185,8 +246,25 @@ impl Scheduler {
 
     /// Queues a generation; it starts at a coming step.
     pub(crate) fn submit(&mut self, request: Request) {
-        self.waiting.push_back(request);
+        self.waiting.push_back((self.next_seq, request));
+        self.next_seq += 1;
         self.publish(None);
+    }
+
+    /// Admits no request submitted from now on until [`Scheduler::release`].
+    pub(crate) fn hold(&mut self) {
+        self.hold_from.get_or_insert(self.next_seq);
+    }
+
+    /// Admits again.
+    pub(crate) fn release(&mut self) {
+        self.hold_from = None;
+    }
+
+    /// Nothing runs, and nothing waits but requests held back.
+    pub(crate) fn drained(&self) -> bool {
+        let held = |seq: u64| self.hold_from.is_some_and(|h| seq >= h);
+        self.prefilling.is_empty() && self.batch.is_none() && self.waiting.front().is_none_or(|(seq, _)| held(*seq))
     }
 
     /// One step: admits what fits, prefills up to the budget, then decodes
@@ -204,7 +282,11 @@ impl Scheduler {
         // A row of one token (a classification, say) ends here, without joining the batch.
         for (p, first) in single {
             let mut row = p.row;
+            if let Some(t) = row.session.as_mut() {
+                t.caches = p.caches;
+            }
             let emitted = read_ids("scheduler", &first.ids).and_then(|ids| row.emit(&first, 0, ids[0], Instant::now()));
+            let emitted = emitted.and_then(|_| feed_last(model, &mut row));
             let error = emitted.err().map(core_err);
             self.ending.push(Ending::Row(Box::new(row), error));
         }
@@ -225,21 +307,27 @@ impl Scheduler {
             let _ = memory::reset_peak_memory();
         }
         while self.running() < self.limits.max_batch.max(1) {
-            let Some(Request { ids, settings, max_tokens, sink, span, classify, group }) = self.waiting.pop_front()
+            if self.waiting.front().is_some_and(|(seq, _)| self.hold_from.is_some_and(|h| *seq >= h)) {
+                break;
+            }
+            let Some((_, Request { ids, settings, max_tokens, sink, span, classify, group, mut session })) =
+                self.waiting.pop_front()
             else {
                 break;
             };
             if sink.is_cancelled() {
-                self.ending.push(Ending::Refused(sink, CoreError::Cancelled));
+                self.ending.push(Ending::Refused(sink, CoreError::Cancelled, session));
                 continue;
             }
-            let parts = || -> Result<(Vec<LayerCache>, Draw, Array)> {
-                Ok((single_row_caches(model)?, Draw::new(&settings, &ids)?, tokens(&ids)?))
+            let parts = || -> Result<(Draw, Array)> { Ok((Draw::new(&settings, &ids)?, tokens(&ids)?)) };
+            let caches = match session.as_mut() {
+                Some(turn) => Ok(std::mem::take(&mut turn.caches)),
+                None => single_row_caches(model),
             };
-            let (caches, draw, prompt) = match parts() {
+            let (caches, (draw, prompt)) = match caches.and_then(|c| Ok((c, parts()?))) {
                 Ok(p) => p,
                 Err(e) => {
-                    self.ending.push(Ending::Refused(sink, core_err(e)));
+                    self.ending.push(Ending::Refused(sink, core_err(e), None));
                     continue;
                 }
             };
@@ -247,6 +335,9 @@ impl Scheduler {
                 sink,
                 classify,
                 group,
+                cached: session.as_ref().map_or(0, |t| t.cached),
+                session,
+                emitted: Vec::new(),
                 span,
                 out: TextOut::new(tokenizer, &settings),
                 draw,
@@ -257,6 +348,10 @@ impl Scheduler {
                 first_token: None,
             };
             if max_tokens == 0 {
+                let mut row = row;
+                if let Some(t) = row.session.as_mut() {
+                    t.caches = caches;
+                }
                 self.ending.push(Ending::Row(Box::new(row), None));
                 continue;
             }
@@ -274,7 +369,7 @@ impl Scheduler {
         while i < self.prefilling.len() && budget > 0 {
             if self.prefilling[i].row.sink.is_cancelled() {
                 if let Some(p) = self.prefilling.remove(i) {
-                    self.ending.push(Ending::Row(Box::new(p.row), Some(CoreError::Cancelled)));
+                    self.ending.push(Ending::Row(Box::new(p.into_row()), Some(CoreError::Cancelled)));
                 }
                 continue;
             }
@@ -353,22 +448,22 @@ impl Scheduler {
                 Err(e) => done.push((pos, Some(core_err(e)))),
             }
         }
-        self.settle(done, &keep, next)
+        self.settle(done, &keep, next, Some(model))
     }
 
     /// Between steps: retires the rows whose streams were cancelled or
     /// dropped, so that a job that follows a cancel sees it done.
     pub(crate) fn retire_cancelled(&mut self, last_metrics: &Arc<Mutex<GenerateMetrics>>) {
-        for req in std::mem::take(&mut self.waiting) {
+        for (seq, req) in std::mem::take(&mut self.waiting) {
             if req.sink.is_cancelled() {
-                self.ending.push(Ending::Refused(req.sink, CoreError::Cancelled));
+                self.ending.push(Ending::Refused(req.sink, CoreError::Cancelled, req.session));
             } else {
-                self.waiting.push_back(req);
+                self.waiting.push_back((seq, req));
             }
         }
         for p in std::mem::take(&mut self.prefilling) {
             if p.row.sink.is_cancelled() {
-                self.ending.push(Ending::Row(Box::new(p.row), Some(CoreError::Cancelled)));
+                self.ending.push(Ending::Row(Box::new(p.into_row()), Some(CoreError::Cancelled)));
             } else {
                 self.prefilling.push_back(p);
             }
@@ -384,7 +479,7 @@ impl Scheduler {
         }
         if !done.is_empty() {
             let pending = batch.pending.clone();
-            if let Err(e) = self.settle(done, &keep, Some(pending)) {
+            if let Err(e) = self.settle(done, &keep, Some(pending), None) {
                 self.fail_batch(&e);
             }
         }
@@ -393,7 +488,17 @@ impl Scheduler {
 
     /// Ends the rows at `done`; the rows at `keep` go on with `next` (one
     /// entry per row before the change), or the batch ends without it.
-    fn settle(&mut self, done: Vec<(usize, Option<CoreError>)>, keep: &[usize], next: Option<Outputs>) -> Result<()> {
+    ///
+    /// A session's row takes its caches along; when this step ran no forward
+    /// pass (`model` is then given), its last token is fed to them, so that a
+    /// session's caches always hold every token of its turn, batched or not.
+    fn settle(
+        &mut self,
+        done: Vec<(usize, Option<CoreError>)>,
+        keep: &[usize],
+        next: Option<Outputs>,
+        model: Option<&dyn LanguageModel>,
+    ) -> Result<()> {
         let Some(batch) = self.batch.as_mut() else { return Ok(()) };
         if done.is_empty()
             && let Some(next) = next
@@ -403,7 +508,13 @@ impl Scheduler {
         }
         let mut rows: Vec<Option<Row>> = std::mem::take(&mut batch.rows).into_iter().map(Some).collect();
         for (pos, error) in done {
-            if let Some(row) = rows.get_mut(pos).and_then(Option::take) {
+            if let Some(mut row) = rows.get_mut(pos).and_then(Option::take) {
+                if let Some(t) = row.session.as_mut() {
+                    t.caches = row_caches(&batch.caches, pos)?;
+                }
+                if let (None, Some(model)) = (&next, model) {
+                    feed_last(model, &mut row)?;
+                }
                 self.ending.push(Ending::Row(Box::new(row), error));
             }
         }
@@ -438,4 +549,15 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// A session row that ends: queues its last token through the model into
+/// the row's caches (lazily; the next turn evaluates it), as a run alone
+/// feeds every token it hands out.
+fn feed_last(model: &dyn LanguageModel, row: &mut Row) -> Result<()> {
+    let (Some(turn), Some(&last)) = (row.session.as_mut(), row.emitted.last()) else { return Ok(()) };
+    let x = tokens(&[last])?;
+    model.forward(&ops::reshape(&x, &[1, 1])?, &mut turn.caches)?;
+    let state: Vec<&Array> = turn.caches.iter().flat_map(LayerCache::state).collect();
+    mlx::transforms::async_eval(&state)
 }

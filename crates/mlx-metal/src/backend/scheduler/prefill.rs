@@ -17,6 +17,31 @@ pub(super) struct Prefill {
     pub(super) done: usize,
 }
 
+impl Prefill {
+    /// The row, with its caches back in its session's turn (if it has one).
+    pub(super) fn into_row(self) -> Row {
+        let Prefill { mut row, caches, .. } = self;
+        if let Some(t) = row.session.as_mut() {
+            t.caches = caches;
+        }
+        row
+    }
+}
+
+/// Row `pos` of the batch's caches, as one-row caches.
+pub(super) fn row_caches(caches: &[LayerCache], pos: usize) -> Result<Vec<LayerCache>> {
+    caches
+        .iter()
+        .map(|c| match c {
+            LayerCache::Batch(b) => {
+                let (keys, values, position) = b.row(pos)?;
+                Ok(LayerCache::Batch(BatchKvCache::from_row(keys, values, position, b.window())?))
+            }
+            _ => Err(mlx::Error::invalid("scheduler", "a batch holds batch caches only")),
+        })
+        .collect()
+}
+
 /// A fresh cache for one row, of the batch kind: windowed where the model
 /// keeps a window.
 pub(super) fn single_row_caches(model: &dyn LanguageModel) -> Result<Vec<LayerCache>> {

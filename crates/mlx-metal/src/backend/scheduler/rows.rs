@@ -119,6 +119,12 @@ pub(super) struct Row {
     pub(super) classify: bool,
     /// The call this row is one of, if it is one of several.
     pub(super) group: Option<Arc<Group>>,
+    /// A chat session's turn (its caches are put back when the row ends).
+    pub(super) session: Option<super::SessionTurn>,
+    /// Prompt tokens the session's caches held already.
+    pub(super) cached: usize,
+    /// The ids handed out so far.
+    pub(super) emitted: Vec<u32>,
     pub(super) span: tracing::Span,
     pub(super) out: TextOut,
     pub(super) draw: Draw,
@@ -143,6 +149,7 @@ impl Row {
         let flow =
             if self.classify { self.out.push_raw(&step, &mut send)? } else { self.out.push(&step, &mut send)? };
         self.produced += 1;
+        self.emitted.push(id);
         Ok(flow.is_continue() && self.produced < self.max_tokens)
     }
 
@@ -150,7 +157,8 @@ impl Row {
         let end = Instant::now();
         let first = self.first_token.unwrap_or(end);
         let mut m = GenerateMetrics {
-            prompt_tokens: self.prompt_tokens,
+            prompt_tokens: self.cached + self.prompt_tokens,
+            cached_prompt_tokens: self.cached,
             generated_tokens: self.produced,
             prefill_duration: first - self.admitted,
             decode_duration: end - first,
