@@ -118,6 +118,7 @@ impl MetalModel {
                 let _ = ready_tx.send(Ok(desc));
                 // Jobs run inside their own callers' spans (see `submit`).
                 drop(loading);
+                let mirrored = mirror.is_some();
                 let mut engine = Engine {
                     loaded,
                     tokenizer: engine_tokenizer,
@@ -126,7 +127,7 @@ impl MetalModel {
                     fingerprint,
                     sessions: HashMap::new(),
                     mirror,
-                    scheduler: Scheduler::new(limits, engine_load),
+                    scheduler: Scheduler::new(limits, engine_load, mirrored),
                     turns: HashMap::new(),
                     after_drain: Vec::new(),
                 };
@@ -324,12 +325,11 @@ impl MetalModel {
             })
             .collect();
         let settings = settings.clone();
-        let cancel = cancel.clone();
         submit(
             &self.jobs,
             Box::new(move |engine: &mut Engine| {
                 let settings = engine.seeded(settings);
-                engine.start_rows(rows, settings, classify, &cancel)
+                engine.start_rows(rows, settings, classify)
             }),
         )?;
         Ok(streams)

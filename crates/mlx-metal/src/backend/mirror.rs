@@ -19,7 +19,6 @@
 //! waits for a model step the loop has queued ahead and every rank stops at
 //! the same step (one step after rank 0 saw the cancellation).
 
-use std::cell::RefCell;
 use std::path::PathBuf;
 
 use inference_core::{
@@ -28,10 +27,8 @@ use inference_core::{
 use serde::{Deserialize, Serialize};
 
 use crate::model::tp::TensorParallel;
-use mlx::Array;
 use mlx::Error;
-use mlx::distributed::{self, broadcast_bytes};
-use mlx::transforms::async_eval;
+use mlx::distributed::broadcast_bytes;
 
 use super::engine::Engine;
 use super::{NAME, core_err};
@@ -70,10 +67,10 @@ pub(crate) enum Request {
         /// The settings, with rank 0's seed.
         settings: GenerateSettings,
     },
-    /// A batch generation; `None` rows failed to encode on rank 0 and do not run.
+    /// A batch generation (the prompts that encoded on rank 0).
     Batch {
         /// Each row's token ids.
-        prompts: Vec<Option<Vec<u32>>>,
+        prompts: Vec<Vec<u32>>,
         /// The settings, with rank 0's seed.
         settings: GenerateSettings,
     },
@@ -86,6 +83,16 @@ pub(crate) enum Request {
     SetAdapter {
         /// The adapter directory, or `None` to remove the adapter.
         dir: Option<PathBuf>,
+    },
+    /// Generations that rank 0 ends between steps (their callers cancelled).
+    Cancel {
+        /// The generations, by the order they came in.
+        generations: Vec<u64>,
+    },
+    /// One scheduler step, as rank 0 planned it.
+    Step {
+        /// What it admits and cancels.
+        plan: super::scheduler::Plan,
     },
     /// Rank 0's model was closed: the other ranks leave their loop.
     Shutdown,
@@ -137,65 +144,6 @@ impl Mirror {
     pub(crate) fn seeded(&self, mut settings: GenerateSettings) -> GenerateSettings {
         settings.seed = Some(settings.seed.unwrap_or_else(super::scheduler::fresh_seed));
         settings
-    }
-
-    /// A stop flag shared by every rank; `local` is read on rank 0 only.
-    pub(crate) fn stop_flag<'a>(&'a self, local: &'a dyn Fn() -> bool) -> StopFlag<'a> {
-        StopFlag { tp: &self.tp, local, pending: RefCell::new(None), error: RefCell::new(None) }
-    }
-}
-
-/// Rank 0's decision to stop, the same on every rank at the same poll.
-///
-/// [`poll`](StopFlag::poll) reads the flag queued at the previous poll and
-/// queues the next one; every rank must poll exactly as often, which the
-/// generation loops do since they run the same steps. A failed collective
-/// reads as "stop" and is kept for [`StopFlag::check`].
-pub(crate) struct StopFlag<'a> {
-    tp: &'a TensorParallel,
-    local: &'a dyn Fn() -> bool,
-    pending: RefCell<Option<Array>>,
-    error: RefCell<Option<Error>>,
-}
-
-impl StopFlag<'_> {
-    /// Whether every rank stops now.
-    pub(crate) fn poll(&self) -> bool {
-        if self.error.borrow().is_some() {
-            return true;
-        }
-        let previous = self.pending.borrow_mut().take();
-        if let Some(flag) = previous {
-            match flag.item::<i32>() {
-                Ok(0) => {}
-                Ok(_) => return true,
-                Err(e) => return self.fail(e),
-            }
-        }
-        let mine = i32::from(self.tp.shard().rank == 0 && (self.local)());
-        let next = Array::from_slice(&[mine], &[1])
-            .and_then(|a| distributed::all_sum(&a, self.tp.group()))
-            .and_then(|f| async_eval(&[&f]).map(|()| f));
-        match next {
-            Ok(f) => {
-                *self.pending.borrow_mut() = Some(f);
-                false
-            }
-            Err(e) => self.fail(e),
-        }
-    }
-
-    fn fail(&self, e: Error) -> bool {
-        *self.error.borrow_mut() = Some(e);
-        true
-    }
-
-    /// The error of a failed collective, if any.
-    pub(crate) fn check(&self) -> Result<(), Error> {
-        match self.error.borrow_mut().take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
     }
 }
 
@@ -249,35 +197,33 @@ impl Engine {
                 Some(m) => m.receive().map_err(|e| failed("to receive rank 0's next job", core_err(e)))?,
                 None => return Ok(()),
             };
-            // The output goes nowhere: a sink whose stream is gone (sends fail
-            // and are ignored in a tensor-parallel job; stopping is rank 0's).
-            let (sink, _) = TokenStream::channel_with_capacity(CancelToken::new(), 0);
-            let cancel = CancelToken::new();
+            // The output goes nowhere: a sink whose stream is gone (a mirrored
+            // scheduler ignores failed sends; stopping is rank 0's plan).
+            let sink = || TokenStream::unbounded_channel(CancelToken::new()).0;
             // Scores are rank 0's to hand out; here they would only be read back for nothing.
             let quiet = |mut s: GenerateSettings| {
                 s.logits = LogitsMode::None;
                 s
             };
             match request {
-                Request::Generate { ids, settings } => {
-                    self.generate_once(&ids, &quiet(settings), &sink).map_err(|e| failed("a generation", e))?;
-                }
+                Request::Generate { ids, settings } => self.submit_generation(ids, quiet(settings), sink()),
                 Request::SessionTurn { session, ids, settings } => {
-                    self.session_turn_once(session, &ids, &quiet(settings), &sink)
-                        .map_err(|e| failed("a session turn", e))?;
+                    self.submit_session_turn(session, ids, quiet(settings), sink());
                 }
-                Request::EndSession { session } => {
-                    self.sessions.remove(&session);
+                Request::EndSession { session } => self.when_session_free(
+                    session,
+                    Box::new(move |e: &mut Engine| {
+                        e.sessions.remove(&session);
+                    }),
+                ),
+                Request::Classify { prompts, settings } => {
+                    self.submit_rows(prompts.into_iter().map(|p| (p, sink())).collect(), quiet(settings), true);
                 }
-                Request::Classify { prompts, settings } => match self.classify(&prompts, &quiet(settings), &cancel) {
-                    Ok(_) | Err(CoreError::Cancelled) => {}
-                    Err(e) => return Err(failed("a classification", e)),
-                },
                 Request::Batch { prompts, settings } => {
-                    let prompts = prompts.into_iter().map(|p| p.ok_or(CoreError::EmptyPrompt)).collect();
-                    // Row errors are rank 0's to report; they are the same here.
-                    self.batch_generate(prompts, &quiet(settings), &cancel);
+                    self.submit_rows(prompts.into_iter().map(|p| (p, sink())).collect(), quiet(settings), false);
                 }
+                Request::Step { plan } => self.run_step(&plan),
+                Request::Cancel { generations } => self.retire(&generations),
                 Request::Inspect { ids } => {
                     self.inspect(&ids, String::new()).map_err(|e| failed("an attention inspection", core_err(e)))?;
                 }
@@ -290,15 +236,6 @@ impl Engine {
                 }
                 Request::Shutdown => return Ok(()),
             }
-        }
-    }
-
-    /// The stop decision of a generation: `local()` in a single process;
-    /// rank 0's `local()`, shared with every rank, in a tensor-parallel job.
-    pub(super) fn stop_flag<'a>(&'a self, local: &'a dyn Fn() -> bool) -> Stop<'a> {
-        match &self.mirror {
-            Some(m) => Stop::Shared(m.stop_flag(local)),
-            None => Stop::Local(local),
         }
     }
 
@@ -315,30 +252,6 @@ impl Engine {
     }
 }
 
-/// When a generation stops: decided here, or by rank 0 of a tensor-parallel job.
-pub(super) enum Stop<'a> {
-    Local(&'a dyn Fn() -> bool),
-    Shared(StopFlag<'a>),
-}
-
-impl Stop<'_> {
-    /// Whether to stop now (a collective per call in a tensor-parallel job).
-    pub(super) fn poll(&self) -> bool {
-        match self {
-            Stop::Local(f) => f(),
-            Stop::Shared(flag) => flag.poll(),
-        }
-    }
-
-    /// The error of a failed collective, if any.
-    pub(super) fn check(&self) -> Result<(), Error> {
-        match self {
-            Stop::Local(_) => Ok(()),
-            Stop::Shared(flag) => flag.check(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,7 +264,9 @@ mod tests {
             Request::SessionTurn { session: 7, ids: vec![4], settings: settings.clone() },
             Request::EndSession { session: 7 },
             Request::Classify { prompts: vec![vec![1], vec![2, 3]], settings: settings.clone() },
-            Request::Batch { prompts: vec![Some(vec![1]), None], settings },
+            Request::Batch { prompts: vec![vec![1], vec![2, 3]], settings },
+            Request::Step { plan: super::super::scheduler::Plan { admit: 2, cancel: vec![7, 9] } },
+            Request::Cancel { generations: vec![3] },
             Request::Inspect { ids: vec![9] },
             Request::SetAdapter { dir: Some(PathBuf::from("/a")) },
             Request::SetAdapter { dir: None },

@@ -6,15 +6,15 @@
 use std::path::{Path, PathBuf};
 
 use inference_core::{
-    CancelToken, ChatSession, Error as CoreError, GenerateMetrics, GenerateSettings, Message, Result as CoreResult,
-    TokenSink, TokenStream,
+    CancelToken, ChatSession, Error as CoreError, GenerateSettings, Message, Result as CoreResult, TokenSink,
+    TokenStream,
 };
 use mlx::Error;
 
-use super::engine::{Engine, metrics_from};
+use super::engine::Engine;
 use super::mirror::Request;
 use super::scheduler::{Request as ScheduledRequest, SessionTurn};
-use super::{Job, Jobs, call, check_prompt, core_err, lock, submit};
+use super::{Job, Jobs, call, check_prompt, core_err, submit};
 use crate::cache::{BatchKvCache, KvCache, LayerCache, RotatingKvCache};
 use crate::chat::ChatTemplate;
 use crate::session::SessionCache;
@@ -173,17 +173,18 @@ impl Engine {
 
     /// Starts a turn of session `id` over the whole conversation `ids`: the
     /// session's caches keep the longest prefix they share with it and go
-    /// with the row to the scheduler; the turn prefills only the rest. A
-    /// tensor-parallel rank runs the turn to the end now.
+    /// with the row to the scheduler; the turn prefills only the rest.
     pub(super) fn start_session_turn(&mut self, id: u64, ids: Vec<u32>, settings: GenerateSettings, sink: TokenSink) {
-        if self.mirror.is_some() {
-            if let Err(e) =
-                self.announce(|| Request::SessionTurn { session: id, ids: ids.clone(), settings: settings.clone() })
-            {
-                return sink.fail(e);
-            }
-            return self.session_turn(id, &ids, &settings, sink);
+        if let Err(e) =
+            self.announce(|| Request::SessionTurn { session: id, ids: ids.clone(), settings: settings.clone() })
+        {
+            return sink.fail(e);
         }
+        self.submit_session_turn(id, ids, settings, sink);
+    }
+
+    /// Hands a turn of session `id` to the scheduler (see [`Engine::start_session_turn`]).
+    pub(super) fn submit_session_turn(&mut self, id: u64, ids: Vec<u32>, settings: GenerateSettings, sink: TokenSink) {
         let model = self.loaded.model.as_ref();
         let mut state = match self.sessions.remove(&id) {
             Some(s) => s,
@@ -238,63 +239,6 @@ impl Engine {
             self.sessions.insert(back.id, state);
             for job in waiting {
                 self.when_session_free(back.id, job);
-            }
-        }
-    }
-
-    /// One turn of session `id` over the whole token sequence `ids`.
-    pub(super) fn session_turn(&mut self, id: u64, ids: &[u32], settings: &GenerateSettings, sink: TokenSink) {
-        match self.session_turn_once(id, ids, settings, &sink) {
-            Ok(m) => sink.finish(m),
-            Err(e) => sink.fail(e),
-        }
-    }
-
-    pub(super) fn session_turn_once(
-        &mut self,
-        id: u64,
-        ids: &[u32],
-        settings: &GenerateSettings,
-        sink: &TokenSink,
-    ) -> CoreResult<GenerateMetrics> {
-        let span = tracing::info_span!(
-            "job",
-            kind = "session_turn",
-            session = id,
-            prompt_tokens = ids.len(),
-            max_tokens = settings.max_tokens,
-            cached_tokens = tracing::field::Empty,
-            generated_tokens = tracing::field::Empty,
-        );
-        let _job = span.enter();
-        let mut state = match self.sessions.remove(&id) {
-            Some(s) => s,
-            None => SessionCache::new(self.loaded.model.as_ref()).map_err(core_err)?,
-        };
-        let result = (|| {
-            let cached = state.prepare(self.loaded.model.as_ref(), ids)?;
-            let stats = self.run_generation(&ids[cached..], cached, settings, sink, Some(state.caches_mut()))?;
-            state.record(self.loaded.model.as_ref(), ids, &stats.fed)?;
-            Ok::<_, Error>((cached, stats))
-        })();
-        match result {
-            Ok((cached, stats)) => {
-                span.record("cached_tokens", cached);
-                span.record("generated_tokens", stats.generated_tokens);
-                self.sessions.insert(id, state);
-                let mut m = metrics_from(&stats);
-                m.prompt_tokens = ids.len();
-                m.cached_prompt_tokens = cached;
-                m.compute_rates();
-                *lock(&self.metrics) = m;
-                Ok(m)
-            }
-            Err(e) => {
-                // The caches may be half-updated: the session starts again.
-                if state.reset(self.loaded.model.as_ref()).is_ok() {
-                    self.sessions.insert(id, state);
-                }
-                Err(core_err(e))
             }
         }
     }

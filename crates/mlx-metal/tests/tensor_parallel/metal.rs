@@ -132,10 +132,22 @@ fn scenario(model: &MetalModel) -> Value {
         .iter()
         .map(|c| c.token.id)
         .collect();
+    // Several generations at once, each joining the others' batch: every rank runs the same steps.
+    let streams: Vec<_> = ["Once upon a time", "Hi", "The capital of France is"]
+        .iter()
+        .zip([7, 4, 9])
+        .map(|(p, n)| {
+            let mut s = model.generate(p, &greedy(n), CancelToken::new()).expect("a concurrent generation");
+            let first = s.next().expect("a first token").expect("a token");
+            (first.id, s)
+        })
+        .collect();
+    let concurrent: Vec<Vec<u32>> =
+        streams.into_iter().map(|(first, s)| std::iter::once(first).chain(ids_of(s)).collect()).collect();
     let again = ids_of(model.generate("The quick brown fox", &greedy(8), CancelToken::new()).expect("generate again"));
     assert_eq!(again, generated, "the same request gives the same tokens");
     json!({"generate": generated, "stopped": stopped, "turns": turns, "after_reset": after_reset,
-           "batch": batch, "classify": classified})
+           "batch": batch, "classify": classified, "concurrent": concurrent})
 }
 
 /// Cancels a long generation after its third token; returns how many

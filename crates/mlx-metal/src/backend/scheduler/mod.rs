@@ -47,7 +47,7 @@ use crate::tokenizer::Tokenizer;
 mod prefill;
 mod rows;
 
-pub(crate) use self::rows::{Group, fresh_seed, sampler_for};
+pub(crate) use self::rows::{Group, fresh_seed};
 
 /// How much the scheduler takes on at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +88,19 @@ impl Limits {
         let d = Limits::default();
         Ok(Limits { max_batch: read("max_batch", d.max_batch)?, prefill_step: read("prefill_step", d.prefill_step)? })
     }
+}
+
+/// What one step does that cannot be worked out from the requests alone:
+/// how many waiting requests it admits, and which generations (by the order
+/// they came in) it ends because their callers cancelled or went away. A
+/// process decides it from its streams ([`Scheduler::plan`]); in a
+/// tensor-parallel job rank 0 decides and every rank runs the same plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Plan {
+    /// Waiting requests to admit, in order (the cancelled ones left out).
+    pub(crate) admit: usize,
+    /// Generations to end as cancelled.
+    pub(crate) cancel: Vec<u64>,
 }
 
 /// A generation handed to the scheduler.
@@ -163,6 +176,9 @@ pub(crate) struct Scheduler {
     ending: Vec<Ending>,
     /// Sessions' caches back from their turns, for the engine to take.
     returned: Vec<Returned>,
+    /// A tensor-parallel rank: a consumer that went away is seen through the
+    /// plan at the next step, never in the middle of one.
+    mirrored: bool,
 }
 
 /// A generation that ended.
@@ -174,7 +190,9 @@ enum Ending {
 }
 
 impl Scheduler {
-    pub(crate) fn new(limits: Limits, load: Arc<Mutex<EngineLoad>>) -> Scheduler {
+    /// A scheduler within `limits` that publishes its `load`; `mirrored` on a
+    /// tensor-parallel rank (see [`Plan`]).
+    pub(crate) fn new(limits: Limits, load: Arc<Mutex<EngineLoad>>, mirrored: bool) -> Scheduler {
         lock(&load).max_batch = limits.max_batch.max(1);
         Scheduler {
             limits,
@@ -186,6 +204,7 @@ impl Scheduler {
             load,
             ending: Vec::new(),
             returned: Vec::new(),
+            mirrored,
         }
     }
 
@@ -267,25 +286,54 @@ impl Scheduler {
         self.prefilling.is_empty() && self.batch.is_none() && self.waiting.front().is_none_or(|(seq, _)| held(*seq))
     }
 
-    /// One step: admits what fits, prefills up to the budget, then decodes
-    /// one token for every row of the batch.
+    /// This process's plan for the next step: the generations whose streams
+    /// were cancelled or dropped, and what fits of the rest of the queue.
+    pub(crate) fn plan(&self) -> Plan {
+        let cancelled = |sink: &TokenSink| sink.is_cancelled();
+        let mut cancel: Vec<u64> =
+            self.prefilling.iter().filter(|p| cancelled(&p.row.sink)).map(|p| p.row.seq).collect();
+        let batch = self.batch.as_ref().map_or(&[][..], |b| &b.rows[..]);
+        cancel.extend(batch.iter().filter(|r| cancelled(&r.sink)).map(|r| r.seq));
+        let staying = self.running() - cancel.len();
+        cancel.extend(self.waiting.iter().filter(|(_, r)| cancelled(&r.sink)).map(|(s, _)| *s));
+        let mut room = self.limits.max_batch.max(1).saturating_sub(staying);
+        let mut admit = 0;
+        for (seq, r) in &self.waiting {
+            if room == 0 || self.hold_from.is_some_and(|h| *seq >= h) {
+                break;
+            }
+            if !cancelled(&r.sink) {
+                admit += 1;
+                room -= 1;
+            }
+        }
+        Plan { admit, cancel }
+    }
+
+    /// One step of `plan`: ends the cancelled generations, admits what the
+    /// plan says, prefills up to the budget, then decodes one token for
+    /// every row of the batch.
     pub(crate) fn step(
         &mut self,
+        plan: &Plan,
         model: &dyn LanguageModel,
         tokenizer: &Tokenizer,
         last_metrics: &Arc<Mutex<GenerateMetrics>>,
     ) {
+        self.cancel(&plan.cancel);
         let was_idle = self.prefilling.is_empty() && self.batch.is_none();
-        self.admit(model, tokenizer, was_idle);
+        self.admit(plan.admit, model, tokenizer, was_idle);
         let (single, joining): (Vec<_>, Vec<_>) =
             self.prefill(model).into_iter().partition(|(p, _)| p.row.max_tokens <= 1);
         // A row of one token (a classification, say) ends here, without joining the batch.
+        let mirrored = self.mirrored;
         for (p, first) in single {
             let mut row = p.row;
             if let Some(t) = row.session.as_mut() {
                 t.caches = p.caches;
             }
-            let emitted = read_ids("scheduler", &first.ids).and_then(|ids| row.emit(&first, 0, ids[0], Instant::now()));
+            let emitted =
+                read_ids("scheduler", &first.ids).and_then(|ids| row.emit(&first, 0, ids[0], Instant::now(), mirrored));
             let emitted = emitted.and_then(|_| feed_last(model, &mut row));
             let error = emitted.err().map(core_err);
             self.ending.push(Ending::Row(Box::new(row), error));
@@ -300,25 +348,18 @@ impl Scheduler {
         self.publish_and_end(rows, last_metrics);
     }
 
-    /// Moves waiting requests into prefill while there is room.
-    fn admit(&mut self, model: &dyn LanguageModel, tokenizer: &Tokenizer, was_idle: bool) {
-        if was_idle && !self.waiting.is_empty() {
+    /// Moves the first `n` waiting requests into prefill.
+    fn admit(&mut self, n: usize, model: &dyn LanguageModel, tokenizer: &Tokenizer, was_idle: bool) {
+        if was_idle && n > 0 {
             // The peak reported with each generation is that of the busy spell it ran in.
             let _ = memory::reset_peak_memory();
         }
-        while self.running() < self.limits.max_batch.max(1) {
-            if self.waiting.front().is_some_and(|(seq, _)| self.hold_from.is_some_and(|h| *seq >= h)) {
-                break;
-            }
-            let Some((_, Request { ids, settings, max_tokens, sink, span, classify, group, mut session })) =
+        for _ in 0..n {
+            let Some((seq, Request { ids, settings, max_tokens, sink, span, classify, group, mut session })) =
                 self.waiting.pop_front()
             else {
                 break;
             };
-            if sink.is_cancelled() {
-                self.ending.push(Ending::Refused(sink, CoreError::Cancelled, session));
-                continue;
-            }
             let parts = || -> Result<(Draw, Array)> { Ok((Draw::new(&settings, &ids)?, tokens(&ids)?)) };
             let caches = match session.as_mut() {
                 Some(turn) => Ok(std::mem::take(&mut turn.caches)),
@@ -332,6 +373,7 @@ impl Scheduler {
                 }
             };
             let row = Row {
+                seq,
                 sink,
                 classify,
                 group,
@@ -367,12 +409,6 @@ impl Scheduler {
         let mut joining = Vec::new();
         let mut i = 0;
         while i < self.prefilling.len() && budget > 0 {
-            if self.prefilling[i].row.sink.is_cancelled() {
-                if let Some(p) = self.prefilling.remove(i) {
-                    self.ending.push(Ending::Row(Box::new(p.into_row()), Some(CoreError::Cancelled)));
-                }
-                continue;
-            }
             match prefill_some(model, &mut self.prefilling[i], self.limits.prefill_step, &mut budget) {
                 Ok(None) => i += 1,
                 Ok(Some(first)) => {
@@ -438,11 +474,7 @@ impl Scheduler {
         let mut keep = Vec::with_capacity(batch.rows.len());
         let mut done: Vec<(usize, Option<CoreError>)> = Vec::new();
         for (pos, row) in batch.rows.iter_mut().enumerate() {
-            if row.sink.is_cancelled() {
-                done.push((pos, Some(CoreError::Cancelled)));
-                continue;
-            }
-            match row.emit(&batch.pending, pos, ids[pos], now) {
+            match row.emit(&batch.pending, pos, ids[pos], now, self.mirrored) {
                 Ok(true) if next.is_some() => keep.push(pos),
                 Ok(_) => done.push((pos, None)),
                 Err(e) => done.push((pos, Some(core_err(e)))),
@@ -451,27 +483,36 @@ impl Scheduler {
         self.settle(done, &keep, next, Some(model))
     }
 
-    /// Between steps: retires the rows whose streams were cancelled or
-    /// dropped, so that a job that follows a cancel sees it done.
-    pub(crate) fn retire_cancelled(&mut self, last_metrics: &Arc<Mutex<GenerateMetrics>>) {
+    /// Between steps: ends the generations in `cancel` (see [`Plan`]), so
+    /// that a job that follows a cancel sees it done.
+    pub(crate) fn retire(&mut self, cancel: &[u64], last_metrics: &Arc<Mutex<GenerateMetrics>>) {
+        self.cancel(cancel);
+        self.publish_and_end(None, last_metrics);
+    }
+
+    /// Ends the generations in `cancel` (by the order they came in), wherever they are.
+    fn cancel(&mut self, cancel: &[u64]) {
+        if cancel.is_empty() {
+            return;
+        }
         for (seq, req) in std::mem::take(&mut self.waiting) {
-            if req.sink.is_cancelled() {
+            if cancel.contains(&seq) {
                 self.ending.push(Ending::Refused(req.sink, CoreError::Cancelled, req.session));
             } else {
                 self.waiting.push_back((seq, req));
             }
         }
         for p in std::mem::take(&mut self.prefilling) {
-            if p.row.sink.is_cancelled() {
+            if cancel.contains(&p.row.seq) {
                 self.ending.push(Ending::Row(Box::new(p.into_row()), Some(CoreError::Cancelled)));
             } else {
                 self.prefilling.push_back(p);
             }
         }
-        let Some(batch) = &self.batch else { return self.publish_and_end(None, last_metrics) };
+        let Some(batch) = &self.batch else { return };
         let (mut keep, mut done) = (Vec::new(), Vec::new());
         for (pos, row) in batch.rows.iter().enumerate() {
-            if row.sink.is_cancelled() {
+            if cancel.contains(&row.seq) {
                 done.push((pos, Some(CoreError::Cancelled)));
             } else {
                 keep.push(pos);
@@ -483,7 +524,6 @@ impl Scheduler {
                 self.fail_batch(&e);
             }
         }
-        self.publish_and_end(None, last_metrics);
     }
 
     /// Ends the rows at `done`; the rows at `keep` go on with `next` (one

@@ -114,6 +114,8 @@ impl Drop for Group {
 
 /// One generation, from admission to its last token.
 pub(super) struct Row {
+    /// Its place in the order requests came in (its name in a [`super::Plan`]).
+    pub(super) seq: u64,
     pub(super) sink: TokenSink,
     /// Classification: the first token as drawn, whatever it is, then the end.
     pub(super) classify: bool,
@@ -137,15 +139,16 @@ pub(super) struct Row {
 
 impl Row {
     /// Hands the row its token: entry `pos` of `out`, whose id is `id`.
-    /// Returns whether the row goes on.
-    pub(super) fn emit(&mut self, out: &Outputs, pos: usize, id: u32, now: Instant) -> Result<bool> {
+    /// Returns whether the row goes on. A `mirrored` row goes on when its
+    /// consumer has gone (the plan of the next step ends it on every rank).
+    pub(super) fn emit(&mut self, out: &Outputs, pos: usize, id: u32, now: Instant, mirrored: bool) -> Result<bool> {
         self.first_token.get_or_insert(now);
         let p = pos as i32;
         let logprobs = ops::squeeze(&ops::slice_axis(&out.logprobs, 0, p, p + 1)?, &[0])?;
         let logits = ops::squeeze(&ops::slice_axis(&out.logits, 0, p, p + 1)?, &[0])?;
         let step = Step { id, logprobs: &logprobs, logits: &logits };
         let sink = &self.sink;
-        let mut send = |t: Token| sink.send(t).is_ok();
+        let mut send = |t: Token| sink.send(t).is_ok() || mirrored;
         let flow =
             if self.classify { self.out.push_raw(&step, &mut send)? } else { self.out.push(&step, &mut send)? };
         self.produced += 1;
