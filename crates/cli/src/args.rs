@@ -263,6 +263,10 @@ pub(crate) struct ServeArgs {
     /// holds up the others' streams by one chunk at most (metal backend).
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) prefill_step: u32,
+    /// Bytes the batch's KV caches may take; a request joins the batch only while they fit (metal
+    /// backend; default: three quarters of what MLX's memory limit leaves beside the weights).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) kv_cache_bytes: Option<u64>,
     /// How many requests the engine holds at once (default: --max-batch); more wait in the queue.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) max_concurrent: Option<u32>,
@@ -299,9 +303,13 @@ impl ServeArgs {
         if backend.as_deref() != Some("metal") {
             return settings;
         }
-        settings
+        let settings = settings
             .backend_option("max_batch", self.max_batch.to_string())
-            .backend_option("prefill_step", self.prefill_step.to_string())
+            .backend_option("prefill_step", self.prefill_step.to_string());
+        match self.kv_cache_bytes {
+            Some(bytes) => settings.backend_option("kv_cache_bytes", bytes.to_string()),
+            None => settings,
+        }
     }
 }
 
@@ -425,6 +433,7 @@ mod tests {
         assert!(parse(&["serve", "-m", "/m", "--max-concurrent", "0"]).is_err());
         assert!(parse(&["serve", "-m", "/m", "--max-batch", "0"]).is_err());
         assert!(parse(&["serve", "-m", "/m", "--prefill-step", "0"]).is_err());
+        assert!(parse(&["serve", "-m", "/m", "--kv-cache-bytes", "0"]).is_err());
         assert!(parse(&["serve", "-m", "/m", "--host", "localhost:80"]).is_err());
         assert!(parse(&["frobnicate"]).is_err());
     }

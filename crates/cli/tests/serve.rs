@@ -162,7 +162,7 @@ fn malformed_requests_get_clear_4xx_errors() {
 
 #[test]
 fn concurrent_requests_queue_and_all_complete() {
-    let server = Server::start(&tiny(MODEL), &["--max-concurrent", "2"]);
+    let server = Server::start(&tiny(MODEL), &["--max-concurrent", "2", "--kv-cache-bytes", "50000000"]);
     let expected = post(&server.url("/v1/completions"), &json!({"prompt": "once upon", "max_tokens": 16})).1;
     let expected = expected["choices"][0]["text"].as_str().unwrap().to_owned();
     let url = server.url("/v1/completions");
@@ -199,6 +199,8 @@ fn concurrent_requests_queue_and_all_complete() {
     let batch = &stats["batch"];
     assert_eq!((batch["max_batch"].as_u64(), batch["running"].as_u64()), (Some(32), Some(0)), "{stats}");
     assert!(batch["decode_steps"].as_u64().is_some_and(|n| n >= 16), "{stats}");
+    assert_eq!(batch["kv_budget_bytes"].as_u64(), Some(50_000_000), "{stats}");
+    assert!(batch["kv_bytes_per_token"].as_u64().is_some_and(|n| n > 0), "{stats}");
 }
 
 #[test]

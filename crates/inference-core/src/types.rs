@@ -182,6 +182,10 @@ pub struct EngineLoad {
     pub peak_batch_size: usize,
     /// Decode steps run since the model was loaded.
     pub decode_steps: u64,
+    /// Bytes of KV cache one position of one generation takes (0 when unknown).
+    pub kv_bytes_per_token: usize,
+    /// Bytes of KV cache the engine lets its batch take (`usize::MAX`: no bound).
+    pub kv_budget_bytes: usize,
 }
 
 /// Measurements of one generate, chat, classify or batch call.

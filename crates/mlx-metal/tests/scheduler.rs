@@ -299,3 +299,42 @@ fn session_turns_join_the_batch_and_equal_each_alone() {
         assert!(model.engine_load().unwrap().peak_batch_size >= 2);
     }
 }
+
+#[test]
+fn admission_keeps_the_kv_cache_within_its_budget() {
+    let path = common::tiny_model("llama3-tiny");
+    let reg = Registry::new().with(mlx_metal::backend::backend());
+    let with_budget = |bytes: Option<usize>| -> Arc<dyn TextModel> {
+        let mut settings = LoadSettings::default().backend("metal").device(inference_core::Device::Cpu);
+        if let Some(b) = bytes {
+            settings = settings.backend_option("kv_cache_bytes", b.to_string());
+        }
+        Arc::from(reg.load_model(&path, &settings).unwrap())
+    };
+    let free = with_budget(None);
+    let per_token = free.engine_load().unwrap().kv_bytes_per_token;
+    assert!(per_token > 0, "{:?}", free.engine_load());
+    let (prompt, s) = ("one two three four five six", GenerateSettings::default().max_tokens(8).ignore_eos(true));
+    let alone = free.generate(prompt, &s, CancelToken::new()).unwrap().complete().unwrap();
+    let footprint = alone.metrics.unwrap().prompt_tokens + 8;
+    // Room for two such generations at once, not three.
+    let model = with_budget(Some(2 * footprint * per_token));
+    let load = model.engine_load().unwrap();
+    assert_eq!((load.kv_budget_bytes, load.kv_bytes_per_token), (2 * footprint * per_token, per_token));
+    let streams: Vec<TokenStream> = (0..4).map(|_| model.generate(prompt, &s, CancelToken::new()).unwrap()).collect();
+    for stream in streams {
+        assert_same(&stream.complete().unwrap(), &alone, "a generation admitted within the KV budget");
+    }
+    assert_eq!(model.engine_load().unwrap().peak_batch_size, 2, "the budget holds two rows");
+    // One that could never fit, even alone, is refused with the figures.
+    let e = model
+        .generate(prompt, &s.clone().max_tokens(footprint * 2), CancelToken::new())
+        .and_then(|s| s.complete())
+        .unwrap_err();
+    assert!(e.to_string().contains("kv_cache_bytes") && e.to_string().contains("max_tokens"), "{e}");
+    let e = reg
+        .load_model(&path, &LoadSettings::default().backend("metal").backend_option("kv_cache_bytes", "none"))
+        .err()
+        .expect("a bad budget is refused");
+    assert!(e.report().to_string().contains("kv_cache_bytes"), "{}", e.report());
+}

@@ -48,6 +48,9 @@ impl Engine {
     /// every other one (and, in a tensor-parallel job, announced to the
     /// other ranks first).
     pub(super) fn start_generation(&mut self, ids: Vec<u32>, settings: GenerateSettings, sink: TokenSink) {
+        if let Err(e) = self.check_fits(ids.len(), &settings) {
+            return sink.fail(e);
+        }
         if let Err(e) = self.announce(|| MirrorRequest::Generate { ids: ids.clone(), settings: settings.clone() }) {
             return sink.fail(e);
         }
@@ -66,6 +69,16 @@ impl Engine {
     /// each, as drawn) or a batch, each with its sink; the rows run with
     /// every other generation.
     pub(super) fn start_rows(&mut self, rows: Vec<(Vec<u32>, TokenSink)>, settings: GenerateSettings, classify: bool) {
+        let mut fitting = Vec::with_capacity(rows.len());
+        for (ids, sink) in rows {
+            let fits =
+                if classify { self.scheduler.check_fits(ids.len() + 1) } else { self.check_fits(ids.len(), &settings) };
+            match fits {
+                Ok(()) => fitting.push((ids, sink)),
+                Err(e) => sink.fail(e),
+            }
+        }
+        let rows = fitting;
         let request = || {
             let (prompts, settings) = (rows.iter().map(|(ids, _)| ids.clone()).collect(), settings.clone());
             if classify {
@@ -102,6 +115,12 @@ impl Engine {
             let settings = settings.clone();
             self.scheduler.submit(Request { ids, settings, max_tokens, sink, span, classify, group, session: None });
         }
+    }
+
+    /// Refuses a generation from `prompt` positions whose KV cache could
+    /// never fit the engine's budget.
+    pub(super) fn check_fits(&self, prompt: usize, settings: &GenerateSettings) -> CoreResult<()> {
+        self.scheduler.check_fits(prompt + self.max_tokens(prompt, settings))
     }
 
     /// Whether the scheduler has nothing to do.

@@ -112,13 +112,17 @@ impl MetalModel {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
+                let mut scheduler = Scheduler::new(limits, engine_load, mirror.is_some());
+                if let Err(e) = scheduler.size_up(loaded.model.as_ref()) {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
                 let desc = loaded.model.description().clone();
                 let config_json = std::fs::read(loaded.dir.join("config.json")).unwrap_or_default();
                 let fingerprint = Fingerprint::new(&desc, &config_json);
                 let _ = ready_tx.send(Ok(desc));
                 // Jobs run inside their own callers' spans (see `submit`).
                 drop(loading);
-                let mirrored = mirror.is_some();
                 let mut engine = Engine {
                     loaded,
                     tokenizer: engine_tokenizer,
@@ -127,7 +131,7 @@ impl MetalModel {
                     fingerprint,
                     sessions: HashMap::new(),
                     mirror,
-                    scheduler: Scheduler::new(limits, engine_load, mirrored),
+                    scheduler,
                     turns: HashMap::new(),
                     after_drain: Vec::new(),
                 };

@@ -175,6 +175,9 @@ impl Engine {
     /// session's caches keep the longest prefix they share with it and go
     /// with the row to the scheduler; the turn prefills only the rest.
     pub(super) fn start_session_turn(&mut self, id: u64, ids: Vec<u32>, settings: GenerateSettings, sink: TokenSink) {
+        if let Err(e) = self.check_fits(ids.len(), &settings) {
+            return sink.fail(e);
+        }
         if let Err(e) =
             self.announce(|| Request::SessionTurn { session: id, ids: ids.clone(), settings: settings.clone() })
         {

@@ -34,6 +34,7 @@ use std::time::Instant;
 use inference_core::{EngineLoad, Error as CoreError, GenerateMetrics, GenerateSettings, TokenSink};
 use mlx::{Array, Dtype, Error, Result, memory, ops};
 
+use self::admission::KvBudget;
 use self::prefill::{Prefill, prefill_some, row_caches, single_row_caches};
 use self::rows::{Draw, Outputs, Row, finish, sample_rows, tokens};
 use super::text::TextOut;
@@ -44,6 +45,7 @@ use crate::generate;
 use crate::model::LanguageModel;
 use crate::tokenizer::Tokenizer;
 
+mod admission;
 mod prefill;
 mod rows;
 
@@ -57,6 +59,9 @@ pub struct Limits {
     /// Most prompt tokens prefilled per step, all requests together; also
     /// the size of one prefill chunk.
     pub prefill_step: usize,
+    /// Bytes the batch's KV caches may take; `None` for a share of what MLX's
+    /// memory limit leaves (see `admission.rs`).
+    pub kv_cache_bytes: Option<usize>,
 }
 
 /// The most rows decoding at once unless the load settings say otherwise
@@ -65,13 +70,14 @@ pub const DEFAULT_MAX_BATCH: usize = 32;
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_batch: DEFAULT_MAX_BATCH, prefill_step: generate::PREFILL_STEP }
+        Limits { max_batch: DEFAULT_MAX_BATCH, prefill_step: generate::PREFILL_STEP, kv_cache_bytes: None }
     }
 }
 
 impl Limits {
-    /// The limits that the load settings' backend options `max_batch` and
-    /// `prefill_step` (whole numbers >= 1) set; the defaults for those absent.
+    /// The limits that the load settings' backend options `max_batch`,
+    /// `prefill_step` and `kv_cache_bytes` (whole numbers >= 1) set; the
+    /// defaults for those absent.
     ///
     /// # Errors
     ///
@@ -86,7 +92,15 @@ impl Limits {
             }
         };
         let d = Limits::default();
-        Ok(Limits { max_batch: read("max_batch", d.max_batch)?, prefill_step: read("prefill_step", d.prefill_step)? })
+        let kv_cache_bytes = match options.get("kv_cache_bytes") {
+            None => None,
+            Some(_) => Some(read("kv_cache_bytes", 0)?),
+        };
+        Ok(Limits {
+            max_batch: read("max_batch", d.max_batch)?,
+            prefill_step: read("prefill_step", d.prefill_step)?,
+            kv_cache_bytes,
+        })
     }
 }
 
@@ -121,6 +135,13 @@ pub(crate) struct Request {
     pub(crate) group: Option<Arc<Group>>,
     /// A chat session's turn: its caches, which come back when it ends.
     pub(crate) session: Option<SessionTurn>,
+}
+
+impl Request {
+    /// Every position the generation may hold: its conversation, prompt and `max_tokens`.
+    fn footprint(&self) -> usize {
+        self.session.as_ref().map_or(0, |t| t.cached) + self.ids.len() + self.max_tokens
+    }
 }
 
 /// A chat session's turn: the session's caches go in with the request
@@ -179,6 +200,8 @@ pub(crate) struct Scheduler {
     /// A tensor-parallel rank: a consumer that went away is seen through the
     /// plan at the next step, never in the middle of one.
     mirrored: bool,
+    /// The KV-cache budget, once [`Scheduler::size_up`] has run.
+    kv: Option<KvBudget>,
 }
 
 /// A generation that ended.
@@ -205,6 +228,7 @@ impl Scheduler {
             ending: Vec::new(),
             returned: Vec::new(),
             mirrored,
+            kv: None,
         }
     }
 
@@ -270,6 +294,22 @@ impl Scheduler {
         self.publish(None);
     }
 
+    /// Works out what a position of the KV cache costs for `model` and the
+    /// budget (see `admission.rs`).
+    pub(crate) fn size_up(&mut self, model: &dyn LanguageModel) -> Result<()> {
+        let kv = KvBudget::for_model(model, self.limits.kv_cache_bytes)?;
+        let mut load = lock(&self.load);
+        (load.kv_bytes_per_token, load.kv_budget_bytes) = (kv.per_token, kv.budget);
+        drop(load);
+        self.kv = Some(kv);
+        Ok(())
+    }
+
+    /// Refuses a generation whose KV cache could never fit the budget, even alone.
+    pub(crate) fn check_fits(&self, positions: usize) -> Result<(), CoreError> {
+        self.kv.map_or(Ok(()), |kv| kv.check(positions))
+    }
+
     /// Admits no request submitted from now on until [`Scheduler::release`].
     pub(crate) fn hold(&mut self) {
         self.hold_from.get_or_insert(self.next_seq);
@@ -295,6 +335,7 @@ impl Scheduler {
         let batch = self.batch.as_ref().map_or(&[][..], |b| &b.rows[..]);
         cancel.extend(batch.iter().filter(|r| cancelled(&r.sink)).map(|r| r.seq));
         let staying = self.running() - cancel.len();
+        let mut width = self.prefilling.iter().map(|p| p.row.footprint).chain(batch.iter().map(|r| r.footprint)).max();
         cancel.extend(self.waiting.iter().filter(|(_, r)| cancelled(&r.sink)).map(|(s, _)| *s));
         let mut room = self.limits.max_batch.max(1).saturating_sub(staying);
         let mut admit = 0;
@@ -302,10 +343,17 @@ impl Scheduler {
             if room == 0 || self.hold_from.is_some_and(|h| *seq >= h) {
                 break;
             }
-            if !cancelled(&r.sink) {
-                admit += 1;
-                room -= 1;
+            if cancelled(&r.sink) {
+                continue;
             }
+            // Oldest first: a request that does not fit yet holds back the ones behind it.
+            let wider = width.unwrap_or(0).max(r.footprint());
+            if self.kv.is_some_and(|kv| !kv.fits(staying + admit + 1, wider)) {
+                break;
+            }
+            width = Some(wider);
+            admit += 1;
+            room -= 1;
         }
         Plan { admit, cancel }
     }
@@ -372,8 +420,10 @@ impl Scheduler {
                     continue;
                 }
             };
+            let footprint = session.as_ref().map_or(0, |t| t.cached) + ids.len() + max_tokens;
             let row = Row {
                 seq,
+                footprint,
                 sink,
                 classify,
                 group,

@@ -116,6 +116,8 @@ impl Drop for Group {
 pub(super) struct Row {
     /// Its place in the order requests came in (its name in a [`super::Plan`]).
     pub(super) seq: u64,
+    /// Every position it may hold (see `admission.rs`).
+    pub(super) footprint: usize,
     pub(super) sink: TokenSink,
     /// Classification: the first token as drawn, whatever it is, then the end.
     pub(super) classify: bool,

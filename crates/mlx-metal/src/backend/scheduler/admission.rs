@@ -1,0 +1,84 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! Admission by KV-cache memory: a request joins only if the batch's caches,
+//! at their widest, still fit the budget; one that could never fit is refused
+//! with the figures.
+//!
+//! A row's footprint is every position it may hold: its conversation so far,
+//! its prompt and its `max_tokens`. The batch is left-padded, so its caches
+//! grow towards `rows × the widest footprint × bytes per token`; that is the
+//! figure kept under the budget (an upper bound: rows that stop early, and
+//! sliding-window layers, take less).
+
+use inference_core::Error as CoreError;
+use mlx::{Result, ops};
+
+use super::prefill::single_row_caches;
+use crate::cache::LayerCache;
+use crate::model::LanguageModel;
+
+/// The KV-cache budget and what one position of one row costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KvBudget {
+    /// Bytes of keys and values per position of one row, all layers.
+    pub(crate) per_token: usize,
+    /// Bytes the batch's caches may take.
+    pub(crate) budget: usize,
+}
+
+impl KvBudget {
+    /// The budget for `model`: `bytes`, or else three quarters of what MLX's
+    /// memory limit leaves beside what is in use now (the weights), or no
+    /// bound where MLX reports no limit.
+    pub(crate) fn for_model(model: &dyn LanguageModel, bytes: Option<usize>) -> Result<KvBudget> {
+        let budget = match bytes {
+            Some(b) => b,
+            None => match mlx::memory::memory_limit()? {
+                0 => usize::MAX,
+                limit => limit.saturating_sub(mlx::memory::active_memory()?) / 4 * 3,
+            },
+        };
+        Ok(KvBudget { per_token: per_token(model)?, budget })
+    }
+
+    /// Whether `rows` rows whose widest footprint is `width` positions fit.
+    pub(crate) fn fits(&self, rows: usize, width: usize) -> bool {
+        rows.saturating_mul(width).saturating_mul(self.per_token) <= self.budget
+    }
+
+    /// Refuses a row that would not fit even alone.
+    pub(crate) fn check(&self, footprint: usize) -> Result<(), CoreError> {
+        if self.fits(1, footprint) {
+            return Ok(());
+        }
+        Err(CoreError::invalid_setting(
+            "max_tokens",
+            format!("{footprint} positions (conversation, prompt and max_tokens)"),
+            format!(
+                "their KV cache would take {} bytes, more than the engine's budget of {} bytes (backend option \
+                 kv_cache_bytes); ask for fewer tokens",
+                footprint.saturating_mul(self.per_token),
+                self.budget
+            ),
+        ))
+    }
+}
+
+/// Bytes of keys and values per position of one row: read off the shapes of
+/// the caches after one token, a graph that is built but never run.
+fn per_token(model: &dyn LanguageModel) -> Result<usize> {
+    let mut caches = single_row_caches(model)?;
+    let x = ops::zeros(&[1, 1], mlx::Dtype::Int32)?;
+    model.forward(&x, &mut caches)?;
+    let mut bytes = 0;
+    for c in &caches {
+        if let LayerCache::Batch(b) = c {
+            let (k, v, _) = b.row(0)?;
+            for a in [&k, &v] {
+                let shape = a.shape();
+                let per_position = shape[1] as usize * shape[3] as usize;
+                bytes += per_position * a.dtype().size_of();
+            }
+        }
+    }
+    Ok(bytes)
+}
