@@ -404,3 +404,48 @@ fn engine_jobs_are_spans_under_the_callers_span() {
         assert!(!child_of(job, "prefill").is_empty(), "{what} prefills its rows' prompts");
     }
 }
+
+#[test]
+fn a_long_prompt_goes_in_between_the_running_rows_decode_steps() {
+    // The scheduler prefills at most `prefill_step` prompt tokens between two decode steps, so a
+    // long prompt that arrives while another row decodes does not hold that row's stream up.
+    let name = "qwen2-tiny";
+    let (root, root_id) = root("interleave");
+    let _root = root.enter();
+    let settings = LoadSettings::default().device(Device::Cpu).backend_option("prefill_step", "8");
+    let model = MetalModel::load(&common::tiny_model(name), &settings).unwrap();
+    let long = GenerateSettings::default().max_tokens(100_000).ignore_eos(true);
+    let mut running = model.generate("hello", &long, CancelToken::new()).unwrap();
+    running.next().unwrap().unwrap();
+    let short = GenerateSettings::default().max_tokens(2).ignore_eos(true);
+    let late = model.generate(&"once upon a time ".repeat(12), &short, CancelToken::new()).unwrap();
+    assert_eq!(late.complete().unwrap().tokens.len(), 2);
+    drop(running);
+    model.close().unwrap();
+
+    let spans = all_spans();
+    let engine_thread = format!("mlx-engine-{name}");
+    let job = under(&spans, root_id)
+        .into_iter()
+        .filter(|s| s.name == "job" && s.field("kind") == Some("generate"))
+        .max_by_key(|s| s.int("prompt_tokens"))
+        .expect("the long prompt's job");
+    assert!(job.int("prompt_tokens") > 40, "{job:?}");
+    let chunks: Vec<u64> = under(&spans, job.id).iter().filter(|s| s.name == "prefill").map(|s| s.id).collect();
+    assert!(chunks.len() >= 5, "a chunk per 8 tokens: {chunks:?}");
+    assert!(under(&spans, job.id).iter().filter(|s| s.name == "prefill").all(|s| s.int("tokens") <= 8));
+    // Between each two chunks of the long prompt, the running row took a decode step.
+    let steps: Vec<u64> = spans
+        .iter()
+        .filter(|s| s.name == "decode_step" && s.thread == engine_thread && !s.fields.contains_key("step"))
+        .map(|s| s.id)
+        .collect();
+    for pair in chunks.windows(2) {
+        assert!(
+            steps.iter().any(|&s| pair[0] < s && s < pair[1]),
+            "no decode step between prefill chunks {} and {}: the long prompt held up the running row",
+            pair[0],
+            pair[1]
+        );
+    }
+}
