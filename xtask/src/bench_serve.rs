@@ -12,9 +12,9 @@
 
 use std::env;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use crate::bench::{absolute, pick_python, target_dir};
+use crate::bench::{pick_python, target_dir};
+use crate::driver::{Common, Kind, Spec};
 use crate::util::{run as run_cmd, workspace_root};
 
 /// What `cargo xtask bench-serve` takes.
@@ -29,109 +29,44 @@ struct Options {
     driver: Vec<String>,
 }
 
-/// Driver options that take a value, and what the value must be.
-const VALUED: &[(&str, Kind)] = &[
-    ("--clients", Kind::List),
-    ("--max-tokens", Kind::Tokens),
-    ("--prompt-words", Kind::Count),
-    ("--rounds", Kind::Count),
-    ("--warmup", Kind::Count0),
-    ("--ours-args", Kind::Text),
-    ("--mlxlm-args", Kind::Text),
-    ("--start-timeout", Kind::Seconds),
-    ("--request-timeout", Kind::Seconds),
-    ("--json", Kind::Path),
-    ("--log-dir", Kind::Path),
-];
-
-/// Driver flags without a value (besides `--skip-ours` and `--skip-mlxlm`, which this reads too).
-const FLAGS: &[&str] = &["--markdown"];
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Kind {
-    /// An integer >= 1.
-    Count,
-    /// An integer >= 0.
-    Count0,
-    /// An integer >= 2 (the per-stream speed needs a token after the first).
-    Tokens,
-    /// Comma-separated integers >= 1.
-    List,
-    /// A number of seconds > 0.
-    Seconds,
-    /// Passed on as it is (extra flags for a server, split by the driver as a shell would).
-    Text,
-    /// A path (made absolute, since the driver runs in the workspace root).
-    Path,
-}
-
-fn check_value(name: &str, kind: Kind, v: &str) -> Result<String, String> {
-    let bad = |what: &str| format!("bench-serve: {name} {v:?}: {what}");
-    let whole = |min: u64| -> Result<String, String> {
-        let n: u64 = v.trim().parse().map_err(|_| bad("not a whole number"))?;
-        if n < min {
-            return Err(bad(&format!("must be at least {min}")));
-        }
-        Ok(n.to_string())
-    };
-    match kind {
-        Kind::Count => whole(1),
-        Kind::Count0 => whole(0),
-        Kind::Tokens => whole(2),
-        Kind::List => {
-            let items: Vec<u64> = v
-                .split(',')
-                .filter(|s| !s.trim().is_empty())
-                .map(|s| s.trim().parse::<u64>().ok().filter(|&n| n > 0))
-                .collect::<Option<_>>()
-                .ok_or_else(|| bad("not a comma-separated list of client counts >= 1"))?;
-            if items.is_empty() {
-                return Err(bad("no client counts"));
-            }
-            Ok(items.iter().map(u64::to_string).collect::<Vec<_>>().join(","))
-        }
-        Kind::Seconds => match v.parse::<f64>() {
-            Ok(x) if x.is_finite() && x > 0.0 => Ok(v.to_string()),
-            _ => Err(bad("must be a number of seconds above 0")),
-        },
-        Kind::Text => Ok(v.to_string()),
-        Kind::Path => Ok(absolute(Path::new(v)).display().to_string()),
-    }
-}
+/// The driver's options (besides `--skip-ours` and `--skip-mlxlm`, which this reads too).
+const SPEC: Spec = Spec {
+    tool: "bench-serve",
+    valued: &[
+        ("--clients", Kind::List("client counts")),
+        // The per-stream speed needs a token after the first.
+        ("--max-tokens", Kind::AtLeast(2)),
+        ("--prompt-words", Kind::Count),
+        ("--rounds", Kind::Count),
+        ("--warmup", Kind::Count0),
+        ("--ours-args", Kind::Text),
+        ("--mlxlm-args", Kind::Text),
+        ("--start-timeout", Kind::Positive("seconds")),
+        ("--request-timeout", Kind::Positive("seconds")),
+        ("--json", Kind::Path),
+        ("--log-dir", Kind::Path),
+    ],
+    flags: &["--markdown"],
+};
 
 fn parse(args: &[String]) -> Result<Options, String> {
-    let mut o = Options { build: true, ..Options::default() };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
-            _ => (a.as_str(), None),
-        };
-        let mut value =
-            || inline.clone().or_else(|| it.next().cloned()).ok_or(format!("bench-serve: {name} needs a value"));
-        match name {
-            "--model" => o.model = Some(absolute(Path::new(&value()?))),
-            "--python" => o.python = Some(value()?),
-            "--no-build" => o.build = false,
-            "--skip-ours" => o.skip_ours = true,
-            "--skip-mlxlm" => o.skip_mlxlm = true,
-            f if FLAGS.contains(&f) => o.driver.push(f.to_string()),
-            _ => match VALUED.iter().find(|(n, _)| *n == name) {
-                Some(&(n, kind)) => {
-                    let v = check_value(n, kind, &value()?)?;
-                    o.driver.extend([n.to_string(), v]);
-                }
-                None => return Err(format!("bench-serve: unknown option `{a}`")),
-            },
+    let (mut skip_ours, mut skip_mlxlm) = (false, false);
+    let common = crate::driver::parse(&SPEC, args, |flag| match flag {
+        "--skip-ours" => {
+            skip_ours = true;
+            true
         }
-    }
-    if o.model.is_none() {
-        return Err("bench-serve: --model DIR is required".into());
-    }
-    if o.skip_ours && o.skip_mlxlm {
+        "--skip-mlxlm" => {
+            skip_mlxlm = true;
+            true
+        }
+        _ => false,
+    })?;
+    if skip_ours && skip_mlxlm {
         return Err("bench-serve: --skip-ours and --skip-mlxlm together leave nothing to run".into());
     }
-    Ok(o)
+    let Common { model, python, build, driver } = common;
+    Ok(Options { model, python, build, skip_ours, skip_mlxlm, driver })
 }
 
 /// The release `mlxr` under `target`.
@@ -142,26 +77,11 @@ fn mlxr_bin(target: &Path) -> PathBuf {
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let o = parse(args)?;
     let root = workspace_root();
-    let model = o.model.clone().unwrap_or_default();
-    if !model.join("config.json").is_file() {
-        return Err(format!(
-            "bench-serve: {} has no config.json (a model directory that both servers load)",
-            model.display()
-        ));
-    }
-    let mut cmd_args: Vec<std::ffi::OsString> = vec![root.join("xtask/bench/serve_bench.py").into()];
+    let model = crate::driver::model_dir(&SPEC, o.model.as_deref(), "a model directory that both servers load")?;
+    let mut cmd_args: Vec<std::ffi::OsString> = Vec::new();
     if !o.skip_ours {
         if o.build {
-            let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            run_cmd(Command::new(cargo).current_dir(&root).args([
-                "build",
-                "--release",
-                "--quiet",
-                "-p",
-                "mlxr",
-                "--bin",
-                "mlxr",
-            ]))?;
+            crate::util::build_release(&root, &["-p", "mlxr", "--bin", "mlxr"])?;
         }
         let target = target_dir(&root, env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty()).map(PathBuf::from));
         let bin = mlxr_bin(&target);
@@ -171,30 +91,22 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         cmd_args.extend(["--mlxr-bin".into(), bin.into()]);
     }
     let python = pick_python(o.python.as_deref());
-    let mut cmd = Command::new(&python);
-    cmd.current_dir(&root)
-        .args(cmd_args)
+    let mut cmd = crate::util::python_driver(&python, &root, "xtask/bench/serve_bench.py");
+    cmd.args(cmd_args)
         .arg("--model")
         .arg(&model)
         .arg("--python")
         .arg(&python)
         .args(o.skip_ours.then_some("--skip-ours"))
         .args(o.skip_mlxlm.then_some("--skip-mlxlm"))
-        .args(&o.driver)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("PYTHONUNBUFFERED", "1")
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_OFFLINE", "1");
+        .args(&o.driver);
     run_cmd(&mut cmd)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::util::strings as args;
 
     #[test]
     fn parses_options() {
@@ -282,7 +194,11 @@ mod tests {
     #[test]
     fn the_driver_takes_every_option() {
         let root = workspace_root();
-        let out = match Command::new("python3").arg(root.join("xtask/bench/serve_bench.py")).arg("--help").output() {
+        let out = match std::process::Command::new("python3")
+            .arg(root.join("xtask/bench/serve_bench.py"))
+            .arg("--help")
+            .output()
+        {
             Ok(out) => out,
             Err(e) => {
                 eprintln!("note: the_driver_takes_every_option skipped: cannot run python3: {e}");
@@ -292,7 +208,7 @@ mod tests {
         assert!(out.status.success(), "serve_bench.py --help failed: {}", String::from_utf8_lossy(&out.stderr));
         let help = String::from_utf8_lossy(&out.stdout);
         let ours = ["--mlxr-bin", "--model", "--python", "--skip-ours", "--skip-mlxlm"];
-        for name in VALUED.iter().map(|(n, _)| *n).chain(FLAGS.iter().copied()).chain(ours) {
+        for name in SPEC.valued.iter().map(|(n, _)| *n).chain(SPEC.flags.iter().copied()).chain(ours) {
             assert!(help.contains(name), "serve_bench.py --help does not mention {name}");
         }
     }

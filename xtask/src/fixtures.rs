@@ -248,10 +248,7 @@ fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::util::strings as args;
 
     #[test]
     fn parses_options() {

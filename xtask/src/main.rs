@@ -13,6 +13,7 @@
 mod bench;
 mod bench_serve;
 mod bindings;
+mod driver;
 mod fixtures;
 mod setup;
 mod test;

@@ -40,3 +40,29 @@ pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     }
     h
 }
+
+/// `cargo build --release --quiet` of `what` (`-p PACKAGE --bin NAME`, say) in the workspace at `root`.
+pub(crate) fn build_release(root: &Path, what: &[&str]) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).current_dir(root).args(["build", "--release", "--quiet"]).args(what))
+}
+
+/// A command running the Python driver script `script` (under the workspace `root`) with
+/// `python`, from `root`, with the environment every driver wants: no bytecode files,
+/// unbuffered output, and the Hugging Face libraries kept offline.
+pub(crate) fn python_driver(python: &str, root: &Path, script: &str) -> Command {
+    let mut cmd = Command::new(python);
+    cmd.current_dir(root)
+        .arg(root.join(script))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_OFFLINE", "1");
+    cmd
+}
+
+/// Owned copies of `a`, as a command line's arguments arrive (for tests).
+#[cfg(test)]
+pub(crate) fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
