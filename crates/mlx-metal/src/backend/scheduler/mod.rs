@@ -409,16 +409,23 @@ impl Scheduler {
                 break;
             };
             let parts = || -> Result<(Draw, Array)> { Ok((Draw::new(&settings, &ids)?, tokens(&ids)?)) };
-            let caches = match session.as_mut() {
-                Some(turn) => Ok(std::mem::take(&mut turn.caches)),
-                None => single_row_caches(model),
-            };
-            let (caches, (draw, prompt)) = match caches.and_then(|c| Ok((c, parts()?))) {
+            let (draw, prompt) = match parts() {
                 Ok(p) => p,
                 Err(e) => {
-                    self.ending.push(Ending::Refused(sink, core_err(e), None));
+                    // A session's turn gives its caches back untouched.
+                    self.ending.push(Ending::Refused(sink, core_err(e), session));
                     continue;
                 }
+            };
+            let caches = match session.as_mut() {
+                Some(turn) => std::mem::take(&mut turn.caches),
+                None => match single_row_caches(model) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.ending.push(Ending::Refused(sink, core_err(e), None));
+                        continue;
+                    }
+                },
             };
             let footprint = session.as_ref().map_or(0, |t| t.cached) + ids.len() + max_tokens;
             let row = Row {
