@@ -293,10 +293,9 @@ impl MetalModel {
     fn stream(&self, ids: Vec<u32>, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
         settings.validate()?;
         self.check_prompt(&ids)?;
-        // A short buffer: the consumer rarely falls behind, and a cancel or a
-        // dropped stream then stops generation within a few tokens.
         // Unbounded: the engine serves every stream at once and must not
-        // wait for any one reader.
+        // wait for any one reader; a cancel or a dropped stream ends the row
+        // at the next step.
         let (sink, stream) = TokenStream::unbounded_channel(cancel);
         let settings = settings.clone();
         submit(
