@@ -36,6 +36,42 @@
 //! # Ok::<(), inference_core::Error>(())
 //! ```
 //!
+//! # Many callers at once
+//!
+//! Every generation is a row of one continuously batched decode: calls from
+//! many threads (a server's clients, say) share each forward pass, and each
+//! gets exactly the tokens it would get alone. The backend options
+//! `max_batch` (rows at once, default 32), `prefill_step` (prompt tokens
+//! between two decode steps, default 2048) and `kv_cache_bytes` (the batch's
+//! KV-cache budget) bound it; `engine_load` says what it is doing.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use inference_core::{CancelToken, GenerateSettings, LoadSettings, TextModel};
+//!
+//! mlx_metal::register();
+//! # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/models/qwen3-tiny");
+//! let settings = LoadSettings::new().backend("metal").backend_option("max_batch", "8");
+//! let model: Arc<dyn TextModel> = Arc::from(inference_core::load_model(dir, &settings)?);
+//! let callers: Vec<_> = ["Once upon a time", "The sea is", "Rust is"]
+//!     .into_iter()
+//!     .map(|prompt| {
+//!         let model = Arc::clone(&model);
+//!         std::thread::spawn(move || {
+//!             let settings = GenerateSettings::default().max_tokens(8);
+//!             model.generate(prompt, &settings, CancelToken::new())?.complete()
+//!         })
+//!     })
+//!     .collect();
+//! for caller in callers {
+//!     println!("{}", caller.join().expect("a caller thread")?.text);
+//! }
+//! let load = model.engine_load().expect("the metal backend reports its load");
+//! assert_eq!(load.max_batch, 8);
+//! println!("at most {} rows decoded together", load.peak_batch_size);
+//! # Ok::<(), inference_core::Error>(())
+//! ```
+//!
 //! # A chat session that reuses its KV cache
 //!
 //! Each turn passes the whole conversation; only what is new is prefilled.
