@@ -126,17 +126,14 @@ impl Rows {
     /// samples: returns `(tokens [B], logprobs [B, V], logits [B, V])`.
     fn sample(&mut self, logits: Array, sampler: &Sampler, fed: Option<&Array>) -> Result<(Array, Array, Array)> {
         let logits = if sampler.needs_history() {
-            let ctx = sampler.config().repetition_context_size;
             let mut processed = Vec::with_capacity(self.ids.len());
             for (i, h) in self.history.iter_mut().enumerate() {
                 if let Some(fed) = fed {
                     let tok = ops::slice_axis(fed, 0, i as i32, i as i32 + 1)?;
                     *h = ops::concatenate(&[&*h, &tok], 0)?;
                 }
-                let len = h.dim(0)?;
-                let recent = ops::slice_axis(h, 0, (len - ctx as i32).max(0), len)?;
                 let row = ops::slice_axis(&logits, 0, i as i32, i as i32 + 1)?;
-                processed.push(sampler.process(&row, &recent)?);
+                processed.push(sampler.process_history(&row, h)?);
             }
             let refs: Vec<&Array> = processed.iter().collect();
             ops::concatenate(&refs, 0)?

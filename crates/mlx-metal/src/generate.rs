@@ -137,33 +137,28 @@ struct Stepper<'a> {
     sampler: &'a Sampler,
     /// All tokens fed so far, when the logits processors need them.
     history: Option<Array>,
-    history_len: usize,
 }
 
 impl Stepper<'_> {
-    fn feed_history(&mut self, input: &Array, n: usize) -> Result<()> {
+    fn feed_history(&mut self, input: &Array) -> Result<()> {
         if let Some(h) = &self.history {
             let flat = ops::reshape(input, &[-1])?;
             self.history = Some(ops::concatenate(&[h, &flat], 0)?);
-            self.history_len += n;
         }
         Ok(())
     }
 
     /// One model call on `input: [L]` int32 (or a lazy `[1]` sampled token):
     /// returns the sampled token `[1]`, log-probabilities and logits `[1, V]`.
-    fn step(&mut self, input: &Array, n: usize) -> Result<(Array, Array, Array)> {
+    fn step(&mut self, input: &Array) -> Result<(Array, Array, Array)> {
         let x = ops::reshape(input, &[1, -1])?;
         let logits = self.model.forward(&x, self.caches)?;
         let len = logits.dim(1)?;
         let mut logits = ops::squeeze(&ops::slice_axis(&logits, 1, len - 1, len)?, &[1])?;
         if self.sampler.needs_history() {
-            self.feed_history(input, n)?;
+            self.feed_history(input)?;
             if let Some(h) = &self.history {
-                let ctx = self.sampler.config().repetition_context_size;
-                let start = self.history_len.saturating_sub(ctx) as i32;
-                let recent = ops::slice_axis(h, 0, start, self.history_len as i32)?;
-                logits = self.sampler.process(&logits, &recent)?;
+                logits = self.sampler.process_history(&logits, h)?;
             }
         }
         let logprobs = Sampler::logprobs(&logits)?;
@@ -206,7 +201,6 @@ pub fn generate(
         caches,
         sampler,
         history: if sampler.needs_history() { Some(ops::zeros(&[0], Dtype::Int32)?) } else { None },
-        history_len: 0,
     };
 
     // Prefill all but the last prompt token in chunks.
@@ -221,12 +215,12 @@ pub fn generate(
         let chunk = ops::slice_axis(&prompt_arr, 0, done as i32, (done + n) as i32)?;
         let x = ops::reshape(&chunk, &[1, -1])?;
         prefill_chunk(st.model, &x, st.caches)?;
-        st.feed_history(&chunk, n)?;
+        st.feed_history(&chunk)?;
         done += n;
         memory::clear_cache()?;
     }
     let rest = ops::slice_axis(&prompt_arr, 0, done as i32, total as i32)?;
-    let (mut y, mut logprobs, mut logits) = st.step(&rest, total - done)?;
+    let (mut y, mut logprobs, mut logits) = st.step(&rest)?;
     async_eval(&[&y, &logprobs])?;
 
     let mut first_token_at: Option<Instant> = None;
@@ -245,7 +239,7 @@ pub fn generate(
         };
         let _step = step_span.enter();
         let next = if n != opts.max_tokens {
-            let next = st.step(&y, 1)?;
+            let next = st.step(&y)?;
             fed += 1;
             async_eval(&[&next.0, &next.1])?;
             Some(next)

@@ -122,6 +122,15 @@ impl Sampler {
         ops::put_along_axis(logits, &idx, &penalised, 1)
     }
 
+    /// [`Sampler::process`] with the last `repetition_context_size` tokens of
+    /// `history` (int32 `[T]`, every token fed so far).
+    pub fn process_history(&self, logits: &Array, history: &Array) -> Result<Array> {
+        let len = history.dim(0)?;
+        let ctx = i32::try_from(self.cfg.repetition_context_size).unwrap_or(i32::MAX);
+        let recent = ops::slice_axis(history, 0, (len - ctx).max(0), len)?;
+        self.process(logits, &recent)
+    }
+
     /// `logits - logsumexp(logits)` over the last axis.
     pub fn logprobs(logits: &Array) -> Result<Array> {
         ops::subtract(logits, &ops::logsumexp(logits, &[-1], true)?)

@@ -287,11 +287,9 @@ impl Scheduler {
             let _ = memory::reset_peak_memory();
         }
         for _ in 0..n {
-            let Some((seq, Request { ids, settings, max_tokens, sink, span, classify, group, mut session })) =
-                self.waiting.pop_front()
-            else {
-                break;
-            };
+            let Some((seq, request)) = self.waiting.pop_front() else { break };
+            let footprint = request.footprint();
+            let Request { ids, settings, max_tokens, sink, span, classify, group, mut session } = request;
             let parts = || -> Result<(Draw, Array)> { Ok((Draw::new(&settings, &ids)?, tokens(&ids)?)) };
             let (draw, prompt) = match parts() {
                 Ok(p) => p,
@@ -311,7 +309,6 @@ impl Scheduler {
                     }
                 },
             };
-            let footprint = session.as_ref().map_or(0, |t| t.cached) + ids.len() + max_tokens;
             let row = Row {
                 seq,
                 footprint,

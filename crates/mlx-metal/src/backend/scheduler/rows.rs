@@ -39,10 +39,7 @@ impl Draw {
                 if let Some(fed) = fed {
                     *h = ops::concatenate(&[&*h, fed], 0)?;
                 }
-                let len = h.dim(0)?;
-                let ctx = self.sampler.config().repetition_context_size as i32;
-                let recent = ops::slice_axis(h, 0, (len - ctx).max(0), len)?;
-                self.sampler.process(logits, &recent)?
+                self.sampler.process_history(logits, h)?
             }
             None => logits.clone(),
         };
