@@ -267,6 +267,12 @@ pub(crate) struct ServeArgs {
     /// backend; default: three quarters of what MLX's memory limit leaves beside the weights).
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) kv_cache_bytes: Option<u64>,
+    /// Bytes the prompt cache may take: the caches of finished requests, kept by their tokens, so
+    /// that a request starting the same way (a system prompt, a conversation's earlier turns)
+    /// prefills only the rest; 0 turns it off (metal backend; default: an eighth of the device's
+    /// memory beside the weights).
+    #[arg(long, value_name = "BYTES")]
+    pub(crate) prompt_cache_bytes: Option<u64>,
     /// How many requests the engine holds at once (default: --max-batch); more wait in the queue.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) max_concurrent: Option<u32>,
@@ -303,13 +309,15 @@ impl ServeArgs {
         if backend.as_deref() != Some("metal") {
             return settings;
         }
-        let settings = settings
+        let mut settings = settings
             .backend_option("max_batch", self.max_batch.to_string())
             .backend_option("prefill_step", self.prefill_step.to_string());
-        match self.kv_cache_bytes {
-            Some(bytes) => settings.backend_option("kv_cache_bytes", bytes.to_string()),
-            None => settings,
+        for (key, value) in [("kv_cache_bytes", self.kv_cache_bytes), ("prompt_cache_bytes", self.prompt_cache_bytes)] {
+            if let Some(bytes) = value {
+                settings = settings.backend_option(key, bytes.to_string());
+            }
         }
+        settings
     }
 }
 

@@ -49,7 +49,13 @@ fn chat_completions_whole_and_streamed_agree() {
     assert_eq!(last_choice["choices"][0]["finish_reason"], finish);
     let usage_chunk = chunks.last().unwrap();
     assert_eq!(usage_chunk["choices"], json!([]));
-    assert_eq!(usage_chunk["usage"], *usage);
+    // The same prompt again: all of it but its last token comes from the prompt cache.
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 0, "nothing cached before the first request");
+    let mut expected = usage.clone();
+    expected["prompt_tokens_details"]["cached_tokens"] = json!(usage["prompt_tokens"].as_u64().unwrap() - 1);
+    assert_eq!(usage_chunk["usage"], expected);
+    let batch = server.engine_stats()["batch"].clone();
+    assert!(batch["prompt_cache_hits"].as_u64() >= Some(1), "{batch}");
     let ids: Vec<&str> = chunks.iter().filter_map(|c| c["id"].as_str()).collect();
     assert!(ids.windows(2).all(|w| w[0] == w[1]), "one id per stream");
 }
@@ -162,7 +168,10 @@ fn malformed_requests_get_clear_4xx_errors() {
 
 #[test]
 fn concurrent_requests_queue_and_all_complete() {
-    let server = Server::start(&tiny(MODEL), &["--max-concurrent", "2", "--kv-cache-bytes", "50000000"]);
+    let server = Server::start(
+        &tiny(MODEL),
+        &["--max-concurrent", "2", "--kv-cache-bytes", "50000000", "--prompt-cache-bytes", "3000000"],
+    );
     let expected = post(&server.url("/v1/completions"), &json!({"prompt": "once upon", "max_tokens": 16})).1;
     let expected = expected["choices"][0]["text"].as_str().unwrap().to_owned();
     let url = server.url("/v1/completions");
@@ -200,6 +209,7 @@ fn concurrent_requests_queue_and_all_complete() {
     assert_eq!((batch["max_batch"].as_u64(), batch["running"].as_u64()), (Some(32), Some(0)), "{stats}");
     assert!(batch["decode_steps"].as_u64().is_some_and(|n| n >= 16), "{stats}");
     assert_eq!(batch["kv_budget_bytes"].as_u64(), Some(50_000_000), "{stats}");
+    assert_eq!(batch["prompt_cache_capacity_bytes"].as_u64(), Some(3_000_000), "{stats}");
     assert!(batch["kv_bytes_per_token"].as_u64().is_some_and(|n| n > 0), "{stats}");
 }
 

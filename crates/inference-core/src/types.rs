@@ -186,6 +186,16 @@ pub struct EngineLoad {
     pub kv_bytes_per_token: usize,
     /// Bytes of KV cache the engine lets its batch take (`usize::MAX`: no bound).
     pub kv_budget_bytes: usize,
+    /// Finished requests' caches kept for requests that start the same way.
+    pub prompt_cache_entries: usize,
+    /// Bytes those caches take.
+    pub prompt_cache_bytes: usize,
+    /// The most bytes they may take (0: no prompt cache).
+    pub prompt_cache_capacity_bytes: usize,
+    /// Requests that started from a cached prefix since the model was loaded.
+    pub prompt_cache_hits: u64,
+    /// Prompt tokens those requests did not prefill.
+    pub prompt_cache_reused_tokens: u64,
 }
 
 /// Measurements of one generate, chat, classify or batch call.

@@ -18,13 +18,19 @@
 //! [`Fingerprint`] as JSON), `tokens` (the token ids as a JSON array) and
 //! `layers` (per layer, its kind and, for rotating caches, offset, window
 //! and kept prefix, as JSON).
+//!
+//! The prompt cache's entries on disk ([`save_rows`], [`load_rows`]) are
+//! files of the same format whose layers are of kind `row`: the kept
+//! positions of a one-row batch cache (all of them, or at least a
+//! sliding-window layer's window) with the position and window, and an
+//! `origin` entry (the adapter that shaped them).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{KvCache, LayerCache, RotatingKvCache};
+use crate::cache::{BatchKvCache, KvCache, LayerCache, RotatingKvCache};
 use crate::model::LanguageModel;
 use mlx::Array;
 use mlx::io;
@@ -66,7 +72,30 @@ impl Fingerprint {
 #[serde(tag = "kind", rename_all = "lowercase")]
 enum LayerKind {
     Standard,
-    Rotating { offset: i32, max_size: i32, keep: i32 },
+    Rotating {
+        offset: i32,
+        max_size: i32,
+        keep: i32,
+    },
+    /// A one-row batch cache (a prompt-cache entry): its last kept positions of `position`.
+    Row {
+        position: i32,
+        window: Option<i32>,
+    },
+}
+
+/// What a layer's keys and values look like for a model: `[1, heads, L, dim]`
+/// of `dtype`, within `window` positions for a sliding-window layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerSpec {
+    /// Key-value heads.
+    pub heads: i32,
+    /// Head dimension.
+    pub dim: i32,
+    /// The cache's element type.
+    pub dtype: mlx::Dtype,
+    /// A sliding-window layer's window.
+    pub window: Option<i32>,
 }
 
 /// The caches of a session and the tokens they hold.
@@ -172,41 +201,7 @@ impl SessionCache {
     /// names; `model` gives the expected cache layout.
     pub fn load(path: &Path, model: &dyn LanguageModel, fingerprint: &Fingerprint) -> Result<SessionCache> {
         let bad = |message: String| Error::Format { op: "load_session", path: path.to_path_buf(), message };
-        let header = io::read_safetensors_header(path)?;
-        let meta = &header.metadata;
-        if meta.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(bad("not a session file (its metadata has no format = \"mlxr-session\")".into()));
-        }
-        if meta.get("version").map(String::as_str) != Some(VERSION) {
-            return Err(bad(format!("session format version {:?} is not {VERSION}", meta.get("version"))));
-        }
-        let field = |k: &str| meta.get(k).ok_or_else(|| bad(format!("the metadata has no {k:?}")));
-        let saved: Fingerprint =
-            serde_json::from_str(field("model")?).map_err(|e| bad(format!("bad \"model\" metadata: {e}")))?;
-        if &saved != fingerprint {
-            return Err(Error::Model {
-                op: "load_session",
-                path: path.to_path_buf(),
-                message: format!(
-                    "the session was saved from another model ({} with {} layers, hidden size {}, vocabulary {}, \
-                     config {}), not this one ({} with {} layers, hidden size {}, vocabulary {}, config {})",
-                    saved.architecture,
-                    saved.num_layers,
-                    saved.hidden_size,
-                    saved.vocab_size,
-                    saved.config_hash,
-                    fingerprint.architecture,
-                    fingerprint.num_layers,
-                    fingerprint.hidden_size,
-                    fingerprint.vocab_size,
-                    fingerprint.config_hash
-                ),
-            });
-        }
-        let tokens: Vec<u32> =
-            serde_json::from_str(field("tokens")?).map_err(|e| bad(format!("bad \"tokens\" metadata: {e}")))?;
-        let kinds: Vec<LayerKind> =
-            serde_json::from_str(field("layers")?).map_err(|e| bad(format!("bad \"layers\" metadata: {e}")))?;
+        let (tokens, kinds, _) = read_header(path, fingerprint)?;
         let fresh = model.make_cache()?;
         if kinds.len() != fresh.len() {
             return Err(bad(format!("{} layers saved, the model has {}", kinds.len(), fresh.len())));
@@ -245,6 +240,132 @@ impl SessionCache {
         }
         Ok(SessionCache { caches, tokens })
     }
+}
+
+/// A session file's tokens, layer kinds and metadata.
+type Header = (Vec<u32>, Vec<LayerKind>, BTreeMap<String, String>);
+
+/// Checks a session file's format, version and model; returns its header.
+fn read_header(path: &Path, fingerprint: &Fingerprint) -> Result<Header> {
+    let bad = |message: String| Error::Format { op: "load_session", path: path.to_path_buf(), message };
+    let meta = io::read_safetensors_header(path)?.metadata;
+    if meta.get("format").map(String::as_str) != Some(FORMAT) {
+        return Err(bad("not a session file (its metadata has no format = \"mlxr-session\")".into()));
+    }
+    if meta.get("version").map(String::as_str) != Some(VERSION) {
+        return Err(bad(format!("session format version {:?} is not {VERSION}", meta.get("version"))));
+    }
+    let field = |k: &str| meta.get(k).ok_or_else(|| bad(format!("the metadata has no {k:?}")));
+    let saved: Fingerprint =
+        serde_json::from_str(field("model")?).map_err(|e| bad(format!("bad \"model\" metadata: {e}")))?;
+    if &saved != fingerprint {
+        return Err(Error::Model {
+            op: "load_session",
+            path: path.to_path_buf(),
+            message: format!(
+                "the session was saved from another model ({} with {} layers, hidden size {}, vocabulary {}, config \
+                 {}), not this one ({} with {} layers, hidden size {}, vocabulary {}, config {})",
+                saved.architecture,
+                saved.num_layers,
+                saved.hidden_size,
+                saved.vocab_size,
+                saved.config_hash,
+                fingerprint.architecture,
+                fingerprint.num_layers,
+                fingerprint.hidden_size,
+                fingerprint.vocab_size,
+                fingerprint.config_hash
+            ),
+        });
+    }
+    let tokens: Vec<u32> =
+        serde_json::from_str(field("tokens")?).map_err(|e| bad(format!("bad \"tokens\" metadata: {e}")))?;
+    let kinds: Vec<LayerKind> =
+        serde_json::from_str(field("layers")?).map_err(|e| bad(format!("bad \"layers\" metadata: {e}")))?;
+    Ok((tokens, kinds, meta))
+}
+
+/// Saves a prompt-cache entry — one-row batch caches ([`LayerCache::Batch`])
+/// holding `tokens` — in the session file format (layers of kind `row`),
+/// with `origin` (what else made the caches: the adapter) in the metadata.
+pub fn save_rows(
+    path: &Path,
+    fingerprint: &Fingerprint,
+    origin: &str,
+    tokens: &[u32],
+    rows: &[LayerCache],
+) -> Result<()> {
+    let mut tensors: Vec<(String, Array)> = Vec::new();
+    let mut kinds = Vec::with_capacity(rows.len());
+    for (i, c) in rows.iter().enumerate() {
+        let LayerCache::Batch(b) = c else {
+            return Err(Error::invalid("save_prompt_cache", "a prompt-cache entry holds one-row batch caches"));
+        };
+        let (keys, values, position) = b.row(0)?;
+        tensors.push((format!("layers.{i}.keys"), keys));
+        tensors.push((format!("layers.{i}.values"), values));
+        kinds.push(LayerKind::Row { position, window: b.window() });
+    }
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_owned(), FORMAT.to_owned());
+    meta.insert("version".to_owned(), VERSION.to_owned());
+    meta.insert("model".to_owned(), to_json(fingerprint)?);
+    meta.insert("origin".to_owned(), origin.to_owned());
+    meta.insert("tokens".to_owned(), to_json(tokens)?);
+    meta.insert("layers".to_owned(), to_json(&kinds)?);
+    io::save_safetensors(path, tensors.iter().map(|(k, a)| (k.as_str(), a)), &meta)
+}
+
+/// Loads a prompt-cache entry saved by [`save_rows`] for the model
+/// `fingerprint` names and the same `origin`, checking every layer against
+/// `specs` (kind, window, shapes, dtypes) and the positions against the tokens.
+pub fn load_rows(
+    path: &Path,
+    fingerprint: &Fingerprint,
+    origin: &str,
+    specs: &[LayerSpec],
+) -> Result<(Vec<u32>, Vec<LayerCache>)> {
+    let bad = |message: String| Error::Format { op: "load_prompt_cache", path: path.to_path_buf(), message };
+    let (tokens, kinds, meta) = read_header(path, fingerprint)?;
+    let saved = meta.get("origin").map_or("", String::as_str);
+    if saved != origin {
+        return Err(bad(format!("made with {saved:?}, not {origin:?}")));
+    }
+    if kinds.len() != specs.len() {
+        return Err(bad(format!("{} layers saved, the model has {}", kinds.len(), specs.len())));
+    }
+    let mut loaded = io::load_safetensors(path)?;
+    let mut rows = Vec::with_capacity(kinds.len());
+    for (i, (kind, spec)) in kinds.into_iter().zip(specs).enumerate() {
+        let k = loaded.tensors.remove(&format!("layers.{i}.keys"));
+        let v = loaded.tensors.remove(&format!("layers.{i}.values"));
+        let (LayerKind::Row { position, window }, Some(k), Some(v)) = (kind, k, v) else {
+            return Err(bad(format!("layer {i}: not a prompt-cache layer with keys and values")));
+        };
+        for (what, a) in [("keys", &k), ("values", &v)] {
+            let s = a.shape();
+            let fits = s.len() == 4 && s[0] == 1 && s[1] == spec.heads && s[3] == spec.dim && a.dtype() == spec.dtype;
+            if !fits || window != spec.window || s[2] != k.shape()[2] {
+                return Err(bad(format!(
+                    "layer {i}: {what} {s:?} of {:?} (window {window:?}) do not fit this model's [1, {}, L, {}] of \
+                     {:?} (window {:?})",
+                    a.dtype(),
+                    spec.heads,
+                    spec.dim,
+                    spec.dtype,
+                    spec.window
+                )));
+            }
+        }
+        if position as usize != tokens.len() {
+            return Err(bad(format!("layer {i} holds {position} positions but {} tokens are recorded", tokens.len())));
+        }
+        rows.push(LayerCache::Batch(BatchKvCache::from_row(k, v, position, window)?));
+    }
+    if let Some(extra) = loaded.tensors.keys().next() {
+        return Err(bad(format!("unexpected tensor {extra:?}")));
+    }
+    Ok((tokens, rows))
 }
 
 fn to_json<T: Serialize + ?Sized>(v: &T) -> Result<String> {

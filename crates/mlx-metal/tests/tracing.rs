@@ -329,7 +329,7 @@ fn engine_jobs_are_spans_under_the_callers_span() {
         session.generate("hello there", &greedy, CancelToken::new()).unwrap().complete().unwrap();
         session.generate("hello there, again", &greedy, CancelToken::new()).unwrap().complete().unwrap();
         model.classify(&["one", "two words"], &greedy, CancelToken::new()).unwrap();
-        let batch = model.batch_generate(&["one", "two words"], &greedy, CancelToken::new()).unwrap();
+        let batch = model.batch_generate(&["three", "four more words"], &greedy, CancelToken::new()).unwrap();
         assert!(batch.iter().all(|r| r.error.is_none() && r.tokens.len() == 4));
         model.inspect_attention("hello", CancelToken::new()).unwrap();
         model.set_adapter(None).unwrap();

@@ -284,9 +284,14 @@ impl CompletionRequest {
     }
 }
 
-/// Token counts, as OpenAI reports them.
-pub(crate) fn usage(prompt: usize, completion: usize) -> Value {
-    json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
+/// Token counts, as OpenAI reports them: `cached` of the `prompt` tokens came from the prompt cache.
+pub(crate) fn usage(prompt: usize, cached: usize, completion: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": { "cached_tokens": cached },
+    })
 }
 
 /// What a response's header fields say.
@@ -433,14 +438,14 @@ mod tests {
     #[test]
     fn responses_have_openais_shape() {
         let head = Head { id: "chatcmpl-1".into(), created: 7, model: "m".into() };
-        let v = chat_completion(&head, "hi", "stop", usage(3, 1));
+        let v = chat_completion(&head, "hi", "stop", usage(3, 0, 1));
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["choices"][0]["message"]["content"], "hi");
         assert_eq!(v["usage"]["total_tokens"], 4);
         let c = chat_chunk(&head, Some(json!({"content": "x"})), None, None);
         assert_eq!(c["object"], "chat.completion.chunk");
         assert!(c["choices"][0]["finish_reason"].is_null());
-        let u = chat_chunk(&head, None, None, Some(usage(1, 2)));
+        let u = chat_chunk(&head, None, None, Some(usage(1, 0, 2)));
         assert_eq!(u["choices"], json!([]));
         let t = text_completion(&head, Some("x"), Some("length"), None);
         assert_eq!(

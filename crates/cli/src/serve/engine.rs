@@ -41,6 +41,8 @@ pub(crate) enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Outcome {
     pub(crate) prompt_tokens: usize,
+    /// Prompt tokens served from the prompt cache.
+    pub(crate) cached_tokens: usize,
     pub(crate) completion_tokens: usize,
     /// `"length"` when it stopped at max_tokens, else `"stop"`.
     pub(crate) finish_reason: &'static str,
@@ -248,9 +250,10 @@ impl Engine {
                     break;
                 }
                 None => {
-                    let prompt_tokens = stream.metrics().map_or(0, |m| m.prompt_tokens);
+                    let (prompt_tokens, cached_tokens) =
+                        stream.metrics().map_or((0, 0), |m| (m.prompt_tokens, m.cached_prompt_tokens));
                     let finish_reason = if generated >= settings.max_tokens { "length" } else { "stop" };
-                    let outcome = Outcome { prompt_tokens, completion_tokens: generated, finish_reason };
+                    let outcome = Outcome { prompt_tokens, cached_tokens, completion_tokens: generated, finish_reason };
                     self.stats.completed.fetch_add(1, Ordering::SeqCst);
                     let _ = tx.blocking_send(Event::Done(outcome));
                     break;

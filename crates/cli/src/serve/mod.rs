@@ -291,7 +291,7 @@ async fn respond(
         Ok(stream_response(generation, head, kind, common.include_usage()))
     } else {
         let (text, outcome) = collect(generation).await?;
-        let usage = api::usage(outcome.prompt_tokens, outcome.completion_tokens);
+        let usage = api::usage(outcome.prompt_tokens, outcome.cached_tokens, outcome.completion_tokens);
         Ok(Json(whole(&head, &text, outcome.finish_reason, usage)).into_response())
     }
 }
@@ -348,7 +348,9 @@ fn stream_response(mut generation: Generation, head: Head, kind: Kind, include_u
                         Kind::Chat => api::chat_chunk(&head, Some(json!({})), finish, None),
                         Kind::Text => api::text_completion(&head, Some(""), finish, None),
                     }];
-                    if let Some(usage) = usage_field(api::usage(outcome.prompt_tokens, outcome.completion_tokens)) {
+                    if let Some(usage) =
+                        usage_field(api::usage(outcome.prompt_tokens, outcome.cached_tokens, outcome.completion_tokens))
+                    {
                         chunks.push(match kind {
                             Kind::Chat => api::chat_chunk(&head, None, None, Some(usage)),
                             Kind::Text => api::text_completion(&head, None, None, Some(usage)),

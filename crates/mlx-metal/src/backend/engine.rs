@@ -196,6 +196,7 @@ impl Engine {
             .map_or(tracing::field::display(Path::new("none").display()), |d| tracing::field::display(d.display()));
         let _job = tracing::info_span!("job", kind = "set_adapter", adapter).entered();
         self.sessions.clear();
+        self.scheduler.clear_prompt_cache();
         let model = self.loaded.model.as_mut();
         crate::lora::remove_lora(model);
         if let Some(dir) = dir {

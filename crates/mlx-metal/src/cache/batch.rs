@@ -219,15 +219,17 @@ impl BatchKvCache {
 
     /// One row's keys and values (`[1, H, L, D]`, its real positions only:
     /// padding, and what [`compact`](Self::compact) dropped, left out) and
-    /// its position.
+    /// its position. The arrays are copies in buffers of their own, so
+    /// holding them does not keep the batch's buffers alive.
     pub fn row(&self, row: usize) -> Result<(Array, Array, i32)> {
         let Some(&pad) = self.left_padding.get(row) else {
             return Err(Error::invalid("batch_kv_cache_row", format!("row {row} is out of range for {}", self.rows())));
         };
         let (k, v) = self.inner.keys_and_values()?;
-        let r = row as i32;
+        let index = Array::from_vec(&[row as i32])?;
         let (start, end) = (pad.max(0), self.inner.offset());
-        let one = |a: &Array| slice_seq(&ops::slice_axis(a, 0, r, r + 1)?, start, end);
+        // A gather copies exactly the row's real positions.
+        let one = |a: &Array| ops::take(&slice_seq(a, start, end)?, &index, 0);
         Ok((one(&k)?, one(&v)?, end - pad))
     }
 

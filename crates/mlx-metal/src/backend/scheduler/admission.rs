@@ -27,14 +27,14 @@ pub(crate) struct KvBudget {
 
 impl KvBudget {
     /// The budget for `model`: `bytes`, or else three quarters of what MLX's
-    /// memory limit leaves beside what is in use now (the weights), or no
-    /// bound where MLX reports no limit.
-    pub(crate) fn for_model(model: &dyn LanguageModel, bytes: Option<usize>) -> Result<KvBudget> {
+    /// memory limit leaves beside what is in use now (the weights) and the
+    /// prompt cache's `store` bytes, or no bound where MLX reports no limit.
+    pub(crate) fn for_model(model: &dyn LanguageModel, bytes: Option<usize>, store: usize) -> Result<KvBudget> {
         let budget = match bytes {
             Some(b) => b,
             None => match mlx::memory::memory_limit()? {
                 0 => usize::MAX,
-                limit => limit.saturating_sub(mlx::memory::active_memory()?) / 4 * 3,
+                limit => limit.saturating_sub(mlx::memory::active_memory()?).saturating_sub(store) / 4 * 3,
             },
         };
         Ok(KvBudget { per_token: per_token(model)?, budget })
@@ -81,4 +81,27 @@ fn per_token(model: &dyn LanguageModel) -> Result<usize> {
         }
     }
     Ok(bytes)
+}
+
+/// The prompt cache's bound: `bytes` when given, else an eighth of the
+/// device's memory beside what is in use now (the weights). The device's
+/// memory is MLX's memory limit, or, where MLX sets none (the CPU), the
+/// machine's memory (8 GiB where neither is known).
+pub(crate) fn prompt_cache_bytes(bytes: Option<usize>) -> Result<usize> {
+    if let Some(b) = bytes {
+        return Ok(b);
+    }
+    let memory = match mlx::memory::memory_limit()? {
+        0 => machine_memory().unwrap_or(8 << 30),
+        limit => limit,
+    };
+    Ok(memory.saturating_sub(mlx::memory::active_memory()?) / 8)
+}
+
+/// The machine's memory in bytes, where the system says (Linux's `/proc/meminfo`).
+fn machine_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }

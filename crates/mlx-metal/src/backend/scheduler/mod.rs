@@ -37,6 +37,7 @@ use mlx::{Array, Dtype, Error, Result, memory, ops};
 use self::admission::KvBudget;
 use self::prefill::{Prefill, prefill_some, row_caches, single_row_caches};
 use self::rows::{Draw, Outputs, Row, finish, sample_rows, tokens};
+use self::store::PromptStore;
 use super::text::TextOut;
 use super::{core_err, lock};
 use crate::batch::read_ids;
@@ -46,8 +47,10 @@ use crate::tokenizer::Tokenizer;
 
 mod admission;
 mod prefill;
+mod radix;
 mod request;
 mod rows;
+mod store;
 
 pub use self::request::{DEFAULT_MAX_BATCH, Limits};
 pub(crate) use self::request::{Plan, Request, Returned, SessionTurn};
@@ -86,6 +89,8 @@ pub(crate) struct Scheduler {
     mirrored: bool,
     /// The KV-cache budget, once [`Scheduler::size_up`] has run.
     kv: Option<KvBudget>,
+    /// The prompt cache (`store.rs`), once [`Scheduler::size_up`] has run, unless turned off.
+    store: Option<PromptStore>,
 }
 
 /// A generation that ended.
@@ -113,6 +118,7 @@ impl Scheduler {
             returned: Vec::new(),
             mirrored,
             kv: None,
+            store: None,
         }
     }
 
@@ -126,10 +132,25 @@ impl Scheduler {
             load.decode_steps += 1;
             load.peak_batch_size = load.peak_batch_size.max(rows);
         }
+        if let Some(s) = self.store.as_ref().map(PromptStore::stats) {
+            (load.prompt_cache_entries, load.prompt_cache_bytes, load.prompt_cache_capacity_bytes) =
+                (s.entries, s.bytes, s.capacity);
+            (load.prompt_cache_hits, load.prompt_cache_reused_tokens) = (s.hits, s.reused_tokens);
+        }
     }
 
-    /// Publishes the load, then tells the generations that ended.
+    /// Keeps the caches of the rows that ended well in the prompt cache,
+    /// publishes the load, then tells the generations that ended.
     fn publish_and_end(&mut self, stepped: Option<usize>, last_metrics: &Arc<Mutex<GenerateMetrics>>) {
+        for ending in &mut self.ending {
+            if let (Ending::Row(row, error), Some(store)) = (ending, self.store.as_mut())
+                && error.as_ref().is_none_or(CoreError::is_cancelled)
+                && let Some(caches) = row.stored.take()
+                && let Err(e) = store::keep(store, &row.ids, &row.emitted, caches)
+            {
+                tracing::warn!(error = %e, "a generation's caches could not go into the prompt cache");
+            }
+        }
         self.publish(stepped);
         for ending in std::mem::take(&mut self.ending) {
             match ending {
@@ -181,11 +202,14 @@ impl Scheduler {
     /// Works out what a position of the KV cache costs for `model` and the
     /// budget (see `admission.rs`).
     pub(crate) fn size_up(&mut self, model: &dyn LanguageModel) -> Result<()> {
-        let kv = KvBudget::for_model(model, self.limits.kv_cache_bytes)?;
+        let store = admission::prompt_cache_bytes(self.limits.prompt_cache_bytes)?;
+        self.store = (store > 0).then(|| PromptStore::new(store));
+        let kv = KvBudget::for_model(model, self.limits.kv_cache_bytes, store)?;
         let mut load = lock(&self.load);
         (load.kv_bytes_per_token, load.kv_budget_bytes) = (kv.per_token, kv.budget);
         drop(load);
         self.kv = Some(kv);
+        self.publish(None);
         Ok(())
     }
 
@@ -202,6 +226,14 @@ impl Scheduler {
     /// Admits again.
     pub(crate) fn release(&mut self) {
         self.hold_from = None;
+    }
+
+    /// Empties the prompt cache (its caches belong to a model that changed).
+    pub(crate) fn clear_prompt_cache(&mut self) {
+        if let Some(store) = &mut self.store {
+            store.clear();
+        }
+        self.publish(None);
     }
 
     /// Nothing runs, and nothing waits but requests held back.
@@ -261,8 +293,9 @@ impl Scheduler {
         let mirrored = self.mirrored;
         for (p, first) in single {
             let mut row = p.row;
-            if let Some(t) = row.session.as_mut() {
-                t.caches = p.caches;
+            match row.session.as_mut() {
+                Some(t) => t.caches = p.caches,
+                None => row.stored = Some(p.caches),
             }
             let emitted =
                 read_ids("scheduler", &first.ids).and_then(|ids| row.emit(&first, 0, ids[0], Instant::now(), mirrored));
@@ -290,8 +323,26 @@ impl Scheduler {
             let Some((seq, request)) = self.waiting.pop_front() else { break };
             let footprint = request.footprint();
             let Request { ids, settings, max_tokens, sink, span, classify, group, mut session } = request;
-            let parts = || -> Result<(Draw, Array)> { Ok((Draw::new(&settings, &ids)?, tokens(&ids)?)) };
-            let (draw, prompt) = match parts() {
+            // A session's turn brings its caches; any other request starts
+            // from the longest prefix the prompt cache holds, or from nothing.
+            let store = self.store.as_mut().filter(|_| session.is_none());
+            let parts = || -> Result<(Draw, Array, usize, Vec<LayerCache>)> {
+                let (draw, all) = (Draw::new(&settings, &ids)?, tokens(&ids)?);
+                let (cached, caches) = match (session.as_mut(), store) {
+                    (Some(turn), _) => (0, std::mem::take(&mut turn.caches)),
+                    (None, Some(store)) => match store.lookup(&ids)? {
+                        Some(hit) => hit,
+                        None => (0, single_row_caches(model)?),
+                    },
+                    (None, None) => (0, single_row_caches(model)?),
+                };
+                let prompt = match cached {
+                    0 => all,
+                    k => ops::slice_axis(&all, 0, k as i32, ids.len() as i32)?,
+                };
+                Ok((draw, prompt, cached, caches))
+            };
+            let (draw, prompt, reused, caches) = match parts() {
                 Ok(p) => p,
                 Err(e) => {
                     // A session's turn gives its caches back untouched.
@@ -299,23 +350,15 @@ impl Scheduler {
                     continue;
                 }
             };
-            let caches = match session.as_mut() {
-                Some(turn) => std::mem::take(&mut turn.caches),
-                None => match single_row_caches(model) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        self.ending.push(Ending::Refused(sink, core_err(e), None));
-                        continue;
-                    }
-                },
-            };
             let row = Row {
                 seq,
                 footprint,
                 sink,
                 classify,
                 group,
-                cached: session.as_ref().map_or(0, |t| t.cached),
+                cached: session.as_ref().map_or(reused, |t| t.cached),
+                ids: if session.is_some() { Vec::new() } else { ids.clone() },
+                stored: None,
                 session,
                 emitted: Vec::new(),
                 span,
@@ -323,7 +366,7 @@ impl Scheduler {
                 draw,
                 max_tokens,
                 produced: 0,
-                prompt_tokens: ids.len(),
+                prompt_tokens: ids.len() - reused,
                 admitted: Instant::now(),
                 first_token: None,
             };
@@ -489,6 +532,8 @@ impl Scheduler {
             if let Some(mut row) = rows.get_mut(pos).and_then(Option::take) {
                 if let Some(t) = row.session.as_mut() {
                     t.caches = row_caches(&batch.caches, pos)?;
+                } else if self.store.is_some() && error.as_ref().is_none_or(CoreError::is_cancelled) {
+                    row.stored = Some(row_caches(&batch.caches, pos)?);
                 }
                 if let (None, Some(model)) = (&next, model) {
                     feed_last(model, &mut row)?;

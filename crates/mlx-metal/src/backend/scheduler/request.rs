@@ -23,6 +23,10 @@ pub struct Limits {
     /// Bytes the batch's KV caches may take; `None` for a share of what MLX's
     /// memory limit leaves (see `admission.rs`).
     pub kv_cache_bytes: Option<usize>,
+    /// Bytes the prompt cache (finished requests' caches, reused by the
+    /// requests that start the same way) may take; `Some(0)` turns it off,
+    /// `None` takes an eighth of the device's memory (see `admission.rs`).
+    pub prompt_cache_bytes: Option<usize>,
 }
 
 /// The most rows decoding at once unless the load settings say otherwise
@@ -31,36 +35,38 @@ pub const DEFAULT_MAX_BATCH: usize = 32;
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_batch: DEFAULT_MAX_BATCH, prefill_step: generate::PREFILL_STEP, kv_cache_bytes: None }
+        Limits {
+            max_batch: DEFAULT_MAX_BATCH,
+            prefill_step: generate::PREFILL_STEP,
+            kv_cache_bytes: None,
+            prompt_cache_bytes: None,
+        }
     }
 }
 
 impl Limits {
     /// The limits that the load settings' backend options `max_batch`,
-    /// `prefill_step` and `kv_cache_bytes` (whole numbers >= 1) set; the
+    /// `prefill_step` and `kv_cache_bytes` (whole numbers >= 1) and
+    /// `prompt_cache_bytes` (>= 0; 0 turns the prompt cache off) set; the
     /// defaults for those absent.
     ///
     /// # Errors
     ///
-    /// An option that is not a whole number >= 1, named with its value.
+    /// An option that is not a whole number in its range, named with its value.
     pub fn from_backend_options(options: &std::collections::BTreeMap<String, String>) -> Result<Limits> {
-        let read = |key: &str, default: usize| -> Result<usize> {
-            match options.get(key) {
-                None => Ok(default),
-                Some(v) => v.trim().parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| {
-                    Error::invalid("load_settings", format!("{key} = {v:?} must be a whole number of at least 1"))
-                }),
-            }
+        let read = |key: &str, least: usize| -> Result<Option<usize>> {
+            let Some(v) = options.get(key) else { return Ok(None) };
+            let n = v.trim().parse::<usize>().ok().filter(|&n| n >= least);
+            n.map(Some).ok_or_else(|| {
+                Error::invalid("load_settings", format!("{key} = {v:?} must be a whole number of at least {least}"))
+            })
         };
         let d = Limits::default();
-        let kv_cache_bytes = match options.get("kv_cache_bytes") {
-            None => None,
-            Some(_) => Some(read("kv_cache_bytes", 0)?),
-        };
         Ok(Limits {
-            max_batch: read("max_batch", d.max_batch)?,
-            prefill_step: read("prefill_step", d.prefill_step)?,
-            kv_cache_bytes,
+            max_batch: read("max_batch", 1)?.unwrap_or(d.max_batch),
+            prefill_step: read("prefill_step", 1)?.unwrap_or(d.prefill_step),
+            kv_cache_bytes: read("kv_cache_bytes", 1)?,
+            prompt_cache_bytes: read("prompt_cache_bytes", 0)?,
         })
     }
 }

@@ -122,8 +122,12 @@ pub(super) struct Row {
     pub(super) group: Option<Arc<Group>>,
     /// A chat session's turn (its caches are put back when the row ends).
     pub(super) session: Option<super::SessionTurn>,
-    /// Prompt tokens the session's caches held already.
+    /// Prompt tokens the caches held already (a session's, or the prompt cache's).
     pub(super) cached: usize,
+    /// The whole prompt (the prompt cache's key; empty for a session's turn).
+    pub(super) ids: Vec<u32>,
+    /// Its caches at the end, on their way to the prompt cache.
+    pub(super) stored: Option<Vec<crate::cache::LayerCache>>,
     /// The ids handed out so far.
     pub(super) emitted: Vec<u32>,
     pub(super) span: tracing::Span,

@@ -1,0 +1,214 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! The prompt cache: the KV caches of finished generations, kept by their
+//! tokens in a [`RadixTree`] and bounded in bytes, so that a request that
+//! starts like an earlier one (a system prompt, the earlier turns of a
+//! conversation, few-shot examples) prefills only what is new.
+//!
+//! An entry holds one-row batch caches with every position of its tokens
+//! (full-attention layers) or at least the last window of them
+//! (sliding-window layers). A request reuses the entry that shares the
+//! longest prefix with its prompt, never the prompt's last token (its logits
+//! give the first token): the entry's caches are cut back to the shared
+//! prefix. A full-attention cache can be cut anywhere; a sliding-window one
+//! that has dropped its first positions only where the window before the cut
+//! is still there, and otherwise the next best entry serves (or none: a cold
+//! prefill). MLX arrays are immutable values, so a request writing into
+//! caches it took from an entry copies them first and the entry stays as it
+//! was; entries share no buffers with each other or with the batch, so their
+//! byte counts add up.
+//!
+//! Eviction is least-recently-used, on a counter rather than a clock, so
+//! every rank of a tensor-parallel job keeps the same entries. An entry whose
+//! tokens are a prefix of a new one's is dropped when the new one can stand
+//! for it (mlx-lm's `LRUPromptCache` does the same).
+
+use std::collections::HashMap;
+
+use mlx::transforms::async_eval;
+use mlx::{Array, Result};
+
+use super::radix::RadixTree;
+use crate::cache::LayerCache;
+
+/// A stored generation's caches.
+struct Entry {
+    tokens: Vec<u32>,
+    caches: Vec<LayerCache>,
+    bytes: usize,
+    /// The counter when it was last stored or used.
+    used: u64,
+    /// The shortest prefix its caches can be cut back to (0: any).
+    floor: usize,
+}
+
+impl Entry {
+    /// Whether the caches can stand for the first `k` tokens.
+    fn serves(&self, k: usize) -> bool {
+        k > 0 && k <= self.tokens.len() && (k == self.tokens.len() || k >= self.floor)
+    }
+}
+
+/// What the prompt cache holds, for the engine's load report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct StoreStats {
+    pub(crate) entries: usize,
+    pub(crate) bytes: usize,
+    pub(crate) capacity: usize,
+    /// Requests that reused a prefix, and the prompt tokens they did not prefill.
+    pub(crate) hits: u64,
+    pub(crate) reused_tokens: u64,
+}
+
+/// The prompt cache.
+pub(crate) struct PromptStore {
+    tree: RadixTree<u64>,
+    entries: HashMap<u64, Entry>,
+    next_id: u64,
+    clock: u64,
+    stats: StoreStats,
+}
+
+impl PromptStore {
+    /// An empty store that holds at most `capacity` bytes.
+    pub(crate) fn new(capacity: usize) -> PromptStore {
+        PromptStore {
+            tree: RadixTree::new(),
+            entries: HashMap::new(),
+            next_id: 0,
+            clock: 0,
+            stats: StoreStats { capacity, ..StoreStats::default() },
+        }
+    }
+
+    pub(crate) fn stats(&self) -> StoreStats {
+        self.stats
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// The caches of the longest stored prefix of `prompt` that leaves at
+    /// least its last token to prefill: `(k, caches holding prompt[..k])`.
+    pub(crate) fn lookup(&mut self, prompt: &[u32]) -> Result<Option<(usize, Vec<LayerCache>)>> {
+        let Some(probe) = prompt.len().checked_sub(1).map(|n| &prompt[..n]) else { return Ok(None) };
+        let mut best: Option<(usize, u64, u64)> = None;
+        for (k, &id) in self.tree.by_shared_prefix(probe) {
+            if best.is_some_and(|(b, _, _)| k < b) {
+                break;
+            }
+            let Some(e) = self.entries.get(&id) else { continue };
+            if e.serves(k) && best.is_none_or(|(_, _, used)| e.used > used) {
+                best = Some((k, id, e.used));
+            }
+        }
+        let Some((k, id, _)) = best else { return Ok(None) };
+        let now = self.tick();
+        let Some(entry) = self.entries.get_mut(&id) else { return Ok(None) };
+        entry.used = now;
+        let cut = (entry.tokens.len() - k) as i32;
+        let mut caches = entry.caches.clone();
+        for c in &mut caches {
+            if c.trim(cut) != cut {
+                return Ok(None);
+            }
+        }
+        self.stats.hits += 1;
+        self.stats.reused_tokens += k as u64;
+        Ok(Some((k, caches)))
+    }
+
+    /// Keeps `caches` (one-row batch caches holding `tokens`, in buffers of
+    /// their own), evicting the least recently used entries to stay within
+    /// the capacity. Caches bigger than the whole capacity are not kept.
+    pub(crate) fn insert(&mut self, tokens: Vec<u32>, caches: Vec<LayerCache>) -> Result<()> {
+        let state: Vec<&Array> = caches.iter().flat_map(LayerCache::state).collect();
+        let bytes: usize = state.iter().map(|a| a.nbytes()).sum();
+        if tokens.is_empty() || bytes > self.stats.capacity {
+            return Ok(());
+        }
+        async_eval(&state)?;
+        let floor = cut_floor(&caches, tokens.len());
+        let entry = Entry { tokens, caches, bytes, used: self.tick(), floor };
+        // Stored prefixes the new entry can stand for only take space.
+        let redundant: Vec<u64> = self
+            .tree
+            .prefixes_of(&entry.tokens)
+            .into_iter()
+            .filter(|(k, _)| entry.serves(*k))
+            .map(|(_, &id)| id)
+            .collect();
+        for id in redundant {
+            self.drop_entry(id);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Some(old) = self.tree.insert(&entry.tokens, id) {
+            self.forget(old);
+        }
+        self.stats.bytes += entry.bytes;
+        self.entries.insert(id, entry);
+        while self.stats.bytes > self.stats.capacity {
+            let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.used).map(|(&id, _)| id) else { break };
+            self.drop_entry(oldest);
+        }
+        self.stats.entries = self.entries.len();
+        Ok(())
+    }
+
+    /// Forgets every entry (the model changed, say).
+    pub(crate) fn clear(&mut self) {
+        self.tree = RadixTree::new();
+        self.entries.clear();
+        self.stats.bytes = 0;
+        self.stats.entries = 0;
+    }
+
+    fn drop_entry(&mut self, id: u64) {
+        if let Some(tokens) = self.entries.get(&id).map(|e| e.tokens.clone()) {
+            self.tree.remove(&tokens);
+        }
+        self.forget(id);
+    }
+
+    fn forget(&mut self, id: u64) {
+        if let Some(e) = self.entries.remove(&id) {
+            self.stats.bytes -= e.bytes;
+        }
+        self.stats.entries = self.entries.len();
+    }
+}
+
+/// The shortest prefix of `len` tokens that `caches` can be cut back to: 0
+/// when every layer holds all its positions; else, for a sliding-window layer
+/// that dropped its first `d` positions, `d` + its window (the window before
+/// the cut must still be there).
+fn cut_floor(caches: &[LayerCache], len: usize) -> usize {
+    let mut floor = 0;
+    for c in caches {
+        if let LayerCache::Batch(b) = c {
+            let dropped = (-b.left_padding().first().copied().unwrap_or(0)).max(0) as usize;
+            if let (Some(w), true) = (b.window(), dropped > 0) {
+                floor = floor.max(dropped + w as usize);
+            }
+        }
+    }
+    floor.min(len)
+}
+
+/// Keeps a row's caches at its end under the tokens they hold: its prompt
+/// and what it generated, as far as the caches got (the last token handed
+/// out may not have gone through the model).
+pub(super) fn keep(store: &mut PromptStore, ids: &[u32], emitted: &[u32], caches: Vec<LayerCache>) -> Result<()> {
+    let Some(LayerCache::Batch(first)) = caches.first() else { return Ok(()) };
+    let held = first.positions().first().map_or(0, |&p| p.max(0) as usize);
+    let tokens: Vec<u32> = ids.iter().chain(emitted).copied().take(held).collect();
+    if tokens.len() < held {
+        return Err(mlx::Error::invalid(
+            "prompt_cache",
+            format!("caches of {held} positions for {} tokens", tokens.len()),
+        ));
+    }
+    store.insert(tokens, caches)
+}
