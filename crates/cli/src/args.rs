@@ -273,6 +273,11 @@ pub(crate) struct ServeArgs {
     /// memory beside the weights).
     #[arg(long, value_name = "BYTES")]
     pub(crate) prompt_cache_bytes: Option<u64>,
+    /// Keep the prompt cache in this directory too, so that a restarted server starts warm: each
+    /// entry is written as a session file when the engine is idle and read back at start when it
+    /// was made by the same model and adapter (metal backend).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) prompt_cache_dir: Option<PathBuf>,
     /// How many requests the engine holds at once (default: --max-batch); more wait in the queue.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) max_concurrent: Option<u32>,
@@ -317,7 +322,10 @@ impl ServeArgs {
                 settings = settings.backend_option(key, bytes.to_string());
             }
         }
-        settings
+        match &self.prompt_cache_dir {
+            Some(dir) => settings.backend_option("prompt_cache_dir", dir.display().to_string()),
+            None => settings,
+        }
     }
 }
 

@@ -396,3 +396,38 @@ fn bad_server_flags_fail_before_loading() {
     let out = run(&["serve", "--model", &tiny(MODEL), "--port", "0", "--queue-timeout", "-1"], "");
     assert!(text(&out).1.contains("--queue-timeout -1: must be a number of seconds >= 0"), "{:?}", text(&out));
 }
+
+#[test]
+fn a_restarted_server_answers_a_long_system_prompt_warm() {
+    let model = tiny(MODEL);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().to_str().unwrap();
+    let system = "You are a careful assistant. Answer briefly, in plain words, and never make things up.".to_owned();
+    let body = |question: &str| {
+        json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+               "max_tokens": 6, "temperature": 0})
+    };
+    let cold = Server::start(&model, &["--prompt-cache-bytes", "0"]);
+    let (status, expected) = post(&cold.url("/v1/chat/completions"), &body("Why is the sea salty?"));
+    assert_eq!(status, 200, "{expected}");
+    drop(cold);
+
+    let first = Server::start(&model, &["--prompt-cache-dir", cache]);
+    let (status, _) = post(&first.url("/v1/chat/completions"), &body("What is a river?"));
+    assert_eq!(status, 200);
+    // The entry is written once the engine has nothing to do.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(dir.path()).unwrap().count() == 0 {
+        assert!(Instant::now() < deadline, "no prompt-cache file was written");
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    drop(first);
+
+    let second = Server::start(&model, &["--prompt-cache-dir", cache]);
+    assert_eq!(second.engine_stats()["batch"]["prompt_cache_entries"], 1);
+    let (status, answer) = post(&second.url("/v1/chat/completions"), &body("Why is the sea salty?"));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["message"], expected["choices"][0]["message"], "warm answers equal cold ones");
+    let cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached > 20, "the system prompt came from the restarted cache: {}", answer["usage"]);
+}

@@ -218,3 +218,78 @@ fn bad_bounds_are_refused_and_zero_turns_it_off() {
     let on = load(&path, None);
     assert!(on.engine_load().unwrap().prompt_cache_capacity_bytes > 0, "on by default");
 }
+
+/// `model` keeping its prompt cache in `dir`.
+fn load_in(path: &Path, dir: &Path) -> Arc<dyn TextModel> {
+    let reg = Registry::new().with(mlx_metal::backend::backend());
+    let settings = LoadSettings::default()
+        .backend("metal")
+        .device(inference_core::Device::Cpu)
+        .backend_option("prompt_cache_dir", dir.display().to_string());
+    Arc::from(reg.load_model(path, &settings).unwrap_or_else(|e| panic!("{}", e.report())))
+}
+
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn the_prompt_cache_outlives_a_restart() {
+    let path = common::tiny_model("qwen3-tiny");
+    let tok = Tokenizer::from_dir(&path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = "You are a careful assistant. Answer briefly, in plain words, and never make things up.";
+    let (a, b) = (format!("{prefix} What is a river?"), format!("{prefix} Why is the sea salty?"));
+    let cold_b = run(load(&path, Some("0")).as_ref(), &b);
+
+    let first = load_in(&path, dir.path());
+    run(first.as_ref(), &a);
+    first.close().unwrap();
+    let written = files(dir.path());
+    assert_eq!(written.len(), 1, "one entry, one file: {written:?}");
+
+    // A restarted engine starts warm: the first request reuses the prefix.
+    let second = load_in(&path, dir.path());
+    let state = second.engine_load().unwrap();
+    assert_eq!(state.prompt_cache_entries, 1, "{state:?}");
+    let warm_b = run(second.as_ref(), &b);
+    assert_same(&warm_b, &cold_b, "the first request after a restart");
+    assert!(cached(&warm_b) >= tok.encode_prompt(prefix).unwrap().len() - 1, "{:?}", warm_b.metrics);
+    second.close().unwrap();
+    assert_eq!(files(dir.path()).len(), 2, "B's entry was written too");
+
+    // Another model's engine, a broken file and a stranger's file: left alone, and the rest loads.
+    std::fs::write(dir.path().join("broken.safetensors"), b"not a safetensors file").unwrap();
+    std::fs::write(dir.path().join("notes.txt"), b"not ours").unwrap();
+    let other = load_in(&common::tiny_model("llama3-tiny"), dir.path());
+    assert_eq!(other.engine_load().unwrap().prompt_cache_entries, 0);
+    run(other.as_ref(), "something else entirely");
+    other.close().unwrap();
+    assert_eq!(files(dir.path()).len(), 5, "the qwen3 files stay beside llama3's");
+    let again = load_in(&path, dir.path());
+    assert_eq!(again.engine_load().unwrap().prompt_cache_entries, 2);
+
+    // Where no directory can be made, loading fails and says where.
+    let blocked = dir.path().join("notes.txt").join("cache");
+    let reg = Registry::new().with(mlx_metal::backend::backend());
+    let settings =
+        LoadSettings::default().backend("metal").backend_option("prompt_cache_dir", blocked.display().to_string());
+    let e = reg.load_model(&path, &settings).err().expect("an impossible directory is refused");
+    assert!(e.report().to_string().contains("notes.txt"), "{}", e.report());
+    let settings = LoadSettings::default().backend("metal").backend_option("prompt_cache_dir", " ");
+    let e = reg.load_model(&path, &settings).err().expect("an empty directory name is refused");
+    assert!(e.report().to_string().contains("prompt_cache_dir"), "{}", e.report());
+}
+
+#[test]
+fn an_adapter_swap_empties_the_prompt_cache() {
+    let settings = LoadSettings::default().backend("metal").device(inference_core::Device::Cpu);
+    let model = mlx_metal::backend::MetalModel::load(&common::tiny_model("llama3-tiny"), &settings).unwrap();
+    run(&model, "the caches of this generation are kept");
+    assert_eq!(model.engine_load().unwrap().prompt_cache_entries, 1);
+    model.set_adapter(None).unwrap();
+    let state = model.engine_load().unwrap();
+    assert_eq!((state.prompt_cache_entries, state.prompt_cache_bytes), (0, 0), "{state:?}");
+}

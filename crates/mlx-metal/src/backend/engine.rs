@@ -196,7 +196,7 @@ impl Engine {
             .map_or(tracing::field::display(Path::new("none").display()), |d| tracing::field::display(d.display()));
         let _job = tracing::info_span!("job", kind = "set_adapter", adapter).entered();
         self.sessions.clear();
-        self.scheduler.clear_prompt_cache();
+        self.scheduler.clear_prompt_cache(&dir.as_deref().map_or(String::new(), |d| d.display().to_string()));
         let model = self.loaded.model.as_mut();
         crate::lora::remove_lora(model);
         if let Some(dir) = dir {

@@ -65,6 +65,7 @@ impl MetalModel {
         let tensor_parallel = crate::model::tp::TensorParallelOptions::from_backend_options(&settings.backend_options)
             .map_err(core_err)?;
         let limits = Limits::from_backend_options(&settings.backend_options).map_err(core_err)?;
+        let prompt_cache_dir = prompt_cache_dir(&settings.backend_options, tensor_parallel.is_some())?;
         let tokenizer = {
             let _span = tracing::debug_span!("load_tokenizer", dir = %dir.display()).entered();
             Tokenizer::from_dir(&dir).map_err(core_err)?
@@ -120,6 +121,15 @@ impl MetalModel {
                 let desc = loaded.model.description().clone();
                 let config_json = std::fs::read(loaded.dir.join("config.json")).unwrap_or_default();
                 let fingerprint = Fingerprint::new(&desc, &config_json);
+                if let Some(cache_dir) = &prompt_cache_dir {
+                    let origin = adapter_path.as_deref().map_or(String::new(), |d| d.display().to_string());
+                    if let Err(e) =
+                        scheduler.open_prompt_cache_dir(cache_dir, loaded.model.as_ref(), &fingerprint, &origin)
+                    {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                }
                 let _ = ready_tx.send(Ok(desc));
                 // Jobs run inside their own callers' spans (see `submit`).
                 drop(loading);
@@ -365,6 +375,8 @@ fn aggregate(rows: &[GenerateMetrics], wall: std::time::Duration) -> GenerateMet
 fn run_engine(engine: &mut Engine, jobs: &mpsc::Receiver<Job>) {
     loop {
         let job = if engine.is_idle() {
+            // Nothing to do: a moment to write the prompt cache's new entries.
+            engine.scheduler.persist_prompt_cache();
             match jobs.recv() {
                 Ok(job) => job,
                 Err(mpsc::RecvError) => return,
@@ -521,4 +533,25 @@ impl AttentionInspector for MetalModel {
             e.inspect(&ids, architecture).map_err(core_err)
         })
     }
+}
+
+/// The backend option `prompt_cache_dir`: where the prompt cache keeps its
+/// entries across restarts (not with tensor parallelism: each rank holds a
+/// shard of every cache).
+fn prompt_cache_dir(
+    options: &std::collections::BTreeMap<String, String>,
+    tensor_parallel: bool,
+) -> CoreResult<Option<std::path::PathBuf>> {
+    let Some(dir) = options.get("prompt_cache_dir") else { return Ok(None) };
+    if dir.trim().is_empty() {
+        return Err(CoreError::invalid_setting("prompt_cache_dir", "\"\"", "name a directory"));
+    }
+    if tensor_parallel {
+        return Err(CoreError::invalid_setting(
+            "prompt_cache_dir",
+            dir,
+            "a tensor-parallel job cannot keep its prompt cache on disk (each rank holds a shard of every cache)",
+        ));
+    }
+    Ok(Some(std::path::PathBuf::from(dir)))
 }

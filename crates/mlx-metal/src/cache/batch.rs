@@ -185,12 +185,34 @@ impl BatchKvCache {
             ));
         }
         let (ours, theirs) = (self.inner.offset(), other.inner.offset());
-        let (k, v) = self.inner.keys_and_values()?;
-        let (ok, ov) = other.inner.keys_and_values()?;
         let width = ours.max(theirs);
-        let keys = ops::concatenate(&[&pad_seq(&k, width - ours)?, &pad_seq(&ok, width - theirs)?], 0)?;
-        let values = ops::concatenate(&[&pad_seq(&v, width - ours)?, &pad_seq(&ov, width - theirs)?], 0)?;
-        self.inner = KvCache::from_state(keys, values)?;
+        // An empty side (no column written yet) is all padding, shaped like the other side.
+        let written = |c: &KvCache| if c.offset() > 0 { c.keys_and_values().map(Some) } else { Ok(None) };
+        let sides = [(written(&self.inner)?, self.rows(), ours), (written(&other.inner)?, other.rows(), theirs)];
+        if let Some((like_k, like_v)) = sides.iter().find_map(|(kv, _, _)| kv.clone()) {
+            let mut keys = Vec::with_capacity(2);
+            let mut values = Vec::with_capacity(2);
+            for (kv, rows, held) in sides {
+                let (k, v) = match kv {
+                    Some((k, v)) => (pad_seq(&k, width - held)?, pad_seq(&v, width - held)?),
+                    None => {
+                        let zeros = |a: &Array| {
+                            let s = a.shape();
+                            ops::zeros(&[rows as i32, s[1], width, s[3]], a.dtype())
+                        };
+                        (zeros(&like_k)?, zeros(&like_v)?)
+                    }
+                };
+                keys.push(k);
+                values.push(v);
+            }
+            let keys = ops::concatenate(&[&keys[0], &keys[1]], 0)?;
+            let values = ops::concatenate(&[&values[0], &values[1]], 0)?;
+            self.inner = KvCache::from_state(keys, values)?;
+        } else {
+            // Buffers of fewer rows would not take the batch's first update.
+            self.inner = KvCache::new();
+        }
         let (mine, added) = (width - ours, width - theirs);
         self.left_padding =
             self.left_padding.iter().map(|p| p + mine).chain(other.left_padding.iter().map(|p| p + added)).collect();

@@ -35,10 +35,9 @@ use inference_core::{EngineLoad, Error as CoreError, GenerateMetrics, TokenSink}
 use mlx::{Array, Dtype, Error, Result, memory, ops};
 
 use self::admission::KvBudget;
-use self::prefill::{Prefill, prefill_some, row_caches, single_row_caches};
-use self::rows::{Draw, Outputs, Row, finish, sample_rows, tokens};
+use self::prefill::{Prefill, row_caches};
+use self::rows::{Outputs, Row, finish, sample_rows, tokens};
 use self::store::PromptStore;
-use super::text::TextOut;
 use super::{core_err, lock};
 use crate::batch::read_ids;
 use crate::cache::LayerCache;
@@ -46,6 +45,7 @@ use crate::model::LanguageModel;
 use crate::tokenizer::Tokenizer;
 
 mod admission;
+mod intake;
 mod prefill;
 mod radix;
 mod request;
@@ -228,12 +228,36 @@ impl Scheduler {
         self.hold_from = None;
     }
 
-    /// Empties the prompt cache (its caches belong to a model that changed).
-    pub(crate) fn clear_prompt_cache(&mut self) {
+    /// Empties the prompt cache (its caches belong to a model that changed);
+    /// what it keeps from now on was made with `origin` (the adapter).
+    pub(crate) fn clear_prompt_cache(&mut self, origin: &str) {
         if let Some(store) = &mut self.store {
-            store.clear();
+            store.clear(origin);
         }
         self.publish(None);
+    }
+
+    /// Keeps the prompt cache in `dir` too, and takes back what is there
+    /// for this model and `origin` (see `store.rs`); nothing without a prompt cache.
+    pub(crate) fn open_prompt_cache_dir(
+        &mut self,
+        dir: &std::path::Path,
+        model: &dyn LanguageModel,
+        fingerprint: &crate::session::Fingerprint,
+        origin: &str,
+    ) -> Result<()> {
+        if let Some(store) = &mut self.store {
+            store.open_dir(dir, model, fingerprint, origin)?;
+        }
+        self.publish(None);
+        Ok(())
+    }
+
+    /// Writes the prompt cache's new entries to its directory, if it has one.
+    pub(crate) fn persist_prompt_cache(&mut self) {
+        if let Some(Err(e)) = self.store.as_mut().map(PromptStore::persist) {
+            tracing::warn!(error = %e, "the prompt cache could not be written to its directory");
+        }
     }
 
     /// Nothing runs, and nothing waits but requests held back.
@@ -287,145 +311,17 @@ impl Scheduler {
         self.cancel(&plan.cancel);
         let was_idle = self.prefilling.is_empty() && self.batch.is_none();
         self.admit(plan.admit, model, tokenizer, was_idle);
-        let (single, joining): (Vec<_>, Vec<_>) =
-            self.prefill(model).into_iter().partition(|(p, _)| p.row.max_tokens <= 1);
-        // A row of one token (a classification, say) ends here, without joining the batch.
-        let mirrored = self.mirrored;
-        for (p, first) in single {
-            let mut row = p.row;
-            match row.session.as_mut() {
-                Some(t) => t.caches = p.caches,
-                None => row.stored = Some(p.caches),
+        for ready in self.prefill(model) {
+            if let Err((e, rows)) = self.end_or_join(ready, model) {
+                tracing::warn!(error = %e, rows = rows.len(), "rows whose prompts went in could not join the batch");
+                self.fail_rows(rows, e);
             }
-            let emitted =
-                read_ids("scheduler", &first.ids).and_then(|ids| row.emit(&first, 0, ids[0], Instant::now(), mirrored));
-            let emitted = emitted.and_then(|_| feed_last(model, &mut row));
-            let error = emitted.err().map(core_err);
-            self.ending.push(Ending::Row(Box::new(row), error));
-        }
-        if let Err(e) = self.join(joining) {
-            self.fail_batch(&e);
         }
         let rows = self.batch.as_ref().map(|b| b.rows.len());
         if let Err(e) = self.decode(model) {
             self.fail_batch(&e);
         }
         self.publish_and_end(rows, last_metrics);
-    }
-
-    /// Moves the first `n` waiting requests into prefill.
-    fn admit(&mut self, n: usize, model: &dyn LanguageModel, tokenizer: &Tokenizer, was_idle: bool) {
-        if was_idle && n > 0 {
-            // The peak reported with each generation is that of the busy spell it ran in.
-            let _ = memory::reset_peak_memory();
-        }
-        for _ in 0..n {
-            let Some((seq, request)) = self.waiting.pop_front() else { break };
-            let footprint = request.footprint();
-            let Request { ids, settings, max_tokens, sink, span, classify, group, mut session } = request;
-            // A session's turn brings its caches; any other request starts
-            // from the longest prefix the prompt cache holds, or from nothing.
-            let store = self.store.as_mut().filter(|_| session.is_none());
-            let parts = || -> Result<(Draw, Array, usize, Vec<LayerCache>)> {
-                let (draw, all) = (Draw::new(&settings, &ids)?, tokens(&ids)?);
-                let (cached, caches) = match (session.as_mut(), store) {
-                    (Some(turn), _) => (0, std::mem::take(&mut turn.caches)),
-                    (None, Some(store)) => match store.lookup(&ids)? {
-                        Some(hit) => hit,
-                        None => (0, single_row_caches(model)?),
-                    },
-                    (None, None) => (0, single_row_caches(model)?),
-                };
-                let prompt = match cached {
-                    0 => all,
-                    k => ops::slice_axis(&all, 0, k as i32, ids.len() as i32)?,
-                };
-                Ok((draw, prompt, cached, caches))
-            };
-            let (draw, prompt, reused, caches) = match parts() {
-                Ok(p) => p,
-                Err(e) => {
-                    // A session's turn gives its caches back untouched.
-                    self.ending.push(Ending::Refused(sink, core_err(e), session));
-                    continue;
-                }
-            };
-            let row = Row {
-                seq,
-                footprint,
-                sink,
-                classify,
-                group,
-                cached: session.as_ref().map_or(reused, |t| t.cached),
-                ids: if session.is_some() { Vec::new() } else { ids.clone() },
-                stored: None,
-                session,
-                emitted: Vec::new(),
-                span,
-                out: TextOut::new(tokenizer, &settings),
-                draw,
-                max_tokens,
-                produced: 0,
-                prompt_tokens: ids.len() - reused,
-                admitted: Instant::now(),
-                first_token: None,
-            };
-            if max_tokens == 0 {
-                let mut row = row;
-                if let Some(t) = row.session.as_mut() {
-                    t.caches = caches;
-                }
-                self.ending.push(Ending::Row(Box::new(row), None));
-                continue;
-            }
-            self.prefilling.push_back(Prefill { row, prompt, caches, done: 0 });
-        }
-    }
-
-    /// Prefills waiting prompts, at most `prefill_step` tokens in all;
-    /// returns the rows whose prompts are now in, with their first tokens
-    /// sampled (lazily).
-    fn prefill(&mut self, model: &dyn LanguageModel) -> Vec<(Prefill, Outputs)> {
-        let mut budget = self.limits.prefill_step.max(1);
-        let mut joining = Vec::new();
-        let mut i = 0;
-        while i < self.prefilling.len() && budget > 0 {
-            match prefill_some(model, &mut self.prefilling[i], self.limits.prefill_step, &mut budget) {
-                Ok(None) => i += 1,
-                Ok(Some(first)) => {
-                    if let Some(p) = self.prefilling.remove(i) {
-                        joining.push((p, first));
-                    }
-                }
-                Err(e) => {
-                    if let Some(p) = self.prefilling.remove(i) {
-                        self.ending.push(Ending::Row(Box::new(p.row), Some(core_err(e))));
-                    }
-                }
-            }
-        }
-        joining
-    }
-
-    /// Merges rows whose prompts are in into the batch.
-    fn join(&mut self, joining: Vec<(Prefill, Outputs)>) -> Result<()> {
-        for (p, first) in joining {
-            let Prefill { row, caches, .. } = p;
-            match &mut self.batch {
-                None => self.batch = Some(Batch { rows: vec![row], caches, pending: first }),
-                Some(batch) => {
-                    for (mine, theirs) in batch.caches.iter_mut().zip(&caches) {
-                        match (mine, theirs) {
-                            (LayerCache::Batch(m), LayerCache::Batch(t)) => m.extend(t)?,
-                            _ => return Err(Error::invalid("scheduler", "a batch holds batch caches only")),
-                        }
-                    }
-                    batch.pending = Outputs::concat(&[batch.pending.clone(), first])?;
-                    batch.rows.push(row);
-                }
-            }
-        }
-        Ok(())
     }
 
     /// One decode step of the batch: queues the next forward pass, hands

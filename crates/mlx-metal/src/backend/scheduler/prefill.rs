@@ -1,10 +1,23 @@
 // SPDX-License-Identifier: EUPL-1.2
-//! A request's prompt going in: on a cache of its own, in chunks, under the
-//! step's token budget; its last token's logits give its first token.
+//! Prompts going in. A long prompt goes in alone, a chunk of `prefill_step`
+//! tokens at a time, until what is left fits one chunk; then prompts go in
+//! together: the rows whose rest fits are prefilled as one left-padded batch
+//! (one forward pass for all their tokens but the last, then one for their
+//! last tokens, whose logits give the first tokens), as mlx-lm's batch
+//! generator does. Their caches stay together and join the running batch
+//! as one.
+//!
+//! The rows of a group end on the same column, so each feeds as many tokens
+//! as the one with the most left: a row with fewer takes back the last few
+//! positions its cache holds (from the prompt cache, or an earlier chunk)
+//! and feeds those tokens again, or, with none left, is padded on the left.
+//! A row is grouped only where that costs little (a quarter of the chunk or
+//! 16 tokens) and its caches can be cut (a sliding-window cache that has
+//! dropped positions cannot).
 
-use mlx::{Array, Result, memory, ops};
+use mlx::{Array, Error, Result, memory, ops};
 
-use super::rows::{Outputs, Row};
+use super::rows::{Outputs, Row, sample_rows, tokens};
 use crate::cache::{BatchKvCache, LayerCache};
 use crate::generate;
 use crate::model::LanguageModel;
@@ -12,9 +25,11 @@ use crate::model::LanguageModel;
 /// A request whose prompt is going in.
 pub(super) struct Prefill {
     pub(super) row: Row,
-    pub(super) prompt: Array,
+    /// The whole sequence: what the caches held at admission and the prompt.
+    pub(super) full: Vec<u32>,
+    /// Positions the caches hold.
+    pub(super) held: usize,
     pub(super) caches: Vec<LayerCache>,
-    pub(super) done: usize,
 }
 
 impl Prefill {
@@ -26,6 +41,28 @@ impl Prefill {
         }
         row
     }
+
+    /// Tokens left to feed before the last one.
+    fn rest(&self) -> usize {
+        self.full.len().saturating_sub(self.held + 1)
+    }
+
+    /// Whether the caches can give back their last `n` positions.
+    fn can_cut(&self, n: usize) -> bool {
+        n == 0
+            || self.caches.iter().all(|c| match c {
+                LayerCache::Batch(b) => b.left_padding().iter().all(|&p| p >= 0),
+                _ => false,
+            })
+    }
+}
+
+/// Rows whose prompts are in, with their caches (one row each, in order)
+/// and their first tokens, sampled lazily.
+pub(super) struct Ready {
+    pub(super) rows: Vec<Row>,
+    pub(super) caches: Vec<LayerCache>,
+    pub(super) first: Outputs,
 }
 
 /// Row `pos` of the batch's caches, as one-row caches.
@@ -37,61 +74,149 @@ pub(super) fn row_caches(caches: &[LayerCache], pos: usize) -> Result<Vec<LayerC
                 let (keys, values, position) = b.row(pos)?;
                 Ok(LayerCache::Batch(BatchKvCache::from_row(keys, values, position, b.window())?))
             }
-            _ => Err(mlx::Error::invalid("scheduler", "a batch holds batch caches only")),
+            _ => Err(Error::invalid("scheduler", "a batch holds batch caches only")),
         })
         .collect()
 }
 
 /// A fresh cache for one row, of the batch kind: windowed where the model
-/// keeps a window.
-pub(super) fn single_row_caches(model: &dyn LanguageModel) -> Result<Vec<LayerCache>> {
+/// keeps a window; `padding` positions before its first token.
+pub(super) fn padded_row_caches(model: &dyn LanguageModel, padding: i32) -> Result<Vec<LayerCache>> {
     model
         .make_cache()?
         .into_iter()
         .map(|c| {
             Ok(LayerCache::Batch(match c {
-                LayerCache::Rotating(r) => BatchKvCache::windowed(vec![0], r.max_size())?,
-                LayerCache::Standard(_) => BatchKvCache::new(vec![0])?,
+                LayerCache::Rotating(r) => BatchKvCache::windowed(vec![padding], r.max_size())?,
+                LayerCache::Standard(_) => BatchKvCache::new(vec![padding])?,
                 LayerCache::Batch(b) => b,
             }))
         })
         .collect()
 }
 
-/// Runs `p`'s prompt on: whole chunks of at most `step` tokens while
-/// `budget` lasts (a chunk may overdraw it, so that chunks do not depend on
-/// what else runs), then the last prompt token alone, as mlx-lm does, whose
-/// logits give the first token. Returns that token's outputs once the whole
-/// prompt is in.
-pub(super) fn prefill_some(
-    model: &dyn LanguageModel,
-    p: &mut Prefill,
-    step: usize,
-    budget: &mut usize,
-) -> Result<Option<Outputs>> {
+/// A fresh cache for one row (see [`padded_row_caches`]).
+pub(super) fn single_row_caches(model: &dyn LanguageModel) -> Result<Vec<LayerCache>> {
+    padded_row_caches(model, 0)
+}
+
+/// Feeds `p` alone, a chunk of `step` tokens at a time while `budget` lasts
+/// (a chunk may overdraw it, so that chunks do not depend on what else
+/// runs), until at most `step` tokens are left before its last.
+pub(super) fn chunk_alone(model: &dyn LanguageModel, p: &mut Prefill, step: usize, budget: &mut usize) -> Result<()> {
+    let step = step.max(1);
+    if p.rest() <= step || *budget == 0 {
+        return Ok(());
+    }
     let _job = p.row.span.enter();
-    let total = p.row.prompt_tokens;
-    while total - p.done > 1 {
-        if *budget == 0 {
-            return Ok(None);
-        }
-        let n = step.max(1).min(total - p.done - 1);
-        let chunk = ops::slice_axis(&p.prompt, 0, p.done as i32, (p.done + n) as i32)?;
+    while p.rest() > step && *budget > 0 {
+        let chunk = tokens(&p.full[p.held..p.held + step])?;
         generate::prefill_chunk(model, &ops::reshape(&chunk, &[1, -1])?, &mut p.caches)?;
-        p.done += n;
-        *budget = budget.saturating_sub(n);
+        p.held += step;
+        *budget = budget.saturating_sub(step);
         memory::clear_cache()?;
     }
-    if *budget == 0 {
-        return Ok(None);
+    Ok(())
+}
+
+/// Whether `p` fits one chunk now.
+pub(super) fn fits_a_chunk(p: &Prefill, step: usize) -> bool {
+    p.rest() <= step.max(1)
+}
+
+/// Which of `candidates` (indices into `all`, in order, each fitting a
+/// chunk) go in together: the first, and each later one that costs little
+/// beside it and keeps the group within `budget` tokens. Returns the
+/// members and the tokens each feeds before its last.
+pub(super) fn choose_group(all: &[&Prefill], candidates: &[usize], budget: usize) -> (Vec<usize>, usize) {
+    let Some((&first, rest)) = candidates.split_first() else { return (Vec::new(), 0) };
+    let (mut members, mut width) = (vec![first], all[first].rest());
+    for &j in rest {
+        let w = width.max(all[j].rest());
+        let slack = (w / 4).max(16);
+        let fine = members.iter().chain([&j]).all(|&i| w - all[i].rest() <= slack && all[i].can_cut(w - all[i].rest()));
+        if fine && (members.len() + 1) * (w + 1) <= budget.max(width + 1) {
+            members.push(j);
+            width = w;
+        }
     }
-    let last = ops::slice_axis(&p.prompt, 0, (total - 1) as i32, total as i32)?;
-    let logits = model.forward(&ops::reshape(&last, &[1, 1])?, &mut p.caches)?;
-    let logits = ops::squeeze(&logits, &[1])?;
-    p.done = total;
-    *budget = budget.saturating_sub(1);
-    let (ids, logprobs, logits) = p.row.draw.sample(&logits, None)?;
-    let first = Outputs { ids, logprobs, logits };
+    (members, width)
+}
+
+/// Feeds `group` together, `width` tokens each before its last (see the
+/// module's docs), then their last tokens. On failure the rows come back
+/// with the error.
+pub(super) fn prefill_group(
+    model: &dyn LanguageModel,
+    group: Vec<Prefill>,
+    width: usize,
+) -> std::result::Result<Ready, (Error, Vec<Row>)> {
+    let mut rows = Vec::with_capacity(group.len());
+    let mut parts = Vec::with_capacity(group.len());
+    for p in group {
+        let Prefill { row, full, held, caches } = p;
+        rows.push(row);
+        parts.push((full, held, caches));
+    }
+    match run_group(model, &mut rows, parts, width) {
+        Ok((caches, first)) => Ok(Ready { rows, caches, first }),
+        Err(e) => Err((e, rows)),
+    }
+}
+
+fn run_group(
+    model: &dyn LanguageModel,
+    rows: &mut [Row],
+    parts: Vec<(Vec<u32>, usize, Vec<LayerCache>)>,
+    width: usize,
+) -> Result<(Vec<LayerCache>, Outputs)> {
+    let _job = rows.first().map(|r| r.span.clone()).unwrap_or_else(tracing::Span::none).entered();
+    let mut inputs: Vec<i32> = Vec::with_capacity(parts.len() * width);
+    let mut last: Vec<u32> = Vec::with_capacity(parts.len());
+    let mut merged: Option<Vec<LayerCache>> = None;
+    for (full, held, mut caches) in parts {
+        let end = full.len() - 1;
+        // Take back positions, or pad, so that `width` tokens end on the last column.
+        let start = end.saturating_sub(width);
+        let cut = held - start.min(held);
+        let padding = width - (end - start);
+        if cut > 0 {
+            for c in &mut caches {
+                c.trim(cut as i32);
+            }
+        }
+        if padding > 0 {
+            caches = padded_row_caches(model, padding as i32)?;
+        }
+        inputs.extend(std::iter::repeat_n(0, padding));
+        for &t in &full[start..end] {
+            inputs
+                .push(i32::try_from(t).map_err(|_| Error::invalid("scheduler", format!("token id {t} is too large")))?);
+        }
+        last.push(full[end]);
+        merged = Some(match merged {
+            None => caches,
+            Some(mut m) => {
+                for (mine, theirs) in m.iter_mut().zip(&caches) {
+                    match (mine, theirs) {
+                        (LayerCache::Batch(a), LayerCache::Batch(b)) => a.extend(b)?,
+                        _ => return Err(Error::invalid("scheduler", "a batch holds batch caches only")),
+                    }
+                }
+                m
+            }
+        });
+    }
+    let mut caches = merged.ok_or_else(|| Error::invalid("scheduler", "an empty group"))?;
+    let b = last.len() as i32;
+    if width > 0 {
+        let x = Array::from_slice(&inputs, &[b, width as i32])?;
+        generate::prefill_chunk(model, &x, &mut caches)?;
+        memory::clear_cache()?;
+    }
+    let x = ops::reshape(&tokens(&last)?, &[b, 1])?;
+    let logits = ops::squeeze(&model.forward(&x, &mut caches)?, &[1])?;
+    let first = sample_rows(rows, &logits, None)?;
     first.queue()?;
-    Ok(Some(first))
+    Ok((caches, first))
 }

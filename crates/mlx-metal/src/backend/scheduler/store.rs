@@ -21,14 +21,26 @@
 //! every rank of a tensor-parallel job keeps the same entries. An entry whose
 //! tokens are a prefix of a new one's is dropped when the new one can stand
 //! for it (mlx-lm's `LRUPromptCache` does the same).
+//!
+//! With a directory ([`PromptStore::open_dir`]) the store outlives the
+//! process: each entry becomes a file in the session file format
+//! ([`crate::session::save_rows`]) when the engine next has nothing to do,
+//! the file goes when its entry is evicted, and a store opened on the
+//! directory takes back every file made for the same model and adapter
+//! (checked: fingerprint, layer kinds, shapes, dtypes), oldest first, within
+//! its bound. A file that fails the checks is left alone and named in a warning.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use mlx::transforms::async_eval;
 use mlx::{Array, Result};
 
+use super::prefill::single_row_caches;
 use super::radix::RadixTree;
 use crate::cache::LayerCache;
+use crate::model::LanguageModel;
+use crate::session::{Fingerprint, LayerSpec, load_rows, save_rows};
 
 /// A stored generation's caches.
 struct Entry {
@@ -39,6 +51,8 @@ struct Entry {
     used: u64,
     /// The shortest prefix its caches can be cut back to (0: any).
     floor: usize,
+    /// Its file, once written.
+    file: Option<PathBuf>,
 }
 
 impl Entry {
@@ -59,6 +73,13 @@ pub(crate) struct StoreStats {
     pub(crate) reused_tokens: u64,
 }
 
+/// Where the entries are kept on disk, and what they must have been made with.
+struct Disk {
+    dir: PathBuf,
+    fingerprint: Fingerprint,
+    origin: String,
+}
+
 /// The prompt cache.
 pub(crate) struct PromptStore {
     tree: RadixTree<u64>,
@@ -66,6 +87,7 @@ pub(crate) struct PromptStore {
     next_id: u64,
     clock: u64,
     stats: StoreStats,
+    disk: Option<Disk>,
 }
 
 impl PromptStore {
@@ -77,6 +99,7 @@ impl PromptStore {
             next_id: 0,
             clock: 0,
             stats: StoreStats { capacity, ..StoreStats::default() },
+            disk: None,
         }
     }
 
@@ -123,14 +146,19 @@ impl PromptStore {
     /// their own), evicting the least recently used entries to stay within
     /// the capacity. Caches bigger than the whole capacity are not kept.
     pub(crate) fn insert(&mut self, tokens: Vec<u32>, caches: Vec<LayerCache>) -> Result<()> {
+        self.insert_entry(tokens, caches, None)
+    }
+
+    fn insert_entry(&mut self, tokens: Vec<u32>, caches: Vec<LayerCache>, file: Option<PathBuf>) -> Result<()> {
         let state: Vec<&Array> = caches.iter().flat_map(LayerCache::state).collect();
         let bytes: usize = state.iter().map(|a| a.nbytes()).sum();
         if tokens.is_empty() || bytes > self.stats.capacity {
+            remove_file(file.as_deref());
             return Ok(());
         }
         async_eval(&state)?;
         let floor = cut_floor(&caches, tokens.len());
-        let entry = Entry { tokens, caches, bytes, used: self.tick(), floor };
+        let entry = Entry { tokens, caches, bytes, used: self.tick(), floor, file };
         // Stored prefixes the new entry can stand for only take space.
         let redundant: Vec<u64> = self
             .tree
@@ -157,12 +185,68 @@ impl PromptStore {
         Ok(())
     }
 
-    /// Forgets every entry (the model changed, say).
-    pub(crate) fn clear(&mut self) {
+    /// Forgets every entry and removes its file (the model changed, say);
+    /// entries made from now on are tagged with `origin`.
+    pub(crate) fn clear(&mut self, origin: &str) {
+        for e in self.entries.values() {
+            remove_file(e.file.as_deref());
+        }
         self.tree = RadixTree::new();
         self.entries.clear();
         self.stats.bytes = 0;
         self.stats.entries = 0;
+        if let Some(d) = &mut self.disk {
+            d.origin = origin.to_owned();
+        }
+    }
+
+    /// Keeps the entries in `dir` from now on (created if missing), and
+    /// takes back those a store for this model (`fingerprint`) and `origin`
+    /// left there.
+    pub(crate) fn open_dir(
+        &mut self,
+        dir: &Path,
+        model: &dyn LanguageModel,
+        fingerprint: &Fingerprint,
+        origin: &str,
+    ) -> Result<()> {
+        let io = |source| mlx::Error::Io { op: "prompt_cache_dir", path: dir.to_path_buf(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            if path.extension().is_some_and(|e| e == "safetensors") {
+                let modified = std::fs::metadata(&path).and_then(|m| m.modified()).map_err(io)?;
+                files.push((modified, path));
+            }
+        }
+        files.sort();
+        let specs = layer_specs(model)?;
+        for (_, path) in files {
+            match load_rows(&path, fingerprint, origin, &specs) {
+                Ok((tokens, caches)) => self.insert_entry(tokens, caches, Some(path))?,
+                Err(e) => tracing::warn!(file = %path.display(), error = %e, "a prompt-cache file was left out"),
+            }
+        }
+        self.disk = Some(Disk { dir: dir.to_path_buf(), fingerprint: fingerprint.clone(), origin: origin.to_owned() });
+        Ok(())
+    }
+
+    /// Writes the entries that have no file yet (with a directory).
+    pub(crate) fn persist(&mut self) -> Result<()> {
+        let Some(disk) = &self.disk else { return Ok(()) };
+        for e in self.entries.values_mut().filter(|e| e.file.is_none()) {
+            let name = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::hash::DefaultHasher::new();
+                e.tokens.hash(&mut h);
+                h.finish()
+            };
+            let path = disk.dir.join(format!("{name:016x}-{}.safetensors", e.tokens.len()));
+            save_rows(&path, &disk.fingerprint, &disk.origin, &e.tokens, &e.caches)?;
+            e.file = Some(path);
+        }
+        Ok(())
     }
 
     fn drop_entry(&mut self, id: u64) {
@@ -175,6 +259,7 @@ impl PromptStore {
     fn forget(&mut self, id: u64) {
         if let Some(e) = self.entries.remove(&id) {
             self.stats.bytes -= e.bytes;
+            remove_file(e.file.as_deref());
         }
         self.stats.entries = self.entries.len();
     }
@@ -211,4 +296,32 @@ pub(super) fn keep(store: &mut PromptStore, ids: &[u32], emitted: &[u32], caches
         ));
     }
     store.insert(tokens, caches)
+}
+
+/// Removes an entry's file; one that cannot be removed is named in a warning.
+fn remove_file(file: Option<&Path>) {
+    if let Some(f) = file
+        && let Err(e) = std::fs::remove_file(f)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(file = %f.display(), error = %e, "a prompt-cache file could not be removed");
+    }
+}
+
+/// What each layer's cache looks like for `model`: read off the caches after
+/// one token, a graph that is built but never run.
+fn layer_specs(model: &dyn LanguageModel) -> Result<Vec<LayerSpec>> {
+    let mut caches = single_row_caches(model)?;
+    model.forward(&mlx::ops::zeros(&[1, 1], mlx::Dtype::Int32)?, &mut caches)?;
+    caches
+        .iter()
+        .map(|c| match c {
+            LayerCache::Batch(b) => {
+                let (k, _, _) = b.row(0)?;
+                let s = k.shape();
+                Ok(LayerSpec { heads: s[1], dim: s[3], dtype: k.dtype(), window: b.window() })
+            }
+            _ => Err(mlx::Error::invalid("prompt_cache", "a batch holds batch caches only")),
+        })
+        .collect()
 }
