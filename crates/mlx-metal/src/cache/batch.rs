@@ -2,20 +2,14 @@
 //! [`BatchKvCache`]: the cache of a left-padded batch, with per-row rope
 //! offsets, masks that hide each row's padding, `filter` to drop finished
 //! rows, `extend` to take in new ones, and, for sliding-window layers,
-//! `compact` to drop the positions no query will see again.
+//! `compact` to drop the positions no query will see again. Its buffers may
+//! be quantised ([`KvQuant`]): every move works on either kind.
 
 use mlx::ops;
 use mlx::{Array, Dtype, Error, Result};
 
-use super::{KvCache, Mask, Offset, causal_mask, slice_seq, zeros_like_steps};
-
-/// `a` (`[B, H, L, D]`) with `n` zero columns before its first.
-fn pad_seq(a: &Array, n: i32) -> Result<Array> {
-    if n == 0 {
-        return Ok(a.clone());
-    }
-    ops::concatenate(&[&zeros_like_steps(a, n)?, a], 2)
-}
+use super::kv::{self, Fetched, KvArray};
+use super::{KvCache, KvQuant, Mask, Offset, causal_mask};
 
 /// A cache for a batch of left-padded sequences of different lengths
 /// (mlx-lm's `BatchKVCache`).
@@ -27,11 +21,18 @@ fn pad_seq(a: &Array, n: i32) -> Result<Array> {
 /// with a windowed mask; [`compact`](Self::compact) drops the positions that
 /// have left every row's window. A row's padding may then be negative: its
 /// first positions were dropped, and its rope offset still counts them.
+///
+/// With [`KvQuant`] settings ([`with_quant`](Self::with_quant)) the whole
+/// batch converts to quantised storage once a row's position reaches their
+/// `start` (for one row: exactly when a cache of its own would), and a row
+/// that joins a quantised batch is quantised as it joins.
 #[derive(Debug, Clone)]
 pub struct BatchKvCache {
     inner: KvCache,
     left_padding: Vec<i32>,
     window: Option<i32>,
+    /// When to convert to quantised storage (sibling module `quant`).
+    pub(super) quant: Option<KvQuant>,
 }
 
 impl BatchKvCache {
@@ -43,7 +44,7 @@ impl BatchKvCache {
         if let Some(p) = left_padding.iter().find(|&&p| p < 0) {
             return Err(Error::invalid("batch_kv_cache", format!("left padding {p} is negative")));
         }
-        Ok(BatchKvCache { inner: KvCache::new(), left_padding, window: None })
+        Ok(BatchKvCache { inner: KvCache::new(), left_padding, window: None, quant: None })
     }
 
     /// An empty cache for a sliding-window layer whose queries see at most
@@ -59,11 +60,17 @@ impl BatchKvCache {
     /// `L` of `position` positions (all of them for a full-attention layer;
     /// at least those of the window for a sliding-window one).
     pub fn from_row(keys: Array, values: Array, position: i32, window: Option<i32>) -> Result<Self> {
+        Self::from_row_parts(KvArray::Dense(keys), KvArray::Dense(values), position, window)
+    }
+
+    /// [`from_row`](Self::from_row) for keys and values as stored (dense or
+    /// quantised).
+    pub fn from_row_parts(keys: KvArray, values: KvArray, position: i32, window: Option<i32>) -> Result<Self> {
         const OP: &str = "batch_kv_cache_from_row";
         if keys.dim(0)? != 1 {
             return Err(Error::invalid(OP, format!("one row, not {}", keys.dim(0)?)));
         }
-        let inner = KvCache::from_state(keys, values)?;
+        let inner = KvCache::from_parts(keys, values)?;
         let held = inner.offset();
         let enough = match window {
             None => held == position,
@@ -75,7 +82,7 @@ impl BatchKvCache {
                 format!("{held} positions cannot stand for {position} (window {window:?})"),
             ));
         }
-        Ok(BatchKvCache { inner, left_padding: vec![held - position], window })
+        Ok(BatchKvCache { inner, left_padding: vec![held - position], window, quant: None })
     }
 
     /// The window of a sliding-window layer's cache.
@@ -117,8 +124,31 @@ impl BatchKvCache {
         self.left_padding.iter().map(|p| off - p).collect()
     }
 
-    /// Appends `keys`/`values` (`[B, H, L, D]`) and returns everything cached.
+    /// Whether keys and values are stored quantised.
+    pub fn is_quantised(&self) -> bool {
+        self.inner.is_quantised()
+    }
+
+    /// The quantisation settings, if any.
+    pub fn quant(&self) -> Option<KvQuant> {
+        self.quant
+    }
+
+    /// Appends `keys`/`values` (`[B, H, L, D]`) and returns everything cached
+    /// (dense).
+    ///
+    /// # Errors
+    ///
+    /// When the cache is quantised (use [`Self::append`]).
     pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array)> {
+        self.append(keys, values)?.into_dense()
+    }
+
+    /// Appends `keys`/`values` (`[B, H, L, D]`) and returns everything
+    /// cached, as stored. With [`KvQuant`] settings, the batch is first
+    /// converted to quantised storage once a row's position has reached
+    /// their `start`.
+    pub fn append(&mut self, keys: &Array, values: &Array) -> Result<Fetched> {
         let rows = keys.dim(0)?;
         if rows as usize != self.rows() {
             return Err(Error::invalid(
@@ -126,7 +156,13 @@ impl BatchKvCache {
                 format!("the cache has {} rows but the keys have {rows}", self.rows()),
             ));
         }
-        self.inner.update_and_fetch(keys, values)
+        if let Some(q) = self.quant
+            && self.inner.offset() > 0
+            && self.positions().into_iter().any(|p| p >= q.start)
+        {
+            self.inner.quantise(q)?;
+        }
+        self.inner.write(keys, values)
     }
 
     /// The mask `[B, 1, n, offset + n]` for `n` new queries: causal (within
@@ -165,8 +201,8 @@ impl BatchKvCache {
         let idx: Vec<i32> = keep.iter().map(|&i| i as i32).collect();
         let idx = Array::from_vec(&idx)?;
         self.inner.select(|buf| {
-            let rows = ops::take(buf, &idx, 0)?;
-            if shift > 0 { slice_seq(&rows, shift, rows.dim(2)?) } else { Ok(rows) }
+            let rows = buf.map(|a| ops::take(a, &idx, 0))?;
+            if shift > 0 { rows.slice_seq(shift, rows.dim(2)?) } else { Ok(rows) }
         })?;
         self.inner.offset -= shift;
         self.left_padding = left_padding.iter().map(|p| p - shift).collect();
@@ -176,6 +212,8 @@ impl BatchKvCache {
     /// Takes in the rows of `other` after this cache's: the shorter side is
     /// padded on the left so that every row's last position is in the last
     /// column. Both must be of the same kind of layer (the same window).
+    /// When one side is quantised and the other is not, the other is
+    /// quantised in the same format first, so rows can always join.
     pub fn extend(&mut self, other: &BatchKvCache) -> Result<()> {
         const OP: &str = "batch_kv_cache_extend";
         if self.window != other.window {
@@ -185,12 +223,15 @@ impl BatchKvCache {
             ));
         }
         let (ours, theirs) = (self.inner.offset(), other.inner.offset());
-        let (k, v) = self.inner.keys_and_values()?;
-        let (ok, ov) = other.inner.keys_and_values()?;
+        let (k, v) = self.inner.parts()?;
+        let (ok, ov) = other.inner.parts()?;
+        let (k, v, ok, ov) =
+            (k.quantised_like(&ok)?, v.quantised_like(&ov)?, ok.quantised_like(&k)?, ov.quantised_like(&v)?);
         let width = ours.max(theirs);
-        let keys = ops::concatenate(&[&pad_seq(&k, width - ours)?, &pad_seq(&ok, width - theirs)?], 0)?;
-        let values = ops::concatenate(&[&pad_seq(&v, width - ours)?, &pad_seq(&ov, width - theirs)?], 0)?;
-        self.inner = KvCache::from_state(keys, values)?;
+        let keys = kv::concat(&[&k.pad_front(width - ours)?, &ok.pad_front(width - theirs)?], 0)?;
+        let values = kv::concat(&[&v.pad_front(width - ours)?, &ov.pad_front(width - theirs)?], 0)?;
+        self.inner = KvCache::from_parts(keys, values)?;
+        self.quant = self.quant.or(other.quant);
         let (mine, added) = (width - ours, width - theirs);
         self.left_padding =
             self.left_padding.iter().map(|p| p + mine).chain(other.left_padding.iter().map(|p| p + added)).collect();
@@ -209,7 +250,7 @@ impl BatchKvCache {
             return Ok(());
         }
         let end = self.inner.offset();
-        self.inner.select(|buf| slice_seq(buf, dead, end))?;
+        self.inner.select(|buf| buf.slice_seq(dead, end))?;
         self.inner.offset -= dead;
         for p in &mut self.left_padding {
             *p -= dead;
@@ -220,14 +261,25 @@ impl BatchKvCache {
     /// One row's keys and values (`[1, H, L, D]`, its real positions only:
     /// padding, and what [`compact`](Self::compact) dropped, left out) and
     /// its position.
+    ///
+    /// # Errors
+    ///
+    /// When the row is out of range, or the cache quantised (use
+    /// [`Self::row_parts`]).
     pub fn row(&self, row: usize) -> Result<(Array, Array, i32)> {
+        let (k, v, position) = self.row_parts(row)?;
+        Ok((k.dense("batch_kv_cache_row")?.clone(), v.dense("batch_kv_cache_row")?.clone(), position))
+    }
+
+    /// [`row`](Self::row) as stored (dense or quantised).
+    pub fn row_parts(&self, row: usize) -> Result<(KvArray, KvArray, i32)> {
         let Some(&pad) = self.left_padding.get(row) else {
             return Err(Error::invalid("batch_kv_cache_row", format!("row {row} is out of range for {}", self.rows())));
         };
-        let (k, v) = self.inner.keys_and_values()?;
+        let (k, v) = self.inner.parts()?;
         let r = row as i32;
         let (start, end) = (pad.max(0), self.inner.offset());
-        let one = |a: &Array| slice_seq(&ops::slice_axis(a, 0, r, r + 1)?, start, end);
+        let one = |a: &KvArray| a.slice_rows(r, r + 1)?.slice_seq(start, end);
         Ok((one(&k)?, one(&v)?, end - pad))
     }
 
@@ -236,7 +288,12 @@ impl BatchKvCache {
         self.inner.trim(n)
     }
 
-    /// The raw buffers.
+    /// Bytes the buffers take (their whole capacity, every part).
+    pub fn nbytes(&self) -> usize {
+        self.inner.nbytes()
+    }
+
+    /// The raw buffers (each one array or its quantised parts).
     pub fn state(&self) -> Vec<&Array> {
         self.inner.state()
     }

@@ -181,12 +181,17 @@ impl Scheduler {
     /// Works out what a position of the KV cache costs for `model` and the
     /// budget (see `admission.rs`).
     pub(crate) fn size_up(&mut self, model: &dyn LanguageModel) -> Result<()> {
-        let kv = KvBudget::for_model(model, self.limits.kv_cache_bytes)?;
+        let kv = KvBudget::for_model(model, self.limits.kv_cache_bytes, self.limits.kv_quant)?;
         let mut load = lock(&self.load);
         (load.kv_bytes_per_token, load.kv_budget_bytes) = (kv.per_token, kv.budget);
         drop(load);
         self.kv = Some(kv);
         Ok(())
+    }
+
+    /// The quantised KV cache's settings, if any (a session's caches take them).
+    pub(crate) fn kv_quant(&self) -> Option<crate::cache::KvQuant> {
+        self.limits.kv_quant
     }
 
     /// Refuses a generation whose KV cache could never fit the budget, even alone.
@@ -301,7 +306,7 @@ impl Scheduler {
             };
             let caches = match session.as_mut() {
                 Some(turn) => std::mem::take(&mut turn.caches),
-                None => match single_row_caches(model) {
+                None => match single_row_caches(model, self.limits.kv_quant) {
                     Ok(c) => c,
                     Err(e) => {
                         self.ending.push(Ending::Refused(sink, core_err(e), None));

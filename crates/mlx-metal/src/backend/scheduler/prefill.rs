@@ -5,7 +5,7 @@
 use mlx::{Array, Result, memory, ops};
 
 use super::rows::{Outputs, Row};
-use crate::cache::{BatchKvCache, LayerCache};
+use crate::cache::{BatchKvCache, KvQuant, LayerCache};
 use crate::generate;
 use crate::model::LanguageModel;
 
@@ -34,8 +34,10 @@ pub(super) fn row_caches(caches: &[LayerCache], pos: usize) -> Result<Vec<LayerC
         .iter()
         .map(|c| match c {
             LayerCache::Batch(b) => {
-                let (keys, values, position) = b.row(pos)?;
-                Ok(LayerCache::Batch(BatchKvCache::from_row(keys, values, position, b.window())?))
+                let (keys, values, position) = b.row_parts(pos)?;
+                Ok(LayerCache::Batch(
+                    BatchKvCache::from_row_parts(keys, values, position, b.window())?.with_quant(b.quant()),
+                ))
             }
             _ => Err(mlx::Error::invalid("scheduler", "a batch holds batch caches only")),
         })
@@ -43,17 +45,20 @@ pub(super) fn row_caches(caches: &[LayerCache], pos: usize) -> Result<Vec<LayerC
 }
 
 /// A fresh cache for one row, of the batch kind: windowed where the model
-/// keeps a window.
-pub(super) fn single_row_caches(model: &dyn LanguageModel) -> Result<Vec<LayerCache>> {
+/// keeps a window; quantised past its start where `quant` says so.
+pub(super) fn single_row_caches(model: &dyn LanguageModel, quant: Option<KvQuant>) -> Result<Vec<LayerCache>> {
     model
         .make_cache()?
         .into_iter()
         .map(|c| {
-            Ok(LayerCache::Batch(match c {
-                LayerCache::Rotating(r) => BatchKvCache::windowed(vec![0], r.max_size())?,
-                LayerCache::Standard(_) => BatchKvCache::new(vec![0])?,
-                LayerCache::Batch(b) => b,
-            }))
+            Ok(LayerCache::Batch(
+                match c {
+                    LayerCache::Rotating(r) => BatchKvCache::windowed(vec![0], r.max_size())?,
+                    LayerCache::Standard(_) => BatchKvCache::new(vec![0])?,
+                    LayerCache::Batch(b) => b,
+                }
+                .with_quant(quant),
+            ))
         })
         .collect()
 }

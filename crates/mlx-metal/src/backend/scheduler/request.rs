@@ -9,7 +9,7 @@ use inference_core::{GenerateSettings, TokenSink};
 use mlx::{Error, Result};
 
 use super::Group;
-use crate::cache::LayerCache;
+use crate::cache::{KvQuant, LayerCache};
 use crate::generate;
 
 /// How much the scheduler takes on at once.
@@ -23,6 +23,9 @@ pub struct Limits {
     /// Bytes the batch's KV caches may take; `None` for a share of what MLX's
     /// memory limit leaves (see `admission.rs`).
     pub kv_cache_bytes: Option<usize>,
+    /// The quantised KV cache (`kv_bits`, `kv_group_size`,
+    /// `quantized_kv_start`; see [`KvQuant::from_backend_options`]).
+    pub kv_quant: Option<KvQuant>,
 }
 
 /// The most rows decoding at once unless the load settings say otherwise
@@ -31,7 +34,12 @@ pub const DEFAULT_MAX_BATCH: usize = 32;
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_batch: DEFAULT_MAX_BATCH, prefill_step: generate::PREFILL_STEP, kv_cache_bytes: None }
+        Limits {
+            max_batch: DEFAULT_MAX_BATCH,
+            prefill_step: generate::PREFILL_STEP,
+            kv_cache_bytes: None,
+            kv_quant: None,
+        }
     }
 }
 
@@ -61,6 +69,7 @@ impl Limits {
             max_batch: read("max_batch", d.max_batch)?,
             prefill_step: read("prefill_step", d.prefill_step)?,
             kv_cache_bytes,
+            kv_quant: KvQuant::from_backend_options(options)?,
         })
     }
 }
