@@ -287,7 +287,14 @@ mod tests {
     #[test]
     fn the_scripts_and_pins_exist() {
         let root = workspace_root();
-        for f in ["requirements.txt", "convert_gguf.py", "make_tiny.py", "make_goldens.py", "tiny_tokenizers.py"] {
+        for f in [
+            "requirements.txt",
+            "convert_gguf.py",
+            "make_tiny.py",
+            "make_goldens.py",
+            "kv_goldens.py",
+            "tiny_tokenizers.py",
+        ] {
             assert!(root.join("xtask/fixtures").join(f).is_file(), "xtask/fixtures/{f} is missing");
         }
         let req = fs::read_to_string(root.join(REQUIREMENTS)).unwrap();

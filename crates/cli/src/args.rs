@@ -74,6 +74,41 @@ pub(crate) struct ModelArgs {
     /// else python3).
     #[arg(long, value_name = "PATH")]
     pub(crate) python: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) kv: KvCacheArgs,
+}
+
+/// The quantised KV cache (metal backend; mlx-lm's flags of the same names). Part of the model's
+/// load settings, so every rank of a tensor-parallel job quantises alike.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct KvCacheArgs {
+    /// Quantise the KV cache to 4 or 8 bits (default: full precision).
+    #[arg(long, value_name = "BITS", value_parser = ["4", "8"])]
+    pub(crate) kv_bits: Option<String>,
+    /// Elements of a head per scale and bias in the quantised KV cache (default 64).
+    #[arg(long, value_name = "N", value_parser = ["32", "64", "128"])]
+    pub(crate) kv_group_size: Option<String>,
+    /// With --kv-bits, the cache stays full precision until it holds this many positions
+    /// (default 5000, as mlx-lm).
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32))]
+    pub(crate) quantized_kv_start: Option<u32>,
+}
+
+impl KvCacheArgs {
+    /// `settings` with the backend options these flags give.
+    pub(crate) fn load_settings(&self, mut settings: LoadSettings) -> LoadSettings {
+        let options = [
+            ("kv_bits", self.kv_bits.clone()),
+            ("kv_group_size", self.kv_group_size.clone()),
+            ("quantized_kv_start", self.quantized_kv_start.map(|n| n.to_string())),
+        ];
+        for (key, value) in options {
+            if let Some(v) = value {
+                settings = settings.backend_option(key, v);
+            }
+        }
+        settings
+    }
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -90,7 +125,7 @@ impl ModelArgs {
         if let Some(python) = &self.python {
             s = s.backend_option("python", python.to_string_lossy());
         }
-        s
+        self.kv.load_settings(s)
     }
 
     /// Loads the model with `settings` (these flags' settings, amended), logging how long it took.
@@ -478,6 +513,31 @@ mod tests {
         assert!(g.tensor_parallel.load_settings(g.model.load_settings()).backend_options.is_empty());
         assert!(parse(&["generate", "-m", "/m", "--tensor-parallel", "0", "x"]).is_err());
         assert!(parse(&["generate", "-m", "/m", "--distributed-backend", "tcp", "x"]).is_err());
+    }
+
+    #[test]
+    fn kv_cache_flags_become_backend_options() {
+        for cmd in ["generate", "chat", "serve"] {
+            let mut args =
+                vec![cmd, "-m", "/m", "--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0"];
+            if cmd == "generate" {
+                args.push("x");
+            }
+            let load = match parse(&args).unwrap().command {
+                Command::Generate(g) => g.model.load_settings(),
+                Command::Chat(c) => c.model.load_settings(),
+                Command::Serve(s) => s.model.load_settings(),
+                _ => panic!("not {cmd}"),
+            };
+            let o = &load.backend_options;
+            assert_eq!((&o["kv_bits"][..], &o["kv_group_size"][..], &o["quantized_kv_start"][..]), ("4", "32", "0"));
+        }
+        let cli = parse(&["generate", "-m", "/m", "x"]).unwrap();
+        let Command::Generate(g) = cli.command else { panic!("not generate") };
+        assert!(g.model.load_settings().backend_options.is_empty());
+        assert!(parse(&["generate", "-m", "/m", "--kv-bits", "3", "x"]).is_err());
+        assert!(parse(&["serve", "-m", "/m", "--kv-group-size", "48"]).is_err());
+        assert!(parse(&["chat", "-m", "/m", "--quantized-kv-start", "-1"]).is_err());
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub struct ModelGolden {
     pub sequences: Vec<Sequence>,
     /// Greedy continuations.
     pub greedy: Vec<GreedyRun>,
+    /// Greedy continuations with a quantised KV cache (some models; empty elsewhere).
+    #[serde(default)]
+    pub kv_quant: Vec<KvQuantRun>,
     /// Seeded sampled continuations (some tiny models; empty elsewhere).
     #[serde(default)]
     pub sampling: Vec<SampledRun>,
@@ -151,6 +154,34 @@ pub struct GreedyRun {
     pub logprobs: Vec<f32>,
     /// At each step, the log-probability gap between the best and the second-best token: a small
     /// margin is a near tie that another correct implementation may break the other way.
+    pub margins: Vec<f32>,
+}
+
+/// A greedy continuation by mlx-lm's `generate_step` with a quantised KV cache (`kv_bits`,
+/// `kv_group_size`, `quantized_kv_start`, `prefill_step_size`; xtask/fixtures/kv_goldens.py).
+#[derive(Debug, Clone, Deserialize)]
+pub struct KvQuantRun {
+    /// What the run covers, e.g. `bits4_start_in_prompt`.
+    pub name: String,
+    /// Bits per quantised element (4 or 8).
+    pub kv_bits: i32,
+    /// Elements per scale and bias.
+    pub kv_group_size: i32,
+    /// The position from which the cache is quantised.
+    pub quantized_kv_start: i32,
+    /// Prompt tokens per prefill chunk.
+    pub prefill_step_size: usize,
+    /// `"full precision"` when the model's sliding-window layers were left unquantised (mlx-lm
+    /// cannot quantise them); absent for models without such layers.
+    #[serde(default)]
+    pub sliding_window_layers: Option<String>,
+    /// The prompt ids.
+    pub prompt: Vec<u32>,
+    /// How many tokens were generated.
+    pub max_tokens: usize,
+    /// The generated ids.
+    pub tokens: Vec<u32>,
+    /// The log-probability gap between the best and the second-best token at each step.
     pub margins: Vec<f32>,
 }
 

@@ -59,8 +59,8 @@ pub use compare::{
     compare_text, compare_top_k, row_checksums,
 };
 pub use golden::{
-    ChatCase, ChatMessage, Golden, GreedyRun, Kind, MODEL_FORMAT, ModelGolden, Quantization, RowChecksums, SampledRun,
-    Sequence, TOKENIZER_FORMAT, TokenizerCase, TokenizerGolden, TopK, Versions,
+    ChatCase, ChatMessage, Golden, GreedyRun, Kind, KvQuantRun, MODEL_FORMAT, ModelGolden, Quantization, RowChecksums,
+    SampledRun, Sequence, TOKENIZER_FORMAT, TokenizerCase, TokenizerGolden, TopK, Versions,
 };
 pub use locate::{
     Fixture, MODELS_PLACEHOLDER, REAL_MODEL_STAMP, REQUIRE_REAL_MODELS_ENV, TokenizerFixture, golden_dir, golden_files,

@@ -15,7 +15,7 @@ use super::engine::Engine;
 use super::mirror::Request;
 use super::scheduler::{Request as ScheduledRequest, SessionTurn};
 use super::{Job, Jobs, call, check_prompt, core_err, submit};
-use crate::cache::{BatchKvCache, KvCache, LayerCache, RotatingKvCache};
+use crate::cache::{BatchKvCache, KvArray, KvCache, KvQuant, LayerCache, RotatingKvCache};
 use crate::chat::ChatTemplate;
 use crate::session::SessionCache;
 use crate::tokenizer::Tokenizer;
@@ -189,6 +189,7 @@ impl Engine {
     /// Hands a turn of session `id` to the scheduler (see [`Engine::start_session_turn`]).
     pub(super) fn submit_session_turn(&mut self, id: u64, ids: Vec<u32>, settings: GenerateSettings, sink: TokenSink) {
         let model = self.loaded.model.as_ref();
+        let kv_quant = self.scheduler.kv_quant();
         let mut state = match self.sessions.remove(&id) {
             Some(s) => s,
             None => match SessionCache::new(model) {
@@ -196,7 +197,8 @@ impl Engine {
                 Err(e) => return sink.fail(core_err(e)),
             },
         };
-        let prepared = state.prepare(model, &ids).and_then(|cached| Ok((cached, to_rows(state.caches_mut())?)));
+        let prepared =
+            state.prepare(model, &ids).and_then(|cached| Ok((cached, to_rows(state.caches_mut(), kv_quant)?)));
         let (cached, caches) = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -255,16 +257,17 @@ impl Engine {
     }
 }
 
-/// A session's caches as one-row batch caches (what the scheduler runs on).
-fn to_rows(caches: &[LayerCache]) -> Result<Vec<LayerCache>, Error> {
+/// A session's caches as one-row batch caches (what the scheduler runs on),
+/// quantised past their start where the engine's `quant` says so.
+fn to_rows(caches: &[LayerCache], quant: Option<KvQuant>) -> Result<Vec<LayerCache>, Error> {
     caches
         .iter()
         .map(|c| {
             let row = match c {
                 LayerCache::Standard(k) if k.offset() == 0 => BatchKvCache::new(vec![0])?,
                 LayerCache::Standard(k) => {
-                    let (keys, values) = k.keys_and_values()?;
-                    BatchKvCache::from_row(keys, values, k.offset(), None)?
+                    let (keys, values) = k.parts()?;
+                    BatchKvCache::from_row_parts(keys, values, k.offset(), None)?
                 }
                 LayerCache::Rotating(r) if r.offset() == 0 => BatchKvCache::windowed(vec![0], r.max_size())?,
                 LayerCache::Rotating(r) if r.keep() > 0 && r.offset() > r.len() => {
@@ -276,7 +279,7 @@ fn to_rows(caches: &[LayerCache]) -> Result<Vec<LayerCache>, Error> {
                 }
                 LayerCache::Batch(b) => b.clone(),
             };
-            Ok(LayerCache::Batch(row))
+            Ok(LayerCache::Batch(row.with_quant(quant)))
         })
         .collect()
 }
@@ -287,15 +290,15 @@ fn from_rows(rows: &[LayerCache]) -> Result<Vec<LayerCache>, Error> {
     rows.iter()
         .map(|c| {
             let LayerCache::Batch(b) = c else { return Ok(c.clone()) };
-            let (keys, values, position) = b.row(0)?;
+            let (keys, values, position) = b.row_parts(0)?;
             match b.window() {
                 None if position == 0 => Ok(LayerCache::Standard(KvCache::new())),
-                None => Ok(LayerCache::Standard(KvCache::from_state(keys, values)?)),
+                None => Ok(LayerCache::Standard(KvCache::from_parts(keys, values)?)),
                 Some(w) if position == 0 => Ok(LayerCache::Rotating(RotatingKvCache::new(w)?)),
                 Some(w) => {
                     let held = keys.dim(2)?;
                     let from = held - held.min(w);
-                    let last = |a: &mlx::Array| mlx::ops::slice_axis(a, 2, from, held);
+                    let last = |a: &KvArray| mlx::ops::slice_axis(a.dense("session")?, 2, from, held);
                     Ok(LayerCache::Rotating(RotatingKvCache::from_state(last(&keys)?, last(&values)?, position, w, 0)?))
                 }
             }

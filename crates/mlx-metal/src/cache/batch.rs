@@ -2,20 +2,14 @@
 //! [`BatchKvCache`]: the cache of a left-padded batch, with per-row rope
 //! offsets, masks that hide each row's padding, `filter` to drop finished
 //! rows, `extend` to take in new ones, and, for sliding-window layers,
-//! `compact` to drop the positions no query will see again.
+//! `compact` to drop the positions no query will see again. Its buffers may
+//! be quantised ([`KvQuant`]): every move works on either kind.
 
 use mlx::ops;
 use mlx::{Array, Dtype, Error, Result};
 
-use super::{KvCache, Mask, Offset, causal_mask, slice_seq, zeros_like_steps};
-
-/// `a` (`[B, H, L, D]`) with `n` zero columns before its first.
-fn pad_seq(a: &Array, n: i32) -> Result<Array> {
-    if n == 0 {
-        return Ok(a.clone());
-    }
-    ops::concatenate(&[&zeros_like_steps(a, n)?, a], 2)
-}
+use super::kv::{self, Fetched, KvArray};
+use super::{KvCache, KvQuant, Mask, Offset, causal_mask};
 
 /// A cache for a batch of left-padded sequences of different lengths
 /// (mlx-lm's `BatchKVCache`).
@@ -27,11 +21,18 @@ fn pad_seq(a: &Array, n: i32) -> Result<Array> {
 /// with a windowed mask; [`compact`](Self::compact) drops the positions that
 /// have left every row's window. A row's padding may then be negative: its
 /// first positions were dropped, and its rope offset still counts them.
+///
+/// With [`KvQuant`] settings ([`with_quant`](Self::with_quant)) the whole
+/// batch converts to quantised storage once a row's position reaches their
+/// `start` (for one row: exactly when a cache of its own would), and a row
+/// that joins a quantised batch is quantised as it joins.
 #[derive(Debug, Clone)]
 pub struct BatchKvCache {
     inner: KvCache,
     left_padding: Vec<i32>,
     window: Option<i32>,
+    /// When to convert to quantised storage (sibling module `quant`).
+    pub(super) quant: Option<KvQuant>,
 }
 
 impl BatchKvCache {
@@ -43,7 +44,7 @@ impl BatchKvCache {
         if let Some(p) = left_padding.iter().find(|&&p| p < 0) {
             return Err(Error::invalid("batch_kv_cache", format!("left padding {p} is negative")));
         }
-        Ok(BatchKvCache { inner: KvCache::new(), left_padding, window: None })
+        Ok(BatchKvCache { inner: KvCache::new(), left_padding, window: None, quant: None })
     }
 
     /// An empty cache for a sliding-window layer whose queries see at most
@@ -59,11 +60,17 @@ impl BatchKvCache {
     /// `L` of `position` positions (all of them for a full-attention layer;
     /// at least those of the window for a sliding-window one).
     pub fn from_row(keys: Array, values: Array, position: i32, window: Option<i32>) -> Result<Self> {
+        Self::from_row_parts(KvArray::Dense(keys), KvArray::Dense(values), position, window)
+    }
+
+    /// [`from_row`](Self::from_row) for keys and values as stored (dense or
+    /// quantised).
+    pub fn from_row_parts(keys: KvArray, values: KvArray, position: i32, window: Option<i32>) -> Result<Self> {
         const OP: &str = "batch_kv_cache_from_row";
         if keys.dim(0)? != 1 {
             return Err(Error::invalid(OP, format!("one row, not {}", keys.dim(0)?)));
         }
-        let inner = KvCache::from_state(keys, values)?;
+        let inner = KvCache::from_parts(keys, values)?;
         let held = inner.offset();
         let enough = match window {
             None => held == position,
@@ -75,7 +82,7 @@ impl BatchKvCache {
                 format!("{held} positions cannot stand for {position} (window {window:?})"),
             ));
         }
-        Ok(BatchKvCache { inner, left_padding: vec![held - position], window })
+        Ok(BatchKvCache { inner, left_padding: vec![held - position], window, quant: None })
     }
 
     /// The window of a sliding-window layer's cache.
@@ -117,8 +124,31 @@ impl BatchKvCache {
         self.left_padding.iter().map(|p| off - p).collect()
     }
 
-    /// Appends `keys`/`values` (`[B, H, L, D]`) and returns everything cached.
+    /// Whether keys and values are stored quantised.
+    pub fn is_quantised(&self) -> bool {
+        self.inner.is_quantised()
+    }
+
+    /// The quantisation settings, if any.
+    pub fn quant(&self) -> Option<KvQuant> {
+        self.quant
+    }
+
+    /// Appends `keys`/`values` (`[B, H, L, D]`) and returns everything cached
+    /// (dense).
+    ///
+    /// # Errors
+    ///
+    /// When the cache is quantised (use [`Self::append`]).
     pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array)> {
+        self.append(keys, values)?.into_dense()
+    }
+
+    /// Appends `keys`/`values` (`[B, H, L, D]`) and returns everything
+    /// cached, as stored. With [`KvQuant`] settings, the batch is first
+    /// converted to quantised storage once a row's position has reached
+    /// their `start`.
+    pub fn append(&mut self, keys: &Array, values: &Array) -> Result<Fetched> {
         let rows = keys.dim(0)?;
         if rows as usize != self.rows() {
             return Err(Error::invalid(
@@ -126,7 +156,13 @@ impl BatchKvCache {
                 format!("the cache has {} rows but the keys have {rows}", self.rows()),
             ));
         }
-        self.inner.update_and_fetch(keys, values)
+        if let Some(q) = self.quant
+            && self.inner.offset() > 0
+            && self.positions().into_iter().any(|p| p >= q.start)
+        {
+            self.inner.quantise(q)?;
+        }
+        self.inner.write(keys, values)
     }
 
     /// The mask `[B, 1, n, offset + n]` for `n` new queries: causal (within
@@ -165,8 +201,8 @@ impl BatchKvCache {
         let idx: Vec<i32> = keep.iter().map(|&i| i as i32).collect();
         let idx = Array::from_vec(&idx)?;
         self.inner.select(|buf| {
-            let rows = ops::take(buf, &idx, 0)?;
-            if shift > 0 { slice_seq(&rows, shift, rows.dim(2)?) } else { Ok(rows) }
+            let rows = buf.map(|a| ops::take(a, &idx, 0))?;
+            if shift > 0 { rows.slice_seq(shift, rows.dim(2)?) } else { Ok(rows) }
         })?;
         self.inner.offset -= shift;
         self.left_padding = left_padding.iter().map(|p| p - shift).collect();
@@ -176,6 +212,8 @@ impl BatchKvCache {
     /// Takes in the rows of `other` after this cache's: the shorter side is
     /// padded on the left so that every row's last position is in the last
     /// column. Both must be of the same kind of layer (the same window).
+    /// When one side is quantised and the other is not, the other is
+    /// quantised in the same format first, so rows can always join.
     pub fn extend(&mut self, other: &BatchKvCache) -> Result<()> {
         const OP: &str = "batch_kv_cache_extend";
         if self.window != other.window {
@@ -187,32 +225,33 @@ impl BatchKvCache {
         let (ours, theirs) = (self.inner.offset(), other.inner.offset());
         let width = ours.max(theirs);
         // An empty side (no column written yet) is all padding, shaped like the other side.
-        let written = |c: &KvCache| if c.offset() > 0 { c.keys_and_values().map(Some) } else { Ok(None) };
-        let sides = [(written(&self.inner)?, self.rows(), ours), (written(&other.inner)?, other.rows(), theirs)];
-        if let Some((like_k, like_v)) = sides.iter().find_map(|(kv, _, _)| kv.clone()) {
-            let mut keys = Vec::with_capacity(2);
-            let mut values = Vec::with_capacity(2);
-            for (kv, rows, held) in sides {
-                let (k, v) = match kv {
-                    Some((k, v)) => (pad_seq(&k, width - held)?, pad_seq(&v, width - held)?),
+        let written = |c: &KvCache| if c.offset() > 0 { c.parts().map(Some) } else { Ok(None) };
+        let (mine_kv, theirs_kv) = (written(&self.inner)?, written(&other.inner)?);
+        if let Some((like_k, like_v)) = mine_kv.clone().or_else(|| theirs_kv.clone()) {
+            let side = |kv: Option<(KvArray, KvArray)>, rows: usize, held: i32| -> Result<(KvArray, KvArray)> {
+                match kv {
+                    Some((k, v)) => Ok((k.pad_front(width - held)?, v.pad_front(width - held)?)),
                     None => {
                         let zeros = |a: &Array| {
                             let s = a.shape();
                             ops::zeros(&[rows as i32, s[1], width, s[3]], a.dtype())
                         };
-                        (zeros(&like_k)?, zeros(&like_v)?)
+                        Ok((like_k.map(zeros)?, like_v.map(zeros)?))
                     }
-                };
-                keys.push(k);
-                values.push(v);
-            }
-            let keys = ops::concatenate(&[&keys[0], &keys[1]], 0)?;
-            let values = ops::concatenate(&[&values[0], &values[1]], 0)?;
-            self.inner = KvCache::from_state(keys, values)?;
+                }
+            };
+            let (k, v) = side(mine_kv, self.rows(), ours)?;
+            let (ok, ov) = side(theirs_kv, other.rows(), theirs)?;
+            let (k, v, ok, ov) =
+                (k.quantised_like(&ok)?, v.quantised_like(&ov)?, ok.quantised_like(&k)?, ov.quantised_like(&v)?);
+            let keys = kv::concat(&[&k, &ok], 0)?;
+            let values = kv::concat(&[&v, &ov], 0)?;
+            self.inner = KvCache::from_parts(keys, values)?;
         } else {
             // Buffers of fewer rows would not take the batch's first update.
             self.inner = KvCache::new();
         }
+        self.quant = self.quant.or(other.quant);
         let (mine, added) = (width - ours, width - theirs);
         self.left_padding =
             self.left_padding.iter().map(|p| p + mine).chain(other.left_padding.iter().map(|p| p + added)).collect();
@@ -231,7 +270,7 @@ impl BatchKvCache {
             return Ok(());
         }
         let end = self.inner.offset();
-        self.inner.select(|buf| slice_seq(buf, dead, end))?;
+        self.inner.select(|buf| buf.slice_seq(dead, end))?;
         self.inner.offset -= dead;
         for p in &mut self.left_padding {
             *p -= dead;
@@ -243,15 +282,26 @@ impl BatchKvCache {
     /// padding, and what [`compact`](Self::compact) dropped, left out) and
     /// its position. The arrays are copies in buffers of their own, so
     /// holding them does not keep the batch's buffers alive.
+    ///
+    /// # Errors
+    ///
+    /// When the row is out of range, or the cache quantised (use
+    /// [`Self::row_parts`]).
     pub fn row(&self, row: usize) -> Result<(Array, Array, i32)> {
+        let (k, v, position) = self.row_parts(row)?;
+        Ok((k.dense("batch_kv_cache_row")?.clone(), v.dense("batch_kv_cache_row")?.clone(), position))
+    }
+
+    /// [`row`](Self::row) as stored (dense or quantised).
+    pub fn row_parts(&self, row: usize) -> Result<(KvArray, KvArray, i32)> {
         let Some(&pad) = self.left_padding.get(row) else {
             return Err(Error::invalid("batch_kv_cache_row", format!("row {row} is out of range for {}", self.rows())));
         };
-        let (k, v) = self.inner.keys_and_values()?;
+        let (k, v) = self.inner.parts()?;
         let index = Array::from_vec(&[row as i32])?;
         let (start, end) = (pad.max(0), self.inner.offset());
         // A gather copies exactly the row's real positions.
-        let one = |a: &Array| ops::take(&slice_seq(a, start, end)?, &index, 0);
+        let one = |a: &KvArray| a.slice_seq(start, end)?.map(|x| ops::take(x, &index, 0));
         Ok((one(&k)?, one(&v)?, end - pad))
     }
 
@@ -260,7 +310,12 @@ impl BatchKvCache {
         self.inner.trim(n)
     }
 
-    /// The raw buffers.
+    /// Bytes the buffers take (their whole capacity, every part).
+    pub fn nbytes(&self) -> usize {
+        self.inner.nbytes()
+    }
+
+    /// The raw buffers (each one array or its quantised parts).
     pub fn state(&self) -> Vec<&Array> {
         self.inner.state()
     }

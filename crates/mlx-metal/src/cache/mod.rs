@@ -12,18 +12,27 @@
 //! - [`LayerCache`]: one layer's cache, any of the three; models ask it for
 //!   the rope offset ([`Offset`]) and the attention [`Mask`] (see
 //!   [`causal_mask`]).
+//! - [`KvQuant`]: the quantised KV cache (mlx-lm's `kv_bits`,
+//!   `kv_group_size`, `quantized_kv_start`). [`KvCache`] and [`BatchKvCache`]
+//!   store keys and values as a [`KvArray`], dense or quantised, and hand
+//!   attention a [`Fetched`] of either kind; sliding-window layers stay full
+//!   precision.
 //!
 //! [`KvCache`] and [`RotatingKvCache`] follow mlx-lm's `KVCache` and
 //! `RotatingKVCache` step for step, so the attention masks and results match
 //! the reference exactly. Keys and values are `[B, H_kv, L, D]`.
 
 mod batch;
+mod kv;
 mod mask;
+mod quant;
 mod rotating;
 mod standard;
 
 pub use batch::BatchKvCache;
+pub use kv::{Fetched, KvArray};
 pub use mask::{Mask, causal_mask};
+pub use quant::{DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, KvQuant, with_kv_quant};
 pub use rotating::RotatingKvCache;
 pub use standard::KvCache;
 
@@ -102,12 +111,22 @@ impl LayerCache {
         }
     }
 
-    /// Appends and returns what attention should see.
-    pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array)> {
+    /// Appends and returns what attention should see: dense keys and
+    /// values, or quantised ones once a quantised cache has converted.
+    pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<Fetched> {
         match self {
-            LayerCache::Standard(c) => c.update_and_fetch(keys, values),
-            LayerCache::Rotating(c) => c.update_and_fetch(keys, values),
-            LayerCache::Batch(c) => c.update_and_fetch(keys, values),
+            LayerCache::Standard(c) => c.append(keys, values),
+            LayerCache::Rotating(c) => c.update_and_fetch(keys, values).map(|(k, v)| Fetched::Dense(k, v)),
+            LayerCache::Batch(c) => c.append(keys, values),
+        }
+    }
+
+    /// Bytes of keys and values held, all parts, whole capacity.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            LayerCache::Standard(c) => c.nbytes(),
+            LayerCache::Batch(c) => c.nbytes(),
+            LayerCache::Rotating(c) => c.state().iter().map(|a| a.nbytes()).sum(),
         }
     }
 

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! The pieces the architectures' blocks are built from, written once: RMS
 //! norm, attention (grouped-query, optional q/k norms, rope, the KV cache,
-//! scaled dot-product attention) and the gated MLP.
+//! scaled dot-product attention, dense or over a quantised cache) and the
+//! gated MLP.
 //!
 //! Orthogonal concerns stay out of the model files: decode fusion (q/k/v and
 //! gate/up as one matmul, [`FusedLinear`]) is held here and built by
@@ -11,11 +12,12 @@
 
 use std::cell::RefCell;
 
-use mlx::{Array, Error, Result, fast, ops};
+use mlx::ops::Quantized;
+use mlx::{Array, Dtype, Error, Result, fast, ops};
 
 use super::rope::Rope;
 use super::weights::WeightPath;
-use crate::cache::{LayerCache, Mask};
+use crate::cache::{Fetched, LayerCache, Mask};
 use crate::nn::{self, FusedLinear, Linear};
 
 /// RMS norm: `x / rms(x) · w`.
@@ -130,9 +132,76 @@ impl Attention {
         let q = self.rope.apply(&q, &offset)?;
         let k = self.rope.apply(&k, &offset)?;
         AttentionTaps::record(&q, &k);
-        let (k, v) = cache.update_and_fetch(&k, &v)?;
-        let out = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask.as_attention(), None)?;
+        let out = match cache.update_and_fetch(&k, &v)? {
+            Fetched::Dense(k, v) => {
+                fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask.as_attention(), None)?
+            }
+            Fetched::Quantised(k, v) => quantized_attention(&q, &k, &v, self.scale, mask)?,
+        };
         self.o_proj.forward(&merge_heads(&out, b, l)?)
+    }
+}
+
+/// Attention over quantised keys and values (mlx-lm's
+/// `quantized_scaled_dot_product_attention`): `q: [B, H, L, D]` scaled, the
+/// query heads grouped by key/value head through a reshape, scores and
+/// output through quantised matmuls, a boolean or causal mask, and a
+/// precise softmax.
+fn quantized_attention(q: &Array, keys: &Quantized, values: &Quantized, scale: f32, mask: &Mask) -> Result<Array> {
+    let s = q.shape();
+    let (b, heads, l, d) = (s[0], s[1], s[2], s[3]);
+    let kv_heads = keys.weight.dim(1)?;
+    let repeats = heads / kv_heads;
+    let mut q = ops::multiply_scalar(q, f64::from(scale))?;
+    let grouped = |qz: &Quantized| -> Result<Quantized> {
+        let e = |a: &Array| ops::expand_dims(a, &[-3]);
+        Ok(Quantized {
+            weight: e(&qz.weight)?,
+            scales: e(&qz.scales)?,
+            biases: qz.biases.as_ref().map(e).transpose()?,
+            group_size: qz.group_size,
+            bits: qz.bits,
+        })
+    };
+    let (keys, values) = if repeats > 1 {
+        q = ops::reshape(&q, &[b, kv_heads, repeats, l, d])?;
+        (grouped(keys)?, grouped(values)?)
+    } else {
+        (keys.clone(), values.clone())
+    };
+    let mut scores = ops::quantized_matmul(&q, &keys, true)?;
+    let mask = match mask {
+        Mask::None => None,
+        Mask::Causal => {
+            let (ql, kl) = (scores.dim(-2)?, scores.dim(-1)?);
+            let qi = ops::arange(f64::from(kl - ql), f64::from(kl), 1.0, Dtype::Int32)?;
+            let ki = ops::arange(0.0, f64::from(kl), 1.0, Dtype::Int32)?;
+            Some(ops::greater_equal(&ops::expand_dims(&qi, &[1])?, &ops::expand_dims(&ki, &[0])?)?)
+        }
+        Mask::Array(m) if repeats > 1 && m.ndim() > 3 => Some(ops::expand_dims(m, &[-3])?),
+        Mask::Array(m) => Some(m.clone()),
+    };
+    if let Some(m) = mask {
+        if m.dtype() == Dtype::Bool {
+            let lowest = ops::scalar_like(&scores, lowest(scores.dtype()))?;
+            scores = ops::where_(&m, &scores, &lowest)?;
+        } else {
+            scores = ops::add(&scores, &m)?;
+        }
+    }
+    let scores = ops::softmax(&scores, &[-1], true)?;
+    let out = ops::quantized_matmul(&scores, &values, false)?;
+    if repeats > 1 { ops::reshape(&out, &[b, heads, l, -1]) } else { Ok(out) }
+}
+
+/// The lowest finite value of a float dtype (`mx.finfo(dtype).min`).
+fn lowest(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::Float16 => -65504.0,
+        // bfloat16: f32's exponent range with 8 bits of mantissa.
+        Dtype::Bfloat16 => -3.389_531_389_251_535_5e38,
+        Dtype::Float64 => f64::MIN,
+        _ => f64::from(f32::MIN),
     }
 }
 

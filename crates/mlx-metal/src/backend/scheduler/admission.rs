@@ -8,28 +8,45 @@
 //! grow towards `rows × the widest footprint × bytes per token`; that is the
 //! figure kept under the budget (an upper bound: rows that stop early, and
 //! sliding-window layers, take less).
+//!
+//! With a quantised KV cache ([`KvQuant`]) a position costs the quantised
+//! parts' bytes once the cache has converted, and the full-precision bytes
+//! before `quantized_kv_start`; a row of `width` positions is counted as its
+//! first `start` positions in full precision plus all `width` quantised (the
+//! most it holds at once, the conversion included).
 
 use inference_core::Error as CoreError;
 use mlx::{Result, ops};
 
 use super::prefill::single_row_caches;
-use crate::cache::LayerCache;
+use crate::cache::{KvQuant, LayerCache};
 use crate::model::LanguageModel;
 
 /// The KV-cache budget and what one position of one row costs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct KvBudget {
-    /// Bytes of keys and values per position of one row, all layers.
+    /// Bytes of keys and values per position of one row, all layers (once
+    /// quantised, for a quantised cache).
     pub(crate) per_token: usize,
     /// Bytes the batch's caches may take.
     pub(crate) budget: usize,
+    /// Bytes per position before the cache is quantised.
+    dense_per_token: usize,
+    /// Positions held in full precision before the cache converts (all of
+    /// them without quantisation).
+    dense_positions: usize,
 }
 
 impl KvBudget {
     /// The budget for `model`: `bytes`, or else three quarters of what MLX's
     /// memory limit leaves beside what is in use now (the weights) and the
     /// prompt cache's `store` bytes, or no bound where MLX reports no limit.
-    pub(crate) fn for_model(model: &dyn LanguageModel, bytes: Option<usize>, store: usize) -> Result<KvBudget> {
+    pub(crate) fn for_model(
+        model: &dyn LanguageModel,
+        bytes: Option<usize>,
+        store: usize,
+        quant: Option<KvQuant>,
+    ) -> Result<KvBudget> {
         let budget = match bytes {
             Some(b) => b,
             None => match mlx::memory::memory_limit()? {
@@ -37,12 +54,20 @@ impl KvBudget {
                 limit => limit.saturating_sub(mlx::memory::active_memory()?).saturating_sub(store) / 4 * 3,
             },
         };
-        Ok(KvBudget { per_token: per_token(model)?, budget })
+        let (dense_per_token, per_token) = per_token(model, quant)?;
+        let dense_positions = quant.map_or(usize::MAX, |q| q.start.max(0) as usize);
+        Ok(KvBudget { per_token, budget, dense_per_token, dense_positions })
+    }
+
+    /// Bytes of one row of `width` positions at its largest.
+    fn row_bytes(&self, width: usize) -> usize {
+        let dense = width.min(self.dense_positions).saturating_mul(self.dense_per_token);
+        if width > self.dense_positions { dense.saturating_add(width.saturating_mul(self.per_token)) } else { dense }
     }
 
     /// Whether `rows` rows whose widest footprint is `width` positions fit.
     pub(crate) fn fits(&self, rows: usize, width: usize) -> bool {
-        rows.saturating_mul(width).saturating_mul(self.per_token) <= self.budget
+        rows.saturating_mul(self.row_bytes(width)) <= self.budget
     }
 
     /// Refuses a row that would not fit even alone.
@@ -56,31 +81,42 @@ impl KvBudget {
             format!(
                 "their KV cache would take {} bytes, more than the engine's budget of {} bytes (backend option \
                  kv_cache_bytes); ask for fewer tokens",
-                footprint.saturating_mul(self.per_token),
+                self.row_bytes(footprint),
                 self.budget
             ),
         ))
     }
 }
 
-/// Bytes of keys and values per position of one row: read off the shapes of
-/// the caches after one token, a graph that is built but never run.
-fn per_token(model: &dyn LanguageModel) -> Result<usize> {
-    let mut caches = single_row_caches(model)?;
+/// Bytes of keys and values per position of one row, in full precision and
+/// once quantised (the same without `quant`): read off the shapes of the
+/// caches after one token, and of their quantised parts, a graph that is
+/// built but never run. Sliding-window layers stay full precision.
+///
+/// # Errors
+///
+/// When `quant`'s group size does not divide a head dimension.
+fn per_token(model: &dyn LanguageModel, quant: Option<KvQuant>) -> Result<(usize, usize)> {
+    let mut caches = single_row_caches(model, quant)?;
     let x = ops::zeros(&[1, 1], mlx::Dtype::Int32)?;
     model.forward(&x, &mut caches)?;
-    let mut bytes = 0;
+    let (mut dense, mut quantised) = (0, 0);
     for c in &caches {
         if let LayerCache::Batch(b) = c {
-            let (k, v, _) = b.row(0)?;
+            let (k, v, _) = b.row_parts(0)?;
             for a in [&k, &v] {
-                let shape = a.shape();
-                let per_position = shape[1] as usize * shape[3] as usize;
-                bytes += per_position * a.dtype().size_of();
+                dense += a.bytes_per_position();
+                quantised += match b.quant() {
+                    Some(q) => {
+                        q.check_head_dims([a.dim(3)?])?;
+                        a.quantise(q.group_size, q.bits)?.bytes_per_position()
+                    }
+                    None => a.bytes_per_position(),
+                };
             }
         }
     }
-    Ok(bytes)
+    Ok((dense, quantised))
 }
 
 /// The prompt cache's bound: `bytes` when given, else an eighth of the

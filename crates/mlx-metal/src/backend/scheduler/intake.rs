@@ -34,6 +34,7 @@ impl Scheduler {
             let Request { ids, settings, max_tokens, sink, span, classify, group, mut session } = request;
             // A session's turn brings its caches; any other request starts
             // from the longest prefix the prompt cache holds, or from nothing.
+            let quant = self.limits.kv_quant;
             let store = self.store.as_mut().filter(|_| session.is_none());
             let parts = || -> Result<(Draw, usize, Vec<LayerCache>)> {
                 // Checks that every id fits the model's input type.
@@ -41,10 +42,10 @@ impl Scheduler {
                 let (cached, caches) = match (session.as_mut(), store) {
                     (Some(turn), _) => (0, std::mem::take(&mut turn.caches)),
                     (None, Some(store)) => match store.lookup(&ids)? {
-                        Some(hit) => hit,
-                        None => (0, single_row_caches(model)?),
+                        Some((k, caches)) => (k, with_quant(caches, quant)),
+                        None => (0, single_row_caches(model, quant)?),
                     },
-                    (None, None) => (0, single_row_caches(model)?),
+                    (None, None) => (0, single_row_caches(model, quant)?),
                 };
                 Ok((draw, cached, caches))
             };
@@ -127,7 +128,7 @@ impl Scheduler {
                 group.extend(self.prefilling.remove(i));
             }
             group.reverse();
-            match prefill_group(model, group, width) {
+            match prefill_group(model, group, width, self.limits.kv_quant) {
                 Ok(r) => ready.push(r),
                 Err((e, rows)) => self.fail_rows(rows, e),
             }
@@ -231,4 +232,15 @@ impl Scheduler {
             self.ending.push(Ending::Row(Box::new(r), Some(CoreError::backend(crate::backend::NAME, message.clone()))));
         }
     }
+}
+
+/// `caches` (from the prompt cache) quantised past their start as this engine's are.
+fn with_quant(caches: Vec<LayerCache>, quant: Option<crate::cache::KvQuant>) -> Vec<LayerCache> {
+    caches
+        .into_iter()
+        .map(|c| match c {
+            LayerCache::Batch(b) => LayerCache::Batch(b.with_quant(quant)),
+            other => other,
+        })
+        .collect()
 }

@@ -204,13 +204,18 @@ impl Scheduler {
     pub(crate) fn size_up(&mut self, model: &dyn LanguageModel) -> Result<()> {
         let store = admission::prompt_cache_bytes(self.limits.prompt_cache_bytes)?;
         self.store = (store > 0).then(|| PromptStore::new(store));
-        let kv = KvBudget::for_model(model, self.limits.kv_cache_bytes, store)?;
+        let kv = KvBudget::for_model(model, self.limits.kv_cache_bytes, store, self.limits.kv_quant)?;
         let mut load = lock(&self.load);
         (load.kv_bytes_per_token, load.kv_budget_bytes) = (kv.per_token, kv.budget);
         drop(load);
         self.kv = Some(kv);
         self.publish(None);
         Ok(())
+    }
+
+    /// The quantised KV cache's settings, if any (a session's caches take them).
+    pub(crate) fn kv_quant(&self) -> Option<crate::cache::KvQuant> {
+        self.limits.kv_quant
     }
 
     /// Refuses a generation whose KV cache could never fit the budget, even alone.

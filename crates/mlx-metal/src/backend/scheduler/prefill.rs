@@ -18,7 +18,7 @@
 use mlx::{Array, Error, Result, memory, ops};
 
 use super::rows::{Outputs, Row, sample_rows, tokens};
-use crate::cache::{BatchKvCache, LayerCache};
+use crate::cache::{BatchKvCache, KvQuant, LayerCache};
 use crate::generate;
 use crate::model::LanguageModel;
 
@@ -71,8 +71,10 @@ pub(super) fn row_caches(caches: &[LayerCache], pos: usize) -> Result<Vec<LayerC
         .iter()
         .map(|c| match c {
             LayerCache::Batch(b) => {
-                let (keys, values, position) = b.row(pos)?;
-                Ok(LayerCache::Batch(BatchKvCache::from_row(keys, values, position, b.window())?))
+                let (keys, values, position) = b.row_parts(pos)?;
+                Ok(LayerCache::Batch(
+                    BatchKvCache::from_row_parts(keys, values, position, b.window())?.with_quant(b.quant()),
+                ))
             }
             _ => Err(Error::invalid("scheduler", "a batch holds batch caches only")),
         })
@@ -80,24 +82,32 @@ pub(super) fn row_caches(caches: &[LayerCache], pos: usize) -> Result<Vec<LayerC
 }
 
 /// A fresh cache for one row, of the batch kind: windowed where the model
-/// keeps a window; `padding` positions before its first token.
-pub(super) fn padded_row_caches(model: &dyn LanguageModel, padding: i32) -> Result<Vec<LayerCache>> {
+/// keeps a window, quantised past its start where `quant` says so;
+/// `padding` positions before its first token.
+pub(super) fn padded_row_caches(
+    model: &dyn LanguageModel,
+    quant: Option<KvQuant>,
+    padding: i32,
+) -> Result<Vec<LayerCache>> {
     model
         .make_cache()?
         .into_iter()
         .map(|c| {
-            Ok(LayerCache::Batch(match c {
-                LayerCache::Rotating(r) => BatchKvCache::windowed(vec![padding], r.max_size())?,
-                LayerCache::Standard(_) => BatchKvCache::new(vec![padding])?,
-                LayerCache::Batch(b) => b,
-            }))
+            Ok(LayerCache::Batch(
+                match c {
+                    LayerCache::Rotating(r) => BatchKvCache::windowed(vec![padding], r.max_size())?,
+                    LayerCache::Standard(_) => BatchKvCache::new(vec![padding])?,
+                    LayerCache::Batch(b) => b,
+                }
+                .with_quant(quant),
+            ))
         })
         .collect()
 }
 
 /// A fresh cache for one row (see [`padded_row_caches`]).
-pub(super) fn single_row_caches(model: &dyn LanguageModel) -> Result<Vec<LayerCache>> {
-    padded_row_caches(model, 0)
+pub(super) fn single_row_caches(model: &dyn LanguageModel, quant: Option<KvQuant>) -> Result<Vec<LayerCache>> {
+    padded_row_caches(model, quant, 0)
 }
 
 /// Feeds `p` alone, a chunk of `step` tokens at a time while `budget` lasts
@@ -150,6 +160,7 @@ pub(super) fn prefill_group(
     model: &dyn LanguageModel,
     group: Vec<Prefill>,
     width: usize,
+    quant: Option<KvQuant>,
 ) -> std::result::Result<Ready, (Error, Vec<Row>)> {
     let mut rows = Vec::with_capacity(group.len());
     let mut parts = Vec::with_capacity(group.len());
@@ -158,7 +169,7 @@ pub(super) fn prefill_group(
         rows.push(row);
         parts.push((full, held, caches));
     }
-    match run_group(model, &mut rows, parts, width) {
+    match run_group(model, &mut rows, parts, width, quant) {
         Ok((caches, first)) => Ok(Ready { rows, caches, first }),
         Err(e) => Err((e, rows)),
     }
@@ -169,6 +180,7 @@ fn run_group(
     rows: &mut [Row],
     parts: Vec<(Vec<u32>, usize, Vec<LayerCache>)>,
     width: usize,
+    quant: Option<KvQuant>,
 ) -> Result<(Vec<LayerCache>, Outputs)> {
     let _job = rows.first().map(|r| r.span.clone()).unwrap_or_else(tracing::Span::none).entered();
     let mut inputs: Vec<i32> = Vec::with_capacity(parts.len() * width);
@@ -186,7 +198,7 @@ fn run_group(
             }
         }
         if padding > 0 {
-            caches = padded_row_caches(model, padding as i32)?;
+            caches = padded_row_caches(model, quant, padding as i32)?;
         }
         inputs.extend(std::iter::repeat_n(0, padding));
         for &t in &full[start..end] {

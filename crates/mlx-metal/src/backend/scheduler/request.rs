@@ -9,7 +9,7 @@ use inference_core::{GenerateSettings, TokenSink};
 use mlx::{Error, Result};
 
 use super::Group;
-use crate::cache::LayerCache;
+use crate::cache::{KvQuant, LayerCache};
 use crate::generate;
 
 /// How much the scheduler takes on at once.
@@ -27,6 +27,9 @@ pub struct Limits {
     /// requests that start the same way) may take; `Some(0)` turns it off,
     /// `None` takes an eighth of the device's memory (see `admission.rs`).
     pub prompt_cache_bytes: Option<usize>,
+    /// The quantised KV cache (`kv_bits`, `kv_group_size`,
+    /// `quantized_kv_start`; see [`KvQuant::from_backend_options`]).
+    pub kv_quant: Option<KvQuant>,
 }
 
 /// The most rows decoding at once unless the load settings say otherwise
@@ -40,6 +43,7 @@ impl Default for Limits {
             prefill_step: generate::PREFILL_STEP,
             kv_cache_bytes: None,
             prompt_cache_bytes: None,
+            kv_quant: None,
         }
     }
 }
@@ -67,6 +71,7 @@ impl Limits {
             prefill_step: read("prefill_step", 1)?.unwrap_or(d.prefill_step),
             kv_cache_bytes: read("kv_cache_bytes", 1)?,
             prompt_cache_bytes: read("prompt_cache_bytes", 0)?,
+            kv_quant: KvQuant::from_backend_options(options)?,
         })
     }
 }

@@ -29,6 +29,7 @@
 //! directory takes back every file made for the same model and adapter
 //! (checked: fingerprint, layer kinds, shapes, dtypes), oldest first, within
 //! its bound. A file that fails the checks is left alone and named in a warning.
+//! Quantised entries (`kv_bits`) stay in memory only.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,6 +54,8 @@ struct Entry {
     floor: usize,
     /// Its file, once written.
     file: Option<PathBuf>,
+    /// Whether its caches are full precision (the session file format holds no quantised caches).
+    dense: bool,
 }
 
 impl Entry {
@@ -158,7 +161,11 @@ impl PromptStore {
         }
         async_eval(&state)?;
         let floor = cut_floor(&caches, tokens.len());
-        let entry = Entry { tokens, caches, bytes, used: self.tick(), floor, file };
+        let dense = caches.iter().all(|c| match c {
+            LayerCache::Batch(b) => b.row_parts(0).is_ok_and(|(k, _, _)| !k.is_quantised()),
+            _ => false,
+        });
+        let entry = Entry { tokens, caches, bytes, used: self.tick(), floor, file, dense };
         // Stored prefixes the new entry can stand for only take space.
         let redundant: Vec<u64> = self
             .tree
@@ -235,7 +242,7 @@ impl PromptStore {
     /// Writes the entries that have no file yet (with a directory).
     pub(crate) fn persist(&mut self) -> Result<()> {
         let Some(disk) = &self.disk else { return Ok(()) };
-        for e in self.entries.values_mut().filter(|e| e.file.is_none()) {
+        for e in self.entries.values_mut().filter(|e| e.file.is_none() && e.dense) {
             let name = {
                 use std::hash::{Hash, Hasher};
                 let mut h = std::hash::DefaultHasher::new();
@@ -311,7 +318,7 @@ fn remove_file(file: Option<&Path>) {
 /// What each layer's cache looks like for `model`: read off the caches after
 /// one token, a graph that is built but never run.
 fn layer_specs(model: &dyn LanguageModel) -> Result<Vec<LayerSpec>> {
-    let mut caches = single_row_caches(model)?;
+    let mut caches = single_row_caches(model, None)?;
     model.forward(&mlx::ops::zeros(&[1, 1], mlx::Dtype::Int32)?, &mut caches)?;
     caches
         .iter()
