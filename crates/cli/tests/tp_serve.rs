@@ -36,10 +36,13 @@ fn answers(server: &Server) -> Value {
         let (streamed_text, _, done) = read_stream(events);
         assert!(done, "the stream ends with [DONE]");
         let choice = &whole["choices"][0];
+        // How much of the prompt the prompt cache served depends on what ran before, not on the ranks.
+        let mut usage = whole["usage"].clone();
+        usage.as_object_mut().map(|u| u.remove("prompt_tokens_details"));
         out.push(json!({
             "text": choice["message"]["content"].as_str().or(choice["text"].as_str()),
             "finish": choice["finish_reason"],
-            "usage": whole["usage"],
+            "usage": usage,
             "streamed": streamed_text,
         }));
     }
