@@ -293,3 +293,35 @@ fn an_adapter_swap_empties_the_prompt_cache() {
     let state = model.engine_load().unwrap();
     assert_eq!((state.prompt_cache_entries, state.prompt_cache_bytes), (0, 0), "{state:?}");
 }
+
+#[test]
+fn a_quantised_cache_is_reused_like_a_full_one() {
+    let Some(path) = common::real_model("smollm2-135m-instruct") else { return };
+    let reg = Registry::new().with(mlx_metal::backend::backend());
+    let with = |cache: &str| -> Arc<dyn TextModel> {
+        let settings = LoadSettings::default()
+            .backend("metal")
+            .device(inference_core::Device::Cpu)
+            .backend_option("kv_bits", "8")
+            .backend_option("quantized_kv_start", "0")
+            .backend_option("prompt_cache_bytes", cache);
+        Arc::from(reg.load_model(&path, &settings).unwrap_or_else(|e| panic!("{}", e.report())))
+    };
+    let prefix = "You are a helpful assistant who answers questions about geography and history. ".repeat(3);
+    let (a, b) = (format!("{prefix}Where is Lima?"), format!("{prefix}Where is Quito?"));
+    let cold = run(with("0").as_ref(), &b);
+    let model = with("100000000");
+    run(model.as_ref(), &a);
+    let warm = run(model.as_ref(), &b);
+    // Cold, the prompt's first forward pass attends to full-precision keys (the cache quantises
+    // from its first update on, as mlx-lm's does); warm, its rest attends to the cached 8-bit
+    // keys. The tokens are the same; the scores agree to bfloat16's rounding.
+    assert_eq!(ids(&warm), ids(&cold), "8-bit keys and values from the prompt cache");
+    assert_eq!(warm.text, cold.text);
+    for (x, y) in warm.tokens.iter().zip(&cold.tokens) {
+        let (x, y) = (x.logprob.unwrap(), y.logprob.unwrap());
+        assert!((x - y).abs() <= 0.25, "log-prob {x} vs {y}");
+    }
+    let tok = Tokenizer::from_dir(&path).unwrap();
+    assert!(cached(&warm) >= tok.encode_prompt(&prefix).unwrap().len() - 1, "{:?}", warm.metrics);
+}
