@@ -288,6 +288,10 @@ pub(crate) struct ServeArgs {
     /// The port; 0 picks a free one (the address is printed on standard output).
     #[arg(long, default_value_t = 8080)]
     pub(crate) port: u16,
+    /// Requires `Authorization: Bearer KEY` on every request but `GET /health` (also read from
+    /// MLXR_API_KEY; a server listening beyond this machine without one is warned about).
+    #[arg(long, value_name = "KEY", env = "MLXR_API_KEY", hide_env_values = true)]
+    pub(crate) api_key: Option<String>,
     /// The model's id in the API (default: the model directory's name).
     #[arg(long, value_name = "ID")]
     pub(crate) model_id: Option<String>,

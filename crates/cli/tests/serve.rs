@@ -431,3 +431,66 @@ fn a_restarted_server_answers_a_long_system_prompt_warm() {
     let cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
     assert!(cached > 20, "the system prompt came from the restarted cache: {}", answer["usage"]);
 }
+
+/// A request with the given headers: the status and the JSON answer.
+fn send(url: &str, method: &str, headers: &[(&str, &str)], body: Option<&str>) -> (u16, Value) {
+    let agent = common::agent();
+    let mut r = match (method, body) {
+        ("POST", Some(b)) => {
+            let mut req = agent.post(url);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            req.send(b.to_owned())
+        }
+        _ => {
+            let mut req = agent.get(url);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            req.call()
+        }
+    }
+    .expect("a request");
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().expect("the body");
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}")))
+}
+
+#[test]
+fn keys_json_bodies_and_local_hosts_are_enforced() {
+    let server = Server::start(&tiny(MODEL), &["--api-key", "sk-test"]);
+    let chat = server.url("/v1/chat/completions");
+    let body = chat_body(2).to_string();
+    let json = ("content-type", "application/json");
+    // No key, a wrong one, another scheme: 401; /health stays open.
+    for auth in [None, Some("Bearer sk-wrong"), Some("Basic c2stdGVzdA=="), Some("sk-test")] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().chain([json]).collect();
+        let msg = expect_error(send(&chat, "POST", &headers, Some(&body)), 401, None);
+        assert!(msg.contains("Authorization: Bearer"), "{msg}");
+    }
+    assert_eq!(send(&server.url("/v1/models"), "GET", &[], None).0, 401);
+    assert_eq!(send(&server.url("/health"), "GET", &[], None).0, 200);
+    let key = ("authorization", "Bearer sk-test");
+    let (status, answer) = send(&chat, "POST", &[key, json], Some(&body));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(send(&server.url("/v1/models"), "GET", &[key], None).0, 200);
+    // A body that does not say it is JSON never reaches a handler.
+    for content_type in [None, Some("text/plain"), Some("application/x-www-form-urlencoded")] {
+        let headers: Vec<(&str, &str)> = [key].into_iter().chain(content_type.map(|t| ("content-type", t))).collect();
+        let msg = expect_error(send(&chat, "POST", &headers, Some(&body)), 415, None);
+        assert!(msg.contains("application/json"), "{msg}");
+    }
+    // A page on another name that resolves to this machine (DNS rebinding) is refused.
+    let msg = expect_error(send(&chat, "POST", &[key, json, ("host", "evil.example:8080")], Some(&body)), 403, None);
+    assert!(msg.contains("evil.example"), "{msg}");
+    assert_eq!(send(&chat, "POST", &[key, json, ("host", "localhost")], Some(&body)).0, 200);
+
+    drop(server);
+
+    // Listening beyond this machine without a key is warned about.
+    let open = Server::start(&tiny(MODEL), &["--host", "0.0.0.0"]);
+    let (code, stderr) = open.stop(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("without an API key"), "{stderr}");
+}

@@ -81,6 +81,37 @@ impl ApiError {
     }
 
     /// The JSON body.
+    /// 401: no key, or the wrong one.
+    pub(crate) fn unauthorised() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "this server needs an API key: send it as `Authorization: Bearer KEY`",
+        )
+    }
+
+    /// 415: a body that does not say it is JSON.
+    pub(crate) fn not_json(content_type: Option<&str>) -> Self {
+        let got = content_type.map_or("no Content-Type".to_owned(), |t| format!("Content-Type {t:?}"));
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            Some("unsupported_media_type"),
+            format!("request bodies must be JSON with `Content-Type: application/json`, not {got}"),
+        )
+    }
+
+    /// 403: a Host this server does not answer to (a page whose name resolves to this machine).
+    pub(crate) fn foreign_host(host: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            Some("forbidden_host"),
+            format!("this server listens on this machine only and does not answer requests for host {host:?}"),
+        )
+    }
+
     pub(crate) fn body(&self) -> Value {
         json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
     }
@@ -98,7 +129,11 @@ impl From<inference_core::Error> for ApiError {
             }
             E::EmptyPrompt => Self::invalid(None, "invalid_value", err.report()),
             E::Closed | E::Cancelled => Self::unavailable(err.report()),
-            _ => Self::internal(err.report()),
+            _ => {
+                // The details (paths, the backend's messages) go to the log, not to the client.
+                tracing::error!(error = %err.report(), "a request failed inside the engine");
+                Self::internal("the model failed on this request; the server's log has the details")
+            }
         }
     }
 }
@@ -134,7 +169,8 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("prompt"));
         assert_eq!(ApiError::from(inference_core::Error::EmptyPrompt).status, StatusCode::BAD_REQUEST);
         assert_eq!(ApiError::from(inference_core::Error::Closed).status, StatusCode::SERVICE_UNAVAILABLE);
-        let e = ApiError::from(inference_core::Error::backend("metal", "boom"));
+        let e = ApiError::from(inference_core::Error::backend("metal", "boom in /home/me/models/x/weights.rs"));
         assert_eq!((e.status, e.kind), (StatusCode::INTERNAL_SERVER_ERROR, "server_error"));
+        assert!(!e.message.contains("/home/me") && !e.message.contains("boom"), "{}", e.message);
     }
 }

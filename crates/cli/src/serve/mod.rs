@@ -3,11 +3,14 @@
 //!
 //! Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (whole answers, or
 //! server-sent events with `"stream": true`), `GET /v1/models`, `GET /v1/models/{id}` and
-//! `GET /health`. Every error is OpenAI's `{"error": {...}}` with a 4xx or 5xx status. The
+//! `GET /health`. Every request passes `access.rs` first (the API key, JSON bodies only, a local
+//! Host while listening on loopback). Every error is OpenAI's `{"error": {...}}` with a 4xx or 5xx
+//! status; an engine failure's details go to the log, not to the client. The
 //! address it listens on is printed on standard output as `listening on http://ADDR` once it is
 //! ready. Ctrl-C (or SIGTERM) stops accepting, cancels running generations and closes the model.
 //! With `--tensor-parallel N` only rank 0 serves (see [`crate::tensor_parallel`]).
 
+mod access;
 mod api;
 mod engine;
 mod error;
@@ -44,6 +47,7 @@ struct AppState {
     limits: Limits,
     max_body_bytes: usize,
     next_id: AtomicU64,
+    access: Arc<access::Access>,
 }
 
 impl AppState {
@@ -105,6 +109,7 @@ fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
         limits: Limits { max_tokens: args.max_tokens_limit, default_max_tokens: args.default_max_tokens },
         max_body_bytes: args.max_body_bytes,
         next_id: AtomicU64::new(0),
+        access: Arc::new(access::Access::new(args.api_key.clone(), args.host)),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -135,6 +140,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state.access), access::guard))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
@@ -151,6 +157,13 @@ async fn serve(state: Arc<AppState>, addr: SocketAddr) -> Result<(), Failure> {
             .map_err(|e| failure::io("writing to standard output", e))?;
     }
     tracing::info!(address = %bound, model = %state.model_id, "serving");
+    if state.access.open_to_the_network() {
+        tracing::warn!(
+            address = %bound,
+            "listening beyond this machine without an API key: anyone who can reach it can use the model (set --api-key \
+             or MLXR_API_KEY)"
+        );
+    }
     let engine = Arc::clone(&state.engine);
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
