@@ -494,3 +494,62 @@ fn keys_json_bodies_and_local_hosts_are_enforced() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("without an API key"), "{stderr}");
 }
+
+/// `/metrics` after some traffic: the samples Prometheus's own parser reads from it (when the
+/// fixtures' Python has `prometheus_client`), else the sample lines read here.
+#[test]
+fn metrics_are_served_in_prometheus_text_format() {
+    let server = Server::start(&tiny(MODEL), &[]);
+    for _ in 0..2 {
+        let (status, _) = post(&server.url("/v1/chat/completions"), &chat_body(4));
+        assert_eq!(status, 200);
+    }
+    assert_eq!(post_raw(&server.url("/v1/chat/completions"), "{").0, 400);
+    let mut r = common::agent().get(&server.url("/metrics")).call().expect("GET /metrics");
+    assert_eq!(r.status().as_u16(), 200);
+    let content_type = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
+    let text = r.body_mut().read_to_string().unwrap();
+    let sample = |line: &str| -> f64 {
+        let found = text.lines().find(|l| l.starts_with(line) && l[line.len()..].starts_with(' '));
+        found.unwrap_or_else(|| panic!("no {line} in\n{text}"))[line.len() + 1..].parse().unwrap()
+    };
+    assert_eq!(sample("mlxr_requests_total{outcome=\"completed\"}"), 2.0);
+    assert_eq!(sample("mlxr_http_responses_total{code=\"200\"}"), 2.0);
+    assert_eq!(sample("mlxr_http_responses_total{code=\"400\"}"), 1.0);
+    assert_eq!(sample("mlxr_generated_tokens_total"), 8.0);
+    assert!(sample("mlxr_prompt_tokens_total") > 8.0);
+    assert!(sample("mlxr_cached_prompt_tokens_total") > 0.0, "the second request reused the first's prompt");
+    assert_eq!(sample("mlxr_time_to_first_token_seconds_count"), 2.0);
+    assert_eq!(sample("mlxr_inter_token_latency_seconds_count"), 6.0);
+    assert_eq!(sample("mlxr_time_to_first_token_seconds_bucket{le=\"+Inf\"}"), 2.0);
+    assert_eq!(sample("mlxr_prompt_cache_hits_total"), 1.0);
+    assert_eq!(sample("mlxr_engine_max_batch"), 32.0);
+
+    let test = "metrics_are_served_in_prometheus_text_format";
+    let Some(python) = std::env::var_os("MLXR_PYTHON").filter(|v| !v.is_empty()) else {
+        common::skip(test, "MLXR_PYTHON is not set: Prometheus's own parser not run");
+        return;
+    };
+    let parse = "import json, sys\nfrom prometheus_client.parser import text_string_to_metric_families as f\n\
+                 print(json.dumps({m.name: [[s.name, s.labels, s.value] for s in m.samples] for m in f(sys.stdin.read())}))";
+    let mut child = std::process::Command::new(&python)
+        .args(["-c", parse])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting python");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = common::text(&out);
+    assert!(out.status.success(), "Prometheus's parser refused the text: {stderr}");
+    let parsed: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let families = parsed.as_object().unwrap();
+    for family in ["mlxr_requests", "mlxr_http_responses", "mlxr_time_to_first_token_seconds", "mlxr_prompt_cache_hits"]
+    {
+        assert!(families.contains_key(family), "{family} not parsed: {parsed}");
+    }
+    let ttft = &parsed["mlxr_time_to_first_token_seconds"];
+    assert!(ttft.as_array().unwrap().iter().any(|s| s[0] == "mlxr_time_to_first_token_seconds_count" && s[2] == 2.0));
+}

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use inference_core::{CancelToken, Error, GenerateSettings, Message, TextModel};
 use serde_json::{Value, json};
@@ -61,6 +61,19 @@ pub(crate) struct Stats {
 }
 
 impl Stats {
+    /// A snapshot for `/metrics`.
+    pub(crate) fn counters(&self) -> super::metrics::Counters {
+        let get = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        super::metrics::Counters {
+            queued: self.queued.load(Ordering::SeqCst),
+            running: self.running.load(Ordering::SeqCst),
+            completed: get(&self.completed),
+            cancelled: get(&self.cancelled),
+            failed: get(&self.failed),
+            generated_tokens: get(&self.generated_tokens),
+        }
+    }
+
     pub(crate) fn json(&self) -> Value {
         let get = |a: &AtomicU64| a.load(Ordering::SeqCst);
         json!({
@@ -107,6 +120,7 @@ pub(crate) struct Engine {
     /// The parent of every generation's token: cancelled at shutdown.
     shutdown: CancelToken,
     pub(crate) stats: Stats,
+    pub(crate) metrics: super::metrics::Metrics,
 }
 
 /// A running generation. Dropping it cancels the engine's work.
@@ -136,7 +150,13 @@ impl Engine {
             limits,
             shutdown: CancelToken::new(),
             stats: Stats::default(),
+            metrics: super::metrics::Metrics::default(),
         }
+    }
+
+    /// What the model's engine is doing now, when the backend batches.
+    pub(crate) fn load(&self) -> Option<inference_core::EngineLoad> {
+        self.model.engine_load()
     }
 
     /// The counters and, when the backend batches, what its engine is doing now.
@@ -184,6 +204,7 @@ impl Engine {
         prompt: Prompt,
         settings: GenerateSettings,
     ) -> Result<Generation, ApiError> {
+        let arrived = Instant::now();
         let permit = self.admit().await?;
         let cancel = self.shutdown.child();
         let (started_tx, started_rx) = oneshot::channel();
@@ -193,7 +214,7 @@ impl Engine {
         // Dropped before the model has answered (the client went away): cancel the call.
         let generation = Generation { events: rx, cancel };
         tokio::task::spawn_blocking(move || {
-            engine.produce(prompt, &settings, token, started_tx, &tx);
+            engine.produce(prompt, &settings, token, started_tx, &tx, arrived);
             drop(permit);
         });
         match started_rx.await {
@@ -211,6 +232,7 @@ impl Engine {
         cancel: CancelToken,
         started: oneshot::Sender<Result<(), Error>>,
         tx: &mpsc::Sender<Event>,
+        arrived: Instant,
     ) {
         let stream = match &prompt {
             Prompt::Chat(messages) => self.model.chat(messages, settings, cancel),
@@ -230,9 +252,15 @@ impl Engine {
         }
         let mut generated = 0usize;
         let mut cancelled = false;
+        let mut last = arrived;
         loop {
             match stream.next() {
                 Some(Ok(token)) => {
+                    let now = Instant::now();
+                    let histogram =
+                        if generated == 0 { &self.metrics.time_to_first_token } else { &self.metrics.inter_token };
+                    histogram.observe((now - last).as_secs_f64());
+                    last = now;
                     generated += 1;
                     if tx.blocking_send(Event::Token(token.text)).is_err() {
                         cancelled = true;
@@ -254,6 +282,8 @@ impl Engine {
                         stream.metrics().map_or((0, 0), |m| (m.prompt_tokens, m.cached_prompt_tokens));
                     let finish_reason = if generated >= settings.max_tokens { "length" } else { "stop" };
                     let outcome = Outcome { prompt_tokens, cached_tokens, completion_tokens: generated, finish_reason };
+                    self.metrics.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+                    self.metrics.cached_prompt_tokens.fetch_add(cached_tokens as u64, Ordering::Relaxed);
                     self.stats.completed.fetch_add(1, Ordering::SeqCst);
                     let _ = tx.blocking_send(Event::Done(outcome));
                     break;

@@ -2,8 +2,8 @@
 //! `mlxr serve`: an OpenAI-compatible HTTP server for one loaded model.
 //!
 //! Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (whole answers, or
-//! server-sent events with `"stream": true`), `GET /v1/models`, `GET /v1/models/{id}` and
-//! `GET /health`. Every request passes `access.rs` first (the API key, JSON bodies only, a local
+//! server-sent events with `"stream": true`), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`
+//! and `GET /metrics` (Prometheus's text format, `metrics.rs`). Every request passes `access.rs` first (the API key, JSON bodies only, a local
 //! Host while listening on loopback). Every error is OpenAI's `{"error": {...}}` with a 4xx or 5xx
 //! status; an engine failure's details go to the log, not to the client. The
 //! address it listens on is printed on standard output as `listening on http://ADDR` once it is
@@ -14,6 +14,7 @@ mod access;
 mod api;
 mod engine;
 mod error;
+mod metrics;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -138,10 +139,11 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/health", get(health))
+        .route("/metrics", get(prometheus))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(Arc::clone(&state.access), access::guard))
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), log_request))
         .with_state(state)
 }
 
@@ -198,10 +200,11 @@ async fn shutdown_signal() {
     }
 }
 
-async fn log_request(request: Request, next: Next) -> Response {
+async fn log_request(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     let started = Instant::now();
     let response = next.run(request).await;
+    state.engine.metrics.responded(response.status().as_u16());
     tracing::info!(%method, %path, status = response.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request");
     response
 }
@@ -212,6 +215,12 @@ async fn no_route(request: Request) -> ApiError {
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({ "status": "ok", "model": state.model_id, "engine": state.engine.json() }))
+}
+
+async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
+    let engine = &state.engine;
+    let text = metrics::render(&engine.metrics, &engine.stats.counters(), engine.load().as_ref());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 fn model_object(state: &AppState) -> Value {
