@@ -553,3 +553,92 @@ fn metrics_are_served_in_prometheus_text_format() {
     let ttft = &parsed["mlxr_time_to_first_token_seconds"];
     assert!(ttft.as_array().unwrap().iter().any(|s| s[0] == "mlxr_time_to_first_token_seconds_count" && s[2] == 2.0));
 }
+
+#[test]
+fn log_probabilities_come_in_openai_shapes() {
+    let server = Server::start(&tiny(MODEL), &[]);
+    // The completions endpoint: `logprobs: N`, whole and streamed alike.
+    let body = json!({"prompt": "The quick brown fox", "max_tokens": 5, "ignore_eos": true, "logprobs": 3});
+    let (status, whole) = post(&server.url("/v1/completions"), &body);
+    assert_eq!(status, 200, "{whole}");
+    let lp = &whole["choices"][0]["logprobs"];
+    let logprobs: Vec<f64> = lp["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(logprobs.len(), 5, "{lp}");
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 5);
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        assert!((1..=3).contains(&top.len()), "{top:?}");
+        // Greedy: the chosen token is the most likely one.
+        let best = top.values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        assert!(logprobs[i] <= 0.0 && (logprobs[i] - best).abs() < 1e-6, "{} vs {best}", logprobs[i]);
+    }
+    let mut streamed_body = body.clone();
+    streamed_body["stream"] = json!(true);
+    let (_, events) = post_stream(&server.url("/v1/completions"), &streamed_body);
+    let (_, chunks, done) = read_stream(events);
+    assert!(done);
+    let streamed: Vec<f64> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["token_logprobs"].as_array().cloned())
+        .flatten()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(streamed, logprobs, "streamed log-probabilities equal the whole answer's");
+
+    // Chat: `logprobs: true` with `top_logprobs`.
+    let mut chat = chat_body(4);
+    chat["ignore_eos"] = json!(true);
+    chat["logprobs"] = json!(true);
+    chat["top_logprobs"] = json!(2);
+    let (status, answer) = post(&server.url("/v1/chat/completions"), &chat);
+    assert_eq!(status, 200, "{answer}");
+    let content = answer["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 4, "{answer}");
+    for entry in content {
+        let token = entry["token"].as_str().unwrap();
+        assert_eq!(entry["bytes"], json!(token.as_bytes()));
+        assert_eq!(entry["top_logprobs"].as_array().unwrap().len(), 2, "{entry}");
+        assert_eq!(entry["top_logprobs"][0]["logprob"], entry["logprob"], "greedy takes the most likely: {entry}");
+    }
+    // Not asked for: null, as OpenAI answers.
+    let (_, plain) = post(&server.url("/v1/chat/completions"), &chat_body(2));
+    assert!(plain["choices"][0]["logprobs"].is_null(), "{plain}");
+
+    // What OpenAI refuses, refused with the field named.
+    let url = server.url("/v1/chat/completions");
+    let mut too_many = chat.clone();
+    too_many["top_logprobs"] = json!(21);
+    expect_error(post(&url, &too_many), 400, Some("top_logprobs"));
+    let mut without = chat_body(2);
+    without["top_logprobs"] = json!(2);
+    expect_error(post(&url, &without), 400, Some("top_logprobs"));
+    let mut stops = chat_body(2);
+    stops["stop"] = json!(["a", "b", "c", "d", "e"]);
+    expect_error(post(&url, &stops), 400, Some("stop"));
+}
+
+/// SmolLM2's greedy answer's log-probabilities, served, against mlx-lm's (the golden's `chat` run).
+#[test]
+fn served_log_probabilities_equal_mlx_lm_s() {
+    let Some(model) = common::smollm2("served_log_probabilities_equal_mlx_lm_s") else { return };
+    let golden =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden/smollm2-135m-instruct.json");
+    let golden: Value = serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
+    let run = golden["greedy"].as_array().unwrap().iter().find(|g| g["name"] == "chat").expect("a chat run");
+    let expected: Vec<f64> = run["logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let server = Server::start(&model, &[]);
+    let body = json!({
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": expected.len(), "ignore_eos": true, "logprobs": true, "top_logprobs": 5,
+    });
+    let (status, answer) = post(&server.url("/v1/chat/completions"), &body);
+    assert_eq!(status, 200, "{answer}");
+    let usage = &answer["usage"];
+    assert_eq!(usage["prompt_tokens"].as_u64().unwrap() as usize, run["prompt"].as_array().unwrap().len(), "{usage}");
+    let content = answer["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let got: Vec<f64> = content.iter().map(|e| e["logprob"].as_f64().unwrap()).collect();
+    assert_eq!(got.len(), expected.len());
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert!((g - e).abs() <= 1e-3, "token {i}: ours {g}, mlx-lm {e}");
+    }
+}

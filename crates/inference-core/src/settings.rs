@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+/// The most alternatives a token carries ([`GenerateSettings::top_logprobs`]; OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
 /// Whether each generated token carries the distribution it was sampled from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -63,6 +66,10 @@ pub struct GenerateSettings {
     pub seed: Option<u64>,
     /// Whether tokens carry logits or log-probabilities.
     pub logits: LogitsMode,
+    /// `Some(k)`: each token carries its log-probability, its own text and the `k` most likely
+    /// tokens at its step ([`Token::top_logprobs`](crate::Token::top_logprobs); OpenAI's
+    /// `logprobs` and `top_logprobs`); at most [`MAX_TOP_LOGPROBS`]. `None` (the default): not.
+    pub top_logprobs: Option<usize>,
     /// Keep generating past end-of-sequence tokens until `max_tokens` (for benchmarks and parity
     /// tests). Default false. Explicit stop tokens and strings still apply.
     pub ignore_eos: bool,
@@ -82,6 +89,7 @@ impl Default for GenerateSettings {
             stop_strings: Vec::new(),
             seed: None,
             logits: LogitsMode::None,
+            top_logprobs: None,
             ignore_eos: false,
         }
     }
@@ -116,6 +124,8 @@ impl GenerateSettings {
         seed(seed: u64) = Some(seed);
         /// Sets [`logits`](Self::logits).
         logits(mode: LogitsMode) = mode;
+        /// Sets [`top_logprobs`](Self::top_logprobs).
+        top_logprobs(k: usize) = Some(k);
         /// Sets [`ignore_eos`](Self::ignore_eos).
         ignore_eos(ignore: bool) = ignore;
     }
@@ -161,6 +171,9 @@ impl GenerateSettings {
         }
         if let Some(i) = self.stop_strings.iter().position(String::is_empty) {
             return Err(Error::invalid_setting(format!("stop_strings[{i}]"), "\"\"", "must not be empty"));
+        }
+        if let Some(k) = self.top_logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return Err(Error::invalid_setting("top_logprobs", k, format!("must be at most {MAX_TOP_LOGPROBS}")));
         }
         Ok(())
     }

@@ -24,12 +24,36 @@ pub struct Token {
     /// [`LogitsMode`](crate::LogitsMode) asked), one value per vocabulary entry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logits: Option<Vec<f32>>,
+    /// The token's own text and the most likely tokens at this step, when the settings asked for
+    /// [`top_logprobs`](crate::GenerateSettings::top_logprobs) (OpenAI's `logprobs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<TopLogprobs>,
+}
+
+/// A token's text on its own and the most likely tokens at its step, most likely first.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TopLogprobs {
+    /// The token decoded alone (special tokens included), as OpenAI's `token` field shows it.
+    pub text: String,
+    /// The alternatives, most likely first (the token itself among them when it is one of them).
+    pub top: Vec<TopLogprob>,
+}
+
+/// One of the most likely tokens at a step.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TopLogprob {
+    /// The vocabulary id.
+    pub id: u32,
+    /// The token decoded alone.
+    pub text: String,
+    /// Its log-probability.
+    pub logprob: f32,
 }
 
 impl Token {
     /// A token with no log-probability and no logits.
     pub fn new(id: u32, text: impl Into<String>) -> Self {
-        Self { id, text: text.into(), logprob: None, logits: None }
+        Self { id, text: text.into(), logprob: None, logits: None, top_logprobs: None }
     }
 
     setters! {

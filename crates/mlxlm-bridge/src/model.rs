@@ -262,7 +262,7 @@ fn count_mismatch(what: &str, got: usize, expected: usize) -> Error {
 
 impl TextModel for BridgeModel {
     fn generate(&self, prompt: &str, settings: &GenerateSettings, cancel: CancelToken) -> Result<TokenStream> {
-        settings.validate()?;
+        check(settings)?;
         if prompt.is_empty() {
             return Err(Error::EmptyPrompt);
         }
@@ -271,7 +271,7 @@ impl TextModel for BridgeModel {
     }
 
     fn chat(&self, messages: &[Message], settings: &GenerateSettings, cancel: CancelToken) -> Result<TokenStream> {
-        settings.validate()?;
+        check(settings)?;
         if messages.is_empty() {
             return Err(Error::EmptyPrompt);
         }
@@ -285,7 +285,7 @@ impl TextModel for BridgeModel {
         settings: &GenerateSettings,
         cancel: CancelToken,
     ) -> Result<Vec<ClassifyResult>> {
-        settings.validate()?;
+        check(settings)?;
         if prompts.iter().any(|p| p.is_empty()) {
             return Err(Error::EmptyPrompt);
         }
@@ -316,7 +316,7 @@ impl TextModel for BridgeModel {
         settings: &GenerateSettings,
         cancel: CancelToken,
     ) -> Result<Vec<BatchResult>> {
-        settings.validate()?;
+        check(settings)?;
         self.ensure_open()?;
         let results = self.per_prompt(
             "batch",
@@ -448,9 +448,29 @@ impl fmt::Debug for BridgeModel {
     }
 }
 
+/// The settings checked, and those this backend cannot honour refused by name.
+fn check(settings: &GenerateSettings) -> Result<()> {
+    settings.validate()?;
+    match settings.top_logprobs {
+        Some(k) => Err(Error::invalid_setting(
+            "top_logprobs",
+            k,
+            "the mlx_lm backend does not report the most likely tokens yet (the metal backend does)",
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_this_backend_cannot_honour_are_refused_by_name() {
+        assert!(check(&GenerateSettings::default()).is_ok());
+        let e = check(&GenerateSettings::default().top_logprobs(2)).unwrap_err();
+        assert!(e.to_string().contains("top_logprobs") && e.to_string().contains("mlx_lm"), "{e}");
+    }
 
     #[test]
     fn read_heads_checks_sizes() {

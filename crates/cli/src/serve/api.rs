@@ -73,9 +73,13 @@ pub(crate) struct Sampling {
     stop: Option<OneOrMany>,
     n: Option<u64>,
     ignore_eos: Option<bool>,
-    /// `true` (chat) or a count (completions); only "off" is supported.
+    /// `true` (chat, with `top_logprobs`) or the number of alternatives (completions).
     logprobs: Option<Value>,
+    top_logprobs: Option<u64>,
 }
+
+/// OpenAI's limit on stop sequences.
+const MAX_STOP: usize = 4;
 
 /// The server's limits on what a request may ask for.
 #[derive(Debug, Clone, Copy)]
@@ -121,15 +125,10 @@ impl Sampling {
                 ));
             }
         }
-        let wants_logprobs = match &self.logprobs {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-            Some(Value::Number(n)) => n.as_f64() != Some(0.0),
-            Some(_) => true,
-        };
-        if wants_logprobs {
-            return Err(ApiError::invalid(Some("logprobs"), "invalid_value", "logprobs are not supported yet"));
-        }
         let mut s = GenerateSettings::new().max_tokens(max_tokens);
+        if let Some(k) = self.top_logprobs()? {
+            s = s.top_logprobs(k);
+        }
         if let Some(t) = self.temperature {
             s = s.temperature(t);
         }
@@ -155,13 +154,48 @@ impl Sampling {
             s = s.seed(seed as u64);
         }
         if let Some(stop) = &self.stop {
-            s = s.stop_strings(stop.clone().into_vec());
+            let stop = stop.clone().into_vec();
+            if stop.len() > MAX_STOP {
+                return Err(ApiError::invalid(
+                    Some("stop"),
+                    "invalid_value",
+                    format!("stop holds {} sequences: at most {MAX_STOP} are allowed", stop.len()),
+                ));
+            }
+            s = s.stop_strings(stop);
         }
         if let Some(ignore) = self.ignore_eos {
             s = s.ignore_eos(ignore);
         }
         s.validate()?;
         Ok(s)
+    }
+}
+
+impl Sampling {
+    /// How many alternatives each token carries: `logprobs: true` with `top_logprobs` (chat), or
+    /// `logprobs: N` (completions); `None` when log-probabilities are not asked for.
+    fn top_logprobs(&self) -> Result<Option<usize>, ApiError> {
+        let bad = |param: &str, message: String| ApiError::invalid(Some(param), "invalid_value", message);
+        let asked = match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+            Some(Value::Bool(true)) => Some(self.top_logprobs.unwrap_or(0)),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(k) => Some(k),
+                None => return Err(bad("logprobs", format!("logprobs = {n}: must be true, false or a count >= 0"))),
+            },
+            Some(other) => return Err(bad("logprobs", format!("logprobs = {other}: must be true, false or a count"))),
+        };
+        if asked.is_none() && self.top_logprobs.is_some_and(|k| k > 0) {
+            return Err(bad("top_logprobs", "top_logprobs needs logprobs = true".to_owned()));
+        }
+        match asked {
+            Some(k) if k > inference_core::MAX_TOP_LOGPROBS as u64 => Err(bad(
+                if self.top_logprobs.is_some() { "top_logprobs" } else { "logprobs" },
+                format!("{k} alternatives: at most {} are allowed", inference_core::MAX_TOP_LOGPROBS),
+            )),
+            other => Ok(other.map(|k| k as usize)),
+        }
     }
 }
 
@@ -302,26 +336,39 @@ pub(crate) struct Head {
     pub(crate) model: String,
 }
 
-/// A whole `chat.completion`.
-pub(crate) fn chat_completion(head: &Head, text: &str, finish: &str, usage: Value) -> Value {
+/// A whole `chat.completion`; `logprobs` as [`super::logprobs::chat`] makes it (or null).
+pub(crate) fn chat_completion(head: &Head, text: &str, finish: &str, usage: Value, logprobs: Value) -> Value {
     let message = json!({ "role": "assistant", "content": text });
-    let choices = json!([{ "index": 0, "message": message, "logprobs": null, "finish_reason": finish }]);
+    let choices = json!([{ "index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish }]);
     response(head, "chat.completion", choices, Some(usage))
 }
 
-/// One `chat.completion.chunk`: a delta, or (with `choices` empty) the usage.
-pub(crate) fn chat_chunk(head: &Head, delta: Option<Value>, finish: Option<&str>, usage: Option<Value>) -> Value {
+/// One `chat.completion.chunk`: a delta (with its tokens' `logprobs`, or null), or (with
+/// `choices` empty) the usage.
+pub(crate) fn chat_chunk(
+    head: &Head,
+    delta: Option<Value>,
+    finish: Option<&str>,
+    usage: Option<Value>,
+    logprobs: Value,
+) -> Value {
     let choices = match delta {
-        Some(delta) => json!([{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }]),
+        Some(delta) => json!([{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }]),
         None => json!([]),
     };
     response(head, "chat.completion.chunk", choices, usage)
 }
 
-/// A whole `text_completion`, or (streaming) one piece of it.
-pub(crate) fn text_completion(head: &Head, text: Option<&str>, finish: Option<&str>, usage: Option<Value>) -> Value {
+/// A whole `text_completion`, or (streaming) one piece of it, with its tokens' `logprobs` (or null).
+pub(crate) fn text_completion(
+    head: &Head,
+    text: Option<&str>,
+    finish: Option<&str>,
+    usage: Option<Value>,
+    logprobs: Value,
+) -> Value {
     let choices = match text {
-        Some(text) => json!([{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }]),
+        Some(text) => json!([{ "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish }]),
         None => json!([]),
     };
     response(head, "text_completion", choices, usage)
@@ -378,9 +425,19 @@ mod tests {
         assert_eq!(param(r#"{"temperature": "hot"}"#).as_deref(), Some("temperature"));
         assert_eq!(param(r#"{"stop": [""]}"#).as_deref(), Some("stop"));
         assert_eq!(param(r#"{"frequency_penalty": 0.5}"#).as_deref(), Some("frequency_penalty"));
-        assert_eq!(param(r#"{"logprobs": true}"#).as_deref(), Some("logprobs"));
-        assert_eq!(param(r#"{"logprobs": 3}"#).as_deref(), Some("logprobs"));
-        assert!(sampling(r#"{"logprobs": false}"#).is_ok() && sampling(r#"{"logprobs": 0}"#).is_ok());
+        assert_eq!(param(r#"{"logprobs": "yes"}"#).as_deref(), Some("logprobs"));
+        assert_eq!(param(r#"{"logprobs": -1}"#).as_deref(), Some("logprobs"));
+        assert_eq!(param(r#"{"logprobs": 21}"#).as_deref(), Some("logprobs"));
+        assert_eq!(param(r#"{"logprobs": true, "top_logprobs": 21}"#).as_deref(), Some("top_logprobs"));
+        assert_eq!(param(r#"{"top_logprobs": 2}"#).as_deref(), Some("top_logprobs"));
+        assert_eq!(param(r#"{"stop": ["a", "b", "c", "d", "e"]}"#).as_deref(), Some("stop"));
+        let top = |json: &str| sampling(json).unwrap().top_logprobs;
+        assert_eq!(top(r#"{"logprobs": false}"#), None);
+        assert_eq!(top(r#"{"logprobs": false, "top_logprobs": 0}"#), None);
+        assert_eq!(top(r#"{"logprobs": true}"#), Some(0));
+        assert_eq!(top(r#"{"logprobs": true, "top_logprobs": 5}"#), Some(5));
+        assert_eq!(top(r#"{"logprobs": 0}"#), Some(0), "completions: the chosen token's only");
+        assert_eq!(top(r#"{"logprobs": 3}"#), Some(3));
         let e = sampling(r#"{"temperature": "hot"}"#).unwrap_err();
         assert!(e.message.starts_with("invalid field temperature: invalid type: string \"hot\""), "{}", e.message);
         let e = sampling(r#"{"max_tokens": 101}"#).unwrap_err();
@@ -438,16 +495,16 @@ mod tests {
     #[test]
     fn responses_have_openais_shape() {
         let head = Head { id: "chatcmpl-1".into(), created: 7, model: "m".into() };
-        let v = chat_completion(&head, "hi", "stop", usage(3, 0, 1));
+        let v = chat_completion(&head, "hi", "stop", usage(3, 0, 1), Value::Null);
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["choices"][0]["message"]["content"], "hi");
         assert_eq!(v["usage"]["total_tokens"], 4);
-        let c = chat_chunk(&head, Some(json!({"content": "x"})), None, None);
+        let c = chat_chunk(&head, Some(json!({"content": "x"})), None, None, Value::Null);
         assert_eq!(c["object"], "chat.completion.chunk");
         assert!(c["choices"][0]["finish_reason"].is_null());
-        let u = chat_chunk(&head, None, None, Some(usage(1, 0, 2)));
+        let u = chat_chunk(&head, None, None, Some(usage(1, 0, 2)), Value::Null);
         assert_eq!(u["choices"], json!([]));
-        let t = text_completion(&head, Some("x"), Some("length"), None);
+        let t = text_completion(&head, Some("x"), Some("length"), None, Value::Null);
         assert_eq!(
             (t["object"].as_str(), t["choices"][0]["finish_reason"].as_str()),
             (Some("text_completion"), Some("length"))

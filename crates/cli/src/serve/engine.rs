@@ -29,8 +29,8 @@ pub(crate) enum Prompt {
 /// What a generation sends to its handler.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// The next piece of text.
-    Token(String),
+    /// The next token (its text, and its scores when asked for).
+    Token(inference_core::Token),
     /// The end.
     Done(Outcome),
     /// The engine failed part-way (the last event).
@@ -262,7 +262,7 @@ impl Engine {
                     histogram.observe((now - last).as_secs_f64());
                     last = now;
                     generated += 1;
-                    if tx.blocking_send(Event::Token(token.text)).is_err() {
+                    if tx.blocking_send(Event::Token(token)).is_err() {
                         cancelled = true;
                         break;
                     }

@@ -14,6 +14,7 @@ mod access;
 mod api;
 mod engine;
 mod error;
+mod logprobs;
 mod metrics;
 
 use std::convert::Infallible;
@@ -277,10 +278,7 @@ async fn chat_completions(
     let request: Parsed<api::ChatRequest> = parse_request(&state, body)?;
     let messages = request.own.messages()?;
     let prompt = Prompt::Chat(messages);
-    respond(&state, &request.common, prompt, request.settings, "chatcmpl", Kind::Chat, |head, text, finish, usage| {
-        api::chat_completion(head, text, finish, usage)
-    })
-    .await
+    respond(&state, &request.common, prompt, request.settings, "chatcmpl", Kind::Chat).await
 }
 
 async fn completions(
@@ -289,15 +287,11 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let request: Parsed<api::CompletionRequest> = parse_request(&state, body)?;
     let prompt = Prompt::Text(request.own.prompt()?);
-    respond(&state, &request.common, prompt, request.settings, "cmpl", Kind::Text, |head, text, finish, usage| {
-        api::text_completion(head, Some(text), Some(finish), Some(usage))
-    })
-    .await
+    respond(&state, &request.common, prompt, request.settings, "cmpl", Kind::Text).await
 }
 
 /// Starts `prompt` and answers with a stream of `kind` chunks or, when the request does not
-/// stream, with the whole completion that `whole` makes of the head, the text, the finish reason
-/// and the usage. New ids start with `id_prefix`.
+/// stream, with the whole completion. New ids start with `id_prefix`.
 async fn respond(
     state: &AppState,
     common: &Common,
@@ -305,26 +299,32 @@ async fn respond(
     settings: inference_core::GenerateSettings,
     id_prefix: &str,
     kind: Kind,
-    whole: impl FnOnce(&api::Head, &str, &str, Value) -> Value,
 ) -> Result<Response, ApiError> {
     let generation = state.engine.start(prompt, settings).await?;
     let head = state.head(id_prefix);
     if common.streaming() {
-        Ok(stream_response(generation, head, kind, common.include_usage()))
-    } else {
-        let (text, outcome) = collect(generation).await?;
-        let usage = api::usage(outcome.prompt_tokens, outcome.cached_tokens, outcome.completion_tokens);
-        Ok(Json(whole(&head, &text, outcome.finish_reason, usage)).into_response())
+        return Ok(stream_response(generation, head, kind, common.include_usage()));
     }
+    let (text, tokens, outcome) = collect(generation).await?;
+    let usage = api::usage(outcome.prompt_tokens, outcome.cached_tokens, outcome.completion_tokens);
+    let finish = outcome.finish_reason;
+    Ok(Json(match kind {
+        Kind::Chat => api::chat_completion(&head, &text, finish, usage, logprobs::chat(&tokens)),
+        Kind::Text => api::text_completion(&head, Some(&text), Some(finish), Some(usage), logprobs::text(&tokens, 0)),
+    })
+    .into_response())
 }
 
-/// Reads a generation to the end.
-async fn collect(mut generation: Generation) -> Result<(String, Outcome), ApiError> {
-    let mut text = String::new();
+/// Reads a generation to the end: its text, its tokens and how it ended.
+async fn collect(mut generation: Generation) -> Result<(String, Vec<inference_core::Token>, Outcome), ApiError> {
+    let (mut text, mut tokens) = (String::new(), Vec::new());
     loop {
         match generation.next().await {
-            Some(Event::Token(t)) => text.push_str(&t),
-            Some(Event::Done(outcome)) => return Ok((text, outcome)),
+            Some(Event::Token(t)) => {
+                text.push_str(&t.text);
+                tokens.push(t);
+            }
+            Some(Event::Done(outcome)) => return Ok((text, tokens, outcome)),
             Some(Event::Failed(e)) => return Err(e.into()),
             None => return Err(ApiError::unavailable("the generation was cancelled: the server is shutting down")),
         }
@@ -345,10 +345,15 @@ fn stream_response(mut generation: Generation, head: Head, kind: Kind, include_u
     tokio::spawn(async move {
         let data = |v: Value| Ok(SseEvent::default().data(v.to_string()));
         let usage_field = |u: Value| if include_usage { Some(u) } else { None };
+        let null = || Value::Null;
         let first = match kind {
-            Kind::Chat => Some(api::chat_chunk(&head, Some(json!({"role": "assistant", "content": ""})), None, None)),
+            Kind::Chat => {
+                Some(api::chat_chunk(&head, Some(json!({"role": "assistant", "content": ""})), None, None, null()))
+            }
             Kind::Text => None,
         };
+        // Characters of the completion sent so far (the completions endpoint's `text_offset`).
+        let mut offset = 0;
         if let Some(first) = first
             && tx.send(data(first)).await.is_err()
         {
@@ -360,22 +365,33 @@ fn stream_response(mut generation: Generation, head: Head, kind: Kind, include_u
                 () = tx.closed() => return,
             };
             let chunks = match event {
-                Some(Event::Token(text)) => vec![match kind {
-                    Kind::Chat => api::chat_chunk(&head, Some(json!({ "content": text })), None, None),
-                    Kind::Text => api::text_completion(&head, Some(&text), None, None),
-                }],
+                Some(Event::Token(token)) => {
+                    let tokens = std::slice::from_ref(&token);
+                    let chunk = match kind {
+                        Kind::Chat => {
+                            let lp = logprobs::chat(tokens);
+                            api::chat_chunk(&head, Some(json!({ "content": token.text })), None, None, lp)
+                        }
+                        Kind::Text => {
+                            let lp = logprobs::text(tokens, offset);
+                            api::text_completion(&head, Some(&token.text), None, None, lp)
+                        }
+                    };
+                    offset += token.text.chars().count();
+                    vec![chunk]
+                }
                 Some(Event::Done(outcome)) => {
                     let finish = Some(outcome.finish_reason);
                     let mut chunks = vec![match kind {
-                        Kind::Chat => api::chat_chunk(&head, Some(json!({})), finish, None),
-                        Kind::Text => api::text_completion(&head, Some(""), finish, None),
+                        Kind::Chat => api::chat_chunk(&head, Some(json!({})), finish, None, null()),
+                        Kind::Text => api::text_completion(&head, Some(""), finish, None, null()),
                     }];
                     if let Some(usage) =
                         usage_field(api::usage(outcome.prompt_tokens, outcome.cached_tokens, outcome.completion_tokens))
                     {
                         chunks.push(match kind {
-                            Kind::Chat => api::chat_chunk(&head, None, None, Some(usage)),
-                            Kind::Text => api::text_completion(&head, None, None, Some(usage)),
+                            Kind::Chat => api::chat_chunk(&head, None, None, Some(usage), null()),
+                            Kind::Text => api::text_completion(&head, None, None, Some(usage), null()),
                         });
                     }
                     for chunk in chunks {

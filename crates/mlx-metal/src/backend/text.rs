@@ -5,24 +5,56 @@
 
 use std::ops::ControlFlow;
 
-use inference_core::{GenerateSettings, LogitsMode, Token};
+use inference_core::{GenerateSettings, LogitsMode, Token, TopLogprob, TopLogprobs};
 use mlx::{Array, Error, ops};
 
 use crate::generate::Step;
 use crate::tokenizer::{StopMatcher, StreamDecoder, Tokenizer};
 
-/// Attaches the requested log-probabilities or logits to a token.
-pub(super) fn with_scores(mut token: Token, step: &Step<'_>, mode: LogitsMode) -> Result<Token, Error> {
-    if mode == LogitsMode::None {
+/// Attaches the requested log-probabilities, logits and most likely
+/// alternatives to a token. The log-probabilities are those the row was
+/// sampled from (after any repetition penalty, before temperature), as
+/// mlx-lm's are.
+pub(super) fn with_scores(
+    mut token: Token,
+    step: &Step<'_>,
+    settings: &GenerateSettings,
+    tokenizer: &Tokenizer,
+) -> Result<Token, Error> {
+    let mode = settings.logits;
+    if mode == LogitsMode::None && settings.top_logprobs.is_none() {
         return Ok(token);
     }
     let idx = Array::scalar(step.id as i32);
     token.logprob = Some(ops::take(step.logprobs, &idx, 0)?.to_vec_f32()?[0]);
-    token.logits = Some(match mode {
-        LogitsMode::Logits => step.logits.to_vec_f32()?,
-        _ => step.logprobs.to_vec_f32()?,
-    });
+    if mode != LogitsMode::None {
+        token.logits = Some(match mode {
+            LogitsMode::Logits => step.logits.to_vec_f32()?,
+            _ => step.logprobs.to_vec_f32()?,
+        });
+    }
+    if let Some(k) = settings.top_logprobs {
+        token.top_logprobs = Some(top_logprobs(step, k, tokenizer)?);
+    }
     Ok(token)
+}
+
+/// The token's own text and the `k` most likely tokens at its step.
+fn top_logprobs(step: &Step<'_>, k: usize, tokenizer: &Tokenizer) -> Result<TopLogprobs, Error> {
+    let vocab = step.logprobs.dim(-1)? as usize;
+    let k = k.min(vocab);
+    let mut top = Vec::with_capacity(k);
+    if k > 0 {
+        // The k largest, unordered, then ordered here (k is small).
+        let negated = ops::negative(step.logprobs)?;
+        let ids = ops::slice_axis(&ops::argpartition(&negated, (k - 1) as i32, -1)?, -1, 0, k as i32)?;
+        let values = ops::take(step.logprobs, &ids, -1)?.to_vec_f32()?;
+        for (id, logprob) in crate::batch::read_ids("top_logprobs", &ids)?.into_iter().zip(values) {
+            top.push(TopLogprob { id, text: tokenizer.decode(&[id], false)?, logprob });
+        }
+        top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob).then(a.id.cmp(&b.id)));
+    }
+    Ok(TopLogprobs { text: tokenizer.decode(&[step.id], false)?, top })
 }
 
 /// Turns a model's tokens into the tokens a caller sees: stops at EOS and
@@ -60,7 +92,7 @@ impl TextOut {
         }
         let piece = self.decoder.push(id)?;
         let chunk = self.stops.push(&piece);
-        let token = with_scores(Token::new(id, chunk.text), step, self.settings.logits)?;
+        let token = with_scores(Token::new(id, chunk.text), step, &self.settings, &self.tokenizer)?;
         // A token whose text may still grow (held stop-string prefix or an
         // unfinished character) waits until the next token or the end.
         if let Some(prev) = self.held.take()
@@ -89,7 +121,7 @@ impl TextOut {
         send: &mut impl FnMut(Token) -> bool,
     ) -> Result<ControlFlow<()>, Error> {
         let text = self.tokenizer.decode(&[step.id], true)?;
-        send(with_scores(Token::new(step.id, text), step, self.settings.logits)?);
+        send(with_scores(Token::new(step.id, text), step, &self.settings, &self.tokenizer)?);
         Ok(ControlFlow::Break(()))
     }
 
