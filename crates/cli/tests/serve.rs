@@ -642,3 +642,37 @@ fn served_log_probabilities_equal_mlx_lm_s() {
         assert!((g - e).abs() <= 1e-3, "token {i}: ours {g}, mlx-lm {e}");
     }
 }
+
+#[test]
+fn the_anthropic_python_package_talks_to_the_messages_api() {
+    let test = "the_anthropic_python_package_talks_to_the_messages_api";
+    let server = Server::start(&tiny(MODEL), &["--api-key", "sk-ant-test"]);
+    // Without the SDK: the whole answer's shape, and Anthropic's error shape.
+    let url = server.url("/v1/messages");
+    let key = ("x-api-key", "sk-ant-test");
+    let body = json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hello there"}]});
+    let (status, answer) = send(&url, "POST", &[key, ("content-type", "application/json")], Some(&body.to_string()));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!((answer["type"].as_str(), answer["role"].as_str()), (Some("message"), Some("assistant")));
+    assert!(answer["usage"]["output_tokens"].as_u64().is_some_and(|n| (1..=4).contains(&n)), "{answer}");
+    let (status, error) = send(&url, "POST", &[key, ("content-type", "application/json")], Some("{\"messages\": []}"));
+    assert_eq!(status, 400);
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+
+    let Some(python) = std::env::var_os("MLXR_PYTHON").filter(|v| !v.is_empty()) else {
+        common::skip(test, "MLXR_PYTHON is not set (cargo xtask test sets it to the fixtures virtualenv)");
+        return;
+    };
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/anthropic_client.py");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .args(["--base-url", &server.url(""), "--model", MODEL, "--key", "sk-ant-test"])
+        .output()
+        .expect("running the anthropic client script");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    for check in ["message: ok", "stream: ok", "bad request: ok", "wrong key: ok"] {
+        assert!(stdout.lines().any(|l| l == check), "{check} missing:\n{stdout}");
+    }
+}

@@ -5,7 +5,7 @@
 //!   address, a request must name `localhost`, a loopback address or the bound address as its
 //!   Host (a web page on a name that resolves to 127.0.0.1 — DNS rebinding — gets 403);
 //! - the API key (`--api-key` or `MLXR_API_KEY`), when there is one, as `Authorization: Bearer
-//!   KEY` on every route but `GET /health` (401 otherwise);
+//!   KEY` (or Anthropic's `x-api-key: KEY`) on every route but `GET /health` (401 otherwise);
 //! - JSON bodies only: a POST must say `Content-Type: application/json` (415 otherwise), so a
 //!   page's cross-origin form or `text/plain` fetch cannot reach a handler without the browser's
 //!   preflight.
@@ -49,7 +49,12 @@ impl Access {
         }
         let open = request.method() == Method::GET && request.uri().path() == "/health";
         if let (Some(key), false) = (&self.key, open) {
-            let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
+            // OpenAI's clients send a bearer token; Anthropic's send `x-api-key`.
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(bearer)
+                .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim));
             if !given.is_some_and(|g| same(g.as_bytes(), key.as_bytes())) {
                 return Err(ApiError::unauthorised());
             }

@@ -1,16 +1,18 @@
 // SPDX-License-Identifier: EUPL-1.2
-//! `mlxr serve`: an OpenAI-compatible HTTP server for one loaded model.
+//! `mlxr serve`: an OpenAI-compatible HTTP server for one loaded model (and Anthropic's Messages API).
 //!
 //! Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (whole answers, or
-//! server-sent events with `"stream": true`), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`
-//! and `GET /metrics` (Prometheus's text format, `metrics.rs`). Every request passes `access.rs` first (the API key, JSON bodies only, a local
-//! Host while listening on loopback). Every error is OpenAI's `{"error": {...}}` with a 4xx or 5xx
+//! server-sent events with `"stream": true`), `POST /v1/messages` (Anthropic's, `anthropic.rs`),
+//! `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` and `GET /metrics` (Prometheus's text
+//! format, `metrics.rs`). Every request passes `access.rs` first (the API key, JSON bodies only, a
+//! local Host while listening on loopback). Every error is OpenAI's `{"error": {...}}` with a 4xx or 5xx
 //! status; an engine failure's details go to the log, not to the client. The
 //! address it listens on is printed on standard output as `listening on http://ADDR` once it is
 //! ready. Ctrl-C (or SIGTERM) stops accepting, cancels running generations and closes the model.
 //! With `--tensor-parallel N` only rank 0 serves (see [`crate::tensor_parallel`]).
 
 mod access;
+mod anthropic;
 mod api;
 mod engine;
 mod error;
@@ -137,6 +139,7 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/messages", post(messages))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/health", get(health))
@@ -288,6 +291,67 @@ async fn completions(
     let request: Parsed<api::CompletionRequest> = parse_request(&state, body)?;
     let prompt = Prompt::Text(request.own.prompt()?);
     respond(&state, &request.common, prompt, request.settings, "cmpl", Kind::Text).await
+}
+
+/// Anthropic's Messages API (see `anthropic.rs`).
+async fn messages(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, anthropic::AnthropicError> {
+    let body = body_of(&state, body)?;
+    let (request, _) = api::parse::<anthropic::MessagesRequest>(&body)?;
+    state.check_model(&Common { model: request.model.clone(), ..Common::default() })?;
+    let conversation = request.messages()?;
+    let settings = request.settings(state.limits)?;
+    let generation = state.engine.start(Prompt::Chat(conversation), settings).await?;
+    let head = state.head("msg");
+    if request.stream {
+        return Ok(anthropic_stream(generation, head));
+    }
+    let (text, _, outcome) = collect(generation).await?;
+    let (input, output, cached) = (outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens);
+    Ok(Json(anthropic::message(&head, &text, outcome.finish_reason, input, output, cached)).into_response())
+}
+
+/// A message as Anthropic's named server-sent events.
+fn anthropic_stream(mut generation: Generation, head: Head) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(16);
+    tokio::spawn(async move {
+        let event = |(name, data): (&'static str, Value)| Ok(SseEvent::default().event(name).data(data.to_string()));
+        for e in anthropic::opening(&head) {
+            if tx.send(event(e)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let next = tokio::select! {
+                next = generation.next() => next,
+                () = tx.closed() => return,
+            };
+            let events: Vec<(&'static str, Value)> = match next {
+                Some(Event::Token(token)) if token.text.is_empty() => continue,
+                Some(Event::Token(token)) => vec![anthropic::delta(&token.text)],
+                Some(Event::Done(o)) => {
+                    anthropic::closing(o.finish_reason, o.prompt_tokens, o.completion_tokens, o.cached_tokens).into()
+                }
+                Some(Event::Failed(e)) => vec![("error", anthropic::AnthropicError(ApiError::from(e)).body())],
+                None => {
+                    let e = ApiError::unavailable("the server is shutting down");
+                    vec![("error", anthropic::AnthropicError(e).body())]
+                }
+            };
+            let last = events.iter().any(|(name, _)| matches!(*name, "message_stop" | "error"));
+            for e in events {
+                if tx.send(event(e)).await.is_err() {
+                    return;
+                }
+            }
+            if last {
+                return;
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(rx)).into_response()
 }
 
 /// Starts `prompt` and answers with a stream of `kind` chunks or, when the request does not
