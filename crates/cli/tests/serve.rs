@@ -139,7 +139,7 @@ fn malformed_requests_get_clear_4xx_errors() {
     let msg = expect_error(bad(json!({"temperature": -0.5})), 400, Some("temperature"));
     assert!(msg.contains("temperature = -0.5"), "{msg}");
     expect_error(bad(json!({"top_p": 1.5})), 400, Some("top_p"));
-    expect_error(bad(json!({"n": 3})), 400, Some("n"));
+    expect_error(bad(json!({"n": 17})), 400, Some("n"));
     let msg = expect_error(bad(json!({"max_tokens": 65})), 400, Some("max_tokens"));
     assert_eq!(msg, "max_tokens = 65 is more than this server's limit of 64");
     expect_error(bad(json!({"max_completion_tokens": 100})), 400, Some("max_completion_tokens"));
@@ -675,4 +675,57 @@ fn the_anthropic_python_package_talks_to_the_messages_api() {
     for check in ["message: ok", "stream: ok", "bad request: ok", "wrong key: ok"] {
         assert!(stdout.lines().any(|l| l == check), "{check} missing:\n{stdout}");
     }
+}
+
+#[test]
+fn several_choices_decode_together_whole_and_streamed() {
+    let server = Server::start(&tiny(MODEL), &[]);
+    let url = server.url("/v1/chat/completions");
+    // Seeded sampling: each choice draws with its own seed (seed + index), so they repeat.
+    let mut body = chat_body(6);
+    body["n"] = json!(3);
+    body["temperature"] = json!(1.0);
+    body["seed"] = json!(7);
+    body["ignore_eos"] = json!(true);
+    let (status, whole) = post(&url, &body);
+    assert_eq!(status, 200, "{whole}");
+    let choices = whole["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let texts: Vec<&str> = choices.iter().map(|c| c["message"]["content"].as_str().unwrap()).collect();
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i, "{c}");
+    }
+    assert_eq!(whole["usage"]["completion_tokens"], 18, "{}", whole["usage"]);
+    // Choice i equals a single request seeded seed + i.
+    for (i, text) in texts.iter().enumerate() {
+        let mut one = chat_body(6);
+        one["temperature"] = json!(1.0);
+        one["seed"] = json!(7 + i);
+        one["ignore_eos"] = json!(true);
+        let (_, alone) = post(&url, &one);
+        assert_eq!(alone["choices"][0]["message"]["content"].as_str().unwrap(), *text, "choice {i}");
+    }
+    // Streamed: each chunk names its choice; each choice gets its finish reason; the usage last.
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let (status, events) = post_stream(&url, &body);
+    assert_eq!(status, 200);
+    let (_, chunks, done) = read_stream(events);
+    assert!(done);
+    let mut streamed = vec![String::new(); 3];
+    let mut finished = [false; 3];
+    for c in &chunks {
+        for choice in c["choices"].as_array().unwrap() {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            streamed[i].push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+            finished[i] |= choice["finish_reason"].is_string();
+        }
+    }
+    assert_eq!(streamed, texts, "streamed choices equal the whole answer's");
+    assert!(finished.iter().all(|&f| f));
+    let usage = &chunks.last().unwrap()["usage"];
+    for field in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(usage[field], whole["usage"][field], "{usage}");
+    }
+    expect_error(post(&url, &json!({"messages": [{"role": "user", "content": "x"}], "n": 17})), 400, Some("n"));
 }

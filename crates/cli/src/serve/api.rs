@@ -81,6 +81,9 @@ pub(crate) struct Sampling {
 /// OpenAI's limit on stop sequences.
 const MAX_STOP: usize = 4;
 
+/// The most choices (`n`) one request may ask for.
+pub(crate) const MAX_CHOICES: u64 = 16;
+
 /// The server's limits on what a request may ask for.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -107,11 +110,7 @@ impl Sampling {
             Some(n) => n as usize,
             None => limits.default_max_tokens.min(limits.max_tokens),
         };
-        if let Some(n) = self.n
-            && n != 1
-        {
-            return Err(ApiError::invalid(Some("n"), "invalid_value", format!("n = {n}: only n = 1 is supported")));
-        }
+        self.choices()?;
         for (name, value) in
             [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)]
         {
@@ -173,6 +172,19 @@ impl Sampling {
 }
 
 impl Sampling {
+    /// How many choices the request asks for (`n`, 1 by default).
+    pub(crate) fn choices(&self) -> Result<usize, ApiError> {
+        match self.n {
+            None => Ok(1),
+            Some(n) if (1..=MAX_CHOICES).contains(&n) => Ok(n as usize),
+            Some(n) => Err(ApiError::invalid(
+                Some("n"),
+                "invalid_value",
+                format!("n = {n}: must be between 1 and {MAX_CHOICES}"),
+            )),
+        }
+    }
+
     /// How many alternatives each token carries: `logprobs: true` with `top_logprobs` (chat), or
     /// `logprobs: N` (completions); `None` when log-probabilities are not asked for.
     fn top_logprobs(&self) -> Result<Option<usize>, ApiError> {
@@ -336,42 +348,36 @@ pub(crate) struct Head {
     pub(crate) model: String,
 }
 
-/// A whole `chat.completion`; `logprobs` as [`super::logprobs::chat`] makes it (or null).
-pub(crate) fn chat_completion(head: &Head, text: &str, finish: &str, usage: Value, logprobs: Value) -> Value {
+/// One choice of a whole `chat.completion`; `logprobs` as [`super::logprobs::chat`] makes it (or null).
+pub(crate) fn chat_choice(index: usize, text: &str, finish: &str, logprobs: Value) -> Value {
     let message = json!({ "role": "assistant", "content": text });
-    let choices = json!([{ "index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish }]);
-    response(head, "chat.completion", choices, Some(usage))
+    json!({ "index": index, "message": message, "logprobs": logprobs, "finish_reason": finish })
 }
 
-/// One `chat.completion.chunk`: a delta (with its tokens' `logprobs`, or null), or (with
-/// `choices` empty) the usage.
-pub(crate) fn chat_chunk(
-    head: &Head,
-    delta: Option<Value>,
-    finish: Option<&str>,
-    usage: Option<Value>,
-    logprobs: Value,
-) -> Value {
-    let choices = match delta {
-        Some(delta) => json!([{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }]),
-        None => json!([]),
-    };
-    response(head, "chat.completion.chunk", choices, usage)
+/// A whole `chat.completion` of `choices`.
+pub(crate) fn chat_completion(head: &Head, choices: Vec<Value>, usage: Value) -> Value {
+    response(head, "chat.completion", Value::Array(choices), Some(usage))
 }
 
-/// A whole `text_completion`, or (streaming) one piece of it, with its tokens' `logprobs` (or null).
-pub(crate) fn text_completion(
-    head: &Head,
-    text: Option<&str>,
-    finish: Option<&str>,
-    usage: Option<Value>,
-    logprobs: Value,
-) -> Value {
-    let choices = match text {
-        Some(text) => json!([{ "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish }]),
-        None => json!([]),
-    };
-    response(head, "text_completion", choices, usage)
+/// One choice's delta in a `chat.completion.chunk`, with its tokens' `logprobs` (or null).
+pub(crate) fn chat_delta(index: usize, delta: Value, finish: Option<&str>, logprobs: Value) -> Value {
+    json!({ "index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
+}
+
+/// One `chat.completion.chunk`: deltas, or (with `choices` empty) the usage.
+pub(crate) fn chat_chunk(head: &Head, choices: Vec<Value>, usage: Option<Value>) -> Value {
+    response(head, "chat.completion.chunk", Value::Array(choices), usage)
+}
+
+/// One choice of a `text_completion` (or a piece of it, streaming), with its tokens' `logprobs`
+/// (or null).
+pub(crate) fn text_choice(index: usize, text: &str, finish: Option<&str>, logprobs: Value) -> Value {
+    json!({ "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish })
+}
+
+/// A whole `text_completion`, or (streaming) one piece of it, or (with `choices` empty) the usage.
+pub(crate) fn text_completion(head: &Head, choices: Vec<Value>, usage: Option<Value>) -> Value {
+    response(head, "text_completion", Value::Array(choices), usage)
 }
 
 /// A response object of type `object`: the head's fields around `choices` and `usage`.
@@ -418,7 +424,8 @@ mod tests {
         assert_eq!(param(r#"{"temperature": -1}"#).as_deref(), Some("temperature"));
         assert_eq!(param(r#"{"top_p": 1.5}"#).as_deref(), Some("top_p"));
         assert_eq!(param(r#"{"top_k": -2}"#).as_deref(), Some("top_k"));
-        assert_eq!(param(r#"{"n": 2}"#).as_deref(), Some("n"));
+        assert_eq!(param(r#"{"n": 0}"#).as_deref(), Some("n"));
+        assert_eq!(param(r#"{"n": 17}"#).as_deref(), Some("n"));
         assert_eq!(param(r#"{"max_tokens": 101}"#).as_deref(), Some("max_tokens"));
         assert_eq!(param(r#"{"max_completion_tokens": 0}"#).as_deref(), Some("max_tokens"));
         assert_eq!(param(r#"{"max_tokens": -1}"#).as_deref(), Some("max_tokens"));
@@ -495,16 +502,16 @@ mod tests {
     #[test]
     fn responses_have_openais_shape() {
         let head = Head { id: "chatcmpl-1".into(), created: 7, model: "m".into() };
-        let v = chat_completion(&head, "hi", "stop", usage(3, 0, 1), Value::Null);
+        let v = chat_completion(&head, vec![chat_choice(0, "hi", "stop", Value::Null)], usage(3, 0, 1));
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["choices"][0]["message"]["content"], "hi");
         assert_eq!(v["usage"]["total_tokens"], 4);
-        let c = chat_chunk(&head, Some(json!({"content": "x"})), None, None, Value::Null);
+        let c = chat_chunk(&head, vec![chat_delta(0, json!({"content": "x"}), None, Value::Null)], None);
         assert_eq!(c["object"], "chat.completion.chunk");
         assert!(c["choices"][0]["finish_reason"].is_null());
-        let u = chat_chunk(&head, None, None, Some(usage(1, 0, 2)), Value::Null);
+        let u = chat_chunk(&head, Vec::new(), Some(usage(1, 0, 2)));
         assert_eq!(u["choices"], json!([]));
-        let t = text_completion(&head, Some("x"), Some("length"), None, Value::Null);
+        let t = text_completion(&head, vec![text_choice(0, "x", Some("length"), Value::Null)], None);
         assert_eq!(
             (t["object"].as_str(), t["choices"][0]["finish_reason"].as_str()),
             (Some("text_completion"), Some("length"))

@@ -251,7 +251,7 @@ impl Engine {
             return;
         }
         let mut generated = 0usize;
-        let mut cancelled = false;
+        let (mut cancelled, mut counted) = (false, false);
         let mut last = arrived;
         loop {
             match stream.next() {
@@ -284,6 +284,9 @@ impl Engine {
                     let outcome = Outcome { prompt_tokens, cached_tokens, completion_tokens: generated, finish_reason };
                     self.metrics.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
                     self.metrics.cached_prompt_tokens.fetch_add(cached_tokens as u64, Ordering::Relaxed);
+                    // Counted before the client hears of the end, so that what it asks next sees it.
+                    self.stats.generated_tokens.fetch_add(generated as u64, Ordering::SeqCst);
+                    counted = true;
                     self.stats.completed.fetch_add(1, Ordering::SeqCst);
                     let _ = tx.blocking_send(Event::Done(outcome));
                     break;
@@ -292,7 +295,9 @@ impl Engine {
         }
         // Stop the backend before the permit goes to the next request.
         drop(stream);
-        self.stats.generated_tokens.fetch_add(generated as u64, Ordering::SeqCst);
+        if !counted {
+            self.stats.generated_tokens.fetch_add(generated as u64, Ordering::SeqCst);
+        }
         if cancelled {
             tracing::info!(generated, "generation cancelled");
             self.stats.cancelled.fetch_add(1, Ordering::SeqCst);

@@ -18,8 +18,8 @@ mod engine;
 mod error;
 mod logprobs;
 mod metrics;
+mod respond;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,15 +31,14 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use tokio_stream::wrappers::ReceiverStream;
 
 use self::api::{Common, Head, Limits};
-use self::engine::{Engine, Event, Generation, Outcome, Prompt, QueueLimits};
+use self::engine::{Engine, Prompt, QueueLimits};
 use self::error::ApiError;
+use self::respond::Kind;
 use crate::args::ServeArgs;
 use crate::failure::{self, Failure};
 
@@ -259,6 +258,15 @@ struct Parsed<T> {
     own: T,
     common: Common,
     settings: inference_core::GenerateSettings,
+    /// How many choices (`n`).
+    choices: usize,
+}
+
+impl<T> Parsed<T> {
+    /// The request without its endpoint's own fields (once they are read).
+    fn without_own(self) -> Parsed<()> {
+        Parsed { own: (), common: self.common, settings: self.settings, choices: self.choices }
+    }
 }
 
 fn parse_request<T: serde::de::DeserializeOwned>(
@@ -271,7 +279,7 @@ fn parse_request<T: serde::de::DeserializeOwned>(
     state.check_model(&common)?;
     let sampling: api::Sampling = api::from_value(&value)?;
     let settings = sampling.settings(state.limits)?;
-    Ok(Parsed { own, common, settings })
+    Ok(Parsed { own, common, settings, choices: sampling.choices()? })
 }
 
 async fn chat_completions(
@@ -279,9 +287,8 @@ async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request: Parsed<api::ChatRequest> = parse_request(&state, body)?;
-    let messages = request.own.messages()?;
-    let prompt = Prompt::Chat(messages);
-    respond(&state, &request.common, prompt, request.settings, "chatcmpl", Kind::Chat).await
+    let prompt = Prompt::Chat(request.own.messages()?);
+    respond(&state, request.without_own(), prompt, "chatcmpl", Kind::Chat).await
 }
 
 async fn completions(
@@ -290,7 +297,7 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let request: Parsed<api::CompletionRequest> = parse_request(&state, body)?;
     let prompt = Prompt::Text(request.own.prompt()?);
-    respond(&state, &request.common, prompt, request.settings, "cmpl", Kind::Text).await
+    respond(&state, request.without_own(), prompt, "cmpl", Kind::Text).await
 }
 
 /// Anthropic's Messages API (see `anthropic.rs`).
@@ -306,183 +313,28 @@ async fn messages(
     let generation = state.engine.start(Prompt::Chat(conversation), settings).await?;
     let head = state.head("msg");
     if request.stream {
-        return Ok(anthropic_stream(generation, head));
+        return Ok(respond::anthropic_stream(generation, head));
     }
-    let (text, _, outcome) = collect(generation).await?;
+    let (text, _, outcome) = respond::collect(generation).await?;
     let (input, output, cached) = (outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens);
     Ok(Json(anthropic::message(&head, &text, outcome.finish_reason, input, output, cached)).into_response())
 }
 
-/// A message as Anthropic's named server-sent events.
-fn anthropic_stream(mut generation: Generation, head: Head) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(16);
-    tokio::spawn(async move {
-        let event = |(name, data): (&'static str, Value)| Ok(SseEvent::default().event(name).data(data.to_string()));
-        for e in anthropic::opening(&head) {
-            if tx.send(event(e)).await.is_err() {
-                return;
-            }
-        }
-        loop {
-            let next = tokio::select! {
-                next = generation.next() => next,
-                () = tx.closed() => return,
-            };
-            let events: Vec<(&'static str, Value)> = match next {
-                Some(Event::Token(token)) if token.text.is_empty() => continue,
-                Some(Event::Token(token)) => vec![anthropic::delta(&token.text)],
-                Some(Event::Done(o)) => {
-                    anthropic::closing(o.finish_reason, o.prompt_tokens, o.completion_tokens, o.cached_tokens).into()
-                }
-                Some(Event::Failed(e)) => vec![("error", anthropic::AnthropicError(ApiError::from(e)).body())],
-                None => {
-                    let e = ApiError::unavailable("the server is shutting down");
-                    vec![("error", anthropic::AnthropicError(e).body())]
-                }
-            };
-            let last = events.iter().any(|(name, _)| matches!(*name, "message_stop" | "error"));
-            for e in events {
-                if tx.send(event(e)).await.is_err() {
-                    return;
-                }
-            }
-            if last {
-                return;
-            }
-        }
-    });
-    Sse::new(ReceiverStream::new(rx)).into_response()
-}
-
-/// Starts `prompt` and answers with a stream of `kind` chunks or, when the request does not
-/// stream, with the whole completion. New ids start with `id_prefix`.
+/// Starts `n` choices of `prompt` and answers with a stream of `kind` chunks or, when the request
+/// does not stream, with the whole completion. New ids start with `id_prefix`.
 async fn respond(
     state: &AppState,
-    common: &Common,
+    request: Parsed<()>,
     prompt: Prompt,
-    settings: inference_core::GenerateSettings,
     id_prefix: &str,
     kind: Kind,
 ) -> Result<Response, ApiError> {
-    let generation = state.engine.start(prompt, settings).await?;
+    let generations = respond::start(&state.engine, &prompt, &request.settings, request.choices).await?;
     let head = state.head(id_prefix);
-    if common.streaming() {
-        return Ok(stream_response(generation, head, kind, common.include_usage()));
+    if request.common.streaming() {
+        return Ok(respond::stream(generations, head, kind, request.common.include_usage()));
     }
-    let (text, tokens, outcome) = collect(generation).await?;
-    let usage = api::usage(outcome.prompt_tokens, outcome.cached_tokens, outcome.completion_tokens);
-    let finish = outcome.finish_reason;
-    Ok(Json(match kind {
-        Kind::Chat => api::chat_completion(&head, &text, finish, usage, logprobs::chat(&tokens)),
-        Kind::Text => api::text_completion(&head, Some(&text), Some(finish), Some(usage), logprobs::text(&tokens, 0)),
-    })
-    .into_response())
-}
-
-/// Reads a generation to the end: its text, its tokens and how it ended.
-async fn collect(mut generation: Generation) -> Result<(String, Vec<inference_core::Token>, Outcome), ApiError> {
-    let (mut text, mut tokens) = (String::new(), Vec::new());
-    loop {
-        match generation.next().await {
-            Some(Event::Token(t)) => {
-                text.push_str(&t.text);
-                tokens.push(t);
-            }
-            Some(Event::Done(outcome)) => return Ok((text, tokens, outcome)),
-            Some(Event::Failed(e)) => return Err(e.into()),
-            None => return Err(ApiError::unavailable("the generation was cancelled: the server is shutting down")),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Chat,
-    Text,
-}
-
-/// The generation as server-sent events, ending with `data: [DONE]`. The events are made by a
-/// task that owns the generation; when the client goes away, axum drops the receiving end, the
-/// task's next send fails, and dropping the generation cancels the engine's work.
-fn stream_response(mut generation: Generation, head: Head, kind: Kind, include_usage: bool) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(16);
-    tokio::spawn(async move {
-        let data = |v: Value| Ok(SseEvent::default().data(v.to_string()));
-        let usage_field = |u: Value| if include_usage { Some(u) } else { None };
-        let null = || Value::Null;
-        let first = match kind {
-            Kind::Chat => {
-                Some(api::chat_chunk(&head, Some(json!({"role": "assistant", "content": ""})), None, None, null()))
-            }
-            Kind::Text => None,
-        };
-        // Characters of the completion sent so far (the completions endpoint's `text_offset`).
-        let mut offset = 0;
-        if let Some(first) = first
-            && tx.send(data(first)).await.is_err()
-        {
-            return;
-        }
-        loop {
-            let event = tokio::select! {
-                event = generation.next() => event,
-                () = tx.closed() => return,
-            };
-            let chunks = match event {
-                Some(Event::Token(token)) => {
-                    let tokens = std::slice::from_ref(&token);
-                    let chunk = match kind {
-                        Kind::Chat => {
-                            let lp = logprobs::chat(tokens);
-                            api::chat_chunk(&head, Some(json!({ "content": token.text })), None, None, lp)
-                        }
-                        Kind::Text => {
-                            let lp = logprobs::text(tokens, offset);
-                            api::text_completion(&head, Some(&token.text), None, None, lp)
-                        }
-                    };
-                    offset += token.text.chars().count();
-                    vec![chunk]
-                }
-                Some(Event::Done(outcome)) => {
-                    let finish = Some(outcome.finish_reason);
-                    let mut chunks = vec![match kind {
-                        Kind::Chat => api::chat_chunk(&head, Some(json!({})), finish, None, null()),
-                        Kind::Text => api::text_completion(&head, Some(""), finish, None, null()),
-                    }];
-                    if let Some(usage) =
-                        usage_field(api::usage(outcome.prompt_tokens, outcome.cached_tokens, outcome.completion_tokens))
-                    {
-                        chunks.push(match kind {
-                            Kind::Chat => api::chat_chunk(&head, None, None, Some(usage), null()),
-                            Kind::Text => api::text_completion(&head, None, None, Some(usage), null()),
-                        });
-                    }
-                    for chunk in chunks {
-                        if tx.send(data(chunk)).await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
-                    return;
-                }
-                Some(Event::Failed(e)) => {
-                    let _ = tx.send(data(ApiError::from(e).body())).await;
-                    return;
-                }
-                None => {
-                    let _ = tx.send(data(ApiError::unavailable("the server is shutting down").body())).await;
-                    return;
-                }
-            };
-            for chunk in chunks {
-                if tx.send(data(chunk)).await.is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    Sse::new(ReceiverStream::new(rx)).into_response()
+    respond::whole(generations, &head, kind).await
 }
 
 #[cfg(test)]

@@ -1,0 +1,231 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! Answers: a request's generations (one per choice, `n` of them, all decoding in the engine's
+//! batch at once) gathered into one OpenAI response, or streamed as chunks tagged with each
+//! choice's index; and Anthropic's messages, whole or as named events.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use inference_core::{GenerateSettings, Token};
+use serde_json::{Value, json};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::api::{self, Head};
+use super::engine::{Engine, Event, Generation, Outcome, Prompt};
+use super::error::ApiError;
+use super::{anthropic, logprobs};
+
+/// Which endpoint answers.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Kind {
+    Chat,
+    Text,
+}
+
+/// Starts `n` generations of `prompt`: choice `i` samples with `seed + i` when a seed is given,
+/// so that the choices differ yet repeat.
+pub(super) async fn start(
+    engine: &Arc<Engine>,
+    prompt: &Prompt,
+    settings: &GenerateSettings,
+    n: usize,
+) -> Result<Vec<Generation>, ApiError> {
+    let mut generations = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = settings.clone();
+        s.seed = settings.seed.map(|seed| seed.wrapping_add(i as u64));
+        generations.push(engine.start(prompt.clone(), s).await?);
+    }
+    Ok(generations)
+}
+
+/// Reads a generation to the end: its text, its tokens and how it ended.
+pub(super) async fn collect(mut generation: Generation) -> Result<(String, Vec<Token>, Outcome), ApiError> {
+    let (mut text, mut tokens) = (String::new(), Vec::new());
+    loop {
+        match generation.next().await {
+            Some(Event::Token(t)) => {
+                text.push_str(&t.text);
+                tokens.push(t);
+            }
+            Some(Event::Done(outcome)) => return Ok((text, tokens, outcome)),
+            Some(Event::Failed(e)) => return Err(e.into()),
+            None => return Err(ApiError::unavailable("the generation was cancelled: the server is shutting down")),
+        }
+    }
+}
+
+/// The usage of a request's choices: the prompt once, the completions together.
+fn usage_of(outcomes: &[Outcome]) -> Value {
+    let first = outcomes.first().copied().unwrap_or(Outcome {
+        prompt_tokens: 0,
+        cached_tokens: 0,
+        completion_tokens: 0,
+        finish_reason: "stop",
+    });
+    api::usage(first.prompt_tokens, first.cached_tokens, outcomes.iter().map(|o| o.completion_tokens).sum())
+}
+
+/// The whole answer of `kind` for `generations`, one choice each.
+pub(super) async fn whole(generations: Vec<Generation>, head: &Head, kind: Kind) -> Result<Response, ApiError> {
+    let mut choices = Vec::with_capacity(generations.len());
+    let mut outcomes = Vec::with_capacity(generations.len());
+    for (index, generation) in generations.into_iter().enumerate() {
+        let (text, tokens, outcome) = collect(generation).await?;
+        let finish = outcome.finish_reason;
+        choices.push(match kind {
+            Kind::Chat => api::chat_choice(index, &text, finish, logprobs::chat(&tokens)),
+            Kind::Text => api::text_choice(index, &text, Some(finish), logprobs::text(&tokens, 0)),
+        });
+        outcomes.push(outcome);
+    }
+    let usage = usage_of(&outcomes);
+    Ok(Json(match kind {
+        Kind::Chat => api::chat_completion(head, choices, usage),
+        Kind::Text => api::text_completion(head, choices, Some(usage)),
+    })
+    .into_response())
+}
+
+/// One chunk of `kind` with the given choices (none: the usage chunk).
+fn chunk(head: &Head, kind: Kind, choices: Vec<Value>, usage: Option<Value>) -> Value {
+    match kind {
+        Kind::Chat => api::chat_chunk(head, choices, usage),
+        Kind::Text => api::text_completion(head, choices, usage),
+    }
+}
+
+/// The generations as server-sent events, ending with `data: [DONE]`: each token a chunk of its
+/// choice's index, each choice's end a chunk with its finish reason, then (when asked for) the
+/// usage. One task per generation forwards its events; when the client goes away, axum drops the
+/// receiving end, the tasks' sends fail, and dropping the generations cancels the engine's work.
+pub(super) fn stream(generations: Vec<Generation>, head: Head, kind: Kind, include_usage: bool) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(16);
+    let (events_tx, mut events) = tokio::sync::mpsc::channel::<(usize, Option<Event>)>(16);
+    let n = generations.len();
+    for (index, mut generation) in generations.into_iter().enumerate() {
+        let events_tx = events_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = generation.next().await;
+                let last = !matches!(event, Some(Event::Token(_)));
+                if events_tx.send((index, event)).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+    }
+    drop(events_tx);
+    tokio::spawn(async move {
+        let data = |v: Value| Ok(SseEvent::default().data(v.to_string()));
+        if let Kind::Chat = kind {
+            let opening: Vec<Value> = (0..n)
+                .map(|i| api::chat_delta(i, json!({"role": "assistant", "content": ""}), None, Value::Null))
+                .collect();
+            if tx.send(data(chunk(&head, kind, opening, None))).await.is_err() {
+                return;
+            }
+        }
+        // Characters of each choice sent so far (the completions endpoint's `text_offset`).
+        let mut offsets = vec![0usize; n];
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
+        loop {
+            let next = tokio::select! {
+                next = events.recv() => next,
+                () = tx.closed() => return,
+            };
+            let Some((index, event)) = next else { return };
+            let value = match event {
+                Some(Event::Token(token)) => {
+                    let tokens = std::slice::from_ref(&token);
+                    let choice = match kind {
+                        Kind::Chat => {
+                            let delta = json!({ "content": token.text });
+                            api::chat_delta(index, delta, None, logprobs::chat(tokens))
+                        }
+                        Kind::Text => {
+                            api::text_choice(index, &token.text, None, logprobs::text(tokens, offsets[index]))
+                        }
+                    };
+                    offsets[index] += token.text.chars().count();
+                    chunk(&head, kind, vec![choice], None)
+                }
+                Some(Event::Done(outcome)) => {
+                    let finish = Some(outcome.finish_reason);
+                    outcomes[index] = Some(outcome);
+                    let choice = match kind {
+                        Kind::Chat => api::chat_delta(index, json!({}), finish, Value::Null),
+                        Kind::Text => api::text_choice(index, "", finish, Value::Null),
+                    };
+                    chunk(&head, kind, vec![choice], None)
+                }
+                Some(Event::Failed(e)) => {
+                    let _ = tx.send(data(ApiError::from(e).body())).await;
+                    return;
+                }
+                None => {
+                    let _ = tx.send(data(ApiError::unavailable("the server is shutting down").body())).await;
+                    return;
+                }
+            };
+            if tx.send(data(value)).await.is_err() {
+                return;
+            }
+            if outcomes.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        if include_usage {
+            let outcomes: Vec<Outcome> = outcomes.into_iter().flatten().collect();
+            if tx.send(data(chunk(&head, kind, Vec::new(), Some(usage_of(&outcomes))))).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+    });
+    Sse::new(ReceiverStream::new(rx)).into_response()
+}
+
+/// A message as Anthropic's named server-sent events.
+pub(super) fn anthropic_stream(mut generation: Generation, head: Head) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(16);
+    tokio::spawn(async move {
+        let event = |(name, data): (&'static str, Value)| Ok(SseEvent::default().event(name).data(data.to_string()));
+        for e in anthropic::opening(&head) {
+            if tx.send(event(e)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let next = tokio::select! {
+                next = generation.next() => next,
+                () = tx.closed() => return,
+            };
+            let events: Vec<(&'static str, Value)> = match next {
+                Some(Event::Token(token)) if token.text.is_empty() => continue,
+                Some(Event::Token(token)) => vec![anthropic::delta(&token.text)],
+                Some(Event::Done(o)) => {
+                    anthropic::closing(o.finish_reason, o.prompt_tokens, o.completion_tokens, o.cached_tokens).into()
+                }
+                Some(Event::Failed(e)) => vec![("error", anthropic::AnthropicError(ApiError::from(e)).body())],
+                None => {
+                    let e = ApiError::unavailable("the server is shutting down");
+                    vec![("error", anthropic::AnthropicError(e).body())]
+                }
+            };
+            let last = events.iter().any(|(name, _)| matches!(*name, "message_stop" | "error"));
+            for e in events {
+                if tx.send(event(e)).await.is_err() {
+                    return;
+                }
+            }
+            if last {
+                return;
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(rx)).into_response()
+}
