@@ -117,7 +117,7 @@ impl Scheduler {
         while budget > 0 {
             let all: Vec<&Prefill> = self.prefilling.iter().collect();
             let candidates: Vec<usize> = (0..all.len()).filter(|&i| fits_a_chunk(all[i], step)).collect();
-            let (members, width) = choose_group(&all, &candidates, budget);
+            let (members, width) = choose_group(&all, &candidates, budget, self.limits.kv_quant.is_some());
             if members.is_empty() {
                 break;
             }

@@ -137,14 +137,20 @@ pub(super) fn fits_a_chunk(p: &Prefill, step: usize) -> bool {
 /// Which of `candidates` (indices into `all`, in order, each fitting a
 /// chunk) go in together: the first, and each later one that costs little
 /// beside it and keeps the group within `budget` tokens. Returns the
-/// members and the tokens each feeds before its last.
-pub(super) fn choose_group(all: &[&Prefill], candidates: &[usize], budget: usize) -> (Vec<usize>, usize) {
+/// members and the tokens each feeds before its last. With `exact`, only
+/// rows holding as many positions and with as much to feed go together (no
+/// padding, nothing fed again):
+/// a quantised cache converts when it first holds positions, so padding
+/// would change when a row's own keys are quantised.
+pub(super) fn choose_group(all: &[&Prefill], candidates: &[usize], budget: usize, exact: bool) -> (Vec<usize>, usize) {
     let Some((&first, rest)) = candidates.split_first() else { return (Vec::new(), 0) };
     let (mut members, mut width) = (vec![first], all[first].rest());
     for &j in rest {
         let w = width.max(all[j].rest());
-        let slack = (w / 4).max(16);
+        let slack = if exact { 0 } else { (w / 4).max(16) };
         let fine = members.iter().chain([&j]).all(|&i| w - all[i].rest() <= slack && all[i].can_cut(w - all[i].rest()));
+        // Exact: the same positions held too, so that no row's cache is padded when they merge.
+        let fine = fine && (!exact || all[j].held == all[first].held);
         if fine && (members.len() + 1) * (w + 1) <= budget.max(width + 1) {
             members.push(j);
             width = w;
