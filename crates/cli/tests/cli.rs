@@ -237,9 +237,10 @@ fn ctrl_c_interrupts_a_reply_and_then_ends_the_chat() {
     let pid = child.id().to_string();
     let interrupt = || assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     interrupt();
-    // The chat goes on: a second, short turn is answered.
+    // The chat goes on: a second, short turn is answered. Standard output stays open (drained
+    // here), so that the tokens printed before the interrupt lands do not meet a closed pipe.
     stdin.write_all(b"/reset\n").unwrap();
-    drop(stdout);
+    let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let mut stderr = child.stderr.take().unwrap();
     let mut seen = String::new();
     let mut buf = [0u8; 256];
@@ -255,4 +256,5 @@ fn ctrl_c_interrupts_a_reply_and_then_ends_the_chat() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
     drop(stdin);
+    drain.join().expect("the stdout reader").expect("reading stdout");
 }
