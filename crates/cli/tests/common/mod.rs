@@ -234,3 +234,21 @@ pub(crate) fn read_stream(events: impl Iterator<Item = String>) -> (String, Vec<
     }
     (text, chunks, done)
 }
+
+/// The tiny model the server tests serve.
+pub(crate) const MODEL: &str = "qwen3-tiny";
+
+/// A one-message chat request for `MODEL`.
+pub(crate) fn chat_body(max_tokens: u64) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": max_tokens})
+}
+
+/// Asserts an OpenAI-shaped error with this status and param, and returns its message.
+pub(crate) fn expect_error(answer: (u16, Value), status: u16, param: Option<&str>) -> String {
+    let (got, body) = answer;
+    assert_eq!(got, status, "{body}");
+    let error = &body["error"];
+    assert_eq!(error["param"].as_str(), param, "{body}");
+    assert!(error["type"].is_string() && error["code"].is_string(), "{body}");
+    error["message"].as_str().expect("a message").to_owned()
+}
