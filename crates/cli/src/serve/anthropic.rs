@@ -12,7 +12,7 @@ use inference_core::{GenerateSettings, Message, Role};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::api::{Head, Limits};
+use super::api::{Head, Limits, with_sampling};
 use super::error::ApiError;
 
 /// Text, or a list of content blocks.
@@ -130,19 +130,8 @@ impl MessagesRequest {
             }
             Some(n) => n as usize,
         };
-        let mut s = GenerateSettings::new().max_tokens(max_tokens);
-        if let Some(t) = self.temperature {
-            s = s.temperature(t);
-        }
-        if let Some(p) = self.top_p {
-            s = s.top_p(p);
-        }
-        if let Some(k) = self.top_k {
-            let k = usize::try_from(k).map_err(|_| {
-                ApiError::invalid(Some("top_k"), "invalid_value", format!("top_k = {k}: must be 0 (off) or more"))
-            })?;
-            s = s.top_k(k);
-        }
+        let mut s =
+            with_sampling(GenerateSettings::new().max_tokens(max_tokens), self.temperature, self.top_p, self.top_k)?;
         if let Some(stop) = &self.stop_sequences {
             s = s.stop_strings(stop.iter().cloned());
         }

@@ -128,18 +128,7 @@ impl Sampling {
         if let Some(k) = self.top_logprobs()? {
             s = s.top_logprobs(k);
         }
-        if let Some(t) = self.temperature {
-            s = s.temperature(t);
-        }
-        if let Some(p) = self.top_p {
-            s = s.top_p(p);
-        }
-        if let Some(k) = self.top_k {
-            let k = usize::try_from(k).map_err(|_| {
-                ApiError::invalid(Some("top_k"), "invalid_value", format!("top_k = {k}: must be 0 (off) or more"))
-            })?;
-            s = s.top_k(k);
-        }
+        s = with_sampling(s, self.temperature, self.top_p, self.top_k)?;
         if let Some(p) = self.min_p {
             s = s.min_p(p);
         }
@@ -209,6 +198,28 @@ impl Sampling {
             other => Ok(other.map(|k| k as usize)),
         }
     }
+}
+
+/// `s` with the sampling fields both APIs share (OpenAI's and Anthropic's), where given.
+pub(crate) fn with_sampling(
+    mut s: GenerateSettings,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+) -> Result<GenerateSettings, ApiError> {
+    if let Some(t) = temperature {
+        s = s.temperature(t);
+    }
+    if let Some(p) = top_p {
+        s = s.top_p(p);
+    }
+    if let Some(k) = top_k {
+        let k = usize::try_from(k).map_err(|_| {
+            ApiError::invalid(Some("top_k"), "invalid_value", format!("top_k = {k}: must be 0 (off) or more"))
+        })?;
+        s = s.top_k(k);
+    }
+    Ok(s)
 }
 
 /// `stream_options`.
