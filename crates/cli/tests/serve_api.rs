@@ -29,9 +29,12 @@ fn a_restarted_server_answers_a_long_system_prompt_warm() {
     let first = Server::start(&model, &["--prompt-cache-dir", cache]);
     let (status, _) = post(&first.url("/v1/chat/completions"), &body("What is a river?"));
     assert_eq!(status, 200);
-    // The entry is written once the engine has nothing to do.
+    // The entry is written once the engine has nothing to do (beside the target first, under a
+    // hidden name, then renamed into place).
+    let written =
+        || std::fs::read_dir(dir.path()).unwrap().flatten().any(|e| !e.file_name().to_string_lossy().starts_with('.'));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(dir.path()).unwrap().count() == 0 {
+    while !written() {
         assert!(Instant::now() < deadline, "no prompt-cache file was written");
         std::thread::park_timeout(Duration::from_millis(20));
     }

@@ -222,7 +222,9 @@ impl PromptStore {
         let mut files: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
-            if path.extension().is_some_and(|e| e == "safetensors") {
+            // Hidden names are writes in progress (see `mlx::io::save_safetensors`), never entries.
+            let hidden = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if !hidden && path.extension().is_some_and(|e| e == "safetensors") {
                 let modified = std::fs::metadata(&path).and_then(|m| m.modified()).map_err(io)?;
                 files.push((modified, path));
             }
