@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! Finds MLX (see the `mlx-build` crate for the search order), compiles the C
-//! shim in `csrc/` against it and links libmlx with an rpath to its directory.
+//! shim in `csrc/` against it and links libmlx with an rpath to its directory
+//! (and, on Linux, the optimised BLAS `cargo xtask setup` put beside it: see
+//! `mlx_build::blas`).
 
 use std::env;
 use std::path::PathBuf;
@@ -57,8 +59,15 @@ fn main() {
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=mlx");
     // This package's own tests and examples; dependants call
-    // `mlx_build::rpath_for(..)` from their build scripts.
-    println!("cargo:rustc-link-arg={}", mlx_build::rpath_arg(&lib));
+    // `mlx_build::rpath_for(..)` from their build scripts. On Linux, with an
+    // optimised BLAS beside the prefix, these also make the binary need it, so
+    // libmlx's BLAS calls bind to it ahead of the wheel's reference BLAS.
+    for arg in mlx_build::link_args(&prefix) {
+        println!("cargo:rustc-link-arg={arg}");
+    }
+    if let Some(blas) = mlx_build::linked_blas(&prefix) {
+        println!("cargo:blas={}", blas.display());
+    }
     println!("cargo:libdir={}", lib.display());
     println!("cargo:include={}", include.display());
     println!("cargo:prefix={}", prefix.display());

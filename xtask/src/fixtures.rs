@@ -57,7 +57,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
 }
 
 /// `MLXR_CACHE_DIR`, else `$XDG_CACHE_HOME/mlxr`, else `~/.cache/mlxr`.
-fn cache_dir() -> Result<PathBuf, String> {
+pub(crate) fn cache_dir() -> Result<PathBuf, String> {
     cache_dir_from(|k| env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from))
 }
 

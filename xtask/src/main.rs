@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! `cargo xtask`: project automation.
 //!
-//! - `setup`: installs the pinned MLX into `target/mlx` (and cmake if missing)
+//! - `setup`: installs the pinned MLX into `target/mlx` (and cmake if missing), and on Linux's CPU
+//!   wheel an optimised BLAS into `target/mlx/blas`
 //! - `test`: setup + fixtures + the whole test suite (what CI runs)
 //! - `fixtures`: real and tiny models and mlx-lm golden outputs for the parity tests
 //! - `bench`: our engine against mlx-lm on a model directory (prefill, decode, TTFT, memory, load)
@@ -13,6 +14,7 @@
 mod bench;
 mod bench_serve;
 mod bindings;
+mod blas;
 mod driver;
 mod fixtures;
 mod setup;
@@ -32,9 +34,12 @@ commands:
   test [-- CARGO_TEST_ARGS]
         the whole test suite on a fresh machine: setup, fixtures, then
         `cargo test --workspace` (what .ci/run runs)
-  setup [--cuda 12|13] [--from-source DIR] [--force]
+  setup [--cuda 12|13] [--from-source DIR] [--force] [--no-blas]
         install MLX 0.32.4 into target/mlx (the official wheel for this machine,
-        or a CMake build of an MLX source tree), and cmake if the machine lacks it
+        or a CMake build of an MLX source tree), and cmake if the machine lacks it;
+        with Linux's CPU wheel also OpenBLAS into target/mlx/blas (the system's, else
+        PyPI's cmeel-openblas), which builds link ahead of the wheel's reference BLAS
+        (a warning with the fix when there is none; --no-blas: none)
   bindgen [--check]
         regenerate crates/mlx-sys/src/bindings.rs from csrc/mlxs.h
         (--check: fail if the committed file differs; needs libclang)

@@ -9,6 +9,10 @@
 //! `mlx`: `mlx` is the Python bindings only (no headers, no library) and
 //! depends on `mlx-metal`, which holds the native files and fits any Python.
 //! A stamp file records what was installed, so a second run is a no-op.
+//!
+//! With the Linux CPU wheel, setup then puts OpenBLAS into `target/mlx/blas`
+//! (`crate::blas`), which the build links ahead of the wheel's reference BLAS;
+//! a missing one is a warning, never a failure.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -25,6 +29,7 @@ struct Options {
     cuda: Option<u32>,
     from_source: Option<PathBuf>,
     force: bool,
+    no_blas: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -45,6 +50,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 o.from_source = Some(PathBuf::from(v));
             }
             "--force" => o.force = true,
+            "--no-blas" => o.no_blas = true,
             other => return Err(format!("setup: unknown option `{other}`")),
         }
     }
@@ -108,6 +114,20 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         }
         fs::write(&stamp, format!("{wanted}\n")).map_err(|e| format!("could not write {}: {e}", stamp.display()))?;
         println!("installed MLX {MLX_VERSION} ({wanted}) at {}", prefix.display());
+    }
+
+    // The optimised BLAS, for the CPU wheel on Linux only: CUDA wheels,
+    // source builds and macOS's Metal (Accelerate) are left as they are.
+    let cpu_wheel = os == "linux" && opts.cuda.is_none() && opts.from_source.is_none();
+    let blas_changed = if cpu_wheel && !opts.no_blas {
+        let cache = crate::fixtures::cache_dir().ok();
+        crate::blas::ensure(&target, &root, cache.as_deref(), opts.force)
+    } else {
+        crate::blas::remove(&target)
+    };
+    if blas_changed {
+        // Builds watch the stamp (`mlx_build::blas::setup_stamp`): link again.
+        fs::write(&stamp, format!("{wanted}\n")).map_err(|e| format!("could not write {}: {e}", stamp.display()))?;
     }
 
     ensure_cmake(&root)?;
@@ -226,6 +246,7 @@ mod tests {
         assert!(parse(&["--cuda".into(), "11".into()]).unwrap_err().contains("expected 12 or 13"));
         assert!(parse(&["--bogus".into()]).unwrap_err().contains("unknown option"));
         assert!(parse(&["--cuda".into()]).is_err());
+        assert!(parse(&["--no-blas".into()]).unwrap().no_blas);
     }
 
     #[test]

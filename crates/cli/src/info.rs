@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: EUPL-1.2
-//! `mlxr info`: the MLX version, the devices, the registered backends, and a model's shape.
+//! `mlxr info`: the MLX version, the devices, the BLAS in use, the registered backends, and a model's
+//! shape.
 
 use inference_core::{LoadSettings, ModelInfo};
 
@@ -50,6 +51,18 @@ fn platform() -> String {
             Err(e) => out.push_str(&format!("device {device}: available ({e})\n")),
         }
     }
+    out.push_str(&blas_lines(&mlx::blas::info()));
+    out
+}
+
+/// The BLAS MLX's CPU matmuls call in this process (with OpenBLAS's thread
+/// count), and a warning with the fix when it is the reference BLAS.
+#[cfg(feature = "metal")]
+fn blas_lines(info: &mlx::blas::BlasInfo) -> String {
+    let mut out = format!("BLAS: {}\n", info.describe());
+    if let Some(warning) = info.warning() {
+        out.push_str(&format!("warning: {warning}\n"));
+    }
     out
 }
 
@@ -92,5 +105,20 @@ mod tests {
         assert!(text.contains("layers: 2\n"), "{text}");
         assert!(text.contains("quantisation: 4-bit, group size 64\n"), "{text}");
         assert!(text.contains("context length: unknown\n"), "{text}");
+    }
+
+    #[cfg(feature = "metal")]
+    #[test]
+    fn blas_lines_warn_about_the_reference_blas() {
+        use mlx::blas::{BlasInfo, OpenBlas};
+        let reference = BlasInfo { library: Some("/m/mlx_cpu.libs/libblas-1.so.3".into()), openblas: None };
+        let text = blas_lines(&reference);
+        assert!(text.starts_with("BLAS: /m/mlx_cpu.libs/libblas-1.so.3 (the reference BLAS)\n"), "{text}");
+        assert!(text.contains("warning: ") && text.contains("cargo xtask setup"), "{text}");
+        let openblas = BlasInfo {
+            library: Some("/t/libopenblas.so.0".into()),
+            openblas: Some(OpenBlas { config: "OpenBLAS 0.3.31".into(), threads: 2 }),
+        };
+        assert_eq!(blas_lines(&openblas), "BLAS: /t/libopenblas.so.0 (OpenBLAS 0.3.31, 2 threads)\n");
     }
 }

@@ -137,6 +137,17 @@ fn info_prints_device_version_and_model() {
     assert!(stdout.contains("MLX 0.32."), "{stdout}");
     assert!(stdout.contains("device cpu: "), "{stdout}");
     assert!(stdout.contains("backend metal: available"), "{stdout}");
+    // The BLAS line names the library; the binary resolves the one the build linked.
+    assert!(stdout.contains("\nBLAS: "), "{stdout}");
+    #[cfg(feature = "metal")]
+    if let Some(linked) = mlx::blas::linked() {
+        let name = linked.file_name().and_then(|n| n.to_str()).unwrap_or("libopenblas");
+        assert!(
+            stdout.lines().any(|l| l.starts_with("BLAS: ") && l.contains(name) && l.contains(" threads)")),
+            "{stdout}"
+        );
+        assert!(!stdout.contains("warning: "), "{stdout}");
+    }
 
     let model = tiny("qwen3-tiny-4bit");
     let out = run(&["info", "--model", &model], "");

@@ -17,8 +17,14 @@
 //! `mlx-metal` links libmlx itself; crates whose tests, examples or binaries
 //! link `mlx-metal` call [`rpath_for`] from their build script,
 //! because Cargo passes a package's link arguments only to its own targets.
+//!
+//! On Linux the same link arguments ([`link_args`]) also make binaries load
+//! the optimised BLAS `cargo xtask setup` put beside the prefix ahead of the
+//! reference BLAS the MLX wheel carries (see [`blas`]).
 
 #![forbid(unsafe_code)]
+
+pub mod blas;
 
 use std::env;
 use std::fmt;
@@ -26,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The environment variables the search reads.
-pub const ENV_VARS: &[&str] = &["MLX_DIR", "MLX_PYTHON", "HOMEBREW_PREFIX"];
+pub const ENV_VARS: &[&str] = &["MLX_DIR", "MLX_PYTHON", "HOMEBREW_PREFIX", blas::BLAS_DIR_ENV];
 
 /// The operating system a build targets: it decides what a complete MLX
 /// prefix holds.
@@ -273,12 +279,17 @@ pub fn workspace_of(manifest_dir: &Path) -> PathBuf {
 }
 
 /// For a crate whose every target links `mlx-metal`, doctests included
-/// (Cargo's per-kind link arguments do not reach doctests): adds the rpath to
-/// all of them. Exits the build with the search message when MLX is missing.
+/// (Cargo's per-kind link arguments do not reach doctests): adds the
+/// [`link_args`] to all of them. Exits the build with the search message when
+/// MLX is missing.
 pub fn rpath_all() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
     match find(&workspace_of(&manifest)) {
-        Ok(prefix) => println!("cargo:rustc-link-arg={}", rpath_arg(&prefix.join("lib"))),
+        Ok(prefix) => {
+            for arg in link_args(&prefix) {
+                println!("cargo:rustc-link-arg={arg}");
+            }
+        }
         Err(msg) => {
             eprintln!("{msg}");
             std::process::exit(1);
@@ -288,15 +299,17 @@ pub fn rpath_all() {
 
 /// For a crate whose targets of the given kinds (`"tests"`, `"examples"`,
 /// `"bins"`, `"benches"`; Cargo refuses kinds the package does not have) link
-/// `mlx-metal`: finds MLX and adds an rpath to its lib directory to them.
+/// `mlx-metal`: finds MLX and adds the [`link_args`] to them.
 /// Exits the build with the search message when MLX is missing.
 pub fn rpath_for(kinds: &[&str]) {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
     match find(&workspace_of(&manifest)) {
         Ok(prefix) => {
-            let lib = prefix.join("lib");
+            let args = link_args(&prefix);
             for kind in kinds {
-                println!("cargo:rustc-link-arg-{kind}={}", rpath_arg(&lib));
+                for arg in &args {
+                    println!("cargo:rustc-link-arg-{kind}={arg}");
+                }
             }
         }
         Err(msg) => {
@@ -304,6 +317,36 @@ pub fn rpath_for(kinds: &[&str]) {
             std::process::exit(1);
         }
     }
+}
+
+/// The optimised BLAS a build against `prefix` links, if any
+/// ([`blas::fast_blas`] for the target OS and `MLXR_BLAS_DIR`). Tells Cargo
+/// to build again when the library appears, goes or changes.
+pub fn linked_blas(prefix: &Path) -> Option<PathBuf> {
+    let os = TargetOs::current();
+    let env_dir = env::var_os(blas::BLAS_DIR_ENV);
+    if os == TargetOs::Linux && env_dir.is_none() {
+        // Setup rewrites its stamp whenever it changes the BLAS folder. (A
+        // path that does not exist would make Cargo rerun every build.)
+        let stamp = blas::setup_stamp(prefix);
+        if stamp.is_file() {
+            println!("cargo:rerun-if-changed={}", stamp.display());
+        }
+    }
+    let lib = blas::fast_blas(prefix, os, env_dir)?;
+    println!("cargo:rerun-if-changed={}", lib.display());
+    Some(lib)
+}
+
+/// Every linker argument a binary that links libmlx from `prefix` needs: the
+/// rpath to `<prefix>/lib`, and on Linux, when there is an optimised BLAS
+/// ([`linked_blas`]), its rpath and the library itself ([`blas::blas_link_args`]).
+pub fn link_args(prefix: &Path) -> Vec<String> {
+    let mut args = vec![rpath_arg(&prefix.join("lib"))];
+    if let Some(lib) = linked_blas(prefix) {
+        args.extend(blas::blas_link_args(&lib));
+    }
+    args
 }
 
 /// The linker argument that sets an rpath to `lib` (RUNPATH on Linux, so

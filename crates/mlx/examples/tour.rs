@@ -60,7 +60,9 @@ fn main() -> Result<()> {
         ops::sqrt(&ops::sum_all(&ops::square(g)?, false)?)?.item::<f32>()?
     });
 
-    // Matmul throughput.
+    // Matmul throughput: float32 runs on the BLAS below (on Linux, the OpenBLAS
+    // `cargo xtask setup` fetched, linked ahead of MLX's reference BLAS).
+    println!("BLAS: {}", mlx::blas::info().describe());
     for dtype in [Dtype::Float32, Dtype::Bfloat16] {
         let n = 512;
         let a = ops::astype(&random::normal(&[n, n], Dtype::Float32, 0.0, 1.0, None)?, dtype)?;

@@ -13,6 +13,7 @@
 //!   because MLX streams are per thread.
 //! - [`ops`], [`fast`], [`random`], [`transforms`], [`io`], [`memory`],
 //!   [`device`]: safe functions over arrays; errors name the op.
+//! - [`blas`]: which BLAS MLX's CPU matmuls run on in this process.
 //! - [`distributed`]: groups and collectives, and the launcher that starts
 //!   the ranks of a job on this machine.
 //!
@@ -32,6 +33,7 @@ mod macros;
 mod ffi;
 
 pub mod array;
+pub mod blas;
 pub mod device;
 pub mod distributed;
 pub mod error;
