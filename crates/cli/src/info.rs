@@ -87,6 +87,7 @@ mod tests {
             quant_bits: Some(4),
             quant_group: Some(64),
             context_length: None,
+            ..ModelInfo::default()
         };
         let text = describe("/m", "qwen3", &info);
         assert!(text.contains("layers: 2\n"), "{text}");

@@ -131,6 +131,8 @@ impl MlxLmBackend {
             adapter_path,
             context_length: settings.context_length,
             device: settings.device.as_str(),
+            // `auto` keeps mlx-lm's own types (the reference chooses nothing).
+            dtype: (!settings.dtype.is_auto()).then(|| settings.dtype.as_str()),
         };
         let model_type = match process.exchange(&load, Control::timeout(options.timeout))? {
             Event::Loaded { model_type, .. } => model_type,
