@@ -258,7 +258,10 @@ impl From<WireInfo> for ModelInfo {
             quant_bits: w.quant_bits,
             quant_group: w.quant_group,
             context_length: w.context_length,
-            compute_dtype_reason: w.compute_dtype.as_ref().map(|_| "as mlx-lm loads it".to_owned()),
+            compute_dtype_reason: w
+                .compute_dtype
+                .as_ref()
+                .map(|_| "auto: mlx-lm's own (the checkpoint's types)".to_owned()),
             compute_dtype: w.compute_dtype,
         }
     }

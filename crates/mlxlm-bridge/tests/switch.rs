@@ -88,6 +88,8 @@ fn backends_switched_by_name_agree_on_greedy_tokens() {
             let settings = LoadSettings::new().backend(name.as_str()).dtype(ComputeDtype::Float32);
             let model = inference_core::load_model(path, &settings)
                 .unwrap_or_else(|e| panic!("{name} on {}: {}", path.display(), e.report()));
+            let info = model.info();
+            assert_eq!(info.compute_dtype.as_deref(), Some("float32"), "{name} on {}: {info:?}", path.display());
             let settings = GenerateSettings::new().max_tokens(N).ignore_eos(true);
             let done = model.generate(PROMPT, &settings, CancelToken::new()).unwrap().complete().unwrap();
             assert_eq!(done.tokens.len(), N, "{name} on {}", path.display());
