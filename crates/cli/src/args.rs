@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use inference_core::{Device, GenerateSettings, LoadSettings, TextModel};
+use inference_core::{ComputeDtype, Device, GenerateSettings, LoadSettings, TextModel};
 
 use crate::failure::Failure;
 
@@ -64,6 +64,11 @@ pub(crate) struct ModelArgs {
     /// Where to run: auto, gpu or cpu.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub(crate) device: Device,
+    /// The floating-point type to compute in: auto, float32, bfloat16 or float16. auto: float32
+    /// for a 16-bit checkpoint on an x86_64 CPU, the checkpoint's own type elsewhere (`mlx_lm`
+    /// backend: mlx-lm's own).
+    #[arg(long, default_value = "auto", value_name = "TYPE", value_parser = parse_dtype)]
+    pub(crate) dtype: ComputeDtype,
     /// The context length to allocate for (default: the model's own).
     #[arg(long, value_name = "TOKENS")]
     pub(crate) context_length: Option<usize>,
@@ -115,10 +120,14 @@ fn parse_device(s: &str) -> Result<Device, String> {
     s.parse::<Device>().map_err(|e| e.to_string())
 }
 
+fn parse_dtype(s: &str) -> Result<ComputeDtype, String> {
+    s.parse::<ComputeDtype>().map_err(|e| e.to_string())
+}
+
 impl ModelArgs {
     /// The load settings these flags ask for.
     pub(crate) fn load_settings(&self) -> LoadSettings {
-        let mut s = LoadSettings::new().device(self.device);
+        let mut s = LoadSettings::new().device(self.device).dtype(self.dtype);
         s.backend = self.backend.clone();
         s.context_length = self.context_length;
         s.adapter_path = self.adapter.clone();
@@ -388,6 +397,9 @@ pub(crate) struct InfoArgs {
     /// Where to load --model: auto, gpu or cpu.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub(crate) device: Device,
+    /// The floating-point type to load --model in: auto, float32, bfloat16 or float16.
+    #[arg(long, default_value = "auto", value_name = "TYPE", value_parser = parse_dtype)]
+    pub(crate) dtype: ComputeDtype,
     /// The Python interpreter for the `mlx_lm` backend.
     #[arg(long, value_name = "PATH")]
     pub(crate) python: Option<PathBuf>,
@@ -399,6 +411,9 @@ pub(crate) struct BenchArgs {
     /// The model directory.
     #[arg(short, long, value_name = "DIR")]
     pub(crate) model: PathBuf,
+    /// The floating-point type to compute in: auto, float32, bfloat16 or float16.
+    #[arg(long, default_value = "auto", value_name = "TYPE", value_parser = parse_dtype)]
+    pub(crate) dtype: ComputeDtype,
     /// Prompt lengths in tokens, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
     pub(crate) prompts: Vec<usize>,

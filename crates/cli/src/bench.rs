@@ -33,6 +33,7 @@ fn options(args: &BenchArgs) -> BenchOptions {
         warmup: args.warmup,
         seed: args.seed,
         public: !args.no_public,
+        dtype: args.dtype,
         ..BenchOptions::default()
     }
 }

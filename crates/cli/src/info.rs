@@ -19,7 +19,7 @@ pub(crate) fn run(args: &InfoArgs) -> Result<(), Failure> {
         println!("backend {}: {state}", backend.name());
     }
     if let Some(path) = &args.model {
-        let mut settings = LoadSettings::new().device(args.device);
+        let mut settings = LoadSettings::new().device(args.device).dtype(args.dtype);
         settings.backend = args.backend.clone();
         if let Some(python) = &args.python {
             settings = settings.backend_option("python", python.to_string_lossy());
@@ -79,9 +79,14 @@ pub(crate) fn describe(path: &str, model_type: &str, info: &ModelInfo) -> String
         _ => "none".to_owned(),
     };
     let context = info.context_length.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+    let compute = match (&info.compute_dtype, &info.compute_dtype_reason) {
+        (Some(dtype), Some(reason)) => format!("{dtype} ({reason})"),
+        (Some(dtype), None) => dtype.clone(),
+        (None, _) => "not reported by the backend".to_owned(),
+    };
     format!(
         "model: {path}\narchitecture: {model_type}\nlayers: {}\nhidden size: {}\nvocabulary: {}\n\
-         quantisation: {quant}\ncontext length: {context}\n",
+         quantisation: {quant}\ncontext length: {context}\ncompute dtype: {compute}\n",
         info.num_layers, info.hidden_size, info.vocab_size
     )
 }
@@ -100,11 +105,16 @@ mod tests {
             quant_bits: Some(4),
             quant_group: Some(64),
             context_length: None,
+            ..ModelInfo::default()
         };
         let text = describe("/m", "qwen3", &info);
         assert!(text.contains("layers: 2\n"), "{text}");
         assert!(text.contains("quantisation: 4-bit, group size 64\n"), "{text}");
         assert!(text.contains("context length: unknown\n"), "{text}");
+        assert!(text.contains("compute dtype: not reported by the backend\n"), "{text}");
+        let info =
+            ModelInfo { compute_dtype: Some("float32".into()), compute_dtype_reason: Some("auto: why".into()), ..info };
+        assert!(describe("/m", "qwen3", &info).contains("compute dtype: float32 (auto: why)\n"));
     }
 
     #[cfg(feature = "metal")]

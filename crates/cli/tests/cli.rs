@@ -156,6 +156,28 @@ fn info_prints_device_version_and_model() {
     assert!(stdout.contains("architecture: qwen3\n"), "{stdout}");
     assert!(stdout.contains("quantisation: 4-bit"), "{stdout}");
     assert!(stdout.contains("context length: 128\n"), "{stdout}");
+    assert!(stdout.contains("compute dtype: bfloat16 (auto: a quantised checkpoint is kept"), "{stdout}");
+
+    // A bfloat16 checkpoint: auto says what it chose and why; an explicit type is taken as asked.
+    let model = tiny("qwen3-tiny");
+    let out = run(&["info", "--model", &model, "--device", "cpu"], "");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let auto = if cfg!(target_arch = "x86_64") {
+        "compute dtype: float32 (auto: a bfloat16 checkpoint on an x86_64 CPU computes in float32"
+    } else {
+        "compute dtype: bfloat16 (auto: the checkpoint's own type (bfloat16) on this CPU)"
+    };
+    assert!(stdout.contains(auto), "{stdout}");
+    let out = run(&["info", "--model", &model, "--dtype", "f16"], "");
+    assert!(text(&out).0.contains("compute dtype: float16 (dtype = float16 was asked for"), "{:?}", text(&out));
+    let out = run(&["info", "--model", &model, "--dtype", "double"], "");
+    assert_eq!(out.status.code(), Some(2), "a bad --dtype is a usage error");
+    assert!(
+        text(&out).1.contains("invalid setting dtype = \"double\": must be one of auto, float32"),
+        "{:?}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -212,7 +234,9 @@ fn both_backends_generate_the_same_text() {
     let Some(python) = python("both_backends_generate_the_same_text") else { return };
     let model = tiny("qwen3-tiny");
     for extra in [&["The quick brown fox"][..], &["--chat", "Hi"][..]] {
-        let base = ["generate", "--model", &model, "--max-tokens", "10"];
+        // The same compute type through both (mlx_lm's `auto` is mlx-lm's own, metal's may cast):
+        // float32, so the bridge's cast is checked too.
+        let base = ["generate", "--model", &model, "--max-tokens", "10", "--dtype", "float32"];
         let metal = run(&[&base[..], &["--backend", "metal"], extra].concat(), "");
         let mlx_lm = run(&[&base[..], &["--backend", "mlx_lm", "--python", &python], extra].concat(), "");
         assert!(metal.status.success() && mlx_lm.status.success(), "{:?} {:?}", text(&metal), text(&mlx_lm));

@@ -98,6 +98,7 @@ fn models_health_and_unknown_paths() {
     assert_eq!((status, &missing["error"]["code"]), (404, &json!("model_not_found")));
     let (status, health) = get(&server.url("/health"));
     assert_eq!((status, &health["status"]), (200, &json!("ok")));
+    assert!(health["compute_dtype"].is_string(), "{health}");
     let (status, nowhere) = get(&server.url("/v2/nothing"));
     assert_eq!(status, 404);
     assert_eq!(nowhere["error"]["message"], "no such endpoint: GET /v2/nothing");
@@ -306,8 +307,9 @@ fn the_mlx_lm_backend_serves_the_same_answers() {
         common::skip(test, "MLXR_PYTHON is not set (cargo xtask test sets it to the fixtures virtualenv)");
         return;
     };
-    let metal = Server::start(&tiny(MODEL), &[]);
-    let bridge = Server::start(&tiny(MODEL), &["--backend", "mlx_lm", "--python", &python]);
+    // The checkpoint's own type on both sides (metal's `auto` computes in float32 on an x86 CPU).
+    let metal = Server::start(&tiny(MODEL), &["--dtype", "bfloat16"]);
+    let bridge = Server::start(&tiny(MODEL), &["--backend", "mlx_lm", "--python", &python, "--dtype", "bfloat16"]);
     let (_, expected) = post(&metal.url("/v1/chat/completions"), &chat_body(12));
     let (status, answer) = post(&bridge.url("/v1/chat/completions"), &chat_body(12));
     assert_eq!(status, 200, "{answer}");

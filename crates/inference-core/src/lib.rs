@@ -217,7 +217,7 @@ pub use discover::{Discover, SkippedPath, discover};
 pub use error::{BoxError, Error, Result, UnavailableBackend};
 pub use model::{Adapter, AttentionInspector, ChatSession, LoraConfig, LoraDType, TextModel, TrainableModel};
 pub use registry::{Backend, PREFERRED_BACKENDS, Registry, default_backend, get, global, list, load_model, register};
-pub use settings::{Device, GenerateSettings, LoadSettings, LogitsMode, MAX_TOP_LOGPROBS};
+pub use settings::{ComputeDtype, Device, GenerateSettings, LoadSettings, LogitsMode, MAX_TOP_LOGPROBS};
 pub use stream::{Completion, Stopped, TokenSink, TokenStream};
 pub use types::{
     AttentionSnapshot, BatchResult, ClassifyResult, DiscoveredModel, EngineLoad, GenerateMetrics, Message, ModelInfo,

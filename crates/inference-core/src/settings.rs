@@ -223,6 +223,82 @@ impl FromStr for Device {
     }
 }
 
+/// The floating-point type a model computes in: its weights are cast to it at load, and its
+/// activations and KV cache follow.
+///
+/// `Auto` (the default) lets the backend choose what runs fastest on the device it loads on; the
+/// `metal` backend picks float32 for a 16-bit checkpoint on an x86_64 CPU (MLX's CPU matmuls
+/// reach BLAS only in float32) and the checkpoint's own type everywhere else (a GPU, Apple
+/// Silicon, quantised checkpoints). The other values cast every floating-point weight, as
+/// mlx-lm's `model.set_dtype(...)` does.
+///
+/// ```
+/// use inference_core::ComputeDtype;
+/// assert_eq!("bf16".parse::<ComputeDtype>().unwrap(), ComputeDtype::Bfloat16);
+/// assert_eq!(ComputeDtype::Float32.to_string(), "float32");
+/// let err = "double".parse::<ComputeDtype>().unwrap_err();
+/// assert_eq!(err.to_string(), "invalid setting dtype = \"double\": must be one of auto, float32, bfloat16, float16");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    /// The backend's choice for the device (the default).
+    #[default]
+    Auto,
+    /// 32-bit floats.
+    Float32,
+    /// bfloat16.
+    Bfloat16,
+    /// IEEE half precision.
+    Float16,
+}
+
+impl ComputeDtype {
+    /// Every value, in the order the help text lists them.
+    pub const ALL: [ComputeDtype; 4] = [Self::Auto, Self::Float32, Self::Bfloat16, Self::Float16];
+
+    /// The lower-case name: `auto`, `float32`, `bfloat16` or `float16` (MLX's dtype names).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Float32 => "float32",
+            Self::Bfloat16 => "bfloat16",
+            Self::Float16 => "float16",
+        }
+    }
+
+    /// Whether the backend chooses.
+    pub fn is_auto(self) -> bool {
+        self == Self::Auto
+    }
+}
+
+impl fmt::Display for ComputeDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ComputeDtype {
+    type Err = Error;
+
+    /// Parses `auto`, `float32`, `bfloat16` or `float16` (also `f32`, `bf16`, `f16`), ignoring
+    /// case and surrounding white space.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "float32" | "f32" => Ok(Self::Float32),
+            "bfloat16" | "bf16" => Ok(Self::Bfloat16),
+            "float16" | "f16" => Ok(Self::Float16),
+            _ => Err(Error::invalid_setting(
+                "dtype",
+                format!("{s:?}"),
+                "must be one of auto, float32, bfloat16, float16",
+            )),
+        }
+    }
+}
+
 /// How to load a model.
 ///
 /// ```
@@ -243,6 +319,8 @@ pub struct LoadSettings {
     pub context_length: Option<usize>,
     /// Where to run.
     pub device: Device,
+    /// The floating-point type to compute in (see [`ComputeDtype`]); `auto` by default.
+    pub dtype: ComputeDtype,
     /// A LoRA adapter to apply at load (a directory with adapter_config.json and safetensors).
     pub adapter_path: Option<PathBuf>,
     /// Backend-specific knobs, for example `python` (the interpreter) for the `mlx_lm` backend.
@@ -251,7 +329,8 @@ pub struct LoadSettings {
 }
 
 impl LoadSettings {
-    /// The defaults: default backend, model's context length, automatic device, no adapter.
+    /// The defaults: default backend, model's context length, automatic device and compute type,
+    /// no adapter.
     pub fn new() -> Self {
         Self::default()
     }
@@ -263,6 +342,8 @@ impl LoadSettings {
         context_length(n: usize) = Some(n);
         /// Sets [`device`](Self::device).
         device(device: Device) = device;
+        /// Sets [`dtype`](Self::dtype).
+        dtype(dtype: ComputeDtype) = dtype;
         /// Sets [`adapter_path`](Self::adapter_path).
         adapter_path(path: impl Into<PathBuf>) = Some(path.into());
     }

@@ -279,6 +279,13 @@ pub struct ModelInfo {
     pub quant_group: Option<u32>,
     /// The context length in effect: the one requested at load, else the model's own.
     pub context_length: Option<usize>,
+    /// The floating-point type the model computes in (`float32`, `bfloat16`, `float16`), when
+    /// the backend says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_dtype: Option<String>,
+    /// Why that type: the load setting, or what `auto` chose for the device and the checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_dtype_reason: Option<String>,
 }
 
 impl ModelInfo {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use inference_core::{Device, Error, GenerateSettings, LoadSettings, LogitsMode, LoraConfig, LoraDType};
+use inference_core::{ComputeDtype, Device, Error, GenerateSettings, LoadSettings, LogitsMode, LoraConfig, LoraDType};
 
 fn message(result: inference_core::Result<()>) -> String {
     let err = result.expect_err("settings should be rejected");
@@ -316,4 +316,25 @@ fn lora_config_serde() {
     assert_eq!(c.rank, 4);
     assert_eq!(c.dtype, LoraDType::Bf16);
     assert_eq!(c.alpha, 16.0);
+}
+
+#[test]
+fn compute_dtype_parses_prints_and_round_trips() {
+    assert_eq!(LoadSettings::new().dtype, ComputeDtype::Auto);
+    assert_eq!(LoadSettings::new().dtype(ComputeDtype::Float16).dtype, ComputeDtype::Float16);
+    for d in ComputeDtype::ALL {
+        assert_eq!(d.to_string().parse::<ComputeDtype>().unwrap(), d);
+        assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{d}\""));
+    }
+    for (text, d) in
+        [(" F32 ", ComputeDtype::Float32), ("bf16", ComputeDtype::Bfloat16), ("f16", ComputeDtype::Float16)]
+    {
+        assert_eq!(text.parse::<ComputeDtype>().unwrap(), d);
+    }
+    let err = "float64".parse::<ComputeDtype>().unwrap_err();
+    assert!(matches!(&err, Error::InvalidSetting { .. }), "{err:?}");
+    assert_eq!(err.to_string(), "invalid setting dtype = \"float64\": must be one of auto, float32, bfloat16, float16");
+    let s: LoadSettings = serde_json::from_str(r#"{"dtype": "bfloat16"}"#).unwrap();
+    assert_eq!(s.dtype, ComputeDtype::Bfloat16);
+    assert!(serde_json::from_str::<LoadSettings>(r#"{"dtype": "double"}"#).is_err());
 }

@@ -4,7 +4,7 @@
 //! ```sh
 //! cargo run --release -p mlx-metal --example bench -- --model DIR \
 //!     [--prompts 128,512,2048] [--decode 256] [--runs 3] [--warmup 1] [--seed 0] \
-//!     [--prefill-step 2048] [--no-public] [--json OUT]
+//!     [--prefill-step 2048] [--dtype auto|float32|bfloat16|float16] [--no-public] [--json OUT]
 //! ```
 //!
 //! The measuring lives in [`mlx_metal::bench`] (shared with `mlxr bench`). It measures the engine itself: `model::load`, `make_cache` and `generate::generate` with a
@@ -37,7 +37,7 @@ struct Options {
 }
 
 const USAGE: &str = "usage: bench --model DIR [--prompts 128,512,2048] [--decode 256] [--runs 3] [--warmup 1] \
-                     [--seed 0] [--prefill-step 2048] [--no-public] [--json OUT]";
+                     [--seed 0] [--prefill-step 2048] [--dtype auto] [--no-public] [--json OUT]";
 
 fn parse_args() -> Result<Options, String> {
     let mut o = Options { bench: BenchOptions::default(), json: None };
@@ -62,6 +62,7 @@ fn parse_args() -> Result<Options, String> {
             "--seed" => o.bench.seed = num("--seed", value("--seed")?)? as u64,
             "--prefill-step" => o.bench.prefill_step = num("--prefill-step", value("--prefill-step")?)?,
             "--json" => o.json = Some(PathBuf::from(value("--json")?)),
+            "--dtype" => o.bench.dtype = value("--dtype")?.parse().map_err(|e: inference_core::Error| e.to_string())?,
             "--no-public" => o.bench.public = false,
             "-h" | "--help" => {
                 println!("{USAGE}");

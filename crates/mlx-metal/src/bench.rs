@@ -20,7 +20,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use inference_core::{CancelToken, GenerateSettings, LoadSettings, TextModel};
+use inference_core::{CancelToken, ComputeDtype, GenerateSettings, LoadSettings, TextModel};
 use serde_json::{Value, json};
 
 use crate::MetalModel;
@@ -55,6 +55,8 @@ pub struct BenchOptions {
     pub prefill_step: usize,
     /// Also measure through the public API.
     pub public: bool,
+    /// The compute type both sides load the model in (`auto` by default, as `mlxr` does).
+    pub dtype: ComputeDtype,
 }
 
 impl Default for BenchOptions {
@@ -68,6 +70,7 @@ impl Default for BenchOptions {
             seed: 0,
             prefill_step: generate::PREFILL_STEP,
             public: true,
+            dtype: ComputeDtype::Auto,
         }
     }
 }
@@ -239,6 +242,7 @@ fn settings_json(o: &BenchOptions) -> Value {
         "warmup": o.warmup,
         "seed": o.seed,
         "prefill_step": o.prefill_step,
+        "dtype": o.dtype.as_str(),
     })
 }
 
@@ -251,7 +255,7 @@ fn public_side(
 ) -> Result<Value, BoxError> {
     crate::register();
     let t0 = Instant::now();
-    let llm = MetalModel::load(&o.model, &LoadSettings::default())?;
+    let llm = MetalModel::load(&o.model, &LoadSettings::default().dtype(o.dtype))?;
     let load_s = t0.elapsed().as_secs_f64();
     let mut results = Vec::new();
     for &n in &o.prompts {
@@ -285,7 +289,8 @@ pub fn run(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Value, Bo
     o.validate()?;
 
     let t0 = Instant::now();
-    let loaded = model::load(&o.model)?;
+    let policy = model::dtype::DtypePolicy::from_setting(o.dtype, Device::mlx_default()?);
+    let loaded = model::load_with(&o.model, None, policy)?;
     let load_s = t0.elapsed().as_secs_f64();
     // Loading is lazy in MLX: the first forward pass reads the weights. "Ready" is load plus one
     // forward pass of one token, as mlx-lm's side measures it.
@@ -296,6 +301,7 @@ pub fn run(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Value, Bo
     }
     let ready_s = t0.elapsed().as_secs_f64();
     let desc = loaded.model.description().clone();
+    let loaded_dtype = loaded.compute.dtype.name();
     let vocab = desc.vocab_size;
     let sampler = Sampler::new(SamplerConfig::default())?;
 
@@ -326,6 +332,7 @@ pub fn run(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Value, Bo
             "vocab_size": vocab,
             "quant_bits": desc.quant_bits,
             "quant_group": desc.quant_group,
+            "compute_dtype": loaded_dtype,
         },
         "settings": settings_json(o),
         "load_s": load_s,

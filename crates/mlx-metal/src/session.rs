@@ -52,6 +52,10 @@ pub struct Fingerprint {
     pub vocab_size: usize,
     /// A hash (FNV-1a, hex) of config.json's bytes.
     pub config_hash: String,
+    /// The type the model computes in (its caches hold keys and values of
+    /// that type); empty when unknown.
+    #[serde(default)]
+    pub dtype: String,
 }
 
 impl Fingerprint {
@@ -64,6 +68,7 @@ impl Fingerprint {
             hidden_size: desc.hidden_size,
             vocab_size: desc.vocab_size,
             config_hash: format!("{h:016x}"),
+            dtype: desc.compute_dtype.clone().unwrap_or_default(),
         }
     }
 }
@@ -264,17 +269,20 @@ fn read_header(path: &Path, fingerprint: &Fingerprint) -> Result<Header> {
             path: path.to_path_buf(),
             message: format!(
                 "the session was saved from another model ({} with {} layers, hidden size {}, vocabulary {}, config \
-                 {}), not this one ({} with {} layers, hidden size {}, vocabulary {}, config {})",
+                 {}, computing in {}), not this one ({} with {} layers, hidden size {}, vocabulary {}, config {}, \
+                 computing in {})",
                 saved.architecture,
                 saved.num_layers,
                 saved.hidden_size,
                 saved.vocab_size,
                 saved.config_hash,
+                or_unknown(&saved.dtype),
                 fingerprint.architecture,
                 fingerprint.num_layers,
                 fingerprint.hidden_size,
                 fingerprint.vocab_size,
-                fingerprint.config_hash
+                fingerprint.config_hash,
+                or_unknown(&fingerprint.dtype),
             ),
         });
     }
@@ -283,6 +291,10 @@ fn read_header(path: &Path, fingerprint: &Fingerprint) -> Result<Header> {
     let kinds: Vec<LayerKind> =
         serde_json::from_str(field("layers")?).map_err(|e| bad(format!("bad \"layers\" metadata: {e}")))?;
     Ok((tokens, kinds, meta))
+}
+
+fn or_unknown(dtype: &str) -> &str {
+    if dtype.is_empty() { "an unknown type" } else { dtype }
 }
 
 /// Saves a prompt-cache entry — one-row batch caches ([`LayerCache::Batch`])

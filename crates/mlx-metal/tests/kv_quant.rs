@@ -13,7 +13,9 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use inference_core::{CancelToken, Completion, GenerateSettings, LoadSettings, Message, Registry, TextModel};
+use inference_core::{
+    CancelToken, Completion, ComputeDtype, GenerateSettings, LoadSettings, Message, Registry, TextModel,
+};
 use mlx::{Array, Dtype, ops};
 use mlx_metal::cache::{BatchKvCache, Fetched, KvArray, KvCache, KvQuant, LayerCache};
 use parity::{Fixture, KvQuantRun};
@@ -28,9 +30,19 @@ fn models() -> std::sync::MutexGuard<'static, ()> {
     MODELS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The checkpoint's own type (config.json's `torch_dtype`): the goldens and
+/// the byte counts here are mlx-lm's defaults, which never cast.
+fn checkpoint_dtype(path: &Path) -> ComputeDtype {
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path.join("config.json")).unwrap()).unwrap();
+    let name = config["torch_dtype"].as_str().or(config["text_config"]["torch_dtype"].as_str()).unwrap_or("float32");
+    name.parse().unwrap()
+}
+
 fn load_with(path: &Path, options: &[(&str, String)]) -> inference_core::Result<Arc<dyn TextModel>> {
     let reg = Registry::new().with(mlx_metal::backend::backend());
-    let mut settings = LoadSettings::default().backend("metal").device(inference_core::Device::Cpu);
+    let mut settings =
+        LoadSettings::default().backend("metal").device(inference_core::Device::Cpu).dtype(checkpoint_dtype(path));
     for (k, v) in options {
         settings = settings.backend_option(*k, v.clone());
     }

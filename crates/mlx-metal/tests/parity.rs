@@ -2,13 +2,17 @@
 //! Parity with mlx-lm: every model fixture (the tiny random ones for every
 //! architecture and variant, and the real Gemma 3 270M and SmolLM2 135M in
 //! bf16, 8-bit and 4-bit) gives the golden logits within the tolerance of its
-//! dtype and the golden greedy tokens. Real models are skipped with a note
-//! unless `MLXR_REQUIRE_REAL_MODELS=1` (set by `cargo xtask test`).
+//! dtype and the golden greedy tokens. Each loads with the checkpoint's own
+//! types, except the `<model>.float32` goldens (mlx-lm run after
+//! `model.set_dtype(mx.float32)`), which load cast to float32 and are held to
+//! float32's tolerances. Real models are skipped with a note unless
+//! `MLXR_REQUIRE_REAL_MODELS=1` (set by `cargo xtask test`).
 
 use std::ops::ControlFlow;
 
 use mlx::{Array, ops};
 use mlx_metal::generate::{LoopOptions, generate};
+use mlx_metal::model::dtype::DtypePolicy;
 use mlx_metal::model::{self, LanguageModel};
 use mlx_metal::sample::{Sampler, SamplerConfig};
 use parity::{BoxError, Fixture, Greedy, ParityModel};
@@ -45,19 +49,46 @@ impl ParityModel for Metal {
 }
 
 fn check(fixture: &Fixture) {
-    let loaded = model::load(&fixture.model_dir).unwrap_or_else(|e| panic!("{}: {e}", fixture.name));
+    // The checkpoint's own types, unless mlx-lm was run cast to another (`<model>.float32`).
+    let policy = match &fixture.golden.compute_dtype {
+        None => DtypePolicy::Checkpoint,
+        Some(name) => DtypePolicy::Cast(
+            mlx::Dtype::parse(name).unwrap_or_else(|| panic!("{}: compute_dtype {name:?}", fixture.name)),
+        ),
+    };
+    let loaded = model::load_with(&fixture.model_dir, None, policy).unwrap_or_else(|e| panic!("{}: {e}", fixture.name));
+    assert_eq!(loaded.compute.dtype.name(), fixture.golden.run_dtype(), "{}: the compute type", fixture.name);
     let mut m = Metal { model: loaded.model };
     let report = parity::check_model(fixture, &mut m).unwrap_or_else(|e| panic!("{}: {e}", fixture.name));
     assert!(report.is_ok(), "{report}");
     println!("{report}");
 }
 
+/// The tiny fixtures' names: as mlx-lm loads them (`cast` false), or cast
+/// after loading (`<model>.float32`).
+fn tiny_names(cast: bool) -> Vec<String> {
+    parity::tiny_fixture_names().unwrap().into_iter().filter(|n| n.contains('.') == cast).collect()
+}
+
 #[test]
 fn tiny_fixtures_match_mlx_lm() {
-    let names = parity::tiny_fixture_names().unwrap();
+    let names = tiny_names(false);
     assert!(names.len() >= 8, "expected every tiny variant, found {names:?}");
     for name in names {
         check(&Fixture::load(&name).unwrap());
+    }
+}
+
+#[test]
+fn tiny_16_bit_fixtures_computing_in_float32_match_mlx_lm_cast_to_float32() {
+    let names = tiny_names(true);
+    for want in ["gemma3-tiny.float32", "llama3-tiny.float32", "qwen3-tiny.float32", "qwen3-tiny-4bit.float32"] {
+        assert!(names.iter().any(|n| n == want), "no golden {want} in {names:?}");
+    }
+    for name in names {
+        let fixture = Fixture::load(&name).unwrap();
+        assert_eq!(fixture.golden.logits_dtype, "float32", "{name}: held to float32's tolerances");
+        check(&fixture);
     }
 }
 
@@ -70,6 +101,11 @@ fn real(name: &str) {
 #[test]
 fn smollm2_bf16_matches_mlx_lm() {
     real("smollm2-135m-instruct");
+}
+
+#[test]
+fn smollm2_bf16_computing_in_float32_matches_mlx_lm_cast_to_float32() {
+    real("smollm2-135m-instruct.float32");
 }
 
 #[test]

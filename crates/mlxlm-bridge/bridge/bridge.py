@@ -101,6 +101,9 @@ class Bridge(Generation, Batches, Inspection):
         context = msg.get("context_length")
         if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context < 1):
             raise BridgeError(f"load: context_length must be a positive integer, not {context!r}", "invalid")
+        dtype = msg.get("dtype")
+        if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+            raise BridgeError(f"load: dtype must be float32, bfloat16 or float16, not {dtype!r}", "invalid")
         device = msg.get("device") or "auto"
         if device == "cpu":
             mx.set_default_device(mx.cpu)
@@ -115,6 +118,10 @@ class Bridge(Generation, Batches, Inspection):
         else:
             raise BridgeError(f"load: device must be auto, gpu or cpu, not {device!r}", "invalid")
         model, tokenizer, config = mlx_lm.load(path, adapter_path=adapter, return_config=True)
+        if dtype is not None:
+            # Every floating-point parameter, as mlx-lm's users do it; packed quantised weights stay.
+            model.set_dtype(getattr(mx, dtype))
+            mx.eval(model.parameters())
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.stream, self.max_kv = stream, context
         self.out.send({"id": rid, "event": "loaded", "model_type": str(config.get("model_type", ""))})
@@ -144,8 +151,21 @@ class Bridge(Generation, Batches, Inspection):
                 "quant_bits": quant.get("bits") if isinstance(quant, dict) else None,
                 "quant_group": quant.get("group_size") if isinstance(quant, dict) else None,
                 "context_length": self.max_kv or pick("max_position_embeddings"),
+                "compute_dtype": self.compute_dtype(),
             }
         )
+
+    def compute_dtype(self):
+        """The type of most of the model's floating-point parameters."""
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        counts = {}
+        for _, p in tree_flatten(self.model.parameters()):
+            if mx.issubdtype(p.dtype, mx.floating):
+                name = str(p.dtype).removeprefix("mlx.core.")
+                counts[name] = counts.get(name, 0) + 1
+        return max(counts, key=counts.get) if counts else None
 
 
 def main():

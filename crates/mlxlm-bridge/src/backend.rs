@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use inference_core::{Backend, Error, LoadSettings, Result, TextModel};
+use inference_core::{Backend, Error, LoadSettings, ModelInfo, Result, TextModel};
 
 use crate::BACKEND_NAME;
 use crate::model::BridgeModel;
@@ -131,15 +131,21 @@ impl MlxLmBackend {
             adapter_path,
             context_length: settings.context_length,
             device: settings.device.as_str(),
+            // `auto` keeps mlx-lm's own types (the reference chooses nothing).
+            dtype: (!settings.dtype.is_auto()).then(|| settings.dtype.as_str()),
         };
         let model_type = match process.exchange(&load, Control::timeout(options.timeout))? {
             Event::Loaded { model_type, .. } => model_type,
             other => return Err(Error::backend(BACKEND_NAME, format!("unexpected {} reply to load", other.name()))),
         };
-        let info = match process.exchange(&Command::Info, Control::timeout(options.timeout))? {
+        let mut info: ModelInfo = match process.exchange(&Command::Info, Control::timeout(options.timeout))? {
             Event::Info { info, .. } => info.into(),
             other => return Err(Error::backend(BACKEND_NAME, format!("unexpected {} reply to info", other.name()))),
         };
+        if !settings.dtype.is_auto() && info.compute_dtype.is_some() {
+            info.compute_dtype_reason =
+                Some(format!("dtype = {} was asked for (mlx-lm's model.set_dtype)", settings.dtype));
+        }
         Ok(BridgeModel::new(process, model_type, info))
     }
 }

@@ -37,7 +37,11 @@
 //!   tests only, `bridge_script` (a script to run instead of the shipped bridge).
 //! * **Load settings**: `context_length` becomes mlx-lm's `max_kv_size` (a rotating KV cache that
 //!   keeps the most recent tokens); `device` `cpu`/`gpu` sets MLX's default device and the stream
-//!   used for generation (`auto` keeps mlx-lm's own); `adapter_path` goes to `mlx_lm.load`. The
+//!   used for generation (`auto` keeps mlx-lm's own); `adapter_path` goes to `mlx_lm.load`;
+//!   `dtype` `float32`/`bfloat16`/`float16` casts the loaded model with mlx-lm's
+//!   `model.set_dtype(...)` (every floating-point parameter, quantised layers' scales and biases
+//!   included, never their packed weights), and `auto` keeps mlx-lm's own (the checkpoint's
+//!   types): this backend is the reference, so it never chooses a type of its own. The
 //!   model path is a local directory: the bridge runs with `HF_HUB_OFFLINE=1` and never downloads.
 //! * **Crash boundary**: the bridge's stderr is drained on its own thread and the last
 //!   [64 KiB](STDERR_TAIL_BYTES) kept ([`BridgeModel::stderr_tail`]); errors about the process
@@ -116,7 +120,7 @@
 //!
 //! | `cmd` | further fields | reply |
 //! |---|---|---|
-//! | `load` | `path` (string, a local model directory), `adapter_path` (string or null), `context_length` (integer ≥ 1 or null), `device` (`"auto"`, `"gpu"` or `"cpu"`) | `loaded` |
+//! | `load` | `path` (string, a local model directory), `adapter_path` (string or null), `context_length` (integer ≥ 1 or null), `device` (`"auto"`, `"gpu"` or `"cpu"`), `dtype` (optional: `"float32"`, `"bfloat16"` or `"float16"`; absent keeps the checkpoint's types) | `loaded` |
 //! | `info` | | `info` |
 //! | `generate` | `prompt` (string, not empty), `settings` | `token`… then `done` |
 //! | `chat` | `messages` (array of `{"role": string, "content": string}`, not empty), `settings` | `token`… then `done` |
@@ -150,7 +154,7 @@
 //! | `event` | fields |
 //! |---|---|
 //! | `loaded` | `id`; `model_type` (string, config.json's) |
-//! | `info` | `id`; `model_type` (string); `vocab_size`, `num_layers`, `hidden_size` (integers); `quant_bits`, `quant_group` (integer or null: not quantised); `context_length` (integer or null: the requested one, else `max_position_embeddings`) |
+//! | `info` | `id`; `model_type` (string); `vocab_size`, `num_layers`, `hidden_size` (integers); `quant_bits`, `quant_group` (integer or null: not quantised); `context_length` (integer or null: the requested one, else `max_position_embeddings`); `compute_dtype` (string: the type of most of the model's floating-point parameters) |
 //! | `token` | `id`; `token` (string, this token's text); `token_id` (integer); `logprob` (number, only when asked for); `logits` (array of numbers, vocabulary-sized, only when asked for) |
 //! | `done` | `id`; `finish_reason` (`"length"`, `"stop"`: an EOS token, `"stop_token"`, `"stop_string"`); the statistics below; `sampled_tokens` (integer: tokens sampled, including a final stop token) |
 //! | `classified` | `id`; `results` (one per prompt, in order: `token`, `token_id`, and `logprob` and `logits` when asked for); the statistics |

@@ -24,14 +24,38 @@ pub(crate) struct Request<'a> {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub(crate) enum Command {
-    Load { path: String, adapter_path: Option<String>, context_length: Option<usize>, device: &'static str },
+    Load {
+        path: String,
+        adapter_path: Option<String>,
+        context_length: Option<usize>,
+        device: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dtype: Option<&'static str>,
+    },
     Info,
-    Generate { prompt: String, settings: WireSettings },
-    Chat { messages: Vec<Message>, settings: WireSettings },
-    Classify { prompts: Vec<String>, settings: WireSettings },
-    BatchGenerate { prompts: Vec<String>, settings: WireSettings },
-    Inspect { prompt: String, dir: String },
-    Cancel { target: u64 },
+    Generate {
+        prompt: String,
+        settings: WireSettings,
+    },
+    Chat {
+        messages: Vec<Message>,
+        settings: WireSettings,
+    },
+    Classify {
+        prompts: Vec<String>,
+        settings: WireSettings,
+    },
+    BatchGenerate {
+        prompts: Vec<String>,
+        settings: WireSettings,
+    },
+    Inspect {
+        prompt: String,
+        dir: String,
+    },
+    Cancel {
+        target: u64,
+    },
     Quit,
 }
 
@@ -221,6 +245,7 @@ pub(crate) struct WireInfo {
     pub(crate) quant_bits: Option<u32>,
     pub(crate) quant_group: Option<u32>,
     pub(crate) context_length: Option<usize>,
+    pub(crate) compute_dtype: Option<String>,
 }
 
 impl From<WireInfo> for ModelInfo {
@@ -233,6 +258,11 @@ impl From<WireInfo> for ModelInfo {
             quant_bits: w.quant_bits,
             quant_group: w.quant_group,
             context_length: w.context_length,
+            compute_dtype_reason: w
+                .compute_dtype
+                .as_ref()
+                .map(|_| "auto: mlx-lm's own (the checkpoint's types)".to_owned()),
+            compute_dtype: w.compute_dtype,
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use inference_core::{CancelToken, Error, GenerateSettings, LoadSettings};
+use inference_core::{CancelToken, ComputeDtype, Error, GenerateSettings, LoadSettings};
 
 const PROMPT: &str = "The capital of France is";
 const N: usize = 8;
@@ -83,8 +83,13 @@ fn backends_switched_by_name_agree_on_greedy_tokens() {
                 eprintln!("note: backend {name} is not available here: {:?}", backend.unavailable_reason());
                 continue;
             }
-            let model = inference_core::load_model(path, &LoadSettings::new().backend(name.as_str()))
+            // The same compute type on both sides (`auto` keeps mlx-lm's own but may cast in
+            // metal): float32, which also checks that the bridge passes the type through.
+            let settings = LoadSettings::new().backend(name.as_str()).dtype(ComputeDtype::Float32);
+            let model = inference_core::load_model(path, &settings)
                 .unwrap_or_else(|e| panic!("{name} on {}: {}", path.display(), e.report()));
+            let info = model.info();
+            assert_eq!(info.compute_dtype.as_deref(), Some("float32"), "{name} on {}: {info:?}", path.display());
             let settings = GenerateSettings::new().max_tokens(N).ignore_eos(true);
             let done = model.generate(PROMPT, &settings, CancelToken::new()).unwrap().complete().unwrap();
             assert_eq!(done.tokens.len(), N, "{name} on {}", path.display());

@@ -69,6 +69,11 @@ pub struct ModelGolden {
     pub dtype: String,
     /// Present for quantised models.
     pub quantization: Option<Quantization>,
+    /// The type mlx-lm computed in when it is not the checkpoint's own: the model was loaded,
+    /// then cast with `model.set_dtype(...)` (the `<model>.float32` goldens). `None`: the
+    /// checkpoint's own types, as mlx-lm loads them.
+    #[serde(default)]
+    pub compute_dtype: Option<String>,
     /// The dtype mlx-lm's logits came out in (stored as float32 either way).
     pub logits_dtype: String,
     /// Versions of the reference packages.
@@ -339,6 +344,12 @@ impl ModelGolden {
             Golden::Model(g) => Ok(*g),
             Golden::Tokenizer(_) => Err(invalid(path, "a tokenizer golden, not a model golden".into())),
         }
+    }
+
+    /// The type a backend must compute in to be compared with this golden: its
+    /// [`compute_dtype`](Self::compute_dtype), else the checkpoint's [`dtype`](Self::dtype).
+    pub fn run_dtype(&self) -> &str {
+        self.compute_dtype.as_deref().unwrap_or(&self.dtype)
     }
 
     /// Checks the shapes that the comparisons rely on.

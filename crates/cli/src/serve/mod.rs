@@ -46,6 +46,8 @@ use crate::failure::{self, Failure};
 struct AppState {
     engine: Arc<Engine>,
     model_id: String,
+    /// The type the model computes in (shown by `/health`), when the backend says.
+    compute_dtype: Option<String>,
     created: u64,
     limits: Limits,
     max_body_bytes: usize,
@@ -108,6 +110,7 @@ fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
     let state = Arc::new(AppState {
         engine: Arc::clone(&engine),
         model_id,
+        compute_dtype: model.info().compute_dtype,
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         limits: Limits { max_tokens: args.max_tokens_limit, default_max_tokens: args.default_max_tokens },
         max_body_bytes: args.max_body_bytes,
@@ -217,7 +220,12 @@ async fn no_route(request: Request) -> ApiError {
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({ "status": "ok", "model": state.model_id, "engine": state.engine.json() }))
+    Json(json!({
+        "status": "ok",
+        "model": state.model_id,
+        "compute_dtype": state.compute_dtype,
+        "engine": state.engine.json(),
+    }))
 }
 
 async fn prometheus(State(state): State<Arc<AppState>>) -> Response {

@@ -198,6 +198,7 @@ impl TextModel for FakeModel {
             quant_bits: Some(4),
             quant_group: Some(64),
             context_length: Some(128),
+            ..ModelInfo::default()
         }
     }
 

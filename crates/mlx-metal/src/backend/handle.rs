@@ -78,6 +78,7 @@ impl MetalModel {
         let engine_tokenizer = tokenizer.clone();
         let engine_metrics = Arc::clone(&metrics);
         let context_length = settings.context_length;
+        let policy = model::dtype::DtypePolicy::from_setting(settings.dtype, device);
         // The loading on the engine thread runs inside the caller's span.
         let caller = tracing::Span::current();
         let thread = std::thread::Builder::new()
@@ -95,10 +96,10 @@ impl MetalModel {
                 let loading = caller.enter();
                 let (loaded, mirror) = match &tensor_parallel {
                     Some(options) => match options.join() {
-                        Ok(tp) => (model::load_sharded(&dir, tp.clone()), Some(Mirror::new(tp))),
+                        Ok(tp) => (model::load_with(&dir, Some(tp.clone()), policy), Some(Mirror::new(tp))),
                         Err(e) => (Err(e), None),
                     },
-                    None => (model::load(&dir), None),
+                    None => (model::load_with(&dir, None, policy), None),
                 };
                 let mut loaded = match loaded {
                     Ok(l) => l,
@@ -118,7 +119,11 @@ impl MetalModel {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
-                let desc = loaded.model.description().clone();
+                let desc = Description {
+                    compute_dtype: Some(loaded.compute.dtype.name().to_owned()),
+                    compute_dtype_reason: Some(loaded.compute.reason.clone()),
+                    ..loaded.model.description().clone()
+                };
                 let config_json = std::fs::read(loaded.dir.join("config.json")).unwrap_or_default();
                 let fingerprint = Fingerprint::new(&desc, &config_json);
                 if let Some(cache_dir) = &prompt_cache_dir {

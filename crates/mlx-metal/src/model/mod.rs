@@ -20,6 +20,7 @@
 //! | `llama`, `mistral` | [`llama`] |
 
 pub mod config;
+pub mod dtype;
 pub mod gemma3;
 pub mod layers;
 pub mod llama;
@@ -37,6 +38,7 @@ use inference_core::ModelInfo;
 use mlx::{Array, Error, Result};
 
 use self::config::ModelConfig;
+use self::dtype::{Compute, DtypePolicy};
 pub use self::layers::AttentionTaps;
 use self::layers::{Attention, Mlp};
 use self::tp::TensorParallel;
@@ -66,6 +68,8 @@ pub(crate) fn describe(
         quant_bits: quant.map(|q| q.1 as u32),
         quant_group: quant.map(|q| q.0 as u32),
         context_length: dims.3.map(u),
+        compute_dtype: None,
+        compute_dtype_reason: None,
     }
 }
 
@@ -197,6 +201,8 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     /// The model directory.
     pub dir: PathBuf,
+    /// The type the model computes in, and why ([`dtype`]).
+    pub compute: Compute,
 }
 
 /// The model directory of `path`: the path itself, or the directory of a file in it.
@@ -210,25 +216,29 @@ pub fn model_dir(path: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Loads the model at `path` (a directory, or a file inside one).
+/// Loads the model at `path` (a directory, or a file inside one) with the
+/// checkpoint's own types ([`DtypePolicy::Checkpoint`]).
 pub fn load(path: &Path) -> Result<LoadedModel> {
-    load_with(path, None)
+    load_with(path, None, DtypePolicy::Checkpoint)
 }
 
 /// Loads this rank's shard of a tensor-parallel model (see [`tp`]): every
 /// rank of `tp`'s group loads the same directory and must then run the same
 /// forward passes, since each block ends in a sum over the ranks.
 pub fn load_sharded(path: &Path, tp: TensorParallel) -> Result<LoadedModel> {
-    load_with(path, Some(tp))
+    load_with(path, Some(tp), DtypePolicy::Checkpoint)
 }
 
-fn load_with(path: &Path, tp: Option<TensorParallel>) -> Result<LoadedModel> {
+/// Loads the model at `path`, whole or (with `tp`) this rank's shard, with
+/// its floating-point weights in the type `policy` chooses ([`dtype`]).
+pub fn load_with(path: &Path, tp: Option<TensorParallel>, policy: DtypePolicy) -> Result<LoadedModel> {
     let span = tracing::info_span!(
         "load",
         dir = %path.display(),
         architecture = tracing::field::Empty,
         rank = tracing::field::Empty,
         ranks = tracing::field::Empty,
+        dtype = tracing::field::Empty,
     );
     let _load = span.enter();
     let dir = model_dir(path)?;
@@ -242,11 +252,14 @@ fn load_with(path: &Path, tp: Option<TensorParallel>) -> Result<LoadedModel> {
         span.record("rank", tp.shard().rank);
         span.record("ranks", tp.shard().size);
     }
-    let weights = match tp {
+    let mut weights = match tp {
         // A rank reads its slices of the sharded layers straight from the files.
         Some(_) => Weights::load_sliceable(&dir, config.quant.clone())?,
         None => Weights::load(&dir, config.quant.clone())?,
     };
+    let compute = dtype::choose(policy, weights.checkpoint_types());
+    span.record("dtype", compute.dtype.name());
+    weights.set_cast(compute.cast);
     let _build = tracing::debug_span!("build_model").entered();
     let mut model: Box<dyn LanguageModel> = match arch {
         "gemma3" | "gemma3_text" => Box::new(gemma3::Gemma3::load(&config, &weights)?),
@@ -260,7 +273,7 @@ fn load_with(path: &Path, tp: Option<TensorParallel>) -> Result<LoadedModel> {
     }
     weights.finish()?;
     model.fuse_projections()?;
-    Ok(LoadedModel { model, config, dir })
+    Ok(LoadedModel { model, config, dir, compute })
 }
 
 pub(crate) fn check_caches(caches: &[LayerCache], layers: usize) -> Result<()> {

@@ -29,6 +29,7 @@ use mlx::{Array, Dtype};
 use mlx::{Error, Result};
 
 use super::config::QuantConfig;
+use super::dtype::CheckpointTypes;
 
 const OP: &str = "load_weights";
 
@@ -40,6 +41,9 @@ pub struct Weights {
     quant: Option<QuantConfig>,
     /// The files' headers, for reading slices straight from them.
     files: Vec<(PathBuf, SafetensorsHeader)>,
+    /// The type floating-point tensors are cast to as they are looked up
+    /// (see [`super::dtype`]).
+    cast: Option<Dtype>,
 }
 
 impl Weights {
@@ -64,7 +68,14 @@ impl Weights {
             return Err(model_err(dir, "the safetensors files hold no tensors"));
         }
         span.record("tensors", tensors.len());
-        Ok(Weights { tensors, used: RefCell::new(BTreeSet::new()), dir: dir.to_path_buf(), quant, files: Vec::new() })
+        Ok(Weights {
+            tensors,
+            used: RefCell::new(BTreeSet::new()),
+            dir: dir.to_path_buf(),
+            quant,
+            files: Vec::new(),
+            cast: None,
+        })
     }
 
     /// [`Weights::load`] for one rank of a tensor-parallel model: slices of
@@ -84,7 +95,7 @@ impl Weights {
     fn slice(&self, name: &str, axis: usize, start: i32, len: i32) -> Result<Array> {
         let (key, arr) = self.resolve(name).ok_or_else(|| model_err(&self.dir, format!("missing tensor {name}")))?;
         if let Some((path, header)) = self.files.iter().find(|(_, h)| h.tensors.contains_key(key)) {
-            return io::read_tensor_slice(path, header, key, axis, i64::from(start), i64::from(len));
+            return self.cast(io::read_tensor_slice(path, header, key, axis, i64::from(start), i64::from(len))?);
         }
         let shape = arr.shape();
         let mut lo = vec![0; shape.len()];
@@ -94,12 +105,45 @@ impl Weights {
         }
         lo[axis] = start;
         hi[axis] = start + len;
-        ops::copy(&ops::slice(arr, &lo, &hi)?)
+        self.cast(ops::copy(&ops::slice(arr, &lo, &hi)?)?)
     }
 
     /// Weights from tensors in memory (tests, converted models).
     pub fn from_tensors(dir: &Path, tensors: BTreeMap<String, Array>, quant: Option<QuantConfig>) -> Weights {
-        Weights { tensors, used: RefCell::new(BTreeSet::new()), dir: dir.to_path_buf(), quant, files: Vec::new() }
+        Weights {
+            tensors,
+            used: RefCell::new(BTreeSet::new()),
+            dir: dir.to_path_buf(),
+            quant,
+            files: Vec::new(),
+            cast: None,
+        }
+    }
+
+    /// What the checkpoint holds: the type of most of its floating-point
+    /// tensors, and whether it is quantised (a `quantization` entry in
+    /// config.json, or any `scales` tensor).
+    pub fn checkpoint_types(&self) -> CheckpointTypes {
+        let mut counts: BTreeMap<&'static str, (usize, Dtype)> = BTreeMap::new();
+        for a in self.tensors.values().filter(|a| a.dtype().is_float()) {
+            counts.entry(a.dtype().name()).or_insert((0, a.dtype())).0 += 1;
+        }
+        let float = counts.values().max_by_key(|(n, _)| *n).map_or(Dtype::Float32, |(_, d)| *d);
+        let quantised = self.quant.is_some() || self.tensors.keys().any(|k| k.ends_with(".scales"));
+        CheckpointTypes { float, quantised }
+    }
+
+    /// Casts every floating-point tensor to `dtype` as it is looked up
+    /// (`None`: none); quantised layers' packed weights are never cast.
+    pub fn set_cast(&mut self, dtype: Option<Dtype>) {
+        self.cast = dtype;
+    }
+
+    fn cast(&self, a: Array) -> Result<Array> {
+        match self.cast {
+            Some(to) if a.dtype().is_float() && a.dtype() != to => ops::astype(&a, to),
+            _ => Ok(a),
+        }
     }
 
     /// The root path for lookups.
@@ -142,7 +186,7 @@ impl Weights {
         match self.resolve(name) {
             Some((key, arr)) => {
                 self.used.borrow_mut().insert(key.clone());
-                Ok(arr.clone())
+                self.cast(arr.clone())
             }
             None => Err(model_err(&self.dir, format!("missing tensor {name}"))),
         }
