@@ -2,14 +2,18 @@
 """mlx-lm's side of the benchmark: mlx_lm.generate.generate_step on a model directory.
 
     python mlxlm_bench.py --model DIR [--prompts 128,512,2048] [--decode 256] [--runs 3]
-                          [--warmup 1] [--seed 0] [--json OUT]
+                          [--warmup 1] [--seed 0] [--dtype float32] [--json OUT]
 
 For each prompt length it feeds the same pseudo-random token ids as the Rust side (common.py),
 generates --decode tokens greedily with EOS ignored (generate_step never stops at EOS by itself),
 and times every token as the generator hands it out. --warmup runs per prompt length come first
 and are not counted; the medians are over --runs. The model is loaded with mlx_lm.utils.load_model
 (weights only, evaluated: what `mlx_lm.load` does minus the tokenizer); "ready_s" adds one
-forward pass of one token, the same as the Rust side measures.
+forward pass of one token, the same as the Rust side measures. --dtype casts the loaded model's
+floating-point parameters (`Module.set_dtype`; a quantised model's scales and biases too) before
+that first pass: the like-for-like comparison against our `--dtype`. Which BLAS MLX calls is the
+process's business (run_all.py preloads ours for the like-for-like side); the JSON records
+LD_PRELOAD.
 
 Writes the side's JSON (schema "mlxr-bench/1", see docs/benchmarks.md) to --json, or stdout.
 """
@@ -17,6 +21,7 @@ Writes the side's JSON (schema "mlxr-bench/1", see docs/benchmarks.md) to --json
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -39,6 +44,8 @@ def main():
     p.add_argument("--warmup", default=1, type=int)
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--prefill-step", default=2048, type=int)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="cast the model's floating-point parameters to this type (default: the checkpoint's)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.decode < 2:
@@ -54,6 +61,8 @@ def main():
 
     t0 = time.perf_counter()
     model, config = load_model(args.model)
+    if args.dtype:
+        model.set_dtype(getattr(mx, args.dtype))
     load_s = time.perf_counter() - t0
     cache = make_prompt_cache(model)
     mx.eval(model(mx.array([[0]]), cache=cache))
@@ -115,7 +124,9 @@ def main():
             "vocab_size": vocab,
             "quant_bits": quant.get("bits"),
             "quant_group": quant.get("group_size"),
+            "compute_dtype": args.dtype or "checkpoint",
         },
+        "ld_preload": os.environ.get("LD_PRELOAD"),
         "settings": {
             "prompts": args.prompts,
             "decode_tokens": args.decode,

@@ -4,11 +4,18 @@
     python run_all.py --bench-bin PATH/bench --model DIR [--python PY] [--runs 3] [--warmup 1]
                       [--prompts 128,512,2048] [--decode 256] [--seed 0] [--rounds 1]
                       [--bandwidth GBps | --bandwidth-json FILE] [--bandwidth-size-mb 1024] [--no-public]
-                      [--json OUT] [--raw-dir DIR]
+                      [--same-blas LIB] [--json OUT] [--raw-dir DIR]
 
 `--bench-bin` is the compiled `bench` example of mlx-metal (`cargo build --release -p mlx-metal
 --example bench`); `cargo xtask bench` builds it and runs this script. Nothing here needs cargo,
 so on a machine with only the binary, python3 with mlx and mlx-lm, this runs as it is.
+
+With --same-blas LIB a third side runs: mlx-lm again, in the compute type our side reported
+(`model.compute_dtype` of its JSON; float32 for a 16-bit checkpoint on an x86 CPU) and with LIB
+preloaded (LD_PRELOAD: the optimised BLAS our binaries link; mlx-lm's Python cannot use our link
+order). Its ratios are the like-for-like ones ("same BLAS and dtype"); the plain mlx-lm side stays
+what a user of mlx-lm gets by default. `cargo xtask bench` passes --same-blas on Linux whenever
+setup installed OpenBLAS.
 
 Steps: the memory bandwidth (--bandwidth, or measured by bandwidth.py); then --rounds rounds,
 each running our side (bench) and mlx-lm's side (mlxlm_bench.py), each in its own process, the
@@ -46,7 +53,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
-OURS, PUBLIC, MLXLM = "ours", "ours-public", "mlx-lm"
+OURS, PUBLIC, MLXLM, SAME = "ours", "ours-public", "mlx-lm", "mlx-lm-same"
+SIDES = (OURS, PUBLIC, MLXLM, SAME)
+# The ratio columns: (key in a summary row, the mlx-lm side it divides by, its heading).
+RATIOS = (("ratio", MLXLM, "ours/mlx-lm"), ("ratio_same", SAME, "ours/same"))
 EMBED_SUFFIXES = ("embed_tokens.weight", "embed_tokens.scales", "embed_tokens.biases")
 
 
@@ -104,9 +114,9 @@ def model_info(model_dir):
 # --- running the sides ------------------------------------------------------------------------
 
 
-def run_side(cmd, label):
+def run_side(cmd, label, env=None):
     print(f"== {label}: {' '.join(str(c) for c in cmd)}", file=sys.stderr, flush=True)
-    r = subprocess.run([str(c) for c in cmd], stdout=subprocess.DEVNULL)
+    r = subprocess.run([str(c) for c in cmd], stdout=subprocess.DEVNULL, env=env)
     if r.returncode != 0:
         raise SystemExit(f"run_all: {label} failed with exit status {r.returncode}")
 
@@ -144,26 +154,31 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def agreement(a, b):
+    prefix = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return {"same": sum(x == y for x, y in zip(a, b)), "common_prefix": prefix, "of": min(len(a), len(b))}
+
+
 def summarise(sides, info, roofline):
-    ours, mlx, pub = sides.get(OURS), sides.get(MLXLM), sides.get(PUBLIC)
+    ours, pub = sides.get(OURS), sides.get(PUBLIC)
     rows = []
-    for i, r in enumerate((ours or mlx)["results"]):
+    first = next(sides[n] for n in SIDES if sides.get(n) and n != PUBLIC)
+    for i, r in enumerate(first["results"]):
         n = r["prompt_tokens"]
         row = {"prompt_tokens": n}
         meds = {}
-        for name, side in ((OURS, ours), (PUBLIC, pub), (MLXLM, mlx)):
-            if side:
-                meds[name] = side["results"][i]["median"]
+        for name in SIDES:
+            if sides.get(name):
+                meds[name] = sides[name]["results"][i]["median"]
                 row[name] = meds[name]
         fps = {name: side["results"][i]["ids_fingerprint"] for name, side in sides.items() if side}
         row["ids_fingerprints"] = fps
         row["ids_match"] = len(set(fps.values())) == 1
-        if OURS in meds and MLXLM in meds:
-            row["ratio"] = {m: ratio(meds[OURS][m], meds[MLXLM][m]) for m in common.METRICS}
-            a, b = ours["results"][i]["generated_ids"], mlx["results"][i]["generated_ids"]
-            prefix = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            row["tokens_agree"] = {"same": sum(x == y for x, y in zip(a, b)), "common_prefix": prefix,
-                                   "of": min(len(a), len(b))}
+        for key, other, _ in RATIOS:
+            if OURS in meds and other in meds:
+                row[key] = {m: ratio(meds[OURS][m], meds[other][m]) for m in common.METRICS}
+                a, b = ours["results"][i]["generated_ids"], sides[other]["results"][i]["generated_ids"]
+                row["tokens_agree" if other == MLXLM else "tokens_agree_same"] = agreement(a, b)
         if OURS in meds and PUBLIC in meds:
             row["public_over_engine"] = {m: ratio(meds[PUBLIC][m], meds[OURS][m]) for m in common.METRICS}
         row["decode_pct_of_roofline"] = {
@@ -172,8 +187,9 @@ def summarise(sides, info, roofline):
         }
         rows.append(row)
     load = {name: {"load_s": s["load_s"], "ready_s": s["ready_s"]} for name, s in sides.items() if s}
-    if ours and mlx:
-        load["ratio"] = {k: ratio(ours[k], mlx[k]) for k in ("load_s", "ready_s")}
+    for key, other, _ in RATIOS:
+        if ours and sides.get(other):
+            load[key] = {k: ratio(ours[k], sides[other][k]) for k in ("load_s", "ready_s")}
     return rows, load
 
 
@@ -184,7 +200,7 @@ def fmt(v, spec):
 def print_table(report):
     info, bw = report["model"], report["bandwidth"]
     sides = report["engines"]
-    names = [n for n in (OURS, PUBLIC, MLXLM) if sides.get(n)]
+    names = [n for n in SIDES if sides.get(n)]
     first = sides[names[0]]
     quant = f"{info['quant_bits']}-bit g{info['quant_group']}" if info["quant_bits"] else (info["dtype"] or "dense")
     versions = "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in sides[n]["versions"].items() if k != "python")
@@ -195,7 +211,8 @@ def print_table(report):
     print(f"device {first['device']} ({dev.get('device_name', '?')}); {versions}")
     print(f"weights read per decode token {info['weight_bytes_per_token'] / 1e9:.3f} GB; bandwidth "
           f"{bw['gb_s']:.1f} GB/s ({bw['source']}); roofline {fmt(report['roofline_tok_s'], ',.1f')} tok/s")
-    cols = names + (["ours/mlx-lm"] if OURS in names and MLXLM in names else [])
+    ratios = [(key, head) for key, other, head in RATIOS if OURS in names and other in names]
+    cols = names + [head for _, head in ratios]
     print()
     print(f"{'prompt':>7} {'metric':<18}" + "".join(f"{c:>14}" for c in cols))
     metrics = [("ttft_s", "TTFT ms", 1e3, ",.1f"), ("prefill_tok_s", "prefill tok/s", 1, ",.1f"),
@@ -207,24 +224,30 @@ def print_table(report):
             for n in names:
                 v = row["decode_pct_of_roofline"].get(n) if key == "roofline" else row[n][key]
                 cells.append(fmt(None if v is None else v * scale, spec))
-            if "ratio" in row:
-                cells.append(fmt(None if key == "roofline" else row["ratio"][key], ".3f"))
+            for rkey, _ in ratios:
+                cells.append(fmt(None if key == "roofline" else row[rkey][key], ".3f"))
             head = f"{row['prompt_tokens']:>7}" if j == 0 else " " * 7
             print(f"{head} {label:<18}" + "".join(f"{c:>14}" for c in cells))
         extra = []
         if not row["ids_match"]:
             extra.append("PROMPT IDS DIFFER BETWEEN SIDES")
-        if "tokens_agree" in row:
-            t = row["tokens_agree"]
-            extra.append(f"greedy tokens equal: {t['same']}/{t['of']} (common prefix {t['common_prefix']})")
+        for k, label in (("tokens_agree", "mlx-lm"), ("tokens_agree_same", "same")):
+            if k in row:
+                t = row[k]
+                extra.append(f"greedy tokens equal to {label}: {t['same']}/{t['of']} (common prefix "
+                             f"{t['common_prefix']})")
         if extra:
             print(" " * 8 + "; ".join(extra))
     load = report["load"]
     for j, (key, label) in enumerate((("load_s", "load call s"), ("ready_s", "load + 1 token s"))):
         cells = [fmt(load.get(n, {}).get(key), ".3f") for n in names]
-        if "ratio" in load:
-            cells.append(fmt(load["ratio"][key], ".3f"))
+        for rkey, _ in ratios:
+            cells.append(fmt(load.get(rkey, {}).get(key), ".3f"))
         print(f"{'-' if j == 0 else '':>7} {label:<18}" + "".join(f"{c:>14}" for c in cells))
+    if SAME in names:
+        same = sides[SAME]
+        print(f"\nmlx-lm-same: mlx-lm in {same['model'].get('compute_dtype')} with LD_PRELOAD={same.get('ld_preload')}; "
+              "ours/same is the like-for-like ratio.")
     print("\nratios are ours / mlx-lm: above 1 is better for tok/s, below 1 for times and memory.\n"
           "our load is lazy (the first forward pass reads the weights) where mlx-lm's reads them: "
           "compare 'load + 1 token'.")
@@ -265,6 +288,8 @@ def main():
     p.add_argument("--no-public", action="store_true", help="skip our public-API runs")
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--skip-mlxlm", action="store_true")
+    p.add_argument("--same-blas", type=Path,
+                   help="also run mlx-lm in our compute type with this BLAS library preloaded (like for like)")
     p.add_argument("--json", type=Path, help="the combined report")
     p.add_argument("--raw-dir", type=Path, help="keep each side's JSON of each round here")
     args = p.parse_args()
@@ -295,9 +320,13 @@ def main():
     # side runs first pays for the disk, and 'load + 1 token' measures the order, not the engines.
     warm_page_cache(args.model)
 
-    docs = {OURS: [], PUBLIC: [], MLXLM: []}
+    if args.same_blas and not args.same_blas.is_file():
+        p.error(f"--same-blas {args.same_blas} is not a file")
+    docs = {name: [] for name in SIDES}
+    # The like-for-like side needs our compute type, so the first round runs ours first.
+    same_dtype = None
     for rnd in range(args.rounds):
-        order = [OURS, MLXLM] if rnd % 2 == 0 else [MLXLM, OURS]
+        order = [OURS, MLXLM, SAME] if rnd % 2 == 0 else [SAME, MLXLM, OURS]
         for side in order:
             out = raw / f"{side}-round{rnd + 1}.json"
             if side == OURS and not args.skip_ours:
@@ -307,6 +336,7 @@ def main():
                 run_side(cmd, f"ours, round {rnd + 1}")
                 doc = json.loads(out.read_text())
                 docs[OURS].append(doc)
+                same_dtype = same_dtype or (doc.get("model") or {}).get("compute_dtype")
                 docs[PUBLIC].append(doc.get("public"))
                 if doc.get("public") and doc["public"].get("skipped"):
                     print(f"public API skipped: {doc['public']['skipped']}", file=sys.stderr)
@@ -314,6 +344,14 @@ def main():
                 run_side([args.python, HERE / "mlxlm_bench.py", *side_args(args), "--json", out],
                          f"mlx-lm, round {rnd + 1}")
                 docs[MLXLM].append(json.loads(out.read_text()))
+            elif side == SAME and args.same_blas and not args.skip_mlxlm:
+                cmd = [args.python, HERE / "mlxlm_bench.py", *side_args(args), "--json", out]
+                if same_dtype in ("float32", "bfloat16", "float16"):
+                    cmd += ["--dtype", same_dtype]
+                env = {**os.environ, "LD_PRELOAD": str(args.same_blas.resolve())}
+                run_side(cmd, f"mlx-lm in {same_dtype or 'its own dtype'} with {args.same_blas}, round {rnd + 1}",
+                         env=env)
+                docs[SAME].append(json.loads(out.read_text()))
 
     sides = {name: merge_rounds(d) for name, d in docs.items()}
     sides = {k: v for k, v in sides.items() if v}

@@ -9,7 +9,9 @@
 //! The orchestration lives in the Python driver so that it also runs where there is no cargo: on
 //! the GPU machine the lead runs `python3 xtask/bench/run_all.py --bench-bin ./bench ...` with
 //! the prebuilt binary. docs/benchmarks.md has the commands, the JSON schema and the roofline
-//! formula.
+//! formula. On Linux with the optimised BLAS installed, a third side runs mlx-lm in our compute
+//! type with that BLAS preloaded (`--same-blas`): the like-for-like ratios beside the ones
+//! against mlx-lm's defaults.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -88,7 +90,20 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let python = pick_python(o.python.as_deref());
     let mut cmd = crate::util::python_driver(&python, &root, "xtask/bench/run_all.py");
     cmd.arg("--bench-bin").arg(&bin).arg("--model").arg(&model).arg("--python").arg(&python).args(&o.driver);
+    if let Some(lib) = same_blas(&root) {
+        cmd.arg("--same-blas").arg(lib);
+    }
     run_cmd(&mut cmd)
+}
+
+/// The optimised BLAS our binaries link (Linux, when setup installed one or
+/// `MLXR_BLAS_DIR` names one), for the like-for-like mlx-lm side: the same
+/// library the build found (`mlx_build::blas::fast_blas`).
+pub(crate) fn same_blas(root: &Path) -> Option<PathBuf> {
+    let prefix = env::var_os("MLX_DIR").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let prefix = prefix.unwrap_or_else(|| root.join("target/mlx/mlx"));
+    let os = mlx_build::TargetOs::from_cfg(env::consts::OS);
+    mlx_build::blas::fast_blas(&prefix, os, env::var_os(mlx_build::blas::BLAS_DIR_ENV))
 }
 
 #[cfg(test)]

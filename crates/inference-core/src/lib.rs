@@ -204,21 +204,25 @@
 mod macros;
 
 mod cancel;
+mod constraint;
 mod discover;
 mod error;
 mod model;
 mod registry;
 mod settings;
 mod stream;
+pub mod tools;
 mod types;
 
 pub use cancel::CancelToken;
+pub use constraint::Constraint;
 pub use discover::{Discover, SkippedPath, discover};
 pub use error::{BoxError, Error, Result, UnavailableBackend};
 pub use model::{Adapter, AttentionInspector, ChatSession, LoraConfig, LoraDType, TextModel, TrainableModel};
 pub use registry::{Backend, PREFERRED_BACKENDS, Registry, default_backend, get, global, list, load_model, register};
 pub use settings::{ComputeDtype, Device, GenerateSettings, LoadSettings, LogitsMode, MAX_TOP_LOGPROBS};
 pub use stream::{Completion, Stopped, TokenSink, TokenStream};
+pub use tools::{ToolCall, ToolCallFormat, ToolChoice};
 pub use types::{
     AttentionSnapshot, BatchResult, ClassifyResult, DiscoveredModel, EngineLoad, GenerateMetrics, Message, ModelInfo,
     Role, Token, TopLogprob, TopLogprobs,

@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::{Constraint, Error, Result, ToolChoice};
 
 /// The most alternatives a token carries ([`GenerateSettings::top_logprobs`]; OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -73,6 +73,19 @@ pub struct GenerateSettings {
     /// Keep generating past end-of-sequence tokens until `max_tokens` (for benchmarks and parity
     /// tests). Default false. Explicit stop tokens and strings still apply.
     pub ignore_eos: bool,
+    /// Tools a chat may call: OpenAI's function objects (`{"type": "function", "function":
+    /// {"name", "description", "parameters"}}`), given to the model's chat template (see
+    /// [`tools`](crate::tools)). Empty (the default): none. Plain completions ignore them.
+    pub tools: Vec<serde_json::Value>,
+    /// Which of [`tools`](Self::tools) the model may call; `Required` and `Function` are
+    /// enforced by constrained decoding.
+    pub tool_choice: ToolChoice,
+    /// Whether a forced call ([`ToolChoice::Required`] or [`ToolChoice::Function`]) may be
+    /// several calls in a row (OpenAI's `parallel_tool_calls`). Default true.
+    pub parallel_tool_calls: bool,
+    /// What the output must match, enforced token by token (structured output); `None` (the
+    /// default): anything.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for GenerateSettings {
@@ -91,6 +104,10 @@ impl Default for GenerateSettings {
             logits: LogitsMode::None,
             top_logprobs: None,
             ignore_eos: false,
+            tools: Vec::new(),
+            tool_choice: ToolChoice::Auto,
+            parallel_tool_calls: true,
+            constraint: None,
         }
     }
 }
@@ -128,6 +145,14 @@ impl GenerateSettings {
         top_logprobs(k: usize) = Some(k);
         /// Sets [`ignore_eos`](Self::ignore_eos).
         ignore_eos(ignore: bool) = ignore;
+        /// Replaces [`tools`](Self::tools).
+        tools(tools: impl IntoIterator<Item = serde_json::Value>) = tools.into_iter().collect();
+        /// Sets [`tool_choice`](Self::tool_choice).
+        tool_choice(choice: ToolChoice) = choice;
+        /// Sets [`parallel_tool_calls`](Self::parallel_tool_calls).
+        parallel_tool_calls(parallel: bool) = parallel;
+        /// Sets [`constraint`](Self::constraint).
+        constraint(c: Constraint) = Some(c);
     }
 
     /// Whether sampling is greedy (temperature 0).
@@ -174,6 +199,28 @@ impl GenerateSettings {
         }
         if let Some(k) = self.top_logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
             return Err(Error::invalid_setting("top_logprobs", k, format!("must be at most {MAX_TOP_LOGPROBS}")));
+        }
+        crate::tools::validate_tools(&self.tools)?;
+        match &self.tool_choice {
+            ToolChoice::Required if self.tools.is_empty() => {
+                return Err(Error::invalid_setting("tool_choice", "required", "needs at least one tool"));
+            }
+            ToolChoice::Function(name)
+                if !self.tools.iter().any(|t| t.pointer("/function/name").and_then(|n| n.as_str()) == Some(name)) =>
+            {
+                return Err(Error::invalid_setting("tool_choice", name, "names no tool in tools"));
+            }
+            ToolChoice::Required | ToolChoice::Function(_) if self.constraint.is_some() => {
+                return Err(Error::invalid_setting(
+                    "tool_choice",
+                    "required",
+                    "cannot be combined with a constraint (forcing a call is one)",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(c) = &self.constraint {
+            c.validate()?;
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
+use crate::{Error, ToolCall};
 
 /// One generated (or classified) token.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -79,6 +79,8 @@ impl Role {
     pub const USER: Role = Role(Cow::Borrowed("user"));
     /// `assistant`: the model's turns.
     pub const ASSISTANT: Role = Role(Cow::Borrowed("assistant"));
+    /// The result of a tool call.
+    pub const TOOL: Role = Role(Cow::Borrowed("tool"));
 
     /// A role with any name.
     pub fn new(name: impl Into<String>) -> Self {
@@ -127,19 +129,40 @@ impl PartialEq<&str> for Role {
     }
 }
 
-/// One turn of a chat; serialised as `{"role":"user","content":"..."}`.
+/// One turn of a chat; serialised as `{"role":"user","content":"..."}`, with `tool_calls`,
+/// `tool_call_id` and `name` only when set (the fields Hugging Face chat templates read).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Message {
     /// Who wrote it.
     pub role: Role,
     /// What they wrote.
     pub content: String,
+    /// The calls an assistant message made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The tool that answered (a `tool` message), or the author's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
     /// A message with any role.
     pub fn new(role: impl Into<Role>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self { role: role.into(), content: content.into(), tool_calls: Vec::new(), tool_call_id: None, name: None }
+    }
+
+    /// An assistant message that calls tools (its `content` is the text it wrote beside them).
+    pub fn with_tool_calls(mut self, calls: impl IntoIterator<Item = ToolCall>) -> Self {
+        self.tool_calls = calls.into_iter().collect();
+        self
+    }
+
+    /// A `tool` message: the result of the call `call_id`, from the tool `name` if given.
+    pub fn tool(call_id: impl Into<String>, name: Option<String>, content: impl Into<String>) -> Self {
+        Self { tool_call_id: Some(call_id.into()), name, ..Self::new(Role::TOOL, content) }
     }
 
     /// A [`Role::SYSTEM`] message.
@@ -286,6 +309,10 @@ pub struct ModelInfo {
     /// Why that type: the load setting, or what `auto` chose for the device and the checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compute_dtype_reason: Option<String>,
+    /// How the model writes tool calls (from its chat template; [`ToolCallFormat::Json`], the
+    /// fallback, when the template shows no known form).
+    #[serde(default)]
+    pub tool_call_format: crate::ToolCallFormat,
 }
 
 impl ModelInfo {

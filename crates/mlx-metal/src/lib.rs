@@ -34,6 +34,7 @@ pub mod batch;
 pub mod bench;
 pub mod cache;
 pub mod chat;
+pub mod constrain;
 pub mod generate;
 pub mod lora;
 pub mod model;

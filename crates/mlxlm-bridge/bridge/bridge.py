@@ -152,8 +152,14 @@ class Bridge(Generation, Batches, Inspection):
                 "quant_group": quant.get("group_size") if isinstance(quant, dict) else None,
                 "context_length": self.max_kv or pick("max_position_embeddings"),
                 "compute_dtype": self.compute_dtype(),
+                "chat_template": self.chat_template(),
             }
         )
+
+    def chat_template(self):
+        """The tokenizer's chat template text, when it has one (a string)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
 
     def compute_dtype(self):
         """The type of most of the model's floating-point parameters."""

@@ -35,13 +35,18 @@ class Generation:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise BridgeError("chat: every message needs a string 'role' and 'content'", "invalid")
+        tools = msg.get("tools") or None
+        if tools is not None and not isinstance(tools, list):
+            raise BridgeError("chat: 'tools' must be a list", "invalid")
         settings = Settings(msg.get("settings"))
         if not self.tokenizer.has_chat_template:
             raise BridgeError(
                 "chat: the model's tokenizer has no chat template", "unsupported", "chat without a chat template"
             )
+        # The fields Hugging Face templates read: role, content, and tool_calls, tool_call_id, name.
+        keys = ("role", "content", "tool_calls", "tool_call_id", "name")
         ids = self.tokenizer.apply_chat_template(
-            [{"role": m["role"], "content": m["content"]} for m in messages], add_generation_prompt=True
+            [{k: m[k] for k in keys if k in m} for m in messages], tools=tools, add_generation_prompt=True
         )
         if isinstance(ids, dict):
             ids = ids["input_ids"]

@@ -138,15 +138,20 @@ impl MlxLmBackend {
             Event::Loaded { model_type, .. } => model_type,
             other => return Err(Error::backend(BACKEND_NAME, format!("unexpected {} reply to load", other.name()))),
         };
-        let mut info: ModelInfo = match process.exchange(&Command::Info, Control::timeout(options.timeout))? {
-            Event::Info { info, .. } => info.into(),
+        let (mut info, tools_native): (ModelInfo, bool) = match process
+            .exchange(&Command::Info, Control::timeout(options.timeout))?
+        {
+            Event::Info { info, .. } => {
+                let native = info.chat_template.as_deref().is_some_and(inference_core::tools::template_supports_tools);
+                ((*info).into(), native)
+            }
             other => return Err(Error::backend(BACKEND_NAME, format!("unexpected {} reply to info", other.name()))),
         };
         if !settings.dtype.is_auto() && info.compute_dtype.is_some() {
             info.compute_dtype_reason =
                 Some(format!("dtype = {} was asked for (mlx-lm's model.set_dtype)", settings.dtype));
         }
-        Ok(BridgeModel::new(process, model_type, info))
+        Ok(BridgeModel::new(process, model_type, info, tools_native))
     }
 }
 

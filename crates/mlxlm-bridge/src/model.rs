@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use inference_core::{
     AttentionInspector, AttentionSnapshot, BatchResult, CancelToken, ClassifyResult, Error, GenerateMetrics,
-    GenerateSettings, LogitsMode, Message, ModelInfo, Result, TextModel, Token, TokenSink, TokenStream,
+    GenerateSettings, LogitsMode, Message, ModelInfo, Result, TextModel, Token, TokenSink, TokenStream, ToolChoice,
+    tools,
 };
 
 use crate::BACKEND_NAME;
@@ -40,6 +41,8 @@ struct Shared {
     pid: u32,
     model_type: String,
     info: ModelInfo,
+    /// Whether the chat template renders tools itself (else the fallback messages go).
+    tools_native: bool,
     versions: BridgeVersions,
     metrics: Mutex<GenerateMetrics>,
 }
@@ -152,7 +155,7 @@ impl Drop for Lease {
 }
 
 impl BridgeModel {
-    pub(crate) fn new(process: Process, model_type: String, mut info: ModelInfo) -> Self {
+    pub(crate) fn new(process: Process, model_type: String, mut info: ModelInfo, tools_native: bool) -> Self {
         if info.architecture.is_empty() {
             info.architecture.clone_from(&model_type);
         }
@@ -166,6 +169,7 @@ impl BridgeModel {
             closed: AtomicBool::new(false),
             model_type,
             info,
+            tools_native,
             metrics: Mutex::new(GenerateMetrics::default()),
         };
         Self { shared: Arc::new(shared) }
@@ -276,7 +280,13 @@ impl TextModel for BridgeModel {
             return Err(Error::EmptyPrompt);
         }
         self.ensure_open()?;
-        self.stream(Command::Chat { messages: messages.to_vec(), settings: settings.into() }, cancel)
+        let offered = if settings.tool_choice == ToolChoice::None { &[][..] } else { &settings.tools[..] };
+        let (messages, tools) = if self.shared.tools_native {
+            (messages.to_vec(), offered.to_vec())
+        } else {
+            (tools::fallback_messages(messages, offered), Vec::new())
+        };
+        self.stream(Command::Chat { messages, tools, settings: settings.into() }, cancel)
     }
 
     fn classify(
@@ -451,13 +461,27 @@ impl fmt::Debug for BridgeModel {
 /// The settings checked, and those this backend cannot honour refused by name.
 fn check(settings: &GenerateSettings) -> Result<()> {
     settings.validate()?;
-    match settings.top_logprobs {
-        Some(k) => Err(Error::invalid_setting(
+    if let Some(k) = settings.top_logprobs {
+        return Err(Error::invalid_setting(
             "top_logprobs",
             k,
             "the mlx_lm backend does not report the most likely tokens yet (the metal backend does)",
+        ));
+    }
+    if let Some(c) = &settings.constraint {
+        return Err(Error::invalid_setting(
+            "constraint",
+            c.kind(),
+            "the mlx_lm backend has no constrained decoding (the metal backend does)",
+        ));
+    }
+    match &settings.tool_choice {
+        ToolChoice::Required | ToolChoice::Function(_) => Err(Error::invalid_setting(
+            "tool_choice",
+            "required",
+            "forcing a tool call needs constrained decoding, which the mlx_lm backend lacks (the metal backend has it)",
         )),
-        None => Ok(()),
+        ToolChoice::Auto | ToolChoice::None => Ok(()),
     }
 }
 
@@ -470,6 +494,11 @@ mod tests {
         assert!(check(&GenerateSettings::default()).is_ok());
         let e = check(&GenerateSettings::default().top_logprobs(2)).unwrap_err();
         assert!(e.to_string().contains("top_logprobs") && e.to_string().contains("mlx_lm"), "{e}");
+        let e = check(&GenerateSettings::default().constraint(inference_core::Constraint::JsonObject)).unwrap_err();
+        assert!(e.to_string().contains("constraint") && e.to_string().contains("mlx_lm"), "{e}");
+        let tool = serde_json::json!({"type": "function", "function": {"name": "f"}});
+        let e = check(&GenerateSettings::default().tools([tool]).tool_choice(ToolChoice::Required)).unwrap_err();
+        assert!(e.to_string().contains("tool_choice") && e.to_string().contains("mlx_lm"), "{e}");
     }
 
     #[test]

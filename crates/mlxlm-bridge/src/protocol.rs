@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use inference_core::{GenerateMetrics, GenerateSettings, LogitsMode, Message, ModelInfo, Token};
+use inference_core::{GenerateMetrics, GenerateSettings, LogitsMode, Message, ModelInfo, Token, tools};
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,9 @@ pub(crate) enum Command {
     },
     Chat {
         messages: Vec<Message>,
+        /// The tools for a template that renders them (omitted when none).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        tools: Vec<serde_json::Value>,
         settings: WireSettings,
     },
     Classify {
@@ -150,7 +153,7 @@ pub(crate) enum Event {
     Info {
         id: u64,
         #[serde(flatten)]
-        info: WireInfo,
+        info: Box<WireInfo>,
     },
     Token {
         id: u64,
@@ -246,6 +249,8 @@ pub(crate) struct WireInfo {
     pub(crate) quant_group: Option<u32>,
     pub(crate) context_length: Option<usize>,
     pub(crate) compute_dtype: Option<String>,
+    /// The tokenizer's chat template, when it has one.
+    pub(crate) chat_template: Option<String>,
 }
 
 impl From<WireInfo> for ModelInfo {
@@ -263,6 +268,7 @@ impl From<WireInfo> for ModelInfo {
                 .as_ref()
                 .map(|_| "auto: mlx-lm's own (the checkpoint's types)".to_owned()),
             compute_dtype: w.compute_dtype,
+            tool_call_format: w.chat_template.as_deref().map(tools::template_format).unwrap_or_default(),
         }
     }
 }
@@ -406,7 +412,11 @@ mod tests {
         assert_eq!(line, r#"{"id":5,"cmd":"cancel","target":4}"#);
         let line = serde_json::to_string(&Request { id: 6, command: &Command::Quit }).unwrap();
         assert_eq!(line, r#"{"id":6,"cmd":"quit"}"#);
-        let cmd = Command::Chat { messages: vec![Message::user("x")], settings: (&GenerateSettings::new()).into() };
+        let cmd = Command::Chat {
+            messages: vec![Message::user("x")],
+            tools: Vec::new(),
+            settings: (&GenerateSettings::new()).into(),
+        };
         assert!(
             serde_json::to_string(&Request { id: 1, command: &cmd })
                 .unwrap()

@@ -269,6 +269,14 @@ struct ChatMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// An assistant message's calls (OpenAI's shape; `arguments` text or an object).
+    #[serde(default)]
+    tool_calls: Option<Vec<inference_core::ToolCall>>,
+    /// The call a `tool` message answers.
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
 }
 
 /// `/v1/chat/completions`'s own fields.
@@ -314,7 +322,18 @@ impl ChatRequest {
                     let param = format!("messages[{i}].role");
                     return Err(ApiError::invalid(Some(&param), "invalid_value", format!("{param} must not be empty")));
                 }
-                Ok(Message::new(role, content))
+                if role == Role::TOOL && m.tool_call_id.is_none() {
+                    let param = format!("messages[{i}].tool_call_id");
+                    return Err(ApiError::invalid(
+                        Some(&param),
+                        "invalid_value",
+                        format!("{param} is required for role tool"),
+                    ));
+                }
+                let mut message = Message::new(role, content).with_tool_calls(m.tool_calls.clone().unwrap_or_default());
+                message.tool_call_id.clone_from(&m.tool_call_id);
+                message.name.clone_from(&m.name);
+                Ok(message)
             })
             .collect()
     }
@@ -361,7 +380,24 @@ pub(crate) struct Head {
 
 /// One choice of a whole `chat.completion`; `logprobs` as [`super::logprobs::chat`] makes it (or null).
 pub(crate) fn chat_choice(index: usize, text: &str, finish: &str, logprobs: Value) -> Value {
-    let message = json!({ "role": "assistant", "content": text });
+    chat_choice_with_calls(index, text, &[], finish, logprobs)
+}
+
+/// [`chat_choice`] with the calls the answer made (`content` is null when it wrote nothing else).
+pub(crate) fn chat_choice_with_calls(
+    index: usize,
+    text: &str,
+    calls: &[inference_core::ToolCall],
+    finish: &str,
+    logprobs: Value,
+) -> Value {
+    let mut message = json!({ "role": "assistant", "content": text });
+    if !calls.is_empty() {
+        message["tool_calls"] = calls.iter().map(super::tools::call_json).collect();
+        if text.trim().is_empty() {
+            message["content"] = Value::Null;
+        }
+    }
     json!({ "index": index, "message": message, "logprobs": logprobs, "finish_reason": finish })
 }
 

@@ -19,6 +19,7 @@ mod error;
 mod logprobs;
 mod metrics;
 mod respond;
+mod tools;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +49,8 @@ struct AppState {
     model_id: String,
     /// The type the model computes in (shown by `/health`), when the backend says.
     compute_dtype: Option<String>,
+    /// How the model writes tool calls (from its chat template).
+    tool_call_format: inference_core::ToolCallFormat,
     created: u64,
     limits: Limits,
     max_body_bytes: usize,
@@ -111,6 +114,7 @@ fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
         engine: Arc::clone(&engine),
         model_id,
         compute_dtype: model.info().compute_dtype,
+        tool_call_format: model.info().tool_call_format,
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         limits: Limits { max_tokens: args.max_tokens_limit, default_max_tokens: args.default_max_tokens },
         max_body_bytes: args.max_body_bytes,
@@ -268,12 +272,14 @@ struct Parsed<T> {
     settings: inference_core::GenerateSettings,
     /// How many choices (`n`).
     choices: usize,
+    /// The format to read tool calls in, when the request offers tools.
+    calls: Option<inference_core::ToolCallFormat>,
 }
 
 impl<T> Parsed<T> {
     /// The request without its endpoint's own fields (once they are read).
     fn without_own(self) -> Parsed<()> {
-        Parsed { own: (), common: self.common, settings: self.settings, choices: self.choices }
+        Parsed { own: (), common: self.common, settings: self.settings, choices: self.choices, calls: self.calls }
     }
 }
 
@@ -286,8 +292,11 @@ fn parse_request<T: serde::de::DeserializeOwned>(
     let common: Common = api::from_value(&value)?;
     state.check_model(&common)?;
     let sampling: api::Sampling = api::from_value(&value)?;
-    let settings = sampling.settings(state.limits)?;
-    Ok(Parsed { own, common, settings, choices: sampling.choices()? })
+    let fields: tools::ToolFields = api::from_value(&value)?;
+    let settings = fields.apply(sampling.settings(state.limits)?)?;
+    settings.validate()?;
+    let calls = fields.call_format(&settings, state.tool_call_format);
+    Ok(Parsed { own, common, settings, choices: sampling.choices()?, calls })
 }
 
 async fn chat_completions(
@@ -296,14 +305,18 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let request: Parsed<api::ChatRequest> = parse_request(&state, body)?;
     let prompt = Prompt::Chat(request.own.messages()?);
-    respond(&state, request.without_own(), prompt, "chatcmpl", Kind::Chat).await
+    let kind = Kind::Chat(request.calls);
+    respond(&state, request.without_own(), prompt, "chatcmpl", kind).await
 }
 
 async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request: Parsed<api::CompletionRequest> = parse_request(&state, body)?;
+    let mut request: Parsed<api::CompletionRequest> = parse_request(&state, body)?;
+    // Tools are for chats: a plain completion is not given them.
+    request.settings.tools.clear();
+    request.settings.tool_choice = inference_core::ToolChoice::Auto;
     let prompt = Prompt::Text(request.own.prompt()?);
     respond(&state, request.without_own(), prompt, "cmpl", Kind::Text).await
 }

@@ -9,19 +9,21 @@ use std::sync::Arc;
 use axum::Json;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
-use inference_core::{GenerateSettings, Token};
+use inference_core::{GenerateSettings, Token, ToolCallFormat};
 use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::api::{self, Head};
 use super::engine::{Engine, Event, Generation, Outcome, Prompt};
 use super::error::ApiError;
+use super::tools::{self, CallStream};
 use super::{anthropic, logprobs};
 
 /// Which endpoint answers.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Kind {
-    Chat,
+    /// A chat answer, read for tool calls in the format given (when the request offers tools).
+    Chat(Option<ToolCallFormat>),
     Text,
 }
 
@@ -77,14 +79,19 @@ pub(super) async fn whole(generations: Vec<Generation>, head: &Head, kind: Kind)
         let (text, tokens, outcome) = collect(generation).await?;
         let finish = outcome.finish_reason;
         choices.push(match kind {
-            Kind::Chat => api::chat_choice(index, &text, finish, logprobs::chat(&tokens)),
+            Kind::Chat(Some(format)) => {
+                let (content, calls) = inference_core::tools::parse_tool_calls(format, &text);
+                let finish = tools::finish_reason(finish, calls.len());
+                api::chat_choice_with_calls(index, &content, &calls, finish, logprobs::chat(&tokens))
+            }
+            Kind::Chat(None) => api::chat_choice(index, &text, finish, logprobs::chat(&tokens)),
             Kind::Text => api::text_choice(index, &text, Some(finish), logprobs::text(&tokens, 0)),
         });
         outcomes.push(outcome);
     }
     let usage = usage_of(&outcomes);
     Ok(Json(match kind {
-        Kind::Chat => api::chat_completion(head, choices, usage),
+        Kind::Chat(_) => api::chat_completion(head, choices, usage),
         Kind::Text => api::text_completion(head, choices, Some(usage)),
     })
     .into_response())
@@ -93,7 +100,7 @@ pub(super) async fn whole(generations: Vec<Generation>, head: &Head, kind: Kind)
 /// One chunk of `kind` with the given choices (none: the usage chunk).
 fn chunk(head: &Head, kind: Kind, choices: Vec<Value>, usage: Option<Value>) -> Value {
     match kind {
-        Kind::Chat => api::chat_chunk(head, choices, usage),
+        Kind::Chat(_) => api::chat_chunk(head, choices, usage),
         Kind::Text => api::text_completion(head, choices, usage),
     }
 }
@@ -121,7 +128,7 @@ pub(super) fn stream(generations: Vec<Generation>, head: Head, kind: Kind, inclu
     drop(events_tx);
     tokio::spawn(async move {
         let data = |v: Value| Ok(SseEvent::default().data(v.to_string()));
-        if let Kind::Chat = kind {
+        if let Kind::Chat(_) = kind {
             let opening: Vec<Value> = (0..n)
                 .map(|i| api::chat_delta(i, json!({"role": "assistant", "content": ""}), None, Value::Null))
                 .collect();
@@ -131,6 +138,9 @@ pub(super) fn stream(generations: Vec<Generation>, head: Head, kind: Kind, inclu
         }
         // Characters of each choice sent so far (the completions endpoint's `text_offset`).
         let mut offsets = vec![0usize; n];
+        // Each chat choice's reading of its text for tool calls.
+        let format = if let Kind::Chat(f) = kind { f } else { None };
+        let mut calls: Vec<CallStream> = (0..n).map(|_| CallStream::new(format)).collect();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
         loop {
             let next = tokio::select! {
@@ -138,29 +148,42 @@ pub(super) fn stream(generations: Vec<Generation>, head: Head, kind: Kind, inclu
                 () = tx.closed() => return,
             };
             let Some((index, event)) = next else { return };
-            let value = match event {
+            let values = match event {
                 Some(Event::Token(token)) => {
                     let tokens = std::slice::from_ref(&token);
-                    let choice = match kind {
-                        Kind::Chat => {
-                            let delta = json!({ "content": token.text });
-                            api::chat_delta(index, delta, None, logprobs::chat(tokens))
+                    let values = match kind {
+                        Kind::Chat(_) => {
+                            let mut lp = logprobs::chat(tokens);
+                            let mut deltas = calls[index].push(&token.text);
+                            if deltas.is_empty() && !lp.is_null() {
+                                // Held back (it may be a call): the token's scores still go out.
+                                deltas.push(json!({ "content": "" }));
+                            }
+                            let choices = deltas.into_iter().map(|d| api::chat_delta(index, d, None, lp.take()));
+                            choices.map(|c| chunk(&head, kind, vec![c], None)).collect()
                         }
                         Kind::Text => {
-                            api::text_choice(index, &token.text, None, logprobs::text(tokens, offsets[index]))
+                            let lp = logprobs::text(tokens, offsets[index]);
+                            vec![chunk(&head, kind, vec![api::text_choice(index, &token.text, None, lp)], None)]
                         }
                     };
                     offsets[index] += token.text.chars().count();
-                    chunk(&head, kind, vec![choice], None)
+                    values
                 }
                 Some(Event::Done(outcome)) => {
-                    let finish = Some(outcome.finish_reason);
+                    let (held, made) = calls[index].finish();
+                    let finish = Some(tools::finish_reason(outcome.finish_reason, made));
                     outcomes[index] = Some(outcome);
+                    let mut values: Vec<Value> = held
+                        .into_iter()
+                        .map(|d| chunk(&head, kind, vec![api::chat_delta(index, d, None, Value::Null)], None))
+                        .collect();
                     let choice = match kind {
-                        Kind::Chat => api::chat_delta(index, json!({}), finish, Value::Null),
+                        Kind::Chat(_) => api::chat_delta(index, json!({}), finish, Value::Null),
                         Kind::Text => api::text_choice(index, "", finish, Value::Null),
                     };
-                    chunk(&head, kind, vec![choice], None)
+                    values.push(chunk(&head, kind, vec![choice], None));
+                    values
                 }
                 Some(Event::Failed(e)) => {
                     let _ = tx.send(data(ApiError::from(e).body())).await;
@@ -171,8 +194,10 @@ pub(super) fn stream(generations: Vec<Generation>, head: Head, kind: Kind, inclu
                     return;
                 }
             };
-            if tx.send(data(value)).await.is_err() {
-                return;
+            for value in values {
+                if tx.send(data(value)).await.is_err() {
+                    return;
+                }
             }
             if outcomes.iter().all(Option::is_some) {
                 break;

@@ -24,6 +24,7 @@ use super::scheduler::{Limits, Scheduler};
 use super::session::MetalSession;
 use super::{Job, Jobs, NAME, call, check_prompt, core_err, lock, submit};
 use crate::chat::ChatTemplate;
+use crate::constrain::Grammars;
 use crate::model::{self, Description};
 use crate::session::Fingerprint;
 use crate::tokenizer::Tokenizer;
@@ -40,6 +41,8 @@ pub struct MetalModel {
     context_length: Option<usize>,
     metrics: Arc<Mutex<GenerateMetrics>>,
     load: Arc<Mutex<EngineLoad>>,
+    /// The constraint compiler, shared with the scheduler (built on first use).
+    grammars: Arc<Grammars>,
 }
 
 impl MetalModel {
@@ -76,6 +79,8 @@ impl MetalModel {
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<Description, Error>>(1);
         let (job_tx, job_rx) = mpsc::channel::<Job>();
         let engine_tokenizer = tokenizer.clone();
+        let grammars = Arc::new(Grammars::new(tokenizer.clone()));
+        let engine_grammars = Arc::clone(&grammars);
         let engine_metrics = Arc::clone(&metrics);
         let context_length = settings.context_length;
         let policy = model::dtype::DtypePolicy::from_setting(settings.dtype, device);
@@ -114,7 +119,7 @@ impl MetalModel {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
-                let mut scheduler = Scheduler::new(limits, engine_load, mirror.is_some());
+                let mut scheduler = Scheduler::new(limits, engine_load, mirror.is_some(), Some(engine_grammars));
                 if let Err(e) = scheduler.size_up(loaded.model.as_ref()) {
                     let _ = ready_tx.send(Err(e));
                     return;
@@ -171,7 +176,11 @@ impl MetalModel {
             }
         };
         let template = ChatTemplate::for_model(&tokenizer, &desc.architecture).map_err(core_err)?;
-        let info = ModelInfo { context_length: settings.context_length.or(desc.context_length), ..desc.clone() };
+        let info = ModelInfo {
+            context_length: settings.context_length.or(desc.context_length),
+            tool_call_format: template.tool_call_format(),
+            ..desc.clone()
+        };
         Ok(MetalModel {
             jobs: Arc::new(Mutex::new(Some(job_tx))),
             thread: Mutex::new(Some(thread)),
@@ -183,6 +192,7 @@ impl MetalModel {
             context_length: settings.context_length,
             metrics,
             load,
+            grammars,
         })
     }
 
@@ -307,6 +317,7 @@ impl MetalModel {
 
     fn stream(&self, ids: Vec<u32>, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
         settings.validate()?;
+        self.check_constraint(settings)?;
         self.check_prompt(&ids)?;
         // Unbounded: the engine serves every stream at once and must not
         // wait for any one reader; a cancel or a dropped stream ends the row
@@ -323,6 +334,20 @@ impl MetalModel {
         Ok(stream)
     }
 
+    /// Compiles the settings' constraint once, so that one that does not
+    /// compile is refused here, naming what is wrong (the scheduler compiles
+    /// each row's own).
+    fn check_constraint(&self, settings: &GenerateSettings) -> CoreResult<()> {
+        match &settings.constraint {
+            Some(c) => self
+                .grammars
+                .compile(c)
+                .map(drop)
+                .map_err(|e| CoreError::invalid_setting("constraint", c.kind(), e.to_string())),
+            None => Ok(()),
+        }
+    }
+
     /// One stream per prompt that encoded (the others keep their error),
     /// all handed to the engine in one job.
     fn rows(
@@ -332,6 +357,7 @@ impl MetalModel {
         classify: bool,
         cancel: &CancelToken,
     ) -> CoreResult<Vec<CoreResult<TokenStream>>> {
+        self.check_constraint(settings)?;
         let mut rows = Vec::new();
         let streams = prompts
             .into_iter()
@@ -419,8 +445,9 @@ impl TextModel for MetalModel {
         if messages.is_empty() {
             return Err(CoreError::EmptyPrompt);
         }
-        let ids = self.template.render_and_encode(&self.tokenizer, messages).map_err(core_err)?;
-        self.stream(ids, settings, cancel)
+        settings.validate()?;
+        let (ids, settings) = self.template.render_chat(&self.tokenizer, messages, settings).map_err(core_err)?;
+        self.stream(ids, &settings, cancel)
     }
 
     fn classify(

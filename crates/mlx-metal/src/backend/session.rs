@@ -92,8 +92,9 @@ impl ChatSession for MetalSession {
         if messages.is_empty() {
             return Err(CoreError::EmptyPrompt);
         }
-        let ids = self.template.render_and_encode(&self.tokenizer, messages).map_err(core_err)?;
-        self.turn(ids, settings, cancel)
+        settings.validate()?;
+        let (ids, settings) = self.template.render_chat(&self.tokenizer, messages, settings).map_err(core_err)?;
+        self.turn(ids, &settings, cancel)
     }
 
     fn generate(&mut self, prompt: &str, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {

@@ -22,6 +22,7 @@
 
 mod builtin;
 mod globals;
+mod tools;
 
 use std::borrow::Cow;
 use std::fmt;

@@ -70,6 +70,7 @@ pub(crate) fn describe(
         context_length: dims.3.map(u),
         compute_dtype: None,
         compute_dtype_reason: None,
+        tool_call_format: Default::default(),
     }
 }
 

@@ -38,7 +38,7 @@ impl Scheduler {
             let store = self.store.as_mut().filter(|_| session.is_none());
             let parts = || -> Result<(Draw, usize, Vec<LayerCache>)> {
                 // Checks that every id fits the model's input type.
-                let (draw, _) = (Draw::new(&settings, &ids)?, tokens(&ids)?);
+                let (draw, _) = (Draw::new(&settings, &ids, self.grammars.as_deref())?, tokens(&ids)?);
                 let (cached, caches) = match (session.as_mut(), store) {
                     (Some(turn), _) => (0, std::mem::take(&mut turn.caches)),
                     (None, Some(store)) => match store.lookup(&ids)? {

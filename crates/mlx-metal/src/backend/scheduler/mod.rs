@@ -41,6 +41,7 @@ use self::store::PromptStore;
 use super::{core_err, lock};
 use crate::batch::read_ids;
 use crate::cache::LayerCache;
+use crate::constrain::Grammars;
 use crate::model::LanguageModel;
 use crate::tokenizer::Tokenizer;
 
@@ -91,6 +92,8 @@ pub(crate) struct Scheduler {
     kv: Option<KvBudget>,
     /// The prompt cache (`store.rs`), once [`Scheduler::size_up`] has run, unless turned off.
     store: Option<PromptStore>,
+    /// The model's constraint compiler (`crate::constrain`), for rows whose settings have one.
+    grammars: Option<Arc<Grammars>>,
 }
 
 /// A generation that ended.
@@ -104,7 +107,12 @@ enum Ending {
 impl Scheduler {
     /// A scheduler within `limits` that publishes its `load`; `mirrored` on a
     /// tensor-parallel rank (see [`Plan`]).
-    pub(crate) fn new(limits: Limits, load: Arc<Mutex<EngineLoad>>, mirrored: bool) -> Scheduler {
+    pub(crate) fn new(
+        limits: Limits,
+        load: Arc<Mutex<EngineLoad>>,
+        mirrored: bool,
+        grammars: Option<Arc<Grammars>>,
+    ) -> Scheduler {
         lock(&load).max_batch = limits.max_batch.max(1);
         Scheduler {
             limits,
@@ -119,6 +127,7 @@ impl Scheduler {
             mirrored,
             kv: None,
             store: None,
+            grammars,
         }
     }
 
@@ -336,6 +345,17 @@ impl Scheduler {
         let _step = tracing::trace_span!("decode_step", rows = batch.rows.len()).entered();
         // Queue the next step unless every row ends with this token.
         let more = batch.rows.iter().any(|r| r.produced + 1 < r.max_tokens);
+        // A constrained row's next mask depends on the token it hands out
+        // now: those are read (and committed) before the next draw.
+        let early = if batch.rows.iter().any(|r| r.draw.constraint.is_some()) && more {
+            let ids = read_ids("scheduler", &batch.pending.ids)?;
+            for (row, &id) in batch.rows.iter_mut().zip(&ids) {
+                row.draw.commit(id);
+            }
+            Some(ids)
+        } else {
+            None
+        };
         let next = if more {
             for c in &mut batch.caches {
                 if let LayerCache::Batch(b) = c {
@@ -351,7 +371,10 @@ impl Scheduler {
         } else {
             None
         };
-        let ids = read_ids("scheduler", &batch.pending.ids)?;
+        let ids = match early {
+            Some(ids) => ids,
+            None => read_ids("scheduler", &batch.pending.ids)?,
+        };
         let now = Instant::now();
         let mut keep = Vec::with_capacity(batch.rows.len());
         let mut done: Vec<(usize, Option<CoreError>)> = Vec::new();

@@ -13,6 +13,7 @@ use mlx::{Array, Error, Result, memory, ops};
 
 use super::super::text::TextOut;
 use super::super::{core_err, lock};
+use crate::constrain::{Grammars, RowConstraint};
 use crate::generate::Step;
 use crate::sample::{KeySequence, Sampler, SamplerConfig};
 
@@ -22,14 +23,30 @@ pub(super) struct Draw {
     pub(super) keys: KeySequence,
     /// Every token fed so far (int32 `[T]`), when a repetition penalty needs them.
     pub(super) history: Option<Array>,
+    /// What the output must match (`crate::constrain`), when the settings say.
+    pub(super) constraint: Option<RowConstraint>,
 }
 
 impl Draw {
-    pub(super) fn new(settings: &GenerateSettings, prompt: &[u32]) -> Result<Draw> {
+    pub(super) fn new(settings: &GenerateSettings, prompt: &[u32], grammars: Option<&Grammars>) -> Result<Draw> {
         let sampler = sampler_for(settings)?;
         let seed = settings.seed.unwrap_or_else(fresh_seed);
         let history = if sampler.needs_history() { Some(tokens(prompt)?) } else { None };
-        Ok(Draw { sampler, keys: KeySequence::new(seed)?, history })
+        let constraint = match (&settings.constraint, grammars) {
+            (None, _) => None,
+            (Some(c), Some(g)) => Some(g.compile(c)?),
+            (Some(c), None) => {
+                return Err(Error::invalid("scheduler", format!("no compiler for the {} constraint", c.kind())));
+            }
+        };
+        Ok(Draw { sampler, keys: KeySequence::new(seed)?, history, constraint })
+    }
+
+    /// Advances the constraint by the token drawn last (before the next draw).
+    pub(super) fn commit(&mut self, id: u32) {
+        if let Some(c) = &mut self.constraint {
+            c.commit(id);
+        }
     }
 
     /// Samples `logits: [1, V]` after feeding `fed` (`[1]` int32) to the history.
@@ -43,6 +60,10 @@ impl Draw {
             }
             None => logits.clone(),
         };
+        let logits = match &mut self.constraint {
+            Some(c) => ops::add(&logits, &c.mask(logits.dim(-1)? as usize, logits.dtype())?)?,
+            None => logits,
+        };
         let logprobs = Sampler::logprobs(&logits)?;
         let y = self.sampler.sample_keyed(&logprobs, &mut self.keys)?;
         Ok((y, logprobs, logits))
@@ -50,7 +71,7 @@ impl Draw {
 
     /// Greedy with no logits processor: rows like this sample together.
     fn is_plain_greedy(&self) -> bool {
-        self.sampler.is_greedy() && self.history.is_none()
+        self.sampler.is_greedy() && self.history.is_none() && self.constraint.is_none()
     }
 }
 
@@ -156,6 +177,9 @@ impl Row {
             if self.classify { self.out.push_raw(&step, &mut send)? } else { self.out.push(&step, &mut send)? };
         self.produced += 1;
         self.emitted.push(id);
+        if let Some(why) = self.draw.constraint.as_ref().and_then(RowConstraint::error) {
+            return Err(Error::invalid("constraint", format!("constrained decoding failed: {why}")));
+        }
         Ok(flow.is_continue() && self.produced < self.max_tokens)
     }
 
@@ -236,6 +260,10 @@ pub(super) fn sample_rows(rows: &mut [Row], logits: &Array, fed: Option<&Array>)
 pub(super) fn finish(row: Row, error: Option<CoreError>, last_metrics: &Arc<Mutex<GenerateMetrics>>) {
     let m = row.metrics();
     row.span.record("generated_tokens", row.produced);
+    if let Some(c) = &row.draw.constraint {
+        let (spent, masks) = c.mask_cost();
+        tracing::debug!(masks, mask_us_per_token = spent.as_micros() as u64 / u64::from(masks.max(1)), "constraint");
+    }
     if let Some(g) = &row.group {
         g.generated.fetch_add(row.produced, Ordering::Relaxed);
     }
