@@ -243,7 +243,8 @@ fn served_log_probabilities_equal_mlx_lm_s() {
     let golden: Value = serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
     let run = golden["greedy"].as_array().unwrap().iter().find(|g| g["name"] == "chat").expect("a chat run");
     let expected: Vec<f64> = run["logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-    let server = Server::start(&model, &[]);
+    // The golden is mlx-lm's default run: the checkpoint's bfloat16 (`auto` may compute in float32).
+    let server = Server::start(&model, &["--dtype", "bfloat16"]);
     let body = json!({
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": expected.len(), "ignore_eos": true, "logprobs": true, "top_logprobs": 5,

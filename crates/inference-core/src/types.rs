@@ -268,6 +268,10 @@ pub struct GenerateMetrics {
     pub peak_memory_bytes: u64,
     /// Accelerator memory in use at the end of the call, in bytes (0 when unknown).
     pub active_memory_bytes: u64,
+    /// Which of the settings' `stop_strings` ended the generation (its index), when one did
+    /// (Anthropic's `stop_sequence`); `None` when it ended otherwise or the backend does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_string: Option<usize>,
 }
 
 impl GenerateMetrics {

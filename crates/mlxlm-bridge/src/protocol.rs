@@ -346,6 +346,8 @@ impl WireStats {
             decode_tokens_per_sec: finite(self.generation_tps),
             peak_memory_bytes: self.peak_memory,
             active_memory_bytes: self.active_memory,
+            // The bridge's events do not say which stop string ended a generation.
+            stop_string: None,
         }
     }
 }

@@ -46,6 +46,8 @@ pub(crate) struct Outcome {
     pub(crate) completion_tokens: usize,
     /// `"length"` when it stopped at max_tokens, else `"stop"`.
     pub(crate) finish_reason: &'static str,
+    /// Which of the request's stop strings ended it (an index), when the backend says.
+    pub(crate) stop_string: Option<usize>,
 }
 
 /// Counters shown by `/health`.
@@ -278,10 +280,13 @@ impl Engine {
                     break;
                 }
                 None => {
-                    let (prompt_tokens, cached_tokens) =
-                        stream.metrics().map_or((0, 0), |m| (m.prompt_tokens, m.cached_prompt_tokens));
+                    let metrics = stream.metrics().copied().unwrap_or_default();
+                    let (prompt_tokens, cached_tokens) = (metrics.prompt_tokens, metrics.cached_prompt_tokens);
                     let finish_reason = if generated >= settings.max_tokens { "length" } else { "stop" };
-                    let outcome = Outcome { prompt_tokens, cached_tokens, completion_tokens: generated, finish_reason };
+                    let stop_string = metrics.stop_string;
+                    let completion_tokens = generated;
+                    let outcome =
+                        Outcome { prompt_tokens, cached_tokens, completion_tokens, finish_reason, stop_string };
                     self.metrics.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
                     self.metrics.cached_prompt_tokens.fetch_add(cached_tokens as u64, Ordering::Relaxed);
                     // Counted before the client hears of the end, so that what it asks next sees it.

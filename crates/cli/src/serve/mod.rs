@@ -13,6 +13,7 @@
 
 mod access;
 mod anthropic;
+mod anthropic_tools;
 mod api;
 mod engine;
 mod error;
@@ -331,14 +332,20 @@ async fn messages(
     state.check_model(&Common { model: request.model.clone(), ..Common::default() })?;
     let conversation = request.messages()?;
     let settings = request.settings(state.limits)?;
+    let format = (!settings.tools.is_empty() && settings.tool_choice != inference_core::ToolChoice::None)
+        .then_some(state.tool_call_format);
+    let stops = settings.stop_strings.clone();
     let generation = state.engine.start(Prompt::Chat(conversation), settings).await?;
     let head = state.head("msg");
     if request.stream {
-        return Ok(respond::anthropic_stream(generation, head));
+        return Ok(respond::anthropic_stream(generation, head, format, stops));
     }
     let (text, _, outcome) = respond::collect(generation).await?;
-    let (input, output, cached) = (outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens);
-    Ok(Json(anthropic::message(&head, &text, outcome.finish_reason, input, output, cached)).into_response())
+    let (content, tool_use) = anthropic_tools::content(format, &text);
+    let stop_sequence = outcome.stop_string.and_then(|i| stops.get(i)).map(String::as_str);
+    let end = anthropic::Ending { finish: outcome.finish_reason, tool_use, stop_sequence };
+    let tokens = (outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens);
+    Ok(Json(anthropic::message(&head, content, end, tokens)).into_response())
 }
 
 /// Starts `n` choices of `prompt` and answers with a stream of `kind` chunks or, when the request

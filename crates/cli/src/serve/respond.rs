@@ -13,6 +13,7 @@ use inference_core::{GenerateSettings, Token, ToolCallFormat};
 use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::anthropic_tools::BlockStream;
 use super::api::{self, Head};
 use super::engine::{Engine, Event, Generation, Outcome, Prompt};
 use super::error::ApiError;
@@ -67,6 +68,7 @@ fn usage_of(outcomes: &[Outcome]) -> Value {
         cached_tokens: 0,
         completion_tokens: 0,
         finish_reason: "stop",
+        stop_string: None,
     });
     api::usage(first.prompt_tokens, first.cached_tokens, outcomes.iter().map(|o| o.completion_tokens).sum())
 }
@@ -214,8 +216,14 @@ pub(super) fn stream(generations: Vec<Generation>, head: Head, kind: Kind, inclu
     Sse::new(ReceiverStream::new(rx)).into_response()
 }
 
-/// A message as Anthropic's named server-sent events.
-pub(super) fn anthropic_stream(mut generation: Generation, head: Head) -> Response {
+/// A message as Anthropic's named server-sent events; `format` reads tool calls, `stops` are the
+/// request's stop sequences.
+pub(super) fn anthropic_stream(
+    mut generation: Generation,
+    head: Head,
+    format: Option<ToolCallFormat>,
+    stops: Vec<String>,
+) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(16);
     tokio::spawn(async move {
         let event = |(name, data): (&'static str, Value)| Ok(SseEvent::default().event(name).data(data.to_string()));
@@ -224,6 +232,7 @@ pub(super) fn anthropic_stream(mut generation: Generation, head: Head) -> Respon
                 return;
             }
         }
+        let mut blocks = BlockStream::new(format);
         loop {
             let next = tokio::select! {
                 next = generation.next() => next,
@@ -231,9 +240,13 @@ pub(super) fn anthropic_stream(mut generation: Generation, head: Head) -> Respon
             };
             let events: Vec<(&'static str, Value)> = match next {
                 Some(Event::Token(token)) if token.text.is_empty() => continue,
-                Some(Event::Token(token)) => vec![anthropic::delta(&token.text)],
+                Some(Event::Token(token)) => blocks.push(&token.text),
                 Some(Event::Done(o)) => {
-                    anthropic::closing(o.finish_reason, o.prompt_tokens, o.completion_tokens, o.cached_tokens).into()
+                    let (mut events, tool_use) = blocks.finish();
+                    let stop_sequence = o.stop_string.and_then(|i| stops.get(i)).map(String::as_str);
+                    let end = anthropic::Ending { finish: o.finish_reason, tool_use, stop_sequence };
+                    events.extend(anthropic::closing(end, (o.prompt_tokens, o.completion_tokens, o.cached_tokens)));
+                    events
                 }
                 Some(Event::Failed(e)) => vec![("error", anthropic::AnthropicError(ApiError::from(e)).body())],
                 None => {

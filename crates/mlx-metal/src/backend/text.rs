@@ -112,6 +112,12 @@ impl TextOut {
         Ok(ControlFlow::Continue(()))
     }
 
+    /// Which of the settings' stop strings ended the text (its index), if one did.
+    pub(crate) fn stop_string(&self) -> Option<usize> {
+        let matched = self.stops.matched()?;
+        self.settings.stop_strings.iter().position(|s| s == matched)
+    }
+
     /// Classification: the token as the model drew it (EOS, stop tokens and
     /// stop strings do not apply), with its text and the requested scores;
     /// always the last.

@@ -195,6 +195,7 @@ impl Row {
             total_duration: end - self.admitted,
             peak_memory_bytes: memory::peak_memory().unwrap_or(0) as u64,
             active_memory_bytes: memory::active_memory().unwrap_or(0) as u64,
+            stop_string: self.out.stop_string(),
             ..GenerateMetrics::default()
         };
         m.compute_rates();
