@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use inference_core::{ComputeDtype, Device, GenerateSettings, LoadSettings, TextModel};
+use inference_core::{ComputeDtype, Constraint, Device, GenerateSettings, LoadSettings, TextModel};
 
 use crate::failure::Failure;
 
@@ -219,6 +219,15 @@ pub(crate) struct SamplingArgs {
     /// Keep generating past end-of-sequence tokens, up to --max-tokens.
     #[arg(long)]
     pub(crate) ignore_eos: bool,
+    /// The output must be JSON valid against the JSON Schema in this file (constrained decoding).
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub(crate) json_schema: Option<PathBuf>,
+    /// The output must match this regular expression from start to end.
+    #[arg(long, value_name = "PATTERN", group = "constraint")]
+    pub(crate) regex: Option<String>,
+    /// The output must match the Lark grammar in this file (llguidance's dialect).
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub(crate) grammar: Option<PathBuf>,
 }
 
 impl SamplingArgs {
@@ -239,14 +248,39 @@ impl SamplingArgs {
             .stop_strings(self.stop.iter().cloned())
             .ignore_eos(self.ignore_eos);
         s.seed = self.seed;
+        s.constraint = self.constraint()?;
         s.validate().map_err(|e| match e {
             inference_core::Error::InvalidSetting { name, value, reason } => {
-                let flag = if name.starts_with("stop_strings") { "stop".to_owned() } else { name.replace('_', "-") };
+                let flag = match name.as_str() {
+                    n if n.starts_with("stop_strings") => "stop".to_owned(),
+                    "constraint.json_schema" => "json-schema".to_owned(),
+                    n if n.starts_with("constraint.") => n["constraint.".len()..].to_owned(),
+                    n => n.replace('_', "-"),
+                };
                 Failure::new(format!("--{flag} {value}: {reason}"))
             }
             other => Failure::from(other),
         })?;
         Ok(s)
+    }
+}
+
+impl SamplingArgs {
+    /// The constraint `--json-schema`, `--regex` or `--grammar` asks for (one at most).
+    fn constraint(&self) -> Result<Option<Constraint>, Failure> {
+        let read = |flag: &str, path: &Path| {
+            std::fs::read_to_string(path).map_err(|e| Failure::new(format!("--{flag} {}: {e}", path.display())))
+        };
+        if let Some(path) = &self.json_schema {
+            let text = read("json-schema", path)?;
+            let schema = serde_json::from_str(&text)
+                .map_err(|e| Failure::new(format!("--json-schema {}: not JSON: {e}", path.display())))?;
+            return Ok(Some(Constraint::JsonSchema(schema)));
+        }
+        if let Some(path) = &self.grammar {
+            return Ok(Some(Constraint::Lark(read("grammar", path)?)));
+        }
+        Ok(self.regex.clone().map(Constraint::Regex))
     }
 }
 
@@ -438,132 +472,5 @@ pub(crate) struct BenchArgs {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("mlxr").chain(args.iter().copied()))
-    }
-
-    #[test]
-    fn the_command_line_is_consistent() {
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn generate_flags_become_settings() {
-        let cli = parse(&[
-            "generate",
-            "-m",
-            "/m",
-            "--backend",
-            "mlx_lm",
-            "--device",
-            "CPU",
-            "--max-tokens",
-            "7",
-            "--temperature",
-            "0.5",
-            "--top-p",
-            "0.9",
-            "--top-k",
-            "3",
-            "--stop",
-            "a",
-            "--stop",
-            "b",
-            "--seed",
-            "4",
-            "hi",
-        ])
-        .unwrap();
-        let Command::Generate(g) = cli.command else { panic!("not generate") };
-        assert_eq!(g.prompt.as_deref(), Some("hi"));
-        let load = g.model.load_settings();
-        assert_eq!(load.backend.as_deref(), Some("mlx_lm"));
-        assert_eq!(load.device, Device::Cpu);
-        let s = g.sampling.settings().unwrap();
-        assert_eq!((s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed), (7, 0.5, 0.9, Some(3), Some(4)));
-        assert_eq!(s.stop_strings, ["a", "b"]);
-    }
-
-    #[test]
-    fn bad_flags_are_refused_naming_the_flag() {
-        let cli = parse(&["generate", "-m", "/m", "--top-p", "1.5", "x"]).unwrap();
-        let Command::Generate(g) = cli.command else { panic!("not generate") };
-        assert_eq!(g.sampling.settings().unwrap_err().message(), "--top-p 1.5: must be in (0, 1]");
-        let cli = parse(&["generate", "-m", "/m", "--stop", "", "x"]).unwrap();
-        let Command::Generate(g) = cli.command else { panic!("not generate") };
-        assert!(g.sampling.settings().unwrap_err().message().starts_with("--stop \"\""));
-
-        let err = parse(&["generate", "-m", "/m", "--device", "tpu"]).unwrap_err().to_string();
-        assert!(err.contains("must be one of auto, gpu, cpu"), "{err}");
-        assert!(parse(&["generate", "--max-tokens", "-3", "-m", "/m"]).is_err());
-        assert!(parse(&["serve", "-m", "/m", "--max-concurrent", "0"]).is_err());
-        assert!(parse(&["serve", "-m", "/m", "--max-batch", "0"]).is_err());
-        assert!(parse(&["serve", "-m", "/m", "--prefill-step", "0"]).is_err());
-        assert!(parse(&["serve", "-m", "/m", "--kv-cache-bytes", "0"]).is_err());
-        assert!(parse(&["serve", "-m", "/m", "--host", "localhost:80"]).is_err());
-        assert!(parse(&["frobnicate"]).is_err());
-    }
-
-    #[test]
-    fn serve_defaults_bind_localhost() {
-        let cli = parse(&["serve", "-m", "/m"]).unwrap();
-        let Command::Serve(s) = cli.command else { panic!("not serve") };
-        assert_eq!(s.host.to_string(), "127.0.0.1");
-        assert_eq!(s.port, 8080);
-        assert_eq!((s.max_batch, s.prefill_step, s.max_concurrent), (32, 2048, None));
-        assert_eq!(s.requests_at_once(), 32);
-    }
-
-    #[test]
-    fn tensor_parallel_flags_become_backend_options() {
-        let cli = parse(&["serve", "-m", "/m", "--tensor-parallel", "2", "--distributed-timeout", "5"]).unwrap();
-        let Command::Serve(s) = cli.command else { panic!("not serve") };
-        let load = s.tensor_parallel.load_settings(s.model.load_settings());
-        assert_eq!(load.backend.as_deref(), Some("metal"));
-        assert_eq!(load.backend_options["tensor_parallel"], "2");
-        assert_eq!(load.backend_options["distributed_backend"], "ring");
-        assert_eq!(load.backend_options["distributed_timeout_s"], "5");
-        let cli = parse(&["generate", "-m", "/m", "x"]).unwrap();
-        let Command::Generate(g) = cli.command else { panic!("not generate") };
-        assert!(g.tensor_parallel.load_settings(g.model.load_settings()).backend_options.is_empty());
-        assert!(parse(&["generate", "-m", "/m", "--tensor-parallel", "0", "x"]).is_err());
-        assert!(parse(&["generate", "-m", "/m", "--distributed-backend", "tcp", "x"]).is_err());
-    }
-
-    #[test]
-    fn kv_cache_flags_become_backend_options() {
-        for cmd in ["generate", "chat", "serve"] {
-            let mut args =
-                vec![cmd, "-m", "/m", "--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0"];
-            if cmd == "generate" {
-                args.push("x");
-            }
-            let load = match parse(&args).unwrap().command {
-                Command::Generate(g) => g.model.load_settings(),
-                Command::Chat(c) => c.model.load_settings(),
-                Command::Serve(s) => s.model.load_settings(),
-                _ => panic!("not {cmd}"),
-            };
-            let o = &load.backend_options;
-            assert_eq!((&o["kv_bits"][..], &o["kv_group_size"][..], &o["quantized_kv_start"][..]), ("4", "32", "0"));
-        }
-        let cli = parse(&["generate", "-m", "/m", "x"]).unwrap();
-        let Command::Generate(g) = cli.command else { panic!("not generate") };
-        assert!(g.model.load_settings().backend_options.is_empty());
-        assert!(parse(&["generate", "-m", "/m", "--kv-bits", "3", "x"]).is_err());
-        assert!(parse(&["serve", "-m", "/m", "--kv-group-size", "48"]).is_err());
-        assert!(parse(&["chat", "-m", "/m", "--quantized-kv-start", "-1"]).is_err());
-    }
-
-    #[test]
-    fn python_becomes_a_backend_option() {
-        let cli = parse(&["chat", "-m", "/m", "--python", "/venv/bin/python", "--system", "be brief"]).unwrap();
-        let Command::Chat(c) = cli.command else { panic!("not chat") };
-        assert_eq!(c.model.load_settings().backend_options["python"], "/venv/bin/python");
-        assert_eq!(c.system.as_deref(), Some("be brief"));
-    }
-}
+#[path = "args_tests.rs"]
+mod tests;

@@ -39,6 +39,44 @@ fn generate_with_chat_template_and_metrics() {
 }
 
 #[test]
+fn generate_follows_a_json_schema_or_a_regex() {
+    let model = tiny("qwen3-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("schema.json");
+    let fields = r#"{"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+                     "required": ["ok", "n"], "additionalProperties": false}"#;
+    std::fs::write(&schema, fields).unwrap();
+    let schema = schema.to_str().unwrap();
+    for seed in ["1", "2", "3"] {
+        let args = ["generate", "-m", &model, "--max-tokens", "40", "--temperature", "1", "--seed", seed];
+        let out = run(&[&args[..], &["--json-schema", schema, "x"]].concat(), "");
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        let v: serde_json::Value =
+            serde_json::from_str(stdout.trim_end()).unwrap_or_else(|e| panic!("{stdout:?}: {e}"));
+        assert!(v["ok"].is_boolean() && [1, 2, 3].contains(&v["n"].as_i64().unwrap()), "{v}");
+        assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
+        let out = run(&[&args[..], &["--regex", "[xyz]{4}-[0-9]", "x"]].concat(), "");
+        let line = text(&out).0;
+        let line = line.trim_end();
+        assert!(
+            line.len() == 6 && line[..4].bytes().all(|b| b"xyz".contains(&b)) && line.as_bytes()[4] == b'-',
+            "{line:?}"
+        );
+    }
+    let out = run(&["generate", "-m", &model, "--json-schema", "/no/such.json", "x"], "");
+    let err = text(&out).1;
+    assert!(!out.status.success() && err.contains("--json-schema /no/such.json"), "{err}");
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"type": "nonsense"}"#).unwrap();
+    let out = run(&["generate", "-m", &model, "--json-schema", bad.to_str().unwrap(), "x"], "");
+    let err = text(&out).1;
+    assert!(!out.status.success() && err.contains("nonsense"), "{err}");
+    let out = run(&["generate", "-m", &model, "--regex", "a", "--json-schema", schema, "x"], "");
+    assert!(!out.status.success(), "one constraint at most");
+}
+
+#[test]
 fn generate_reports_errors_with_their_causes() {
     let out = run(&["generate", "--model", "/no/such/model", "x"], "");
     let (stdout, stderr) = text(&out);
