@@ -149,6 +149,7 @@ impl MetalModel {
                     scheduler,
                     turns: HashMap::new(),
                     after_drain: Vec::new(),
+                    variants: super::adapters::Variants::new(limits),
                 };
                 run_engine(&mut engine, &job_rx);
                 // Closed on rank 0: the other ranks leave their follower loop.
@@ -251,6 +252,12 @@ impl MetalModel {
     /// This process's rank when it is one rank of a tensor-parallel job.
     pub fn tensor_parallel_rank(&self) -> CoreResult<Option<i32>> {
         self.call(|e| Ok(e.mirror.as_ref().map(Mirror::rank)))
+    }
+
+    /// What an adapter served beside this model shares with it.
+    pub(super) fn adapter_base(&self) -> super::adapters::Base {
+        let (jobs, tokenizer, template) = (Arc::clone(&self.jobs), self.tokenizer.clone(), self.template.clone());
+        super::adapters::Base { jobs, tokenizer, template, info: self.info.clone(), limit: self.limit() }
     }
 
     /// Runs `f` on the engine thread and waits for its answer.
@@ -503,6 +510,10 @@ impl TextModel for MetalModel {
     }
 
     fn attention_inspector(&self) -> Option<&dyn AttentionInspector> {
+        Some(self)
+    }
+
+    fn adapter_host(&self) -> Option<&dyn inference_core::AdapterHost> {
         Some(self)
     }
 
