@@ -140,23 +140,7 @@ impl Adapters {
 
     /// Why `name` cannot name a new adapter, if it cannot.
     fn check_name(&self, name: &str, table: &Table) -> Result<(), ApiError> {
-        let bad = |why: String| error(StatusCode::BAD_REQUEST, "invalid_adapter_name", Some("name"), why);
-        if name.is_empty() {
-            return Err(bad("the adapter name must not be empty".into()));
-        }
-        if name.len() > MAX_NAME || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
-            return Err(bad(format!(
-                "the adapter name {name:?} must be 1 to {MAX_NAME} ASCII letters, digits, '-', '_', '.' or ':'"
-            )));
-        }
-        if name == self.base_id {
-            return Err(error(
-                StatusCode::CONFLICT,
-                "adapter_exists",
-                Some("name"),
-                format!("{name:?} is the base model's id; choose another name for the adapter"),
-            ));
-        }
+        check_name(name, &self.base_id)?;
         if table.served.contains_key(name) || table.loading.contains(name) {
             return Err(error(
                 StatusCode::CONFLICT,
@@ -168,14 +152,15 @@ impl Adapters {
         Ok(())
     }
 
-    /// Loads the adapter in `dir` as model `name` (blocking: start-up, or a blocking task).
-    pub(crate) fn load(&self, name: &str, dir: &Path) -> Result<Value, ApiError> {
+    /// Loads the adapter in `dir` as model `name` (blocking: start-up, or a blocking task);
+    /// errors name the directory as `shown` (what the client or the command line gave).
+    pub(crate) fn load(&self, name: &str, dir: &Path, shown: &str) -> Result<Value, ApiError> {
         {
             let mut table = self.table();
             self.check_name(name, &table)?;
             table.loading.insert(name.to_owned());
         }
-        let loaded = self.load_model(dir);
+        let loaded = self.load_model(dir, shown);
         let mut table = self.table();
         table.loading.remove(name);
         let model = loaded?;
@@ -186,14 +171,14 @@ impl Adapters {
         Ok(self.object(name, created))
     }
 
-    fn load_model(&self, dir: &Path) -> Result<Arc<dyn TextModel>, ApiError> {
+    fn load_model(&self, dir: &Path, shown: &str) -> Result<Arc<dyn TextModel>, ApiError> {
         let invalid = |why: String| error(StatusCode::BAD_REQUEST, "invalid_adapter", Some("path"), why);
         if !dir.is_dir() {
-            return Err(invalid(format!("the adapter directory {} does not exist", dir.display())));
+            return Err(invalid(format!("the adapter directory {shown} does not exist")));
         }
         for file in ["adapter_config.json", "adapters.safetensors"] {
             if !dir.join(file).is_file() {
-                return Err(invalid(format!("{} is not an adapter directory: it has no {file}", dir.display())));
+                return Err(invalid(format!("{shown} is not an adapter directory: it has no {file}")));
             }
         }
         let Some(host) = self.base_model.adapter_host() else {
@@ -302,6 +287,42 @@ impl Adapters {
     }
 }
 
+/// Why `name` cannot name an adapter beside the model `base_id`, if it cannot.
+fn check_name(name: &str, base_id: &str) -> Result<(), ApiError> {
+    let bad = |why: String| error(StatusCode::BAD_REQUEST, "invalid_adapter_name", Some("name"), why);
+    if name.is_empty() {
+        return Err(bad("the adapter name must not be empty".into()));
+    }
+    if name.len() > MAX_NAME || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
+        return Err(bad(format!(
+            "the adapter name {name:?} must be 1 to {MAX_NAME} ASCII letters, digits, '-', '_', '.' or ':'"
+        )));
+    }
+    if name == base_id {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "adapter_exists",
+            Some("name"),
+            format!("{name:?} is the base model's id; choose another name for the adapter"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the `--adapter NAME=DIR` names before anything loads: each valid, none twice.
+pub(crate) fn check_start_names(named: &[crate::adapter_arg::AdapterArg], base_id: &str) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for a in named {
+        let name = a.name.as_deref().unwrap_or_default();
+        let flag = format!("--adapter {name}={}", a.dir.display());
+        check_name(name, base_id).map_err(|e| format!("{flag}: {}", e.message))?;
+        if !seen.insert(name) {
+            return Err(format!("{flag}: the name {name:?} is given to two adapters"));
+        }
+    }
+    Ok(())
+}
+
 /// `POST /v1/adapters`'s body (vLLM's `lora_name` and `lora_path` are understood too).
 #[derive(serde::Deserialize)]
 struct LoadRequest {
@@ -322,7 +343,7 @@ pub(crate) async fn load_route(
     })?;
     let dir = state.adapters.client_dir(&request.path)?;
     let loading = Arc::clone(&state);
-    let object = tokio::task::spawn_blocking(move || loading.adapters.load(&request.name, &dir))
+    let object = tokio::task::spawn_blocking(move || loading.adapters.load(&request.name, &dir, &request.path))
         .await
         .map_err(|_| ApiError::internal("loading the adapter stopped part-way"))??;
     Ok((StatusCode::CREATED, Json(object)).into_response())
@@ -347,7 +368,8 @@ pub(crate) async fn list_route(State(state): State<Arc<AppState>>) -> Json<Value
 pub(crate) fn load_at_start(adapters: &Adapters, named: &[crate::adapter_arg::AdapterArg]) -> Result<(), String> {
     for a in named {
         let name = a.name.as_deref().unwrap_or_default();
-        adapters.load(name, &a.dir).map_err(|e| format!("--adapter {name}={}: {}", a.dir.display(), e.message))?;
+        let shown = a.dir.display().to_string();
+        adapters.load(name, &a.dir, &shown).map_err(|e| format!("--adapter {name}={shown}: {}", e.message))?;
     }
     Ok(())
 }

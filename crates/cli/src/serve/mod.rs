@@ -86,6 +86,8 @@ pub(crate) fn run(args: &ServeArgs) -> Result<(), Failure> {
         None => model_id_of(&args.model.model),
     };
     crate::adapter_arg::at_load(&args.model.adapter, true)?;
+    let named: Vec<_> = args.model.adapter.iter().filter(|a| a.name.is_some()).cloned().collect();
+    adapters::check_start_names(&named, &model_id).map_err(Failure::new)?;
     if args.tensor_parallel.tensor_parallel > 1 && args.model.adapter.iter().any(|a| a.name.is_some()) {
         return Err(Failure::new("--adapter NAME=DIR cannot serve adapters with --tensor-parallel"));
     }
