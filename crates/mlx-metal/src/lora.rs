@@ -368,8 +368,8 @@ fn read_adapter_files(dir: &Path) -> Result<(AdapterConfig, BTreeMap<String, Arr
         });
     }
     let config = AdapterConfig::load(dir)?;
-    let loaded = io::load_safetensors(&dir.join(ADAPTER_FILE))?;
-    Ok((config, loaded.tensors.into_iter().collect()))
+    let loaded = io::load_safetensors(dir.join(ADAPTER_FILE))?;
+    Ok((config, loaded.tensors))
 }
 
 /// The LoRA layer for each of `model`'s linear layers (in

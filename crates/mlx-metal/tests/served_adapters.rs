@@ -15,7 +15,7 @@ use inference_core::{CancelToken, Error as CoreError, GenerateSettings, LoadSett
 use mlx::{Dtype, random};
 use mlx_metal::MetalModel;
 use mlx_metal::lora::{self, AdapterConfig, LoraParameters};
-use mlx_metal::model::{self, LanguageModel};
+use mlx_metal::model;
 
 /// Writes an adapter for `model_dir` into `out` whose `B` is random, so it changes the output.
 fn write_adapter(model_dir: &Path, out: &Path, keys: &[&str], rank: i32, seed: u64) {

@@ -5,8 +5,9 @@
 //! server-sent events with `"stream": true`), `POST /v1/messages` (Anthropic's, `anthropic.rs`),
 //! `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` and `GET /metrics` (Prometheus's text
 //! format, `metrics.rs`); LoRA adapters served beside the model as models of their own, loaded at
-//! start or at run time (`POST /v1/adapters`, `DELETE /v1/adapters/{name}`, `adapters.rs`). Every request passes `access.rs` first (the API key, JSON bodies only, a
-//! local Host while listening on loopback). Every error is OpenAI's `{"error": {...}}` with a 4xx or 5xx
+//! start or at run time (`POST /v1/adapters`, `DELETE /v1/adapters/{name}`, `adapters.rs`). Every
+//! request passes `access.rs` first (the API key, JSON bodies only, a local Host while listening on
+//! loopback). Every error is OpenAI's `{"error": {...}}` with a 4xx or 5xx
 //! status; an engine failure's details go to the log, not to the client. The
 //! address it listens on is printed on standard output as `listening on http://ADDR` once it is
 //! ready. Ctrl-C (or SIGTERM) stops accepting, cancels running generations and closes the model.
