@@ -72,9 +72,10 @@ pub(crate) struct ModelArgs {
     /// The context length to allocate for (default: the model's own).
     #[arg(long, value_name = "TOKENS")]
     pub(crate) context_length: Option<usize>,
-    /// A LoRA adapter directory to apply at load.
-    #[arg(long, value_name = "DIR")]
-    pub(crate) adapter: Option<PathBuf>,
+    /// A LoRA adapter directory to apply at load; `mlxr serve` also takes NAME=DIR, repeatable,
+    /// to serve each adapter as model NAME beside the base.
+    #[arg(long, value_name = "[NAME=]DIR", value_parser = crate::adapter_arg::parse)]
+    pub(crate) adapter: Vec<crate::adapter_arg::AdapterArg>,
     /// The Python interpreter (or virtualenv) for the `mlx_lm` backend (default: $MLXR_PYTHON,
     /// else python3).
     #[arg(long, value_name = "PATH")]
@@ -130,7 +131,7 @@ impl ModelArgs {
         let mut s = LoadSettings::new().device(self.device).dtype(self.dtype);
         s.backend = self.backend.clone();
         s.context_length = self.context_length;
-        s.adapter_path = self.adapter.clone();
+        s.adapter_path = self.adapter.iter().find(|a| a.name.is_none()).map(|a| a.dir.clone());
         if let Some(python) = &self.python {
             s = s.backend_option("python", python.to_string_lossy());
         }
@@ -139,6 +140,7 @@ impl ModelArgs {
 
     /// Loads the model with `settings` (these flags' settings, amended), logging how long it took.
     pub(crate) fn load_with(&self, settings: LoadSettings) -> Result<Box<dyn TextModel>, Failure> {
+        crate::adapter_arg::at_load(&self.adapter, false)?;
         let started = Instant::now();
         let model = load_model(&self.model, &settings)?;
         tracing::info!(model = %self.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
@@ -369,6 +371,10 @@ pub(crate) struct ServeArgs {
     /// How long a request may wait for its turn, in seconds, before 503.
     #[arg(long, allow_negative_numbers = true, default_value_t = 300.0)]
     pub(crate) queue_timeout: f64,
+    /// Let clients load adapters at run time (POST /v1/adapters) from the directories under DIR
+    /// (a file read on a client's word, so off by default).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) adapter_root: Option<PathBuf>,
     /// The largest request body, in bytes (larger ones get 413).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub(crate) max_body_bytes: usize,

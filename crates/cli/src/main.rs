@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+mod adapter_arg;
 mod args;
 #[cfg(feature = "metal")]
 mod bench;

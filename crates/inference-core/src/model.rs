@@ -101,6 +101,12 @@ pub trait TextModel: Send + Sync {
         None
     }
 
+    /// The capability of serving LoRA adapters beside this model, each as a model of its own
+    /// that shares this model's weights, when the backend has it.
+    fn adapter_host(&self) -> Option<&dyn AdapterHost> {
+        None
+    }
+
     /// Starts a [`ChatSession`]: a conversation that keeps the model's state between turns, so
     /// each turn prefills only what is new.
     ///
@@ -209,6 +215,25 @@ pub trait TrainableModel {
 
     /// Number of transformer layers.
     fn num_layers(&self) -> usize;
+}
+
+/// Optional capability: LoRA adapters served beside a loaded model.
+///
+/// Reached through [`TextModel::adapter_host`]. Each adapter becomes a [`TextModel`] of its own
+/// that runs the base model's weights (shared, not copied) with the adapter's low-rank update;
+/// the base model itself is unchanged. Closing or dropping the adapter's model unloads it:
+/// calls after that get [`Error::Closed`], generations already running on it finish first.
+pub trait AdapterHost {
+    /// Loads the adapter directory `dir` (mlx-lm's layout: `adapter_config.json` and
+    /// `adapters.safetensors`) and returns the model that runs with it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSetting`] (named `adapter_path`) for a missing directory, a malformed
+    /// adapter or one that does not fit this model (its rank, its layers or its shapes), and
+    /// [`Error::Unsupported`] where this model cannot serve adapters (a tensor-parallel rank, say),
+    /// [`Error::Closed`], or a backend failure.
+    fn load_adapter(&self, dir: &Path) -> Result<Box<dyn TextModel>>;
 }
 
 /// A set of LoRA layers applied to a model.

@@ -58,7 +58,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     times.sort_by(f64::total_cmp);
     let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
     println!("model {dir}: vocabulary {vocab}, answer {} tokens, {rounds} rounds", ids.len());
-    println!("trie build + first compile {:.1} ms; compile {:.2} ms", first.as_secs_f64() * 1e3, compile.as_secs_f64() * 1e3);
+    println!(
+        "trie build + first compile {:.1} ms; compile {:.2} ms",
+        first.as_secs_f64() * 1e3,
+        compile.as_secs_f64() * 1e3
+    );
     println!("mask per token: median {:.0} us, p90 {:.0} us, max {:.0} us", at(0.5), at(0.9), at(1.0));
     Ok(())
 }

@@ -120,6 +120,24 @@ pub(crate) fn layout() -> serde_json::Value {
     serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
 }
 
+impl Grammars {
+    /// Compiles `settings`' constraint once, so that one that does not
+    /// compile is refused before a generation starts, naming what is wrong
+    /// (the scheduler compiles each row's own).
+    ///
+    /// # Errors
+    /// [`inference_core::Error::InvalidSetting`] naming `constraint`.
+    pub fn check(&self, settings: &inference_core::GenerateSettings) -> inference_core::Result<()> {
+        match &settings.constraint {
+            Some(c) => self
+                .compile(c)
+                .map(drop)
+                .map_err(|e| inference_core::Error::invalid_setting("constraint", c.kind(), e.to_string())),
+            None => Ok(()),
+        }
+    }
+}
+
 fn build_factory(tokenizer: &Tokenizer) -> anyhow::Result<ParserFactory> {
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(tokenizer.path())?)?;
     let words = llguidance::token_bytes_from_tokenizer_json(&json)?;

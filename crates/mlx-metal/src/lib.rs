@@ -44,7 +44,7 @@ pub mod session;
 pub mod tokenizer;
 pub mod workflows;
 
-pub use backend::{MetalBackend, MetalModel, register};
+pub use backend::{MetalAdapter, MetalBackend, MetalModel, register};
 pub use mlx;
 pub use mlx::{Array, Dtype, Error, Result};
 

@@ -333,6 +333,33 @@ fn adapter_err(path: &Path, message: impl Into<String>) -> Error {
 pub fn load_adapter(model: &mut dyn LanguageModel, dir: &Path) -> Result<AdapterConfig> {
     let span = tracing::debug_span!("load_adapter", dir = %dir.display(), layers = tracing::field::Empty);
     let _enter = span.enter();
+    let (config, tensors) = read_adapter_files(dir)?;
+    remove_lora(model);
+    let slots = fit_adapter(model, &config, &tensors, &dir.join(ADAPTER_FILE))?;
+    let mut layers = 0;
+    for ((_, linear), slot) in model.linears_mut().into_iter().zip(slots) {
+        layers += usize::from(slot.is_some());
+        linear.lora = slot;
+    }
+    span.record("layers", layers);
+    Ok(config)
+}
+
+/// The adapter in `dir`, checked against `model` as [`load_adapter`] checks
+/// it, but not attached: one slot per layer of
+/// [`LanguageModel::linears_in_place`], in that order, `None` where the
+/// adapter leaves the layer alone. The model is not changed (its fused decode
+/// projections stay), so one model can hold several adapters' slots and swap
+/// them in: the adapters served beside a model.
+pub fn read_adapter(model: &mut dyn LanguageModel, dir: &Path) -> Result<(AdapterConfig, Vec<Option<LoraLayer>>)> {
+    let _span = tracing::debug_span!("read_adapter", dir = %dir.display()).entered();
+    let (config, tensors) = read_adapter_files(dir)?;
+    let slots = fit_adapter(model, &config, &tensors, &dir.join(ADAPTER_FILE))?;
+    Ok((config, slots))
+}
+
+/// `adapter_config.json` and the tensors of `adapters.safetensors` in `dir`.
+fn read_adapter_files(dir: &Path) -> Result<(AdapterConfig, BTreeMap<String, Array>)> {
     if !dir.is_dir() {
         return Err(Error::Io {
             op: "load_adapter",
@@ -341,16 +368,32 @@ pub fn load_adapter(model: &mut dyn LanguageModel, dir: &Path) -> Result<Adapter
         });
     }
     let config = AdapterConfig::load(dir)?;
-    let file = dir.join(ADAPTER_FILE);
-    let loaded = io::load_safetensors(&file)?;
-    remove_lora(model);
+    let loaded = io::load_safetensors(dir.join(ADAPTER_FILE))?;
+    Ok((config, loaded.tensors))
+}
+
+/// The LoRA layer for each of `model`'s linear layers (in
+/// [`LanguageModel::linears_in_place`]'s order) that `config` selects, from
+/// `tensors`; every mismatch is listed in the error (`file` names the weights).
+fn fit_adapter(
+    model: &mut dyn LanguageModel,
+    config: &AdapterConfig,
+    tensors: &BTreeMap<String, Array>,
+    file: &Path,
+) -> Result<Vec<Option<LoraLayer>>> {
     let p = &config.lora_parameters;
+    let first = first_layer(config.num_layers, model.num_layers());
     let mut errors = Vec::new();
     let mut used = BTreeSet::new();
-    for (path, linear) in select_linears(model, config.num_layers, p.keys.as_deref()) {
+    let mut slots = Vec::new();
+    for (path, linear) in model.linears_in_place() {
+        slots.push(None);
+        if !split_layer_path(&path).is_some_and(|(i, key)| i >= first && selected(key, p.keys.as_deref())) {
+            continue;
+        }
         let (out, inp) = linear.features()?;
         let (ka, kb) = (format!("{path}.lora_a"), format!("{path}.lora_b"));
-        let (Some(a), Some(b)) = (loaded.tensors.get(&ka), loaded.tensors.get(&kb)) else {
+        let (Some(a), Some(b)) = (tensors.get(&ka), tensors.get(&kb)) else {
             errors.push(format!("  {path}: missing lora_a or lora_b"));
             continue;
         };
@@ -368,22 +411,21 @@ pub fn load_adapter(model: &mut dyn LanguageModel, dir: &Path) -> Result<Adapter
             errors.push(format!("  {path}: adapter weights must be floats"));
             continue;
         }
-        linear.lora = Some(LoraLayer::new(a.clone(), b.clone(), p.scale, p.dropout)?);
+        if let Some(slot) = slots.last_mut() {
+            *slot = Some(LoraLayer::new(a.clone(), b.clone(), p.scale, p.dropout)?);
+        }
     }
-    for name in loaded.tensors.keys().filter(|k| !used.contains(*k)) {
+    for name in tensors.keys().filter(|k| !used.contains(*k)) {
         errors.push(format!("  {name}: not an adapter parameter in the model"));
     }
     if used.is_empty() && errors.is_empty() {
         errors.push("  the config selects no layer of this model".into());
     }
     if !errors.is_empty() {
-        remove_lora(model);
         errors.sort();
-        return Err(adapter_err(&file, format!("the adapter does not fit this model:\n{}", errors.join("\n"))));
+        return Err(adapter_err(file, format!("the adapter does not fit this model:\n{}", errors.join("\n"))));
     }
-    // Each adapted layer uses two tensors, lora_a and lora_b.
-    span.record("layers", used.len() / 2);
-    Ok(config)
+    Ok(slots)
 }
 
 /// Fuses every attached adapter into its base weight and detaches it: a dense

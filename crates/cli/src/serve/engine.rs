@@ -121,8 +121,9 @@ pub(crate) struct Engine {
     limits: QueueLimits,
     /// The parent of every generation's token: cancelled at shutdown.
     shutdown: CancelToken,
-    pub(crate) stats: Stats,
-    pub(crate) metrics: super::metrics::Metrics,
+    /// Shared with the engines of the adapters served beside the model ([`Engine::for_model`]).
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) metrics: Arc<super::metrics::Metrics>,
 }
 
 /// A running generation. Dropping it cancels the engine's work.
@@ -151,8 +152,21 @@ impl Engine {
             permits: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
             limits,
             shutdown: CancelToken::new(),
-            stats: Stats::default(),
-            metrics: super::metrics::Metrics::default(),
+            stats: Arc::default(),
+            metrics: Arc::default(),
+        }
+    }
+
+    /// An engine for `model` (an adapter served beside this one) that shares this one's queue,
+    /// counters and shutdown.
+    pub(crate) fn for_model(&self, model: Arc<dyn TextModel>) -> Engine {
+        Engine {
+            model,
+            permits: Arc::clone(&self.permits),
+            limits: self.limits,
+            shutdown: self.shutdown.clone(),
+            stats: Arc::clone(&self.stats),
+            metrics: Arc::clone(&self.metrics),
         }
     }
 

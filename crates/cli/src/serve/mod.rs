@@ -4,14 +4,17 @@
 //! Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (whole answers, or
 //! server-sent events with `"stream": true`), `POST /v1/messages` (Anthropic's, `anthropic.rs`),
 //! `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` and `GET /metrics` (Prometheus's text
-//! format, `metrics.rs`). Every request passes `access.rs` first (the API key, JSON bodies only, a
-//! local Host while listening on loopback). Every error is OpenAI's `{"error": {...}}` with a 4xx or 5xx
+//! format, `metrics.rs`); LoRA adapters served beside the model as models of their own, loaded at
+//! start or at run time (`POST /v1/adapters`, `DELETE /v1/adapters/{name}`, `adapters.rs`). Every
+//! request passes `access.rs` first (the API key, JSON bodies only, a local Host while listening on
+//! loopback). Every error is OpenAI's `{"error": {...}}` with a 4xx or 5xx
 //! status; an engine failure's details go to the log, not to the client. The
 //! address it listens on is printed on standard output as `listening on http://ADDR` once it is
 //! ready. Ctrl-C (or SIGTERM) stops accepting, cancels running generations and closes the model.
 //! With `--tensor-parallel N` only rank 0 serves (see [`crate::tensor_parallel`]).
 
 mod access;
+mod adapters;
 mod anthropic;
 mod anthropic_tools;
 mod api;
@@ -34,7 +37,7 @@ use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use serde_json::{Value, json};
 
 use self::api::{Common, Head, Limits};
@@ -57,26 +60,21 @@ struct AppState {
     max_body_bytes: usize,
     next_id: AtomicU64,
     access: Arc<access::Access>,
+    /// The adapters served beside the model (`adapters.rs`).
+    adapters: adapters::Adapters,
 }
 
 impl AppState {
-    fn head(&self, prefix: &str) -> Head {
+    /// A new answer's head, naming the model that gives it.
+    fn head(&self, prefix: &str, model: &str) -> Head {
         let n = self.next_id.fetch_add(1, Ordering::SeqCst);
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        Head {
-            id: format!("{prefix}-{:x}{n:04x}", now.as_nanos()),
-            created: now.as_secs(),
-            model: self.model_id.clone(),
-        }
+        Head { id: format!("{prefix}-{:x}{n:04x}", now.as_nanos()), created: now.as_secs(), model: model.to_owned() }
     }
 
-    /// The request's `model` must be the one served (or absent).
-    fn check_model(&self, common: &Common) -> Result<(), ApiError> {
-        match common.model.as_deref() {
-            None => Ok(()),
-            Some(m) if m == self.model_id => Ok(()),
-            Some(m) => Err(ApiError::model_not_found(m, &self.model_id)),
-        }
+    /// The model the request's `model` names: the base (also when absent) or an adapter.
+    fn choose(&self, common: &Common) -> Result<adapters::Chosen, ApiError> {
+        self.adapters.choose(common.model.as_deref())
     }
 }
 
@@ -92,6 +90,12 @@ pub(crate) fn run(args: &ServeArgs) -> Result<(), Failure> {
         Some(_) => return Err(Failure::new("--model-id must not be empty")),
         None => model_id_of(&args.model.model),
     };
+    crate::adapter_arg::at_load(&args.model.adapter, true)?;
+    let named: Vec<_> = args.model.adapter.iter().filter(|a| a.name.is_some()).cloned().collect();
+    adapters::check_start_names(&named, &model_id).map_err(Failure::new)?;
+    if args.tensor_parallel.tensor_parallel > 1 && args.model.adapter.iter().any(|a| a.name.is_some()) {
+        return Err(Failure::new("--adapter NAME=DIR cannot serve adapters with --tensor-parallel"));
+    }
     crate::tensor_parallel::run(
         &args.tensor_parallel,
         &args.model,
@@ -103,14 +107,25 @@ pub(crate) fn run(args: &ServeArgs) -> Result<(), Failure> {
 
 /// Loads the model (this process's shard with `--tensor-parallel`) and serves it.
 fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
-    let settings = args.engine_settings(args.tensor_parallel.load_settings(args.model.load_settings()));
-    let model: Arc<dyn inference_core::TextModel> = Arc::from(args.model.load_with(settings)?);
+    // The base model takes the adapter to apply at load; the named ones are served beside it.
+    let mut base = args.model.clone();
+    let named: Vec<_> = base.adapter.iter().filter(|a| a.name.is_some()).cloned().collect();
+    base.adapter.retain(|a| a.name.is_none());
+    let settings = args.engine_settings(args.tensor_parallel.load_settings(base.load_settings()));
+    let model: Arc<dyn inference_core::TextModel> = Arc::from(base.load_with(settings)?);
     let limits = QueueLimits {
         max_concurrent: args.requests_at_once(),
         max_queue: args.max_queue as usize,
         queue_timeout: Duration::from_secs_f64(args.queue_timeout.min(1e9)),
     };
     let engine = Arc::new(Engine::new(Arc::clone(&model), limits));
+    let adapters =
+        adapters::Adapters::new(model_id.clone(), Arc::clone(&engine), Arc::clone(&model), args.adapter_root.clone());
+    if let Err(e) = adapters::load_at_start(&adapters, &named) {
+        adapters.close_all();
+        let _ = model.close();
+        return Err(Failure::new(e));
+    }
     let state = Arc::new(AppState {
         engine: Arc::clone(&engine),
         model_id,
@@ -121,15 +136,17 @@ fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
         max_body_bytes: args.max_body_bytes,
         next_id: AtomicU64::new(0),
         access: Arc::new(access::Access::new(args.api_key.clone(), args.host)),
+        adapters,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::new(format!("cannot start the async runtime: {e}")))?;
-    let served = runtime.block_on(serve(state, SocketAddr::new(args.host, args.port)));
+    let served = runtime.block_on(serve(Arc::clone(&state), SocketAddr::new(args.host, args.port)));
     engine.shut_down();
     // Blocking tasks still finishing a cancelled token exit at their next token.
     runtime.shutdown_timeout(Duration::from_secs(10));
+    state.adapters.close_all();
     let closed = model.close();
     served?;
     closed.map_err(Failure::from)
@@ -149,6 +166,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/messages", post(messages))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
+        .route("/v1/adapters", post(adapters::load_route).get(adapters::list_route))
+        .route("/v1/adapters/{name}", delete(adapters::unload_route))
         .route("/health", get(health))
         .route("/metrics", get(prometheus))
         .fallback(no_route)
@@ -230,12 +249,14 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
         "model": state.model_id,
         "compute_dtype": state.compute_dtype,
         "engine": state.engine.json(),
+        "adapters": state.adapters.health(),
     }))
 }
 
 async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
     let engine = &state.engine;
-    let text = metrics::render(&engine.metrics, &engine.stats.counters(), engine.load().as_ref());
+    let mut text = metrics::render(&engine.metrics, &engine.stats.counters(), engine.load().as_ref());
+    text.push_str(&state.adapters.metrics());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
@@ -244,15 +265,14 @@ fn model_object(state: &AppState) -> Value {
 }
 
 async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({ "object": "list", "data": [model_object(&state)] }))
+    Json(json!({ "object": "list", "data": state.adapters.model_objects(model_object(&state)) }))
 }
 
 async fn get_model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     if id == state.model_id {
-        Ok(Json(model_object(&state)))
-    } else {
-        Err(ApiError::model_not_found(&id, &state.model_id))
+        return Ok(Json(model_object(&state)));
     }
+    state.adapters.model_object(&id).map(Json).ok_or_else(|| ApiError::model_not_found(&id, &state.model_id))
 }
 
 /// The body, or the error for a body over the limit or unreadable.
@@ -275,12 +295,21 @@ struct Parsed<T> {
     choices: usize,
     /// The format to read tool calls in, when the request offers tools.
     calls: Option<inference_core::ToolCallFormat>,
+    /// The model it names.
+    chosen: adapters::Chosen,
 }
 
 impl<T> Parsed<T> {
     /// The request without its endpoint's own fields (once they are read).
     fn without_own(self) -> Parsed<()> {
-        Parsed { own: (), common: self.common, settings: self.settings, choices: self.choices, calls: self.calls }
+        Parsed {
+            own: (),
+            common: self.common,
+            settings: self.settings,
+            choices: self.choices,
+            calls: self.calls,
+            chosen: self.chosen,
+        }
     }
 }
 
@@ -291,13 +320,13 @@ fn parse_request<T: serde::de::DeserializeOwned>(
     let body = body_of(state, body)?;
     let (own, value) = api::parse::<T>(&body)?;
     let common: Common = api::from_value(&value)?;
-    state.check_model(&common)?;
+    let chosen = state.choose(&common)?;
     let sampling: api::Sampling = api::from_value(&value)?;
     let fields: tools::ToolFields = api::from_value(&value)?;
     let settings = fields.apply(sampling.settings(state.limits)?)?;
     settings.validate()?;
     let calls = fields.call_format(&settings, state.tool_call_format);
-    Ok(Parsed { own, common, settings, choices: sampling.choices()?, calls })
+    Ok(Parsed { own, common, settings, choices: sampling.choices()?, calls, chosen })
 }
 
 async fn chat_completions(
@@ -329,14 +358,14 @@ async fn messages(
 ) -> Result<Response, anthropic::AnthropicError> {
     let body = body_of(&state, body)?;
     let (request, _) = api::parse::<anthropic::MessagesRequest>(&body)?;
-    state.check_model(&Common { model: request.model.clone(), ..Common::default() })?;
+    let chosen = state.choose(&Common { model: request.model.clone(), ..Common::default() })?;
     let conversation = request.messages()?;
     let settings = request.settings(state.limits)?;
     let format = (!settings.tools.is_empty() && settings.tool_choice != inference_core::ToolChoice::None)
         .then_some(state.tool_call_format);
     let stops = settings.stop_strings.clone();
-    let generation = state.engine.start(Prompt::Chat(conversation), settings).await?;
-    let head = state.head("msg");
+    let generation = chosen.engine.start(Prompt::Chat(conversation), settings).await?;
+    let head = state.head("msg", &chosen.id);
     if request.stream {
         return Ok(respond::anthropic_stream(generation, head, format, stops));
     }
@@ -357,8 +386,8 @@ async fn respond(
     id_prefix: &str,
     kind: Kind,
 ) -> Result<Response, ApiError> {
-    let generations = respond::start(&state.engine, &prompt, &request.settings, request.choices).await?;
-    let head = state.head(id_prefix);
+    let generations = respond::start(&request.chosen.engine, &prompt, &request.settings, request.choices).await?;
+    let head = state.head(id_prefix, &request.chosen.id);
     if request.common.streaming() {
         return Ok(respond::stream(generations, head, kind, request.common.include_usage()));
     }

@@ -41,6 +41,8 @@ pub(crate) struct Engine {
     pub(super) turns: HashMap<u64, (SessionCache, Vec<super::Job>)>,
     /// Jobs that wait until every generation submitted before them has ended.
     pub(super) after_drain: Vec<super::Job>,
+    /// The adapters served beside the model, each with its own batch (`adapters.rs`).
+    pub(super) variants: super::adapters::Variants,
 }
 
 impl Engine {
@@ -123,21 +125,25 @@ impl Engine {
         self.scheduler.check_fits(prompt + self.max_tokens(prompt, settings))
     }
 
-    /// Whether the scheduler has nothing to do.
+    /// Whether the scheduler, and every adapter's, has nothing to do.
     pub(super) fn is_idle(&self) -> bool {
-        self.scheduler.is_idle()
+        self.scheduler.is_idle() && self.variants.is_idle()
     }
 
     /// One step of the scheduler; sessions whose turns ended get their caches
     /// back, and jobs waiting for the generations before them run once those
     /// have ended.
     pub(super) fn step(&mut self) {
-        let plan = self.scheduler.plan();
-        // Every rank runs rank 0's plan.
-        if let Err(e) = self.announce(|| MirrorRequest::Step { plan: plan.clone() }) {
-            tracing::error!(error = %e.report(), "could not send a step to the other tensor-parallel ranks");
+        // Only the adapters served beside the model may be busy (see `adapters.rs`).
+        if !self.scheduler.is_idle() || !self.after_drain.is_empty() {
+            let plan = self.scheduler.plan();
+            // Every rank runs rank 0's plan.
+            if let Err(e) = self.announce(|| MirrorRequest::Step { plan: plan.clone() }) {
+                tracing::error!(error = %e.report(), "could not send a step to the other tensor-parallel ranks");
+            }
+            self.run_step(&plan);
         }
-        self.run_step(&plan);
+        self.step_variants();
     }
 
     /// One scheduler step of `plan`, and what follows it.

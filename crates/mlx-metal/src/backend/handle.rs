@@ -154,6 +154,7 @@ impl MetalModel {
                     scheduler,
                     turns: HashMap::new(),
                     after_drain: Vec::new(),
+                    variants: super::adapters::Variants::new(limits),
                 };
                 run_engine(&mut engine, &job_rx);
                 // Closed on rank 0: the other ranks leave their follower loop.
@@ -263,6 +264,13 @@ impl MetalModel {
         self.call(|e| Ok(e.mirror.as_ref().map(Mirror::rank)))
     }
 
+    /// What an adapter served beside this model shares with it.
+    pub(super) fn adapter_base(&self) -> super::adapters::Base {
+        let (jobs, tokenizer, template) = (Arc::clone(&self.jobs), self.tokenizer.clone(), self.template.clone());
+        let grammars = Arc::clone(&self.grammars);
+        super::adapters::Base { jobs, tokenizer, template, info: self.info.clone(), limit: self.limit(), grammars }
+    }
+
     /// Runs `f` on the engine thread and waits for its answer.
     pub(crate) fn call<T: Send + 'static>(
         &self,
@@ -338,14 +346,7 @@ impl MetalModel {
     /// compile is refused here, naming what is wrong (the scheduler compiles
     /// each row's own).
     fn check_constraint(&self, settings: &GenerateSettings) -> CoreResult<()> {
-        match &settings.constraint {
-            Some(c) => self
-                .grammars
-                .compile(c)
-                .map(drop)
-                .map_err(|e| CoreError::invalid_setting("constraint", c.kind(), e.to_string())),
-            None => Ok(()),
-        }
+        self.grammars.check(settings)
     }
 
     /// One stream per prompt that encoded (the others keep their error),
@@ -530,6 +531,10 @@ impl TextModel for MetalModel {
     }
 
     fn attention_inspector(&self) -> Option<&dyn AttentionInspector> {
+        Some(self)
+    }
+
+    fn adapter_host(&self) -> Option<&dyn inference_core::AdapterHost> {
         Some(self)
     }
 

@@ -26,7 +26,9 @@
 //!   scores);
 //! - `session`: [`MetalSession`], chat sessions whose caches live on the
 //!   engine thread;
-//! - `mirror`: tensor-parallel jobs mirrored from rank 0 to the other ranks.
+//! - `mirror`: tensor-parallel jobs mirrored from rank 0 to the other ranks;
+//! - `adapters`: LoRA adapters served beside the model ([`MetalAdapter`]),
+//!   each with its own batch over the model's shared weights.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -35,6 +37,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use inference_core::{Backend, Error as CoreError, LoadSettings, Result as CoreResult, TextModel};
 use mlx::Error;
 
+mod adapters;
 mod engine;
 pub mod handle;
 mod mirror;
@@ -42,6 +45,7 @@ pub mod scheduler;
 mod session;
 mod text;
 
+pub use self::adapters::MetalAdapter;
 use self::engine::Engine;
 pub use self::handle::MetalModel;
 pub use self::session::MetalSession;

@@ -266,7 +266,8 @@ fn merge_heads(x: &Array, b: i32, l: i32) -> Result<Array> {
 /// more than the work — and one by one otherwise.
 fn project<const N: usize>(fused: Option<&FusedLinear>, parts: [&Linear; N], x: &Array) -> Result<[Array; N]> {
     let out = match fused {
-        Some(f) if x.size() == x.dim(-1)? as usize => f.forward(x)?,
+        // A part with an adapter (one served beside the model, swapped in for its step) runs alone.
+        Some(f) if x.size() == x.dim(-1)? as usize && parts.iter().all(|p| p.lora.is_none()) => f.forward(x)?,
         _ => parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?,
     };
     // A fused layer built from other parts than these is a bug: say so rather than recompute.

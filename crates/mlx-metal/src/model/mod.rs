@@ -100,10 +100,21 @@ pub trait LanguageModel {
     /// copies ([`LanguageModel::fuse_projections`]) are dropped first: the
     /// caller may change the layers, and they would go stale.
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        for b in self.parts_mut().layers {
+            (b.self_attn.qkv, b.mlp.gate_up) = (None, None);
+        }
+        self.linears_in_place()
+    }
+
+    /// The layers of [`LanguageModel::linears_mut`], in the same order, with the
+    /// fused decode projections left in place: only for callers that change no
+    /// weight but the parts' `lora` (a fused layer whose parts carry an adapter
+    /// is not used, see `layers.rs`), such as the adapters served beside a model
+    /// (`backend/adapters.rs`), which swap theirs in and out around each step.
+    fn linears_in_place(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (layer, b) in self.parts_mut().layers.into_iter().enumerate() {
             let (a, m) = (b.self_attn, b.mlp);
-            (a.qkv, m.gate_up) = (None, None);
             let p = format!("model.layers.{layer}");
             let attn = [("q_proj", &mut a.q_proj), ("k_proj", &mut a.k_proj), ("v_proj", &mut a.v_proj)];
             for (name, lin) in attn.into_iter().chain([("o_proj", &mut a.o_proj)]) {

@@ -131,6 +131,11 @@ impl Scheduler {
         }
     }
 
+    /// The constraint compiler its rows use.
+    pub(crate) fn grammars(&self) -> Option<Arc<Grammars>> {
+        self.grammars.clone()
+    }
+
     /// Publishes the queue and batch sizes; `stepped` counts a decode step of `rows` rows.
     fn publish(&self, stepped: Option<usize>) {
         let mut load = lock(&self.load);
