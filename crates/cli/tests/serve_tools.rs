@@ -54,6 +54,64 @@ fn bad_tool_and_format_fields_are_named() {
     assert!(message.contains("nonsense"), "{message}");
 }
 
+/// qwen3-tiny with `testdata/templates/qwen-tools.jinja` as its chat template (and room for its
+/// long system turn), in a temporary directory named `qwen3-tiny`.
+fn qwen_with_tools() -> tempfile::TempDir {
+    let src = std::path::PathBuf::from(tiny(MODEL));
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join(MODEL);
+    std::fs::create_dir(&copy).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+    }
+    let edit = |file: &str, key: &str, value: Value| {
+        let path = copy.join(file);
+        let mut v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        v[key] = value;
+        std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    };
+    let template = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/templates/qwen-tools.jinja");
+    edit("tokenizer_config.json", "chat_template", Value::String(std::fs::read_to_string(template).unwrap()));
+    edit("config.json", "max_position_embeddings", json!(2048));
+    dir
+}
+
+/// A tools template's model (Hermes form) over HTTP: a forced call, whole and streamed, comes back
+/// as `tool_calls` of an offered tool with arguments valid for it, whatever the random weights say.
+#[test]
+fn a_qwen_style_template_answers_forced_calls_as_tool_calls() {
+    let dir = qwen_with_tools();
+    let server = Server::start(dir.path().join(MODEL).to_str().unwrap(), &[]);
+    let url = server.url("/v1/chat/completions");
+    let zone = json!({"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+        "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": false}}});
+    for seed in 0..3 {
+        let body = ask(json!({"tools": [zone], "tool_choice": "required", "parallel_tool_calls": false,
+            "max_tokens": 120, "temperature": 1.0, "seed": seed}));
+        let (status, answer) = post(&url, &body);
+        assert_eq!(status, 200, "{answer}");
+        let choice = &answer["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{answer}");
+        let call = &choice["message"]["tool_calls"][0];
+        assert_eq!(call["function"]["name"], "get_time", "{answer}");
+        let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(args == json!({"zone": "UTC"}) || args == json!({"zone": "CET"}), "{args}");
+
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let (status, events) = common::post_stream(&url, &streamed);
+        assert_eq!(status, 200);
+        let (_, chunks, done) = common::read_stream(events);
+        assert!(done);
+        let calls: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0)).collect();
+        assert_eq!(calls.len(), 1, "{chunks:?}");
+        assert_eq!((calls[0]["index"].as_u64(), &calls[0]["function"]), (Some(0), &call["function"]));
+        let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str());
+        assert_eq!(finish, Some("tool_calls"));
+    }
+}
+
 /// Runs an SDK script of `tests/` against a server on SmolLM2 (`base` is the URL's path) and
 /// checks that it printed `NAME: ok` for each of `checks`. Needs `MLXR_PYTHON` (set by
 /// `cargo xtask test`) and the converted SmolLM2 (`cargo xtask fixtures`); skipped without them.

@@ -206,42 +206,9 @@ fn a_forced_call_on_smollm2_is_well_formed() {
     assert_eq!(one_call(ToolCallFormat::Json, &texts[1], &tools).name, "get_time");
 }
 
-/// A tools template in Qwen 2.5's form (tools in the system turn, calls in `<tool_call>` tags,
-/// results in `<tool_response>` tags inside a user turn).
-const QWEN_STYLE: &str = r#"{%- if tools %}<|im_start|>system
-{% if messages[0].role == 'system' %}{{ messages[0].content }}{% else %}You are a helpful assistant.{% endif %}
-
-# Tools
-
-You may call one or more functions to assist with the user query.
-
-You are provided with function signatures within <tools></tools> XML tags:
-<tools>{% for tool in tools %}
-{{ tool | tojson }}{% endfor %}
-</tools>
-
-For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
-<tool_call>
-{"name": <function-name>, "arguments": <args-json-object>}
-</tool_call><|im_end|>
-{% endif %}
-{%- for message in messages %}
-{%- if message.role == 'tool' %}<|im_start|>user
-<tool_response>
-{{ message.content }}
-</tool_response><|im_end|>
-{% elif message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant
-{{ message.content }}{% for tc in message.tool_calls %}<tool_call>
-{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}
-</tool_call>{% endfor %}<|im_end|>
-{% elif not (message.role == 'system' and tools) %}<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% endif %}"#;
-
-/// qwen3-tiny with [`QWEN_STYLE`] as its chat template, in a temporary directory.
+/// qwen3-tiny with `testdata/templates/qwen-tools.jinja` (a tools template in Qwen 2.5's form: tools
+/// in the system turn, calls in `<tool_call>` tags, results in `<tool_response>` tags inside a
+/// user turn) as its chat template, and room for its long system turn, in a temporary directory.
 fn qwen_with_tools() -> tempfile::TempDir {
     let src = common::tiny_model("qwen3-tiny");
     let dir = tempfile::tempdir().unwrap();
@@ -251,7 +218,8 @@ fn qwen_with_tools() -> tempfile::TempDir {
     }
     let config_path = dir.path().join("tokenizer_config.json");
     let mut config: Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-    config["chat_template"] = Value::String(QWEN_STYLE.into());
+    let template = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/templates/qwen-tools.jinja");
+    config["chat_template"] = Value::String(std::fs::read_to_string(template).unwrap());
     std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
     // The tools' system turn is longer than the fixture's 128 positions.
     let model_config = dir.path().join("config.json");
