@@ -79,6 +79,7 @@ impl MetalModel {
         let engine_metrics = Arc::clone(&metrics);
         let context_length = settings.context_length;
         let policy = model::dtype::DtypePolicy::from_setting(settings.dtype, device);
+        let quantised = quantised_policy(&settings.backend_options)?;
         // The loading on the engine thread runs inside the caller's span.
         let caller = tracing::Span::current();
         let thread = std::thread::Builder::new()
@@ -96,10 +97,13 @@ impl MetalModel {
                 let loading = caller.enter();
                 let (loaded, mirror) = match &tensor_parallel {
                     Some(options) => match options.join() {
-                        Ok(tp) => (model::load_with(&dir, Some(tp.clone()), policy), Some(Mirror::new(tp))),
+                        Ok(tp) => (
+                            model::load_with_quantised(&dir, Some(tp.clone()), policy, quantised),
+                            Some(Mirror::new(tp)),
+                        ),
                         Err(e) => (Err(e), None),
                     },
-                    None => (model::load_with(&dir, None, policy), None),
+                    None => (model::load_with_quantised(&dir, None, policy, quantised), None),
                 };
                 let mut loaded = match loaded {
                     Ok(l) => l,
@@ -537,6 +541,19 @@ impl AttentionInspector for MetalModel {
             e.announce(|| Request::Inspect { ids: ids.clone() })?;
             e.inspect(&ids, architecture).map_err(core_err)
         })
+    }
+}
+
+/// The backend option `quantised`: what happens to a quantised checkpoint's
+/// layers (`auto`, `keep`, `dequantise`; see [`model::dtype`]).
+pub(crate) fn quantised_policy(
+    options: &std::collections::BTreeMap<String, String>,
+) -> CoreResult<model::dtype::QuantisedPolicy> {
+    match options.get("quantised") {
+        None => Ok(model::dtype::QuantisedPolicy::Auto),
+        Some(v) => model::dtype::QuantisedPolicy::parse(v).ok_or_else(|| {
+            CoreError::invalid_setting("quantised", format!("{v:?}"), "must be auto, keep or dequantise")
+        }),
     }
 }
 
