@@ -111,7 +111,12 @@ fn label(value: &str) -> String {
 }
 
 /// The text of `/metrics`.
-pub(crate) fn render(metrics: &Metrics, counters: &Counters, load: Option<&EngineLoad>, model: &ModelLabels) -> String {
+pub(crate) fn render(
+    metrics: &Metrics,
+    counters: &Counters,
+    load: Option<&EngineLoad>,
+    model: &ModelLabels<'_>,
+) -> String {
     let mut out = String::new();
     let info = format!(
         "{{model=\"{}\",compute_dtype=\"{}\",compute_dtype_reason=\"{}\"}}",

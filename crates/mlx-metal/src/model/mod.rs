@@ -273,8 +273,15 @@ pub fn load_with_quantised(
         None => Weights::load(&dir, config.quant.clone())?,
     };
     let checkpoint = weights.checkpoint_types();
-    let facts =
-        checkpoint.quantised.then(|| quant_probe::facts(&weights, dtype::needs_timing(policy, quantised, checkpoint)));
+    let facts = checkpoint.quantised.then(|| {
+        let time = dtype::needs_timing(policy, quantised, checkpoint);
+        // The ranks of a tensor-parallel model must choose alike, and timings differ between them.
+        if time && tp.is_some() {
+            let why = "not measured: the ranks of a tensor-parallel model must choose alike".to_owned();
+            return dtype::QuantFacts { timing: Some(Err(why)), ..quant_probe::facts(&weights, false) };
+        }
+        quant_probe::facts(&weights, time)
+    });
     let compute = dtype::choose_on(policy, quantised, checkpoint, Host::this(), facts.as_ref());
     span.record("dtype", compute.dtype.name());
     tracing::debug!(dtype = compute.dtype.name(), dequantise = compute.dequantise, reason = %compute.reason, "compute type");

@@ -2,14 +2,36 @@
 //! What `auto` measures of a quantised checkpoint at load ([`facts`]), for
 //! [`super::dtype::quant_choice`]: whether MLX's quantised matmul or a dense
 //! float32 matmul is faster on this device, and whether the dense weights fit.
+//! The checkpoint's own packed weights and scales are timed against their
+//! dequantised float32 copies, with inputs of normal noise:
 //!
-//! The timed layer is the checkpoint's largest quantised matrix outside the
-//! embedding and the head (an MLP projection: `intermediate × hidden`), with
-//! its own packed weights and scales, against its dequantised float32 copy;
-//! the inputs are one row (a decode step) and [`PREFILL_ROWS`] rows (a
-//! prefill chunk) of normal noise. Each side runs once to warm up and then
-//! [`REPEATS`] times, keeping the fastest (the least disturbed by other
-//! work on the machine). On SmolLM2 135M this takes a few milliseconds.
+//! - decode-sized: one row through every matrix a decode step reads (each
+//!   block's projections, and the head: the embedding table when it is tied),
+//!   each cut to the same share of its rows so that together they take at
+//!   most [`DECODE_BYTES`] dense (the whole of a small model). Timing one
+//!   small matrix over and over measures its speed from the CPU's caches,
+//!   where dense float32 wins by 4×; a decode step reads every weight once
+//!   from memory, where the 4 bytes a dense value takes against half a byte
+//!   quantised even it out (SmolLM2 135M 4-bit decoded at about the same rate
+//!   both ways, Gemma 3 270M, whose head is 60% of its weights, at 0.5–0.8×
+//!   the rate dense);
+//! - prefill-sized: [`PREFILL_ROWS`] rows through the largest matrix outside
+//!   the embedding and the head (an MLP projection), where the dense side is
+//!   compute-bound on BLAS. Fewer rows would favour the quantised side
+//!   wrongly: its time grows with the rows, while a dense call's fixed costs
+//!   (waking BLAS threads) do not.
+//!
+//! Each side runs once to warm up (which also reads the weights in from the
+//! file) and then a few times, keeping the fastest (the least disturbed by
+//! other work on the machine). The dense prefill runs more often because its
+//! slow runs are not its speed: a multi-threaded BLAS's first calls wake its
+//! threads, and on cores shared with other work a call can wait a whole
+//! scheduler slice (~50 ms) for a descheduled thread where it otherwise takes
+//! 0.3 ms (a loaded 2-core machine, OpenBLAS on 2 threads); its fast runs
+//! cost next to nothing. The measurement adds about a second to loading a
+//! small model on a 2-core machine (most of it the quantised side's loops),
+//! and the dense copies it makes (at most [`DECODE_BYTES`]) are freed before
+//! the model is built.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -20,10 +42,20 @@ use mlx::{Array, Dtype, Result};
 use super::dtype::{MatmulTimes, QuantFacts, Timing};
 use super::weights::{Weights, model_err};
 
-/// Rows of the prefill-sized input.
-pub const PREFILL_ROWS: i32 = 32;
-/// Timed runs of each matmul after the warm-up; the fastest counts.
-pub const REPEATS: usize = 3;
+/// Rows of the prefill-sized input: a prompt's worth (the quantised matmul's
+/// time grows with the rows, the dense one's hardly at all).
+pub const PREFILL_ROWS: i32 = 128;
+/// The most bytes the decode-sized matrices take dense: more than most
+/// CPUs' caches hold (on the 2-core machine of docs/benchmarks.md 128 MiB
+/// and 512 MiB gave the same ratio).
+pub const DECODE_BYTES: u64 = 256 << 20;
+/// Timed runs of the decode-sized matmuls after the warm-up, each side.
+pub const DECODE_RUNS: usize = 2;
+/// Timed runs of the quantised prefill-sized matmul after the warm-up (its
+/// time varies little and is the dearest to measure).
+pub const QUANTISED_RUNS: usize = 1;
+/// Timed runs of the dense prefill-sized matmul after the warm-up.
+pub const DENSE_RUNS: usize = 6;
 
 /// A quantised matrix of a checkpoint, as [`quantised_matrices`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +80,7 @@ pub fn facts(weights: &Weights, time: bool) -> QuantFacts {
         let matrices = quantised_matrices(weights);
         let layer =
             representative(&matrices).ok_or_else(|| "the checkpoint has no quantised matrix to time".to_owned())?;
-        measure(weights, layer).map_err(|e| e.to_string())
+        measure(weights, &matrices, layer).map_err(|e| e.to_string())
     });
     QuantFacts { dense_bytes: dense_bytes(weights, 4), available_bytes: available_memory(), timing }
 }
@@ -107,48 +139,110 @@ fn representative(matrices: &[QuantMatrix]) -> Option<&QuantMatrix> {
     matrices.iter().rev().filter(outside).max_by_key(size).or_else(|| matrices.iter().rev().max_by_key(size))
 }
 
-/// Times `layer` quantised (as stored) and dense float32.
-fn measure(weights: &Weights, layer: &QuantMatrix) -> Result<Timing> {
+/// `m` as the checkpoint stores it.
+fn stored(weights: &Weights, m: &QuantMatrix) -> Result<Quantized> {
     let get = |leaf: &str| {
-        let name = format!("{}.{leaf}", layer.prefix);
+        let name = format!("{}.{leaf}", m.prefix);
         weights.tensors().get(&name).cloned().ok_or_else(|| model_err(weights.dir(), format!("missing tensor {name}")))
     };
     let biases =
-        if weights.tensors().contains_key(&format!("{}.biases", layer.prefix)) { Some(get("biases")?) } else { None };
-    let q = Quantized {
-        weight: get("weight")?,
-        scales: get("scales")?,
-        biases,
-        group_size: layer.group_size,
-        bits: layer.bits,
-    };
-    let dense = ops::dequantize(&q, Some(Dtype::Float32))?;
-    let dense_t = ops::transpose(&dense, &[1, 0])?;
-    mlx::transforms::eval(&[&q.weight, &q.scales, &dense_t])?;
-    let key = mlx::random::key(0)?;
-    let times = |rows: i32| -> Result<MatmulTimes> {
-        let x = mlx::random::normal(&[rows, layer.cols], Dtype::Float32, 0.0, 1.0, Some(&key))?;
-        // The quantised side computes in its scales' type, as the model would.
-        let xq = ops::astype(&x, q.scales.dtype())?;
-        mlx::transforms::eval(&[&x, &xq])?;
-        Ok(MatmulTimes {
-            rows,
-            quantised: best_of(|| ops::quantized_matmul(&xq, &q, true))?,
-            dense: best_of(|| ops::matmul(&x, &dense_t))?,
-        })
-    };
-    let decode = times(1)?;
-    let prefill = times(PREFILL_ROWS)?;
-    Ok(Timing { shape: (layer.rows, layer.cols), bits: layer.bits, decode, prefill })
+        if weights.tensors().contains_key(&format!("{}.biases", m.prefix)) { Some(get("biases")?) } else { None };
+    Ok(Quantized { weight: get("weight")?, scales: get("scales")?, biases, group_size: m.group_size, bits: m.bits })
 }
 
-/// The fastest of [`REPEATS`] evaluations of `f` after one to warm up.
-fn best_of(f: impl Fn() -> Result<Array>) -> Result<Duration> {
-    f()?.eval()?;
+/// The first `rows` rows of `q` (whole groups: quantisation packs along the
+/// columns).
+fn first_rows(q: &Quantized, rows: i32) -> Result<Quantized> {
+    let cut = |a: &Array| ops::slice_axis(a, 0, 0, rows);
+    Ok(Quantized {
+        weight: cut(&q.weight)?,
+        scales: cut(&q.scales)?,
+        biases: q.biases.as_ref().map(cut).transpose()?,
+        group_size: q.group_size,
+        bits: q.bits,
+    })
+}
+
+/// The matrices a decode step reads: all of them but an embedding table
+/// beside an output head (the table is only gathered from then).
+fn decode_set(matrices: &[QuantMatrix]) -> Vec<&QuantMatrix> {
+    let head = matrices.iter().any(|m| m.prefix.contains("lm_head"));
+    matrices.iter().filter(|m| !(head && m.prefix.contains("embed_tokens"))).collect()
+}
+
+/// Times the decode-sized and the prefill-sized matmuls both ways.
+fn measure(weights: &Weights, matrices: &[QuantMatrix], layer: &QuantMatrix) -> Result<Timing> {
+    let key = mlx::random::key(0)?;
+    let input = |rows: i32, cols: i32, dtype: Dtype| -> Result<(Array, Array)> {
+        let x = mlx::random::normal(&[rows, cols], Dtype::Float32, 0.0, 1.0, Some(&key))?;
+        // The quantised side computes in its scales' type, as the model would.
+        let xq = ops::astype(&x, dtype)?;
+        mlx::transforms::eval(&[&x, &xq])?;
+        Ok((x, xq))
+    };
+
+    // Decode-sized: every matrix a step reads, cut to one share of its rows.
+    let set = decode_set(matrices);
+    let total: u64 = set.iter().map(|m| m.rows as u64 * m.cols as u64 * 4).sum();
+    let share = (DECODE_BYTES as f64 / total.max(1) as f64).min(1.0);
+    let (mut quantised, mut dense, mut bytes) = (Vec::new(), Vec::new(), 0u64);
+    for m in &set {
+        let rows = ((f64::from(m.rows) * share).ceil() as i32).clamp(1, m.rows);
+        let q = first_rows(&stored(weights, m)?, rows)?;
+        let d = ops::transpose(&ops::dequantize(&q, Some(Dtype::Float32))?, &[1, 0])?;
+        bytes += rows as u64 * m.cols as u64 * 4;
+        quantised.push((m.cols, q));
+        dense.push((m.cols, d));
+    }
+    let mut inputs = std::collections::BTreeMap::new();
+    for (cols, q) in &quantised {
+        if !inputs.contains_key(cols) {
+            inputs.insert(*cols, input(1, *cols, q.scales.dtype())?);
+        }
+    }
+    let dense_refs: Vec<&Array> = dense.iter().map(|(_, d)| d).collect();
+    mlx::transforms::eval(&dense_refs)?;
+    let x = |cols: &i32| inputs.get(cols).ok_or_else(|| mlx::Error::invalid("quant_probe", "no input"));
+    let decode = MatmulTimes {
+        rows: 1,
+        quantised: best_of(DECODE_RUNS, || {
+            quantised.iter().map(|(c, q)| ops::quantized_matmul(&x(c)?.1, q, true)).collect()
+        })?,
+        dense: best_of(DECODE_RUNS, || dense.iter().map(|(c, d)| ops::matmul(&x(c)?.0, d)).collect())?,
+    };
+    drop((quantised, dense));
+
+    // Prefill-sized: one layer, several rows.
+    let q = stored(weights, layer)?;
+    let d = ops::transpose(&ops::dequantize(&q, Some(Dtype::Float32))?, &[1, 0])?;
+    d.eval()?;
+    let (x, xq) = input(PREFILL_ROWS, layer.cols, q.scales.dtype())?;
+    let prefill = MatmulTimes {
+        rows: PREFILL_ROWS,
+        quantised: best_of(QUANTISED_RUNS, || Ok(vec![ops::quantized_matmul(&xq, &q, true)?]))?,
+        dense: best_of(DENSE_RUNS, || Ok(vec![ops::matmul(&x, &d)?]))?,
+    };
+    Ok(Timing {
+        decode,
+        decode_layers: set.len(),
+        decode_bytes: bytes,
+        prefill,
+        shape: (layer.rows, layer.cols),
+        bits: layer.bits,
+    })
+}
+
+/// The fastest of `runs` evaluations of what `f` builds, after one to warm up.
+fn best_of(runs: usize, f: impl Fn() -> Result<Vec<Array>>) -> Result<Duration> {
+    let run = || -> Result<()> {
+        let out = f()?;
+        mlx::transforms::eval(&out.iter().collect::<Vec<_>>())
+    };
+    run()?;
     let mut best = Duration::MAX;
-    for _ in 0..REPEATS {
+    for _ in 0..runs {
         let started = Instant::now();
-        f()?.eval()?;
+        run()?;
         best = best.min(started.elapsed());
     }
     Ok(best)
