@@ -22,14 +22,17 @@
 //!   On the reference BLAS float32 measured slower (0.5–0.7× the prefill
 //!   rate), so the checkpoint's own type is kept there;
 //! - a quantised checkpoint on a CPU is dequantised to float32 when that
-//!   measures faster and fits ([`QuantChoice`], measured at load by
+//!   measures faster and fits ([`quant_choice`], measured at load by
 //!   [`super::quant_probe`]): MLX's quantised matmul on a CPU is its own
-//!   unvectorised loop, while a dense float32 matmul reaches BLAS;
+//!   kernel, while a dense float32 matmul reaches BLAS (SmolLM2 and Gemma 3
+//!   270M prefilled 5–15× faster dequantised, docs/benchmarks.md); the
+//!   decode, which reads every weight from memory, can go either way;
 //! - everything else (a GPU, other CPUs, float32 checkpoints) keeps the
 //!   checkpoint's own types.
 //!
 //! An explicit type casts every floating-point tensor to it. `float32` on a
-//! quantised checkpoint also dequantises (dense float32 is what float32
+//! quantised checkpoint also dequantises, unless the dense weights would take
+//! more than half the available memory (dense float32 is what float32
 //! compute means, and what reaches BLAS; before, it only cast the scales and
 //! kept MLX's quantised matmul); `bfloat16` and `float16` keep the packed
 //! weights and cast their scales, as mlx-lm's `set_dtype` does. The metal
