@@ -129,7 +129,11 @@ impl MetalModel {
                     ..loaded.model.description().clone()
                 };
                 let config_json = std::fs::read(loaded.dir.join("config.json")).unwrap_or_default();
-                let fingerprint = Fingerprint::new(&desc, &config_json);
+                let mut fingerprint = Fingerprint::new(&desc, &config_json);
+                // Dequantised layers compute (a little) differently from the packed ones.
+                if loaded.compute.dequantise {
+                    fingerprint.dtype.push_str(", dequantised");
+                }
                 if let Some(cache_dir) = &prompt_cache_dir {
                     let origin = adapter_path.as_deref().map_or(String::new(), |d| d.display().to_string());
                     if let Err(e) =

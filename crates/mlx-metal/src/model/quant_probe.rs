@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use mlx::ops::{self, Quantized};
 use mlx::{Array, Dtype, Result};
 
-use super::dtype::{MatmulTimes, QuantFacts, Timing};
+use super::dtype::{MIN_DENSE_BYTES, MatmulTimes, QuantFacts, Timing, fits};
 use super::weights::{Weights, model_err};
 
 /// Rows of the prefill-sized input: a prompt's worth (the quantised matmul's
@@ -75,14 +75,20 @@ pub struct QuantMatrix {
 /// What [`super::dtype::choose_on`] needs of a quantised checkpoint: the
 /// dense float32 size, the memory available and, when `time` is set, the
 /// matmuls timed on the calling thread's device.
+/// Nothing is timed where [`super::dtype::quant_choice`] would not look at
+/// the times: a model too small for the choice to matter, or one whose dense
+/// weights would not fit.
 pub fn facts(weights: &Weights, time: bool) -> QuantFacts {
-    let timing = time.then(|| {
+    let mut facts =
+        QuantFacts { dense_bytes: dense_bytes(weights, 4), available_bytes: available_memory(), timing: None };
+    if time && facts.dense_bytes >= MIN_DENSE_BYTES && fits(&facts).is_ok() {
         let matrices = quantised_matrices(weights);
-        let layer =
-            representative(&matrices).ok_or_else(|| "the checkpoint has no quantised matrix to time".to_owned())?;
-        measure(weights, &matrices, layer).map_err(|e| e.to_string())
-    });
-    QuantFacts { dense_bytes: dense_bytes(weights, 4), available_bytes: available_memory(), timing }
+        facts.timing = Some(match representative(&matrices) {
+            Some(layer) => measure(weights, &matrices, layer).map_err(|e| e.to_string()),
+            None => Err("the checkpoint has no quantised matrix to time".to_owned()),
+        });
+    }
+    facts
 }
 
 /// Every quantised matrix of the checkpoint (a packed `uint32` weight with
