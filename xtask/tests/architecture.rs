@@ -318,12 +318,16 @@ const METAL_MODULES: &[(&str, &[&str])] = &[
     ("sample", &[]),
     ("tokenizer", &[]),
     ("chat", &["tokenizer"]),
+    ("constrain", &["tokenizer"]),
     ("model", &["nn", "cache"]),
     ("lora", &["model", "nn"]),
     ("generate", &["model", "cache", "sample"]),
     ("batch", &["model", "cache", "sample", "generate"]),
     ("session", &["model", "cache", "fnv1a64"]),
-    ("backend", &["nn", "cache", "sample", "tokenizer", "chat", "model", "lora", "generate", "batch", "session"]),
+    (
+        "backend",
+        &["nn", "cache", "sample", "tokenizer", "chat", "constrain", "model", "lora", "generate", "batch", "session"],
+    ),
     ("bench", &["cache", "sample", "model", "generate", "fnv1a64", "MetalModel", "register"]),
     ("workflows", &[]),
 ];

@@ -65,10 +65,15 @@ pub(crate) struct ModelArgs {
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub(crate) device: Device,
     /// The floating-point type to compute in: auto, float32, bfloat16 or float16. auto: float32
-    /// for a 16-bit checkpoint on an x86_64 CPU, the checkpoint's own type elsewhere (`mlx_lm`
-    /// backend: mlx-lm's own).
+    /// for a 16-bit checkpoint on an x86_64 CPU with an optimised BLAS, a quantised checkpoint
+    /// dequantised to float32 on a CPU where that measures faster, the checkpoint's own type
+    /// elsewhere (`mlx_lm` backend: mlx-lm's own). float32 dequantises quantised checkpoints.
     #[arg(long, default_value = "auto", value_name = "TYPE", value_parser = parse_dtype)]
     pub(crate) dtype: ComputeDtype,
+    /// A quantised checkpoint's layers (metal backend): auto (as --dtype implies), keep or
+    /// dequantise.
+    #[arg(long, value_name = "HOW", value_parser = ["auto", "keep", "dequantise"])]
+    pub(crate) quantised: Option<String>,
     /// The context length to allocate for (default: the model's own).
     #[arg(long, value_name = "TOKENS")]
     pub(crate) context_length: Option<usize>,
@@ -134,6 +139,9 @@ impl ModelArgs {
         s.adapter_path = self.adapter.iter().find(|a| a.name.is_none()).map(|a| a.dir.clone());
         if let Some(python) = &self.python {
             s = s.backend_option("python", python.to_string_lossy());
+        }
+        if let Some(how) = &self.quantised {
+            s = s.backend_option("quantised", how);
         }
         self.kv.load_settings(s)
     }
@@ -454,6 +462,9 @@ pub(crate) struct BenchArgs {
     /// The floating-point type to compute in: auto, float32, bfloat16 or float16.
     #[arg(long, default_value = "auto", value_name = "TYPE", value_parser = parse_dtype)]
     pub(crate) dtype: ComputeDtype,
+    /// A quantised checkpoint's layers: auto (as --dtype implies), keep or dequantise.
+    #[arg(long, default_value = "auto", value_name = "HOW", value_parser = ["auto", "keep", "dequantise"])]
+    pub(crate) quantised: String,
     /// Prompt lengths in tokens, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
     pub(crate) prompts: Vec<usize>,

@@ -34,6 +34,7 @@ fn options(args: &BenchArgs) -> BenchOptions {
         seed: args.seed,
         public: !args.no_public,
         dtype: args.dtype,
+        quantised: mlx_metal::model::dtype::QuantisedPolicy::parse(&args.quantised).unwrap_or_default(),
         ..BenchOptions::default()
     }
 }

@@ -99,6 +99,7 @@ fn models_health_and_unknown_paths() {
     let (status, health) = get(&server.url("/health"));
     assert_eq!((status, &health["status"]), (200, &json!("ok")));
     assert!(health["compute_dtype"].is_string(), "{health}");
+    assert!(health["compute_dtype_reason"].as_str().is_some_and(|r| !r.is_empty()), "{health}");
     let (status, nowhere) = get(&server.url("/v2/nothing"));
     assert_eq!(status, 404);
     assert_eq!(nowhere["error"]["message"], "no such endpoint: GET /v2/nothing");

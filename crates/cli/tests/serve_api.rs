@@ -142,6 +142,12 @@ fn metrics_are_served_in_prometheus_text_format() {
     assert_eq!(sample("mlxr_time_to_first_token_seconds_bucket{le=\"+Inf\"}"), 2.0);
     assert_eq!(sample("mlxr_prompt_cache_hits_total"), 1.0);
     assert_eq!(sample("mlxr_engine_max_batch"), 32.0);
+    let info =
+        text.lines().find(|l| l.starts_with("mlxr_model_info{")).unwrap_or_else(|| panic!("no model info in\n{text}"));
+    assert!(
+        info.contains(",compute_dtype=\"") && info.contains(",compute_dtype_reason=\"") && info.ends_with("} 1"),
+        "{info}"
+    );
 
     let test = "metrics_are_served_in_prometheus_text_format";
     let Some(python) = std::env::var_os("MLXR_PYTHON").filter(|v| !v.is_empty()) else {
@@ -163,8 +169,13 @@ fn metrics_are_served_in_prometheus_text_format() {
     assert!(out.status.success(), "Prometheus's parser refused the text: {stderr}");
     let parsed: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     let families = parsed.as_object().unwrap();
-    for family in ["mlxr_requests", "mlxr_http_responses", "mlxr_time_to_first_token_seconds", "mlxr_prompt_cache_hits"]
-    {
+    for family in [
+        "mlxr_requests",
+        "mlxr_http_responses",
+        "mlxr_time_to_first_token_seconds",
+        "mlxr_prompt_cache_hits",
+        "mlxr_model_info",
+    ] {
         assert!(families.contains_key(family), "{family} not parsed: {parsed}");
     }
     let ttft = &parsed["mlxr_time_to_first_token_seconds"];

@@ -274,10 +274,12 @@ impl FromStr for Device {
 /// activations and KV cache follow.
 ///
 /// `Auto` (the default) lets the backend choose what runs fastest on the device it loads on; the
-/// `metal` backend picks float32 for a 16-bit checkpoint on an x86_64 CPU (MLX's CPU matmuls
-/// reach BLAS only in float32) and the checkpoint's own type everywhere else (a GPU, Apple
-/// Silicon, quantised checkpoints). The other values cast every floating-point weight, as
-/// mlx-lm's `model.set_dtype(...)` does.
+/// `metal` backend picks float32 for a 16-bit checkpoint on an x86_64 CPU with an optimised BLAS
+/// (MLX's CPU matmuls reach BLAS only in float32), dequantises a quantised checkpoint to float32
+/// on a CPU when a matmul timed at load says that is faster and the dense weights fit, and keeps
+/// the checkpoint's own type everywhere else (a GPU, Apple Silicon). The other values cast every
+/// floating-point weight, as mlx-lm's `model.set_dtype(...)` does; the `metal` backend's
+/// `Float32` also dequantises a quantised checkpoint (its backend option `quantised` overrides).
 ///
 /// ```
 /// use inference_core::ComputeDtype;

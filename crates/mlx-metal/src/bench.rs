@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use crate::MetalModel;
 use crate::cache::LayerCache;
 use crate::generate::{self, LoopOptions};
+use crate::model::dtype::QuantisedPolicy;
 use crate::model::{self, LanguageModel};
 use crate::sample::{Sampler, SamplerConfig};
 use mlx::{Array, Device, memory};
@@ -57,6 +58,8 @@ pub struct BenchOptions {
     pub public: bool,
     /// The compute type both sides load the model in (`auto` by default, as `mlxr` does).
     pub dtype: ComputeDtype,
+    /// What happens to a quantised checkpoint's layers (the backend option `quantised`).
+    pub quantised: QuantisedPolicy,
 }
 
 impl Default for BenchOptions {
@@ -71,6 +74,7 @@ impl Default for BenchOptions {
             prefill_step: generate::PREFILL_STEP,
             public: true,
             dtype: ComputeDtype::Auto,
+            quantised: QuantisedPolicy::Auto,
         }
     }
 }
@@ -243,6 +247,7 @@ fn settings_json(o: &BenchOptions) -> Value {
         "seed": o.seed,
         "prefill_step": o.prefill_step,
         "dtype": o.dtype.as_str(),
+        "quantised": o.quantised.as_str(),
     })
 }
 
@@ -255,7 +260,8 @@ fn public_side(
 ) -> Result<Value, BoxError> {
     crate::register();
     let t0 = Instant::now();
-    let llm = MetalModel::load(&o.model, &LoadSettings::default().dtype(o.dtype))?;
+    let settings = LoadSettings::default().dtype(o.dtype).backend_option("quantised", o.quantised.as_str());
+    let llm = MetalModel::load(&o.model, &settings)?;
     let load_s = t0.elapsed().as_secs_f64();
     let mut results = Vec::new();
     for &n in &o.prompts {
@@ -290,7 +296,7 @@ pub fn run(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Value, Bo
 
     let t0 = Instant::now();
     let policy = model::dtype::DtypePolicy::from_setting(o.dtype, Device::mlx_default()?);
-    let loaded = model::load_with(&o.model, None, policy)?;
+    let loaded = model::load_with_quantised(&o.model, None, policy, o.quantised)?;
     let load_s = t0.elapsed().as_secs_f64();
     // Loading is lazy in MLX: the first forward pass reads the weights. "Ready" is load plus one
     // forward pass of one token, as mlx-lm's side measures it.
@@ -302,6 +308,7 @@ pub fn run(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Value, Bo
     let ready_s = t0.elapsed().as_secs_f64();
     let desc = loaded.model.description().clone();
     let loaded_dtype = loaded.compute.dtype.name();
+    let dtype_reason = loaded.compute.reason.clone();
     let vocab = desc.vocab_size;
     let sampler = Sampler::new(SamplerConfig::default())?;
 
@@ -333,6 +340,7 @@ pub fn run(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Value, Bo
             "quant_bits": desc.quant_bits,
             "quant_group": desc.quant_group,
             "compute_dtype": loaded_dtype,
+            "compute_dtype_reason": dtype_reason,
         },
         "settings": settings_json(o),
         "load_s": load_s,

@@ -41,8 +41,12 @@ fn checkpoint_dtype(path: &Path) -> ComputeDtype {
 
 fn load_with(path: &Path, options: &[(&str, String)]) -> inference_core::Result<Arc<dyn TextModel>> {
     let reg = Registry::new().with(mlx_metal::backend::backend());
-    let mut settings =
-        LoadSettings::default().backend("metal").device(inference_core::Device::Cpu).dtype(checkpoint_dtype(path));
+    // Quantised layers stay packed, as mlx-lm keeps them (float32 would dequantise them).
+    let mut settings = LoadSettings::default()
+        .backend("metal")
+        .device(inference_core::Device::Cpu)
+        .dtype(checkpoint_dtype(path))
+        .backend_option("quantised", "keep");
     for (k, v) in options {
         settings = settings.backend_option(*k, v.clone());
     }

@@ -12,7 +12,7 @@ use std::ops::ControlFlow;
 
 use mlx::{Array, ops};
 use mlx_metal::generate::{LoopOptions, generate};
-use mlx_metal::model::dtype::DtypePolicy;
+use mlx_metal::model::dtype::{DtypePolicy, QuantisedPolicy};
 use mlx_metal::model::{self, LanguageModel};
 use mlx_metal::sample::{Sampler, SamplerConfig};
 use parity::{BoxError, Fixture, Greedy, ParityModel};
@@ -56,7 +56,9 @@ fn check(fixture: &Fixture) {
             mlx::Dtype::parse(name).unwrap_or_else(|| panic!("{}: compute_dtype {name:?}", fixture.name)),
         ),
     };
-    let loaded = model::load_with(&fixture.model_dir, None, policy).unwrap_or_else(|e| panic!("{}: {e}", fixture.name));
+    // mlx-lm's `set_dtype` never dequantises: quantised layers stay packed, as here.
+    let loaded = model::load_with_quantised(&fixture.model_dir, None, policy, QuantisedPolicy::Keep)
+        .unwrap_or_else(|e| panic!("{}: {e}", fixture.name));
     assert_eq!(loaded.compute.dtype.name(), fixture.golden.run_dtype(), "{}: the compute type", fixture.name);
     let mut m = Metal { model: loaded.model };
     let report = parity::check_model(fixture, &mut m).unwrap_or_else(|e| panic!("{}: {e}", fixture.name));

@@ -85,7 +85,11 @@ fn backends_switched_by_name_agree_on_greedy_tokens() {
             }
             // The same compute type on both sides (`auto` keeps mlx-lm's own but may cast in
             // metal): float32, which also checks that the bridge passes the type through.
-            let settings = LoadSettings::new().backend(name.as_str()).dtype(ComputeDtype::Float32);
+            let mut settings = LoadSettings::new().backend(name.as_str()).dtype(ComputeDtype::Float32);
+            if name == "metal" {
+                // As mlx-lm's `set_dtype`: quantised layers stay packed (metal's float32 dequantises).
+                settings = settings.backend_option("quantised", "keep");
+            }
             let model = inference_core::load_model(path, &settings)
                 .unwrap_or_else(|e| panic!("{name} on {}: {}", path.display(), e.report()));
             let info = model.info();

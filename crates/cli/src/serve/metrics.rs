@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! `GET /metrics`: the server's counters in Prometheus's text format (version 0.0.4) — requests
 //! by outcome, answers by status, tokens in and out, the queue, the engine's batch and prompt
-//! cache, and histograms of the time to the first token and between tokens.
+//! cache, histograms of the time to the first token and between tokens, and the model served
+//! (`mlxr_model_info`: its id, compute type and why, as labels of a sample that is always 1).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,9 +98,33 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
     }
 }
 
+/// The model served, as `/metrics` shows it.
+pub(crate) struct ModelLabels<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) compute_dtype: Option<&'a str>,
+    pub(crate) compute_dtype_reason: Option<&'a str>,
+}
+
+/// A label value in Prometheus's text format: backslash, double quote and new line escaped.
+fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 /// The text of `/metrics`.
-pub(crate) fn render(metrics: &Metrics, counters: &Counters, load: Option<&EngineLoad>) -> String {
+pub(crate) fn render(
+    metrics: &Metrics,
+    counters: &Counters,
+    load: Option<&EngineLoad>,
+    model: &ModelLabels<'_>,
+) -> String {
     let mut out = String::new();
+    let info = format!(
+        "{{model=\"{}\",compute_dtype=\"{}\",compute_dtype_reason=\"{}\"}}",
+        label(model.id),
+        label(model.compute_dtype.unwrap_or("")),
+        label(model.compute_dtype_reason.unwrap_or(""))
+    );
+    metric(&mut out, "mlxr_model_info", "gauge", "The model served: its id, compute type and why.", &[(&info, 1.0)]);
     let c = counters;
     let outcomes = [
         ("{outcome=\"completed\"}", c.completed as f64),
@@ -180,5 +205,16 @@ mod tests {
         {
             assert!(out.lines().any(|l| l == line), "{line} not in\n{out}");
         }
+    }
+
+    #[test]
+    fn the_model_info_line_escapes_its_labels() {
+        let counters = Counters { queued: 0, running: 0, completed: 0, cancelled: 0, failed: 0, generated_tokens: 0 };
+        let model =
+            ModelLabels { id: "m\"1", compute_dtype: Some("float32"), compute_dtype_reason: Some("auto: a\\b\nc") };
+        let out = render(&Metrics::default(), &counters, None, &model);
+        let want =
+            "mlxr_model_info{model=\"m\\\"1\",compute_dtype=\"float32\",compute_dtype_reason=\"auto: a\\\\b\\nc\"} 1";
+        assert!(out.lines().any(|l| l == want), "{want} not in\n{out}");
     }
 }

@@ -51,10 +51,12 @@ use crate::failure::{self, Failure};
 struct AppState {
     engine: Arc<Engine>,
     model_id: String,
-    /// The type the model computes in (shown by `/health`), when the backend says.
+    /// The type the model computes in (shown by `/health` and `/metrics`), when the backend says.
     compute_dtype: Option<String>,
     /// How the model writes tool calls (from its chat template).
     tool_call_format: inference_core::ToolCallFormat,
+    /// Why the backend chose it.
+    compute_dtype_reason: Option<String>,
     created: u64,
     limits: Limits,
     max_body_bytes: usize,
@@ -131,6 +133,7 @@ fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
         model_id,
         compute_dtype: model.info().compute_dtype,
         tool_call_format: model.info().tool_call_format,
+        compute_dtype_reason: model.info().compute_dtype_reason,
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         limits: Limits { max_tokens: args.max_tokens_limit, default_max_tokens: args.default_max_tokens },
         max_body_bytes: args.max_body_bytes,
@@ -248,6 +251,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
         "status": "ok",
         "model": state.model_id,
         "compute_dtype": state.compute_dtype,
+        "compute_dtype_reason": state.compute_dtype_reason,
         "engine": state.engine.json(),
         "adapters": state.adapters.health(),
     }))
@@ -255,7 +259,12 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
     let engine = &state.engine;
-    let mut text = metrics::render(&engine.metrics, &engine.stats.counters(), engine.load().as_ref());
+    let model = metrics::ModelLabels {
+        id: &state.model_id,
+        compute_dtype: state.compute_dtype.as_deref(),
+        compute_dtype_reason: state.compute_dtype_reason.as_deref(),
+    };
+    let mut text = metrics::render(&engine.metrics, &engine.stats.counters(), engine.load().as_ref(), &model);
     text.push_str(&state.adapters.metrics());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

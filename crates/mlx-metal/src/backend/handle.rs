@@ -20,6 +20,7 @@ use mlx::device::{Device, DeviceScope};
 
 use super::engine::Engine;
 use super::mirror::{Mirror, Request};
+use super::options::{prompt_cache_dir, quantised_policy};
 use super::scheduler::{Limits, Scheduler};
 use super::session::MetalSession;
 use super::{Job, Jobs, NAME, call, check_prompt, core_err, lock, submit};
@@ -84,6 +85,7 @@ impl MetalModel {
         let engine_metrics = Arc::clone(&metrics);
         let context_length = settings.context_length;
         let policy = model::dtype::DtypePolicy::from_setting(settings.dtype, device);
+        let quantised = quantised_policy(&settings.backend_options)?;
         // The loading on the engine thread runs inside the caller's span.
         let caller = tracing::Span::current();
         let thread = std::thread::Builder::new()
@@ -101,10 +103,13 @@ impl MetalModel {
                 let loading = caller.enter();
                 let (loaded, mirror) = match &tensor_parallel {
                     Some(options) => match options.join() {
-                        Ok(tp) => (model::load_with(&dir, Some(tp.clone()), policy), Some(Mirror::new(tp))),
+                        Ok(tp) => (
+                            model::load_with_quantised(&dir, Some(tp.clone()), policy, quantised),
+                            Some(Mirror::new(tp)),
+                        ),
                         Err(e) => (Err(e), None),
                     },
-                    None => (model::load_with(&dir, None, policy), None),
+                    None => (model::load_with_quantised(&dir, None, policy, quantised), None),
                 };
                 let mut loaded = match loaded {
                     Ok(l) => l,
@@ -130,7 +135,11 @@ impl MetalModel {
                     ..loaded.model.description().clone()
                 };
                 let config_json = std::fs::read(loaded.dir.join("config.json")).unwrap_or_default();
-                let fingerprint = Fingerprint::new(&desc, &config_json);
+                let mut fingerprint = Fingerprint::new(&desc, &config_json);
+                // Dequantised layers compute (a little) differently from the packed ones.
+                if loaded.compute.dequantise {
+                    fingerprint.dtype.push_str(", dequantised");
+                }
                 if let Some(cache_dir) = &prompt_cache_dir {
                     let origin = adapter_path.as_deref().map_or(String::new(), |d| d.display().to_string());
                     if let Err(e) =
@@ -570,25 +579,4 @@ impl AttentionInspector for MetalModel {
             e.inspect(&ids, architecture).map_err(core_err)
         })
     }
-}
-
-/// The backend option `prompt_cache_dir`: where the prompt cache keeps its
-/// entries across restarts (not with tensor parallelism: each rank holds a
-/// shard of every cache).
-fn prompt_cache_dir(
-    options: &std::collections::BTreeMap<String, String>,
-    tensor_parallel: bool,
-) -> CoreResult<Option<std::path::PathBuf>> {
-    let Some(dir) = options.get("prompt_cache_dir") else { return Ok(None) };
-    if dir.trim().is_empty() {
-        return Err(CoreError::invalid_setting("prompt_cache_dir", "\"\"", "name a directory"));
-    }
-    if tensor_parallel {
-        return Err(CoreError::invalid_setting(
-            "prompt_cache_dir",
-            dir,
-            "a tensor-parallel job cannot keep its prompt cache on disk (each rank holds a shard of every cache)",
-        ));
-    }
-    Ok(Some(std::path::PathBuf::from(dir)))
 }

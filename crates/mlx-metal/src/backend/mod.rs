@@ -41,6 +41,7 @@ mod adapters;
 mod engine;
 pub mod handle;
 mod mirror;
+mod options;
 pub mod scheduler;
 mod session;
 mod text;

@@ -24,6 +24,8 @@ pub mod dtype;
 pub mod gemma3;
 pub mod layers;
 pub mod llama;
+pub mod quant_choice;
+pub mod quant_probe;
 pub mod qwen2;
 pub mod qwen3;
 pub mod rope;
@@ -38,7 +40,7 @@ use inference_core::ModelInfo;
 use mlx::{Array, Error, Result};
 
 use self::config::ModelConfig;
-use self::dtype::{Compute, DtypePolicy};
+use self::dtype::{Compute, DtypePolicy, Host, QuantisedPolicy};
 pub use self::layers::AttentionTaps;
 use self::layers::{Attention, Mlp};
 use self::tp::TensorParallel;
@@ -242,8 +244,22 @@ pub fn load_sharded(path: &Path, tp: TensorParallel) -> Result<LoadedModel> {
 }
 
 /// Loads the model at `path`, whole or (with `tp`) this rank's shard, with
-/// its floating-point weights in the type `policy` chooses ([`dtype`]).
+/// its floating-point weights in the type `policy` chooses ([`dtype`]) and
+/// quantised layers as `policy` implies ([`QuantisedPolicy::Auto`]).
 pub fn load_with(path: &Path, tp: Option<TensorParallel>, policy: DtypePolicy) -> Result<LoadedModel> {
+    load_with_quantised(path, tp, policy, QuantisedPolicy::Auto)
+}
+
+/// [`load_with`], with what happens to a quantised checkpoint's layers
+/// chosen by `quantised` (the metal backend option `quantised`). For `auto`
+/// on a CPU this times one quantised layer against its dense copy first
+/// ([`quant_probe`]), on the calling thread's device.
+pub fn load_with_quantised(
+    path: &Path,
+    tp: Option<TensorParallel>,
+    policy: DtypePolicy,
+    quantised: QuantisedPolicy,
+) -> Result<LoadedModel> {
     let span = tracing::info_span!(
         "load",
         dir = %path.display(),
@@ -269,9 +285,21 @@ pub fn load_with(path: &Path, tp: Option<TensorParallel>, policy: DtypePolicy) -
         Some(_) => Weights::load_sliceable(&dir, config.quant.clone())?,
         None => Weights::load(&dir, config.quant.clone())?,
     };
-    let compute = dtype::choose(policy, weights.checkpoint_types());
+    let checkpoint = weights.checkpoint_types();
+    let facts = checkpoint.quantised.then(|| {
+        let time = dtype::needs_timing(policy, quantised, checkpoint);
+        // The ranks of a tensor-parallel model must choose alike, and timings differ between them.
+        if time && tp.is_some() {
+            let why = "not measured: the ranks of a tensor-parallel model must choose alike".to_owned();
+            return dtype::QuantFacts { timing: Some(Err(why)), ..quant_probe::facts(&weights, false) };
+        }
+        quant_probe::facts(&weights, time)
+    });
+    let compute = dtype::choose_on(policy, quantised, checkpoint, Host::this(), facts.as_ref());
     span.record("dtype", compute.dtype.name());
+    tracing::debug!(dtype = compute.dtype.name(), dequantise = compute.dequantise, reason = %compute.reason, "compute type");
     weights.set_cast(compute.cast);
+    weights.set_dequantise(compute.dequantise);
     let _build = tracing::debug_span!("build_model").entered();
     let mut model: Box<dyn LanguageModel> = match arch {
         "gemma3" | "gemma3_text" => Box::new(gemma3::Gemma3::load(&config, &weights)?),

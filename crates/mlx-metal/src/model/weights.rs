@@ -17,6 +17,12 @@
 //! its shard (plus the replicated norms). The embedding and the head are read
 //! by vocabulary rows ([`WeightPath::embedding_rows`]) unless the model keeps
 //! them replicated.
+//!
+//! The compute type ([`super::dtype`]) is applied here too: floating-point
+//! tensors are cast as they are looked up ([`Weights::set_cast`]), and
+//! quantised matrices (linear layers, embedding tables) become dense ones
+//! when [`Weights::set_dequantise`] asks; a tensor-parallel rank slices the
+//! packed matrix first and dequantises its part only.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -44,6 +50,8 @@ pub struct Weights {
     /// The type floating-point tensors are cast to as they are looked up
     /// (see [`super::dtype`]).
     cast: Option<Dtype>,
+    /// Whether quantised matrices are dequantised as they are looked up.
+    dequantise: bool,
 }
 
 impl Weights {
@@ -75,6 +83,7 @@ impl Weights {
             quant,
             files: Vec::new(),
             cast: None,
+            dequantise: false,
         })
     }
 
@@ -117,6 +126,7 @@ impl Weights {
             quant,
             files: Vec::new(),
             cast: None,
+            dequantise: false,
         }
     }
 
@@ -137,6 +147,35 @@ impl Weights {
     /// (`None`: none); quantised layers' packed weights are never cast.
     pub fn set_cast(&mut self, dtype: Option<Dtype>) {
         self.cast = dtype;
+    }
+
+    /// Dequantises every quantised matrix (linear layers, embedding tables)
+    /// as it is looked up, into a dense matrix of the cast type (else of its
+    /// scales' type).
+    pub fn set_dequantise(&mut self, on: bool) {
+        self.dequantise = on;
+    }
+
+    /// `weight` as the model holds it: dense after dequantising when
+    /// [`Weights::set_dequantise`] asked for it.
+    fn finish_matrix(&self, weight: LinearWeight) -> Result<LinearWeight> {
+        match weight {
+            LinearWeight::Quantized(q) if self.dequantise => {
+                Ok(LinearWeight::Dense(ops::dequantize(&q, Some(self.cast.unwrap_or(q.scales.dtype())))?))
+            }
+            w => Ok(w),
+        }
+    }
+
+    /// Every tensor of the checkpoint, by name, as stored (for measuring:
+    /// [`super::quant_probe`]).
+    pub(crate) fn tensors(&self) -> &BTreeMap<String, Array> {
+        &self.tensors
+    }
+
+    /// config.json's quantisation entry.
+    pub(crate) fn quant(&self) -> Option<&QuantConfig> {
+        self.quant.as_ref()
     }
 
     fn cast(&self, a: Array) -> Result<Array> {
@@ -261,6 +300,12 @@ impl<'a> WeightPath<'a> {
     /// A linear layer `[out, in]`, dense or quantised (when `scales` exist),
     /// with a bias `[out]` when `bias` is true.
     pub fn linear(&self, out: i32, inp: i32, bias: bool) -> Result<Linear> {
+        let l = self.linear_as_stored(out, inp, bias)?;
+        Ok(Linear::new(self.weights.finish_matrix(l.weight)?, l.bias))
+    }
+
+    /// [`WeightPath::linear`] before dequantising.
+    fn linear_as_stored(&self, out: i32, inp: i32, bias: bool) -> Result<Linear> {
         let weight = self.matrix(out, inp)?;
         let bias = if bias { Some(self.tensor("bias", &[out])?) } else { None };
         Ok(Linear::new(weight, bias))
@@ -277,14 +322,14 @@ impl<'a> WeightPath<'a> {
     /// columns (a quantised layer only at group boundaries). Only the part
     /// is read from the checkpoint.
     pub fn linear_split(&self, out: i32, inp: i32, bias: bool, split: Split) -> Result<Linear> {
-        let full = self.linear(out, inp, bias)?;
+        let full = self.linear_as_stored(out, inp, bias)?;
         let (axis, start, len) = match split {
             Split::Output { start, len } => (0, start, len),
             Split::Input { start, len, .. } => (1, start, len),
         };
         let dim = if axis == 0 { out } else { inp };
         if start == 0 && len == dim {
-            return Ok(full);
+            return Ok(Linear::new(self.weights.finish_matrix(full.weight)?, full.bias));
         }
         if start < 0 || len <= 0 || start + len > dim {
             return Err(model_err(
@@ -328,7 +373,7 @@ impl<'a> WeightPath<'a> {
             (Some(b), Split::Input { keep_bias: true, .. }) => Some(b),
             _ => None,
         };
-        Ok(Linear::new(weight, bias))
+        Ok(Linear::new(self.weights.finish_matrix(weight)?, bias))
     }
 
     fn slice(&self, leaf: &str, axis: usize, start: i32, len: i32) -> Result<Array> {
@@ -337,7 +382,7 @@ impl<'a> WeightPath<'a> {
 
     /// An embedding table `[vocab, dim]`, dense or quantised.
     pub fn embedding(&self, vocab: i32, dim: i32) -> Result<Embedding> {
-        Ok(Embedding::new(self.matrix(vocab, dim)?))
+        Ok(Embedding::new(self.weights.finish_matrix(self.matrix(vocab, dim)?)?))
     }
 
     /// The rows `[start, start + len)` of an embedding table `[vocab, dim]`
