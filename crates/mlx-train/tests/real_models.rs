@@ -233,8 +233,9 @@ fn smollm2_checkpointed_gradients_match_plain_ones() {
 
 /// A random adapter on every projection: saved and reloaded it gives identical
 /// logits; fused and saved as a standalone model it gives base plus adapter
-/// (within the rounding of the bf16 weights it is folded into).
-fn save_reload_and_fuse(name: &str) {
+/// (within the rounding of the bf16 weights it is folded into). `b_std` draws
+/// the adapter's B (a trained adapter's is not zero).
+fn save_reload_and_fuse(name: &str, b_std: f32) {
     let Some(dir) = common::real(name) else { return };
     let tokens = [2i32, 651, 6037, 3164, 603, 3868];
     let mut m = model::load(&dir).unwrap();
@@ -247,7 +248,7 @@ fn save_reload_and_fuse(name: &str) {
     let mut w = lora::lora_weights(m.model.as_mut());
     for (k, a) in w.iter_mut() {
         if k.ends_with("lora_b") {
-            *a = random::normal(&a.shape(), Dtype::Float32, 0.0, 0.02, None).unwrap();
+            *a = random::normal(&a.shape(), Dtype::Float32, 0.0, b_std, None).unwrap();
         }
     }
     lora::set_lora_weights(m.model.as_mut(), &w).unwrap();
@@ -263,9 +264,17 @@ fn save_reload_and_fuse(name: &str) {
     let fused = model::load(out.path()).unwrap();
     let got = last_logits(fused.model.as_ref(), &tokens);
     let max = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-    let (moved, err) = (max(&base, &with), max(&with, &got));
-    eprintln!("{name}: the adapter moved the logits by {moved}; the fused model differs from base + adapter by {err}");
-    assert!(err < 0.25 * moved, "{name}: fused model differs by {err} (adapter effect {moved})");
+    // Root mean square over the vocabulary: the bfloat16 logits move in steps of 0.125 around 20,
+    // so the largest single difference says more about rounding than about the fold.
+    let rms = |a: &[f32], b: &[f32]| {
+        (a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>() / a.len() as f64).sqrt()
+    };
+    let (moved, err) = (rms(&base, &with), rms(&with, &got));
+    eprintln!(
+        "{name}: the adapter moved the logits by {moved} (RMS); the fused model differs from base + adapter by {err}"
+    );
+    assert!(err < 0.25 * moved, "{name}: fused model differs by {err} (adapter effect {moved}, RMS)");
+    let moved = max(&base, &with);
 
     // mlx-lm reads both: our adapter on the base model, and the fused model alone.
     let Some(python) = common::python() else { return };
@@ -282,12 +291,13 @@ fn save_reload_and_fuse(name: &str) {
 
 #[test]
 fn smollm2_save_reload_and_fuse() {
-    save_reload_and_fuse(MODELS[0]);
+    // Large enough that the adapter's effect stands well above bfloat16's rounding of the logits.
+    save_reload_and_fuse(MODELS[0], 0.1);
 }
 
 #[test]
 fn gemma3_270m_save_reload_and_fuse() {
-    save_reload_and_fuse(MODELS[1]);
+    save_reload_and_fuse(MODELS[1], 0.02);
 }
 
 #[test]

@@ -49,9 +49,19 @@ pub(crate) fn python() -> Option<PathBuf> {
 }
 
 /// Runs `mlxlm_reference.py` with `args` and parses its JSON output.
+///
+/// mlx-lm runs on the BLAS this process runs on: the optimised one our build links, preloaded
+/// into Python (whose `mlx` otherwise calls the reference BLAS its wheel carries). Training
+/// rounds float32 matmuls' results to bfloat16, so a different summation order moves the loss and
+/// the gradients by more than the tolerance: only the same BLAS gives the same numbers.
 pub(crate) fn reference(python: &Path, args: &[&str]) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mlxlm_reference.py");
-    let out = Command::new(python).arg(&script).args(args).output().expect("running the mlx-lm reference script");
+    let mut command = Command::new(python);
+    let blas = mlx::blas::info();
+    if let Some(lib) = blas.library.as_ref().filter(|_| !blas.is_reference()) {
+        command.env("LD_PRELOAD", lib);
+    }
+    let out = command.arg(&script).args(args).output().expect("running the mlx-lm reference script");
     assert!(
         out.status.success(),
         "mlxlm_reference.py {args:?} failed: {}\n{}",
