@@ -281,7 +281,8 @@ impl TextModel for BridgeModel {
         }
         self.ensure_open()?;
         let offered = if settings.tool_choice == ToolChoice::None { &[][..] } else { &settings.tools[..] };
-        let (messages, tools) = if self.shared.tools_native {
+        // A template without tools gets the fallback only when tools are offered (as on metal).
+        let (messages, tools) = if self.shared.tools_native || offered.is_empty() {
             (messages.to_vec(), offered.to_vec())
         } else {
             (tools::fallback_messages(messages, offered), Vec::new())

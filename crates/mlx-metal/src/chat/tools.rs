@@ -4,7 +4,8 @@
 //!
 //! A template that knows tools (its source mentions `tools`) gets them as the
 //! `tools` variable and renders the history's `tool_calls` and `tool`
-//! messages itself. One that does not gets the fallback: the tool
+//! messages itself. One that does not, when tools are offered, gets the
+//! fallback (without tools the messages go as they are): the tool
 //! definitions and the Hermes form in a system message, earlier calls written
 //! into their assistant messages in that form, and tool results as user
 //! messages in `<tool_response>` tags (templates such as Gemma's refuse roles
@@ -66,6 +67,9 @@ impl ChatTemplate {
                 extra.insert("tools".into(), Value::Array(offered.to_vec()));
             }
             self.render_with(messages, true, &extra)?
+        } else if offered.is_empty() {
+            // No tools offered: the messages go to the template as they are (as mlx-lm's do).
+            self.render(messages, true)?
         } else {
             self.render(&tools::fallback_messages(messages, offered), true)?
         };
