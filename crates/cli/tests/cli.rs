@@ -194,7 +194,7 @@ fn info_prints_device_version_and_model() {
     assert!(stdout.contains("architecture: qwen3\n"), "{stdout}");
     assert!(stdout.contains("quantisation: 4-bit"), "{stdout}");
     assert!(stdout.contains("context length: 128\n"), "{stdout}");
-    assert!(stdout.contains("compute dtype: bfloat16 (auto: a quantised checkpoint is kept"), "{stdout}");
+    assert!(stdout.contains("compute dtype: bfloat16 (auto: kept quantised"), "{stdout}");
 
     // A bfloat16 checkpoint: auto says what it chose and why; an explicit type is taken as asked.
     let model = tiny("qwen3-tiny");
