@@ -334,7 +334,7 @@ fn parse_request<T: serde::de::DeserializeOwned>(
     let fields: tools::ToolFields = api::from_value(&value)?;
     let settings = fields.apply(sampling.settings(state.limits)?)?;
     settings.validate()?;
-    let calls = fields.call_format(&settings, state.tool_call_format);
+    let calls = tools::call_format(&settings, state.tool_call_format);
     Ok(Parsed { own, common, settings, choices: sampling.choices()?, calls, chosen })
 }
 
@@ -370,8 +370,7 @@ async fn messages(
     let chosen = state.choose(&Common { model: request.model.clone(), ..Common::default() })?;
     let conversation = request.messages()?;
     let settings = request.settings(state.limits)?;
-    let format = (!settings.tools.is_empty() && settings.tool_choice != inference_core::ToolChoice::None)
-        .then_some(state.tool_call_format);
+    let format = tools::call_format(&settings, state.tool_call_format);
     let stops = settings.stop_strings.clone();
     let generation = chosen.engine.start(Prompt::Chat(conversation), settings).await?;
     let head = state.head("msg", &chosen.id);

@@ -52,11 +52,12 @@ impl ToolFields {
         }
         Ok(s)
     }
+}
 
-    /// The format to read calls in, when the request offers tools the model may call.
-    pub(crate) fn call_format(&self, settings: &GenerateSettings, model: ToolCallFormat) -> Option<ToolCallFormat> {
-        (!settings.tools.is_empty() && settings.tool_choice != ToolChoice::None).then_some(model)
-    }
+/// The format to read calls in (the model's), when the settings offer tools the model may call
+/// (OpenAI's and Anthropic's endpoints alike).
+pub(crate) fn call_format(settings: &GenerateSettings, model: ToolCallFormat) -> Option<ToolCallFormat> {
+    (!settings.tools.is_empty() && settings.tool_choice != ToolChoice::None).then_some(model)
 }
 
 /// OpenAI's `tool_choice`: `"none"`, `"auto"`, `"required"`, or
@@ -209,7 +210,7 @@ mod tests {
         );
         let none = fields(&format!(r#"{{"tools": [{TOOL}], "tool_choice": "none"}}"#));
         let s = none.apply(GenerateSettings::new()).unwrap();
-        assert_eq!(none.call_format(&s, ToolCallFormat::Hermes), None);
+        assert_eq!(call_format(&s, ToolCallFormat::Hermes), None);
     }
 
     #[test]
