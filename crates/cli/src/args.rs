@@ -87,6 +87,45 @@ pub(crate) struct ModelArgs {
     pub(crate) python: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) kv: KvCacheArgs,
+    #[command(flatten)]
+    pub(crate) speculative: SpeculativeArgs,
+}
+
+/// Speculative decoding (metal backend; mlx-lm's --draft-model and --num-draft-tokens): tokens
+/// guessed cheaply and checked by the model in one forward pass, while a request decodes alone.
+/// Greedy output is exactly that of plain decoding; sampled output follows the same distribution.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct SpeculativeArgs {
+    /// A smaller model with the same tokenizer whose greedy continuation the model checks.
+    #[arg(long, value_name = "DIR", conflicts_with = "prompt_lookup")]
+    pub(crate) draft_model: Option<PathBuf>,
+    /// Guess by prompt lookup: what followed the latest earlier occurrence of the text's last
+    /// tokens (for answers that repeat their input: code edits, summaries, quotations).
+    #[arg(long)]
+    pub(crate) prompt_lookup: bool,
+    /// With --prompt-lookup, the longest n-gram matched (default 3; shorter ones are tried next).
+    #[arg(long, value_name = "N", requires = "prompt_lookup", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub(crate) prompt_lookup_ngram: Option<u32>,
+    /// Most tokens guessed per step (default 3 with a draft model, 8 with prompt lookup).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub(crate) num_draft_tokens: Option<u32>,
+}
+
+impl SpeculativeArgs {
+    /// `settings` with the backend options these flags give.
+    pub(crate) fn load_settings(&self, mut settings: LoadSettings) -> LoadSettings {
+        if let Some(dir) = &self.draft_model {
+            settings = settings.backend_option("draft_model", dir.to_string_lossy());
+        }
+        if self.prompt_lookup {
+            let n = self.prompt_lookup_ngram.map_or_else(|| "true".to_owned(), |n| n.to_string());
+            settings = settings.backend_option("prompt_lookup", n);
+        }
+        if let Some(n) = self.num_draft_tokens {
+            settings = settings.backend_option("num_draft_tokens", n.to_string());
+        }
+        settings
+    }
 }
 
 /// The quantised KV cache (metal backend; mlx-lm's flags of the same names). Part of the model's
@@ -143,7 +182,7 @@ impl ModelArgs {
         if let Some(how) = &self.quantised {
             s = s.backend_option("quantised", how);
         }
-        self.kv.load_settings(s)
+        self.speculative.load_settings(self.kv.load_settings(s))
     }
 
     /// Loads the model with `settings` (these flags' settings, amended), logging how long it took.

@@ -119,6 +119,25 @@ fn kv_cache_flags_become_backend_options() {
 }
 
 #[test]
+fn speculative_flags_become_backend_options() {
+    let load = |args: &[&str]| match parse(args).unwrap().command {
+        Command::Generate(g) => g.model.load_settings().backend_options,
+        Command::Chat(c) => c.model.load_settings().backend_options,
+        Command::Serve(s) => s.model.load_settings().backend_options,
+        _ => panic!("not {args:?}"),
+    };
+    let o = load(&["serve", "-m", "/m", "--draft-model", "/d", "--num-draft-tokens", "4"]);
+    assert_eq!((&o["draft_model"][..], &o["num_draft_tokens"][..]), ("/d", "4"));
+    let o = load(&["generate", "-m", "/m", "--prompt-lookup", "x"]);
+    assert_eq!((&o["prompt_lookup"][..], o.get("num_draft_tokens")), ("true", None));
+    let o = load(&["chat", "-m", "/m", "--prompt-lookup", "--prompt-lookup-ngram", "2"]);
+    assert_eq!(&o["prompt_lookup"][..], "2");
+    assert!(parse(&["serve", "-m", "/m", "--draft-model", "/d", "--prompt-lookup"]).is_err());
+    assert!(parse(&["serve", "-m", "/m", "--prompt-lookup-ngram", "2"]).is_err());
+    assert!(parse(&["serve", "-m", "/m", "--prompt-lookup", "--num-draft-tokens", "0"]).is_err());
+}
+
+#[test]
 fn python_becomes_a_backend_option() {
     let cli = parse(&["chat", "-m", "/m", "--python", "/venv/bin/python", "--system", "be brief"]).unwrap();
     let Command::Chat(c) = cli.command else { panic!("not chat") };

@@ -106,8 +106,17 @@ pub(crate) fn metrics_line(m: &GenerateMetrics, split: bool) -> String {
     } else {
         String::new()
     };
+    let drafted = match (m.acceptance_rate(), m.tokens_per_forward_pass()) {
+        (Some(rate), Some(per_pass)) => format!(
+            "; speculative: {} of {} guesses accepted ({:.0}%), {per_pass:.2} tokens per forward pass",
+            m.accepted_draft_tokens,
+            m.draft_tokens,
+            rate * 100.0
+        ),
+        _ => String::new(),
+    };
     format!(
-        "prompt: {} tokens{cached}, {:.1} tokens/s; generation: {} tokens, {:.1} tokens/s{peak}",
+        "prompt: {} tokens{cached}, {:.1} tokens/s; generation: {} tokens, {:.1} tokens/s{peak}{drafted}",
         m.prompt_tokens, m.prefill_tokens_per_sec, m.generated_tokens, m.decode_tokens_per_sec
     )
 }
@@ -154,6 +163,13 @@ mod tests {
             metrics_line(&m, false),
             "prompt: 10 tokens (4 cached, 6 new), 100.0 tokens/s; generation: 5 tokens, 50.0 tokens/s, \
              peak memory 2.000 GB"
+        );
+        let spec = GenerateMetrics { draft_tokens: 12, accepted_draft_tokens: 3, ..m };
+        assert!(
+            metrics_line(&spec, false)
+                .ends_with("; speculative: 3 of 12 guesses accepted (25%), 2.50 tokens per forward pass"),
+            "{}",
+            metrics_line(&spec, false)
         );
         assert_eq!(
             metrics_line(&GenerateMetrics::default(), false),

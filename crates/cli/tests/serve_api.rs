@@ -358,3 +358,32 @@ fn several_choices_decode_together_whole_and_streamed() {
     }
     expect_error(post(&url, &json!({"messages": [{"role": "user", "content": "x"}], "n": 17})), 400, Some("n"));
 }
+
+#[test]
+fn speculative_decoding_is_served_exactly_and_counted() {
+    let model = tiny(MODEL);
+    let body = json!({"model": MODEL, "prompt": "a b c d a b c d a b c d a b", "max_tokens": 24, "temperature": 0});
+    let plain = Server::start(&model, &[]);
+    let (status, expected) = post(&plain.url("/v1/completions"), &body);
+    assert_eq!(status, 200, "{expected}");
+    assert!(expected["usage"].get("completion_tokens_details").is_none(), "{}", expected["usage"]);
+    drop(plain);
+    for flags in [&["--prompt-lookup", "--num-draft-tokens", "4"][..], &["--draft-model", &model][..]] {
+        let server = Server::start(&model, flags);
+        let (status, answer) = post(&server.url("/v1/completions"), &body);
+        assert_eq!(status, 200, "{flags:?}: {answer}");
+        assert_eq!(answer["choices"][0]["text"], expected["choices"][0]["text"], "{flags:?}: greedy text is the same");
+        let details = &answer["usage"]["completion_tokens_details"];
+        let accepted = details["accepted_prediction_tokens"].as_u64().unwrap();
+        let rejected = details["rejected_prediction_tokens"].as_u64().unwrap();
+        assert!(accepted + rejected > 0, "{flags:?}: {}", answer["usage"]);
+        let text = common::agent().get(&server.url("/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+        let sample = |name: &str| -> u64 {
+            let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '));
+            line.unwrap_or_else(|| panic!("no {name} in\n{text}"))[name.len() + 1..].parse::<f64>().unwrap() as u64
+        };
+        assert_eq!(sample("mlxr_draft_tokens_total"), accepted + rejected, "{flags:?}");
+        assert_eq!(sample("mlxr_accepted_draft_tokens_total"), accepted, "{flags:?}");
+        assert!(sample("mlxr_speculative_steps_total") > 0, "{flags:?}");
+    }
+}

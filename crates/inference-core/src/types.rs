@@ -243,6 +243,12 @@ pub struct EngineLoad {
     pub prompt_cache_hits: u64,
     /// Prompt tokens those requests did not prefill.
     pub prompt_cache_reused_tokens: u64,
+    /// Speculative decoding: forward passes that checked guesses, since the model was loaded.
+    pub speculative_steps: u64,
+    /// Guesses those passes checked.
+    pub draft_tokens: u64,
+    /// Guesses the model accepted.
+    pub accepted_draft_tokens: u64,
 }
 
 /// Measurements of one generate, chat, classify or batch call.
@@ -272,6 +278,14 @@ pub struct GenerateMetrics {
     /// (Anthropic's `stop_sequence`); `None` when it ended otherwise or the backend does not say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_string: Option<usize>,
+    /// Speculative decoding: tokens guessed (by prompt lookup or a draft model) and checked by
+    /// the model; 0 without speculation.
+    #[serde(default)]
+    pub draft_tokens: usize,
+    /// Of [`draft_tokens`](Self::draft_tokens), those the model accepted and that were handed
+    /// out: each came without a forward pass of its own.
+    #[serde(default)]
+    pub accepted_draft_tokens: usize,
 }
 
 impl GenerateMetrics {
@@ -286,6 +300,20 @@ impl GenerateMetrics {
         let prefilled = self.prompt_tokens.saturating_sub(self.cached_prompt_tokens);
         self.prefill_tokens_per_sec = rate(prefilled, self.prefill_duration);
         self.decode_tokens_per_sec = rate(self.generated_tokens, self.decode_duration);
+    }
+
+    /// Speculative decoding: the share of guesses the model accepted; `None` when nothing was
+    /// guessed.
+    pub fn acceptance_rate(&self) -> Option<f64> {
+        (self.draft_tokens > 0).then(|| self.accepted_draft_tokens as f64 / self.draft_tokens as f64)
+    }
+
+    /// Generated tokens per forward pass of the model: 1 for plain decoding, more when
+    /// speculative decoding's guesses were accepted (each pass hands out its accepted guesses
+    /// and one token of its own); `None` when nothing was generated.
+    pub fn tokens_per_forward_pass(&self) -> Option<f64> {
+        let passes = self.generated_tokens.saturating_sub(self.accepted_draft_tokens);
+        (passes > 0).then(|| self.generated_tokens as f64 / passes as f64)
     }
 }
 
@@ -464,6 +492,11 @@ mod tests {
         let mut zero = GenerateMetrics { generated_tokens: 5, ..Default::default() };
         zero.compute_rates();
         assert_eq!(zero.decode_tokens_per_sec, 0.0);
+        assert_eq!((zero.acceptance_rate(), zero.tokens_per_forward_pass()), (None, Some(1.0)));
+        // 12 tokens, 8 of 10 guesses accepted: 4 forward passes.
+        let spec = GenerateMetrics { generated_tokens: 12, draft_tokens: 10, accepted_draft_tokens: 8, ..m };
+        assert_eq!((spec.acceptance_rate(), spec.tokens_per_forward_pass()), (Some(0.8), Some(3.0)));
+        assert_eq!(GenerateMetrics::default().tokens_per_forward_pass(), None);
     }
 
     #[test]

@@ -10,8 +10,9 @@
 //!   LoRA adapters ([`lora`]).
 //! - [`tokenizer`], [`chat`]: tokenising, streaming detokenising, stop
 //!   strings, chat templates.
-//! - [`generate`], [`batch`], [`session`]: mlx-lm's generation loop, batched
-//!   prompts, chat sessions that keep their caches.
+//! - [`generate`], [`batch`], [`session`], [`speculative`]: mlx-lm's
+//!   generation loop, batched prompts, chat sessions that keep their caches,
+//!   speculative decoding (prompt lookup, a draft model).
 //! - [`backend`]: the engine thread that owns a loaded model, and
 //!   [`MetalModel`], the `Send + Sync` handle that implements
 //!   `inference-core`'s traits; [`register`] adds `"metal"` to the registry.
@@ -41,6 +42,7 @@ pub mod model;
 pub mod nn;
 pub mod sample;
 pub mod session;
+pub mod speculative;
 pub mod tokenizer;
 pub mod workflows;
 

@@ -348,6 +348,9 @@ impl WireStats {
             active_memory_bytes: self.active_memory,
             // The bridge's events do not say which stop string ended a generation.
             stop_string: None,
+            // Nor does it speculate.
+            draft_tokens: 0,
+            accepted_draft_tokens: 0,
         }
     }
 }

@@ -370,6 +370,23 @@ pub(crate) fn usage(prompt: usize, cached: usize, completion: usize) -> Value {
     })
 }
 
+/// `usage` with OpenAI's `completion_tokens_details` for predictions when speculative decoding
+/// guessed tokens: `accepted_prediction_tokens` of the `drafted`, the rest rejected.
+pub(crate) fn with_predictions(mut usage: Value, drafted: usize, accepted: usize) -> Value {
+    if drafted > 0
+        && let Some(u) = usage.as_object_mut()
+    {
+        u.insert(
+            "completion_tokens_details".into(),
+            json!({
+                "accepted_prediction_tokens": accepted,
+                "rejected_prediction_tokens": drafted.saturating_sub(accepted),
+            }),
+        );
+    }
+    usage
+}
+
 /// What a response's header fields say.
 #[derive(Debug, Clone)]
 pub(crate) struct Head {

@@ -48,6 +48,9 @@ pub(crate) struct Outcome {
     pub(crate) finish_reason: &'static str,
     /// Which of the request's stop strings ended it (an index), when the backend says.
     pub(crate) stop_string: Option<usize>,
+    /// Speculative decoding: tokens guessed and checked, and those accepted.
+    pub(crate) draft_tokens: usize,
+    pub(crate) accepted_draft_tokens: usize,
 }
 
 /// Counters shown by `/health`.
@@ -299,8 +302,15 @@ impl Engine {
                     let finish_reason = if generated >= settings.max_tokens { "length" } else { "stop" };
                     let stop_string = metrics.stop_string;
                     let completion_tokens = generated;
-                    let outcome =
-                        Outcome { prompt_tokens, cached_tokens, completion_tokens, finish_reason, stop_string };
+                    let outcome = Outcome {
+                        prompt_tokens,
+                        cached_tokens,
+                        completion_tokens,
+                        finish_reason,
+                        stop_string,
+                        draft_tokens: metrics.draft_tokens,
+                        accepted_draft_tokens: metrics.accepted_draft_tokens,
+                    };
                     self.metrics.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
                     self.metrics.cached_prompt_tokens.fetch_add(cached_tokens as u64, Ordering::Relaxed);
                     // Counted before the client hears of the end, so that what it asks next sees it.

@@ -166,8 +166,19 @@ pub(crate) fn render(
         for (name, help, value) in gauges {
             metric(&mut out, name, "gauge", help, &[("", value)]);
         }
-        let counters: [(&str, &str, f64); 3] = [
+        let counters: [(&str, &str, f64); 6] = [
             ("mlxr_engine_decode_steps_total", "Batched decode steps.", l.decode_steps as f64),
+            (
+                "mlxr_speculative_steps_total",
+                "Forward passes that checked speculative decoding's guesses.",
+                l.speculative_steps as f64,
+            ),
+            ("mlxr_draft_tokens_total", "Tokens guessed and checked (speculative decoding).", l.draft_tokens as f64),
+            (
+                "mlxr_accepted_draft_tokens_total",
+                "Guessed tokens the model accepted (speculative decoding).",
+                l.accepted_draft_tokens as f64,
+            ),
             ("mlxr_prompt_cache_hits_total", "Requests that started from a cached prefix.", l.prompt_cache_hits as f64),
             (
                 "mlxr_prompt_cache_reused_tokens_total",

@@ -69,8 +69,14 @@ fn usage_of(outcomes: &[Outcome]) -> Value {
         completion_tokens: 0,
         finish_reason: "stop",
         stop_string: None,
+        draft_tokens: 0,
+        accepted_draft_tokens: 0,
     });
-    api::usage(first.prompt_tokens, first.cached_tokens, outcomes.iter().map(|o| o.completion_tokens).sum())
+    let usage =
+        api::usage(first.prompt_tokens, first.cached_tokens, outcomes.iter().map(|o| o.completion_tokens).sum());
+    let (drafted, accepted) =
+        outcomes.iter().fold((0, 0), |(d, a), o| (d + o.draft_tokens, a + o.accepted_draft_tokens));
+    api::with_predictions(usage, drafted, accepted)
 }
 
 /// The whole answer of `kind` for `generations`, one choice each.

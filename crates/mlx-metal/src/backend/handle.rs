@@ -20,7 +20,7 @@ use mlx::device::{Device, DeviceScope};
 
 use super::engine::Engine;
 use super::mirror::{Mirror, Request};
-use super::options::{prompt_cache_dir, quantised_policy};
+use super::options::{prompt_cache_dir, quantised_policy, speculative, speculator};
 use super::scheduler::{Limits, Scheduler};
 use super::session::MetalSession;
 use super::{Job, Jobs, NAME, call, check_prompt, core_err, lock, submit};
@@ -74,6 +74,7 @@ impl MetalModel {
             let _span = tracing::debug_span!("load_tokenizer", dir = %dir.display()).entered();
             Tokenizer::from_dir(&dir).map_err(core_err)?
         };
+        let speculative = speculative(&settings.backend_options, tensor_parallel.is_some(), &tokenizer)?;
         let metrics = Arc::new(Mutex::new(GenerateMetrics::default()));
         let load = Arc::new(Mutex::new(EngineLoad::default()));
         let engine_load = Arc::clone(&load);
@@ -128,6 +129,15 @@ impl MetalModel {
                 if let Err(e) = scheduler.size_up(loaded.model.as_ref()) {
                     let _ = ready_tx.send(Err(e));
                     return;
+                }
+                if let Some(config) = speculative {
+                    match speculator(config, policy, quantised) {
+                        Ok(s) => scheduler.speculate_with(s),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    }
                 }
                 let desc = Description {
                     compute_dtype: Some(loaded.compute.dtype.name().to_owned()),
@@ -403,6 +413,8 @@ fn aggregate(rows: &[GenerateMetrics], wall: std::time::Duration) -> GenerateMet
         total_duration: wall,
         peak_memory_bytes: rows.iter().map(|m| m.peak_memory_bytes).max().unwrap_or(0),
         active_memory_bytes: rows.last().map_or(0, |m| m.active_memory_bytes),
+        draft_tokens: rows.iter().map(|m| m.draft_tokens).sum(),
+        accepted_draft_tokens: rows.iter().map(|m| m.accepted_draft_tokens).sum(),
         ..GenerateMetrics::default()
     };
     m.compute_rates();

@@ -76,6 +76,9 @@ impl Scheduler {
                 prompt_tokens: ids.len() - reused,
                 admitted: Instant::now(),
                 first_token: None,
+                draft: None,
+                drafted: 0,
+                accepted: 0,
             };
             if max_tokens == 0 {
                 let mut row = row;

@@ -51,12 +51,14 @@ mod prefill;
 mod radix;
 mod request;
 mod rows;
+mod speculate;
 mod store;
 
 pub use self::request::{DEFAULT_MAX_BATCH, Limits};
 pub(crate) use self::request::{Plan, Request, Returned, SessionTurn};
 
 pub(crate) use self::rows::{Group, fresh_seed};
+pub(crate) use self::speculate::Speculator;
 
 /// The rows decoding together.
 struct Batch {
@@ -94,6 +96,9 @@ pub(crate) struct Scheduler {
     store: Option<PromptStore>,
     /// The model's constraint compiler (`crate::constrain`), for rows whose settings have one.
     grammars: Option<Arc<Grammars>>,
+    /// Speculative decoding (`speculate.rs`), when the load settings ask for it.
+    speculator: Option<Speculator>,
+    spec_totals: speculate::SpecTotals,
 }
 
 /// A generation that ended.
@@ -128,6 +133,8 @@ impl Scheduler {
             kv: None,
             store: None,
             grammars,
+            speculator: None,
+            spec_totals: speculate::SpecTotals::default(),
         }
     }
 
@@ -151,6 +158,8 @@ impl Scheduler {
                 (s.entries, s.bytes, s.capacity);
             (load.prompt_cache_hits, load.prompt_cache_reused_tokens) = (s.hits, s.reused_tokens);
         }
+        let t = self.spec_totals;
+        (load.speculative_steps, load.draft_tokens, load.accepted_draft_tokens) = (t.steps, t.drafted, t.accepted);
     }
 
     /// Keeps the caches of the rows that ended well in the prompt cache,
@@ -346,6 +355,9 @@ impl Scheduler {
     /// One decode step of the batch: queues the next forward pass, hands
     /// out the pending tokens, retires the rows that are done.
     fn decode(&mut self, model: &dyn LanguageModel) -> Result<()> {
+        if self.may_speculate() && self.speculate(model)? {
+            return Ok(());
+        }
         let Some(batch) = self.batch.as_mut() else { return Ok(()) };
         let _step = tracing::trace_span!("decode_step", rows = batch.rows.len()).entered();
         // Queue the next step unless every row ends with this token.

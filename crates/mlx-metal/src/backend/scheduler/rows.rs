@@ -70,7 +70,7 @@ impl Draw {
     }
 
     /// Greedy with no logits processor: rows like this sample together.
-    fn is_plain_greedy(&self) -> bool {
+    pub(super) fn is_plain_greedy(&self) -> bool {
         self.sampler.is_greedy() && self.history.is_none() && self.constraint.is_none()
     }
 }
@@ -159,6 +159,11 @@ pub(super) struct Row {
     pub(super) prompt_tokens: usize,
     pub(super) admitted: Instant,
     pub(super) first_token: Option<Instant>,
+    /// Speculative decoding: the draft model's caches and what they hold, once it has drafted for this row.
+    pub(super) draft: Option<(Vec<crate::cache::LayerCache>, crate::speculative::DraftState)>,
+    /// Guesses checked for this row, and those accepted and handed out.
+    pub(super) drafted: usize,
+    pub(super) accepted: usize,
 }
 
 impl Row {
@@ -183,6 +188,12 @@ impl Row {
         Ok(flow.is_continue() && self.produced < self.max_tokens)
     }
 
+    /// Every token of its text so far: the conversation or prompt, then what it handed out.
+    pub(super) fn context(&self) -> Vec<u32> {
+        let prompt = self.session.as_ref().map_or(&self.ids, |t| &t.ids);
+        prompt.iter().chain(&self.emitted).copied().collect()
+    }
+
     pub(super) fn metrics(&self) -> GenerateMetrics {
         let end = Instant::now();
         let first = self.first_token.unwrap_or(end);
@@ -196,6 +207,8 @@ impl Row {
             peak_memory_bytes: memory::peak_memory().unwrap_or(0) as u64,
             active_memory_bytes: memory::active_memory().unwrap_or(0) as u64,
             stop_string: self.out.stop_string(),
+            draft_tokens: self.drafted,
+            accepted_draft_tokens: self.accepted,
             ..GenerateMetrics::default()
         };
         m.compute_rates();
