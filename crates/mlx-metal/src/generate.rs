@@ -1,12 +1,16 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! The generation loop, following mlx-lm's `generate_step`:
 //!
-//! - the prompt is prefilled in chunks (all but its last token), evaluating
-//!   only the caches after each chunk;
+//! - the prompt is prefilled in chunks, evaluating only the caches after
+//!   each chunk, until one chunk is left: that one, its last token included,
+//!   goes through in one pass with the head on its last position only (mlx-lm
+//!   feeds all but the last token, then the last token alone: a second pass
+//!   over every weight);
 //! - each step runs the model on the newest token(s), applies the logits
 //!   processors and the sampler, and queues the work with `async_eval`;
 //! - step n+1 is queued before token n is read back, so the device works on
-//!   the next token while the host hands out the current one;
+//!   the next token while the host hands out the current one (but for the
+//!   first token, read before step 2 is queued: see the loop);
 //! - the only host sync per step is reading the sampled id.
 //!
 //! Runs on the thread that owns the model (the engine thread).
@@ -60,6 +64,35 @@ pub fn prefill_chunk(model: &dyn LanguageModel, inputs: &Array, caches: &mut [La
     h.eval()?;
     let state: Vec<&Array> = caches.iter().flat_map(LayerCache::state).collect();
     eval(&state)
+}
+
+/// Runs a prompt's last chunk `inputs: [B, L]`, its last tokens included,
+/// through the model into `caches` in one pass, block by block as
+/// [`prefill_chunk`] does, and returns the logits of each row's last
+/// position, `[B, V]` (lazy): the head runs on that position alone. One pass
+/// instead of the chunk and then its last token reads the weights once
+/// instead of twice, which is most of a short prompt's time where a forward
+/// pass is bound by reading them (a CPU; a small model on a GPU).
+pub fn prefill_last(model: &dyn LanguageModel, inputs: &Array, caches: &mut [LayerCache]) -> Result<Array> {
+    let _span = tracing::debug_span!("prefill", rows = inputs.dim(0).unwrap_or(0), tokens = inputs.dim(1).unwrap_or(0))
+        .entered();
+    if !model.runs_block_by_block() {
+        let logits = model.forward(inputs, caches)?;
+        let len = logits.dim(1)?;
+        return ops::squeeze(&ops::slice_axis(&logits, 1, len - 1, len)?, &[1]);
+    }
+    crate::model::check_caches(caches, model.num_layers())?;
+    let mut h = model.embed(inputs)?;
+    let mut queued: Option<Array> = None;
+    for (layer, cache) in caches.iter_mut().enumerate() {
+        h = model.forward_layer(layer, &h, cache)?;
+        async_eval(&[&h])?;
+        if let Some(prev) = queued.replace(h.clone()) {
+            prev.eval()?;
+        }
+    }
+    let len = h.dim(1)?;
+    ops::squeeze(&model.head(&ops::slice_axis(&h, 1, len - 1, len)?)?, &[1])
 }
 
 /// What the loop hands out per generated token.
@@ -154,7 +187,19 @@ impl Stepper<'_> {
         let x = ops::reshape(input, &[1, -1])?;
         let logits = self.model.forward(&x, self.caches)?;
         let len = logits.dim(1)?;
-        let mut logits = ops::squeeze(&ops::slice_axis(&logits, 1, len - 1, len)?, &[1])?;
+        let logits = ops::squeeze(&ops::slice_axis(&logits, 1, len - 1, len)?, &[1])?;
+        self.draw(logits, input)
+    }
+
+    /// The prompt's last chunk `input: [L]` in one pass ([`prefill_last`]),
+    /// then as [`Self::step`].
+    fn first(&mut self, input: &Array) -> Result<(Array, Array, Array)> {
+        let logits = prefill_last(self.model, &ops::reshape(input, &[1, -1])?, self.caches)?;
+        self.draw(logits, input)
+    }
+
+    /// Samples the logits `[1, V]` that followed `input`.
+    fn draw(&mut self, mut logits: Array, input: &Array) -> Result<(Array, Array, Array)> {
         if self.sampler.needs_history() {
             self.feed_history(input)?;
             if let Some(h) = &self.history {
@@ -203,11 +248,17 @@ pub fn generate(
         history: if sampler.needs_history() { Some(ops::zeros(&[0], Dtype::Int32)?) } else { None },
     };
 
-    // Prefill all but the last prompt token in chunks.
+    // Prefill in chunks until one chunk is left; that one goes in with the
+    // first step (`prefill_last`).
     let total = prompt.len();
     let mut done = 0usize;
     let step_size = opts.prefill_step.max(1);
-    while total - done > 1 {
+    // A quantised KV cache converts at the update after it reaches its start:
+    // mlx-lm's last token then attends to quantised keys, so with one the
+    // last token goes alone, as in mlx-lm.
+    let one_pass = !quantises(st.caches);
+    let last_chunk = if one_pass { step_size } else { 1 };
+    while total - done > last_chunk {
         if cancelled() {
             return Ok(stats(start, None, total, Vec::new()));
         }
@@ -220,7 +271,8 @@ pub fn generate(
         memory::clear_cache()?;
     }
     let rest = ops::slice_axis(&prompt_arr, 0, done as i32, total as i32)?;
-    let (mut y, mut logprobs, mut logits) = st.step(&rest)?;
+    let (mut y, mut logprobs, mut logits) =
+        if one_pass && total - done > 1 { st.first(&rest)? } else { st.step(&rest)? };
     async_eval(&[&y, &logprobs])?;
 
     let mut first_token_at: Option<Instant> = None;
@@ -238,7 +290,13 @@ pub fn generate(
             tracing::Span::none()
         };
         let _step = step_span.enter();
-        let next = if n != opts.max_tokens {
+        // The first token is handed out before the next step is queued:
+        // queuing a forward pass waits while too many of MLX's tasks are in
+        // flight (on the CPU, for most of the pass before), which would hold
+        // the first token back by most of a step. Every later step is queued
+        // before its token is read.
+        let queue_now = n != opts.max_tokens && n > 0;
+        let mut next = if queue_now {
             let next = st.step(&y)?;
             fed += 1;
             async_eval(&[&next.0, &next.1])?;
@@ -268,6 +326,13 @@ pub fn generate(
         if flow.is_break() {
             break;
         }
+        if n == 1 && n <= opts.max_tokens {
+            // The step after the first token, queued once it is out.
+            let first_next = st.step(&y)?;
+            fed += 1;
+            async_eval(&[&first_next.0, &first_next.1])?;
+            next = Some(first_next);
+        }
         if n.is_multiple_of(256) {
             memory::clear_cache()?;
         }
@@ -285,6 +350,15 @@ pub fn generate(
     out.generated_tokens = n;
     span.record("generated_tokens", n);
     Ok(out)
+}
+
+/// Whether any of `caches` quantises its keys and values ([`crate::cache::KvQuant`]).
+pub fn quantises(caches: &[LayerCache]) -> bool {
+    caches.iter().any(|c| match c {
+        LayerCache::Standard(k) => k.quant().is_some(),
+        LayerCache::Batch(b) => b.quant().is_some(),
+        LayerCache::Rotating(_) => false,
+    })
 }
 
 fn stats(start: Instant, first: Option<Instant>, prompt: usize, fed: Vec<u32>) -> GenerationStats {

@@ -72,6 +72,30 @@
 //! # Ok::<(), inference_core::Error>(())
 //! ```
 //!
+//! # Speculative decoding
+//!
+//! The backend option `prompt_lookup` (`true`, or the longest n-gram to match)
+//! guesses the next tokens from the text so far; `draft_model` (a directory)
+//! lets a smaller model with the same tokenizer guess; `num_draft_tokens`
+//! bounds the guesses per step. The model checks each step's guesses in one
+//! forward pass, so the output is that of plain decoding (greedy: token for
+//! token; sampled: the same distribution), and the metrics count the guesses.
+//!
+//! ```
+//! use inference_core::{CancelToken, GenerateSettings, LoadSettings};
+//!
+//! mlx_metal::register();
+//! # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/models/qwen3-tiny");
+//! let settings = LoadSettings::new().backend("metal").backend_option("prompt_lookup", "true");
+//! let model = inference_core::load_model(dir, &settings)?;
+//! let greedy = GenerateSettings::default().max_tokens(24).ignore_eos(true);
+//! let done = model.generate("a b c a b c a b", &greedy, CancelToken::new())?.complete()?;
+//! let m = done.metrics.expect("the metal backend reports metrics");
+//! println!("{} of {} guesses accepted", m.accepted_draft_tokens, m.draft_tokens);
+//! println!("{:.2} tokens per forward pass", m.tokens_per_forward_pass().unwrap_or(1.0));
+//! # Ok::<(), inference_core::Error>(())
+//! ```
+//!
 //! # A chat session that reuses its KV cache
 //!
 //! Each turn passes the whole conversation; only what is new is prefilled.

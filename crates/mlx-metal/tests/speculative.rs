@@ -118,6 +118,17 @@ fn greedy_output_equals_plain_decoding_on_every_fixture() {
 }
 
 #[test]
+fn a_quantised_kv_cache_trims_back_exactly() {
+    // Gemma's heads of 32 take groups of 32; its sliding-window layers stay full precision.
+    let path = common::tiny_model("gemma3-tiny");
+    let kv: &[(&str, &str)] = &[("kv_bits", "8"), ("kv_group_size", "32"), ("quantized_kv_start", "0")];
+    let plain = load(&path, kv);
+    let spec = load(&path, &[kv, &[("prompt_lookup", "2"), ("num_draft_tokens", "5")][..]].concat());
+    let (drafted, _) = check_greedy(plain.as_ref(), spec.as_ref(), "gemma3-tiny, 8-bit KV cache, prompt lookup");
+    assert!(drafted > 0, "prompt lookup never guessed");
+}
+
+#[test]
 fn greedy_output_equals_plain_decoding_on_smollm2() {
     let Some(dir) = common::real_model("smollm2-135m-instruct") else { return };
     let plain = load(&dir, &[]);

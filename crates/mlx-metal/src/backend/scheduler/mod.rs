@@ -363,8 +363,13 @@ impl Scheduler {
         // Queue the next step unless every row ends with this token.
         let more = batch.rows.iter().any(|r| r.produced + 1 < r.max_tokens);
         // A constrained row's next mask depends on the token it hands out
-        // now: those are read (and committed) before the next draw.
-        let early = if batch.rows.iter().any(|r| r.draw.constraint.is_some()) && more {
+        // now: those are read (and committed) before the next draw. A row's
+        // first token is read and handed out before the next pass is queued
+        // too: queuing a pass waits while too many of MLX's tasks are in
+        // flight (on the CPU, for most of the pass before), which would hold
+        // the first token back by most of a step.
+        let fresh = batch.rows.iter().any(|r| r.first_token.is_none());
+        let early = if (fresh || batch.rows.iter().any(|r| r.draw.constraint.is_some())) && more {
             let ids = read_ids("scheduler", &batch.pending.ids)?;
             for (row, &id) in batch.rows.iter_mut().zip(&ids) {
                 row.draw.commit(id);
@@ -373,6 +378,13 @@ impl Scheduler {
         } else {
             None
         };
+        let mut handed: Vec<Option<Result<bool>>> = (0..batch.rows.len()).map(|_| None).collect();
+        if let (true, Some(ids)) = (fresh, &early) {
+            let now = Instant::now();
+            for (pos, row) in batch.rows.iter_mut().enumerate().filter(|(_, r)| r.first_token.is_none()) {
+                handed[pos] = Some(row.emit(&batch.pending, pos, ids[pos], now, self.mirrored));
+            }
+        }
         let next = if more {
             for c in &mut batch.caches {
                 if let LayerCache::Batch(b) = c {
@@ -396,7 +408,11 @@ impl Scheduler {
         let mut keep = Vec::with_capacity(batch.rows.len());
         let mut done: Vec<(usize, Option<CoreError>)> = Vec::new();
         for (pos, row) in batch.rows.iter_mut().enumerate() {
-            match row.emit(&batch.pending, pos, ids[pos], now, self.mirrored) {
+            let outcome = match handed[pos].take() {
+                Some(outcome) => outcome,
+                None => row.emit(&batch.pending, pos, ids[pos], now, self.mirrored),
+            };
+            match outcome {
                 Ok(true) if next.is_some() => keep.push(pos),
                 Ok(_) => done.push((pos, None)),
                 Err(e) => done.push((pos, Some(core_err(e)))),

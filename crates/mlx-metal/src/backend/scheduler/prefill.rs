@@ -2,9 +2,12 @@
 //! Prompts going in. A long prompt goes in alone, a chunk of `prefill_step`
 //! tokens at a time, until what is left fits one chunk; then prompts go in
 //! together: the rows whose rest fits are prefilled as one left-padded batch
-//! (one forward pass for all their tokens but the last, then one for their
-//! last tokens, whose logits give the first tokens), as mlx-lm's batch
-//! generator does. Their caches stay together and join the running batch
+//! in one forward pass, their last tokens included, with the head on the last
+//! column only, whose logits give the first tokens (`generate::prefill_last`;
+//! mlx-lm's batch generator feeds all but the last tokens, then the last ones
+//! in a second pass over every weight; with a quantised KV cache we do the
+//! same, since the cache converts between the two and the last tokens attend
+//! to quantised keys). Their caches stay together and join the running batch
 //! as one.
 //!
 //! The rows of a group end on the same column, so each feeds as many tokens
@@ -112,14 +115,14 @@ pub(super) fn single_row_caches(model: &dyn LanguageModel, quant: Option<KvQuant
 
 /// Feeds `p` alone, a chunk of `step` tokens at a time while `budget` lasts
 /// (a chunk may overdraw it, so that chunks do not depend on what else
-/// runs), until at most `step` tokens are left before its last.
+/// runs), until what is left, its last token included, fits one chunk.
 pub(super) fn chunk_alone(model: &dyn LanguageModel, p: &mut Prefill, step: usize, budget: &mut usize) -> Result<()> {
     let step = step.max(1);
-    if p.rest() <= step || *budget == 0 {
+    if p.rest() < step || *budget == 0 {
         return Ok(());
     }
     let _job = p.row.span.enter();
-    while p.rest() > step && *budget > 0 {
+    while p.rest() >= step && *budget > 0 {
         let chunk = tokens(&p.full[p.held..p.held + step])?;
         generate::prefill_chunk(model, &ops::reshape(&chunk, &[1, -1])?, &mut p.caches)?;
         p.held += step;
@@ -129,9 +132,9 @@ pub(super) fn chunk_alone(model: &dyn LanguageModel, p: &mut Prefill, step: usiz
     Ok(())
 }
 
-/// Whether `p` fits one chunk now.
+/// Whether what is left of `p`, its last token included, fits one chunk now.
 pub(super) fn fits_a_chunk(p: &Prefill, step: usize) -> bool {
-    p.rest() <= step.max(1)
+    p.rest() < step.max(1)
 }
 
 /// Which of `candidates` (indices into `all`, in order, each fitting a
@@ -159,8 +162,8 @@ pub(super) fn choose_group(all: &[&Prefill], candidates: &[usize], budget: usize
     (members, width)
 }
 
-/// Feeds `group` together, `width` tokens each before its last (see the
-/// module's docs), then their last tokens. On failure the rows come back
+/// Feeds `group` together, `width` tokens each before its last and the last
+/// in the same pass (see the module's docs). On failure the rows come back
 /// with the error.
 pub(super) fn prefill_group(
     model: &dyn LanguageModel,
@@ -207,7 +210,7 @@ fn run_group(
             caches = padded_row_caches(model, quant, padding as i32)?;
         }
         inputs.extend(std::iter::repeat_n(0, padding));
-        for &t in &full[start..end] {
+        for &t in &full[start..=end] {
             inputs
                 .push(i32::try_from(t).map_err(|_| Error::invalid("scheduler", format!("token id {t} is too large")))?);
         }
@@ -227,13 +230,19 @@ fn run_group(
     }
     let mut caches = merged.ok_or_else(|| Error::invalid("scheduler", "an empty group"))?;
     let b = last.len() as i32;
-    if width > 0 {
-        let x = Array::from_slice(&inputs, &[b, width as i32])?;
-        generate::prefill_chunk(model, &x, &mut caches)?;
-        memory::clear_cache()?;
-    }
-    let x = ops::reshape(&tokens(&last)?, &[b, 1])?;
-    let logits = ops::squeeze(&model.forward(&x, &mut caches)?, &[1])?;
+    let x = Array::from_slice(&inputs, &[b, width as i32 + 1])?;
+    let logits = if quant.is_none() {
+        generate::prefill_last(model, &x, &mut caches)?
+    } else {
+        // A quantised cache converts before the last tokens go in (as mlx-lm's):
+        // they attend to quantised keys, so they go in a pass of their own.
+        if width > 0 {
+            generate::prefill_chunk(model, &ops::slice_axis(&x, 1, 0, width as i32)?, &mut caches)?;
+            memory::clear_cache()?;
+        }
+        let x = ops::reshape(&tokens(&last)?, &[b, 1])?;
+        ops::squeeze(&model.forward(&x, &mut caches)?, &[1])?
+    };
     let first = sample_rows(rows, &logits, None)?;
     first.queue()?;
     Ok((caches, first))
