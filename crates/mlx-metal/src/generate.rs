@@ -50,6 +50,16 @@ pub fn prefill_chunk(model: &dyn LanguageModel, inputs: &Array, caches: &mut [La
         let state: Vec<&Array> = caches.iter().flat_map(LayerCache::state).collect();
         return eval(&state);
     }
+    // The last block's output holds every cache update as an input.
+    block_by_block(model, inputs, caches)?.eval()?;
+    let state: Vec<&Array> = caches.iter().flat_map(LayerCache::state).collect();
+    eval(&state)
+}
+
+/// Queues `inputs: [B, L]` through the model's blocks one at a time (see
+/// [`prefill_chunk`]) and returns the last block's output, queued but not
+/// waited for.
+fn block_by_block(model: &dyn LanguageModel, inputs: &Array, caches: &mut [LayerCache]) -> Result<Array> {
     crate::model::check_caches(caches, model.num_layers())?;
     let mut h = model.embed(inputs)?;
     let mut queued: Option<Array> = None;
@@ -60,10 +70,7 @@ pub fn prefill_chunk(model: &dyn LanguageModel, inputs: &Array, caches: &mut [La
             prev.eval()?;
         }
     }
-    // The last block's output holds every cache update as an input.
-    h.eval()?;
-    let state: Vec<&Array> = caches.iter().flat_map(LayerCache::state).collect();
-    eval(&state)
+    Ok(h)
 }
 
 /// Runs a prompt's last chunk `inputs: [B, L]`, its last tokens included,
@@ -81,16 +88,7 @@ pub fn prefill_last(model: &dyn LanguageModel, inputs: &Array, caches: &mut [Lay
         let len = logits.dim(1)?;
         return ops::squeeze(&ops::slice_axis(&logits, 1, len - 1, len)?, &[1]);
     }
-    crate::model::check_caches(caches, model.num_layers())?;
-    let mut h = model.embed(inputs)?;
-    let mut queued: Option<Array> = None;
-    for (layer, cache) in caches.iter_mut().enumerate() {
-        h = model.forward_layer(layer, &h, cache)?;
-        async_eval(&[&h])?;
-        if let Some(prev) = queued.replace(h.clone()) {
-            prev.eval()?;
-        }
-    }
+    let h = block_by_block(model, inputs, caches)?;
     let len = h.dim(1)?;
     ops::squeeze(&model.head(&ops::slice_axis(&h, 1, len - 1, len)?)?, &[1])
 }
