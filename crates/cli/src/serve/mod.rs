@@ -184,6 +184,9 @@ async fn serve(state: Arc<AppState>, addr: SocketAddr) -> Result<(), Failure> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|e| Failure::new(format!("cannot listen on {addr}: {e}")))?;
     let bound = listener.local_addr().map_err(|e| failure::io("reading the bound address", e))?;
+    // Registered before the address is printed: a signal sent as soon as a client reads it
+    // stops the server cleanly instead of killing it.
+    let shutdown = Shutdown::register();
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
@@ -202,7 +205,7 @@ async fn serve(state: Arc<AppState>, addr: SocketAddr) -> Result<(), Failure> {
     let engine = Arc::clone(&state.engine);
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            shutdown.wait().await;
             tracing::info!("shutting down");
             engine.shut_down();
         })
@@ -210,26 +213,49 @@ async fn serve(state: Arc<AppState>, addr: SocketAddr) -> Result<(), Failure> {
         .map_err(|e| Failure::new(format!("the server failed: {e}")))
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Ctrl-C and SIGTERM, listened for from the moment this is made.
+struct Shutdown {
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Shutdown {
+    fn register() -> Shutdown {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Shutdown {
+                interrupt: signal(SignalKind::interrupt()).ok(),
+                terminate: signal(SignalKind::terminate()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        Shutdown {}
+    }
+
+    /// Until the first signal.
+    async fn wait(self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                () = next(self.interrupt) => {}
+                () = next(self.terminate) => {}
+            }
+        }
+        #[cfg(not(unix))]
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
     }
 }
 
