@@ -80,7 +80,17 @@ fn block_by_block(model: &dyn LanguageModel, inputs: &Array, caches: &mut [Layer
 /// instead of the chunk and then its last token reads the weights once
 /// instead of twice, which is most of a short prompt's time where a forward
 /// pass is bound by reading them (a CPU; a small model on a GPU).
+///
+/// With a quantised KV cache the chunk goes in without its last tokens and
+/// the last tokens then in a pass of their own, as in mlx-lm: the cache
+/// converts between the two, and mlx-lm's last tokens attend to quantised keys.
 pub fn prefill_last(model: &dyn LanguageModel, inputs: &Array, caches: &mut [LayerCache]) -> Result<Array> {
+    let len = inputs.dim(1)?;
+    if len > 1 && quantises(caches) {
+        prefill_chunk(model, &ops::slice_axis(inputs, 1, 0, len - 1)?, caches)?;
+        let logits = model.forward(&ops::slice_axis(inputs, 1, len - 1, len)?, caches)?;
+        return ops::squeeze(&logits, &[1]);
+    }
     let _span = tracing::debug_span!("prefill", rows = inputs.dim(0).unwrap_or(0), tokens = inputs.dim(1).unwrap_or(0))
         .entered();
     if !model.runs_block_by_block() {
@@ -153,7 +163,7 @@ pub fn token_id(a: &Array) -> Result<u32> {
     }
 }
 
-fn tokens_array(tokens: &[u32]) -> Result<Array> {
+pub(crate) fn tokens_array(tokens: &[u32]) -> Result<Array> {
     let ids: Vec<i32> = tokens
         .iter()
         .map(|&t| i32::try_from(t).map_err(|_| Error::invalid("generate", format!("token id {t} is too large"))))
@@ -251,16 +261,11 @@ pub fn generate(
     let total = prompt.len();
     let mut done = 0usize;
     let step_size = opts.prefill_step.max(1);
-    // A quantised KV cache converts at the update after it reaches its start:
-    // mlx-lm's last token then attends to quantised keys, so with one the
-    // last token goes alone, as in mlx-lm.
-    let one_pass = !quantises(st.caches);
-    let last_chunk = if one_pass { step_size } else { 1 };
-    while total - done > last_chunk {
+    while total - done > step_size {
         if cancelled() {
             return Ok(stats(start, None, total, Vec::new()));
         }
-        let n = step_size.min(total - done - 1);
+        let n = step_size;
         let chunk = ops::slice_axis(&prompt_arr, 0, done as i32, (done + n) as i32)?;
         let x = ops::reshape(&chunk, &[1, -1])?;
         prefill_chunk(st.model, &x, st.caches)?;
@@ -269,8 +274,7 @@ pub fn generate(
         memory::clear_cache()?;
     }
     let rest = ops::slice_axis(&prompt_arr, 0, done as i32, total as i32)?;
-    let (mut y, mut logprobs, mut logits) =
-        if one_pass && total - done > 1 { st.first(&rest)? } else { st.step(&rest)? };
+    let (mut y, mut logprobs, mut logits) = if total - done > 1 { st.first(&rest)? } else { st.step(&rest)? };
     async_eval(&[&y, &logprobs])?;
 
     let mut first_token_at: Option<Instant> = None;

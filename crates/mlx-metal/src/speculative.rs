@@ -198,11 +198,11 @@ pub fn draft_greedy(
     }
     let bulk = &context[common..context.len() - 1];
     for chunk in bulk.chunks(prefill_step.max(1)) {
-        let x = ops::reshape(&ids_array(chunk)?, &[1, -1])?;
+        let x = ops::reshape(&generate::tokens_array(chunk)?, &[1, -1])?;
         generate::prefill_chunk(draft, &x, caches)?;
         state.held.extend_from_slice(chunk);
     }
-    let mut x = ops::reshape(&ids_array(&[last])?, &[1, 1])?;
+    let mut x = ops::reshape(&generate::tokens_array(&[last])?, &[1, 1])?;
     let mut guesses: Vec<Array> = Vec::with_capacity(k);
     for i in 0..k {
         let logits = draft.forward(&x, caches)?;
@@ -219,14 +219,6 @@ pub fn draft_greedy(
     state.held.push(last);
     state.held.extend_from_slice(&ids[..k - 1]);
     Ok(ids)
-}
-
-fn ids_array(ids: &[u32]) -> Result<Array> {
-    let ints = ids
-        .iter()
-        .map(|&t| i32::try_from(t).map_err(|_| Error::invalid("draft", format!("token id {t} is too large"))))
-        .collect::<Result<Vec<i32>>>()?;
-    Array::from_vec(&ints)
 }
 
 #[cfg(test)]

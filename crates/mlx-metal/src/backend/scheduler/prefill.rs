@@ -5,9 +5,9 @@
 //! in one forward pass, their last tokens included, with the head on the last
 //! column only, whose logits give the first tokens (`generate::prefill_last`;
 //! mlx-lm's batch generator feeds all but the last tokens, then the last ones
-//! in a second pass over every weight; with a quantised KV cache we do the
-//! same, since the cache converts between the two and the last tokens attend
-//! to quantised keys). Their caches stay together and join the running batch
+//! in a second pass over every weight; with a quantised KV cache
+//! `prefill_last` does the same, since the cache converts between the two and
+//! the last tokens attend to quantised keys). Their caches stay together and join the running batch
 //! as one.
 //!
 //! The rows of a group end on the same column, so each feeds as many tokens
@@ -231,18 +231,7 @@ fn run_group(
     let mut caches = merged.ok_or_else(|| Error::invalid("scheduler", "an empty group"))?;
     let b = last.len() as i32;
     let x = Array::from_slice(&inputs, &[b, width as i32 + 1])?;
-    let logits = if quant.is_none() {
-        generate::prefill_last(model, &x, &mut caches)?
-    } else {
-        // A quantised cache converts before the last tokens go in (as mlx-lm's):
-        // they attend to quantised keys, so they go in a pass of their own.
-        if width > 0 {
-            generate::prefill_chunk(model, &ops::slice_axis(&x, 1, 0, width as i32)?, &mut caches)?;
-            memory::clear_cache()?;
-        }
-        let x = ops::reshape(&tokens(&last)?, &[b, 1])?;
-        ops::squeeze(&model.forward(&x, &mut caches)?, &[1])?
-    };
+    let logits = generate::prefill_last(model, &x, &mut caches)?;
     let first = sample_rows(rows, &logits, None)?;
     first.queue()?;
     Ok((caches, first))
