@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::args::ChatArgs;
 use crate::failure::{self, Failure};
-use crate::generate::{metrics_line, stream_to};
+use crate::generate::{context_full, metrics_line, stream_to};
 
 const HELP: &str = "commands: /reset (forget the conversation), /system [TEXT] (set or clear the system message), \
                     /save FILE, /load FILE, /help, /exit";
@@ -368,8 +368,12 @@ pub(crate) fn repl(
                         writeln!(err, "(the reply was interrupted and is not kept)").map_err(stderr)
                     }
                     Err(e) => Err(e),
-                    Ok(metrics) if options.metrics => writeln!(err, "{}", metrics_line(&metrics, true)).map_err(stderr),
-                    Ok(_) => Ok(()),
+                    Ok(metrics) => {
+                        let full = context_full(&metrics, "/reset starts a new conversation");
+                        let full = full.map_or(Ok(()), |note| writeln!(err, "{note}").map_err(stderr));
+                        let line = options.metrics.then(|| metrics_line(&metrics, true));
+                        full.and_then(|()| line.map_or(Ok(()), |l| writeln!(err, "{l}").map_err(stderr)))
+                    }
                 }
             }
         };

@@ -3,7 +3,7 @@
 
 use std::io::{self, IsTerminal, Read, Write};
 
-use inference_core::{CancelToken, GenerateMetrics, GenerateSettings, Message, TextModel, TokenStream};
+use inference_core::{CancelToken, FinishReason, GenerateMetrics, GenerateSettings, Message, TextModel, TokenStream};
 
 use crate::args::GenerateArgs;
 use crate::failure::{self, Failure};
@@ -41,6 +41,9 @@ fn generate(args: &GenerateArgs, settings: GenerateSettings, prompt: String) -> 
         let mut out = io::stdout().lock();
         let metrics = stream_to(stream, &mut out, model.as_ref())?;
         writeln!(out).map_err(|e| failure::io("writing to standard output", e))?;
+        if let Some(note) = context_full(&metrics, "shorten the prompt or raise --context-length") {
+            eprintln!("{note}");
+        }
         if args.metrics {
             eprintln!("{}", metrics_line(&metrics, false));
         }
@@ -49,6 +52,17 @@ fn generate(args: &GenerateArgs, settings: GenerateSettings, prompt: String) -> 
     let closed = model.close();
     result?;
     closed.map_err(Failure::from)
+}
+
+/// The note that says a generation stopped because the model's context was full (not because
+/// it was done), with what to do about it; `None` when it ended otherwise.
+pub(crate) fn context_full(m: &GenerateMetrics, fix: &str) -> Option<String> {
+    (m.finish_reason == Some(FinishReason::ContextLength)).then(|| {
+        format!(
+            "stopped: the context is full ({} prompt and {} generated tokens) before max_tokens; {fix}",
+            m.prompt_tokens, m.generated_tokens
+        )
+    })
 }
 
 /// The prompt: the argument, or standard input for `-` or when there is no argument and input

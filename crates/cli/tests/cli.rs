@@ -25,6 +25,22 @@ fn generate_streams_a_deterministic_continuation() {
 }
 
 #[test]
+fn generate_says_when_the_context_is_full() {
+    let model = tiny("qwen3-tiny");
+    let args = ["generate", "--model", &model, "--context-length", "16", "--max-tokens", "40", "--ignore-eos", "Hi"];
+    let full = run(&args, "");
+    let (out, err) = text(&full);
+    assert!(full.status.success(), "{err}");
+    assert!(out.ends_with('\n'), "what fitted is written: {out:?}");
+    let counts = err.strip_prefix("stopped: the context is full (").expect(&err);
+    let n: Vec<usize> = counts.split(' ').take(4).filter_map(|w| w.parse().ok()).collect();
+    assert_eq!(n.iter().sum::<usize>(), 16, "prompt and generated tokens fill the context: {err}");
+    assert!(err.contains("generated tokens) before max_tokens; shorten the prompt or raise --context-length"), "{err}");
+    let fits = run(&["generate", "--model", &model, "--max-tokens", "4", "--ignore-eos", "Hi"], "");
+    assert_eq!(text(&fits).1, "", "no note when max_tokens ended it");
+}
+
+#[test]
 fn generate_with_chat_template_and_metrics() {
     let model = tiny("llama3-tiny");
     let plain = run(&["generate", "-m", &model, "--max-tokens", "6", "--ignore-eos", "Hi"], "");

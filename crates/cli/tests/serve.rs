@@ -157,6 +157,22 @@ fn malformed_requests_get_clear_4xx_errors() {
 }
 
 #[test]
+fn running_out_of_context_ends_with_length() {
+    let server = Server::start(&tiny(MODEL), &["--context-length", "24"]);
+    let body = json!({"prompt": "one two", "max_tokens": 40, "ignore_eos": true});
+    let (status, answer) = post(&server.url("/v1/completions"), &body);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
+    assert_eq!(answer["usage"]["total_tokens"], 24, "the context is full: {answer}");
+    let body = json!({"prompt": "one two", "max_tokens": 3, "ignore_eos": true});
+    let (_, answer) = post(&server.url("/v1/completions"), &body);
+    assert_eq!(
+        (&answer["choices"][0]["finish_reason"], &answer["usage"]["completion_tokens"]),
+        (&json!("length"), &json!(3))
+    );
+}
+
+#[test]
 fn concurrent_requests_queue_and_all_complete() {
     let server = Server::start(
         &tiny(MODEL),

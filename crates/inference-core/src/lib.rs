@@ -226,6 +226,6 @@ pub use settings::{ComputeDtype, Device, GenerateSettings, LoadSettings, LogitsM
 pub use stream::{Completion, Stopped, TokenSink, TokenStream};
 pub use tools::{ToolCall, ToolCallFormat, ToolChoice};
 pub use types::{
-    AttentionSnapshot, BatchResult, ClassifyResult, DiscoveredModel, EngineLoad, GenerateMetrics, Message, ModelInfo,
-    Role, Token, TopLogprob, TopLogprobs,
+    AttentionSnapshot, BatchResult, ClassifyResult, DiscoveredModel, EngineLoad, FinishReason, GenerateMetrics,
+    Message, ModelInfo, Role, Token, TopLogprob, TopLogprobs,
 };

@@ -251,6 +251,29 @@ pub struct EngineLoad {
     pub accepted_draft_tokens: u64,
 }
 
+/// Why a generation ended (OpenAI's `finish_reason`: [`Stop`](Self::Stop) is `"stop"`, the other
+/// two are `"length"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended it: an end-of-sequence token or one of the stop strings.
+    Stop,
+    /// It generated the `max_tokens` it was asked for.
+    MaxTokens,
+    /// The model's context was full (its `context_length`) before `max_tokens` were generated.
+    ContextLength,
+}
+
+impl FinishReason {
+    /// OpenAI's name for it: `"stop"` or `"length"`.
+    pub fn openai(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::MaxTokens | Self::ContextLength => "length",
+        }
+    }
+}
+
 /// Measurements of one generate, chat, classify or batch call.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct GenerateMetrics {
@@ -286,6 +309,10 @@ pub struct GenerateMetrics {
     /// out: each came without a forward pass of its own.
     #[serde(default)]
     pub accepted_draft_tokens: usize,
+    /// Why the generation ended, when the backend says (for a call of several generations, the
+    /// last one's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<FinishReason>,
 }
 
 impl GenerateMetrics {

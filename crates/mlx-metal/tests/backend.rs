@@ -8,7 +8,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use inference_core::{
-    CancelToken, Error as CoreError, GenerateSettings, LoadSettings, LogitsMode, Message, Registry, TextModel,
+    CancelToken, Error as CoreError, FinishReason, GenerateSettings, LoadSettings, LogitsMode, Message, Registry,
+    TextModel,
 };
 
 fn testdata() -> PathBuf {
@@ -255,6 +256,34 @@ fn bad_input_gives_clear_errors() {
     model.close().unwrap();
     model.close().unwrap();
     assert!(matches!(model.generate("x", &greedy(1), CancelToken::new()), Err(CoreError::Closed)));
+}
+
+#[test]
+fn a_generation_says_why_it_ended() {
+    let reason = |model: &dyn TextModel, prompt: &str, settings: &GenerateSettings| {
+        let out = model.generate(prompt, settings, CancelToken::new()).unwrap().complete().unwrap();
+        let m = out.metrics.expect("metrics after a finished stream");
+        (m.finish_reason, m.prompt_tokens, out.tokens)
+    };
+    let model = load("llama-tiny");
+    let (why, _, tokens) = reason(model.as_ref(), "one two", &greedy(3));
+    assert_eq!((why, tokens.len()), (Some(FinishReason::MaxTokens), 3));
+    // A stop string the model writes ends it as the model's own stop.
+    let stop = greedy(8).stop_strings([tokens[1].text.clone()]);
+    let (why, _, tokens) = reason(model.as_ref(), "one two", &stop);
+    assert_eq!(why, Some(FinishReason::Stop), "{tokens:?}");
+    assert!(tokens.len() < 8, "{tokens:?}");
+    // Asking for more than the context holds ends at the context, and says so.
+    let small = Registry::new()
+        .with(mlx_metal::backend::backend())
+        .load_model(common::tiny_model("llama-tiny"), &LoadSettings::default().backend("metal").context_length(12))
+        .unwrap();
+    let (why, prompt, tokens) = reason(small.as_ref(), "one two", &greedy(64));
+    assert_eq!(why, Some(FinishReason::ContextLength));
+    assert_eq!(prompt + tokens.len(), 12, "the context is full");
+    // Asking for exactly what is left is max_tokens, not the context.
+    let (why, _, _) = reason(small.as_ref(), "one two", &greedy(12 - prompt));
+    assert_eq!(why, Some(FinishReason::MaxTokens));
 }
 
 fn load_err(dir: &Path) -> String {

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use inference_core::{GenerateMetrics, GenerateSettings, LogitsMode, Message, ModelInfo, Token, tools};
+use inference_core::{FinishReason, GenerateMetrics, GenerateSettings, LogitsMode, Message, ModelInfo, Token, tools};
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
@@ -319,7 +319,7 @@ pub(crate) struct WireError {
 }
 
 /// The measurements that `done`, `classified` and `batch` carry.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub(crate) struct WireStats {
     prompt_tokens: usize,
@@ -330,6 +330,8 @@ pub(crate) struct WireStats {
     generation_tps: f64,
     peak_memory: u64,
     active_memory: u64,
+    /// `done`'s: `"length"`, or `"stop"`, `"stop_token"`, `"stop_string"`.
+    finish_reason: Option<String>,
 }
 
 impl WireStats {
@@ -351,6 +353,12 @@ impl WireStats {
             // Nor does it speculate.
             draft_tokens: 0,
             accepted_draft_tokens: 0,
+            // mlx-lm keeps generating past its context (a rotating cache), so it never ends for that.
+            finish_reason: match self.finish_reason.as_deref() {
+                Some("length") => Some(FinishReason::MaxTokens),
+                Some("stop" | "stop_token" | "stop_string") => Some(FinishReason::Stop),
+                _ => None,
+            },
         }
     }
 }
@@ -467,5 +475,13 @@ mod tests {
         assert_eq!(m.decode_duration, Duration::ZERO);
         assert_eq!((m.prefill_tokens_per_sec, m.decode_tokens_per_sec), (14.0, 0.0));
         assert_eq!((m.total_duration, m.peak_memory_bytes), (Duration::from_secs(1), 10));
+        assert_eq!(m.finish_reason, Some(FinishReason::MaxTokens));
+        for (wire, reason) in
+            [("stop", Some(FinishReason::Stop)), ("stop_string", Some(FinishReason::Stop)), ("x", None)]
+        {
+            let line = format!(r#"{{"id":1,"event":"done","finish_reason":"{wire}"}}"#);
+            let Ok(Event::Done { stats, .. }) = serde_json::from_str(&line) else { panic!("not a done event") };
+            assert_eq!(stats.metrics(Duration::ZERO).finish_reason, reason, "{wire}");
+        }
     }
 }

@@ -44,7 +44,7 @@ pub(crate) struct Outcome {
     /// Prompt tokens served from the prompt cache.
     pub(crate) cached_tokens: usize,
     pub(crate) completion_tokens: usize,
-    /// `"length"` when it stopped at max_tokens, else `"stop"`.
+    /// `"length"` when it stopped at max_tokens or the end of the context, else `"stop"`.
     pub(crate) finish_reason: &'static str,
     /// Which of the request's stop strings ended it (an index), when the backend says.
     pub(crate) stop_string: Option<usize>,
@@ -299,7 +299,11 @@ impl Engine {
                 None => {
                     let metrics = stream.metrics().copied().unwrap_or_default();
                     let (prompt_tokens, cached_tokens) = (metrics.prompt_tokens, metrics.cached_prompt_tokens);
-                    let finish_reason = if generated >= settings.max_tokens { "length" } else { "stop" };
+                    // A backend that does not say: `max_tokens` reached is the only length it knows of.
+                    let finish_reason = metrics.finish_reason.map_or(
+                        if generated >= settings.max_tokens { "length" } else { "stop" },
+                        inference_core::FinishReason::openai,
+                    );
                     let stop_string = metrics.stop_string;
                     let completion_tokens = generated;
                     let outcome = Outcome {

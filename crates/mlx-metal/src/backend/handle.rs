@@ -415,6 +415,7 @@ fn aggregate(rows: &[GenerateMetrics], wall: std::time::Duration) -> GenerateMet
         active_memory_bytes: rows.last().map_or(0, |m| m.active_memory_bytes),
         draft_tokens: rows.iter().map(|m| m.draft_tokens).sum(),
         accepted_draft_tokens: rows.iter().map(|m| m.accepted_draft_tokens).sum(),
+        finish_reason: rows.last().and_then(|m| m.finish_reason),
         ..GenerateMetrics::default()
     };
     m.compute_rates();

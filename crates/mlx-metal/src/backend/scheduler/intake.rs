@@ -72,6 +72,8 @@ impl Scheduler {
                 out: TextOut::new(tokenizer, &settings),
                 draw,
                 max_tokens,
+                context_bound: !classify && max_tokens < settings.max_tokens,
+                stopped: false,
                 produced: 0,
                 prompt_tokens: ids.len() - reused,
                 admitted: Instant::now(),

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use inference_core::{Error as CoreError, GenerateMetrics, GenerateSettings, Token, TokenSink};
+use inference_core::{Error as CoreError, FinishReason, GenerateMetrics, GenerateSettings, Token, TokenSink};
 use mlx::transforms::async_eval;
 use mlx::{Array, Error, Result, memory, ops};
 
@@ -154,7 +154,12 @@ pub(super) struct Row {
     pub(super) span: tracing::Span,
     pub(super) out: TextOut,
     pub(super) draw: Draw,
+    /// The most tokens it may generate: what it asked for, or fewer where the context ends first.
     pub(super) max_tokens: usize,
+    /// Whether `max_tokens` is the context's end rather than what it asked for.
+    pub(super) context_bound: bool,
+    /// Whether the model ended it (an end-of-sequence token or a stop string).
+    pub(super) stopped: bool,
     pub(super) produced: usize,
     pub(super) prompt_tokens: usize,
     pub(super) admitted: Instant,
@@ -185,7 +190,19 @@ impl Row {
         if let Some(why) = self.draw.constraint.as_ref().and_then(RowConstraint::error) {
             return Err(Error::invalid("constraint", format!("constrained decoding failed: {why}")));
         }
+        self.stopped = flow.is_break();
         Ok(flow.is_continue() && self.produced < self.max_tokens)
+    }
+
+    /// Why it ended, once it has: `None` while it may still go on.
+    fn finish_reason(&self) -> Option<FinishReason> {
+        if self.stopped {
+            Some(FinishReason::Stop)
+        } else if self.produced >= self.max_tokens {
+            Some(if self.context_bound { FinishReason::ContextLength } else { FinishReason::MaxTokens })
+        } else {
+            None
+        }
     }
 
     /// Every token of its text so far: the conversation or prompt, then what it handed out.
@@ -209,6 +226,7 @@ impl Row {
             stop_string: self.out.stop_string(),
             draft_tokens: self.drafted,
             accepted_draft_tokens: self.accepted,
+            finish_reason: self.finish_reason(),
             ..GenerateMetrics::default()
         };
         m.compute_rates();
