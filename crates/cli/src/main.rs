@@ -70,14 +70,18 @@ fn register_backends() {
 
 /// Logs to stderr, filtered by `RUST_LOG`; the default is `warn`, and `info` for the server's
 /// own request log. A span the filter lets through is logged when it closes, with its fields and
-/// its busy and idle time (the engine's spans: docs/tracing.md).
+/// its busy and idle time (the engine's spans: docs/tracing.md). Colours only on a terminal, and
+/// not with `NO_COLOR` set: a log written to a file or a pipe is plain text.
 fn init_tracing(serving: bool) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::fmt::format::FmtSpan;
     let default = if serving { "warn,mlxr=info" } else { "warn" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_span_events(FmtSpan::CLOSE)
         .with_writer(std::io::stderr)
         .try_init();

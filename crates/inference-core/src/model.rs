@@ -85,6 +85,18 @@ pub trait TextModel: Send + Sync {
     /// The first failure while releasing resources.
     fn close(&self) -> Result<()>;
 
+    /// Whether the model can still serve: an error says why not (its engine thread or its child
+    /// process has died, or it was closed). A server reports it on its health check and stops,
+    /// so that whatever supervises it can start it again. Backends with nothing that can die
+    /// alone keep the default, `Ok(())`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] after [`close`](Self::close); the backend's error naming what died.
+    fn health(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// What the engine is doing now (queue, running generations, batch size), for backends
     /// that batch requests; `None` for those that do not say.
     fn engine_load(&self) -> Option<EngineLoad> {

@@ -249,6 +249,10 @@ pub struct EngineLoad {
     pub draft_tokens: u64,
     /// Guesses the model accepted.
     pub accepted_draft_tokens: u64,
+    /// Panics the engine caught since the model was loaded; each ended the generations it held
+    /// then with an error (a bug to report, not a cause to restart).
+    #[serde(default)]
+    pub caught_panics: u64,
 }
 
 /// Why a generation ended (OpenAI's `finish_reason`: [`Stop`](Self::Stop) is `"stop"`, the other

@@ -362,6 +362,22 @@ impl TextModel for BridgeModel {
 
     /// Sends `quit` and waits (five seconds at most) for the process to exit; a call in
     /// progress is stopped by killing the process and ends with [`Error::Closed`].
+    /// The bridge process is alive and usable: not exited, and not marked unusable by a call
+    /// that lost track of the protocol.
+    fn health(&self) -> Result<()> {
+        self.ensure_open()?;
+        if let Slot::Gone(reason) = &*self.shared.lock_slot() {
+            return Err(Error::backend(BACKEND_NAME, format!("the bridge process is no longer usable: {reason}")));
+        }
+        if let Some(status) = self.shared.handle.exited() {
+            let tail = self.stderr_tail();
+            let tail =
+                if tail.trim().is_empty() { String::new() } else { format!("; its last words: {}", tail.trim()) };
+            return Err(Error::backend(BACKEND_NAME, format!("the bridge process exited ({status}){tail}")));
+        }
+        Ok(())
+    }
+
     fn close(&self) -> Result<()> {
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return Ok(());

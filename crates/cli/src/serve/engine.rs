@@ -187,6 +187,11 @@ impl Engine {
         stats
     }
 
+    /// Whether the model can still serve (see [`TextModel::health`]).
+    pub(crate) fn health(&self) -> Result<(), Error> {
+        self.model.health()
+    }
+
     /// Cancels every generation and refuses new ones.
     pub(crate) fn shut_down(&self) {
         self.shutdown.cancel();

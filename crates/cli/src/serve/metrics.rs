@@ -166,7 +166,12 @@ pub(crate) fn render(
         for (name, help, value) in gauges {
             metric(&mut out, name, "gauge", help, &[("", value)]);
         }
-        let counters: [(&str, &str, f64); 6] = [
+        let counters: [(&str, &str, f64); 7] = [
+            (
+                "mlxr_engine_caught_panics_total",
+                "Panics the engine caught; each ended the generations it held with an error.",
+                l.caught_panics as f64,
+            ),
             ("mlxr_engine_decode_steps_total", "Batched decode steps.", l.decode_steps as f64),
             (
                 "mlxr_speculative_steps_total",

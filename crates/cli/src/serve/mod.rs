@@ -203,14 +203,26 @@ async fn serve(state: Arc<AppState>, addr: SocketAddr) -> Result<(), Failure> {
         );
     }
     let engine = Arc::clone(&state.engine);
+    let died = Arc::new(std::sync::Mutex::new(None));
+    let death = Arc::clone(&died);
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
-            shutdown.wait().await;
-            tracing::info!("shutting down");
+            tokio::select! {
+                () = shutdown.wait() => tracing::info!("shutting down"),
+                why = model_died(Arc::clone(&engine)) => {
+                    tracing::error!(error = %why, "the model can no longer serve; shutting down");
+                    *death.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
+                }
+            }
             engine.shut_down();
         })
         .await
-        .map_err(|e| Failure::new(format!("the server failed: {e}")))
+        .map_err(|e| Failure::new(format!("the server failed: {e}")))?;
+    // A supervisor restarts a server that exits with an error.
+    match died.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+        Some(why) => Err(Failure::new(format!("the model can no longer serve: {why}"))),
+        None => Ok(()),
+    }
 }
 
 /// Ctrl-C and SIGTERM, listened for from the moment this is made.
@@ -272,15 +284,36 @@ async fn no_route(request: Request) -> ApiError {
     ApiError::no_route(request.method().as_str(), request.uri().path())
 }
 
-async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({
-        "status": "ok",
+/// 200 while the model can serve; 503 with the reason once it cannot (the server is stopping).
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let (status, code, error) = match state.engine.health() {
+        Ok(()) => (StatusCode::OK, "ok", None),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, "failed", Some(e.to_string())),
+    };
+    let mut body = json!({
+        "status": code,
         "model": state.model_id,
         "compute_dtype": state.compute_dtype,
         "compute_dtype_reason": state.compute_dtype_reason,
         "engine": state.engine.json(),
         "adapters": state.adapters.health(),
-    }))
+    });
+    if let Some(error) = error {
+        body["error"] = json!(error);
+    }
+    (status, Json(body)).into_response()
+}
+
+/// Resolves with the reason once the model can no longer serve (its engine or its bridge
+/// process died): looked at every second.
+async fn model_died(engine: Arc<Engine>) -> String {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        if let Err(e) = engine.health() {
+            return e.report();
+        }
+    }
 }
 
 async fn prometheus(State(state): State<Arc<AppState>>) -> Response {

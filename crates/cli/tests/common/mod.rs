@@ -86,8 +86,15 @@ pub(crate) struct Server {
 impl Server {
     /// Starts `mlxr serve --port 0 extra...` and waits for its address.
     pub(crate) fn start(model: &str, extra: &[&str]) -> Server {
+        Server::start_with_env(model, extra, &[])
+    }
+
+    /// [`Server::start`] with variables added to its environment.
+    pub(crate) fn start_with_env(model: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let serve = ["serve", "--model", model, "--port", "0"];
-        let mut child = spawn_piped(mlxr().args(serve).args(extra), Stdio::null(), "starting mlxr serve");
+        let mut command = mlxr();
+        command.args(serve).args(extra).envs(env.iter().copied());
+        let mut child = spawn_piped(&mut command, Stdio::null(), "starting mlxr serve");
         let mut err = child.stderr.take().expect("a piped stderr");
         let stderr = std::thread::spawn(move || {
             let mut text = String::new();
@@ -112,13 +119,23 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// The server process's id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM (on Unix) and waits for a clean exit within `within`.
-    pub(crate) fn stop(mut self, within: Duration) -> (Option<i32>, String) {
+    pub(crate) fn stop(self, within: Duration) -> (Option<i32>, String) {
         #[cfg(unix)]
         {
             let pid = self.child.id().to_string();
             let _ = Command::new("kill").args(["-TERM", &pid]).status();
         }
+        self.wait_exit(within)
+    }
+
+    /// Waits for the server to exit by itself within `within`: its exit code and standard error.
+    pub(crate) fn wait_exit(mut self, within: Duration) -> (Option<i32>, String) {
         let deadline = Instant::now() + within;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {

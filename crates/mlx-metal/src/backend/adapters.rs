@@ -80,6 +80,25 @@ fn swap_slots(model: &mut dyn LanguageModel, slots: &mut [Option<LoraLayer>]) {
     }
 }
 
+/// An adapter's slots swapped into the model for as long as it lives.
+struct Swapped<'a> {
+    model: &'a mut dyn LanguageModel,
+    slots: &'a mut [Option<LoraLayer>],
+}
+
+impl<'a> Swapped<'a> {
+    fn new(model: &'a mut dyn LanguageModel, slots: &'a mut [Option<LoraLayer>]) -> Self {
+        swap_slots(model, slots);
+        Swapped { model, slots }
+    }
+}
+
+impl Drop for Swapped<'_> {
+    fn drop(&mut self) {
+        swap_slots(self.model, self.slots);
+    }
+}
+
 /// A bad adapter directory is the caller's error (named `adapter_path`); the rest are the engine's.
 fn adapter_err(dir: &Path, e: Error) -> CoreError {
     match e {
@@ -147,12 +166,19 @@ impl Engine {
         }
         let model = self.loaded.model.as_mut();
         for v in self.variants.list.iter_mut().filter(|v| !v.scheduler.is_idle()) {
-            swap_slots(model, &mut v.slots);
+            // Swapped out again when the guard goes, a panic in the step included.
+            let swapped = Swapped::new(&mut *model, &mut v.slots);
             let plan = v.scheduler.plan();
-            v.scheduler.step(&plan, &*model, &self.tokenizer, &v.metrics);
-            swap_slots(model, &mut v.slots);
+            v.scheduler.step(&plan, &*swapped.model, &self.tokenizer, &v.metrics);
         }
         self.variants.list.retain(|v| !(v.closing && v.scheduler.is_idle()));
+    }
+
+    /// Ends every adapter's generations with `message` (see [`Scheduler::fail_all`]).
+    pub(super) fn fail_variants(&mut self, message: &str) {
+        for v in &mut self.variants.list {
+            v.scheduler.fail_all(message, &v.metrics);
+        }
     }
 }
 

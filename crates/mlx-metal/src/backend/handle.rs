@@ -175,7 +175,7 @@ impl MetalModel {
                     after_drain: Vec::new(),
                     variants: super::adapters::Variants::new(limits),
                 };
-                run_engine(&mut engine, &job_rx);
+                super::supervise::run_engine(&mut engine, &job_rx);
                 // Closed on rank 0: the other ranks leave their follower loop.
                 if let Some(m) = engine.mirror.as_ref().filter(|m| m.is_root())
                     && let Err(e) = m.announce(&Request::Shutdown)
@@ -258,7 +258,7 @@ impl MetalModel {
                 }))
             }),
         )?;
-        rx.recv().map_err(|_| CoreError::backend(NAME, "the engine thread stopped during the call"))?
+        rx.recv().map_err(|_| CoreError::backend(NAME, "the engine failed during the call (its log says why)"))?
     }
 
     /// Makes this process, rank 1 or later of a tensor-parallel job, run
@@ -422,33 +422,6 @@ fn aggregate(rows: &[GenerateMetrics], wall: std::time::Duration) -> GenerateMet
     m
 }
 
-/// The engine thread's loop: jobs as they come (each after the rows it
-/// cancelled have left), and a scheduler step whenever no job waits. It
-/// sleeps on the channel only when the scheduler is idle, and ends when the
-/// model is closed and the last generation has finished.
-fn run_engine(engine: &mut Engine, jobs: &mpsc::Receiver<Job>) {
-    loop {
-        let job = if engine.is_idle() {
-            // Nothing to do: a moment to write the prompt cache's new entries.
-            engine.scheduler.persist_prompt_cache();
-            match jobs.recv() {
-                Ok(job) => job,
-                Err(mpsc::RecvError) => return,
-            }
-        } else {
-            match jobs.try_recv() {
-                Ok(job) => job,
-                Err(mpsc::TryRecvError::Empty | mpsc::TryRecvError::Disconnected) => {
-                    engine.step();
-                    continue;
-                }
-            }
-        };
-        engine.before_job();
-        job(engine);
-    }
-}
-
 impl Drop for MetalModel {
     fn drop(&mut self) {
         let _ = self.close();
@@ -562,6 +535,15 @@ impl TextModel for MetalModel {
 
     fn new_session(&self) -> CoreResult<Box<dyn ChatSession>> {
         Ok(Box::new(self.session()?))
+    }
+
+    /// The engine thread is running (it ends only when the model is closed).
+    fn health(&self) -> CoreResult<()> {
+        match lock(&self.thread).as_ref() {
+            None => Err(CoreError::Closed),
+            Some(t) if t.is_finished() => Err(CoreError::backend(NAME, "the engine thread has stopped")),
+            Some(_) => Ok(()),
+        }
     }
 
     fn close(&self) -> CoreResult<()> {

@@ -28,7 +28,9 @@
 //!   engine thread;
 //! - `mirror`: tensor-parallel jobs mirrored from rank 0 to the other ranks;
 //! - `adapters`: LoRA adapters served beside the model ([`MetalAdapter`]),
-//!   each with its own batch over the model's shared weights.
+//!   each with its own batch over the model's shared weights;
+//! - `supervise`: the engine thread's loop, each job and step under
+//!   `catch_unwind`.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -44,6 +46,7 @@ mod mirror;
 mod options;
 pub mod scheduler;
 mod session;
+mod supervise;
 mod text;
 
 pub use self::adapters::MetalAdapter;
@@ -128,7 +131,7 @@ fn call<T: Send + 'static>(
             let _ = tx.send(f(e));
         }),
     )?;
-    rx.recv().map_err(|_| CoreError::backend(NAME, "the engine thread stopped during the call"))?
+    rx.recv().map_err(|_| CoreError::backend(NAME, "the engine failed during the call (its log says why)"))?
 }
 
 /// Rejects an empty prompt or one longer than the context.

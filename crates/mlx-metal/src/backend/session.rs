@@ -71,7 +71,7 @@ fn session_call<T: Send + 'static>(
         Ok(rx)
     })?
     .recv()
-    .map_err(|_| CoreError::backend(super::NAME, "the engine thread stopped during the call"))?
+    .map_err(|_| CoreError::backend(super::NAME, "the engine failed during the call (its log says why)"))?
 }
 
 fn session_file_err(path: &Path, e: Error) -> CoreError {

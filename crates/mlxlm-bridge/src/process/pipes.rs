@@ -97,6 +97,11 @@ impl ChildHandle {
         let _ = child.wait();
     }
 
+    /// The exit status if the child has exited (it is reaped then), without waiting.
+    pub(crate) fn exited(&self) -> Option<ExitStatus> {
+        self.lock().try_wait().ok().flatten()
+    }
+
     /// The exit status once the child has exited, waiting at most `timeout`.
     pub(super) fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;

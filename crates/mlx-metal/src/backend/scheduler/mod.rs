@@ -521,6 +521,28 @@ impl Scheduler {
     }
 
     /// Fails every row of the batch with `e` (a forward pass failed).
+    /// Ends every generation it holds, waiting or running, with `message` (what a caught
+    /// panic leaves: the state of the step it cut short is unknown, so none of it is kept, and
+    /// sessions' turns that had started lose their caches).
+    pub(crate) fn fail_all(&mut self, message: &str, last_metrics: &Arc<Mutex<GenerateMetrics>>) {
+        let error = || CoreError::backend(super::NAME, message.to_owned());
+        for (_, request) in std::mem::take(&mut self.waiting) {
+            self.ending.push(Ending::Refused(request.sink, error(), request.session));
+        }
+        for prefill in std::mem::take(&mut self.prefilling) {
+            self.ending.push(Ending::Row(Box::new(prefill.row), Some(error())));
+        }
+        for row in self.batch.take().map(|b| b.rows).unwrap_or_default() {
+            self.ending.push(Ending::Row(Box::new(row), Some(error())));
+        }
+        self.publish_and_end(None, last_metrics);
+    }
+
+    /// Counts a panic the engine caught (see `supervise.rs`).
+    pub(crate) fn caught_panic(&mut self) {
+        lock(&self.load).caught_panics += 1;
+    }
+
     fn fail_batch(&mut self, e: &Error) {
         if let Some(batch) = self.batch.take() {
             tracing::warn!(error = %e, rows = batch.rows.len(), "a batched step failed");
