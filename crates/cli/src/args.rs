@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use inference_core::{ComputeDtype, Constraint, Device, GenerateSettings, LoadSettings, TextModel};
@@ -425,6 +425,20 @@ pub(crate) struct ServeArgs {
     /// The largest request body, in bytes (larger ones get 413).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub(crate) max_body_bytes: usize,
+    /// The most connections open at once; one more is answered 503 and closed.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub(crate) max_connections: u32,
+    /// Seconds a client has to send a request's head (method, path, headers); also how long a
+    /// kept-alive connection may sit idle between requests. Then the connection is closed.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
+    pub(crate) header_timeout: Duration,
+    /// Seconds a client has to send a request's body once its head is in (then 408).
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = seconds)]
+    pub(crate) body_timeout: Duration,
+    /// Seconds an answer may wait for a client that stopped reading it; then its generation is
+    /// cancelled and the connection closed.
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = seconds)]
+    pub(crate) write_timeout: Duration,
     /// The largest max_tokens a request may ask for (larger ones get 400).
     #[arg(long, default_value_t = 4096)]
     pub(crate) max_tokens_limit: usize,
@@ -433,6 +447,15 @@ pub(crate) struct ServeArgs {
     pub(crate) default_max_tokens: usize,
     #[command(flatten)]
     pub(crate) tensor_parallel: TensorParallelArgs,
+}
+
+/// A number of seconds above 0 (fractions allowed), at most a day.
+fn seconds(text: &str) -> Result<Duration, String> {
+    let s: f64 = text.trim().parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(s > 0.0 && s <= 86_400.0) {
+        return Err(format!("{text} seconds: must be more than 0 and at most 86400 (a day)"));
+    }
+    Ok(Duration::from_secs_f64(s))
 }
 
 impl ServeArgs {

@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{MODEL, Server, chat_body, get, post, tiny};
@@ -96,4 +98,66 @@ fn a_dead_bridge_process_fails_health_and_the_server_exits_with_an_error() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("the model can no longer serve: "), "{stderr}");
     assert!(stderr.contains("the bridge process exited (signal: 9"), "{stderr}");
+}
+
+/// Reads what the server sends on `stream` until it closes the connection (within `within`).
+fn read_until_closed(stream: &mut TcpStream, within: Duration) -> String {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut got = Vec::new();
+    match stream.read_to_end(&mut got) {
+        Ok(_) => String::from_utf8_lossy(&got).into_owned(),
+        Err(e) => panic!("the server kept the connection open for {within:?} ({e}); it sent {got:?}"),
+    }
+}
+
+fn connect(server: &Server) -> TcpStream {
+    TcpStream::connect(server.base.trim_start_matches("http://")).expect("connecting to the server")
+}
+
+#[test]
+fn slow_and_idle_clients_are_cut_off() {
+    let limits = ["--header-timeout", "0.5", "--body-timeout", "0.5"];
+    let server = Server::start(&tiny(MODEL), &limits);
+    // Connected and silent; a head that never ends; a keep-alive connection left idle.
+    let mut silent = connect(&server);
+    let mut partial = connect(&server);
+    partial.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n").unwrap();
+    let mut idle = connect(&server);
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    for (what, stream) in [("silent", &mut silent), ("partial head", &mut partial)] {
+        let sent = read_until_closed(stream, Duration::from_secs(10));
+        assert!(!sent.contains("200 OK"), "{what}: {sent}");
+    }
+    let sent = read_until_closed(&mut idle, Duration::from_secs(10));
+    assert!(sent.starts_with("HTTP/1.1 200 OK"), "the request was answered before the idle connection closed: {sent}");
+    // A body that stops half-way is answered 408.
+    let mut slow = connect(&server);
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\n\
+                content-length: 100\r\n\r\n{\"messages\":";
+    slow.write_all(head.as_bytes()).unwrap();
+    let sent = read_until_closed(&mut slow, Duration::from_secs(10));
+    assert!(sent.starts_with("HTTP/1.1 408 Request Timeout"), "{sent}");
+    assert!(sent.contains("the request body did not arrive within 0.5 s"), "{sent}");
+    // And the server still serves.
+    assert_eq!(post(&server.url("/v1/chat/completions"), &chat_body(2)).0, 200);
+}
+
+#[test]
+fn connections_over_the_limit_get_503() {
+    let server = Server::start(&tiny(MODEL), &["--max-connections", "2"]);
+    let held: Vec<TcpStream> = (0..2).map(|_| connect(&server)).collect();
+    let mut third = connect(&server);
+    let sent = read_until_closed(&mut third, Duration::from_secs(10));
+    assert!(sent.starts_with("HTTP/1.1 503 Service Unavailable"), "{sent}");
+    assert!(sent.contains("the server has 2 connections open, its limit; try again later"), "{sent}");
+    drop(held);
+    // Once they close, a client is served again (the server notices the closes at once).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match health_status(&server) {
+            Some(200) => break,
+            other => assert!(Instant::now() < deadline, "still refused: {other:?}"),
+        }
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
 }

@@ -60,6 +60,16 @@ impl ApiError {
         )
     }
 
+    /// 408: the body did not arrive in time.
+    pub(crate) fn body_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            Some("request_timeout"),
+            format!("the request body did not arrive within {} s", limit.as_secs_f64()),
+        )
+    }
+
     /// 429: the queue is full.
     pub(crate) fn queue_full(queued: usize) -> Self {
         Self::new(

@@ -20,6 +20,7 @@ mod anthropic_tools;
 mod api;
 mod engine;
 mod error;
+mod listen;
 mod logprobs;
 mod metrics;
 mod respond;
@@ -60,6 +61,9 @@ struct AppState {
     created: u64,
     limits: Limits,
     max_body_bytes: usize,
+    /// A request body's size and time limits.
+    body_limits: listen::BodyLimits,
+    connection_limits: listen::ConnectionLimits,
     next_id: AtomicU64,
     access: Arc<access::Access>,
     /// The adapters served beside the model (`adapters.rs`).
@@ -137,6 +141,12 @@ fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         limits: Limits { max_tokens: args.max_tokens_limit, default_max_tokens: args.default_max_tokens },
         max_body_bytes: args.max_body_bytes,
+        body_limits: listen::BodyLimits { max_bytes: args.max_body_bytes, timeout: args.body_timeout },
+        connection_limits: listen::ConnectionLimits {
+            max_connections: args.max_connections as usize,
+            header_timeout: args.header_timeout,
+            write_timeout: args.write_timeout,
+        },
         next_id: AtomicU64::new(0),
         access: Arc::new(access::Access::new(args.api_key.clone(), args.host)),
         adapters,
@@ -175,6 +185,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(prometheus))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.body_limits, listen::read_body))
         .layer(middleware::from_fn_with_state(Arc::clone(&state.access), access::guard))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), log_request))
         .with_state(state)
@@ -205,19 +216,18 @@ async fn serve(state: Arc<AppState>, addr: SocketAddr) -> Result<(), Failure> {
     let engine = Arc::clone(&state.engine);
     let died = Arc::new(std::sync::Mutex::new(None));
     let death = Arc::clone(&died);
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                () = shutdown.wait() => tracing::info!("shutting down"),
-                why = model_died(Arc::clone(&engine)) => {
-                    tracing::error!(error = %why, "the model can no longer serve; shutting down");
-                    *death.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
-                }
+    let limits = state.connection_limits;
+    let stop = async move {
+        tokio::select! {
+            () = shutdown.wait() => tracing::info!("shutting down"),
+            why = model_died(Arc::clone(&engine)) => {
+                tracing::error!(error = %why, "the model can no longer serve; shutting down");
+                *death.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
             }
-            engine.shut_down();
-        })
-        .await
-        .map_err(|e| Failure::new(format!("the server failed: {e}")))?;
+        }
+        engine.shut_down();
+    };
+    listen::serve(listener, router(state), limits, stop).await;
     // A supervisor restarts a server that exits with an error.
     match died.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
         Some(why) => Err(Failure::new(format!("the model can no longer serve: {why}"))),
