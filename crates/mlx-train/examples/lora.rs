@@ -25,7 +25,8 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         [cmd, model, adapter, out] if cmd == "fuse" => {
-            let fused = mlx_train::fuse(model.as_ref(), adapter.as_ref(), out.as_ref())?;
+            let fused =
+                mlx_train::fuse(model.as_ref(), adapter.as_ref(), out.as_ref(), mlx_metal::lora::IfExists::Refuse)?;
             eprintln!("fused {} layers into {out}", fused.len());
             Ok(())
         }
