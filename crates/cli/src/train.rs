@@ -111,7 +111,7 @@ impl LoraArgs {
                     .map_err(|e| Failure::new(format!("reading {}: {e}", path.display())))?;
                 let c = serde_json::from_str::<TrainConfig>(&text)
                     .map_err(|e| Failure::new(format!("{}: not a training config: {e}", path.display())))?;
-                (c, lora_keys_in(&text))
+                (c, LoraChoices::in_json(&text))
             }
             None => (TrainConfig::default(), LoraChoices::default()),
         };
@@ -166,20 +166,6 @@ impl LoraArgs {
         c.adopt_saved_adapter(chosen).map_err(|e| Failure::new(e.to_string()))?;
         c.validate().map_err(|e| Failure::new(e.to_string()))?;
         Ok(c)
-    }
-}
-
-/// The adapter settings a config file sets itself (its `lora` object's keys).
-fn lora_keys_in(text: &str) -> LoraChoices {
-    let value: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
-    let has = |key: &str| value.get("lora").and_then(|l| l.get(key)).is_some();
-    LoraChoices {
-        rank: has("rank"),
-        alpha: has("alpha"),
-        dropout: has("dropout"),
-        target_keys: has("target_keys"),
-        num_layers: has("num_layers"),
-        dtype: has("dtype"),
     }
 }
 

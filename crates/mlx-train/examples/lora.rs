@@ -13,7 +13,9 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     match args {
         [cmd, config, rest @ ..] if cmd == "train" => {
             let text = std::fs::read_to_string(config)?;
-            let config: mlx_train::TrainConfig = serde_json::from_str(&text)?;
+            let mut config: mlx_train::TrainConfig = serde_json::from_str(&text)?;
+            // Resuming: the adapter settings the file leaves out come from the saved adapter.
+            config.adopt_saved_adapter(mlx_train::LoraChoices::in_json(&text))?;
             let summary = if rest.iter().any(|a| a == "--json") {
                 let mut w = mlx_train::JsonLinesWriter::new(std::io::stdout());
                 mlx_train::train(&config, |e| w.event(e))?

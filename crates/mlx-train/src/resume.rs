@@ -56,6 +56,23 @@ pub struct LoraChoices {
     pub dtype: bool,
 }
 
+impl LoraChoices {
+    /// The adapter settings a [`TrainConfig`] written as JSON sets itself:
+    /// the keys of its `lora` object (none when it has none, or is not JSON).
+    pub fn in_json(config: &str) -> LoraChoices {
+        let value: serde_json::Value = serde_json::from_str(config).unwrap_or_default();
+        let has = |key: &str| value.get("lora").and_then(|l| l.get(key)).is_some();
+        LoraChoices {
+            rank: has("rank"),
+            alpha: has("alpha"),
+            dropout: has("dropout"),
+            target_keys: has("target_keys"),
+            num_layers: has("num_layers"),
+            dtype: has("dtype"),
+        }
+    }
+}
+
 /// Refuses to start a new adapter in `dir` unless it is missing or empty.
 ///
 /// # Errors
@@ -121,6 +138,9 @@ fn nothing_to_resume(dir: &Path, why: &str) -> Error {
 pub fn find_resumable(dir: &Path) -> TrainResult<Resumable> {
     if !dir.is_dir() {
         return Err(nothing_to_resume(dir, "the adapter directory does not exist"));
+    }
+    if !dir.join(lora::ADAPTER_CONFIG).is_file() {
+        return Err(nothing_to_resume(dir, &format!("there is no {}", lora::ADAPTER_CONFIG)));
     }
     let config = AdapterConfig::load(dir)?;
     let state = dir.join(STATE_FILE);

@@ -125,6 +125,11 @@ fn a_resumed_run_takes_the_saved_shape_and_refuses_a_contradicting_one() {
     assert_eq!(rest.lora.target_keys, ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]);
     assert_eq!(rest.lora.dtype, LoraDType::F32);
 
+    // A config file chooses what its `lora` object names.
+    let chosen = LoraChoices::in_json(r#"{"model": "m", "lora": {"rank": 16, "dtype": "bf16"}, "iters": 3}"#);
+    assert_eq!(chosen, LoraChoices { rank: true, dtype: true, ..Default::default() });
+    assert_eq!(LoraChoices::in_json(r#"{"model": "m"}"#), LoraChoices::default());
+
     // Chosen settings that contradict it are refused, naming the setting and both values; nothing is written.
     let before = snapshot(&dir);
     let cases: [(&str, LoraConfig, LoraChoices, &[&str]); 5] = [
@@ -194,6 +199,9 @@ fn a_resumed_run_takes_the_saved_shape_and_refuses_a_contradicting_one() {
     std::fs::remove_file(dir.join(STATE_FILE)).unwrap();
     let err = mlx_train::train(&rest, |_| ControlFlow::Continue(())).unwrap_err().to_string();
     assert!(err.contains(STATE_FILE) && err.contains("nothing to resume"), "{err}");
+    std::fs::remove_file(dir.join("adapter_config.json")).unwrap();
+    let err = mlx_train::train(&rest, |_| ControlFlow::Continue(())).unwrap_err().to_string();
+    assert!(err.contains("adapter_config.json") && err.contains("nothing to resume"), "{err}");
 }
 
 #[test]
