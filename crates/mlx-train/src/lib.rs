@@ -453,6 +453,10 @@ pub fn train(
         let acfg = adapter_config(&config.lora, model.num_layers());
         let trainer = Trainer::new(model, acfg, lora_dtype(config.lora.dtype), config.step_settings())?;
         std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            // The directory's own entry, so that a crash cannot lose it with everything saved in it.
+            mlx::io::sync_dir(parent)?;
+        }
         // The config, then a pair at iteration 0, so that a run stopped before its first save resumes.
         trainer.adapter_config().save(dir)?;
         resume::save_checkpoint(&trainer, dir, 0, 0, false)?;

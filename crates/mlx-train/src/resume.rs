@@ -151,23 +151,27 @@ pub fn find_resumable(dir: &Path) -> TrainResult<Resumable> {
         Error::data(
             file,
             None,
-            format!("records no {ITERATION_KEY} in its metadata, so it cannot be matched with its pair"),
+            format!(
+                "records no {ITERATION_KEY} in its metadata (saved by an older mlxr?), so the adapter weights that \
+                 belong with it cannot be told; start a new run in another directory"
+            ),
         )
     };
     let iteration =
         recorded_iteration(&io::read_safetensors_header(&state)?.metadata).ok_or_else(|| unrecorded(&state))?;
     let main = dir.join(lora::ADAPTER_FILE);
-    let main_iteration = if main.is_file() {
+    let main_at = if main.is_file() {
         let header = io::read_safetensors_header(&main)?;
-        Some((recorded_iteration(&header.metadata).ok_or_else(|| unrecorded(&main))?, header))
+        Some((recorded_iteration(&header.metadata), header))
     } else {
         None
     };
-    let (weights, header, note) = match main_iteration {
-        Some((i, header)) if i == iteration => (main, header, None),
+    let (weights, header, note) = match main_at {
+        Some((Some(i), header)) if i == iteration => (main, header, None),
         other => {
             let at = match &other {
-                Some((i, _)) => format!("is at iteration {i}"),
+                Some((Some(i), _)) => format!("is at iteration {i}"),
+                Some((None, _)) => format!("records no {ITERATION_KEY}"),
                 None => "is missing".to_owned(),
             };
             let fallback = numbered(dir, iteration);

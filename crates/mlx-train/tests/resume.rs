@@ -230,6 +230,31 @@ fn a_save_cut_short_resumes_from_the_last_pair_that_belongs_together() {
     }
     assert_same_adapter(&straight, &dir);
 
+    // An adapters.safetensors that records no iteration (an older mlxr's) is not trusted either.
+    let old = out.path().join("old");
+    train(&config(data.path(), &old, 6));
+    let main = old.join("adapters.safetensors");
+    let tensors = mlx::io::load_safetensors(&main).unwrap().tensors;
+    mlx::io::save_safetensors(&main, tensors.iter().map(|(k, v)| (k.as_str(), v)), &Default::default()).unwrap();
+    let (_, events) = train(&TrainConfig { resume: true, ..config(data.path(), &old, 9) });
+    assert!(
+        matches!(&events[0], TrainEvent::Resumed { iteration: 6, note: Some(n), weights }
+            if n.contains("records no iteration") && weights.ends_with("0000006_adapters.safetensors")),
+        "{:?}",
+        events[0]
+    );
+    assert_same_adapter(&straight, &old);
+    // An optimiser state that records none cannot be matched with any weights.
+    let state = old.join(STATE_FILE);
+    let st = mlx::io::load_safetensors(&state).unwrap();
+    let meta = st.metadata.into_iter().filter(|(k, _)| k != "iteration").collect();
+    mlx::io::save_safetensors(&state, st.tensors.iter().map(|(k, v)| (k.as_str(), v)), &meta).unwrap();
+    let err =
+        mlx_train::train(&TrainConfig { resume: true, ..config(data.path(), &old, 12) }, |_| ControlFlow::Continue(()))
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains(STATE_FILE) && err.contains("records no iteration"), "{err}");
+
     // Without that checkpoint the pair cannot be matched: refused with both iterations named.
     let broken = out.path().join("broken");
     train(&config(data.path(), &broken, 6));
