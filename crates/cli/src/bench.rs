@@ -13,8 +13,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), Failure> {
     let doc = bench::run(&options, &mut |line| eprintln!("{line}")).map_err(|e| Failure::new(format!("bench: {e}")))?;
     let text = serde_json::to_string_pretty(&doc).map_err(|e| Failure::new(format!("bench: {e}")))?;
     match &args.json {
-        Some(path) => std::fs::write(path, text + "\n")
-            .map_err(|e| Failure::new(format!("cannot write {}: {e}", path.display())))?,
+        Some(path) => crate::output::write_file(path, (text + "\n").as_bytes())?,
         None => {
             use std::io::Write;
             let mut out = std::io::stdout().lock();

@@ -205,7 +205,7 @@ impl Conversation {
     pub(crate) fn save(&self, path: &Path) -> Result<(), Failure> {
         let saved = Saved { format: SAVE_FORMAT.to_owned(), system: self.system.clone(), messages: self.turns.clone() };
         let text = serde_json::to_string_pretty(&saved).map_err(|e| Failure::new(format!("saving: {e}")))?;
-        fs::write(path, text + "\n").map_err(|e| Failure::new(format!("cannot write {}: {e}", path.display())))?;
+        crate::output::write_file(path, (text + "\n").as_bytes())?;
         if let Some(session) = &self.session {
             session.save(&Self::cache_path(path))?;
         }

@@ -19,6 +19,7 @@ mod failure;
 mod generate;
 mod info;
 mod models;
+mod output;
 mod serve;
 mod tensor_parallel;
 #[cfg(feature = "metal")]

@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use inference_core::LoraDType;
-use mlx_train::{JsonLinesWriter, ProgressPrinter, TrainConfig, TrainEvent};
+use mlx_metal::lora::IfExists;
+use mlx_train::{JsonLinesWriter, LoraChoices, ProgressPrinter, TrainConfig, TrainEvent};
 
 use crate::failure::Failure;
 
@@ -28,7 +29,7 @@ pub(crate) struct LoraArgs {
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
     /// Where the adapter (adapters.safetensors, adapter_config.json), its checkpoints and the
-    /// optimiser state go.
+    /// optimiser state go: a new or empty directory, unless --resume.
     #[arg(long, value_name = "DIR")]
     pub(crate) adapter_path: Option<PathBuf>,
     /// Iterations (batches) to train.
@@ -91,7 +92,9 @@ pub(crate) struct LoraArgs {
     /// Seed of the initialisation, dropout and batch order.
     #[arg(long)]
     pub(crate) seed: Option<u64>,
-    /// Continue from the adapter and optimiser state in the adapter path.
+    /// Continue from the adapter and optimiser state in the adapter path. The adapter's rank,
+    /// alpha, dropout, targets, layers and element type come from it; any of those flags given must
+    /// agree with it.
     #[arg(long)]
     pub(crate) resume: bool,
     /// Report every event as a JSON line on standard output instead of a progress display.
@@ -102,15 +105,22 @@ pub(crate) struct LoraArgs {
 impl LoraArgs {
     /// The training config: the file's (or the defaults), then the flags.
     pub(crate) fn config(&self) -> Result<TrainConfig, Failure> {
-        let mut c = match &self.config {
+        let (mut c, mut chosen) = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| Failure::new(format!("reading {}: {e}", path.display())))?;
-                serde_json::from_str::<TrainConfig>(&text)
-                    .map_err(|e| Failure::new(format!("{}: not a training config: {e}", path.display())))?
+                let c = serde_json::from_str::<TrainConfig>(&text)
+                    .map_err(|e| Failure::new(format!("{}: not a training config: {e}", path.display())))?;
+                (c, LoraChoices::in_json(&text))
             }
-            None => TrainConfig::default(),
+            None => (TrainConfig::default(), LoraChoices::default()),
         };
+        chosen.rank |= self.rank.is_some();
+        chosen.alpha |= self.alpha.is_some();
+        chosen.dropout |= self.dropout.is_some();
+        chosen.target_keys |= self.targets.is_some();
+        chosen.num_layers |= self.num_layers.is_some();
+        chosen.dtype |= self.lora_dtype.is_some();
         c.model = self.model.clone();
         c.data = self.data.clone();
         if let Some(v) = &self.adapter_path {
@@ -153,6 +163,7 @@ impl LoraArgs {
         c.dataset.mask_prompt |= self.mask_prompt;
         set(&mut c.seed, self.seed);
         c.resume |= self.resume;
+        c.adopt_saved_adapter(chosen).map_err(|e| Failure::new(e.to_string()))?;
         c.validate().map_err(|e| Failure::new(e.to_string()))?;
         Ok(c)
     }
@@ -206,6 +217,12 @@ impl Bar {
             TrainEvent::Saved { iteration, checkpoint } => {
                 self.bar.println(format!("iteration {iteration}: saved {}", checkpoint.display()));
             }
+            TrainEvent::Resumed { iteration, weights, note } => {
+                if let Some(note) = note {
+                    self.bar.println(format!("note: {note}"));
+                }
+                self.bar.println(format!("resuming after iteration {iteration} from {}", weights.display()));
+            }
         }
         ControlFlow::Continue(())
     }
@@ -247,15 +264,21 @@ pub(crate) struct FuseArgs {
     /// The adapter directory (adapters.safetensors and adapter_config.json, as mlx-lm writes them).
     #[arg(long, value_name = "DIR", default_value = "adapters")]
     pub(crate) adapter_path: PathBuf,
-    /// Where to write the fused, standalone model (a quantised base is re-quantised).
+    /// Where to write the fused, standalone model (a quantised base is re-quantised): a new or
+    /// empty directory, unless --force.
     #[arg(long, value_name = "DIR", default_value = "fused_model")]
     pub(crate) save_path: PathBuf,
+    /// Replace the save path if it already holds anything: the directory and everything in it
+    /// give way to the fused model (never the model or adapter directory).
+    #[arg(long)]
+    pub(crate) force: bool,
 }
 
 /// `mlxr fuse`.
 pub(crate) fn run_fuse(args: &FuseArgs) -> Result<(), Failure> {
-    let fused =
-        mlx_train::fuse(&args.model, &args.adapter_path, &args.save_path).map_err(|e| Failure::new(e.to_string()))?;
+    let if_exists = if args.force { IfExists::Replace } else { IfExists::Refuse };
+    let fused = mlx_train::fuse(&args.model, &args.adapter_path, &args.save_path, if_exists)
+        .map_err(|e| Failure::new(e.to_string()))?;
     eprintln!("fused {} layers into {}", fused.len(), args.save_path.display());
     Ok(())
 }

@@ -82,7 +82,8 @@ fn run() -> Result<(), BoxError> {
         bench::run(&o.bench, &mut |line| eprintln!("{line}")).map_err(|e| -> BoxError { e.to_string().into() })?;
     let text = serde_json::to_string_pretty(&doc)?;
     match &o.json {
-        Some(p) => std::fs::write(p, text + "\n").map_err(|e| format!("could not write {}: {e}", p.display()))?,
+        Some(p) => mlx::io::write_durable_bytes(p, (text + "\n").as_bytes())
+            .map_err(|e| format!("could not write {}: {e}", p.display()))?,
         None => println!("{text}"),
     }
     Ok(())

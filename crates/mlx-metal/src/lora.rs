@@ -16,6 +16,10 @@
 //! every linear layer of a block is adapted). Note that mlx-lm stores the
 //! `scale` itself, not an `alpha`.
 //!
+//! [`fuse()`] folds the attached adapters into the weights, and
+//! [`fuse_and_save`] writes a standalone model directory (durably, into a new
+//! or empty directory unless told to replace one: [`IfExists`]).
+//!
 //! ```no_run
 //! # fn main() -> mlx_metal::Result<()> {
 //! use std::path::Path;
@@ -25,13 +29,17 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{LanguageModel, LoadedModel};
+mod fuse;
+
+pub use fuse::{IfExists, check_fuse_output, dir_entries, fuse, fuse_and_save, listing};
+
+use crate::model::LanguageModel;
+use crate::nn::Linear;
 pub use crate::nn::LoraLayer;
-use crate::nn::{Linear, LinearWeight};
 use mlx::io;
 use mlx::ops;
 use mlx::random;
@@ -129,7 +137,10 @@ impl AdapterConfig {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        std::fs::write(&path, text + "\n").map_err(|source| Error::Io { op: "save_adapter", path, source })
+        io::write_durable_bytes(&path, (text + "\n").as_bytes()).map_err(|e| match e {
+            Error::Io { path, source, .. } => Error::Io { op: "save_adapter", path, source },
+            other => other,
+        })
     }
 }
 
@@ -305,20 +316,25 @@ pub fn lora_parameter_count(model: &mut dyn LanguageModel) -> usize {
 }
 
 /// Writes `adapters.safetensors` and `adapter_config.json` into `dir`
-/// (created if needed).
+/// (created if needed), each durably ([`mlx::io::durable`]).
 pub fn save_adapter(model: &mut dyn LanguageModel, dir: &Path, config: &AdapterConfig) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io { op: "save_adapter", path: dir.to_path_buf(), source })?;
-    save_adapter_weights(model, &dir.join(ADAPTER_FILE))?;
+    save_adapter_weights(model, &dir.join(ADAPTER_FILE), &BTreeMap::new())?;
     config.save(dir)
 }
 
-/// Writes the adapter weights alone to `file`.
-pub fn save_adapter_weights(model: &mut dyn LanguageModel, file: &Path) -> Result<()> {
+/// Writes the adapter weights alone to `file`, durably, with `metadata` in
+/// the safetensors header (a trainer records the iteration there).
+pub fn save_adapter_weights(
+    model: &mut dyn LanguageModel,
+    file: &Path,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     let weights = lora_weights(model);
     if weights.is_empty() {
         return Err(Error::invalid("save_adapter", "the model has no adapter attached"));
     }
-    io::save_safetensors(file, weights.iter().map(|(k, v)| (k.as_str(), v)), &BTreeMap::new())
+    io::save_safetensors(file, weights.iter().map(|(k, v)| (k.as_str(), v)), metadata)
 }
 
 fn adapter_err(path: &Path, message: impl Into<String>) -> Error {
@@ -426,106 +442,4 @@ fn fit_adapter(
         return Err(adapter_err(file, format!("the adapter does not fit this model:\n{}", errors.join("\n"))));
     }
     Ok(slots)
-}
-
-/// Fuses every attached adapter into its base weight and detaches it: a dense
-/// weight becomes `W + scale·(AB)ᵀ` in its own dtype; a quantised one is
-/// dequantised, updated and quantised again with the same group size and
-/// bits (mlx-lm's `fuse`). Returns the fused paths.
-pub fn fuse(model: &mut dyn LanguageModel) -> Result<Vec<String>> {
-    let mut fused = Vec::new();
-    for (path, linear) in model.linears_mut() {
-        let Some(lora) = linear.lora.take() else { continue };
-        let new_weight = match &linear.weight {
-            LinearWeight::Dense(w) => LinearWeight::Dense(ops::add(w, &lora.delta(w.dtype())?)?),
-            LinearWeight::Quantized(q) => {
-                let w = ops::dequantize(q, None)?;
-                let w = ops::add(&w, &lora.delta(w.dtype())?)?;
-                LinearWeight::Quantized(ops::quantize(&w, q.group_size, q.bits)?)
-            }
-        };
-        linear.weight = new_weight;
-        fused.push(path);
-    }
-    Ok(fused)
-}
-
-/// The tensor names a linear layer's weights have in the checkpoint: the
-/// exact path, or the path under a prefix (`language_model.`).
-fn checkpoint_name(names: &BTreeSet<String>, path: &str, leaf: &str) -> Option<String> {
-    let exact = format!("{path}.{leaf}");
-    if names.contains(&exact) {
-        return Some(exact);
-    }
-    let suffix = format!(".{exact}");
-    names.iter().find(|n| n.ends_with(&suffix)).cloned()
-}
-
-/// Fuses the attached adapters (see [`fuse`]) and writes a standalone model
-/// to `out`: `model.safetensors` with the checkpoint's own tensor names (the
-/// fused layers replaced, everything else as loaded), `config.json` and the
-/// tokenizer files copied from the model directory. `out` must not be the
-/// model directory.
-pub fn fuse_and_save(loaded: &mut LoadedModel, out: &Path) -> Result<Vec<String>> {
-    const OP: &str = "fuse";
-    let src = loaded.dir.clone();
-    if out.canonicalize().ok().is_some_and(|o| src.canonicalize().ok().is_some_and(|s| s == o)) {
-        return Err(Error::invalid(
-            OP,
-            format!("{} is the model directory; write the fused model elsewhere", out.display()),
-        ));
-    }
-    let mut tensors: BTreeMap<String, Array> = BTreeMap::new();
-    for file in crate::model::weights::safetensors_files(&src)? {
-        tensors.extend(io::load_safetensors(&file)?.tensors);
-    }
-    let names: BTreeSet<String> = tensors.keys().cloned().collect();
-    let paths = fuse(loaded.model.as_mut())?;
-    if paths.is_empty() {
-        return Err(Error::invalid(OP, "the model has no adapter to fuse"));
-    }
-    for (path, linear) in loaded.model.linears_mut() {
-        if !paths.contains(&path) {
-            continue;
-        }
-        let name = checkpoint_name(&names, &path, "weight").ok_or_else(|| Error::Model {
-            op: OP,
-            path: src.clone(),
-            message: format!("no tensor {path}.weight"),
-        })?;
-        let prefix = name.trim_end_matches("weight").to_string();
-        match &linear.weight {
-            LinearWeight::Dense(w) => {
-                tensors.insert(name, w.clone());
-            }
-            LinearWeight::Quantized(q) => {
-                tensors.insert(name, q.weight.clone());
-                tensors.insert(format!("{prefix}scales"), q.scales.clone());
-                if let Some(b) = &q.biases {
-                    tensors.insert(format!("{prefix}biases"), b.clone());
-                }
-            }
-        }
-    }
-    std::fs::create_dir_all(out).map_err(|source| Error::Io { op: OP, path: out.to_path_buf(), source })?;
-    let mut meta = BTreeMap::new();
-    meta.insert("format".to_string(), "mlx".to_string());
-    io::save_safetensors(out.join("model.safetensors"), tensors.iter().map(|(k, v)| (k.as_str(), v)), &meta)?;
-    copy_model_files(&src, out)?;
-    Ok(paths)
-}
-
-/// Copies every file of the model directory except weights and their index.
-fn copy_model_files(src: &Path, out: &Path) -> Result<()> {
-    let io_err = |path: PathBuf| move |source| Error::Io { op: "fuse", path, source };
-    for entry in std::fs::read_dir(src).map_err(io_err(src.to_path_buf()))? {
-        let entry = entry.map_err(io_err(src.to_path_buf()))?;
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !path.is_file() || name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
-            continue;
-        }
-        std::fs::copy(&path, out.join(&name)).map_err(io_err(path.clone()))?;
-    }
-    Ok(())
 }

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! LoRA adapters on the tiny fixtures: attaching, saving and reloading gives
 //! identical outputs, fusing equals base plus adapter (dense and quantised),
-//! mismatched or missing adapters fail with the problem named, and the
+//! mismatched or missing adapters fail with the problem named, a fused model
+//! never lands on another model's files, and the
 //! backend loads and swaps adapters on its engine thread.
 
 #[path = "../../mlx/tests/common/mod.rs"]
@@ -133,7 +134,7 @@ fn fused_dense_model_equals_base_plus_adapter_and_saves_standalone() {
     attach(m.model.as_mut(), &["q_proj", "v_proj", "o_proj", "gate_proj"], 3);
     let with = logits(m.model.as_ref());
     let out = tempfile::tempdir().unwrap();
-    let fused = lora::fuse_and_save(&mut m, out.path()).unwrap();
+    let fused = lora::fuse_and_save(&mut m, out.path(), &[], lora::IfExists::Refuse).unwrap();
     assert_eq!(fused.len(), 4 * m.model.num_layers());
     let in_memory = logits(m.model.as_ref());
     assert!(max_diff(&with, &in_memory) < 1e-4, "fused in memory differs by {}", max_diff(&with, &in_memory));
@@ -143,6 +144,71 @@ fn fused_dense_model_equals_base_plus_adapter_and_saves_standalone() {
     }
     let reloaded = model::load(out.path()).unwrap();
     assert_eq!(logits(reloaded.model.as_ref()), in_memory, "the saved fused model differs");
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn fusing_into_an_occupied_directory_is_refused_unless_replaced_and_then_nothing_stale_is_left() {
+    // The base, with a stamp of its own that must never reach the fused model.
+    let base = common::copy_tiny_model("llama-tiny");
+    std::fs::write(base.path().join(".mlxr-stamp.json"), r#"{"sha256": "of the base's files"}"#).unwrap();
+    let mut m = model::load(base.path()).unwrap();
+    attach(m.model.as_mut(), &["q_proj", "v_proj"], 4);
+    let with = logits(m.model.as_ref());
+
+    // A directory that held another, sharded model: an index, shards, a stamp, a config.
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("fused");
+    std::fs::create_dir(&out).unwrap();
+    let stale = [
+        ("config.json", "{\"model_type\": \"qwen3\"}"),
+        ("model.safetensors.index.json", r#"{"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}"#),
+        ("model-00002-of-00002.safetensors", "not weights"),
+        (".mlxr-stamp.json", "{}"),
+    ];
+    for (f, text) in stale {
+        std::fs::write(out.join(f), text).unwrap();
+    }
+    let before = names(&out);
+    let err = lora::fuse_and_save(&mut m, &out, &[], lora::IfExists::Refuse).unwrap_err().to_string();
+    assert!(err.contains(out.to_str().unwrap()) && err.contains("4 entries") && err.contains("config.json"), "{err}");
+    assert!(err.contains("--force"), "says how to replace it: {err}");
+    assert_eq!(names(&out), before, "a refused fuse touches nothing");
+    assert_eq!(std::fs::read_to_string(out.join("config.json")).unwrap(), stale[0].1);
+    assert!(!lora::lora_weights(m.model.as_mut()).is_empty(), "a refused fuse keeps the adapter attached");
+
+    // The model directory itself, or one that contains it, is refused even when replacing.
+    for target in [base.path(), base.path().parent().unwrap()] {
+        let err = lora::fuse_and_save(&mut m, target, &[], lora::IfExists::Replace).unwrap_err().to_string();
+        assert!(err.contains("model directory"), "{err}");
+    }
+    let keep = work.path().join("adapter");
+    std::fs::create_dir(&keep).unwrap();
+    std::fs::write(keep.join("adapters.safetensors"), "x").unwrap();
+    let err = lora::fuse_and_save(&mut m, &keep, &[("the adapter directory", &keep)], lora::IfExists::Replace)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is the adapter directory; write the fused model elsewhere"), "{err}");
+
+    lora::fuse_and_save(&mut m, &out, &[], lora::IfExists::Replace).unwrap();
+    let expected =
+        ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"];
+    assert_eq!(names(&out), expected, "the fused model and nothing else");
+    assert_eq!(
+        std::fs::read(out.join("config.json")).unwrap(),
+        std::fs::read(base.path().join("config.json")).unwrap()
+    );
+    assert_eq!(names(work.path()), ["adapter", "fused"], "no staged or old directory is left beside it");
+    let reloaded = model::load(&out).unwrap();
+    let got = logits(reloaded.model.as_ref());
+    assert!(max_diff(&with, &got) < 1e-4, "the fused model differs by {}", max_diff(&with, &got));
 }
 
 #[test]
@@ -160,7 +226,7 @@ fn fused_quantised_model_is_requantised_and_close_to_base_plus_adapter() {
         (fused.weight.to_vec::<u32>().unwrap(), fused.scales.to_vec_f32().unwrap(), q.group_size, q.bits)
     };
     let out = tempfile::tempdir().unwrap();
-    lora::fuse_and_save(&mut m, out.path()).unwrap();
+    lora::fuse_and_save(&mut m, out.path(), &[], lora::IfExists::Refuse).unwrap();
     let mut reloaded = model::load(out.path()).unwrap();
     for (path, linear) in reloaded.model.linears_mut() {
         let LinearWeight::Quantized(q) = &linear.weight else { panic!("{path} is no longer quantised") };
@@ -234,7 +300,9 @@ fn missing_and_malformed_adapter_files_are_named() {
 
     let err = lora::save_adapter(m.model.as_mut(), dir.path(), &config(&["q_proj"], 0)).unwrap_err().to_string();
     assert!(err.contains("no adapter"), "{err}");
-    assert!(lora::fuse_and_save(&mut m, &dir.path().join("out")).is_err(), "fusing without an adapter");
+    let fused = lora::fuse_and_save(&mut m, &dir.path().join("out"), &[], lora::IfExists::Refuse);
+    assert!(fused.is_err(), "fusing without an adapter");
+    assert!(!dir.path().join("out").exists(), "a failed fuse leaves nothing");
 }
 
 fn greedy(model: &MetalModel) -> Vec<u32> {

@@ -13,7 +13,9 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     match args {
         [cmd, config, rest @ ..] if cmd == "train" => {
             let text = std::fs::read_to_string(config)?;
-            let config: mlx_train::TrainConfig = serde_json::from_str(&text)?;
+            let mut config: mlx_train::TrainConfig = serde_json::from_str(&text)?;
+            // Resuming: the adapter settings the file leaves out come from the saved adapter.
+            config.adopt_saved_adapter(mlx_train::LoraChoices::in_json(&text))?;
             let summary = if rest.iter().any(|a| a == "--json") {
                 let mut w = mlx_train::JsonLinesWriter::new(std::io::stdout());
                 mlx_train::train(&config, |e| w.event(e))?
@@ -25,7 +27,8 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         [cmd, model, adapter, out] if cmd == "fuse" => {
-            let fused = mlx_train::fuse(model.as_ref(), adapter.as_ref(), out.as_ref())?;
+            let fused =
+                mlx_train::fuse(model.as_ref(), adapter.as_ref(), out.as_ref(), mlx_metal::lora::IfExists::Refuse)?;
             eprintln!("fused {} layers into {out}", fused.len());
             Ok(())
         }

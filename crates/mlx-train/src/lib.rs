@@ -49,7 +49,8 @@
 //! let reply = llm.generate("Hi", &GenerateSettings::default().max_tokens(4), CancelToken::new())?.collect_text()?;
 //! println!("{reply}");
 //! // ...or fold it into the weights of a standalone model directory.
-//! let fused = mlx_train::fuse(model.as_ref(), &config.adapter_path, &work.join("fused"))?;
+//! let out = work.join("fused");
+//! let fused = mlx_train::fuse(model.as_ref(), &config.adapter_path, &out, mlx_metal::lora::IfExists::Refuse)?;
 //! assert!(!fused.is_empty());
 //! # std::fs::remove_dir_all(&work).ok();
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -62,9 +63,9 @@ pub mod data;
 pub mod error;
 pub mod loss;
 pub mod optim;
+pub mod resume;
 pub mod trainer;
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -80,6 +81,7 @@ use serde::{Deserialize, Serialize};
 pub use data::{Batch, BatchStream, DataConfig, Dataset, Encoder, Example, Format};
 pub use error::{Error, TrainResult};
 pub use optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
+pub use resume::{ITERATION_KEY, LoraChoices, Resumable};
 pub use trainer::{STATE_FILE, StepOutput, StepSettings, Trainer};
 
 /// Everything a training run needs; serde-able so a command line can read it
@@ -126,7 +128,10 @@ pub struct TrainConfig {
     pub dataset: DataConfig,
     /// Seeds the adapter's initialisation, dropout and the batch order. Default 0.
     pub seed: u64,
-    /// Continue from the adapter and optimiser state in `adapter_path`.
+    /// Continue from the adapter and optimiser state in `adapter_path`
+    /// (whose adapter settings must be this config's:
+    /// [`TrainConfig::adopt_saved_adapter`] takes them over). Without it,
+    /// `adapter_path` must be missing or empty.
     pub resume: bool,
     /// Clear MLX's buffer cache after a step when it holds more than this
     /// many bytes. Default 0 (every step, as mlx-lm's default does).
@@ -261,6 +266,17 @@ pub enum TrainEvent {
         /// Validation records.
         valid_records: usize,
     },
+    /// A resumed run found the pair of adapter weights and optimiser state
+    /// it continues from (reported before [`TrainEvent::Start`]).
+    Resumed {
+        /// The iteration both were saved at.
+        iteration: usize,
+        /// The weights file: `adapters.safetensors`, or the numbered
+        /// checkpoint of that iteration when the last save was cut short.
+        weights: PathBuf,
+        /// Why the weights are not `adapters.safetensors`, when they are not.
+        note: Option<String>,
+    },
     /// A training-loss report.
     Train(StepReport),
     /// A validation loss.
@@ -345,6 +361,12 @@ impl<W: Write> ProgressPrinter<W> {
             TrainEvent::Saved { iteration, checkpoint } => {
                 writeln!(self.out, "Iter {iteration}: saved adapter weights to {}", checkpoint.display())
             }
+            TrainEvent::Resumed { iteration, weights, note } => {
+                if let Some(note) = note {
+                    writeln!(self.out, "Note: {note}")?;
+                }
+                writeln!(self.out, "Resuming after iteration {iteration} from {}", weights.display())
+            }
         }
     }
 }
@@ -376,10 +398,6 @@ pub fn load_encoding(model_dir: &Path, model_type: &str) -> TrainResult<(Tokeniz
     Ok((tokenizer, template))
 }
 
-fn numbered(dir: &Path, iteration: usize) -> PathBuf {
-    dir.join(format!("{iteration:07}_{}", lora::ADAPTER_FILE))
-}
-
 /// Runs a training: loads the model and the data, attaches the adapter (or
 /// restores it with `resume`), trains for `iters` iterations, evaluates,
 /// saves, and reports every event to `on_event`, which can stop the run
@@ -396,13 +414,19 @@ pub fn train(
     mut on_event: impl FnMut(&TrainEvent) -> ControlFlow<()>,
 ) -> TrainResult<TrainSummary> {
     config.validate()?;
-    let loaded = mlx_metal::model::load(&config.model)?;
-    let (tokenizer, template) = load_encoding(&loaded.dir, &loaded.config.model_type)?;
-    let enc = Encoder { tokenizer: &tokenizer, template: &template };
     let train_file = config.data.join("train.jsonl");
     if !train_file.is_file() {
         return Err(Error::data(&train_file, None, "the training file does not exist"));
     }
+    let resumable = if config.resume {
+        Some(resume::find_resumable(&config.adapter_path)?)
+    } else {
+        resume::check_fresh_dir(&config.adapter_path)?;
+        None
+    };
+    let loaded = mlx_metal::model::load(&config.model)?;
+    let (tokenizer, template) = load_encoding(&loaded.dir, &loaded.config.model_type)?;
+    let enc = Encoder { tokenizer: &tokenizer, template: &template };
     let train_set = Dataset::load(&train_file, &enc, &config.dataset)?;
     let valid_file = config.data.join("valid.jsonl");
     let valid_set = if valid_file.is_file() { Some(Dataset::load(&valid_file, &enc, &config.dataset)?) } else { None };
@@ -410,23 +434,34 @@ pub fn train(
     let mut stream = BatchStream::new(&train_set, config.batch_size, max_len, config.seed)?;
 
     random::seed(config.seed)?;
-    let num_layers = loaded.model.num_layers();
-    let acfg = adapter_config(&config.lora, num_layers);
-    let mut trainer = Trainer::new(loaded.model, acfg, lora_dtype(config.lora.dtype), config.step_settings())?;
+    let mut model = loaded.model;
     let dir = &config.adapter_path;
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
-
     let mut start = 0usize;
     let mut trained_tokens = 0usize;
-    if config.resume {
-        let meta = trainer.restore(&dir.join(lora::ADAPTER_FILE), &dir.join(STATE_FILE))?;
-        start = meta.get("iteration").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut trainer = if let Some(saved) = &resumable {
+        resume::check_matches(&config.lora, saved, model.as_mut(), dir)?;
+        let mut trainer =
+            Trainer::new(model, saved.config.clone(), lora_dtype(config.lora.dtype), config.step_settings())?;
+        let meta = trainer.restore(&saved.weights, &saved.state)?;
+        start = saved.iteration;
         trained_tokens = meta.get("trained_tokens").and_then(|s| s.parse().ok()).unwrap_or(0);
         for _ in 0..start {
             stream.next_indices();
         }
-    }
-    trainer.save_adapter(dir)?;
+        trainer
+    } else {
+        let acfg = adapter_config(&config.lora, model.num_layers());
+        let trainer = Trainer::new(model, acfg, lora_dtype(config.lora.dtype), config.step_settings())?;
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            // The directory's own entry, so that a crash cannot lose it with everything saved in it.
+            mlx::io::sync_dir(parent)?;
+        }
+        // The config, then a pair at iteration 0, so that a run stopped before its first save resumes.
+        trainer.adapter_config().save(dir)?;
+        resume::save_checkpoint(&trainer, dir, 0, 0, false)?;
+        trainer
+    };
     trainer.set_training(true)?;
     let mut summary = TrainSummary {
         iterations: start,
@@ -436,7 +471,11 @@ pub fn train(
         stopped: false,
     };
     let mut emit = |e: TrainEvent| on_event(&e).is_break();
-    let stop = emit(TrainEvent::Start {
+    let mut stop = false;
+    if let Some(saved) = resumable {
+        stop |= emit(TrainEvent::Resumed { iteration: saved.iteration, weights: saved.weights, note: saved.note });
+    }
+    stop |= emit(TrainEvent::Start {
         iters: config.iters,
         start,
         trainable_parameters: trainer.parameter_count(),
@@ -496,29 +535,28 @@ pub fn train(
     Ok(summary)
 }
 
-/// Saves the adapter, its numbered copy and the optimiser state.
+/// Saves a checkpoint of `iteration` (see [`resume::save_checkpoint`] for
+/// what is written, and in which order).
 fn save_all(trainer: &Trainer, dir: &Path, iteration: usize, trained_tokens: usize) -> TrainResult<PathBuf> {
-    trainer.save_adapter(dir)?;
-    let checkpoint = numbered(dir, iteration);
-    trainer.save_weights(&checkpoint)?;
-    let mut meta = BTreeMap::new();
-    meta.insert("iteration".to_string(), iteration.to_string());
-    meta.insert("trained_tokens".to_string(), trained_tokens.to_string());
-    trainer.save_state(&dir.join(STATE_FILE), &meta)?;
-    Ok(checkpoint)
+    resume::save_checkpoint(trainer, dir, iteration, trained_tokens, true)
 }
 
 /// Loads `model` with the adapter in `adapter`, fuses the adapter into the
 /// weights (re-quantising a quantised base with its own group size and
-/// bits) and writes a standalone model directory to `out`. Returns the
-/// fused layers.
+/// bits) and writes a standalone model directory to `out` (see
+/// [`lora::fuse_and_save`]: built beside it and moved into place whole).
+/// `out` must be new or empty unless `if_exists` is
+/// [`IfExists::Replace`](lora::IfExists::Replace); it may never be, or
+/// contain, the model or the adapter directory. Returns the fused layers.
 ///
 /// # Errors
 ///
-/// A missing or mismatched adapter, `out` being the model directory, or an
-/// I/O or MLX failure.
-pub fn fuse(model: &Path, adapter: &Path, out: &Path) -> TrainResult<Vec<String>> {
+/// `out` refused (naming it and what it holds), a missing or mismatched
+/// adapter, or an I/O or MLX failure.
+pub fn fuse(model: &Path, adapter: &Path, out: &Path, if_exists: lora::IfExists) -> TrainResult<Vec<String>> {
+    let keep = [("the adapter directory", adapter)];
+    lora::check_fuse_output(model, out, &keep, if_exists)?;
     let mut loaded = mlx_metal::model::load(model)?;
     lora::load_adapter(loaded.model.as_mut(), adapter)?;
-    Ok(lora::fuse_and_save(&mut loaded, out)?)
+    Ok(lora::fuse_and_save(&mut loaded, out, &keep, if_exists)?)
 }

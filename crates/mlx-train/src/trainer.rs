@@ -10,7 +10,7 @@
 //! its step and memory stays flat.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::rc::{Rc, Weak};
 
@@ -24,6 +24,7 @@ use crate::data::{Batch, Dataset};
 use crate::error::{Error, TrainResult};
 use crate::loss;
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
+use crate::resume::ITERATION_KEY;
 
 /// The file the optimiser state is saved to, beside the adapter.
 pub const STATE_FILE: &str = "training_state.safetensors";
@@ -441,15 +442,17 @@ impl Trainer {
         Ok(())
     }
 
-    /// Writes the adapter weights alone to `file`.
-    pub fn save_weights(&self, file: &Path) -> TrainResult<()> {
-        self.with_model(|m| lora::save_adapter_weights(m, file))??;
+    /// Writes the adapter weights alone to `file`, durably, recording
+    /// `iteration` in its metadata ([`ITERATION_KEY`]).
+    pub fn save_weights(&self, file: &Path, iteration: usize) -> TrainResult<()> {
+        let meta = BTreeMap::from([(ITERATION_KEY.to_string(), iteration.to_string())]);
+        self.with_model(|m| lora::save_adapter_weights(m, file, &meta))??;
         Ok(())
     }
 
-    /// Writes the optimiser state and `extra` metadata (the iteration, for
-    /// example) to `file`.
-    pub fn save_state(&self, file: &Path, extra: &BTreeMap<String, String>) -> TrainResult<()> {
+    /// Writes the optimiser state to `file`, durably, recording `iteration`
+    /// ([`ITERATION_KEY`]), the optimiser's step and `extra` metadata in it.
+    pub fn save_state(&self, file: &Path, iteration: usize, extra: &BTreeMap<String, String>) -> TrainResult<()> {
         let names = self.param_names();
         let mut tensors: Vec<(String, &Array)> = Vec::new();
         for (i, name) in names.iter().enumerate() {
@@ -459,40 +462,85 @@ impl Trainer {
             }
         }
         let mut meta = extra.clone();
+        meta.insert(ITERATION_KEY.into(), iteration.to_string());
         meta.insert("optimizer_step".into(), self.optimizer.step.to_string());
         io::save_safetensors(file, tensors.iter().map(|(k, v)| (k.as_str(), *v)), &meta)?;
         Ok(())
     }
 
     /// Restores the adapter weights from `weights_file` and the optimiser
-    /// state from `state_file`; returns the state's metadata.
+    /// state from `state_file`; returns the state's metadata. Both must come
+    /// from the same save (the same [`ITERATION_KEY`]) and fit this trainer
+    /// exactly: every adapter weight with its shape and element type and no
+    /// other tensor, and the moments of every weight (once the optimiser has
+    /// stepped) with the weight's shape. Nothing is changed on error.
     pub fn restore(&mut self, weights_file: &Path, state_file: &Path) -> TrainResult<BTreeMap<String, String>> {
-        let weights = io::load_safetensors(weights_file)?.tensors;
+        let weights = io::load_safetensors(weights_file)?;
         let state = io::load_safetensors(state_file)?;
+        let iteration = |meta: &BTreeMap<String, String>, file: &Path| {
+            meta.get(ITERATION_KEY).cloned().ok_or_else(|| {
+                Error::data(file, None, format!("records no {ITERATION_KEY}, so it cannot be matched with its pair"))
+            })
+        };
+        let (wi, si) = (iteration(&weights.metadata, weights_file)?, iteration(&state.metadata, state_file)?);
+        if wi != si {
+            return Err(Error::data(
+                state_file,
+                None,
+                format!(
+                    "is the optimiser state of iteration {si} but {} holds the weights of iteration {wi}: they do                      not belong together",
+                    weights_file.display()
+                ),
+            ));
+        }
         let names = self.param_names();
-        let bad = |m: String| Error::data(state_file, None, m);
-        let mut params = Vec::with_capacity(names.len());
-        let (mut ms, mut vs) = (Vec::new(), Vec::new());
-        for (i, name) in names.iter().enumerate() {
-            let p = weights.get(name).ok_or_else(|| Error::data(weights_file, None, format!("missing {name}")))?;
-            if p.shape() != self.params[i].shape() {
-                return Err(Error::data(weights_file, None, format!("{name} has shape {:?}", p.shape())));
-            }
-            params.push(ops::astype(p, self.params[i].dtype())?);
-            if let (Some(m), Some(v)) =
-                (state.tensors.get(&format!("m.{name}")), state.tensors.get(&format!("v.{name}")))
-            {
-                ms.push(m.clone());
-                vs.push(v.clone());
-            }
+        let bad_weights = |m: String| Error::data(weights_file, None, m);
+        let bad_state = |m: String| Error::data(state_file, None, m);
+        let unknown: Vec<&String> = weights.tensors.keys().filter(|k| !names.contains(k)).collect();
+        if !unknown.is_empty() {
+            return Err(bad_weights(format!("holds tensors this adapter does not have: {unknown:?}")));
         }
         let step: usize = state
             .metadata
             .get("optimizer_step")
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("no optimizer_step in the metadata".into()))?;
+            .ok_or_else(|| bad_state("no optimizer_step in the metadata".into()))?;
+        let mut params = Vec::with_capacity(names.len());
+        let (mut ms, mut vs) = (Vec::new(), Vec::new());
+        for (name, current) in names.iter().zip(&self.params) {
+            let p = weights.tensors.get(name).ok_or_else(|| bad_weights(format!("missing {name}")))?;
+            if p.shape() != current.shape() || p.dtype() != current.dtype() {
+                return Err(bad_weights(format!(
+                    "{name} is {} {:?} but the adapter's is {} {:?}",
+                    p.dtype().name(),
+                    p.shape(),
+                    current.dtype().name(),
+                    current.shape()
+                )));
+            }
+            params.push(p.clone());
+            let (m, v) = (state.tensors.get(&format!("m.{name}")), state.tensors.get(&format!("v.{name}")));
+            if let (Some(m), Some(v)) = (m, v) {
+                for (which, a) in [("m", m), ("v", v)] {
+                    if a.shape() != current.shape() {
+                        return Err(bad_state(format!(
+                            "{which}.{name} has shape {:?} but the weight's is {:?}",
+                            a.shape(),
+                            current.shape()
+                        )));
+                    }
+                }
+                ms.push(m.clone());
+                vs.push(v.clone());
+            }
+        }
         if step > 0 && ms.len() != names.len() {
-            return Err(bad(format!("the state holds moments for {} of {} weights", ms.len(), names.len())));
+            return Err(bad_state(format!("the state holds moments for {} of {} weights", ms.len(), names.len())));
+        }
+        let known: BTreeSet<String> = names.iter().flat_map(|n| [format!("m.{n}"), format!("v.{n}")]).collect();
+        let extra: Vec<&String> = state.tensors.keys().filter(|k| !known.contains(*k)).collect();
+        if !extra.is_empty() {
+            return Err(bad_state(format!("holds tensors this adapter does not have: {extra:?}")));
         }
         self.params = params;
         self.optimizer.m = ms;

@@ -260,7 +260,7 @@ fn save_reload_and_fuse(name: &str, b_std: f32) {
     assert_eq!(last_logits(reloaded.model.as_ref(), &tokens), with, "{name}: the reloaded adapter differs");
 
     let out = tempfile::tempdir().unwrap();
-    lora::fuse_and_save(&mut m, out.path()).unwrap();
+    lora::fuse_and_save(&mut m, out.path(), &[], lora::IfExists::Refuse).unwrap();
     let fused = model::load(out.path()).unwrap();
     let got = last_logits(fused.model.as_ref(), &tokens);
     let max = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);

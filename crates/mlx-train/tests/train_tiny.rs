@@ -10,6 +10,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use mlx::{Dtype, ops};
+use mlx_metal::lora::IfExists;
 use mlx_metal::model;
 use mlx_train::{DataConfig, StepSettings, TrainConfig, TrainEvent};
 
@@ -218,7 +219,7 @@ fn a_trained_adapter_fuses_into_a_model_equal_to_base_plus_adapter() {
     };
     mlx_train::train(&config, |_| ControlFlow::Continue(())).unwrap();
     let fused_dir = out.path().join("fused");
-    let fused = mlx_train::fuse(&config.model, &adapter, &fused_dir).unwrap();
+    let fused = mlx_train::fuse(&config.model, &adapter, &fused_dir, IfExists::Refuse).unwrap();
     assert!(!fused.is_empty());
     let logits = |m: &dyn model::LanguageModel| {
         let x = mlx::Array::from_slice(&[1i32, 4, 9, 16, 25], &[1, 5]).unwrap();
@@ -235,7 +236,11 @@ fn a_trained_adapter_fuses_into_a_model_equal_to_base_plus_adapter() {
     eprintln!("fused model: the adapter moved the logits by {moved}, the fused model differs by {err}");
     assert!(moved > 1e-3, "training changed nothing");
     assert!(err <= 1e-4 * moved.max(1.0), "the fused model differs by {err} (adapter effect {moved})");
-    assert!(mlx_train::fuse(&config.model, &out.path().join("none"), &fused_dir).is_err());
+    let none = out.path().join("none");
+    let err = mlx_train::fuse(&config.model, &none, &fused_dir, IfExists::Replace).unwrap_err().to_string();
+    assert!(err.contains(none.to_str().unwrap()), "{err}");
+    let err = mlx_train::fuse(&config.model, &adapter, &fused_dir, IfExists::Refuse).unwrap_err().to_string();
+    assert!(err.contains("already holds"), "{err}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: EUPL-1.2
-//! Safetensors files: checked loading and atomic saving.
+//! Safetensors files: checked loading and durable saving; [`durable`], the
+//! one way the workspace writes a file it keeps.
 //!
 //! MLX loads tensors lazily, so a truncated file would only fail (or worse)
 //! when a tensor is first computed. [`load_safetensors`] therefore reads and
@@ -14,12 +15,20 @@
 //! can only check with the whole file in memory (the header length against
 //! the file's size, the data section ending exactly where the last tensor
 //! ends) and what MLX needs (a dtype MLX has, dimensions that fit in `i32`).
+//!
+//! [`save_safetensors`] writes through [`durable::TempFile`]: MLX writes the
+//! temporary file, which is synced and renamed over the target, and the
+//! directory synced.
+
+pub mod durable;
+
+pub use durable::{copy_durable, sync_dir, write_durable, write_durable_bytes};
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Metadata, TensorInfo as StInfo};
 
@@ -337,9 +346,11 @@ pub fn load_safetensors(path: impl AsRef<Path>) -> Result<SafeTensors> {
     Ok(loaded)
 }
 
-/// Saves tensors (and string metadata) as a safetensors file. The file is
-/// written beside the target and renamed into place, so a failure never
-/// leaves a half-written file at `path`.
+/// Saves tensors (and string metadata) as a safetensors file, durably: MLX
+/// writes a temporary file beside the target ([`durable::TempFile`], created
+/// exclusively), which is synced and renamed over `path`, and the directory
+/// is synced. A failure never leaves a half-written file at `path`, nor a
+/// temporary file.
 pub fn save_safetensors<'a, I, K>(path: impl AsRef<Path>, tensors: I, metadata: &BTreeMap<String, String>) -> Result<()>
 where
     I: IntoIterator<Item = (K, &'a Array)>,
@@ -360,25 +371,17 @@ where
         // SAFETY: live map; NUL-terminated strings.
         check(OP, unsafe { sys::mlxs_named_push_meta(named.0, kc.as_ptr(), vc.as_ptr()) })?;
     }
-    let file_name =
-        path.file_name().ok_or_else(|| Error::invalid(OP, format!("{} has no file name", path.display())))?;
-    // MLX appends ".safetensors" to names without it; keep that suffix.
-    let tmp: PathBuf =
-        path.with_file_name(format!(".{}.{}.tmp.safetensors", file_name.to_string_lossy(), std::process::id()));
-    let ctmp = c_path(OP, &tmp)?;
+    // MLX appends ".safetensors" to names without it; keep that suffix. The
+    // temporary file is removed when `tmp` drops without a commit.
+    let tmp = durable::TempFile::beside(path, ".safetensors").map_err(|e| durable::relabel(e, OP))?;
+    let ctmp = c_path(OP, tmp.path())?;
     // SAFETY: live map; NUL-terminated path.
     let status = unsafe { sys::mlxs_save_safetensors(ctmp.as_ptr(), named.0) };
-    if let Err(e) = check(OP, status) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(match e {
-            Error::Mlx { message, .. } => Error::Format { op: OP, path: path.to_path_buf(), message },
-            other => other,
-        });
-    }
-    std::fs::rename(&tmp, path).map_err(|source| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::Io { op: OP, path: path.to_path_buf(), source }
-    })
+    check(OP, status).map_err(|e| match e {
+        Error::Mlx { message, .. } => Error::Format { op: OP, path: path.to_path_buf(), message },
+        other => other,
+    })?;
+    tmp.commit().map_err(|e| durable::relabel(e, OP))
 }
 
 /// Owns an `mlxs_named`.

@@ -156,6 +156,15 @@ fn a_failed_save_leaves_nothing_behind() {
     let e = io::save_safetensors(&path, [("a\0b", &a)], &BTreeMap::new()).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { .. }));
     no_temp_files(dir.path());
+    // A rename that fails (a non-empty directory in the way) leaves it as it was, and no temporary file.
+    let blocked = dir.path().join("blocked.safetensors");
+    std::fs::create_dir(&blocked).unwrap();
+    std::fs::write(blocked.join("keep"), b"x").unwrap();
+    let e = io::save_safetensors(&blocked, [("x", &a)], &BTreeMap::new()).unwrap_err();
+    assert_eq!(e.op(), "save_safetensors");
+    assert!(e.to_string().contains("blocked.safetensors"), "{e}");
+    assert_eq!(std::fs::read(blocked.join("keep")).unwrap(), b"x");
+    no_temp_files(dir.path());
 }
 
 #[test]

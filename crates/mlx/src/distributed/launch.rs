@@ -61,10 +61,16 @@ pub fn loopback_hosts(ranks: usize) -> Result<Vec<Vec<String>>> {
         .collect()
 }
 
-/// Writes a ring hostfile (the JSON `mlx.launch` writes).
+/// Writes a ring hostfile (the JSON `mlx.launch` writes), through
+/// [`crate::io::write_durable_bytes`]: the file lands whole, and a link
+/// planted at its (predictable) name in the shared temporary directory is
+/// replaced, never written through.
 pub fn write_hostfile(path: &Path, hosts: &[Vec<String>]) -> Result<()> {
     let text = serde_json::to_string(hosts).map_err(|e| err(format!("cannot encode the hostfile: {e}")))?;
-    std::fs::write(path, text).map_err(|source| Error::Io { op: OP, path: path.to_path_buf(), source })
+    crate::io::write_durable_bytes(path, text.as_bytes()).map_err(|e| match e {
+        Error::Io { path, source, .. } => Error::Io { op: OP, path, source },
+        other => other,
+    })
 }
 
 /// How long the other ranks may run on after rank 0 has exited successfully.
