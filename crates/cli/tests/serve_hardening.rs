@@ -161,3 +161,18 @@ fn connections_over_the_limit_get_503() {
         std::thread::park_timeout(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_prompt_too_long_is_refused_without_waiting_for_a_generation_slot() {
+    // One slot, held by an endless generation; a queue that would give up after a minute.
+    let args = ["--max-concurrent", "1", "--queue-timeout", "60", "--max-tokens-limit", "100000"];
+    let server = Server::start(&tiny(MODEL), &args);
+    let held = common::endless_chat(&server);
+    let started = Instant::now();
+    let long = serde_json::json!({"prompt": "word ".repeat(300), "max_tokens": 2});
+    let msg = common::expect_error(post(&server.url("/v1/completions"), &long), 400, Some("prompt"));
+    assert!(msg.contains("longer than the context length of 128 tokens"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(30), "refused at once, not after waiting in the queue");
+    assert_eq!(server.engine_stats()["queued"], 0, "it never queued");
+    drop(held);
+}

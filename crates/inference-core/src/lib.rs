@@ -219,7 +219,8 @@ pub use constraint::Constraint;
 pub use discover::{Discover, SkippedPath, discover};
 pub use error::{BoxError, Error, Result, UnavailableBackend};
 pub use model::{
-    Adapter, AdapterHost, AttentionInspector, ChatSession, LoraConfig, LoraDType, TextModel, TrainableModel,
+    Adapter, AdapterHost, AttentionInspector, ChatSession, LoraConfig, LoraDType, PreparedPrompt, PromptInput,
+    TextModel, TrainableModel,
 };
 pub use registry::{Backend, PREFERRED_BACKENDS, Registry, default_backend, get, global, list, load_model, register};
 pub use settings::{ComputeDtype, Device, GenerateSettings, LoadSettings, LogitsMode, MAX_TOP_LOGPROBS};

@@ -10,6 +10,26 @@ use crate::{
     Message, ModelInfo, Result, TokenStream,
 };
 
+/// What to generate from: text as it stands, or a conversation for the chat template.
+#[derive(Debug, Clone, Copy)]
+pub enum PromptInput<'a> {
+    /// A continuation of this text ([`TextModel::generate`]).
+    Text(&'a str),
+    /// The assistant's reply to these messages ([`TextModel::chat`]).
+    Chat(&'a [Message]),
+}
+
+/// A prompt made ready by [`TextModel::prepare`]: its token ids, checked against the model's
+/// context, and the settings the rendering settled (a chat template may add stop rules, or a
+/// constraint that forces a tool call).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedPrompt {
+    /// The prompt's token ids.
+    pub ids: Vec<u32>,
+    /// The settings to generate with.
+    pub settings: GenerateSettings,
+}
+
 /// A loaded language model.
 ///
 /// Handles are `Send + Sync` and are shared as `Arc<dyn TextModel>`; a backend whose native state
@@ -36,6 +56,32 @@ pub trait TextModel: Send + Sync {
     ///
     /// See the trait documentation.
     fn chat(&self, messages: &[Message], settings: &GenerateSettings, cancel: CancelToken) -> Result<TokenStream>;
+
+    /// Tokenises `prompt` as [`generate`](Self::generate) or [`chat`](Self::chat) would (a
+    /// conversation rendered with the chat template first) and checks it against the context and
+    /// the settings, without generating: so that a caller — a server — can refuse a prompt, and
+    /// count it, before it takes a generation slot. Run the result with
+    /// [`generate_prepared`](Self::generate_prepared). `Ok(None)`: the backend does not prepare
+    /// apart from generating (the default); call `generate` or `chat`.
+    ///
+    /// # Errors
+    ///
+    /// What `generate` or `chat` would return for the prompt and settings before starting.
+    fn prepare(&self, prompt: PromptInput<'_>, settings: &GenerateSettings) -> Result<Option<PreparedPrompt>> {
+        let _ = (prompt, settings);
+        Ok(None)
+    }
+
+    /// Generates from a prompt [`prepare`](Self::prepare) made (its `settings` may be changed
+    /// meanwhile: a seed per choice, say; they are checked again).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] from a backend that does not prepare; otherwise as `generate`.
+    fn generate_prepared(&self, prompt: &PreparedPrompt, cancel: CancelToken) -> Result<TokenStream> {
+        let _ = (prompt, cancel);
+        Err(Error::unsupported(self.info().architecture, "generate_prepared"))
+    }
 
     /// Classifies each prompt: one prefill, sampling a single token at the last position (with the
     /// distribution when [`GenerateSettings::logits`] asks for it). Results are in prompt order.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use inference_core::{CancelToken, Error, GenerateSettings, Message, TextModel};
+use inference_core::{CancelToken, Error, GenerateSettings, Message, PreparedPrompt, PromptInput, TextModel};
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
@@ -24,6 +24,32 @@ pub(crate) enum Prompt {
     Chat(Vec<Message>),
     /// Raw text, continued as it stands.
     Text(String),
+}
+
+/// A request made ready to queue: tokenised and checked by the model when it can
+/// ([`TextModel::prepare`]), else the prompt as it came.
+#[derive(Debug, Clone)]
+pub(crate) enum Ready {
+    Prepared(PreparedPrompt),
+    Raw(Prompt, GenerateSettings),
+}
+
+impl Ready {
+    fn settings(&self) -> &GenerateSettings {
+        match self {
+            Ready::Prepared(p) => &p.settings,
+            Ready::Raw(_, s) => s,
+        }
+    }
+
+    /// The same prompt with another seed (one per choice).
+    pub(crate) fn with_seed(mut self, seed: Option<u64>) -> Ready {
+        match &mut self {
+            Ready::Prepared(p) => p.settings.seed = seed,
+            Ready::Raw(_, s) => s.seed = seed,
+        }
+        self
+    }
 }
 
 /// What a generation sends to its handler.
@@ -121,6 +147,9 @@ pub(crate) struct QueueLimits {
 pub(crate) struct Engine {
     model: Arc<dyn TextModel>,
     permits: Arc<Semaphore>,
+    /// Turns to tokenise a prompt before it queues (one per core: a flood of huge prompts waits
+    /// here instead of taking memory and generation slots).
+    intake: Arc<Semaphore>,
     limits: QueueLimits,
     /// The parent of every generation's token: cancelled at shutdown.
     shutdown: CancelToken,
@@ -153,6 +182,7 @@ impl Engine {
         Self {
             model,
             permits: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
+            intake: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, usize::from))),
             limits,
             shutdown: CancelToken::new(),
             stats: Arc::default(),
@@ -166,6 +196,7 @@ impl Engine {
         Engine {
             model,
             permits: Arc::clone(&self.permits),
+            intake: Arc::clone(&self.intake),
             limits: self.limits,
             shutdown: self.shutdown.clone(),
             stats: Arc::clone(&self.stats),
@@ -221,13 +252,39 @@ impl Engine {
         }
     }
 
-    /// Queues the request, starts it, and returns once the model has accepted it (errors about
-    /// the prompt or settings come back here, before any token).
+    /// Tokenises and checks the prompt (a turn of `intake`, not a generation slot): a prompt
+    /// that cannot run is refused before it queues.
+    pub(crate) async fn prepare(&self, prompt: Prompt, settings: GenerateSettings) -> Result<Ready, ApiError> {
+        let closed = || ApiError::unavailable("the server is shutting down");
+        let turn = Arc::clone(&self.intake).acquire_owned().await.map_err(|_| closed())?;
+        let model = Arc::clone(&self.model);
+        let prepared = tokio::task::spawn_blocking(move || {
+            let input = match &prompt {
+                Prompt::Chat(messages) => PromptInput::Chat(messages),
+                Prompt::Text(text) => PromptInput::Text(text),
+            };
+            let prepared = model.prepare(input, &settings);
+            drop(turn);
+            prepared.map(|p| p.map_or(Ready::Raw(prompt, settings), Ready::Prepared))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("preparing the prompt failed: {e}")))?;
+        prepared.map_err(ApiError::from)
+    }
+
+    /// Prepares, queues and starts the request (see [`Engine::start_ready`]).
     pub(crate) async fn start(
         self: &Arc<Self>,
         prompt: Prompt,
         settings: GenerateSettings,
     ) -> Result<Generation, ApiError> {
+        let ready = self.prepare(prompt, settings).await?;
+        self.start_ready(ready).await
+    }
+
+    /// Queues a prepared request, starts it, and returns once the model has accepted it (errors
+    /// about the prompt or settings come back here, before any token).
+    pub(crate) async fn start_ready(self: &Arc<Self>, ready: Ready) -> Result<Generation, ApiError> {
         let arrived = Instant::now();
         let permit = self.admit().await?;
         let cancel = self.shutdown.child();
@@ -238,7 +295,7 @@ impl Engine {
         // Dropped before the model has answered (the client went away): cancel the call.
         let generation = Generation { events: rx, cancel };
         tokio::task::spawn_blocking(move || {
-            engine.produce(prompt, &settings, token, started_tx, &tx, arrived);
+            engine.produce(ready, token, started_tx, &tx, arrived);
             drop(permit);
         });
         match started_rx.await {
@@ -251,17 +308,18 @@ impl Engine {
     /// Runs on a blocking thread: calls the model and forwards its tokens.
     fn produce(
         &self,
-        prompt: Prompt,
-        settings: &GenerateSettings,
+        ready: Ready,
         cancel: CancelToken,
         started: oneshot::Sender<Result<(), Error>>,
         tx: &mpsc::Sender<Event>,
         arrived: Instant,
     ) {
-        let stream = match &prompt {
-            Prompt::Chat(messages) => self.model.chat(messages, settings, cancel),
-            Prompt::Text(text) => self.model.generate(text, settings, cancel),
+        let stream = match &ready {
+            Ready::Prepared(prepared) => self.model.generate_prepared(prepared, cancel),
+            Ready::Raw(Prompt::Chat(messages), settings) => self.model.chat(messages, settings, cancel),
+            Ready::Raw(Prompt::Text(text), settings) => self.model.generate(text, settings, cancel),
         };
+        let settings = ready.settings();
         let mut stream = match stream {
             Ok(stream) => stream,
             Err(e) => {

@@ -36,11 +36,12 @@ pub(super) async fn start(
     settings: &GenerateSettings,
     n: usize,
 ) -> Result<Vec<Generation>, ApiError> {
+    // Tokenised once for every choice.
+    let ready = engine.prepare(prompt.clone(), settings.clone()).await?;
     let mut generations = Vec::with_capacity(n);
     for i in 0..n {
-        let mut s = settings.clone();
-        s.seed = settings.seed.map(|seed| seed.wrapping_add(i as u64));
-        generations.push(engine.start(prompt.clone(), s).await?);
+        let seed = settings.seed.map(|seed| seed.wrapping_add(i as u64));
+        generations.push(engine.start_ready(ready.clone().with_seed(seed)).await?);
     }
     Ok(generations)
 }

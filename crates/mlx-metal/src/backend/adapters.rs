@@ -29,7 +29,8 @@ use std::time::Instant;
 
 use inference_core::{
     AdapterHost, BatchResult, CancelToken, ClassifyResult, EngineLoad, Error as CoreError, GenerateMetrics,
-    GenerateSettings, Message, ModelInfo, Result as CoreResult, TextModel, TokenSink, TokenStream,
+    GenerateSettings, Message, ModelInfo, PreparedPrompt, PromptInput, Result as CoreResult, TextModel, TokenSink,
+    TokenStream,
 };
 use mlx::Error;
 
@@ -222,6 +223,10 @@ impl MetalAdapter {
         &self.dir
     }
 
+    fn prepare_now(&self, prompt: PromptInput<'_>, settings: &GenerateSettings) -> CoreResult<PreparedPrompt> {
+        super::prepare(&self.base.tokenizer, &self.base.template, prompt, settings, self.base.limit)
+    }
+
     fn stream(&self, ids: Vec<u32>, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(CoreError::Closed);
@@ -244,21 +249,21 @@ impl MetalAdapter {
 
 impl TextModel for MetalAdapter {
     fn generate(&self, prompt: &str, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
-        if prompt.is_empty() {
-            return Err(CoreError::EmptyPrompt);
-        }
-        let ids = self.base.tokenizer.encode_prompt(prompt).map_err(core_err)?;
-        self.stream(ids, settings, cancel)
+        let prepared = self.prepare_now(PromptInput::Text(prompt), settings)?;
+        self.stream(prepared.ids, &prepared.settings, cancel)
     }
 
     fn chat(&self, messages: &[Message], settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
-        if messages.is_empty() {
-            return Err(CoreError::EmptyPrompt);
-        }
-        settings.validate()?;
-        let (ids, settings) =
-            self.base.template.render_chat(&self.base.tokenizer, messages, settings).map_err(core_err)?;
-        self.stream(ids, &settings, cancel)
+        let prepared = self.prepare_now(PromptInput::Chat(messages), settings)?;
+        self.stream(prepared.ids, &prepared.settings, cancel)
+    }
+
+    fn prepare(&self, prompt: PromptInput<'_>, settings: &GenerateSettings) -> CoreResult<Option<PreparedPrompt>> {
+        self.prepare_now(prompt, settings).map(Some)
+    }
+
+    fn generate_prepared(&self, prompt: &PreparedPrompt, cancel: CancelToken) -> CoreResult<TokenStream> {
+        self.stream(prompt.ids.clone(), &prompt.settings, cancel)
     }
 
     fn classify(&self, _: &[&str], _: &GenerateSettings, _: CancelToken) -> CoreResult<Vec<ClassifyResult>> {

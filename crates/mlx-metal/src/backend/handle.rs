@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use inference_core::{
     AttentionInspector, AttentionSnapshot, BatchResult, CancelToken, ChatSession, ClassifyResult, EngineLoad,
-    Error as CoreError, GenerateMetrics, GenerateSettings, LoadSettings, Message, ModelInfo, Result as CoreResult,
-    TextModel, TokenStream,
+    Error as CoreError, GenerateMetrics, GenerateSettings, LoadSettings, Message, ModelInfo, PreparedPrompt,
+    PromptInput, Result as CoreResult, TextModel, TokenStream,
 };
 use mlx::Error;
 use mlx::device::{Device, DeviceScope};
@@ -361,6 +361,13 @@ impl MetalModel {
         Ok(stream)
     }
 
+    /// Tokenises and checks a prompt (see [`TextModel::prepare`]).
+    fn prepare_now(&self, prompt: PromptInput<'_>, settings: &GenerateSettings) -> CoreResult<PreparedPrompt> {
+        let prepared = super::prepare(&self.tokenizer, &self.template, prompt, settings, self.limit())?;
+        self.check_constraint(&prepared.settings)?;
+        Ok(prepared)
+    }
+
     /// Compiles the settings' constraint once, so that one that does not
     /// compile is refused here, naming what is wrong (the scheduler compiles
     /// each row's own).
@@ -430,20 +437,21 @@ impl Drop for MetalModel {
 
 impl TextModel for MetalModel {
     fn generate(&self, prompt: &str, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
-        if prompt.is_empty() {
-            return Err(CoreError::EmptyPrompt);
-        }
-        let ids = self.tokenizer.encode_prompt(prompt).map_err(core_err)?;
-        self.stream(ids, settings, cancel)
+        let prepared = self.prepare_now(PromptInput::Text(prompt), settings)?;
+        self.stream(prepared.ids, &prepared.settings, cancel)
     }
 
     fn chat(&self, messages: &[Message], settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
-        if messages.is_empty() {
-            return Err(CoreError::EmptyPrompt);
-        }
-        settings.validate()?;
-        let (ids, settings) = self.template.render_chat(&self.tokenizer, messages, settings).map_err(core_err)?;
-        self.stream(ids, &settings, cancel)
+        let prepared = self.prepare_now(PromptInput::Chat(messages), settings)?;
+        self.stream(prepared.ids, &prepared.settings, cancel)
+    }
+
+    fn prepare(&self, prompt: PromptInput<'_>, settings: &GenerateSettings) -> CoreResult<Option<PreparedPrompt>> {
+        self.prepare_now(prompt, settings).map(Some)
+    }
+
+    fn generate_prepared(&self, prompt: &PreparedPrompt, cancel: CancelToken) -> CoreResult<TokenStream> {
+        self.stream(prompt.ids.clone(), &prompt.settings, cancel)
     }
 
     fn classify(

@@ -36,7 +36,10 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use inference_core::{Backend, Error as CoreError, LoadSettings, Result as CoreResult, TextModel};
+use inference_core::{
+    Backend, Error as CoreError, GenerateSettings, LoadSettings, PreparedPrompt, PromptInput, Result as CoreResult,
+    TextModel,
+};
 use mlx::Error;
 
 mod adapters;
@@ -132,6 +135,25 @@ fn call<T: Send + 'static>(
         }),
     )?;
     rx.recv().map_err(|_| CoreError::backend(NAME, "the engine failed during the call (its log says why)"))?
+}
+
+/// Tokenises a prompt (a conversation through `template`) and checks it against the settings
+/// and the context `limit` (see [`TextModel::prepare`]).
+fn prepare(
+    tokenizer: &crate::tokenizer::Tokenizer,
+    template: &crate::chat::ChatTemplate,
+    prompt: PromptInput<'_>,
+    settings: &GenerateSettings,
+    limit: Option<usize>,
+) -> CoreResult<PreparedPrompt> {
+    settings.validate()?;
+    let (ids, settings) = match prompt {
+        PromptInput::Text("") | PromptInput::Chat([]) => return Err(CoreError::EmptyPrompt),
+        PromptInput::Text(text) => (tokenizer.encode_prompt(text).map_err(core_err)?, settings.clone()),
+        PromptInput::Chat(messages) => template.render_chat(tokenizer, messages, settings).map_err(core_err)?,
+    };
+    check_prompt(&ids, limit)?;
+    Ok(PreparedPrompt { ids, settings })
 }
 
 /// Rejects an empty prompt or one longer than the context.
