@@ -20,6 +20,8 @@ mod anthropic_tools;
 mod api;
 mod engine;
 mod error;
+#[cfg(test)]
+mod fuzz_tests;
 mod logprobs;
 mod metrics;
 mod respond;
