@@ -245,3 +245,33 @@ fn quantisation_entries_at_their_edges_load_or_are_refused() {
         load_with_config(&dir, &config)
     });
 }
+
+#[test]
+fn llama_layer_types_still_choose_the_sliding_layers() {
+    // The loader no longer reserves a list from the layer count (see regressions.rs): the layer
+    // types keep their meaning.
+    let dir = crate::common::copy_tiny_model("llama-tiny");
+    let mut config = fixture_config("llama-tiny");
+    config["layer_types"] = serde_json::json!(["sliding_attention", "full_attention"]);
+    config["sliding_window"] = 4.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let loaded = model::load(dir.path()).unwrap();
+    let caches = loaded.model.make_cache().unwrap();
+    let kinds: Vec<bool> = caches.iter().map(|c| matches!(c, mlx_metal::cache::LayerCache::Rotating(_))).collect();
+    assert_eq!(kinds, [true, false]);
+    for (edit, message) in [
+        (
+            serde_json::json!({"layer_types": ["full_attention"]}),
+            "layer_types lists 1 layers but num_hidden_layers is 2",
+        ),
+        (serde_json::json!({"sliding_window": 0}), "sliding layers need a positive sliding_window"),
+    ] {
+        let mut c = config.clone();
+        for (k, v) in edit.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+        let Err(e) = model::load(dir.path()) else { panic!("{edit} loaded") };
+        assert!(e.to_string().contains(message), "{e}");
+    }
+}
