@@ -13,7 +13,10 @@
 //!
 //! Paths in goldens are relative to the workspace root; `$MLXR_MODELS/...` (real models that
 //! are not committed) is expanded from the environment, and such goldens are skipped when the
-//! variable is unset or the files are absent.
+//! models are absent, unless `MLXR_REQUIRE_REAL_MODELS` is set (`parity::real_models_required`),
+//! which makes a skipped golden a failure. Each test says how many goldens it used and how many
+//! checks it made, and fails when it checked nothing (no goldens found, or all skipped).
+//! `MLXR_TESTDATA_DIR` moves `testdata/` (as everywhere in the workspace).
 
 use std::path::{Path, PathBuf};
 
@@ -26,12 +29,14 @@ const TOKENIZER_FORMAT: &str = "mlxr-tokenizer-golden/1";
 const MODEL_FORMAT: &str = "mlxr-golden/1";
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    parity::workspace_root()
 }
 
 /// The tokeniser goldens (`tokenizer-*.json`), or with `tokenizer` false every other golden.
 fn goldens(tokenizer: bool) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(workspace().join("testdata/golden")) else { return Vec::new() };
+    let dir = parity::golden_dir();
+    let entries =
+        std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot list the goldens in {}: {e}", dir.display()));
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -96,8 +101,27 @@ impl Report {
         }
     }
 
-    fn finish(self, files: usize, what: &str) {
-        eprintln!("{files} {what} goldens, {} checks", self.checks);
+    /// Fails when a golden differed, when nothing was checked, and (with
+    /// `MLXR_REQUIRE_REAL_MODELS`) when a golden was skipped for want of its files.
+    fn finish(self, used: usize, missing: &[String], what: &str) {
+        eprintln!(
+            "{used} {what} goldens used, {} skipped for want of their files, {} checks",
+            missing.len(),
+            self.checks
+        );
+        assert!(
+            used > 0 && self.checks > 0,
+            "the {what} goldens checked nothing ({used} used, {} checks; skipped: {missing:?}); run `cargo xtask \
+             fixtures` or set MLXR_TESTDATA_DIR",
+            self.checks
+        );
+        assert!(
+            missing.is_empty() || !parity::real_models_required(),
+            "{} is set but {} {what} goldens were skipped:\n{}",
+            parity::REQUIRE_REAL_MODELS_ENV,
+            missing.len(),
+            missing.join("\n")
+        );
         assert!(
             self.failures.is_empty(),
             "{} of {} checks differ from the goldens:\n{}",
@@ -108,19 +132,34 @@ impl Report {
     }
 }
 
+/// What a check made of one golden.
+enum Used {
+    /// Checked.
+    Yes,
+    /// Not a golden of this kind (a model golden without chat cases).
+    NotThisKind,
+    /// Skipped: the files it was made from are not here (why).
+    Missing(String),
+}
+
 /// Reads each golden that [`goldens`] lists and hands it to `check`, which says whether it used
-/// the golden (or skipped it); then fails with every check that differed, after saying how many
-/// goldens were used.
-fn check_goldens(tokenizer: bool, what: &str, mut check: impl FnMut(&mut Report, &Path, &Value) -> bool) {
+/// the golden; then fails with every check that differed, after saying how many goldens were
+/// used (see [`Report::finish`]).
+fn check_goldens(tokenizer: bool, what: &str, mut check: impl FnMut(&mut Report, &Path, &Value) -> Used) {
     let mut report = Report::default();
-    let mut used = 0;
+    let (mut used, mut missing) = (0, Vec::new());
     for file in goldens(tokenizer) {
         let doc = read(&file);
-        if check(&mut report, &file, &doc) {
-            used += 1;
+        match check(&mut report, &file, &doc) {
+            Used::Yes => used += 1,
+            Used::NotThisKind => {}
+            Used::Missing(why) => {
+                eprintln!("skipping {}: {why}", file.display());
+                missing.push(format!("{}: {why}", file.display()));
+            }
         }
     }
-    report.finish(used, what);
+    report.finish(used, &missing, what);
 }
 
 #[test]
@@ -128,8 +167,7 @@ fn tokenizer_goldens_match_hugging_face() {
     check_goldens(true, "tokenizer", |report, file, doc| {
         assert_eq!(str_field(doc, "format", file), TOKENIZER_FORMAT, "{}", file.display());
         let Some(path) = resolve(str_field(doc, "tokenizer_file", file)) else {
-            eprintln!("skipping {}: its tokenizer.json is not here", file.display());
-            return false;
+            return Used::Missing("its tokenizer.json is not here".into());
         };
         let tok = Tokenizer::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         if let Some(size) = doc.get("vocab_size").and_then(Value::as_u64) {
@@ -172,7 +210,7 @@ fn tokenizer_goldens_match_hugging_face() {
                 report.check(&format!("{label}: tokens"), got, want);
             }
         }
-        true
+        Used::Yes
     });
 }
 
@@ -180,12 +218,13 @@ fn tokenizer_goldens_match_hugging_face() {
 fn chat_goldens_match_transformers() {
     check_goldens(false, "chat", |report, file, doc| {
         if doc.get("format").and_then(Value::as_str) != Some(MODEL_FORMAT) {
-            return false;
+            return Used::NotThisKind;
         }
-        let Some(cases) = doc.get("chat").and_then(Value::as_array).filter(|c| !c.is_empty()) else { return false };
+        let Some(cases) = doc.get("chat").and_then(Value::as_array).filter(|c| !c.is_empty()) else {
+            return Used::NotThisKind;
+        };
         let Some(dir) = resolve(str_field(doc, "model_dir", file)) else {
-            eprintln!("skipping {}: its model is not here", file.display());
-            return false;
+            return Used::Missing("its model is not here".into());
         };
         let name = file.file_name().unwrap().to_string_lossy().to_string();
         let tok = Tokenizer::from_dir(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -213,6 +252,49 @@ fn chat_goldens_match_transformers() {
                 report.check(&format!("{label}: BOS count at the start of encode_prompt"), count.min(1), count);
             }
         }
-        true
+        Used::Yes
     });
+}
+
+/// Runs this test binary's `test` alone with `env` set, and says whether it passed, with its
+/// output.
+fn run_alone(test: &str, env: &[(&str, &std::ffi::OsStr)]) -> (bool, String) {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .envs(env.iter().copied())
+        .output()
+        .expect("the test binary runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+const TESTS: [&str; 2] = ["tokenizer_goldens_match_hugging_face", "chat_goldens_match_transformers"];
+
+#[test]
+fn no_goldens_is_a_failure_not_a_pass() {
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::create_dir(empty.path().join("golden")).unwrap();
+    for test in TESTS {
+        let (passed, out) = run_alone(test, &[("MLXR_TESTDATA_DIR", empty.path().as_os_str())]);
+        assert!(!passed, "{test} passed with no goldens:\n{out}");
+        assert!(out.contains("goldens checked nothing (0 used, 0 checks"), "{test}:\n{out}");
+    }
+    // A testdata directory without goldens at all is named.
+    let (passed, out) = run_alone(TESTS[0], &[("MLXR_TESTDATA_DIR", std::ffi::OsStr::new("/nonexistent/testdata"))]);
+    assert!(!passed && out.contains("cannot list the goldens in /nonexistent/testdata/golden"), "{out}");
+}
+
+#[test]
+fn missing_real_models_fail_only_when_required() {
+    let none = tempfile::tempdir().unwrap();
+    let models = ("MLXR_MODELS_DIR", none.path().as_os_str());
+    for test in TESTS {
+        let (passed, out) = run_alone(test, &[models, ("MLXR_REQUIRE_REAL_MODELS", "1".as_ref())]);
+        assert!(!passed, "{test} passed without the real models it requires:\n{out}");
+        assert!(out.contains("MLXR_REQUIRE_REAL_MODELS is set but"), "{test}:\n{out}");
+        let (passed, out) = run_alone(test, &[models, ("MLXR_REQUIRE_REAL_MODELS", "0".as_ref())]);
+        assert!(passed, "{test} failed with the real models optional:\n{out}");
+        assert!(!out.contains(" 0 skipped for want of their files"), "{test} skipped nothing:\n{out}");
+    }
 }

@@ -458,8 +458,13 @@ fn read_heads(path: &Path, heads: usize, seq_len: usize, head_dim: usize) -> Res
             format!("{} holds {} bytes; expected {expected}", path.display(), bytes.len()),
         ));
     }
+    // A prompt has a position and a head a feature: an empty head would let `heads` ask for any
+    // number of empty blocks, which nothing in the file bounds.
     if per_head == 0 {
-        return Ok(vec![Vec::new(); heads]);
+        return Err(Error::backend(
+            BACKEND_NAME,
+            format!("the attention snapshot has seq_len {seq_len} and head_dim {head_dim}; both must be at least 1"),
+        ));
     }
     let values: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     Ok(values.chunks(per_head).map(<[f32]>::to_vec).collect())
@@ -529,7 +534,11 @@ mod tests {
         assert!(err.to_string().ends_with("holds 24 bytes; expected 32"), "{err}");
         assert!(read_heads(&path, usize::MAX, usize::MAX, 2).is_err());
         assert!(matches!(read_heads(&dir.path().join("none"), 1, 1, 1), Err(Error::Io { .. })));
+        // No positions: nothing in the file bounds the head count, so it is refused (the fuzz
+        // target `inspect_answers_at_their_edges_...` found 2⁶⁴ − 1 heads of nothing a panic).
         std::fs::write(&path, []).unwrap();
-        assert_eq!(read_heads(&path, 2, 0, 4).unwrap(), [Vec::<f32>::new(), Vec::new()]);
+        let err = read_heads(&path, 2, 0, 4).unwrap_err();
+        assert!(err.to_string().contains("seq_len 0 and head_dim 4; both must be at least 1"), "{err}");
+        assert!(read_heads(&path, usize::MAX, 1, 0).is_err());
     }
 }

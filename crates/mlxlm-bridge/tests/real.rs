@@ -3,7 +3,9 @@
 //!
 //! Needs `MLXR_PYTHON` (an interpreter or virtualenv with mlx and mlx-lm) and model directories
 //! under `testdata/models/` (or the directory in `MLXR_TEST_MODELS`). Without them each test
-//! prints a note and passes, unless `MLXR_REQUIRE_REAL_MODELS=1`, which makes it fail.
+//! prints a note and passes, unless `MLXR_REQUIRE_REAL_MODELS` is set (to anything but empty or
+//! `0`, read by `parity::real_models_required` as everywhere in the workspace), which makes it
+//! fail.
 //!
 //! Greedy tokens, chat, info and attention inspection are checked on every model; the other
 //! checks on the primary model only (the one with the smallest weights), to keep CPU time down.
@@ -25,9 +27,9 @@ const N: usize = 8;
 /// The interpreter and the model directories, or `None` (after a note) when the test should
 /// not run here.
 fn setup(test: &str) -> Option<(String, Vec<PathBuf>)> {
-    let require = std::env::var("MLXR_REQUIRE_REAL_MODELS").is_ok_and(|v| v == "1");
+    let require = parity::real_models_required();
     let skip = |why: String| {
-        assert!(!require, "MLXR_REQUIRE_REAL_MODELS=1 but {why}");
+        assert!(!require, "{} is set but {why}", parity::REQUIRE_REAL_MODELS_ENV);
         eprintln!("note: {test} skipped: {why} (set MLXR_REQUIRE_REAL_MODELS=1 to make this an error)");
         None
     };
@@ -51,8 +53,8 @@ fn setup(test: &str) -> Option<(String, Vec<PathBuf>)> {
 }
 
 /// Where the models are: `MLXR_TEST_MODELS` alone when set; else the tiny models in
-/// testdata/models and the real ones in the models cache (`MLXR_MODELS_DIR`, else
-/// `MLXR_CACHE_DIR/models`, else `~/.cache/mlxr/models`), as testdata/README.md describes.
+/// testdata/models and the real ones in the models cache (`parity::models_dir`: `MLXR_MODELS_DIR`,
+/// else `MLXR_CACHE_DIR/models`, ...), as testdata/README.md describes.
 fn model_roots() -> Vec<PathBuf> {
     if let Some(dir) = std::env::var_os("MLXR_TEST_MODELS") {
         return vec![PathBuf::from(dir)];
@@ -69,11 +71,7 @@ fn wanted(dir: &Path) -> bool {
 }
 
 fn models_cache() -> PathBuf {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    var("MLXR_MODELS_DIR")
-        .or_else(|| var("MLXR_CACHE_DIR").map(|c| c.join("models")))
-        .or_else(|| var("HOME").map(|h| h.join(".cache/mlxr/models")))
-        .unwrap_or_default()
+    parity::models_dir().unwrap_or_default()
 }
 
 fn has_safetensors(dir: &Path) -> bool {
@@ -429,4 +427,24 @@ fn a_missing_model_directory_is_a_clean_load_error() {
     let settings = LoadSettings::new().backend_option("python", &python);
     let err = MlxLmBackend::new().load(Path::new("/nonexistent/model"), &settings).unwrap_err();
     assert_eq!(err.to_string(), "backend \"mlx_lm\": load: no model directory at /nonexistent/model");
+}
+
+/// `MLXR_REQUIRE_REAL_MODELS` is read as everywhere else in the workspace: this binary re-run
+/// with it set to `yes` (or `1`) and no interpreter fails instead of skipping; `0` or empty
+/// skips. (It was read as `== "1"` here, so `yes` skipped.)
+#[test]
+fn the_requirement_is_read_as_everywhere_else() {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    for (value, fails) in [("yes", true), ("1", true), ("0", false), ("", false)] {
+        let out = std::process::Command::new(&exe)
+            .args(["the_interpreter_is_available_and_reports_its_versions", "--exact", "--nocapture"])
+            .env(parity::REQUIRE_REAL_MODELS_ENV, value)
+            .env("MLXR_PYTHON", "")
+            .output()
+            .expect("the test binary runs");
+        let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+        assert_eq!(!out.status.success(), fails, "{}={value:?}:\n{text}", parity::REQUIRE_REAL_MODELS_ENV);
+        let said = if fails { "MLXR_REQUIRE_REAL_MODELS is set but MLXR_PYTHON is not set" } else { "skipped" };
+        assert!(text.contains(said), "{value:?}:\n{text}");
+    }
 }

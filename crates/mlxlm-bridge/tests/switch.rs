@@ -20,16 +20,13 @@ fn register_backends() {
 /// The tiny models (testdata/models) and the real ones (the models cache), or `MLXR_TEST_MODELS`
 /// alone; see tests/real.rs.
 fn models() -> Option<Vec<PathBuf>> {
-    let require = std::env::var("MLXR_REQUIRE_REAL_MODELS").is_ok_and(|v| v == "1");
+    let require = parity::real_models_required();
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     let roots = match var("MLXR_TEST_MODELS") {
         Some(dir) => vec![dir],
         None => vec![
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models"),
-            var("MLXR_MODELS_DIR")
-                .or_else(|| var("MLXR_CACHE_DIR").map(|c| c.join("models")))
-                .or_else(|| var("HOME").map(|h| h.join(".cache/mlxr/models")))
-                .unwrap_or_default(),
+            parity::models_dir().unwrap_or_default(),
         ],
     };
     let why = if var("MLXR_PYTHON").is_none() {
@@ -54,7 +51,7 @@ fn models() -> Option<Vec<PathBuf>> {
         }
         "no model directories found".to_owned()
     };
-    assert!(!require, "MLXR_REQUIRE_REAL_MODELS=1 but {why}");
+    assert!(!require, "{} is set but {why}", parity::REQUIRE_REAL_MODELS_ENV);
     eprintln!("note: skipped: {why} (set MLXR_REQUIRE_REAL_MODELS=1 to make this an error)");
     None
 }

@@ -49,6 +49,8 @@
 #![warn(missing_docs)]
 
 mod compare;
+#[cfg(feature = "fuzz")]
+pub mod fuzz;
 mod golden;
 mod locate;
 

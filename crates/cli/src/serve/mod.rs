@@ -20,6 +20,8 @@ mod anthropic_tools;
 mod api;
 mod engine;
 mod error;
+#[cfg(test)]
+mod fuzz_tests;
 mod listen;
 mod logprobs;
 mod metrics;

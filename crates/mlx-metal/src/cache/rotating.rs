@@ -53,6 +53,8 @@ impl RotatingKvCache {
         const OP: &str = "rotating_kv_cache_restore";
         let mut c = Self::with_keep(max_size, keep)?;
         let len = seq_len(OP, &keys)?;
+        // Both 4-D before their first three axes are compared (a session file can hold anything).
+        seq_len(OP, &values)?;
         if keys.shape()[..3] != values.shape()[..3] {
             return Err(Error::invalid(
                 OP,

@@ -119,8 +119,13 @@ impl QuantConfig {
         {
             return Err(model_err(path, format!("quantisation method {method:?} is not supported (MLX affine only)")));
         }
-        let int = |o: &Map<String, Value>, k: &str| o.get(k).and_then(Value::as_i64).map(|x| x as i32);
-        let (Some(group_size), Some(bits)) = (int(o, "group_size"), int(o, "bits")) else {
+        // An integer out of `i32`'s range is an error, not a value cut to fit.
+        let int = |o: &Map<String, Value>, k: &str| -> Result<Option<i32>> {
+            let Some(v) = o.get(k).filter(|v| v.is_i64() || v.is_u64()) else { return Ok(None) };
+            let x = v.as_i64().and_then(|x| i32::try_from(x).ok());
+            x.map(Some).ok_or_else(|| model_err(path, format!("quantization {k} = {v} is out of range")))
+        };
+        let (Some(group_size), Some(bits)) = (int(o, "group_size")?, int(o, "bits")?) else {
             return Err(model_err(path, "quantization needs group_size and bits"));
         };
         if let Some(mode) = o.get("mode").and_then(Value::as_str)
@@ -131,8 +136,8 @@ impl QuantConfig {
         let mut layers = BTreeMap::new();
         for (k, v) in o {
             if let Some(lo) = v.as_object() {
-                let g = int(lo, "group_size").unwrap_or(group_size);
-                let b = int(lo, "bits").unwrap_or(bits);
+                let g = int(lo, "group_size")?.unwrap_or(group_size);
+                let b = int(lo, "bits")?.unwrap_or(bits);
                 layers.insert(k.clone(), (g, b));
             }
         }

@@ -16,7 +16,7 @@ use mlx::ops::Quantized;
 use mlx::{Array, Dtype, Error, Result, fast, ops};
 
 use super::rope::Rope;
-use super::weights::WeightPath;
+use super::weights::{WeightPath, model_err};
 use crate::cache::{Fetched, LayerCache, Mask};
 use crate::nn::{self, FusedLinear, Linear};
 
@@ -96,7 +96,16 @@ pub struct Attention {
 impl Attention {
     /// Reads `q_proj`, `k_proj`, `v_proj` and `o_proj` under `w`.
     pub fn load(w: &WeightPath<'_>, s: &AttentionSpec, rope: Rope, scale: f32) -> Result<Attention> {
-        let (q, kv) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+        let width = |heads: i32, what: &str| {
+            heads.checked_mul(s.head_dim).ok_or_else(|| {
+                let d = s.head_dim;
+                model_err(
+                    w.dir(),
+                    format!("{what} × head_dim = {heads} × {d} is more than MLX's limit of {}", i32::MAX),
+                )
+            })
+        };
+        let (q, kv) = (width(s.heads, "num_attention_heads")?, width(s.kv_heads, "num_key_value_heads")?);
         Ok(Attention {
             q_proj: w.pp("q_proj").linear(q, s.hidden, s.qkv_bias)?,
             k_proj: w.pp("k_proj").linear(kv, s.hidden, s.qkv_bias)?,

@@ -141,25 +141,25 @@ impl Llama {
             o_bias: c.attention_bias,
         };
         s.check(dir, spec.kv_heads, spec.head_dim, &[])?;
-        let sliding: Vec<bool> = match &c.layer_types {
-            Some(t) => t.iter().map(|x| x == "sliding_attention").collect(),
-            None => vec![false; s.num_hidden_layers as usize],
-        };
-        if sliding.len() != s.num_hidden_layers as usize {
-            let (n, layers) = (sliding.len(), s.num_hidden_layers);
-            return Err(model_err(dir, format!("layer_types lists {n} layers but num_hidden_layers is {layers}")));
+        // Nothing is reserved from the config's count: a corrupt count fails at the first missing block.
+        let n = s.num_hidden_layers as usize;
+        let types = c.layer_types.as_deref().unwrap_or_default();
+        if c.layer_types.is_some() && types.len() != n {
+            let (listed, layers) = (types.len(), s.num_hidden_layers);
+            return Err(model_err(dir, format!("layer_types lists {listed} layers but num_hidden_layers is {layers}")));
         }
-        if sliding.iter().any(|&s| s) && c.sliding_window.is_none_or(|w| w <= 0) {
+        let is_sliding = |i: usize| types.get(i).is_some_and(|x| x == "sliding_attention");
+        if (0..types.len()).any(is_sliding) && c.sliding_window.is_none_or(|w| w <= 0) {
             return Err(model_err(dir, "sliding layers need a positive sliding_window"));
         }
         let theta = c.rope_scaling.as_ref().and_then(|s| s.rope_theta).unwrap_or(c.rope_theta);
-        let mut layers = Vec::with_capacity(sliding.len());
-        for (i, is_sliding) in sliding.into_iter().enumerate() {
+        let mut layers = Vec::new();
+        for i in 0..n {
             let w = weights.root().pp("model.layers").pp(i);
             let rope = Rope::new(spec.head_dim, theta, c.rope_traditional, c.rope_scaling.as_ref(), dir)?;
             let attn = Attention::load(&w.pp("self_attn"), &spec, rope, spec.scale())?;
             let mlp = Mlp::load(&w.pp("mlp"), s.hidden_size, s.intermediate_size, c.mlp_bias, Gate::Silu)?;
-            let window = if is_sliding { c.sliding_window } else { None };
+            let window = if is_sliding(i) { c.sliding_window } else { None };
             layers.push(Block { window, ..Block::load(&w, attn, mlp, s.hidden_size, s.rms_norm_eps)? });
         }
         let head =

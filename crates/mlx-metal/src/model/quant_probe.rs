@@ -108,11 +108,9 @@ pub fn quantised_matrices(weights: &Weights) -> Vec<QuantMatrix> {
         let quant = weights.quant();
         let group_size =
             quant.and_then(|q| q.layer_override(prefix)).map(|(g, _)| g).or(quant.map(|q| q.group_size)).unwrap_or(64);
-        let cols = ss[1] * group_size;
-        if cols <= 0 {
-            continue;
-        }
-        let bits = ws[1] * 32 / cols;
+        // Checked: config.json's group size may be anything (the model's load refuses it by name).
+        let Some(cols) = ss[1].checked_mul(group_size).filter(|&c| c > 0) else { continue };
+        let Some(bits) = ws[1].checked_mul(32).map(|b| b / cols) else { continue };
         out.push(QuantMatrix { prefix: prefix.to_owned(), rows: ws[0], cols, group_size, bits });
     }
     out

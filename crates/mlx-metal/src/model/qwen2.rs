@@ -63,7 +63,8 @@ pub fn load(config: &ModelConfig, weights: &Weights) -> Result<Llama> {
         o_bias: false,
     };
     s.check(dir, spec.kv_heads, spec.head_dim, &[])?;
-    let mut layers = Vec::with_capacity(s.num_hidden_layers as usize);
+    // Nothing is reserved from the config's count: a corrupt count fails at the first missing block.
+    let mut layers = Vec::new();
     for i in 0..s.num_hidden_layers {
         let w = weights.root().pp("model.layers").pp(i);
         let rope = Rope::new(spec.head_dim, c.rope_theta, c.rope_traditional, c.rope_scaling.as_ref(), dir)?;

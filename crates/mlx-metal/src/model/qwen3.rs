@@ -57,7 +57,8 @@ pub fn load(config: &ModelConfig, weights: &Weights) -> Result<Llama> {
         o_bias: false,
     };
     let (hd, eps) = (c.head_dim, s.rms_norm_eps);
-    let mut layers = Vec::with_capacity(s.num_hidden_layers as usize);
+    // Nothing is reserved from the config's count: a corrupt count fails at the first missing block.
+    let mut layers = Vec::new();
     for i in 0..s.num_hidden_layers {
         let w = weights.root().pp("model.layers").pp(i);
         let a = w.pp("self_attn");

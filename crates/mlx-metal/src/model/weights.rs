@@ -416,11 +416,13 @@ impl<'a> WeightPath<'a> {
         }
         // Like mlx-lm: a per-layer entry in config.json wins, otherwise the
         // group size and bits follow from the packed shapes.
+        // Checked: config.json's entry and the shapes may hold anything.
+        let packed_bits = ws[1].checked_mul(32);
         let (group_size, bits) = match self.weights.quant_layer(&self.path) {
             Some(gb) => gb,
-            None => (inp / ss[1], ws[1] * 32 / inp),
+            None => (inp.checked_div(ss[1]).unwrap_or(0), packed_bits.and_then(|b| b.checked_div(inp)).unwrap_or(0)),
         };
-        if group_size * ss[1] != inp || bits * inp != ws[1] * 32 {
+        if group_size.checked_mul(ss[1]) != Some(inp) || bits.checked_mul(inp) != packed_bits {
             return Err(model_err(
                 dir,
                 format!(

@@ -4,6 +4,8 @@
 //! and drain its stderr in `pipes`, and the errors it reports in `errors`.
 
 mod errors;
+#[cfg(test)]
+mod fuzz_tests;
 mod pipes;
 mod script;
 
