@@ -211,11 +211,15 @@ impl SessionCache {
         if kinds.len() != fresh.len() {
             return Err(bad(format!("{} layers saved, the model has {}", kinds.len(), fresh.len())));
         }
+        let shapes = key_shapes(model)?;
         let mut loaded = io::load_safetensors(path)?;
         let mut caches = Vec::with_capacity(kinds.len());
-        for (i, (kind, expected)) in kinds.into_iter().zip(fresh).enumerate() {
+        for (i, ((kind, expected), &(heads, dim, dtype))) in kinds.into_iter().zip(fresh).zip(&shapes).enumerate() {
             let k = loaded.tensors.remove(&format!("layers.{i}.keys"));
             let v = loaded.tensors.remove(&format!("layers.{i}.values"));
+            if let (Some(k), Some(v)) = (&k, &v) {
+                check_layer(k, v, (heads, dim, dtype)).map_err(|why| bad(format!("layer {i}: {why}")))?;
+            }
             let cache = match (kind, expected, k, v) {
                 (LayerKind::Standard, LayerCache::Standard(_), Some(k), Some(v)) => {
                     LayerCache::Standard(KvCache::from_state(k, v)?)
@@ -245,6 +249,53 @@ impl SessionCache {
         }
         Ok(SessionCache { caches, tokens })
     }
+}
+
+/// Each layer's key heads, head size and element type for `model`: read off fresh caches after
+/// one token (a graph that is built but never run).
+fn key_shapes(model: &dyn LanguageModel) -> Result<Vec<(i32, i32, mlx::Dtype)>> {
+    let mut caches = model.make_cache()?;
+    model.forward(&mlx::ops::zeros(&[1, 1], mlx::Dtype::Int32)?, &mut caches)?;
+    caches
+        .iter()
+        .map(|c| {
+            let keys =
+                c.state().into_iter().next().ok_or_else(|| Error::invalid("load_session", "a cache holds nothing"))?;
+            let s = keys.shape();
+            Ok((s[1], s[s.len() - 1], keys.dtype()))
+        })
+        .collect()
+}
+
+/// Whether a saved layer's keys and values fit the model's `[1, heads, L, dim]` of `dtype`, and
+/// hold only finite numbers (a NaN or an infinity would change every answer after it silently).
+fn check_layer(
+    keys: &Array,
+    values: &Array,
+    (heads, dim, dtype): (i32, i32, mlx::Dtype),
+) -> std::result::Result<(), String> {
+    for (what, a) in [("keys", keys), ("values", values)] {
+        let s = a.shape();
+        let fits = s.len() == 4
+            && s[0] == 1
+            && s[1] == heads
+            && s[3] == dim
+            && s[2] == keys.shape().get(2).copied().unwrap_or(-1);
+        if !fits {
+            return Err(format!("{what} of shape {s:?} do not fit this model's [1, {heads}, L, {dim}]"));
+        }
+        if a.dtype() != dtype {
+            return Err(format!("{what} are {:?}; this model's cache holds {dtype:?}", a.dtype()));
+        }
+        let any_bad = || -> Result<bool> {
+            let bad = mlx::ops::logical_or(&mlx::ops::isnan(a)?, &mlx::ops::isinf(a)?)?;
+            mlx::ops::any_all(&bad, false)?.item::<bool>()
+        };
+        if any_bad().map_err(|e| e.to_string())? {
+            return Err(format!("{what} hold NaN or infinite values"));
+        }
+    }
+    Ok(())
 }
 
 /// A session file's tokens, layer kinds and metadata.

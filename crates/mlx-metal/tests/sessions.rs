@@ -208,6 +208,42 @@ fn bad_session_files_are_refused_and_leave_the_session_alone() {
 }
 
 #[test]
+fn session_files_whose_keys_and_values_do_not_fit_the_model_are_refused_at_load() {
+    use mlx::{Dtype, ops};
+    let model = load(&common::tiny_model("qwen3-tiny"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("good.safetensors");
+    let mut s = model.new_session().unwrap();
+    chat_turn(s.as_mut(), &[Message::user("hello there")], 3);
+    s.save(&file).unwrap();
+    let saved = mlx::io::load_safetensors(&file).unwrap();
+    let keys = saved.tensors["layers.0.keys"].clone();
+    let [b, h, l, d] = keys.shape()[..] else { panic!("keys are [B, H, L, D]: {:?}", keys.shape()) };
+    let nan = ops::full(&[b, h, l, d], &mlx::Array::scalar(f32::NAN), keys.dtype()).unwrap();
+    let tampered: [(&str, mlx::Array, &str); 4] = [
+        ("heads", ops::zeros(&[b, h + 1, l, d], keys.dtype()).unwrap(), "do not fit this model's"),
+        ("head size", ops::zeros(&[b, h, l, d * 2], keys.dtype()).unwrap(), "do not fit this model's"),
+        ("int32", ops::zeros(&[b, h, l, d], Dtype::Int32).unwrap(), "are Int32; this model's cache holds"),
+        ("NaN", nan, "hold NaN or infinite values"),
+    ];
+    for (what, bad_keys, expected) in tampered {
+        let mut tensors = saved.tensors.clone();
+        tensors.insert("layers.0.keys".to_owned(), bad_keys);
+        let path = dir.path().join(format!("{what}.safetensors"));
+        mlx::io::save_safetensors(&path, tensors.iter().map(|(k, a)| (k.as_str(), a)), &saved.metadata).unwrap();
+        let mut fresh = model.new_session().unwrap();
+        let e = fresh.load(&path).unwrap_err();
+        assert!(matches!(e, CoreError::InvalidModel { .. }), "{what}: {e}");
+        assert!(e.to_string().contains("layer 0: keys") && e.to_string().contains(expected), "{what}: {e}");
+        assert_eq!(fresh.cached_tokens().unwrap(), 0, "{what}: a refused file changes nothing");
+    }
+    // The untouched file still loads and continues.
+    let mut fresh = model.new_session().unwrap();
+    fresh.load(&file).unwrap();
+    assert!(fresh.cached_tokens().unwrap() > 0);
+}
+
+#[test]
 fn a_cancelled_turn_leaves_a_usable_session() {
     let model = load(&common::tiny_model("qwen3-tiny"));
     let mut s = model.new_session().unwrap();

@@ -40,6 +40,12 @@ fn a_session_file_with_scalar_values_is_refused() {
     let tensors: BTreeMap<String, Array> = file.tensors;
     io::save_safetensors(&path, tensors.iter().map(|(k, a)| (k.as_str(), a)), &file.metadata).unwrap();
     let e = SessionCache::load(&path, model, &fingerprint).err().expect("an error");
+    assert!(e.to_string().contains("layer 0: values of shape [] do not fit this model's [1, "), "{e}");
+    // The sliding-window cache refuses them by itself too.
+    let scalar = ops::zeros(&[], Dtype::Float32).unwrap();
+    let Err(e) = mlx_metal::cache::RotatingKvCache::from_state(scalar.clone(), scalar, 20, 512, 0) else {
+        panic!("scalar keys and values were accepted");
+    };
     assert!(e.to_string().contains("must be [B, H, L, D]"), "{e}");
 }
 
