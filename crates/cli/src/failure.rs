@@ -28,7 +28,14 @@ impl fmt::Display for Failure {
 impl From<inference_core::Error> for Failure {
     /// The error with its whole chain of causes ([`inference_core::Error::report`]).
     fn from(err: inference_core::Error) -> Self {
-        Self(err.report())
+        match err {
+            // The library's message speaks to a programmer (cargo features, register()).
+            inference_core::Error::BackendNotRegistered { name, registered } => Self(format!(
+                "--backend {name}: no such backend; this mlxr has {} (`mlxr info` lists them)",
+                registered.join(", ")
+            )),
+            err => Self(err.report()),
+        }
     }
 }
 
@@ -40,6 +47,18 @@ pub(crate) fn io(what: &str, err: std::io::Error) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_backend_is_named_as_a_flag() {
+        let err = inference_core::Error::BackendNotRegistered {
+            name: "torch".into(),
+            registered: vec!["metal".into(), "mlx_lm".into()],
+        };
+        assert_eq!(
+            Failure::from(err).message(),
+            "--backend torch: no such backend; this mlxr has metal, mlx_lm (`mlxr info` lists them)"
+        );
+    }
 
     #[test]
     fn a_core_error_keeps_its_causes() {

@@ -105,9 +105,23 @@ fn generate_reports_errors_with_their_causes() {
     assert!(!out.status.success());
     assert_eq!(text(&out).1, "mlxr: error: --temperature -1: must be a finite number >= 0\n");
 
+    let out = run(&["generate", "--model", &model, "--temperature", "1e30", "x"], "");
+    assert!(
+        text(&out).1.starts_with("mlxr: error: --temperature 1000000000000000000000000000000: must be at most 100")
+    );
+    let out = run(&["generate", "--model", &model, "--context-length", "4096", "--max-tokens", "2", "x"], "");
+    assert!(out.status.success(), "a longer context is allowed: {:?}", text(&out));
+    assert!(text(&out).1.contains("the context length asked for is beyond the model's own"), "{:?}", text(&out));
+    let out = run(&["bench", "--model", &model, "--prompts", "99999", "--no-public"], "");
+    assert_eq!(
+        text(&out).1,
+        "mlxr: error: bench: a prompt of 99999 tokens and 256 decoded need 100255 positions; the model's context is 128\n"
+    );
+
     let out = run(&["generate", "--model", &model, "--backend", "nonesuch", "x"], "");
     assert!(
-        text(&out).1.contains("backend \"nonesuch\" is not registered (registered: metal, mlx_lm)"),
+        text(&out).1
+            == "mlxr: error: --backend nonesuch: no such backend; this mlxr has metal, mlx_lm (`mlxr info` lists them)\n",
         "{:?}",
         text(&out)
     );

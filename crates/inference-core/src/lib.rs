@@ -223,7 +223,9 @@ pub use model::{
     TextModel, TrainableModel,
 };
 pub use registry::{Backend, PREFERRED_BACKENDS, Registry, default_backend, get, global, list, load_model, register};
-pub use settings::{ComputeDtype, Device, GenerateSettings, LoadSettings, LogitsMode, MAX_TOP_LOGPROBS};
+pub use settings::{
+    ComputeDtype, Device, GenerateSettings, LoadSettings, LogitsMode, MAX_TEMPERATURE, MAX_TOP_LOGPROBS,
+};
 pub use stream::{Completion, Stopped, TokenSink, TokenStream};
 pub use tools::{ToolCall, ToolCallFormat, ToolChoice};
 pub use types::{

@@ -13,6 +13,10 @@ use crate::{Constraint, Error, Result, ToolChoice};
 /// The most alternatives a token carries ([`GenerateSettings::top_logprobs`]; OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
+/// The highest [`GenerateSettings::temperature`]: logits divided by more than this are flat to
+/// within a few percent for any model, so a larger value is almost surely a mistake.
+pub const MAX_TEMPERATURE: f32 = 100.0;
+
 /// Whether each generated token carries the distribution it was sampled from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -178,6 +182,13 @@ impl GenerateSettings {
         let t = self.temperature;
         if !t.is_finite() || t < 0.0 {
             return Err(Error::invalid_setting("temperature", t, "must be a finite number >= 0"));
+        }
+        if t > MAX_TEMPERATURE {
+            return Err(Error::invalid_setting(
+                "temperature",
+                t,
+                format!("must be at most {MAX_TEMPERATURE} (beyond it any model's choice is noise)"),
+            ));
         }
         let p = self.top_p;
         if !(p > 0.0 && p <= 1.0) {

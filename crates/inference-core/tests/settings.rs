@@ -107,6 +107,12 @@ fn temperature_negative_nan_or_infinite_is_rejected() {
         message(GenerateSettings::new().temperature(f32::INFINITY).validate()),
         "invalid setting temperature = inf: must be a finite number >= 0"
     );
+    assert_eq!(
+        message(GenerateSettings::new().temperature(1e30).validate()),
+        "invalid setting temperature = 1000000000000000000000000000000: must be at most 100 (beyond it any model's \
+         choice is noise)"
+    );
+    assert!(GenerateSettings::new().temperature(inference_core::MAX_TEMPERATURE).validate().is_ok());
 }
 
 #[test]

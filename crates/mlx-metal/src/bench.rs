@@ -307,6 +307,16 @@ pub fn run(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Value, Bo
     }
     let ready_s = t0.elapsed().as_secs_f64();
     let desc = loaded.model.description().clone();
+    if let Some(context) = desc.context_length
+        && let Some(&n) = o.prompts.iter().find(|&&n| n.saturating_add(o.decode) > context)
+    {
+        return Err(format!(
+            "a prompt of {n} tokens and {} decoded need {} positions; the model's context is {context}",
+            o.decode,
+            n.saturating_add(o.decode)
+        )
+        .into());
+    }
     let loaded_dtype = loaded.compute.dtype.name();
     let dtype_reason = loaded.compute.reason.clone();
     let vocab = desc.vocab_size;

@@ -316,12 +316,24 @@ impl ChatRequest {
                         text
                     }
                 };
-                // OpenAI's newer name for the system role.
-                let role = if m.role == "developer" { Role::SYSTEM } else { Role::new(m.role.as_str()) };
-                if m.role.is_empty() {
-                    let param = format!("messages[{i}].role");
-                    return Err(ApiError::invalid(Some(&param), "invalid_value", format!("{param} must not be empty")));
-                }
+                let role = match m.role.as_str() {
+                    // OpenAI's newer name for the system role.
+                    "developer" | "system" => Role::SYSTEM,
+                    "user" => Role::USER,
+                    "assistant" => Role::ASSISTANT,
+                    "tool" => Role::TOOL,
+                    other => {
+                        let param = format!("messages[{i}].role");
+                        let why = match other {
+                            "" => "must not be empty".to_owned(),
+                            "function" => {
+                                "\"function\" is OpenAI's retired role: send tool results as role \"tool\"".to_owned()
+                            }
+                            _ => format!("{other:?} is not a role; use system, developer, user, assistant or tool"),
+                        };
+                        return Err(ApiError::invalid(Some(&param), "invalid_value", format!("{param} {why}")));
+                    }
+                };
                 if role == Role::TOOL && m.tool_call_id.is_none() {
                     let param = format!("messages[{i}].tool_call_id");
                     return Err(ApiError::invalid(
@@ -343,11 +355,29 @@ impl ChatRequest {
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct CompletionRequest {
     prompt: OneOrMany,
+    #[serde(default)]
+    echo: Option<bool>,
+    #[serde(default)]
+    suffix: Option<String>,
+    #[serde(default)]
+    best_of: Option<u64>,
 }
 
 impl CompletionRequest {
-    /// The one prompt.
+    /// The one prompt; the legacy fields this server does not implement are refused by name
+    /// rather than ignored.
     pub(crate) fn prompt(&self) -> Result<String, ApiError> {
+        let unsupported =
+            |param: &str, why: &str| Err(ApiError::invalid(Some(param), "unsupported_value", format!("{param} {why}")));
+        if self.echo == Some(true) {
+            return unsupported("echo", "is not supported: the answer holds the completion only");
+        }
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return unsupported("suffix", "is not supported (no fill-in-the-middle)");
+        }
+        if self.best_of.is_some_and(|b| b > 1) {
+            return unsupported("best_of", "is not supported; ask for several choices with n");
+        }
         match &self.prompt {
             OneOrMany::One(p) => Ok(p.clone()),
             OneOrMany::Many(v) if v.len() == 1 => Ok(v[0].clone()),
@@ -552,6 +582,17 @@ mod tests {
         assert_eq!(r.messages().unwrap_err().param.as_deref(), Some("messages[0].content[0]"));
         let (r, _): (ChatRequest, Value) = parse(br#"{"messages": [{"role": "", "content": "x"}]}"#).unwrap();
         assert_eq!(r.messages().unwrap_err().param.as_deref(), Some("messages[0].role"));
+        for (role, says) in [
+            ("wizard", "messages[1].role \"wizard\" is not a role; use system, developer, user, assistant or tool"),
+            ("function", "messages[1].role \"function\" is OpenAI's retired role: send tool results as role \"tool\""),
+        ] {
+            let body = format!(
+                r#"{{"messages": [{{"role": "user", "content": "x"}}, {{"role": "{role}", "content": "y"}}]}}"#
+            );
+            let (r, _): (ChatRequest, Value) = parse(body.as_bytes()).unwrap();
+            let e = r.messages().unwrap_err();
+            assert_eq!((e.param.as_deref(), e.message.as_str()), (Some("messages[1].role"), says));
+        }
     }
 
     #[test]
@@ -561,6 +602,18 @@ mod tests {
         let (r, _): (CompletionRequest, Value) = parse(br#"{"prompt": ["a", "b"]}"#).unwrap();
         assert_eq!(r.prompt().unwrap_err().param.as_deref(), Some("prompt"));
         assert_eq!(parse::<CompletionRequest>(br#"{"prompt": [1, 2]}"#).unwrap_err().param.as_deref(), Some("prompt"));
+        // Legacy fields are refused by name, not ignored; their neutral values pass.
+        for (body, param) in [
+            (r#"{"prompt": "a", "echo": true}"#, "echo"),
+            (r#"{"prompt": "a", "suffix": "end"}"#, "suffix"),
+            (r#"{"prompt": "a", "best_of": 3}"#, "best_of"),
+        ] {
+            let (r, _): (CompletionRequest, Value) = parse(body.as_bytes()).unwrap();
+            assert_eq!(r.prompt().unwrap_err().param.as_deref(), Some(param), "{body}");
+        }
+        let (r, _): (CompletionRequest, Value) =
+            parse(br#"{"prompt": "a", "echo": false, "suffix": "", "best_of": 1}"#).unwrap();
+        assert_eq!(r.prompt().unwrap(), "a");
     }
 
     #[test]

@@ -195,6 +195,16 @@ impl MetalModel {
                 return Err(CoreError::backend(NAME, "the engine thread stopped while loading the model"));
             }
         };
+        if let (Some(asked), Some(trained)) = (settings.context_length, desc.context_length)
+            && asked > trained
+        {
+            tracing::warn!(
+                context_length = asked,
+                model = trained,
+                "the context length asked for is beyond the model's own (max_position_embeddings): positions past it \
+                 were never trained and answers there degrade"
+            );
+        }
         let template = ChatTemplate::for_model(&tokenizer, &desc.architecture).map_err(core_err)?;
         let info = ModelInfo {
             context_length: settings.context_length.or(desc.context_length),
