@@ -224,7 +224,8 @@ pub use model::{
 };
 pub use registry::{Backend, PREFERRED_BACKENDS, Registry, default_backend, get, global, list, load_model, register};
 pub use settings::{
-    ComputeDtype, Device, GenerateSettings, LoadSettings, LogitsMode, MAX_TEMPERATURE, MAX_TOP_LOGPROBS,
+    ComputeDtype, Device, GenerateSettings, LoadSettings, LogitsMode, MAX_STOP_STRING_BYTES, MAX_STOP_STRINGS,
+    MAX_TEMPERATURE, MAX_TOP_LOGPROBS,
 };
 pub use stream::{Completion, Stopped, TokenSink, TokenStream};
 pub use tools::{ToolCall, ToolCallFormat, ToolChoice};

@@ -13,6 +13,12 @@ use crate::{Constraint, Error, Result, ToolChoice};
 /// The most alternatives a token carries ([`GenerateSettings::top_logprobs`]; OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
+/// The most [`GenerateSettings::stop_strings`] (each is looked for after every token).
+pub const MAX_STOP_STRINGS: usize = 64;
+
+/// The longest stop string, in bytes (text that may still become one is held back).
+pub const MAX_STOP_STRING_BYTES: usize = 1024;
+
 /// The highest [`GenerateSettings::temperature`]: logits divided by more than this are flat to
 /// within a few percent for any model, so a larger value is almost surely a mistake.
 pub const MAX_TEMPERATURE: f32 = 100.0;
@@ -207,6 +213,20 @@ impl GenerateSettings {
         }
         if let Some(i) = self.stop_strings.iter().position(String::is_empty) {
             return Err(Error::invalid_setting(format!("stop_strings[{i}]"), "\"\"", "must not be empty"));
+        }
+        if self.stop_strings.len() > MAX_STOP_STRINGS {
+            return Err(Error::invalid_setting(
+                "stop_strings",
+                format!("{} strings", self.stop_strings.len()),
+                format!("at most {MAX_STOP_STRINGS} are allowed"),
+            ));
+        }
+        if let Some(i) = self.stop_strings.iter().position(|s| s.len() > MAX_STOP_STRING_BYTES) {
+            return Err(Error::invalid_setting(
+                format!("stop_strings[{i}]"),
+                format!("{} bytes", self.stop_strings[i].len()),
+                format!("must be at most {MAX_STOP_STRING_BYTES} bytes"),
+            ));
         }
         if let Some(k) = self.top_logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
             return Err(Error::invalid_setting("top_logprobs", k, format!("must be at most {MAX_TOP_LOGPROBS}")));

@@ -116,6 +116,16 @@ fn temperature_negative_nan_or_infinite_is_rejected() {
 }
 
 #[test]
+fn stop_strings_are_bounded_in_number_and_length() {
+    let many = GenerateSettings::new().stop_strings((0..65).map(|i| format!("s{i}")));
+    assert_eq!(message(many.validate()), "invalid setting stop_strings = 65 strings: at most 64 are allowed");
+    let long = GenerateSettings::new().stop_strings(["ok".to_owned(), "x".repeat(1025)]);
+    assert_eq!(message(long.validate()), "invalid setting stop_strings[1] = 1025 bytes: must be at most 1024 bytes");
+    let fine = GenerateSettings::new().stop_strings((0..64).map(|_| "y".repeat(1024)));
+    assert!(fine.validate().is_ok());
+}
+
+#[test]
 fn top_p_outside_zero_one_is_rejected() {
     for (p, shown) in [(0.0, "0"), (-0.5, "-0.5"), (1.5, "1.5"), (f32::NAN, "NaN")] {
         assert_eq!(

@@ -345,6 +345,11 @@ mod tests {
             param(&format!("{{{base}, \"max_tokens\": 5, \"stop_sequences\": [\"\"]}}")).as_deref(),
             Some("stop_sequences")
         );
+        let many: Vec<String> = (0..65).map(|i| format!("s{i}")).collect();
+        assert_eq!(
+            param(&format!("{{{base}, \"max_tokens\": 5, \"stop_sequences\": {}}}", json!(many))).as_deref(),
+            Some("stop_sequences")
+        );
         assert_eq!(
             param(&format!("{{{base}, \"max_tokens\": 5, \"tools\": [{{\"name\": \"\"}}]}}")).as_deref(),
             Some("tools[0]")
