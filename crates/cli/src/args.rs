@@ -49,6 +49,14 @@ pub(crate) enum Command {
     /// (re-quantising a quantised base).
     #[cfg(feature = "metal")]
     Fuse(crate::train::FuseArgs),
+    /// Print a shell completion script: `mlxr completions bash > ~/.local/share/bash-completion/completions/mlxr`.
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CompletionsArgs {
+    /// The shell: bash, zsh, fish, elvish or powershell.
+    pub(crate) shell: clap_complete::Shell,
 }
 
 /// Which model to load and how.
@@ -74,12 +82,13 @@ pub(crate) struct ModelArgs {
     /// dequantise.
     #[arg(long, value_name = "HOW", value_parser = ["auto", "keep", "dequantise"])]
     pub(crate) quantised: Option<String>,
-    /// The context length to allocate for (default: the model's own).
-    #[arg(long, value_name = "TOKENS")]
+    /// The context length to allocate for (default: the model's own); generation stops when it
+    /// is full. mlx-lm's --max-kv-size is taken as this (a bound, not a rotating window).
+    #[arg(long, visible_alias = "max-kv-size", value_name = "TOKENS")]
     pub(crate) context_length: Option<usize>,
     /// A LoRA adapter directory to apply at load; `mlxr serve` also takes NAME=DIR, repeatable,
     /// to serve each adapter as model NAME beside the base.
-    #[arg(long, value_name = "[NAME=]DIR", value_parser = crate::adapter_arg::parse)]
+    #[arg(long, visible_alias = "adapter-path", value_name = "[NAME=]DIR", value_parser = crate::adapter_arg::parse)]
     pub(crate) adapter: Vec<crate::adapter_arg::AdapterArg>,
     /// The Python interpreter (or virtualenv) for the `mlx_lm` backend (default: $MLXR_PYTHON,
     /// else python3).
@@ -242,7 +251,7 @@ pub(crate) struct SamplingArgs {
     #[arg(long, default_value_t = 256)]
     pub(crate) max_tokens: usize,
     /// Softmax temperature; 0 is greedy.
-    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
+    #[arg(long, visible_alias = "temp", allow_negative_numbers = true, default_value_t = 0.0)]
     pub(crate) temperature: f32,
     /// Nucleus sampling threshold, in (0, 1]; 1 is off.
     #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
@@ -341,15 +350,26 @@ pub(crate) struct GenerateArgs {
     pub(crate) sampling: SamplingArgs,
     /// The prompt; `-` or nothing reads it from standard input.
     pub(crate) prompt: Option<String>,
-    /// Apply the model's chat template (the prompt is the user's message).
+    /// The prompt, as mlx-lm's generate takes it (instead of the argument).
+    #[arg(long = "prompt", short = 'p', value_name = "TEXT", conflicts_with = "prompt")]
+    pub(crate) prompt_flag: Option<String>,
+    /// Apply the model's chat template (the prompt is the user's message): the default when the
+    /// model has one, as in mlx-lm; with this flag, also a built-in template for a model without.
     #[arg(long)]
     pub(crate) chat: bool,
+    /// Send the prompt as it stands, without the chat template.
+    #[arg(long, visible_alias = "raw", conflicts_with_all = ["chat", "system"])]
+    pub(crate) ignore_chat_template: bool,
     /// A system message (implies --chat).
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, visible_alias = "system-prompt", value_name = "TEXT")]
     pub(crate) system: Option<String>,
     /// Print token counts, speeds and peak memory to standard error at the end.
     #[arg(long)]
     pub(crate) metrics: bool,
+    /// Print mlx-lm's statistics lines (prompt and generation tokens and speeds, peak memory) to
+    /// standard error at the end.
+    #[arg(long)]
+    pub(crate) verbose: bool,
     #[command(flatten)]
     pub(crate) tensor_parallel: TensorParallelArgs,
 }
@@ -361,7 +381,7 @@ pub(crate) struct ChatArgs {
     #[command(flatten)]
     pub(crate) sampling: SamplingArgs,
     /// The system message to start with (/system changes it).
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, visible_alias = "system-prompt", value_name = "TEXT")]
     pub(crate) system: Option<String>,
     /// After each reply, print cached and new prompt tokens and the speed to standard error.
     #[arg(long)]

@@ -144,3 +144,38 @@ fn python_becomes_a_backend_option() {
     assert_eq!(c.model.load_settings().backend_options["python"], "/venv/bin/python");
     assert_eq!(c.system.as_deref(), Some("be brief"));
 }
+
+#[test]
+fn mlx_lm_s_flag_names_are_accepted() {
+    let cli = parse(&[
+        "generate",
+        "-m",
+        "/m",
+        "--temp",
+        "0.7",
+        "--max-kv-size",
+        "512",
+        "--adapter-path",
+        "/a",
+        "--system-prompt",
+        "be brief",
+        "-p",
+        "hello",
+    ])
+    .unwrap();
+    let Command::Generate(g) = cli.command else { panic!("not generate") };
+    assert_eq!(g.sampling.temperature, 0.7);
+    assert_eq!(g.model.context_length, Some(512));
+    assert_eq!(g.model.adapter.len(), 1);
+    assert_eq!(
+        (g.system.as_deref(), g.prompt_flag.as_deref(), g.prompt.as_deref()),
+        (Some("be brief"), Some("hello"), None)
+    );
+    // One prompt only, and no template with --raw beside --chat.
+    assert!(parse(&["generate", "-m", "/m", "-p", "a", "b"]).is_err());
+    assert!(parse(&["generate", "-m", "/m", "--raw", "--chat", "a"]).is_err());
+    assert!(parse(&["generate", "-m", "/m", "--ignore-chat-template", "--system-prompt", "s", "a"]).is_err());
+    let Command::Chat(c) = parse(&["chat", "-m", "/m", "--system-prompt", "x"]).unwrap().command else { panic!() };
+    assert_eq!(c.system.as_deref(), Some("x"));
+    assert!(matches!(parse(&["completions", "zsh"]).unwrap().command, Command::Completions(_)));
+}

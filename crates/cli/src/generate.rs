@@ -17,7 +17,11 @@ pub(crate) fn run(args: &GenerateArgs) -> Result<(), Failure> {
     let settings = args.sampling.settings()?;
     let prompt = match std::env::var(PROMPT_ENV) {
         Ok(p) if args.tensor_parallel.tensor_parallel > 1 => p,
-        _ => read_prompt(args.prompt.as_deref(), &mut io::stdin().lock(), io::stdin().is_terminal())?,
+        _ => read_prompt(
+            args.prompt_flag.as_deref().or(args.prompt.as_deref()),
+            &mut io::stdin().lock(),
+            io::stdin().is_terminal(),
+        )?,
     };
     let env = vec![(PROMPT_ENV.into(), prompt.clone().into())];
     tensor_parallel::run(&args.tensor_parallel, &args.model, env, tensor_parallel::Terminal::Batch, || {
@@ -28,7 +32,9 @@ pub(crate) fn run(args: &GenerateArgs) -> Result<(), Failure> {
 fn generate(args: &GenerateArgs, settings: GenerateSettings, prompt: String) -> Result<(), Failure> {
     let model = args.model.load_with(args.tensor_parallel.load_settings(args.model.load_settings()))?;
     let result = (|| -> Result<(), Failure> {
-        let stream = if args.chat || args.system.is_some() {
+        // The chat template by default when the model has its own, as mlx_lm.generate does.
+        let chat = !args.ignore_chat_template && (args.chat || args.system.is_some() || model.info().has_chat_template);
+        let stream = if chat {
             let mut messages = Vec::new();
             if let Some(system) = &args.system {
                 messages.push(Message::system(system.as_str()));
@@ -47,11 +53,26 @@ fn generate(args: &GenerateArgs, settings: GenerateSettings, prompt: String) -> 
         if args.metrics {
             eprintln!("{}", metrics_line(&metrics, false));
         }
+        if args.verbose {
+            eprintln!("{}", mlx_lm_statistics(&metrics));
+        }
         Ok(())
     })();
     let closed = model.close();
     result?;
     closed.map_err(Failure::from)
+}
+
+/// The statistics `mlx_lm.generate --verbose` prints at the end, in its shape.
+pub(crate) fn mlx_lm_statistics(m: &GenerateMetrics) -> String {
+    let mut text = format!(
+        "Prompt: {} tokens, {:.3} tokens-per-sec\nGeneration: {} tokens, {:.3} tokens-per-sec",
+        m.prompt_tokens, m.prefill_tokens_per_sec, m.generated_tokens, m.decode_tokens_per_sec
+    );
+    if m.peak_memory_bytes > 0 {
+        text.push_str(&format!("\nPeak memory: {:.3} GB", m.peak_memory_bytes as f64 / 1e9));
+    }
+    text
 }
 
 /// The note that says a generation stopped because the model's context was full (not because

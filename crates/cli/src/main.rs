@@ -58,6 +58,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Lora(a) => train::run_lora(&a),
         #[cfg(feature = "metal")]
         Command::Fuse(a) => train::run_fuse(&a),
+        Command::Completions(a) => {
+            use clap::CommandFactory;
+            let mut out = std::io::stdout().lock();
+            clap_complete::generate(a.shell, &mut Cli::command(), "mlxr", &mut out);
+            std::io::Write::flush(&mut out).map_err(|e| failure::io("writing to standard output", e))
+        }
     }
 }
 

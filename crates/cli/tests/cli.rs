@@ -27,7 +27,8 @@ fn generate_streams_a_deterministic_continuation() {
 #[test]
 fn generate_says_when_the_context_is_full() {
     let model = tiny("qwen3-tiny");
-    let args = ["generate", "--model", &model, "--context-length", "16", "--max-tokens", "40", "--ignore-eos", "Hi"];
+    let args =
+        ["generate", "--model", &model, "--context-length", "16", "--max-tokens", "40", "--ignore-eos", "--raw", "Hi"];
     let full = run(&args, "");
     let (out, err) = text(&full);
     assert!(full.status.success(), "{err}");
@@ -41,10 +42,37 @@ fn generate_says_when_the_context_is_full() {
 }
 
 #[test]
+fn completions_are_printed_for_each_shell() {
+    for (shell, mark) in [("bash", "_mlxr()"), ("zsh", "#compdef mlxr"), ("fish", "complete -c mlxr")] {
+        let out = run(&["completions", shell], "");
+        assert!(out.status.success(), "{shell}: {}", text(&out).1);
+        let script = text(&out).0;
+        assert!(
+            script.contains(mark) && script.contains("generate") && script.contains("ignore-chat-template"),
+            "{shell}"
+        );
+    }
+}
+
+#[test]
 fn generate_with_chat_template_and_metrics() {
     let model = tiny("llama3-tiny");
-    let plain = run(&["generate", "-m", &model, "--max-tokens", "6", "--ignore-eos", "Hi"], "");
+    let plain = run(&["generate", "-m", &model, "--max-tokens", "6", "--ignore-eos", "--raw", "Hi"], "");
     let chat = run(&["generate", "-m", &model, "--max-tokens", "6", "--ignore-eos", "--chat", "--metrics", "Hi"], "");
+    // The model has a template of its own: it is applied by default, as mlx_lm.generate does.
+    let default = run(&["generate", "-m", &model, "--max-tokens", "6", "--ignore-eos", "Hi"], "");
+    assert_eq!(text(&default).0, text(&chat).0, "the chat template is the default");
+    // mlx-lm's names for our flags.
+    let mlx_lm_flags = ["generate", "-m", &model, "--max-tokens", "6", "--ignore-eos", "--temp", "0", "-p", "Hi"];
+    assert_eq!(text(&run(&mlx_lm_flags, "")).0, text(&chat).0);
+    let raw = run(&["generate", "-m", &model, "--max-tokens", "6", "--ignore-eos", "--ignore-chat-template", "Hi"], "");
+    assert_eq!(text(&raw).0, text(&plain).0);
+    let verbose = run(&["generate", "-m", &model, "--max-tokens", "6", "--ignore-eos", "--verbose", "Hi"], "");
+    let stats = text(&verbose).1;
+    let names: Vec<&str> = stats.lines().map(|l| l.split(':').next().unwrap_or("")).collect();
+    assert!(names.len() >= 2, "{stats:?}");
+    assert_eq!(names, ["Prompt", "Generation", "Peak memory"][..names.len().min(3)], "{stats:?}");
+    assert!(stats.contains("Generation: 6 tokens, ") && stats.contains(" tokens-per-sec"), "{stats:?}");
     let (chat_out, chat_err) = text(&chat);
     assert!(chat.status.success(), "{chat_err}");
     assert_ne!(text(&plain).0, chat_out, "the chat template changes the prompt");
@@ -301,7 +329,7 @@ fn python(test: &str) -> Option<String> {
 fn both_backends_generate_the_same_text() {
     let Some(python) = python("both_backends_generate_the_same_text") else { return };
     let model = tiny("qwen3-tiny");
-    for extra in [&["The quick brown fox"][..], &["--chat", "Hi"][..]] {
+    for extra in [&["--raw", "The quick brown fox"][..], &["Hi"][..]] {
         // The same compute type through both (mlx_lm's `auto` is mlx-lm's own, metal's may cast):
         // float32, so the bridge's cast is checked too.
         let base = ["generate", "--model", &model, "--max-tokens", "10", "--dtype", "float32"];

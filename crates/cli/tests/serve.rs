@@ -69,7 +69,7 @@ fn completions_match_the_generate_command() {
     assert_eq!(whole["object"], "text_completion");
     let served = whole["choices"][0]["text"].as_str().unwrap().to_owned();
 
-    let out = run(&["generate", "--model", &model, "--max-tokens", "10", prompt], "");
+    let out = run(&["generate", "--model", &model, "--max-tokens", "10", "--ignore-chat-template", prompt], "");
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stdout, format!("{served}\n"), "the server and the command line generate the same text");

@@ -52,7 +52,7 @@ fn train(model: &str, data: &Path, out: &Path, targets: &str) {
 
 /// `mlxr generate`'s greedy text for `prompt`, with `extra` flags.
 fn generate(model: &str, prompt: &str, extra: &[&str]) -> String {
-    let out = run(&[&["generate", "--model", model, "--max-tokens", "8"][..], extra, &[prompt]].concat(), "");
+    let out = run(&[&["generate", "--model", model, "--max-tokens", "8", "--raw"][..], extra, &[prompt]].concat(), "");
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     stdout.strip_suffix('\n').unwrap_or(&stdout).to_owned()

@@ -83,7 +83,7 @@ fn a_sharded_server_answers_like_the_single_process_and_survives_a_disconnect() 
 fn generate_over_two_ranks_prints_what_one_process_prints() {
     let _serial = serial();
     let model = tiny(MODEL);
-    let base = ["generate", "--model", &model, "--max-tokens", "12", "--ignore-eos"];
+    let base = ["generate", "--model", &model, "--max-tokens", "12", "--ignore-eos", "--raw"];
     let one = run(&[&base[..], &["Hello"]].concat(), "");
     let (want, stderr) = text(&one);
     assert!(one.status.success(), "{stderr}");

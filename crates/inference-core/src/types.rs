@@ -376,6 +376,11 @@ pub struct ModelInfo {
     /// fallback, when the template shows no known form).
     #[serde(default)]
     pub tool_call_format: crate::ToolCallFormat,
+    /// Whether the model's tokenizer carries a chat template of its own (a front end applies it
+    /// to a prompt by default then, as `mlx_lm.generate` does; without one, a backend's chat
+    /// falls back on a built-in template).
+    #[serde(default)]
+    pub has_chat_template: bool,
 }
 
 impl ModelInfo {

@@ -269,6 +269,7 @@ impl From<WireInfo> for ModelInfo {
                 .map(|_| "auto: mlx-lm's own (the checkpoint's types)".to_owned()),
             compute_dtype: w.compute_dtype,
             tool_call_format: w.chat_template.as_deref().map(tools::template_format).unwrap_or_default(),
+            has_chat_template: w.chat_template.is_some(),
         }
     }
 }

@@ -209,6 +209,7 @@ impl MetalModel {
         let info = ModelInfo {
             context_length: settings.context_length.or(desc.context_length),
             tool_call_format: template.tool_call_format(),
+            has_chat_template: tokenizer.chat_template().is_some(),
             ..desc.clone()
         };
         Ok(MetalModel {

@@ -73,6 +73,7 @@ pub(crate) fn describe(
         compute_dtype: None,
         compute_dtype_reason: None,
         tool_call_format: Default::default(),
+        has_chat_template: false,
     }
 }
 
