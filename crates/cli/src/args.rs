@@ -198,10 +198,40 @@ impl ModelArgs {
     pub(crate) fn load_with(&self, settings: LoadSettings) -> Result<Box<dyn TextModel>, Failure> {
         crate::adapter_arg::at_load(&self.adapter, false)?;
         let started = Instant::now();
-        let model = load_model(&self.model, &settings)?;
+        let model = {
+            let _spinner = loading_spinner(&self.model);
+            load_model(&self.model, &settings)?
+        };
         tracing::info!(model = %self.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
         Ok(model)
     }
+}
+
+/// A spinner with the time so far while a model loads, on a terminal only (gone when dropped).
+#[cfg(feature = "metal")]
+fn loading_spinner(dir: &Path) -> Option<impl Drop> {
+    use std::io::IsTerminal;
+    struct Spinner(indicatif::ProgressBar);
+    impl Drop for Spinner {
+        fn drop(&mut self) {
+            self.0.finish_and_clear();
+        }
+    }
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} loading {msg} ({elapsed})") {
+        bar.set_style(style);
+    }
+    bar.set_message(dir.display().to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    Some(Spinner(bar))
+}
+
+#[cfg(not(feature = "metal"))]
+fn loading_spinner(_: &Path) -> Option<()> {
+    None
 }
 
 /// Loads through the process-wide registry, which checks that the named backend can run with
