@@ -29,8 +29,7 @@ use std::time::Instant;
 
 use inference_core::{
     AdapterHost, BatchResult, CancelToken, ClassifyResult, EngineLoad, Error as CoreError, GenerateMetrics,
-    GenerateSettings, Message, ModelInfo, PreparedPrompt, PromptInput, Result as CoreResult, TextModel, TokenSink,
-    TokenStream,
+    GenerateSettings, ModelInfo, PreparedPrompt, PromptInput, Result as CoreResult, TextModel, TokenSink, TokenStream,
 };
 use mlx::Error;
 
@@ -248,23 +247,7 @@ impl MetalAdapter {
 }
 
 impl TextModel for MetalAdapter {
-    fn generate(&self, prompt: &str, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
-        let prepared = self.prepare_now(PromptInput::Text(prompt), settings)?;
-        self.stream(prepared.ids, &prepared.settings, cancel)
-    }
-
-    fn chat(&self, messages: &[Message], settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
-        let prepared = self.prepare_now(PromptInput::Chat(messages), settings)?;
-        self.stream(prepared.ids, &prepared.settings, cancel)
-    }
-
-    fn prepare(&self, prompt: PromptInput<'_>, settings: &GenerateSettings) -> CoreResult<Option<PreparedPrompt>> {
-        self.prepare_now(prompt, settings).map(Some)
-    }
-
-    fn generate_prepared(&self, prompt: &PreparedPrompt, cancel: CancelToken) -> CoreResult<TokenStream> {
-        self.stream(prompt.ids.clone(), &prompt.settings, cancel)
-    }
+    super::prompt_methods!();
 
     fn classify(&self, _: &[&str], _: &GenerateSettings, _: CancelToken) -> CoreResult<Vec<ClassifyResult>> {
         Err(CoreError::unsupported(NAME, "classification with an adapter served beside its model"))

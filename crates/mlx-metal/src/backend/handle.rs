@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use inference_core::{
     AttentionInspector, AttentionSnapshot, BatchResult, CancelToken, ChatSession, ClassifyResult, EngineLoad,
-    Error as CoreError, GenerateMetrics, GenerateSettings, LoadSettings, Message, ModelInfo, PreparedPrompt,
-    PromptInput, Result as CoreResult, TextModel, TokenStream,
+    Error as CoreError, GenerateMetrics, GenerateSettings, LoadSettings, ModelInfo, PreparedPrompt, PromptInput,
+    Result as CoreResult, TextModel, TokenStream,
 };
 use mlx::Error;
 use mlx::device::{Device, DeviceScope};
@@ -447,23 +447,7 @@ impl Drop for MetalModel {
 }
 
 impl TextModel for MetalModel {
-    fn generate(&self, prompt: &str, settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
-        let prepared = self.prepare_now(PromptInput::Text(prompt), settings)?;
-        self.stream(prepared.ids, &prepared.settings, cancel)
-    }
-
-    fn chat(&self, messages: &[Message], settings: &GenerateSettings, cancel: CancelToken) -> CoreResult<TokenStream> {
-        let prepared = self.prepare_now(PromptInput::Chat(messages), settings)?;
-        self.stream(prepared.ids, &prepared.settings, cancel)
-    }
-
-    fn prepare(&self, prompt: PromptInput<'_>, settings: &GenerateSettings) -> CoreResult<Option<PreparedPrompt>> {
-        self.prepare_now(prompt, settings).map(Some)
-    }
-
-    fn generate_prepared(&self, prompt: &PreparedPrompt, cancel: CancelToken) -> CoreResult<TokenStream> {
-        self.stream(prompt.ids.clone(), &prompt.settings, cancel)
-    }
+    super::prompt_methods!();
 
     fn classify(
         &self,

@@ -137,6 +137,50 @@ fn call<T: Send + 'static>(
     rx.recv().map_err(|_| CoreError::backend(NAME, "the engine failed during the call (its log says why)"))?
 }
 
+/// `TextModel`'s four prompt-taking methods for a handle with `prepare_now(PromptInput,
+/// &GenerateSettings) -> CoreResult<PreparedPrompt>` and `stream(ids, &settings, cancel)`: a
+/// prompt is prepared (tokenised, checked) and its ids streamed, whichever way it came.
+macro_rules! prompt_methods {
+    () => {
+        fn generate(
+            &self,
+            prompt: &str,
+            settings: &inference_core::GenerateSettings,
+            cancel: inference_core::CancelToken,
+        ) -> inference_core::Result<inference_core::TokenStream> {
+            let prepared = self.prepare_now(inference_core::PromptInput::Text(prompt), settings)?;
+            self.stream(prepared.ids, &prepared.settings, cancel)
+        }
+
+        fn chat(
+            &self,
+            messages: &[inference_core::Message],
+            settings: &inference_core::GenerateSettings,
+            cancel: inference_core::CancelToken,
+        ) -> inference_core::Result<inference_core::TokenStream> {
+            let prepared = self.prepare_now(inference_core::PromptInput::Chat(messages), settings)?;
+            self.stream(prepared.ids, &prepared.settings, cancel)
+        }
+
+        fn prepare(
+            &self,
+            prompt: inference_core::PromptInput<'_>,
+            settings: &inference_core::GenerateSettings,
+        ) -> inference_core::Result<Option<inference_core::PreparedPrompt>> {
+            self.prepare_now(prompt, settings).map(Some)
+        }
+
+        fn generate_prepared(
+            &self,
+            prompt: &inference_core::PreparedPrompt,
+            cancel: inference_core::CancelToken,
+        ) -> inference_core::Result<inference_core::TokenStream> {
+            self.stream(prompt.ids.clone(), &prompt.settings, cancel)
+        }
+    };
+}
+use prompt_methods;
+
 /// Tokenises a prompt (a conversation through `template`) and checks it against the settings
 /// and the context `limit` (see [`TextModel::prepare`]).
 fn prepare(
