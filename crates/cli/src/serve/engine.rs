@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! The queue in front of the model, and the bridge from its blocking token stream to async code.
 //!
-//! A request first takes one of `--max-concurrent` permits; while none is free it waits, up to
-//! `--max-queue` requests and `--queue-timeout`. With a permit, a blocking task calls the model
-//! and forwards each token over a bounded channel. The [`Generation`] that the handler holds
-//! cancels the call when it is dropped, so a client that disconnects (axum drops the response
-//! body, and with it the generation) stops the engine at its next token.
+//! A request first takes one of `--max-concurrent` permits per choice, all at once; while they
+//! are not free it waits, up to `--max-queue` requests and `--queue-timeout`. With a permit, a
+//! blocking task calls the model and forwards each token over a bounded channel. The
+//! [`Generation`] that the handler holds cancels the call when it is dropped, so a client that
+//! disconnects (axum drops the response body, and with it the generation) stops the engine at
+//! its next token.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -229,10 +230,23 @@ impl Engine {
         self.permits.close();
     }
 
-    /// Waits for a permit: at once when one is free, else in the queue.
-    async fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+    /// Waits for `n` permits (a request's choices), taken together: at once when they are free,
+    /// else in the queue. A request holds all of its permits or none, so that requests with
+    /// several choices cannot each hold some and wait for the others' (a deadlock until the
+    /// queue timeout: a choice that was admitted alone stops once its channel is full, because
+    /// its answer is sent only when every choice has started).
+    async fn admit(&self, n: usize) -> Result<OwnedSemaphorePermit, ApiError> {
         let closed = || ApiError::unavailable("the server is shutting down");
-        match Arc::clone(&self.permits).try_acquire_owned() {
+        let most = self.limits.max_concurrent.max(1);
+        if n > most {
+            return Err(ApiError::invalid(
+                Some("n"),
+                "invalid_value",
+                format!("n = {n} is more than the {most} generations this server runs at once (--max-concurrent)"),
+            ));
+        }
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        match Arc::clone(&self.permits).try_acquire_many_owned(n) {
             Ok(permit) => return Ok(permit),
             Err(tokio::sync::TryAcquireError::Closed) => return Err(closed()),
             Err(tokio::sync::TryAcquireError::NoPermits) => {}
@@ -242,7 +256,7 @@ impl Engine {
             return Err(ApiError::queue_full(queued));
         }
         let _waiting = Count::up(&self.stats.queued);
-        match tokio::time::timeout(self.limits.queue_timeout, Arc::clone(&self.permits).acquire_owned()).await {
+        match tokio::time::timeout(self.limits.queue_timeout, Arc::clone(&self.permits).acquire_many_owned(n)).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => Err(closed()),
             Err(_) => Err(ApiError::unavailable(format!(
@@ -279,14 +293,31 @@ impl Engine {
         settings: GenerateSettings,
     ) -> Result<Generation, ApiError> {
         let ready = self.prepare(prompt, settings).await?;
-        self.start_ready(ready).await
+        let mut started = self.start_ready(vec![ready]).await?;
+        started.pop().ok_or_else(|| ApiError::internal("no generation started"))
     }
 
-    /// Queues a prepared request, starts it, and returns once the model has accepted it (errors
-    /// about the prompt or settings come back here, before any token).
-    pub(crate) async fn start_ready(self: &Arc<Self>, ready: Ready) -> Result<Generation, ApiError> {
+    /// Queues a prepared request's choices (one generation each, their turns taken together),
+    /// starts them, and returns once the model has accepted them (errors about the prompt or
+    /// settings come back here, before any token).
+    pub(crate) async fn start_ready(self: &Arc<Self>, choices: Vec<Ready>) -> Result<Vec<Generation>, ApiError> {
         let arrived = Instant::now();
-        let permit = self.admit().await?;
+        let mut permits = self.admit(choices.len()).await?;
+        let mut generations = Vec::with_capacity(choices.len());
+        for ready in choices {
+            let permit = permits.split(1).ok_or_else(|| ApiError::internal("a choice without its turn"))?;
+            generations.push(self.launch(ready, permit, arrived).await?);
+        }
+        Ok(generations)
+    }
+
+    /// Starts one generation on its permit.
+    async fn launch(
+        self: &Arc<Self>,
+        ready: Ready,
+        permit: OwnedSemaphorePermit,
+        arrived: Instant,
+    ) -> Result<Generation, ApiError> {
         let cancel = self.shutdown.child();
         let (started_tx, started_rx) = oneshot::channel();
         let (tx, rx) = mpsc::channel(32);

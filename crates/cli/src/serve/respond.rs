@@ -36,14 +36,10 @@ pub(super) async fn start(
     settings: &GenerateSettings,
     n: usize,
 ) -> Result<Vec<Generation>, ApiError> {
-    // Tokenised once for every choice.
+    // Tokenised once for every choice; the choices queue as one.
     let ready = engine.prepare(prompt.clone(), settings.clone()).await?;
-    let mut generations = Vec::with_capacity(n);
-    for i in 0..n {
-        let seed = settings.seed.map(|seed| seed.wrapping_add(i as u64));
-        generations.push(engine.start_ready(ready.clone().with_seed(seed)).await?);
-    }
-    Ok(generations)
+    let choices = (0..n).map(|i| ready.clone().with_seed(settings.seed.map(|seed| seed.wrapping_add(i as u64))));
+    engine.start_ready(choices.collect()).await
 }
 
 /// Reads a generation to the end: its text, its tokens and how it ended.
