@@ -30,7 +30,9 @@
 //! - `adapters`: LoRA adapters served beside the model ([`MetalAdapter`]),
 //!   each with its own batch over the model's shared weights;
 //! - `supervise`: the engine thread's loop, each job and step under
-//!   `catch_unwind`.
+//!   `catch_unwind`;
+//! - `watchdog`: rank 0's deadline on each job and step of a tensor-parallel
+//!   job.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -51,6 +53,7 @@ pub mod scheduler;
 mod session;
 mod supervise;
 mod text;
+mod watchdog;
 
 pub use self::adapters::MetalAdapter;
 use self::engine::Engine;
