@@ -93,27 +93,36 @@ fn a_generation_that_fails_on_one_rank_fails_on_rank_0_and_every_rank_goes_on() 
     let _serial = serial();
     let model = tiny(MODEL);
     let want = single_answers(&model);
-    // On rank 1 alone, the first request cannot start (as a failed allocation there would) and
-    // the second cannot hand out its first token (as a detokeniser or a constraint could fail):
-    // rank 1 tells rank 0, and every rank ends that generation.
-    let failpoints = [("MLXR_FAILPOINTS", "mirror.admit@1,mirror.emit@1")];
-    let server = Server::start_with_env(&model, &TP, &failpoints);
+    // Rank 0's engine panics before its first step (it fails what it holds; rank 1, which knew
+    // nothing, must drop that request too). Then, on rank 1 alone, a request cannot start (as a
+    // failed allocation there would) and the next cannot hand out its first token (as a
+    // detokeniser or a constraint could fail): rank 1 tells rank 0, and every rank ends it.
+    // Another job: rank 1 panics after its first step; it ends what it holds, and tells rank 0.
+    let jobs = [
+        (&["engine.step", "mirror.admit", "mirror.emit"][..], "engine.step@0,mirror.admit@1,mirror.emit@1"),
+        (&["mirror.panic"][..], "mirror.panic@1"),
+    ];
     let chat = json!({"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 12, "ignore_eos": true});
-    for failing in ["mirror.admit", "mirror.emit"] {
-        let (status, body) = post(&server.url("/v1/chat/completions"), &chat);
-        assert_eq!(status, 500, "{failing}: the failed generation is an error on rank 0: {body}");
+    let mut logs = String::new();
+    for (failing, failpoints) in jobs {
+        let server = Server::start_with_env(&model, &TP, &[("MLXR_FAILPOINTS", failpoints)]);
+        for point in failing {
+            let (status, body) = post(&server.url("/v1/chat/completions"), &chat);
+            assert_eq!(status, 500, "{point}: the failed generation is an error on rank 0: {body}");
+        }
+        // Both ranks go on in step: the next requests are answered as one process answers them.
+        assert_eq!(answers(&server), want, "the ranks stayed in step after {failing:?}");
+        let (code, stderr) = server.stop(Duration::from_secs(60));
+        assert_eq!(code, Some(0), "every rank ends successfully; stderr:\n{stderr}");
+        logs.push_str(&stderr);
     }
-    // Both ranks go on in step: the next requests are answered as one process answers them.
-    assert_eq!(answers(&server), want, "the ranks stayed in step");
-    let (code, stderr) = server.stop(Duration::from_secs(60));
-    assert_eq!(code, Some(0), "every rank ends successfully; stderr:\n{stderr}");
-    for failing in ["fail point mirror.admit", "fail point mirror.emit"] {
-        assert!(
-            stderr.contains(&format!(
-                "tensor-parallel rank 1 failed this generation, and every rank ended it: scheduler: {failing}"
-            )),
-            "rank 0's log names the rank and the cause: {stderr}"
-        );
+    for failing in [
+        "scheduler: fail point mirror.admit",
+        "scheduler: fail point mirror.emit",
+        "the engine failed (a mirrored job: fail point mirror.panic)",
+    ] {
+        let said = format!("tensor-parallel rank 1 failed this generation, and every rank ended it: {failing}");
+        assert!(logs.contains(&said), "rank 0's log names the rank and the cause ({said}): {logs}");
     }
 }
 

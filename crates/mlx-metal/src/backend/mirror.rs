@@ -32,9 +32,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use inference_core::{
-    AttentionSnapshot, CancelToken, Error as CoreError, GenerateSettings, LogitsMode, Result as CoreResult, TokenStream,
-};
+use inference_core::{AttentionSnapshot, Error as CoreError, GenerateSettings, Result as CoreResult};
 use serde::{Deserialize, Serialize};
 
 use crate::model::tp::TensorParallel;
@@ -411,81 +409,6 @@ impl Engine {
         match &self.mirror {
             Some(m) => m.seeded(settings),
             None => settings,
-        }
-    }
-
-    /// The loop of ranks 1 and later: rank 0's jobs until it shuts down.
-    pub(super) fn follow(&mut self) -> CoreResult<()> {
-        let rank = match &self.mirror {
-            Some(m) if !m.is_root() => m.rank(),
-            Some(_) => {
-                return Err(CoreError::backend(
-                    NAME,
-                    "rank 0 of a tensor-parallel job takes calls; it does not follow",
-                ));
-            }
-            None => return Err(CoreError::backend(NAME, "follow needs a model loaded as a tensor-parallel rank")),
-        };
-        let failed = |what: &str, e: CoreError| {
-            CoreError::backend(
-                NAME,
-                format!("tensor-parallel rank {rank} failed {what} (the ranks are out of step): {e}"),
-            )
-        };
-        loop {
-            let own = self.scheduler.take_failed();
-            let (request, failures) = match &self.mirror {
-                Some(m) => m.receive(&own).map_err(|e| failed("to receive rank 0's next job", core_err(e)))?,
-                None => return Ok(()),
-            };
-            self.end_failed(&failures);
-            if matches!(request, Request::Step { .. }) && failpoint("mirror.hang") {
-                eprintln!("mlx-metal: tensor-parallel rank {rank}: fail point mirror.hang: this rank hangs");
-                loop {
-                    std::thread::park();
-                }
-            }
-            // The output goes nowhere: a sink whose stream is gone (a mirrored
-            // scheduler ignores failed sends; stopping is rank 0's plan).
-            let sink = || TokenStream::unbounded_channel(CancelToken::new()).0;
-            // Scores are rank 0's to hand out; here they would only be read back for nothing.
-            let quiet = |mut s: GenerateSettings| {
-                s.logits = LogitsMode::None;
-                s
-            };
-            match request {
-                Request::Generate { ids, settings } => self.submit_generation(ids, quiet(settings), sink()),
-                Request::SessionTurn { session, ids, settings } => {
-                    self.submit_session_turn(session, ids, quiet(settings), sink());
-                }
-                Request::EndSession { session } => self.when_session_free(
-                    session,
-                    Box::new(move |e: &mut Engine| {
-                        e.sessions.remove(&session);
-                    }),
-                ),
-                Request::Classify { prompts, settings } => {
-                    self.submit_rows(prompts.into_iter().map(|p| (p, sink())).collect(), quiet(settings), true);
-                }
-                Request::Batch { prompts, settings } => {
-                    self.submit_rows(prompts.into_iter().map(|p| (p, sink())).collect(), quiet(settings), false);
-                }
-                Request::Step { plan } => self.run_step(&plan),
-                Request::Cancel { generations } => self.retire(&generations),
-                // Rank 0 reports a failure on any rank to its caller; every rank goes on.
-                Request::Inspect { ids } => {
-                    if let Err(e) = self.inspect_everywhere(&ids, String::new()) {
-                        tracing::warn!(rank, error = %e.report(), "an attention inspection failed");
-                    }
-                }
-                Request::SetAdapter { dir } => {
-                    // A failed swap leaves every rank without an adapter, in step.
-                    if let Err(e) = self.swap_adapter(dir) {
-                        eprintln!("mlx-metal: tensor-parallel rank {rank}: {e}");
-                    }
-                }
-                Request::Shutdown => return Ok(()),
-            }
         }
     }
 

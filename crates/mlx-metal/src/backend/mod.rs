@@ -26,7 +26,8 @@
 //!   scores);
 //! - `session`: [`MetalSession`], chat sessions whose caches live on the
 //!   engine thread;
-//! - `mirror`: tensor-parallel jobs mirrored from rank 0 to the other ranks;
+//! - `mirror`: tensor-parallel jobs mirrored from rank 0 to the other ranks
+//!   (`follow`: the other ranks' loop);
 //! - `adapters`: LoRA adapters served beside the model ([`MetalAdapter`]),
 //!   each with its own batch over the model's shared weights;
 //! - `supervise`: the engine thread's loop, each job and step under
@@ -46,6 +47,7 @@ use mlx::Error;
 
 mod adapters;
 mod engine;
+mod follow;
 pub mod handle;
 mod mirror;
 mod options;

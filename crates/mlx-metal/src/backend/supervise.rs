@@ -22,7 +22,8 @@
 //! detokeniser or a constraint could: an error, not a panic), `mirror.admit`
 //! (the next request admitted cannot start), `mirror.adapter` and
 //! `mirror.inspect` (the next adapter swap or attention inspection fails,
-//! after its collectives) and `mirror.hang` (a rank other than 0 hangs at the
+//! after its collectives), `mirror.panic` (a rank other than 0 panics after
+//! the next step it runs) and `mirror.hang` (a rank other than 0 hangs at the
 //! next step it receives). `NAME@RANK` fires
 //! only on that tensor-parallel rank (every rank gets the launcher's
 //! environment). Unset, each place costs one look at an empty set.
@@ -87,7 +88,7 @@ pub(super) fn run_engine(engine: &mut Engine, jobs: &mpsc::Receiver<Job>, watchd
 }
 
 /// Runs `f`; a panic in it fails everything the engine holds (see the module docs).
-fn guarded(engine: &mut Engine, what: &str, f: impl FnOnce(&mut Engine)) {
+pub(super) fn guarded(engine: &mut Engine, what: &str, f: impl FnOnce(&mut Engine)) {
     let Err(payload) = catch_unwind(AssertUnwindSafe(|| f(engine))) else { return };
     let cause = panic_message(payload.as_ref());
     tracing::error!(what, panic = %cause, "the engine caught a panic; the generations it held have failed");

@@ -10,7 +10,9 @@
 //! ([`Scheduler::take_failed`]), and the engine's next exchange with the other
 //! ranks ends it on every rank with [`Scheduler::end_with`]
 //! (`backend/mirror.rs`). No forward pass runs in between, so no rank ever
-//! runs a step with a row another rank has ended.
+//! runs a step with a row another rank has ended. A panic the engine caught
+//! ends every generation on its rank at once; they are recorded too, so the
+//! other ranks end them at the next exchange.
 
 use std::sync::{Arc, Mutex};
 
@@ -24,6 +26,16 @@ impl Scheduler {
     /// Records that generation `seq` failed on this rank with `error` (a mirrored scheduler).
     pub(super) fn failed_here(&mut self, seq: u64, error: String) {
         self.failed.push(Failure { seq, error });
+    }
+
+    /// Records every generation this scheduler holds as failed with `message` (a caught
+    /// panic ends them all here at once; the other ranks end them at the next exchange).
+    pub(super) fn record_all_failed(&mut self, message: &str) {
+        let waiting = self.waiting.iter().map(|(seq, _)| *seq);
+        let prefilling = self.prefilling.iter().map(|p| p.row.seq);
+        let batch = self.batch.iter().flat_map(|b| b.rows.iter().map(|r| r.seq));
+        let seqs: Vec<u64> = waiting.chain(prefilling).chain(batch).collect();
+        self.failed.extend(seqs.into_iter().map(|seq| Failure { seq, error: message.to_owned() }));
     }
 
     /// The generations that failed on this rank since the last call.

@@ -533,6 +533,9 @@ impl Scheduler {
     /// panic leaves: the state of the step it cut short is unknown, so none of it is kept, and
     /// sessions' turns that had started lose their caches).
     pub(crate) fn fail_all(&mut self, message: &str, last_metrics: &Arc<Mutex<GenerateMetrics>>) {
+        if self.mirrored {
+            self.record_all_failed(message);
+        }
         let error = || CoreError::backend(super::NAME, message.to_owned());
         for (_, request) in std::mem::take(&mut self.waiting) {
             self.ending.push(Ending::Refused(request.sink, error(), request.session));
