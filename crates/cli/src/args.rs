@@ -256,6 +256,11 @@ pub(crate) struct TensorParallelArgs {
     /// How long the ranks wait for each other to start, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
     pub(crate) distributed_timeout: f64,
+    /// How long rank 0 lets one step (or job) of the ranks take before it ends the job with an
+    /// error naming the rank that did not take part, in seconds: a rank that hangs would
+    /// otherwise hold every rank forever.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]
+    pub(crate) step_timeout: f64,
 }
 
 impl TensorParallelArgs {
@@ -268,7 +273,8 @@ impl TensorParallelArgs {
         let mut s = settings
             .backend_option("tensor_parallel", self.tensor_parallel.to_string())
             .backend_option("distributed_backend", self.distributed_backend.as_str())
-            .backend_option("distributed_timeout_s", self.distributed_timeout.to_string());
+            .backend_option("distributed_timeout_s", self.distributed_timeout.to_string())
+            .backend_option("tp_step_timeout_s", self.step_timeout.to_string());
         s.backend = Some("metal".to_owned());
         s
     }

@@ -87,6 +87,10 @@ fn tensor_parallel_flags_become_backend_options() {
     assert_eq!(load.backend_options["tensor_parallel"], "2");
     assert_eq!(load.backend_options["distributed_backend"], "ring");
     assert_eq!(load.backend_options["distributed_timeout_s"], "5");
+    assert_eq!(load.backend_options["tp_step_timeout_s"], "300");
+    let cli = parse(&["serve", "-m", "/m", "--tensor-parallel", "2", "--step-timeout", "2.5"]).unwrap();
+    let Command::Serve(s) = cli.command else { panic!("not serve") };
+    assert_eq!(s.tensor_parallel.load_settings(s.model.load_settings()).backend_options["tp_step_timeout_s"], "2.5");
     let cli = parse(&["generate", "-m", "/m", "x"]).unwrap();
     let Command::Generate(g) = cli.command else { panic!("not generate") };
     assert!(g.tensor_parallel.load_settings(g.model.load_settings()).backend_options.is_empty());

@@ -9,7 +9,9 @@
 //! shard, prints or serves: only it binds the port), and the other ranks load theirs and follow
 //! rank 0's jobs (`MetalModel::follow`) until rank 0 closes its model. The ranks ignore Ctrl-C
 //! (the terminal sends it to all of them; the launcher passes it to rank 0) and exit when the
-//! launcher has gone.
+//! launcher has gone. A generation that fails on one rank fails on rank 0 with an error naming
+//! it, and every rank goes on; a rank that hangs makes rank 0 end the job after `--step-timeout`
+//! (the launcher then exits unsuccessfully with rank 0's message).
 
 use std::ffi::OsString;
 
@@ -44,11 +46,10 @@ pub(crate) fn run(
             "--tensor-parallel needs the metal backend; --backend {backend} cannot split a model"
         )));
     }
-    if !tp.distributed_timeout.is_finite() || tp.distributed_timeout <= 0.0 {
-        return Err(Failure::new(format!(
-            "--distributed-timeout {}: must be a positive number of seconds",
-            tp.distributed_timeout
-        )));
+    for (flag, value) in [("--distributed-timeout", tp.distributed_timeout), ("--step-timeout", tp.step_timeout)] {
+        if !value.is_finite() || value <= 0.0 || value >= 1e9 {
+            return Err(Failure::new(format!("{flag} {value}: must be a positive number of seconds")));
+        }
     }
     imp::run(tp, model, env, terminal, lead)
 }

@@ -8,7 +8,7 @@ mod common;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use common::{Server, endless_chat, post, post_stream, read_stream, run, text, tiny};
+use common::{Server, agent, endless_chat, post, post_stream, read_stream, run, text, tiny};
 use serde_json::{Value, json};
 
 const MODEL: &str = "qwen3-tiny";
@@ -79,6 +79,76 @@ fn a_sharded_server_answers_like_the_single_process_and_survives_a_disconnect() 
     assert!(stderr.contains("shutting down"), "rank 0's log is shown: {stderr}");
 }
 
+/// What the single process answers (see `answers`).
+fn single_answers(model: &str) -> Value {
+    let single = Server::start(model, &[]);
+    let want = answers(&single);
+    let (code, stderr) = single.stop(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{stderr}");
+    want
+}
+
+#[test]
+fn a_generation_that_fails_on_one_rank_fails_on_rank_0_and_every_rank_goes_on() {
+    let _serial = serial();
+    let model = tiny(MODEL);
+    let want = single_answers(&model);
+    // Rank 0's engine panics before its first step (it fails what it holds; rank 1, which knew
+    // nothing, must drop that request too). Then, on rank 1 alone, a request cannot start (as a
+    // failed allocation there would) and the next cannot hand out its first token (as a
+    // detokeniser or a constraint could fail): rank 1 tells rank 0, and every rank ends it.
+    // Another job: rank 1 panics after its first step; it ends what it holds, and tells rank 0.
+    let jobs = [
+        (&["engine.step", "mirror.admit", "mirror.emit"][..], "engine.step@0,mirror.admit@1,mirror.emit@1"),
+        (&["mirror.panic"][..], "mirror.panic@1"),
+    ];
+    let chat = json!({"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 12, "ignore_eos": true});
+    let mut logs = String::new();
+    for (failing, failpoints) in jobs {
+        let server = Server::start_with_env(&model, &TP, &[("MLXR_FAILPOINTS", failpoints)]);
+        for point in failing {
+            let (status, body) = post(&server.url("/v1/chat/completions"), &chat);
+            assert_eq!(status, 500, "{point}: the failed generation is an error on rank 0: {body}");
+        }
+        // Both ranks go on in step: the next requests are answered as one process answers them.
+        assert_eq!(answers(&server), want, "the ranks stayed in step after {failing:?}");
+        let (code, stderr) = server.stop(Duration::from_secs(60));
+        assert_eq!(code, Some(0), "every rank ends successfully; stderr:\n{stderr}");
+        logs.push_str(&stderr);
+    }
+    for failing in [
+        "scheduler: fail point mirror.admit",
+        "scheduler: fail point mirror.emit",
+        "the engine failed (a mirrored job: fail point mirror.panic)",
+    ] {
+        let said = format!("tensor-parallel rank 1 failed this generation, and every rank ended it: {failing}");
+        assert!(logs.contains(&said), "rank 0's log names the rank and the cause ({said}): {logs}");
+    }
+}
+
+#[test]
+fn a_rank_that_hangs_ends_the_job_with_an_error_that_names_it() {
+    let _serial = serial();
+    let model = tiny(MODEL);
+    let mut args = TP.to_vec();
+    args.extend(["--step-timeout", "3"]);
+    // Rank 1 hangs at the first step it receives; rank 0 waits for it in that step's collectives.
+    let server = Server::start_with_env(&model, &args, &[("MLXR_FAILPOINTS", "mirror.hang@1")]);
+    let chat = json!({"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4});
+    let answer = agent()
+        .post(&server.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .send(chat.to_string());
+    assert!(answer.is_err(), "the request dies with the job, unanswered: {:?}", answer.map(|r| r.status()));
+    let (code, stderr) = server.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(1), "the job ends unsuccessfully; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("tensor-parallel rank 0: a scheduler step did not finish within 3 s: rank 1 did not take part"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("rank 0 of 2 failed (exit status: 1)"), "the launcher says which rank ended it: {stderr}");
+}
+
 #[test]
 fn generate_over_two_ranks_prints_what_one_process_prints() {
     let _serial = serial();
@@ -133,4 +203,7 @@ fn tensor_parallel_needs_the_metal_backend() {
     let out = run(&["generate", "--model", &model, "--tensor-parallel", "2", "--distributed-timeout", "0", "x"], "");
     let (_, stderr) = text(&out);
     assert!(stderr.contains("--distributed-timeout 0: must be a positive number of seconds"), "{stderr}");
+    let out = run(&["generate", "--model", &model, "--tensor-parallel", "2", "--step-timeout", "0", "x"], "");
+    let (_, stderr) = text(&out);
+    assert!(stderr.contains("--step-timeout 0: must be a positive number of seconds"), "{stderr}");
 }

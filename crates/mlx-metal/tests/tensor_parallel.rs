@@ -30,6 +30,7 @@ fn rank_process() {
         r if r.starts_with("tp:") => tp::rank_generate(&r[3..]),
         r if r.starts_with("metal:") => metal::rank_chat(&r[6..]),
         r if r.starts_with("mirror:") => metal::rank_mirrored(&r[7..]),
+        r if r.starts_with("agree:") => metal::rank_agreeing(&r[6..]),
         _ => {
             let g = distributed::init(&InitOptions::default()).expect("a single-process group");
             assert_eq!((g.rank(), g.size()), (0, 1));

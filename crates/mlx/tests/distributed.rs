@@ -38,6 +38,8 @@ fn rank_process() {
         "ops" => rank_ops(),
         "die" => rank_die(),
         "linger" => rank_linger(),
+        "chatty" => rank_chatty(),
+        "hostfile" => rank_hostfile(),
         "join" => {
             let g = join_ring();
             println!("RESULT {}", json!({"rank": g.rank(), "size": g.size()}));
@@ -119,6 +121,58 @@ fn rank_linger() {
     loop {
         std::thread::park();
     }
+}
+
+/// How many MiB a chatty rank writes to stdout (and half as many to stderr).
+const CHATTY_MIB: &str = "MLXR_DIST_TEST_MIB";
+/// The rank that fails after its output, if any.
+const CHATTY_FAILS: &str = "MLXR_DIST_TEST_FAILS";
+
+/// Writes many MiB to stdout in lines and half as many to stderr as one
+/// line, then says it is done on both; the rank in `CHATTY_FAILS` exits 3.
+fn rank_chatty() {
+    use std::io::Write;
+    let rank: usize = std::env::var(launch::RANK_ENV).expect("MLX_RANK").parse().expect("a rank");
+    let mib: usize = std::env::var(CHATTY_MIB).expect(CHATTY_MIB).parse().expect("MiB");
+    let mut line = vec![b'o'; 1023];
+    line.push(b'\n');
+    let mut out = std::io::stdout().lock();
+    for _ in 0..mib * 1024 {
+        out.write_all(&line).expect("stdout");
+    }
+    writeln!(out, "RESULT {}", json!({"rank": rank})).expect("stdout");
+    out.flush().expect("stdout");
+    let mut err = std::io::stderr().lock();
+    let endless = vec![b'e'; 1 << 20];
+    for _ in 0..mib / 2 {
+        err.write_all(&endless).expect("stderr");
+    }
+    writeln!(err, "\nEND-OF-STDERR rank {rank}").expect("stderr");
+    if std::env::var(CHATTY_FAILS).is_ok_and(|r| r == rank.to_string()) {
+        std::process::exit(3);
+    }
+}
+
+/// Reports the ring hostfile it was given and its directory's permissions.
+fn rank_hostfile() {
+    let path = std::path::PathBuf::from(std::env::var_os(launch::HOSTFILE_ENV).expect("MLX_HOSTFILE"));
+    let hosts: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("the hostfile")).expect("JSON");
+    #[cfg(unix)]
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = path.parent().expect("a directory");
+        std::fs::metadata(dir).expect("the hostfile's directory").permissions().mode() & 0o777
+    };
+    #[cfg(not(unix))]
+    let mode = 0o700;
+    println!("RESULT {}", json!({"hostfile": path, "ranks": hosts.as_array().map(Vec::len), "mode": mode}));
+}
+
+/// This process's peak resident memory in bytes (Linux's `VmHWM`).
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
 }
 
 // ---------------------------------------------------------------- single process
@@ -315,4 +369,58 @@ fn a_job_past_its_deadline_is_killed() {
     let e = launch::spawn(&s).and_then(launch::Job::wait).expect_err("the deadline passes");
     assert!(e.to_string().contains("did not finish in time; killed the ranks still running (0)"), "{e}");
     assert!(start.elapsed() < Duration::from_secs(20));
+}
+
+#[test]
+fn ranks_that_write_many_mib_are_kept_to_their_last_bytes() {
+    let _serial = serial();
+    let before = peak_rss();
+    let mut s = spec("chatty", 2);
+    s.env.push((CHATTY_MIB.into(), "128".into()));
+    let outs = launch::spawn(&s).and_then(launch::Job::wait).expect("the chatty job");
+    for out in &outs {
+        assert!(out.stdout.len() <= launch::DEFAULT_OUTPUT_TAIL, "rank {}: {} bytes kept", out.rank, out.stdout.len());
+        assert!(out.stderr.len() <= launch::DEFAULT_OUTPUT_TAIL, "rank {}: {} bytes kept", out.rank, out.stderr.len());
+        assert_eq!(result_of(out)["rank"], json!(out.rank), "the last lines are kept");
+        assert!(out.stdout.len() > 60 * 1024, "rank {}: the tail is full", out.rank);
+        assert!(out.stderr.ends_with(&format!("END-OF-STDERR rank {}\n", out.rank)), "rank {}", out.rank);
+    }
+    // 2 ranks × 192 MiB went through; what the launcher held at once is bounded.
+    if let (Some(before), Some(after)) = (before, peak_rss()) {
+        let grew = after.saturating_sub(before);
+        assert!(grew < 48 << 20, "the launcher's peak memory grew by {} MiB", grew >> 20);
+    }
+
+    let mut s = spec("chatty", 2);
+    s.env.push((CHATTY_MIB.into(), "16".into()));
+    s.env.push((CHATTY_FAILS.into(), "1".into()));
+    s.output_tail = 4096;
+    let e = launch::spawn(&s).and_then(launch::Job::wait).expect_err("rank 1 fails").to_string();
+    assert!(e.contains("rank 1 of 2 failed") && e.ends_with("eeee\nEND-OF-STDERR rank 1\n"), "{}", &e[..200]);
+    assert!(e.len() < 4096, "the error quotes the tail: {} bytes", e.len());
+}
+
+#[test]
+fn the_ring_hostfile_is_private_unpredictable_and_removed() {
+    let _serial = serial();
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        let job = launch::spawn(&spec("hostfile", 2)).expect("spawn");
+        let path = job.hostfile().expect("a ring job has a hostfile");
+        let dir = path.parent().expect("a directory").to_owned();
+        assert!(path.is_file(), "{} exists while the job runs", path.display());
+        let outs = job.wait().expect("the job");
+        for out in &outs {
+            let r = result_of(out);
+            assert_eq!(r["hostfile"], json!(path), "rank {}", out.rank);
+            assert_eq!(r["ranks"], json!(2));
+            assert_eq!(r["mode"], json!(0o700), "rank {}: the directory is the user's alone", out.rank);
+        }
+        assert_eq!(dir.parent(), Some(std::env::temp_dir().as_path()));
+        let name = dir.file_name().and_then(|n| n.to_str()).expect("a UTF-8 name").to_owned();
+        assert!(name.starts_with("mlxr-ring-") && !name.contains(&std::process::id().to_string()), "{name}");
+        assert!(!path.exists() && !dir.exists(), "{} is removed after the job", dir.display());
+        names.push(name);
+    }
+    assert_ne!(names[0], names[1], "every job gets a fresh name");
 }

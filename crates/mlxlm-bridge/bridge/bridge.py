@@ -31,6 +31,39 @@ from bridge_generate import Generation  # noqa: E402
 from bridge_inspect import Inspection  # noqa: E402
 from bridge_protocol import PROTOCOL, BridgeError, Cancelled, Output, Requests, clean, read_requests  # noqa: E402
 
+# Set by the parent to the directory it wrote these scripts to (see remove_own_directory).
+REMOVE_DIR_ENV = "MLXR_BRIDGE_REMOVE_DIR"
+
+
+def remove_own_directory():
+    """Removes the directory this script and its modules were written to, when the parent asked
+    for it (`MLXR_BRIDGE_REMOVE_DIR` naming this very directory): every module above is imported
+    by now, so nothing needs the files again. Done first thing, before mlx-lm is imported, so the
+    directory goes however the parent ends later (a signal, `kill -9`), not by its destructors.
+    The sources stay in `linecache` first, so that tracebacks still show their lines."""
+    asked = os.environ.pop(REMOVE_DIR_ENV, None)
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not asked or os.path.abspath(asked) != here:
+        return
+    try:
+        import linecache
+
+        for name in os.listdir(here):
+            path = os.path.join(here, name)
+            if name.endswith(".py") and os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    lines = f.readlines()
+                # An entry without an mtime is never checked against the file (as for sources
+                # read through a module's loader).
+                linecache.cache[path] = (sum(len(line) for line in lines), None, lines, path)
+    except Exception:  # noqa: BLE001 - tracebacks without source lines are still tracebacks
+        pass
+    import shutil
+
+    shutil.rmtree(here, ignore_errors=True)
+    if here in sys.path:
+        sys.path.remove(here)
+
 
 class Bridge(Generation, Batches, Inspection):
     """The main loop's state: the one loaded model and the handlers of the commands (generation in
@@ -175,6 +208,7 @@ class Bridge(Generation, Batches, Inspection):
 
 
 def main():
+    remove_own_directory()
     # The parent decides when this process ends: Ctrl-C in a terminal reaches the whole process
     # group, and the parent closes our stdin or sends quit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

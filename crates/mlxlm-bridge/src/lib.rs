@@ -21,8 +21,11 @@
 //! # The process
 //!
 //! Each loaded model has its own Python process running the bridge script shipped in this crate
-//! ([`BRIDGE_SOURCE`] and the modules it imports, [`BRIDGE_FILES`], written to a temporary
-//! directory at run time and removed with the model).
+//! ([`BRIDGE_SOURCE`] and the modules it imports, [`BRIDGE_FILES`], written at each start to a
+//! fresh private directory in the temporary directory, which the bridge removes itself as soon
+//! as it has imported them, before it imports mlx-lm: nothing is left there however the parent
+//! ends later, a signal or `kill -9` included; a start sweeps away, after an hour, directories of
+//! processes killed before their bridge got that far).
 //! Requests to one model are serialised; different models run in parallel.
 //!
 //! * **Interpreter**: the load settings' backend option `python`, else

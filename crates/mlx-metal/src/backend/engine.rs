@@ -146,9 +146,15 @@ impl Engine {
         self.step_variants();
     }
 
-    /// One scheduler step of `plan`, and what follows it.
+    /// One scheduler step of `plan`, and what follows it. In a tensor-parallel
+    /// job the ranks agree on the admitted requests that could not start on
+    /// any of them before anything runs, and every rank ends those.
     pub(super) fn run_step(&mut self, plan: &Plan) {
-        self.scheduler.step(plan, self.loaded.model.as_ref(), &self.tokenizer, &self.metrics);
+        let refused = self.scheduler.begin_step(plan, self.loaded.model.as_ref(), &self.tokenizer);
+        if plan.admit > 0 {
+            self.agree_on_admission(&refused);
+        }
+        self.scheduler.finish_step(self.loaded.model.as_ref(), &self.metrics);
         self.take_back_sessions();
         if !self.after_drain.is_empty() && self.scheduler.drained() {
             for job in std::mem::take(&mut self.after_drain) {

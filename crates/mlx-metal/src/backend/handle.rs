@@ -106,7 +106,7 @@ impl MetalModel {
                     Some(options) => match options.join() {
                         Ok(tp) => (
                             model::load_with_quantised(&dir, Some(tp.clone()), policy, quantised),
-                            Some(Mirror::new(tp)),
+                            Some(Mirror::new(tp, options.step_timeout)),
                         ),
                         Err(e) => (Err(e), None),
                     },
@@ -175,12 +175,14 @@ impl MetalModel {
                     after_drain: Vec::new(),
                     variants: super::adapters::Variants::new(limits),
                 };
-                super::supervise::run_engine(&mut engine, &job_rx);
+                let watchdog = engine.mirror.as_ref().and_then(Mirror::watchdog);
+                super::supervise::run_engine(&mut engine, &job_rx, watchdog.as_ref());
                 // Closed on rank 0: the other ranks leave their follower loop.
-                if let Some(m) = engine.mirror.as_ref().filter(|m| m.is_root())
-                    && let Err(e) = m.announce(&Request::Shutdown)
-                {
-                    eprintln!("mlx-metal: could not tell the other tensor-parallel ranks to stop: {e}");
+                if let Some(m) = engine.mirror.as_ref().filter(|m| m.is_root()) {
+                    let _watched = watchdog.as_ref().map(|w| w.watch("the shutdown"));
+                    if let Err(e) = m.announce(&Request::Shutdown, &[]) {
+                        eprintln!("mlx-metal: could not tell the other tensor-parallel ranks to stop: {e}");
+                    }
                 }
             })
             .map_err(|e| CoreError::backend(NAME, format!("could not start the engine thread: {e}")))?;
@@ -246,7 +248,8 @@ impl MetalModel {
     /// loads mlx-lm's adapter directory (`adapters.safetensors` and
     /// `adapter_config.json`), `None` removes the adapter. Generations started
     /// before finish with the old adapter (the swap waits for them; those
-    /// started meanwhile wait for the swap). On error the model is left without an adapter.
+    /// started meanwhile wait for the swap). On error the model is left without an adapter (in a
+    /// tensor-parallel job, every rank is, whichever rank failed; the error names it).
     /// KV caches filled before the swap hold the old adapter's keys and values,
     /// so every chat session of the model starts again (its next turn
     /// prefills the whole conversation).
@@ -264,7 +267,7 @@ impl MetalModel {
                 engine.after_drain(Box::new(move |engine: &mut Engine| {
                     let swapped = engine
                         .announce(|| Request::SetAdapter { dir: dir.clone() })
-                        .and_then(|()| engine.set_adapter(dir));
+                        .and_then(|()| engine.swap_adapter(dir));
                     let _ = tx.send(swapped);
                 }))
             }),
@@ -279,12 +282,16 @@ impl MetalModel {
     /// model is closed. Calls on this model wait until then.
     /// See docs/distributed.md, "Using it from a program".
     ///
+    /// A generation that fails on this rank alone is reported to rank 0 at
+    /// the next exchange, and every rank ends it (rank 0's caller gets the
+    /// error); a failed adapter swap or attention inspection is reported to
+    /// rank 0's caller too. This rank goes on following.
+    ///
     /// # Errors
     ///
-    /// The model is not a tensor-parallel rank other than 0, a job failed on
-    /// this rank (it should not: every rank runs the same inputs), or a
-    /// collective failed (a rank died). The ranks are then out of step, so a
-    /// program should exit unsuccessfully, which ends the job.
+    /// The model is not a tensor-parallel rank other than 0, or a collective
+    /// failed (a rank died). The ranks are then out of step, so a program
+    /// should exit unsuccessfully, which ends the job.
     pub fn follow(&self) -> CoreResult<()> {
         self.call(Engine::follow)
     }
@@ -574,7 +581,7 @@ impl AttentionInspector for MetalModel {
         self.call(move |e| {
             cancel.check()?;
             e.announce(|| Request::Inspect { ids: ids.clone() })?;
-            e.inspect(&ids, architecture).map_err(core_err)
+            e.inspect_everywhere(&ids, architecture)
         })
     }
 }

@@ -26,11 +26,14 @@
 //!   scores);
 //! - `session`: [`MetalSession`], chat sessions whose caches live on the
 //!   engine thread;
-//! - `mirror`: tensor-parallel jobs mirrored from rank 0 to the other ranks;
+//! - `mirror`: tensor-parallel jobs mirrored from rank 0 to the other ranks
+//!   (`follow`: the other ranks' loop);
 //! - `adapters`: LoRA adapters served beside the model ([`MetalAdapter`]),
 //!   each with its own batch over the model's shared weights;
 //! - `supervise`: the engine thread's loop, each job and step under
-//!   `catch_unwind`.
+//!   `catch_unwind`;
+//! - `watchdog`: rank 0's deadline on each job and step of a tensor-parallel
+//!   job.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -44,6 +47,7 @@ use mlx::Error;
 
 mod adapters;
 mod engine;
+mod follow;
 pub mod handle;
 mod mirror;
 mod options;
@@ -51,6 +55,7 @@ pub mod scheduler;
 mod session;
 mod supervise;
 mod text;
+mod watchdog;
 
 pub use self::adapters::MetalAdapter;
 use self::engine::Engine;

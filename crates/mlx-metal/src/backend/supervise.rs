@@ -17,8 +17,19 @@
 //! Fail points, for tests only: `MLXR_FAILPOINTS` lists names (comma
 //! separated) of places that panic once, the first time they are reached:
 //! `engine.step` (a scheduler step), `engine.job` (a job), `engine.exit` (the
-//! loop ends at the next job, as if the thread had died). Unset, each place costs one look at
-//! an empty set.
+//! loop ends at the next job, as if the thread had died); in a tensor-parallel
+//! job also `mirror.emit` (the next token a row hands out fails, as a
+//! detokeniser or a constraint could: an error, not a panic), `mirror.admit`
+//! (the next request admitted cannot start), `mirror.adapter` and
+//! `mirror.inspect` (the next adapter swap or attention inspection fails,
+//! after its collectives), `mirror.panic` (a rank other than 0 panics after
+//! the next step it runs) and `mirror.hang` (a rank other than 0 hangs at the
+//! next step it receives). `NAME@RANK` fires
+//! only on that tensor-parallel rank (every rank gets the launcher's
+//! environment). Unset, each place costs one look at an empty set.
+//!
+//! On rank 0 of a tensor-parallel job every job and step is watched by the
+//! step watchdog (`watchdog.rs`).
 //!
 //! [`MetalModel::health`]: super::MetalModel
 
@@ -29,13 +40,15 @@ use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 
 use super::engine::Engine;
+use super::watchdog::Watchdog;
 use super::{Job, lock};
 
 /// The engine thread's loop: jobs as they come (each after the rows it
 /// cancelled have left), and a scheduler step whenever no job waits. It
 /// sleeps on the channel only when the scheduler is idle, and ends when the
-/// model is closed and the last generation has finished.
-pub(super) fn run_engine(engine: &mut Engine, jobs: &mpsc::Receiver<Job>) {
+/// model is closed and the last generation has finished. Rank 0 of a
+/// tensor-parallel job has a `watchdog`, which watches each job and step.
+pub(super) fn run_engine(engine: &mut Engine, jobs: &mpsc::Receiver<Job>, watchdog: Option<&Watchdog>) {
     loop {
         let job = if engine.is_idle() {
             // Nothing to do: a moment to write the prompt cache's new entries.
@@ -48,6 +61,7 @@ pub(super) fn run_engine(engine: &mut Engine, jobs: &mpsc::Receiver<Job>) {
             match jobs.try_recv() {
                 Ok(job) => job,
                 Err(mpsc::TryRecvError::Empty | mpsc::TryRecvError::Disconnected) => {
+                    let _watched = watchdog.map(|w| w.watch("a scheduler step"));
                     guarded(engine, "step", |e| {
                         if failpoint("engine.step") {
                             panic!("fail point engine.step");
@@ -62,6 +76,7 @@ pub(super) fn run_engine(engine: &mut Engine, jobs: &mpsc::Receiver<Job>) {
             tracing::error!("fail point engine.exit: the engine loop ends");
             return;
         }
+        let _watched = watchdog.map(|w| w.watch("a job"));
         guarded(engine, "job", |e| {
             e.before_job();
             if failpoint("engine.job") {
@@ -73,7 +88,7 @@ pub(super) fn run_engine(engine: &mut Engine, jobs: &mpsc::Receiver<Job>) {
 }
 
 /// Runs `f`; a panic in it fails everything the engine holds (see the module docs).
-fn guarded(engine: &mut Engine, what: &str, f: impl FnOnce(&mut Engine)) {
+pub(super) fn guarded(engine: &mut Engine, what: &str, f: impl FnOnce(&mut Engine)) {
     let Err(payload) = catch_unwind(AssertUnwindSafe(|| f(engine))) else { return };
     let cause = panic_message(payload.as_ref());
     tracing::error!(what, panic = %cause, "the engine caught a panic; the generations it held have failed");
@@ -101,15 +116,24 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
-/// Whether the fail point `name` fires now (at most once per process).
-fn failpoint(name: &str) -> bool {
+/// This process's tensor-parallel rank, for fail points named `NAME@RANK`.
+static RANK: OnceLock<i32> = OnceLock::new();
+
+/// Says which tensor-parallel rank this process is (for fail points).
+pub(super) fn set_failpoint_rank(rank: i32) {
+    let _ = RANK.set(rank);
+}
+
+/// Whether the fail point `name` (or `name@RANK` on that rank) fires now (at most once per
+/// process).
+pub(super) fn failpoint(name: &str) -> bool {
     static ARMED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
     let armed = ARMED.get_or_init(|| {
         let names = std::env::var("MLXR_FAILPOINTS").unwrap_or_default();
         Mutex::new(names.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned).collect())
     });
     let mut armed = lock(armed);
-    !armed.is_empty() && armed.remove(name)
+    !armed.is_empty() && (armed.remove(name) || RANK.get().is_some_and(|r| armed.remove(&format!("{name}@{r}"))))
 }
 
 #[cfg(test)]

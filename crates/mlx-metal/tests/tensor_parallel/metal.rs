@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use inference_core::{
-    CancelToken, ChatSession, Error as CoreError, GenerateSettings, LoadSettings, Message, TextModel,
+    AttentionInspector, CancelToken, ChatSession, Error as CoreError, GenerateSettings, LoadSettings, Message,
+    TextModel,
 };
 use mlx_metal::MetalModel;
 use serde_json::{Value, json};
@@ -211,6 +212,53 @@ fn a_mirrored_model_answers_like_the_single_process_and_stops_every_rank_togethe
     assert!(results[0]["first_cancel"].as_u64().is_some_and(|n| n < 400), "{}", results[0]);
 }
 
+/// A rank of a job in which rank 1's adapter swap and attention inspection fail (its fail
+/// points): rank 0's calls fail naming rank 1, and both ranks go on in step.
+pub(super) fn rank_agreeing(dir: &str) {
+    let rank = mlx::distributed::launch::rank_from_env().expect("MLX_RANK").expect("a rank");
+    let model = MetalModel::load(Path::new(dir), &tp_settings()).unwrap_or_else(|e| {
+        eprintln!("rank {rank}: {e}");
+        std::process::exit(6)
+    });
+    if rank == 0 {
+        let adapter = model.set_adapter(None).expect_err("rank 1's swap fails").to_string();
+        let inspect =
+            model.inspect_attention("Hello", CancelToken::new()).expect_err("rank 1's part fails").to_string();
+        let generated =
+            ids_of(model.generate("The quick brown fox", &greedy(8), CancelToken::new()).expect("generate"));
+        println!("RESULT {}", json!({"rank": rank, "adapter": adapter, "inspect": inspect, "generate": generated}));
+        model.close().expect("close");
+    } else {
+        model.follow().unwrap_or_else(|e| {
+            eprintln!("rank {rank}: {e}");
+            std::process::exit(7)
+        });
+        println!("RESULT {}", json!({"rank": rank}));
+        model.close().expect("close");
+    }
+}
+
+#[test]
+fn a_job_that_fails_on_one_rank_fails_on_rank_0_and_every_rank_goes_on() {
+    let _serial = super::serial();
+    let (dir, want) = single_process(|m| {
+        ids_of(m.generate("The quick brown fox", &greedy(8), CancelToken::new()).expect("generate"))
+    });
+    let failpoints = [("MLXR_FAILPOINTS", "mirror.adapter@1,mirror.inspect@1")];
+    let outs = run_job_with(&format!("agree:{}", dir.display()), 2, &failpoints);
+    let r = result_of(&outs[0]);
+    let adapter = r["adapter"].as_str().unwrap_or_default();
+    assert!(
+        adapter.contains("the adapter swap failed on tensor-parallel rank 1, so every rank is left without one")
+            && adapter.contains("fail point mirror.adapter"),
+        "{adapter}"
+    );
+    let inspect = r["inspect"].as_str().unwrap_or_default();
+    assert!(inspect.contains("the attention inspection failed on tensor-parallel rank 1: "), "{inspect}");
+    assert_eq!(r["generate"], json!(want), "the ranks stayed in step");
+    assert_eq!(result_of(&outs[1])["rank"], json!(1), "rank 1 followed to the end");
+}
+
 #[test]
 fn follow_needs_a_tensor_parallel_follower() {
     let dir = crate::common::tiny_model("qwen3-tiny");
@@ -230,6 +278,7 @@ fn tensor_parallel_options_are_checked() {
         ("distributed_backend", "tcp", "unknown backend \"tcp\""),
         ("distributed_timeout_s", "-1", "distributed_timeout_s = \"-1\" is not a positive number"),
         ("tp_vocab", "rows", "unknown vocabulary layout \"rows\"; expected sharded or replicated"),
+        ("tp_step_timeout_s", "0", "tp_step_timeout_s = \"0\" is not a positive number"),
     ] {
         let settings = tp_settings().backend_option(key, value);
         let e = MetalModel::load(&dir, &settings).err().expect("a bad option");

@@ -13,17 +13,30 @@
 //! (or is killed) ends the job — the other ranks are killed, since a
 //! surviving rank would otherwise wait for its dead peer in a collective —
 //! and the error names the rank, its exit status and the tail of its stderr.
+//!
+//! The launcher holds a fixed amount per rank however long the job runs:
+//! rank 0's output goes through as it comes (its stdout inherited when asked,
+//! its stderr echoed when asked), and of every stream only the last
+//! [`LaunchSpec::output_tail`] bytes are kept ([`RankOutput`], error reports).
+//! The ring hostfile lives in a private directory of its own (mode 0700, a
+//! random name) that is removed with the [`Job`].
+
+mod output;
+
+pub use output::DEFAULT_OUTPUT_TAIL;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use tempfile::TempDir;
+
+use self::output::{SharedTail, pump, shared, text_of};
 use super::Backend;
 use crate::error::{Error, Result};
 
@@ -35,6 +48,9 @@ pub const RANK_ENV: &str = "MLX_RANK";
 pub const HOSTFILE_ENV: &str = "MLX_HOSTFILE";
 /// The NCCL backend's world size variable.
 pub const WORLD_SIZE_ENV: &str = "MLX_WORLD_SIZE";
+
+/// The ring hostfile's name in the job's private directory.
+const HOSTFILE_NAME: &str = "hostfile.json";
 
 /// How much of a failed rank's stderr an error quotes.
 const STDERR_TAIL: usize = 2000;
@@ -63,14 +79,30 @@ pub fn loopback_hosts(ranks: usize) -> Result<Vec<Vec<String>>> {
 
 /// Writes a ring hostfile (the JSON `mlx.launch` writes), through
 /// [`crate::io::write_durable_bytes`]: the file lands whole, and a link
-/// planted at its (predictable) name in the shared temporary directory is
-/// replaced, never written through.
+/// planted at its name is replaced, never written through. [`spawn`] writes
+/// it into a private directory of its own ([`private_dir`]).
 pub fn write_hostfile(path: &Path, hosts: &[Vec<String>]) -> Result<()> {
     let text = serde_json::to_string(hosts).map_err(|e| err(format!("cannot encode the hostfile: {e}")))?;
     crate::io::write_durable_bytes(path, text.as_bytes()).map_err(|e| match e {
         Error::Io { path, source, .. } => Error::Io { op: OP, path, source },
         other => other,
     })
+}
+
+/// A fresh directory in the temporary directory for a job's files: created
+/// at once (never an existing one), with an unpredictable name
+/// (`mlxr-ring-XXXXXX`) and, on Unix, mode 0700, so no other user can read,
+/// plant or replace anything in it. Removed when the returned value drops.
+///
+/// # Errors
+/// The directory cannot be created (the error names the temporary directory).
+pub fn private_dir() -> Result<TempDir> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("mlxr-ring-");
+    // tempfile's directories are 0777 less the umask unless told otherwise.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700));
+    builder.tempdir().map_err(|source| Error::Io { op: OP, path: std::env::temp_dir(), source })
 }
 
 /// How long the other ranks may run on after rank 0 has exited successfully.
@@ -95,9 +127,13 @@ pub struct LaunchSpec {
     /// Rank 0 reads this process's stdin (the other ranks' is empty): an
     /// interactive program such as a chat.
     pub inherit_rank0_stdin: bool,
-    /// Rank 0's stderr is copied to this process's stderr line by line as it
-    /// comes (it is kept for error messages as well).
+    /// Rank 0's stderr is copied to this process's stderr as it comes (its
+    /// tail is kept for error messages as well).
     pub echo_rank0_stderr: bool,
+    /// How many bytes of each rank's stdout and of its stderr are kept (the
+    /// last ones) for [`RankOutput`] and error reports; the rest is dropped
+    /// as it comes. Default [`DEFAULT_OUTPUT_TAIL`] (64 KiB).
+    pub output_tail: usize,
     /// The whole job must end within this time; then every rank is killed.
     pub timeout: Option<Duration>,
     /// Once rank 0 has exited successfully, the other ranks must end within
@@ -119,6 +155,7 @@ impl LaunchSpec {
             inherit_rank0_stdout: false,
             inherit_rank0_stdin: false,
             echo_rank0_stderr: false,
+            output_tail: DEFAULT_OUTPUT_TAIL,
             timeout: None,
             follower_grace: Some(DEFAULT_FOLLOWER_GRACE),
         }
@@ -132,31 +169,26 @@ pub struct RankOutput {
     pub rank: usize,
     /// Its exit status.
     pub status: ExitStatus,
-    /// Its stdout (empty when inherited).
+    /// The end of its stdout: the last [`LaunchSpec::output_tail`] bytes
+    /// (empty when inherited).
     pub stdout: String,
-    /// Its stderr.
+    /// The end of its stderr: the last [`LaunchSpec::output_tail`] bytes.
     pub stderr: String,
-}
-
-enum Event {
-    Line { rank: usize, stderr: bool, text: String },
-    Closed { rank: usize },
 }
 
 /// A started job: every rank's process, watched until all end.
 pub struct Job {
     children: Vec<Option<Child>>,
     open_pipes: Vec<usize>,
-    events: mpsc::Receiver<Event>,
-    stdout: Vec<String>,
-    stderr: Vec<String>,
-    hostfile: Option<PathBuf>,
+    /// A rank whose pipe reached its end.
+    closed: mpsc::Receiver<usize>,
+    stdout: Vec<SharedTail>,
+    stderr: Vec<SharedTail>,
+    /// The private directory that holds the ring hostfile.
+    hostdir: Option<TempDir>,
     deadline: Option<Instant>,
     follower_grace: Option<Duration>,
-    echo_rank0_stderr: bool,
 }
-
-static JOB_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Starts every rank of `spec`.
 ///
@@ -169,14 +201,14 @@ pub fn spawn(spec: &LaunchSpec) -> Result<Job> {
         return Err(err("a job needs at least one rank"));
     }
     let mut common: Vec<(OsString, OsString)> = Vec::new();
-    let mut hostfile = None;
+    let mut hostdir = None;
     match spec.backend {
         Backend::Ring | Backend::Any => {
-            let n = JOB_COUNTER.fetch_add(1, Ordering::SeqCst);
-            let path = std::env::temp_dir().join(format!("mlxr-ring-{}-{n}.json", std::process::id()));
+            let dir = private_dir()?;
+            let path = dir.path().join(HOSTFILE_NAME);
             write_hostfile(&path, &loopback_hosts(spec.ranks)?)?;
-            common.push((HOSTFILE_ENV.into(), path.clone().into()));
-            hostfile = Some(path);
+            common.push((HOSTFILE_ENV.into(), path.into()));
+            hostdir = Some(dir);
         }
         Backend::Nccl => {
             let port = loopback_hosts(1)?
@@ -193,17 +225,16 @@ pub fn spawn(spec: &LaunchSpec) -> Result<Job> {
             return Err(err(format!("the {b} backend is launched with its own tools (mpirun, mlx.launch)")));
         }
     }
-    let (tx, events) = mpsc::channel();
+    let (tx, closed) = mpsc::channel();
     let mut job = Job {
         children: Vec::with_capacity(spec.ranks),
         open_pipes: vec![0; spec.ranks],
-        events,
-        stdout: vec![String::new(); spec.ranks],
-        stderr: vec![String::new(); spec.ranks],
-        hostfile,
+        closed,
+        stdout: (0..spec.ranks).map(|_| shared(spec.output_tail)).collect(),
+        stderr: (0..spec.ranks).map(|_| shared(spec.output_tail)).collect(),
+        hostdir,
         deadline: spec.timeout.map(|t| Instant::now() + t),
         follower_grace: spec.follower_grace,
-        echo_rank0_stderr: spec.echo_rank0_stderr,
     };
     for rank in 0..spec.ranks {
         let mut cmd = Command::new(&spec.program);
@@ -220,44 +251,15 @@ pub fn spawn(spec: &LaunchSpec) -> Result<Job> {
             cmd.spawn().map_err(|e| err(format!("cannot start rank {rank} ({}): {e}", spec.program.display())))?;
         if let Some(out) = child.stdout.take() {
             job.open_pipes[rank] += 1;
-            pump(rank, false, Pipe::Out(out), tx.clone());
+            pump(rank, out, job.stdout[rank].clone(), false, tx.clone());
         }
         if let Some(e) = child.stderr.take() {
             job.open_pipes[rank] += 1;
-            pump(rank, true, Pipe::Err(e), tx.clone());
+            pump(rank, e, job.stderr[rank].clone(), rank == 0 && spec.echo_rank0_stderr, tx.clone());
         }
         job.children.push(Some(child));
     }
     Ok(job)
-}
-
-enum Pipe {
-    Out(ChildStdout),
-    Err(ChildStderr),
-}
-
-fn pump(rank: usize, stderr: bool, pipe: Pipe, tx: mpsc::Sender<Event>) {
-    std::thread::spawn(move || {
-        let reader: Box<dyn Read> = match pipe {
-            Pipe::Out(p) => Box::new(p),
-            Pipe::Err(p) => Box::new(p),
-        };
-        let mut lines = BufReader::new(reader);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match lines.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&buf).into_owned();
-                    if tx.send(Event::Line { rank, stderr, text }).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = tx.send(Event::Closed { rank });
-    });
 }
 
 impl Job {
@@ -265,6 +267,12 @@ impl Job {
     /// has ended): for passing a signal on, e.g. a launcher's Ctrl-C to rank 0.
     pub fn pids(&self) -> Vec<Option<u32>> {
         self.children.iter().map(|c| c.as_ref().map(Child::id)).collect()
+    }
+
+    /// The ring hostfile the ranks were given (`MLX_HOSTFILE`), while the
+    /// job holds it; `None` for other backends.
+    pub fn hostfile(&self) -> Option<PathBuf> {
+        self.hostdir.as_ref().map(|d| d.path().join(HOSTFILE_NAME))
     }
 
     /// Waits for every rank. The first rank to fail ends the job: the others
@@ -283,8 +291,8 @@ impl Job {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let event = match deadline {
-                Some(d) => match self.events.recv_timeout(d.saturating_duration_since(Instant::now())) {
+            let rank = match deadline {
+                Some(d) => match self.closed.recv_timeout(d.saturating_duration_since(Instant::now())) {
                     Ok(e) => e,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         let running: Vec<String> =
@@ -306,47 +314,36 @@ impl Job {
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 },
-                None => match self.events.recv() {
+                None => match self.closed.recv() {
                     Ok(e) => e,
                     Err(_) => break,
                 },
             };
-            match event {
-                Event::Line { rank, stderr, text } => {
-                    if stderr && rank == 0 && self.echo_rank0_stderr {
-                        // Best effort: our own stderr may be closed.
-                        let _ = std::io::stderr().write_all(text.as_bytes());
-                    }
-                    let buf = if stderr { &mut self.stderr[rank] } else { &mut self.stdout[rank] };
-                    buf.push_str(&text);
+            self.open_pipes[rank] = self.open_pipes[rank].saturating_sub(1);
+            if self.open_pipes[rank] > 0 {
+                continue;
+            }
+            // Both pipes closed: the process has exited (or is exiting).
+            let status = match self.children[rank].as_mut().map(Child::wait) {
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    self.kill_all();
+                    return Err(err(format!("cannot wait for rank {rank}: {e}")));
                 }
-                Event::Closed { rank } => {
-                    self.open_pipes[rank] = self.open_pipes[rank].saturating_sub(1);
-                    if self.open_pipes[rank] > 0 {
-                        continue;
-                    }
-                    // Both pipes closed: the process has exited (or is exiting).
-                    let status = match self.children[rank].as_mut().map(Child::wait) {
-                        Some(Ok(s)) => s,
-                        Some(Err(e)) => {
-                            self.kill_all();
-                            return Err(err(format!("cannot wait for rank {rank}: {e}")));
-                        }
-                        None => continue,
-                    };
-                    self.children[rank] = None;
-                    statuses.insert(rank, status);
-                    if rank == 0 && status.success() {
-                        grace_end = self.follower_grace.map(|g| Instant::now() + g);
-                    }
-                    if !status.success() {
-                        self.kill_all();
-                        let tail = tail(&self.stderr[rank], STDERR_TAIL);
-                        return Err(err(format!(
-                            "rank {rank} of {ranks} failed ({status}); stopped the other ranks. Its stderr ends:\n{tail}"
-                        )));
-                    }
-                }
+                None => continue,
+            };
+            self.children[rank] = None;
+            statuses.insert(rank, status);
+            if rank == 0 && status.success() {
+                grace_end = self.follower_grace.map(|g| Instant::now() + g);
+            }
+            if !status.success() {
+                self.kill_all();
+                let stderr = text_of(&self.stderr[rank]);
+                let tail = tail(&stderr, STDERR_TAIL);
+                return Err(err(format!(
+                    "rank {rank} of {ranks} failed ({status}); stopped the other ranks. Its stderr ends:\n{tail}"
+                )));
             }
         }
         if statuses.len() < ranks {
@@ -358,8 +355,8 @@ impl Job {
             .map(|(rank, status)| RankOutput {
                 rank,
                 status,
-                stdout: std::mem::take(&mut self.stdout[rank]),
-                stderr: std::mem::take(&mut self.stderr[rank]),
+                stdout: text_of(&self.stdout[rank]),
+                stderr: text_of(&self.stderr[rank]),
             })
             .collect())
     }
@@ -378,9 +375,8 @@ impl Job {
 impl Drop for Job {
     fn drop(&mut self) {
         self.kill_all();
-        if let Some(p) = self.hostfile.take() {
-            let _ = std::fs::remove_file(p);
-        }
+        // Best effort: the temporary directory may be gone already.
+        drop(self.hostdir.take());
     }
 }
 

@@ -57,6 +57,13 @@ mod imp {
             }
         });
     }
+
+    pub(super) fn exit_now(note: &str, code: i32) -> ! {
+        // Standard error may be a closed pipe: a failed write is fine.
+        let _ = writeln!(std::io::stderr(), "{note}");
+        // SAFETY: _exit ends the process without running anything else.
+        unsafe { libc::_exit(code) }
+    }
 }
 
 #[cfg(not(unix))]
@@ -64,6 +71,11 @@ mod imp {
     pub(super) fn forward_to(_pid: u32, _interactive: bool) {}
     pub(super) fn ignore_interrupts() {}
     pub(super) fn exit_with_launcher(_note: String) {}
+
+    pub(super) fn exit_now(note: &str, code: i32) -> ! {
+        eprintln!("{note}");
+        std::process::exit(code)
+    }
 }
 
 /// For the launcher: Ctrl-C and SIGTERM become SIGTERM to rank 0 (process
@@ -87,4 +99,12 @@ pub fn ignore_interrupts() {
 /// not run: they could wait on MLX's threads, blocked on a peer.
 pub fn exit_with_launcher(note: impl Into<String>) {
     imp::exit_with_launcher(note.into());
+}
+
+/// Writes `note` to standard error and ends this process at once with exit
+/// status `code`, without running exit handlers: for a rank whose collective
+/// waits on a peer that will never answer (MLX's collectives cannot be
+/// cancelled, and its exit handlers could wait on the blocked threads).
+pub fn exit_now(note: &str, code: i32) -> ! {
+    imp::exit_now(note, code)
 }

@@ -17,7 +17,6 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
 use std::time::{Duration, Instant};
 
 use inference_core::{CancelToken, Error, Result, Stopped, Token};
-use tempfile::TempDir;
 
 pub use errors::PythonTraceback;
 use errors::backend_error;
@@ -104,19 +103,21 @@ pub(crate) struct Process {
     timeout: Duration,
     dead: Option<String>,
     versions: BridgeVersions,
-    _script_dir: Option<TempDir>,
 }
 
 impl Process {
     /// Starts the bridge and waits for its `ready` event.
     pub(crate) fn start(spawn: &Spawn) -> Result<Process> {
-        let (script_dir, script) = spawn.script.materialise()?;
+        // The script's directory lives for the start only: the bridge removes it once it has
+        // imported its modules, and it is dropped (removed if still there) when this returns.
+        let script = spawn.script.materialise()?;
         let python = &spawn.python;
         let mut child = OsCommand::new(python)
             .arg("-u")
             .arg("-B")
-            .arg(&script)
+            .arg(&script.path)
             .envs(CHILD_ENV.iter().copied())
+            .envs(script.env())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -151,9 +152,9 @@ impl Process {
             timeout: spawn.timeout,
             dead: None,
             versions: BridgeVersions { interpreter: python.clone(), ..BridgeVersions::default() },
-            _script_dir: script_dir,
         };
         process.handshake()?;
+        drop(script);
         Ok(process)
     }
 

@@ -15,6 +15,8 @@ use super::prefill::{
 use super::rows::{Draw, Outputs, Row, tokens};
 use super::{Batch, Ending, Request, Scheduler, feed_last};
 use crate::backend::core_err;
+use crate::backend::mirror::Failure;
+use crate::backend::supervise::failpoint;
 use crate::backend::text::TextOut;
 use crate::batch::read_ids;
 use crate::cache::LayerCache;
@@ -22,8 +24,15 @@ use crate::model::LanguageModel;
 use crate::tokenizer::Tokenizer;
 
 impl Scheduler {
-    /// Moves the first `n` waiting requests into prefill.
-    pub(super) fn admit(&mut self, n: usize, model: &dyn LanguageModel, tokenizer: &Tokenizer, was_idle: bool) {
+    /// Moves the first `n` waiting requests into prefill; returns those that could not start.
+    pub(super) fn admit(
+        &mut self,
+        n: usize,
+        model: &dyn LanguageModel,
+        tokenizer: &Tokenizer,
+        was_idle: bool,
+    ) -> Vec<Failure> {
+        let mut refused = Vec::new();
         if was_idle && n > 0 {
             // The peak reported with each generation is that of the busy spell it ran in.
             let _ = memory::reset_peak_memory();
@@ -49,9 +58,17 @@ impl Scheduler {
                 };
                 Ok((draw, cached, caches))
             };
-            let (draw, reused, caches) = match parts() {
+            let fail_point = self.mirrored && failpoint("mirror.admit");
+            let parts = match parts() {
+                Ok(_) if fail_point => {
+                    Err(Error::invalid("scheduler", "fail point mirror.admit: the request could not start"))
+                }
+                parts => parts,
+            };
+            let (draw, reused, caches) = match parts {
                 Ok(p) => p,
                 Err(e) => {
+                    refused.push(Failure { seq, error: e.to_string() });
                     // A session's turn gives its caches back untouched.
                     self.ending.push(Ending::Refused(sink, core_err(e), session));
                     continue;
@@ -96,6 +113,7 @@ impl Scheduler {
             };
             self.prefilling.push_back(Prefill { row, full, held, caches });
         }
+        refused
     }
 
     /// Prefills waiting prompts, about `prefill_step` tokens in all (see

@@ -46,6 +46,7 @@ use crate::model::LanguageModel;
 use crate::tokenizer::Tokenizer;
 
 mod admission;
+mod failures;
 mod intake;
 mod prefill;
 mod radix;
@@ -99,6 +100,8 @@ pub(crate) struct Scheduler {
     /// Speculative decoding (`speculate.rs`), when the load settings ask for it.
     speculator: Option<Speculator>,
     spec_totals: speculate::SpecTotals,
+    /// A mirrored scheduler's rows that failed here, for the other ranks (`failures.rs`).
+    failed: Vec<crate::backend::mirror::Failure>,
 }
 
 /// A generation that ended.
@@ -135,6 +138,7 @@ impl Scheduler {
             grammars,
             speculator: None,
             spec_totals: speculate::SpecTotals::default(),
+            failed: Vec::new(),
         }
     }
 
@@ -336,9 +340,27 @@ impl Scheduler {
         tokenizer: &Tokenizer,
         last_metrics: &Arc<Mutex<GenerateMetrics>>,
     ) {
+        self.begin_step(plan, model, tokenizer);
+        self.finish_step(model, last_metrics);
+    }
+
+    /// The first part of a step: ends the cancelled generations and admits
+    /// what the plan says; returns the admitted requests that could not start
+    /// (a tensor-parallel rank tells the others before anything runs).
+    pub(crate) fn begin_step(
+        &mut self,
+        plan: &Plan,
+        model: &dyn LanguageModel,
+        tokenizer: &Tokenizer,
+    ) -> Vec<crate::backend::mirror::Failure> {
         self.cancel(&plan.cancel);
         let was_idle = self.prefilling.is_empty() && self.batch.is_none();
-        self.admit(plan.admit, model, tokenizer, was_idle);
+        self.admit(plan.admit, model, tokenizer, was_idle)
+    }
+
+    /// The rest of a step: prefills up to the budget, then decodes one token
+    /// for every row of the batch.
+    pub(crate) fn finish_step(&mut self, model: &dyn LanguageModel, last_metrics: &Arc<Mutex<GenerateMetrics>>) {
         for ready in self.prefill(model) {
             if let Err((e, rows)) = self.end_or_join(ready, model) {
                 tracing::warn!(error = %e, rows = rows.len(), "rows whose prompts went in could not join the batch");
@@ -407,16 +429,31 @@ impl Scheduler {
         let now = Instant::now();
         let mut keep = Vec::with_capacity(batch.rows.len());
         let mut done: Vec<(usize, Option<CoreError>)> = Vec::new();
+        let mut failed = Vec::new();
         for (pos, row) in batch.rows.iter_mut().enumerate() {
             let outcome = match handed[pos].take() {
                 Some(outcome) => outcome,
                 None => row.emit(&batch.pending, pos, ids[pos], now, self.mirrored),
             };
+            let outcome = match outcome {
+                Ok(_) if self.mirrored && crate::backend::supervise::failpoint("mirror.emit") => {
+                    Err(Error::invalid("scheduler", "fail point mirror.emit: the row's token could not be handed out"))
+                }
+                outcome => outcome,
+            };
             match outcome {
                 Ok(true) if next.is_some() => keep.push(pos),
                 Ok(_) => done.push((pos, None)),
+                // Kept until every rank has heard of it (`failures.rs`).
+                Err(e) if self.mirrored && next.is_some() => {
+                    failed.push((row.seq, e.to_string()));
+                    keep.push(pos);
+                }
                 Err(e) => done.push((pos, Some(core_err(e)))),
             }
+        }
+        for (seq, error) in failed {
+            self.failed_here(seq, error);
         }
         self.settle(done, &keep, next, Some(model))
     }
@@ -430,37 +467,8 @@ impl Scheduler {
 
     /// Ends the generations in `cancel` (by the order they came in), wherever they are.
     fn cancel(&mut self, cancel: &[u64]) {
-        if cancel.is_empty() {
-            return;
-        }
-        for (seq, req) in std::mem::take(&mut self.waiting) {
-            if cancel.contains(&seq) {
-                self.ending.push(Ending::Refused(req.sink, CoreError::Cancelled, req.session));
-            } else {
-                self.waiting.push_back((seq, req));
-            }
-        }
-        for p in std::mem::take(&mut self.prefilling) {
-            if cancel.contains(&p.row.seq) {
-                self.ending.push(Ending::Row(Box::new(p.into_row()), Some(CoreError::Cancelled)));
-            } else {
-                self.prefilling.push_back(p);
-            }
-        }
-        let Some(batch) = &self.batch else { return };
-        let (mut keep, mut done) = (Vec::new(), Vec::new());
-        for (pos, row) in batch.rows.iter().enumerate() {
-            if cancel.contains(&row.seq) {
-                done.push((pos, Some(CoreError::Cancelled)));
-            } else {
-                keep.push(pos);
-            }
-        }
-        if !done.is_empty() {
-            let pending = batch.pending.clone();
-            if let Err(e) = self.settle(done, &keep, Some(pending), None) {
-                self.fail_batch(&e);
-            }
+        if !cancel.is_empty() {
+            self.end(&|seq| cancel.contains(&seq).then_some(CoreError::Cancelled));
         }
     }
 
@@ -525,6 +533,9 @@ impl Scheduler {
     /// panic leaves: the state of the step it cut short is unknown, so none of it is kept, and
     /// sessions' turns that had started lose their caches).
     pub(crate) fn fail_all(&mut self, message: &str, last_metrics: &Arc<Mutex<GenerateMetrics>>) {
+        if self.mirrored {
+            self.record_all_failed(message);
+        }
         let error = || CoreError::backend(super::NAME, message.to_owned());
         for (_, request) in std::mem::take(&mut self.waiting) {
             self.ending.push(Ending::Refused(request.sink, error(), request.session));

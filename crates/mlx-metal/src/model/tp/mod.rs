@@ -27,7 +27,7 @@
 
 mod options;
 
-pub use options::{Shard, TensorParallel, TensorParallelOptions, VocabLayout};
+pub use options::{DEFAULT_STEP_TIMEOUT, Shard, TensorParallel, TensorParallelOptions, VocabLayout};
 
 use std::rc::Rc;
 

@@ -150,7 +150,9 @@ impl TensorParallel {
 /// - `tensor_parallel`: the number of ranks (the job must have exactly that many);
 /// - `distributed_backend`: `any` (default), `ring`, `mpi`, `nccl` or `jaccl`;
 /// - `distributed_timeout_s`: how long to wait for every rank to join (default 60);
-/// - `tp_vocab`: `sharded` (default) or `replicated` embedding and head ([`VocabLayout`]).
+/// - `tp_vocab`: `sharded` (default) or `replicated` embedding and head ([`VocabLayout`]);
+/// - `tp_step_timeout_s`: how long rank 0 lets one job or scheduler step take before it ends
+///   the job (a rank that hangs; default [`DEFAULT_STEP_TIMEOUT`], 300 s).
 ///
 /// Every rank loads the same model with the same options and must then make
 /// the same calls in the same order (each block sums over the ranks).
@@ -162,6 +164,22 @@ pub struct TensorParallelOptions {
     pub init: InitOptions,
     /// How the embedding and head are held.
     pub vocab: VocabLayout,
+    /// How long rank 0 lets one job or step take (its collectives wait on every rank) before
+    /// it ends the job, naming the ranks that did not take part.
+    pub step_timeout: Duration,
+}
+
+/// The default of [`TensorParallelOptions::step_timeout`].
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A positive number of seconds, from the backend option `name`.
+fn seconds(name: &str, value: &str) -> Result<Duration> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|t| t.is_finite() && *t > 0.0 && *t < 1e9)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| Error::invalid("load_settings", format!("{name} = {value:?} is not a positive number")))
 }
 
 impl TensorParallelOptions {
@@ -186,19 +204,19 @@ impl TensorParallelOptions {
             None => Backend::Any,
         };
         let timeout = match options.get("distributed_timeout_s") {
-            Some(t) => t
-                .parse::<f64>()
-                .ok()
-                .filter(|t| t.is_finite() && *t > 0.0 && *t < 1e9)
-                .map(Duration::from_secs_f64)
-                .ok_or_else(|| Error::invalid(OP, format!("distributed_timeout_s = {t:?} is not a positive number")))?,
+            Some(t) => seconds("distributed_timeout_s", t)?,
             None => DEFAULT_INIT_TIMEOUT,
+        };
+        let step_timeout = match options.get("tp_step_timeout_s") {
+            Some(t) => seconds("tp_step_timeout_s", t)?,
+            None => DEFAULT_STEP_TIMEOUT,
         };
         let vocab = match options.get("tp_vocab") {
             Some(v) => v.parse()?,
             None => VocabLayout::default(),
         };
-        Ok(Some(TensorParallelOptions { ranks, init: InitOptions { backend, strict: true, timeout }, vocab }))
+        let init = InitOptions { backend, strict: true, timeout };
+        Ok(Some(TensorParallelOptions { ranks, init, vocab, step_timeout }))
     }
 
     /// Joins the group (on the calling thread, which then owns it) and loads
@@ -248,6 +266,23 @@ mod tests {
         assert_eq!(vocab(&options), Some(VocabLayout::Replicated));
         options.insert("tp_vocab".to_string(), "half".to_string());
         assert!(TensorParallelOptions::from_backend_options(&options).is_err());
+    }
+
+    #[test]
+    fn the_step_timeout_is_a_positive_number_of_seconds() {
+        let mut options = std::collections::BTreeMap::new();
+        options.insert("tensor_parallel".to_string(), "2".to_string());
+        let read = |o: &std::collections::BTreeMap<String, String>| {
+            TensorParallelOptions::from_backend_options(o).map(|t| t.map(|t| t.step_timeout))
+        };
+        assert_eq!(read(&options).ok().flatten(), Some(DEFAULT_STEP_TIMEOUT));
+        options.insert("tp_step_timeout_s".to_string(), "2.5".to_string());
+        assert_eq!(read(&options).ok().flatten(), Some(Duration::from_millis(2500)));
+        for bad in ["0", "-1", "soon", "inf"] {
+            options.insert("tp_step_timeout_s".to_string(), bad.to_string());
+            let e = read(&options).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains(&format!("tp_step_timeout_s = {bad:?} is not a positive number")), "{e}");
+        }
     }
 
     #[test]
