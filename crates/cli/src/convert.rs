@@ -20,7 +20,7 @@ use crate::failure::Failure;
 pub(crate) struct ConvertArgs {
     /// The Hugging Face model directory to convert (config.json, *.safetensors, tokenizer files;
     /// float32, float16 or bfloat16 weights).
-    #[arg(long = "hf-path", visible_alias = "model", value_name = "DIR")]
+    #[arg(short = 'm', long = "hf-path", visible_alias = "model", value_name = "DIR")]
     pub(crate) hf_path: PathBuf,
     /// Where to write the MLX model: a new or empty directory, unless --force.
     #[arg(long, value_name = "DIR", default_value = "mlx_model")]

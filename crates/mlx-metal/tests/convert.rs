@@ -13,7 +13,8 @@ use std::path::Path;
 
 use mlx_metal::convert::{self, ConvertOptions, Event, Recipe};
 use mlx_metal::lora::IfExists;
-use mlx_metal::mlx::Dtype;
+use mlx_metal::mlx::io;
+use mlx_metal::mlx::{Array, Dtype};
 use support::{Job, convert_and_compare, python, tiny};
 
 fn q(bits: Option<i32>, group: Option<i32>, recipe: Option<Recipe>) -> ConvertOptions {
@@ -44,12 +45,52 @@ fn tiny_fixtures_convert_as_mlx_lm_converts_them() {
             jobs.push(Job::new(&src, &format!("{name}-{set}"), options));
         }
     }
+    // Inputs of other shapes: sharded with an index, float16, and with the tensors mlx-lm's
+    // sanitize drops (a tied lm_head.weight, rotary_emb.inv_freq).
+    let inputs = work.path().join("inputs");
+    let sharded = inputs.join("llama-sharded");
+    let shards = ConvertOptions { max_shard_bytes: 100_000, ..Default::default() };
+    convert::convert(&tiny("llama-tiny"), &sharded, &shards, &mut |_| {}).expect("a sharded checkpoint");
+    assert!(sharded.join("model-00002-of-00006.safetensors").is_file());
+    let half = inputs.join("gemma3-f16");
+    let f16 = ConvertOptions { dtype: Some(Dtype::Float16), ..Default::default() };
+    convert::convert(&tiny("gemma3-tiny"), &half, &f16, &mut |_| {}).expect("a float16 checkpoint");
+    let extras = inputs.join("qwen2-extras");
+    with_dropped_tensors(&tiny("qwen2-tiny"), &extras);
+    for (src, set, options) in [
+        (&sharded, "plain", ConvertOptions::default()),
+        (&sharded, "q4g64", q(None, None, None)),
+        (&half, "f32", ConvertOptions { dtype: Some(Dtype::Float32), ..Default::default() }),
+        (&half, "q4g32", ConvertOptions { dtype: Some(Dtype::Float16), ..q(None, Some(32), None) }),
+        (&extras, "plain", ConvertOptions::default()),
+        (&extras, "mixed", q(None, None, Some(Recipe::Mixed3_4))),
+    ] {
+        let name = src.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        jobs.push(Job::new(src, &format!("{name}-{set}"), options));
+    }
     convert_and_compare(&python, &jobs, work.path());
     for job in &jobs {
         let out = work.path().join("ours").join(&job.name);
         let loaded = mlx_metal::model::load(&out).unwrap_or_else(|e| panic!("loading {}: {e}", job.name));
         assert!(loaded.model.num_layers() > 0);
     }
+}
+
+/// A copy of the tied `src` with a `lm_head.weight` and a `rotary_emb.inv_freq` added, which
+/// mlx-lm's sanitize drops (as Hugging Face checkpoints sometimes carry them).
+fn with_dropped_tensors(src: &Path, out: &Path) {
+    std::fs::create_dir_all(out).expect("a directory");
+    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), out.join(f)).expect("copying the fixture");
+    }
+    let mut tensors = io::load_safetensors(src.join("model.safetensors")).expect("the fixture").tensors;
+    let embed = tensors["model.embed_tokens.weight"].clone();
+    tensors.insert("lm_head.weight".into(), embed);
+    let freqs = Array::from_slice(&[1.0f32, 0.5, 0.25, 0.125], &[4]).expect("an array");
+    tensors.insert("model.layers.0.self_attn.rotary_emb.inv_freq".into(), freqs);
+    let meta = [("format".to_owned(), "pt".to_owned())].into_iter().collect();
+    io::save_safetensors(out.join("model.safetensors"), tensors.iter().map(|(k, v)| (k.as_str(), v)), &meta)
+        .expect("saving the checkpoint");
 }
 
 #[test]
@@ -119,6 +160,10 @@ fn bad_input_is_refused_by_name_and_leaves_nothing_behind() {
     let tied = edited(dir.path(), "deep", |c| c["num_hidden_layers"] = 3.into());
     let e = err(&tied, &out, &plain);
     assert!(e.contains("no tensor model.layers.2.self_attn.q_proj.weight"), "{e}");
+
+    let huge = edited(dir.path(), "huge", |c| c["num_hidden_layers"] = 2_000_000_000.into());
+    let e = err(&huge, &out, &plain);
+    assert!(e.contains("num_hidden_layers = 2000000000 but the checkpoint has only 21 tensors"), "{e}");
 
     let shallow = edited(dir.path(), "shallow", |c| c["num_hidden_layers"] = 1.into());
     let e = err(&shallow, &out, &plain);

@@ -327,6 +327,18 @@ pub(crate) fn plan(
     quant: Option<Quant>,
 ) -> Result<Plan> {
     let d = dims(arch, dir, config)?;
+    // Every block has several tensors: a config that names more blocks than the checkpoint has
+    // tensors is wrong, and is not worth building a plan for.
+    if usize::try_from(d.sizes.num_hidden_layers).unwrap_or(usize::MAX) > inputs.len() {
+        return Err(err(
+            dir,
+            format!(
+                "config.json says num_hidden_layers = {} but the checkpoint has only {} tensors",
+                d.sizes.num_hidden_layers,
+                inputs.len()
+            ),
+        ));
+    }
     let resolve = |name: &str| candidates(name).into_iter().find(|c| inputs.contains_key(c));
     let lm_head = d.lm_head.unwrap_or_else(|| resolve("lm_head.weight").is_some());
     let modules = modules(&d, lm_head);
