@@ -321,6 +321,7 @@ const METAL_MODULES: &[(&str, &[&str])] = &[
     ("constrain", &["tokenizer"]),
     ("model", &["nn", "cache"]),
     ("lora", &["model", "nn"]),
+    ("convert", &["model", "lora"]),
     ("generate", &["model", "cache", "sample"]),
     ("batch", &["model", "cache", "sample", "generate"]),
     ("session", &["model", "cache", "fnv1a64"]),

@@ -49,6 +49,10 @@ pub(crate) enum Command {
     /// (re-quantising a quantised base).
     #[cfg(feature = "metal")]
     Fuse(crate::train::FuseArgs),
+    /// Convert a Hugging Face checkpoint to an MLX model, optionally quantised, as mlx_lm.convert
+    /// writes it (same tensors, config.json and shards).
+    #[cfg(feature = "metal")]
+    Convert(crate::convert::ConvertArgs),
     /// Print a shell completion script: `mlxr completions bash > ~/.local/share/bash-completion/completions/mlxr`.
     Completions(CompletionsArgs),
 }

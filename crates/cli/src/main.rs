@@ -3,8 +3,9 @@
 //!
 //! Subcommands: `generate` (one prompt, streamed), `chat` (an interactive conversation),
 //! `serve` (an OpenAI-compatible HTTP server), `models` (discover model directories), `info`
-//! (model, device and MLX version), `bench` (the engine's speed on a model), `lora` (fine-tune a LoRA adapter)
-//! and `fuse` (fold an adapter into its model). Backends are
+//! (model, device and MLX version), `bench` (the engine's speed on a model), `lora` (fine-tune a LoRA adapter),
+//! `fuse` (fold an adapter into its model) and `convert` (a Hugging Face checkpoint to an MLX
+//! model, as `mlx_lm.convert`). Backends are
 //! chosen by name at run time (`--backend metal` or `mlx_lm`); each one this binary was built
 //! with (cargo features `metal` and `mlx_lm`) is registered at start-up.
 
@@ -15,6 +16,8 @@ mod args;
 #[cfg(feature = "metal")]
 mod bench;
 mod chat;
+#[cfg(feature = "metal")]
+mod convert;
 mod failure;
 mod generate;
 mod info;
@@ -58,6 +61,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Lora(a) => train::run_lora(&a),
         #[cfg(feature = "metal")]
         Command::Fuse(a) => train::run_fuse(&a),
+        #[cfg(feature = "metal")]
+        Command::Convert(a) => convert::run(&a),
         Command::Completions(a) => {
             use clap::CommandFactory;
             let mut out = std::io::stdout().lock();

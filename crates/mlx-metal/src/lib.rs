@@ -7,7 +7,8 @@
 //!   and activations. [`cache`]: KV caches. [`sample`]: mlx-lm's sampling.
 //! - [`model`]: one file per architecture, reading like mlx-lm's, loading
 //!   from Hugging Face safetensors (sharded, quantised, tensor-parallel),
-//!   LoRA adapters ([`lora`]).
+//!   LoRA adapters ([`lora`]), converting Hugging Face checkpoints as
+//!   `mlx_lm.convert` does ([`convert`]).
 //! - [`tokenizer`], [`chat`]: tokenising, streaming detokenising, stop
 //!   strings, chat templates.
 //! - [`generate`], [`batch`], [`session`], [`speculative`]: mlx-lm's
@@ -36,6 +37,7 @@ pub mod bench;
 pub mod cache;
 pub mod chat;
 pub mod constrain;
+pub mod convert;
 pub mod generate;
 pub mod lora;
 pub mod model;
