@@ -203,7 +203,7 @@ impl ModelArgs {
         crate::adapter_arg::at_load(&self.adapter, false)?;
         let started = Instant::now();
         let model = {
-            let _spinner = loading_spinner(&self.model);
+            let _spinner = spinner(format!("loading {}", self.model.display()));
             load_model(&self.model, &settings)?
         };
         tracing::info!(model = %self.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
@@ -211,9 +211,10 @@ impl ModelArgs {
     }
 }
 
-/// A spinner with the time so far while a model loads, on a terminal only (gone when dropped).
+/// A spinner with `what` and the time so far (a model loading, a fuse writing), on a terminal
+/// only; gone when dropped.
 #[cfg(feature = "metal")]
-fn loading_spinner(dir: &Path) -> Option<impl Drop> {
+pub(crate) fn spinner(what: String) -> Option<impl Drop> {
     use std::io::IsTerminal;
     struct Spinner(indicatif::ProgressBar);
     impl Drop for Spinner {
@@ -225,16 +226,16 @@ fn loading_spinner(dir: &Path) -> Option<impl Drop> {
         return None;
     }
     let bar = indicatif::ProgressBar::new_spinner();
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} loading {msg} ({elapsed})") {
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
         bar.set_style(style);
     }
-    bar.set_message(dir.display().to_string());
+    bar.set_message(what);
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     Some(Spinner(bar))
 }
 
 #[cfg(not(feature = "metal"))]
-fn loading_spinner(_: &Path) -> Option<()> {
+pub(crate) fn spinner(_: String) -> Option<()> {
     None
 }
 

@@ -277,8 +277,11 @@ pub(crate) struct FuseArgs {
 /// `mlxr fuse`.
 pub(crate) fn run_fuse(args: &FuseArgs) -> Result<(), Failure> {
     let if_exists = if args.force { IfExists::Replace } else { IfExists::Refuse };
-    let fused = mlx_train::fuse(&args.model, &args.adapter_path, &args.save_path, if_exists)
-        .map_err(|e| Failure::new(e.to_string()))?;
+    let fused = {
+        let _spinner = crate::args::spinner(format!("fusing into {}", args.save_path.display()));
+        mlx_train::fuse(&args.model, &args.adapter_path, &args.save_path, if_exists)
+    }
+    .map_err(|e| Failure::new(e.to_string()))?;
     eprintln!("fused {} layers into {}", fused.len(), args.save_path.display());
     Ok(())
 }
