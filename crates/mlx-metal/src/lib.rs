@@ -42,6 +42,7 @@ pub mod generate;
 pub mod lora;
 pub mod model;
 pub mod nn;
+mod pyrepr;
 pub mod sample;
 pub mod session;
 pub mod speculative;

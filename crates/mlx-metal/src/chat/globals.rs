@@ -8,6 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Error, ErrorKind, Value};
 
+use crate::pyrepr;
+
 /// The error a template raises with `raise_exception(message)`, found again in the error chain.
 #[derive(Debug)]
 pub(super) struct Raised(pub(super) String);
@@ -221,10 +223,10 @@ impl JsonStyle {
                 if value.is_integer() {
                     let _ = write!(out, "{value}");
                 } else {
-                    out.push_str(&py_float(f64::try_from(value.clone())?));
+                    out.push_str(&pyrepr::float(f64::try_from(value.clone())?));
                 }
             }
-            ValueKind::String => self.string(out, value.as_str().unwrap_or_default()),
+            ValueKind::String => pyrepr::json_string(out, value.as_str().unwrap_or_default(), self.ensure_ascii),
             ValueKind::Map => {
                 let mut entries = Vec::new();
                 for key in value.try_iter()? {
@@ -234,7 +236,7 @@ impl JsonStyle {
                         ValueKind::Bool => (if key.is_true() { "true" } else { "false" }).to_string(),
                         ValueKind::None => "null".to_string(),
                         ValueKind::Number if key.is_integer() => key.to_string(),
-                        ValueKind::Number => py_float(f64::try_from(key.clone())?),
+                        ValueKind::Number => pyrepr::float(f64::try_from(key.clone())?),
                         other => {
                             return Err(Error::new(
                                 ErrorKind::InvalidOperation,
@@ -257,7 +259,7 @@ impl JsonStyle {
                         out.push_str(&self.item_sep);
                     }
                     self.newline(out, depth + 1);
-                    self.string(out, key);
+                    pyrepr::json_string(out, key, self.ensure_ascii);
                     out.push_str(&self.key_sep);
                     self.write(out, item, depth + 1)?;
                 }
@@ -290,96 +292,11 @@ impl JsonStyle {
         }
         Ok(())
     }
-
-    /// A JSON string as Python writes it: `"`, `\` and control characters escaped, and
-    /// everything beyond ASCII as `\uXXXX` when `ensure_ascii`.
-    fn string(&self, out: &mut String, s: &str) {
-        out.push('"');
-        for c in s.chars() {
-            match c {
-                '"' => out.push_str("\\\""),
-                '\\' => out.push_str("\\\\"),
-                '\n' => out.push_str("\\n"),
-                '\r' => out.push_str("\\r"),
-                '\t' => out.push_str("\\t"),
-                '\u{08}' => out.push_str("\\b"),
-                '\u{0C}' => out.push_str("\\f"),
-                c if u32::from(c) < 0x20 || self.ensure_ascii && !c.is_ascii() => {
-                    let mut buf = [0u16; 2];
-                    for unit in c.encode_utf16(&mut buf) {
-                        let _ = write!(out, "\\u{unit:04x}");
-                    }
-                }
-                c => out.push(c),
-            }
-        }
-        out.push('"');
-    }
-}
-
-/// A float as Python's `repr` writes it: shortest round-trip digits, positional for exponents
-/// from -4 to 15 (`1.0`, `0.0001`), scientific beyond (`1e+16`, `1e-05`).
-pub(super) fn py_float(f: f64) -> String {
-    if f.is_nan() {
-        return "NaN".into();
-    }
-    if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
-    }
-    if f == 0.0 {
-        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
-    }
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let (sign, mantissa) = match mantissa.strip_prefix('-') {
-        Some(m) => ("-", m),
-        None => ("", mantissa),
-    };
-    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
-    let n = i32::try_from(digits.len()).unwrap_or(i32::MAX);
-    let body = if (-4..16).contains(&exp) {
-        if exp >= 0 {
-            let int_len = usize::try_from(exp + 1).unwrap_or(0);
-            if n <= exp + 1 {
-                format!("{digits}{}.0", "0".repeat(int_len - digits.len()))
-            } else {
-                format!("{}.{}", &digits[..int_len], &digits[int_len..])
-            }
-        } else {
-            format!("0.{}{digits}", "0".repeat(usize::try_from(-exp - 1).unwrap_or(0)))
-        }
-    } else {
-        let exp_sign = if exp < 0 { '-' } else { '+' };
-        format!("{mantissa}e{exp_sign}{:02}", exp.unsigned_abs())
-    };
-    format!("{sign}{body}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn py_float_matches_python_repr() {
-        let cases = [
-            (1.0, "1.0"),
-            (0.1, "0.1"),
-            (-2.5, "-2.5"),
-            (1e16, "1e+16"),
-            (1.5e16, "1.5e+16"),
-            (123_456_789.0, "123456789.0"),
-            (1e15, "1000000000000000.0"),
-            (0.0001, "0.0001"),
-            (0.00001, "1e-05"),
-            (1.25e-7, "1.25e-07"),
-            (-0.0, "-0.0"),
-            (f64::INFINITY, "Infinity"),
-        ];
-        for (f, want) in cases {
-            assert_eq!(py_float(f), want, "{f}");
-        }
-    }
 
     #[test]
     fn strftime_formats_known_dates() {

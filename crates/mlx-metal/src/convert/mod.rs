@@ -308,26 +308,26 @@ pub fn convert(
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
-    let staged = Staged(durable::temp_dir_beside(out).map_err(relabel)?);
+    let staged = durable::StagedDir::beside(out).map_err(relabel)?;
     let mut maker = write::Maker::new(sources);
     let mut done = 0;
     let mut names = Vec::new();
     for (i, range) in shards.iter().enumerate() {
         let file = write::shard_name(i, shards.len());
         let tensors: Vec<&plan::OutTensor> = plan.tensors[range.clone()].iter().collect();
-        write::write_shard(&staged.0.join(&file), &tensors, &mut maker, &mut done, progress)?;
+        write::write_shard(&staged.path().join(&file), &tensors, &mut maker, &mut done, progress)?;
         let shard_bytes = tensors.iter().map(|t| t.nbytes()).sum();
         progress(Event::Shard { file: &file, tensors: tensors.len(), bytes: shard_bytes });
         names.push(file);
         mlx::memory::clear_cache()?;
     }
     drop(maker);
-    durable::write_durable_bytes(&staged.0.join("model.safetensors.index.json"), index_text.as_bytes())
+    durable::write_durable_bytes(&staged.path().join("model.safetensors.index.json"), index_text.as_bytes())
         .map_err(relabel)?;
-    durable::write_durable_bytes(&staged.0.join("config.json"), config_text.as_bytes()).map_err(relabel)?;
-    copy_files(src, &staged.0)?;
-    durable::write_durable_bytes(&staged.0.join("README.md"), MODEL_CARD.as_bytes()).map_err(relabel)?;
-    durable::replace_dir(&staged.0, out, options.if_exists == IfExists::Replace).map_err(relabel)?;
+    durable::write_durable_bytes(&staged.path().join("config.json"), config_text.as_bytes()).map_err(relabel)?;
+    copy_files(src, staged.path())?;
+    durable::write_durable_bytes(&staged.path().join("README.md"), MODEL_CARD.as_bytes()).map_err(relabel)?;
+    staged.commit(options.if_exists == IfExists::Replace).map_err(relabel)?;
     Ok(Summary {
         out: out.to_path_buf(),
         architecture: arch.name().to_owned(),
@@ -470,22 +470,7 @@ fn copy_files(src: &Path, out: &Path) -> Result<()> {
 }
 
 fn relabel(e: Error) -> Error {
-    match e {
-        Error::Io { path, source, .. } => Error::Io { op: OP, path, source },
-        other => other,
-    }
-}
-
-/// A directory being built; removed with what it holds unless it was moved
-/// into place.
-struct Staged(PathBuf);
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if self.0.exists() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    durable::relabel(e, OP)
 }
 
 #[cfg(test)]

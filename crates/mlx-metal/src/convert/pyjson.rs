@@ -17,6 +17,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::pyrepr;
+
 /// `value` as Python's `json.dump(value, f, indent=4)` writes it (no
 /// trailing line end).
 pub(crate) fn dump(value: &Value) -> String {
@@ -38,10 +40,10 @@ fn write_value(out: &mut String, value: &Value, depth: usize) {
         Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
             (Some(i), _, _) => out.push_str(&i.to_string()),
             (None, Some(u), _) => out.push_str(&u.to_string()),
-            (None, None, Some(f)) => out.push_str(&float_repr(f)),
+            (None, None, Some(f)) => out.push_str(&pyrepr::float(f)),
             _ => out.push_str(&n.to_string()),
         },
-        Value::String(s) => write_string(out, s),
+        Value::String(s) => pyrepr::json_string(out, s, true),
         Value::Array(items) if items.is_empty() => out.push_str("[]"),
         Value::Array(items) => {
             out.push('[');
@@ -60,7 +62,7 @@ fn write_value(out: &mut String, value: &Value, depth: usize) {
             for (i, (k, v)) in map.iter().enumerate() {
                 out.push_str(if i == 0 { "\n" } else { ",\n" });
                 indent(out, depth + 1);
-                write_string(out, k);
+                pyrepr::json_string(out, k, true);
                 out.push_str(": ");
                 write_value(out, v, depth + 1);
             }
@@ -69,69 +71,6 @@ fn write_value(out: &mut String, value: &Value, depth: usize) {
             out.push('}');
         }
     }
-}
-
-/// A string as `json.dumps` with `ensure_ascii` writes it.
-fn write_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            ' '..='~' => out.push(c),
-            _ => {
-                let mut units = [0u16; 2];
-                for unit in c.encode_utf16(&mut units) {
-                    out.push_str(&format!("\\u{unit:04x}"));
-                }
-            }
-        }
-    }
-    out.push('"');
-}
-
-/// A finite float as Python's `repr` prints it: the shortest digits that
-/// read back to the same value, in positional notation when the decimal
-/// exponent is in [-4, 16) (with `.0` for a whole number), else as
-/// `d.ddde±XX`.
-pub(crate) fn float_repr(x: f64) -> String {
-    // Rust's `{:e}` prints the same shortest digits: `1.2345e-6`, `1e16`.
-    let sci = format!("{:e}", x.abs());
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
-    let n = digits.len() as i32;
-    let decpt = exp + 1;
-    let mut out = String::new();
-    if x.is_sign_negative() {
-        out.push('-');
-    }
-    if !(-4 < decpt && decpt <= 16) {
-        out.push_str(&digits[..1]);
-        if n > 1 {
-            out.push('.');
-            out.push_str(&digits[1..]);
-        }
-        out.push_str(&format!("e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs()));
-    } else if decpt <= 0 {
-        out.push_str("0.");
-        out.push_str(&"0".repeat((-decpt) as usize));
-        out.push_str(&digits);
-    } else if decpt >= n {
-        out.push_str(&digits);
-        out.push_str(&"0".repeat((decpt - n) as usize));
-        out.push_str(".0");
-    } else {
-        out.push_str(&digits[..decpt as usize]);
-        out.push('.');
-        out.push_str(&digits[decpt as usize..]);
-    }
-    out
 }
 
 /// Python's truth value of a JSON value (`if x:`).
@@ -187,34 +126,6 @@ pub(crate) fn output_config(mut config: Map<String, Value>, quantization: Option
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn floats_read_as_python_prints_them() {
-        let cases = [
-            (1e-5, "1e-05"),
-            (1e-6, "1e-06"),
-            (10000.0, "10000.0"),
-            (1_000_000.0, "1000000.0"),
-            (0.02, "0.02"),
-            (0.0001, "0.0001"),
-            (0.00012, "0.00012"),
-            (1.5e-5, "1.5e-05"),
-            (1e16, "1e+16"),
-            (1234567890123456.0, "1234567890123456.0"),
-            (1.25e20, "1.25e+20"),
-            (0.0, "0.0"),
-            (-0.0, "-0.0"),
-            (-2.5, "-2.5"),
-            (0.1, "0.1"),
-            (123.456, "123.456"),
-            (3.0e-120, "3e-120"),
-            (1.7976931348623157e308, "1.7976931348623157e+308"),
-            (0.3333333333333333, "0.3333333333333333"),
-        ];
-        for (x, want) in cases {
-            assert_eq!(float_repr(x), want, "{x:e}");
-        }
-    }
 
     #[test]
     fn documents_are_laid_out_as_json_dump_with_indent_4() {

@@ -4,7 +4,7 @@
 //!
 //! The directory is built beside its destination under a hidden name, every
 //! file written durably ([`mlx::io::durable`]), and moved into place whole
-//! ([`mlx::io::durable::replace_dir`]): a failure leaves the destination as it
+//! ([`mlx::io::durable::StagedDir`]): a failure leaves the destination as it
 //! was, and what ends up there is exactly the fused model — no weights, index
 //! or stamp of whatever the directory held before, and none of the base's
 //! hidden files (its `.mlxr-stamp.json` describes the base's files, not
@@ -191,32 +191,17 @@ pub fn fuse_and_save(
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
-    let staged = Staged(durable::temp_dir_beside(&out).map_err(relabel)?);
+    let staged = durable::StagedDir::beside(&out).map_err(relabel)?;
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "mlx".to_string());
-    io::save_safetensors(staged.0.join("model.safetensors"), tensors.iter().map(|(k, v)| (k.as_str(), v)), &meta)?;
-    copy_model_files(&src, &staged.0)?;
-    durable::replace_dir(&staged.0, &out, if_exists == IfExists::Replace).map_err(relabel)?;
+    io::save_safetensors(staged.path().join("model.safetensors"), tensors.iter().map(|(k, v)| (k.as_str(), v)), &meta)?;
+    copy_model_files(&src, staged.path())?;
+    staged.commit(if_exists == IfExists::Replace).map_err(relabel)?;
     Ok(paths)
 }
 
 fn relabel(e: Error) -> Error {
-    match e {
-        Error::Io { path, source, .. } => Error::Io { op: OP, path, source },
-        other => other,
-    }
-}
-
-/// A directory being built; removed with what it holds unless it was moved
-/// into place.
-struct Staged(PathBuf);
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if self.0.exists() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    durable::relabel(e, OP)
 }
 
 /// Whether the model directory's file `name` is copied beside the fused

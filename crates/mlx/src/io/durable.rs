@@ -26,8 +26,8 @@
 //! temporary *path* rather than a file handle: MLX's safetensors writer opens
 //! a path itself ([`crate::io::save_safetensors`] hands it the temporary
 //! file's path and checks, before committing, that the path still names the
-//! file it created). [`temp_dir_beside`] and [`replace_dir`] do the same for
-//! a whole directory (a fused model).
+//! file it created). [`StagedDir`] does the same for a whole directory (a
+//! fused or converted model).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -47,9 +47,9 @@ fn io_err(path: &Path, source: io::Error) -> Error {
     Error::Io { op: OP, path: path.to_path_buf(), source }
 }
 
-/// `e` with `op` as its op when it is one of this module's I/O errors, so a
+/// `e` with `op` as its op when it is one of this module's errors, so a
 /// caller's errors name the caller.
-pub(crate) fn relabel(e: Error, op: &'static str) -> Error {
+pub fn relabel(e: Error, op: &'static str) -> Error {
     match e {
         Error::Io { op: OP, path, source } => Error::Io { op, path, source },
         Error::InvalidArgument { op: OP, message } => Error::InvalidArgument { op, message },
@@ -243,39 +243,66 @@ pub fn copy_durable(from: &Path, to: &Path) -> Result<()> {
     write_durable(to, |f| io::copy(&mut src, f).map(|_| ()))
 }
 
-/// Creates a fresh, empty, hidden directory beside `target`
-/// (`.NAME.TAG.tmp`), exclusively, for building a directory that
-/// [`replace_dir`] then moves into place.
-///
-/// # Errors
-/// [`Error::InvalidArgument`] when `target` has no file name; [`Error::Io`]
-/// naming the path when it cannot be created.
-pub fn temp_dir_beside(target: &Path) -> Result<PathBuf> {
-    let (dir, name) = split_target(target)?;
-    for _ in 0..ATTEMPTS {
-        let path = dir.join(format!(".{name}.{}.tmp", fresh_tag()));
-        match fs::create_dir(&path) {
-            Ok(()) => return Ok(path),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io_err(&path, e)),
-        }
-    }
-    Err(io_err(target, io::Error::new(io::ErrorKind::AlreadyExists, "no free temporary name after 32 attempts")))
+/// A directory being built beside its target, then moved into place whole
+/// ([`StagedDir::commit`]); dropped uncommitted (an error on the way), it is
+/// removed with everything in it.
+#[derive(Debug)]
+pub struct StagedDir {
+    path: PathBuf,
+    target: PathBuf,
 }
 
-/// Moves the finished directory `staged` (made by [`temp_dir_beside`] for
-/// `target`, its files written durably) into place as `target`: `staged` is
-/// synced and renamed to `target`, and the parent directory is synced. A
-/// missing or empty `target` is simply replaced. A `target` that holds
-/// anything is refused unless `replace_non_empty`; then it is first renamed
-/// aside (`.NAME.TAG.old`) and, once `staged` is in place, removed with
-/// everything in it.
-///
-/// # Errors
-/// [`Error::Io`] naming the path that failed. Until `staged` is renamed,
-/// `target` is untouched (an old directory renamed aside is put back when
-/// the second rename fails); `staged` is left for the caller to remove.
-pub fn replace_dir(staged: &Path, target: &Path, replace_non_empty: bool) -> Result<()> {
+impl StagedDir {
+    /// Creates a fresh, empty, hidden directory beside `target`
+    /// (`.NAME.TAG.tmp`), exclusively.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `target` has no file name; [`Error::Io`]
+    /// naming the path when it cannot be created.
+    pub fn beside(target: &Path) -> Result<StagedDir> {
+        let (dir, name) = split_target(target)?;
+        for _ in 0..ATTEMPTS {
+            let path = dir.join(format!(".{name}.{}.tmp", fresh_tag()));
+            match fs::create_dir(&path) {
+                Ok(()) => return Ok(StagedDir { path, target: target.to_path_buf() }),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err(&path, e)),
+            }
+        }
+        Err(io_err(target, io::Error::new(io::ErrorKind::AlreadyExists, "no free temporary name after 32 attempts")))
+    }
+
+    /// The directory to write the files into (durably).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Moves the finished directory into place as the target: it is synced
+    /// and renamed to the target, and the parent directory is synced. A
+    /// missing or empty target is simply replaced. A target that holds
+    /// anything is refused unless `replace_non_empty`; then it is first
+    /// renamed aside (`.NAME.TAG.old`) and, once the new one is in place,
+    /// removed with everything in it.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the path that failed. Until the rename the target
+    /// is untouched (an old directory renamed aside is put back when the
+    /// second rename fails), and the staged directory is removed.
+    pub fn commit(self, replace_non_empty: bool) -> Result<()> {
+        replace_dir(&self.path, &self.target, replace_non_empty)
+    }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        // Gone already once committed; otherwise a half-built directory.
+        if fs::symlink_metadata(&self.path).is_ok() {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn replace_dir(staged: &Path, target: &Path, replace_non_empty: bool) -> Result<()> {
     let (parent, name) = split_target(target)?;
     sync_dir(staged)?;
     let occupied = match fs::symlink_metadata(target) {
@@ -426,30 +453,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("fused");
         // Into a missing target.
-        let staged = temp_dir_beside(&target).unwrap();
-        write_durable_bytes(&staged.join("config.json"), b"one").unwrap();
-        replace_dir(&staged, &target, false).unwrap();
+        let staged = StagedDir::beside(&target).unwrap();
+        write_durable_bytes(&staged.path().join("config.json"), b"one").unwrap();
+        staged.commit(false).unwrap();
         assert_eq!(names(&target), ["config.json"]);
-        // Not over a directory that holds anything, unless asked: both are left as they were.
-        let staged = temp_dir_beside(&target).unwrap();
-        let err = replace_dir(&staged, &target, false).unwrap_err().to_string();
+        // Not over a directory that holds anything, unless asked: the target
+        // is left as it was, and the staged directory is removed.
+        let staged = StagedDir::beside(&target).unwrap();
+        let err = staged.commit(false).unwrap_err().to_string();
         assert!(err.contains("fused") && err.contains("not empty"), "{err}");
         assert_eq!(names(&target), ["config.json"]);
-        fs::remove_dir(&staged).unwrap();
+        assert_eq!(names(dir.path()), ["fused"], "the refused staged directory is gone");
         // Over an old directory with files and a subdirectory of its own: nothing of it is left.
         fs::write(target.join("model.safetensors.index.json"), b"stale").unwrap();
         fs::create_dir(target.join("sub")).unwrap();
-        let staged = temp_dir_beside(&target).unwrap();
-        write_durable_bytes(&staged.join("config.json"), b"two").unwrap();
-        replace_dir(&staged, &target, true).unwrap();
+        let staged = StagedDir::beside(&target).unwrap();
+        write_durable_bytes(&staged.path().join("config.json"), b"two").unwrap();
+        staged.commit(true).unwrap();
         assert_eq!(names(&target), ["config.json"]);
         assert_eq!(fs::read(target.join("config.json")).unwrap(), b"two");
         assert_eq!(names(dir.path()), ["fused"], "no staged or old directory is left");
+        // Dropped before commit (an error while writing): removed with its files.
+        let staged = StagedDir::beside(&target).unwrap();
+        write_durable_bytes(&staged.path().join("half.safetensors"), b"...").unwrap();
+        drop(staged);
+        assert_eq!(names(dir.path()), ["fused"]);
         // A file in the way is refused and left alone.
         let file = dir.path().join("file");
         fs::write(&file, b"x").unwrap();
-        let staged = temp_dir_beside(&file).unwrap();
-        assert!(replace_dir(&staged, &file, true).unwrap_err().to_string().contains("not a directory"));
+        let staged = StagedDir::beside(&file).unwrap();
+        assert!(staged.commit(true).unwrap_err().to_string().contains("not a directory"));
         assert_eq!(fs::read(&file).unwrap(), b"x");
     }
 }
