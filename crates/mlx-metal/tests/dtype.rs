@@ -74,7 +74,19 @@ fn a_cast_reaches_every_floating_point_tensor_but_not_packed_weights() {
         let x = mlx::Array::from_slice(&[1i32, 2, 3], &[1, 3]).unwrap();
         let mut caches = loaded.model.make_cache().unwrap();
         assert_eq!(loaded.model.forward(&x, &mut caches).unwrap().dtype(), want, "{name}: logits");
+        let narrow = model::dtype::narrow_tables(&loaded.compute, checkpoint(name), mlx::device::current().unwrap());
+        assert_eq!(
+            loaded.compute.reason.contains("the output head stay"),
+            narrow.is_some(),
+            "{}",
+            loaded.compute.reason
+        );
         let parts = loaded.model.parts_mut();
+        // A 16-bit table stays in its type when the model computes in float32 on a CPU.
+        if let mlx_metal::nn::LinearWeight::Dense(table) = &parts.embed_tokens.weight {
+            let table_dtype = if narrow.is_some() { Dtype::Bfloat16 } else { want };
+            assert_eq!(table.dtype(), table_dtype, "{name}: the embedding table");
+        }
         let lin = &parts.layers[0].self_attn.q_proj;
         match &lin.weight {
             mlx_metal::nn::LinearWeight::Dense(w) => assert_eq!(w.dtype(), want, "{name}: q_proj"),
@@ -84,6 +96,13 @@ fn a_cast_reaches_every_floating_point_tensor_but_not_packed_weights() {
             }
         }
     }
+}
+
+/// What the tiny checkpoints hold.
+fn checkpoint(name: &str) -> model::dtype::CheckpointTypes {
+    let quantised = name.ends_with("bit");
+    let float = if name == "llama-tiny" { Dtype::Float32 } else { Dtype::Bfloat16 };
+    model::dtype::CheckpointTypes { float, quantised }
 }
 
 /// Through the public API, a 16-bit model computing in float32 generates

@@ -33,6 +33,14 @@ int mlxs_clip(mlxs_array* out, mlxs_array a, mlxs_array lo, mlxs_array hi, int d
 int mlxs_astype(mlxs_array* out, mlxs_array a, int dtype, int dev);
 int mlxs_addmm(mlxs_array* out, mlxs_array c, mlxs_array a, mlxs_array b, float alpha, float beta,
                int dev);
+// x Wᵀ (matmul's type promotion), W [out, in]; for float32 x and a bfloat16
+// or float16 W on the CPU, our kernel that reads W in its 16-bit type
+// (mlxs_widen.cpp).
+int mlxs_widen_matmul(mlxs_array* out, mlxs_array x, mlxs_array w, int dev);
+// Whether mlxs_widen_matmul runs our kernel for these arrays (else MLX's matmul).
+int mlxs_widen_matmul_applies(mlxs_array x, mlxs_array w, int dev, bool* out);
+// false: that kernel's portable loop even on a CPU with AVX2 (tests).
+int mlxs_set_widen_simd(bool on);
 int mlxs_tril(mlxs_array* out, mlxs_array a, int k, int dev);
 int mlxs_triu(mlxs_array* out, mlxs_array a, int k, int dev);
 

@@ -209,6 +209,31 @@ pub fn choose_on(
     }
 }
 
+/// The compute type the embedding table and the output head come out in
+/// when they keep the checkpoint's 16-bit type while everything else is cast
+/// to float32; `None` when they are cast like the rest.
+///
+/// That is a dense bfloat16 or float16 checkpoint computing in float32 on a
+/// CPU (`auto` on x86 with an optimised BLAS, or an explicit `float32`). The
+/// head is the biggest matrix of a small model (Gemma 3 270M: 262,144 × 640,
+/// 63% of its weights) and a token's head is one row times it, bound by
+/// reading it: [`mlx::ops::widen_matmul`] reads it in 16 bits and computes in
+/// float32, a quarter of the time of the float32 matmul on OpenBLAS
+/// (docs/benchmarks.md). 16-bit values widen to float32 exactly, so the
+/// logits are the float32 model's up to the order of the sums; the table's
+/// looked-up rows are widened the same way, and it takes half the memory.
+/// On a GPU, where the matmuls run in the checkpoint's type anyway, nothing
+/// changes.
+pub fn narrow_tables(compute: &Compute, checkpoint: CheckpointTypes, device: Device) -> Option<Dtype> {
+    let narrow = device == Device::Cpu
+        && !checkpoint.quantised
+        && !compute.dequantise
+        && matches!(checkpoint.float, Dtype::Bfloat16 | Dtype::Float16)
+        && compute.dtype == Dtype::Float32
+        && compute.cast == Some(Dtype::Float32);
+    narrow.then_some(Dtype::Float32)
+}
+
 /// Whether [`choose_on`] for these policies and checkpoint reads
 /// [`QuantFacts::timing`]: `auto` on a CPU for a quantised checkpoint.
 pub fn needs_timing(policy: DtypePolicy, quantised: QuantisedPolicy, checkpoint: CheckpointTypes) -> bool {
@@ -306,6 +331,25 @@ mod tests {
     fn auto(device: Device, ck: CheckpointTypes, host: Host) -> (Dtype, Option<Dtype>) {
         let c = choose(DtypePolicy::Auto(device), ck, host, None);
         (c.dtype, c.cast)
+    }
+
+    #[test]
+    fn tables_stay_narrow_only_for_a_16_bit_checkpoint_computing_in_float32_on_a_cpu() {
+        let f32_cast = |ck| choose(DtypePolicy::Cast(Dtype::Float32), ck, FAST, None);
+        let auto_cpu = choose(DtypePolicy::Auto(Device::Cpu), BF16, FAST, None);
+        assert_eq!(narrow_tables(&auto_cpu, BF16, Device::Cpu), Some(Dtype::Float32));
+        assert_eq!(narrow_tables(&f32_cast(F16), F16, Device::Cpu), Some(Dtype::Float32));
+        // Not on a GPU, not for float32 or quantised checkpoints, not when
+        // nothing is cast or the cast is to a 16-bit type.
+        assert_eq!(narrow_tables(&f32_cast(BF16), BF16, Device::Gpu), None);
+        assert_eq!(narrow_tables(&f32_cast(F32), F32, Device::Cpu), None);
+        assert_eq!(narrow_tables(&f32_cast(Q4), Q4, Device::Cpu), None);
+        let own = choose(DtypePolicy::Checkpoint, BF16, FAST, None);
+        assert_eq!(narrow_tables(&own, BF16, Device::Cpu), None);
+        let reference = choose(DtypePolicy::Auto(Device::Cpu), BF16, REFERENCE, None);
+        assert_eq!(narrow_tables(&reference, BF16, Device::Cpu), None);
+        let half = choose(DtypePolicy::Cast(Dtype::Float16), BF16, FAST, None);
+        assert_eq!(narrow_tables(&half, BF16, Device::Cpu), None);
     }
 
     fn ms(n: f64) -> Duration {

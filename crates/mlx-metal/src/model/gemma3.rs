@@ -169,7 +169,7 @@ impl Gemma3 {
             .collect::<Result<Vec<_>>>()?;
         let embed_tokens = root.pp("model.embed_tokens").embedding(s.vocab_size, s.hidden_size)?;
         let lm_head = if root.pp("lm_head").contains("weight") {
-            Some(root.pp("lm_head").linear(s.vocab_size, s.hidden_size, false)?)
+            Some(root.pp("lm_head").head(s.vocab_size, s.hidden_size)?)
         } else {
             None
         };

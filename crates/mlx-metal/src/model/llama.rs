@@ -182,7 +182,7 @@ impl Llama {
             weights.ignore(|k| k == "lm_head.weight" || k.starts_with("lm_head."));
             None
         } else {
-            Some(root.pp("lm_head").linear(s.vocab_size, s.hidden_size, false)?)
+            Some(root.pp("lm_head").head(s.vocab_size, s.hidden_size)?)
         };
         let norm = RmsNorm::load(&root.pp("model.norm"), s.hidden_size, s.rms_norm_eps)?;
         weights.ignore(|k| k.contains("rotary_emb.inv_freq"));

@@ -296,11 +296,19 @@ pub fn load_with_quantised(
         }
         quant_probe::facts(&weights, time)
     });
-    let compute = dtype::choose_on(policy, quantised, checkpoint, Host::this(), facts.as_ref());
+    let mut compute = dtype::choose_on(policy, quantised, checkpoint, Host::this(), facts.as_ref());
+    let narrow = dtype::narrow_tables(&compute, checkpoint, mlx::device::current()?);
+    if narrow.is_some() {
+        compute.reason.push_str(&format!(
+            "; the embedding table and the output head stay {}, their products computed in float32",
+            checkpoint.float
+        ));
+    }
     span.record("dtype", compute.dtype.name());
     tracing::debug!(dtype = compute.dtype.name(), dequantise = compute.dequantise, reason = %compute.reason, "compute type");
     weights.set_cast(compute.cast);
     weights.set_dequantise(compute.dequantise);
+    weights.set_narrow_tables(narrow);
     let _build = tracing::debug_span!("build_model").entered();
     let mut model: Box<dyn LanguageModel> = match arch {
         "gemma3" | "gemma3_text" => Box::new(gemma3::Gemma3::load(&config, &weights)?),

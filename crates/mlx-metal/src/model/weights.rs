@@ -52,6 +52,9 @@ pub struct Weights {
     cast: Option<Dtype>,
     /// Whether quantised matrices are dequantised as they are looked up.
     dequantise: bool,
+    /// The compute type of an embedding table and output head kept in their
+    /// stored 16-bit type (see [`Weights::set_narrow_tables`]).
+    narrow_tables: Option<Dtype>,
 }
 
 impl Weights {
@@ -84,6 +87,7 @@ impl Weights {
             files: Vec::new(),
             cast: None,
             dequantise: false,
+            narrow_tables: None,
         })
     }
 
@@ -127,6 +131,7 @@ impl Weights {
             files: Vec::new(),
             cast: None,
             dequantise: false,
+            narrow_tables: None,
         }
     }
 
@@ -154,6 +159,15 @@ impl Weights {
     /// scales' type).
     pub fn set_dequantise(&mut self, on: bool) {
         self.dequantise = on;
+    }
+
+    /// Keeps a dense 16-bit embedding table and output head
+    /// ([`WeightPath::embedding`], [`WeightPath::head`]) in their stored type
+    /// while the rest is cast, their rows and products coming out in
+    /// `compute` (`None`: they are cast like every other tensor). See
+    /// [`super::dtype::narrow_tables`].
+    pub fn set_narrow_tables(&mut self, compute: Option<Dtype>) {
+        self.narrow_tables = compute;
     }
 
     /// `weight` as the model holds it: dense after dequantising when
@@ -222,10 +236,15 @@ impl Weights {
 
     /// A tensor by name; an error names it when it is missing.
     pub fn get(&self, name: &str) -> Result<Array> {
+        self.cast(self.get_as_stored(name)?)
+    }
+
+    /// [`Weights::get`] without the cast.
+    fn get_as_stored(&self, name: &str) -> Result<Array> {
         match self.resolve(name) {
             Some((key, arr)) => {
                 self.used.borrow_mut().insert(key.clone());
-                self.cast(arr.clone())
+                Ok(arr.clone())
             }
             None => Err(model_err(&self.dir, format!("missing tensor {name}"))),
         }
@@ -380,9 +399,41 @@ impl<'a> WeightPath<'a> {
         self.weights.slice(&self.name(leaf), axis, start, len)
     }
 
-    /// An embedding table `[vocab, dim]`, dense or quantised.
+    /// An embedding table `[vocab, dim]`, dense or quantised (a dense 16-bit
+    /// one kept in its type when [`Weights::set_narrow_tables`] asks).
     pub fn embedding(&self, vocab: i32, dim: i32) -> Result<Embedding> {
-        Ok(Embedding::new(self.weights.finish_matrix(self.matrix(vocab, dim)?)?))
+        match self.narrow_table(vocab, dim)? {
+            Some((table, compute)) => Ok(Embedding::new(LinearWeight::Dense(table)).computing_in(compute)),
+            None => Ok(Embedding::new(self.weights.finish_matrix(self.matrix(vocab, dim)?)?)),
+        }
+    }
+
+    /// A model's output head `[vocab, dim]` (no bias): [`WeightPath::linear`],
+    /// but a dense 16-bit head stays in its type when
+    /// [`Weights::set_narrow_tables`] asks (its products come out in the
+    /// compute type, [`Linear::forward`]).
+    pub fn head(&self, vocab: i32, dim: i32) -> Result<Linear> {
+        match self.narrow_table(vocab, dim)? {
+            Some((head, _)) => Ok(Linear::new(LinearWeight::Dense(head), None)),
+            None => self.linear(vocab, dim, false),
+        }
+    }
+
+    /// The dense 16-bit matrix `weight [out, inp]` as stored, and the compute
+    /// type, when the weights keep tables narrow and this one qualifies.
+    fn narrow_table(&self, out: i32, inp: i32) -> Result<Option<(Array, Dtype)>> {
+        let Some(compute) = self.weights.narrow_tables else { return Ok(None) };
+        if self.contains("scales") {
+            return Ok(None);
+        }
+        let name = self.name("weight");
+        let Some((_, stored)) = self.weights.resolve(&name) else { return Ok(None) };
+        if !matches!(stored.dtype(), Dtype::Bfloat16 | Dtype::Float16) {
+            return Ok(None);
+        }
+        let a = self.weights.get_as_stored(&name)?;
+        check_shape(self.weights.dir(), &name, &a, &[out, inp])?;
+        Ok(Some((a, compute)))
     }
 
     /// The rows `[start, start + len)` of an embedding table `[vocab, dim]`

@@ -79,9 +79,19 @@ impl Linear {
         self.parallel.finish(y)
     }
 
-    /// The layer's own matmul: no LoRA update, no collective.
+    /// The layer's own matmul: no LoRA update, no collective. Float32 inputs
+    /// to a dense 16-bit matrix (a head kept narrow:
+    /// [`crate::model::dtype::narrow_tables`]) run [`ops::widen_matmul`], which
+    /// reads the matrix as it is and computes in float32.
     pub fn forward_base(&self, x: &Array) -> Result<Array> {
         match (&self.weight, &self.bias) {
+            (LinearWeight::Dense(w), bias) if widens(x, w) => {
+                let y = ops::widen_matmul(x, w)?;
+                match bias {
+                    Some(b) => ops::add(&y, b),
+                    None => Ok(y),
+                }
+            }
             (LinearWeight::Dense(w), None) => ops::matmul(x, &ops::transpose(w, &[1, 0])?),
             (LinearWeight::Dense(w), Some(b)) => ops::addmm(b, x, &ops::transpose(w, &[1, 0])?, 1.0, 1.0),
             (LinearWeight::Quantized(q), None) => ops::quantized_matmul(x, q, true),
@@ -104,6 +114,11 @@ impl Linear {
             LinearWeight::Quantized(q) => ops::dequantize(q, dtype),
         }
     }
+}
+
+/// Whether `x Wᵀ` is float32 rows times a 16-bit matrix.
+fn widens(x: &Array, w: &Array) -> bool {
+    x.dtype() == Dtype::Float32 && matches!(w.dtype(), Dtype::Bfloat16 | Dtype::Float16)
 }
 
 /// Several linear layers that read the same input, run as one matmul: the
@@ -257,21 +272,33 @@ pub struct Embedding {
     pub weight: LinearWeight,
     /// The rows this rank holds of a vocabulary-parallel table.
     pub vocab: Option<VocabShard>,
+    /// The type looked-up rows come out in when it is not the table's (a
+    /// 16-bit table kept narrow in a float32 model).
+    pub compute: Option<Dtype>,
 }
 
 impl Embedding {
     /// A whole table.
     pub fn new(weight: LinearWeight) -> Embedding {
-        Embedding { weight, vocab: None }
+        Embedding { weight, vocab: None, compute: None }
+    }
+
+    /// The table, its rows coming out in `dtype` (widened from its own type).
+    pub fn computing_in(self, dtype: Dtype) -> Embedding {
+        Embedding { compute: Some(dtype), ..self }
     }
 
     /// Looks up `ids` (any int shape) and returns `[..., dim]`. A quantised
     /// table dequantises only the rows it gathers. A vocabulary-parallel table
     /// looks up its own rows and sums over the ranks.
     pub fn forward(&self, ids: &Array) -> Result<Array> {
-        match &self.vocab {
-            Some(shard) => shard.embed(ids, |local| self.lookup(local)),
-            None => self.lookup(ids),
+        let rows = match &self.vocab {
+            Some(shard) => shard.embed(ids, |local| self.lookup(local))?,
+            None => self.lookup(ids)?,
+        };
+        match self.compute {
+            Some(d) if d != rows.dtype() => ops::astype(&rows, d),
+            _ => Ok(rows),
         }
     }
 

@@ -1,0 +1,150 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! `widen_matmul`: float32 rows times a 16-bit matrix, computed in float32
+//! by our CPU kernel where it applies (checked with `widen_matmul_applies`)
+//! and by MLX's matmul elsewhere, against a float64 reference of the widened
+//! values; and its errors.
+
+mod common;
+
+use common::{arr, assert_close, data, expect_err, matmul_ref, on_gpu, vals, wide};
+use mlx::ops;
+use mlx::{Array, Dtype};
+
+/// A `[n, k]` matrix of `dtype` and its values widened to f64 (exact: every
+/// 16-bit value is a float32).
+fn matrix(n: usize, k: usize, dtype: Dtype, seed: u64) -> (Array, Vec<f64>) {
+    let w = ops::astype(&arr(&data(n * k, seed), &[n as i32, k as i32]), dtype).unwrap();
+    let back = wide(&vals(&ops::astype(&w, Dtype::Float32).unwrap()));
+    (w, back)
+}
+
+/// `x [m, k] @ w [n, k]ᵀ` in f64.
+fn reference(x: &[f32], m: usize, w: &[f64], n: usize, k: usize) -> Vec<f64> {
+    let mut wt = vec![0.0; k * n];
+    for r in 0..n {
+        for c in 0..k {
+            wt[c * n + r] = w[r * k + c];
+        }
+    }
+    matmul_ref(&wide(x), &wt, m, k, n)
+}
+
+#[test]
+fn matches_the_widened_matmul_for_16_bit_matrices_and_any_row_count() {
+    check_shapes();
+}
+
+#[test]
+fn the_portable_loop_matches_too() {
+    // Other tests of this binary may run meanwhile; their results hold on
+    // either path.
+    ops::set_widen_simd(false).unwrap();
+    check_shapes();
+    ops::set_widen_simd(true).unwrap();
+}
+
+fn check_shapes() {
+    // Shapes: K a multiple of 16 and not (the kernel's tail), N big enough to
+    // split over threads (2,048 rows a thread at least) and not, 1 to 33 rows
+    // (33 is past the kernel's limit: MLX's matmul).
+    for dtype in [Dtype::Bfloat16, Dtype::Float16] {
+        for &(m, k, n) in &[(1, 64, 8), (1, 70, 4099), (3, 640, 5000), (32, 33, 300), (33, 48, 40)] {
+            let (w, wv) = matrix(n, k, dtype, 7 + m as u64);
+            let xv = data(m * k, 11 + k as u64);
+            let x = arr(&xv, &[m as i32, k as i32]);
+            let kernel = ops::widen_matmul_applies(&x, &w).unwrap();
+            assert_eq!(kernel, !on_gpu() && m <= 32, "{dtype} m={m} k={k} n={n}: kernel applies");
+            let y = ops::widen_matmul(&x, &w).unwrap();
+            assert_eq!(y.dtype(), Dtype::Float32);
+            assert_eq!(y.shape(), vec![m as i32, n as i32]);
+            let tol = if on_gpu() { 1e-2 } else { 1e-5 };
+            assert_close(&vals(&y), &reference(&xv, m, &wv, n, k), tol);
+        }
+    }
+}
+
+#[test]
+fn keeps_leading_axes_and_reads_views_of_any_layout() {
+    let (k, n) = (40, 24);
+    let (w_big, wv_big) = matrix(n, 2 * k, Dtype::Bfloat16, 3);
+    // Every other column of a wider matrix: not row-contiguous.
+    let w = ops::slice(&w_big, &[0, 0], &[n as i32, 2 * k as i32]).unwrap();
+    let w = ops::reshape(&w, &[n as i32, k as i32, 2]).unwrap();
+    let w = ops::take(&w, &Array::from_slice(&[0i32], &[]).unwrap(), 2).unwrap();
+    let wv: Vec<f64> =
+        (0..n).flat_map(|r| (0..k).map(move |c| (r, c))).map(|(r, c)| wv_big[r * 2 * k + 2 * c]).collect();
+    // A transposed x of shape [2, 3, k].
+    let xv = data(2 * 3 * k, 5);
+    let xt = arr(&xv, &[k as i32, 3, 2]);
+    let x = ops::transpose(&xt, &[2, 1, 0]).unwrap();
+    let x_rows: Vec<f32> = vals(&x);
+    let y = ops::widen_matmul(&x, &w).unwrap();
+    assert_eq!(y.shape(), vec![2, 3, n as i32]);
+    assert_close(&vals(&y), &reference(&x_rows, 6, &wv, n, k), if on_gpu() { 1e-2 } else { 1e-5 });
+}
+
+#[test]
+fn other_types_are_matmul_with_its_promotion() {
+    let (k, n) = (32, 16);
+    let xv = data(2 * k, 9);
+    let x = arr(&xv, &[2, k as i32]);
+    // bfloat16 rows: MLX's matmul in bfloat16, not our kernel.
+    let (w, _) = matrix(n, k, Dtype::Bfloat16, 4);
+    let xb = ops::astype(&x, Dtype::Bfloat16).unwrap();
+    assert!(!ops::widen_matmul_applies(&xb, &w).unwrap());
+    let got = ops::widen_matmul(&xb, &w).unwrap();
+    let want = ops::matmul(&xb, &ops::transpose(&w, &[1, 0]).unwrap()).unwrap();
+    assert_eq!(got.dtype(), Dtype::Bfloat16);
+    assert_eq!(vals(&ops::astype(&got, Dtype::Float32).unwrap()), vals(&ops::astype(&want, Dtype::Float32).unwrap()));
+    // A float32 matrix: plain matmul.
+    let wf = arr(&data(n * k, 4), &[n as i32, k as i32]);
+    assert!(!ops::widen_matmul_applies(&x, &wf).unwrap());
+    let got = ops::widen_matmul(&x, &wf).unwrap();
+    let want = ops::matmul(&x, &ops::transpose(&wf, &[1, 0]).unwrap()).unwrap();
+    assert_eq!(vals(&got), vals(&want));
+    // No rows at all.
+    let empty = arr(&[], &[0, k as i32]);
+    assert!(!ops::widen_matmul_applies(&empty, &w).unwrap());
+    assert_eq!(ops::widen_matmul(&empty, &w).unwrap().shape(), vec![0, n as i32]);
+}
+
+#[test]
+fn shapes_that_do_not_fit_are_errors_that_name_the_op() {
+    let (w, _) = matrix(8, 16, Dtype::Bfloat16, 1);
+    let x = arr(&data(2 * 15, 2), &[2, 15]);
+    let e = expect_err(ops::widen_matmul(&x, &w).and_then(|y| y.eval().map(|_| y)), "widen_matmul");
+    assert!(e.to_string().contains("15") || e.to_string().contains("shape"), "{e}");
+    let w3 = ops::reshape(&w, &[2, 4, 16]).unwrap();
+    let e = expect_err(ops::widen_matmul(&arr(&data(16, 2), &[1, 16]), &w3), "widen_matmul");
+    assert!(e.to_string().contains("2-D"), "{e}");
+}
+
+#[test]
+fn chains_lazily_with_other_ops() {
+    // Several products queued before one eval, one feeding the next.
+    let (w1, w1v) = matrix(48, 32, Dtype::Bfloat16, 21);
+    let (w2, w2v) = matrix(32, 48, Dtype::Float16, 22);
+    let xv = data(32, 23);
+    let h = ops::widen_matmul(&arr(&xv, &[1, 32]), &w1).unwrap();
+    let y = ops::widen_matmul(&h, &w2).unwrap();
+    let h_ref = reference(&xv, 1, &w1v, 48, 32);
+    let h32: Vec<f32> = h_ref.iter().map(|&v| v as f32).collect();
+    assert_close(&vals(&y), &reference(&h32, 1, &w2v, 32, 48), if on_gpu() { 1e-2 } else { 1e-4 });
+}
+
+#[test]
+fn its_derivative_is_the_matmuls() {
+    use mlx::transforms::{Closure, vjp};
+    let (m, k, n) = (2, 24, 10);
+    let (w, wv) = matrix(n, k, Dtype::Bfloat16, 31);
+    let xv = data(m * k, 32);
+    let x = arr(&xv, &[m as i32, k as i32]);
+    let cv = data(m * n, 33);
+    let cot = arr(&cv, &[m as i32, n as i32]);
+    let w_in = w.clone();
+    let f = Closure::new(move |inputs: &[Array]| Ok(vec![ops::widen_matmul(&inputs[0], &w_in)?])).unwrap();
+    let (_, grads) = vjp(&f, &[&x], &[&cot]).unwrap();
+    // d/dx (x Wᵀ) · cot = cot W.
+    let want = matmul_ref(&wide(&cv), &wv, m, n, k);
+    assert_close(&vals(&grads[0]), &want, if on_gpu() { 1e-2 } else { 1e-5 });
+}
