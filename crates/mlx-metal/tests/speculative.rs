@@ -142,6 +142,19 @@ fn greedy_output_equals_plain_decoding_on_smollm2() {
     assert!(accepted * 2 > drafted, "the 4-bit model agrees with its source: {accepted} of {drafted}");
 }
 
+/// A row keeps its draft model's caches beside its own, so a position costs
+/// both in the engine's KV budget.
+#[test]
+fn the_draft_models_caches_count_in_the_kv_budget() {
+    let path = common::tiny_model("qwen3-tiny");
+    let plain = load(&path, &[]).engine_load().unwrap().kv_bytes_per_token;
+    let lookup = load(&path, &[("prompt_lookup", "true")]).engine_load().unwrap().kv_bytes_per_token;
+    let drafted = load(&path, &[("draft_model", path.to_str().unwrap())]).engine_load().unwrap().kv_bytes_per_token;
+    assert!(plain > 0);
+    assert_eq!(lookup, plain, "prompt lookup holds no caches of its own");
+    assert_eq!(drafted, 2 * plain, "a model drafting for itself doubles what a position costs");
+}
+
 /// Sampled output follows the model's distribution: the second and third tokens sampled with
 /// speculation (a model drafting for itself, so that its guess is its most likely token and is
 /// accepted about as often as that token is drawn) against plain sampling, seeds 0..N on each

@@ -126,10 +126,7 @@ impl MetalModel {
                     return;
                 }
                 let mut scheduler = Scheduler::new(limits, engine_load, mirror.is_some(), Some(engine_grammars));
-                if let Err(e) = scheduler.size_up(loaded.model.as_ref()) {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
+                // The draft model first: its caches count in the KV budget.
                 if let Some(config) = speculative {
                     match speculator(config, policy, quantised) {
                         Ok(s) => scheduler.speculate_with(s),
@@ -138,6 +135,10 @@ impl MetalModel {
                             return;
                         }
                     }
+                }
+                if let Err(e) = scheduler.size_up(loaded.model.as_ref()) {
+                    let _ = ready_tx.send(Err(e));
+                    return;
                 }
                 let desc = Description {
                     compute_dtype: Some(loaded.compute.dtype.name().to_owned()),

@@ -14,6 +14,10 @@
 //! before `quantized_kv_start`; a row of `width` positions is counted as its
 //! first `start` positions in full precision plus all `width` quantised (the
 //! most it holds at once, the conversion included).
+//!
+//! With a draft model (speculative decoding) a row may also hold the draft's
+//! caches for the same positions, in full precision: each position costs the
+//! draft's bytes too.
 
 use inference_core::Error as CoreError;
 use mlx::{Result, ops};
@@ -38,11 +42,13 @@ pub(crate) struct KvBudget {
 }
 
 impl KvBudget {
-    /// The budget for `model`: `bytes`, or else three quarters of what MLX's
-    /// memory limit leaves beside what is in use now (the weights) and the
-    /// prompt cache's `store` bytes, or no bound where MLX reports no limit.
+    /// The budget for `model` (and its `draft` model, when it speculates with
+    /// one): `bytes`, or else three quarters of what MLX's memory limit leaves
+    /// beside what is in use now (the weights) and the prompt cache's `store`
+    /// bytes, or no bound where MLX reports no limit.
     pub(crate) fn for_model(
         model: &dyn LanguageModel,
+        draft: Option<&dyn LanguageModel>,
         bytes: Option<usize>,
         store: usize,
         quant: Option<KvQuant>,
@@ -54,7 +60,13 @@ impl KvBudget {
                 limit => limit.saturating_sub(mlx::memory::active_memory()?).saturating_sub(store) / 4 * 3,
             },
         };
-        let (dense_per_token, per_token) = per_token(model, quant)?;
+        let (mut dense_per_token, mut per_token) = per_token(model, quant)?;
+        if let Some(draft) = draft {
+            // The draft's caches are never quantised.
+            let (drafts, _) = self::per_token(draft, None)?;
+            dense_per_token = dense_per_token.saturating_add(drafts);
+            per_token = per_token.saturating_add(drafts);
+        }
         let dense_positions = quant.map_or(usize::MAX, |q| q.start.max(0) as usize);
         Ok(KvBudget { per_token, budget, dense_per_token, dense_positions })
     }

@@ -226,12 +226,14 @@ impl Scheduler {
         self.publish(None);
     }
 
-    /// Works out what a position of the KV cache costs for `model` and the
-    /// budget (see `admission.rs`).
+    /// Works out what a position of the KV cache costs for `model` (and the
+    /// draft model of [`Scheduler::speculate_with`], which must come first)
+    /// and the budget (see `admission.rs`).
     pub(crate) fn size_up(&mut self, model: &dyn LanguageModel) -> Result<()> {
         let store = admission::prompt_cache_bytes(self.limits.prompt_cache_bytes)?;
         self.store = (store > 0).then(|| PromptStore::new(store));
-        let kv = KvBudget::for_model(model, self.limits.kv_cache_bytes, store, self.limits.kv_quant)?;
+        let draft = self.speculator.as_ref().and_then(|s| s.draft.as_deref());
+        let kv = KvBudget::for_model(model, draft, self.limits.kv_cache_bytes, store, self.limits.kv_quant)?;
         let mut load = lock(&self.load);
         (load.kv_bytes_per_token, load.kv_budget_bytes) = (kv.per_token, kv.budget);
         drop(load);
