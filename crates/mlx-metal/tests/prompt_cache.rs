@@ -268,8 +268,23 @@ fn the_prompt_cache_outlives_a_restart() {
     run(other.as_ref(), "something else entirely");
     other.close().unwrap();
     assert_eq!(files(dir.path()).len(), 5, "the qwen3 files stay beside llama3's");
+    // A write a crash cut short, long ago, is swept at load; a young one may
+    // be another engine's write in progress and stays.
+    let stale = dir.path().join(".0123456789abcdef-40.safetensors.4242-0-00c0ffee.tmp.safetensors");
+    let young = dir.path().join(".fedcba9876543210-40.safetensors.4242-1-00c0ffee.tmp.safetensors");
+    for p in [&stale, &young] {
+        std::fs::write(p, b"half an entry").unwrap();
+    }
+    let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_times(std::fs::FileTimes::new().set_modified(long_ago))
+        .unwrap();
     let again = load_in(&path, dir.path());
     assert_eq!(again.engine_load().unwrap().prompt_cache_entries, 2);
+    assert!(!stale.exists() && young.exists(), "{:?}", files(dir.path()));
 
     // Where no directory can be made, loading fails and says where.
     let blocked = dir.path().join("notes.txt").join("cache");

@@ -28,12 +28,19 @@
 //! file's path and checks, before committing, that the path still names the
 //! file it created). [`StagedDir`] does the same for a whole directory (a
 //! fused or converted model).
+//!
+//! A crash (of the process or the machine) can leave a hidden temporary file
+//! or directory behind. [`sweep_stale`] removes such leftovers, recognised
+//! by their exact name pattern, once they are old enough that no writer can
+//! still be at work on them; the prompt cache sweeps its directory when it
+//! opens it, and [`StagedDir::beside`] the leftovers of earlier attempts at
+//! the same target (a crashed conversion leaves a model's worth of bytes).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 
@@ -259,8 +266,12 @@ impl StagedDir {
     /// # Errors
     /// [`Error::InvalidArgument`] when `target` has no file name; [`Error::Io`]
     /// naming the path when it cannot be created.
+    ///
+    /// Leftovers of earlier attempts at the same target older than
+    /// [`STALE_AFTER`] are removed first (see [`sweep_stale`]).
     pub fn beside(target: &Path) -> Result<StagedDir> {
         let (dir, name) = split_target(target)?;
+        let _ = sweep(&dir, STALE_AFTER, Some(&name));
         for _ in 0..ATTEMPTS {
             let path = dir.join(format!(".{name}.{}.tmp", fresh_tag()));
             match fs::create_dir(&path) {
@@ -300,6 +311,79 @@ impl Drop for StagedDir {
             let _ = fs::remove_dir_all(&self.path);
         }
     }
+}
+
+/// How old a leftover must be before [`StagedDir::beside`] (and the prompt
+/// cache) sweep it: far longer than any write of this module takes.
+pub const STALE_AFTER: Duration = Duration::from_secs(3600);
+
+/// Removes from `dir` (not below it) the leftovers of this module's writes
+/// that a crash left behind — temporary files and directories
+/// (`.NAME.PID-N-T.tmp`, `.NAME.PID-N-T.tmpSUFFIX`) and directories renamed
+/// aside (`.NAME.PID-N-T.old`) — last modified more than `older_than` ago, and
+/// returns what it removed. Nothing else is touched: other hidden files,
+/// and anything younger, which may be a write in progress in another process.
+/// A leftover that cannot be removed is skipped.
+///
+/// # Errors
+/// [`Error::Io`] naming `dir` when it cannot be read.
+pub fn sweep_stale(dir: &Path, older_than: Duration) -> Result<Vec<PathBuf>> {
+    sweep(dir, older_than, None)
+}
+
+/// [`sweep_stale`], only of leftovers of the target `name` when given.
+fn sweep(dir: &Path, older_than: Duration, name: Option<&str>) -> Result<Vec<PathBuf>> {
+    let now = SystemTime::now();
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let Ok(entry) = entry else { continue };
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else { continue };
+        match leftover_of(file_name) {
+            Some(target) if name.is_none_or(|n| n == target) => {}
+            _ => continue,
+        }
+        let path = entry.path();
+        let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+        let age = meta.modified().ok().and_then(|m| now.duration_since(m).ok());
+        if age.is_none_or(|a| a <= older_than) {
+            continue;
+        }
+        let gone = if meta.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        if gone.is_ok() {
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
+/// The target name of a leftover's name (`.NAME.PID-N-T.tmp[SUFFIX]` or
+/// `.NAME.PID-N-T.old`), or `None` for any other name.
+fn leftover_of(file_name: &str) -> Option<&str> {
+    let rest = file_name.strip_prefix('.')?;
+    // The tag is the last `.`-separated part before `tmp` or `old` that fits.
+    let parts: Vec<&str> = rest.split('.').collect();
+    for i in (1..parts.len().saturating_sub(1)).rev() {
+        let kind = parts[i + 1];
+        let tmp = kind == "tmp";
+        let old = kind == "old" && i + 2 == parts.len();
+        if (tmp || old) && is_tag(parts[i]) {
+            let name_len = parts[..i].iter().map(|p| p.len() + 1).sum::<usize>() - 1;
+            return Some(&rest[..name_len]);
+        }
+    }
+    None
+}
+
+/// Whether `s` is a [`fresh_tag`]: `PID-N-T`, decimal, decimal, eight hex digits.
+fn is_tag(s: &str) -> bool {
+    let mut it = s.split('-');
+    let digits = |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let (pid, n, t) = (it.next(), it.next(), it.next());
+    digits(pid)
+        && digits(n)
+        && t.is_some_and(|t| t.len() == 8 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+        && it.next().is_none()
 }
 
 fn replace_dir(staged: &Path, target: &Path, replace_non_empty: bool) -> Result<()> {
@@ -446,6 +530,72 @@ mod tests {
             let err = sync_dir(&dir.path().join("missing")).unwrap_err().to_string();
             assert!(err.contains("missing"), "{err}");
         }
+    }
+
+    fn age(path: &Path, secs: u64) {
+        let when = SystemTime::now() - Duration::from_secs(secs);
+        File::open(path).unwrap().set_times(fs::FileTimes::new().set_modified(when)).unwrap();
+    }
+
+    #[test]
+    fn leftovers_are_known_by_their_exact_names() {
+        let tag = fresh_tag();
+        assert_eq!(leftover_of(&format!(".config.json.{tag}.tmp")), Some("config.json"));
+        assert_eq!(leftover_of(&format!(".a.b.safetensors.{tag}.tmp.safetensors")), Some("a.b.safetensors"));
+        assert_eq!(leftover_of(&format!(".fused.{tag}.old")), Some("fused"));
+        for not in [
+            ".hidden".to_string(),
+            ".config.json.tmp".into(),
+            format!(".x.{tag}.old.more"),
+            format!("x.{tag}.tmp"),
+            ".x.1-2-zzzzzzzz.tmp".into(),
+            ".x.1-2-0000000.tmp".into(),
+            ".x.a-2-00000000.tmp".into(),
+            ".mlxr-stamp.json".into(),
+        ] {
+            assert_eq!(leftover_of(&not), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn old_leftovers_are_swept_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let tag = fresh_tag();
+        let old_file = dir.path().join(format!(".entry.safetensors.{tag}.tmp.safetensors"));
+        let old_dir = dir.path().join(format!(".model.{tag}.tmp"));
+        let young = dir.path().join(format!(".other.{tag}.tmp"));
+        let kept = [dir.path().join(".hidden"), dir.path().join("entry.safetensors")];
+        fs::write(&old_file, b"half").unwrap();
+        fs::create_dir(&old_dir).unwrap();
+        fs::write(old_dir.join("model-00001-of-00002.safetensors"), b"half").unwrap();
+        fs::write(&young, b"in progress").unwrap();
+        for p in &kept {
+            fs::write(p, b"keep").unwrap();
+        }
+        for p in [&old_file, &old_dir, &kept[0], &kept[1]] {
+            age(p, 7200);
+        }
+        let mut removed = sweep_stale(dir.path(), STALE_AFTER).unwrap();
+        removed.sort();
+        let mut want = vec![old_file.clone(), old_dir.clone()];
+        want.sort();
+        assert_eq!(removed, want);
+        let mut left = names(dir.path());
+        left.sort();
+        let mut expect = vec![".hidden".to_string(), "entry.safetensors".into(), format!(".other.{tag}.tmp")];
+        expect.sort();
+        assert_eq!(left, expect);
+        // A staged directory sweeps the old leftovers of its own target only.
+        let mine = dir.path().join(format!(".fused.{tag}.old"));
+        let theirs = dir.path().join(format!(".other-model.{tag}.tmp"));
+        for p in [&mine, &theirs] {
+            fs::create_dir(p).unwrap();
+            age(p, 7200);
+        }
+        let staged = StagedDir::beside(&dir.path().join("fused")).unwrap();
+        assert!(!mine.exists() && theirs.exists());
+        drop(staged);
+        assert!(sweep_stale(&dir.path().join("missing"), STALE_AFTER).is_err());
     }
 
     #[test]

@@ -219,6 +219,14 @@ impl PromptStore {
     ) -> Result<()> {
         let io = |source| mlx::Error::Io { op: "prompt_cache_dir", path: dir.to_path_buf(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
+        // Writes a crash cut short (this process's or another's, long ago).
+        match mlx::io::durable::sweep_stale(dir, mlx::io::durable::STALE_AFTER) {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(dir = %dir.display(), files = removed.len(), "removed leftovers of interrupted writes");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "the prompt-cache directory was not swept"),
+        }
         let mut files: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
