@@ -69,8 +69,21 @@ fn float32_dequantises_every_quantised_matrix_and_keep_keeps_them() {
         let dir = common::tiny_model(name);
         let mut dense = load(&dir, DtypePolicy::Cast(Dtype::Float32), QuantisedPolicy::Auto);
         assert_eq!((dense.compute.dtype, dense.compute.dequantise), (Dtype::Float32, true), "{name}");
+        let narrow = mlx_metal::model::dtype::narrow_tables(
+            &dense.compute,
+            mlx_metal::model::dtype::CheckpointTypes { float: Dtype::Bfloat16, quantised: true },
+            mlx::device::current().unwrap(),
+        );
         let parts = dense.model.parts_mut();
-        assert!(is_dense(&parts.embed_tokens.weight, Dtype::Float32), "{name}: the embedding");
+        // On a CPU the table stays quantised (float32 scales; rows and head
+        // products in float32), elsewhere it is dense float32 too.
+        match &parts.embed_tokens.weight {
+            LinearWeight::Quantized(q) => {
+                assert!(narrow.is_some(), "{name}: the embedding is dense only off the CPU");
+                assert_eq!(q.scales.dtype(), Dtype::Float32, "{name}: the embedding's scales");
+            }
+            w => assert!(narrow.is_none() && is_dense(w, Dtype::Float32), "{name}: the embedding"),
+        }
         for b in &parts.layers {
             for l in [&b.self_attn.q_proj, &b.self_attn.o_proj, &b.mlp.gate_proj, &b.mlp.down_proj] {
                 assert!(is_dense(&l.weight, Dtype::Float32), "{name}: a block's layer");

@@ -35,12 +35,75 @@ fn matches_the_widened_matmul_for_16_bit_matrices_and_any_row_count() {
 }
 
 #[test]
-fn the_portable_loop_matches_too() {
+fn the_portable_loops_match_too() {
     // Other tests of this binary may run meanwhile; their results hold on
     // either path.
     ops::set_widen_simd(false).unwrap();
     check_shapes();
+    check_quantised_shapes();
     ops::set_widen_simd(true).unwrap();
+}
+
+#[test]
+fn quantised_matrices_match_their_float32_dequantisation() {
+    check_quantised_shapes();
+}
+
+/// 4 and 8 bits, groups of 32, 64 and 128, scales in three types, 1 to 33 rows.
+fn check_quantised_shapes() {
+    for &(bits, gs) in &[(4, 32), (4, 64), (4, 128), (8, 32), (8, 64), (8, 128)] {
+        for &(m, k, n, scales) in &[
+            (1, 128, 8, Dtype::Float32),
+            (3, 256, 4099, Dtype::Bfloat16),
+            (32, 384, 40, Dtype::Float16),
+            (33, 128, 24, Dtype::Bfloat16),
+        ] {
+            let w = arr(&data(n * k, 40 + bits as u64), &[n as i32, k as i32]);
+            let mut q = ops::quantize(&w, gs, bits).unwrap();
+            q.scales = ops::astype(&q.scales, scales).unwrap();
+            q.biases = q.biases.map(|b| ops::astype(&b, scales).unwrap());
+            // The float32 dequantisation of the scales' values.
+            let q32 = mlx::ops::Quantized {
+                scales: ops::astype(&q.scales, Dtype::Float32).unwrap(),
+                biases: q.biases.as_ref().map(|b| ops::astype(b, Dtype::Float32).unwrap()),
+                ..q.clone()
+            };
+            let dense = wide(&vals(&ops::dequantize(&q32, Some(Dtype::Float32)).unwrap()));
+            let xv = data(m * k, 50 + gs as u64);
+            let x = arr(&xv, &[m as i32, k as i32]);
+            let what = format!("bits {bits} gs {gs} m={m} k={k} n={n} {scales}");
+            assert_eq!(ops::widen_quantized_matmul_applies(&x, &q).unwrap(), !on_gpu() && m <= 32, "{what}");
+            let y = ops::widen_quantized_matmul(&x, &q).unwrap();
+            assert_eq!((y.dtype(), y.shape()), (Dtype::Float32, vec![m as i32, n as i32]), "{what}");
+            let tol = if on_gpu() { 1e-2 } else { 1e-4 };
+            let got = vals(&y);
+            let want = reference(&xv, m, &dense, n, k);
+            let scale = want.iter().fold(1.0f64, |a, v| a.max(v.abs()));
+            let worst = got.iter().zip(&want).map(|(g, w)| (f64::from(*g) - w).abs()).fold(0.0, f64::max);
+            assert!(worst <= tol * scale, "{what}: off by {worst} (largest {scale})");
+        }
+    }
+}
+
+#[test]
+fn quantised_inputs_it_cannot_take_are_dequantised_or_refused() {
+    let w = arr(&data(16 * 64, 3), &[16, 64]);
+    let q = ops::quantize(&w, 64, 4).unwrap();
+    // bfloat16 rows, or 3 bits: the dequantised matmul.
+    let x = arr(&data(64, 4), &[1, 64]);
+    let xb = ops::astype(&x, Dtype::Bfloat16).unwrap();
+    assert!(!ops::widen_quantized_matmul_applies(&xb, &q).unwrap());
+    let q3 = ops::quantize(&w, 64, 3).unwrap();
+    assert!(!ops::widen_quantized_matmul_applies(&x, &q3).unwrap());
+    let dense = ops::dequantize(&q3, Some(Dtype::Float32)).unwrap();
+    let want = ops::matmul(&x, &ops::transpose(&dense, &[1, 0]).unwrap()).unwrap();
+    assert_eq!(vals(&ops::widen_quantized_matmul(&x, &q3).unwrap()), vals(&want));
+    // Shapes that do not fit, and a group size MLX does not have.
+    let x_bad = arr(&data(32, 4), &[1, 32]);
+    expect_err(ops::widen_quantized_matmul(&x_bad, &q).and_then(|y| y.eval().map(|_| y)), "widen_quantized_matmul");
+    let odd = mlx::ops::Quantized { group_size: 48, ..q.clone() };
+    let e = expect_err(ops::widen_quantized_matmul(&x, &odd), "widen_quantized_matmul");
+    assert!(e.to_string().contains("48"), "{e}");
 }
 
 fn check_shapes() {

@@ -224,14 +224,18 @@ pub fn choose_on(
 /// looked-up rows are widened the same way, and it takes half the memory.
 /// On a GPU, where the matmuls run in the checkpoint's type anyway, nothing
 /// changes.
+///
+/// A quantised checkpoint dequantised to float32 on a CPU keeps its table and
+/// head quantised the same way: their float32 scales make the looked-up rows
+/// exactly the dequantised ones, and a token's head runs
+/// [`mlx::ops::widen_quantized_matmul`], which reads the packed matrix (an
+/// eighth of float32's bytes at 4 bits) instead of a dense float32 copy.
 pub fn narrow_tables(compute: &Compute, checkpoint: CheckpointTypes, device: Device) -> Option<Dtype> {
-    let narrow = device == Device::Cpu
-        && !checkpoint.quantised
-        && !compute.dequantise
-        && matches!(checkpoint.float, Dtype::Bfloat16 | Dtype::Float16)
-        && compute.dtype == Dtype::Float32
-        && compute.cast == Some(Dtype::Float32);
-    narrow.then_some(Dtype::Float32)
+    let float32 = device == Device::Cpu && compute.dtype == Dtype::Float32 && compute.cast == Some(Dtype::Float32);
+    let sixteen_bit =
+        !checkpoint.quantised && !compute.dequantise && matches!(checkpoint.float, Dtype::Bfloat16 | Dtype::Float16);
+    let dequantised = checkpoint.quantised && compute.dequantise;
+    (float32 && (sixteen_bit || dequantised)).then_some(Dtype::Float32)
 }
 
 /// Whether [`choose_on`] for these policies and checkpoint reads
@@ -339,11 +343,17 @@ mod tests {
         let auto_cpu = choose(DtypePolicy::Auto(Device::Cpu), BF16, FAST, None);
         assert_eq!(narrow_tables(&auto_cpu, BF16, Device::Cpu), Some(Dtype::Float32));
         assert_eq!(narrow_tables(&f32_cast(F16), F16, Device::Cpu), Some(Dtype::Float32));
-        // Not on a GPU, not for float32 or quantised checkpoints, not when
+        // Not on a GPU, not for float32 checkpoints, not when
         // nothing is cast or the cast is to a 16-bit type.
         assert_eq!(narrow_tables(&f32_cast(BF16), BF16, Device::Gpu), None);
         assert_eq!(narrow_tables(&f32_cast(F32), F32, Device::Cpu), None);
-        assert_eq!(narrow_tables(&f32_cast(Q4), Q4, Device::Cpu), None);
+        // A quantised checkpoint: when it is dequantised to float32 (its table
+        // and head stay quantised), not when its layers are kept.
+        let dense_q4 = choose_on(DtypePolicy::Cast(Dtype::Float32), QuantisedPolicy::Dequantise, Q4, FAST, None);
+        assert_eq!(narrow_tables(&dense_q4, Q4, Device::Cpu), Some(Dtype::Float32));
+        assert_eq!(narrow_tables(&dense_q4, Q4, Device::Gpu), None);
+        let kept_q4 = choose_on(DtypePolicy::Cast(Dtype::Float32), QuantisedPolicy::Keep, Q4, FAST, None);
+        assert_eq!(narrow_tables(&kept_q4, Q4, Device::Cpu), None);
         let own = choose(DtypePolicy::Checkpoint, BF16, FAST, None);
         assert_eq!(narrow_tables(&own, BF16, Device::Cpu), None);
         let reference = choose(DtypePolicy::Auto(Device::Cpu), BF16, REFERENCE, None);

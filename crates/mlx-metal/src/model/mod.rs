@@ -299,9 +299,9 @@ pub fn load_with_quantised(
     let mut compute = dtype::choose_on(policy, quantised, checkpoint, Host::this(), facts.as_ref());
     let narrow = dtype::narrow_tables(&compute, checkpoint, mlx::device::current()?);
     if narrow.is_some() {
+        let stored = if checkpoint.quantised { "quantised".to_owned() } else { checkpoint.float.to_string() };
         compute.reason.push_str(&format!(
-            "; the embedding table and the output head stay {}, their products computed in float32",
-            checkpoint.float
+            "; the embedding table and the output head stay {stored}, their products computed in float32"
         ));
     }
     span.record("dtype", compute.dtype.name());

@@ -161,9 +161,9 @@ impl Weights {
         self.dequantise = on;
     }
 
-    /// Keeps a dense 16-bit embedding table and output head
-    /// ([`WeightPath::embedding`], [`WeightPath::head`]) in their stored type
-    /// while the rest is cast, their rows and products coming out in
+    /// Keeps a dense 16-bit or a quantised embedding table and output head
+    /// ([`WeightPath::embedding`], [`WeightPath::head`]) as stored while the
+    /// rest is cast (or dequantised), their rows and products coming out in
     /// `compute` (`None`: they are cast like every other tensor). See
     /// [`super::dtype::narrow_tables`].
     pub fn set_narrow_tables(&mut self, compute: Option<Dtype>) {
@@ -400,31 +400,33 @@ impl<'a> WeightPath<'a> {
     }
 
     /// An embedding table `[vocab, dim]`, dense or quantised (a dense 16-bit
-    /// one kept in its type when [`Weights::set_narrow_tables`] asks).
+    /// or a quantised one kept as stored when [`Weights::set_narrow_tables`]
+    /// asks).
     pub fn embedding(&self, vocab: i32, dim: i32) -> Result<Embedding> {
         match self.narrow_table(vocab, dim)? {
-            Some((table, compute)) => Ok(Embedding::new(LinearWeight::Dense(table)).computing_in(compute)),
+            Some((table, compute)) => Ok(Embedding::new(table).computing_in(compute)),
             None => Ok(Embedding::new(self.weights.finish_matrix(self.matrix(vocab, dim)?)?)),
         }
     }
 
     /// A model's output head `[vocab, dim]` (no bias): [`WeightPath::linear`],
-    /// but a dense 16-bit head stays in its type when
+    /// but a dense 16-bit or a quantised head stays as stored when
     /// [`Weights::set_narrow_tables`] asks (its products come out in the
     /// compute type, [`Linear::forward`]).
     pub fn head(&self, vocab: i32, dim: i32) -> Result<Linear> {
         match self.narrow_table(vocab, dim)? {
-            Some((head, _)) => Ok(Linear::new(LinearWeight::Dense(head), None)),
+            Some((head, _)) => Ok(Linear::new(head, None)),
             None => self.linear(vocab, dim, false),
         }
     }
 
-    /// The dense 16-bit matrix `weight [out, inp]` as stored, and the compute
+    /// The matrix `[out, inp]` as stored (a quantised one with its scales
+    /// cast, never dequantised; a dense one only when 16-bit), and the compute
     /// type, when the weights keep tables narrow and this one qualifies.
-    fn narrow_table(&self, out: i32, inp: i32) -> Result<Option<(Array, Dtype)>> {
+    fn narrow_table(&self, out: i32, inp: i32) -> Result<Option<(LinearWeight, Dtype)>> {
         let Some(compute) = self.weights.narrow_tables else { return Ok(None) };
         if self.contains("scales") {
-            return Ok(None);
+            return Ok(Some((self.matrix(out, inp)?, compute)));
         }
         let name = self.name("weight");
         let Some((_, stored)) = self.weights.resolve(&name) else { return Ok(None) };
@@ -433,7 +435,7 @@ impl<'a> WeightPath<'a> {
         }
         let a = self.weights.get_as_stored(&name)?;
         check_shape(self.weights.dir(), &name, &a, &[out, inp])?;
-        Ok(Some((a, compute)))
+        Ok(Some((LinearWeight::Dense(a), compute)))
     }
 
     /// The rows `[start, start + len)` of an embedding table `[vocab, dim]`

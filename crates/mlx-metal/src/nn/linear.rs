@@ -82,11 +82,21 @@ impl Linear {
     /// The layer's own matmul: no LoRA update, no collective. Float32 inputs
     /// to a dense 16-bit matrix (a head kept narrow:
     /// [`crate::model::dtype::narrow_tables`]) run [`ops::widen_matmul`], which
-    /// reads the matrix as it is and computes in float32.
+    /// reads the matrix as it is and computes in float32; up to 32 float32
+    /// rows times a quantised matrix with float32 scales (a quantised head
+    /// kept, or `float32` with `quantised = keep`) run
+    /// [`ops::widen_quantized_matmul`], our CPU kernel, where it applies.
     pub fn forward_base(&self, x: &Array) -> Result<Array> {
         match (&self.weight, &self.bias) {
             (LinearWeight::Dense(w), bias) if widens(x, w) => {
                 let y = ops::widen_matmul(x, w)?;
+                match bias {
+                    Some(b) => ops::add(&y, b),
+                    None => Ok(y),
+                }
+            }
+            (LinearWeight::Quantized(q), bias) if widens_quantised(x, q) => {
+                let y = ops::widen_quantized_matmul(x, q)?;
                 match bias {
                     Some(b) => ops::add(&y, b),
                     None => Ok(y),
@@ -119,6 +129,14 @@ impl Linear {
 /// Whether `x Wᵀ` is float32 rows times a 16-bit matrix.
 fn widens(x: &Array, w: &Array) -> bool {
     x.dtype() == Dtype::Float32 && matches!(w.dtype(), Dtype::Bfloat16 | Dtype::Float16)
+}
+
+/// Whether `x Wᵀ` for a quantised `W` runs our CPU kernel: float32 rows and
+/// scales (the model computes in float32), and the kernel takes the shapes.
+fn widens_quantised(x: &Array, q: &Quantized) -> bool {
+    x.dtype() == Dtype::Float32
+        && q.scales.dtype() == Dtype::Float32
+        && ops::widen_quantized_matmul_applies(x, q).unwrap_or(false)
 }
 
 /// Several linear layers that read the same input, run as one matmul: the
@@ -313,7 +331,7 @@ impl Embedding {
                     group_size: q.group_size,
                     bits: q.bits,
                 };
-                ops::dequantize(&rows, None)
+                ops::dequantize(&rows, self.compute)
             }
         }
     }

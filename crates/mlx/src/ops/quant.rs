@@ -86,6 +86,59 @@ pub fn quantized_matmul(x: &Array, q: &Quantized, transpose: bool) -> Result<Arr
     })
 }
 
+/// `x` times the affine-quantised `[out, in]` matrix `q` (transposed), in
+/// float32: `x @ Wᵀ` with `W = scales · q + biases` computed in float32 (as
+/// [`dequantize`] after casting the scales and biases to float32; MLX's
+/// dequantise computes in their own type).
+///
+/// For float32 `x` of at most 32 rows, 4 or 8 bits, with biases, on the CPU it
+/// runs our kernel, which reads `q` packed and sums `scale · Σ q·x + bias · Σ x`
+/// per group in float32 (the float32 dequantised values, up to the order of
+/// the sums): a decode step's output head reads a quarter (8-bit) or an
+/// eighth (4-bit) of the bytes of a dense float32 copy. Elsewhere it
+/// dequantises to float32 and multiplies.
+///
+/// # Errors
+///
+/// An invalid group size or bit width, or shapes that do not fit.
+pub fn widen_quantized_matmul(x: &Array, q: &Quantized) -> Result<Array> {
+    check_quant("widen_quantized_matmul", q.group_size, q.bits)?;
+    // SAFETY: live or null handles.
+    array_out("widen_quantized_matmul", |o| unsafe {
+        sys::mlxs_widen_quantized_matmul(
+            o,
+            x.as_raw(),
+            q.weight.as_raw(),
+            q.scales.as_raw(),
+            ffi::opt_handle(q.biases.as_ref()),
+            q.group_size,
+            q.bits,
+            dev(),
+        )
+    })
+}
+
+/// Whether [`widen_quantized_matmul`] of these runs our kernel on the current
+/// device (otherwise it dequantises and multiplies).
+pub fn widen_quantized_matmul_applies(x: &Array, q: &Quantized) -> Result<bool> {
+    let mut yes = false;
+    // SAFETY: live or null handles; `yes` is a valid place for the answer.
+    let status = unsafe {
+        sys::mlxs_widen_quantized_matmul_applies(
+            x.as_raw(),
+            q.weight.as_raw(),
+            q.scales.as_raw(),
+            ffi::opt_handle(q.biases.as_ref()),
+            q.group_size,
+            q.bits,
+            dev(),
+            &mut yes,
+        )
+    };
+    ffi::check("widen_quantized_matmul_applies", status)?;
+    Ok(yes)
+}
+
 /// Batched matmul that picks the matrices of `a` and `b` by index
 /// (mixture-of-experts routing). Indices outside the batch are clamped as in
 /// [`take`](super::take).
