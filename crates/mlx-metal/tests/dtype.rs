@@ -88,6 +88,17 @@ fn a_cast_reaches_every_floating_point_tensor_but_not_packed_weights() {
             assert_eq!(table.dtype(), table_dtype, "{name}: the embedding table");
         }
         let lin = &parts.layers[0].self_attn.q_proj;
+        // Its layers keep a decode twin as stored where there is room.
+        let twins = loaded.compute.reason.contains("decode steps read every layer as stored");
+        assert!(!twins || narrow.is_some(), "{name}: {}", loaded.compute.reason);
+        match &lin.narrow {
+            Some(mlx_metal::nn::LinearWeight::Dense(t)) => {
+                assert!(twins, "{name}: a twin only when the reason says so");
+                assert_eq!(t.dtype(), Dtype::Bfloat16, "{name}: the twin");
+            }
+            Some(_) => panic!("{name}: a dense checkpoint's twin is dense"),
+            None => assert!(!twins, "{name}: {}", loaded.compute.reason),
+        }
         match &lin.weight {
             mlx_metal::nn::LinearWeight::Dense(w) => assert_eq!(w.dtype(), want, "{name}: q_proj"),
             mlx_metal::nn::LinearWeight::Quantized(q) => {

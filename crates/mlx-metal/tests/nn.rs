@@ -218,3 +218,45 @@ fn layers_that_cannot_run_as_one_matmul_are_not_fused() {
     let mut one = three_layers(false, false);
     assert!(nn::FusedLinear::fuse(&mut [&mut one[0]]).unwrap().is_none());
 }
+
+/// A float32 layer with a decode twin of the same values (16-bit, or
+/// quantised with float32 scales): a few rows read the twin, more rows the
+/// float32 copy, and both give the float32 product; fusing keeps the twins.
+#[test]
+fn a_decode_twin_gives_what_the_float32_copy_gives() {
+    let w32 = ops::astype(
+        &ops::astype(&arr(&data(OUT * IN, 11), &[OUT as i32, IN as i32]), Dtype::Bfloat16).unwrap(),
+        Dtype::Float32,
+    )
+    .unwrap();
+    let bf16 = ops::astype(&w32, Dtype::Bfloat16).unwrap();
+    let q = ops::quantize(&w32, 64, 4).unwrap();
+    let dense_q = ops::dequantize(&q, Some(Dtype::Float32)).unwrap();
+    for (twin, weight, what) in
+        [(LinearWeight::Dense(bf16), w32.clone(), "bfloat16"), (LinearWeight::Quantized(q), dense_q, "4-bit")]
+    {
+        let plain = Linear::dense(weight.clone(), None).unwrap();
+        let mut twinned = Linear::dense(weight, None).unwrap();
+        twinned.narrow = Some(twin);
+        for rows in [1, nn::NARROW_ROWS, nn::NARROW_ROWS + 1, 9] {
+            let x = arr(&data(rows * IN, 12 + rows as u64), &[rows as i32, IN as i32]);
+            let want = vals(&plain.forward(&x).unwrap());
+            assert_close(&vals(&twinned.forward(&x).unwrap()), &wide(&want), 1e-5);
+        }
+        // Fused with a second twinned layer, each part keeps a view of its twin.
+        let mut other = twinned.clone();
+        let mut parts = [&mut twinned, &mut other];
+        let fused = nn::FusedLinear::fuse(&mut parts).unwrap().expect("twinned layers fuse");
+        assert!(twinned.narrow.is_some() && other.narrow.is_some(), "{what}");
+        let x = arr(&data(IN, 20), &[1, IN as i32]);
+        let outs = fused.forward(&x).unwrap();
+        let want = vals(&plain.forward(&x).unwrap());
+        for o in &outs {
+            assert_close(&vals(o), &wide(&want), 1e-5);
+        }
+        // A twinned layer does not fuse with one without.
+        let mut bare = plain.clone();
+        let mut parts = [&mut twinned, &mut bare];
+        assert!(nn::FusedLinear::fuse(&mut parts).unwrap().is_none(), "{what}");
+    }
+}

@@ -49,6 +49,8 @@ pub fn fuse(model: &mut dyn LanguageModel) -> Result<Vec<String>> {
             }
         };
         linear.weight = new_weight;
+        // A decode twin of the old matrix would be stale.
+        linear.narrow = None;
         fused.push(path);
     }
     Ok(fused)

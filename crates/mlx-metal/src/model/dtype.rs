@@ -238,6 +238,19 @@ pub fn narrow_tables(compute: &Compute, checkpoint: CheckpointTypes, device: Dev
     (float32 && (sixteen_bit || dequantised)).then_some(Dtype::Float32)
 }
 
+/// Whether every linear layer keeps a twin of its matrix as stored beside its
+/// float32 copy (`Weights::set_narrow_layers`): where the table and head stay
+/// narrow ([`narrow_tables`] is `Some`) and the float32 copies and the twins
+/// together (`dense_bytes + stored_bytes`) take at most half the `available`
+/// memory ([`DENSE_MEMORY_SHARE`]; unknown memory: no). A decode step is
+/// bound by reading the weights, and its few rows read the twin through our
+/// kernels (half the bytes at 16 bits, an eighth at 4); prefill keeps BLAS
+/// on the float32 copy, so it is no slower.
+pub fn narrow_layers(tables: Option<Dtype>, dense_bytes: u64, stored_bytes: u64, available: Option<u64>) -> bool {
+    let need = dense_bytes.saturating_add(stored_bytes) as f64;
+    tables.is_some() && available.is_some_and(|a| need <= a as f64 * DENSE_MEMORY_SHARE)
+}
+
 /// Whether [`choose_on`] for these policies and checkpoint reads
 /// [`QuantFacts::timing`]: `auto` on a CPU for a quantised checkpoint.
 pub fn needs_timing(policy: DtypePolicy, quantised: QuantisedPolicy, checkpoint: CheckpointTypes) -> bool {
@@ -360,6 +373,15 @@ mod tests {
         assert_eq!(narrow_tables(&reference, BF16, Device::Cpu), None);
         let half = choose(DtypePolicy::Cast(Dtype::Float16), BF16, FAST, None);
         assert_eq!(narrow_tables(&half, BF16, Device::Cpu), None);
+    }
+
+    #[test]
+    fn layers_keep_twins_only_with_narrow_tables_and_room() {
+        let f32 = Some(Dtype::Float32);
+        assert!(narrow_layers(f32, 4 * GB, 2 * GB, Some(12 * GB)));
+        assert!(!narrow_layers(f32, 4 * GB, 2 * GB, Some(11 * GB)), "more than half the memory");
+        assert!(!narrow_layers(f32, 4 * GB, 2 * GB, None), "unknown memory");
+        assert!(!narrow_layers(None, 4 * GB, 2 * GB, Some(100 * GB)), "tables cast");
     }
 
     fn ms(n: f64) -> Duration {

@@ -304,11 +304,21 @@ pub fn load_with_quantised(
             "; the embedding table and the output head stay {stored}, their products computed in float32"
         ));
     }
+    let stored: u64 = weights.tensors().values().map(|a| a.nbytes() as u64).sum();
+    let twins =
+        dtype::narrow_layers(narrow, quant_probe::dense_bytes(&weights, 4), stored, quant_probe::available_memory());
+    if twins {
+        compute.reason.push_str(&format!(
+            "; decode steps read every layer as stored, prefill their float32 copies ({:.2} GB more)",
+            stored as f64 / 1e9
+        ));
+    }
     span.record("dtype", compute.dtype.name());
     tracing::debug!(dtype = compute.dtype.name(), dequantise = compute.dequantise, reason = %compute.reason, "compute type");
     weights.set_cast(compute.cast);
     weights.set_dequantise(compute.dequantise);
     weights.set_narrow_tables(narrow);
+    weights.set_narrow_layers(twins);
     let _build = tracing::debug_span!("build_model").entered();
     let mut model: Box<dyn LanguageModel> = match arch {
         "gemma3" | "gemma3_text" => Box::new(gemma3::Gemma3::load(&config, &weights)?),

@@ -37,6 +37,8 @@ use mlx::{Error, Result};
 use super::config::QuantConfig;
 use super::dtype::CheckpointTypes;
 
+mod narrow;
+
 const OP: &str = "load_weights";
 
 /// All tensors of a checkpoint.
@@ -52,9 +54,12 @@ pub struct Weights {
     cast: Option<Dtype>,
     /// Whether quantised matrices are dequantised as they are looked up.
     dequantise: bool,
-    /// The compute type of an embedding table and output head kept in their
-    /// stored 16-bit type (see [`Weights::set_narrow_tables`]).
+    /// The compute type of an embedding table and output head kept as
+    /// stored (see [`Weights::set_narrow_tables`]).
     narrow_tables: Option<Dtype>,
+    /// Whether linear layers carry their stored matrix for decode steps
+    /// ([`Weights::set_narrow_layers`]).
+    narrow_layers: bool,
 }
 
 impl Weights {
@@ -88,6 +93,7 @@ impl Weights {
             cast: None,
             dequantise: false,
             narrow_tables: None,
+            narrow_layers: false,
         })
     }
 
@@ -132,6 +138,7 @@ impl Weights {
             cast: None,
             dequantise: false,
             narrow_tables: None,
+            narrow_layers: false,
         }
     }
 
@@ -159,15 +166,6 @@ impl Weights {
     /// scales' type).
     pub fn set_dequantise(&mut self, on: bool) {
         self.dequantise = on;
-    }
-
-    /// Keeps a dense 16-bit or a quantised embedding table and output head
-    /// ([`WeightPath::embedding`], [`WeightPath::head`]) as stored while the
-    /// rest is cast (or dequantised), their rows and products coming out in
-    /// `compute` (`None`: they are cast like every other tensor). See
-    /// [`super::dtype::narrow_tables`].
-    pub fn set_narrow_tables(&mut self, compute: Option<Dtype>) {
-        self.narrow_tables = compute;
     }
 
     /// `weight` as the model holds it: dense after dequantising when
@@ -320,7 +318,10 @@ impl<'a> WeightPath<'a> {
     /// with a bias `[out]` when `bias` is true.
     pub fn linear(&self, out: i32, inp: i32, bias: bool) -> Result<Linear> {
         let l = self.linear_as_stored(out, inp, bias)?;
-        Ok(Linear::new(self.weights.finish_matrix(l.weight)?, l.bias))
+        let narrow = self.narrow_twin(&l.weight)?;
+        let mut linear = Linear::new(self.weights.finish_matrix(l.weight)?, l.bias);
+        linear.narrow = narrow;
+        Ok(linear)
     }
 
     /// [`WeightPath::linear`] before dequantising.
@@ -397,45 +398,6 @@ impl<'a> WeightPath<'a> {
 
     fn slice(&self, leaf: &str, axis: usize, start: i32, len: i32) -> Result<Array> {
         self.weights.slice(&self.name(leaf), axis, start, len)
-    }
-
-    /// An embedding table `[vocab, dim]`, dense or quantised (a dense 16-bit
-    /// or a quantised one kept as stored when [`Weights::set_narrow_tables`]
-    /// asks).
-    pub fn embedding(&self, vocab: i32, dim: i32) -> Result<Embedding> {
-        match self.narrow_table(vocab, dim)? {
-            Some((table, compute)) => Ok(Embedding::new(table).computing_in(compute)),
-            None => Ok(Embedding::new(self.weights.finish_matrix(self.matrix(vocab, dim)?)?)),
-        }
-    }
-
-    /// A model's output head `[vocab, dim]` (no bias): [`WeightPath::linear`],
-    /// but a dense 16-bit or a quantised head stays as stored when
-    /// [`Weights::set_narrow_tables`] asks (its products come out in the
-    /// compute type, [`Linear::forward`]).
-    pub fn head(&self, vocab: i32, dim: i32) -> Result<Linear> {
-        match self.narrow_table(vocab, dim)? {
-            Some((head, _)) => Ok(Linear::new(head, None)),
-            None => self.linear(vocab, dim, false),
-        }
-    }
-
-    /// The matrix `[out, inp]` as stored (a quantised one with its scales
-    /// cast, never dequantised; a dense one only when 16-bit), and the compute
-    /// type, when the weights keep tables narrow and this one qualifies.
-    fn narrow_table(&self, out: i32, inp: i32) -> Result<Option<(LinearWeight, Dtype)>> {
-        let Some(compute) = self.weights.narrow_tables else { return Ok(None) };
-        if self.contains("scales") {
-            return Ok(Some((self.matrix(out, inp)?, compute)));
-        }
-        let name = self.name("weight");
-        let Some((_, stored)) = self.weights.resolve(&name) else { return Ok(None) };
-        if !matches!(stored.dtype(), Dtype::Bfloat16 | Dtype::Float16) {
-            return Ok(None);
-        }
-        let a = self.weights.get_as_stored(&name)?;
-        check_shape(self.weights.dir(), &name, &a, &[out, inp])?;
-        Ok(Some((LinearWeight::Dense(a), compute)))
     }
 
     /// The rows `[start, start + len)` of an embedding table `[vocab, dim]`

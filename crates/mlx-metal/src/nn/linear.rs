@@ -30,6 +30,13 @@ impl LinearWeight {
     }
 }
 
+/// The most float32 rows a layer's [`Linear::narrow`] twin serves: our
+/// kernels read the matrix once per row of the matrix and dot every input row
+/// with it, so their arithmetic grows with the rows while BLAS on the float32
+/// copy reads twice (16-bit) or more the bytes once; past a few rows BLAS wins
+/// (docs/benchmarks.md).
+pub const NARROW_ROWS: usize = 4;
+
 /// `y = x Wᵀ + b`, plus a LoRA update when an adapter is attached
 /// (see [`crate::lora`]), then — in a tensor-parallel model — the collective
 /// that ends the layer ([`Parallel`]).
@@ -43,6 +50,11 @@ pub struct Linear {
     pub lora: Option<LoraLayer>,
     /// What follows the matmul when the layer is split over ranks.
     pub parallel: Parallel,
+    /// The same matrix as the checkpoint stores it (16-bit, or quantised with
+    /// float32 scales) beside a float32 `weight`, for up to [`NARROW_ROWS`]
+    /// float32 rows: a decode step reads it through our kernels, fewer bytes
+    /// for the same values. Whoever changes `weight` must clear it.
+    pub narrow: Option<LinearWeight>,
 }
 
 impl Linear {
@@ -64,7 +76,7 @@ impl Linear {
 
     /// A layer of `weight` and `bias`, with no adapter, on one device.
     pub fn new(weight: LinearWeight, bias: Option<Array>) -> Linear {
-        Linear { weight, bias, lora: None, parallel: Parallel::None }
+        Linear { weight, bias, lora: None, parallel: Parallel::None, narrow: None }
     }
 
     /// Applies the layer to `x: [..., in]` (as MLX's `nn.Linear` does: `addmm`
@@ -87,7 +99,11 @@ impl Linear {
     /// kept, or `float32` with `quantised = keep`) run
     /// [`ops::widen_quantized_matmul`], our CPU kernel, where it applies.
     pub fn forward_base(&self, x: &Array) -> Result<Array> {
-        match (&self.weight, &self.bias) {
+        let weight = match &self.narrow {
+            Some(narrow) if x.dtype() == Dtype::Float32 && rows(x) <= NARROW_ROWS => narrow,
+            _ => &self.weight,
+        };
+        match (weight, &self.bias) {
             (LinearWeight::Dense(w), bias) if widens(x, w) => {
                 let y = ops::widen_matmul(x, w)?;
                 match bias {
@@ -123,6 +139,85 @@ impl Linear {
             },
             LinearWeight::Quantized(q) => ops::dequantize(q, dtype),
         }
+    }
+}
+
+/// Whether two matrices can be concatenated into one: both dense in one
+/// dtype, or both quantised alike (bits, group size, scale dtype, biases).
+fn alike(a: &LinearWeight, b: &LinearWeight) -> bool {
+    match (a, b) {
+        (LinearWeight::Dense(a), LinearWeight::Dense(b)) => a.dtype() == b.dtype(),
+        (LinearWeight::Quantized(a), LinearWeight::Quantized(b)) => {
+            a.bits == b.bits
+                && a.group_size == b.group_size
+                && a.scales.dtype() == b.scales.dtype()
+                && a.biases.is_some() == b.biases.is_some()
+        }
+        _ => false,
+    }
+}
+
+/// The matrices concatenated along their rows (all [`alike`]; `None` if not).
+fn cat_weights(ws: &[&LinearWeight]) -> Result<Option<LinearWeight>> {
+    let Some(first) = ws.first() else { return Ok(None) };
+    if !ws.iter().all(|w| alike(w, first)) {
+        return Ok(None);
+    }
+    let cat = |get: &dyn Fn(&LinearWeight) -> Option<&Array>| -> Result<Option<Array>> {
+        match ws.iter().map(|w| get(w)).collect::<Option<Vec<&Array>>>() {
+            Some(arrays) => Ok(Some(ops::concatenate(&arrays, 0)?)),
+            None => Ok(None),
+        }
+    };
+    let quant = |get: fn(&Quantized) -> Option<&Array>| {
+        cat(&move |w| match w {
+            LinearWeight::Quantized(q) => get(q),
+            LinearWeight::Dense(_) => None,
+        })
+    };
+    Ok(match first {
+        LinearWeight::Dense(_) => cat(&|w| match w {
+            LinearWeight::Dense(a) => Some(a),
+            LinearWeight::Quantized(_) => None,
+        })?
+        .map(LinearWeight::Dense),
+        LinearWeight::Quantized(q0) => match (quant(|q| Some(&q.weight))?, quant(|q| Some(&q.scales))?) {
+            (Some(weight), Some(scales)) => {
+                let biases = quant(|q| q.biases.as_ref())?;
+                Some(LinearWeight::Quantized(Quantized {
+                    weight,
+                    scales,
+                    biases,
+                    group_size: q0.group_size,
+                    bits: q0.bits,
+                }))
+            }
+            _ => None,
+        },
+    })
+}
+
+/// Rows `[start, end)` of a matrix (a view).
+fn weight_rows(w: &LinearWeight, start: i32, end: i32) -> Result<LinearWeight> {
+    let rows = |a: &Array| ops::slice_axis(a, 0, start, end);
+    Ok(match w {
+        LinearWeight::Dense(a) => LinearWeight::Dense(rows(a)?),
+        LinearWeight::Quantized(q) => LinearWeight::Quantized(Quantized {
+            weight: rows(&q.weight)?,
+            scales: rows(&q.scales)?,
+            biases: q.biases.as_ref().map(&rows).transpose()?,
+            group_size: q.group_size,
+            bits: q.bits,
+        }),
+    })
+}
+
+/// The rows of `x: [..., in]`.
+fn rows(x: &Array) -> usize {
+    let shape = x.shape();
+    match shape.split_last() {
+        Some((&last, lead)) if last > 0 => lead.iter().map(|&d| d.max(0) as usize).product(),
+        _ => 0,
     }
 }
 
@@ -178,56 +273,26 @@ impl FusedLinear {
             end += p.features()?.0;
             ends.push(end);
         }
-        let cat = |get: &dyn Fn(&Linear) -> Option<&Array>| -> Result<Option<Array>> {
-            let arrays: Vec<&Array> = parts.iter().filter_map(|p| get(p)).collect();
-            if arrays.len() != parts.len() {
-                return Ok(None);
-            }
-            Ok(Some(ops::concatenate(&arrays, 0)?))
+        let bias = match parts.iter().map(|p| p.bias.as_ref()).collect::<Option<Vec<&Array>>>() {
+            Some(biases) => Some(ops::concatenate(&biases, 0)?),
+            None => None,
         };
-        let bias = cat(&|l| l.bias.as_ref())?;
-        let weight = match &parts[0].weight {
-            LinearWeight::Dense(_) => {
-                let w = cat(&|l| match &l.weight {
-                    LinearWeight::Dense(w) => Some(w),
-                    LinearWeight::Quantized(_) => None,
-                })?;
-                match w {
-                    Some(w) => LinearWeight::Dense(w),
-                    None => return Ok(None),
-                }
-            }
-            LinearWeight::Quantized(q0) => {
-                let quant = |get: fn(&Quantized) -> Option<&Array>| {
-                    cat(&move |l| match &l.weight {
-                        LinearWeight::Quantized(q) => get(q),
-                        LinearWeight::Dense(_) => None,
-                    })
-                };
-                let (Some(weight), Some(scales)) = (quant(|q| Some(&q.weight))?, quant(|q| Some(&q.scales))?) else {
-                    return Ok(None);
-                };
-                let biases = quant(|q| q.biases.as_ref())?;
-                LinearWeight::Quantized(Quantized { weight, scales, biases, group_size: q0.group_size, bits: q0.bits })
-            }
+        let weights: Vec<&LinearWeight> = parts.iter().map(|p| &p.weight).collect();
+        let Some(weight) = cat_weights(&weights)? else { return Ok(None) };
+        let narrows: Option<Vec<&LinearWeight>> = parts.iter().map(|p| p.narrow.as_ref()).collect();
+        let narrow = match narrows {
+            Some(n) => cat_weights(&n)?,
+            None => None,
         };
-        let fused = Linear::new(weight, bias);
+        let mut fused = Linear::new(weight, bias);
+        fused.narrow = narrow;
         // Each part now views its rows of the fused weights.
         let mut start = 0;
         for (p, &end) in parts.iter_mut().zip(&ends) {
-            let rows = |a: &Array| ops::slice_axis(a, 0, start, end);
-            p.weight = match &fused.weight {
-                LinearWeight::Dense(w) => LinearWeight::Dense(rows(w)?),
-                LinearWeight::Quantized(q) => LinearWeight::Quantized(Quantized {
-                    weight: rows(&q.weight)?,
-                    scales: rows(&q.scales)?,
-                    biases: q.biases.as_ref().map(&rows).transpose()?,
-                    group_size: q.group_size,
-                    bits: q.bits,
-                }),
-            };
+            p.weight = weight_rows(&fused.weight, start, end)?;
+            p.narrow = fused.narrow.as_ref().map(|n| weight_rows(n, start, end)).transpose()?;
             if let Some(b) = &fused.bias {
-                p.bias = Some(rows(b)?);
+                p.bias = Some(ops::slice_axis(b, 0, start, end)?);
             }
             start = end;
         }
@@ -250,17 +315,12 @@ impl FusedLinear {
             {
                 return Ok(false);
             }
-            let alike = match (&p.weight, &first.weight) {
-                (LinearWeight::Dense(a), LinearWeight::Dense(b)) => a.dtype() == b.dtype(),
-                (LinearWeight::Quantized(a), LinearWeight::Quantized(b)) => {
-                    a.bits == b.bits
-                        && a.group_size == b.group_size
-                        && a.scales.dtype() == b.scales.dtype()
-                        && a.biases.is_some() == b.biases.is_some()
-                }
+            let narrow_alike = match (&p.narrow, &first.narrow) {
+                (Some(a), Some(b)) => alike(a, b),
+                (None, None) => true,
                 _ => false,
             };
-            if !alike {
+            if !(alike(&p.weight, &first.weight) && narrow_alike) {
                 return Ok(false);
             }
         }

@@ -17,7 +17,7 @@ pub mod lora;
 pub mod parallel;
 mod switch;
 
-pub use linear::{Embedding, FusedLinear, Linear, LinearWeight};
+pub use linear::{Embedding, FusedLinear, Linear, LinearWeight, NARROW_ROWS};
 pub use lora::LoraLayer;
 pub use parallel::{AllSum, Parallel, VocabShard};
 pub use switch::SwitchLinear;
