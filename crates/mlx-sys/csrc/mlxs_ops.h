@@ -42,13 +42,14 @@ int mlxs_widen_matmul_applies(mlxs_array x, mlxs_array w, int dev, bool* out);
 // false: that kernel's portable loop even on a CPU with AVX2 (tests).
 int mlxs_set_widen_simd(bool on);
 // x times an affine-quantised W [out, in] (transposed), in float32: x @ Wᵀ
-// with W = scales · q + biases computed in float32; for float32 x (at most 32 rows), 4 or 8 bits, groups of 32, 64 or
-// 128 on the CPU, our kernel that reads W packed (mlxs_widen.cpp). biases may
+// with W = scales · q + biases computed in float32; for float32 x (at most 32 rows), 4 or 8 bits,
+// groups of 32, 64 or 128 on the CPU, our kernel that reads W packed (mlxs_widen.cpp). biases may
 // be NULL (then always the dequantised matmul).
 int mlxs_widen_quantized_matmul(mlxs_array* out, mlxs_array x, mlxs_array w, mlxs_array scales,
                                 mlxs_array biases, int group_size, int bits, int dev);
-int mlxs_widen_quantized_matmul_applies(mlxs_array x, mlxs_array w, mlxs_array scales, mlxs_array biases,
-                                        int group_size, int bits, int dev, bool* out);
+int mlxs_widen_quantized_matmul_applies(mlxs_array x, mlxs_array w, mlxs_array scales,
+                                        mlxs_array biases, int group_size, int bits, int dev,
+                                        bool* out);
 int mlxs_tril(mlxs_array* out, mlxs_array a, int k, int dev);
 int mlxs_triu(mlxs_array* out, mlxs_array a, int k, int dev);
 

@@ -48,9 +48,9 @@ constexpr int64_t kMaxRows = 32;
 constexpr int64_t kMinRowsPerThread = 2048;
 
 struct Job {
-  const float* x;  // [m, k]
+  const float* x;     // [m, k]
   const uint16_t* w;  // [n, k]
-  float* out;  // [m, n]
+  float* out;         // [m, n]
   int64_t m, k, n;
   bool bf16;
 };
@@ -129,8 +129,8 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const Job& j, int64_t n0
 }
 
 bool has_avx2() {
-  static const bool yes =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
   return yes;
 }
 #endif
@@ -270,13 +270,13 @@ bool applies(const mx::array& x, const mx::array& w, const mx::Stream& s) {
 // scale · Σ q·x + bias · Σ x per group, so a decode step reads W packed (an
 // eighth or a quarter of float32's bytes) instead of a dense float32 copy.
 struct QJob {
-  const float* x;  // [m, k]
-  const uint32_t* w;  // [n, k * bits / 32]
+  const float* x;      // [m, k]
+  const uint32_t* w;   // [n, k * bits / 32]
   const void* scales;  // [n, k / gs]
   const void* biases;  // [n, k / gs]
   mx::Dtype sdtype = mx::float32;
   float* xsum;  // [m, k / gs]: each group's Σ x, filled first
-  float* out;  // [m, n]
+  float* out;   // [m, n]
   int64_t m, k, n, gs;
   int bits;
 };
@@ -313,17 +313,18 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 a) {
   return _mm_cvtss_f32(h);
 }
 
-__attribute__((target("avx2,fma"))) float group_dot_avx2(const uint32_t* w, const float* x, int64_t gs,
-                                                         int bits) {
+__attribute__((target("avx2,fma"))) float group_dot_avx2(const uint32_t* w, const float* x,
+                                                         int64_t gs, int bits) {
   __m256 a0 = _mm256_setzero_ps();
   __m256 a1 = _mm256_setzero_ps();
   if (bits == 4) {
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     const __m256i mask = _mm256_set1_epi32(0xF);
     for (int64_t c = 0; c < gs; c += 16) {
-      __m256i q0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w[c / 8])), shifts), mask);
-      __m256i q1 =
-          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w[c / 8 + 1])), shifts), mask);
+      __m256i q0 = _mm256_and_si256(
+          _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w[c / 8])), shifts), mask);
+      __m256i q1 = _mm256_and_si256(
+          _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w[c / 8 + 1])), shifts), mask);
       a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), _mm256_loadu_ps(x + c), a0);
       a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), _mm256_loadu_ps(x + c + 8), a1);
     }
@@ -331,7 +332,8 @@ __attribute__((target("avx2,fma"))) float group_dot_avx2(const uint32_t* w, cons
     const uint8_t* b = reinterpret_cast<const uint8_t*>(w);
     for (int64_t c = 0; c < gs; c += 16) {
       __m256i q0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + c)));
-      __m256i q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + c + 8)));
+      __m256i q1 =
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + c + 8)));
       a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), _mm256_loadu_ps(x + c), a0);
       a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), _mm256_loadu_ps(x + c + 8), a1);
     }
@@ -378,7 +380,8 @@ void qrun(const QJob& j) noexcept {
       for (int64_t c = 0; c < j.gs; ++c) {
         acc[c & 7] += xg[c];
       }
-      j.xsum[i * groups + g] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      j.xsum[i * groups + g] =
+          ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     }
   }
 #ifdef MLXS_WIDEN_X86
@@ -455,8 +458,8 @@ bool is_float(const mx::array& a) {
 }
 
 // Whether the quantised kernel applies; otherwise x times W dequantised.
-bool qapplies(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array* biases,
-              int gs, int bits, const mx::Stream& s) {
+bool qapplies(const mx::array& x, const mx::array& w, const mx::array& scales,
+              const mx::array* biases, int gs, int bits, const mx::Stream& s) {
   if (s.device != mx::Device::cpu || x.dtype() != mx::float32 || x.ndim() < 1 || x.size() == 0) {
     return false;
   }
@@ -513,7 +516,8 @@ int mlxs_widen_matmul(mlxs_array* out, mlxs_array x, mlxs_array w, int dev) {
     mx::Shape shape = xa.shape();
     shape.back() = wa.shape(0);
     std::vector<mx::array> inputs{mx::contiguous(xa, false, s), mx::contiguous(wa, false, s)};
-    put(out, mx::array(std::move(shape), mx::float32, std::make_shared<WidenMatmul>(s), std::move(inputs)));
+    put(out, mx::array(std::move(shape), mx::float32, std::make_shared<WidenMatmul>(s),
+                       std::move(inputs)));
   });
 }
 
@@ -532,8 +536,8 @@ int mlxs_widen_quantized_matmul(mlxs_array* out, mlxs_array x, mlxs_array w, mlx
       if (ba) {
         b32 = mx::astype(*ba, mx::float32, s);
       }
-      mx::array dense = mx::dequantize(wa, mx::astype(sa, mx::float32, s), b32, group_size, bits, "affine",
-                                       std::nullopt, mx::float32, s);
+      mx::array dense = mx::dequantize(wa, mx::astype(sa, mx::float32, s), b32, group_size, bits,
+                                       "affine", std::nullopt, mx::float32, s);
       put(out, mx::matmul(xa, mx::transpose(dense, {1, 0}, s), s));
       return;
     }
@@ -541,19 +545,22 @@ int mlxs_widen_quantized_matmul(mlxs_array* out, mlxs_array x, mlxs_array w, mlx
     shape.back() = wa.shape(0);
     std::vector<mx::array> inputs{mx::contiguous(xa, false, s), mx::contiguous(wa, false, s),
                                   mx::contiguous(sa, false, s), mx::contiguous(*ba, false, s)};
-    put(out, mx::array(std::move(shape), mx::float32,
-                       std::make_shared<WidenQuantizedMatmul>(s, group_size, bits), std::move(inputs)));
+    put(out,
+        mx::array(std::move(shape), mx::float32,
+                  std::make_shared<WidenQuantizedMatmul>(s, group_size, bits), std::move(inputs)));
   });
 }
 
-int mlxs_widen_quantized_matmul_applies(mlxs_array x, mlxs_array w, mlxs_array scales, mlxs_array biases,
-                                        int group_size, int bits, int dev, bool* out) {
+int mlxs_widen_quantized_matmul_applies(mlxs_array x, mlxs_array w, mlxs_array scales,
+                                        mlxs_array biases, int group_size, int bits, int dev,
+                                        bool* out) {
   using namespace mlxs;
   return guard([&] {
     if (out == nullptr) {
       throw std::invalid_argument("null output pointer");
     }
     std::optional<mx::array> ba = opt(biases);
-    *out = qapplies(arr(x), arr(w), arr(scales), ba ? &*ba : nullptr, group_size, bits, mx::to_stream(sod(dev)));
+    *out = qapplies(arr(x), arr(w), arr(scales), ba ? &*ba : nullptr, group_size, bits,
+                    mx::to_stream(sod(dev)));
   });
 }

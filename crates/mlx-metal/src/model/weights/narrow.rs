@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! Matrices kept as the checkpoint stores them while the model computes in
-//! float32 on a CPU (see [`super::super::dtype::narrow_tables`]): the
+//! float32 on a CPU (see [`crate::model::dtype::narrow_tables`]): the
 //! embedding table and the output head in place of their float32 copies,
 //! and beside each linear layer's float32 copy a twin for decode steps.
 
@@ -14,7 +14,7 @@ impl Weights {
     /// ([`WeightPath::embedding`], [`WeightPath::head`]) as stored while the
     /// rest is cast (or dequantised), their rows and products coming out in
     /// `compute` (`None`: they are cast like every other tensor). See
-    /// [`super::dtype::narrow_tables`].
+    /// [`crate::model::dtype::narrow_tables`].
     pub fn set_narrow_tables(&mut self, compute: Option<Dtype>) {
         self.narrow_tables = compute;
     }
@@ -25,7 +25,7 @@ impl Weights {
     /// [`crate::nn::NARROW_ROWS`] float32 rows (a decode step) read the twin
     /// through our kernels, reading half (16-bit) to an eighth (4-bit) of
     /// the bytes, while prefill keeps BLAS on the float32 copy. The twins
-    /// take that much memory more. See [`super::super::dtype::narrow_layers`].
+    /// take that much memory more. See [`crate::model::dtype::narrow_layers`].
     pub fn set_narrow_layers(&mut self, on: bool) {
         self.narrow_layers = on;
     }
