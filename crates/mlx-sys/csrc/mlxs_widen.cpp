@@ -68,6 +68,11 @@ inline float f16_to_f32(uint16_t v) {
   return static_cast<float>(h);
 }
 
+// The eight lanes of a portable loop's sums, added pairwise.
+inline float sum8(const float (&acc)[8]) {
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 template <bool BF16>
 void rows_portable(const Job& j, int64_t n0, int64_t n1) {
   for (int64_t r = n0; r < n1; ++r) {
@@ -82,7 +87,7 @@ void rows_portable(const Job& j, int64_t n0, int64_t n1) {
           acc[l] += wv * xr[c + l];
         }
       }
-      float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      float s = sum8(acc);
       for (; c < j.k; ++c) {
         s += (BF16 ? bf16_to_f32(wr[c]) : f16_to_f32(wr[c])) * xr[c];
       }
@@ -92,6 +97,13 @@ void rows_portable(const Job& j, int64_t n0, int64_t n1) {
 }
 
 #ifdef MLXS_WIDEN_X86
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+}
+
 template <bool BF16>
 __attribute__((target("avx2,fma,f16c"))) inline __m256 widen8(const uint16_t* p) {
   __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -115,11 +127,7 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const Job& j, int64_t n0
         a0 = _mm256_fmadd_ps(widen8<BF16>(wr + c), _mm256_loadu_ps(xr + c), a0);
         a1 = _mm256_fmadd_ps(widen8<BF16>(wr + c + 8), _mm256_loadu_ps(xr + c + 8), a1);
       }
-      __m256 a = _mm256_add_ps(a0, a1);
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-      float s = _mm_cvtss_f32(h);
+      float s = hsum8(_mm256_add_ps(a0, a1));
       for (; c < j.k; ++c) {
         s += (BF16 ? bf16_to_f32(wr[c]) : f16_to_f32(wr[c])) * xr[c];
       }
@@ -138,9 +146,18 @@ bool has_avx2() {
 // Off: the portable loop even where the CPU has AVX2 (tests, measuring).
 std::atomic<bool> simd_on{true};
 
+// Whether the kernels take their AVX2 path.
+bool use_simd() {
+#ifdef MLXS_WIDEN_X86
+  return simd_on.load(std::memory_order_relaxed) && has_avx2();
+#else
+  return false;
+#endif
+}
+
 void rows(const Job& j, int64_t n0, int64_t n1) {
 #ifdef MLXS_WIDEN_X86
-  if (simd_on.load(std::memory_order_relaxed) && has_avx2()) {
+  if (use_simd()) {
     j.bf16 ? rows_avx2<true>(j, n0, n1) : rows_avx2<false>(j, n0, n1);
     return;
   }
@@ -302,16 +319,10 @@ float group_dot_portable(const uint32_t* w, const float* x, int64_t gs, int bits
       acc[(c + l) & 7] += static_cast<float>((word >> (bits * l)) & mask) * x[c + l];
     }
   }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  return sum8(acc);
 }
 
 #ifdef MLXS_WIDEN_X86
-__attribute__((target("avx2,fma"))) inline float hsum8(__m256 a) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  return _mm_cvtss_f32(h);
-}
 
 __attribute__((target("avx2,fma"))) float group_dot_avx2(const uint32_t* w, const float* x,
                                                          int64_t gs, int bits) {
@@ -380,12 +391,11 @@ void qrun(const QJob& j) noexcept {
       for (int64_t c = 0; c < j.gs; ++c) {
         acc[c & 7] += xg[c];
       }
-      j.xsum[i * groups + g] =
-          ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      j.xsum[i * groups + g] = sum8(acc);
     }
   }
 #ifdef MLXS_WIDEN_X86
-  if (simd_on.load(std::memory_order_relaxed) && has_avx2()) {
+  if (use_simd()) {
     split_rows(j.n, [&j](int64_t n0, int64_t n1) { qrows_with<true>(j, n0, n1); });
     return;
   }

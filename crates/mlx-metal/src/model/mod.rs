@@ -299,14 +299,15 @@ pub fn load_with_quantised(
     let mut compute = dtype::choose_on(policy, quantised, checkpoint, Host::this(), facts.as_ref());
     let narrow = dtype::narrow_tables(&compute, checkpoint, mlx::device::current()?);
     if narrow.is_some() {
-        let stored = if checkpoint.quantised { "quantised".to_owned() } else { checkpoint.float.to_string() };
+        let kept = if checkpoint.quantised { "quantised".to_owned() } else { checkpoint.float.to_string() };
         compute.reason.push_str(&format!(
-            "; the embedding table and the output head stay {stored}, their products computed in float32"
+            "; the embedding table and the output head stay {kept}, their products computed in float32"
         ));
     }
     let stored: u64 = weights.tensors().values().map(|a| a.nbytes() as u64).sum();
-    let twins =
-        dtype::narrow_layers(narrow, quant_probe::dense_bytes(&weights, 4), stored, quant_probe::available_memory());
+    // The sizes and /proc/meminfo only where twins are possible at all.
+    let twins = narrow.is_some()
+        && dtype::narrow_layers(narrow, quant_probe::dense_bytes(&weights, 4), stored, quant_probe::available_memory());
     if twins {
         compute.reason.push_str(&format!(
             "; decode steps read every layer as stored, prefill their float32 copies ({:.2} GB more)",

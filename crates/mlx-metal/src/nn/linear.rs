@@ -103,25 +103,14 @@ impl Linear {
             Some(narrow) if x.dtype() == Dtype::Float32 && rows(x) <= NARROW_ROWS => narrow,
             _ => &self.weight,
         };
-        match (weight, &self.bias) {
-            (LinearWeight::Dense(w), bias) if widens(x, w) => {
-                let y = ops::widen_matmul(x, w)?;
-                match bias {
-                    Some(b) => ops::add(&y, b),
-                    None => Ok(y),
-                }
-            }
+        match (weight, self.bias.as_ref()) {
+            (LinearWeight::Dense(w), bias) if widens(x, w) => plus_bias(ops::widen_matmul(x, w)?, bias),
             (LinearWeight::Quantized(q), bias) if widens_quantised(x, q) => {
-                let y = ops::widen_quantized_matmul(x, q)?;
-                match bias {
-                    Some(b) => ops::add(&y, b),
-                    None => Ok(y),
-                }
+                plus_bias(ops::widen_quantized_matmul(x, q)?, bias)
             }
             (LinearWeight::Dense(w), None) => ops::matmul(x, &ops::transpose(w, &[1, 0])?),
             (LinearWeight::Dense(w), Some(b)) => ops::addmm(b, x, &ops::transpose(w, &[1, 0])?, 1.0, 1.0),
-            (LinearWeight::Quantized(q), None) => ops::quantized_matmul(x, q, true),
-            (LinearWeight::Quantized(q), Some(b)) => ops::add(&ops::quantized_matmul(x, q, true)?, b),
+            (LinearWeight::Quantized(q), bias) => plus_bias(ops::quantized_matmul(x, q, true)?, bias),
         }
     }
 
@@ -210,6 +199,14 @@ fn weight_rows(w: &LinearWeight, start: i32, end: i32) -> Result<LinearWeight> {
             bits: q.bits,
         }),
     })
+}
+
+/// `y + b` when there is a bias.
+fn plus_bias(y: Array, bias: Option<&Array>) -> Result<Array> {
+    match bias {
+        Some(b) => ops::add(&y, b),
+        None => Ok(y),
+    }
 }
 
 /// The rows of `x: [..., in]`.

@@ -258,7 +258,8 @@ pub fn copy_durable(from: &Path, to: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn names(dir: &Path) -> Vec<String> {
+    /// The names in `dir`, sorted (staged.rs's tests use it too).
+    pub(super) fn names(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> =
             fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         v.sort();

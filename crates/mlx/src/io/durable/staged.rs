@@ -177,16 +177,10 @@ fn replace_dir(staged: &Path, target: &Path, replace_non_empty: bool) -> Result<
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::names;
     use super::super::write_durable_bytes;
     use super::*;
     use std::fs::File;
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> =
-            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        v.sort();
-        v
-    }
 
     fn age(path: &Path, secs: u64) {
         let when = SystemTime::now() - Duration::from_secs(secs);
