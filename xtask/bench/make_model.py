@@ -24,8 +24,10 @@ from a fixed seed (one key per tensor name, so a tensor does not depend on the o
 
 The tokenizer is a word-level one with one word per model token ("t0" ... "t<vocab-1>", split on
 whitespace, no special handling), so any id sequence round-trips through text:
-"t5 t17 t9" encodes to [5, 17, 9]. Benchmarks feed token ids; the tokenizer is there so that
-loaders that require one (ours, transformers' AutoTokenizer) accept the directory.
+"t5 t17 t9" encodes to [5, 17, 9], and any other word to 0. Benchmarks feed token ids; the
+tokenizer is there so that loaders that require one (ours, transformers' AutoTokenizer) accept the
+directory, and a plain chat template ("role: content" lines, then "assistant:") so that the servers
+of the serving benchmark can answer chat requests on it.
 
 For quick tests on a CPU: --layers and --vocab shrink the model, --set KEY=JSON overrides any
 config.json key (hidden_size=256 ...), --dtype float32 avoids MLX's slow bfloat16 CPU kernels.
@@ -215,6 +217,12 @@ def build(config, bits, group_size, seed):
     return model, config
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def tokenizer_files(config):
     vocab = config["vocab_size"]
     tokenizer = {
@@ -236,6 +244,8 @@ def tokenizer_files(config):
         "clean_up_tokenization_spaces": False,
         "model_max_length": config.get("max_position_embeddings", 4096),
         "tokenizer_class": "PreTrainedTokenizerFast",
+        # A plain template, so that chat requests (the serving benchmark) work on the model too.
+        "chat_template": CHAT_TEMPLATE,
     }
     if eos is not None:
         tok_config["eos_token"] = f"t{eos}"

@@ -107,6 +107,23 @@ fn models_health_and_unknown_paths() {
 }
 
 #[test]
+fn the_model_is_warmed_up_before_the_server_listens() {
+    // The warm-up generates in a chat session of its own: the prompt cache that requests share
+    // stays empty, and the engine's counters start at 0 for the first request either way.
+    for (flags, warmed) in [(&[][..], true), (&["--no-warmup"][..], false)] {
+        let server = Server::start(&tiny(MODEL), flags);
+        let (status, health) = get(&server.url("/health"));
+        assert_eq!(status, 200, "{health}");
+        let batch = &health["engine"]["batch"];
+        assert_eq!(batch["decode_steps"], 0, "{flags:?}: {health}");
+        assert_eq!(batch["prompt_cache_entries"], 0, "{flags:?}: {health}");
+        let (code, stderr) = server.stop(Duration::from_secs(20));
+        assert_eq!(code, Some(0), "{stderr}");
+        assert_eq!(stderr.contains("warmed up"), warmed, "{flags:?}: {stderr}");
+    }
+}
+
+#[test]
 fn malformed_requests_get_clear_4xx_errors() {
     let server = Server::start(&tiny(MODEL), &["--max-tokens-limit", "64", "--max-body-bytes", "2048"]);
     let chat = server.url("/v1/chat/completions");

@@ -31,8 +31,10 @@ fn health_after_death(server: &Server) -> Option<u16> {
 
 #[test]
 fn a_panic_in_the_engine_fails_its_generations_and_the_server_goes_on() {
-    // A job (the request's start) panics, then a scheduler step.
-    let server = Server::start_with_env(&tiny(MODEL), &[], &[("MLXR_FAILPOINTS", "engine.job,engine.step")]);
+    // A job (the request's start) panics, then a scheduler step. The fail points fire at the
+    // engine's first job and step: no warm-up, so that those are the requests'.
+    let server =
+        Server::start_with_env(&tiny(MODEL), &["--no-warmup"], &[("MLXR_FAILPOINTS", "engine.job,engine.step")]);
     let chat = server.url("/v1/chat/completions");
     for _ in 0..2 {
         let (status, answer) = post(&chat, &chat_body(4));
@@ -56,7 +58,7 @@ fn a_panic_in_the_engine_fails_its_generations_and_the_server_goes_on() {
 
 #[test]
 fn a_dead_engine_fails_health_and_the_server_exits_with_an_error() {
-    let server = Server::start_with_env(&tiny(MODEL), &[], &[("MLXR_FAILPOINTS", "engine.exit")]);
+    let server = Server::start_with_env(&tiny(MODEL), &["--no-warmup"], &[("MLXR_FAILPOINTS", "engine.exit")]);
     let (status, answer) = post(&server.url("/v1/chat/completions"), &chat_body(4));
     assert_eq!(status, 500, "{answer}");
     // 503 while it stops (or already gone: the check runs every second).

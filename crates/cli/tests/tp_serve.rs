@@ -105,7 +105,9 @@ fn a_generation_that_fails_on_one_rank_fails_on_rank_0_and_every_rank_goes_on() 
     let chat = json!({"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 12, "ignore_eos": true});
     let mut logs = String::new();
     for (failing, failpoints) in jobs {
-        let server = Server::start_with_env(&model, &TP, &[("MLXR_FAILPOINTS", failpoints)]);
+        // The fail points count the engines' jobs and steps from the start: no warm-up.
+        let args = [&TP[..], &["--no-warmup"]].concat();
+        let server = Server::start_with_env(&model, &args, &[("MLXR_FAILPOINTS", failpoints)]);
         for point in failing {
             let (status, body) = post(&server.url("/v1/chat/completions"), &chat);
             assert_eq!(status, 500, "{point}: the failed generation is an error on rank 0: {body}");
@@ -131,7 +133,7 @@ fn a_rank_that_hangs_ends_the_job_with_an_error_that_names_it() {
     let _serial = serial();
     let model = tiny(MODEL);
     let mut args = TP.to_vec();
-    args.extend(["--step-timeout", "3"]);
+    args.extend(["--step-timeout", "3", "--no-warmup"]);
     // Rank 1 hangs at the first step it receives; rank 0 waits for it in that step's collectives.
     let server = Server::start_with_env(&model, &args, &[("MLXR_FAILPOINTS", "mirror.hang@1")]);
     let chat = json!({"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4});

@@ -255,6 +255,27 @@ pub struct EngineLoad {
     pub caught_panics: u64,
 }
 
+impl EngineLoad {
+    /// The counters of work done since `earlier` (a reading of the same engine), gauges as they
+    /// are now: what a server reports when it ran work of its own first (its warm-up). The peak
+    /// batch size stays the peak since load.
+    #[must_use]
+    pub fn since(&self, earlier: &EngineLoad) -> EngineLoad {
+        EngineLoad {
+            decode_steps: self.decode_steps.saturating_sub(earlier.decode_steps),
+            prompt_cache_hits: self.prompt_cache_hits.saturating_sub(earlier.prompt_cache_hits),
+            prompt_cache_reused_tokens: self
+                .prompt_cache_reused_tokens
+                .saturating_sub(earlier.prompt_cache_reused_tokens),
+            speculative_steps: self.speculative_steps.saturating_sub(earlier.speculative_steps),
+            draft_tokens: self.draft_tokens.saturating_sub(earlier.draft_tokens),
+            accepted_draft_tokens: self.accepted_draft_tokens.saturating_sub(earlier.accepted_draft_tokens),
+            caught_panics: self.caught_panics.saturating_sub(earlier.caught_panics),
+            ..*self
+        }
+    }
+}
+
 /// Why a generation ended (OpenAI's `finish_reason`: [`Stop`](Self::Stop) is `"stop"`, the other
 /// two are `"length"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: EUPL-1.2
-//! Defaults, setters and every validation error of the settings types.
+//! Defaults, setters and every validation error of the settings types, and the engine load's
+//! arithmetic.
 
 use std::path::PathBuf;
 
@@ -353,4 +354,35 @@ fn compute_dtype_parses_prints_and_round_trips() {
     let s: LoadSettings = serde_json::from_str(r#"{"dtype": "bfloat16"}"#).unwrap();
     assert_eq!(s.dtype, ComputeDtype::Bfloat16);
     assert!(serde_json::from_str::<LoadSettings>(r#"{"dtype": "double"}"#).is_err());
+}
+
+// ---- EngineLoad ----
+
+#[test]
+fn engine_load_since_subtracts_counters_and_keeps_gauges() {
+    use inference_core::EngineLoad;
+    let earlier = EngineLoad { decode_steps: 2, draft_tokens: 4, accepted_draft_tokens: 3, ..Default::default() };
+    let now = EngineLoad {
+        queued: 5,
+        running: 3,
+        peak_batch_size: 3,
+        prompt_cache_entries: 2,
+        decode_steps: 12,
+        draft_tokens: 24,
+        accepted_draft_tokens: 13,
+        prompt_cache_hits: 1,
+        prompt_cache_reused_tokens: 40,
+        speculative_steps: 6,
+        caught_panics: 1,
+        ..Default::default()
+    };
+    let d = now.since(&earlier);
+    assert_eq!((d.decode_steps, d.draft_tokens, d.accepted_draft_tokens), (10, 20, 10));
+    assert_eq!(
+        (d.prompt_cache_hits, d.prompt_cache_reused_tokens, d.speculative_steps, d.caught_panics),
+        (1, 40, 6, 1)
+    );
+    assert_eq!((d.queued, d.running, d.peak_batch_size, d.prompt_cache_entries), (5, 3, 3, 2));
+    // A reading older than `earlier` (another engine) never underflows.
+    assert_eq!(earlier.since(&now).decode_steps, 0);
 }

@@ -16,18 +16,27 @@
 // warps share an SM (the first version kept every word of a row in registers:
 // 134 registers a thread, 12% occupancy).
 //
-// Used only where it applies exactly (CUDA device, affine 4-bit weights with
-// biases, transposed, bf16 or fp16, one row of x, not under a transform: the
-// kernel has no derivative); everything else goes to MLX's quantized_matmul.
+// qmm_rows: the same for 2 to 32 rows of x (a batch's decode step), on the
+// tensor cores; see kQmmRowsSource. In AUTO mode for 2 to 8 rows, where it
+// reads the weights once for all rows: on an H100, 8 rows cost 0.8-1.06x one
+// row (kQmmAutoMaxRows says more).
+//
+// Used only where they apply exactly (CUDA device, affine 4-bit weights with
+// biases, transposed, bf16 or fp16, one row of x, or up to 32 on compute
+// capability 8.0 or later with K a multiple of 128, not under a transform: the
+// kernels have no derivative); everything else goes to MLX's quantized_matmul.
 // MLXR_CUSTOM_KERNELS=0 in the environment, or
 // mlxs_set_custom_kernels(MLXS_KERNELS_OFF), turns it off.
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <variant>
 
 #include "mlx/backend/cuda/cuda.h"
+#include "mlx/backend/gpu/device_info.h"
 #include "mlx/fast.h"
 #include "mlxs_internal.h"
 
@@ -65,6 +74,13 @@ template <typename T> struct QmvPair;
 template <> struct QmvPair<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   static constexpr unsigned int magic = 0x43004300u;
+  // d += a (16 x 16, row-major fragments) * b (16 x 8, column-major), on the tensor cores.
+  static __device__ __forceinline__ void mma(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
   static __device__ __forceinline__ T2 offset() { return __float2bfloat162_rn(128.f); }
   static __device__ __forceinline__ float2 to_float2(T2 v) { return __bfloat1622float2(v); }
   static __device__ __forceinline__ T2 splat(__nv_bfloat16 v) { return __bfloat162bfloat162(v); }
@@ -72,6 +88,12 @@ template <> struct QmvPair<__nv_bfloat16> {
 template <> struct QmvPair<__half> {
   using T2 = __half2;
   static constexpr unsigned int magic = 0x64006400u;
+  static __device__ __forceinline__ void mma(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
   static __device__ __forceinline__ T2 offset() { return __float2half2_rn(1024.f); }
   static __device__ __forceinline__ float2 to_float2(T2 v) { return __half22float2(v); }
   static __device__ __forceinline__ T2 splat(__half v) { return __half2half2(v); }
@@ -154,6 +176,170 @@ constexpr const char* kQmvSource = R"(
   }
 )";
 
+// A few rows of x (2 to 32) times the same 4-bit matrix: a decode step of a
+// batch. One row's kernel above would read the weights once per row; this one
+// reads them once for all rows and multiplies on the tensor cores
+// (mma.sync m16n8k16, f32 accumulators). A block of KSPLIT warps takes 32
+// output rows (two tiles of 16, the mma's A operand); each warp a share of
+// the 128-value chunks of K, its partial sums added up through shared memory
+// at the end. Per chunk a lane loads one 16-byte word group per output row
+// (32 values) and, per 8-row tile of x, 8 values of x per step. The sum over k
+// does not care about the order of k, so each lane feeds the mma the values
+// its own words hold, in the order the nibble pairs come out of the exponent
+// trick ((0,4), (1,5), (2,6), (3,7)), and permutes x to match (byte_perm):
+// no weight crosses lanes. Template arguments: T, K (a multiple of 128),
+// GROUP, MT (8-row tiles of x, 1 or 4), KSPLIT. x comes as [M, K].
+constexpr const char* kQmmRowsSource = R"(
+  using P = QmvPair<T>;
+  using T2 = P::T2;
+  constexpr int CHUNKS = K / 128;
+  constexpr int ACC = 2 * MT * 4;
+  __shared__ float partial[KSPLIT][32][ACC];
+  const int m_rows = x_shape[0];
+  const int n = w_shape[0];
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int base = blockIdx.x * 32;
+  // This lane's output rows: base + 8r + g; tile rt is r = 2rt (the mma's
+  // row g) and r = 2rt + 1 (row g + 8). Rows past the end read the last one.
+  const unsigned int* wr[4];
+  const T* sr[4];
+  const T* br[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int row = min(base + 8 * r + g, n - 1);
+    wr[r] = w + static_cast<size_t>(row) * (K / 8);
+    sr[r] = scales + static_cast<size_t>(row) * (K / GROUP);
+    br[r] = biases + static_cast<size_t>(row) * (K / GROUP);
+  }
+  const T* xr[MT];
+  bool xin[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    xin[mt] = 8 * mt + g < m_rows;
+    xr[mt] = x + static_cast<size_t>(xin[mt] ? 8 * mt + g : 0) * K;
+  }
+  const bool w_aligned = (reinterpret_cast<size_t>(w) & 15) == 0;
+  const bool x_aligned = (reinterpret_cast<size_t>(x) & 15) == 0;
+  const T2 off = P::offset();
+  float acc[2][MT][4];
+#pragma unroll
+  for (int rt = 0; rt < 2; ++rt) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        acc[rt][mt][q] = 0.f;
+      }
+    }
+  }
+#pragma unroll 2
+  for (int c = warp; c < CHUNKS; c += KSPLIT) {
+    const int word = c * 16 + 4 * t;
+    const int gi = (c * 128 + 32 * t) / GROUP;
+    uint4 wv[4];
+    T2 s2[4];
+    T2 b2[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      wv[r] = w_aligned ? __ldg(reinterpret_cast<const uint4*>(wr[r] + word))
+                        : make_uint4(wr[r][word], wr[r][word + 1], wr[r][word + 2], wr[r][word + 3]);
+      s2[r] = P::splat(sr[r][gi]);
+      b2[r] = P::splat(br[r][gi]);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // x values k .. k + 7 of each of this lane's rows of x, as the pairs
+      // (0,4), (1,5), (2,6), (3,7).
+      unsigned int xb[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int k = c * 128 + 32 * t + 8 * j;
+        uint4 xv = make_uint4(0u, 0u, 0u, 0u);
+        if (xin[mt]) {
+          if (x_aligned) {
+            xv = __ldg(reinterpret_cast<const uint4*>(xr[mt] + k));
+          } else {
+            T v[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+              v[e] = xr[mt][k + e];
+            }
+            memcpy(&xv, v, sizeof(xv));
+          }
+        }
+        xb[mt][0] = __byte_perm(xv.x, xv.z, 0x5410);
+        xb[mt][1] = __byte_perm(xv.x, xv.z, 0x7632);
+        xb[mt][2] = __byte_perm(xv.y, xv.w, 0x5410);
+        xb[mt][3] = __byte_perm(xv.y, xv.w, 0x7632);
+      }
+#pragma unroll
+      for (int rt = 0; rt < 2; ++rt) {
+        const unsigned int* lo_words = reinterpret_cast<const unsigned int*>(&wv[2 * rt]);
+        const unsigned int* hi_words = reinterpret_cast<const unsigned int*>(&wv[2 * rt + 1]);
+        const unsigned int lo = lo_words[j];
+        const unsigned int hi = hi_words[j];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          // Nibble pairs (0,4) and (1,5), then (2,6) and (3,7).
+          const int sh = 8 * half;
+          unsigned int a[4];
+          unsigned int u;
+          T2 v;
+          u = ((lo >> sh) & 0x000F000Fu) | P::magic;
+          v = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u), off), s2[2 * rt], b2[2 * rt]);
+          a[0] = *reinterpret_cast<unsigned int*>(&v);
+          u = ((hi >> sh) & 0x000F000Fu) | P::magic;
+          v = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u), off), s2[2 * rt + 1], b2[2 * rt + 1]);
+          a[1] = *reinterpret_cast<unsigned int*>(&v);
+          u = ((lo >> (sh + 4)) & 0x000F000Fu) | P::magic;
+          v = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u), off), s2[2 * rt], b2[2 * rt]);
+          a[2] = *reinterpret_cast<unsigned int*>(&v);
+          u = ((hi >> (sh + 4)) & 0x000F000Fu) | P::magic;
+          v = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u), off), s2[2 * rt + 1], b2[2 * rt + 1]);
+          a[3] = *reinterpret_cast<unsigned int*>(&v);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            P::mma(acc[rt][mt], a, xb[mt][2 * half], xb[mt][2 * half + 1]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int rt = 0; rt < 2; ++rt) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        partial[warp][lane][(rt * MT + mt) * 4 + q] = acc[rt][mt][q];
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 32 * ACC; i += blockDim.x) {
+    const int l = i / ACC;
+    const int e = i % ACC;
+    float sum = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < KSPLIT; ++wi) {
+      sum += partial[wi][l][e];
+    }
+    // The accumulator's place: tile rt, x tile mt, and in the mma's output
+    // row (l >> 2) or (l >> 2) + 8, column 2 (l & 3) or one more.
+    const int q = e & 3;
+    const int mt = (e >> 2) % MT;
+    const int rt = (e >> 2) / MT;
+    const int row = base + 16 * rt + (l >> 2) + (q >= 2 ? 8 : 0);
+    const int m = 8 * mt + 2 * (l & 3) + (q & 1);
+    if (row < n && m < m_rows) {
+      out[static_cast<size_t>(m) * n + row] = static_cast<T>(sum);
+    }
+  }
+)";
+
 constexpr int kQmvWarpsPerBlock = 8;
 // x lives in static shared memory, at most 48 KB a block.
 constexpr int kQmvMaxK = 24576;
@@ -170,6 +356,32 @@ const mx::fast::CustomKernelFunction& qmv_kernel() {
       mx::fast::cuda_kernel("mlxr_qmv4", {"x", "w", "scales", "biases"}, {"out"}, kQmvSource,
                             kQmvHeader, /* ensure_row_contiguous */ true);
   return k;
+}
+
+const mx::fast::CustomKernelFunction& qmm_rows_kernel() {
+  static const mx::fast::CustomKernelFunction k =
+      mx::fast::cuda_kernel("mlxr_qmm_rows4", {"x", "w", "scales", "biases"}, {"out"},
+                            kQmmRowsSource, kQmvHeader, /* ensure_row_contiguous */ true);
+  return k;
+}
+
+// The most rows of x the multi-row kernel takes (four 8-row tiles), and the
+// most it takes in AUTO mode. On an H100 (docs/benchmarks.md), for
+// Llama-3.1-8B's shapes, 2 to 8 rows cost 0.8-1.06x one row (MLX's kernels:
+// 1.6-5.3x at 2 and 4 rows); 16 and 32 rows, with four tiles, 1.5-2.4x, where
+// MLX's tensor-core kernel is as fast or faster (0.6-1.1x ours).
+constexpr int kQmmMaxRows = 32;
+constexpr int kQmmAutoMaxRows = 8;
+
+// mma.sync with bf16 needs compute capability 8.0 (Ampere) or later.
+bool has_bf16_mma() {
+  static const bool ok = [] {
+    const auto& info = mx::gpu::device_info(0);
+    auto it = info.find("compute_capability_major");
+    return it != info.end() && std::holds_alternative<size_t>(it->second) &&
+           std::get<size_t>(it->second) >= 8;
+  }();
+  return ok;
 }
 
 }  // namespace
@@ -204,9 +416,8 @@ std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
   }
   int n = w.shape(0);
   int k = w.shape(1) * 8;
-  if (x.shape(-1) != k || x.size() != static_cast<size_t>(k) || k % 32 != 0 || k > kQmvMaxK ||
-      k % group != 0 || scales.shape(0) != n || scales.shape(1) != k / group ||
-      b.shape() != scales.shape() || n <= 0 || n > kQmvMaxRows) {
+  if (x.shape(-1) != k || k % 32 != 0 || k % group != 0 || scales.shape(0) != n ||
+      scales.shape(1) != k / group || b.shape() != scales.shape() || n <= 0 || n > kQmvMaxRows) {
     return std::nullopt;
   }
   if (kernels == MLXS_KERNELS_AUTO && static_cast<int64_t>(n) * k < kQmvAutoMinValues) {
@@ -214,6 +425,26 @@ std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
   }
   auto out_shape = x.shape();
   out_shape.back() = n;
+  size_t rows = x.size() / static_cast<size_t>(k);
+  if (rows >= 2) {
+    size_t most = kernels == MLXS_KERNELS_AUTO ? kQmmAutoMaxRows : kQmmMaxRows;
+    if (rows > most || k % 128 != 0 || !has_bf16_mma()) {
+      return std::nullopt;
+    }
+    int m = static_cast<int>(rows);
+    int ksplit = std::min(8, k / 128);
+    int threads = 32 * ksplit;
+    int blocks = (n + 31) / 32;
+    auto x2 = mx::reshape(x, {m, k}, stream);
+    auto outs = qmm_rows_kernel()(
+        {x2, w, scales, b}, {{m, n}}, {t}, {blocks * threads, 1, 1}, {threads, 1, 1},
+        {{"T", t}, {"K", k}, {"GROUP", group}, {"MT", m <= 8 ? 1 : 4}, {"KSPLIT", ksplit}},
+        std::nullopt, false, stream);
+    return mx::reshape(outs.at(0), out_shape, stream);
+  }
+  if (k > kQmvMaxK) {
+    return std::nullopt;
+  }
   int threads = 32 * kQmvWarpsPerBlock;
   int blocks = (n + kQmvWarpsPerBlock - 1) / kQmvWarpsPerBlock;
   auto outs =

@@ -2,10 +2,11 @@
 //! Our own GPU kernels against MLX's (`csrc/mlxs_kernels.cpp`). The switch is
 //! process-wide, so everything runs in one test of its own binary.
 //!
-//! On a CUDA device the 4-bit matrix-vector kernel must be as close to an
-//! f32 reference as MLX's own kernel is (both round the products in bf16 or
-//! fp16); everywhere else (the CPU, Metal, more than one row, other bit
-//! widths) the switch must change nothing, bit for bit.
+//! On a CUDA device the 4-bit kernels (one row of x, and 2 to 32 rows on the
+//! tensor cores) must be as close to an f32 reference as MLX's own kernel is
+//! (all round the weights or products in bf16 or fp16); everywhere else (the
+//! CPU, Metal, more than 32 rows, other bit widths) the switch must change
+//! nothing, bit for bit.
 
 use mlx::fast::{CustomKernels, custom_kernels, set_custom_kernels};
 use mlx::ops;
@@ -74,20 +75,29 @@ fn quantized_matvec_kernel_matches_mlx() {
     let before = custom_kernels();
     let _scope = mlx::device::DeviceScope::new(device).unwrap();
 
-    // The kernel's cases: one row of x, 4-bit, every group size, bf16 and
-    // fp16, K a multiple of 1,024 or not (Gemma 3 1B's 1,152 and 6,912),
-    // x a view that is not 16-byte aligned.
+    // The kernels' cases: one row of x or several, 4-bit, every group size,
+    // bf16 and fp16, K a multiple of 1,024 or not (Gemma 3 1B's 1,152 and
+    // 6,912), x a view that is not 16-byte aligned.
     let applies = [
         Case { n: 300, k: 4096, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1], x_offset: 0 },
         Case { n: 257, k: 1152, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1, 1], x_offset: 0 },
         Case { n: 64, k: 6912, group: 32, bits: 4, dtype: Dtype::Float16, lead: &[1, 1, 1], x_offset: 0 },
         Case { n: 129, k: 2048, group: 128, bits: 4, dtype: Dtype::Bfloat16, lead: &[1], x_offset: 3 },
         Case { n: 96, k: 14336, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1], x_offset: 8 },
+        // Several rows (a batch's decode step): one 8-row tile of x or four,
+        // output rows not a multiple of 32, every group size, unaligned x.
+        Case { n: 300, k: 4096, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[2], x_offset: 0 },
+        Case { n: 257, k: 1152, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[8], x_offset: 0 },
+        Case { n: 64, k: 6912, group: 32, bits: 4, dtype: Dtype::Float16, lead: &[3, 3], x_offset: 0 },
+        Case { n: 129, k: 2048, group: 128, bits: 4, dtype: Dtype::Bfloat16, lead: &[32], x_offset: 3 },
+        Case { n: 96, k: 14336, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[16], x_offset: 8 },
+        Case { n: 200, k: 1024, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[2], x_offset: 0 },
+        Case { n: 70, k: 1024, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1, 3], x_offset: 0 },
     ];
     for (i, case) in applies.iter().enumerate() {
         eprintln!(
-            "case {i}: n {} k {} group {} {:?} x offset {}",
-            case.n, case.k, case.group, case.dtype, case.x_offset
+            "case {i}: n {} k {} group {} {:?} rows {:?} x offset {}",
+            case.n, case.k, case.group, case.dtype, case.lead, case.x_offset
         );
         let (reference, theirs, ours) = run(case, 10 + i as u64, on_cuda);
         let err_ours = max_abs_diff(&ours, &reference);
@@ -110,10 +120,11 @@ fn quantized_matvec_kernel_matches_mlx() {
 
     // Where the kernel does not apply, the switch changes nothing anywhere.
     let not_applied = [
-        Case { n: 200, k: 1024, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[2], x_offset: 0 },
+        Case { n: 200, k: 1024, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[33], x_offset: 0 },
         Case { n: 200, k: 1024, group: 64, bits: 8, dtype: Dtype::Bfloat16, lead: &[1], x_offset: 0 },
         Case { n: 200, k: 1024, group: 64, bits: 4, dtype: Dtype::Float32, lead: &[1], x_offset: 0 },
-        Case { n: 70, k: 1024, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1, 3], x_offset: 0 },
+        // several rows of a K that is not a multiple of 128 (SmolLM2's 576)
+        Case { n: 70, k: 576, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1, 3], x_offset: 0 },
         // x longer than the kernel's shared memory holds
         Case { n: 16, k: 25600, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1], x_offset: 0 },
     ];

@@ -157,6 +157,9 @@ pub(crate) struct Engine {
     /// Shared with the engines of the adapters served beside the model ([`Engine::for_model`]).
     pub(crate) stats: Arc<Stats>,
     pub(crate) metrics: Arc<super::metrics::Metrics>,
+    /// The model's engine counters when the server started serving (after its warm-up), which
+    /// [`Engine::load`] subtracts.
+    baseline: Option<inference_core::EngineLoad>,
 }
 
 /// A running generation. Dropping it cancels the engine's work.
@@ -188,7 +191,14 @@ impl Engine {
             shutdown: CancelToken::new(),
             stats: Arc::default(),
             metrics: Arc::default(),
+            baseline: None,
         }
+    }
+
+    /// Counts the engine's work from now on only (after the server's warm-up).
+    pub(crate) fn counting_from_now(mut self) -> Self {
+        self.baseline = self.model.engine_load();
+        self
     }
 
     /// An engine for `model` (an adapter served beside this one) that shares this one's queue,
@@ -202,18 +212,23 @@ impl Engine {
             shutdown: self.shutdown.clone(),
             stats: Arc::clone(&self.stats),
             metrics: Arc::clone(&self.metrics),
+            baseline: None,
         }
     }
 
     /// What the model's engine is doing now, when the backend batches.
     pub(crate) fn load(&self) -> Option<inference_core::EngineLoad> {
-        self.model.engine_load()
+        let now = self.model.engine_load()?;
+        Some(match &self.baseline {
+            Some(earlier) => now.since(earlier),
+            None => now,
+        })
     }
 
     /// The counters and, when the backend batches, what its engine is doing now.
     pub(crate) fn json(&self) -> Value {
         let mut stats = self.stats.json();
-        if let Some(load) = self.model.engine_load() {
+        if let Some(load) = self.load() {
             stats["batch"] = json!(load);
         }
         stats

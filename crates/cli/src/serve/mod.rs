@@ -126,7 +126,13 @@ fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
         max_queue: args.max_queue as usize,
         queue_timeout: Duration::from_secs_f64(args.queue_timeout.min(1e9)),
     };
-    let engine = Arc::new(Engine::new(Arc::clone(&model), limits));
+    if !args.no_warmup
+        && let Err(e) = warm_up(model.as_ref())
+    {
+        let _ = model.close();
+        return Err(Failure::new(format!("warming the model up: {e}")));
+    }
+    let engine = Arc::new(Engine::new(Arc::clone(&model), limits).counting_from_now());
     let adapters =
         adapters::Adapters::new(model_id.clone(), Arc::clone(&engine), Arc::clone(&model), args.adapter_root.clone());
     if let Err(e) = adapters::load_at_start(&adapters, &named) {
@@ -165,6 +171,28 @@ fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
     let closed = model.close();
     served?;
     closed.map_err(Failure::from)
+}
+
+/// Generates two tokens before the server listens, so that what the backend compiles on first use
+/// is compiled before the first request. A chat session of its own where the backend has sessions:
+/// its caches stay in the session, so the prompt cache (which requests share) never sees it.
+fn warm_up(model: &dyn inference_core::TextModel) -> Result<(), inference_core::Error> {
+    let started = Instant::now();
+    let settings = inference_core::GenerateSettings {
+        max_tokens: 2,
+        temperature: 0.0,
+        ignore_eos: true,
+        ..inference_core::GenerateSettings::default()
+    };
+    match model.new_session() {
+        Ok(mut session) => session.generate("Hello", &settings, inference_core::CancelToken::new())?.collect_text()?,
+        Err(inference_core::Error::Unsupported { .. }) => {
+            model.generate("Hello", &settings, inference_core::CancelToken::new())?.collect_text()?
+        }
+        Err(e) => return Err(e),
+    };
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "warmed up");
+    Ok(())
 }
 
 /// The directory's name, the id OpenAI clients send back in `model`.
