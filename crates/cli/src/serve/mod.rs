@@ -173,24 +173,27 @@ fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
     closed.map_err(Failure::from)
 }
 
-/// Generates two tokens before the server listens, so that what the backend compiles on first use
-/// is compiled before the first request. A chat session of its own where the backend has sessions:
-/// its caches stay in the session, so the prompt cache (which requests share) never sees it.
+/// Generates a few tokens before the server listens, so that what the backend compiles on first use
+/// is compiled before the first request: two generations at once where the backend has sessions, so
+/// that a decode step of two rows (a batch's kernels) runs too. Each in a chat session of its own:
+/// its caches stay in the session, so the prompt cache (which requests share) never sees them.
 fn warm_up(model: &dyn inference_core::TextModel) -> Result<(), inference_core::Error> {
+    use inference_core::{CancelToken, Error, GenerateSettings};
     let started = Instant::now();
-    let settings = inference_core::GenerateSettings {
-        max_tokens: 2,
-        temperature: 0.0,
-        ignore_eos: true,
-        ..inference_core::GenerateSettings::default()
-    };
-    match model.new_session() {
-        Ok(mut session) => session.generate("Hello", &settings, inference_core::CancelToken::new())?.collect_text()?,
-        Err(inference_core::Error::Unsupported { .. }) => {
-            model.generate("Hello", &settings, inference_core::CancelToken::new())?.collect_text()?
+    let settings =
+        GenerateSettings { max_tokens: 4, temperature: 0.0, ignore_eos: true, ..GenerateSettings::default() };
+    match (model.new_session(), model.new_session()) {
+        (Ok(mut a), Ok(mut b)) => {
+            let first = a.generate("Hello", &settings, CancelToken::new())?;
+            let second = b.generate("Hello there", &settings, CancelToken::new())?;
+            first.collect_text()?;
+            second.collect_text()?;
         }
-        Err(e) => return Err(e),
-    };
+        (Err(Error::Unsupported { .. }), _) | (_, Err(Error::Unsupported { .. })) => {
+            model.generate("Hello", &settings, CancelToken::new())?.collect_text()?;
+        }
+        (Err(e), _) | (_, Err(e)) => return Err(e),
+    }
     tracing::info!(ms = started.elapsed().as_millis() as u64, "warmed up");
     Ok(())
 }
