@@ -224,17 +224,7 @@ constexpr const char* kQmmRowsSource = R"(
   const bool w_aligned = (reinterpret_cast<size_t>(w) & 15) == 0;
   const bool x_aligned = (reinterpret_cast<size_t>(x) & 15) == 0;
   const T2 off = P::offset();
-  float acc[2][MT][4];
-#pragma unroll
-  for (int rt = 0; rt < 2; ++rt) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        acc[rt][mt][q] = 0.f;
-      }
-    }
-  }
+  float acc[2][MT][4] = {};
 #pragma unroll 2
   for (int c = warp; c < CHUNKS; c += KSPLIT) {
     const int word = c * 16 + 4 * t;
