@@ -1,0 +1,127 @@
+# SPDX-License-Identifier: EUPL-1.2
+"""Compiles the CUDA kernels of csrc/mlxs_kernels.cpp with NVRTC, as MLX does on a GPU machine, on a
+machine without a GPU: every kernel source, every instantiation our dispatch code makes (dtypes, group
+sizes, tiles), for compute capability 8.0 and 9.0. A kernel that does not compile here would fail on
+the GPU at its first call; this finds it in CI. NVRTC and the CUDA headers come from PyPI's
+nvidia-cuda-nvrtc-cu12 and nvidia-cuda-runtime-cu12 (pinned in xtask/fixtures/requirements.txt).
+
+    python nvrtc_check.py PATH/mlxs_kernels.cpp
+
+Exit status 0: all compiled; 1: a kernel failed (NVRTC's log is printed); 3: NVRTC is not installed
+in this Python (the caller decides whether that is an error).
+
+The wrapper stands in for MLX's (`fast::cuda_kernel` makes a `__global__` template whose parameters
+are the inputs, the outputs and, for the names the source uses, their shapes); the kernel bodies are
+compiled exactly as written.
+"""
+
+import ctypes
+import re
+import sys
+from pathlib import Path
+
+# Per kernel source: the inputs' element types, the outputs', and the template instantiations our
+# dispatch code (try_fast_qmv) can make. T is the activation dtype.
+TYPES = ("__nv_bfloat16", "__half")
+KERNELS = {
+    "kQmvSource": {
+        "inputs": [("x", "T"), ("w", "uint32_t"), ("scales", "T"), ("biases", "T")],
+        "outputs": [("out", "T")],
+        "template": ["typename T", "int K", "int GROUP", "int UNROLL"],
+        "args": [(t, k, g, u) for t in TYPES for k, g in ((4096, 64), (1152, 32), (14336, 128)) for u in (2, 8)],
+    },
+    "kQmmRowsSource": {
+        "inputs": [("x", "T"), ("w", "uint32_t"), ("scales", "T"), ("biases", "T")],
+        "outputs": [("out", "T")],
+        "template": ["typename T", "int K", "int GROUP", "int MT", "int KSPLIT"],
+        "args": [(t, k, g, mt, min(8, k // 128)) for t in TYPES for k, g in ((4096, 64), (640, 32), (14336, 128))
+                 for mt in (1, 4)],
+    },
+}
+
+
+def raw_strings(source):
+    """The `constexpr const char* NAME = R"(...)";` strings of the file, by name."""
+    return dict(re.findall(r'constexpr const char\* (\w+) =\s*R"\((.*?)\)";', source, re.S))
+
+
+def program(strings):
+    parts = ["#include <cuda_bf16.h>", "#include <cuda_fp16.h>", "typedef unsigned int uint32_t;",
+             "typedef int int32_t;", strings["kQmvHeader"]]
+    for name, k in KERNELS.items():
+        params = [f"const {t}* {n}" for n, t in k["inputs"]] + [f"{t}* {n}" for n, t in k["outputs"]]
+        params += [f"const int32_t* {n}_shape" for n, _ in k["inputs"]]
+        parts.append(f"template <{', '.join(k['template'])}>\n__global__ void {name}_kernel({', '.join(params)}) {{"
+                     f"{strings[name]}}}")
+        for args in k["args"]:
+            targs = ", ".join(str(a) for a in args)
+            parts.append(f"template __global__ void {name}_kernel<{targs}>("
+                         + ", ".join(p.rsplit(" ", 1)[0].replace("T*", f"{args[0]}*") for p in params) + ");")
+    return "\n".join(parts)
+
+
+def nvrtc():
+    try:
+        import nvidia.cuda_nvrtc
+        import nvidia.cuda_runtime
+    except ImportError:
+        return None
+    lib_dir = Path(list(nvidia.cuda_nvrtc.__path__)[0]) / "lib"
+    libs = sorted(lib_dir.glob("libnvrtc.so*")) or sorted(lib_dir.glob("nvrtc64*.dll"))
+    libs = [p for p in libs if "builtins" not in p.name and ".alt." not in p.name]
+    if not libs:
+        return None
+    return ctypes.CDLL(str(libs[0])), Path(list(nvidia.cuda_runtime.__path__)[0]) / "include"
+
+
+def compile_for(lib, include, text, arch):
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), b"mlxs_kernels.cu", 0, None, None) != 0:
+        raise SystemExit("nvrtcCreateProgram failed")
+    opts = [f"--gpu-architecture=compute_{arch}".encode(), b"-I" + str(include).encode(), b"--std=c++20",
+            b"-default-device"]
+    status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    ptx = b""
+    if status == 0:
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, buf)
+        ptx = buf.value
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return status, log.value.decode(errors="replace"), ptx.decode(errors="replace")
+
+
+def main():
+    source = Path(sys.argv[1]).read_text(encoding="utf-8")
+    strings = raw_strings(source)
+    sources = {n for n in strings if n.endswith("Source")}
+    if sources != set(KERNELS):
+        print(f"kernel sources {sorted(sources)} against the instantiations known here {sorted(KERNELS)}: "
+              "add the new kernel's instantiations to nvrtc_check.py")
+        return 1
+    found = nvrtc()
+    if found is None:
+        print("NVRTC is not installed in this Python (nvidia-cuda-nvrtc-cu12, nvidia-cuda-runtime-cu12)")
+        return 3
+    lib, include = found
+    text = program(strings)
+    for arch in (80, 90):
+        status, log, ptx = compile_for(lib, include, text, arch)
+        if status != 0:
+            print(f"compute_{arch}: NVRTC failed (status {status}):\n{log}")
+            return 1
+        entries = len(re.findall(r"^\.(?:visible|weak) \.entry", ptx, re.M))
+        want = sum(len(k["args"]) for k in KERNELS.values())
+        if entries != want:
+            print(f"compute_{arch}: {entries} kernels in the PTX, {want} instantiated")
+            return 1
+        print(f"compute_{arch}: {entries} kernel instantiations compiled, {ptx.count('mma.sync')} mma.sync")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
