@@ -116,7 +116,15 @@ def model_info(model_dir):
 
 def run_side(cmd, label, env=None):
     print(f"== {label}: {' '.join(str(c) for c in cmd)}", file=sys.stderr, flush=True)
-    r = subprocess.run([str(c) for c in cmd], stdout=subprocess.DEVNULL, env=env)
+    # Each run compiles MLX's CUDA kernels into an empty PTX cache of its own: MLX keeps them in
+    # /tmp/mlx/<version>/ptx by default, where the side that runs second would find the first's, and
+    # 'load + 1 token' would measure the order (12-16 s on a GPU, docs/benchmarks.md). No effect off CUDA.
+    ptx = tempfile.mkdtemp(prefix="mlxr-bench-ptx-")
+    try:
+        r = subprocess.run([str(c) for c in cmd], stdout=subprocess.DEVNULL,
+                           env={**(os.environ if env is None else env), "MLX_PTX_CACHE_DIR": ptx})
+    finally:
+        shutil.rmtree(ptx, ignore_errors=True)
     if r.returncode != 0:
         raise SystemExit(f"run_all: {label} failed with exit status {r.returncode}")
 
