@@ -416,6 +416,9 @@ std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
   auto out_shape = x.shape();
   out_shape.back() = n;
   size_t rows = x.size() / static_cast<size_t>(k);
+  if (rows == 0) {
+    return std::nullopt;
+  }
   if (rows >= 2) {
     size_t most = kernels == MLXS_KERNELS_AUTO ? kQmmAutoMaxRows : kQmmMaxRows;
     if (rows > most || k % 128 != 0 || !has_bf16_mma()) {

@@ -125,6 +125,8 @@ fn quantized_matvec_kernel_matches_mlx() {
         Case { n: 200, k: 1024, group: 64, bits: 4, dtype: Dtype::Float32, lead: &[1], x_offset: 0 },
         // several rows of a K that is not a multiple of 128 (SmolLM2's 576)
         Case { n: 70, k: 576, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1, 3], x_offset: 0 },
+        // no rows at all
+        Case { n: 200, k: 1024, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[0], x_offset: 0 },
         // x longer than the kernel's shared memory holds
         Case { n: 16, k: 25600, group: 64, bits: 4, dtype: Dtype::Bfloat16, lead: &[1], x_offset: 0 },
     ];
