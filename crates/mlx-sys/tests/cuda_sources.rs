@@ -6,27 +6,29 @@
 //! points `MLXR_PYTHON` at it. Without it the test says so and passes, unless
 //! `MLXR_REQUIRE_REAL_MODELS=1` (set by `cargo xtask test`) on Linux x86_64, where it fails.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
+/// NVRTC's packages are pinned for Linux x86_64 only.
 fn skip_or_fail(why: &str) {
-    let required = std::env::var("MLXR_REQUIRE_REAL_MODELS").is_ok_and(|v| v == "1")
-        && cfg!(all(target_os = "linux", target_arch = "x86_64"));
-    assert!(!required, "MLXR_REQUIRE_REAL_MODELS=1 but {why}");
-    eprintln!("skipping the CUDA kernels' compile check: {why}");
+    let here = cfg!(all(target_os = "linux", target_arch = "x86_64"));
+    common::skip_or_fail("the CUDA kernels' compile check", why, here);
 }
 
 #[test]
 fn cuda_kernels_compile_with_nvrtc() {
-    let Some(python) = std::env::var_os("MLXR_PYTHON") else {
-        return skip_or_fail("MLXR_PYTHON is not set");
+    let python = match common::fixtures_python() {
+        Ok(python) => python,
+        Err(why) => return skip_or_fail(&why),
     };
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(&python)
         .arg(here.join("tests").join("nvrtc_check.py"))
         .arg(here.join("csrc").join("mlxs_kernels.cpp"))
         .output()
-        .unwrap_or_else(|e| panic!("could not run {}: {e}", Path::new(&python).display()));
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", python.display()));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     match out.status.code() {
         Some(0) => {
