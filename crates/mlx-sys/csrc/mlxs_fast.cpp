@@ -3,9 +3,115 @@
 // The fused kernels of mlx::core::fast: RMS and layer norms, rotary
 // embeddings and scaled dot-product attention.
 
+#include <optional>
+
+#include "mlx/backend/cuda/cuda.h"
 #include "mlxs_internal.h"
 
 using namespace mlxs;
+
+namespace {
+
+// Attention for short queries as matmuls with the query heads of each
+// key/value head folded into the rows: q [B, H, L, D] becomes
+// [B, H_kv, (H / H_kv) * L, D], so keys and values are used as they are and
+// each product is one strided-batched matmul over B * H_kv. MLX's unfused
+// attention broadcasts keys and values over the grouped heads instead, which
+// its CUDA backend runs as one cuBLAS call per row and key/value head.
+// `causal` is the lower-right causal mask; `mask` (boolean, true attends, or
+// additive) broadcasts to [B, H, L, T]. Scale first, a floor of the type's
+// lowest value where a boolean mask hides, a precise softmax: the steps of
+// mlx::core::fast's own fallback.
+mx::array grouped_sdpa(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                       bool causal, const std::optional<mx::array>& mask, mx::StreamOrDevice s) {
+  int b = q.shape(0), h = q.shape(1), l = q.shape(2), d = q.shape(3);
+  int hkv = k.shape(1), t = k.shape(2);
+  int rep = h / hkv;
+  auto qs = mx::reshape(mx::multiply(mx::array(scale, q.dtype()), q, s), {b, hkv, rep * l, d}, s);
+  auto scores = mx::matmul(qs, mx::swapaxes(k, -1, -2, s), s);
+  scores = mx::reshape(scores, {b, hkv, rep, l, t}, s);
+  std::optional<mx::array> m;
+  if (causal) {
+    auto rows = mx::expand_dims(mx::arange(t - l, t, mx::int32, s), 1, s);
+    auto cols = mx::expand_dims(mx::arange(0, t, mx::int32, s), 0, s);
+    m = mx::greater_equal(rows, cols, s);
+  } else if (mask.has_value()) {
+    // [.., L, T] -> [B', 1 or H_kv, 1 or rep, L, T]
+    auto m4 = *mask;
+    while (m4.ndim() < 4) {
+      m4 = mx::expand_dims(m4, 0, s);
+    }
+    m = m4.shape(1) == 1 ? mx::expand_dims(m4, 2, s)
+                         : mx::reshape(m4, {m4.shape(0), hkv, rep, m4.shape(2), m4.shape(3)}, s);
+  }
+  if (m.has_value()) {
+    if (m->dtype() == mx::bool_) {
+      auto lowest = mx::array(mx::finfo(scores.dtype()).min, scores.dtype());
+      scores = mx::where(*m, scores, lowest, s);
+    } else {
+      scores = mx::add(scores, *m, s);
+    }
+  }
+  scores = mx::softmax(scores, std::vector<int>{-1}, true, s);
+  auto out = mx::matmul(mx::reshape(scores, {b, hkv, rep * l, t}, s), v, s);
+  return mx::reshape(out, {b, h, l, v.shape(3)}, s);
+}
+
+// Whether grouped_sdpa takes these inputs: plain 4-D q, k, v of one type,
+// grouped-query heads, a mask that broadcasts to the scores, no sinks.
+bool grouped_fits(const mx::array& q, const mx::array& k, const mx::array& v,
+                  const std::optional<mx::array>& mask, bool has_sinks) {
+  if (has_sinks || q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || q.dtype() != k.dtype() ||
+      q.dtype() != v.dtype() || !mx::issubdtype(q.dtype(), mx::floating)) {
+    return false;
+  }
+  int b = q.shape(0), h = q.shape(1), l = q.shape(2), hkv = k.shape(1), t = k.shape(2);
+  if (k.shape(0) != b || v.shape(0) != b || v.shape(1) != hkv || v.shape(2) != t ||
+      k.shape(3) != q.shape(3) || hkv <= 0 || h % hkv != 0 || l > t) {
+    return false;
+  }
+  if (!mask.has_value()) {
+    return true;
+  }
+  const auto& ms = mask->shape();
+  int ml = ms.size() >= 2 ? ms[ms.size() - 2] : 0;
+  if (ms.size() > 4 || ms.size() < 2 || ms.back() != t || (ml != l && ml != 1)) {
+    return false;
+  }
+  if (ms.size() >= 3 && ms[ms.size() - 3] != 1 && ms[ms.size() - 3] != h) {
+    return false;
+  }
+  if (ms.size() == 4 && ms[0] != 1 && ms[0] != b) {
+    return false;
+  }
+  return mask->dtype() == mx::bool_ || mask->dtype() == q.dtype();
+}
+
+// The queries at most this long take grouped_sdpa on CUDA (decode steps and
+// speculative verification); longer ones go to MLX (cuDNN's fused attention).
+constexpr int kGroupedMaxQuery = 8;
+
+// Off with the custom kernels (MLXR_CUSTOM_KERNELS=0: MLX's own paths
+// everywhere). On CUDA, MLX's fused kernels cover a decode step without a mask (the
+// vector kernel: head sizes 64, 96 and 128, under 4 queries). A mask, other
+// head sizes, or a short causal query block take its unfused fallback (one
+// cuBLAS call per row and key/value head) or cuDNN (a graph built for every
+// new key length, so at every step): grouped_sdpa instead.
+bool use_grouped(const mx::array& q, const mx::array& k, const mx::array& v, bool causal,
+                 const std::optional<mx::array>& mask, bool has_sinks, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (mlxs_custom_kernels() == MLXS_KERNELS_OFF || stream.device.type != mx::Device::gpu ||
+      !mx::cu::is_available() || !grouped_fits(q, k, v, mask, has_sinks) ||
+      q.shape(2) > kGroupedMaxQuery) {
+    return false;
+  }
+  int l = q.shape(2), d = q.shape(3);
+  bool vector_kernel = (d == 64 || d == 96 || d == 128) && v.shape(3) == d && l < 4;
+  bool masked = mask.has_value() || (causal && l > 1);
+  return masked || !vector_kernel;
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -42,8 +148,30 @@ int mlxs_sdpa(mlxs_array* out, mlxs_array q, mlxs_array k, mlxs_array v, float s
     if (mask != nullptr && mm.empty()) {
       mm = "array";
     }
+    bool causal = mm == "causal";
+    if (use_grouped(arr(q), arr(k), arr(v), causal, opt(mask), sinks != nullptr, sod(dev))) {
+      put(out, grouped_sdpa(arr(q), arr(k), arr(v), scale, causal, opt(mask), sod(dev)));
+      return;
+    }
     put(out, mx::fast::scaled_dot_product_attention(arr(q), arr(k), arr(v), scale, mm, opt(mask),
                                                     opt(sinks), false, sod(dev)));
+  });
+}
+
+int mlxs_sdpa_grouped(mlxs_array* out, mlxs_array q, mlxs_array k, mlxs_array v, float scale,
+                      const char* mask_mode, mlxs_array mask, int dev) {
+  return guard([&] {
+    std::string mm = mask_mode == nullptr ? "" : mask_mode;
+    bool causal = mm == "causal";
+    if (causal && mask != nullptr) {
+      throw std::invalid_argument("[sdpa_grouped] a causal mask takes no mask array");
+    }
+    if (!grouped_fits(arr(q), arr(k), arr(v), opt(mask), false)) {
+      throw std::invalid_argument(
+          "[sdpa_grouped] needs 4-D q, k, v of one floating type, whole groups of query heads "
+          "per key/value head, no more queries than keys and a mask that broadcasts to the scores");
+    }
+    put(out, grouped_sdpa(arr(q), arr(k), arr(v), scale, causal, opt(mask), sod(dev)));
   });
 }
 

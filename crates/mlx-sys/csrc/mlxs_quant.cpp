@@ -4,9 +4,38 @@
 // own kernel for decode steps on CUDA, see mlxs_kernels.cpp) and the
 // gathered matmuls of mixture-of-experts routing.
 
+#include "mlx/backend/cuda/cuda.h"
 #include "mlxs_internal.h"
 
 using namespace mlxs;
+
+namespace {
+
+// MLX's CUDA quantised matmul treats x [B, L, K] against one weight matrix
+// as B separate products of L rows, each reading the whole matrix: a decode
+// batch (L = 1) pays B times the weights (MLX issue #4265). The same rows as
+// one [B * L, K] product read them once. Off with the custom kernels
+// (MLXR_CUSTOM_KERNELS=0: MLX as it is).
+std::optional<mx::array> collapsed_rows(const mx::array& x, const mx::array& w,
+                                        const mx::array& scales,
+                                        const std::optional<mx::array>& biases, bool transpose,
+                                        std::optional<int> group_size, std::optional<int> bits,
+                                        const std::string& mode, mx::StreamOrDevice s) {
+  if (x.ndim() < 3 || w.ndim() != 2 || mlxs_custom_kernels() == MLXS_KERNELS_OFF) {
+    return std::nullopt;
+  }
+  auto stream = mx::to_stream(s);
+  if (stream.device.type != mx::Device::gpu || !mx::cu::is_available()) {
+    return std::nullopt;
+  }
+  auto x2 = mx::reshape(x, {-1, x.shape(-1)}, s);
+  auto y = mx::quantized_matmul(x2, w, scales, biases, transpose, group_size, bits, mode, s);
+  auto shape = x.shape();
+  shape.back() = y.shape(-1);
+  return mx::reshape(y, shape, s);
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -42,6 +71,10 @@ int mlxs_quantized_matmul(mlxs_array* out, mlxs_array x, mlxs_array w, mlxs_arra
     auto md = mode(m);
     auto s = sod(dev);
     if (auto y = try_fast_qmv(xs, ws, ss, bs, transpose, gs, nb, md, s)) {
+      put(out, std::move(*y));
+      return;
+    }
+    if (auto y = collapsed_rows(xs, ws, ss, bs, transpose, gs, nb, md, s)) {
       put(out, std::move(*y));
       return;
     }

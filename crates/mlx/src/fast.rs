@@ -126,6 +126,38 @@ pub fn scaled_dot_product_attention(
     })
 }
 
+/// The form [`scaled_dot_product_attention`] takes on CUDA for queries of at
+/// most 8 positions (decode steps, speculative verification) under a mask,
+/// or whose head size MLX's vector kernel lacks: `softmax(q @ kᵀ * scale +
+/// mask) @ v` as two matmuls with the query heads of each key/value head
+/// folded into the rows, `q: [B, H, qL, D]` read as `[B, H_kv, H / H_kv · qL, D]`.
+/// MLX's own unfused attention broadcasts `k` and `v` over the grouped heads
+/// instead, which its CUDA backend runs as one cuBLAS call per batch row and
+/// key/value head. The same steps as MLX's: `q` scaled first, hidden scores at
+/// the type's lowest value, a precise softmax. Runs on any device (tests
+/// compare it with [`scaled_dot_product_attention`] on the CPU).
+///
+/// `mask`: [`AttentionMask::Causal`] (lower-right aligned), a boolean (true
+/// attends) or additive array of `q`'s type broadcasting to `[B, H, qL, kL]`
+/// with batch and head dimensions of 1 or full size, or none. No sinks.
+///
+/// # Errors
+///
+/// When `q`, `k` and `v` are not 4-D of one floating type with whole groups
+/// of query heads per key/value head and at most as many queries as keys, or
+/// the mask does not fit.
+pub fn grouped_attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: AttentionMask<'_>) -> Result<Array> {
+    let (mode, arr): (&std::ffi::CStr, Option<&Array>) = match mask {
+        AttentionMask::None => (c"", None),
+        AttentionMask::Causal => (c"causal", None),
+        AttentionMask::Array(m) => (c"", Some(m)),
+    };
+    // SAFETY: live or null handles; mode is a static C string.
+    array_out("grouped_attention", |o| unsafe {
+        sys::mlxs_sdpa_grouped(o, q.as_raw(), k.as_raw(), v.as_raw(), scale, mode.as_ptr(), opt_handle(arr), dev())
+    })
+}
+
 /// When mlx-metal's own GPU kernels run in place of MLX's. They exist where
 /// MLX's are the bottleneck and ours give the same result within rounding
 /// (today: 4-bit affine matrix-vector products on CUDA, the projections of a

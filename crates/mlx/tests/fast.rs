@@ -338,3 +338,88 @@ fn sdpa_errors() {
     let q3 = arr(&t.q, &[2, 3, 8]);
     expect_err(fast::scaled_dot_product_attention(&q3, &t.ka, &t.va, 1.0, AttentionMask::None, None), op);
 }
+
+/// `grouped_attention` (what `scaled_dot_product_attention` runs on CUDA for
+/// short queries under a mask) against the f64 reference and MLX's own
+/// attention: a batch of two rows, four query heads per key/value head, keys
+/// and values read from a longer buffer as a cache holds them.
+#[test]
+fn grouped_attention_equals_sdpa() {
+    let (b, h, hkv, d) = (2usize, 8usize, 2usize, 16usize);
+    for (ql, kl, kind) in [(1usize, 6usize, "rows"), (3, 7, "causal"), (3, 7, "heads"), (2, 5, "none")] {
+        let seed = 70 + ql as u64 + kl as u64;
+        let (q, k, v) =
+            (data(b * h * ql * d, seed), data(b * hkv * kl * d, seed + 1), data(b * hkv * kl * d, seed + 2));
+        let qa = arr(&q, &[b as i32, h as i32, ql as i32, d as i32]);
+        let cached = |x: &[f32]| {
+            let x = arr(x, &[b as i32, hkv as i32, kl as i32, d as i32]);
+            let spare = arr(&data(b * hkv * 3 * d, seed + 3), &[b as i32, hkv as i32, 3, d as i32]);
+            ops::slice_axis(&ops::concatenate(&[&x, &spare], 2).unwrap(), 2, 0, kl as i32).unwrap()
+        };
+        let (ka, va) = (cached(&k), cached(&v));
+        // Row 0 hides its first two keys (left padding), row 1 none.
+        let pad = [2usize, 0];
+        let visible: Vec<bool> = (0..b * kl).map(|i| i % kl >= pad[i / kl]).collect();
+        let rows = Array::from_slice(&visible, &[b as i32, 1, 1, kl as i32]).unwrap();
+        let bias = data(h * ql * kl, seed + 4);
+        let heads = arr(&bias, &[1, h as i32, ql as i32, kl as i32]);
+        let mask = match kind {
+            "rows" => AttentionMask::Array(&rows),
+            "heads" => AttentionMask::Array(&heads),
+            "causal" => AttentionMask::Causal,
+            _ => AttentionMask::None,
+        };
+        let got = fast::grouped_attention(&qa, &ka, &va, 0.25, mask).unwrap();
+        assert_eq!(got.shape(), vec![b as i32, h as i32, ql as i32, d as i32], "{kind}");
+        let mlx = fast::scaled_dot_product_attention(&qa, &ka, &va, 0.25, mask, None).unwrap();
+        assert_close(&vals(&got), &wide(&vals(&mlx)), 1e-5);
+        let mut want = Vec::new();
+        for r in 0..b {
+            let part = |x: &[f32], n: usize| wide(&x[r * n..(r + 1) * n]);
+            let bias_at = |hh: usize, i: usize, j: usize| match kind {
+                "rows" if j < pad[r] => f64::NEG_INFINITY,
+                "heads" => f64::from(bias[(hh * ql + i) * kl + j]),
+                "causal" if j > i + (kl - ql) => f64::NEG_INFINITY,
+                _ => 0.0,
+            };
+            let (qn, kn) = (h * ql * d, hkv * kl * d);
+            want.extend(sdpa_ref(
+                &part(&q, qn),
+                &part(&k, kn),
+                &part(&v, kn),
+                (h, hkv, ql, kl, d),
+                0.25,
+                bias_at,
+                None,
+            ));
+        }
+        assert_close(&vals(&got), &want, 1e-5);
+    }
+}
+
+#[test]
+fn grouped_attention_in_bfloat16_and_its_errors() {
+    let op = "grouped_attention";
+    let t = qkv(4, 2, 2, 6, 8, 80);
+    let cast = |a: &Array| ops::astype(a, Dtype::Bfloat16).unwrap();
+    let (q, k, v) = (cast(&t.qa), cast(&t.ka), cast(&t.va));
+    let got = fast::grouped_attention(&q, &k, &v, 0.35, AttentionMask::Causal).unwrap();
+    assert_eq!(got.dtype(), Dtype::Bfloat16);
+    let causal = |_: usize, i: usize, j: usize| if j <= i + 4 { 0.0 } else { f64::NEG_INFINITY };
+    let want = sdpa_ref(&wide(&vals(&q)), &wide(&vals(&k)), &wide(&vals(&v)), (4, 2, 2, 6, 8), 0.35, causal, None);
+    assert_close(&vals(&got), &want, 2e-2);
+
+    // Query heads not a multiple of key/value heads.
+    let t3 = qkv(3, 2, 1, 4, 8, 81);
+    expect_err(fast::grouped_attention(&t3.qa, &t3.ka, &t3.va, 1.0, AttentionMask::None), op);
+    // More queries than keys.
+    let long = qkv(2, 2, 5, 4, 8, 82);
+    expect_err(fast::grouped_attention(&long.qa, &long.ka, &long.va, 1.0, AttentionMask::Causal), op);
+    // A mask that does not broadcast to the scores, and one of another float type.
+    let bad = arr(&data(2 * 3, 1), &[2, 3]);
+    expect_err(fast::grouped_attention(&q, &k, &v, 1.0, AttentionMask::Array(&bad)), op);
+    let other = arr(&data(2 * 6, 1), &[2, 6]);
+    expect_err(fast::grouped_attention(&q, &k, &v, 1.0, AttentionMask::Array(&other)), op);
+    // Mixed types.
+    expect_err(fast::grouped_attention(&t.qa, &k, &v, 1.0, AttentionMask::None), op);
+}

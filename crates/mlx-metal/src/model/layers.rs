@@ -270,13 +270,21 @@ fn merge_heads(x: &Array, b: i32, l: i32) -> Result<Array> {
     ops::reshape(&ops::transpose(x, &[0, 2, 1, 3])?, &[b, l, -1])
 }
 
-/// Runs `parts` on `x`, through `fused` (one matmul) when `x` is a single
-/// position of a single sequence — a decode step, where kernel launches cost
-/// more than the work — and one by one otherwise.
+/// The most rows of `x` (positions of all sequences together) that take the
+/// fused matmul: a decode step, of one sequence or a batch of up to 32 (the
+/// most the CUDA kernel for a few rows takes), where launches and reading the
+/// weights cost more than the work. Longer inputs (prefill) take the parts'
+/// own matmuls: the fused output would need copies to split, and their
+/// matmuls are not short of work.
+const FUSED_MAX_ROWS: usize = 32;
+
+/// Runs `parts` on `x`, through `fused` (one matmul) for a decode step (at
+/// most [`FUSED_MAX_ROWS`] rows) and one by one otherwise.
 fn project<const N: usize>(fused: Option<&FusedLinear>, parts: [&Linear; N], x: &Array) -> Result<[Array; N]> {
+    let rows = x.size() / (x.dim(-1)?.max(1) as usize);
     let out = match fused {
         // A part with an adapter (one served beside the model, swapped in for its step) runs alone.
-        Some(f) if x.size() == x.dim(-1)? as usize && parts.iter().all(|p| p.lora.is_none()) => f.forward(x)?,
+        Some(f) if rows <= FUSED_MAX_ROWS && parts.iter().all(|p| p.lora.is_none()) => f.forward(x)?,
         _ => parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?,
     };
     // A fused layer built from other parts than these is a bug: say so rather than recompute.

@@ -1,0 +1,114 @@
+// SPDX-License-Identifier: EUPL-1.2
+//! What one batched decode step costs, per number of rows: the engine's batch loop
+//! ([`mlx_metal::batch::generate`], which the server's scheduler steps the same way) on a model
+//! directory, greedy, every row fed the same kind of pseudo-random prompt as `bench`.
+//!
+//! ```sh
+//! cargo run --release -p mlx-metal --example batch_step -- --model DIR \
+//!     [--rows 1,2,4,8,16,32] [--prompt 128] [--ragged 0] [--decode 64] [--runs 2]
+//! ```
+//!
+//! Row `i`'s prompt has `prompt - (i * ragged) % prompt` tokens, so `--ragged 0` gives a batch
+//! without padding (no attention mask in a decode step) and anything else a left-padded one
+//! (a mask per step, as a server's batch has). A step's time is the median gap between row 0's
+//! tokens after the first; the report is one line per row count, the best of `--runs`.
+//! `xtask/bench/batch_step.py` measures mlx-lm's `BatchGenerator` the same way.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use mlx_metal::bench::prompt_ids;
+use mlx_metal::model;
+use mlx_metal::sample::{Sampler, SamplerConfig};
+
+type BoxError = Box<dyn std::error::Error>;
+
+const USAGE: &str =
+    "usage: batch_step --model DIR [--rows 1,2,4,8,16,32] [--prompt 128] [--ragged 0] [--decode 64] [--runs 2]";
+
+struct Options {
+    model: PathBuf,
+    rows: Vec<usize>,
+    prompt: usize,
+    ragged: usize,
+    decode: usize,
+    runs: usize,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut o =
+        Options { model: PathBuf::new(), rows: vec![1, 2, 4, 8, 16, 32], prompt: 128, ragged: 0, decode: 64, runs: 2 };
+    let mut model = None;
+    let mut args = std::env::args().skip(1);
+    let num = |name: &str, v: &str| v.trim().parse::<usize>().map_err(|_| format!("{name}: {v:?} is not a number"));
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value\n{USAGE}"));
+        match a.as_str() {
+            "--model" => model = Some(PathBuf::from(value("--model")?)),
+            "--rows" => {
+                o.rows = value("--rows")?.split(',').map(|s| num("--rows", s)).collect::<Result<_, _>>()?;
+            }
+            "--prompt" => o.prompt = num("--prompt", &value("--prompt")?)?,
+            "--ragged" => o.ragged = num("--ragged", &value("--ragged")?)?,
+            "--decode" => o.decode = num("--decode", &value("--decode")?)?,
+            "--runs" => o.runs = num("--runs", &value("--runs")?)?,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    o.model = model.ok_or_else(|| format!("--model is required\n{USAGE}"))?;
+    if o.rows.is_empty() || o.rows.contains(&0) || o.prompt == 0 || o.runs == 0 || o.decode < 3 {
+        return Err(format!("rows, prompt and runs must be at least 1 and decode at least 3\n{USAGE}"));
+    }
+    Ok(o)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn run() -> Result<(), BoxError> {
+    let o = parse_args()?;
+    let loaded = model::load(&o.model)?;
+    let lm = loaded.model.as_ref();
+    let vocab = lm.description().vocab_size;
+    let sampler = Sampler::new(SamplerConfig::default())?;
+    println!("| rows | step ms | tok/s | ms per row |");
+    println!("|---|---|---|---|");
+    for &rows in &o.rows {
+        let prompts: Vec<Vec<u32>> =
+            (0..rows).map(|i| prompt_ids(o.prompt - (i * o.ragged) % o.prompt, vocab, i as u64)).collect();
+        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let limits = vec![o.decode; rows];
+        let mut best = f64::INFINITY;
+        // The first run compiles this batch size's kernels; it is not counted.
+        for run in 0..=o.runs {
+            let mut times = Vec::with_capacity(o.decode);
+            mlx_metal::batch::generate(lm, &refs, &sampler, &limits, 2048, &|| false, |row, _| {
+                if row == 0 {
+                    times.push(Instant::now());
+                }
+                Ok(ControlFlow::Continue(()))
+            })?;
+            let gaps: Vec<f64> = times.windows(2).skip(1).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+            if run > 0 {
+                best = best.min(median(gaps));
+            }
+        }
+        let per_s = rows as f64 * 1e3 / best;
+        println!("| {rows} | {best:.2} | {per_s:.1} | {:.2} |", best / rows as f64);
+    }
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("batch_step: {e}");
+        std::process::exit(1);
+    }
+}
