@@ -11,7 +11,9 @@
 //! Row `i`'s prompt has `prompt - (i * ragged) % prompt` tokens, so `--ragged 0` gives a batch
 //! without padding (no attention mask in a decode step) and anything else a left-padded one
 //! (a mask per step, as a server's batch has). A step's time is the median gap between row 0's
-//! tokens after the first; the report is one line per row count, the best of `--runs`.
+//! tokens after the first; the report is one line per row count, the best of `--runs`. At one
+//! row the single-sequence loop ([`mlx_metal::generate::generate`]) is timed too, for what the
+//! batch's machinery costs.
 //! `xtask/bench/batch_step.py` measures mlx-lm's `BatchGenerator` the same way.
 
 use std::ops::ControlFlow;
@@ -19,6 +21,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use mlx_metal::bench::prompt_ids;
+use mlx_metal::generate::{self, LoopOptions};
 use mlx_metal::model;
 use mlx_metal::sample::{Sampler, SamplerConfig};
 
@@ -78,8 +81,8 @@ fn run() -> Result<(), BoxError> {
     let lm = loaded.model.as_ref();
     let vocab = lm.description().vocab_size;
     let sampler = Sampler::new(SamplerConfig::default())?;
-    println!("| rows | step ms | tok/s | ms per row |");
-    println!("|---|---|---|---|");
+    println!("| rows | step ms | tok/s | ms per row | single-sequence loop ms |");
+    println!("|---|---|---|---|---|");
     for &rows in &o.rows {
         let prompts: Vec<Vec<u32>> =
             (0..rows).map(|i| prompt_ids(o.prompt - (i * o.ragged) % o.prompt, vocab, i as u64)).collect();
@@ -100,10 +103,30 @@ fn run() -> Result<(), BoxError> {
                 best = best.min(median(gaps));
             }
         }
+        let single = if rows == 1 { format!("{:.2}", single_loop(lm, &prompts[0], &sampler, &o)?) } else { "-".into() };
         let per_s = rows as f64 * 1e3 / best;
-        println!("| {rows} | {best:.2} | {per_s:.1} | {:.2} |", best / rows as f64);
+        println!("| {rows} | {best:.2} | {per_s:.1} | {:.2} | {single} |", best / rows as f64);
     }
     Ok(())
+}
+
+/// The single-sequence loop's step on `prompt`: the best of `runs` medians, after one uncounted run.
+fn single_loop(lm: &dyn model::LanguageModel, prompt: &[u32], sampler: &Sampler, o: &Options) -> Result<f64, BoxError> {
+    let opts = LoopOptions { max_tokens: o.decode, prefill_step: 2048 };
+    let mut best = f64::INFINITY;
+    for run in 0..=o.runs {
+        let mut caches = lm.make_cache()?;
+        let mut times = Vec::with_capacity(o.decode);
+        generate::generate(lm, &mut caches, prompt, sampler, &opts, &|| false, |_| {
+            times.push(Instant::now());
+            Ok(ControlFlow::Continue(()))
+        })?;
+        let gaps: Vec<f64> = times.windows(2).skip(1).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+        if run > 0 {
+            best = best.min(median(gaps));
+        }
+    }
+    Ok(best)
 }
 
 fn main() {
