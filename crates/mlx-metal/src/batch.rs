@@ -298,9 +298,19 @@ pub fn generate(
 }
 
 /// Reads sampled ids (`uint32` or `int32`, `[B]`); `op` names the caller in errors.
+///
+/// Reads `a` itself, never a conversion of it: a new op would be queued behind
+/// the forward pass the caller has just queued, so reading this step's ids
+/// would wait for the next step and the device would idle while the host
+/// builds the one after (2.5 ms a step for an 8B model on an H100).
 pub(crate) fn read_ids(op: &'static str, a: &Array) -> Result<Vec<u32>> {
-    let ints = ops::astype(a, Dtype::Int32)?.to_vec::<i32>()?;
-    ints.into_iter()
-        .map(|v| u32::try_from(v).map_err(|_| Error::invalid(op, format!("negative token id {v}"))))
-        .collect()
+    match a.dtype() {
+        Dtype::Uint32 => a.to_vec::<u32>(),
+        Dtype::Int32 => a
+            .to_vec::<i32>()?
+            .into_iter()
+            .map(|v| u32::try_from(v).map_err(|_| Error::invalid(op, format!("negative token id {v}"))))
+            .collect(),
+        d => Err(Error::invalid(op, format!("token ids must be uint32 or int32, got {d}"))),
+    }
 }

@@ -128,7 +128,7 @@ pub fn scaled_dot_product_attention(
 
 /// The form [`scaled_dot_product_attention`] takes on CUDA for queries of at
 /// most 8 positions (decode steps, speculative verification) under a mask,
-/// or whose head size MLX's vector kernel lacks: `softmax(q @ kᵀ * scale +
+/// or a batch's whose head size MLX's vector kernel lacks: `softmax(q @ kᵀ * scale +
 /// mask) @ v` as two matmuls with the query heads of each key/value head
 /// folded into the rows, `q: [B, H, qL, D]` read as `[B, H_kv, H / H_kv · qL, D]`.
 /// MLX's own unfused attention broadcasts `k` and `v` over the grouped heads
