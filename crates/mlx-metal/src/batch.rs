@@ -314,3 +314,21 @@ pub(crate) fn read_ids(op: &'static str, a: &Array) -> Result<Vec<u32>> {
         d => Err(Error::invalid(op, format!("token ids must be uint32 or int32, got {d}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_ids_reads_either_integer_type_and_refuses_the_rest() {
+        let lazy = ops::add(&Array::from_slice(&[3u32, 0, 7], &[3]).unwrap(), &Array::scalar(1u32)).unwrap();
+        assert_eq!(read_ids("t", &lazy).unwrap(), vec![4, 1, 8]);
+        let strided =
+            ops::slice_strided(&Array::from_slice(&[5i32, 6, 7, 8], &[4]).unwrap(), &[0], &[4], &[2]).unwrap();
+        assert_eq!(read_ids("t", &strided).unwrap(), vec![5, 7]);
+        let e = read_ids("t", &Array::from_slice(&[1i32, -2], &[2]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("negative token id -2"), "{e}");
+        let e = read_ids("t", &Array::from_slice(&[1.0f32], &[1]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("uint32 or int32"), "{e}");
+    }
+}
