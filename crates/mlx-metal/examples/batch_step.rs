@@ -75,6 +75,24 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The best of `runs` medians of the gaps between the times `one_run` records after its first
+/// (a step each), after one uncounted run (which compiles the kernels of this shape).
+fn best_step_ms(
+    runs: usize,
+    mut one_run: impl FnMut(&mut Vec<Instant>) -> Result<(), BoxError>,
+) -> Result<f64, BoxError> {
+    let mut best = f64::INFINITY;
+    for run in 0..=runs {
+        let mut times = Vec::new();
+        one_run(&mut times)?;
+        let gaps: Vec<f64> = times.windows(2).skip(1).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+        if run > 0 && !gaps.is_empty() {
+            best = best.min(median(gaps));
+        }
+    }
+    Ok(best)
+}
+
 fn run() -> Result<(), BoxError> {
     let o = parse_args()?;
     let loaded = model::load(&o.model)?;
@@ -88,45 +106,34 @@ fn run() -> Result<(), BoxError> {
             (0..rows).map(|i| prompt_ids(o.prompt - (i * o.ragged) % o.prompt, vocab, i as u64)).collect();
         let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
         let limits = vec![o.decode; rows];
-        let mut best = f64::INFINITY;
-        // The first run compiles this batch size's kernels; it is not counted.
-        for run in 0..=o.runs {
-            let mut times = Vec::with_capacity(o.decode);
+        let best = best_step_ms(o.runs, |times| {
             mlx_metal::batch::generate(lm, &refs, &sampler, &limits, 2048, &|| false, |row, _| {
                 if row == 0 {
                     times.push(Instant::now());
                 }
                 Ok(ControlFlow::Continue(()))
             })?;
-            let gaps: Vec<f64> = times.windows(2).skip(1).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
-            if run > 0 {
-                best = best.min(median(gaps));
-            }
-        }
-        let single = if rows == 1 { format!("{:.2}", single_loop(lm, &prompts[0], &sampler, &o)?) } else { "-".into() };
+            Ok(())
+        })?;
+        // The single-sequence loop on the same prompt, fresh caches each run.
+        let single = if rows == 1 {
+            let opts = LoopOptions { max_tokens: o.decode, prefill_step: 2048 };
+            let ms = best_step_ms(o.runs, |times| {
+                let mut caches = lm.make_cache()?;
+                generate::generate(lm, &mut caches, &prompts[0], &sampler, &opts, &|| false, |_| {
+                    times.push(Instant::now());
+                    Ok(ControlFlow::Continue(()))
+                })?;
+                Ok(())
+            })?;
+            format!("{ms:.2}")
+        } else {
+            "-".into()
+        };
         let per_s = rows as f64 * 1e3 / best;
         println!("| {rows} | {best:.2} | {per_s:.1} | {:.2} | {single} |", best / rows as f64);
     }
     Ok(())
-}
-
-/// The single-sequence loop's step on `prompt`: the best of `runs` medians, after one uncounted run.
-fn single_loop(lm: &dyn model::LanguageModel, prompt: &[u32], sampler: &Sampler, o: &Options) -> Result<f64, BoxError> {
-    let opts = LoopOptions { max_tokens: o.decode, prefill_step: 2048 };
-    let mut best = f64::INFINITY;
-    for run in 0..=o.runs {
-        let mut caches = lm.make_cache()?;
-        let mut times = Vec::with_capacity(o.decode);
-        generate::generate(lm, &mut caches, prompt, sampler, &opts, &|| false, |_| {
-            times.push(Instant::now());
-            Ok(ControlFlow::Continue(()))
-        })?;
-        let gaps: Vec<f64> = times.windows(2).skip(1).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
-        if run > 0 {
-            best = best.min(median(gaps));
-        }
-    }
-    Ok(best)
 }
 
 fn main() {
