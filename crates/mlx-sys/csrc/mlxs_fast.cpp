@@ -102,8 +102,8 @@ bool use_grouped(const mx::array& q, const mx::array& k, const mx::array& v, boo
                  const std::optional<mx::array>& mask, bool has_sinks, mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   if (mlxs_custom_kernels() == MLXS_KERNELS_OFF || stream.device.type != mx::Device::gpu ||
-      !mx::cu::is_available() || !grouped_fits(q, k, v, mask, has_sinks) ||
-      q.shape(2) > kGroupedMaxQuery) {
+      !mx::cu::is_available() || (causal && mask.has_value()) ||
+      !grouped_fits(q, k, v, mask, has_sinks) || q.shape(2) > kGroupedMaxQuery) {
     return false;
   }
   int b = q.shape(0), l = q.shape(2), d = q.shape(3);
