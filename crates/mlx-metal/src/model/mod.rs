@@ -139,7 +139,7 @@ pub trait LanguageModel {
     }
 
     /// Fuses the projections that read the same input (q/k/v, gate/up) so
-    /// that a decode step of one sequence runs one matmul for each group
+    /// that a decode step (at most 32 rows) runs one matmul for each group
     /// ([`crate::nn::FusedLinear`]); layers with a LoRA adapter stay apart.
     /// [`load`] calls it, and so does [`crate::backend::MetalModel::set_adapter`];
     /// taking the layers through [`LanguageModel::linears_mut`] undoes it.
