@@ -270,21 +270,24 @@ fn merge_heads(x: &Array, b: i32, l: i32) -> Result<Array> {
     ops::reshape(&ops::transpose(x, &[0, 2, 1, 3])?, &[b, l, -1])
 }
 
-/// The most rows of `x` (positions of all sequences together) that take the
-/// fused matmul: a decode step, of one sequence or a batch of up to 32 (the
-/// most the CUDA kernel for a few rows takes), where launches and reading the
-/// weights cost more than the work. Longer inputs (prefill) take the parts'
-/// own matmuls: the fused output would need copies to split, and their
-/// matmuls are not short of work.
+/// The most rows of `x` that take the fused matmul: a decode step (one
+/// position per sequence) of one sequence or a batch of up to 32 (the most the
+/// CUDA kernel for a few rows takes), where launches and reading the weights
+/// cost more than the work. Prefill takes the parts' own matmuls: the fused
+/// output would need copies to split, and their matmuls are not short of work.
 const FUSED_MAX_ROWS: usize = 32;
 
-/// Runs `parts` on `x`, through `fused` (one matmul) for a decode step (at
-/// most [`FUSED_MAX_ROWS`] rows) and one by one otherwise.
+/// Runs `parts` on `x`, through `fused` (one matmul) for a decode step (one
+/// position per sequence, at most [`FUSED_MAX_ROWS`] sequences) and one by
+/// one otherwise.
 fn project<const N: usize>(fused: Option<&FusedLinear>, parts: [&Linear; N], x: &Array) -> Result<[Array; N]> {
     let rows = x.size() / (x.dim(-1)?.max(1) as usize);
+    // One position per sequence: a short prompt's prefill keeps the parts' matmuls (their sums
+    // are not the fused one's bit for bit on every backend, and mlx-lm does not fuse).
+    let decode = x.ndim() < 3 || x.dim(-2)? == 1;
     let out = match fused {
         // A part with an adapter (one served beside the model, swapped in for its step) runs alone.
-        Some(f) if rows <= FUSED_MAX_ROWS && parts.iter().all(|p| p.lora.is_none()) => f.forward(x)?,
+        Some(f) if decode && rows <= FUSED_MAX_ROWS && parts.iter().all(|p| p.lora.is_none()) => f.forward(x)?,
         _ => parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?,
     };
     // A fused layer built from other parts than these is a bug: say so rather than recompute.
