@@ -234,7 +234,7 @@ fn widens_quantised(x: &Array, q: &Quantized) -> bool {
 /// Several linear layers that read the same input, run as one matmul: the
 /// attention's q, k and v projections, or an MLP's gate and up projections.
 ///
-/// A decode step (one sequence, or a batch's few rows) is a chain of small
+/// A decode step (of one sequence or a batch's few) is a chain of small
 /// kernels whose launch cost exceeds their work; one matmul instead of three
 /// (or two) removes those launches. The weights are stored once: [`FusedLinear::fuse`]
 /// concatenates the parts' weights and then makes each part's weights a view
