@@ -5,7 +5,6 @@
 
 #include <optional>
 
-#include "mlx/backend/cuda/cuda.h"
 #include "mlxs_internal.h"
 
 using namespace mlxs;
@@ -100,9 +99,7 @@ constexpr int kGroupedMaxQuery = 8;
 // sizes.
 bool use_grouped(const mx::array& q, const mx::array& k, const mx::array& v, bool causal,
                  const std::optional<mx::array>& mask, bool has_sinks, mx::StreamOrDevice s) {
-  auto stream = mx::to_stream(s);
-  if (mlxs_custom_kernels() == MLXS_KERNELS_OFF || stream.device.type != mx::Device::gpu ||
-      !mx::cu::is_available() || (causal && mask.has_value()) ||
+  if (!cuda_routes_on(s) || (causal && mask.has_value()) ||
       !grouped_fits(q, k, v, mask, has_sinks) || q.shape(2) > kGroupedMaxQuery) {
     return false;
   }

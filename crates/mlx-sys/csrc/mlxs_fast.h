@@ -27,7 +27,7 @@ int mlxs_rope(mlxs_array* out, mlxs_array x, int dims, bool traditional, bool ha
 int mlxs_sdpa(mlxs_array* out, mlxs_array q, mlxs_array k, mlxs_array v, float scale,
               const char* mask_mode, mlxs_array mask, mlxs_array sinks, int dev);
 // The matmul form mlxs_sdpa takes on CUDA for short queries under a mask
-// (mask_mode "" or "causal"; mask may be NULL).
+// (mask_mode as mlxs_sdpa's, without sinks; mask may be NULL).
 int mlxs_sdpa_grouped(mlxs_array* out, mlxs_array q, mlxs_array k, mlxs_array v, float scale,
                       const char* mask_mode, mlxs_array mask, int dev);
 

@@ -93,6 +93,11 @@ std::string mode(const char* m);
 std::optional<mx::array> safe_batch_indices(const char* op, const std::optional<mx::array>& idx,
                                             const mx::array& x, mx::StreamOrDevice s);
 
+// Whether our CUDA-only routes (our kernels, and the reshaped calls into
+// MLX in mlxs_quant.cpp and mlxs_fast.cpp) may run on `s`: a CUDA GPU stream
+// and custom kernels not off (MLXR_CUSTOM_KERNELS=0: MLX as it is).
+bool cuda_routes_on(mx::StreamOrDevice s);
+
 // Our kernel for one row of x times 4-bit weights, where it applies (see
 // mlxs_kernels.cpp); nullopt where MLX's quantized_matmul must run.
 std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,

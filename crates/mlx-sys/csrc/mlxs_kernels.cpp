@@ -378,6 +378,14 @@ bool has_bf16_mma() {
 
 namespace mlxs {
 
+bool cuda_routes_on(mx::StreamOrDevice s) {
+  if (kernels_mode() == MLXS_KERNELS_OFF) {
+    return false;
+  }
+  auto stream = mx::to_stream(s);
+  return stream.device.type == mx::Device::gpu && mx::cu::is_available();
+}
+
 std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
                                       const mx::array& scales,
                                       const std::optional<mx::array>& biases, bool transpose,
@@ -385,14 +393,11 @@ std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
                                       const std::string& mode, mx::StreamOrDevice s) {
   int group = group_size.value_or(64);
   int kernels = kernels_mode();
-  if (kernels == MLXS_KERNELS_OFF || !transpose || mode != "affine" || bits.value_or(4) != 4 ||
-      !biases.has_value() || (group != 32 && group != 64 && group != 128)) {
+  if (!transpose || mode != "affine" || bits.value_or(4) != 4 || !biases.has_value() ||
+      (group != 32 && group != 64 && group != 128) || !cuda_routes_on(s)) {
     return std::nullopt;
   }
   auto stream = mx::to_stream(s);
-  if (stream.device.type != mx::Device::gpu || !mx::cu::is_available()) {
-    return std::nullopt;
-  }
   const auto& b = *biases;
   auto t = x.dtype();
   if ((t != mx::bfloat16 && t != mx::float16) || scales.dtype() != t || b.dtype() != t ||

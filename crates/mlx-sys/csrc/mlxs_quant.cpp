@@ -4,7 +4,6 @@
 // own kernel for decode steps on CUDA, see mlxs_kernels.cpp) and the
 // gathered matmuls of mixture-of-experts routing.
 
-#include "mlx/backend/cuda/cuda.h"
 #include "mlxs_internal.h"
 
 using namespace mlxs;
@@ -21,11 +20,7 @@ std::optional<mx::array> collapsed_rows(const mx::array& x, const mx::array& w,
                                         const std::optional<mx::array>& biases, bool transpose,
                                         std::optional<int> group_size, std::optional<int> bits,
                                         const std::string& mode, mx::StreamOrDevice s) {
-  if (x.ndim() < 3 || w.ndim() != 2 || mlxs_custom_kernels() == MLXS_KERNELS_OFF) {
-    return std::nullopt;
-  }
-  auto stream = mx::to_stream(s);
-  if (stream.device.type != mx::Device::gpu || !mx::cu::is_available()) {
+  if (x.ndim() < 3 || w.ndim() != 2 || !cuda_routes_on(s)) {
     return std::nullopt;
   }
   auto x2 = mx::reshape(x, {-1, x.shape(-1)}, s);

@@ -105,11 +105,7 @@ pub fn scaled_dot_product_attention(
     mask: AttentionMask<'_>,
     sinks: Option<&Array>,
 ) -> Result<Array> {
-    let (mode, arr): (&std::ffi::CStr, Option<&Array>) = match mask {
-        AttentionMask::None => (c"", None),
-        AttentionMask::Causal => (c"causal", None),
-        AttentionMask::Array(m) => (c"array", Some(m)),
-    };
+    let (mode, arr) = mask_parts(mask);
     // SAFETY: live or null handles; mode is a static C string.
     array_out("scaled_dot_product_attention", |o| unsafe {
         sys::mlxs_sdpa(
@@ -147,15 +143,20 @@ pub fn scaled_dot_product_attention(
 /// of query heads per key/value head and at most as many queries as keys, or
 /// the mask does not fit.
 pub fn grouped_attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: AttentionMask<'_>) -> Result<Array> {
-    let (mode, arr): (&std::ffi::CStr, Option<&Array>) = match mask {
-        AttentionMask::None => (c"", None),
-        AttentionMask::Causal => (c"causal", None),
-        AttentionMask::Array(m) => (c"", Some(m)),
-    };
+    let (mode, arr) = mask_parts(mask);
     // SAFETY: live or null handles; mode is a static C string.
     array_out("grouped_attention", |o| unsafe {
         sys::mlxs_sdpa_grouped(o, q.as_raw(), k.as_raw(), v.as_raw(), scale, mode.as_ptr(), opt_handle(arr), dev())
     })
+}
+
+/// The shim's mask mode and mask array for `mask`.
+fn mask_parts(mask: AttentionMask<'_>) -> (&'static std::ffi::CStr, Option<&Array>) {
+    match mask {
+        AttentionMask::None => (c"", None),
+        AttentionMask::Causal => (c"causal", None),
+        AttentionMask::Array(m) => (c"array", Some(m)),
+    }
 }
 
 /// When mlx-metal's own GPU kernels run in place of MLX's. They exist where
