@@ -13,16 +13,20 @@
 //! (a mask per step, as a server's batch has). A step's time is the median gap between row 0's
 //! tokens after the first; the report is one line per row count, the best of `--runs`. At one
 //! row the single-sequence loop ([`mlx_metal::generate::generate`]) is timed too, for what the
-//! batch's machinery costs.
+//! batch's machinery costs, and the host's share of a step: the median time a greedy loop of
+//! the model's own takes to build one step (`forward`, `argmax`) and to queue it (`async_eval`,
+//! where MLX encodes the kernels), which the device's work hides only while it is the shorter.
 //! `xtask/bench/batch_step.py` measures mlx-lm's `BatchGenerator` the same way.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use mlx::transforms::async_eval;
+use mlx::{Array, ops};
 use mlx_metal::bench::prompt_ids;
 use mlx_metal::generate::{self, LoopOptions};
-use mlx_metal::model;
+use mlx_metal::model::{self, LanguageModel};
 use mlx_metal::sample::{Sampler, SamplerConfig};
 
 type BoxError = Box<dyn std::error::Error>;
@@ -99,8 +103,8 @@ fn run() -> Result<(), BoxError> {
     let lm = loaded.model.as_ref();
     let vocab = lm.description().vocab_size;
     let sampler = Sampler::new(SamplerConfig::default())?;
-    println!("| rows | step ms | tok/s | ms per row | single-sequence loop ms |");
-    println!("|---|---|---|---|---|");
+    println!("| rows | step ms | tok/s | ms per row | single-sequence loop ms | host ms a step (build + queue) |");
+    println!("|---|---|---|---|---|---|");
     for &rows in &o.rows {
         let prompts: Vec<Vec<u32>> =
             (0..rows).map(|i| prompt_ids(o.prompt - (i * o.ragged) % o.prompt, vocab, i as u64)).collect();
@@ -116,7 +120,7 @@ fn run() -> Result<(), BoxError> {
             Ok(())
         })?;
         // The single-sequence loop on the same prompt, fresh caches each run.
-        let single = if rows == 1 {
+        let (single, host) = if rows == 1 {
             let opts = LoopOptions { max_tokens: o.decode, prefill_step: 2048 };
             let ms = best_step_ms(o.runs, |times| {
                 let mut caches = lm.make_cache()?;
@@ -126,14 +130,42 @@ fn run() -> Result<(), BoxError> {
                 })?;
                 Ok(())
             })?;
-            format!("{ms:.2}")
+            let host = (0..=o.runs).map(|_| host_ms(lm, &prompts[0], o.decode)).collect::<Result<Vec<_>, _>>()?;
+            let best = host[1..].iter().copied().min_by(|a, b| (a.0 + a.1).total_cmp(&(b.0 + b.1))).unwrap_or_default();
+            (format!("{ms:.2}"), format!("{:.2} + {:.2}", best.0, best.1))
         } else {
-            "-".into()
+            ("-".into(), "-".into())
         };
         let per_s = rows as f64 * 1e3 / best;
-        println!("| {rows} | {best:.2} | {per_s:.1} | {:.2} | {single} |", best / rows as f64);
+        println!("| {rows} | {best:.2} | {per_s:.1} | {:.2} | {single} | {host} |", best / rows as f64);
     }
     Ok(())
+}
+
+/// The median host time of building one greedy decode step (the forward pass and `argmax`) and
+/// of queueing it (`async_eval`), in a loop that then waits for the step before.
+fn host_ms(lm: &dyn LanguageModel, prompt: &[u32], decode: usize) -> Result<(f64, f64), BoxError> {
+    let mut caches = lm.make_cache()?;
+    let last = |logits: &Array| -> Result<Array, BoxError> {
+        let t = logits.shape()[1];
+        Ok(ops::argmax(&ops::squeeze(&ops::slice_axis(logits, 1, t - 1, t)?, &[1])?, -1, false)?)
+    };
+    let x = Array::from_slice(prompt, &[1, prompt.len() as i32])?;
+    let mut y = last(&lm.forward(&x, &mut caches)?)?;
+    async_eval(&[&y])?;
+    let (mut build, mut queue) = (Vec::with_capacity(decode), Vec::with_capacity(decode));
+    for _ in 0..decode {
+        let t0 = Instant::now();
+        let next = last(&lm.forward(&ops::reshape(&y, &[1, 1])?, &mut caches)?)?;
+        let t1 = Instant::now();
+        async_eval(&[&next])?;
+        build.push((t1 - t0).as_secs_f64() * 1e3);
+        queue.push(t1.elapsed().as_secs_f64() * 1e3);
+        y.eval()?;
+        y = next;
+    }
+    y.eval()?;
+    Ok((median(build), median(queue)))
 }
 
 fn main() {

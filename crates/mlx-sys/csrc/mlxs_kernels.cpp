@@ -6,20 +6,20 @@
 // qmv: a 4-bit affine-quantised matrix times one vector (a decode step's
 // projections). On an H200, Llama-3.1-8B's five shapes take MLX 0.32.4's CUDA
 // kernel 24-295 us of GPU time (400-1,000 GB/s of weights) and this one
-// 13-168 us (720-1,760 GB/s): 1.2-2.4x less. One block of 8 warps copies x
-// into shared memory once; then one warp per output row streams its packed
-// words (16 bytes, 32 values, per lane per step; the loop unrolled 2 or 8
-// deep, see qmv_unroll, so several loads are in flight), turns nibble pairs into
-// bf16/fp16 pairs with the exponent trick ((w & 0x000F000F) | magic is
-// 128 + n or 1024 + n exactly), dequantises them with one paired fma,
-// multiplies by x in pairs and sums in float. Registers stay few, so many
-// warps share an SM (the first version kept every word of a row in registers:
-// 134 registers a thread, 12% occupancy).
+// 13-168 us (720-1,760 GB/s): 1.2-2.4x less. One warp per output row streams
+// its packed words (16 bytes, 32 values, per lane per step; the loop unrolled
+// 4 deep so several loads are in flight) and the matching x through L1,
+// turns nibble pairs into bf16/fp16 pairs with the exponent trick
+// ((w & 0x000F000F) | magic is 128 + n or 1024 + n exactly), dequantises them
+// with one paired fma, multiplies by x in pairs and sums in float. Registers
+// stay few, so many warps share an SM (the first version kept every word of a
+// row in registers: 134 registers a thread, 12% occupancy).
 //
 // qmm_rows: the same for 2 to 32 rows of x (a batch's decode step), on the
 // tensor cores; see kQmmRowsSource. In AUTO mode for 2 to 8 rows, where it
 // reads the weights once for all rows: on an H100, 8 rows cost 0.8-1.06x one
-// row (kQmmAutoMaxRows says more).
+// row (kQmmAutoMaxRows says more); and for one row of an output head
+// (kQmmOneRowMinN).
 //
 // Used only where they apply exactly (CUDA device, affine 4-bit weights with
 // biases, transposed, bf16 or fp16, one row of x, or up to 32 on compute
@@ -101,38 +101,29 @@ template <> struct QmvPair<__half> {
 )";
 
 // Template arguments: T (x, scales, biases and output dtype), K (input
-// features, a multiple of 32, at most kQmvMaxK), GROUP (32, 64 or 128),
-// UNROLL. N comes from w's shape.
+// features, a multiple of 32), GROUP (32, 64 or 128). N comes from w's shape.
+// x is read where each chunk needs it, through L1 (every warp of the GPU
+// reads the same few KB): no shared memory, so no limit on K and no wait at
+// the start of a block before the first weight load.
 constexpr const char* kQmvSource = R"(
   using P = QmvPair<T>;
   using T2 = P::T2;
   constexpr int CHUNKS = K / 32;
   constexpr int GROUPS = K / GROUP;
-  __shared__ __align__(16) T xsh[K];
   const int n = w_shape[0];
-  const bool x_aligned = (reinterpret_cast<size_t>(x) & 15) == 0;
-  if (x_aligned) {
-    for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
-      reinterpret_cast<uint4*>(xsh)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
-    }
-  } else {
-    for (int i = threadIdx.x; i < K; i += blockDim.x) {
-      xsh[i] = x[i];
-    }
-  }
-  __syncthreads();
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= n) {
     return;
   }
+  const bool x_aligned = (reinterpret_cast<size_t>(x) & 15) == 0;
   const unsigned int* wrow = w + static_cast<size_t>(row) * (K / 8);
   const bool w_aligned = (reinterpret_cast<size_t>(w) & 15) == 0;
   const T2 off = P::offset();
   const T* srow = scales + static_cast<size_t>(row) * GROUPS;
   const T* brow = biases + static_cast<size_t>(row) * GROUPS;
   float acc = 0.f;
-#pragma unroll UNROLL
+#pragma unroll 4
   for (int c = lane; c < CHUNKS; c += 32) {
     const uint4 wv = w_aligned
         ? __ldg(reinterpret_cast<const uint4*>(wrow) + c)
@@ -143,7 +134,17 @@ constexpr const char* kQmvSource = R"(
     const unsigned int words[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const uint4 xv = reinterpret_cast<const uint4*>(xsh)[c * 4 + q];
+      uint4 xv;
+      if (x_aligned) {
+        xv = __ldg(reinterpret_cast<const uint4*>(x) + c * 4 + q);
+      } else {
+        T v[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          v[e] = x[c * 32 + q * 8 + e];
+        }
+        memcpy(&xv, v, sizeof(xv));
+      }
       T2 xp[4];
       memcpy(xp, &xv, sizeof(xv));
       const unsigned int wq = words[q];
@@ -330,16 +331,11 @@ constexpr const char* kQmmRowsSource = R"(
   }
 )";
 
-constexpr int kQmvWarpsPerBlock = 8;
-// x lives in static shared memory, at most 48 KB a block.
-constexpr int kQmvMaxK = 24576;
+// Four warps (rows) a block: on an H100, 3-6% less GPU time than eight on
+// Llama-3.1-8B's five shapes (docs/benchmarks.md).
+constexpr int kQmvWarpsPerBlock = 4;
 // The launch counts threads in an int: 32 per row.
 constexpr int kQmvMaxRows = 1 << 25;
-
-// Measured on an H200 (docs/benchmarks.md): 2 is best for rows of 4,096,
-// 8 for long rows (12,288, 14,336) and for widths that leave some lanes a
-// chunk short (1,152: Gemma 3 1B's head takes 163 us at 8, 227 at 2).
-int qmv_unroll(int k) { return (k % 1024 == 0 && k <= 8192) ? 2 : 8; }
 
 const mx::fast::CustomKernelFunction& qmv_kernel() {
   static const mx::fast::CustomKernelFunction k =
@@ -362,6 +358,8 @@ const mx::fast::CustomKernelFunction& qmm_rows_kernel() {
 // MLX's tensor-core kernel is as fast or faster (0.6-1.1x ours).
 constexpr int kQmmMaxRows = 32;
 constexpr int kQmmAutoMaxRows = 8;
+// The fewest output rows for which one row of x goes to the multi-row kernel.
+constexpr int kQmmOneRowMinN = 65536;
 
 // mma.sync with bf16 needs compute capability 8.0 (Ampere) or later.
 bool has_bf16_mma() {
@@ -424,7 +422,12 @@ std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
   if (rows == 0) {
     return std::nullopt;
   }
-  if (rows >= 2) {
+  // One row of x times a matrix of many rows (an output head) goes to the
+  // tensor-core kernel too: on an H100 Gemma 3's head (262,144 x 1,152) takes
+  // 91 us there against 155 in the one-row kernel, Llama's (128,256 x 4,096)
+  // 145 against 152; smaller matrices are faster in the one-row kernel.
+  bool head = rows == 1 && n >= kQmmOneRowMinN && k % 128 == 0 && has_bf16_mma();
+  if (rows >= 2 || head) {
     size_t most = kernels == MLXS_KERNELS_AUTO ? kQmmAutoMaxRows : kQmmMaxRows;
     if (rows > most || k % 128 != 0 || !has_bf16_mma()) {
       return std::nullopt;
@@ -440,15 +443,11 @@ std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
         std::nullopt, false, stream);
     return mx::reshape(outs.at(0), out_shape, stream);
   }
-  if (k > kQmvMaxK) {
-    return std::nullopt;
-  }
   int threads = 32 * kQmvWarpsPerBlock;
   int blocks = (n + kQmvWarpsPerBlock - 1) / kQmvWarpsPerBlock;
   auto outs =
       qmv_kernel()({x, w, scales, b}, {out_shape}, {t}, {blocks * threads, 1, 1}, {threads, 1, 1},
-                   {{"T", t}, {"K", k}, {"GROUP", group}, {"UNROLL", qmv_unroll(k)}}, std::nullopt,
-                   false, stream);
+                   {{"T", t}, {"K", k}, {"GROUP", group}}, std::nullopt, false, stream);
   return outs.at(0);
 }
 

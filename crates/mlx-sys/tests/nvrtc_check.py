@@ -27,8 +27,8 @@ KERNELS = {
     "kQmvSource": {
         "inputs": [("x", "T"), ("w", "uint32_t"), ("scales", "T"), ("biases", "T")],
         "outputs": [("out", "T")],
-        "template": ["typename T", "int K", "int GROUP", "int UNROLL"],
-        "args": [(t, k, g, u) for t in TYPES for k, g in ((4096, 64), (1152, 32), (14336, 128)) for u in (2, 8)],
+        "template": ["typename T", "int K", "int GROUP"],
+        "args": [(t, k, g) for t in TYPES for k, g in ((4096, 64), (1152, 32), (14336, 128), (25600, 64))],
     },
     "kQmmRowsSource": {
         "inputs": [("x", "T"), ("w", "uint32_t"), ("scales", "T"), ("biases", "T")],
