@@ -4,6 +4,7 @@
 // own kernel for decode steps on CUDA, see mlxs_kernels.cpp) and the
 // gathered matmuls of mixture-of-experts routing.
 
+#include "mlx/backend/cuda/cuda.h"
 #include "mlxs_internal.h"
 
 using namespace mlxs;
@@ -28,6 +29,22 @@ std::optional<mx::array> collapsed_rows(const mx::array& x, const mx::array& w,
   auto shape = x.shape();
   shape.back() = y.shape(-1);
   return mx::reshape(y, shape, s);
+}
+
+// MLX's CUDA quantised matmul has a kernel only for a w, scales and biases
+// that are each contiguous as a whole (its checks read flags().contiguous);
+// a batched w, the keys or values of a quantised KV cache, is a slice of the
+// cache's buffer, so the product fails with "No implementation for problem
+// shape" (mlx-lm's quantised cache fails the same way on CUDA). Such operands
+// are made contiguous first: a copy of the slice, nothing when it already is.
+// Only on CUDA, whatever the custom-kernel switch says: elsewhere MLX takes
+// strided operands as they are.
+mx::array cuda_contiguous(const mx::array& a, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (a.ndim() > 2 && stream.device.type == mx::Device::gpu && mx::cu::is_available()) {
+    return mx::contiguous(a, false, s);
+  }
+  return a;
 }
 
 }  // namespace
@@ -73,7 +90,12 @@ int mlxs_quantized_matmul(mlxs_array* out, mlxs_array x, mlxs_array w, mlxs_arra
       put(out, std::move(*y));
       return;
     }
-    put(out, mx::quantized_matmul(xs, ws, ss, bs, transpose, gs, nb, md, s));
+    std::optional<mx::array> bc;
+    if (bs) {
+      bc = cuda_contiguous(*bs, s);
+    }
+    put(out, mx::quantized_matmul(xs, cuda_contiguous(ws, s), cuda_contiguous(ss, s), bc, transpose,
+                                  gs, nb, md, s));
   });
 }
 

@@ -1,0 +1,345 @@
+# SPDX-License-Identifier: EUPL-1.2
+"""Variants of the one-row 4-bit matrix-vector kernel (csrc/mlxs_kernels.cpp), timed per shape on a CUDA GPU.
+
+Each variant runs through `mx.fast.cuda_kernel` on weight copies of 320 MB per shape (so every call reads from
+HBM), is checked against MLX's `quantized_matmul`, and is timed by wall clock per call; run it under the CUPTI
+injection library (`cupti_kernels.c`) for the GPU time per kernel name, which is what docs/benchmarks.md reports:
+
+    CUDA_INJECTION64_PATH=libcupti_kernels.so CUPTI_KERNELS_TOP=120 python qmv_variants.py [s0,g4w4,xq,rows,...]
+
+`rows` is the committed tensor-core kernel (kQmmRowsSource, read from the source file) on one row of x.
+"""
+import math, sys, time
+import mlx.core as mx
+
+HEADER = r'''
+template <typename T> struct QmvPair;
+template <> struct QmvPair<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr unsigned int magic = 0x43004300u;
+  static __device__ __forceinline__ T2 offset() { return __float2bfloat162_rn(128.f); }
+  static __device__ __forceinline__ float2 to_float2(T2 v) { return __bfloat1622float2(v); }
+  static __device__ __forceinline__ T2 splat(__nv_bfloat16 v) { return __bfloat162bfloat162(v); }
+};
+template <typename T>
+__device__ __forceinline__ float qdot32(uint4 wv, const uint4* xv, typename QmvPair<T>::T2 s2, typename QmvPair<T>::T2 b2) {
+  using P = QmvPair<T>;
+  using T2 = typename P::T2;
+  const T2 off = P::offset();
+  const unsigned int words[4] = {wv.x, wv.y, wv.z, wv.w};
+  float acc = 0.f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    T2 xp[4];
+    memcpy(xp, &xv[q], sizeof(uint4));
+    const unsigned int wq = words[q];
+    unsigned int u04 = (wq & 0x000F000Fu) | P::magic;
+    unsigned int u15 = ((wq >> 4) & 0x000F000Fu) | P::magic;
+    unsigned int u26 = ((wq >> 8) & 0x000F000Fu) | P::magic;
+    unsigned int u37 = ((wq >> 12) & 0x000F000Fu) | P::magic;
+    const T2 w04 = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u04), off), s2, b2);
+    const T2 w15 = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u15), off), s2, b2);
+    const T2 w26 = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u26), off), s2, b2);
+    const T2 w37 = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u37), off), s2, b2);
+    T2 w01, w23, w45, w67;
+    w01.x = w04.x; w01.y = w15.x;
+    w23.x = w26.x; w23.y = w37.x;
+    w45.x = w04.y; w45.y = w15.y;
+    w67.x = w26.y; w67.y = w37.y;
+    const float2 a = P::to_float2(__hmul2(xp[0], w01));
+    const float2 b = P::to_float2(__hmul2(xp[1], w23));
+    const float2 cc = P::to_float2(__hmul2(xp[2], w45));
+    const float2 d = P::to_float2(__hmul2(xp[3], w67));
+    acc += ((a.x + a.y) + (b.x + b.y)) + ((cc.x + cc.y) + (d.x + d.y));
+  }
+  return acc;
+}
+__device__ __forceinline__ float warp_sum(float acc) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  return acc;
+}
+'''
+
+PRO = r'''
+  using P = QmvPair<T>;
+  using T2 = P::T2;
+  constexpr int CHUNKS = K / 32;
+  constexpr int GROUPS = K / GROUP;
+  const int n = w_shape[0];
+  const int lane = threadIdx.x & 31;
+'''
+
+# s0: as committed (x copied into shared memory per block, one warp per row).
+S0 = PRO + r'''
+  __shared__ __align__(16) T xsh[K];
+  for (int i = threadIdx.x; i < K / 8; i += blockDim.x)
+    reinterpret_cast<uint4*>(xsh)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
+  __syncthreads();
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= n) return;
+  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * (K / 8));
+  const T* srow = scales + static_cast<size_t>(row) * GROUPS;
+  const T* brow = biases + static_cast<size_t>(row) * GROUPS;
+  float acc = 0.f;
+#pragma unroll UNROLL
+  for (int c = lane; c < CHUNKS; c += 32) {
+    const uint4 wv = __ldg(wrow + c);
+    const int g = (c * 32) / GROUP;
+    acc += qdot32<T>(wv, reinterpret_cast<const uint4*>(xsh) + c * 4, P::splat(srow[g]), P::splat(brow[g]));
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) out[row] = static_cast<T>(acc);
+'''
+
+# g: no shared memory; x read through L1 where each chunk needs it.
+G = PRO + r'''
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= n) return;
+  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * (K / 8));
+  const uint4* xq = reinterpret_cast<const uint4*>(x);
+  const T* srow = scales + static_cast<size_t>(row) * GROUPS;
+  const T* brow = biases + static_cast<size_t>(row) * GROUPS;
+  float acc = 0.f;
+#pragma unroll UNROLL
+  for (int c = lane; c < CHUNKS; c += 32) {
+    const uint4 wv = __ldg(wrow + c);
+    const int g = (c * 32) / GROUP;
+    uint4 xv[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) xv[q] = __ldg(xq + c * 4 + q);
+    acc += qdot32<T>(wv, xv, P::splat(srow[g]), P::splat(brow[g]));
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) out[row] = static_cast<T>(acc);
+'''
+
+# p: the lane's weight words (and scales) of B chunks loaded before any x, then x through L1.
+PF = PRO + r'''
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= n) return;
+  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * (K / 8));
+  const uint4* xq = reinterpret_cast<const uint4*>(x);
+  const T* srow = scales + static_cast<size_t>(row) * GROUPS;
+  const T* brow = biases + static_cast<size_t>(row) * GROUPS;
+  constexpr int PER = (CHUNKS + 31) / 32;
+  float acc = 0.f;
+#pragma unroll
+  for (int b0 = 0; b0 < PER; b0 += UNROLL) {
+    uint4 wv[UNROLL];
+    T sc[UNROLL], bi[UNROLL];
+#pragma unroll
+    for (int i = 0; i < UNROLL; ++i) {
+      const int c = lane + 32 * (b0 + i);
+      if (b0 + i < PER && c < CHUNKS) {
+        wv[i] = __ldg(wrow + c);
+        sc[i] = srow[(c * 32) / GROUP];
+        bi[i] = brow[(c * 32) / GROUP];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < UNROLL; ++i) {
+      const int c = lane + 32 * (b0 + i);
+      if (b0 + i < PER && c < CHUNKS) {
+        uint4 xv[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xv[q] = __ldg(xq + c * 4 + q);
+        acc += qdot32<T>(wv[i], xv, P::splat(sc[i]), P::splat(bi[i]));
+      }
+    }
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) out[row] = static_cast<T>(acc);
+'''
+
+# r2: two rows per warp, x loaded once for both.
+R2 = PRO + r'''
+  const int row0 = 2 * (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
+  if (row0 >= n) return;
+  const bool two = row0 + 1 < n;
+  const uint4* w0 = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row0) * (K / 8));
+  const uint4* w1 = two ? w0 + K / 32 : w0;
+  const uint4* xq = reinterpret_cast<const uint4*>(x);
+  const T* s0 = scales + static_cast<size_t>(row0) * GROUPS;
+  const T* bb0 = biases + static_cast<size_t>(row0) * GROUPS;
+  const T* s1 = two ? s0 + GROUPS : s0;
+  const T* bb1 = two ? bb0 + GROUPS : bb0;
+  float a0 = 0.f, a1 = 0.f;
+#pragma unroll UNROLL
+  for (int c = lane; c < CHUNKS; c += 32) {
+    const uint4 v0 = __ldg(w0 + c);
+    const uint4 v1 = __ldg(w1 + c);
+    const int g = (c * 32) / GROUP;
+    uint4 xv[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) xv[q] = __ldg(xq + c * 4 + q);
+    a0 += qdot32<T>(v0, xv, P::splat(s0[g]), P::splat(bb0[g]));
+    a1 += qdot32<T>(v1, xv, P::splat(s1[g]), P::splat(bb1[g]));
+  }
+  a0 = warp_sum(a0);
+  a1 = warp_sum(a1);
+  if (lane == 0) { out[row0] = static_cast<T>(a0); if (two) out[row0 + 1] = static_cast<T>(a1); }
+'''
+
+# s: persistent blocks; x in shared memory once per block, each warp strides over rows.
+SP = PRO + r'''
+  __shared__ __align__(16) T xsh[K];
+  for (int i = threadIdx.x; i < K / 8; i += blockDim.x)
+    reinterpret_cast<uint4*>(xsh)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
+  __syncthreads();
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  for (int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < n; row += warps) {
+    const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * (K / 8));
+    const T* srow = scales + static_cast<size_t>(row) * GROUPS;
+    const T* brow = biases + static_cast<size_t>(row) * GROUPS;
+    float acc = 0.f;
+#pragma unroll UNROLL
+    for (int c = lane; c < CHUNKS; c += 32) {
+      const uint4 wv = __ldg(wrow + c);
+      const int g = (c * 32) / GROUP;
+      acc += qdot32<T>(wv, reinterpret_cast<const uint4*>(xsh) + c * 4, P::splat(srow[g]), P::splat(brow[g]));
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) out[row] = static_cast<T>(acc);
+  }
+'''
+
+
+# xq: x copied into shared memory as the nibble pairs' order ((0,4),(1,5),(2,6),(3,7) per 8 values), so no
+# permutes per row; per word the four dequantised pairs are multiplied into one bf16x2 sum, then added in float.
+XQ = PRO + r"""
+  __shared__ __align__(16) unsigned int xsh[K / 2];
+  for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
+    const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x) + i);
+    uint4 o;
+    o.x = __byte_perm(xv.x, xv.z, 0x5410);
+    o.y = __byte_perm(xv.x, xv.z, 0x7632);
+    o.z = __byte_perm(xv.y, xv.w, 0x5410);
+    o.w = __byte_perm(xv.y, xv.w, 0x7632);
+    reinterpret_cast<uint4*>(xsh)[i] = o;
+  }
+  __syncthreads();
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= n) return;
+  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * (K / 8));
+  const T* srow = scales + static_cast<size_t>(row) * GROUPS;
+  const T* brow = biases + static_cast<size_t>(row) * GROUPS;
+  const T2 off = P::offset();
+  float acc = 0.f;
+#pragma unroll UNROLL
+  for (int c = lane; c < CHUNKS; c += 32) {
+    const uint4 wv = __ldg(wrow + c);
+    const int g = (c * 32) / GROUP;
+    const T2 s2 = P::splat(srow[g]);
+    const T2 b2 = P::splat(brow[g]);
+    const unsigned int words[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint4 xv = reinterpret_cast<const uint4*>(xsh)[c * 4 + q];
+      const unsigned int xs[4] = {xv.x, xv.y, xv.z, xv.w};
+      const unsigned int wq = words[q];
+      T2 a2 = P::splat(static_cast<T>(0.f));
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        unsigned int u = ((wq >> (4 * p)) & 0x000F000Fu) | P::magic;
+        const T2 wp = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u), off), s2, b2);
+        a2 = __hfma2(*reinterpret_cast<const T2*>(&xs[p]), wp, a2);
+      }
+      const float2 f = P::to_float2(a2);
+      acc += f.x + f.y;
+    }
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) out[row] = static_cast<T>(acc);
+"""
+
+def committed_unroll(k):
+    return 2 if (k % 1024 == 0 and k <= 8192) else 8
+
+VARIANTS = {
+    # name: (source, warps per block, rows per warp, unroll(k), persistent blocks per SM or 0)
+    "s0": (S0, 8, 1, committed_unroll, 0),
+    "g2": (G, 8, 1, lambda k: 2, 0),
+    "g4": (G, 8, 1, lambda k: 4, 0),
+    "g8": (G, 8, 1, lambda k: 8, 0),
+    "g4w4": (G, 4, 1, lambda k: 4, 0),
+    "p4": (PF, 8, 1, lambda k: 4, 0),
+    "p8": (PF, 8, 1, lambda k: 8, 0),
+    "r2": (R2, 8, 2, lambda k: 2, 0),
+    "r2u4": (R2, 8, 2, lambda k: 4, 0),
+    "sp": (SP, 8, 1, committed_unroll, 8),
+    "xq": (XQ, 8, 1, committed_unroll, 0),
+    "xq4": (XQ, 8, 1, lambda k: 4, 0),
+    "rows": (None, 0, 0, None, 0),
+}
+
+import re
+from pathlib import Path
+_CSRC = Path(__file__).resolve().parents[2] / "crates/mlx-sys/csrc/mlxs_kernels.cpp"
+_RAW = dict(re.findall(r'constexpr const char\* (\w+) =\s*R"\((.*?)\)";', _CSRC.read_text(), re.S))
+
+SHAPES = {
+    "l-qkv": (6144, 4096), "l-o": (4096, 4096), "l-gateup": (28672, 4096), "l-down": (4096, 14336),
+    "l-head": (128256, 4096), "g-gateup": (13824, 1152), "g-head": (262144, 1152), "g-down": (1152, 6912),
+}
+NSM = 132
+
+def main():
+    only = sys.argv[1].split(",") if len(sys.argv) > 1 else list(VARIANTS)
+    mx.random.seed(0)
+    print("| shape | variant | wall us/call | GB/s (wall) | max rel err |")
+    print("|---|---|---|---|---|")
+    for sname, (n, k) in SHAPES.items():
+        g = 64
+        nbytes = n * k // 2 + 2 * n * (k // g) * 2
+        copies = max(2, math.ceil((320 << 20) / nbytes))
+        ws = [mx.random.randint(0, 2**31 - 1, (n, k // 8)).astype(mx.uint32) for _ in range(copies)]
+        ss = [(mx.random.uniform(shape=(n, k // g)) * 0.02).astype(mx.bfloat16) for _ in range(copies)]
+        bs = [(mx.random.uniform(shape=(n, k // g)) * -0.1).astype(mx.bfloat16) for _ in range(copies)]
+        x = mx.random.normal((1, k)).astype(mx.bfloat16)
+        mx.eval(ws, ss, bs, x)
+        ref = mx.quantized_matmul(x, ws[0], ss[0], bs[0], transpose=True, group_size=g, bits=4).astype(mx.float32)
+        # MLX's own, for reference
+        def mlx_call(i):
+            return mx.quantized_matmul(x, ws[i], ss[i], bs[i], transpose=True, group_size=g, bits=4)
+        calls = {"mlx": mlx_call}
+        for vname in only:
+            src, wpb, rpw, unroll, persist = VARIANTS[vname]
+            if vname == "rows":
+                rk = mx.fast.cuda_kernel(name=f"qv_rows_{sname.replace('-', '_')}", input_names=["x", "w", "scales", "biases"],
+                                         output_names=["out"], source=_RAW["kQmmRowsSource"], header=_RAW["kQmvHeader"])
+                ks = min(8, k // 128)
+                def rcall(i, rk=rk, ks=ks):
+                    return rk(inputs=[x, ws[i], ss[i], bs[i]], output_shapes=[(1, n)], output_dtypes=[mx.bfloat16],
+                              grid=(((n + 31) // 32) * 32 * ks, 1, 1), threadgroup=(32 * ks, 1, 1),
+                              template=[("T", mx.bfloat16), ("K", k), ("GROUP", g), ("MT", 1), ("KSPLIT", ks)])[0]
+                calls["rows"] = rcall
+                continue
+            kern = mx.fast.cuda_kernel(name=f"qv_{vname}_{sname.replace('-', '_')}", input_names=["x", "w", "scales", "biases"],
+                                       output_names=["out"], source=src, header=HEADER)
+            warps = math.ceil(n / rpw)
+            blocks = math.ceil(warps / wpb)
+            if persist:
+                blocks = min(blocks, NSM * persist)
+            def call(i, kern=kern, wpb=wpb, blocks=blocks, unroll=unroll):
+                return kern(inputs=[x, ws[i], ss[i], bs[i]], output_shapes=[(1, n)], output_dtypes=[mx.bfloat16],
+                            grid=(blocks * 32 * wpb, 1, 1), threadgroup=(32 * wpb, 1, 1),
+                            template=[("T", mx.bfloat16), ("K", k), ("GROUP", g), ("UNROLL", unroll(k))])[0]
+            calls[vname] = call
+        for vname, call in calls.items():
+            o = call(0).astype(mx.float32)
+            err = (mx.abs(o - ref).max() / mx.abs(ref).max()).item()
+            times = []
+            for rep in range(7):
+                mx.synchronize()
+                t0 = time.perf_counter()
+                outs = [call(i) for i in range(copies)]
+                mx.eval(outs)
+                mx.synchronize()
+                times.append((time.perf_counter() - t0) / copies)
+            t = sorted(times)[3]
+            print(f"| {sname} | {vname} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | {err:.2e} |", flush=True)
+        del ws, ss, bs
+        mx.clear_cache()
+
+main()
