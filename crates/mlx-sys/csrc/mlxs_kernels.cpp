@@ -331,8 +331,9 @@ constexpr const char* kQmmRowsSource = R"(
   }
 )";
 
-// Four warps (rows) a block: on an H100, 3-6% less GPU time than eight on
-// Llama-3.1-8B's five shapes (docs/benchmarks.md).
+// Four warps (rows) a block, x through L1: on an H100, 2-6% less GPU time
+// than eight with x in shared memory on four of Llama-3.1-8B's five shapes,
+// the same on the fifth (docs/benchmarks.md).
 constexpr int kQmvWarpsPerBlock = 4;
 // The launch counts threads in an int: 32 per row.
 constexpr int kQmvMaxRows = 1 << 25;
