@@ -70,17 +70,37 @@ PRO = r'''
   const int lane = threadIdx.x & 31;
 '''
 
-# s0: as committed (x copied into shared memory per block, one warp per row).
-S0 = PRO + r'''
+# x copied into shared memory once per block.
+X_SHARED = r'''
   __shared__ __align__(16) T xsh[K];
   for (int i = threadIdx.x; i < K / 8; i += blockDim.x)
     reinterpret_cast<uint4*>(xsh)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
   __syncthreads();
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= n) return;
+'''
+
+# The warp's output row and its words, scales and biases.
+ROW_POINTERS = r'''
   const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * (K / 8));
   const T* srow = scales + static_cast<size_t>(row) * GROUPS;
   const T* brow = biases + static_cast<size_t>(row) * GROUPS;
+'''
+ROW = r'''
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= n) return;
+''' + ROW_POINTERS
+
+# The warp's sum, written by its first lane.
+ROW_END = r'''
+  acc = warp_sum(acc);
+  if (lane == 0) out[row] = static_cast<T>(acc);
+'''
+
+
+def indent(code):
+    return "".join("  " + line if line.strip() else line for line in code.splitlines(True))
+
+# s0: as committed (x copied into shared memory per block, one warp per row).
+S0 = PRO + X_SHARED + ROW + r'''
   float acc = 0.f;
 #pragma unroll UNROLL
   for (int c = lane; c < CHUNKS; c += 32) {
@@ -88,18 +108,11 @@ S0 = PRO + r'''
     const int g = (c * 32) / GROUP;
     acc += qdot32<T>(wv, reinterpret_cast<const uint4*>(xsh) + c * 4, P::splat(srow[g]), P::splat(brow[g]));
   }
-  acc = warp_sum(acc);
-  if (lane == 0) out[row] = static_cast<T>(acc);
-'''
+''' + ROW_END
 
 # g: no shared memory; x read through L1 where each chunk needs it.
-G = PRO + r'''
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= n) return;
-  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * (K / 8));
+G = PRO + ROW + r'''
   const uint4* xq = reinterpret_cast<const uint4*>(x);
-  const T* srow = scales + static_cast<size_t>(row) * GROUPS;
-  const T* brow = biases + static_cast<size_t>(row) * GROUPS;
   float acc = 0.f;
 #pragma unroll UNROLL
   for (int c = lane; c < CHUNKS; c += 32) {
@@ -110,18 +123,11 @@ G = PRO + r'''
     for (int q = 0; q < 4; ++q) xv[q] = __ldg(xq + c * 4 + q);
     acc += qdot32<T>(wv, xv, P::splat(srow[g]), P::splat(brow[g]));
   }
-  acc = warp_sum(acc);
-  if (lane == 0) out[row] = static_cast<T>(acc);
-'''
+''' + ROW_END
 
 # p: the lane's weight words (and scales) of B chunks loaded before any x, then x through L1.
-PF = PRO + r'''
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= n) return;
-  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * (K / 8));
+PF = PRO + ROW + r'''
   const uint4* xq = reinterpret_cast<const uint4*>(x);
-  const T* srow = scales + static_cast<size_t>(row) * GROUPS;
-  const T* brow = biases + static_cast<size_t>(row) * GROUPS;
   constexpr int PER = (CHUNKS + 31) / 32;
   float acc = 0.f;
 #pragma unroll
@@ -148,9 +154,7 @@ PF = PRO + r'''
       }
     }
   }
-  acc = warp_sum(acc);
-  if (lane == 0) out[row] = static_cast<T>(acc);
-'''
+''' + ROW_END
 
 # r2: two rows per warp, x loaded once for both.
 R2 = PRO + r'''
@@ -182,26 +186,17 @@ R2 = PRO + r'''
 '''
 
 # s: persistent blocks; x in shared memory once per block, each warp strides over rows.
-SP = PRO + r'''
-  __shared__ __align__(16) T xsh[K];
-  for (int i = threadIdx.x; i < K / 8; i += blockDim.x)
-    reinterpret_cast<uint4*>(xsh)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
-  __syncthreads();
+SP = PRO + X_SHARED + r'''
   const int warps = gridDim.x * (blockDim.x >> 5);
   for (int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < n; row += warps) {
-    const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * (K / 8));
-    const T* srow = scales + static_cast<size_t>(row) * GROUPS;
-    const T* brow = biases + static_cast<size_t>(row) * GROUPS;
-    float acc = 0.f;
+''' + indent(ROW_POINTERS) + r'''    float acc = 0.f;
 #pragma unroll UNROLL
     for (int c = lane; c < CHUNKS; c += 32) {
       const uint4 wv = __ldg(wrow + c);
       const int g = (c * 32) / GROUP;
       acc += qdot32<T>(wv, reinterpret_cast<const uint4*>(xsh) + c * 4, P::splat(srow[g]), P::splat(brow[g]));
     }
-    acc = warp_sum(acc);
-    if (lane == 0) out[row] = static_cast<T>(acc);
-  }
+''' + indent(ROW_END) + r'''  }
 '''
 
 
@@ -219,12 +214,7 @@ XQ = PRO + r"""
     reinterpret_cast<uint4*>(xsh)[i] = o;
   }
   __syncthreads();
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= n) return;
-  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * (K / 8));
-  const T* srow = scales + static_cast<size_t>(row) * GROUPS;
-  const T* brow = biases + static_cast<size_t>(row) * GROUPS;
-  const T2 off = P::offset();
+""" + ROW + r"""  const T2 off = P::offset();
   float acc = 0.f;
 #pragma unroll UNROLL
   for (int c = lane; c < CHUNKS; c += 32) {
@@ -249,9 +239,7 @@ XQ = PRO + r"""
       acc += f.x + f.y;
     }
   }
-  acc = warp_sum(acc);
-  if (lane == 0) out[row] = static_cast<T>(acc);
-"""
+""" + ROW_END
 
 def committed_unroll(k):
     return 2 if (k % 1024 == 0 and k <= 8192) else 8
