@@ -93,6 +93,9 @@ std::string mode(const char* m);
 std::optional<mx::array> safe_batch_indices(const char* op, const std::optional<mx::array>& idx,
                                             const mx::array& x, mx::StreamOrDevice s);
 
+// Whether `s` is a stream of a CUDA GPU.
+bool cuda_stream(mx::StreamOrDevice s);
+
 // Whether our CUDA-only routes (our kernels, and the reshaped calls into
 // MLX in mlxs_quant.cpp and mlxs_fast.cpp) may run on `s`: a CUDA GPU stream
 // and custom kernels not off (MLXR_CUSTOM_KERNELS=0: MLX as it is).

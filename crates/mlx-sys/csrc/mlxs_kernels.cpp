@@ -377,12 +377,12 @@ bool has_bf16_mma() {
 
 namespace mlxs {
 
+bool cuda_stream(mx::StreamOrDevice s) {
+  return mx::to_stream(s).device.type == mx::Device::gpu && mx::cu::is_available();
+}
+
 bool cuda_routes_on(mx::StreamOrDevice s) {
-  if (kernels_mode() == MLXS_KERNELS_OFF) {
-    return false;
-  }
-  auto stream = mx::to_stream(s);
-  return stream.device.type == mx::Device::gpu && mx::cu::is_available();
+  return kernels_mode() != MLXS_KERNELS_OFF && cuda_stream(s);
 }
 
 std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,

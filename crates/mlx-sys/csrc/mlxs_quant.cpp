@@ -4,7 +4,6 @@
 // own kernel for decode steps on CUDA, see mlxs_kernels.cpp) and the
 // gathered matmuls of mixture-of-experts routing.
 
-#include "mlx/backend/cuda/cuda.h"
 #include "mlxs_internal.h"
 
 using namespace mlxs;
@@ -40,8 +39,7 @@ std::optional<mx::array> collapsed_rows(const mx::array& x, const mx::array& w,
 // Only on CUDA, whatever the custom-kernel switch says: elsewhere MLX takes
 // strided operands as they are.
 mx::array cuda_contiguous(const mx::array& a, mx::StreamOrDevice s) {
-  auto stream = mx::to_stream(s);
-  if (a.ndim() > 2 && stream.device.type == mx::Device::gpu && mx::cu::is_available()) {
+  if (a.ndim() > 2 && cuda_stream(s)) {
     return mx::contiguous(a, false, s);
   }
   return a;
