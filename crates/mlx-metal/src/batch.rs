@@ -16,7 +16,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use crate::cache::{BatchKvCache, LayerCache};
-use crate::generate::Step;
+use crate::generate::{Step, read_ids};
 use crate::model::LanguageModel;
 use crate::sample::Sampler;
 use mlx::memory;
@@ -295,40 +295,4 @@ pub fn generate(
         }
     }
     Ok(finish(stats, first_at))
-}
-
-/// Reads sampled ids (`uint32` or `int32`, `[B]`); `op` names the caller in errors.
-///
-/// Reads `a` itself, never a conversion of it: a new op would be queued behind
-/// the forward pass the caller has just queued, so reading this step's ids
-/// would wait for the next step and the device would idle while the host
-/// builds the one after (2.5 ms a step for an 8B model on an H100).
-pub(crate) fn read_ids(op: &'static str, a: &Array) -> Result<Vec<u32>> {
-    match a.dtype() {
-        Dtype::Uint32 => a.to_vec::<u32>(),
-        Dtype::Int32 => a
-            .to_vec::<i32>()?
-            .into_iter()
-            .map(|v| u32::try_from(v).map_err(|_| Error::invalid(op, format!("negative token id {v}"))))
-            .collect(),
-        d => Err(Error::invalid(op, format!("token ids must be uint32 or int32, got {d}"))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn read_ids_reads_either_integer_type_and_refuses_the_rest() {
-        let lazy = ops::add(&Array::from_slice(&[3u32, 0, 7], &[3]).unwrap(), &Array::scalar(1u32)).unwrap();
-        assert_eq!(read_ids("t", &lazy).unwrap(), vec![4, 1, 8]);
-        let strided =
-            ops::slice_strided(&Array::from_slice(&[5i32, 6, 7, 8], &[4]).unwrap(), &[0], &[4], &[2]).unwrap();
-        assert_eq!(read_ids("t", &strided).unwrap(), vec![5, 7]);
-        let e = read_ids("t", &Array::from_slice(&[1i32, -2], &[2]).unwrap()).unwrap_err();
-        assert!(e.to_string().contains("negative token id -2"), "{e}");
-        let e = read_ids("t", &Array::from_slice(&[1.0f32], &[1]).unwrap()).unwrap_err();
-        assert!(e.to_string().contains("uint32 or int32"), "{e}");
-    }
 }

@@ -215,7 +215,7 @@ pub fn draft_greedy(
         guesses.push(y);
     }
     let all = ops::concatenate(&guesses.iter().collect::<Vec<_>>(), 0)?;
-    let ids = crate::batch::read_ids(OP, &all)?;
+    let ids = crate::generate::read_ids(OP, &all)?;
     state.held.push(last);
     state.held.extend_from_slice(&ids[..k - 1]);
     Ok(ids)

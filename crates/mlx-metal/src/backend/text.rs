@@ -49,7 +49,7 @@ fn top_logprobs(step: &Step<'_>, k: usize, tokenizer: &Tokenizer) -> Result<TopL
         let negated = ops::negative(step.logprobs)?;
         let ids = ops::slice_axis(&ops::argpartition(&negated, (k - 1) as i32, -1)?, -1, 0, k as i32)?;
         let values = ops::take(step.logprobs, &ids, -1)?.to_vec_f32()?;
-        for (id, logprob) in crate::batch::read_ids("top_logprobs", &ids)?.into_iter().zip(values) {
+        for (id, logprob) in crate::generate::read_ids("top_logprobs", &ids)?.into_iter().zip(values) {
             top.push(TopLogprob { id, text: tokenizer.decode(&[id], false)?, logprob });
         }
         top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob).then(a.id.cmp(&b.id)));

@@ -18,8 +18,8 @@ use crate::backend::core_err;
 use crate::backend::mirror::Failure;
 use crate::backend::supervise::failpoint;
 use crate::backend::text::TextOut;
-use crate::batch::read_ids;
 use crate::cache::LayerCache;
+use crate::generate::read_ids;
 use crate::model::LanguageModel;
 use crate::tokenizer::Tokenizer;
 

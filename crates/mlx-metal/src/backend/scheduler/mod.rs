@@ -39,9 +39,9 @@ use self::prefill::{Prefill, row_caches};
 use self::rows::{Outputs, Row, finish, sample_rows, tokens};
 use self::store::PromptStore;
 use super::{core_err, lock};
-use crate::batch::read_ids;
 use crate::cache::LayerCache;
 use crate::constrain::Grammars;
+use crate::generate::read_ids;
 use crate::model::LanguageModel;
 use crate::tokenizer::Tokenizer;
 
