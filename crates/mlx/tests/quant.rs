@@ -222,13 +222,20 @@ fn gather_qmm_matches_gather_mm_on_dequantised_experts() {
 /// A quantised KV cache's keys and values: a slice of a bigger buffer along the positions, with
 /// a batch and head axis, the query rows folded over it (`transpose`) and the scores back
 /// (`!transpose`). MLX's CUDA kernels take only operands contiguous as a whole, which such a slice
-/// is not (`mlxs_quantized_matmul` copies it there); everywhere the products must equal the dense
-/// ones on the dequantised slice.
+/// is not, and have only a naive kernel for 8 or more rows over the batch (`mlxs_quantized_matmul`
+/// dequantises the slice there); everywhere the products must equal the dense ones on the
+/// dequantised slice: 2 heads of 3 rows, and 4 of 4 (16 rows over the batch).
 #[test]
 fn quantized_matmul_takes_a_sliced_batched_cache() {
-    let (heads, cap, used, d) = (2i32, 40i32, 33i32, 128i32);
+    for (heads, rows) in [(2i32, 3i32), (4, 4)] {
+        sliced_cache_products(heads, rows);
+    }
+}
+
+fn sliced_cache_products(heads: i32, rows: i32) {
+    let (cap, used, d) = (40i32, 33i32, 128i32);
     let buffer = arr(&data((heads * cap * d) as usize, 7), &[1, heads, cap, d]);
-    let q_rows = arr(&data((heads * 3 * d) as usize, 8), &[1, heads, 3, d]);
+    let q_rows = arr(&data((heads * rows * d) as usize, 8), &[1, heads, rows, d]);
     for bits in [4, 8] {
         let q = ops::quantize(&buffer, 64, bits).unwrap();
         let cut = |a: &Array| ops::slice_axis(a, 2, 0, used).unwrap();
@@ -241,11 +248,11 @@ fn quantized_matmul_takes_a_sliced_batched_cache() {
         };
         let dense = ops::dequantize(&sliced, None).unwrap();
         let scores = ops::quantized_matmul(&q_rows, &sliced, true).unwrap();
-        assert_eq!(scores.shape(), vec![1, heads, 3, used]);
+        assert_eq!(scores.shape(), vec![1, heads, rows, used]);
         let want = ops::matmul(&q_rows, &ops::swapaxes(&dense, -1, -2).unwrap()).unwrap();
         assert_close(&vals(&scores), &wide(&vals(&want)), 1e-4);
         let out = ops::quantized_matmul(&scores, &sliced, false).unwrap();
-        assert_eq!(out.shape(), vec![1, heads, 3, d]);
+        assert_eq!(out.shape(), vec![1, heads, rows, d]);
         let want = ops::matmul(&scores, &dense).unwrap();
         assert_close(&vals(&out), &wide(&vals(&want)), 1e-4);
     }
