@@ -5,8 +5,11 @@
 #pragma once
 
 #include <exception>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -108,5 +111,59 @@ std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
                                       const std::optional<mx::array>& biases, bool transpose,
                                       std::optional<int> group_size, std::optional<int> bits,
                                       const std::string& mode, mx::StreamOrDevice s);
+
+// One instantiation of one of our CUDA kernels (mlxs_kernel_cache.cpp): the
+// stem of its entry point's name, its body (as MLX's cuda_kernel takes it),
+// its activation dtype (bfloat16 or float16) and its integer template
+// arguments, in order. Its entry point takes x, w, scales, biases, out and
+// then the rows of x and of w as ints.
+struct KernelSpec {
+  const char* kernel;
+  const char* body;
+  mx::Dtype dtype;
+  std::vector<std::pair<std::string, int>> ints;
+  // The entry point's name: the stem, the dtype and each argument.
+  std::string entry_name() const;
+  // The whole program: the CUDA headers, `header`, the entry point.
+  std::string source(const char* header) const;
+};
+
+struct Nvrtc;
+
+// Compiles KernelSpecs with NVRTC into cubins, kept under a cache directory
+// (none if empty) and in memory. Empty paths and an arch of 0 mean: NVRTC
+// from the process, the CUDA headers where MLX finds them, this GPU.
+class KernelCompiler {
+ public:
+  KernelCompiler(std::string nvrtc_path, std::string include_dir, std::string cache_dir, int arch);
+  ~KernelCompiler();
+  KernelCompiler(const KernelCompiler&) = delete;
+  KernelCompiler& operator=(const KernelCompiler&) = delete;
+  // The cubin, or null when it cannot be made here (why() says why);
+  // `from_disk`, if given, says whether the cache directory had it.
+  std::shared_ptr<const std::string> cubin(const KernelSpec& spec, const char* header,
+                                           bool* from_disk);
+  std::string why();
+
+ private:
+  bool ready();
+  std::string nvrtc_path_;
+  std::string include_;
+  std::string cache_;
+  int arch_;
+  bool checked_ = false;
+  std::unique_ptr<Nvrtc> api_;
+  std::string why_;
+  std::mutex mutex_;
+  std::unordered_map<std::string, std::shared_ptr<const std::string>> memo_;
+};
+
+// Whether our kernels are compiled by us and cached on disk
+// (MLXR_KERNEL_CACHE=1) rather than by MLX's cuda_kernel.
+bool kernel_cache_on();
+
+// The process's compiler's cubin for `spec` (said once on standard error
+// when it cannot be made: the caller then uses MLX's cuda_kernel).
+std::shared_ptr<const std::string> cached_kernel(const KernelSpec& spec, const char* header);
 
 }  // namespace mlxs

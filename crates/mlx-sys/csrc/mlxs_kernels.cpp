@@ -373,6 +373,41 @@ bool has_bf16_mma() {
   return ok;
 }
 
+mlxs::KernelSpec qmv_spec(mx::Dtype t, int k, int group) {
+  return {"mlxr_qmv4", kQmvSource, t, {{"K", k}, {"GROUP", group}}};
+}
+
+mlxs::KernelSpec qmm_rows_spec(mx::Dtype t, int k, int group, int mt, int ksplit) {
+  return {"mlxr_qmm_rows4",
+          kQmmRowsSource,
+          t,
+          {{"K", k}, {"GROUP", group}, {"MT", mt}, {"KSPLIT", ksplit}}};
+}
+
+// One call of our kernel `spec`: compiled by us and launched as a precompiled
+// kernel with MLXR_KERNEL_CACHE=1 where that works (mlxs_kernel_cache.cpp),
+// else through MLX's cuda_kernel `mlx_kernel` with the same arguments as
+// template arguments.
+mx::array launch(const mx::fast::CustomKernelFunction& mlx_kernel, const mlxs::KernelSpec& spec,
+                 const std::vector<mx::array>& inputs, const mx::Shape& shape, int x_rows,
+                 int w_rows, std::tuple<int, int, int> grid, std::tuple<int, int, int> block,
+                 const mx::Stream& stream) {
+  if (mlxs::kernel_cache_on()) {
+    if (auto cubin = mlxs::cached_kernel(spec, kQmvHeader)) {
+      return mx::fast::precompiled_cuda_kernel(spec.entry_name(), *cubin, inputs, {shape},
+                                               {spec.dtype}, {x_rows, w_rows}, grid, block, 0,
+                                               std::nullopt, true, stream)
+          .at(0);
+    }
+  }
+  std::vector<std::pair<std::string, mx::fast::TemplateArg>> targs = {{"T", spec.dtype}};
+  for (const auto& [name, value] : spec.ints) {
+    targs.emplace_back(name, value);
+  }
+  return mlx_kernel(inputs, {shape}, {spec.dtype}, grid, block, targs, std::nullopt, false, stream)
+      .at(0);
+}
+
 }  // namespace
 
 namespace mlxs {
@@ -438,18 +473,15 @@ std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
     int threads = 32 * ksplit;
     int blocks = (n + 31) / 32;
     auto x2 = mx::reshape(x, {m, k}, stream);
-    auto outs = qmm_rows_kernel()(
-        {x2, w, scales, b}, {{m, n}}, {t}, {blocks * threads, 1, 1}, {threads, 1, 1},
-        {{"T", t}, {"K", k}, {"GROUP", group}, {"MT", m <= 8 ? 1 : 4}, {"KSPLIT", ksplit}},
-        std::nullopt, false, stream);
-    return mx::reshape(outs.at(0), out_shape, stream);
+    auto y =
+        launch(qmm_rows_kernel(), qmm_rows_spec(t, k, group, m <= 8 ? 1 : 4, ksplit),
+               {x2, w, scales, b}, {m, n}, m, n, {blocks * threads, 1, 1}, {threads, 1, 1}, stream);
+    return mx::reshape(y, out_shape, stream);
   }
   int threads = 32 * kQmvWarpsPerBlock;
   int blocks = (n + kQmvWarpsPerBlock - 1) / kQmvWarpsPerBlock;
-  auto outs =
-      qmv_kernel()({x, w, scales, b}, {out_shape}, {t}, {blocks * threads, 1, 1}, {threads, 1, 1},
-                   {{"T", t}, {"K", k}, {"GROUP", group}}, std::nullopt, false, stream);
-  return outs.at(0);
+  return launch(qmv_kernel(), qmv_spec(t, k, group), {x, w, scales, b}, out_shape,
+                static_cast<int>(rows), n, {blocks * threads, 1, 1}, {threads, 1, 1}, stream);
 }
 
 }  // namespace mlxs
@@ -466,5 +498,38 @@ int mlxs_set_custom_kernels(int mode) {
 }
 
 int mlxs_custom_kernels(void) { return kernels_mode(); }
+
+int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int arch,
+                            const char* cache_dir, int* compiled, int* from_disk) {
+  return mlxs::guard([&] {
+    // The instantiations tests/nvrtc_check.py compiles through MLX's wrapper.
+    std::vector<mlxs::KernelSpec> specs;
+    for (auto t : {mx::bfloat16, mx::float16}) {
+      for (auto [k, g] : {std::pair{4096, 64}, {1152, 32}, {14336, 128}, {25600, 64}}) {
+        specs.push_back(qmv_spec(t, k, g));
+      }
+      for (auto [k, g] : {std::pair{4096, 64}, {640, 32}, {14336, 128}}) {
+        for (int mt : {1, 4}) {
+          specs.push_back(qmm_rows_spec(t, k, g, mt, std::min(8, k / 128)));
+        }
+      }
+    }
+    int made = 0;
+    int read = 0;
+    for (int pass = 0; pass < 2; ++pass) {
+      mlxs::KernelCompiler compiler(nvrtc_path, include_dir, cache_dir, arch);
+      for (const auto& spec : specs) {
+        bool disk = false;
+        if (compiler.cubin(spec, kQmvHeader, &disk) == nullptr) {
+          throw std::runtime_error(compiler.why());
+        }
+        made += pass == 0 ? 1 : 0;
+        read += pass == 1 && disk ? 1 : 0;
+      }
+    }
+    *compiled = made;
+    *from_disk = read;
+  });
+}
 
 }  // extern "C"

@@ -39,3 +39,55 @@ fn cuda_kernels_compile_with_nvrtc() {
         _ => panic!("a CUDA kernel does not compile:\n{text}"),
     }
 }
+
+/// With `MLXR_KERNEL_CACHE=1` on a GPU our kernels are compiled by our own path
+/// (`csrc/mlxs_kernel_cache.cpp`: NVRTC, the CUDA headers, a cubin kept on disk) instead of MLX's
+/// `cuda_kernel`. Here, without a GPU: every instantiation `nvrtc_check.py` compiles goes through
+/// that path for compute capability 8.0 and 9.0 (NVRTC and the headers from the fixtures'
+/// virtualenv), and a second compiler reads every cubin back from the cache directory.
+#[test]
+fn our_compile_path_makes_and_caches_every_kernel() {
+    let python = match common::fixtures_python() {
+        Ok(python) => python,
+        Err(why) => return skip_or_fail(&why),
+    };
+    let find = "import nvidia.cuda_nvrtc as n, nvidia.cuda_runtime as r, pathlib\n\
+                lib = [p for p in sorted((pathlib.Path(list(n.__path__)[0]) / 'lib').glob('libnvrtc.so*')) \
+                if 'builtins' not in p.name and '.alt.' not in p.name]\n\
+                print(lib[0]); print(pathlib.Path(list(r.__path__)[0]) / 'include')";
+    let out = Command::new(&python).args(["-c", find]).output().expect("the fixtures' Python runs");
+    if !out.status.success() {
+        return skip_or_fail(&format!("NVRTC is not installed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let text = String::from_utf8(out.stdout).expect("paths are UTF-8");
+    let mut lines = text.lines();
+    let (nvrtc, include) = (lines.next().expect("NVRTC's path"), lines.next().expect("the headers' path"));
+    let cache = std::env::temp_dir().join(format!("mlxr-kernel-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL in a path");
+    let (nvrtc, include, dir) = (c(nvrtc), c(include), c(cache.to_str().expect("a UTF-8 temp dir")));
+    for arch in [80, 90] {
+        let (mut compiled, mut from_disk) = (0, 0);
+        // SAFETY: the strings outlive the call; the outputs are valid ints.
+        let status = unsafe {
+            mlx_sys::mlxs_kernel_cache_check(
+                nvrtc.as_ptr(),
+                include.as_ptr(),
+                arch,
+                dir.as_ptr(),
+                &mut compiled,
+                &mut from_disk,
+            )
+        };
+        if status != 0 {
+            // SAFETY: the message is a NUL-terminated string owned by the shim's thread.
+            let why = unsafe { std::ffi::CStr::from_ptr(mlx_sys::mlxs_last_error()) };
+            panic!("compute capability {arch}: {}", why.to_string_lossy());
+        }
+        // 8 one-row and 12 multi-row instantiations; the second compiler read each from disk.
+        assert_eq!((compiled, from_disk), (20, 20), "compute capability {arch}");
+        let files = std::fs::read_dir(&cache).expect("the cache directory exists").count();
+        assert_eq!(files, if arch == 80 { 20 } else { 40 }, "one cubin per instantiation and architecture");
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}

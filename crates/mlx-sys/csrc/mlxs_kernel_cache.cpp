@@ -1,0 +1,429 @@
+// SPDX-License-Identifier: EUPL-1.2
+//
+// Our CUDA kernels compiled by us, kept on disk, and launched as MLX's
+// precompiled kernels. MLX's fast::cuda_kernel compiles a kernel with NVRTC
+// at its first call with each set of template arguments, wrapped in MLX's own
+// device headers, and never keeps the result (its custom kernels ask for no
+// disk cache): on an H100 a fresh `mlxr generate` of Llama-3.1-8B spent about
+// 3 s of its first decode steps there (docs/benchmarks.md, session 15). Here
+// each instantiation is compiled once per machine, with only the CUDA headers
+// it needs (cuda_bf16.h, cuda_fp16.h), into machine code for this GPU (a
+// cubin), kept under the cache directory and read back by later processes.
+//
+// On only where MLXR_KERNEL_CACHE=1 until it has been checked on a GPU; then
+// anything missing (NVRTC's symbols, the CUDA headers, a compile error) falls
+// back to MLX's cuda_kernel, once said on standard error.
+//
+// NVRTC is the one libmlx links (its symbols are in the process), or
+// MLXR_NVRTC names a library to open. The CUDA headers: MLXR_CUDA_INCLUDE, else
+// where MLX looks (the Python wheel's nvidia/cu13 or nvidia/cuda_runtime
+// beside the mlx package, $CUDA_HOME, $CUDA_PATH, /usr/local/cuda). The cache:
+// MLXR_KERNEL_CACHE_DIR, else $XDG_CACHE_HOME/mlxr/cuda-kernels, else
+// ~/.cache/mlxr/cuda-kernels. A file holds its whole key (the source, the
+// options, NVRTC's version) before the cubin, and is used only when the key
+// matches: no hash collision can load the wrong code.
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <unordered_map>
+#include <variant>
+
+#ifndef _WIN32
+#include <dlfcn.h>
+#include <unistd.h>
+#endif
+
+#include "mlx/backend/gpu/device_info.h"
+#include "mlx/fast.h"
+#include "mlxs_internal.h"
+
+namespace fs = std::filesystem;
+
+namespace mlxs {
+
+using Program = void*;
+
+// The NVRTC entry points used here (nvrtcResult is an int enum; 0 is success).
+struct Nvrtc {
+  int (*version)(int*, int*) = nullptr;
+  int (*create)(Program*, const char*, const char*, int, const char* const*,
+                const char* const*) = nullptr;
+  int (*compile)(Program, int, const char* const*) = nullptr;
+  int (*destroy)(Program*) = nullptr;
+  int (*log_size)(Program, size_t*) = nullptr;
+  int (*log)(Program, char*) = nullptr;
+  int (*cubin_size)(Program, size_t*) = nullptr;
+  int (*cubin)(Program, char*) = nullptr;
+  int major = 0;
+  int minor = 0;
+};
+
+}  // namespace mlxs
+
+namespace {
+
+using mlxs::Nvrtc;
+using mlxs::Program;
+
+template <typename F>
+bool resolve(void* lib, const char* name, F& f) {
+#ifndef _WIN32
+  f = reinterpret_cast<F>(dlsym(lib, name));
+#endif
+  return f != nullptr;
+}
+
+// NVRTC from `path` (opened), or from the process when `path` is empty.
+std::optional<Nvrtc> load_nvrtc(const std::string& path, std::string& why) {
+#ifdef _WIN32
+  why = "not on Windows";
+  return std::nullopt;
+#else
+  void* lib = RTLD_DEFAULT;
+  if (!path.empty()) {
+    lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) {
+      why = "cannot open " + path;
+      return std::nullopt;
+    }
+  }
+  Nvrtc a;
+  bool ok =
+      resolve(lib, "nvrtcVersion", a.version) && resolve(lib, "nvrtcCreateProgram", a.create) &&
+      resolve(lib, "nvrtcCompileProgram", a.compile) &&
+      resolve(lib, "nvrtcDestroyProgram", a.destroy) &&
+      resolve(lib, "nvrtcGetProgramLogSize", a.log_size) &&
+      resolve(lib, "nvrtcGetProgramLog", a.log) &&
+      resolve(lib, "nvrtcGetCUBINSize", a.cubin_size) && resolve(lib, "nvrtcGetCUBIN", a.cubin);
+  if (!ok || a.version(&a.major, &a.minor) != 0) {
+    why = "NVRTC's symbols are not in this process (MLXR_NVRTC names its library)";
+    return std::nullopt;
+  }
+  // Older NVRTCs cannot make machine code for every compute capability.
+  if (a.major < 12) {
+    why = "NVRTC " + std::to_string(a.major) + "." + std::to_string(a.minor) + " is before 12";
+    return std::nullopt;
+  }
+  return a;
+#endif
+}
+
+bool has_headers(const fs::path& dir) {
+  std::error_code e;
+  return !dir.empty() && fs::exists(dir / "cuda_bf16.h", e);
+}
+
+// The directory of libmlx (where MLX's own search starts), if found.
+fs::path libmlx_dir() {
+#ifndef _WIN32
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&mx::fast::precompiled_cuda_kernel), &info) != 0 &&
+      info.dli_fname != nullptr) {
+    return fs::path(info.dli_fname).parent_path();
+  }
+#endif
+  return {};
+}
+
+fs::path cuda_include(int nvrtc_major) {
+  std::vector<fs::path> candidates;
+  if (const char* d = std::getenv("MLXR_CUDA_INCLUDE"); d != nullptr && *d != '\0') {
+    candidates.emplace_back(d);
+  }
+  if (auto lib = libmlx_dir(); !lib.empty()) {
+    // site-packages/mlx/lib/libmlx.so -> site-packages/nvidia/...
+    auto nvidia = lib.parent_path().parent_path() / "nvidia";
+    candidates.push_back(nvidia / (nvrtc_major >= 13 ? "cu13" : "cuda_runtime") / "include");
+  }
+  for (const char* env : {"CUDA_HOME", "CUDA_PATH"}) {
+    if (const char* d = std::getenv(env); d != nullptr && *d != '\0') {
+      candidates.push_back(fs::path(d) / "include");
+    }
+  }
+  candidates.emplace_back("/usr/local/cuda/include");
+  for (const auto& c : candidates) {
+    if (has_headers(c)) {
+      return c;
+    }
+  }
+  return {};
+}
+
+fs::path cache_dir() {
+  if (const char* d = std::getenv("MLXR_KERNEL_CACHE_DIR"); d != nullptr && *d != '\0') {
+    return d;
+  }
+  if (const char* d = std::getenv("XDG_CACHE_HOME"); d != nullptr && *d != '\0') {
+    return fs::path(d) / "mlxr" / "cuda-kernels";
+  }
+  if (const char* h = std::getenv("HOME"); h != nullptr && *h != '\0') {
+    return fs::path(h) / ".cache" / "mlxr" / "cuda-kernels";
+  }
+  return {};
+}
+
+const char* cuda_type(mx::Dtype t) { return t == mx::bfloat16 ? "__nv_bfloat16" : "__half"; }
+
+const char* type_tag(mx::Dtype t) { return t == mx::bfloat16 ? "bf16" : "f16"; }
+
+constexpr const char* kMagic = "mlxr-cubin-1\n";
+
+// The cubin stored under `path` for exactly `key`, if any.
+std::optional<std::string> read_cached(const fs::path& path, const std::string& key) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return std::nullopt;
+  }
+  std::string magic(std::strlen(kMagic), '\0');
+  size_t key_size = 0;
+  if (!in.read(magic.data(), magic.size()) || magic != kMagic ||
+      !in.read(reinterpret_cast<char*>(&key_size), sizeof key_size) || key_size != key.size()) {
+    return std::nullopt;
+  }
+  std::string stored(key_size, '\0');
+  if (!in.read(stored.data(), key_size) || stored != key) {
+    return std::nullopt;
+  }
+  std::ostringstream rest;
+  rest << in.rdbuf();
+  std::string cubin = rest.str();
+  if (cubin.empty()) {
+    return std::nullopt;
+  }
+  return cubin;
+}
+
+// Writes through a file of its own and a rename, so that a reader in another
+// process sees the whole file or none. Failing to write only costs the next
+// process a compile.
+void write_cached(const fs::path& path, const std::string& key, const std::string& cubin) {
+  std::error_code e;
+  fs::create_directories(path.parent_path(), e);
+#ifndef _WIN32
+  auto pid = std::to_string(static_cast<long>(getpid()));
+#else
+  std::string pid = "0";
+#endif
+  auto tmp = path;
+  tmp += ".tmp" + pid;
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    size_t key_size = key.size();
+    out.write(kMagic, std::strlen(kMagic));
+    out.write(reinterpret_cast<const char*>(&key_size), sizeof key_size);
+    out.write(key.data(), key.size());
+    out.write(cubin.data(), cubin.size());
+    if (!out) {
+      fs::remove(tmp, e);
+      return;
+    }
+  }
+  fs::rename(tmp, path, e);
+  if (e) {
+    fs::remove(tmp, e);
+  }
+}
+
+// NVRTC's cubin of `source` for `arch`, or why not.
+std::optional<std::string> nvrtc_compile(const Nvrtc& api, const std::string& source,
+                                         const std::vector<std::string>& options,
+                                         std::string& why) {
+  Program prog = nullptr;
+  if (api.create(&prog, source.c_str(), "mlxr_kernel.cu", 0, nullptr, nullptr) != 0) {
+    why = "nvrtcCreateProgram failed";
+    return std::nullopt;
+  }
+  std::vector<const char*> opts;
+  for (const auto& o : options) {
+    opts.push_back(o.c_str());
+  }
+  int status = api.compile(prog, static_cast<int>(opts.size()), opts.data());
+  std::optional<std::string> cubin;
+  if (status == 0) {
+    size_t size = 0;
+    if (api.cubin_size(prog, &size) == 0 && size > 0) {
+      std::string bytes(size, '\0');
+      if (api.cubin(prog, bytes.data()) == 0) {
+        cubin = std::move(bytes);
+      }
+    }
+    if (!cubin) {
+      why = "NVRTC made no cubin";
+    }
+  } else {
+    size_t size = 0;
+    std::string log;
+    if (api.log_size(prog, &size) == 0 && size > 1) {
+      log.assign(size, '\0');
+      api.log(prog, log.data());
+      log.resize(size - 1);
+    }
+    why = "NVRTC failed (status " + std::to_string(status) + "): " + log;
+  }
+  api.destroy(&prog);
+  return cubin;
+}
+
+}  // namespace
+
+namespace mlxs {
+
+std::string KernelSpec::entry_name() const {
+  std::string name = std::string(kernel) + "_" + type_tag(dtype);
+  for (const auto& [n, v] : ints) {
+    name += "_" + n + std::to_string(v);
+  }
+  return name;
+}
+
+std::string KernelSpec::source(const char* header) const {
+  std::string t = cuda_type(dtype);
+  std::string s =
+      "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n"
+      "typedef unsigned int uint32_t;\ntypedef int int32_t;\n";
+  s += header;
+  s += "\nextern \"C\" __global__ void " + entry_name() + "(const " + t +
+       "* x, const uint32_t* w, const " + t + "* scales, const " + t + "* biases, " + t +
+       "* out, int x_rows, int w_rows) {\n";
+  s += "  using T = " + t + ";\n";
+  for (const auto& [n, v] : ints) {
+    s += "  constexpr int " + n + " = " + std::to_string(v) + ";\n";
+  }
+  // The names MLX's wrapper gives the bodies: the first dimension of x and w.
+  s += "  const int x_shape[1] = {x_rows};\n  const int w_shape[1] = {w_rows};\n";
+  s += body;
+  s += "\n}\n";
+  return s;
+}
+
+KernelCompiler::KernelCompiler(std::string nvrtc_path, std::string include_dir,
+                               std::string cache_dir, int arch)
+    : nvrtc_path_(std::move(nvrtc_path)),
+      include_(std::move(include_dir)),
+      cache_(std::move(cache_dir)),
+      arch_(arch) {}
+
+bool KernelCompiler::ready() {
+  if (checked_) {
+    return api_ != nullptr;
+  }
+  checked_ = true;
+  std::string why;
+  auto api = load_nvrtc(nvrtc_path_, why);
+  if (!api) {
+    why_ = why;
+    return false;
+  }
+  if (include_.empty()) {
+    include_ = cuda_include(api->major).string();
+  }
+  if (!has_headers(include_)) {
+    why_ = "the CUDA headers (cuda_bf16.h) were not found: MLXR_CUDA_INCLUDE names their directory";
+    return false;
+  }
+  if (arch_ <= 0) {
+    const auto& info = mx::gpu::device_info(0);
+    auto major = info.find("compute_capability_major");
+    auto minor = info.find("compute_capability_minor");
+    if (major == info.end() || minor == info.end() ||
+        !std::holds_alternative<size_t>(major->second) ||
+        !std::holds_alternative<size_t>(minor->second)) {
+      why_ = "the GPU's compute capability is unknown";
+      return false;
+    }
+    arch_ =
+        static_cast<int>(std::get<size_t>(major->second) * 10 + std::get<size_t>(minor->second));
+  }
+  api_ = std::make_unique<Nvrtc>(*api);
+  return true;
+}
+
+std::shared_ptr<const std::string> KernelCompiler::cubin(const KernelSpec& spec, const char* header,
+                                                         bool* from_disk) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto name = spec.entry_name();
+  if (auto it = memo_.find(name); it != memo_.end()) {
+    return it->second;
+  }
+  if (!ready()) {
+    memo_.emplace(name, nullptr);
+    return nullptr;
+  }
+  auto source = spec.source(header);
+  // Machine code for this GPU, as MLX does ("a" for the architecture-specific
+  // features of 9.0 and later).
+  std::vector<std::string> options = {
+      "--gpu-architecture=sm_" + std::to_string(arch_) + (arch_ >= 90 ? "a" : ""),
+      "--include-path=" + include_, "--std=c++17"};
+  std::string key = source;
+  for (const auto& o : options) {
+    key += "\n// " + o;
+  }
+  key += "\n// NVRTC " + std::to_string(api_->major) + "." + std::to_string(api_->minor) + "\n";
+  std::string file =
+      name + "-" + std::to_string(std::hash<std::string>{}(key) & 0xffffffffffffull) + ".cubin";
+  std::optional<std::string> bytes;
+  if (!cache_.empty()) {
+    bytes = read_cached(fs::path(cache_) / file, key);
+  }
+  if (from_disk != nullptr) {
+    *from_disk = bytes.has_value();
+  }
+  if (!bytes) {
+    std::string why;
+    bytes = nvrtc_compile(*api_, source, options, why);
+    if (!bytes) {
+      why_ = name + ": " + why;
+      memo_.emplace(name, nullptr);
+      return nullptr;
+    }
+    if (!cache_.empty()) {
+      write_cached(fs::path(cache_) / file, key, *bytes);
+    }
+  }
+  auto shared = std::make_shared<const std::string>(std::move(*bytes));
+  memo_.emplace(name, shared);
+  return shared;
+}
+
+std::string KernelCompiler::why() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return why_;
+}
+
+KernelCompiler::~KernelCompiler() = default;
+
+bool kernel_cache_on() {
+  static const bool on = [] {
+    const char* v = std::getenv("MLXR_KERNEL_CACHE");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
+std::shared_ptr<const std::string> cached_kernel(const KernelSpec& spec, const char* header) {
+  static KernelCompiler* compiler = [] {
+    const char* nvrtc = std::getenv("MLXR_NVRTC");
+    return new KernelCompiler(nvrtc != nullptr ? nvrtc : "", "", cache_dir().string(), 0);
+  }();
+  static std::once_flag said;
+  auto cubin = compiler->cubin(spec, header, nullptr);
+  if (cubin == nullptr) {
+    std::call_once(said, [&] {
+      std::fprintf(stderr,
+                   "mlxr: MLXR_KERNEL_CACHE=1, but our CUDA kernels cannot be compiled here (%s); "
+                   "MLX compiles them instead\n",
+                   compiler->why().c_str());
+    });
+  }
+  return cubin;
+}
+
+}  // namespace mlxs
