@@ -60,6 +60,10 @@ fn main() {
 
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=mlx");
+    // dlopen/dlsym/dladdr (mlxs_kernel_cache.cpp) live in libdl before glibc 2.34.
+    if env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        println!("cargo:rustc-link-lib=dylib=dl");
+    }
     // This package's own tests and examples; dependants call
     // `mlx_build::rpath_for(..)` from their build scripts. On Linux, with an
     // optimised BLAS beside the prefix, these also make the binary need it, so
