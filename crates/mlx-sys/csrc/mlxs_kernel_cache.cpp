@@ -20,8 +20,9 @@
 // beside the mlx package, $CUDA_HOME, $CUDA_PATH, /usr/local/cuda). The cache:
 // MLXR_KERNEL_CACHE_DIR, else $XDG_CACHE_HOME/mlxr/cuda-kernels, else
 // ~/.cache/mlxr/cuda-kernels. A file holds its whole key (the source, the
-// options, NVRTC's version) before the cubin, and is used only when the key
-// matches: no hash collision can load the wrong code.
+// options, NVRTC's version) and the cubin's size before the cubin, and is used
+// only when the key and the size match: no hash collision can load the wrong
+// code, and no file cut short.
 
 #include <cstdio>
 #include <cstdlib>
@@ -173,7 +174,7 @@ const char* cuda_type(mx::Dtype t) { return t == mx::bfloat16 ? "__nv_bfloat16" 
 
 const char* type_tag(mx::Dtype t) { return t == mx::bfloat16 ? "bf16" : "f16"; }
 
-constexpr const char* kMagic = "mlxr-cubin-1\n";
+constexpr const char* kMagic = "mlxr-cubin-2\n";
 
 // The cubin stored under `path` for exactly `key`, if any.
 std::optional<std::string> read_cached(const fs::path& path, const std::string& key) {
@@ -191,10 +192,15 @@ std::optional<std::string> read_cached(const fs::path& path, const std::string& 
   if (!in.read(stored.data(), key_size) || stored != key) {
     return std::nullopt;
   }
+  size_t cubin_size = 0;
+  if (!in.read(reinterpret_cast<char*>(&cubin_size), sizeof cubin_size) || cubin_size == 0) {
+    return std::nullopt;
+  }
   std::ostringstream rest;
   rest << in.rdbuf();
   std::string cubin = rest.str();
-  if (cubin.empty()) {
+  // A file cut short (or grown) is not used.
+  if (cubin.size() != cubin_size) {
     return std::nullopt;
   }
   return cubin;
@@ -219,6 +225,8 @@ void write_cached(const fs::path& path, const std::string& key, const std::strin
     out.write(kMagic, std::strlen(kMagic));
     out.write(reinterpret_cast<const char*>(&key_size), sizeof key_size);
     out.write(key.data(), key.size());
+    size_t cubin_size = cubin.size();
+    out.write(reinterpret_cast<const char*>(&cubin_size), sizeof cubin_size);
     out.write(cubin.data(), cubin.size());
     if (!out) {
       fs::remove(tmp, e);

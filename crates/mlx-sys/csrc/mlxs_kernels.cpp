@@ -500,7 +500,8 @@ int mlxs_set_custom_kernels(int mode) {
 int mlxs_custom_kernels(void) { return kernels_mode(); }
 
 int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int arch,
-                            const char* cache_dir, int* compiled, int* from_disk) {
+                            const char* cache_dir, int* made, int* first_from_disk,
+                            int* second_from_disk) {
   return mlxs::guard([&] {
     // The instantiations tests/nvrtc_check.py compiles through MLX's wrapper.
     std::vector<mlxs::KernelSpec> specs;
@@ -514,8 +515,7 @@ int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int
         }
       }
     }
-    int made = 0;
-    int read = 0;
+    int read[2] = {0, 0};
     for (int pass = 0; pass < 2; ++pass) {
       mlxs::KernelCompiler compiler(nvrtc_path, include_dir, cache_dir, arch);
       for (const auto& spec : specs) {
@@ -523,12 +523,12 @@ int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int
         if (compiler.cubin(spec, kQmvHeader, &disk) == nullptr) {
           throw std::runtime_error(compiler.why());
         }
-        made += pass == 0 ? 1 : 0;
-        read += pass == 1 && disk ? 1 : 0;
+        read[pass] += disk ? 1 : 0;
       }
     }
-    *compiled = made;
-    *from_disk = read;
+    *made = static_cast<int>(specs.size());
+    *first_from_disk = read[0];
+    *second_from_disk = read[1];
   });
 }
 

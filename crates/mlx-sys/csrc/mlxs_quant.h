@@ -35,11 +35,12 @@ int mlxs_custom_kernels(void);
 // Compiles every instantiation in the list of kernel_cache_check (in
 // mlxs_kernels.cpp) with our own compile path (MLXR_KERNEL_CACHE=1 on a GPU),
 // for compute capability `arch` (80 for 8.0), NVRTC opened from `nvrtc_path`,
-// the CUDA headers in `include_dir`, into `cache_dir`; then again with a new
-// compiler reading that directory. `compiled`: instantiations compiled;
-// `from_disk`: those the second pass read back. Runs without a GPU.
+// the CUDA headers in `include_dir`, the cache in `cache_dir`: twice, each
+// time with a new compiler. `made`: the instantiations; `first_from_disk` and
+// `second_from_disk`: those each pass read from the cache. Runs without a GPU.
 int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int arch,
-                            const char* cache_dir, int* compiled, int* from_disk);
+                            const char* cache_dir, int* made, int* first_from_disk,
+                            int* second_from_disk);
 // lhs_indices/rhs_indices may be NULL.
 int mlxs_gather_mm(mlxs_array* out, mlxs_array a, mlxs_array b, mlxs_array lhs_indices,
                    mlxs_array rhs_indices, bool sorted_indices, int dev);

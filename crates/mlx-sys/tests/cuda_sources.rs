@@ -44,7 +44,8 @@ fn cuda_kernels_compile_with_nvrtc() {
 /// (`csrc/mlxs_kernel_cache.cpp`: NVRTC, the CUDA headers, a cubin kept on disk) instead of MLX's
 /// `cuda_kernel`. Here, without a GPU: every instantiation `nvrtc_check.py` compiles goes through
 /// that path for compute capability 8.0 and 9.0 (NVRTC and the headers from the fixtures'
-/// virtualenv), and a second compiler reads every cubin back from the cache directory.
+/// virtualenv); a second compiler reads every cubin back from the cache directory; a file cut
+/// short is compiled again, not used.
 #[test]
 fn our_compile_path_makes_and_caches_every_kernel() {
     let python = match common::fixtures_python() {
@@ -66,28 +67,39 @@ fn our_compile_path_makes_and_caches_every_kernel() {
     let _ = std::fs::remove_dir_all(&cache);
     let c = |s: &str| std::ffi::CString::new(s).expect("no NUL in a path");
     let (nvrtc, include, dir) = (c(nvrtc), c(include), c(cache.to_str().expect("a UTF-8 temp dir")));
-    for arch in [80, 90] {
-        let (mut compiled, mut from_disk) = (0, 0);
+    let check = |arch: i32| -> [i32; 3] {
+        let mut counts = [0i32; 3];
+        let [made, first, second] = &mut counts;
         // SAFETY: the strings outlive the call; the outputs are valid ints.
         let status = unsafe {
-            mlx_sys::mlxs_kernel_cache_check(
-                nvrtc.as_ptr(),
-                include.as_ptr(),
-                arch,
-                dir.as_ptr(),
-                &mut compiled,
-                &mut from_disk,
-            )
+            mlx_sys::mlxs_kernel_cache_check(nvrtc.as_ptr(), include.as_ptr(), arch, dir.as_ptr(), made, first, second)
         };
         if status != 0 {
             // SAFETY: the message is a NUL-terminated string owned by the shim's thread.
             let why = unsafe { std::ffi::CStr::from_ptr(mlx_sys::mlxs_last_error()) };
             panic!("compute capability {arch}: {}", why.to_string_lossy());
         }
-        // 8 one-row and 12 multi-row instantiations; the second compiler read each from disk.
-        assert_eq!((compiled, from_disk), (20, 20), "compute capability {arch}");
-        let files = std::fs::read_dir(&cache).expect("the cache directory exists").count();
-        assert_eq!(files, if arch == 80 { 20 } else { 40 }, "one cubin per instantiation and architecture");
+        counts
+    };
+    let cubins = || {
+        let mut files: Vec<_> =
+            std::fs::read_dir(&cache).expect("the cache exists").map(|e| e.unwrap().path()).collect();
+        files.sort();
+        files
+    };
+    for arch in [80, 90] {
+        // 8 one-row and 12 multi-row instantiations, none on disk at first.
+        assert_eq!(check(arch), [20, 0, 20], "compute capability {arch}");
     }
+    let files = cubins();
+    assert_eq!(files.len(), 40, "one cubin per instantiation and architecture");
+    let cut = &files[0];
+    let bytes = std::fs::read(cut).expect("a cubin reads");
+    std::fs::write(cut, &bytes[..bytes.len() - 1]).expect("the cubin is cut short");
+    // Its key names the architecture it was made for.
+    let needle = b"--gpu-architecture=sm_80";
+    let arch = if bytes.windows(needle.len()).any(|w| w == needle) { 80 } else { 90 };
+    assert_eq!(check(arch), [20, 19, 20], "the file cut short is compiled again");
+    assert_eq!(std::fs::read(cut).expect("the cubin reads again"), bytes, "and written whole");
     let _ = std::fs::remove_dir_all(&cache);
 }
