@@ -130,6 +130,12 @@ struct KernelSpec {
 
 struct Nvrtc;
 
+// A compiled instantiation: its entry point's name and its cubin.
+struct CompiledKernel {
+  std::string name;
+  std::string cubin;
+};
+
 // Compiles KernelSpecs with NVRTC into cubins, kept under a cache directory
 // (none if empty) and in memory. Empty paths and an arch of 0 mean: NVRTC
 // from the process, the CUDA headers where MLX finds them, this GPU.
@@ -139,10 +145,10 @@ class KernelCompiler {
   ~KernelCompiler();
   KernelCompiler(const KernelCompiler&) = delete;
   KernelCompiler& operator=(const KernelCompiler&) = delete;
-  // The cubin, or null when it cannot be made here (why() says why);
-  // `from_disk`, if given, says whether the cache directory had it.
-  std::shared_ptr<const std::string> cubin(const KernelSpec& spec, const char* header,
-                                           bool* from_disk);
+  // The compiled kernel, or null when it cannot be made here (why() says
+  // why); `from_disk`, if given, says whether the cache directory had it.
+  std::shared_ptr<const CompiledKernel> compile(const KernelSpec& spec, const char* header,
+                                                bool* from_disk);
   std::string why();
 
  private:
@@ -155,15 +161,15 @@ class KernelCompiler {
   std::unique_ptr<Nvrtc> api_;
   std::string why_;
   std::mutex mutex_;
-  std::unordered_map<std::string, std::shared_ptr<const std::string>> memo_;
+  std::unordered_map<std::string, std::shared_ptr<const CompiledKernel>> memo_;
 };
 
 // Whether our kernels are compiled by us and cached on disk
 // (MLXR_KERNEL_CACHE=1) rather than by MLX's cuda_kernel.
 bool kernel_cache_on();
 
-// The process's compiler's cubin for `spec` (said once on standard error
+// The process's compiler's kernel for `spec` (said once on standard error
 // when it cannot be made: the caller then uses MLX's cuda_kernel).
-std::shared_ptr<const std::string> cached_kernel(const KernelSpec& spec, const char* header);
+std::shared_ptr<const CompiledKernel> cached_kernel(const KernelSpec& spec, const char* header);
 
 }  // namespace mlxs

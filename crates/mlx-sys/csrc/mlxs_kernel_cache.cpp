@@ -353,8 +353,8 @@ bool KernelCompiler::ready() {
   return true;
 }
 
-std::shared_ptr<const std::string> KernelCompiler::cubin(const KernelSpec& spec, const char* header,
-                                                         bool* from_disk) {
+std::shared_ptr<const CompiledKernel> KernelCompiler::compile(const KernelSpec& spec,
+                                                              const char* header, bool* from_disk) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto name = spec.entry_name();
   if (auto it = memo_.find(name); it != memo_.end()) {
@@ -396,9 +396,9 @@ std::shared_ptr<const std::string> KernelCompiler::cubin(const KernelSpec& spec,
       write_cached(fs::path(cache_) / file, key, *bytes);
     }
   }
-  auto shared = std::make_shared<const std::string>(std::move(*bytes));
-  memo_.emplace(name, shared);
-  return shared;
+  auto compiled = std::make_shared<const CompiledKernel>(CompiledKernel{name, std::move(*bytes)});
+  memo_.emplace(std::move(name), compiled);
+  return compiled;
 }
 
 std::string KernelCompiler::why() {
@@ -416,14 +416,14 @@ bool kernel_cache_on() {
   return on;
 }
 
-std::shared_ptr<const std::string> cached_kernel(const KernelSpec& spec, const char* header) {
+std::shared_ptr<const CompiledKernel> cached_kernel(const KernelSpec& spec, const char* header) {
   static KernelCompiler* compiler = [] {
     const char* nvrtc = std::getenv("MLXR_NVRTC");
     return new KernelCompiler(nvrtc != nullptr ? nvrtc : "", "", cache_dir().string(), 0);
   }();
   static std::once_flag said;
-  auto cubin = compiler->cubin(spec, header, nullptr);
-  if (cubin == nullptr) {
+  auto kernel = compiler->compile(spec, header, nullptr);
+  if (kernel == nullptr) {
     std::call_once(said, [&] {
       std::fprintf(stderr,
                    "mlxr: MLXR_KERNEL_CACHE=1, but our CUDA kernels cannot be compiled here (%s); "
@@ -431,7 +431,7 @@ std::shared_ptr<const std::string> cached_kernel(const KernelSpec& spec, const c
                    compiler->why().c_str());
     });
   }
-  return cubin;
+  return kernel;
 }
 
 }  // namespace mlxs

@@ -393,8 +393,8 @@ mx::array launch(const mx::fast::CustomKernelFunction& mlx_kernel, const mlxs::K
                  int w_rows, std::tuple<int, int, int> grid, std::tuple<int, int, int> block,
                  const mx::Stream& stream) {
   if (mlxs::kernel_cache_on()) {
-    if (auto cubin = mlxs::cached_kernel(spec, kQmvHeader)) {
-      return mx::fast::precompiled_cuda_kernel(spec.entry_name(), *cubin, inputs, {shape},
+    if (auto kernel = mlxs::cached_kernel(spec, kQmvHeader)) {
+      return mx::fast::precompiled_cuda_kernel(kernel->name, kernel->cubin, inputs, {shape},
                                                {spec.dtype}, {x_rows, w_rows}, grid, block, 0,
                                                std::nullopt, true, stream)
           .at(0);
@@ -520,7 +520,7 @@ int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int
       mlxs::KernelCompiler compiler(nvrtc_path, include_dir, cache_dir, arch);
       for (const auto& spec : specs) {
         bool disk = false;
-        if (compiler.cubin(spec, kQmvHeader, &disk) == nullptr) {
+        if (compiler.compile(spec, kQmvHeader, &disk) == nullptr) {
           throw std::runtime_error(compiler.why());
         }
         read[pass] += disk ? 1 : 0;
