@@ -78,10 +78,11 @@ pub(crate) struct ServeArgs {
     /// max_tokens for requests that do not give one (capped by --max-tokens-limit).
     #[arg(long, default_value_t = 512)]
     pub(crate) default_max_tokens: usize,
-    /// Start serving without the warm-up: by default the model generates a few tokens in two chat
-    /// sessions of its own at once after loading and before the server listens, so that the kernels
-    /// compiled on first use (MLX's and ours: NVRTC on CUDA, seconds each; one row and a batch's)
-    /// are ready before the first request.
+    /// Start serving without the warm-up: by default the model generates a few tokens in nine chat
+    /// sessions of its own at once after loading and before the server listens, from prompts of
+    /// several lengths, so that the kernels compiled on first use (MLX's and ours: NVRTC on CUDA,
+    /// seconds each; every prefill size class, one row and a batch's) are ready before the first
+    /// request.
     #[arg(long)]
     pub(crate) no_warmup: bool,
     #[command(flatten)]

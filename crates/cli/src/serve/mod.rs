@@ -174,28 +174,79 @@ fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
 }
 
 /// Generates a few tokens before the server listens, so that what the backend compiles on first use
-/// is compiled before the first request: two generations at once where the backend has sessions, so
-/// that a decode step of two rows (a batch's kernels) runs too. Each in a chat session of its own:
-/// its caches stay in the session, so the prompt cache (which requests share) never sees them.
+/// is compiled before the first request. Where the backend has sessions, [`WARM_UP_PROMPTS`] run at
+/// once, each in a chat session of its own (its caches stay in the session, so the prompt cache that
+/// requests share never sees them): prompts of about 1, 12, 24 and 48 words, so that a prefill of
+/// each size class of MLX's quantised matmul tiles runs (on CUDA, `qmm_sm80` for 16, 32 and 64 rows:
+/// NVRTC compiles each on first use, tens of seconds with its CUTLASS headers on a machine whose PTX
+/// cache is empty, which stalled the first burst of 8 clients for 32-35 s on an H100), and enough of
+/// them that a decode step of more than 8 rows (a batch's tiles, and our multi-row kernel's) runs too.
 fn warm_up(model: &dyn inference_core::TextModel) -> Result<(), inference_core::Error> {
     use inference_core::{CancelToken, Error, GenerateSettings};
     let started = Instant::now();
     let settings =
         GenerateSettings { max_tokens: 4, temperature: 0.0, ignore_eos: true, ..GenerateSettings::default() };
-    match (model.new_session(), model.new_session()) {
-        (Ok(mut a), Ok(mut b)) => {
-            let first = a.generate("Hello", &settings, CancelToken::new())?;
-            let second = b.generate("Hello there", &settings, CancelToken::new())?;
-            first.collect_text()?;
-            second.collect_text()?;
+    let prompts = warm_up_prompts(model, &settings)?;
+    let mut sessions = Vec::with_capacity(prompts.len());
+    for _ in &prompts {
+        match model.new_session() {
+            Ok(s) => sessions.push(s),
+            Err(Error::Unsupported { .. }) => {
+                return model.generate(&prompts[0], &settings, CancelToken::new())?.collect_text().map(|_| ());
+            }
+            Err(e) => return Err(e),
         }
-        (Err(Error::Unsupported { .. }), _) | (_, Err(Error::Unsupported { .. })) => {
-            model.generate("Hello", &settings, CancelToken::new())?.collect_text()?;
-        }
-        (Err(e), _) | (_, Err(e)) => return Err(e),
     }
-    tracing::info!(ms = started.elapsed().as_millis() as u64, "warmed up");
+    let mut streams = Vec::with_capacity(prompts.len());
+    for (session, prompt) in sessions.iter_mut().zip(&prompts) {
+        streams.push(session.generate(prompt, &settings, CancelToken::new())?);
+    }
+    for stream in streams {
+        stream.collect_text()?;
+    }
+    // The most rows a step ran: the sessions run as they reach the engine, so a short one may end
+    // before the last starts on a slow machine; the log says how many ran together.
+    let peak_batch = model.engine_load().map_or(0, |l| l.peak_batch_size);
+    tracing::info!(ms = started.elapsed().as_millis() as u64, prompts = prompts.len(), peak_batch, "warmed up");
     Ok(())
+}
+
+/// How many generations the warm-up runs at once: more than 8, so that a decode step takes the
+/// kernels of a batch of 9 or more rows (on CUDA MLX's tensor-core tile, and our multi-row kernel's
+/// four-tile variant where `MLXR_CUSTOM_KERNELS=always`), not only those of 2 to 8.
+const WARM_UP_PROMPTS: usize = 9;
+
+/// The warm-up's prompts: the first four about 1, 12, 24 and 48 words long (one prefill in each of
+/// the quantised matmul's row classes: fewer than 8, up to 16, up to 32, more), the rest short. A
+/// prompt the model's context cannot take with the warm-up's tokens (a small test model's) is cut
+/// to half its words until it fits.
+fn warm_up_prompts(
+    model: &dyn inference_core::TextModel,
+    settings: &inference_core::GenerateSettings,
+) -> Result<Vec<String>, inference_core::Error> {
+    use inference_core::{Error, PromptInput};
+    let words = |n: usize| {
+        let w = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "again"];
+        (0..n).map(|i| w[i % w.len()]).collect::<Vec<_>>().join(" ")
+    };
+    let mut prompts = vec!["Hello".to_owned()];
+    for mut n in [12, 24, 48] {
+        let fits = loop {
+            match model.prepare(PromptInput::Text(&words(n)), settings) {
+                Ok(_) => break true,
+                Err(Error::InvalidSetting { .. }) if n > 1 => n /= 2,
+                Err(Error::InvalidSetting { .. }) => break false,
+                Err(e) => return Err(e),
+            }
+        };
+        if fits {
+            prompts.push(words(n));
+        }
+    }
+    while prompts.len() < WARM_UP_PROMPTS {
+        prompts.push(format!("Hello number {}", prompts.len()));
+    }
+    Ok(prompts)
 }
 
 /// The directory's name, the id OpenAI clients send back in `model`.
