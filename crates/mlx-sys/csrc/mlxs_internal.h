@@ -164,8 +164,8 @@ class KernelCompiler {
   std::unordered_map<std::string, std::shared_ptr<const CompiledKernel>> memo_;
 };
 
-// Whether our kernels are compiled by us and cached on disk
-// (MLXR_KERNEL_CACHE=1) rather than by MLX's cuda_kernel.
+// Whether our kernels are compiled by us and cached on disk (the default;
+// MLXR_KERNEL_CACHE=0: by MLX's cuda_kernel instead).
 bool kernel_cache_on();
 
 // The process's compiler's kernel for `spec` (said once on standard error

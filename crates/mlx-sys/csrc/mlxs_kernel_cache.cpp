@@ -10,8 +10,10 @@
 // it needs (cuda_bf16.h, cuda_fp16.h), into machine code for this GPU (a
 // cubin), kept under the cache directory and read back by later processes.
 //
-// On only where MLXR_KERNEL_CACHE=1 until it has been checked on a GPU; then
-// anything missing (NVRTC's symbols, the CUDA headers, a compile error) falls
+// On by default (checked on an H100 in session 16: every kernel against its
+// reference, greedy parity on real weights, a fresh `generate` of
+// Llama-3.1-8B 6.5-7.1 s -> 3.1-3.7 s); MLXR_KERNEL_CACHE=0 turns it off.
+// Anything missing (NVRTC's symbols, the CUDA headers, a compile error) falls
 // back to MLX's cuda_kernel, once said on standard error.
 //
 // NVRTC is the one libmlx links (its symbols are in the process), or
@@ -411,7 +413,7 @@ KernelCompiler::~KernelCompiler() = default;
 bool kernel_cache_on() {
   static const bool on = [] {
     const char* v = std::getenv("MLXR_KERNEL_CACHE");
-    return v != nullptr && std::string(v) == "1";
+    return v == nullptr || std::string(v) != "0";
   }();
   return on;
 }
@@ -426,8 +428,8 @@ std::shared_ptr<const CompiledKernel> cached_kernel(const KernelSpec& spec, cons
   if (kernel == nullptr) {
     std::call_once(said, [&] {
       std::fprintf(stderr,
-                   "mlxr: MLXR_KERNEL_CACHE=1, but our CUDA kernels cannot be compiled here (%s); "
-                   "MLX compiles them instead\n",
+                   "mlxr: our CUDA kernels cannot be compiled and cached here (%s); MLX compiles "
+                   "them instead (MLXR_KERNEL_CACHE=0 skips this attempt)\n",
                    compiler->why().c_str());
     });
   }

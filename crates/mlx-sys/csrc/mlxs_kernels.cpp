@@ -385,7 +385,7 @@ mlxs::KernelSpec qmm_rows_spec(mx::Dtype t, int k, int group, int mt, int ksplit
 }
 
 // One call of our kernel `spec`: compiled by us and launched as a precompiled
-// kernel with MLXR_KERNEL_CACHE=1 where that works (mlxs_kernel_cache.cpp),
+// kernel where that works (mlxs_kernel_cache.cpp; MLXR_KERNEL_CACHE=0: never),
 // else through MLX's cuda_kernel `mlx_kernel` with the same arguments as
 // template arguments.
 mx::array launch(const mx::fast::CustomKernelFunction& mlx_kernel, const mlxs::KernelSpec& spec,

@@ -33,7 +33,7 @@ enum mlxs_kernels_mode {
 int mlxs_set_custom_kernels(int mode);
 int mlxs_custom_kernels(void);
 // Compiles every instantiation in the list of kernel_cache_check (in
-// mlxs_kernels.cpp) with our own compile path (MLXR_KERNEL_CACHE=1 on a GPU),
+// mlxs_kernels.cpp) with our own compile path (the default on a GPU),
 // for compute capability `arch` (80 for 8.0), NVRTC opened from `nvrtc_path`,
 // the CUDA headers in `include_dir`, the cache in `cache_dir`: twice, each
 // time with a new compiler. `made`: the instantiations; `first_from_disk` and

@@ -40,7 +40,7 @@ fn cuda_kernels_compile_with_nvrtc() {
     }
 }
 
-/// With `MLXR_KERNEL_CACHE=1` on a GPU our kernels are compiled by our own path
+/// On a GPU our kernels are compiled by our own path (unless `MLXR_KERNEL_CACHE=0`)
 /// (`csrc/mlxs_kernel_cache.cpp`: NVRTC, the CUDA headers, a cubin kept on disk) instead of MLX's
 /// `cuda_kernel`. Here, without a GPU: every instantiation `nvrtc_check.py` compiles goes through
 /// that path for compute capability 8.0 and 9.0 (NVRTC and the headers from the fixtures'
