@@ -164,6 +164,10 @@ class KernelCompiler {
   std::unordered_map<std::string, std::shared_ptr<const CompiledKernel>> memo_;
 };
 
+// The GPU's device_info entry `key` when it is a number (the compute
+// capability's "compute_capability_major" and "_minor"), else nothing.
+std::optional<size_t> gpu_info_size(const char* key);
+
 // Whether our kernels are compiled by us and cached on disk (the default;
 // MLXR_KERNEL_CACHE=0: by MLX's cuda_kernel instead).
 bool kernel_cache_on();

@@ -230,6 +230,8 @@ void write_cached(const fs::path& path, const std::string& key, const std::strin
     size_t cubin_size = cubin.size();
     out.write(reinterpret_cast<const char*>(&cubin_size), sizeof cubin_size);
     out.write(cubin.data(), cubin.size());
+    // Closed before the check, so that a failed final flush counts too.
+    out.close();
     if (!out) {
       fs::remove(tmp, e);
       return;
@@ -339,17 +341,13 @@ bool KernelCompiler::ready() {
     return false;
   }
   if (arch_ <= 0) {
-    const auto& info = mx::gpu::device_info(0);
-    auto major = info.find("compute_capability_major");
-    auto minor = info.find("compute_capability_minor");
-    if (major == info.end() || minor == info.end() ||
-        !std::holds_alternative<size_t>(major->second) ||
-        !std::holds_alternative<size_t>(minor->second)) {
+    auto major = gpu_info_size("compute_capability_major");
+    auto minor = gpu_info_size("compute_capability_minor");
+    if (!major || !minor) {
       why_ = "the GPU's compute capability is unknown";
       return false;
     }
-    arch_ =
-        static_cast<int>(std::get<size_t>(major->second) * 10 + std::get<size_t>(minor->second));
+    arch_ = static_cast<int>(*major * 10 + *minor);
   }
   api_ = std::make_unique<Nvrtc>(*api);
   return true;
@@ -401,6 +399,15 @@ std::shared_ptr<const CompiledKernel> KernelCompiler::compile(const KernelSpec& 
   auto compiled = std::make_shared<const CompiledKernel>(CompiledKernel{name, std::move(*bytes)});
   memo_.emplace(std::move(name), compiled);
   return compiled;
+}
+
+std::optional<size_t> gpu_info_size(const char* key) {
+  const auto& info = mx::gpu::device_info(0);
+  auto it = info.find(key);
+  if (it == info.end() || !std::holds_alternative<size_t>(it->second)) {
+    return std::nullopt;
+  }
+  return std::get<size_t>(it->second);
 }
 
 std::string KernelCompiler::why() {

@@ -33,10 +33,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
-#include <variant>
 
 #include "mlx/backend/cuda/cuda.h"
-#include "mlx/backend/gpu/device_info.h"
 #include "mlx/fast.h"
 #include "mlxs_internal.h"
 
@@ -365,10 +363,8 @@ constexpr int kQmmOneRowMinN = 65536;
 // mma.sync with bf16 needs compute capability 8.0 (Ampere) or later.
 bool has_bf16_mma() {
   static const bool ok = [] {
-    const auto& info = mx::gpu::device_info(0);
-    auto it = info.find("compute_capability_major");
-    return it != info.end() && std::holds_alternative<size_t>(it->second) &&
-           std::get<size_t>(it->second) >= 8;
+    auto major = mlxs::gpu_info_size("compute_capability_major");
+    return major && *major >= 8;
   }();
   return ok;
 }

@@ -40,9 +40,9 @@ fn cuda_kernels_compile_with_nvrtc() {
     }
 }
 
-/// On a GPU our kernels are compiled by our own path (unless `MLXR_KERNEL_CACHE=0`)
-/// (`csrc/mlxs_kernel_cache.cpp`: NVRTC, the CUDA headers, a cubin kept on disk) instead of MLX's
-/// `cuda_kernel`. Here, without a GPU: every instantiation `nvrtc_check.py` compiles goes through
+/// On a GPU our kernels are compiled by our own path (`csrc/mlxs_kernel_cache.cpp`: NVRTC, the
+/// CUDA headers, a cubin kept on disk) instead of MLX's `cuda_kernel`, unless
+/// `MLXR_KERNEL_CACHE=0`. Here, without a GPU: every instantiation `nvrtc_check.py` compiles goes through
 /// that path for compute capability 8.0 and 9.0 (NVRTC and the headers from the fixtures'
 /// virtualenv); a second compiler reads every cubin back from the cache directory; a file cut
 /// short is compiled again, not used.
