@@ -231,17 +231,16 @@ fn warm_up_prompts(
     };
     let mut prompts = vec!["Hello".to_owned()];
     for mut n in [12, 24, 48] {
-        let fits = loop {
-            match model.prepare(PromptInput::Text(&words(n)), settings) {
-                Ok(_) => break true,
+        let fitting = loop {
+            let prompt = words(n);
+            match model.prepare(PromptInput::Text(&prompt), settings) {
+                Ok(_) => break Some(prompt),
                 Err(Error::InvalidSetting { .. }) if n > 1 => n /= 2,
-                Err(Error::InvalidSetting { .. }) => break false,
+                Err(Error::InvalidSetting { .. }) => break None,
                 Err(e) => return Err(e),
             }
         };
-        if fits {
-            prompts.push(words(n));
-        }
+        prompts.extend(fitting);
     }
     while prompts.len() < WARM_UP_PROMPTS {
         prompts.push(format!("Hello number {}", prompts.len()));
