@@ -17,7 +17,7 @@ use mlx::{Array, Dtype, Error, Result, fast, ops};
 
 use super::rope::Rope;
 use super::weights::{WeightPath, model_err};
-use crate::cache::{Fetched, LayerCache, Mask};
+use crate::cache::{Fetched, LayerCache, Mask, Offset};
 use crate::nn::{self, FusedLinear, Linear};
 
 /// RMS norm: `x / rms(x) · w`.
@@ -91,6 +91,10 @@ pub struct Attention {
     pub rope: Rope,
     /// q, k and v as one matmul, for decode steps.
     pub(crate) qkv: Option<FusedLinear>,
+    /// The q and k norms' weights as one `[H + H_kv, 1, D]` (each query head's
+    /// row, then each key head's), for the fused path's one norm over q and k;
+    /// made with `qkv` by [`Attention::fuse`].
+    qk_norm_joined: Option<Array>,
 }
 
 impl Attention {
@@ -117,6 +121,7 @@ impl Attention {
             scale,
             rope,
             qkv: None,
+            qk_norm_joined: None,
         })
     }
 
@@ -126,20 +131,32 @@ impl Attention {
         self
     }
 
+    /// Fuses q, k and v into one matmul for decode steps (and the q and k
+    /// norms' weights into one, for the norm that step runs over both);
+    /// `None` when they cannot be fused ([`FusedLinear::fuse`]).
+    pub(crate) fn fuse(&mut self) -> Result<()> {
+        self.qkv = FusedLinear::fuse(&mut [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj])?;
+        self.qk_norm_joined = match (&self.qkv, &self.qk_norm) {
+            (Some(_), Some((qn, kn))) if qn.eps == kn.eps && qn.weight.dtype() == kn.weight.dtype() => {
+                let d = qn.weight.dim(0)?;
+                let q = ops::broadcast_to(&qn.weight, &[self.n_heads, 1, d])?;
+                let k = ops::broadcast_to(&kn.weight, &[self.n_kv_heads, 1, d])?;
+                Some(ops::concatenate(&[&q, &k], 0)?)
+            }
+            _ => None,
+        };
+        Ok(())
+    }
+
     /// Attends `x: [B, L, hidden]` over the cache (which it extends) under `mask`.
     pub fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
         let (b, l) = (x.dim(0)?, x.dim(1)?);
-        let [q, k, v] = project(self.qkv.as_ref(), [&self.q_proj, &self.k_proj, &self.v_proj], x)?;
-        let mut q = split_heads(&q, b, l, self.n_heads)?;
-        let mut k = split_heads(&k, b, l, self.n_kv_heads)?;
-        let v = split_heads(&v, b, l, self.n_kv_heads)?;
-        if let Some((q_norm, k_norm)) = &self.qk_norm {
-            q = q_norm.forward(&q)?;
-            k = k_norm.forward(&k)?;
-        }
         let offset = cache.rope_offset()?;
-        let q = self.rope.apply(&q, &offset)?;
-        let k = self.rope.apply(&k, &offset)?;
+        let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let [q, k, v] = match fused_for(self.qkv.as_ref(), &parts, x)? {
+            Some(f) => self.rotate_fused(f, &f.forward_joined(x)?, b, l, &offset)?,
+            None => self.rotate(parts.map(|p| p.forward(x)).into_iter().collect::<Result<Vec<_>>>()?, b, l, &offset)?,
+        };
         AttentionTaps::record(&q, &k);
         let out = match cache.update_and_fetch(&k, &v)? {
             Fetched::Dense(k, v) => {
@@ -148,6 +165,51 @@ impl Attention {
             Fetched::Quantised(k, v) => quantized_attention(&q, &k, &v, self.scale, mask)?,
         };
         self.o_proj.forward(&merge_heads(&out, b, l)?)
+    }
+
+    /// `[q, k, v]` projections `[B, L, heads · D]` to heads `[B, heads, L, D]`,
+    /// q and k normed (when the model has q/k norms) and rotated.
+    fn rotate(&self, qkv: Vec<Array>, b: i32, l: i32, offset: &Offset) -> Result<[Array; 3]> {
+        let [q, k, v] = <[Array; 3]>::try_from(qkv)
+            .map_err(|o| Error::invalid("attention", format!("{} projections for q, k and v", o.len())))?;
+        let mut q = split_heads(&q, b, l, self.n_heads)?;
+        let mut k = split_heads(&k, b, l, self.n_kv_heads)?;
+        let v = split_heads(&v, b, l, self.n_kv_heads)?;
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            q = q_norm.forward(&q)?;
+            k = k_norm.forward(&k)?;
+        }
+        Ok([self.rope.apply(&q, offset)?, self.rope.apply(&k, offset)?, v])
+    }
+
+    /// [`Attention::rotate`] for the fused matmul's output `y: [B, L, (H + 2 H_kv) · D]`,
+    /// where q's and k's features lie side by side: their heads are normed
+    /// and rotated as one `[B, H + H_kv, L, D]` tensor, a rope (and a norm
+    /// and a product) for both instead of one each, with the same result bit
+    /// for bit (each head is normed and rotated on its own either way).
+    fn rotate_fused(&self, f: &FusedLinear, y: &Array, b: i32, l: i32, offset: &Offset) -> Result<[Array; 3]> {
+        let (heads, kv_heads) = (self.n_heads, self.n_kv_heads);
+        let joined_norm = match (&self.qk_norm, &self.qk_norm_joined) {
+            (None, _) => Some(None),
+            // One norm over both computes in y's type: only when that is the weights' type.
+            (Some((qn, _)), Some(w)) if w.dtype() == y.dtype() => Some(Some((qn.eps, w))),
+            (Some(_), _) => None,
+        };
+        let (ends, last) = (f.ends(), y.ndim() as i32 - 1);
+        let alike_heads = ends.len() == 3 && ends[0] * kv_heads == (ends[1] - ends[0]) * heads;
+        let Some(norm) = joined_norm.filter(|_| alike_heads) else {
+            return self.rotate(f.split(y)?, b, l, offset);
+        };
+        let qk = split_heads(&ops::slice_axis(y, last, 0, ends[1])?, b, l, heads + kv_heads)?;
+        let v = split_heads(&ops::slice_axis(y, last, ends[1], ends[2])?, b, l, kv_heads)?;
+        let qk = match norm {
+            // MLX's norm rounds x / rms(x) to the output type and then multiplies by the weight in
+            // it: the same as this product of the unweighted norm and the weights.
+            Some((eps, w)) => ops::multiply(&fast::rms_norm(&qk, None, eps)?, w)?,
+            None => qk,
+        };
+        let qk = self.rope.apply(&qk, offset)?;
+        Ok([ops::slice_axis(&qk, 1, 0, heads)?, ops::slice_axis(&qk, 1, heads, heads + kv_heads)?, v])
     }
 }
 
@@ -281,18 +343,24 @@ const FUSED_MAX_ROWS: usize = 32;
 /// position per sequence, at most [`FUSED_MAX_ROWS`] sequences) and one by
 /// one otherwise.
 fn project<const N: usize>(fused: Option<&FusedLinear>, parts: [&Linear; N], x: &Array) -> Result<[Array; N]> {
-    let rows = x.size() / (x.dim(-1)?.max(1) as usize);
-    // One position per sequence: a short prompt's prefill keeps the parts' matmuls (their sums
-    // are not the fused one's bit for bit on every backend, and mlx-lm does not fuse).
-    let decode = x.ndim() < 3 || x.dim(-2)? == 1;
-    let out = match fused {
-        // A part with an adapter (one served beside the model, swapped in for its step) runs alone.
-        Some(f) if decode && rows <= FUSED_MAX_ROWS && parts.iter().all(|p| p.lora.is_none()) => f.forward(x)?,
-        _ => parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?,
+    let out = match fused_for(fused, &parts, x)? {
+        Some(f) => f.forward(x)?,
+        None => parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?,
     };
     // A fused layer built from other parts than these is a bug: say so rather than recompute.
     <[Array; N]>::try_from(out)
         .map_err(|o| Error::invalid("project", format!("{} outputs for {N} projections", o.len())))
+}
+
+/// `fused` when `parts` run through it on `x`: a decode step (one position per
+/// sequence, at most [`FUSED_MAX_ROWS`] sequences) with no adapter on a part.
+fn fused_for<'a>(fused: Option<&'a FusedLinear>, parts: &[&Linear], x: &Array) -> Result<Option<&'a FusedLinear>> {
+    let rows = x.size() / (x.dim(-1)?.max(1) as usize);
+    // One position per sequence: a short prompt's prefill keeps the parts' matmuls (their sums
+    // are not the fused one's bit for bit on every backend, and mlx-lm does not fuse).
+    let decode = x.ndim() < 3 || x.dim(-2)? == 1;
+    // A part with an adapter (one served beside the model, swapped in for its step) runs alone.
+    Ok(fused.filter(|_| decode && rows <= FUSED_MAX_ROWS && parts.iter().all(|p| p.lora.is_none())))
 }
 
 thread_local! {
@@ -334,5 +402,98 @@ impl AttentionTaps {
                 layers.push((q.clone(), k.clone()));
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::LinearWeight;
+    use mlx::random;
+
+    fn normal(shape: &[i32], dtype: Dtype, seed: u64) -> Array {
+        let key = random::key(seed).unwrap();
+        ops::astype(&random::normal(shape, Dtype::Float32, 0.0, 1.0, Some(&key)).unwrap(), dtype).unwrap()
+    }
+
+    /// An attention layer of 4 query and 2 key/value heads of 64 features over
+    /// a width of 64, q/k/v fused, with q/k norms when `norms` is set.
+    fn layer(dtype: Dtype, norms: bool, rope: Rope) -> Attention {
+        let (hidden, heads, kv_heads, d) = (64, 4, 2, 64);
+        let linear = |rows: i32, seed| Linear::new(LinearWeight::Dense(normal(&[rows, hidden], dtype, seed)), None);
+        let norm = |seed| RmsNorm { weight: normal(&[d], dtype, seed), eps: 1e-6 };
+        let mut a = Attention {
+            q_proj: linear(heads * d, 1),
+            k_proj: linear(kv_heads * d, 2),
+            v_proj: linear(kv_heads * d, 3),
+            o_proj: linear(hidden, 4),
+            qk_norm: norms.then(|| (norm(5), norm(6))),
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            scale: 0.25,
+            rope,
+            qkv: None,
+            qk_norm_joined: None,
+        };
+        a.fuse().unwrap();
+        a
+    }
+
+    fn bits(x: &Array) -> Vec<u32> {
+        ops::astype(x, Dtype::Float32).unwrap().to_vec_f32().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn q_and_k_rotated_together_equal_each_rotated_alone_bit_for_bit() {
+        let ropes = [
+            Rope::Standard { dims: 64, base: 10_000.0, scale: 1.0, traditional: false },
+            Rope::Standard { dims: 32, base: 500.0, scale: 0.5, traditional: true },
+            Rope::Custom { dims: 64, freqs: ops::arange(1.0, 33.0, 1.0, Dtype::Float32).unwrap(), traditional: false },
+        ];
+        let per_row = Array::from_vec(&[0i32, 7, 300]).unwrap();
+        let mut checked = 0;
+        for dtype in [Dtype::Bfloat16, Dtype::Float32] {
+            for norms in [false, true] {
+                for rope in &ropes {
+                    let a = layer(dtype, norms, rope.clone());
+                    let f = a.qkv.as_ref().expect("q, k and v fuse");
+                    for offset in [Offset::Fixed(5), Offset::PerRow(per_row.clone())] {
+                        let x = normal(&[3, 1, 64], dtype, 7);
+                        let y = f.forward_joined(&x).unwrap();
+                        let together = a.rotate_fused(f, &y, 3, 1, &offset).unwrap();
+                        let alone = a.rotate(f.split(&y).unwrap(), 3, 1, &offset).unwrap();
+                        for (t, s) in together.iter().zip(&alone) {
+                            assert_eq!(t.shape(), s.shape());
+                            assert_eq!(t.dtype(), dtype);
+                            assert_eq!(bits(t), bits(s), "{dtype:?}, norms {norms}, {rope:?}");
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 2 * 2 * 3 * 2 * 3);
+    }
+
+    #[test]
+    fn norms_of_another_type_than_the_projections_keep_their_own_path() {
+        // float32 norm weights over bfloat16 projections: MLX's norm promotes x to float32 first
+        // and rounds nothing to bfloat16, which the joined norm (computing in x's type) would, so
+        // the parts' path runs.
+        let mut a =
+            layer(Dtype::Bfloat16, true, Rope::Standard { dims: 64, base: 10_000.0, scale: 1.0, traditional: false });
+        let (qn, kn) = a.qk_norm.as_mut().unwrap();
+        for n in [qn, kn] {
+            n.weight = ops::astype(&n.weight, Dtype::Float32).unwrap();
+        }
+        a.fuse().unwrap();
+        let f = a.qkv.as_ref().unwrap();
+        let y = f.forward_joined(&normal(&[2, 1, 64], Dtype::Bfloat16, 9)).unwrap();
+        let together = a.rotate_fused(f, &y, 2, 1, &Offset::Fixed(3)).unwrap();
+        let alone = a.rotate(f.split(&y).unwrap(), 2, 1, &Offset::Fixed(3)).unwrap();
+        for (t, s) in together.iter().zip(&alone).take(2) {
+            assert_eq!(t.dtype(), Dtype::Float32);
+            assert_eq!(bits(t), bits(s));
+        }
     }
 }

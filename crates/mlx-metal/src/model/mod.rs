@@ -146,7 +146,7 @@ pub trait LanguageModel {
     fn fuse_projections(&mut self) -> Result<()> {
         for b in self.parts_mut().layers {
             let (a, m) = (b.self_attn, b.mlp);
-            a.qkv = FusedLinear::fuse(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+            a.fuse()?;
             m.gate_up = FusedLinear::fuse(&mut [&mut m.gate_proj, &mut m.up_proj])?;
         }
         Ok(())

@@ -327,12 +327,28 @@ impl FusedLinear {
     /// Runs the fused matmul on `x: [..., in]` and returns each part's
     /// output `[..., out_i]`, in the order the parts were given.
     pub fn forward(&self, x: &Array) -> Result<Vec<Array>> {
-        let y = self.fused.forward_base(x)?;
+        self.split(&self.forward_joined(x)?)
+    }
+
+    /// Runs the fused matmul on `x: [..., in]` and returns its output
+    /// `[..., Σ out_i]` whole, the parts' outputs side by side in their order.
+    pub fn forward_joined(&self, x: &Array) -> Result<Array> {
+        self.fused.forward_base(x)
+    }
+
+    /// Where each part's outputs end along the last axis of
+    /// [`FusedLinear::forward_joined`]'s output.
+    pub fn ends(&self) -> &[i32] {
+        &self.ends
+    }
+
+    /// Splits [`FusedLinear::forward_joined`]'s output `y` into the parts' outputs.
+    pub fn split(&self, y: &Array) -> Result<Vec<Array>> {
         let last = y.ndim() as i32 - 1;
         let mut out = Vec::with_capacity(self.ends.len());
         let mut start = 0;
         for &end in &self.ends {
-            out.push(ops::slice_axis(&y, last, start, end)?);
+            out.push(ops::slice_axis(y, last, start, end)?);
             start = end;
         }
         Ok(out)
