@@ -132,8 +132,8 @@ impl Attention {
     }
 
     /// Fuses q, k and v into one matmul for decode steps (and the q and k
-    /// norms' weights into one, for the norm that step runs over both);
-    /// `None` when they cannot be fused ([`FusedLinear::fuse`]).
+    /// norms' weights into one, for the norm that step runs over both); leaves
+    /// them apart when they cannot be fused ([`FusedLinear::fuse`]).
     pub(crate) fn fuse(&mut self) -> Result<()> {
         self.qkv = FusedLinear::fuse(&mut [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj])?;
         self.qk_norm_joined = match (&self.qkv, &self.qk_norm) {
