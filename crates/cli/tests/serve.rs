@@ -120,6 +120,10 @@ fn the_model_is_warmed_up_before_the_server_listens() {
         let (code, stderr) = server.stop(Duration::from_secs(20));
         assert_eq!(code, Some(0), "{stderr}");
         assert_eq!(stderr.contains("warmed up"), warmed, "{flags:?}: {stderr}");
+        // Said before it starts, with why it may take minutes on a new machine.
+        let starting = stderr.find("warming up: kernels the GPU compiles on first use");
+        assert_eq!(starting.is_some(), warmed, "{flags:?}: {stderr}");
+        assert!(starting <= stderr.find("warmed up"), "{stderr}");
         // Nine generations at once, their prompts cut to what the tiny model's 128 positions take.
         assert_eq!(stderr.contains("prompts=9"), warmed, "{flags:?}: {stderr}");
     }

@@ -187,6 +187,11 @@ fn warm_up(model: &dyn inference_core::TextModel) -> Result<(), inference_core::
     let settings =
         GenerateSettings { max_tokens: 4, temperature: 0.0, ignore_eos: true, ..GenerateSettings::default() };
     let prompts = warm_up_prompts(model, &settings)?;
+    // The first run on a machine can take minutes here (96 s on an H100 whose PTX cache was empty): say why.
+    tracing::info!(
+        prompts = prompts.len(),
+        "warming up: kernels the GPU compiles on first use are compiled now (minutes on a new machine; --no-warmup skips)"
+    );
     let mut sessions = Vec::with_capacity(prompts.len());
     for _ in &prompts {
         match model.new_session() {
