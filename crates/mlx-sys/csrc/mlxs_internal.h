@@ -106,6 +106,29 @@ bool cuda_routes_on(mx::StreamOrDevice s);
 
 // Our kernel for one row of x times 4-bit weights, where it applies (see
 // mlxs_kernels.cpp); nullopt where MLX's quantized_matmul must run.
+// h = x + norm(r) (or x + r without `r_weight`) and, with `h_weight`, y =
+// norm(h): RMS norms over the last axis with weights `r_weight` and `h_weight`
+// and `eps`, as one kernel of ours on CUDA (nothing elsewhere, or when the
+// inputs do not fit it; the caller then composes MLX's ops).
+struct KernelSpec;
+
+// One call of our kernel `spec` (its header `header`; mlxs_kernels.cpp).
+std::vector<mx::array> launch_all(const mx::fast::CustomKernelFunction& mlx_kernel,
+                                  const KernelSpec& spec, const char* header,
+                                  const std::vector<mx::array>& inputs,
+                                  const std::vector<mx::Shape>& shapes,
+                                  const std::vector<mx::fast::ScalarArg>& scalars,
+                                  std::tuple<int, int, int> grid, std::tuple<int, int, int> block,
+                                  const mx::Stream& stream);
+
+// The fused norm's instantiation for dtype `t`, rows of `d`, the norms taken
+// and `eps` (mlxs_norm_kernel.cpp).
+KernelSpec norm_add_spec(mx::Dtype t, int d, bool norm_r, bool norm_h, float eps);
+
+std::optional<std::pair<mx::array, std::optional<mx::array>>> try_fused_norm_add(
+    const mx::array& x, const mx::array& r, const std::optional<mx::array>& r_weight,
+    const std::optional<mx::array>& h_weight, float eps, mx::StreamOrDevice s);
+
 std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
                                       const mx::array& scales,
                                       const std::optional<mx::array>& biases, bool transpose,
@@ -117,11 +140,15 @@ std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
 // its activation dtype (bfloat16 or float16) and its integer template
 // arguments, in order. Its entry point takes x, w, scales, biases, out and
 // then the rows of x and of w as ints.
+// A kernel whose `inputs` and `outputs` are named takes them instead, in that
+// order, each a pointer to the dtype (MLX's cuda_kernel signature), and no ints.
 struct KernelSpec {
   const char* kernel;
   const char* body;
   mx::Dtype dtype;
   std::vector<std::pair<std::string, int>> ints;
+  std::vector<const char*> inputs = {};
+  std::vector<const char*> outputs = {};
   // The entry point's name: the stem, the dtype and each argument.
   std::string entry_name() const;
   // The whole program: the CUDA headers, `header`, the entry point.

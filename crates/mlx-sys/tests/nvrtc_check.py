@@ -1,11 +1,11 @@
 # SPDX-License-Identifier: EUPL-1.2
-"""Compiles the CUDA kernels of csrc/mlxs_kernels.cpp with NVRTC, as MLX does on a GPU machine, on a
+"""Compiles the CUDA kernels of csrc/mlxs_kernels.cpp and csrc/mlxs_norm_kernel.cpp with NVRTC, as MLX does on a GPU machine, on a
 machine without a GPU: every kernel source, every instantiation our dispatch code makes (dtypes, group
 sizes, tiles), for compute capability 8.0 and 9.0. A kernel that does not compile here would fail on
 the GPU at its first call; this finds it in CI. NVRTC and the CUDA headers come from PyPI's
 nvidia-cuda-nvrtc-cu12 and nvidia-cuda-runtime-cu12 (pinned in xtask/fixtures/requirements.txt).
 
-    python nvrtc_check.py PATH/mlxs_kernels.cpp
+    python nvrtc_check.py PATH/mlxs_kernels.cpp PATH/mlxs_norm_kernel.cpp
 
 Exit status 0: all compiled; 1: a kernel failed (NVRTC's log is printed); 3: NVRTC is not installed
 in this Python (the caller decides whether that is an error).
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 # Per kernel source: the inputs' element types, the outputs', and the template instantiations our
-# dispatch code (try_fast_qmv) can make. T is the activation dtype.
+# dispatch code (try_fast_qmv, try_fused_norm_add) can make. T is the activation dtype.
 TYPES = ("__nv_bfloat16", "__half")
 KERNELS = {
     "kQmvSource": {
@@ -36,6 +36,13 @@ KERNELS = {
         "template": ["typename T", "int K", "int GROUP", "int MT", "int KSPLIT"],
         "args": [(t, k, g, mt, min(8, k // 128)) for t in TYPES for k, g in ((4096, 64), (640, 32), (14336, 128))
                  for mt in (1, 4)],
+    },
+    "kNormAddSource": {
+        "inputs": [("x", "T"), ("r", "T"), ("wr", "T"), ("wh", "T")],
+        "outputs": [("h", "T"), ("y", "T")],
+        "template": ["typename T", "int D", "int NORM_R", "int NORM_H", "int EPS"],
+        # EPS is eps's float bits (1e-6 here), as try_fused_norm_add passes it.
+        "args": [(t, d, nr, nh, 0x358637BD) for t in TYPES for d, nr, nh in ((1152, 1, 1), (1152, 1, 0), (4096, 0, 1))],
     },
 }
 
@@ -96,8 +103,9 @@ def compile_for(lib, include, text, arch):
 
 
 def main():
-    source = Path(sys.argv[1]).read_text(encoding="utf-8")
-    strings = raw_strings(source)
+    strings = {}
+    for path in sys.argv[1:]:
+        strings.update(raw_strings(Path(path).read_text(encoding="utf-8")))
     sources = {n for n in strings if n.endswith("Source")}
     if sources != set(KERNELS):
         print(f"kernel sources {sorted(sources)} against the instantiations known here {sorted(KERNELS)}: "

@@ -4,9 +4,10 @@
 //!
 //! On a CUDA device the 4-bit kernels (one row of x, and 2 to 32 rows on the
 //! tensor cores) must be as close to an f32 reference as MLX's own kernel is
-//! (all round the weights or products in bf16 or fp16); everywhere else (the
-//! CPU, Metal, more than 32 rows, other bit widths) the switch must change
-//! nothing, bit for bit.
+//! (all round the weights or products in bf16 or fp16), and the fused norm
+//! and residual sum within a rounding of MLX's ops; everywhere else (the CPU,
+//! Metal, more than 32 rows, other bit widths) the switch must change nothing,
+//! bit for bit.
 
 use mlx::fast::{CustomKernels, custom_kernels, set_custom_kernels};
 use mlx::ops;
@@ -137,6 +138,58 @@ fn quantized_matvec_kernel_matches_mlx() {
         let (_, theirs, ours) = run(case, 40 + i as u64, on_cuda);
         assert_eq!(Some(ours), theirs, "case {i}: the kernel ran where it should not");
     }
+    fused_norms(on_cuda);
     set_custom_kernels(before);
     eprintln!("custom kernels checked on {device}{}", if on_cuda { " (CUDA)" } else { "" });
+}
+
+/// `fast::fused_norm_add` with our kernels on against MLX's ops (the switch off): on CUDA within a
+/// rounding of 16 bits of the largest value (its norms sum their squares in another order), a plain
+/// sum (no norm of r) exactly; elsewhere bit for bit. Every variant, both 16-bit types, widths of
+/// Gemma 3 1B, Llama 3 8B, Gemma 3 270M and one not a multiple of 8, one row to 32.
+fn fused_norms(on_cuda: bool) {
+    let mut checked = 0;
+    for (i, &(dtype, d, rows)) in
+        [(Dtype::Bfloat16, 1152, 1), (Dtype::Bfloat16, 4096, 3), (Dtype::Float16, 640, 32), (Dtype::Bfloat16, 100, 5)]
+            .iter()
+            .enumerate()
+    {
+        let normal = |shape: &[i32], seed: u64, std: f32| {
+            let key = random::key(seed).unwrap();
+            ops::astype(&random::normal(shape, Dtype::Float32, 0.0, std, Some(&key)).unwrap(), dtype).unwrap()
+        };
+        let (x, r) = (normal(&[rows, 1, d], 100 + i as u64, 4.0), normal(&[rows, 1, d], 200 + i as u64, 1.0));
+        let (wr, wh) = (normal(&[d], 300 + i as u64, 1.0), normal(&[d], 400 + i as u64, 1.0));
+        for (r_norm, h_norm) in [(true, true), (true, false), (false, true), (false, false)] {
+            let (wr, wh) = (r_norm.then_some(&wr), h_norm.then_some(&wh));
+            let run = |mode| {
+                set_custom_kernels(mode);
+                let (h, y) = mlx::fast::fused_norm_add(&x, &r, wr, wh, 1e-6).unwrap();
+                (h.to_vec_f32().unwrap(), y.map(|y| y.to_vec_f32().unwrap()))
+            };
+            let (ours, theirs) = (run(CustomKernels::Always), run(CustomKernels::Off));
+            assert_eq!(ours.1.is_some(), h_norm);
+            let what = format!("{dtype:?} width {d} rows {rows}, norm of r {r_norm}, of h {h_norm}");
+            if !on_cuda || !r_norm {
+                assert_eq!(ours.0, theirs.0, "{what}: the sum");
+            }
+            let close = |a: &[f32], b: &[f32], part: &str| {
+                let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                // One rounding of a bf16 (8 bits) or fp16 (11 bits) value at the largest's scale.
+                let ulp = if dtype == Dtype::Bfloat16 { 2f32.powi(-7) } else { 2f32.powi(-10) };
+                let err = max_abs_diff(a, b);
+                assert!(err <= 2.0 * ulp * scale, "{what}: {part} is {err} from MLX's ops (scale {scale})");
+            };
+            if on_cuda {
+                close(&ours.0, &theirs.0, "the sum");
+                if let (Some(a), Some(b)) = (&ours.1, &theirs.1) {
+                    close(a, b, "the norm");
+                }
+            } else {
+                assert_eq!(ours.1, theirs.1, "{what}: the norm");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 16);
 }

@@ -13,7 +13,7 @@ use mlx::{Array, Result, ops};
 
 use super::config::{ModelConfig, RopeScaling, Sizes};
 use super::describe;
-use super::layers::{Attention, AttentionSpec, Gate, Mlp, RmsNorm};
+use super::layers::{Attention, AttentionSpec, Gate, Mlp, RmsNorm, add_norm};
 use super::rope::Rope;
 use super::transformer::{DecoderBlock, Transformer};
 use super::weights::{WeightPath, Weights, model_err};
@@ -98,8 +98,8 @@ impl Block {
 impl DecoderBlock for Block {
     fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
         let r = self.self_attn.forward(&self.input_layernorm.forward(x)?, mask, cache)?;
-        let h = ops::add(x, &r)?;
-        let r = self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?;
+        let (h, normed) = add_norm(x, &r, &self.post_attention_layernorm)?;
+        let r = self.mlp.forward(&normed)?;
         ops::add(&h, &r)
     }
 
