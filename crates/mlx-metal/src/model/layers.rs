@@ -178,7 +178,9 @@ impl Attention {
         let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
         let [q, k, v] = match fused_for(self.qkv.as_ref(), &parts, x)? {
             Some(f) => self.rotate_fused(f, &f.forward_joined(x)?, b, l, &offset)?,
-            None => self.rotate(parts.map(|p| p.forward(x)).into_iter().collect::<Result<Vec<_>>>()?, b, l, &offset)?,
+            None => {
+                self.rotate(one_each(parts.iter().map(|p| p.forward(x)).collect::<Result<_>>()?)?, b, l, &offset)?
+            }
         };
         AttentionTaps::record(&q, &k);
         let out = match cache.update_and_fetch(&k, &v)? {
@@ -192,9 +194,7 @@ impl Attention {
 
     /// `[q, k, v]` projections `[B, L, heads · D]` to heads `[B, heads, L, D]`,
     /// q and k normed (when the model has q/k norms) and rotated.
-    fn rotate(&self, qkv: Vec<Array>, b: i32, l: i32, offset: &Offset) -> Result<[Array; 3]> {
-        let [q, k, v] = <[Array; 3]>::try_from(qkv)
-            .map_err(|o| Error::invalid("attention", format!("{} projections for q, k and v", o.len())))?;
+    fn rotate(&self, [q, k, v]: [Array; 3], b: i32, l: i32, offset: &Offset) -> Result<[Array; 3]> {
         let mut q = split_heads(&q, b, l, self.n_heads)?;
         let mut k = split_heads(&k, b, l, self.n_kv_heads)?;
         let v = split_heads(&v, b, l, self.n_kv_heads)?;
@@ -221,7 +221,7 @@ impl Attention {
         let (ends, last) = (f.ends(), y.ndim() as i32 - 1);
         let alike_heads = ends.len() == 3 && ends[0] * kv_heads == (ends[1] - ends[0]) * heads;
         let Some(norm) = joined_norm.filter(|_| alike_heads) else {
-            return self.rotate(f.split(y)?, b, l, offset);
+            return self.rotate(one_each(f.split(y)?)?, b, l, offset);
         };
         let qk = split_heads(&ops::slice_axis(y, last, 0, ends[1])?, b, l, heads + kv_heads)?;
         let v = split_heads(&ops::slice_axis(y, last, ends[1], ends[2])?, b, l, kv_heads)?;
@@ -366,11 +366,15 @@ const FUSED_MAX_ROWS: usize = 32;
 /// position per sequence, at most [`FUSED_MAX_ROWS`] sequences) and one by
 /// one otherwise.
 fn project<const N: usize>(fused: Option<&FusedLinear>, parts: [&Linear; N], x: &Array) -> Result<[Array; N]> {
-    let out = match fused_for(fused, &parts, x)? {
+    one_each(match fused_for(fused, &parts, x)? {
         Some(f) => f.forward(x)?,
         None => parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?,
-    };
-    // A fused layer built from other parts than these is a bug: say so rather than recompute.
+    })
+}
+
+/// One output for each of `N` projections. A fused layer built from other
+/// parts than these is a bug: say so rather than recompute.
+fn one_each<const N: usize>(out: Vec<Array>) -> Result<[Array; N]> {
     <[Array; N]>::try_from(out)
         .map_err(|o| Error::invalid("project", format!("{} outputs for {N} projections", o.len())))
 }
@@ -484,7 +488,7 @@ mod tests {
                         let x = normal(&[3, 1, 64], dtype, 7);
                         let y = f.forward_joined(&x).unwrap();
                         let together = a.rotate_fused(f, &y, 3, 1, &offset).unwrap();
-                        let alone = a.rotate(f.split(&y).unwrap(), 3, 1, &offset).unwrap();
+                        let alone = a.rotate(one_each(f.split(&y).unwrap()).unwrap(), 3, 1, &offset).unwrap();
                         for (t, s) in together.iter().zip(&alone) {
                             assert_eq!(t.shape(), s.shape());
                             assert_eq!(t.dtype(), dtype);
@@ -513,7 +517,7 @@ mod tests {
         let f = a.qkv.as_ref().unwrap();
         let y = f.forward_joined(&normal(&[2, 1, 64], Dtype::Bfloat16, 9)).unwrap();
         let together = a.rotate_fused(f, &y, 2, 1, &Offset::Fixed(3)).unwrap();
-        let alone = a.rotate(f.split(&y).unwrap(), 2, 1, &Offset::Fixed(3)).unwrap();
+        let alone = a.rotate(one_each(f.split(&y).unwrap()).unwrap(), 2, 1, &Offset::Fixed(3)).unwrap();
         for (t, s) in together.iter().zip(&alone).take(2) {
             assert_eq!(t.dtype(), Dtype::Float32);
             assert_eq!(bits(t), bits(s));
