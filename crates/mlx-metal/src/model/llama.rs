@@ -96,11 +96,26 @@ impl Block {
 }
 
 impl DecoderBlock for Block {
-    fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
-        let r = self.self_attn.forward(&self.input_layernorm.forward(x)?, mask, cache)?;
+    fn forward_chained(
+        &self,
+        x: &Array,
+        normed: Option<Array>,
+        mask: &Mask,
+        cache: &mut LayerCache,
+        next: Option<&RmsNorm>,
+    ) -> Result<(Array, Option<Array>)> {
+        let normed = normed.map_or_else(|| self.input_layernorm.forward(x), Ok)?;
+        let r = self.self_attn.forward(&normed, mask, cache)?;
         let (h, normed) = add_norm(x, &r, &self.post_attention_layernorm)?;
         let r = self.mlp.forward(&normed)?;
-        ops::add(&h, &r)
+        match next {
+            Some(next) => add_norm(&h, &r, next).map(|(out, normed)| (out, Some(normed))),
+            None => Ok((ops::add(&h, &r)?, None)),
+        }
+    }
+
+    fn input_norm(&self) -> &RmsNorm {
+        &self.input_layernorm
     }
 
     fn window(&self) -> Option<i32> {
