@@ -104,12 +104,6 @@ bool cuda_stream(mx::StreamOrDevice s);
 // and custom kernels not off (MLXR_CUSTOM_KERNELS=0: MLX as it is).
 bool cuda_routes_on(mx::StreamOrDevice s);
 
-// Our kernel for one row of x times 4-bit weights, where it applies (see
-// mlxs_kernels.cpp); nullopt where MLX's quantized_matmul must run.
-// h = x + norm(r) (or x + r without `r_weight`) and, with `h_weight`, y =
-// norm(h): RMS norms over the last axis with weights `r_weight` and `h_weight`
-// and `eps`, as one kernel of ours on CUDA (nothing elsewhere, or when the
-// inputs do not fit it; the caller then composes MLX's ops).
 struct KernelSpec;
 
 // One call of our kernel `spec` (its header `header`; mlxs_kernels.cpp).
@@ -125,10 +119,16 @@ std::vector<mx::array> launch_all(const mx::fast::CustomKernelFunction& mlx_kern
 // and `eps` (mlxs_norm_kernel.cpp).
 KernelSpec norm_add_spec(mx::Dtype t, int d, bool norm_r, bool norm_h, float eps);
 
+// h = x + norm(r) (or x + r without `r_weight`) and, with `h_weight`, y =
+// norm(h): RMS norms over the last axis with weights `r_weight` and `h_weight`
+// and `eps`, as one kernel of ours on CUDA (nullopt elsewhere, or when the
+// inputs do not fit it; the caller then composes MLX's ops).
 std::optional<std::pair<mx::array, std::optional<mx::array>>> try_fused_norm_add(
     const mx::array& x, const mx::array& r, const std::optional<mx::array>& r_weight,
     const std::optional<mx::array>& h_weight, float eps, mx::StreamOrDevice s);
 
+// Our kernel for one row of x times 4-bit weights, where it applies (see
+// mlxs_kernels.cpp); nullopt where MLX's quantized_matmul must run.
 std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
                                       const mx::array& scales,
                                       const std::optional<mx::array>& biases, bool transpose,

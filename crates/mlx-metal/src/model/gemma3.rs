@@ -133,8 +133,7 @@ impl DecoderBlock for Block {
         cache: &mut LayerCache,
         next: Option<&RmsNorm>,
     ) -> Result<(Array, Option<Array>)> {
-        let normed = normed.map_or_else(|| self.input_layernorm.forward(x), Ok)?;
-        let r = self.self_attn.forward(&normed, mask, cache)?;
+        let r = self.self_attn.forward(&self.normed_input(x, normed)?, mask, cache)?;
         if x.dtype() == Dtype::Float16 {
             let h = clip_residual(x, &self.post_attention_layernorm.forward(&r)?)?;
             let r = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h)?)?;

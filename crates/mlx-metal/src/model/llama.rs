@@ -104,8 +104,7 @@ impl DecoderBlock for Block {
         cache: &mut LayerCache,
         next: Option<&RmsNorm>,
     ) -> Result<(Array, Option<Array>)> {
-        let normed = normed.map_or_else(|| self.input_layernorm.forward(x), Ok)?;
-        let r = self.self_attn.forward(&normed, mask, cache)?;
+        let r = self.self_attn.forward(&self.normed_input(x, normed)?, mask, cache)?;
         let (h, normed) = add_norm(x, &r, &self.post_attention_layernorm)?;
         let r = self.mlp.forward(&normed)?;
         match next {

@@ -37,6 +37,11 @@ pub trait DecoderBlock {
     /// The norm the block applies to its input.
     fn input_norm(&self) -> &RmsNorm;
 
+    /// `normed`, or the block's input norm of `x` when the block before did not make it.
+    fn normed_input(&self, x: &Array, normed: Option<Array>) -> Result<Array> {
+        normed.map_or_else(|| self.input_norm().forward(x), Ok)
+    }
+
     /// The keys the block's attention sees: `Some(window)` for a sliding
     /// window, `None` for all of them.
     fn window(&self) -> Option<i32>;
