@@ -214,6 +214,10 @@ impl Row {
     pub(super) fn metrics(&self) -> GenerateMetrics {
         let end = Instant::now();
         let first = self.first_token.unwrap_or(end);
+        // Active first, and the peak never below it: other threads allocate (or reset the
+        // peak, as each admission does) between two reads of MLX's counters.
+        let active = memory::active_memory().unwrap_or(0) as u64;
+        let peak = (memory::peak_memory().unwrap_or(0) as u64).max(active);
         let mut m = GenerateMetrics {
             prompt_tokens: self.cached + self.prompt_tokens,
             cached_prompt_tokens: self.cached,
@@ -221,8 +225,8 @@ impl Row {
             prefill_duration: first - self.admitted,
             decode_duration: end - first,
             total_duration: end - self.admitted,
-            peak_memory_bytes: memory::peak_memory().unwrap_or(0) as u64,
-            active_memory_bytes: memory::active_memory().unwrap_or(0) as u64,
+            peak_memory_bytes: peak,
+            active_memory_bytes: active,
             stop_string: self.out.stop_string(),
             draft_tokens: self.drafted,
             accepted_draft_tokens: self.accepted,
