@@ -130,10 +130,14 @@ struct KernelSpec {
 
 struct Nvrtc;
 
-// A compiled instantiation: its entry point's name and its cubin.
+// A compiled instantiation: its entry point's name and its cubin, and the
+// short handle MLX takes in the cubin's place once the cubin is staged in
+// MLX's module cache on disk (empty when it is not; see stage_for_mlx in
+// mlxs_kernel_cache.cpp).
 struct CompiledKernel {
   std::string name;
   std::string cubin;
+  std::string handle;
 };
 
 // Compiles KernelSpecs with NVRTC into cubins, kept under a cache directory
@@ -141,7 +145,9 @@ struct CompiledKernel {
 // from the process, the CUDA headers where MLX finds them, this GPU.
 class KernelCompiler {
  public:
-  KernelCompiler(std::string nvrtc_path, std::string include_dir, std::string cache_dir, int arch);
+  // `stage`: each kernel is also staged for MLX (CompiledKernel::handle).
+  KernelCompiler(std::string nvrtc_path, std::string include_dir, std::string cache_dir, int arch,
+                 bool stage = false);
   ~KernelCompiler();
   KernelCompiler(const KernelCompiler&) = delete;
   KernelCompiler& operator=(const KernelCompiler&) = delete;
@@ -157,6 +163,7 @@ class KernelCompiler {
   std::string include_;
   std::string cache_;
   int arch_;
+  bool stage_;
   bool checked_ = false;
   std::unique_ptr<Nvrtc> api_;
   std::string why_;
@@ -171,6 +178,14 @@ std::optional<size_t> gpu_info_size(const char* key);
 // Whether our kernels are compiled by us and cached on disk (the default;
 // MLXR_KERNEL_CACHE=0: by MLX's cuda_kernel instead).
 bool kernel_cache_on();
+
+// Stages `cubin` where MLX 0.32.4 loads compiled modules from (`dir`, or when
+// null MLX's PTX cache directory: MLX_PTX_CACHE_DIR, else
+// <temp>/mlx/<version>/ptx) under the module name MLX derives from a short
+// handle, and returns the handle (empty, and `ptx_path` untouched, when that
+// cannot be done here or MLXR_KERNEL_STAGE=0).
+std::string stage_for_mlx(const std::string& name, const std::string& cubin, const char* dir,
+                          std::string* ptx_path);
 
 // The process's compiler's kernel for `spec` (said once on standard error
 // when it cannot be made: the caller then uses MLX's cuda_kernel).

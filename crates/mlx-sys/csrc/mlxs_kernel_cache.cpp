@@ -34,6 +34,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <unordered_map>
 #include <variant>
@@ -45,6 +46,7 @@
 
 #include "mlx/backend/gpu/device_info.h"
 #include "mlx/fast.h"
+#include "mlx/version.h"
 #include "mlxs_internal.h"
 
 namespace fs = std::filesystem;
@@ -243,6 +245,85 @@ void write_cached(const fs::path& path, const std::string& key, const std::strin
   }
 }
 
+// MLX names a custom kernel's module by hashing its whole source every time
+// the kernel is evaluated (CustomKernel::eval_gpu: `<name>_<hex of
+// std::hash(source)>`), and a precompiled kernel's source is its cubin: 25-56
+// KB, 4-9 us of host time a call on a slow CPU (docs/benchmarks.md, session
+// 17). So the cubin is also written where MLX's module loader looks before it
+// builds a module (read_cached_ptx: `<module>.ptx` holding the code,
+// `<module>.txt` the entry point's name, tab, its symbol), under the module
+// name MLX derives from a short handle; MLX then hashes the handle, loads the
+// staged file once, and keeps the module in memory. Both files are written
+// whole (a rename) and read back; anything amiss leaves the kernel on its
+// cubin.
+
+// MLX 0.32.4's ptx_cache_dir(): MLX_PTX_CACHE_DIR as given, else
+// <temp>/mlx/<version>/ptx; empty (no disk cache) when it cannot be made.
+fs::path mlx_ptx_cache_dir() {
+  std::error_code e;
+  fs::path dir;
+  if (const char* c = std::getenv("MLX_PTX_CACHE_DIR"); c != nullptr) {
+    dir = c;
+  } else {
+    dir = fs::temp_directory_path(e);
+    if (e) {
+      return {};
+    }
+    dir = dir / "mlx" / mx::version() / "ptx";
+  }
+  if (dir.empty() || (!fs::exists(dir, e) && !fs::create_directories(dir, e))) {
+    return {};
+  }
+  return fs::is_directory(dir, e) ? dir : fs::path();
+}
+
+std::string hex_hash(const std::string& s) {
+  char hex[2 * sizeof(size_t) + 1];
+  std::snprintf(hex, sizeof hex, "%zx", std::hash<std::string>{}(s));
+  return hex;
+}
+
+std::optional<std::string> read_whole(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return std::nullopt;
+  }
+  std::ostringstream all;
+  all << in.rdbuf();
+  return all.str();
+}
+
+// `bytes` at `path`, written whole through a file of its own and a rename,
+// then read back: whether the file now holds exactly `bytes`.
+bool write_whole(const fs::path& path, const std::string& bytes) {
+  if (read_whole(path) == bytes) {
+    return true;
+  }
+#ifndef _WIN32
+  auto pid = std::to_string(static_cast<long>(getpid()));
+#else
+  std::string pid = "0";
+#endif
+  std::error_code e;
+  auto tmp = path;
+  tmp += ".tmp" + pid;
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    out.close();
+    if (!out) {
+      fs::remove(tmp, e);
+      return false;
+    }
+  }
+  fs::rename(tmp, path, e);
+  if (e) {
+    fs::remove(tmp, e);
+    return false;
+  }
+  return read_whole(path) == bytes;
+}
+
 // NVRTC's cubin of `source` for `arch`, or why not.
 std::optional<std::string> nvrtc_compile(const Nvrtc& api, const std::string& source,
                                          const std::vector<std::string>& options,
@@ -316,11 +397,12 @@ std::string KernelSpec::source(const char* header) const {
 }
 
 KernelCompiler::KernelCompiler(std::string nvrtc_path, std::string include_dir,
-                               std::string cache_dir, int arch)
+                               std::string cache_dir, int arch, bool stage)
     : nvrtc_path_(std::move(nvrtc_path)),
       include_(std::move(include_dir)),
       cache_(std::move(cache_dir)),
-      arch_(arch) {}
+      arch_(arch),
+      stage_(stage) {}
 
 bool KernelCompiler::ready() {
   if (checked_) {
@@ -396,7 +478,9 @@ std::shared_ptr<const CompiledKernel> KernelCompiler::compile(const KernelSpec& 
       write_cached(fs::path(cache_) / file, key, *bytes);
     }
   }
-  auto compiled = std::make_shared<const CompiledKernel>(CompiledKernel{name, std::move(*bytes)});
+  auto handle = stage_ ? stage_for_mlx(name, *bytes, nullptr, nullptr) : std::string();
+  auto compiled = std::make_shared<const CompiledKernel>(
+      CompiledKernel{name, std::move(*bytes), std::move(handle)});
   memo_.emplace(std::move(name), compiled);
   return compiled;
 }
@@ -417,6 +501,38 @@ std::string KernelCompiler::why() {
 
 KernelCompiler::~KernelCompiler() = default;
 
+std::string stage_for_mlx(const std::string& name, const std::string& cubin, const char* where,
+                          std::string* ptx_path) {
+  static const bool on = [] {
+    const char* v = std::getenv("MLXR_KERNEL_STAGE");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  std::error_code e;
+  auto dir = !on || cubin.empty()         ? fs::path()
+             : where == nullptr           ? mlx_ptx_cache_dir()
+             : fs::is_directory(where, e) ? fs::path(where)
+                                          : fs::path();
+  if (dir.empty()) {
+    return {};
+  }
+  auto handle = "mlxr cubin " + name + " " + std::to_string(cubin.size()) + " " + hex_hash(cubin);
+  auto module = name + "_" + hex_hash(handle);
+  // MLX splits longer names into directories; ours stay well under.
+  if (module.size() > 245) {
+    return {};
+  }
+  // The entry point's file first: the code's file, once there, is what MLX looks for.
+  auto ptx = dir / (module + ".ptx");
+  if (!write_whole(dir / (module + ".txt"), name + "\t" + name + "\n") ||
+      !write_whole(ptx, cubin)) {
+    return {};
+  }
+  if (ptx_path != nullptr) {
+    *ptx_path = ptx.string();
+  }
+  return handle;
+}
+
 bool kernel_cache_on() {
   static const bool on = [] {
     const char* v = std::getenv("MLXR_KERNEL_CACHE");
@@ -428,7 +544,7 @@ bool kernel_cache_on() {
 std::shared_ptr<const CompiledKernel> cached_kernel(const KernelSpec& spec, const char* header) {
   static KernelCompiler* compiler = [] {
     const char* nvrtc = std::getenv("MLXR_NVRTC");
-    return new KernelCompiler(nvrtc != nullptr ? nvrtc : "", "", cache_dir().string(), 0);
+    return new KernelCompiler(nvrtc != nullptr ? nvrtc : "", "", cache_dir().string(), 0, true);
   }();
   static std::once_flag said;
   auto kernel = compiler->compile(spec, header, nullptr);
@@ -444,3 +560,15 @@ std::shared_ptr<const CompiledKernel> cached_kernel(const KernelSpec& spec, cons
 }
 
 }  // namespace mlxs
+
+extern "C" int mlxs_kernel_stage_check(const char* dir, const char* name, const char* cubin,
+                                       size_t len, char* ptx_path, size_t cap) {
+  return mlxs::guard([&] {
+    std::string path;
+    mlxs::stage_for_mlx(name, std::string(cubin, len), dir, &path);
+    if (cap == 0 || path.size() >= cap) {
+      throw std::runtime_error("the path does not fit in " + std::to_string(cap) + " bytes");
+    }
+    std::memcpy(ptx_path, path.c_str(), path.size() + 1);
+  });
+}

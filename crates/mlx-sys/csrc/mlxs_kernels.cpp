@@ -390,9 +390,11 @@ mx::array launch(const mx::fast::CustomKernelFunction& mlx_kernel, const mlxs::K
                  const mx::Stream& stream) {
   if (mlxs::kernel_cache_on()) {
     if (auto kernel = mlxs::cached_kernel(spec, kQmvHeader)) {
-      return mx::fast::precompiled_cuda_kernel(kernel->name, kernel->cubin, inputs, {shape},
-                                               {spec.dtype}, {x_rows, w_rows}, grid, block, 0,
-                                               std::nullopt, true, stream)
+      // The short handle when the cubin is staged for MLX (hashed on every call), else the cubin.
+      const auto& code = kernel->handle.empty() ? kernel->cubin : kernel->handle;
+      return mx::fast::precompiled_cuda_kernel(kernel->name, code, inputs, {shape}, {spec.dtype},
+                                               {x_rows, w_rows}, grid, block, 0, std::nullopt, true,
+                                               stream)
           .at(0);
     }
   }

@@ -41,6 +41,13 @@ int mlxs_custom_kernels(void);
 int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int arch,
                             const char* cache_dir, int* made, int* first_from_disk,
                             int* second_from_disk);
+// Stages `len` bytes of `cubin` in the directory `dir` as our kernel cache
+// does in MLX's for a kernel named `name` (mlxs_kernel_cache.cpp,
+// stage_for_mlx) and writes the staged .ptx file's path to `ptx_path` (at
+// most `cap` bytes with its NUL; empty when nothing was staged). Runs without
+// a GPU.
+int mlxs_kernel_stage_check(const char* dir, const char* name, const char* cubin, size_t len,
+                            char* ptx_path, size_t cap);
 // lhs_indices/rhs_indices may be NULL.
 int mlxs_gather_mm(mlxs_array* out, mlxs_array a, mlxs_array b, mlxs_array lhs_indices,
                    mlxs_array rhs_indices, bool sorted_indices, int dev);

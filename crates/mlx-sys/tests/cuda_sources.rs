@@ -103,3 +103,65 @@ fn our_compile_path_makes_and_caches_every_kernel() {
     assert_eq!(std::fs::read(cut).expect("the cubin reads again"), bytes, "and written whole");
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// Stages `cubin` for a kernel `name` in `dir` (`csrc/mlxs_kernel_cache.cpp`, `stage_for_mlx`)
+/// and returns the staged code's path, empty when nothing was staged.
+fn stage(dir: &std::path::Path, name: &str, cubin: &[u8]) -> String {
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (dir, name) = (c(dir.to_str().expect("a UTF-8 path")), c(name));
+    let mut path = vec![0u8; 4096];
+    // SAFETY: the strings and the buffer outlive the call; `cubin` is `len` bytes.
+    let status = unsafe {
+        mlx_sys::mlxs_kernel_stage_check(
+            dir.as_ptr(),
+            name.as_ptr(),
+            cubin.as_ptr().cast(),
+            cubin.len(),
+            path.as_mut_ptr().cast(),
+            path.len(),
+        )
+    };
+    assert_eq!(status, 0, "staging runs");
+    let end = path.iter().position(|&b| b == 0).expect("a NUL-terminated path");
+    String::from_utf8(path[..end].to_vec()).expect("a UTF-8 path")
+}
+
+/// MLX hashes a precompiled kernel's whole source (our cubin) every time it runs it; our kernel
+/// cache hands it a short handle instead, having staged the cubin where MLX's module loader reads
+/// modules from, under the name MLX derives from that handle: `<name>_<hex>.ptx` holding the
+/// cubin and `<name>_<hex>.txt` naming the entry point. Here: the files are written whole, the
+/// name is the same each time for the same cubin and another for another, a stale file is
+/// replaced, and a directory that is not one stages nothing (the kernel then keeps its cubin).
+#[test]
+fn cubins_are_staged_where_mlx_reads_modules_from() {
+    let dir = std::env::temp_dir().join(format!("mlxr-stage-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let name = "mlxr_qmv4_bf16_K4096_GROUP64";
+    let cubin: Vec<u8> = (0..25_691u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let path = stage(&dir, name, &cubin);
+    let file = std::path::Path::new(&path);
+    assert_eq!(file.parent(), Some(dir.as_path()));
+    let stem = file.file_stem().and_then(|s| s.to_str()).expect("a file name");
+    let hex = stem.strip_prefix(&format!("{name}_")).expect("the kernel's name, then the handle's hash");
+    assert!(!hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{stem}");
+    assert_eq!(file.extension().and_then(|e| e.to_str()), Some("ptx"));
+    assert_eq!(std::fs::read(file).expect("the code reads"), cubin);
+    let txt = file.with_extension("txt");
+    assert_eq!(std::fs::read_to_string(&txt).expect("the entry point reads"), format!("{name}\t{name}\n"));
+    assert_eq!(stage(&dir, name, &cubin), path, "the same cubin, the same module");
+    let mut other = cubin.clone();
+    other[100] ^= 1;
+    let other_path = stage(&dir, name, &other);
+    assert!(!other_path.is_empty() && other_path != path, "another cubin, another module");
+    // A file cut short is written again.
+    std::fs::write(file, &cubin[..1000]).expect("cut short");
+    assert_eq!(stage(&dir, name, &cubin), path);
+    assert_eq!(std::fs::read(file).expect("the code reads"), cubin);
+    let files = std::fs::read_dir(&dir).expect("the dir lists").count();
+    assert_eq!(files, 4, "two modules, two files each, nothing left over");
+    // Not a directory, or no code: nothing staged.
+    assert_eq!(stage(file, name, &cubin), "");
+    assert_eq!(stage(&dir, name, &[]), "");
+    let _ = std::fs::remove_dir_all(&dir);
+}
