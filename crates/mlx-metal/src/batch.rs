@@ -108,9 +108,7 @@ pub fn prefill(
         memory::clear_cache()?;
     }
     let last = ops::slice_axis(&tokens, 1, done, width)?;
-    let logits = model.forward(&last, &mut caches)?;
-    let len = logits.dim(1)?;
-    let logits = ops::squeeze(&ops::slice_axis(&logits, 1, len - 1, len)?, &[1])?;
+    let logits = crate::generate::last_position(&model.forward(&last, &mut caches)?)?;
     Ok(Some(Prefilled { caches, logits }))
 }
 

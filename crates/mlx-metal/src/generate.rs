@@ -94,13 +94,18 @@ pub fn prefill_last(model: &dyn LanguageModel, inputs: &Array, caches: &mut [Lay
     let _span = tracing::debug_span!("prefill", rows = inputs.dim(0).unwrap_or(0), tokens = inputs.dim(1).unwrap_or(0))
         .entered();
     if !model.runs_block_by_block() {
-        let logits = model.forward(inputs, caches)?;
-        let len = logits.dim(1)?;
-        return ops::squeeze(&ops::slice_axis(&logits, 1, len - 1, len)?, &[1]);
+        return last_position(&model.forward(inputs, caches)?);
     }
     let h = block_by_block(model, inputs, caches)?;
     let len = h.dim(1)?;
     ops::squeeze(&model.head(&ops::slice_axis(&h, 1, len - 1, len)?)?, &[1])
+}
+
+/// The last position of `x: [B, L, ...]`, as `[B, ...]` (lazy): a forward
+/// pass's logits for the token that comes next.
+pub fn last_position(x: &Array) -> Result<Array> {
+    let len = x.dim(1)?;
+    ops::squeeze(&ops::slice_axis(x, 1, len - 1, len)?, &[1])
 }
 
 /// What the loop hands out per generated token.
@@ -207,9 +212,7 @@ impl Stepper<'_> {
     /// returns the sampled token `[1]`, log-probabilities and logits `[1, V]`.
     fn step(&mut self, input: &Array) -> Result<(Array, Array, Array)> {
         let x = ops::reshape(input, &[1, -1])?;
-        let logits = self.model.forward(&x, self.caches)?;
-        let len = logits.dim(1)?;
-        let logits = ops::squeeze(&ops::slice_axis(&logits, 1, len - 1, len)?, &[1])?;
+        let logits = last_position(&self.model.forward(&x, self.caches)?)?;
         self.draw(logits, input)
     }
 

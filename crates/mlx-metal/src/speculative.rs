@@ -205,9 +205,7 @@ pub fn draft_greedy(
     let mut x = ops::reshape(&generate::tokens_array(&[last])?, &[1, 1])?;
     let mut guesses: Vec<Array> = Vec::with_capacity(k);
     for i in 0..k {
-        let logits = draft.forward(&x, caches)?;
-        let len = logits.dim(1)?;
-        let logits = ops::squeeze(&ops::slice_axis(&logits, 1, len - 1, len)?, &[1])?;
+        let logits = generate::last_position(&draft.forward(&x, caches)?)?;
         let y = ops::argmax(&logits, -1, false)?;
         if i + 1 < k {
             x = ops::reshape(&y, &[1, 1])?;

@@ -210,39 +210,48 @@ std::optional<std::string> read_cached(const fs::path& path, const std::string& 
   return cubin;
 }
 
-// Writes through a file of its own and a rename, so that a reader in another
-// process sees the whole file or none. Failing to write only costs the next
-// process a compile.
-void write_cached(const fs::path& path, const std::string& key, const std::string& cubin) {
-  std::error_code e;
-  fs::create_directories(path.parent_path(), e);
+// `bytes` at `path` through a file of its own and a rename, so that a reader
+// in another process sees the whole file or none: whether the rename was made.
+bool replace_file(const fs::path& path, const std::string& bytes) {
 #ifndef _WIN32
   auto pid = std::to_string(static_cast<long>(getpid()));
 #else
   std::string pid = "0";
 #endif
+  std::error_code e;
   auto tmp = path;
   tmp += ".tmp" + pid;
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    size_t key_size = key.size();
-    out.write(kMagic, std::strlen(kMagic));
-    out.write(reinterpret_cast<const char*>(&key_size), sizeof key_size);
-    out.write(key.data(), key.size());
-    size_t cubin_size = cubin.size();
-    out.write(reinterpret_cast<const char*>(&cubin_size), sizeof cubin_size);
-    out.write(cubin.data(), cubin.size());
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
     // Closed before the check, so that a failed final flush counts too.
     out.close();
     if (!out) {
       fs::remove(tmp, e);
-      return;
+      return false;
     }
   }
   fs::rename(tmp, path, e);
   if (e) {
     fs::remove(tmp, e);
+    return false;
   }
+  return true;
+}
+
+// Stores `cubin` under `path` for `key` (replace_file). Failing to write only
+// costs the next process a compile.
+void write_cached(const fs::path& path, const std::string& key, const std::string& cubin) {
+  std::error_code e;
+  fs::create_directories(path.parent_path(), e);
+  std::string bytes(kMagic);
+  size_t key_size = key.size();
+  bytes.append(reinterpret_cast<const char*>(&key_size), sizeof key_size);
+  bytes += key;
+  size_t cubin_size = cubin.size();
+  bytes.append(reinterpret_cast<const char*>(&cubin_size), sizeof cubin_size);
+  bytes += cubin;
+  replace_file(path, bytes);
 }
 
 // MLX names a custom kernel's module by hashing its whole source every time
@@ -293,35 +302,13 @@ std::optional<std::string> read_whole(const fs::path& path) {
   return all.str();
 }
 
-// `bytes` at `path`, written whole through a file of its own and a rename,
+// `bytes` at `path`, written whole (replace_file) unless it is there already,
 // then read back: whether the file now holds exactly `bytes`.
 bool write_whole(const fs::path& path, const std::string& bytes) {
   if (read_whole(path) == bytes) {
     return true;
   }
-#ifndef _WIN32
-  auto pid = std::to_string(static_cast<long>(getpid()));
-#else
-  std::string pid = "0";
-#endif
-  std::error_code e;
-  auto tmp = path;
-  tmp += ".tmp" + pid;
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    out.close();
-    if (!out) {
-      fs::remove(tmp, e);
-      return false;
-    }
-  }
-  fs::rename(tmp, path, e);
-  if (e) {
-    fs::remove(tmp, e);
-    return false;
-  }
-  return read_whole(path) == bytes;
+  return replace_file(path, bytes) && read_whole(path) == bytes;
 }
 
 // NVRTC's cubin of `source` for `arch`, or why not.
