@@ -119,6 +119,11 @@ std::vector<mx::array> launch_all(const mx::fast::CustomKernelFunction& mlx_kern
 // and `eps` (mlxs_norm_kernel.cpp).
 KernelSpec norm_add_spec(mx::Dtype t, int d, bool norm_r, bool norm_h, float eps);
 
+// The fused norm's threads a row of `d` values: one 16-byte vector (or fewer
+// values where d is not a multiple of 8) each, a whole number of warps, at
+// most 1,024 (mlxs_norm_kernel.cpp).
+int norm_add_threads(int d);
+
 // h = x + norm(r) (or x + r without `r_weight`) and, with `h_weight`, y =
 // norm(h): RMS norms over the last axis with weights `r_weight` and `h_weight`
 // and `eps`, as one kernel of ours on CUDA (nullopt elsewhere, or when the

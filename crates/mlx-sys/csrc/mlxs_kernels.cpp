@@ -525,8 +525,10 @@ int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int
       }
     }
     for (auto t : {mx::bfloat16, mx::float16}) {
-      for (auto [d, norm_r, norm_h] :
-           {std::tuple{1152, true, true}, {1152, true, false}, {4096, false, true}}) {
+      for (auto [d, norm_r, norm_h] : {std::tuple{1152, true, true},
+                                       {1152, true, false},
+                                       {4096, false, true},
+                                       {4099, true, true}}) {
         specs.push_back(mlxs::norm_add_spec(t, d, norm_r, norm_h, 1e-6f));
       }
     }

@@ -40,9 +40,10 @@ KERNELS = {
     "kNormAddSource": {
         "inputs": [("x", "T"), ("r", "T"), ("wr", "T"), ("wh", "T")],
         "outputs": [("h", "T"), ("y", "T")],
-        "template": ["typename T", "int D", "int NORM_R", "int NORM_H", "int EPS"],
-        # EPS is eps's float bits (1e-6 here), as try_fused_norm_add passes it.
-        "args": [(t, d, nr, nh, 0x358637BD) for t in TYPES for d, nr, nh in ((1152, 1, 1), (1152, 1, 0), (4096, 0, 1))],
+        "template": ["typename T", "int D", "int NORM_R", "int NORM_H", "int EPS", "int THREADS"],
+        # EPS is eps's float bits (1e-6 here), THREADS norm_add_threads(D), as try_fused_norm_add passes them.
+        "args": [(t, d, nr, nh, 0x358637BD, threads) for t in TYPES
+                 for d, nr, nh, threads in ((1152, 1, 1, 160), (1152, 1, 0, 160), (4096, 0, 1, 512), (4099, 1, 1, 1024))],
     },
 }
 

@@ -146,19 +146,32 @@ fn quantized_matvec_kernel_matches_mlx() {
 /// `fast::fused_norm_add` with our kernels on against MLX's ops (the switch off): on CUDA within a
 /// rounding of 16 bits of the largest value (its norms sum their squares in another order), a plain
 /// sum (no norm of r) exactly; elsewhere bit for bit. Every variant, both 16-bit types, widths of
-/// Gemma 3 1B, Llama 3 8B, Gemma 3 270M and one not a multiple of 8, one row to 32.
+/// Gemma 3 1B, Llama 3 8B, Gemma 3 270M, one not a multiple of 8, one odd and one wider than a
+/// block's 1,024 vectors, one row to 32, and an x that starts 2 bytes into its buffer (the
+/// kernel's loads one value at a time).
 fn fused_norms(on_cuda: bool) {
     let mut checked = 0;
-    for (i, &(dtype, d, rows)) in
-        [(Dtype::Bfloat16, 1152, 1), (Dtype::Bfloat16, 4096, 3), (Dtype::Float16, 640, 32), (Dtype::Bfloat16, 100, 5)]
-            .iter()
-            .enumerate()
-    {
+    let cases = [
+        (Dtype::Bfloat16, 1152, 1, false),
+        (Dtype::Bfloat16, 4096, 3, false),
+        (Dtype::Float16, 640, 32, false),
+        (Dtype::Bfloat16, 100, 5, false),
+        (Dtype::Bfloat16, 4099, 2, false),
+        (Dtype::Float16, 10000, 2, false),
+        (Dtype::Bfloat16, 1152, 2, true),
+    ];
+    for (i, &(dtype, d, rows, offset)) in cases.iter().enumerate() {
         let normal = |shape: &[i32], seed: u64, std: f32| {
             let key = random::key(seed).unwrap();
             ops::astype(&random::normal(shape, Dtype::Float32, 0.0, std, Some(&key)).unwrap(), dtype).unwrap()
         };
-        let (x, r) = (normal(&[rows, 1, d], 100 + i as u64, 4.0), normal(&[rows, 1, d], 200 + i as u64, 1.0));
+        let x = if offset {
+            let flat = normal(&[rows * d + 1], 100 + i as u64, 4.0);
+            ops::reshape(&ops::slice(&flat, &[1], &[rows * d + 1]).unwrap(), &[rows, 1, d]).unwrap()
+        } else {
+            normal(&[rows, 1, d], 100 + i as u64, 4.0)
+        };
+        let r = normal(&[rows, 1, d], 200 + i as u64, 1.0);
         let (wr, wh) = (normal(&[d], 300 + i as u64, 1.0), normal(&[d], 400 + i as u64, 1.0));
         for (r_norm, h_norm) in [(true, true), (true, false), (false, true), (false, false)] {
             let (wr, wh) = (r_norm.then_some(&wr), h_norm.then_some(&wh));
@@ -191,5 +204,5 @@ fn fused_norms(on_cuda: bool) {
             checked += 1;
         }
     }
-    assert_eq!(checked, 16);
+    assert_eq!(checked, 4 * cases.len());
 }
