@@ -21,6 +21,7 @@ const SHIM_SOURCES: &[&str] = &[
     "csrc/mlxs_kernels.cpp",
     "csrc/mlxs_kernel_cache.cpp",
     "csrc/mlxs_norm_kernel.cpp",
+    "csrc/mlxs_attn_kernel.cpp",
     "csrc/mlxs_widen.cpp",
 ];
 

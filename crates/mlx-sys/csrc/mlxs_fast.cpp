@@ -176,6 +176,12 @@ int mlxs_sdpa(mlxs_array* out, mlxs_array q, mlxs_array k, mlxs_array v, float s
       mm = "array";
     }
     bool causal = mm == "causal";
+    if (sinks == nullptr) {
+      if (auto o = try_sdpa_decode(arr(q), arr(k), arr(v), scale, causal, opt(mask), sod(dev))) {
+        put(out, *o);
+        return;
+      }
+    }
     if (use_grouped(arr(q), arr(k), arr(v), causal, opt(mask), sinks != nullptr, sod(dev))) {
       put(out, grouped_sdpa(arr(q), arr(k), arr(v), scale, causal, opt(mask), sod(dev)));
       return;

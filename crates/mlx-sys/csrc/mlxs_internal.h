@@ -124,6 +124,20 @@ KernelSpec norm_add_spec(mx::Dtype t, int d, bool norm_r, bool norm_h, float eps
 // most 1,024 (mlxs_norm_kernel.cpp).
 int norm_add_threads(int d);
 
+// Attention for one query position (a decode step) as one kernel of ours on
+// CUDA, with the steps and roundings of MLX's unfused attention, where MLX has
+// no fused kernel (head sizes other than 64, 96 and 128, or a mask array):
+// nullopt elsewhere, or when the inputs do not fit it (mlxs_attn_kernel.cpp).
+std::optional<mx::array> try_sdpa_decode(const mx::array& q, const mx::array& k, const mx::array& v,
+                                         float scale, bool causal,
+                                         const std::optional<mx::array>& mask,
+                                         mx::StreamOrDevice s);
+
+// The decode attention's instantiation for dtype `t`, head size `d`, query
+// heads per key/value head `rep` and mask kind `mask` (0 none, 1 boolean, 2
+// additive; `mask_rows`: one mask row per batch row) (mlxs_attn_kernel.cpp).
+KernelSpec sdpa_decode_spec(mx::Dtype t, int d, int rep, int mask, bool mask_rows);
+
 // h = x + norm(r) (or x + r without `r_weight`) and, with `h_weight`, y =
 // norm(h): RMS norms over the last axis with weights `r_weight` and `h_weight`
 // and `eps`, as one kernel of ours on CUDA (nullopt elsewhere, or when the
@@ -154,6 +168,9 @@ struct KernelSpec {
   std::vector<std::pair<std::string, int>> ints;
   std::vector<const char*> inputs = {};
   std::vector<const char*> outputs = {};
+  // Scalar parameters after the outputs, as declared ("int len"): passed by
+  // MLX's precompiled launch only (mx::fast::precompiled_cuda_kernel).
+  std::vector<const char*> scalars = {};
   // The entry point's name: the stem, the dtype and each argument.
   std::string entry_name() const;
   // The whole program: the CUDA headers, `header`, the entry point.

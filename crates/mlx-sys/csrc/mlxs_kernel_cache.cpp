@@ -381,6 +381,9 @@ std::string KernelSpec::source(const char* header) const {
     for (const char* n : outputs) {
       params += ", " + t + "* " + n;
     }
+    for (const char* n : scalars) {
+      params += ", " + std::string(n);
+    }
     s += "\nextern \"C\" __global__ void " + entry_name() + "(" + params + ") {\n";
   }
   s += "  using T = " + t + ";\n";

@@ -531,6 +531,13 @@ int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int
                                        {4099, true, true}}) {
         specs.push_back(mlxs::norm_add_spec(t, d, norm_r, norm_h, 1e-6f));
       }
+      for (auto [d, rep, mask, rows] : {std::tuple{256, 4, 0, false},
+                                        {256, 4, 1, false},
+                                        {256, 1, 2, true},
+                                        {128, 4, 1, true},
+                                        {64, 3, 2, false}}) {
+        specs.push_back(mlxs::sdpa_decode_spec(t, d, rep, mask, rows));
+      }
     }
     int read[2] = {0, 0};
     for (int pass = 0; pass < 2; ++pass) {
