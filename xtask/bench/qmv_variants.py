@@ -5,7 +5,7 @@ Each variant runs through `mx.fast.cuda_kernel` on weight copies of 320 MB per s
 HBM), is checked against MLX's `quantized_matmul`, and is timed by wall clock per call; run it under the CUPTI
 injection library (`cupti_kernels.c`) for the GPU time per kernel name, which is what docs/benchmarks.md reports:
 
-    CUDA_INJECTION64_PATH=libcupti_kernels.so CUPTI_KERNELS_TOP=120 python qmv_variants.py [s0,g4w4,xq,rows,...]
+    CUDA_INJECTION64_PATH=libcupti_kernels.so CUPTI_KERNELS_TOP=120 python qmv_variants.py [s0,g4w4,xq,bw,bwx,rows,...]
 
 `rows` is the committed tensor-core kernel (kQmmRowsSource, read from the source file) on one row of x.
 """
@@ -241,6 +241,31 @@ XQ = PRO + r"""
   }
 """ + ROW_END
 
+# bw: the weights, scales and biases read as g4w4 reads them and nothing computed (their bits xor-ed into
+# the output): how fast this grid can stream the matrix at all. bwx: the same with x read as g4w4 reads it.
+# Their error column is meaningless; against g4w4 they say whether the kernel is bound by its reads or by
+# its arithmetic.
+BW = PRO + ROW + r'''
+  const uint4* xq = reinterpret_cast<const uint4*>(x);
+  unsigned int acc = 0u;
+#pragma unroll UNROLL
+  for (int c = lane; c < CHUNKS; c += 32) {
+    const uint4 wv = __ldg(wrow + c);
+    const int g = (c * 32) / GROUP;
+    acc ^= wv.x ^ wv.y ^ wv.z ^ wv.w ^ __bfloat16_as_ushort(srow[g]) ^ __bfloat16_as_ushort(brow[g]);
+    if (WITH_X) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint4 xv = __ldg(xq + c * 4 + q);
+        acc ^= xv.x ^ xv.y ^ xv.z ^ xv.w;
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) out[row] = static_cast<T>(static_cast<float>(acc & 7u));
+'''
+
 def committed_unroll(k):
     return 2 if (k % 1024 == 0 and k <= 8192) else 8
 
@@ -258,6 +283,8 @@ VARIANTS = {
     "sp": (SP, 8, 1, committed_unroll, 8),
     "xq": (XQ, 8, 1, committed_unroll, 0),
     "xq4": (XQ, 8, 1, lambda k: 4, 0),
+    "bw": (BW.replace("WITH_X", "false"), 4, 1, lambda k: 4, 0),
+    "bwx": (BW.replace("WITH_X", "true"), 4, 1, lambda k: 4, 0),
     "rows": (None, 0, 0, None, 0),
 }
 

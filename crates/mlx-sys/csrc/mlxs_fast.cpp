@@ -120,6 +120,32 @@ int mlxs_rms_norm(mlxs_array* out, mlxs_array x, mlxs_array weight, float eps, i
   return guard([&] { put(out, mx::fast::rms_norm(arr(x), opt(weight), eps, sod(dev))); });
 }
 
+int mlxs_fused_norm_add(mlxs_array* h, mlxs_array* y, mlxs_array x, mlxs_array r,
+                        mlxs_array r_weight, mlxs_array h_weight, float eps, int dev) {
+  return guard([&] {
+    auto s = sod(dev);
+    auto rw = opt(r_weight);
+    auto hw = opt(h_weight);
+    if (auto fused = try_fused_norm_add(arr(x), arr(r), rw, hw, eps, s)) {
+      if (fused->second) {
+        put(y, *fused->second);
+      } else {
+        *y = nullptr;
+      }
+      put(h, fused->first);
+      return;
+    }
+    auto rn = rw ? mx::fast::rms_norm(arr(r), rw, eps, s) : arr(r);
+    auto sum = mx::add(arr(x), rn, s);
+    if (hw) {
+      put(y, mx::fast::rms_norm(sum, hw, eps, s));
+    } else {
+      *y = nullptr;
+    }
+    put(h, sum);
+  });
+}
+
 int mlxs_layer_norm(mlxs_array* out, mlxs_array x, mlxs_array weight, mlxs_array bias, float eps,
                     int dev) {
   return guard(
@@ -150,6 +176,12 @@ int mlxs_sdpa(mlxs_array* out, mlxs_array q, mlxs_array k, mlxs_array v, float s
       mm = "array";
     }
     bool causal = mm == "causal";
+    if (sinks == nullptr) {
+      if (auto o = try_sdpa_decode(arr(q), arr(k), arr(v), scale, causal, opt(mask), sod(dev))) {
+        put(out, *o);
+        return;
+      }
+    }
     if (use_grouped(arr(q), arr(k), arr(v), causal, opt(mask), sinks != nullptr, sod(dev))) {
       put(out, grouped_sdpa(arr(q), arr(k), arr(v), scale, causal, opt(mask), sod(dev)));
       return;

@@ -16,6 +16,12 @@ extern "C" {
 
 // weight may be NULL.
 int mlxs_rms_norm(mlxs_array* out, mlxs_array x, mlxs_array weight, float eps, int dev);
+// h = x + rms_norm(r, r_weight) (x + r when r_weight is NULL) and, when
+// h_weight is not NULL, y = rms_norm(h, h_weight), both norms with `eps`; *y is
+// NULL otherwise. On CUDA one kernel of ours where the inputs fit it (its norms
+// may differ from MLX's in the last bit); elsewhere MLX's ops, exactly.
+int mlxs_fused_norm_add(mlxs_array* h, mlxs_array* y, mlxs_array x, mlxs_array r,
+                        mlxs_array r_weight, mlxs_array h_weight, float eps, int dev);
 // weight and bias may be NULL.
 int mlxs_layer_norm(mlxs_array* out, mlxs_array x, mlxs_array weight, mlxs_array bias, float eps,
                     int dev);

@@ -104,6 +104,48 @@ bool cuda_stream(mx::StreamOrDevice s);
 // and custom kernels not off (MLXR_CUSTOM_KERNELS=0: MLX as it is).
 bool cuda_routes_on(mx::StreamOrDevice s);
 
+struct KernelSpec;
+
+// One call of our kernel `spec` (its header `header`; mlxs_kernels.cpp).
+std::vector<mx::array> launch_all(const mx::fast::CustomKernelFunction& mlx_kernel,
+                                  const KernelSpec& spec, const char* header,
+                                  const std::vector<mx::array>& inputs,
+                                  const std::vector<mx::Shape>& shapes,
+                                  const std::vector<mx::fast::ScalarArg>& scalars,
+                                  std::tuple<int, int, int> grid, std::tuple<int, int, int> block,
+                                  const mx::Stream& stream);
+
+// The fused norm's instantiation for dtype `t`, rows of `d`, the norms taken
+// and `eps` (mlxs_norm_kernel.cpp).
+KernelSpec norm_add_spec(mx::Dtype t, int d, bool norm_r, bool norm_h, float eps);
+
+// The fused norm's threads a row of `d` values: one 16-byte vector (or fewer
+// values where d is not a multiple of 8) each, a whole number of warps, at
+// most 1,024 (mlxs_norm_kernel.cpp).
+int norm_add_threads(int d);
+
+// Attention for one query position (a decode step) as one kernel of ours on
+// CUDA, with the steps and roundings of MLX's unfused attention, where MLX has
+// no fused kernel (head sizes other than 64, 96 and 128, or a mask array):
+// nullopt elsewhere, or when the inputs do not fit it (mlxs_attn_kernel.cpp).
+std::optional<mx::array> try_sdpa_decode(const mx::array& q, const mx::array& k, const mx::array& v,
+                                         float scale, bool causal,
+                                         const std::optional<mx::array>& mask,
+                                         mx::StreamOrDevice s);
+
+// The decode attention's instantiation for dtype `t`, head size `d`, query
+// heads per key/value head `rep` and mask kind `mask` (0 none, 1 boolean, 2
+// additive; `mask_rows`: one mask row per batch row) (mlxs_attn_kernel.cpp).
+KernelSpec sdpa_decode_spec(mx::Dtype t, int d, int rep, int mask, bool mask_rows);
+
+// h = x + norm(r) (or x + r without `r_weight`) and, with `h_weight`, y =
+// norm(h): RMS norms over the last axis with weights `r_weight` and `h_weight`
+// and `eps`, as one kernel of ours on CUDA (nullopt elsewhere, or when the
+// inputs do not fit it; the caller then composes MLX's ops).
+std::optional<std::pair<mx::array, std::optional<mx::array>>> try_fused_norm_add(
+    const mx::array& x, const mx::array& r, const std::optional<mx::array>& r_weight,
+    const std::optional<mx::array>& h_weight, float eps, mx::StreamOrDevice s);
+
 // Our kernel for one row of x times 4-bit weights, where it applies (see
 // mlxs_kernels.cpp); nullopt where MLX's quantized_matmul must run.
 std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
@@ -117,11 +159,18 @@ std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
 // its activation dtype (bfloat16 or float16) and its integer template
 // arguments, in order. Its entry point takes x, w, scales, biases, out and
 // then the rows of x and of w as ints.
+// A kernel whose `inputs` and `outputs` are named takes them instead, in that
+// order, each a pointer to the dtype (MLX's cuda_kernel signature), and no ints.
 struct KernelSpec {
   const char* kernel;
   const char* body;
   mx::Dtype dtype;
   std::vector<std::pair<std::string, int>> ints;
+  std::vector<const char*> inputs = {};
+  std::vector<const char*> outputs = {};
+  // Scalar parameters after the outputs, as declared ("int len"): passed by
+  // MLX's precompiled launch only (mx::fast::precompiled_cuda_kernel).
+  std::vector<const char*> scalars = {};
   // The entry point's name: the stem, the dtype and each argument.
   std::string entry_name() const;
   // The whole program: the CUDA headers, `header`, the entry point.

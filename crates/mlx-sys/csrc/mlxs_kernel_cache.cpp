@@ -369,15 +369,31 @@ std::string KernelSpec::source(const char* header) const {
       "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n"
       "typedef unsigned int uint32_t;\ntypedef int int32_t;\n";
   s += header;
-  s += "\nextern \"C\" __global__ void " + entry_name() + "(const " + t +
-       "* x, const uint32_t* w, const " + t + "* scales, const " + t + "* biases, " + t +
-       "* out, int x_rows, int w_rows) {\n";
+  if (inputs.empty()) {
+    s += "\nextern \"C\" __global__ void " + entry_name() + "(const " + t +
+         "* x, const uint32_t* w, const " + t + "* scales, const " + t + "* biases, " + t +
+         "* out, int x_rows, int w_rows) {\n";
+  } else {
+    std::string params;
+    for (const char* n : inputs) {
+      params += (params.empty() ? "const " : ", const ") + t + "* " + n;
+    }
+    for (const char* n : outputs) {
+      params += ", " + t + "* " + n;
+    }
+    for (const char* n : scalars) {
+      params += ", " + std::string(n);
+    }
+    s += "\nextern \"C\" __global__ void " + entry_name() + "(" + params + ") {\n";
+  }
   s += "  using T = " + t + ";\n";
   for (const auto& [n, v] : ints) {
     s += "  constexpr int " + n + " = " + std::to_string(v) + ";\n";
   }
-  // The names MLX's wrapper gives the bodies: the first dimension of x and w.
-  s += "  const int x_shape[1] = {x_rows};\n  const int w_shape[1] = {w_rows};\n";
+  if (inputs.empty()) {
+    // The names MLX's wrapper gives the bodies: the first dimension of x and w.
+    s += "  const int x_shape[1] = {x_rows};\n  const int w_shape[1] = {w_rows};\n";
+  }
   s += body;
   s += "\n}\n";
   return s;

@@ -380,35 +380,46 @@ mlxs::KernelSpec qmm_rows_spec(mx::Dtype t, int k, int group, int mt, int ksplit
           {{"K", k}, {"GROUP", group}, {"MT", mt}, {"KSPLIT", ksplit}}};
 }
 
-// One call of our kernel `spec`: compiled by us and launched as a precompiled
-// kernel where that works (mlxs_kernel_cache.cpp; MLXR_KERNEL_CACHE=0: never),
-// else through MLX's cuda_kernel `mlx_kernel` with the same arguments as
-// template arguments.
+// One call of a quantised matmul kernel: x's and w's rows are its scalars.
 mx::array launch(const mx::fast::CustomKernelFunction& mlx_kernel, const mlxs::KernelSpec& spec,
                  const std::vector<mx::array>& inputs, const mx::Shape& shape, int x_rows,
                  int w_rows, std::tuple<int, int, int> grid, std::tuple<int, int, int> block,
                  const mx::Stream& stream) {
-  if (mlxs::kernel_cache_on()) {
-    if (auto kernel = mlxs::cached_kernel(spec, kQmvHeader)) {
-      // The short handle when the cubin is staged for MLX (hashed on every call), else the cubin.
-      const auto& code = kernel->handle.empty() ? kernel->cubin : kernel->handle;
-      return mx::fast::precompiled_cuda_kernel(kernel->name, code, inputs, {shape}, {spec.dtype},
-                                               {x_rows, w_rows}, grid, block, 0, std::nullopt, true,
-                                               stream)
-          .at(0);
-    }
-  }
-  std::vector<std::pair<std::string, mx::fast::TemplateArg>> targs = {{"T", spec.dtype}};
-  for (const auto& [name, value] : spec.ints) {
-    targs.emplace_back(name, value);
-  }
-  return mlx_kernel(inputs, {shape}, {spec.dtype}, grid, block, targs, std::nullopt, false, stream)
+  return mlxs::launch_all(mlx_kernel, spec, kQmvHeader, inputs, {shape}, {x_rows, w_rows}, grid,
+                          block, stream)
       .at(0);
 }
 
 }  // namespace
 
 namespace mlxs {
+
+// One call of our kernel `spec` (its header `header`): compiled by us and
+// launched as a precompiled kernel where that works (mlxs_kernel_cache.cpp;
+// MLXR_KERNEL_CACHE=0: never), with `scalars` after its arrays; else through
+// MLX's cuda_kernel `mlx_kernel`, the ints as template arguments.
+std::vector<mx::array> launch_all(const mx::fast::CustomKernelFunction& mlx_kernel,
+                                  const KernelSpec& spec, const char* header,
+                                  const std::vector<mx::array>& inputs,
+                                  const std::vector<mx::Shape>& shapes,
+                                  const std::vector<mx::fast::ScalarArg>& scalars,
+                                  std::tuple<int, int, int> grid, std::tuple<int, int, int> block,
+                                  const mx::Stream& stream) {
+  std::vector<mx::Dtype> dtypes(shapes.size(), spec.dtype);
+  if (kernel_cache_on()) {
+    if (auto kernel = cached_kernel(spec, header)) {
+      // The short handle when the cubin is staged for MLX (hashed on every call), else the cubin.
+      const auto& code = kernel->handle.empty() ? kernel->cubin : kernel->handle;
+      return mx::fast::precompiled_cuda_kernel(kernel->name, code, inputs, shapes, dtypes, scalars,
+                                               grid, block, 0, std::nullopt, true, stream);
+    }
+  }
+  std::vector<std::pair<std::string, mx::fast::TemplateArg>> targs = {{"T", spec.dtype}};
+  for (const auto& [name, value] : spec.ints) {
+    targs.emplace_back(name, value);
+  }
+  return mlx_kernel(inputs, shapes, dtypes, grid, block, targs, std::nullopt, false, stream);
+}
 
 bool cuda_stream(mx::StreamOrDevice s) {
   return mx::to_stream(s).device.type == mx::Device::gpu && mx::cu::is_available();
@@ -513,12 +524,27 @@ int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int
         }
       }
     }
+    for (auto t : {mx::bfloat16, mx::float16}) {
+      for (auto [d, norm_r, norm_h] : {std::tuple{1152, true, true},
+                                       {1152, true, false},
+                                       {4096, false, true},
+                                       {4099, true, true}}) {
+        specs.push_back(mlxs::norm_add_spec(t, d, norm_r, norm_h, 1e-6f));
+      }
+      for (auto [d, rep, mask, rows] : {std::tuple{256, 4, 0, false},
+                                        {256, 4, 1, false},
+                                        {256, 1, 2, true},
+                                        {128, 4, 1, true},
+                                        {64, 3, 2, false}}) {
+        specs.push_back(mlxs::sdpa_decode_spec(t, d, rep, mask, rows));
+      }
+    }
     int read[2] = {0, 0};
     for (int pass = 0; pass < 2; ++pass) {
       mlxs::KernelCompiler compiler(nvrtc_path, include_dir, cache_dir, arch);
       for (const auto& spec : specs) {
         bool disk = false;
-        if (compiler.compile(spec, kQmvHeader, &disk) == nullptr) {
+        if (compiler.compile(spec, spec.inputs.empty() ? kQmvHeader : "", &disk) == nullptr) {
           throw std::runtime_error(compiler.why());
         }
         read[pass] += disk ? 1 : 0;

@@ -1,11 +1,11 @@
 # SPDX-License-Identifier: EUPL-1.2
-"""Compiles the CUDA kernels of csrc/mlxs_kernels.cpp with NVRTC, as MLX does on a GPU machine, on a
+"""Compiles the CUDA kernels of csrc/mlxs_kernels.cpp, mlxs_norm_kernel.cpp and mlxs_attn_kernel.cpp with NVRTC, as MLX does on a GPU machine, on a
 machine without a GPU: every kernel source, every instantiation our dispatch code makes (dtypes, group
 sizes, tiles), for compute capability 8.0 and 9.0. A kernel that does not compile here would fail on
 the GPU at its first call; this finds it in CI. NVRTC and the CUDA headers come from PyPI's
 nvidia-cuda-nvrtc-cu12 and nvidia-cuda-runtime-cu12 (pinned in xtask/fixtures/requirements.txt).
 
-    python nvrtc_check.py PATH/mlxs_kernels.cpp
+    python nvrtc_check.py PATH/mlxs_kernels.cpp PATH/mlxs_norm_kernel.cpp PATH/mlxs_attn_kernel.cpp
 
 Exit status 0: all compiled; 1: a kernel failed (NVRTC's log is printed); 3: NVRTC is not installed
 in this Python (the caller decides whether that is an error).
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 # Per kernel source: the inputs' element types, the outputs', and the template instantiations our
-# dispatch code (try_fast_qmv) can make. T is the activation dtype.
+# dispatch code (try_fast_qmv, try_fused_norm_add) can make. T is the activation dtype.
 TYPES = ("__nv_bfloat16", "__half")
 KERNELS = {
     "kQmvSource": {
@@ -37,6 +37,23 @@ KERNELS = {
         "args": [(t, k, g, mt, min(8, k // 128)) for t in TYPES for k, g in ((4096, 64), (640, 32), (14336, 128))
                  for mt in (1, 4)],
     },
+    "kNormAddSource": {
+        "inputs": [("x", "T"), ("r", "T"), ("wr", "T"), ("wh", "T")],
+        "outputs": [("h", "T"), ("y", "T")],
+        "template": ["typename T", "int D", "int NORM_R", "int NORM_H", "int EPS", "int THREADS"],
+        # EPS is eps's float bits (1e-6 here), THREADS norm_add_threads(D), as try_fused_norm_add passes them.
+        "args": [(t, d, nr, nh, 0x358637BD, threads) for t in TYPES
+                 for d, nr, nh, threads in ((1152, 1, 1, 160), (1152, 1, 0, 160), (4096, 0, 1, 512), (4099, 1, 1, 1024))],
+    },
+    "kSdpaDecodeSource": {
+        "inputs": [("q", "T"), ("k", "T"), ("v", "T"), ("mask", "T")],
+        "outputs": [("out", "T")],
+        "scalars": ["int len", "int cap", "int hkv", "float scale", "float lowest"],
+        "template": ["typename T", "int D", "int REP", "int MASK", "int MASK_ROWS", "int WARPS"],
+        # Gemma 3 (256, 4 query heads a key/value head), Llama 3 (128, 4) and SmolLM2 (64, 3), every mask kind.
+        "args": [(t, d, rep, mask, rows, 8) for t in TYPES
+                 for d, rep, mask, rows in ((256, 4, 0, 0), (256, 4, 1, 0), (256, 1, 2, 1), (128, 4, 1, 1), (64, 3, 2, 0))],
+    },
 }
 
 
@@ -50,7 +67,7 @@ def program(strings):
              "typedef int int32_t;", strings["kQmvHeader"]]
     for name, k in KERNELS.items():
         params = [f"const {t}* {n}" for n, t in k["inputs"]] + [f"{t}* {n}" for n, t in k["outputs"]]
-        params += [f"const int32_t* {n}_shape" for n, _ in k["inputs"]]
+        params += [f"const int32_t* {n}_shape" for n, _ in k["inputs"]] + k.get("scalars", [])
         parts.append(f"template <{', '.join(k['template'])}>\n__global__ void {name}_kernel({', '.join(params)}) {{"
                      f"{strings[name]}}}")
         for args in k["args"]:
@@ -96,8 +113,9 @@ def compile_for(lib, include, text, arch):
 
 
 def main():
-    source = Path(sys.argv[1]).read_text(encoding="utf-8")
-    strings = raw_strings(source)
+    strings = {}
+    for path in sys.argv[1:]:
+        strings.update(raw_strings(Path(path).read_text(encoding="utf-8")))
     sources = {n for n in strings if n.endswith("Source")}
     if sources != set(KERNELS):
         print(f"kernel sources {sorted(sources)} against the instantiations known here {sorted(KERNELS)}: "

@@ -15,6 +15,45 @@ pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
     array_out("rms_norm", |o| unsafe { sys::mlxs_rms_norm(o, x.as_raw(), opt_handle(weight), eps, dev()) })
 }
 
+/// A residual sum and the norm after it, as one step: `h = x + rms_norm(r,
+/// r_weight)` (`x + r` when `r_weight` is `None`) and, with `h_weight`, `y =
+/// rms_norm(h, h_weight)`; both norms with `eps`. Returns `(h, y)`.
+///
+/// On CUDA this is one kernel of ours where the inputs fit it (16-bit floats,
+/// rows of at most 65,536 values; `MLXR_CUSTOM_KERNELS=0` turns it off), whose
+/// norms sum their squares in another order than MLX's and so may differ from
+/// [`rms_norm`]'s in the last bit. Elsewhere it is exactly [`rms_norm`] and an
+/// add.
+pub fn fused_norm_add(
+    x: &Array,
+    r: &Array,
+    r_weight: Option<&Array>,
+    h_weight: Option<&Array>,
+    eps: f32,
+) -> Result<(Array, Option<Array>)> {
+    let (mut h, mut y): (sys::mlxs_array, sys::mlxs_array) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: live or null handles; the shim writes owned handles (or null for y) on success.
+    let status = unsafe {
+        sys::mlxs_fused_norm_add(
+            &mut h,
+            &mut y,
+            x.as_raw(),
+            r.as_raw(),
+            opt_handle(r_weight),
+            opt_handle(h_weight),
+            eps,
+            dev(),
+        )
+    };
+    crate::ffi::check("fused_norm_add", status)?;
+    // SAFETY: on success each non-null handle is owned by the caller.
+    let y = std::ptr::NonNull::new(y).map(|raw| unsafe { Array::from_raw(raw) });
+    let h = std::ptr::NonNull::new(h)
+        .ok_or(Error::Mlx { op: "fused_norm_add", message: "the shim returned no sum".into() })?;
+    // SAFETY: as above.
+    Ok((unsafe { Array::from_raw(h) }, y))
+}
+
 /// Layer norm over the last axis with optional scale and shift.
 pub fn layer_norm(x: &Array, weight: Option<&Array>, bias: Option<&Array>, eps: f32) -> Result<Array> {
     // SAFETY: live or null handles.

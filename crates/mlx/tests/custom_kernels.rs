@@ -4,9 +4,10 @@
 //!
 //! On a CUDA device the 4-bit kernels (one row of x, and 2 to 32 rows on the
 //! tensor cores) must be as close to an f32 reference as MLX's own kernel is
-//! (all round the weights or products in bf16 or fp16); everywhere else (the
-//! CPU, Metal, more than 32 rows, other bit widths) the switch must change
-//! nothing, bit for bit.
+//! (all round the weights or products in bf16 or fp16), and the fused norm
+//! and residual sum within a rounding of MLX's ops; everywhere else (the CPU,
+//! Metal, more than 32 rows, other bit widths) the switch must change nothing,
+//! bit for bit.
 
 use mlx::fast::{CustomKernels, custom_kernels, set_custom_kernels};
 use mlx::ops;
@@ -137,6 +138,138 @@ fn quantized_matvec_kernel_matches_mlx() {
         let (_, theirs, ours) = run(case, 40 + i as u64, on_cuda);
         assert_eq!(Some(ours), theirs, "case {i}: the kernel ran where it should not");
     }
+    fused_norms(on_cuda);
+    decode_attention(on_cuda);
     set_custom_kernels(before);
     eprintln!("custom kernels checked on {device}{}", if on_cuda { " (CUDA)" } else { "" });
+}
+
+/// `fast::fused_norm_add` with our kernels on against MLX's ops (the switch off): on CUDA within a
+/// rounding of 16 bits of the largest value (its norms sum their squares in another order), a plain
+/// sum (no norm of r) exactly; elsewhere bit for bit. Every variant, both 16-bit types, widths of
+/// Gemma 3 1B, Llama 3 8B, Gemma 3 270M, one not a multiple of 8, one odd and one wider than a
+/// block's 1,024 vectors, one row to 32, and an x that starts 2 bytes into its buffer (the
+/// kernel's loads one value at a time).
+fn fused_norms(on_cuda: bool) {
+    let mut checked = 0;
+    let cases = [
+        (Dtype::Bfloat16, 1152, 1, false),
+        (Dtype::Bfloat16, 4096, 3, false),
+        (Dtype::Float16, 640, 32, false),
+        (Dtype::Bfloat16, 100, 5, false),
+        (Dtype::Bfloat16, 4099, 2, false),
+        (Dtype::Float16, 10000, 2, false),
+        (Dtype::Bfloat16, 1152, 2, true),
+    ];
+    for (i, &(dtype, d, rows, offset)) in cases.iter().enumerate() {
+        let normal = |shape: &[i32], seed: u64, std: f32| {
+            let key = random::key(seed).unwrap();
+            ops::astype(&random::normal(shape, Dtype::Float32, 0.0, std, Some(&key)).unwrap(), dtype).unwrap()
+        };
+        let x = if offset {
+            let flat = normal(&[rows * d + 1], 100 + i as u64, 4.0);
+            ops::reshape(&ops::slice(&flat, &[1], &[rows * d + 1]).unwrap(), &[rows, 1, d]).unwrap()
+        } else {
+            normal(&[rows, 1, d], 100 + i as u64, 4.0)
+        };
+        let r = normal(&[rows, 1, d], 200 + i as u64, 1.0);
+        let (wr, wh) = (normal(&[d], 300 + i as u64, 1.0), normal(&[d], 400 + i as u64, 1.0));
+        for (r_norm, h_norm) in [(true, true), (true, false), (false, true), (false, false)] {
+            let (wr, wh) = (r_norm.then_some(&wr), h_norm.then_some(&wh));
+            let run = |mode| {
+                set_custom_kernels(mode);
+                let (h, y) = mlx::fast::fused_norm_add(&x, &r, wr, wh, 1e-6).unwrap();
+                (h.to_vec_f32().unwrap(), y.map(|y| y.to_vec_f32().unwrap()))
+            };
+            let (ours, theirs) = (run(CustomKernels::Always), run(CustomKernels::Off));
+            assert_eq!(ours.1.is_some(), h_norm);
+            let what = format!("{dtype:?} width {d} rows {rows}, norm of r {r_norm}, of h {h_norm}");
+            if !on_cuda || !r_norm {
+                assert_eq!(ours.0, theirs.0, "{what}: the sum");
+            }
+            let close = |a: &[f32], b: &[f32], part: &str| {
+                let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                // One rounding of a bf16 (8 bits) or fp16 (11 bits) value at the largest's scale.
+                let ulp = if dtype == Dtype::Bfloat16 { 2f32.powi(-7) } else { 2f32.powi(-10) };
+                let err = max_abs_diff(a, b);
+                assert!(err <= 2.0 * ulp * scale, "{what}: {part} is {err} from MLX's ops (scale {scale})");
+            };
+            if on_cuda {
+                close(&ours.0, &theirs.0, "the sum");
+                if let (Some(a), Some(b)) = (&ours.1, &theirs.1) {
+                    close(a, b, "the norm");
+                }
+            } else {
+                assert_eq!(ours.1, theirs.1, "{what}: the norm");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4 * cases.len());
+}
+
+/// Attention for one query (`fast::scaled_dot_product_attention`, our decode kernel where MLX has no
+/// fused one) with our kernels on against MLX's (the switch off) and an f32 reference: on CUDA no
+/// further from the reference than MLX's own, or 1% of the largest value (the same roundings, sums
+/// in another order); elsewhere bit for bit. Gemma 3's head size with and without masks, Llama's
+/// with a mask per batch row, SmolLM2's with an additive mask, keys and values as the first
+/// positions of a longer cache buffer, and cases it leaves to MLX (several queries; too many keys).
+fn decode_attention(on_cuda: bool) {
+    use mlx::fast::AttentionMask;
+    // (batch, query heads, key/value heads, head size, keys, buffer positions, mask: 0 none,
+    // 1 boolean shared, 2 boolean per row, 3 additive, queries)
+    let cases = [
+        (1, 4, 1, 256, 37, 37, 0, 1),
+        (1, 4, 1, 256, 300, 512, 1, 1),
+        (2, 4, 1, 256, 70, 256, 2, 1),
+        (3, 32, 8, 128, 100, 256, 2, 1),
+        (1, 9, 3, 64, 45, 45, 3, 1),
+        (2, 8, 2, 128, 33, 64, 3, 1),
+        (1, 4, 1, 256, 20, 20, 0, 2),
+        (1, 4, 1, 256, 3000, 3000, 0, 1),
+    ];
+    for (i, &(b, h, hkv, d, len, cap, mask_kind, ql)) in cases.iter().enumerate() {
+        let seed = 500 + 10 * i as u64;
+        let normal = |shape: &[i32], seed: u64| {
+            let key = random::key(seed).unwrap();
+            random::normal(shape, Dtype::Float32, 0.0, 1.0, Some(&key)).unwrap()
+        };
+        let q = normal(&[b, h, ql, d], seed);
+        let k_buf = normal(&[b, hkv, cap, d], seed + 1);
+        let v_buf = normal(&[b, hkv, cap, d], seed + 2);
+        let mask = match mask_kind {
+            1 => Some(ops::greater(&normal(&[len], seed + 3), &ops::scalar_like(&q, -0.8).unwrap()).unwrap()),
+            2 => Some(ops::greater(&normal(&[b, 1, 1, len], seed + 3), &ops::scalar_like(&q, -0.8).unwrap()).unwrap()),
+            3 => Some(normal(&[1, 1, 1, len], seed + 3)),
+            _ => None,
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let run = |dtype: Dtype, mode| {
+            set_custom_kernels(mode);
+            let cast = |a: &mlx::Array| ops::astype(a, dtype).unwrap();
+            let prefix = |a: &mlx::Array| ops::slice(&cast(a), &[0, 0, 0, 0], &[b, hkv, len, d]).unwrap();
+            let (q, k, v) = (cast(&q), prefix(&k_buf), prefix(&v_buf));
+            let m = mask.as_ref().map(|m| if m.dtype() == Dtype::Bool { m.clone() } else { cast(m) });
+            let m = m.as_ref().map_or(AttentionMask::None, AttentionMask::Array);
+            let out = mlx::fast::scaled_dot_product_attention(&q, &k, &v, scale, m, None).unwrap();
+            out.to_vec_f32().unwrap()
+        };
+        for dtype in [Dtype::Bfloat16, Dtype::Float16] {
+            let what = format!(
+                "case {i} ({b} x {h}/{hkv} heads of {d}, {len} keys, mask {mask_kind}, {ql} queries) {dtype:?}"
+            );
+            let reference = run(Dtype::Float32, CustomKernels::Off);
+            let (ours, theirs) = (run(dtype, CustomKernels::Always), run(dtype, CustomKernels::Off));
+            if on_cuda {
+                let scale = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let (err_ours, err_theirs) = (max_abs_diff(&ours, &reference), max_abs_diff(&theirs, &reference));
+                assert!(
+                    err_ours <= err_theirs.max(0.01 * scale) * 1.5,
+                    "{what}: ours is {err_ours} from the f32 reference, MLX's {err_theirs}"
+                );
+            } else {
+                assert_eq!(ours, theirs, "{what}: the switch changed a result off CUDA");
+            }
+        }
+    }
 }

@@ -15,7 +15,7 @@ use mlx::{Array, Dtype, Result, ops};
 
 use super::config::{ModelConfig, RopeScaling, Sizes};
 use super::describe;
-use super::layers::{Attention, AttentionSpec, Gate, Mlp, RmsNorm};
+use super::layers::{Attention, AttentionSpec, Gate, Mlp, RmsNorm, norm_add};
 use super::rope::Rope;
 use super::transformer::{DecoderBlock, Transformer};
 use super::weights::{WeightPath, Weights, model_err};
@@ -125,11 +125,30 @@ impl Block {
 }
 
 impl DecoderBlock for Block {
-    fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
-        let r = self.self_attn.forward(&self.input_layernorm.forward(x)?, mask, cache)?;
-        let h = clip_residual(x, &self.post_attention_layernorm.forward(&r)?)?;
-        let r = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h)?)?;
-        clip_residual(&h, &self.post_feedforward_layernorm.forward(&r)?)
+    fn forward_chained(
+        &self,
+        x: &Array,
+        normed: Option<Array>,
+        mask: &Mask,
+        cache: &mut LayerCache,
+        next: Option<&RmsNorm>,
+    ) -> Result<(Array, Option<Array>)> {
+        let r = self.self_attn.forward(&self.normed_input(x, normed)?, mask, cache)?;
+        if x.dtype() == Dtype::Float16 {
+            let h = clip_residual(x, &self.post_attention_layernorm.forward(&r)?)?;
+            let r = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h)?)?;
+            return Ok((clip_residual(&h, &self.post_feedforward_layernorm.forward(&r)?)?, None));
+        }
+        // Each sublayer's output normed, added to the residual and normed again for what
+        // comes next (the MLP; the next block or the head): one kernel each on CUDA.
+        let (h, normed) = norm_add(x, &r, &self.post_attention_layernorm, Some(&self.pre_feedforward_layernorm))?;
+        let normed = normed.ok_or_else(|| mlx::Error::invalid("gemma3", "the fused norm returned no norm"))?;
+        let r = self.mlp.forward(&normed)?;
+        norm_add(&h, &r, &self.post_feedforward_layernorm, next)
+    }
+
+    fn input_norm(&self) -> &RmsNorm {
+        &self.input_layernorm
     }
 
     fn window(&self) -> Option<i32> {

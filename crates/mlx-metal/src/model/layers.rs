@@ -45,6 +45,29 @@ impl RmsNorm {
     }
 }
 
+/// `x + r` and `norm(x + r)`: a block's residual sum and the norm after it
+/// (Llama's post-attention norm), as one kernel on CUDA
+/// ([`fast::fused_norm_add`]; MLX's add and norm elsewhere).
+pub fn add_norm(x: &Array, r: &Array, norm: &RmsNorm) -> Result<(Array, Array)> {
+    let (h, y) = fast::fused_norm_add(x, r, None, Some(&norm.weight), norm.eps)?;
+    Ok((h, y.ok_or_else(|| Error::invalid("add_norm", "the fused norm returned no norm"))?))
+}
+
+/// `x + r_norm(r)` and, with `next`, `next(x + r_norm(r))`: Gemma's norm of a
+/// sublayer's output, the residual sum and the norm after it, as one kernel on
+/// CUDA ([`fast::fused_norm_add`]; MLX's ops elsewhere, and where the two
+/// norms' epsilons differ).
+pub fn norm_add(x: &Array, r: &Array, r_norm: &RmsNorm, next: Option<&RmsNorm>) -> Result<(Array, Option<Array>)> {
+    match next {
+        Some(n) if n.eps != r_norm.eps => {
+            let h = ops::add(x, &r_norm.forward(r)?)?;
+            let y = n.forward(&h)?;
+            Ok((h, Some(y)))
+        }
+        _ => fast::fused_norm_add(x, r, Some(&r_norm.weight), next.map(|n| &n.weight), r_norm.eps),
+    }
+}
+
 /// The shape of an attention layer, read from a model's config.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionSpec {

@@ -13,7 +13,7 @@ use mlx::{Array, Result, ops};
 
 use super::config::{ModelConfig, RopeScaling, Sizes};
 use super::describe;
-use super::layers::{Attention, AttentionSpec, Gate, Mlp, RmsNorm};
+use super::layers::{Attention, AttentionSpec, Gate, Mlp, RmsNorm, add_norm};
 use super::rope::Rope;
 use super::transformer::{DecoderBlock, Transformer};
 use super::weights::{WeightPath, Weights, model_err};
@@ -96,11 +96,25 @@ impl Block {
 }
 
 impl DecoderBlock for Block {
-    fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
-        let r = self.self_attn.forward(&self.input_layernorm.forward(x)?, mask, cache)?;
-        let h = ops::add(x, &r)?;
-        let r = self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?;
-        ops::add(&h, &r)
+    fn forward_chained(
+        &self,
+        x: &Array,
+        normed: Option<Array>,
+        mask: &Mask,
+        cache: &mut LayerCache,
+        next: Option<&RmsNorm>,
+    ) -> Result<(Array, Option<Array>)> {
+        let r = self.self_attn.forward(&self.normed_input(x, normed)?, mask, cache)?;
+        let (h, normed) = add_norm(x, &r, &self.post_attention_layernorm)?;
+        let r = self.mlp.forward(&normed)?;
+        match next {
+            Some(next) => add_norm(&h, &r, next).map(|(out, normed)| (out, Some(normed))),
+            None => Ok((ops::add(&h, &r)?, None)),
+        }
+    }
+
+    fn input_norm(&self) -> &RmsNorm {
+        &self.input_layernorm
     }
 
     fn window(&self) -> Option<i32> {

@@ -15,7 +15,32 @@ use crate::nn::{Embedding, Linear};
 /// One decoder block of an architecture.
 pub trait DecoderBlock {
     /// Runs the block on hidden states `x: [B, L, hidden]` with its cache.
-    fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array>;
+    fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
+        Ok(self.forward_chained(x, None, mask, cache, None)?.0)
+    }
+
+    /// [`DecoderBlock::forward`] as one link of the stack: `normed` is the
+    /// block's input norm of `x` when the block before already made it, and
+    /// with `next` (the next block's input norm, or the model's final norm)
+    /// the block returns `next(output)` too, made with its last residual sum
+    /// (one kernel on CUDA, [`super::layers::add_norm`]). The same values as
+    /// [`DecoderBlock::forward`] and the norm after it.
+    fn forward_chained(
+        &self,
+        x: &Array,
+        normed: Option<Array>,
+        mask: &Mask,
+        cache: &mut LayerCache,
+        next: Option<&RmsNorm>,
+    ) -> Result<(Array, Option<Array>)>;
+
+    /// The norm the block applies to its input.
+    fn input_norm(&self) -> &RmsNorm;
+
+    /// `normed`, or the block's input norm of `x` when the block before did not make it.
+    fn normed_input(&self, x: &Array, normed: Option<Array>) -> Result<Array> {
+        normed.map_or_else(|| self.input_norm().forward(x), Ok)
+    }
 
     /// The keys the block's attention sees: `Some(window)` for a sliding
     /// window, `None` for all of them.
@@ -53,11 +78,17 @@ impl<B: DecoderBlock> LanguageModel for Transformer<B> {
                 masks.push((layer.window(), cache.make_mask(n, layer.window())?));
             }
         }
-        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+        // Each block hands the next its input, normed with the block's last residual sum.
+        let mut normed = None;
+        for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
             let mask = masks.iter().find(|(w, _)| *w == layer.window()).map_or(&Mask::None, |(_, m)| m);
-            h = layer.forward(&h, mask, cache)?;
+            let next = self.layers.get(i + 1).map_or(&self.norm, |b| b.input_norm());
+            (h, normed) = layer.forward_chained(&h, normed.take(), mask, cache, Some(next))?;
         }
-        self.head(&h)
+        match normed {
+            Some(normed) => self.logits(&normed),
+            None => self.head(&h),
+        }
     }
 
     fn make_cache(&self) -> Result<Vec<LayerCache>> {
@@ -106,10 +137,16 @@ impl<B: DecoderBlock> LanguageModel for Transformer<B> {
     }
 
     fn head(&self, h: &Array) -> Result<Array> {
-        let h = self.norm.forward(h)?;
+        self.logits(&self.norm.forward(h)?)
+    }
+}
+
+impl<B> Transformer<B> {
+    /// The output head on final-normed hidden states.
+    fn logits(&self, normed: &Array) -> Result<Array> {
         match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.embed_tokens.as_linear(&h),
+            Some(head) => head.forward(normed),
+            None => self.embed_tokens.as_linear(normed),
         }
     }
 }

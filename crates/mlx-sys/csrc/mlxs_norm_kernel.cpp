@@ -1,0 +1,209 @@
+// SPDX-License-Identifier: EUPL-1.2
+//
+// A block's residual sum with the RMS norms around it as one CUDA kernel of
+// ours (mlxs_fused_norm_add in mlxs_fast.cpp): MLX runs the norm, the add and
+// the next norm as three kernels, and a small model's decode step is bound by
+// the host's cost a kernel (docs/benchmarks.md). Compiled and launched as our
+// other kernels are (mlxs_kernels.cpp, mlxs_kernel_cache.cpp).
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <utility>
+
+#include "mlx/fast.h"
+#include "mlxs_internal.h"
+
+namespace {
+
+// h = x + norm(r) (NORM_R; else x + r) and y = norm(h) (NORM_H), one row of D
+// values a block of THREADS threads, with MLX's roundings: a norm's x / rms(x)
+// rounded to T, then its product with the weight in T; the sum in T; y from h
+// as stored. Each thread holds its share of the row in registers (ITEMS vectors
+// of VEC values, 16 bytes where D allows), so x and r are read once, with
+// 16-byte loads, and h is not read back: the first version (256 threads, one
+// value a load, h read back from memory) took 10-12 us of an H100's time a call
+// at D = 4,096, against 3 us for MLX's norm. Template arguments: T, D, NORM_R
+// and NORM_H (0 or 1), EPS (eps's float bits), THREADS (norm_add_threads).
+// Inputs x, r, wr, wh (a weight not used may be any array); outputs h, y (y not
+// written without NORM_H). The sums of squares are added in another order than
+// MLX's, so a norm may differ from MLX's in its last bit.
+constexpr const char* kNormAddSource = R"(
+  constexpr int VEC = D % 8 == 0 ? 8 : (D % 4 == 0 ? 4 : (D % 2 == 0 ? 2 : 1));
+  constexpr int NV = D / VEC;
+  constexpr int ITEMS = (NV + THREADS - 1) / THREADS;
+  struct alignas(sizeof(T) * VEC) Vec {
+    T v[VEC];
+  };
+  const float eps = __int_as_float(EPS);
+  const int tid = threadIdx.x;
+  const size_t row = blockIdx.x;
+  __shared__ float partial[THREADS / 32];
+  auto block_sum = [&](float v) {
+    for (int o = 16; o > 0; o >>= 1) {
+      v += __shfl_xor_sync(0xffffffffu, v, o);
+    }
+    if ((tid & 31) == 0) {
+      partial[tid >> 5] = v;
+    }
+    __syncthreads();
+    float total = 0.f;
+    for (int i = 0; i < THREADS / 32; ++i) {
+      total += partial[i];
+    }
+    __syncthreads();
+    return total;
+  };
+  const T* xr = x + row * D;
+  const T* rr = r + row * D;
+  T* hr = h + row * D;
+  T* yr = NORM_H ? y + row * D : hr;
+  const bool aligned = ((reinterpret_cast<size_t>(xr) | reinterpret_cast<size_t>(rr) |
+                         reinterpret_cast<size_t>(hr) | reinterpret_cast<size_t>(yr) |
+                         reinterpret_cast<size_t>(wr) | reinterpret_cast<size_t>(wh)) %
+                        sizeof(Vec)) == 0;
+  auto load = [&](const T* p, int j, Vec& out) {
+    if (aligned) {
+      out = reinterpret_cast<const Vec*>(p)[j];
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        out.v[e] = p[j * VEC + e];
+      }
+    }
+  };
+  auto store = [&](T* p, int j, const Vec& in) {
+    if (aligned) {
+      reinterpret_cast<Vec*>(p)[j] = in;
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        p[j * VEC + e] = in.v[e];
+      }
+    }
+  };
+  Vec xv[ITEMS];
+  Vec rv[ITEMS];
+  float r_sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    const int j = k * THREADS + tid;
+    if (j < NV) {
+      load(xr, j, xv[k]);
+      load(rr, j, rv[k]);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float f = static_cast<float>(rv[k].v[e]);
+        r_sum += f * f;
+      }
+    }
+  }
+  const float r_scale = NORM_R ? rsqrtf(block_sum(r_sum) / D + eps) : 1.f;
+  float h_sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    const int j = k * THREADS + tid;
+    if (j < NV) {
+      Vec w;
+      if (NORM_R) {
+        load(wr, j, w);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const T rn = NORM_R ? T(w.v[e] * T(static_cast<float>(rv[k].v[e]) * r_scale)) : rv[k].v[e];
+        const T hv = xv[k].v[e] + rn;
+        xv[k].v[e] = hv;
+        const float f = static_cast<float>(hv);
+        h_sum += f * f;
+      }
+      store(hr, j, xv[k]);
+    }
+  }
+  if (NORM_H) {
+    const float h_scale = rsqrtf(block_sum(h_sum) / D + eps);
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k) {
+      const int j = k * THREADS + tid;
+      if (j < NV) {
+        Vec w;
+        load(wh, j, w);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          w.v[e] = w.v[e] * T(static_cast<float>(xv[k].v[e]) * h_scale);
+        }
+        store(yr, j, w);
+      }
+    }
+  }
+)";
+// The widest row the fused norm takes, and the most rows (the launch counts
+// threads in an int: at most 1,024 a row).
+constexpr int kNormAddMaxWidth = 1 << 16;
+constexpr size_t kNormAddMaxRows = size_t{1} << 20;
+
+const mx::fast::CustomKernelFunction& norm_add_kernel() {
+  static const mx::fast::CustomKernelFunction k =
+      mx::fast::cuda_kernel("mlxr_norm_add", {"x", "r", "wr", "wh"}, {"h", "y"}, kNormAddSource, "",
+                            /* ensure_row_contiguous */ true);
+  return k;
+}
+
+}  // namespace
+
+namespace mlxs {
+
+int norm_add_threads(int d) {
+  int vec = d % 8 == 0 ? 8 : (d % 4 == 0 ? 4 : (d % 2 == 0 ? 2 : 1));
+  int vectors = d / vec;
+  return std::clamp((vectors + 31) / 32 * 32, 32, 1024);
+}
+
+KernelSpec norm_add_spec(mx::Dtype t, int d, bool norm_r, bool norm_h, float eps) {
+  int eps_bits = 0;
+  std::memcpy(&eps_bits, &eps, sizeof eps_bits);
+  return {"mlxr_norm_add",
+          kNormAddSource,
+          t,
+          {{"D", d},
+           {"NORM_R", norm_r ? 1 : 0},
+           {"NORM_H", norm_h ? 1 : 0},
+           {"EPS", eps_bits},
+           {"THREADS", norm_add_threads(d)}},
+          {"x", "r", "wr", "wh"},
+          {"h", "y"}};
+}
+
+std::optional<std::pair<mx::array, std::optional<mx::array>>> try_fused_norm_add(
+    const mx::array& x, const mx::array& r, const std::optional<mx::array>& r_weight,
+    const std::optional<mx::array>& h_weight, float eps, mx::StreamOrDevice s) {
+  auto t = x.dtype();
+  if (!cuda_routes_on(s) || (t != mx::bfloat16 && t != mx::float16) || r.dtype() != t ||
+      x.shape() != r.shape() || x.ndim() < 1 || x.is_tracer() || r.is_tracer()) {
+    return std::nullopt;
+  }
+  int d = x.shape(-1);
+  size_t rows = d > 0 ? x.size() / static_cast<size_t>(d) : 0;
+  if (d > kNormAddMaxWidth || rows == 0 || rows > kNormAddMaxRows) {
+    return std::nullopt;
+  }
+  for (const auto* w : {&r_weight, &h_weight}) {
+    if (w->has_value() &&
+        ((*w)->dtype() != t || (*w)->ndim() != 1 || (*w)->shape(0) != d || (*w)->is_tracer())) {
+      return std::nullopt;
+    }
+  }
+  auto stream = mx::to_stream(s);
+  auto spec = norm_add_spec(t, d, r_weight.has_value(), h_weight.has_value(), eps);
+  int threads = norm_add_threads(d);
+  std::vector<mx::Shape> shapes = {x.shape(), h_weight ? x.shape() : mx::Shape{1}};
+  auto out =
+      launch_all(norm_add_kernel(), spec, "", {x, r, r_weight.value_or(x), h_weight.value_or(x)},
+                 shapes, {}, {static_cast<int>(rows) * threads, 1, 1}, {threads, 1, 1}, stream);
+  std::optional<mx::array> y;
+  if (h_weight) {
+    y = out.at(1);
+  }
+  return std::make_pair(out.at(0), y);
+}
+
+}  // namespace mlxs
