@@ -5,7 +5,7 @@ Each variant runs through `mx.fast.cuda_kernel` on weight copies of 320 MB per s
 HBM), is checked against MLX's `quantized_matmul`, and is timed by wall clock per call; run it under the CUPTI
 injection library (`cupti_kernels.c`) for the GPU time per kernel name, which is what docs/benchmarks.md reports:
 
-    CUDA_INJECTION64_PATH=libcupti_kernels.so CUPTI_KERNELS_TOP=120 python qmv_variants.py [s0,g4w4,xq,bw,bwx,rows,...]
+    CUDA_INJECTION64_PATH=libcupti_kernels.so CUPTI_KERNELS_TOP=120 python qmv_variants.py [s0,g4w4,xq,bw,bwx,bw2,bwp,rows,...]
 
 `rows` is the committed tensor-core kernel (kQmmRowsSource, read from the source file) on one row of x.
 """
@@ -266,6 +266,58 @@ BW = PRO + ROW + r'''
   if (lane == 0) out[row] = static_cast<T>(static_cast<float>(acc & 7u));
 '''
 
+# Read patterns with more bytes in flight a warp, reads only (as bw), to pick one before wrapping the product
+# around it. bw2: 32 bytes a lane a step (two neighbouring 16-byte words), so a warp reads 1 KB at a time.
+BW2 = PRO + ROW + r'''
+  unsigned int acc = 0u;
+#pragma unroll UNROLL
+  for (int c = 2 * lane; c < CHUNKS; c += 64) {
+    const uint4 a = __ldg(wrow + c);
+    const uint4 b = c + 1 < CHUNKS ? __ldg(wrow + c + 1) : make_uint4(0u, 0u, 0u, 0u);
+    const int g = (c * 32) / GROUP;
+    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ __bfloat16_as_ushort(srow[g]) ^ __bfloat16_as_ushort(brow[g]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) out[row] = static_cast<T>(static_cast<float>(acc & 7u));
+'''
+
+# bwp: persistent warps (a few blocks an SM), each striding over rows with the next row's first words loaded
+# before the current row's are used, so a warp never waits empty between rows.
+BWP = PRO + r'''
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  constexpr int PER = (CHUNKS + 31) / 32;
+  uint4 next[PER];
+  auto fetch = [&](int r, uint4* dst) {
+    const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<size_t>(r) * (K / 8));
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int c = lane + 32 * i;
+      dst[i] = c < CHUNKS ? __ldg(wr + c) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  if (row < n) fetch(row, next);
+  for (; row < n; row += warps) {
+    uint4 cur[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) cur[i] = next[i];
+    if (row + warps < n) fetch(row + warps, next);
+    const T* srow = scales + static_cast<size_t>(row) * GROUPS;
+    const T* brow = biases + static_cast<size_t>(row) * GROUPS;
+    unsigned int acc = 0u;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int c = lane + 32 * i;
+      const int g = (min(c, CHUNKS - 1) * 32) / GROUP;
+      acc ^= cur[i].x ^ cur[i].y ^ cur[i].z ^ cur[i].w ^ __bfloat16_as_ushort(srow[g]) ^ __bfloat16_as_ushort(brow[g]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[row] = static_cast<T>(static_cast<float>(acc & 7u));
+  }
+'''
+
 def committed_unroll(k):
     return 2 if (k % 1024 == 0 and k <= 8192) else 8
 
@@ -285,6 +337,10 @@ VARIANTS = {
     "xq4": (XQ, 8, 1, lambda k: 4, 0),
     "bw": (BW.replace("WITH_X", "false"), 4, 1, lambda k: 4, 0),
     "bwx": (BW.replace("WITH_X", "true"), 4, 1, lambda k: 4, 0),
+    "bw2": (BW2, 4, 1, lambda k: 4, 0),
+    "bw2w8": (BW2, 8, 1, lambda k: 4, 0),
+    "bwp": (BWP, 4, 1, lambda k: 1, 8),
+    "bwp16": (BWP, 4, 1, lambda k: 1, 16),
     "rows": (None, 0, 0, None, 0),
 }
 
