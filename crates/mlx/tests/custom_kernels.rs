@@ -148,8 +148,8 @@ fn quantized_matvec_kernel_matches_mlx() {
 /// rounding of 16 bits of the largest value (its norms sum their squares in another order), a plain
 /// sum (no norm of r) exactly; elsewhere bit for bit. Every variant, both 16-bit types, widths of
 /// Gemma 3 1B, Llama 3 8B, Gemma 3 270M, one not a multiple of 8, one odd and one wider than a
-/// block's 1,024 vectors, one row to 32, and an x that starts 2 bytes into its buffer (the
-/// kernel's loads one value at a time).
+/// block's 1,024 vectors, one row to 32, and an x that starts 2 bytes into its buffer (so the
+/// kernel loads one value at a time).
 fn fused_norms(on_cuda: bool) {
     let mut checked = 0;
     let cases = [
@@ -254,11 +254,11 @@ fn decode_attention(on_cuda: bool) {
             let out = mlx::fast::scaled_dot_product_attention(&q, &k, &v, scale, m, None).unwrap();
             out.to_vec_f32().unwrap()
         };
+        let reference = run(Dtype::Float32, CustomKernels::Off);
         for dtype in [Dtype::Bfloat16, Dtype::Float16] {
             let what = format!(
                 "case {i} ({b} x {h}/{hkv} heads of {d}, {len} keys, mask {mask_kind}, {ql} queries) {dtype:?}"
             );
-            let reference = run(Dtype::Float32, CustomKernels::Off);
             let (ours, theirs) = (run(dtype, CustomKernels::Always), run(dtype, CustomKernels::Off));
             if on_cuda {
                 let scale = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
