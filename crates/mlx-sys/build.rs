@@ -22,6 +22,7 @@ const SHIM_SOURCES: &[&str] = &[
     "csrc/mlxs_kernel_cache.cpp",
     "csrc/mlxs_norm_kernel.cpp",
     "csrc/mlxs_attn_kernel.cpp",
+    "csrc/mlxs_rope_kernel.cpp",
     "csrc/mlxs_widen.cpp",
 ];
 

@@ -168,6 +168,20 @@ int mlxs_rope(mlxs_array* out, mlxs_array x, int dims, bool traditional, bool ha
   });
 }
 
+int mlxs_qk_norm_rope(mlxs_array* out, mlxs_array y, int heads, int d, mlxs_array norm_weight,
+                      float eps, int dims, bool traditional, bool has_base, float base, float scale,
+                      int offset, mlxs_array offset_arr, mlxs_array freqs, int dev) {
+  return guard([&] {
+    std::optional<float> b;
+    if (has_base) {
+      b = base;
+    }
+    auto off = offset_arr != nullptr ? arr(offset_arr) : mx::array(offset, mx::int32);
+    put(out, qk_norm_rope(arr(y), heads, d, opt(norm_weight), eps, dims, traditional, b, scale, off,
+                          opt(freqs), sod(dev)));
+  });
+}
+
 int mlxs_sdpa(mlxs_array* out, mlxs_array q, mlxs_array k, mlxs_array v, float scale,
               const char* mask_mode, mlxs_array mask, mlxs_array sinks, int dev) {
   return guard([&] {

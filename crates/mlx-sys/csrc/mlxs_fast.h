@@ -29,6 +29,15 @@ int mlxs_layer_norm(mlxs_array* out, mlxs_array x, mlxs_array weight, mlxs_array
 // `offset` is used.
 int mlxs_rope(mlxs_array* out, mlxs_array x, int dims, bool traditional, bool has_base, float base,
               float scale, int offset, mlxs_array offset_arr, mlxs_array freqs, int dev);
+// The first `heads` heads of `d` values of y [B, L, N] (q's heads then k's, as
+// a fused q/k/v projection lays them out) as [B, heads, L, d], RMS-normed with
+// norm_weight [heads, 1, d] and `eps` unless norm_weight is NULL, then rotated
+// as mlxs_rope rotates (its dims, traditional, has_base/base, scale, offset,
+// offset_arr, freqs). On CUDA one kernel of ours where the inputs fit it (its
+// norm may differ from MLX's in the last bit); elsewhere MLX's ops, exactly.
+int mlxs_qk_norm_rope(mlxs_array* out, mlxs_array y, int heads, int d, mlxs_array norm_weight,
+                      float eps, int dims, bool traditional, bool has_base, float base, float scale,
+                      int offset, mlxs_array offset_arr, mlxs_array freqs, int dev);
 // mask_mode: "" (none, or the array mask), "causal". mask and sinks may be NULL.
 int mlxs_sdpa(mlxs_array* out, mlxs_array q, mlxs_array k, mlxs_array v, float scale,
               const char* mask_mode, mlxs_array mask, mlxs_array sinks, int dev);

@@ -138,6 +138,23 @@ std::optional<mx::array> try_sdpa_decode(const mx::array& q, const mx::array& k,
 // additive; `mask_rows`: one mask row per batch row) (mlxs_attn_kernel.cpp).
 KernelSpec sdpa_decode_spec(mx::Dtype t, int d, int rep, int mask, bool mask_rows);
 
+// The first `heads` heads of `d` values of y: [B, L, N] (a fused q/k/v
+// projection's output, q's heads then k's), RMS-normed with the weight
+// [heads, 1, d] and `eps` when `weight` is given, and rotated (MLX's rope over
+// `dims` features: `base` or `freqs`, `scale`, `offset` an int32 scalar or one
+// a batch row), as [B, heads, L, d]: one kernel of ours on CUDA where the
+// inputs fit it, else MLX's ops, exactly (mlxs_rope_kernel.cpp).
+mx::array qk_norm_rope(const mx::array& y, int heads, int d, const std::optional<mx::array>& weight,
+                       float eps, int dims, bool traditional, std::optional<float> base,
+                       float scale, const mx::array& offset, const std::optional<mx::array>& freqs,
+                       mx::StreamOrDevice s);
+
+// The q/k norm and rope's instantiation for dtype `t`, head size `d`, `heads`
+// heads, with or without the norm, the traditional rope, explicit frequencies
+// and one offset a batch row, and `eps` (mlxs_rope_kernel.cpp).
+KernelSpec qk_norm_rope_spec(mx::Dtype t, int d, int heads, bool norm, bool traditional, bool freqs,
+                             bool offsets, float eps);
+
 // h = x + norm(r) (or x + r without `r_weight`) and, with `h_weight`, y =
 // norm(h): RMS norms over the last axis with weights `r_weight` and `h_weight`
 // and `eps`, as one kernel of ours on CUDA (nullopt elsewhere, or when the

@@ -538,6 +538,15 @@ int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int
                                         {64, 3, 2, false}}) {
         specs.push_back(mlxs::sdpa_decode_spec(t, d, rep, mask, rows));
       }
+      // Gemma 3 (a scalar offset, one a batch row), Llama 3 (its frequencies), SmolLM2 (traditional
+      // here, to compile that branch).
+      for (auto [d, heads, norm, trad, freqs, rows] :
+           {std::tuple{256, 5, true, false, false, false},
+            {256, 5, true, false, false, true},
+            {128, 40, false, false, true, true},
+            {64, 12, false, true, false, false}}) {
+        specs.push_back(mlxs::qk_norm_rope_spec(t, d, heads, norm, trad, freqs, rows, 1e-6f));
+      }
     }
     int read[2] = {0, 0};
     for (int pass = 0; pass < 2; ++pass) {

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: EUPL-1.2
-//! Our CUDA kernels (`csrc/mlxs_kernels.cpp`, `csrc/mlxs_norm_kernel.cpp`, `csrc/mlxs_attn_kernel.cpp`) compile: `nvrtc_check.py`
+//! Our CUDA kernels (`csrc/mlxs_kernels.cpp`, `csrc/mlxs_norm_kernel.cpp`, `csrc/mlxs_attn_kernel.cpp`, `csrc/mlxs_rope_kernel.cpp`) compile: `nvrtc_check.py`
 //! compiles every kernel source and every instantiation the dispatch code makes with NVRTC, as MLX
 //! does at a kernel's first call on a GPU machine, for compute capability 8.0 and 9.0 — here,
 //! without a GPU. NVRTC comes from
@@ -30,6 +30,7 @@ fn cuda_kernels_compile_with_nvrtc() {
         .arg(here.join("csrc").join("mlxs_kernels.cpp"))
         .arg(here.join("csrc").join("mlxs_norm_kernel.cpp"))
         .arg(here.join("csrc").join("mlxs_attn_kernel.cpp"))
+        .arg(here.join("csrc").join("mlxs_rope_kernel.cpp"))
         .output()
         .unwrap_or_else(|e| panic!("could not run {}: {e}", python.display()));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -91,18 +92,19 @@ fn our_compile_path_makes_and_caches_every_kernel() {
         files
     };
     for arch in [80, 90] {
-        // 8 one-row, 12 multi-row and 6 fused-norm instantiations, none on disk at first.
-        assert_eq!(check(arch), [38, 0, 38], "compute capability {arch}");
+        // 8 one-row, 12 multi-row, 8 fused-norm, 10 decode-attention and 8 q/k rope instantiations,
+        // none on disk at first.
+        assert_eq!(check(arch), [46, 0, 46], "compute capability {arch}");
     }
     let files = cubins();
-    assert_eq!(files.len(), 76, "one cubin per instantiation and architecture");
+    assert_eq!(files.len(), 92, "one cubin per instantiation and architecture");
     let cut = &files[0];
     let bytes = std::fs::read(cut).expect("a cubin reads");
     std::fs::write(cut, &bytes[..bytes.len() - 1]).expect("the cubin is cut short");
     // Its key names the architecture it was made for.
     let needle = b"--gpu-architecture=sm_80";
     let arch = if bytes.windows(needle.len()).any(|w| w == needle) { 80 } else { 90 };
-    assert_eq!(check(arch), [38, 37, 38], "the file cut short is compiled again");
+    assert_eq!(check(arch), [46, 45, 46], "the file cut short is compiled again");
     assert_eq!(std::fs::read(cut).expect("the cubin reads again"), bytes, "and written whole");
     let _ = std::fs::remove_dir_all(&cache);
 }

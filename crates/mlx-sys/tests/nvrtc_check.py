@@ -1,11 +1,11 @@
 # SPDX-License-Identifier: EUPL-1.2
-"""Compiles the CUDA kernels of csrc/mlxs_kernels.cpp, mlxs_norm_kernel.cpp and mlxs_attn_kernel.cpp with NVRTC, as MLX does on a GPU machine, on a
+"""Compiles the CUDA kernels of csrc/mlxs_kernels.cpp, mlxs_norm_kernel.cpp, mlxs_attn_kernel.cpp and mlxs_rope_kernel.cpp with NVRTC, as MLX does on a GPU machine, on a
 machine without a GPU: every kernel source, every instantiation our dispatch code makes (dtypes, group
 sizes, tiles), for compute capability 8.0 and 9.0. A kernel that does not compile here would fail on
 the GPU at its first call; this finds it in CI. NVRTC and the CUDA headers come from PyPI's
 nvidia-cuda-nvrtc-cu12 and nvidia-cuda-runtime-cu12 (pinned in xtask/fixtures/requirements.txt).
 
-    python nvrtc_check.py PATH/mlxs_kernels.cpp PATH/mlxs_norm_kernel.cpp PATH/mlxs_attn_kernel.cpp
+    python nvrtc_check.py PATH/mlxs_kernels.cpp PATH/mlxs_norm_kernel.cpp PATH/mlxs_attn_kernel.cpp PATH/mlxs_rope_kernel.cpp
 
 Exit status 0: all compiled; 1: a kernel failed (NVRTC's log is printed); 3: NVRTC is not installed
 in this Python (the caller decides whether that is an error).
@@ -53,6 +53,16 @@ KERNELS = {
         # Gemma 3 (256, 4 query heads a key/value head), Llama 3 (128, 4) and SmolLM2 (64, 3), every mask kind.
         "args": [(t, d, rep, mask, rows, 8) for t in TYPES
                  for d, rep, mask, rows in ((256, 4, 0, 0), (256, 4, 1, 0), (256, 1, 2, 1), (128, 4, 1, 1), (64, 3, 2, 0))],
+    },
+    "kQkNormRopeSource": {
+        "inputs": [("y", "T"), ("w", "T"), ("offset", "T"), ("freqs", "T")],
+        "outputs": [("out", "T")],
+        "scalars": ["int len", "int row", "float scale", "float base"],
+        "template": ["typename T", "int D", "int HEADS", "int NORM", "int TRAD", "int FREQS", "int OFFSETS", "int EPS"],
+        # Gemma 3 (a scalar offset, one a batch row), Llama 3 (its frequencies), SmolLM2 (traditional here).
+        "args": [(t, d, heads, norm, trad, freqs, rows, 0x358637BD) for t in TYPES
+                 for d, heads, norm, trad, freqs, rows in ((256, 5, 1, 0, 0, 0), (256, 5, 1, 0, 0, 1),
+                                                          (128, 40, 0, 0, 1, 1), (64, 12, 0, 1, 0, 0))],
     },
 }
 

@@ -121,6 +121,80 @@ pub fn rope(
     })
 }
 
+/// A rotation as [`rope`] takes it: over the first `dims` features,
+/// `traditional` pairs, the frequencies, the position scale and where the
+/// positions start.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation<'a> {
+    /// Rotated features.
+    pub dims: i32,
+    /// Rotate adjacent pairs instead of the two halves.
+    pub traditional: bool,
+    /// Where the frequencies come from.
+    pub freqs: RopeFreqs<'a>,
+    /// Position scale.
+    pub scale: f32,
+    /// Where the positions start.
+    pub offset: RopeOffset<'a>,
+}
+
+/// The q and k heads of a fused q/k/v projection, normed and rotated: the
+/// first `heads` heads of `head_dim` values of `y: [B, L, N]` (q's heads then
+/// k's, side by side from the start of each position's features) as `[B,
+/// heads, L, head_dim]`, RMS-normed over each head with `norm`'s weight
+/// (`[heads, 1, head_dim]`, each head's own row) and eps when given, then
+/// rotated by `rotation` as [`rope`] rotates.
+///
+/// On CUDA this is one kernel of ours where the inputs fit it (16-bit floats,
+/// the whole head rotated, head sizes a multiple of 64 up to 512, one offset or
+/// one a batch row; `MLXR_CUSTOM_KERNELS=0` turns it off), whose norm sums its
+/// squares in another order than MLX's and so may differ in the last bit.
+/// Elsewhere it is exactly MLX's slice, reshape, [`rms_norm`] without a
+/// weight, the product with the weight and [`rope`].
+pub fn qk_norm_rope(
+    y: &Array,
+    heads: i32,
+    head_dim: i32,
+    norm: Option<(&Array, f32)>,
+    rotation: &Rotation<'_>,
+) -> Result<Array> {
+    if rotation.dims <= 0 || rotation.dims % 2 != 0 {
+        return Err(Error::invalid("qk_norm_rope", format!("dims {} must be a positive even number", rotation.dims)));
+    }
+    let (has_base, base, freqs) = match rotation.freqs {
+        RopeFreqs::Base(b) => (true, b, None),
+        RopeFreqs::Custom(f) => (false, 0.0, Some(f)),
+    };
+    let (off, off_arr) = match rotation.offset {
+        RopeOffset::Fixed(o) => (o, None),
+        RopeOffset::Array(a) => (0, Some(a)),
+    };
+    let (weight, eps) = match norm {
+        Some((w, eps)) => (Some(w), eps),
+        None => (None, 0.0),
+    };
+    // SAFETY: live or null handles.
+    array_out("qk_norm_rope", |o| unsafe {
+        sys::mlxs_qk_norm_rope(
+            o,
+            y.as_raw(),
+            heads,
+            head_dim,
+            opt_handle(weight),
+            eps,
+            rotation.dims,
+            rotation.traditional,
+            has_base,
+            base,
+            rotation.scale,
+            off,
+            opt_handle(off_arr),
+            opt_handle(freqs),
+            dev(),
+        )
+    })
+}
+
 /// The mask of [`scaled_dot_product_attention`].
 #[derive(Debug, Clone, Copy)]
 pub enum AttentionMask<'a> {

@@ -4,8 +4,9 @@
 //!
 //! On a CUDA device the 4-bit kernels (one row of x, and 2 to 32 rows on the
 //! tensor cores) must be as close to an f32 reference as MLX's own kernel is
-//! (all round the weights or products in bf16 or fp16), and the fused norm
-//! and residual sum within a rounding of MLX's ops; everywhere else (the CPU,
+//! (all round the weights or products in bf16 or fp16), the fused norm and
+//! residual sum and the q/k norm and rope within a rounding of MLX's ops, and
+//! decode attention as close to an f32 reference as MLX's; everywhere else (the CPU,
 //! Metal, more than 32 rows, other bit widths) the switch must change nothing,
 //! bit for bit.
 
@@ -140,6 +141,7 @@ fn quantized_matvec_kernel_matches_mlx() {
     }
     fused_norms(on_cuda);
     decode_attention(on_cuda);
+    qk_norm_rope(on_cuda);
     set_custom_kernels(before);
     eprintln!("custom kernels checked on {device}{}", if on_cuda { " (CUDA)" } else { "" });
 }
@@ -267,6 +269,78 @@ fn decode_attention(on_cuda: bool) {
                     err_ours <= err_theirs.max(0.01 * scale) * 1.5,
                     "{what}: ours is {err_ours} from the f32 reference, MLX's {err_theirs}"
                 );
+            } else {
+                assert_eq!(ours, theirs, "{what}: the switch changed a result off CUDA");
+            }
+        }
+    }
+}
+
+/// `fast::qk_norm_rope` (the q and k heads of a fused projection's output, normed and rotated) with
+/// our kernels on and off against MLX's ops composed here (slice, heads, `rms_norm` without a
+/// weight, the product with the weight, `rope`): with the switch off exactly those ops everywhere;
+/// with it on, on CUDA within a rounding of 16 bits of the largest value (the norm sums its squares
+/// in another order), elsewhere bit for bit. Gemma 3's heads (a norm; one offset, one a batch row),
+/// Llama 3's (its frequencies, no norm), SmolLM2's rotated traditionally over two positions, and
+/// cases the kernel leaves to MLX (a partial rotation, a head size not a multiple of 64).
+fn qk_norm_rope(on_cuda: bool) {
+    use mlx::Array;
+    use mlx::fast::{RopeFreqs, RopeOffset, Rotation};
+    // (batch, positions, heads, head size, rotated dims, norm, traditional, frequencies, offsets)
+    let cases = [
+        (1, 1, 5, 256, 256, true, false, false, &[37][..]),
+        (3, 1, 5, 256, 256, true, false, false, &[3, 100, 7][..]),
+        (1, 1, 40, 128, 128, false, false, true, &[1000][..]),
+        (2, 1, 40, 128, 128, false, false, true, &[12, 5][..]),
+        (1, 2, 12, 64, 64, false, true, false, &[5][..]),
+        (2, 3, 6, 128, 128, true, false, false, &[0, 9][..]),
+        (1, 1, 5, 256, 128, true, false, false, &[4][..]),
+        (1, 1, 6, 96, 96, true, false, false, &[4][..]),
+    ];
+    for (i, &(b, l, heads, d, dims, norm, traditional, custom, offsets)) in cases.iter().enumerate() {
+        let seed = 700 + 10 * i as u64;
+        let normal = |shape: &[i32], seed: u64, dtype: Dtype| {
+            let key = random::key(seed).unwrap();
+            ops::astype(&random::normal(shape, Dtype::Float32, 0.0, 2.0, Some(&key)).unwrap(), dtype).unwrap()
+        };
+        // Half again as many features as the heads take (v's, left alone).
+        let n = heads * d + heads * d / 2;
+        let freqs: Vec<f32> = (0..dims / 2).map(|j| 10_000f32.powf(2.0 * j as f32 / dims as f32) * 1.5).collect();
+        let freqs = Array::from_slice(&freqs, &[dims / 2]).unwrap();
+        let offset_arr = Array::from_slice(offsets, &[offsets.len() as i32]).unwrap();
+        for dtype in [Dtype::Bfloat16, Dtype::Float16] {
+            let y = normal(&[b, l, n], seed, dtype);
+            let w = normal(&[heads, 1, d], seed + 1, dtype);
+            let rotation = Rotation {
+                dims,
+                traditional,
+                freqs: if custom { RopeFreqs::Custom(&freqs) } else { RopeFreqs::Base(10_000.0) },
+                scale: 1.0,
+                offset: if offsets.len() == 1 { RopeOffset::Fixed(offsets[0]) } else { RopeOffset::Array(&offset_arr) },
+            };
+            let norm = norm.then_some((&w, 1e-6f32));
+            let run = |mode| {
+                set_custom_kernels(mode);
+                mlx::fast::qk_norm_rope(&y, heads, d, norm, &rotation).unwrap().to_vec_f32().unwrap()
+            };
+            let (ours, off) = (run(CustomKernels::Always), run(CustomKernels::Off));
+            let heads_of_y = ops::slice(&y, &[0, 0, 0], &[b, l, heads * d]).unwrap();
+            let qk = ops::transpose(&ops::reshape(&heads_of_y, &[b, l, heads, d]).unwrap(), &[0, 2, 1, 3]).unwrap();
+            let qk = match norm {
+                Some((w, eps)) => ops::multiply(&mlx::fast::rms_norm(&qk, None, eps).unwrap(), w).unwrap(),
+                None => qk,
+            };
+            let r = rotation;
+            let theirs = mlx::fast::rope(&qk, r.dims, r.traditional, r.freqs, r.scale, r.offset).unwrap();
+            assert_eq!(theirs.shape(), vec![b, heads, l, d]);
+            let theirs = theirs.to_vec_f32().unwrap();
+            let what = format!("case {i} ({b} x {l} positions, {heads} heads of {d}, dims {dims}) {dtype:?}");
+            assert_eq!(off, theirs, "{what}: with the switch off, MLX's ops exactly");
+            if on_cuda {
+                let scale = theirs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let ulp = if dtype == Dtype::Bfloat16 { 2f32.powi(-7) } else { 2f32.powi(-10) };
+                let err = max_abs_diff(&ours, &theirs);
+                assert!(err <= 2.0 * ulp * scale, "{what}: ours is {err} from MLX's ops (scale {scale})");
             } else {
                 assert_eq!(ours, theirs, "{what}: the switch changed a result off CUDA");
             }

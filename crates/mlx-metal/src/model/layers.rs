@@ -209,13 +209,14 @@ impl Attention {
     /// where q's and k's features lie side by side: their heads are normed
     /// and rotated as one `[B, H + H_kv, L, D]` tensor, a rope (and a norm
     /// and a product) for both instead of one each, with the same result bit
-    /// for bit (each head is normed and rotated on its own either way).
+    /// for bit (each head is normed and rotated on its own either way); on
+    /// CUDA one kernel of ours reads them from `y` ([`Rope::norm_and_apply`]).
     fn rotate_fused(&self, f: &FusedLinear, y: &Array, b: i32, l: i32, offset: &Offset) -> Result<[Array; 3]> {
         let (heads, kv_heads) = (self.n_heads, self.n_kv_heads);
         let joined_norm = match (&self.qk_norm, &self.qk_norm_joined) {
             (None, _) => Some(None),
             // One norm over both computes in y's type: only when that is the weights' type.
-            (Some((qn, _)), Some(w)) if w.dtype() == y.dtype() => Some(Some((qn.eps, w))),
+            (Some((qn, _)), Some(w)) if w.dtype() == y.dtype() => Some(Some((w, qn.eps))),
             (Some(_), _) => None,
         };
         let (ends, last) = (f.ends(), y.ndim() as i32 - 1);
@@ -223,15 +224,10 @@ impl Attention {
         let Some(norm) = joined_norm.filter(|_| alike_heads) else {
             return self.rotate(one_each(f.split(y)?)?, b, l, offset);
         };
-        let qk = split_heads(&ops::slice_axis(y, last, 0, ends[1])?, b, l, heads + kv_heads)?;
         let v = split_heads(&ops::slice_axis(y, last, ends[1], ends[2])?, b, l, kv_heads)?;
-        let qk = match norm {
-            // MLX's norm rounds x / rms(x) to the output type and then multiplies by the weight in
-            // it: the same as this product of the unweighted norm and the weights.
-            Some((eps, w)) => ops::multiply(&fast::rms_norm(&qk, None, eps)?, w)?,
-            None => qk,
-        };
-        let qk = self.rope.apply(&qk, offset)?;
+        // MLX's norm rounds x / rms(x) to the output type and then multiplies by the weight in it:
+        // the same as the product of the unweighted norm and the joined weights that this takes.
+        let qk = self.rope.norm_and_apply(y, heads + kv_heads, ends[0] / heads, norm, offset)?;
         Ok([ops::slice_axis(&qk, 1, 0, heads)?, ops::slice_axis(&qk, 1, heads, heads + kv_heads)?, v])
     }
 }

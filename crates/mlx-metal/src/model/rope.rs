@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::cache::Offset;
 use mlx::Result;
-use mlx::fast::{self, RopeFreqs, RopeOffset};
+use mlx::fast::{self, RopeFreqs, RopeOffset, Rotation};
 use mlx::ops;
 use mlx::{Array, Dtype};
 
@@ -56,16 +56,41 @@ impl Rope {
     /// Applies the rope to `x: [B, H, L, D]` for positions `offset..offset + L`
     /// (one offset for every row, or one per row of a batch).
     pub fn apply(&self, x: &Array, offset: &Offset) -> Result<Array> {
+        let r = self.rotation(offset);
+        fast::rope(x, r.dims, r.traditional, r.freqs, r.scale, r.offset)
+    }
+
+    /// The q and k heads of a fused q/k/v projection's output `y: [B, L, N]`
+    /// (its first `heads` heads of `head_dim` features), normed with
+    /// `norm`'s weight `[heads, 1, head_dim]` and eps when given, then
+    /// rotated as [`Rope::apply`] rotates: `[B, heads, L, head_dim]`, one
+    /// kernel on CUDA ([`fast::qk_norm_rope`]).
+    pub fn norm_and_apply(
+        &self,
+        y: &Array,
+        heads: i32,
+        head_dim: i32,
+        norm: Option<(&Array, f32)>,
+        offset: &Offset,
+    ) -> Result<Array> {
+        fast::qk_norm_rope(y, heads, head_dim, norm, &self.rotation(offset))
+    }
+
+    fn rotation<'a>(&'a self, offset: &'a Offset) -> Rotation<'a> {
         let offset = match offset {
             Offset::Fixed(o) => RopeOffset::Fixed(*o),
             Offset::PerRow(a) => RopeOffset::Array(a),
         };
         match self {
-            Rope::Standard { dims, base, scale, traditional } => {
-                fast::rope(x, *dims, *traditional, RopeFreqs::Base(*base), *scale, offset)
-            }
+            Rope::Standard { dims, base, scale, traditional } => Rotation {
+                dims: *dims,
+                traditional: *traditional,
+                freqs: RopeFreqs::Base(*base),
+                scale: *scale,
+                offset,
+            },
             Rope::Custom { dims, freqs, traditional } => {
-                fast::rope(x, *dims, *traditional, RopeFreqs::Custom(freqs), 1.0, offset)
+                Rotation { dims: *dims, traditional: *traditional, freqs: RopeFreqs::Custom(freqs), scale: 1.0, offset }
             }
         }
     }
