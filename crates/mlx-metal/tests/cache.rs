@@ -19,7 +19,7 @@ use std::ops::ControlFlow;
 
 use mlx::Array;
 use mlx_metal::Error;
-use mlx_metal::cache::{KvCache, LayerCache, Mask, RotatingKvCache, causal_mask};
+use mlx_metal::cache::{BatchKvCache, KvCache, LayerCache, Mask, RotatingKvCache, causal_mask};
 use mlx_metal::generate::{LoopOptions, generate};
 use mlx_metal::model::{self, LanguageModel};
 use mlx_metal::sample::{Sampler, SamplerConfig};
@@ -384,6 +384,36 @@ fn layer_cache_dispatches_to_its_cache() {
     assert_eq!(buffer_len(&rotating.state()), 4);
     assert_eq!(standard.trim(2), 2);
     assert_eq!(standard.offset(), 4);
+}
+
+/// A batch's sliding-window layers: without padding, no mask for a decode step (and the plain
+/// causal one for several queries) until the window hides a key, as a sequence's own rotating
+/// cache decides; then the window's mask. With padding, always a mask (it hides the padding).
+#[test]
+fn a_batch_masks_a_window_only_once_it_hides_a_key() {
+    let (mut plain, mut padded) = (BatchKvCache::new(vec![0]).unwrap(), BatchKvCache::new(vec![1]).unwrap());
+    let mut seen = Vec::new();
+    for p in 1..=5 {
+        let (k, v) = kv(p, 1);
+        plain.update_and_fetch(&k, &v).unwrap();
+        padded.update_and_fetch(&k, &v).unwrap();
+        seen.push(pattern(&plain.make_mask(1, Some(4)).unwrap()));
+        seen.push(pattern(&plain.make_mask(2, Some(4)).unwrap()));
+        assert!(matches!(padded.make_mask(1, Some(4)).unwrap(), Mask::Array(_)), "padding is always masked");
+    }
+    let want = [
+        "none",
+        "causal",
+        "none",
+        "causal",
+        "none",
+        "[1, 1, 2, 5] 11110 01111",
+        "[1, 1, 1, 5] 01111",
+        "[1, 1, 2, 6] 011110 001111",
+        "[1, 1, 1, 6] 001111",
+        "[1, 1, 2, 7] 0011110 0001111",
+    ];
+    assert_eq!(seen, want);
 }
 
 // --- chunked prefill through a sliding window -------------------------------------------------

@@ -170,7 +170,13 @@ impl BatchKvCache {
     /// sees itself, so no row of scores is entirely masked.
     pub fn make_mask(&self, n: i32, window: Option<i32>) -> Result<Mask> {
         let offset = self.inner.offset();
-        if window.is_none() && self.left_padding.iter().all(|&p| p == 0) {
+        // Without padding, a window that hides no key yet (the last query, at
+        // offset + n - 1, sees key 0) leaves the plain causal mask, or none
+        // for one query: as a sequence's own cache decides
+        // ([`super::RotatingKvCache::make_mask`]), and a decode step builds
+        // no mask.
+        let window_hides = window.is_some_and(|w| offset + n - 1 >= w);
+        if !window_hides && self.left_padding.iter().all(|&p| p == 0) {
             return self.inner.make_mask(n, None);
         }
         let total = offset + n;
