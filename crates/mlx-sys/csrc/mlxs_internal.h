@@ -104,6 +104,10 @@ bool cuda_stream(mx::StreamOrDevice s);
 // and custom kernels not off (MLXR_CUSTOM_KERNELS=0: MLX as it is).
 bool cuda_routes_on(mx::StreamOrDevice s);
 
+// Whether our kernels are on everywhere they apply (MLXR_CUSTOM_KERNELS=always,
+// or fast::set_custom_kernels(Always)), not only where AUTO takes them.
+bool kernels_always();
+
 struct KernelSpec;
 
 // One call of our kernel `spec` (its header `header`; mlxs_kernels.cpp).

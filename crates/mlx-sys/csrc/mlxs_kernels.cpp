@@ -429,6 +429,8 @@ bool cuda_routes_on(mx::StreamOrDevice s) {
   return kernels_mode() != MLXS_KERNELS_OFF && cuda_stream(s);
 }
 
+bool kernels_always() { return kernels_mode() == MLXS_KERNELS_ALWAYS; }
+
 std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
                                       const mx::array& scales,
                                       const std::optional<mx::array>& biases, bool transpose,
