@@ -72,6 +72,16 @@ pub enum RopeFreqs<'a> {
     Custom(&'a Array),
 }
 
+impl<'a> RopeFreqs<'a> {
+    /// The shim's form: whether there is a base, the base, the frequencies.
+    fn parts(self) -> (bool, f32, Option<&'a Array>) {
+        match self {
+            RopeFreqs::Base(b) => (true, b, None),
+            RopeFreqs::Custom(f) => (false, 0.0, Some(f)),
+        }
+    }
+}
+
 /// Where the positions of [`rope`] start.
 #[derive(Debug, Clone, Copy)]
 pub enum RopeOffset<'a> {
@@ -79,6 +89,16 @@ pub enum RopeOffset<'a> {
     Fixed(i32),
     /// An int array (scalar, or one offset per batch row).
     Array(&'a Array),
+}
+
+impl<'a> RopeOffset<'a> {
+    /// The shim's form: the fixed offset, or the offsets' array.
+    fn parts(self) -> (i32, Option<&'a Array>) {
+        match self {
+            RopeOffset::Fixed(o) => (o, None),
+            RopeOffset::Array(a) => (0, Some(a)),
+        }
+    }
 }
 
 /// Rotary position embedding on the first `dims` features of the last axis of
@@ -95,14 +115,7 @@ pub fn rope(
     if dims <= 0 || dims % 2 != 0 {
         return Err(Error::invalid("rope", format!("dims {dims} must be a positive even number")));
     }
-    let (has_base, base, freqs_arr) = match freqs {
-        RopeFreqs::Base(b) => (true, b, None),
-        RopeFreqs::Custom(f) => (false, 0.0, Some(f)),
-    };
-    let (off, off_arr) = match offset {
-        RopeOffset::Fixed(o) => (o, None),
-        RopeOffset::Array(a) => (0, Some(a)),
-    };
+    let ((has_base, base, freqs_arr), (off, off_arr)) = (freqs.parts(), offset.parts());
     // SAFETY: live or null handles.
     array_out("rope", |o| unsafe {
         sys::mlxs_rope(
@@ -164,14 +177,7 @@ pub fn qk_norm_rope(
     if rotation.dims <= 0 || rotation.dims % 2 != 0 {
         return Err(Error::invalid("qk_norm_rope", format!("dims {} must be a positive even number", rotation.dims)));
     }
-    let (has_base, base, freqs) = match rotation.freqs {
-        RopeFreqs::Base(b) => (true, b, None),
-        RopeFreqs::Custom(f) => (false, 0.0, Some(f)),
-    };
-    let (off, off_arr) = match rotation.offset {
-        RopeOffset::Fixed(o) => (o, None),
-        RopeOffset::Array(a) => (0, Some(a)),
-    };
+    let ((has_base, base, freqs), (off, off_arr)) = (rotation.freqs.parts(), rotation.offset.parts());
     let (weight, eps) = match norm {
         Some((w, eps)) => (Some(w), eps),
         None => (None, 0.0),
