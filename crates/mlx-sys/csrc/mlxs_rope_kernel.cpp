@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 
 #include "mlx/fast.h"
 #include "mlxs_internal.h"
@@ -138,9 +139,13 @@ mx::array qk_norm_rope(const mx::array& y, int heads, int d, const std::optional
                        float scale, const mx::array& offset, const std::optional<mx::array>& freqs,
                        mx::StreamOrDevice s) {
   if (y.ndim() != 3 || heads <= 0 || d <= 0 || static_cast<int64_t>(heads) * d > y.shape(2)) {
-    throw std::invalid_argument(
-        "qk_norm_rope: y must be [B, L, N] with N at least heads * d, got " +
-        std::to_string(y.ndim()) + " dims");
+    std::string shape;
+    for (auto n : y.shape()) {
+      shape += (shape.empty() ? "" : ", ") + std::to_string(n);
+    }
+    throw std::invalid_argument("qk_norm_rope: y must be [B, L, N] with N at least heads (" +
+                                std::to_string(heads) + ") times d (" + std::to_string(d) +
+                                "), got [" + shape + "]");
   }
   if (weight && (weight->ndim() != 3 || weight->shape(0) != heads || weight->shape(1) != 1 ||
                  weight->shape(2) != d)) {

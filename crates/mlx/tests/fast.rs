@@ -7,7 +7,7 @@
 mod common;
 
 use common::{arr, assert_close, data, expect_err, iarr, softmax_ref, vals, wide};
-use mlx::fast::{self, AttentionMask, RopeFreqs, RopeOffset};
+use mlx::fast::{self, AttentionMask, RopeFreqs, RopeOffset, Rotation};
 use mlx::{Array, Dtype, Error, ops};
 
 fn rms_ref(x: &[f64], d: usize, w: Option<&[f64]>, eps: f64) -> Vec<f64> {
@@ -171,6 +171,29 @@ fn rope_with_array_offsets() {
     let mut want = rope_ref(&wide(&x[..l * d]), l, d, &at(1.0));
     want.extend(rope_ref(&wide(&x[l * d..]), l, d, &at(6.0)));
     assert_close(&vals(&per_row), &want, 1e-5);
+}
+
+/// `qk_norm_rope` refuses what it cannot split into heads, a weight of the wrong shape and a bad
+/// rotation, naming what was wrong; on the CPU its result is MLX's ops (`tests/custom_kernels.rs`).
+#[test]
+fn qk_norm_rope_errors() {
+    let y = arr(&data(2 * 3 * 16, 1), &[2, 3, 16]);
+    let rot = |dims| Rotation {
+        dims,
+        traditional: false,
+        freqs: RopeFreqs::Base(10000.0),
+        scale: 1.0,
+        offset: RopeOffset::Fixed(0),
+    };
+    assert_eq!(fast::qk_norm_rope(&y, 2, 8, None, &rot(8)).unwrap().shape(), vec![2, 2, 3, 8]);
+    let e = expect_err(fast::qk_norm_rope(&y, 3, 8, None, &rot(8)), "qk_norm_rope");
+    assert!(e.to_string().contains("[2, 3, 16]"), "{e}");
+    expect_err(fast::qk_norm_rope(&arr(&data(16, 1), &[16]), 2, 8, None, &rot(8)), "qk_norm_rope");
+    expect_err(fast::qk_norm_rope(&y, 0, 8, None, &rot(8)), "qk_norm_rope");
+    let w = arr(&data(8, 1), &[8]);
+    let e = expect_err(fast::qk_norm_rope(&y, 2, 8, Some((&w, 1e-6)), &rot(8)), "qk_norm_rope");
+    assert!(e.to_string().contains("weight"), "{e}");
+    expect_err(fast::qk_norm_rope(&y, 2, 8, None, &rot(7)), "qk_norm_rope");
 }
 
 #[test]
