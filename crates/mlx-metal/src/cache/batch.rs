@@ -175,7 +175,7 @@ impl BatchKvCache {
         // for one query: as a sequence's own cache decides
         // ([`super::RotatingKvCache::make_mask`]), and a decode step builds
         // no mask.
-        let window_hides = window.is_some_and(|w| offset + n - 1 >= w);
+        let window_hides = window.is_some_and(|w| offset + n > w);
         if !window_hides && self.left_padding.iter().all(|&p| p == 0) {
             return self.inner.make_mask(n, None);
         }
