@@ -97,6 +97,11 @@ constexpr int kGroupedMaxQuery = 8;
 // row and key/value head) or cuDNN (a graph built for every new key length,
 // so at every step): grouped_sdpa instead; so does a batch with other head
 // sizes.
+// The rope's base as MLX takes it: none when the frequencies are explicit.
+std::optional<float> rope_base(bool has_base, float base) {
+  return has_base ? std::optional<float>(base) : std::nullopt;
+}
+
 bool use_grouped(const mx::array& q, const mx::array& k, const mx::array& v, bool causal,
                  const std::optional<mx::array>& mask, bool has_sinks, mx::StreamOrDevice s) {
   if (!cuda_routes_on(s) || (causal && mask.has_value()) ||
@@ -155,10 +160,7 @@ int mlxs_layer_norm(mlxs_array* out, mlxs_array x, mlxs_array weight, mlxs_array
 int mlxs_rope(mlxs_array* out, mlxs_array x, int dims, bool traditional, bool has_base, float base,
               float scale, int offset, mlxs_array offset_arr, mlxs_array freqs, int dev) {
   return guard([&] {
-    std::optional<float> b;
-    if (has_base) {
-      b = base;
-    }
+    auto b = rope_base(has_base, base);
     if (offset_arr != nullptr) {
       put(out, mx::fast::rope(arr(x), dims, traditional, b, scale, arr(offset_arr), opt(freqs),
                               sod(dev)));
@@ -172,10 +174,7 @@ int mlxs_qk_norm_rope(mlxs_array* out, mlxs_array y, int heads, int d, mlxs_arra
                       float eps, int dims, bool traditional, bool has_base, float base, float scale,
                       int offset, mlxs_array offset_arr, mlxs_array freqs, int dev) {
   return guard([&] {
-    std::optional<float> b;
-    if (has_base) {
-      b = base;
-    }
+    auto b = rope_base(has_base, base);
     auto off = offset_arr != nullptr ? arr(offset_arr) : mx::array(offset, mx::int32);
     put(out, qk_norm_rope(arr(y), heads, d, opt(norm_weight), eps, dims, traditional, b, scale, off,
                           opt(freqs), sod(dev)));

@@ -101,6 +101,14 @@ impl<'a> RopeOffset<'a> {
     }
 }
 
+/// A rope rotates pairs: `dims` must be positive and even.
+fn check_rotated_dims(op: &'static str, dims: i32) -> Result<()> {
+    if dims <= 0 || dims % 2 != 0 {
+        return Err(Error::invalid(op, format!("dims {dims} must be a positive even number")));
+    }
+    Ok(())
+}
+
 /// Rotary position embedding on the first `dims` features of the last axis of
 /// `x` (shape `[..., L, D]`), positions `offset..offset + L`. `traditional`
 /// rotates adjacent pairs instead of the two halves.
@@ -112,9 +120,7 @@ pub fn rope(
     scale: f32,
     offset: RopeOffset<'_>,
 ) -> Result<Array> {
-    if dims <= 0 || dims % 2 != 0 {
-        return Err(Error::invalid("rope", format!("dims {dims} must be a positive even number")));
-    }
+    check_rotated_dims("rope", dims)?;
     let ((has_base, base, freqs_arr), (off, off_arr)) = (freqs.parts(), offset.parts());
     // SAFETY: live or null handles.
     array_out("rope", |o| unsafe {
@@ -174,9 +180,7 @@ pub fn qk_norm_rope(
     norm: Option<(&Array, f32)>,
     rotation: &Rotation<'_>,
 ) -> Result<Array> {
-    if rotation.dims <= 0 || rotation.dims % 2 != 0 {
-        return Err(Error::invalid("qk_norm_rope", format!("dims {} must be a positive even number", rotation.dims)));
-    }
+    check_rotated_dims("qk_norm_rope", rotation.dims)?;
     let ((has_base, base, freqs), (off, off_arr)) = (rotation.freqs.parts(), rotation.offset.parts());
     let (weight, eps) = match norm {
         Some((w, eps)) => (Some(w), eps),

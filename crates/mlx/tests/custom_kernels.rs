@@ -24,6 +24,15 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
+/// `ours` is within two roundings of a bf16 (8 bits) or fp16 (11 bits) value at the scale of
+/// `theirs`' largest value from `theirs` (MLX's ops).
+fn assert_within_a_rounding(ours: &[f32], theirs: &[f32], dtype: Dtype, what: &str) {
+    let scale = theirs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let ulp = if dtype == Dtype::Bfloat16 { 2f32.powi(-7) } else { 2f32.powi(-10) };
+    let err = max_abs_diff(ours, theirs);
+    assert!(err <= 2.0 * ulp * scale, "{what}: ours is {err} from MLX's ops (scale {scale})");
+}
+
 struct Case {
     n: i32,
     k: i32,
@@ -189,17 +198,10 @@ fn fused_norms(on_cuda: bool) {
             if !on_cuda || !r_norm {
                 assert_eq!(ours.0, theirs.0, "{what}: the sum");
             }
-            let close = |a: &[f32], b: &[f32], part: &str| {
-                let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                // One rounding of a bf16 (8 bits) or fp16 (11 bits) value at the largest's scale.
-                let ulp = if dtype == Dtype::Bfloat16 { 2f32.powi(-7) } else { 2f32.powi(-10) };
-                let err = max_abs_diff(a, b);
-                assert!(err <= 2.0 * ulp * scale, "{what}: {part} is {err} from MLX's ops (scale {scale})");
-            };
             if on_cuda {
-                close(&ours.0, &theirs.0, "the sum");
+                assert_within_a_rounding(&ours.0, &theirs.0, dtype, &format!("{what}: the sum"));
                 if let (Some(a), Some(b)) = (&ours.1, &theirs.1) {
-                    close(a, b, "the norm");
+                    assert_within_a_rounding(a, b, dtype, &format!("{what}: the norm"));
                 }
             } else {
                 assert_eq!(ours.1, theirs.1, "{what}: the norm");
@@ -337,10 +339,7 @@ fn qk_norm_rope(on_cuda: bool) {
             let what = format!("case {i} ({b} x {l} positions, {heads} heads of {d}, dims {dims}) {dtype:?}");
             assert_eq!(off, theirs, "{what}: with the switch off, MLX's ops exactly");
             if on_cuda {
-                let scale = theirs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let ulp = if dtype == Dtype::Bfloat16 { 2f32.powi(-7) } else { 2f32.powi(-10) };
-                let err = max_abs_diff(&ours, &theirs);
-                assert!(err <= 2.0 * ulp * scale, "{what}: ours is {err} from MLX's ops (scale {scale})");
+                assert_within_a_rounding(&ours, &theirs, dtype, &what);
             } else {
                 assert_eq!(ours, theirs, "{what}: the switch changed a result off CUDA");
             }
