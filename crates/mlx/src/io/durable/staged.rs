@@ -24,7 +24,7 @@ impl StagedDir {
     /// (`.NAME.TAG.tmp`), exclusively.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when `target` has no file name; [`Error::Io`]
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) when `target` has no file name; [`Error::Io`](crate::Error::Io)
     /// naming the path when it cannot be created.
     ///
     /// Leftovers of earlier attempts at the same target older than
@@ -56,7 +56,7 @@ impl StagedDir {
     /// removed with everything in it.
     ///
     /// # Errors
-    /// [`Error::Io`] naming the path that failed. Until the rename the target
+    /// [`Error::Io`](crate::Error::Io) naming the path that failed. Until the rename the target
     /// is untouched (an old directory renamed aside is put back when the
     /// second rename fails), and the staged directory is removed.
     pub fn commit(self, replace_non_empty: bool) -> Result<()> {
@@ -86,7 +86,7 @@ pub const STALE_AFTER: Duration = Duration::from_secs(3600);
 /// A leftover that cannot be removed is skipped.
 ///
 /// # Errors
-/// [`Error::Io`] naming `dir` when it cannot be read.
+/// [`Error::Io`](crate::Error::Io) naming `dir` when it cannot be read.
 pub fn sweep_stale(dir: &Path, older_than: Duration) -> Result<Vec<PathBuf>> {
     sweep(dir, older_than, None)
 }
