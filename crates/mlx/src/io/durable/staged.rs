@@ -24,8 +24,9 @@ impl StagedDir {
     /// (`.NAME.TAG.tmp`), exclusively.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) when `target` has no file name; [`Error::Io`](crate::Error::Io)
-    /// naming the path when it cannot be created.
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) when `target`
+    /// has no file name; [`Error::Io`](crate::Error::Io) naming the path when it
+    /// cannot be created.
     ///
     /// Leftovers of earlier attempts at the same target older than
     /// [`STALE_AFTER`] are removed first (see [`sweep_stale`]).
