@@ -5,7 +5,7 @@
 //!
 //! ```sh
 //! cargo run --release -p mlx-metal --example batch_step -- --model DIR \
-//!     [--rows 1,2,4,8,16,32] [--prompt 128] [--ragged 0] [--decode 64] [--runs 2]
+//!     [--rows 1,2,4,8,16,32] [--prompt 128] [--ragged 0] [--decode 64] [--runs 2] [--census]
 //! ```
 //!
 //! Row `i`'s prompt has `prompt - (i * ragged) % prompt` tokens, so `--ragged 0` gives a batch
@@ -16,13 +16,16 @@
 //! batch's machinery costs, and the host's share of a step: the median time a greedy loop of
 //! the model's own takes to build one step (`forward`, `argmax`) and to queue it (`async_eval`,
 //! where MLX encodes the kernels), which the device's work hides only while it is the shorter.
+//! `--census` also prints that step's graph ([`mlx::transforms::graph_census`]): its nodes by
+//! primitive, those that compute (about a kernel each on a GPU) and those that only change a
+//! layout.
 //! `xtask/bench/batch_step.py` measures mlx-lm's `BatchGenerator` the same way.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use mlx::transforms::async_eval;
+use mlx::transforms::{GraphCensus, async_eval, graph_census};
 use mlx::{Array, ops};
 use mlx_metal::bench::prompt_ids;
 use mlx_metal::generate::{self, LoopOptions};
@@ -31,8 +34,8 @@ use mlx_metal::sample::{Sampler, SamplerConfig};
 
 type BoxError = Box<dyn std::error::Error>;
 
-const USAGE: &str =
-    "usage: batch_step --model DIR [--rows 1,2,4,8,16,32] [--prompt 128] [--ragged 0] [--decode 64] [--runs 2]";
+const USAGE: &str = "usage: batch_step --model DIR [--rows 1,2,4,8,16,32] [--prompt 128] [--ragged 0] [--decode 64] [--runs 2] \
+     [--census]";
 
 struct Options {
     model: PathBuf,
@@ -41,11 +44,19 @@ struct Options {
     ragged: usize,
     decode: usize,
     runs: usize,
+    census: bool,
 }
 
 fn parse_args() -> Result<Options, String> {
-    let mut o =
-        Options { model: PathBuf::new(), rows: vec![1, 2, 4, 8, 16, 32], prompt: 128, ragged: 0, decode: 64, runs: 2 };
+    let mut o = Options {
+        model: PathBuf::new(),
+        rows: vec![1, 2, 4, 8, 16, 32],
+        prompt: 128,
+        ragged: 0,
+        decode: 64,
+        runs: 2,
+        census: false,
+    };
     let mut model = None;
     let mut args = std::env::args().skip(1);
     let num = |name: &str, v: &str| v.trim().parse::<usize>().map_err(|_| format!("{name}: {v:?} is not a number"));
@@ -60,6 +71,7 @@ fn parse_args() -> Result<Options, String> {
             "--ragged" => o.ragged = num("--ragged", &value("--ragged")?)?,
             "--decode" => o.decode = num("--decode", &value("--decode")?)?,
             "--runs" => o.runs = num("--runs", &value("--runs")?)?,
+            "--census" => o.census = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -105,6 +117,7 @@ fn run() -> Result<(), BoxError> {
     let sampler = Sampler::new(SamplerConfig::default())?;
     println!("| rows | step ms | tok/s | ms per row | single-sequence loop ms | host ms a step (build + queue) |");
     println!("|---|---|---|---|---|---|");
+    let mut census = None;
     for &rows in &o.rows {
         let prompts: Vec<Vec<u32>> =
             (0..rows).map(|i| prompt_ids(o.prompt - (i * o.ragged) % o.prompt, vocab, i as u64)).collect();
@@ -131,7 +144,12 @@ fn run() -> Result<(), BoxError> {
                 Ok(())
             })?;
             let host = (0..=o.runs).map(|_| host_ms(lm, &prompts[0], o.decode)).collect::<Result<Vec<_>, _>>()?;
-            let best = host[1..].iter().copied().min_by(|a, b| (a.0 + a.1).total_cmp(&(b.0 + b.1))).unwrap_or_default();
+            census = host.first().map(|h| h.2.clone());
+            let best = host[1..]
+                .iter()
+                .map(|h| (h.0, h.1))
+                .min_by(|a, b| (a.0 + a.1).total_cmp(&(b.0 + b.1)))
+                .unwrap_or_default();
             (format!("{ms:.2}"), format!("{:.2} + {:.2}", best.0, best.1))
         } else {
             ("-".into(), "-".into())
@@ -139,12 +157,22 @@ fn run() -> Result<(), BoxError> {
         let per_s = rows as f64 * 1e3 / best;
         println!("| {rows} | {best:.2} | {per_s:.1} | {:.2} | {single} | {host} |", best / rows as f64);
     }
+    if let Some(c) = census.filter(|_| o.census) {
+        println!(
+            "\none row's decode step (forward, argmax): {} nodes, {} computing, {} layout only",
+            c.nodes(),
+            c.computing(),
+            c.layout_only()
+        );
+        println!("{}", c.by_count().iter().map(|(name, n)| format!("{name} {n}")).collect::<Vec<_>>().join(", "));
+    }
     Ok(())
 }
 
 /// The median host time of building one greedy decode step (the forward pass and `argmax`) and
-/// of queueing it (`async_eval`), in a loop that then waits for the step before.
-fn host_ms(lm: &dyn LanguageModel, prompt: &[u32], decode: usize) -> Result<(f64, f64), BoxError> {
+/// of queueing it (`async_eval`), in a loop that then waits for the step before; and the first
+/// step's graph.
+fn host_ms(lm: &dyn LanguageModel, prompt: &[u32], decode: usize) -> Result<(f64, f64, GraphCensus), BoxError> {
     let mut caches = lm.make_cache()?;
     let last = |logits: &Array| -> Result<Array, BoxError> {
         let t = logits.shape()[1];
@@ -154,10 +182,14 @@ fn host_ms(lm: &dyn LanguageModel, prompt: &[u32], decode: usize) -> Result<(f64
     let mut y = last(&lm.forward(&x, &mut caches)?)?;
     async_eval(&[&y])?;
     let (mut build, mut queue) = (Vec::with_capacity(decode), Vec::with_capacity(decode));
-    for _ in 0..decode {
+    let mut census = GraphCensus::default();
+    for step in 0..decode {
         let t0 = Instant::now();
         let next = last(&lm.forward(&ops::reshape(&y, &[1, 1])?, &mut caches)?)?;
         let t1 = Instant::now();
+        if step == 0 {
+            census = graph_census(&[&next])?;
+        }
         async_eval(&[&next])?;
         build.push((t1 - t0).as_secs_f64() * 1e3);
         queue.push(t1.elapsed().as_secs_f64() * 1e3);
@@ -165,7 +197,7 @@ fn host_ms(lm: &dyn LanguageModel, prompt: &[u32], decode: usize) -> Result<(f64
         y = next;
     }
     y.eval()?;
-    Ok((median(build), median(queue)))
+    Ok((median(build), median(queue), census))
 }
 
 fn main() {

@@ -1,10 +1,17 @@
 // SPDX-License-Identifier: EUPL-1.2
 //
 // Closures over foreign callbacks, and the transforms that take them:
-// vjp, jvp, value_and_grad, checkpoint and compile.
+// vjp, jvp, value_and_grad, checkpoint and compile; and a census of the
+// primitives a graph would run.
 
+#include <cstdlib>
+#include <cstring>
+#include <map>
 #include <memory>
+#include <sstream>
+#include <unordered_set>
 
+#include "mlx/primitives.h"
 #include "mlxs_internal.h"
 
 using Fn = std::function<std::vector<mx::array>(const std::vector<mx::array>&)>;
@@ -136,6 +143,34 @@ int mlxs_set_compile_enabled(bool enabled) {
     } else {
       mx::disable_compile();
     }
+  });
+}
+
+int mlxs_graph_census(char** out, const mlxs_array* outputs, size_t n) {
+  return guard([&] {
+    std::unordered_set<std::uintptr_t> seen;
+    std::map<std::string, size_t> counts;
+    std::vector<mx::array> todo = arrays(outputs, n);
+    while (!todo.empty()) {
+      mx::array a = std::move(todo.back());
+      todo.pop_back();
+      if (!seen.insert(a.id()).second || !a.has_primitive() ||
+          a.status() != mx::array::Status::unscheduled) {
+        continue;
+      }
+      for (const auto& s : a.siblings()) {
+        seen.insert(s.id());
+      }
+      counts[a.primitive().name()] += 1;
+      for (const auto& in : a.inputs()) {
+        todo.push_back(in);
+      }
+    }
+    std::ostringstream o;
+    for (const auto& [name, count] : counts) {
+      o << name << '\t' << count << '\n';
+    }
+    *out = strdup(o.str().c_str());
   });
 }
 

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: EUPL-1.2
 //
 // Closures over foreign callbacks and the transforms that take them: vjp,
-// jvp, value_and_grad, checkpoint and compile (mlxs_transforms.cpp).
+// jvp, value_and_grad, checkpoint and compile, and a census of the primitives
+// a graph would run (mlxs_transforms.cpp).
 //
 // Part of mlxs.h, which states the ABI's rules: include that one.
 
@@ -36,6 +37,11 @@ int mlxs_vag_apply(mlxs_vec* values, mlxs_vec* grads, mlxs_vag f, const mlxs_arr
 int mlxs_checkpoint(mlxs_closure* out, mlxs_closure c);
 int mlxs_compile(mlxs_closure* out, mlxs_closure c, bool shapeless);
 int mlxs_set_compile_enabled(bool enabled);
+// The primitives of the graph that evaluating `outputs` would run: every array
+// reachable from them not yet scheduled, one count per primitive (siblings
+// share theirs), as lines `NAME\tCOUNT` in name order. Free with
+// mlxs_string_free.
+int mlxs_graph_census(char** out, const mlxs_array* outputs, size_t n);
 
 #ifdef __cplusplus
 }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! Evaluation and function transforms: `eval`, `async_eval`, closures over
-//! Rust functions, `vjp`, `jvp`, `value_and_grad`, `checkpoint` and `compile`.
+//! Rust functions, `vjp`, `jvp`, `value_and_grad`, `checkpoint` and `compile`;
+//! and [`graph_census`], what evaluating a graph would run.
 //!
 //! A [`Closure`] wraps a Rust function so MLX can call it while tracing.
 //! Calls come back through an `extern "C"` trampoline that runs the function
@@ -29,6 +30,78 @@ pub fn async_eval(arrays: &[&Array]) -> Result<()> {
     let hs = handles(arrays);
     // SAFETY: hs holds live handles.
     check("async_eval", unsafe { sys::mlxs_async_eval(hs.as_ptr(), hs.len()) })
+}
+
+/// The primitives that change only an array's layout (shape, strides, offset), which a
+/// backend runs without a kernel unless the input's layout forces a copy (a reshape or
+/// flatten of strided data).
+pub const LAYOUT_PRIMITIVES: [&str; 12] = [
+    "AsStrided",
+    "Broadcast",
+    "BroadcastAxes",
+    "Depends",
+    "ExpandDims",
+    "Flatten",
+    "Reshape",
+    "Slice",
+    "Squeeze",
+    "StopGradient",
+    "Transpose",
+    "Unflatten",
+];
+
+/// What evaluating some arrays would run ([`graph_census`]): each primitive's name with the
+/// number of nodes of it in the graph.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GraphCensus {
+    /// Nodes per primitive name (MLX's class names: `Add`, `QuantizedMatmul`, `Compiled`, ...).
+    pub counts: std::collections::BTreeMap<String, usize>,
+}
+
+impl GraphCensus {
+    /// Every node of the graph.
+    pub fn nodes(&self) -> usize {
+        self.counts.values().sum()
+    }
+
+    /// The nodes that only change a layout ([`LAYOUT_PRIMITIVES`]).
+    pub fn layout_only(&self) -> usize {
+        self.counts.iter().filter(|(k, _)| LAYOUT_PRIMITIVES.contains(&k.as_str())).map(|(_, v)| v).sum()
+    }
+
+    /// The nodes that compute: on a GPU, about one kernel each.
+    pub fn computing(&self) -> usize {
+        self.nodes() - self.layout_only()
+    }
+
+    /// The primitives by count, most first (ties by name).
+    pub fn by_count(&self) -> Vec<(&str, usize)> {
+        let mut v: Vec<(&str, usize)> = self.counts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        v
+    }
+}
+
+/// The graph that evaluating `arrays` would run now: every array they depend on that is not
+/// yet evaluated or queued, counted once per primitive node (the outputs of one node, such as
+/// a split's parts, count once). Nothing is evaluated. A diagnostic of a step's host work:
+/// MLX's backends encode a kernel per computing node, at a host cost each.
+pub fn graph_census(arrays: &[&Array]) -> Result<GraphCensus> {
+    let hs = handles(arrays);
+    let mut out: *mut std::os::raw::c_char = std::ptr::null_mut();
+    // SAFETY: hs holds live handles; on success the shim writes a malloc'ed C string.
+    check("graph_census", unsafe { sys::mlxs_graph_census(&mut out, hs.as_ptr(), hs.len()) })?;
+    // SAFETY: `out` is a valid NUL-terminated string until freed below.
+    let text = unsafe { std::ffi::CStr::from_ptr(out).to_string_lossy().into_owned() };
+    // SAFETY: allocated by the shim with strdup, freed once.
+    unsafe { sys::mlxs_string_free(out) };
+    let mut census = GraphCensus::default();
+    for line in text.lines() {
+        let parsed = line.split_once('\t').and_then(|(name, n)| Some((name, n.parse::<usize>().ok()?)));
+        let (name, n) = parsed.ok_or_else(|| Error::invalid("graph_census", format!("unreadable line {line:?}")))?;
+        census.counts.insert(name.to_owned(), n);
+    }
+    Ok(census)
 }
 
 type BoxedFn = Box<dyn Fn(&[Array]) -> Result<Vec<Array>>>;

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: EUPL-1.2
 //! Transforms: eval and async_eval, closures, vjp and jvp against
 //! hand-derived derivatives, value_and_grad, checkpoint and compile; errors
-//! and panics raised inside closures.
+//! and panics raised inside closures; the census of a graph.
 
 mod common;
 
@@ -306,4 +306,41 @@ fn a_closure_panic_is_resumed_on_the_rust_side() {
     let g = Closure::new(|xs: &[Array]| Ok(vec![xs[3].clone()])).unwrap();
     let p = catch_unwind(AssertUnwindSafe(|| g.call(&[&x()]))).expect_err("index panic");
     assert!(panic_message(p).contains("index out of bounds"));
+}
+
+#[test]
+fn a_graph_census_counts_each_pending_node_once_and_stops_at_evaluated_arrays() {
+    let (a, b) = (x(), y());
+    transforms::eval(&[&a, &b]).unwrap();
+    // sum(reshape(sin(a) · b + sin(a)) + reshape(concat(split(a)))): sin counted once though used
+    // twice, the split's two parts one node, and the sum over all axes a reduction and a squeeze.
+    let s = ops::sin(&a).unwrap();
+    let m = ops::add(&ops::multiply(&s, &b).unwrap(), &s).unwrap();
+    let parts = ops::split(&a, 2, 0).unwrap();
+    let r = ops::reshape(&m, &[2, 2]).unwrap();
+    let out = ops::add(&r, &ops::reshape(&ops::concatenate(&[&parts[0], &parts[1]], 0).unwrap(), &[2, 2]).unwrap());
+    let out = ops::sum_all(&out.unwrap(), false).unwrap();
+    let census = transforms::graph_census(&[&out]).unwrap();
+    let expected: Vec<(&str, usize)> = vec![
+        ("Add", 2),
+        ("Reshape", 2),
+        ("Concatenate", 1),
+        ("Multiply", 1),
+        ("Sin", 1),
+        ("Split", 1),
+        ("Squeeze", 1),
+        ("Sum", 1),
+    ];
+    let seen = census.by_count();
+    assert_eq!(seen, expected, "{census:?}");
+    assert_eq!((census.nodes(), census.layout_only(), census.computing()), (10, 3, 7));
+    // Part of the graph evaluated: only what is still pending counts.
+    transforms::eval(&[&m]).unwrap();
+    let rest = transforms::graph_census(&[&out]).unwrap();
+    assert_eq!(rest.counts.get("Sin"), None, "{rest:?}");
+    assert_eq!(rest.counts.get("Multiply"), None, "{rest:?}");
+    assert_eq!(rest.nodes(), 7, "{rest:?}");
+    out.eval().unwrap();
+    assert_eq!(transforms::graph_census(&[&out]).unwrap().nodes(), 0);
+    assert_eq!(transforms::graph_census(&[]).unwrap(), transforms::GraphCensus::default());
 }
