@@ -463,6 +463,16 @@ class WidenQuantizedMatmul : public mx::UnaryPrimitive {
   int bits_;
 };
 
+// `a` as the primitives take it, row-contiguous: as it is when it already is (an evaluated
+// weight, known from its flags), else through MLX's copy. A decode step then carries a
+// node for the activation only, not one for each of a product's three weight arrays.
+mx::array row_contiguous(const mx::array& a, const mx::Stream& s) {
+  if (a.is_available() && a.flags().row_contiguous) {
+    return a;
+  }
+  return mx::contiguous(a, false, s);
+}
+
 bool is_float(const mx::array& a) {
   return a.dtype() == mx::float32 || a.dtype() == mx::bfloat16 || a.dtype() == mx::float16;
 }
@@ -525,7 +535,7 @@ int mlxs_widen_matmul(mlxs_array* out, mlxs_array x, mlxs_array w, int dev) {
     }
     mx::Shape shape = xa.shape();
     shape.back() = wa.shape(0);
-    std::vector<mx::array> inputs{mx::contiguous(xa, false, s), mx::contiguous(wa, false, s)};
+    std::vector<mx::array> inputs{row_contiguous(xa, s), row_contiguous(wa, s)};
     put(out, mx::array(std::move(shape), mx::float32, std::make_shared<WidenMatmul>(s),
                        std::move(inputs)));
   });
@@ -553,8 +563,8 @@ int mlxs_widen_quantized_matmul(mlxs_array* out, mlxs_array x, mlxs_array w, mlx
     }
     mx::Shape shape = xa.shape();
     shape.back() = wa.shape(0);
-    std::vector<mx::array> inputs{mx::contiguous(xa, false, s), mx::contiguous(wa, false, s),
-                                  mx::contiguous(sa, false, s), mx::contiguous(*ba, false, s)};
+    std::vector<mx::array> inputs{row_contiguous(xa, s), row_contiguous(wa, s),
+                                  row_contiguous(sa, s), row_contiguous(*ba, s)};
     put(out,
         mx::array(std::move(shape), mx::float32,
                   std::make_shared<WidenQuantizedMatmul>(s, group_size, bits), std::move(inputs)));
