@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::os::raw::c_int;
 
 use crate::error::{Error, Result};
-use crate::ffi::{check, sys};
+use crate::ffi::{check, string_out, sys};
 
 /// An MLX device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,13 +54,8 @@ impl Device {
 
     /// Information about the device, as MLX reports it.
     pub fn info(self) -> Result<DeviceInfo> {
-        let mut out: *mut std::os::raw::c_char = std::ptr::null_mut();
-        // SAFETY: on success the shim writes a malloc'ed C string that we free.
-        check("device_info", unsafe { sys::mlxs_device_info_json(self.code(), &mut out) })?;
-        // SAFETY: `out` is a valid NUL-terminated string until freed below.
-        let text = unsafe { std::ffi::CStr::from_ptr(out).to_string_lossy().into_owned() };
-        // SAFETY: allocated by the shim with strdup.
-        unsafe { sys::mlxs_string_free(out) };
+        // SAFETY: `out` is a valid out pointer.
+        let text = string_out("device_info", |out| unsafe { sys::mlxs_device_info_json(self.code(), out) })?;
         let properties: BTreeMap<String, serde_json::Value> = serde_json::from_str(&text)
             .map_err(|e| Error::invalid("device_info", format!("unreadable device info {text:?}: {e}")))?;
         Ok(DeviceInfo { device: self, properties })

@@ -11,7 +11,7 @@
 use std::any::Any;
 use std::cell::RefCell;
 use std::ffi::CStr;
-use std::os::raw::c_int;
+use std::os::raw::{c_char, c_int};
 use std::ptr::NonNull;
 
 use crate::array::Array;
@@ -75,6 +75,20 @@ pub(crate) fn array_out(op: &'static str, f: impl FnOnce(*mut sys::mlxs_array) -
     let raw = NonNull::new(out).ok_or(Error::Mlx { op, message: "the shim returned a null array".into() })?;
     // SAFETY: on success the shim hands over one owned array handle.
     Ok(unsafe { Array::from_raw(raw) })
+}
+
+/// Calls a shim function that produces a C string (malloc'ed by the shim, freed here).
+pub(crate) fn string_out(op: &'static str, f: impl FnOnce(*mut *mut c_char) -> c_int) -> Result<String> {
+    let mut out: *mut c_char = std::ptr::null_mut();
+    check(op, f(&mut out))?;
+    if out.is_null() {
+        return Err(Error::Mlx { op, message: "the shim returned a null string".into() });
+    }
+    // SAFETY: on success the shim hands over a NUL-terminated string, valid until freed below.
+    let text = unsafe { CStr::from_ptr(out).to_string_lossy().into_owned() };
+    // SAFETY: allocated by the shim with strdup, freed once.
+    unsafe { sys::mlxs_string_free(out) };
+    Ok(text)
 }
 
 /// Calls a shim function that produces a vector of arrays.

@@ -88,13 +88,8 @@ impl GraphCensus {
 /// MLX's backends encode a kernel per computing node, at a host cost each.
 pub fn graph_census(arrays: &[&Array]) -> Result<GraphCensus> {
     let hs = handles(arrays);
-    let mut out: *mut std::os::raw::c_char = std::ptr::null_mut();
-    // SAFETY: hs holds live handles; on success the shim writes a malloc'ed C string.
-    check("graph_census", unsafe { sys::mlxs_graph_census(&mut out, hs.as_ptr(), hs.len()) })?;
-    // SAFETY: `out` is a valid NUL-terminated string until freed below.
-    let text = unsafe { std::ffi::CStr::from_ptr(out).to_string_lossy().into_owned() };
-    // SAFETY: allocated by the shim with strdup, freed once.
-    unsafe { sys::mlxs_string_free(out) };
+    // SAFETY: hs holds live handles and `out` is a valid out pointer.
+    let text = ffi::string_out("graph_census", |out| unsafe { sys::mlxs_graph_census(out, hs.as_ptr(), hs.len()) })?;
     let mut census = GraphCensus::default();
     for line in text.lines() {
         let parsed = line.split_once('\t').and_then(|(name, n)| Some((name, n.parse::<usize>().ok()?)));
