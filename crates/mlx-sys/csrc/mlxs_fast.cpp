@@ -86,6 +86,11 @@ bool grouped_fits(const mx::array& q, const mx::array& k, const mx::array& v,
   return mask->dtype() == mx::bool_ || mask->dtype() == q.dtype();
 }
 
+// The rope's base as MLX takes it: none when the frequencies are explicit.
+std::optional<float> rope_base(bool has_base, float base) {
+  return has_base ? std::optional<float>(base) : std::nullopt;
+}
+
 // The queries at most this long take grouped_sdpa on CUDA (decode steps and
 // speculative verification); longer ones go to MLX (cuDNN's fused attention).
 constexpr int kGroupedMaxQuery = 8;
@@ -97,11 +102,6 @@ constexpr int kGroupedMaxQuery = 8;
 // row and key/value head) or cuDNN (a graph built for every new key length,
 // so at every step): grouped_sdpa instead; so does a batch with other head
 // sizes.
-// The rope's base as MLX takes it: none when the frequencies are explicit.
-std::optional<float> rope_base(bool has_base, float base) {
-  return has_base ? std::optional<float>(base) : std::nullopt;
-}
-
 bool use_grouped(const mx::array& q, const mx::array& k, const mx::array& v, bool causal,
                  const std::optional<mx::array>& mask, bool has_sinks, mx::StreamOrDevice s) {
   if (!cuda_routes_on(s) || (causal && mask.has_value()) ||
