@@ -143,8 +143,10 @@ fn run() -> Result<(), BoxError> {
                 })?;
                 Ok(())
             })?;
-            let host = (0..=o.runs).map(|_| host_ms(lm, &prompts[0], o.decode)).collect::<Result<Vec<_>, _>>()?;
-            census = host.first().map(|h| h.2.clone());
+            let host = (0..=o.runs)
+                .map(|run| host_ms(lm, &prompts[0], o.decode, o.census && run == 0))
+                .collect::<Result<Vec<_>, _>>()?;
+            census = host.first().and_then(|h| h.2.clone());
             let best = host[1..]
                 .iter()
                 .map(|h| (h.0, h.1))
@@ -157,7 +159,7 @@ fn run() -> Result<(), BoxError> {
         let per_s = rows as f64 * 1e3 / best;
         println!("| {rows} | {best:.2} | {per_s:.1} | {:.2} | {single} | {host} |", best / rows as f64);
     }
-    if let Some(c) = census.filter(|_| o.census) {
+    if let Some(c) = census {
         println!(
             "\none row's decode step (forward, argmax): {} nodes, {} computing, {} layout only",
             c.nodes(),
@@ -170,9 +172,14 @@ fn run() -> Result<(), BoxError> {
 }
 
 /// The median host time of building one greedy decode step (the forward pass and `argmax`) and
-/// of queueing it (`async_eval`), in a loop that then waits for the step before; and the first
-/// step's graph.
-fn host_ms(lm: &dyn LanguageModel, prompt: &[u32], decode: usize) -> Result<(f64, f64, GraphCensus), BoxError> {
+/// of queueing it (`async_eval`), in a loop that then waits for the step before; and, when asked,
+/// the first step's graph, counted between the two timings so that neither includes it.
+fn host_ms(
+    lm: &dyn LanguageModel,
+    prompt: &[u32],
+    decode: usize,
+    count: bool,
+) -> Result<(f64, f64, Option<GraphCensus>), BoxError> {
     let mut caches = lm.make_cache()?;
     let last = |logits: &Array| -> Result<Array, BoxError> {
         let t = logits.shape()[1];
@@ -182,16 +189,16 @@ fn host_ms(lm: &dyn LanguageModel, prompt: &[u32], decode: usize) -> Result<(f64
     let mut y = last(&lm.forward(&x, &mut caches)?)?;
     async_eval(&[&y])?;
     let (mut build, mut queue) = (Vec::with_capacity(decode), Vec::with_capacity(decode));
-    let mut census = GraphCensus::default();
+    let mut census = None;
     for step in 0..decode {
         let t0 = Instant::now();
         let next = last(&lm.forward(&ops::reshape(&y, &[1, 1])?, &mut caches)?)?;
-        let t1 = Instant::now();
-        if step == 0 {
-            census = graph_census(&[&next])?;
+        build.push(t0.elapsed().as_secs_f64() * 1e3);
+        if count && step == 0 {
+            census = Some(graph_census(&[&next])?);
         }
+        let t1 = Instant::now();
         async_eval(&[&next])?;
-        build.push((t1 - t0).as_secs_f64() * 1e3);
         queue.push(t1.elapsed().as_secs_f64() * 1e3);
         y.eval()?;
         y = next;
