@@ -24,6 +24,8 @@ const SHIM_SOURCES: &[&str] = &[
     "csrc/mlxs_attn_kernel.cpp",
     "csrc/mlxs_rope_kernel.cpp",
     "csrc/mlxs_widen.cpp",
+    "csrc/mlxs_widen_quant.cpp",
+    "csrc/mlxs_cpu_fast.cpp",
 ];
 
 fn main() {
@@ -50,6 +52,10 @@ fn main() {
         .include(&include)
         .flag_if_supported("-Wno-deprecated-declarations")
         .flag_if_supported("-Wno-unused-parameter")
+        // MLX's CPU math (simd/math.h: exp's exponent bits read as a float
+        // through a cast pointer), which mlxs_cpu_fast.cpp calls for the
+        // fallback's exact angles, is only defined without strict aliasing.
+        .flag_if_supported("-fno-strict-aliasing")
         .opt_level(2)
         .define("NDEBUG", None);
     if env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("macos") {

@@ -122,7 +122,7 @@ bool use_grouped(const mx::array& q, const mx::array& k, const mx::array& v, boo
 extern "C" {
 
 int mlxs_rms_norm(mlxs_array* out, mlxs_array x, mlxs_array weight, float eps, int dev) {
-  return guard([&] { put(out, mx::fast::rms_norm(arr(x), opt(weight), eps, sod(dev))); });
+  return guard([&] { put(out, mlxs::rms_norm(arr(x), opt(weight), eps, sod(dev))); });
 }
 
 int mlxs_fused_norm_add(mlxs_array* h, mlxs_array* y, mlxs_array x, mlxs_array r,
@@ -140,10 +140,10 @@ int mlxs_fused_norm_add(mlxs_array* h, mlxs_array* y, mlxs_array x, mlxs_array r
       put(h, fused->first);
       return;
     }
-    auto rn = rw ? mx::fast::rms_norm(arr(r), rw, eps, s) : arr(r);
+    auto rn = rw ? mlxs::rms_norm(arr(r), rw, eps, s) : arr(r);
     auto sum = mx::add(arr(x), rn, s);
     if (hw) {
-      put(y, mx::fast::rms_norm(sum, hw, eps, s));
+      put(y, mlxs::rms_norm(sum, hw, eps, s));
     } else {
       *y = nullptr;
     }
@@ -162,10 +162,11 @@ int mlxs_rope(mlxs_array* out, mlxs_array x, int dims, bool traditional, bool ha
   return guard([&] {
     auto b = rope_base(has_base, base);
     if (offset_arr != nullptr) {
-      put(out, mx::fast::rope(arr(x), dims, traditional, b, scale, arr(offset_arr), opt(freqs),
-                              sod(dev)));
+      put(out,
+          mlxs::rope(arr(x), dims, traditional, b, scale, arr(offset_arr), opt(freqs), sod(dev)));
     } else {
-      put(out, mx::fast::rope(arr(x), dims, traditional, b, scale, offset, opt(freqs), sod(dev)));
+      put(out, mlxs::rope(arr(x), dims, traditional, b, scale, mx::array(offset, mx::int32),
+                          opt(freqs), sod(dev)));
     }
   });
 }

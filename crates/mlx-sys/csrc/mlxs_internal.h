@@ -104,6 +104,28 @@ bool cuda_stream(mx::StreamOrDevice s);
 // and custom kernels not off (MLXR_CUSTOM_KERNELS=0: MLX as it is).
 bool cuda_routes_on(mx::StreamOrDevice s);
 
+// Whether our CPU primitives for MLX's fast ops (mlxs_cpu_fast.cpp) may run on
+// `s`: a CPU stream and custom kernels not off.
+bool cpu_routes_on(mx::StreamOrDevice s);
+
+// Where each row of `a` (each index over all axes but the last) starts, in
+// elements from its data pointer, and the step along a row: any strides, so
+// our CPU primitives read a transposed or sliced input where it lies (libmlx
+// exports no copy for an eval to call). mlxs_cpu_fast.cpp.
+struct RowStarts {
+  std::vector<int64_t> start;
+  int64_t step = 1;
+};
+RowStarts row_starts(const mx::array& a);
+
+// fast::rms_norm and fast::rope, as one node each on a CPU stream where our
+// primitives take the inputs (float32; mlxs_cpu_fast.cpp), else MLX's.
+mx::array rms_norm(const mx::array& x, const std::optional<mx::array>& weight, float eps,
+                   mx::StreamOrDevice s);
+mx::array rope(const mx::array& x, int dims, bool traditional, std::optional<float> base,
+               float scale, const mx::array& offset, const std::optional<mx::array>& freqs,
+               mx::StreamOrDevice s);
+
 // Whether our kernels are on everywhere they apply (MLXR_CUSTOM_KERNELS=always,
 // or fast::set_custom_kernels(Always)), not only where AUTO takes them.
 bool kernels_always();

@@ -429,6 +429,10 @@ bool cuda_routes_on(mx::StreamOrDevice s) {
   return kernels_mode() != MLXS_KERNELS_OFF && cuda_stream(s);
 }
 
+bool cpu_routes_on(mx::StreamOrDevice s) {
+  return kernels_mode() != MLXS_KERNELS_OFF && mx::to_stream(s).device.type == mx::Device::cpu;
+}
+
 bool kernels_always() { return kernels_mode() == MLXS_KERNELS_ALWAYS; }
 
 std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,

@@ -106,9 +106,9 @@ mx::array qk_norm_rope_ops(const mx::array& y, int heads, int d,
   auto qk = mx::slice(y, {0, 0, 0}, {b, l, heads * d}, s);
   qk = mx::transpose(mx::reshape(qk, {b, l, heads, d}, s), {0, 2, 1, 3}, s);
   if (weight) {
-    qk = mx::multiply(mx::fast::rms_norm(qk, std::nullopt, eps, s), *weight, s);
+    qk = mx::multiply(mlxs::rms_norm(qk, std::nullopt, eps, s), *weight, s);
   }
-  return mx::fast::rope(qk, dims, traditional, base, scale, offset, freqs, s);
+  return mlxs::rope(qk, dims, traditional, base, scale, offset, freqs, s);
 }
 
 }  // namespace

@@ -289,6 +289,9 @@ fn mask_parts(mask: AttentionMask<'_>) -> (&'static std::ffi::CStr, Option<&Arra
 /// MLX's are the bottleneck and ours give the same result within rounding
 /// (today: 4-bit affine matrix-vector products on CUDA, the projections of a
 /// decode step; `csrc/mlxs_kernels.cpp`, measured in docs/benchmarks.md).
+/// On a CPU stream the switch also covers [`rms_norm`] and [`rope`] of float32
+/// inputs as one node each instead of MLX's compositions of a dozen ops (the
+/// same values; `csrc/mlxs_cpu_fast.cpp`): on with `Auto` and `Always`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CustomKernels {
     /// Never: MLX's kernels everywhere.

@@ -144,6 +144,16 @@ fn keeps_leading_axes_and_reads_views_of_any_layout() {
     let y = ops::widen_matmul(&x, &w).unwrap();
     assert_eq!(y.shape(), vec![2, 3, n as i32]);
     assert_close(&vals(&y), &reference(&x_rows, 6, &wv, n, k), if on_gpu() { 1e-2 } else { 1e-5 });
+    // The quantised product reads the same transposed x (and a broadcast one) where it lies.
+    let q = ops::quantize(&arr(&data(n * 64, 6), &[n as i32, 64]), 32, 4).unwrap();
+    let dense = wide(&vals(&ops::dequantize(&q, Some(Dtype::Float32)).unwrap()));
+    let xq = ops::transpose(&arr(&data(2 * 3 * 64, 7), &[64, 3, 2]), &[2, 1, 0]).unwrap();
+    let xb = ops::broadcast_to(&arr(&data(64, 8), &[1, 64]), &[3, 64]).unwrap();
+    for (x, rows) in [(&xq, 6), (&xb, 3)] {
+        assert!(ops::widen_quantized_matmul_applies(x, &q).unwrap() || on_gpu());
+        let y = ops::widen_quantized_matmul(x, &q).unwrap();
+        assert_close(&vals(&y), &reference(&vals(x), rows, &dense, n, 64), if on_gpu() { 1e-2 } else { 1e-4 });
+    }
 }
 
 #[test]
