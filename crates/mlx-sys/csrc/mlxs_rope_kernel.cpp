@@ -8,7 +8,6 @@
 // launched as our other kernels are (mlxs_kernels.cpp, mlxs_kernel_cache.cpp).
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -84,17 +83,6 @@ constexpr const char* kQkNormRopeSource = R"(
 constexpr int kQkRopeMaxD = 512;
 constexpr size_t kQkRopeMaxBlocks = size_t{1} << 22;
 
-// The kernel has not been run on a GPU yet (docs/benchmarks.md): until it has,
-// the default mode (AUTO) takes it only with MLXR_QK_ROPE_KERNEL=1, ALWAYS
-// (the GPU test's mode) always.
-bool qk_rope_kernel_on() {
-  static const bool opted_in = [] {
-    const char* v = std::getenv("MLXR_QK_ROPE_KERNEL");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return opted_in || mlxs::kernels_always();
-}
-
 // MLX's composition of the same steps: the first `heads` heads of y split out,
 // normed, scaled by the weight and rotated (exactly what the kernel replaces).
 mx::array qk_norm_rope_ops(const mx::array& y, int heads, int d,
@@ -156,9 +144,8 @@ mx::array qk_norm_rope(const mx::array& y, int heads, int d, const std::optional
   size_t blocks = static_cast<size_t>(b) * l * heads;
   bool offsets = offset.ndim() == 1 && offset.shape(0) == b && b > 1;
   bool fits =
-      cuda_routes_on(s) && kernel_cache_on() && qk_rope_kernel_on() &&
-      (t == mx::bfloat16 || t == mx::float16) && dims == d && d % 64 == 0 && d <= kQkRopeMaxD &&
-      blocks > 0 && blocks <= kQkRopeMaxBlocks &&
+      cuda_routes_on(s) && kernel_cache_on() && (t == mx::bfloat16 || t == mx::float16) &&
+      dims == d && d % 64 == 0 && d <= kQkRopeMaxD && blocks > 0 && blocks <= kQkRopeMaxBlocks &&
       (offset.ndim() == 0 || offsets || offset.size() == 1) && offset.dtype() == mx::int32 &&
       (!weight || weight->dtype() == t) &&
       (!freqs || (freqs->dtype() == mx::float32 && freqs->size() == static_cast<size_t>(d / 2))) &&
