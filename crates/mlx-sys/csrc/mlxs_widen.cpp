@@ -135,31 +135,6 @@ void rows(const Job& j, int64_t n0, int64_t n1) {
   j.bf16 ? rows_portable<true>(j, n0, n1) : rows_portable<false>(j, n0, n1);
 }
 
-// Runs rows(n0, n1) over [0, n) split between threads, on the CPU stream's
-// thread and helpers; never throws (a thread that cannot start leaves its
-// share to this one).
-template <class F>
-void split_rows(int64_t n, const F& rows_of) noexcept {
-  constexpr int64_t kMaxThreads = 16;
-  int64_t hw = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
-  int64_t threads = std::clamp<int64_t>(n / kMinRowsPerThread, 1, std::min(hw, kMaxThreads));
-  std::thread pool[kMaxThreads];
-  for (int64_t t = 1; t < threads; ++t) {
-    int64_t n0 = n * t / threads, n1 = n * (t + 1) / threads;
-    try {
-      pool[t] = std::thread([&rows_of, n0, n1] { rows_of(n0, n1); });
-    } catch (...) {
-      rows_of(n0, n1);
-    }
-  }
-  rows_of(0, n / threads);
-  for (auto& th : pool) {
-    if (th.joinable()) {
-      th.join();
-    }
-  }
-}
-
 void run(const Job& j) noexcept {
   split_rows(j.n, [&j](int64_t n0, int64_t n1) { rows(j, n0, n1); });
 }
