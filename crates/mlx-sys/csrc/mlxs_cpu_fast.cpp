@@ -15,15 +15,15 @@
 // mean as Σx² times 1/n, the angles with MLX's CPU exp, sin and cos, the
 // rotation's products rounded before they are subtracted or added), so on a
 // CPU where MLX's reductions run one lane wide (x86) the results are the
-// fallback's to the bit; elsewhere the sum of squares may add in another order. They take float32
-// inputs (a CPU computes in float32: a 16-bit checkpoint is widened at load) and leave everything
-// else to MLX. Their derivatives, vmap and jvp are MLX's, through the same compositions
-// (fast::Custom's fallback), so training through them works as before.
+// fallback's to the bit; elsewhere the sum of squares may add in another
+// order. They take float32 inputs (a CPU computes in float32: a 16-bit
+// checkpoint is widened at load) and leave everything else to MLX. Their
+// derivatives, vmap and jvp are those of the same compositions
+// (FallbackPrimitive below), so training through them works as before.
 // MLXR_CUSTOM_KERNELS=0 (fast::set_custom_kernels(Off)) turns them off.
 
 #include <cmath>
 #include <cstdint>
-#include <typeinfo>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/primitives.h"
@@ -321,7 +321,7 @@ std::optional<mx::array> cpu_rms_norm(const mx::array& x, const std::optional<mx
 std::optional<mx::array> cpu_rope(const mx::array& x, int dims, bool traditional,
                                   std::optional<float> base, float scale, const mx::array& offset,
                                   const std::optional<mx::array>& freqs, mx::StreamOrDevice sd) {
-  // MLX's own checks (and errors) for anything it would refuse.
+  // Anything else goes to MLX's rope, whose checks name what is wrong.
   if (!cpu_routes_on(sd) || x.dtype() != mx::float32 || x.ndim() != 4 || dims <= 0 ||
       dims % 2 != 0 || dims > x.shape(-1) || base.has_value() == freqs.has_value() ||
       offset.dtype() != mx::int32 || offset.ndim() > 1 ||
