@@ -48,22 +48,50 @@ impl ParityModel for Metal {
     }
 }
 
-fn check(fixture: &Fixture) {
+/// One fixture's report, or what went wrong with it (so a loop over
+/// fixtures can name every one that fails, not only the first).
+fn try_check(fixture: &Fixture) -> Result<String, String> {
+    let name = &fixture.name;
     // The checkpoint's own types, unless mlx-lm was run cast to another (`<model>.float32`).
     let policy = match &fixture.golden.compute_dtype {
         None => DtypePolicy::Checkpoint,
-        Some(name) => DtypePolicy::Cast(
-            mlx::Dtype::parse(name).unwrap_or_else(|| panic!("{}: compute_dtype {name:?}", fixture.name)),
-        ),
+        Some(dtype) => {
+            DtypePolicy::Cast(mlx::Dtype::parse(dtype).ok_or_else(|| format!("{name}: compute_dtype {dtype:?}"))?)
+        }
     };
     // mlx-lm's `set_dtype` never dequantises: quantised layers stay packed, as here.
     let loaded = model::load_with_quantised(&fixture.model_dir, None, policy, QuantisedPolicy::Keep)
-        .unwrap_or_else(|e| panic!("{}: {e}", fixture.name));
-    assert_eq!(loaded.compute.dtype.name(), fixture.golden.run_dtype(), "{}: the compute type", fixture.name);
+        .map_err(|e| format!("{name}: {e}"))?;
+    let (got, want) = (loaded.compute.dtype.name(), fixture.golden.run_dtype());
+    if got != want {
+        return Err(format!("{name}: computes in {got}, the golden in {want}"));
+    }
     let mut m = Metal { model: loaded.model };
-    let report = parity::check_model(fixture, &mut m).unwrap_or_else(|e| panic!("{}: {e}", fixture.name));
-    assert!(report.is_ok(), "{report}");
-    println!("{report}");
+    let report = parity::check_model(fixture, &mut m).map_err(|e| format!("{name}: {e}"))?;
+    if report.is_ok() { Ok(report.to_string()) } else { Err(report.to_string()) }
+}
+
+fn check(fixture: &Fixture) {
+    match try_check(fixture) {
+        Ok(report) => println!("{report}"),
+        Err(failure) => panic!("{failure}"),
+    }
+}
+
+/// Checks every fixture named, then fails naming each that did not match.
+fn check_all(names: &[String], each: impl Fn(&Fixture) -> Result<(), String>) {
+    let mut failures = Vec::new();
+    for name in names {
+        let outcome = Fixture::load(name).map_err(|e| format!("{name}: {e}")).and_then(|f| {
+            each(&f)?;
+            try_check(&f)
+        });
+        match outcome {
+            Ok(report) => println!("{report}"),
+            Err(failure) => failures.push(failure),
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} fixtures differ:\n{}", failures.len(), names.len(), failures.join("\n"));
 }
 
 /// The tiny fixtures' names: as mlx-lm loads them (`cast` false), or cast
@@ -76,9 +104,7 @@ fn tiny_names(cast: bool) -> Vec<String> {
 fn tiny_fixtures_match_mlx_lm() {
     let names = tiny_names(false);
     assert!(names.len() >= 8, "expected every tiny variant, found {names:?}");
-    for name in names {
-        check(&Fixture::load(&name).unwrap());
-    }
+    check_all(&names, |_| Ok(()));
 }
 
 #[test]
@@ -87,11 +113,10 @@ fn tiny_16_bit_fixtures_computing_in_float32_match_mlx_lm_cast_to_float32() {
     for want in ["gemma3-tiny.float32", "llama3-tiny.float32", "qwen3-tiny.float32", "qwen3-tiny-4bit.float32"] {
         assert!(names.iter().any(|n| n == want), "no golden {want} in {names:?}");
     }
-    for name in names {
-        let fixture = Fixture::load(&name).unwrap();
-        assert_eq!(fixture.golden.logits_dtype, "float32", "{name}: held to float32's tolerances");
-        check(&fixture);
-    }
+    check_all(&names, |f| match f.golden.logits_dtype.as_str() {
+        "float32" => Ok(()),
+        other => Err(format!("{}: held to float32's tolerances, but its logits are {other}", f.name)),
+    });
 }
 
 fn real(name: &str) {
