@@ -20,14 +20,22 @@ namespace {
 // `causal` is the lower-right causal mask; `mask` (boolean, true attends, or
 // additive) broadcasts to [B, H, L, T]. Scale first, a floor of the type's
 // lowest value where a boolean mask hides, a precise softmax: the steps of
-// mlx::core::fast's own fallback.
+// mlx::core::fast's own fallback. For several queries of a 16-bit type the
+// scores and softmax are float32 and the probabilities are rounded to the type
+// for the product with v, as in cuDNN's fused attention, which MLX's CUDA
+// backend takes there: scores rounded to 16 bits part from it by more than
+// mlx-lm's tolerance (a 7-token prompt of the tiny Llama 3 on an H100). One
+// query keeps the 16-bit steps of MLX's own unfused attention.
 mx::array grouped_sdpa(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                        bool causal, const std::optional<mx::array>& mask, mx::StreamOrDevice s) {
   int b = q.shape(0), h = q.shape(1), l = q.shape(2), d = q.shape(3);
   int hkv = k.shape(1), t = k.shape(2);
   int rep = h / hkv;
-  auto qs = mx::reshape(mx::multiply(mx::array(scale, q.dtype()), q, s), {b, hkv, rep * l, d}, s);
-  auto scores = mx::matmul(qs, mx::swapaxes(k, -1, -2, s), s);
+  auto work =
+      l > 1 && (q.dtype() == mx::bfloat16 || q.dtype() == mx::float16) ? mx::float32 : q.dtype();
+  auto qs = mx::reshape(mx::multiply(mx::array(scale, work), mx::astype(q, work, s), s),
+                        {b, hkv, rep * l, d}, s);
+  auto scores = mx::matmul(qs, mx::swapaxes(mx::astype(k, work, s), -1, -2, s), s);
   scores = mx::reshape(scores, {b, hkv, rep, l, t}, s);
   std::optional<mx::array> m;
   if (causal) {
@@ -48,10 +56,10 @@ mx::array grouped_sdpa(const mx::array& q, const mx::array& k, const mx::array& 
       auto lowest = mx::array(mx::finfo(scores.dtype()).min, scores.dtype());
       scores = mx::where(*m, scores, lowest, s);
     } else {
-      scores = mx::add(scores, *m, s);
+      scores = mx::add(scores, mx::astype(*m, work, s), s);
     }
   }
-  scores = mx::softmax(scores, std::vector<int>{-1}, true, s);
+  scores = mx::astype(mx::softmax(scores, std::vector<int>{-1}, true, s), v.dtype(), s);
   auto out = mx::matmul(mx::reshape(scores, {b, hkv, rep * l, t}, s), v, s);
   return mx::reshape(out, {b, h, l, v.shape(3)}, s);
 }

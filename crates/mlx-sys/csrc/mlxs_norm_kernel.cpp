@@ -36,6 +36,13 @@ constexpr const char* kNormAddSource = R"(
     T v[VEC];
   };
   const float eps = __int_as_float(EPS);
+  // A 16-bit product rounded once, as MLX's norm rounds it: in float (where the
+  // product of two 16-bit values is exact), then converted. T's own operator*
+  // would let the compiler contract the product and the residual's add after
+  // it into one fused multiply-add, rounded once where MLX rounds twice (12% of
+  // a residual's values a last bit apart on an H100, enough to move a small
+  // model's logits past mlx-lm's tolerance).
+  auto mul = [](T a, T b) { return T(static_cast<float>(a) * static_cast<float>(b)); };
   const int tid = threadIdx.x;
   const size_t row = blockIdx.x;
   __shared__ float partial[THREADS / 32];
@@ -110,7 +117,7 @@ constexpr const char* kNormAddSource = R"(
       }
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const T rn = NORM_R ? T(w.v[e] * T(static_cast<float>(rv[k].v[e]) * r_scale)) : rv[k].v[e];
+        const T rn = NORM_R ? mul(w.v[e], T(static_cast<float>(rv[k].v[e]) * r_scale)) : rv[k].v[e];
         const T hv = xv[k].v[e] + rn;
         xv[k].v[e] = hv;
         const float f = static_cast<float>(hv);
@@ -129,7 +136,7 @@ constexpr const char* kNormAddSource = R"(
         load(wh, j, w);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          w.v[e] = w.v[e] * T(static_cast<float>(xv[k].v[e]) * h_scale);
+          w.v[e] = mul(w.v[e], T(static_cast<float>(xv[k].v[e]) * h_scale));
         }
         store(yr, j, w);
       }

@@ -254,8 +254,11 @@ pub fn scaled_dot_product_attention(
 /// MLX's own unfused attention broadcasts `k` and `v` over the grouped heads
 /// instead, which its CUDA backend runs as one cuBLAS call per batch row and
 /// key/value head. The same steps as MLX's: `q` scaled first, hidden scores at
-/// the type's lowest value, a precise softmax. Runs on any device (tests
-/// compare it with [`scaled_dot_product_attention`] on the CPU).
+/// the type's lowest value, a precise softmax; for several queries of a 16-bit
+/// type the scores and softmax in float32 and the probabilities rounded to the
+/// type for the product with `v`, as cuDNN's fused attention (which MLX's CUDA
+/// backend takes there) computes them. Runs on any device (tests compare it
+/// with [`scaled_dot_product_attention`] on the CPU).
 ///
 /// `mask`: [`AttentionMask::Causal`] (lower-right aligned), a boolean (true
 /// attends) or additive array of `q`'s type broadcasting to `[B, H, qL, kL]`
