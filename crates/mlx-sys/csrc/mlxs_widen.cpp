@@ -22,6 +22,11 @@
 // with its usual type promotion, which is also what this computes. Its
 // derivatives are matmul's (vjp), so training through it works.
 
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <algorithm>
 #include <cstdint>
 #include <typeinfo>
 #include <vector>
@@ -54,6 +59,111 @@ mx::array row_contiguous(const mx::array& a, const mx::Stream& s) {
     return a;
   }
   return mx::contiguous(a, false, s);
+}
+
+}  // namespace mlxs::widen
+
+namespace {
+
+// The helper threads of split_rows: each waits for a new job, takes its share
+// (its index among the shares; none when the job has fewer), and counts itself
+// done. One job at a time; a second stream's product finds them busy and runs
+// on its own thread.
+class RowPool {
+ public:
+  RowPool() {
+    int64_t hw = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
+    for (int64_t i = 1; i < std::min<int64_t>(hw, kMaxShares); ++i) {
+      try {
+        std::thread([this, i] { serve(static_cast<int>(i)); }).detach();
+        ++helpers_;
+      } catch (...) {
+        break;
+      }
+    }
+  }
+
+  int max_shares() const { return helpers_ + 1; }
+
+  // Runs the job in `shares` shares, the first here; false (nothing run) when
+  // another job holds the helpers.
+  bool run(int64_t n, int shares, const std::function<void(int64_t, int64_t)>& rows_of) {
+    std::unique_lock<std::mutex> busy(submit_, std::try_to_lock);
+    if (!busy.owns_lock()) {
+      return false;
+    }
+    {
+      std::lock_guard<std::mutex> g(m_);
+      job_ = &rows_of;
+      n_ = n;
+      shares_ = shares;
+      pending_ = shares - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    rows_of(0, n / shares);
+    std::unique_lock<std::mutex> g(m_);
+    done_.wait(g, [this] { return pending_ == 0; });
+    job_ = nullptr;
+    return true;
+  }
+
+ private:
+  static constexpr int64_t kMaxShares = 16;
+
+  void serve(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int64_t, int64_t)>* job = nullptr;
+      int64_t n0 = 0, n1 = 0;
+      {
+        std::unique_lock<std::mutex> g(m_);
+        wake_.wait(g, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (index >= shares_) {
+          continue;
+        }
+        job = job_;
+        n0 = n_ * index / shares_;
+        n1 = n_ * (index + 1) / shares_;
+      }
+      (*job)(n0, n1);
+      std::lock_guard<std::mutex> g(m_);
+      if (--pending_ == 0) {
+        done_.notify_one();
+      }
+    }
+  }
+
+  std::mutex submit_;
+  std::mutex m_;
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  const std::function<void(int64_t, int64_t)>* job_ = nullptr;
+  int64_t n_ = 0;
+  int shares_ = 0;
+  int pending_ = 0;
+  uint64_t generation_ = 0;
+  int helpers_ = 0;
+};
+
+}  // namespace
+
+namespace mlxs::widen {
+
+void split_rows(int64_t n, int64_t row_values,
+                const std::function<void(int64_t, int64_t)>& rows_of) noexcept {
+  int64_t values = n * std::max<int64_t>(row_values, 1);
+  if (n < 2 || values < 2 * kMinValuesPerShare) {
+    rows_of(0, n);
+    return;
+  }
+  // Never destroyed: the helpers wait on it for the life of the process.
+  static RowPool* pool = new RowPool();
+  int64_t shares = std::min<int64_t>({values / kMinValuesPerShare, n, pool->max_shares()});
+  if (shares < 2 || !pool->run(n, static_cast<int>(shares), rows_of)) {
+    rows_of(0, n);
+  }
 }
 
 }  // namespace mlxs::widen
@@ -136,7 +246,7 @@ void rows(const Job& j, int64_t n0, int64_t n1) {
 }
 
 void run(const Job& j) noexcept {
-  split_rows(j.n, [&j](int64_t n0, int64_t n1) { rows(j, n0, n1); });
+  split_rows(j.n, j.k, [&j](int64_t n0, int64_t n1) { rows(j, n0, n1); });
 }
 
 class WidenMatmul : public mx::UnaryPrimitive {

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <thread>
 #include <vector>
 
@@ -26,8 +27,8 @@ namespace mlxs::widen {
 // More rows than this and the kernel (which reads each W row once but does
 // the arithmetic with no blocking) loses to BLAS on a float32 copy of W.
 constexpr int64_t kMaxRows = 32;
-// Rows of W per thread at least, so small matrices stay on one thread.
-constexpr int64_t kMinRowsPerThread = 2048;
+// W's values a thread's share at least, so small products stay on one thread.
+constexpr int64_t kMinValuesPerShare = int64_t{1} << 18;
 
 // The rows of x where they start, when x is not row-contiguous (empty when it
 // is): read when the task runs, for x's values exist only then.
@@ -85,30 +86,16 @@ extern std::atomic<bool> simd_on;
 // AVX2, FMA and F16C.
 bool use_simd();
 
-// Runs rows(n0, n1) over [0, n) split between threads, on the CPU stream's
-// thread and helpers; never throws (a thread that cannot start leaves its
-// share to this one).
-template <class F>
-void split_rows(int64_t n, const F& rows_of) noexcept {
-  constexpr int64_t kMaxThreads = 16;
-  int64_t hw = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
-  int64_t threads = std::clamp<int64_t>(n / kMinRowsPerThread, 1, std::min(hw, kMaxThreads));
-  std::thread pool[kMaxThreads];
-  for (int64_t t = 1; t < threads; ++t) {
-    int64_t n0 = n * t / threads, n1 = n * (t + 1) / threads;
-    try {
-      pool[t] = std::thread([&rows_of, n0, n1] { rows_of(n0, n1); });
-    } catch (...) {
-      rows_of(n0, n1);
-    }
-  }
-  rows_of(0, n / threads);
-  for (auto& th : pool) {
-    if (th.joinable()) {
-      th.join();
-    }
-  }
-}
+// Runs rows_of(n0, n1) over [0, n) split between this thread (the CPU
+// stream's) and helper threads kept for the purpose (started once; starting a
+// thread per product costs more than a small product's share saves), about
+// kMinValuesPerShare of W's values a share (`row_values` a row); whole on this
+// thread when it is small, when the helpers are busy with another stream's
+// product, or when none could start. Each row is computed by one thread the
+// same way whatever the split, so the result does not depend on it. Never
+// throws.
+void split_rows(int64_t n, int64_t row_values,
+                const std::function<void(int64_t, int64_t)>& rows_of) noexcept;
 
 // A weight as the primitives take it, row-contiguous: as it is when it already is (an
 // evaluated weight, known from its flags), else through MLX's copy. The rows of x are taken

@@ -146,11 +146,11 @@ void qrun(const QJob& j) noexcept {
   }
 #ifdef MLXS_WIDEN_X86
   if (use_simd()) {
-    split_rows(j.n, [&j](int64_t n0, int64_t n1) { qrows_avx2(j, n0, n1); });
+    split_rows(j.n, j.k, [&j](int64_t n0, int64_t n1) { qrows_avx2(j, n0, n1); });
     return;
   }
 #endif
-  split_rows(j.n, [&j](int64_t n0, int64_t n1) { qrows_portable(j, n0, n1); });
+  split_rows(j.n, j.k, [&j](int64_t n0, int64_t n1) { qrows_portable(j, n0, n1); });
 }
 
 class WidenQuantizedMatmul : public mx::UnaryPrimitive {

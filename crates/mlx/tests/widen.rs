@@ -107,8 +107,8 @@ fn quantised_inputs_it_cannot_take_are_dequantised_or_refused() {
 }
 
 fn check_shapes() {
-    // Shapes: K a multiple of 16 and not (the kernel's tail), N big enough to
-    // split over threads (2,048 rows a thread at least) and not, 1 to 33 rows
+    // Shapes: K a multiple of 16 and not (the kernel's tail), W big enough to
+    // split over threads (2^18 of its values a share at least) and not, 1 to 33 rows
     // (33 is past the kernel's limit: MLX's matmul).
     for dtype in [Dtype::Bfloat16, Dtype::Float16] {
         for &(m, k, n) in &[(1, 64, 8), (1, 70, 4099), (3, 640, 5000), (32, 33, 300), (33, 48, 40)] {
@@ -220,4 +220,33 @@ fn its_derivative_is_the_matmuls() {
     // d/dx (x Wᵀ) · cot = cot W.
     let want = matmul_ref(&wide(&cv), &wv, m, n, k);
     assert_close(&vals(&grads[0]), &want, if on_gpu() { 1e-2 } else { 1e-5 });
+}
+
+/// A product big enough to be split over threads (the helpers of `split_rows`) equals, bit for
+/// bit, the same rows computed a small part at a time (each part too small to split): every row
+/// is computed by one thread the same way whatever the split. 16-bit and 4-bit matrices.
+#[test]
+fn a_split_product_equals_its_rows_one_part_at_a_time() {
+    if on_gpu() {
+        return;
+    }
+    let (m, k, n, part) = (2, 640, 4096, 128);
+    let x = arr(&data(m * k, 91), &[m as i32, k as i32]);
+    let (w, _) = matrix(n, k, Dtype::Bfloat16, 92);
+    let q = ops::quantize(&ops::astype(&w, Dtype::Float32).unwrap(), 64, 4).unwrap();
+    let rows = |a: &Array, r: usize| ops::slice_axis(a, 0, r as i32, (r + part) as i32).unwrap();
+    let parts = |f: &dyn Fn(usize) -> Array| {
+        let pieces: Vec<Array> = (0..n).step_by(part).map(f).collect();
+        vals(&ops::concatenate(&pieces.iter().collect::<Vec<_>>(), 1).unwrap())
+    };
+    let whole = vals(&ops::widen_matmul(&x, &w).unwrap());
+    assert_eq!(whole, parts(&|r| ops::widen_matmul(&x, &rows(&w, r)).unwrap()), "16-bit");
+    let whole = vals(&ops::widen_quantized_matmul(&x, &q).unwrap());
+    let part_of = |r: usize| mlx::ops::Quantized {
+        weight: rows(&q.weight, r),
+        scales: rows(&q.scales, r),
+        biases: q.biases.as_ref().map(|b| rows(b, r)),
+        ..q.clone()
+    };
+    assert_eq!(whole, parts(&|r| ops::widen_quantized_matmul(&x, &part_of(r)).unwrap()), "4-bit");
 }
