@@ -22,14 +22,14 @@
 // with its usual type promotion, which is also what this computes. Its
 // derivatives are matmul's (vjp), so training through it works.
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <functional>
 #include <mutex>
 #include <thread>
-#include <algorithm>
-#include <cstdint>
 #include <typeinfo>
 #include <vector>
 
