@@ -318,6 +318,87 @@ BWP = PRO + r'''
   }
 '''
 
+# stream: every byte of w, scales and biases read once, grid-stride in 16-byte words, four loads in flight a
+# thread, nothing computed: what the card reads in a kernel of this size at all (the bound for any layout).
+STREAM = r'''
+  const size_t tid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  unsigned int acc = 0u;
+  const uint4* parts[3] = {reinterpret_cast<const uint4*>(w), reinterpret_cast<const uint4*>(scales),
+                           reinterpret_cast<const uint4*>(biases)};
+  const size_t counts[3] = {static_cast<size_t>(w_shape[0]) * (K / 32),
+                            static_cast<size_t>(w_shape[0]) * (K / GROUP) / 8,
+                            static_cast<size_t>(w_shape[0]) * (K / GROUP) / 8};
+  for (int p = 0; p < 3; ++p) {
+    const uint4* src = parts[p];
+    const size_t cnt = counts[p];
+    for (size_t i = tid; i < cnt; i += 4 * stride) {
+      uint4 a[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const size_t j = i + u * stride;
+        a[u] = j < cnt ? __ldg(src + j) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) acc ^= a[u].x ^ a[u].y ^ a[u].z ^ a[u].w;
+    }
+  }
+  if (tid < static_cast<size_t>(w_shape[0])) out[tid] = static_cast<T>(static_cast<float>(acc & 7u));
+'''
+
+# gp: the product by persistent warps, each taking rows first, first + W, ... (W the warps launched) as one
+# stream of steps (a step: one 16-byte word a lane, 512 bytes a warp, with its scale and bias) kept DEPTH
+# steps ahead in a ring of registers, across the warp's rows: a warp never waits empty between rows, and a
+# kernel launches a few blocks an SM instead of a block per four rows.
+GP = PRO + r'''
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  const int first = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  constexpr int PER = (CHUNKS + 31) / 32;
+  const int my_rows = first < n ? (n - 1 - first) / warps + 1 : 0;
+  const int total = my_rows * PER;
+  const uint4* xq = reinterpret_cast<const uint4*>(x);
+  uint4 wb[DEPTH];
+  T sb[DEPTH], bb[DEPTH];
+#define GP_FETCH(S, J)                                                                       \
+  {                                                                                          \
+    const size_t r = static_cast<size_t>(first) + static_cast<size_t>((S) / PER) * warps;    \
+    const int c = lane + 32 * ((S) % PER);                                                   \
+    if (c < CHUNKS) {                                                                        \
+      wb[J] = __ldg(reinterpret_cast<const uint4*>(w + r * (K / 8)) + c);                    \
+      const int g = (c * 32) / GROUP;                                                        \
+      sb[J] = scales[r * GROUPS + g];                                                        \
+      bb[J] = biases[r * GROUPS + g];                                                        \
+    }                                                                                        \
+  }
+#pragma unroll
+  for (int j = 0; j < DEPTH; ++j) {
+    if (j < total) GP_FETCH(j, j)
+  }
+  float acc = 0.f;
+  for (int base = 0; base < total; base += DEPTH) {
+#pragma unroll
+    for (int j = 0; j < DEPTH; ++j) {
+      const int s = base + j;
+      if (s < total) {
+        const int c = lane + 32 * (s % PER);
+        if (c < CHUNKS) {
+          uint4 xv[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) xv[q] = __ldg(xq + c * 4 + q);
+          acc += qdot32<T>(wb[j], xv, P::splat(sb[j]), P::splat(bb[j]));
+        }
+        if (s + DEPTH < total) GP_FETCH(s + DEPTH, j)
+        if (s % PER == PER - 1) {
+          acc = warp_sum(acc);
+          if (lane == 0) out[first + (s / PER) * warps] = static_cast<T>(acc);
+          acc = 0.f;
+        }
+      }
+    }
+  }
+#undef GP_FETCH
+'''
+
 def committed_unroll(k):
     return 2 if (k % 1024 == 0 and k <= 8192) else 8
 
@@ -341,6 +422,11 @@ VARIANTS = {
     "bw2w8": (BW2, 8, 1, lambda k: 4, 0),
     "bwp": (BWP, 4, 1, lambda k: 1, 8),
     "bwp16": (BWP, 4, 1, lambda k: 1, 16),
+    "stream": (STREAM, 8, 1, lambda k: 1, 8),
+    "gp4": (GP.replace("DEPTH", "4"), 4, 1, lambda k: 1, 8),
+    "gp8": (GP.replace("DEPTH", "8"), 4, 1, lambda k: 1, 8),
+    "gp8p4": (GP.replace("DEPTH", "8"), 4, 1, lambda k: 1, 4),
+    "gp16p4": (GP.replace("DEPTH", "16"), 4, 1, lambda k: 1, 4),
     "rows": (None, 0, 0, None, 0),
 }
 
@@ -391,7 +477,9 @@ def main():
             warps = math.ceil(n / rpw)
             blocks = math.ceil(warps / wpb)
             if persist:
-                blocks = min(blocks, NSM * persist)
+                # as many warps as the cap allows with every warp given the same number of rows (within one)
+                per_warp = math.ceil(warps / (NSM * persist * wpb))
+                blocks = math.ceil(math.ceil(warps / per_warp) / wpb)
             def call(i, kern=kern, wpb=wpb, blocks=blocks, unroll=unroll):
                 return kern(inputs=[x, ws[i], ss[i], bs[i]], output_shapes=[(1, n)], output_dtypes=[mx.bfloat16],
                             grid=(blocks * 32 * wpb, 1, 1), threadgroup=(32 * wpb, 1, 1),
