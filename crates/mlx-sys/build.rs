@@ -20,6 +20,7 @@ const SHIM_SOURCES: &[&str] = &[
     "csrc/mlxs_distributed.cpp",
     "csrc/mlxs_kernels.cpp",
     "csrc/mlxs_kernel_cache.cpp",
+    "csrc/mlxs_kernel_check.cpp",
     "csrc/mlxs_norm_kernel.cpp",
     "csrc/mlxs_attn_kernel.cpp",
     "csrc/mlxs_rope_kernel.cpp",

@@ -159,6 +159,23 @@ int mlxs_fused_norm_add(mlxs_array* h, mlxs_array* y, mlxs_array x, mlxs_array r
   });
 }
 
+int mlxs_fused_norm_add_qmv(mlxs_array* h, mlxs_array* out, int* applied, mlxs_array x,
+                            mlxs_array r, mlxs_array r_weight, mlxs_array h_weight, float eps,
+                            mlxs_array w, mlxs_array scales, mlxs_array biases, int group_size,
+                            int bits, int dev) {
+  return guard([&] {
+    *applied = 0;
+    auto fused =
+        try_fused_norm_add_qmv(arr(x), arr(r), opt(r_weight), arr(h_weight), eps, arr(w),
+                               arr(scales), opt(biases), group_size, bits, "affine", sod(dev));
+    if (fused) {
+      put(h, fused->first);
+      put(out, fused->second);
+      *applied = 1;
+    }
+  });
+}
+
 int mlxs_layer_norm(mlxs_array* out, mlxs_array x, mlxs_array weight, mlxs_array bias, float eps,
                     int dev) {
   return guard(

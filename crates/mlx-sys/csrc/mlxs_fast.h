@@ -22,6 +22,16 @@ int mlxs_rms_norm(mlxs_array* out, mlxs_array x, mlxs_array weight, float eps, i
 // may differ from MLX's in the last bit); elsewhere MLX's ops, exactly.
 int mlxs_fused_norm_add(mlxs_array* h, mlxs_array* y, mlxs_array x, mlxs_array r,
                         mlxs_array r_weight, mlxs_array h_weight, float eps, int dev);
+// mlxs_fused_norm_add's h and y (h_weight not NULL) with y's product by the
+// transposed 4-bit affine matrix w (scales, biases, group_size, bits) as one
+// kernel of ours where it applies (CUDA, one row of x, where our one-row
+// product kernel would take y): *applied is 1 and *h and *out are set, the
+// same bits as the two kernels give. Elsewhere *applied is 0 and nothing is
+// set: the caller composes mlxs_fused_norm_add and mlxs_quantized_matmul.
+int mlxs_fused_norm_add_qmv(mlxs_array* h, mlxs_array* out, int* applied, mlxs_array x,
+                            mlxs_array r, mlxs_array r_weight, mlxs_array h_weight, float eps,
+                            mlxs_array w, mlxs_array scales, mlxs_array biases, int group_size,
+                            int bits, int dev);
 // weight and bias may be NULL.
 int mlxs_layer_norm(mlxs_array* out, mlxs_array x, mlxs_array weight, mlxs_array bias, float eps,
                     int dev);

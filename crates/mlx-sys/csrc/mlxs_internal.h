@@ -141,6 +141,13 @@ std::vector<mx::array> launch_all(const mx::fast::CustomKernelFunction& mlx_kern
                                   std::tuple<int, int, int> grid, std::tuple<int, int, int> block,
                                   const mx::Stream& stream);
 
+// The header of the 4-bit product kernels (QmvPair, qmv_row), and their
+// instantiations for dtype `t`, K = `k` and `group`: one row of x, and 2 to
+// 32 rows in `mt` tiles of 8 with K split over `ksplit` warps (mlxs_kernels.cpp).
+const char* qmv_header();
+KernelSpec qmv_spec(mx::Dtype t, int k, int group);
+KernelSpec qmm_rows_spec(mx::Dtype t, int k, int group, int mt, int ksplit);
+
 // The fused norm's instantiation for dtype `t`, rows of `d`, the norms taken
 // and `eps` (mlxs_norm_kernel.cpp).
 KernelSpec norm_add_spec(mx::Dtype t, int d, bool norm_r, bool norm_h, float eps);
@@ -188,6 +195,24 @@ KernelSpec qk_norm_rope_spec(mx::Dtype t, int d, int heads, bool norm, bool trad
 std::optional<std::pair<mx::array, std::optional<mx::array>>> try_fused_norm_add(
     const mx::array& x, const mx::array& r, const std::optional<mx::array>& r_weight,
     const std::optional<mx::array>& h_weight, float eps, mx::StreamOrDevice s);
+
+// norm_add_spec's norm followed by the 4-bit product with w (group `group`,
+// D = d), for one row of x (mlxs_norm_kernel.cpp).
+KernelSpec norm_qmv_spec(mx::Dtype t, int d, int group, bool norm_r, float eps);
+
+// try_fused_norm_add's h and the product of its y with the 4-bit affine matrix
+// w (transposed, as a linear layer holds it; y itself is not returned), as one
+// kernel of ours on CUDA for one row of x where our one-row product kernel
+// would take y (nullopt elsewhere: the caller composes the two).
+std::optional<std::pair<mx::array, mx::array>> try_fused_norm_add_qmv(
+    const mx::array& x, const mx::array& r, const std::optional<mx::array>& r_weight,
+    const mx::array& h_weight, float eps, const mx::array& w, const mx::array& scales,
+    const std::optional<mx::array>& biases, int group, int bits, const std::string& mode,
+    mx::StreamOrDevice s);
+
+// Whether one row of x times a 4-bit matrix of n rows and k columns takes our
+// one-row product kernel in the current mode (mlxs_kernels.cpp).
+bool one_row_qmv(int n, int k);
 
 // Our kernel for one row of x times 4-bit weights, where it applies (see
 // mlxs_kernels.cpp); nullopt where MLX's quantized_matmul must run.

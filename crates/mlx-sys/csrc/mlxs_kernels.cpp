@@ -96,30 +96,16 @@ template <> struct QmvPair<__half> {
   static __device__ __forceinline__ float2 to_float2(T2 v) { return __half22float2(v); }
   static __device__ __forceinline__ T2 splat(__half v) { return __half2half2(v); }
 };
-)";
-
-// Template arguments: T (x, scales, biases and output dtype), K (input
-// features, a multiple of 32), GROUP (32, 64 or 128). N comes from w's shape.
-// x is read where each chunk needs it, through L1 (every warp of the GPU
-// reads the same few KB): no shared memory, so no limit on K and no wait at
-// the start of a block before the first weight load.
-constexpr const char* kQmvSource = R"(
+// One output row of a 4-bit matrix times one vector x of K values, in every
+// lane of the warp (kQmvSource says how); x in shared memory (SHARED_X) or in
+// global memory, read through L1.
+template <typename T, int K, int GROUP, bool SHARED_X>
+__device__ __forceinline__ float qmv_row(const unsigned int* wrow, bool w_aligned, const T* srow,
+                                         const T* brow, const T* x, bool x_aligned, int lane) {
   using P = QmvPair<T>;
-  using T2 = P::T2;
+  using T2 = typename P::T2;
   constexpr int CHUNKS = K / 32;
-  constexpr int GROUPS = K / GROUP;
-  const int n = w_shape[0];
-  const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= n) {
-    return;
-  }
-  const bool x_aligned = (reinterpret_cast<size_t>(x) & 15) == 0;
-  const unsigned int* wrow = w + static_cast<size_t>(row) * (K / 8);
-  const bool w_aligned = (reinterpret_cast<size_t>(w) & 15) == 0;
   const T2 off = P::offset();
-  const T* srow = scales + static_cast<size_t>(row) * GROUPS;
-  const T* brow = biases + static_cast<size_t>(row) * GROUPS;
   float acc = 0.f;
 #pragma unroll 4
   for (int c = lane; c < CHUNKS; c += 32) {
@@ -133,7 +119,9 @@ constexpr const char* kQmvSource = R"(
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       uint4 xv;
-      if (x_aligned) {
+      if (SHARED_X) {
+        xv = reinterpret_cast<const uint4*>(x)[c * 4 + q];
+      } else if (x_aligned) {
         xv = __ldg(reinterpret_cast<const uint4*>(x) + c * 4 + q);
       } else {
         T v[8];
@@ -170,6 +158,28 @@ constexpr const char* kQmvSource = R"(
   for (int o = 16; o > 0; o >>= 1) {
     acc += __shfl_xor_sync(0xffffffffu, acc, o);
   }
+  return acc;
+}
+)";
+
+// Template arguments: T (x, scales, biases and output dtype), K (input
+// features, a multiple of 32), GROUP (32, 64 or 128). N comes from w's shape.
+// x is read where each chunk needs it, through L1 (every warp of the GPU
+// reads the same few KB): no shared memory, so no limit on K and no wait at
+// the start of a block before the first weight load.
+constexpr const char* kQmvSource = R"(
+  const int n = w_shape[0];
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= n) {
+    return;
+  }
+  const bool x_aligned = (reinterpret_cast<size_t>(x) & 15) == 0;
+  const bool w_aligned = (reinterpret_cast<size_t>(w) & 15) == 0;
+  const float acc = qmv_row<T, K, GROUP, false>(w + static_cast<size_t>(row) * (K / 8), w_aligned,
+                                                scales + static_cast<size_t>(row) * (K / GROUP),
+                                                biases + static_cast<size_t>(row) * (K / GROUP), x,
+                                                x_aligned, lane);
   if (lane == 0) {
     out[row] = static_cast<T>(acc);
   }
@@ -369,17 +379,6 @@ bool has_bf16_mma() {
   return ok;
 }
 
-mlxs::KernelSpec qmv_spec(mx::Dtype t, int k, int group) {
-  return {"mlxr_qmv4", kQmvSource, t, {{"K", k}, {"GROUP", group}}};
-}
-
-mlxs::KernelSpec qmm_rows_spec(mx::Dtype t, int k, int group, int mt, int ksplit) {
-  return {"mlxr_qmm_rows4",
-          kQmmRowsSource,
-          t,
-          {{"K", k}, {"GROUP", group}, {"MT", mt}, {"KSPLIT", ksplit}}};
-}
-
 // One call of a quantised matmul kernel: x's and w's rows are its scalars.
 mx::array launch(const mx::fast::CustomKernelFunction& mlx_kernel, const mlxs::KernelSpec& spec,
                  const std::vector<mx::array>& inputs, const mx::Shape& shape, int x_rows,
@@ -393,6 +392,19 @@ mx::array launch(const mx::fast::CustomKernelFunction& mlx_kernel, const mlxs::K
 }  // namespace
 
 namespace mlxs {
+
+const char* qmv_header() { return kQmvHeader; }
+
+KernelSpec qmv_spec(mx::Dtype t, int k, int group) {
+  return {"mlxr_qmv4", kQmvSource, t, {{"K", k}, {"GROUP", group}}};
+}
+
+KernelSpec qmm_rows_spec(mx::Dtype t, int k, int group, int mt, int ksplit) {
+  return {"mlxr_qmm_rows4",
+          kQmmRowsSource,
+          t,
+          {{"K", k}, {"GROUP", group}, {"MT", mt}, {"KSPLIT", ksplit}}};
+}
 
 // One call of our kernel `spec` (its header `header`): compiled by us and
 // launched as a precompiled kernel where that works (mlxs_kernel_cache.cpp;
@@ -434,6 +446,16 @@ bool cpu_routes_on(mx::StreamOrDevice s) {
 }
 
 bool kernels_always() { return kernels_mode() == MLXS_KERNELS_ALWAYS; }
+
+bool one_row_qmv(int n, int k) {
+  int kernels = kernels_mode();
+  if (kernels == MLXS_KERNELS_OFF || n <= 0 || n > kQmvMaxRows ||
+      (kernels == MLXS_KERNELS_AUTO && static_cast<int64_t>(n) * k < kQmvAutoMinValues)) {
+    return false;
+  }
+  // An output head goes to the tensor-core kernel (try_fast_qmv).
+  return !(n >= kQmmOneRowMinN && k % 128 == 0 && has_bf16_mma());
+}
 
 std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
                                       const mx::array& scales,
@@ -513,62 +535,5 @@ int mlxs_set_custom_kernels(int mode) {
 }
 
 int mlxs_custom_kernels(void) { return kernels_mode(); }
-
-int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int arch,
-                            const char* cache_dir, int* made, int* first_from_disk,
-                            int* second_from_disk) {
-  return mlxs::guard([&] {
-    // The instantiations tests/nvrtc_check.py compiles through MLX's wrapper.
-    std::vector<mlxs::KernelSpec> specs;
-    for (auto t : {mx::bfloat16, mx::float16}) {
-      for (auto [k, g] : {std::pair{4096, 64}, {1152, 32}, {14336, 128}, {25600, 64}}) {
-        specs.push_back(qmv_spec(t, k, g));
-      }
-      for (auto [k, g] : {std::pair{4096, 64}, {640, 32}, {14336, 128}}) {
-        for (int mt : {1, 4}) {
-          specs.push_back(qmm_rows_spec(t, k, g, mt, std::min(8, k / 128)));
-        }
-      }
-    }
-    for (auto t : {mx::bfloat16, mx::float16}) {
-      for (auto [d, norm_r, norm_h] : {std::tuple{1152, true, true},
-                                       {1152, true, false},
-                                       {4096, false, true},
-                                       {4099, true, true}}) {
-        specs.push_back(mlxs::norm_add_spec(t, d, norm_r, norm_h, 1e-6f));
-      }
-      for (auto [d, rep, mask, rows] : {std::tuple{256, 4, 0, false},
-                                        {256, 4, 1, false},
-                                        {256, 1, 2, true},
-                                        {128, 4, 1, true},
-                                        {64, 3, 2, false}}) {
-        specs.push_back(mlxs::sdpa_decode_spec(t, d, rep, mask, rows));
-      }
-      // Gemma 3 (a scalar offset, one a batch row), Llama 3 (its frequencies), SmolLM2 (traditional
-      // here, to compile that branch).
-      for (auto [d, heads, norm, trad, freqs, rows] :
-           {std::tuple{256, 5, true, false, false, false},
-            {256, 5, true, false, false, true},
-            {128, 40, false, false, true, true},
-            {64, 12, false, true, false, false}}) {
-        specs.push_back(mlxs::qk_norm_rope_spec(t, d, heads, norm, trad, freqs, rows, 1e-6f));
-      }
-    }
-    int read[2] = {0, 0};
-    for (int pass = 0; pass < 2; ++pass) {
-      mlxs::KernelCompiler compiler(nvrtc_path, include_dir, cache_dir, arch);
-      for (const auto& spec : specs) {
-        bool disk = false;
-        if (compiler.compile(spec, spec.inputs.empty() ? kQmvHeader : "", &disk) == nullptr) {
-          throw std::runtime_error(compiler.why());
-        }
-        read[pass] += disk ? 1 : 0;
-      }
-    }
-    *made = static_cast<int>(specs.size());
-    *first_from_disk = read[0];
-    *second_from_disk = read[1];
-  });
-}
 
 }  // extern "C"

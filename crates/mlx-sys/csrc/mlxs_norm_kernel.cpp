@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <optional>
+#include <string>
 #include <utility>
 
 #include "mlx/fast.h"
@@ -28,7 +30,18 @@ namespace {
 // Inputs x, r, wr, wh (a weight not used may be any array); outputs h, y (y not
 // written without NORM_H). The sums of squares are added in another order than
 // MLX's, so a norm may differ from MLX's in its last bit.
-constexpr const char* kNormAddSource = R"(
+//
+// The kernel is kNormAddRow and kNormAddCore; kNormQmvRow, kNormAddCore and
+// kNormQmvTail are the same norm followed by the 4-bit product it feeds (below).
+// kNormAddRow: a block a row, writing h and y there.
+constexpr const char* kNormAddRow = R"(
+  const size_t row = blockIdx.x;
+  constexpr bool write_h = true;
+  T* hr = h + row * D;
+  T* yr = NORM_H ? y + row * D : hr;
+)";
+// kNormAddCore: row `row` of x and r; h to `hr` where `write_h`, y to `yr`.
+constexpr const char* kNormAddCore = R"(
   constexpr int VEC = D % 8 == 0 ? 8 : (D % 4 == 0 ? 4 : (D % 2 == 0 ? 2 : 1));
   constexpr int NV = D / VEC;
   constexpr int ITEMS = (NV + THREADS - 1) / THREADS;
@@ -44,7 +57,6 @@ constexpr const char* kNormAddSource = R"(
   // model's logits past mlx-lm's tolerance).
   auto mul = [](T a, T b) { return T(static_cast<float>(a) * static_cast<float>(b)); };
   const int tid = threadIdx.x;
-  const size_t row = blockIdx.x;
   __shared__ float partial[THREADS / 32];
   auto block_sum = [&](float v) {
     for (int o = 16; o > 0; o >>= 1) {
@@ -63,8 +75,6 @@ constexpr const char* kNormAddSource = R"(
   };
   const T* xr = x + row * D;
   const T* rr = r + row * D;
-  T* hr = h + row * D;
-  T* yr = NORM_H ? y + row * D : hr;
   const bool aligned = ((reinterpret_cast<size_t>(xr) | reinterpret_cast<size_t>(rr) |
                          reinterpret_cast<size_t>(hr) | reinterpret_cast<size_t>(yr) |
                          reinterpret_cast<size_t>(wr) | reinterpret_cast<size_t>(wh)) %
@@ -123,7 +133,9 @@ constexpr const char* kNormAddSource = R"(
         const float f = static_cast<float>(hv);
         h_sum += f * f;
       }
-      store(hr, j, xv[k]);
+      if (write_h) {
+        store(hr, j, xv[k]);
+      }
     }
   }
   if (NORM_H) {
@@ -143,15 +155,63 @@ constexpr const char* kNormAddSource = R"(
     }
   }
 )";
+
+// The norm and the 4-bit product after it, for one row of x (a decode step):
+// the fused norm and the one-row product kernel (mlxs_kernels.cpp) as one
+// launch, a kernel fewer a norm. Every block computes the norm as the fused
+// norm does (kNormAddCore, THREADS threads: the same bits) into shared memory
+// and each of its THREADS / 32 warps takes a row of w as the one-row kernel
+// does (qmv_row: the same bits); block 0 writes h. Template arguments: T, D
+// (x's width, w's K), GROUP, NORM_R, NORM_H (1), EPS, THREADS; inputs x, r, wr,
+// wh, w, scales, biases (all declared T pointers); outputs h, out; scalar n
+// (w's rows).
+constexpr const char* kNormQmvRow = R"(
+  __shared__ __align__(16) T ys[D];
+  const size_t row = 0;
+  const bool write_h = blockIdx.x == 0;
+  T* hr = h;
+  T* yr = ys;
+)";
+constexpr const char* kNormQmvTail = R"(
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int orow = blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5);
+  if (orow >= n) {
+    return;
+  }
+  const unsigned int* wq = reinterpret_cast<const unsigned int*>(w);
+  const float acc = qmv_row<T, D, GROUP, true>(wq + static_cast<size_t>(orow) * (D / 8),
+                                               (reinterpret_cast<size_t>(wq) & 15) == 0,
+                                               scales + static_cast<size_t>(orow) * (D / GROUP),
+                                               biases + static_cast<size_t>(orow) * (D / GROUP), ys,
+                                               true, lane);
+  if (lane == 0) {
+    out[orow] = static_cast<T>(acc);
+  }
+)";
+
+const char* norm_add_body() {
+  static const std::string body = std::string(kNormAddRow) + kNormAddCore;
+  return body.c_str();
+}
+
+const char* norm_qmv_body() {
+  static const std::string body = std::string(kNormQmvRow) + kNormAddCore + kNormQmvTail;
+  return body.c_str();
+}
+
 // The widest row the fused norm takes, and the most rows (the launch counts
 // threads in an int: at most 1,024 a row).
 constexpr int kNormAddMaxWidth = 1 << 16;
 constexpr size_t kNormAddMaxRows = size_t{1} << 20;
+// The widest x the norm with the product takes: x's norm is kept in shared
+// memory (32 KB in 16 bits).
+constexpr int kNormQmvMaxWidth = 1 << 14;
 
 const mx::fast::CustomKernelFunction& norm_add_kernel() {
   static const mx::fast::CustomKernelFunction k =
-      mx::fast::cuda_kernel("mlxr_norm_add", {"x", "r", "wr", "wh"}, {"h", "y"}, kNormAddSource, "",
-                            /* ensure_row_contiguous */ true);
+      mx::fast::cuda_kernel("mlxr_norm_add", {"x", "r", "wr", "wh"}, {"h", "y"}, norm_add_body(),
+                            "", /* ensure_row_contiguous */ true);
   return k;
 }
 
@@ -169,7 +229,7 @@ KernelSpec norm_add_spec(mx::Dtype t, int d, bool norm_r, bool norm_h, float eps
   int eps_bits = 0;
   std::memcpy(&eps_bits, &eps, sizeof eps_bits);
   return {"mlxr_norm_add",
-          kNormAddSource,
+          norm_add_body(),
           t,
           {{"D", d},
            {"NORM_R", norm_r ? 1 : 0},
@@ -211,6 +271,69 @@ std::optional<std::pair<mx::array, std::optional<mx::array>>> try_fused_norm_add
     y = out.at(1);
   }
   return std::make_pair(out.at(0), y);
+}
+
+KernelSpec norm_qmv_spec(mx::Dtype t, int d, int group, bool norm_r, float eps) {
+  int eps_bits = 0;
+  std::memcpy(&eps_bits, &eps, sizeof eps_bits);
+  return {"mlxr_norm_qmv4",
+          norm_qmv_body(),
+          t,
+          {{"D", d},
+           {"GROUP", group},
+           {"NORM_R", norm_r ? 1 : 0},
+           {"NORM_H", 1},
+           {"EPS", eps_bits},
+           {"THREADS", norm_add_threads(d)}},
+          {"x", "r", "wr", "wh", "w", "scales", "biases"},
+          {"h", "out"},
+          {"int n"}};
+}
+
+std::optional<std::pair<mx::array, mx::array>> try_fused_norm_add_qmv(
+    const mx::array& x, const mx::array& r, const std::optional<mx::array>& r_weight,
+    const mx::array& h_weight, float eps, const mx::array& w, const mx::array& scales,
+    const std::optional<mx::array>& biases, int group, int bits, const std::string& mode,
+    mx::StreamOrDevice s) {
+  auto t = x.dtype();
+  int d = x.ndim() >= 1 ? x.shape(-1) : 0;
+  if (!cuda_routes_on(s) || !kernel_cache_on() || mode != "affine" || bits != 4 || !biases ||
+      (group != 32 && group != 64 && group != 128) || (t != mx::bfloat16 && t != mx::float16) ||
+      r.dtype() != t || x.shape() != r.shape() || d <= 0 || x.size() != static_cast<size_t>(d) ||
+      d % 32 != 0 || d % group != 0 || d > kNormQmvMaxWidth || x.is_tracer() || r.is_tracer()) {
+    return std::nullopt;
+  }
+  for (const auto* v : {&h_weight, r_weight ? &*r_weight : &h_weight}) {
+    if (v->dtype() != t || v->ndim() != 1 || v->shape(0) != d || v->is_tracer()) {
+      return std::nullopt;
+    }
+  }
+  const auto& b = *biases;
+  if (w.dtype() != mx::uint32 || w.ndim() != 2 || w.shape(1) * 8 != d || scales.dtype() != t ||
+      b.dtype() != t || scales.ndim() != 2 || scales.shape(0) != w.shape(0) ||
+      scales.shape(1) != d / group || b.shape() != scales.shape() || w.is_tracer() ||
+      scales.is_tracer() || b.is_tracer()) {
+    return std::nullopt;
+  }
+  int n = w.shape(0);
+  int threads = norm_add_threads(d);
+  int warps = threads / 32;
+  int64_t blocks = (static_cast<int64_t>(n) + warps - 1) / warps;
+  if (n <= 0 || !one_row_qmv(n, d) || blocks * threads > std::numeric_limits<int>::max()) {
+    return std::nullopt;
+  }
+  auto kernel = cached_kernel(norm_qmv_spec(t, d, group, r_weight.has_value(), eps), qmv_header());
+  if (!kernel) {
+    return std::nullopt;
+  }
+  auto out_shape = x.shape();
+  out_shape.back() = n;
+  const auto& code = kernel->handle.empty() ? kernel->cubin : kernel->handle;
+  auto out = mx::fast::precompiled_cuda_kernel(
+      kernel->name, code, {x, r, r_weight.value_or(h_weight), h_weight, w, scales, b},
+      {x.shape(), out_shape}, {t, t}, {n}, {static_cast<int>(blocks) * threads, 1, 1},
+      {threads, 1, 1}, 0, std::nullopt, true, mx::to_stream(s));
+  return std::make_pair(out.at(0), out.at(1));
 }
 
 }  // namespace mlxs

@@ -20,8 +20,9 @@ import re
 import sys
 from pathlib import Path
 
-# Per kernel source: the inputs' element types, the outputs', and the template instantiations our
-# dispatch code (try_fast_qmv, try_fused_norm_add) can make. T is the activation dtype.
+# Per kernel: its body (the raw strings it is made of, in order; its own name when not given), the
+# inputs' element types, the outputs', and the template instantiations our dispatch code
+# (try_fast_qmv, try_fused_norm_add, try_fused_norm_add_qmv, ...) can make. T is the activation dtype.
 TYPES = ("__nv_bfloat16", "__half")
 KERNELS = {
     "kQmvSource": {
@@ -38,12 +39,25 @@ KERNELS = {
                  for mt in (1, 4)],
     },
     "kNormAddSource": {
+        "body": ["kNormAddRow", "kNormAddCore"],
         "inputs": [("x", "T"), ("r", "T"), ("wr", "T"), ("wh", "T")],
         "outputs": [("h", "T"), ("y", "T")],
         "template": ["typename T", "int D", "int NORM_R", "int NORM_H", "int EPS", "int THREADS"],
         # EPS is eps's float bits (1e-6 here), THREADS norm_add_threads(D), as try_fused_norm_add passes them.
         "args": [(t, d, nr, nh, 0x358637BD, threads) for t in TYPES
                  for d, nr, nh, threads in ((1152, 1, 1, 160), (1152, 1, 0, 160), (4096, 0, 1, 512), (4099, 1, 1, 1024))],
+    },
+    "kNormQmvSource": {
+        "body": ["kNormQmvRow", "kNormAddCore", "kNormQmvTail"],
+        # Declared as our compile path declares them: every input a T pointer.
+        "inputs": [("x", "T"), ("r", "T"), ("wr", "T"), ("wh", "T"), ("w", "T"), ("scales", "T"),
+                   ("biases", "T")],
+        "outputs": [("h", "T"), ("out", "T")],
+        "scalars": ["int n"],
+        "template": ["typename T", "int D", "int GROUP", "int NORM_R", "int NORM_H", "int EPS", "int THREADS"],
+        # Llama 3 8B (4,096, group 64), Gemma 3 1B (1,152, its post-norm too), 2,048 wide with group 128.
+        "args": [(t, d, g, nr, 1, 0x358637BD, threads) for t in TYPES
+                 for d, g, nr, threads in ((4096, 64, 0, 512), (1152, 64, 1, 160), (2048, 128, 0, 256))],
     },
     "kSdpaDecodeSource": {
         "inputs": [("q", "T"), ("k", "T"), ("v", "T"), ("mask", "T")],
@@ -78,8 +92,9 @@ def program(strings):
     for name, k in KERNELS.items():
         params = [f"const {t}* {n}" for n, t in k["inputs"]] + [f"{t}* {n}" for n, t in k["outputs"]]
         params += [f"const int32_t* {n}_shape" for n, _ in k["inputs"]] + k.get("scalars", [])
+        body = "".join(strings[part] for part in k.get("body", [name]))
         parts.append(f"template <{', '.join(k['template'])}>\n__global__ void {name}_kernel({', '.join(params)}) {{"
-                     f"{strings[name]}}}")
+                     f"{body}}}")
         for args in k["args"]:
             targs = ", ".join(str(a) for a in args)
             parts.append(f"template __global__ void {name}_kernel<{targs}>("
@@ -126,9 +141,11 @@ def main():
     strings = {}
     for path in sys.argv[1:]:
         strings.update(raw_strings(Path(path).read_text(encoding="utf-8")))
-    sources = {n for n in strings if n.endswith("Source")}
-    if sources != set(KERNELS):
-        print(f"kernel sources {sorted(sources)} against the instantiations known here {sorted(KERNELS)}: "
+    # Every raw string but the header is a kernel's body or a part of one.
+    sources = {n for n in strings if n != "kQmvHeader"}
+    known = {part for name, k in KERNELS.items() for part in k.get("body", [name])}
+    if sources != known:
+        print(f"kernel sources {sorted(sources)} against the bodies known here {sorted(known)}: "
               "add the new kernel's instantiations to nvrtc_check.py")
         return 1
     found = nvrtc()

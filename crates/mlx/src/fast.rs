@@ -54,6 +54,54 @@ pub fn fused_norm_add(
     Ok((unsafe { Array::from_raw(h) }, y))
 }
 
+/// [`fused_norm_add`]'s `h` and its norm `y = rms_norm(h, h_weight)` times the
+/// 4-bit affine matrix `q` (transposed, as a linear layer holds it), as one
+/// kernel of ours where it applies: CUDA, one row of `x` (a decode step), 16-bit
+/// floats, where our one-row product kernel would take `y`; the same bits as
+/// [`fused_norm_add`] and [`crate::ops::quantized_matmul`] give there. Returns
+/// `Some((h, y qᵀ))`, or `None` where it does not apply (the caller composes
+/// the two; `y` itself is never returned).
+pub fn fused_norm_add_quantized_matmul(
+    x: &Array,
+    r: &Array,
+    r_weight: Option<&Array>,
+    h_weight: &Array,
+    eps: f32,
+    q: &crate::ops::Quantized,
+) -> Result<Option<(Array, Array)>> {
+    let (mut h, mut out): (sys::mlxs_array, sys::mlxs_array) = (std::ptr::null_mut(), std::ptr::null_mut());
+    let mut applied = 0;
+    // SAFETY: live or null handles; the shim writes owned handles on success when it sets `applied`.
+    let status = unsafe {
+        sys::mlxs_fused_norm_add_qmv(
+            &mut h,
+            &mut out,
+            &mut applied,
+            x.as_raw(),
+            r.as_raw(),
+            opt_handle(r_weight),
+            h_weight.as_raw(),
+            eps,
+            q.weight.as_raw(),
+            q.scales.as_raw(),
+            opt_handle(q.biases.as_ref()),
+            q.group_size,
+            q.bits,
+            dev(),
+        )
+    };
+    crate::ffi::check("fused_norm_add_quantized_matmul", status)?;
+    if applied == 0 {
+        return Ok(None);
+    }
+    // SAFETY: on success with `applied` set each non-null handle is owned by the caller.
+    let own = |raw| std::ptr::NonNull::new(raw).map(|raw| unsafe { Array::from_raw(raw) });
+    match (own(h), own(out)) {
+        (Some(h), Some(out)) => Ok(Some((h, out))),
+        _ => Err(Error::Mlx { op: "fused_norm_add_quantized_matmul", message: "the shim returned no array".into() }),
+    }
+}
+
 /// Layer norm over the last axis with optional scale and shift.
 pub fn layer_norm(x: &Array, weight: Option<&Array>, bias: Option<&Array>, eps: f32) -> Result<Array> {
     // SAFETY: live or null handles.

@@ -5,7 +5,8 @@
 //! On a CUDA device the 4-bit kernels (one row of x, and 2 to 32 rows on the
 //! tensor cores) must be as close to an f32 reference as MLX's own kernel is
 //! (all round the weights or products in bf16 or fp16), the fused norm and
-//! residual sum and the q/k norm and rope within a rounding of MLX's ops, and
+//! residual sum and the q/k norm and rope within a rounding of MLX's ops, the
+//! norm with the 4-bit product after it bit for bit the two kernels it joins, and
 //! decode attention as close to an f32 reference as MLX's; everywhere else (the CPU,
 //! Metal, more than 32 rows, other bit widths) the switch must change nothing,
 //! bit for bit.
@@ -160,6 +161,7 @@ fn quantized_matvec_kernel_matches_mlx() {
         assert_eq!(Some(ours), theirs, "case {i}: the kernel ran where it should not");
     }
     fused_norms(on_cuda);
+    norm_and_product(on_cuda);
     decode_attention(on_cuda);
     qk_norm_rope(on_cuda);
     set_custom_kernels(before);
@@ -239,6 +241,67 @@ fn fused_norms(on_cuda: bool) {
         }
     }
     assert_eq!(checked, 4 * cases.len());
+}
+
+/// `fast::fused_norm_add_quantized_matmul`: on CUDA with our kernels on, for one row of x, bit for bit
+/// the fused norm and the one-row product it joins (the same code, the same thread counts), h and the
+/// product; `None` where it does not apply (several rows, 8 bits, the switch off) and everywhere off
+/// CUDA. Llama 3 8B's width, Gemma 3 1B's with its post-norm, fp16 with group 128, an x that starts 2
+/// bytes into its buffer, output rows not a multiple of a block's warps.
+fn norm_and_product(on_cuda: bool) {
+    let cases = [
+        (Dtype::Bfloat16, 4096, 300, 64, false, false),
+        (Dtype::Bfloat16, 1152, 257, 64, true, false),
+        (Dtype::Float16, 2048, 129, 128, false, false),
+        (Dtype::Bfloat16, 4096, 70, 32, true, true),
+    ];
+    let mut fused = 0;
+    for (i, &(dtype, d, n, group, r_norm, offset)) in cases.iter().enumerate() {
+        let normal = |shape: &[i32], seed: u64, std: f32| {
+            let key = random::key(seed).unwrap();
+            ops::astype(&random::normal(shape, Dtype::Float32, 0.0, std, Some(&key)).unwrap(), dtype).unwrap()
+        };
+        let x = if offset {
+            let flat = normal(&[d + 1], 500 + i as u64, 4.0);
+            ops::reshape(&ops::slice(&flat, &[1], &[d + 1]).unwrap(), &[1, 1, d]).unwrap()
+        } else {
+            normal(&[1, 1, d], 500 + i as u64, 4.0)
+        };
+        let r = normal(&[1, 1, d], 600 + i as u64, 1.0);
+        let (wr, wh) = (normal(&[d], 700 + i as u64, 1.0), normal(&[d], 800 + i as u64, 1.0));
+        let wr = r_norm.then_some(&wr);
+        let q = ops::quantize(&normal(&[n, d], 900 + i as u64, 0.02), group, 4).unwrap();
+        let what = format!("{dtype:?} width {d}, {n} rows of w, group {group}, norm of r {r_norm}");
+        set_custom_kernels(CustomKernels::Always);
+        let joined = mlx::fast::fused_norm_add_quantized_matmul(&x, &r, wr, &wh, 1e-6, &q).unwrap();
+        let (h, y) = mlx::fast::fused_norm_add(&x, &r, wr, Some(&wh), 1e-6).unwrap();
+        let product = ops::quantized_matmul(&y.unwrap(), &q, true).unwrap();
+        match joined {
+            Some((jh, jp)) => {
+                assert!(on_cuda, "{what}: joined off CUDA");
+                assert_eq!(jh.shape(), h.shape(), "{what}: h's shape");
+                assert_eq!(jp.shape(), vec![1, 1, n], "{what}: the product's shape");
+                assert_eq!(jh.to_vec_f32().unwrap(), h.to_vec_f32().unwrap(), "{what}: h");
+                assert_eq!(jp.to_vec_f32().unwrap(), product.to_vec_f32().unwrap(), "{what}: the product");
+                fused += 1;
+            }
+            None => assert!(!on_cuda, "{what}: not joined on CUDA"),
+        }
+        // Where it does not apply: two rows of x, 8 bits, the switch off.
+        let two = ops::concatenate(&[&x, &x], 0).unwrap();
+        let two_r = ops::concatenate(&[&r, &r], 0).unwrap();
+        let q8 = ops::quantize(&normal(&[n, d], 950 + i as u64, 0.02), group, 8).unwrap();
+        for (xx, rr, qq, mode, why) in [
+            (&two, &two_r, &q, CustomKernels::Always, "two rows"),
+            (&x, &r, &q8, CustomKernels::Always, "8 bits"),
+            (&x, &r, &q, CustomKernels::Off, "the switch off"),
+        ] {
+            set_custom_kernels(mode);
+            let out = mlx::fast::fused_norm_add_quantized_matmul(xx, rr, wr, &wh, 1e-6, qq).unwrap();
+            assert!(out.is_none(), "{what}: joined with {why}");
+        }
+    }
+    assert_eq!(fused, if on_cuda { cases.len() } else { 0 });
 }
 
 /// Attention for one query (`fast::scaled_dot_product_attention`, our decode kernel where MLX has no

@@ -1,0 +1,86 @@
+// SPDX-License-Identifier: EUPL-1.2
+//
+// mlxs_kernel_cache_check: every instantiation of our CUDA kernels that the
+// dispatch code makes (tests/nvrtc_check.py compiles the same through a
+// stand-in for MLX's wrapper), compiled through our own compile path
+// (mlxs_kernel_cache.cpp) on a machine without a GPU, twice: the second
+// compiler reads each cubin back from the cache directory.
+
+#include <cstring>
+#include <stdexcept>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "mlxs_internal.h"
+
+extern "C" {
+
+int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int arch,
+                            const char* cache_dir, int* made, int* first_from_disk,
+                            int* second_from_disk) {
+  return mlxs::guard([&] {
+    // The instantiations tests/nvrtc_check.py compiles through MLX's wrapper.
+    std::vector<mlxs::KernelSpec> specs;
+    for (auto t : {mx::bfloat16, mx::float16}) {
+      for (auto [k, g] : {std::pair{4096, 64}, {1152, 32}, {14336, 128}, {25600, 64}}) {
+        specs.push_back(mlxs::qmv_spec(t, k, g));
+      }
+      for (auto [k, g] : {std::pair{4096, 64}, {640, 32}, {14336, 128}}) {
+        for (int mt : {1, 4}) {
+          specs.push_back(mlxs::qmm_rows_spec(t, k, g, mt, std::min(8, k / 128)));
+        }
+      }
+    }
+    for (auto t : {mx::bfloat16, mx::float16}) {
+      for (auto [d, norm_r, norm_h] : {std::tuple{1152, true, true},
+                                       {1152, true, false},
+                                       {4096, false, true},
+                                       {4099, true, true}}) {
+        specs.push_back(mlxs::norm_add_spec(t, d, norm_r, norm_h, 1e-6f));
+      }
+      for (auto [d, rep, mask, rows] : {std::tuple{256, 4, 0, false},
+                                        {256, 4, 1, false},
+                                        {256, 1, 2, true},
+                                        {128, 4, 1, true},
+                                        {64, 3, 2, false}}) {
+        specs.push_back(mlxs::sdpa_decode_spec(t, d, rep, mask, rows));
+      }
+      // Gemma 3 (a scalar offset, one a batch row), Llama 3 (its frequencies), SmolLM2 (traditional
+      // here, to compile that branch).
+      for (auto [d, heads, norm, trad, freqs, rows] :
+           {std::tuple{256, 5, true, false, false, false},
+            {256, 5, true, false, false, true},
+            {128, 40, false, false, true, true},
+            {64, 12, false, true, false, false}}) {
+        specs.push_back(mlxs::qk_norm_rope_spec(t, d, heads, norm, trad, freqs, rows, 1e-6f));
+      }
+    }
+    // The norm with the 4-bit product: Llama 3 8B's width, Gemma 3 1B's with its post-norm.
+    for (auto t : {mx::bfloat16, mx::float16}) {
+      for (auto [d, g, norm_r] :
+           {std::tuple{4096, 64, false}, {1152, 64, true}, {2048, 128, false}}) {
+        specs.push_back(mlxs::norm_qmv_spec(t, d, g, norm_r, 1e-6f));
+      }
+    }
+    int read[2] = {0, 0};
+    for (int pass = 0; pass < 2; ++pass) {
+      mlxs::KernelCompiler compiler(nvrtc_path, include_dir, cache_dir, arch);
+      for (const auto& spec : specs) {
+        bool disk = false;
+        // The 4-bit products (qmv_spec and qmm_rows_spec, which declare no
+        // inputs, and the norm with the product) take their header.
+        bool qmv = spec.inputs.empty() || std::strcmp(spec.kernel, "mlxr_norm_qmv4") == 0;
+        if (compiler.compile(spec, qmv ? mlxs::qmv_header() : "", &disk) == nullptr) {
+          throw std::runtime_error(compiler.why());
+        }
+        read[pass] += disk ? 1 : 0;
+      }
+    }
+    *made = static_cast<int>(specs.size());
+    *first_from_disk = read[0];
+    *second_from_disk = read[1];
+  });
+}
+
+}  // extern "C"
