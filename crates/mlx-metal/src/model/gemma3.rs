@@ -15,7 +15,7 @@ use mlx::{Array, Dtype, Result, ops};
 
 use super::config::{ModelConfig, RopeScaling, Sizes};
 use super::describe;
-use super::layers::{Attention, AttentionSpec, Gate, Mlp, RmsNorm, norm_add};
+use super::layers::{Attention, AttentionSpec, Gate, Hidden, Mlp, RmsNorm};
 use super::rope::Rope;
 use super::transformer::{DecoderBlock, Transformer};
 use super::weights::{WeightPath, Weights, model_err};
@@ -125,26 +125,19 @@ impl Block {
 }
 
 impl DecoderBlock for Block {
-    fn forward_chained(
-        &self,
-        x: &Array,
-        normed: Option<Array>,
-        mask: &Mask,
-        cache: &mut LayerCache,
-        next: Option<&RmsNorm>,
-    ) -> Result<(Array, Option<Array>)> {
-        let r = self.self_attn.forward(&self.normed_input(x, normed)?, mask, cache)?;
+    fn forward_chained<'a>(&'a self, x: Hidden<'a>, mask: &Mask, cache: &mut LayerCache) -> Result<Hidden<'a>> {
+        let (x, r) = self.self_attn.forward_after(x, &self.input_layernorm, mask, cache)?;
         if x.dtype() == Dtype::Float16 {
-            let h = clip_residual(x, &self.post_attention_layernorm.forward(&r)?)?;
+            let h = clip_residual(&x, &self.post_attention_layernorm.forward(&r)?)?;
             let r = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h)?)?;
-            return Ok((clip_residual(&h, &self.post_feedforward_layernorm.forward(&r)?)?, None));
+            return Ok(Hidden::Ready(clip_residual(&h, &self.post_feedforward_layernorm.forward(&r)?)?, None));
         }
-        // Each sublayer's output normed, added to the residual and normed again for what
-        // comes next (the MLP; the next block or the head): one kernel each on CUDA.
-        let (h, normed) = norm_add(x, &r, &self.post_attention_layernorm, Some(&self.pre_feedforward_layernorm))?;
-        let normed = normed.ok_or_else(|| mlx::Error::invalid("gemma3", "the fused norm returned no norm"))?;
-        let r = self.mlp.forward(&normed)?;
-        norm_add(&h, &r, &self.post_feedforward_layernorm, next)
+        // Each sublayer's output normed, added to the residual and normed again for what comes
+        // next (the MLP; the next block or the head): one kernel each on CUDA, with the
+        // projection after it for a decode step of one sequence.
+        let pending = Hidden::Pending { x, r, r_norm: Some(&self.post_attention_layernorm) };
+        let (h, r) = self.mlp.forward_after(pending, &self.pre_feedforward_layernorm)?;
+        Ok(Hidden::Pending { x: h, r, r_norm: Some(&self.post_feedforward_layernorm) })
     }
 
     fn input_norm(&self) -> &RmsNorm {

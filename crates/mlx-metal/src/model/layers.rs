@@ -68,6 +68,61 @@ pub fn norm_add(x: &Array, r: &Array, r_norm: &RmsNorm, next: Option<&RmsNorm>) 
     }
 }
 
+/// Hidden states between blocks, as one block hands them to the next.
+pub enum Hidden<'a> {
+    /// The states `x`, and the next block's input norm of them when the
+    /// block before made it.
+    Ready(Array, Option<Array>),
+    /// The states not yet summed: `x + r`, or `x + r_norm(r)` (Gemma's norm of
+    /// a sublayer's output). The next block adds them up with its input norm,
+    /// and on CUDA, for a decode step of one sequence, with its first
+    /// projection too (one kernel: [`Attention::forward_after`]).
+    Pending {
+        /// The residual stream.
+        x: Array,
+        /// The last sublayer's output.
+        r: Array,
+        /// Its norm, when the architecture norms it before the sum.
+        r_norm: Option<&'a RmsNorm>,
+    },
+}
+
+impl Hidden<'_> {
+    /// The states summed.
+    pub fn into_sum(self) -> Result<Array> {
+        match self {
+            Hidden::Ready(x, _) => Ok(x),
+            Hidden::Pending { x, r, r_norm } => Ok(sum_norm(&x, &r, r_norm, None)?.0),
+        }
+    }
+
+    /// The states summed and `norm` of them, as the kernels of the fused path
+    /// make them ([`add_norm`], [`norm_add`]).
+    pub fn sum_and_norm(self, norm: &RmsNorm) -> Result<(Array, Array)> {
+        match self {
+            Hidden::Ready(x, Some(normed)) => Ok((x, normed)),
+            Hidden::Ready(x, None) => {
+                let normed = norm.forward(&x)?;
+                Ok((x, normed))
+            }
+            Hidden::Pending { x, r, r_norm } => {
+                let (h, y) = sum_norm(&x, &r, r_norm, Some(norm))?;
+                Ok((h, y.ok_or_else(|| Error::invalid("sum_and_norm", "the fused norm returned no norm"))?))
+            }
+        }
+    }
+}
+
+/// `x + r_norm(r)` (`x + r` without `r_norm`) and, with `next`, its norm:
+/// [`norm_add`] or [`add_norm`].
+fn sum_norm(x: &Array, r: &Array, r_norm: Option<&RmsNorm>, next: Option<&RmsNorm>) -> Result<(Array, Option<Array>)> {
+    match (r_norm, next) {
+        (Some(rn), next) => norm_add(x, r, rn, next),
+        (None, Some(next)) => add_norm(x, r, next).map(|(h, y)| (h, Some(y))),
+        (None, None) => Ok((ops::add(x, r)?, None)),
+    }
+}
+
 /// The shape of an attention layer, read from a model's config.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionSpec {
@@ -176,12 +231,42 @@ impl Attention {
         let (b, l) = (x.dim(0)?, x.dim(1)?);
         let offset = cache.rope_offset()?;
         let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
-        let [q, k, v] = match fused_for(self.qkv.as_ref(), &parts, x)? {
+        let qkv = match fused_for(self.qkv.as_ref(), &parts, x)? {
             Some(f) => self.rotate_fused(f, &f.forward_joined(x)?, b, l, &offset)?,
             None => {
                 self.rotate(one_each(parts.iter().map(|p| p.forward(x)).collect::<Result<_>>()?)?, b, l, &offset)?
             }
         };
+        self.attend(qkv, b, l, mask, cache)
+    }
+
+    /// The residual sum before the attention and the attention on its norm:
+    /// `(h, attn(norm(h)))` for the states `hidden` sum to (`h`), the values
+    /// [`Hidden::sum_and_norm`] and [`Attention::forward`] give. A decode step
+    /// of one sequence runs the norm and the fused q/k/v projection as one
+    /// kernel on CUDA ([`FusedLinear::forward_joined_after_norm`], the same
+    /// bits).
+    pub fn forward_after(
+        &self,
+        hidden: Hidden<'_>,
+        norm: &RmsNorm,
+        mask: &Mask,
+        cache: &mut LayerCache,
+    ) -> Result<(Array, Array)> {
+        let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
+        if let Some((h, fused, joined)) = joined_after(&hidden, self.qkv.as_ref(), &parts, norm)? {
+            let (b, l) = (h.dim(0)?, h.dim(1)?);
+            let qkv = self.rotate_fused(fused, &joined, b, l, &cache.rope_offset()?)?;
+            return Ok((h, self.attend(qkv, b, l, mask, cache)?));
+        }
+        let (h, normed) = hidden.sum_and_norm(norm)?;
+        let out = self.forward(&normed, mask, cache)?;
+        Ok((h, out))
+    }
+
+    /// Attention of rotated `[q, k, v]` heads over the cache (which it
+    /// extends), then the output projection.
+    fn attend(&self, [q, k, v]: [Array; 3], b: i32, l: i32, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
         AttentionTaps::record(&q, &k);
         let out = match cache.update_and_fetch(&k, &v)? {
             Fetched::Dense(k, v) => {
@@ -333,9 +418,31 @@ impl Mlp {
     /// Applies the MLP to `x: [..., hidden]`.
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let [gate, up] = project(self.gate_up.as_ref(), [&self.gate_proj, &self.up_proj], x)?;
+        self.finish(&gate, &up)
+    }
+
+    /// The residual sum before the MLP and the MLP on its norm: `(h,
+    /// mlp(norm(h)))` for the states `hidden` sum to (`h`), the values
+    /// [`Hidden::sum_and_norm`] and [`Mlp::forward`] give. A decode step of
+    /// one sequence runs the norm and the fused gate and up projection as one
+    /// kernel on CUDA ([`FusedLinear::forward_joined_after_norm`], the same
+    /// bits).
+    pub fn forward_after(&self, hidden: Hidden<'_>, norm: &RmsNorm) -> Result<(Array, Array)> {
+        if let Some((h, fused, joined)) =
+            joined_after(&hidden, self.gate_up.as_ref(), &[&self.gate_proj, &self.up_proj], norm)?
+        {
+            let [gate, up] = one_each(fused.split(&joined)?)?;
+            return Ok((h, self.finish(&gate, &up)?));
+        }
+        let (h, normed) = hidden.sum_and_norm(norm)?;
+        Ok((h, self.forward(&normed)?))
+    }
+
+    /// The gate's activation times `up`, then the down projection.
+    fn finish(&self, gate: &Array, up: &Array) -> Result<Array> {
         let h = match self.gate {
-            Gate::Silu => nn::swiglu(&gate, &up)?,
-            Gate::GeluApprox => nn::geglu_approx(&gate, &up)?,
+            Gate::Silu => nn::swiglu(gate, up)?,
+            Gate::GeluApprox => nn::geglu_approx(gate, up)?,
         };
         self.down_proj.forward(&h)
     }
@@ -384,6 +491,25 @@ fn fused_for<'a>(fused: Option<&'a FusedLinear>, parts: &[&Linear], x: &Array) -
     let decode = x.ndim() < 3 || x.dim(-2)? == 1;
     // A part with an adapter (one served beside the model, swapped in for its step) runs alone.
     Ok(fused.filter(|_| decode && rows <= FUSED_MAX_ROWS && parts.iter().all(|p| p.lora.is_none())))
+}
+
+/// For pending states `x + r_norm(r)`: their sum and `fused` on their
+/// `norm`, as one kernel where that applies (a decode step of `fused`, the
+/// norms' epsilons alike, [`FusedLinear::forward_joined_after_norm`]):
+/// `Some((sum, fused, joined output))`.
+fn joined_after<'f>(
+    hidden: &Hidden<'_>,
+    fused: Option<&'f FusedLinear>,
+    parts: &[&Linear],
+    norm: &RmsNorm,
+) -> Result<Option<(Array, &'f FusedLinear, Array)>> {
+    let Hidden::Pending { x, r, r_norm } = hidden else { return Ok(None) };
+    let Some(f) = fused_for(fused, parts, x)? else { return Ok(None) };
+    if r_norm.is_some_and(|rn| rn.eps != norm.eps) {
+        return Ok(None);
+    }
+    let joined = f.forward_joined_after_norm(x, r, r_norm.map(|rn| &rn.weight), &norm.weight, norm.eps)?;
+    Ok(joined.map(|(h, y)| (h, f, y)))
 }
 
 thread_local! {

@@ -9,11 +9,11 @@
 
 use serde::Deserialize;
 
-use mlx::{Array, Result, ops};
+use mlx::Result;
 
 use super::config::{ModelConfig, RopeScaling, Sizes};
 use super::describe;
-use super::layers::{Attention, AttentionSpec, Gate, Mlp, RmsNorm, add_norm};
+use super::layers::{Attention, AttentionSpec, Gate, Hidden, Mlp, RmsNorm};
 use super::rope::Rope;
 use super::transformer::{DecoderBlock, Transformer};
 use super::weights::{WeightPath, Weights, model_err};
@@ -96,21 +96,10 @@ impl Block {
 }
 
 impl DecoderBlock for Block {
-    fn forward_chained(
-        &self,
-        x: &Array,
-        normed: Option<Array>,
-        mask: &Mask,
-        cache: &mut LayerCache,
-        next: Option<&RmsNorm>,
-    ) -> Result<(Array, Option<Array>)> {
-        let r = self.self_attn.forward(&self.normed_input(x, normed)?, mask, cache)?;
-        let (h, normed) = add_norm(x, &r, &self.post_attention_layernorm)?;
-        let r = self.mlp.forward(&normed)?;
-        match next {
-            Some(next) => add_norm(&h, &r, next).map(|(out, normed)| (out, Some(normed))),
-            None => Ok((ops::add(&h, &r)?, None)),
-        }
+    fn forward_chained<'a>(&'a self, x: Hidden<'a>, mask: &Mask, cache: &mut LayerCache) -> Result<Hidden<'a>> {
+        let (x, r) = self.self_attn.forward_after(x, &self.input_layernorm, mask, cache)?;
+        let (h, r) = self.mlp.forward_after(Hidden::Pending { x, r, r_norm: None }, &self.post_attention_layernorm)?;
+        Ok(Hidden::Pending { x: h, r, r_norm: None })
     }
 
     fn input_norm(&self) -> &RmsNorm {

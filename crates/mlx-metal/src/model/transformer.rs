@@ -7,7 +7,7 @@
 
 use mlx::{Array, Result, ops};
 
-use super::layers::{Attention, Mlp, RmsNorm};
+use super::layers::{Attention, Hidden, Mlp, RmsNorm};
 use super::{BlockParts, Description, LanguageModel, Parts, check_caches, layer_index};
 use crate::cache::{KvCache, LayerCache, Mask, RotatingKvCache};
 use crate::nn::{Embedding, Linear};
@@ -16,31 +16,18 @@ use crate::nn::{Embedding, Linear};
 pub trait DecoderBlock {
     /// Runs the block on hidden states `x: [B, L, hidden]` with its cache.
     fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
-        Ok(self.forward_chained(x, None, mask, cache, None)?.0)
+        self.forward_chained(Hidden::Ready(x.clone(), None), mask, cache)?.into_sum()
     }
 
-    /// [`DecoderBlock::forward`] as one link of the stack: `normed` is the
-    /// block's input norm of `x` when the block before already made it, and
-    /// with `next` (the next block's input norm, or the model's final norm)
-    /// the block returns `next(output)` too, made with its last residual sum
-    /// (one kernel on CUDA, [`super::layers::add_norm`]). The same values as
-    /// [`DecoderBlock::forward`] and the norm after it.
-    fn forward_chained(
-        &self,
-        x: &Array,
-        normed: Option<Array>,
-        mask: &Mask,
-        cache: &mut LayerCache,
-        next: Option<&RmsNorm>,
-    ) -> Result<(Array, Option<Array>)>;
+    /// [`DecoderBlock::forward`] as one link of the stack: takes the states
+    /// as the block before left them and leaves its own output the same way
+    /// (the last residual sum pending, for the next block or the model's final
+    /// norm to make with its norm in one kernel). The same values as
+    /// [`DecoderBlock::forward`] once summed.
+    fn forward_chained<'a>(&'a self, x: Hidden<'a>, mask: &Mask, cache: &mut LayerCache) -> Result<Hidden<'a>>;
 
     /// The norm the block applies to its input.
     fn input_norm(&self) -> &RmsNorm;
-
-    /// `normed`, or the block's input norm of `x` when the block before did not make it.
-    fn normed_input(&self, x: &Array, normed: Option<Array>) -> Result<Array> {
-        normed.map_or_else(|| self.input_norm().forward(x), Ok)
-    }
 
     /// The keys the block's attention sees: `Some(window)` for a sliding
     /// window, `None` for all of them.
@@ -69,7 +56,7 @@ pub struct Transformer<B> {
 impl<B: DecoderBlock> LanguageModel for Transformer<B> {
     fn forward(&self, inputs: &Array, caches: &mut [LayerCache]) -> Result<Array> {
         check_caches(caches, self.layers.len())?;
-        let mut h = self.embed(inputs)?;
+        let h = self.embed(inputs)?;
         let n = h.dim(1)?;
         // One mask per kind of attention, made from the first cache of its kind.
         let mut masks: Vec<(Option<i32>, Mask)> = Vec::new();
@@ -78,17 +65,14 @@ impl<B: DecoderBlock> LanguageModel for Transformer<B> {
                 masks.push((layer.window(), cache.make_mask(n, layer.window())?));
             }
         }
-        // Each block hands the next its input, normed with the block's last residual sum.
-        let mut normed = None;
-        for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
+        // Each block leaves its last residual sum to the next block (or the final norm), which
+        // makes it with its norm (and, on CUDA, its first projection) in one kernel.
+        let mut hidden = Hidden::Ready(h, None);
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             let mask = masks.iter().find(|(w, _)| *w == layer.window()).map_or(&Mask::None, |(_, m)| m);
-            let next = self.layers.get(i + 1).map_or(&self.norm, |b| b.input_norm());
-            (h, normed) = layer.forward_chained(&h, normed.take(), mask, cache, Some(next))?;
+            hidden = layer.forward_chained(hidden, mask, cache)?;
         }
-        match normed {
-            Some(normed) => self.logits(&normed),
-            None => self.head(&h),
-        }
+        self.logits(&hidden.sum_and_norm(&self.norm)?.1)
     }
 
     fn make_cache(&self) -> Result<Vec<LayerCache>> {

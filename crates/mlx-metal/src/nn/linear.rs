@@ -336,6 +336,28 @@ impl FusedLinear {
         self.fused.forward_base(x)
     }
 
+    /// `h = x + rms_norm(r, r_weight)` (`x + r` without `r_weight`) and the
+    /// fused matmul of `rms_norm(h, h_weight)` (both norms with `eps`), with
+    /// the norm and the matmul in one kernel where that applies
+    /// ([`mlx::fast::fused_norm_add_quantized_matmul`]: CUDA, one row, a 4-bit
+    /// matrix without bias): `Some((h, joined output))`; `None` elsewhere, for
+    /// the caller to norm and then call [`FusedLinear::forward_joined`].
+    pub fn forward_joined_after_norm(
+        &self,
+        x: &Array,
+        r: &Array,
+        r_weight: Option<&Array>,
+        h_weight: &Array,
+        eps: f32,
+    ) -> Result<Option<(Array, Array)>> {
+        match (&self.fused.weight, &self.fused.bias, &self.fused.lora, &self.fused.parallel) {
+            (LinearWeight::Quantized(q), None, None, Parallel::None) => {
+                mlx::fast::fused_norm_add_quantized_matmul(x, r, r_weight, h_weight, eps, q)
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Where each part's outputs end along the last axis of
     /// [`FusedLinear::forward_joined`]'s output.
     pub fn ends(&self) -> &[i32] {
