@@ -211,8 +211,10 @@ std::optional<std::pair<mx::array, mx::array>> try_fused_norm_add_qmv(
     mx::StreamOrDevice s);
 
 // Whether one row of x times a 4-bit matrix of n rows and k columns takes our
-// one-row product kernel in the current mode (mlxs_kernels.cpp).
-bool one_row_qmv(int n, int k);
+// one-row product kernel in the current mode (mlxs_kernels.cpp); `any_size`:
+// whatever its size in AUTO mode (for a launch that replaces two, where the
+// host time a kernel costs is saved anyway).
+bool one_row_qmv(int n, int k, bool any_size);
 
 // Our kernel for one row of x times 4-bit weights, where it applies (see
 // mlxs_kernels.cpp); nullopt where MLX's quantized_matmul must run.

@@ -447,10 +447,11 @@ bool cpu_routes_on(mx::StreamOrDevice s) {
 
 bool kernels_always() { return kernels_mode() == MLXS_KERNELS_ALWAYS; }
 
-bool one_row_qmv(int n, int k) {
+bool one_row_qmv(int n, int k, bool any_size) {
   int kernels = kernels_mode();
   if (kernels == MLXS_KERNELS_OFF || n <= 0 || n > kQmvMaxRows ||
-      (kernels == MLXS_KERNELS_AUTO && static_cast<int64_t>(n) * k < kQmvAutoMinValues)) {
+      (kernels == MLXS_KERNELS_AUTO && !any_size &&
+       static_cast<int64_t>(n) * k < kQmvAutoMinValues)) {
     return false;
   }
   // An output head goes to the tensor-core kernel (try_fast_qmv).

@@ -319,7 +319,9 @@ std::optional<std::pair<mx::array, mx::array>> try_fused_norm_add_qmv(
   int threads = norm_add_threads(d);
   int warps = threads / 32;
   int64_t blocks = (static_cast<int64_t>(n) + warps - 1) / warps;
-  if (n <= 0 || !one_row_qmv(n, d) || blocks * threads > std::numeric_limits<int>::max()) {
+  // Any size in AUTO mode: the launch replaces two (the norm and a product),
+  // so it saves a kernel's host time where the one-row kernel alone would not.
+  if (n <= 0 || !one_row_qmv(n, d, true) || blocks * threads > std::numeric_limits<int>::max()) {
     return std::nullopt;
   }
   auto kernel = cached_kernel(norm_qmv_spec(t, d, group, r_weight.has_value(), eps), qmv_header());
