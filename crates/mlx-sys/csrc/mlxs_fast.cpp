@@ -21,11 +21,12 @@ namespace {
 // additive) broadcasts to [B, H, L, T]. Scale first, a floor of the type's
 // lowest value where a boolean mask hides, a precise softmax: the steps of
 // mlx::core::fast's own fallback. For several queries of a 16-bit type the
-// scores and softmax are float32 and the probabilities are rounded to the type
-// for the product with v, as in cuDNN's fused attention, which MLX's CUDA
-// backend takes there: scores rounded to 16 bits part from it by more than
-// mlx-lm's tolerance (a 7-token prompt of the tiny Llama 3 on an H100). One
-// query keeps the 16-bit steps of MLX's own unfused attention.
+// steps are those of cuDNN's fused (flash) attention, which MLX's CUDA backend
+// takes there: float32 scores, exp(s - max) in float32 rounded to the type for
+// the product with v, the product summed in float32 and divided by the float32
+// sum of the exponentials, then rounded once (scores rounded to 16 bits part
+// from it by more than mlx-lm's tolerance: a 7-token prompt of the tiny Llama 3
+// on an H100). One query keeps the 16-bit steps of MLX's own unfused attention.
 mx::array grouped_sdpa(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                        bool causal, const std::optional<mx::array>& mask, mx::StreamOrDevice s) {
   int b = q.shape(0), h = q.shape(1), l = q.shape(2), d = q.shape(3);
@@ -58,6 +59,14 @@ mx::array grouped_sdpa(const mx::array& q, const mx::array& k, const mx::array& 
     } else {
       scores = mx::add(scores, mx::astype(*m, work, s), s);
     }
+  }
+  if (work != q.dtype()) {
+    auto e = mx::exp(mx::subtract(scores, mx::max(scores, -1, true, s), s), s);
+    auto total = mx::reshape(mx::sum(e, -1, true, s), {b, hkv, rep * l, 1}, s);
+    auto p = mx::astype(mx::astype(e, v.dtype(), s), work, s);
+    auto pv = mx::matmul(mx::reshape(p, {b, hkv, rep * l, t}, s), mx::astype(v, work, s), s);
+    auto out = mx::astype(mx::divide(pv, total, s), v.dtype(), s);
+    return mx::reshape(out, {b, h, l, v.shape(3)}, s);
   }
   scores = mx::astype(mx::softmax(scores, std::vector<int>{-1}, true, s), v.dtype(), s);
   auto out = mx::matmul(mx::reshape(scores, {b, hkv, rep * l, t}, s), v, s);
@@ -117,6 +126,11 @@ bool use_grouped(const mx::array& q, const mx::array& k, const mx::array& v, boo
     return false;
   }
   int b = q.shape(0), l = q.shape(2), d = q.shape(3);
+  // A causal prompt from an empty cache (its keys are its own) is not a
+  // decode step: MLX's attention, mlx-lm's there, whose graph is built once.
+  if (causal && l == k.shape(2) && l > 1) {
+    return false;
+  }
   bool vector_kernel = (d == 64 || d == 96 || d == 128) && v.shape(3) == d && l < 4;
   bool masked = mask.has_value() || (causal && l > 1);
   // Unmasked without the vector kernel, one sequence's fallback is a few
