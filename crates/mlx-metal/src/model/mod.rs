@@ -24,6 +24,7 @@ pub mod dtype;
 pub mod gemma3;
 pub mod layers;
 pub mod llama;
+pub mod norm;
 pub mod quant_choice;
 pub mod quant_probe;
 pub mod qwen2;
