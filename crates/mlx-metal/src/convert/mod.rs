@@ -17,7 +17,7 @@
 //!
 //! Steps: the floats are cast to `--dtype` (default: config.json's
 //! `torch_dtype`, as mlx-lm), then, with `quantize`, every linear layer and
-//! the embedding are quantised ([`plan`] says which and how). Memory stays at
+//! the embedding are quantised (`plan` says which and how). Memory stays at
 //! a few tensors: the checkpoint is loaded lazily, and each output tensor is
 //! made, evaluated, written and dropped in turn ([`write`]).
 //!

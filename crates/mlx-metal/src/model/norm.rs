@@ -66,7 +66,7 @@ pub enum Hidden<'a> {
     /// The states not yet summed: `x + r`, or `x + r_norm(r)` (Gemma's norm of
     /// a sublayer's output). The next block adds them up with its input norm,
     /// and on CUDA, for a decode step of one sequence, with its first
-    /// projection too (one kernel: [`Attention::forward_after`]).
+    /// projection too (one kernel: [`super::layers::Attention::forward_after`]).
     Pending {
         /// The residual stream.
         x: Array,
