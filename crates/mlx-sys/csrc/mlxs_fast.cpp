@@ -3,6 +3,7 @@
 // The fused kernels of mlx::core::fast: RMS and layer norms, rotary
 // embeddings and scaled dot-product attention.
 
+#include <cmath>
 #include <optional>
 
 #include "mlxs_internal.h"
@@ -176,12 +177,18 @@ int mlxs_fused_norm_add(mlxs_array* h, mlxs_array* y, mlxs_array x, mlxs_array r
 int mlxs_fused_norm_add_qmv(mlxs_array* h, mlxs_array* out, int* applied, mlxs_array x,
                             mlxs_array r, mlxs_array r_weight, mlxs_array h_weight, float eps,
                             mlxs_array w, mlxs_array scales, mlxs_array biases, int group_size,
-                            int bits, int dev) {
+                            int bits, int rope_heads, int head_dim, bool has_base, float base,
+                            float scale, int offset, mlxs_array freqs, int dev) {
   return guard([&] {
     *applied = 0;
-    auto fused =
-        try_fused_norm_add_qmv(arr(x), arr(r), opt(r_weight), arr(h_weight), eps, arr(w),
-                               arr(scales), opt(biases), group_size, bits, "affine", sod(dev));
+    mlxs::NormQmvRope rope;
+    if (rope_heads > 0) {
+      rope = {rope_heads, head_dim, mx::array(offset, mx::int32),
+              opt(freqs), scale,    has_base ? std::log2(base) : 0.f};
+    }
+    auto fused = try_fused_norm_add_qmv(arr(x), arr(r), opt(r_weight), arr(h_weight), eps, arr(w),
+                                        arr(scales), opt(biases), group_size, bits, "affine", rope,
+                                        sod(dev));
     if (fused) {
       put(h, fused->first);
       put(out, fused->second);

@@ -182,6 +182,10 @@ mx::array qk_norm_rope(const mx::array& y, int heads, int d, const std::optional
                        float scale, const mx::array& offset, const std::optional<mx::array>& freqs,
                        mx::StreamOrDevice s);
 
+// The header of the rope kernels: rope_pair, MLX's rotation of one pair
+// (mlxs_rope_kernel.cpp).
+const char* rope_header();
+
 // The q/k norm and rope's instantiation for dtype `t`, head size `d`, `heads`
 // heads, with or without the norm, the traditional rope, explicit frequencies
 // and one offset a batch row, and `eps` (mlxs_rope_kernel.cpp).
@@ -196,19 +200,39 @@ std::optional<std::pair<mx::array, std::optional<mx::array>>> try_fused_norm_add
     const mx::array& x, const mx::array& r, const std::optional<mx::array>& r_weight,
     const std::optional<mx::array>& h_weight, float eps, mx::StreamOrDevice s);
 
+// The rotation the norm with the 4-bit product applies to the first
+// `qk_heads` heads of `head_dim` values of its output (none when qk_heads is
+// 0): mlxr_qk_norm_rope's, without a norm, pairs (t, t + head_dim / 2), one
+// int32 `offset`, the inverse frequencies `freqs` (float32, head_dim / 2) or
+// the base's log2, and `scale`.
+struct NormQmvRope {
+  int qk_heads = 0;
+  int head_dim = 0;
+  std::optional<mx::array> offset;
+  std::optional<mx::array> freqs;
+  float scale = 1.f;
+  float log2_base = 0.f;
+};
+
 // norm_add_spec's norm followed by the 4-bit product with w (group `group`,
-// D = d), for one row of x (mlxs_norm_kernel.cpp).
-KernelSpec norm_qmv_spec(mx::Dtype t, int d, int group, bool norm_r, float eps);
+// D = d), for one row of x, with `rope`'s rotation after it when it has one
+// (mlxs_norm_kernel.cpp); its header.
+KernelSpec norm_qmv_spec(mx::Dtype t, int d, int group, bool norm_r, float eps,
+                         const NormQmvRope& rope);
+const char* norm_qmv_header();
 
 // try_fused_norm_add's h and the product of its y with the 4-bit affine matrix
 // w (transposed, as a linear layer holds it; y itself is not returned), as one
 // kernel of ours on CUDA for one row of x where our one-row product kernel
 // would take y (nullopt elsewhere: the caller composes the two).
+// With `rope`'s rotation (qk_heads > 0; in ALWAYS mode only, until checked on
+// a GPU): the first heads of the product rotated, or nullopt where it does not
+// fit (the caller then joins without it).
 std::optional<std::pair<mx::array, mx::array>> try_fused_norm_add_qmv(
     const mx::array& x, const mx::array& r, const std::optional<mx::array>& r_weight,
     const mx::array& h_weight, float eps, const mx::array& w, const mx::array& scales,
     const std::optional<mx::array>& biases, int group, int bits, const std::string& mode,
-    mx::StreamOrDevice s);
+    const NormQmvRope& rope, mx::StreamOrDevice s);
 
 // Whether one row of x times a 4-bit matrix of n rows and k columns takes our
 // one-row product kernel in the current mode (mlxs_kernels.cpp); `any_size`:

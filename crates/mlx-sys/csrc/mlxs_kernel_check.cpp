@@ -56,22 +56,31 @@ int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int
         specs.push_back(mlxs::qk_norm_rope_spec(t, d, heads, norm, trad, freqs, rows, 1e-6f));
       }
     }
-    // The norm with the 4-bit product: Llama 3 8B's width, Gemma 3 1B's with its post-norm.
+    // The norm with the 4-bit product: Llama 3 8B's width, Gemma 3 1B's with its post-norm; and
+    // with the rope after it: Llama 3 8B's q/k/v (its frequencies), a 2,048 wide one with a base.
     for (auto t : {mx::bfloat16, mx::float16}) {
       for (auto [d, g, norm_r] :
            {std::tuple{4096, 64, false}, {1152, 64, true}, {2048, 128, false}}) {
-        specs.push_back(mlxs::norm_qmv_spec(t, d, g, norm_r, 1e-6f));
+        specs.push_back(mlxs::norm_qmv_spec(t, d, g, norm_r, 1e-6f, {}));
       }
+      mlxs::NormQmvRope llama{40, 128, std::nullopt, mx::array(0.f), 1.f, 0.f};
+      specs.push_back(mlxs::norm_qmv_spec(t, 4096, 64, false, 1e-5f, llama));
+      mlxs::NormQmvRope based{48, 64, std::nullopt, std::nullopt, 1.f, 13.2f};
+      specs.push_back(mlxs::norm_qmv_spec(t, 2048, 128, false, 1e-5f, based));
     }
     int read[2] = {0, 0};
     for (int pass = 0; pass < 2; ++pass) {
       mlxs::KernelCompiler compiler(nvrtc_path, include_dir, cache_dir, arch);
       for (const auto& spec : specs) {
         bool disk = false;
-        // The 4-bit products (qmv_spec and qmm_rows_spec, which declare no
-        // inputs, and the norm with the product) take their header.
-        bool qmv = spec.inputs.empty() || std::strcmp(spec.kernel, "mlxr_norm_qmv4") == 0;
-        if (compiler.compile(spec, qmv ? mlxs::qmv_header() : "", &disk) == nullptr) {
+        // Each kernel with the header its dispatch compiles it with.
+        const char* header = spec.inputs.empty() ? mlxs::qmv_header() : "";
+        if (std::strcmp(spec.kernel, "mlxr_norm_qmv4") == 0) {
+          header = mlxs::norm_qmv_header();
+        } else if (std::strcmp(spec.kernel, "mlxr_qk_norm_rope") == 0) {
+          header = mlxs::rope_header();
+        }
+        if (compiler.compile(spec, header, &disk) == nullptr) {
           throw std::runtime_error(compiler.why());
         }
         read[pass] += disk ? 1 : 0;

@@ -161,10 +161,15 @@ constexpr const char* kNormAddCore = R"(
 // launch, a kernel fewer a norm. Every block computes the norm as the fused
 // norm does (kNormAddCore, THREADS threads: the same bits) into shared memory
 // and each of its THREADS / 32 warps takes a row of w as the one-row kernel
-// does (qmv_row: the same bits); block 0 writes h. Template arguments: T, D
-// (x's width, w's K), GROUP, NORM_R, NORM_H (1), EPS, THREADS; inputs x, r, wr,
-// wh, w, scales, biases (all declared T pointers); outputs h, out; scalar n
-// (w's rows).
+// does (qmv_row: the same bits); block 0 writes h. With ROPE (a fused q/k/v
+// projection of a model without q/k norms), the first QK_HEADS heads of HD
+// values are rotated as mlxr_qk_norm_rope rotates them (rope_pair, one offset,
+// pairs (t, t + HD / 2)): a block's warps take WARPS / 2 such pairs of one
+// head, their rounded sums meet in shared memory and are rotated there.
+// Template arguments: T, D (x's width, w's K), GROUP, NORM_R, NORM_H (1), EPS,
+// THREADS, ROPE, HD, QK_HEADS, FREQS; inputs x, r, wr, wh, w, scales, biases,
+// offset (int32), freqs (float32) (all declared T pointers; those not used may
+// be any array); outputs h, out; scalars n (w's rows), scale, base (log2).
 constexpr const char* kNormQmvRow = R"(
   __shared__ __align__(16) T ys[D];
   const size_t row = 0;
@@ -174,19 +179,43 @@ constexpr const char* kNormQmvRow = R"(
 )";
 constexpr const char* kNormQmvTail = R"(
   __syncthreads();
+  constexpr int WARPS = THREADS / 32;
+  constexpr int PAIRS = WARPS / 2 > 0 ? WARPS / 2 : 1;
+  constexpr int HALF = ROPE ? HD / 2 : PAIRS;
   const int lane = threadIdx.x & 31;
-  const int orow = blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5);
-  if (orow >= n) {
-    return;
+  const int warp = threadIdx.x >> 5;
+  const int head = ROPE ? static_cast<int>(blockIdx.x) / (HALF / PAIRS) : 0;
+  const int t0 = ROPE ? (static_cast<int>(blockIdx.x) % (HALF / PAIRS)) * PAIRS : 0;
+  const int orow = ROPE ? head * HD + t0 + (warp >> 1) + (warp & 1) * HALF
+                        : static_cast<int>(blockIdx.x) * WARPS + warp;
+  T value = static_cast<T>(0.f);
+  if (orow < n) {
+    const unsigned int* wq = reinterpret_cast<const unsigned int*>(w);
+    value = static_cast<T>(qmv_row<T, D, GROUP, true>(
+        wq + static_cast<size_t>(orow) * (D / 8), (reinterpret_cast<size_t>(wq) & 15) == 0,
+        scales + static_cast<size_t>(orow) * (D / GROUP),
+        biases + static_cast<size_t>(orow) * (D / GROUP), ys, true, lane));
+    if (!ROPE && lane == 0) {
+      out[orow] = value;
+    }
   }
-  const unsigned int* wq = reinterpret_cast<const unsigned int*>(w);
-  const float acc = qmv_row<T, D, GROUP, true>(wq + static_cast<size_t>(orow) * (D / 8),
-                                               (reinterpret_cast<size_t>(wq) & 15) == 0,
-                                               scales + static_cast<size_t>(orow) * (D / GROUP),
-                                               biases + static_cast<size_t>(orow) * (D / GROUP), ys,
-                                               true, lane);
-  if (lane == 0) {
-    out[orow] = static_cast<T>(acc);
+  if (ROPE) {
+    __shared__ T pair_rows[WARPS];
+    if (lane == 0) {
+      pair_rows[warp] = value;
+    }
+    __syncthreads();
+    if (threadIdx.x < PAIRS) {
+      const int t = t0 + static_cast<int>(threadIdx.x);
+      T a = pair_rows[2 * threadIdx.x];
+      T c = pair_rows[2 * threadIdx.x + 1];
+      if (head < QK_HEADS) {
+        rope_pair<T, FREQS>(a, c, t, HALF, reinterpret_cast<const int*>(offset)[0], scale, base,
+                            reinterpret_cast<const float*>(freqs));
+      }
+      out[head * HD + t] = a;
+      out[head * HD + t + HALF] = c;
+    }
   }
 )";
 
@@ -273,7 +302,8 @@ std::optional<std::pair<mx::array, std::optional<mx::array>>> try_fused_norm_add
   return std::make_pair(out.at(0), y);
 }
 
-KernelSpec norm_qmv_spec(mx::Dtype t, int d, int group, bool norm_r, float eps) {
+KernelSpec norm_qmv_spec(mx::Dtype t, int d, int group, bool norm_r, float eps,
+                         const NormQmvRope& rope) {
   int eps_bits = 0;
   std::memcpy(&eps_bits, &eps, sizeof eps_bits);
   return {"mlxr_norm_qmv4",
@@ -284,17 +314,26 @@ KernelSpec norm_qmv_spec(mx::Dtype t, int d, int group, bool norm_r, float eps) 
            {"NORM_R", norm_r ? 1 : 0},
            {"NORM_H", 1},
            {"EPS", eps_bits},
-           {"THREADS", norm_add_threads(d)}},
-          {"x", "r", "wr", "wh", "w", "scales", "biases"},
+           {"THREADS", norm_add_threads(d)},
+           {"ROPE", rope.qk_heads > 0 ? 1 : 0},
+           {"HD", rope.head_dim},
+           {"QK_HEADS", rope.qk_heads},
+           {"FREQS", rope.freqs ? 1 : 0}},
+          {"x", "r", "wr", "wh", "w", "scales", "biases", "offset", "freqs"},
           {"h", "out"},
-          {"int n"}};
+          {"int n", "float scale", "float base"}};
+}
+
+const char* norm_qmv_header() {
+  static const std::string header = std::string(qmv_header()) + rope_header();
+  return header.c_str();
 }
 
 std::optional<std::pair<mx::array, mx::array>> try_fused_norm_add_qmv(
     const mx::array& x, const mx::array& r, const std::optional<mx::array>& r_weight,
     const mx::array& h_weight, float eps, const mx::array& w, const mx::array& scales,
     const std::optional<mx::array>& biases, int group, int bits, const std::string& mode,
-    mx::StreamOrDevice s) {
+    const NormQmvRope& rope, mx::StreamOrDevice s) {
   auto t = x.dtype();
   int d = x.ndim() >= 1 ? x.shape(-1) : 0;
   if (!cuda_routes_on(s) || !kernel_cache_on() || mode != "affine" || bits != 4 || !biases ||
@@ -324,16 +363,37 @@ std::optional<std::pair<mx::array, mx::array>> try_fused_norm_add_qmv(
   if (n <= 0 || !one_row_qmv(n, d, true) || blocks * threads > std::numeric_limits<int>::max()) {
     return std::nullopt;
   }
-  auto kernel = cached_kernel(norm_qmv_spec(t, d, group, r_weight.has_value(), eps), qmv_header());
+  if (rope.qk_heads > 0) {
+    // A block's warps take whole pairs of one head: an even number of warps
+    // that divides a head's pairs, whole heads, one int32 offset.
+    int hd = rope.head_dim;
+    bool fits = kernels_always() && warps % 2 == 0 && hd > 0 && hd % 2 == 0 &&
+                (hd / 2) % (warps / 2) == 0 && n % hd == 0 &&
+                static_cast<int64_t>(rope.qk_heads) * hd <= n && rope.offset &&
+                rope.offset->dtype() == mx::int32 && rope.offset->size() == 1 &&
+                !rope.offset->is_tracer() &&
+                (!rope.freqs ||
+                 (rope.freqs->dtype() == mx::float32 &&
+                  rope.freqs->size() == static_cast<size_t>(hd / 2) && !rope.freqs->is_tracer()));
+    if (!fits) {
+      return std::nullopt;
+    }
+  }
+  auto kernel =
+      cached_kernel(norm_qmv_spec(t, d, group, r_weight.has_value(), eps, rope), norm_qmv_header());
   if (!kernel) {
     return std::nullopt;
   }
   auto out_shape = x.shape();
   out_shape.back() = n;
   const auto& code = kernel->handle.empty() ? kernel->cubin : kernel->handle;
+  const auto& offset = rope.offset.value_or(x);
+  std::vector<mx::fast::ScalarArg> scalars = {n, rope.scale, rope.log2_base};
   auto out = mx::fast::precompiled_cuda_kernel(
-      kernel->name, code, {x, r, r_weight.value_or(h_weight), h_weight, w, scales, b},
-      {x.shape(), out_shape}, {t, t}, {n}, {static_cast<int>(blocks) * threads, 1, 1},
+      kernel->name, code,
+      {x, r, r_weight.value_or(h_weight), h_weight, w, scales, b, offset,
+       rope.freqs.value_or(offset)},
+      {x.shape(), out_shape}, {t, t}, scalars, {static_cast<int>(blocks) * threads, 1, 1},
       {threads, 1, 1}, 0, std::nullopt, true, mx::to_stream(s));
   return std::make_pair(out.at(0), out.at(1));
 }

@@ -32,6 +32,24 @@ namespace {
 // any array); scalars len (L), row, scale, base (log2 of the
 // base). The norm's sum of squares is added in another order than MLX's, so
 // it may differ from MLX's in its last bit.
+// MLX's rotation of one pair (a, c) at frequency index i of `half`, in place
+// (rope_pair): the rope kernel below and the norm with the 4-bit product
+// (mlxs_norm_kernel.cpp) both call it, so that they round alike.
+constexpr const char* kRopeHeader = R"(
+template <typename T, bool FREQS>
+__device__ __forceinline__ void rope_pair(T& a, T& c, int i, int half, int position, float scale,
+                                          float base, const float* freqs) {
+  const float inv_freq = FREQS ? static_cast<float>(1.0 / freqs[i])
+                               : exp2f(-(static_cast<float>(i) / static_cast<float>(half)) * base);
+  const float theta = scale * static_cast<float>(position) * inv_freq;
+  const float co = cosf(theta);
+  const float si = sinf(theta);
+  const float x1 = static_cast<float>(a);
+  const float x2 = static_cast<float>(c);
+  a = static_cast<T>(x1 * co - x2 * si);
+  c = static_cast<T>(x1 * si + x2 * co);
+}
+)";
 constexpr const char* kQkNormRopeSource = R"(
   constexpr int HALF = D / 2;
   const int tid = threadIdx.x;
@@ -66,16 +84,11 @@ constexpr const char* kQkNormRopeSource = R"(
     c = wr[i2] * static_cast<T>(fc * n);
   }
   const int position = reinterpret_cast<const int*>(offset)[OFFSETS ? b : 0] + l;
-  const float inv_freq = FREQS ? static_cast<float>(1.0 / reinterpret_cast<const float*>(freqs)[tid])
-                               : exp2f(-(static_cast<float>(tid) / static_cast<float>(HALF)) * base);
-  const float theta = scale * static_cast<float>(position) * inv_freq;
-  const float co = cosf(theta);
-  const float si = sinf(theta);
-  const float x1 = static_cast<float>(a);
-  const float x2 = static_cast<float>(c);
+  rope_pair<T, FREQS>(a, c, tid, HALF, position, scale, base,
+                      reinterpret_cast<const float*>(freqs));
   T* o = out + ((static_cast<size_t>(b) * HEADS + head) * len + l) * D;
-  o[i1] = static_cast<T>(x1 * co - x2 * si);
-  o[i2] = static_cast<T>(x1 * si + x2 * co);
+  o[i1] = a;
+  o[i2] = c;
 )";
 
 // Head sizes a multiple of 64 (a whole number of warps a head), at most 512
@@ -102,6 +115,8 @@ mx::array qk_norm_rope_ops(const mx::array& y, int heads, int d,
 }  // namespace
 
 namespace mlxs {
+
+const char* rope_header() { return kRopeHeader; }
 
 KernelSpec qk_norm_rope_spec(mx::Dtype t, int d, int heads, bool norm, bool traditional, bool freqs,
                              bool offsets, float eps) {
@@ -155,7 +170,7 @@ mx::array qk_norm_rope(const mx::array& y, int heads, int d, const std::optional
   if (fits) {
     kernel = cached_kernel(qk_norm_rope_spec(t, d, heads, weight.has_value(), traditional,
                                              freqs.has_value(), offsets, eps),
-                           "");
+                           kRopeHeader);
   }
   if (!kernel) {
     return qk_norm_rope_ops(y, heads, d, weight, eps, dims, traditional, base, scale, offset, freqs,

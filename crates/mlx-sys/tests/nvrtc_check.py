@@ -51,13 +51,19 @@ KERNELS = {
         "body": ["kNormQmvRow", "kNormAddCore", "kNormQmvTail"],
         # Declared as our compile path declares them: every input a T pointer.
         "inputs": [("x", "T"), ("r", "T"), ("wr", "T"), ("wh", "T"), ("w", "T"), ("scales", "T"),
-                   ("biases", "T")],
+                   ("biases", "T"), ("offset", "T"), ("freqs", "T")],
         "outputs": [("h", "T"), ("out", "T")],
-        "scalars": ["int n"],
-        "template": ["typename T", "int D", "int GROUP", "int NORM_R", "int NORM_H", "int EPS", "int THREADS"],
-        # Llama 3 8B (4,096, group 64), Gemma 3 1B (1,152, its post-norm too), 2,048 wide with group 128.
-        "args": [(t, d, g, nr, 1, 0x358637BD, threads) for t in TYPES
-                 for d, g, nr, threads in ((4096, 64, 0, 512), (1152, 64, 1, 160), (2048, 128, 0, 256))],
+        "scalars": ["int n", "float scale", "float base"],
+        "template": ["typename T", "int D", "int GROUP", "int NORM_R", "int NORM_H", "int EPS", "int THREADS",
+                     "int ROPE", "int HD", "int QK_HEADS", "int FREQS"],
+        # Llama 3 8B (4,096, group 64), Gemma 3 1B (1,152, its post-norm too), 2,048 wide with group 128;
+        # with the rope: Llama 3 8B's q/k/v (40 heads of 128, its frequencies), 48 heads of 64 with a base.
+        "args": [(t, d, g, nr, 1, 0x358637BD, threads, rope, hd, qk, fr) for t in TYPES
+                 for d, g, nr, threads, rope, hd, qk, fr in ((4096, 64, 0, 512, 0, 0, 0, 0),
+                                                             (1152, 64, 1, 160, 0, 0, 0, 0),
+                                                             (2048, 128, 0, 256, 0, 0, 0, 0),
+                                                             (4096, 64, 0, 512, 1, 128, 40, 1),
+                                                             (2048, 128, 0, 256, 1, 64, 48, 0))],
     },
     "kSdpaDecodeSource": {
         "inputs": [("q", "T"), ("k", "T"), ("v", "T"), ("mask", "T")],
@@ -88,7 +94,7 @@ def raw_strings(source):
 
 def program(strings):
     parts = ["#include <cuda_bf16.h>", "#include <cuda_fp16.h>", "typedef unsigned int uint32_t;",
-             "typedef int int32_t;", strings["kQmvHeader"]]
+             "typedef int int32_t;", strings["kQmvHeader"], strings["kRopeHeader"]]
     for name, k in KERNELS.items():
         params = [f"const {t}* {n}" for n, t in k["inputs"]] + [f"{t}* {n}" for n, t in k["outputs"]]
         params += [f"const int32_t* {n}_shape" for n, _ in k["inputs"]] + k.get("scalars", [])
@@ -141,8 +147,8 @@ def main():
     strings = {}
     for path in sys.argv[1:]:
         strings.update(raw_strings(Path(path).read_text(encoding="utf-8")))
-    # Every raw string but the header is a kernel's body or a part of one.
-    sources = {n for n in strings if n != "kQmvHeader"}
+    # Every raw string but the headers is a kernel's body or a part of one.
+    sources = {n for n in strings if not n.endswith("Header")}
     known = {part for name, k in KERNELS.items() for part in k.get("body", [name])}
     if sources != known:
         print(f"kernel sources {sorted(sources)} against the bodies known here {sorted(known)}: "

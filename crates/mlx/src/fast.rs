@@ -61,6 +61,14 @@ pub fn fused_norm_add(
 /// [`fused_norm_add`] and [`crate::ops::quantized_matmul`] give there. Returns
 /// `Some((h, y qᵀ))`, or `None` where it does not apply (the caller composes
 /// the two; `y` itself is never returned).
+///
+/// With `rope = Some((heads, head_dim, rotation))` the first `heads` heads of
+/// `head_dim` values of the product come out rotated as [`qk_norm_rope`]
+/// (without a norm) rotates them, bit for bit: a fused q/k/v projection's
+/// queries and keys, laid out as its output is (`[.., N]`). Only for
+/// `rotation`s of all `head_dim` features, not traditional, at a fixed
+/// offset, and, until it has been checked on a GPU, only with
+/// [`CustomKernels::Always`]; `None` elsewhere.
 pub fn fused_norm_add_quantized_matmul(
     x: &Array,
     r: &Array,
@@ -68,7 +76,18 @@ pub fn fused_norm_add_quantized_matmul(
     h_weight: &Array,
     eps: f32,
     q: &crate::ops::Quantized,
+    rope: Option<(i32, i32, &Rotation<'_>)>,
 ) -> Result<Option<(Array, Array)>> {
+    let (mut rope_heads, mut head_dim, mut has_base, mut base, mut scale, mut offset, mut freqs) =
+        (0, 0, false, 0.0, 1.0, 0, None);
+    if let Some((heads, d, rotation)) = rope {
+        let RopeOffset::Fixed(fixed) = rotation.offset else { return Ok(None) };
+        if rotation.traditional || rotation.dims != d || heads <= 0 {
+            return Ok(None);
+        }
+        (rope_heads, head_dim, scale, offset) = (heads, d, rotation.scale, fixed);
+        (has_base, base, freqs) = rotation.freqs.parts();
+    }
     let (mut h, mut out): (sys::mlxs_array, sys::mlxs_array) = (std::ptr::null_mut(), std::ptr::null_mut());
     let mut applied = 0;
     // SAFETY: live or null handles; the shim writes owned handles on success when it sets `applied`.
@@ -87,6 +106,13 @@ pub fn fused_norm_add_quantized_matmul(
             opt_handle(q.biases.as_ref()),
             q.group_size,
             q.bits,
+            rope_heads,
+            head_dim,
+            has_base,
+            base,
+            scale,
+            offset,
+            opt_handle(freqs),
             dev(),
         )
     };

@@ -13,7 +13,7 @@
 
 use mlx::fast::{CustomKernels, custom_kernels, set_custom_kernels};
 use mlx::ops;
-use mlx::{Device, Dtype, random};
+use mlx::{Array, Device, Dtype, random};
 
 fn cuda() -> bool {
     Device::Gpu.is_available()
@@ -273,7 +273,7 @@ fn norm_and_product(on_cuda: bool) {
         let q = ops::quantize(&normal(&[n, d], 900 + i as u64, 0.02), group, 4).unwrap();
         let what = format!("{dtype:?} width {d}, {n} rows of w, group {group}, norm of r {r_norm}");
         set_custom_kernels(CustomKernels::Always);
-        let joined = mlx::fast::fused_norm_add_quantized_matmul(&x, &r, wr, &wh, 1e-6, &q).unwrap();
+        let joined = mlx::fast::fused_norm_add_quantized_matmul(&x, &r, wr, &wh, 1e-6, &q, None).unwrap();
         let (h, y) = mlx::fast::fused_norm_add(&x, &r, wr, Some(&wh), 1e-6).unwrap();
         let product = ops::quantized_matmul(&y.unwrap(), &q, true).unwrap();
         match joined {
@@ -297,11 +297,76 @@ fn norm_and_product(on_cuda: bool) {
             (&x, &r, &q, CustomKernels::Off, "the switch off"),
         ] {
             set_custom_kernels(mode);
-            let out = mlx::fast::fused_norm_add_quantized_matmul(xx, rr, wr, &wh, 1e-6, qq).unwrap();
+            let out = mlx::fast::fused_norm_add_quantized_matmul(xx, rr, wr, &wh, 1e-6, qq, None).unwrap();
             assert!(out.is_none(), "{what}: joined with {why}");
         }
     }
     assert_eq!(fused, if on_cuda { cases.len() } else { 0 });
+    norm_product_and_rope(on_cuda);
+}
+
+/// The same with the rope after the product (a fused q/k/v projection of a model without q/k norms):
+/// on CUDA with our kernels `Always`, the first heads bit for bit the joined product then
+/// `fast::qk_norm_rope` without a norm, the rest the joined product's; `None` off CUDA, in `Auto`
+/// (until it has been checked on a GPU), for a traditional rope and for a rope of fewer features.
+/// Llama 3 8B's q/k/v (40 heads of 128 rotated, 8 not, its own frequencies) and 32 heads of 64 in
+/// fp16 with a base, a position scale and group 128.
+fn norm_product_and_rope(on_cuda: bool) {
+    use mlx::fast::{RopeFreqs, RopeOffset, Rotation};
+    let llama_freqs = {
+        let i = ops::arange(0.0, 64.0, 1.0, Dtype::Float32).unwrap();
+        let e = ops::multiply_scalar(&i, 2.0 / 128.0).unwrap();
+        ops::power(&Array::scalar_as(500_000.0, Dtype::Float32).unwrap(), &e).unwrap()
+    };
+    let cases = [
+        (Dtype::Bfloat16, 4096, 64, 128, 40, 48, RopeFreqs::Custom(&llama_freqs), 1.0, 37),
+        (Dtype::Float16, 2048, 128, 64, 24, 32, RopeFreqs::Base(10_000.0), 0.5, 5),
+    ];
+    let mut rotated = 0;
+    for (i, &(dtype, d, group, hd, qk_heads, all_heads, freqs, scale, offset)) in cases.iter().enumerate() {
+        let normal = |shape: &[i32], seed: u64, std: f32| {
+            let key = random::key(seed).unwrap();
+            ops::astype(&random::normal(shape, Dtype::Float32, 0.0, std, Some(&key)).unwrap(), dtype).unwrap()
+        };
+        let (x, r) = (normal(&[1, 1, d], 1100 + i as u64, 4.0), normal(&[1, 1, d], 1200 + i as u64, 1.0));
+        let wh = normal(&[d], 1300 + i as u64, 1.0);
+        let q = ops::quantize(&normal(&[all_heads * hd, d], 1400 + i as u64, 0.02), group, 4).unwrap();
+        let rotation = Rotation { dims: hd, traditional: false, freqs, scale, offset: RopeOffset::Fixed(offset) };
+        let what = format!("{dtype:?} width {d}, {qk_heads} of {all_heads} heads of {hd} rotated");
+        let rope = Some((qk_heads, hd, &rotation));
+        set_custom_kernels(CustomKernels::Always);
+        let joined = mlx::fast::fused_norm_add_quantized_matmul(&x, &r, None, &wh, 1e-6, &q, rope).unwrap();
+        let plain = mlx::fast::fused_norm_add_quantized_matmul(&x, &r, None, &wh, 1e-6, &q, None).unwrap();
+        match (joined, plain) {
+            (Some((jh, jy)), Some((ph, py))) => {
+                assert!(on_cuda, "{what}: joined off CUDA");
+                assert_eq!(jh.to_vec_f32().unwrap(), ph.to_vec_f32().unwrap(), "{what}: h");
+                let theirs = mlx::fast::qk_norm_rope(&py, qk_heads, hd, None, &rotation).unwrap();
+                let (ours, plain) = (jy.to_vec_f32().unwrap(), py.to_vec_f32().unwrap());
+                let split = (qk_heads * hd) as usize;
+                assert_eq!(ours[..split], theirs.to_vec_f32().unwrap()[..], "{what}: the rotated heads");
+                assert_eq!(ours[split..], plain[split..], "{what}: the heads not rotated");
+                rotated += 1;
+            }
+            (None, None) => assert!(!on_cuda, "{what}: not joined on CUDA"),
+            (joined, plain) => panic!("{what}: with the rope {:?}, without {:?}", joined.is_some(), plain.is_some()),
+        }
+        // Not joined with the rope: Auto (until checked on a GPU), traditional, fewer features.
+        let traditional = Rotation { traditional: true, ..rotation };
+        let partial = Rotation { dims: hd / 2, ..rotation };
+        for (mode, rot, why) in [
+            (CustomKernels::Auto, &rotation, "Auto"),
+            (CustomKernels::Always, &traditional, "a traditional rope"),
+            (CustomKernels::Always, &partial, "a rope of half the features"),
+        ] {
+            set_custom_kernels(mode);
+            let out =
+                mlx::fast::fused_norm_add_quantized_matmul(&x, &r, None, &wh, 1e-6, &q, Some((qk_heads, hd, rot)))
+                    .unwrap();
+            assert!(out.is_none(), "{what}: joined with {why}");
+        }
+    }
+    assert_eq!(rotated, if on_cuda { cases.len() } else { 0 });
 }
 
 /// Attention for one query (`fast::scaled_dot_product_attention`, our decode kernel where MLX has no

@@ -12,6 +12,7 @@
 
 use std::cell::RefCell;
 
+use mlx::fast::Rotation;
 use mlx::ops::Quantized;
 use mlx::{Array, Dtype, Error, Result, fast, ops};
 
@@ -152,9 +153,24 @@ impl Attention {
         cache: &mut LayerCache,
     ) -> Result<(Array, Array)> {
         let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
-        if let Some((h, fused, joined)) = joined_after(&hidden, self.qkv.as_ref(), &parts, norm)? {
+        let offset = cache.rope_offset()?;
+        let rotation = self.rope.rotation(&offset);
+        // Without q/k norms the kernel can rotate q's and k's heads too (one rotation for both,
+        // as `rotate_fused` runs it).
+        let (heads, kv_heads) = (self.n_heads, self.n_kv_heads);
+        let rope = match self.qkv.as_ref().map(FusedLinear::ends) {
+            Some(&[q_end, k_end, _]) if self.qk_norm.is_none() && q_end * kv_heads == (k_end - q_end) * heads => {
+                Some((heads + kv_heads, q_end / heads, &rotation))
+            }
+            _ => None,
+        };
+        if let Some((h, fused, joined, rotated)) = joined_after(&hidden, self.qkv.as_ref(), &parts, norm, rope)? {
             let (b, l) = (h.dim(0)?, h.dim(1)?);
-            let qkv = self.rotate_fused(fused, &joined, b, l, &cache.rope_offset()?)?;
+            let qkv = if rotated {
+                self.split_rotated(fused, &joined, b, l)?
+            } else {
+                self.rotate_fused(fused, &joined, b, l, &offset)?
+            };
             return Ok((h, self.attend(qkv, b, l, mask, cache)?));
         }
         let (h, normed) = hidden.sum_and_norm(norm)?;
@@ -186,6 +202,16 @@ impl Attention {
             k = k_norm.forward(&k)?;
         }
         Ok([self.rope.apply(&q, offset)?, self.rope.apply(&k, offset)?, v])
+    }
+
+    /// The heads of the fused matmul's output `y: [B, L, (H + 2 H_kv) · D]`
+    /// whose q and k the kernel has already rotated ([`joined_after`] with a
+    /// rope): `[q, k, v]` as [`Attention::rotate_fused`] gives them.
+    fn split_rotated(&self, f: &FusedLinear, y: &Array, b: i32, l: i32) -> Result<[Array; 3]> {
+        let (heads, kv_heads, ends, last) = (self.n_heads, self.n_kv_heads, f.ends(), y.ndim() as i32 - 1);
+        let qk = split_heads(&ops::slice_axis(y, last, 0, ends[1])?, b, l, heads + kv_heads)?;
+        let v = split_heads(&ops::slice_axis(y, last, ends[1], ends[2])?, b, l, kv_heads)?;
+        Ok([ops::slice_axis(&qk, 1, 0, heads)?, ops::slice_axis(&qk, 1, heads, heads + kv_heads)?, v])
     }
 
     /// [`Attention::rotate`] for the fused matmul's output `y: [B, L, (H + 2 H_kv) · D]`,
@@ -326,9 +352,8 @@ impl Mlp {
     /// kernel on CUDA ([`FusedLinear::forward_joined_after_norm`], the same
     /// bits).
     pub fn forward_after(&self, hidden: Hidden<'_>, norm: &RmsNorm) -> Result<(Array, Array)> {
-        if let Some((h, fused, joined)) =
-            joined_after(&hidden, self.gate_up.as_ref(), &[&self.gate_proj, &self.up_proj], norm)?
-        {
+        let parts = [&self.gate_proj, &self.up_proj];
+        if let Some((h, fused, joined, _)) = joined_after(&hidden, self.gate_up.as_ref(), &parts, norm, None)? {
             let [gate, up] = one_each(fused.split(&joined)?)?;
             return Ok((h, self.finish(&gate, &up)?));
         }
@@ -393,21 +418,28 @@ fn fused_for<'a>(fused: Option<&'a FusedLinear>, parts: &[&Linear], x: &Array) -
 
 /// For pending states `x + r_norm(r)`: their sum and `fused` on their
 /// `norm`, as one kernel where that applies (a decode step of `fused`, the
-/// norms' epsilons alike, [`FusedLinear::forward_joined_after_norm`]):
-/// `Some((sum, fused, joined output))`.
+/// norms' epsilons alike, [`FusedLinear::forward_joined_after_norm`]), with
+/// `rope`'s rotation of the output's first heads in it when given and that
+/// applies too: `Some((sum, fused, joined output, whether rotated))`.
 fn joined_after<'f>(
     hidden: &Hidden<'_>,
     fused: Option<&'f FusedLinear>,
     parts: &[&Linear],
     norm: &RmsNorm,
-) -> Result<Option<(Array, &'f FusedLinear, Array)>> {
+    rope: Option<(i32, i32, &Rotation<'_>)>,
+) -> Result<Option<(Array, &'f FusedLinear, Array, bool)>> {
     let Hidden::Pending { x, r, r_norm } = hidden else { return Ok(None) };
     let Some(f) = fused_for(fused, parts, x)? else { return Ok(None) };
     if r_norm.is_some_and(|rn| rn.eps != norm.eps) {
         return Ok(None);
     }
-    let joined = f.forward_joined_after_norm(x, r, r_norm.map(|rn| &rn.weight), &norm.weight, norm.eps)?;
-    Ok(joined.map(|(h, y)| (h, f, y)))
+    let norms = (r_norm.map(|rn| &rn.weight), &norm.weight, norm.eps);
+    if rope.is_some()
+        && let Some((h, y)) = f.forward_joined_after_norm(x, r, norms, rope)?
+    {
+        return Ok(Some((h, f, y, true)));
+    }
+    Ok(f.forward_joined_after_norm(x, r, norms, None)?.map(|(h, y)| (h, f, y, false)))
 }
 
 thread_local! {

@@ -76,7 +76,8 @@ impl Rope {
         fast::qk_norm_rope(y, heads, head_dim, norm, &self.rotation(offset))
     }
 
-    fn rotation<'a>(&'a self, offset: &'a Offset) -> Rotation<'a> {
+    /// How [`Rope::apply`] rotates at `offset`, as [`fast`] takes it.
+    pub(super) fn rotation<'a>(&'a self, offset: &'a Offset) -> Rotation<'a> {
         let offset = match offset {
             Offset::Fixed(o) => RopeOffset::Fixed(*o),
             Offset::PerRow(a) => RopeOffset::Array(a),

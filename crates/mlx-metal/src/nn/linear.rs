@@ -3,6 +3,7 @@
 //! [`FusedLinear`], several linear layers that read one input run as one
 //! matmul.
 
+use mlx::fast::Rotation;
 use mlx::ops::{self, Quantized};
 use mlx::{Array, Dtype, Error, Result};
 
@@ -340,19 +341,20 @@ impl FusedLinear {
     /// fused matmul of `rms_norm(h, h_weight)` (both norms with `eps`), with
     /// the norm and the matmul in one kernel where that applies
     /// ([`mlx::fast::fused_norm_add_quantized_matmul`]: CUDA, one row, a 4-bit
-    /// matrix without bias): `Some((h, joined output))`; `None` elsewhere, for
-    /// the caller to norm and then call [`FusedLinear::forward_joined`].
+    /// matrix without bias), and `rope`'s rotation of the output's first heads
+    /// in it too when given and it applies: `Some((h, joined output))`;
+    /// `None` elsewhere, for the caller to norm and then call
+    /// [`FusedLinear::forward_joined`].
     pub fn forward_joined_after_norm(
         &self,
         x: &Array,
         r: &Array,
-        r_weight: Option<&Array>,
-        h_weight: &Array,
-        eps: f32,
+        (r_weight, h_weight, eps): (Option<&Array>, &Array, f32),
+        rope: Option<(i32, i32, &Rotation<'_>)>,
     ) -> Result<Option<(Array, Array)>> {
         match (&self.fused.weight, &self.fused.bias, &self.fused.lora, &self.fused.parallel) {
             (LinearWeight::Quantized(q), None, None, Parallel::None) => {
-                mlx::fast::fused_norm_add_quantized_matmul(x, r, r_weight, h_weight, eps, q)
+                mlx::fast::fused_norm_add_quantized_matmul(x, r, r_weight, h_weight, eps, q, rope)
             }
             _ => Ok(None),
         }
