@@ -130,7 +130,7 @@ impl DecoderBlock for Block {
         if x.dtype() == Dtype::Float16 {
             let h = clip_residual(&x, &self.post_attention_layernorm.forward(&r)?)?;
             let r = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h)?)?;
-            return Ok(Hidden::Ready(clip_residual(&h, &self.post_feedforward_layernorm.forward(&r)?)?, None));
+            return Ok(Hidden::Ready(clip_residual(&h, &self.post_feedforward_layernorm.forward(&r)?)?));
         }
         // Each sublayer's output normed, added to the residual and normed again for what comes
         // next (the MLP; the next block or the head): one kernel each on CUDA, with the

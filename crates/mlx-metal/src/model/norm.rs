@@ -60,9 +60,8 @@ pub fn norm_add(x: &Array, r: &Array, r_norm: &RmsNorm, next: Option<&RmsNorm>) 
 
 /// Hidden states between blocks, as one block hands them to the next.
 pub enum Hidden<'a> {
-    /// The states `x`, and the next block's input norm of them when the
-    /// block before made it.
-    Ready(Array, Option<Array>),
+    /// The states, summed.
+    Ready(Array),
     /// The states not yet summed: `x + r`, or `x + r_norm(r)` (Gemma's norm of
     /// a sublayer's output). The next block adds them up with its input norm,
     /// and on CUDA, for a decode step of one sequence, with its first
@@ -81,7 +80,7 @@ impl Hidden<'_> {
     /// The states summed.
     pub fn into_sum(self) -> Result<Array> {
         match self {
-            Hidden::Ready(x, _) => Ok(x),
+            Hidden::Ready(x) => Ok(x),
             Hidden::Pending { x, r, r_norm } => Ok(sum_norm(&x, &r, r_norm, None)?.0),
         }
     }
@@ -90,8 +89,7 @@ impl Hidden<'_> {
     /// make them ([`add_norm`], [`norm_add`]).
     pub fn sum_and_norm(self, norm: &RmsNorm) -> Result<(Array, Array)> {
         match self {
-            Hidden::Ready(x, Some(normed)) => Ok((x, normed)),
-            Hidden::Ready(x, None) => {
+            Hidden::Ready(x) => {
                 let normed = norm.forward(&x)?;
                 Ok((x, normed))
             }

@@ -16,7 +16,7 @@ use crate::nn::{Embedding, Linear};
 pub trait DecoderBlock {
     /// Runs the block on hidden states `x: [B, L, hidden]` with its cache.
     fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
-        self.forward_chained(Hidden::Ready(x.clone(), None), mask, cache)?.into_sum()
+        self.forward_chained(Hidden::Ready(x.clone()), mask, cache)?.into_sum()
     }
 
     /// [`DecoderBlock::forward`] as one link of the stack: takes the states
@@ -67,7 +67,7 @@ impl<B: DecoderBlock> LanguageModel for Transformer<B> {
         }
         // Each block leaves its last residual sum to the next block (or the final norm), which
         // makes it with its norm (and, on CUDA, its first projection) in one kernel.
-        let mut hidden = Hidden::Ready(h, None);
+        let mut hidden = Hidden::Ready(h);
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             let mask = masks.iter().find(|(w, _)| *w == layer.window()).map_or(&Mask::None, |(_, m)| m);
             hidden = layer.forward_chained(hidden, mask, cache)?;
