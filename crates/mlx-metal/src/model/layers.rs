@@ -127,14 +127,17 @@ impl Attention {
 
     /// Attends `x: [B, L, hidden]` over the cache (which it extends) under `mask`.
     pub fn forward(&self, x: &Array, mask: &Mask, cache: &mut LayerCache) -> Result<Array> {
-        let (b, l) = (x.dim(0)?, x.dim(1)?);
         let offset = cache.rope_offset()?;
+        self.forward_at(x, mask, cache, &offset)
+    }
+
+    /// [`Attention::forward`] with the cache's rope offset already read.
+    fn forward_at(&self, x: &Array, mask: &Mask, cache: &mut LayerCache, offset: &Offset) -> Result<Array> {
+        let (b, l) = (x.dim(0)?, x.dim(1)?);
         let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
         let qkv = match fused_for(self.qkv.as_ref(), &parts, x)? {
-            Some(f) => self.rotate_fused(f, &f.forward_joined(x)?, b, l, &offset)?,
-            None => {
-                self.rotate(one_each(parts.iter().map(|p| p.forward(x)).collect::<Result<_>>()?)?, b, l, &offset)?
-            }
+            Some(f) => self.rotate_fused(f, &f.forward_joined(x)?, b, l, offset)?,
+            None => self.rotate(one_each(parts.iter().map(|p| p.forward(x)).collect::<Result<_>>()?)?, b, l, offset)?,
         };
         self.attend(qkv, b, l, mask, cache)
     }
@@ -157,10 +160,9 @@ impl Attention {
         let rotation = self.rope.rotation(&offset);
         // Without q/k norms the kernel can rotate q's and k's heads too (one rotation for both,
         // as `rotate_fused` runs it).
-        let (heads, kv_heads) = (self.n_heads, self.n_kv_heads);
-        let rope = match self.qkv.as_ref().map(FusedLinear::ends) {
-            Some(&[q_end, k_end, _]) if self.qk_norm.is_none() && q_end * kv_heads == (k_end - q_end) * heads => {
-                Some((heads + kv_heads, q_end / heads, &rotation))
+        let rope = match self.qkv.as_ref() {
+            Some(f) if self.qk_norm.is_none() && self.alike_heads(f) => {
+                Some((self.n_heads + self.n_kv_heads, f.ends()[0] / self.n_heads, &rotation))
             }
             _ => None,
         };
@@ -174,8 +176,15 @@ impl Attention {
             return Ok((h, self.attend(qkv, b, l, mask, cache)?));
         }
         let (h, normed) = hidden.sum_and_norm(norm)?;
-        let out = self.forward(&normed, mask, cache)?;
+        let out = self.forward_at(&normed, mask, cache, &offset)?;
         Ok((h, out))
+    }
+
+    /// Whether the fused q/k/v output `f` holds q's and k's heads side by side,
+    /// all of one size, so that they are normed and rotated as one tensor.
+    fn alike_heads(&self, f: &FusedLinear) -> bool {
+        let ends = f.ends();
+        ends.len() == 3 && ends[0] * self.n_kv_heads == (ends[1] - ends[0]) * self.n_heads
     }
 
     /// Attention of rotated `[q, k, v]` heads over the cache (which it
@@ -229,8 +238,7 @@ impl Attention {
             (Some(_), _) => None,
         };
         let (ends, last) = (f.ends(), y.ndim() as i32 - 1);
-        let alike_heads = ends.len() == 3 && ends[0] * kv_heads == (ends[1] - ends[0]) * heads;
-        let Some(norm) = joined_norm.filter(|_| alike_heads) else {
+        let Some(norm) = joined_norm.filter(|_| self.alike_heads(f)) else {
             return self.rotate(one_each(f.split(y)?)?, b, l, offset);
         };
         let v = split_heads(&ops::slice_axis(y, last, ends[1], ends[2])?, b, l, kv_heads)?;
