@@ -69,7 +69,7 @@ mx::array grouped_sdpa(const mx::array& q, const mx::array& k, const mx::array& 
     auto out = mx::astype(mx::divide(pv, total, s), v.dtype(), s);
     return mx::reshape(out, {b, h, l, v.shape(3)}, s);
   }
-  scores = mx::astype(mx::softmax(scores, std::vector<int>{-1}, true, s), v.dtype(), s);
+  scores = mx::softmax(scores, std::vector<int>{-1}, true, s);
   auto out = mx::matmul(mx::reshape(scores, {b, hkv, rep * l, t}, s), v, s);
   return mx::reshape(out, {b, h, l, v.shape(3)}, s);
 }

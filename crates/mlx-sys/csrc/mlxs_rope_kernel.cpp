@@ -17,21 +17,6 @@
 
 namespace {
 
-// One head of one position a block of D / 2 threads, each thread one pair of
-// values the rope rotates together (i and i + D / 2, or 2i and 2i + 1 when
-// TRAD). y: [B, L, row] with the heads' D values side by side from its start;
-// out: [B, HEADS, L, D]. With MLX's roundings: the norm's x / rms(x) rounded to
-// T, its product with the weight (w: [HEADS, 1, D]) in T, then MLX's rope
-// (rope_single and rope in mlx/backend/cuda/rope.cu): the angle from the
-// position times `scale` times the inverse frequency, exp2(-i / (D / 2) *
-// log2(base)), or 1 / freqs[i] in double (FREQS), cos and sin in float, the
-// rotation in float rounded to T. Template arguments: T, D, HEADS, NORM, TRAD,
-// FREQS (0 or 1), OFFSETS (0: one offset for every row; 1: one a batch row),
-// EPS (eps's float bits). Inputs y, w, offset (int32), freqs (float32; each
-// declared a T pointer, as our kernels' inputs are; an input not used may be
-// any array); scalars len (L), row, scale, base (log2 of the
-// base). The norm's sum of squares is added in another order than MLX's, so
-// it may differ from MLX's in its last bit.
 // MLX's rotation of one pair (a, c) at frequency index i of `half`, in place
 // (rope_pair): the rope kernel below and the norm with the 4-bit product
 // (mlxs_norm_kernel.cpp) both call it, so that they round alike.
@@ -50,6 +35,22 @@ __device__ __forceinline__ void rope_pair(T& a, T& c, int i, int half, int posit
   c = static_cast<T>(x1 * si + x2 * co);
 }
 )";
+
+// One head of one position a block of D / 2 threads, each thread one pair of
+// values the rope rotates together (i and i + D / 2, or 2i and 2i + 1 when
+// TRAD). y: [B, L, row] with the heads' D values side by side from its start;
+// out: [B, HEADS, L, D]. With MLX's roundings: the norm's x / rms(x) rounded to
+// T, its product with the weight (w: [HEADS, 1, D]) in T, then MLX's rope
+// (rope_single and rope in mlx/backend/cuda/rope.cu): the angle from the
+// position times `scale` times the inverse frequency, exp2(-i / (D / 2) *
+// log2(base)), or 1 / freqs[i] in double (FREQS), cos and sin in float, the
+// rotation in float rounded to T. Template arguments: T, D, HEADS, NORM, TRAD,
+// FREQS (0 or 1), OFFSETS (0: one offset for every row; 1: one a batch row),
+// EPS (eps's float bits). Inputs y, w, offset (int32), freqs (float32; each
+// declared a T pointer, as our kernels' inputs are; an input not used may be
+// any array); scalars len (L), row, scale, base (log2 of the
+// base). The norm's sum of squares is added in another order than MLX's, so
+// it may differ from MLX's in its last bit.
 constexpr const char* kQkNormRopeSource = R"(
   constexpr int HALF = D / 2;
   const int tid = threadIdx.x;
