@@ -149,16 +149,36 @@ pub fn accepted(drafts: &[u32], sampled: &[u32]) -> usize {
 /// keeps in step with the text).
 #[derive(Debug, Default, Clone)]
 pub struct DraftState {
-    /// What the caches hold.
+    /// What the caches hold, as far as it has been read back.
     pub held: Vec<u32>,
+    /// The last call's fed token and its guesses, not yet read back: the
+    /// caches hold the token and every guess but the last.
+    queued: Option<(u32, Array)>,
+}
+
+impl DraftState {
+    /// Reads back the last call's guesses (already computed when the model
+    /// has checked them) into [`DraftState::held`].
+    fn settle(&mut self) -> Result<()> {
+        if let Some((last, guesses)) = self.queued.take() {
+            let ids = crate::generate::read_ids("draft", &guesses)?;
+            self.held.push(last);
+            self.held.extend_from_slice(&ids[..ids.len().saturating_sub(1)]);
+        }
+        Ok(())
+    }
 }
 
 /// A draft model's greedy guesses of the `k` tokens after `context`
-/// (non-empty), its `caches` (any kind that can trim) brought in step with
-/// `context` first: the tokens after the longest prefix they share with it
-/// are trimmed away (rejected guesses) and the missing ones fed, in chunks of
-/// `prefill_step`. The `k` forward passes are queued lazily and read back
-/// together, one host sync for all guesses.
+/// (non-empty), `[k]` token ids left queued on the device: the model's check
+/// can take them as input and one host sync reads both (as mlx-lm's
+/// `speculative_generate_step` does). Its `caches` (any kind that can trim)
+/// are brought in step with `context` first: the tokens after the longest
+/// prefix they share with it are trimmed away (rejected guesses) and the
+/// missing ones fed, with the last token in one forward pass when they fit
+/// in `prefill_step`, else in chunks of it first. Each forward pass is
+/// started on the device as soon as it is queued, so building the next one
+/// overlaps it.
 ///
 /// # Errors
 ///
@@ -171,14 +191,15 @@ pub fn draft_greedy(
     context: &[u32],
     k: usize,
     prefill_step: usize,
-) -> Result<Vec<u32>> {
+) -> Result<Array> {
     const OP: &str = "draft";
     let Some((&last, _)) = context.split_last() else {
         return Err(Error::invalid(OP, "the text to continue is empty"));
     };
     if k == 0 {
-        return Ok(Vec::new());
+        return Err(Error::invalid(OP, "no guesses asked for"));
     }
+    state.settle()?;
     // The last token is always fed again: its logits give the first guess.
     let common = state.held.iter().zip(context).take_while(|(a, b)| a == b).count().min(context.len() - 1);
     let excess = state.held.len() - common;
@@ -196,27 +217,30 @@ pub fn draft_greedy(
             b.compact()?;
         }
     }
-    let bulk = &context[common..context.len() - 1];
-    for chunk in bulk.chunks(prefill_step.max(1)) {
-        let x = ops::reshape(&generate::tokens_array(chunk)?, &[1, -1])?;
+    let step = prefill_step.max(1);
+    let mut missing = &context[common..];
+    while missing.len() > step {
+        let x = ops::reshape(&generate::tokens_array(&missing[..step])?, &[1, -1])?;
         generate::prefill_chunk(draft, &x, caches)?;
-        state.held.extend_from_slice(chunk);
+        state.held.extend_from_slice(&missing[..step]);
+        missing = &missing[step..];
     }
-    let mut x = ops::reshape(&generate::tokens_array(&[last])?, &[1, 1])?;
+    let fed = missing.len() - 1;
+    let mut x = ops::reshape(&generate::tokens_array(missing)?, &[1, -1])?;
     let mut guesses: Vec<Array> = Vec::with_capacity(k);
     for i in 0..k {
         let logits = generate::last_position(&draft.forward(&x, caches)?)?;
         let y = ops::argmax(&logits, -1, false)?;
+        mlx::transforms::async_eval(&[&y])?;
         if i + 1 < k {
             x = ops::reshape(&y, &[1, 1])?;
         }
         guesses.push(y);
     }
+    state.held.extend_from_slice(&missing[..fed]);
     let all = ops::concatenate(&guesses.iter().collect::<Vec<_>>(), 0)?;
-    let ids = crate::generate::read_ids(OP, &all)?;
-    state.held.push(last);
-    state.held.extend_from_slice(&ids[..k - 1]);
-    Ok(ids)
+    state.queued = Some((last, all.clone()));
+    Ok(all)
 }
 
 #[cfg(test)]

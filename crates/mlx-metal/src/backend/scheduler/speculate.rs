@@ -20,6 +20,7 @@
 
 use std::time::Instant;
 
+use mlx::transforms::eval;
 use mlx::{Array, Error, Result, ops};
 
 use super::Scheduler;
@@ -73,8 +74,16 @@ impl Scheduler {
         // Guesses after the pending token that could still be handed out.
         let room = row.max_tokens.saturating_sub(row.produced + 1);
         let k = spec.config.num_draft_tokens.min(room);
-        let drafts = match &spec.config.source {
-            DraftSource::PromptLookup { max_ngram } => lookup_draft(&context, *max_ngram, k),
+        // Guesses from a draft model stay queued on the device: the check takes
+        // them as input and one host sync reads them with its samples.
+        let guesses = match &spec.config.source {
+            DraftSource::PromptLookup { max_ngram } => {
+                let drafts = lookup_draft(&context, *max_ngram, k);
+                if drafts.is_empty() {
+                    return Ok(false);
+                }
+                tokens(&drafts)?
+            }
             DraftSource::Model(_) if k > 0 => {
                 let draft = spec.draft.as_deref().ok_or_else(|| Error::invalid("speculative", "no draft model"))?;
                 if row.draft.is_none() {
@@ -84,23 +93,23 @@ impl Scheduler {
                 let _span = tracing::trace_span!("draft", tokens = k).entered();
                 draft_greedy(draft, caches, state, &context, k, self.limits.prefill_step)?
             }
-            DraftSource::Model(_) => Vec::new(),
+            DraftSource::Model(_) => return Ok(false),
         };
-        if drafts.is_empty() {
-            return Ok(false);
-        }
-        let _step = tracing::trace_span!("speculative_step", drafts = drafts.len()).entered();
-        let k = drafts.len();
+        let _step = tracing::trace_span!("speculative_step", drafts = guesses.size()).entered();
         for c in &mut batch.caches {
             if let LayerCache::Batch(b) = c {
                 b.compact()?;
             }
         }
-        let input: Vec<u32> = std::iter::once(first).chain(drafts.iter().copied()).collect();
-        let x = ops::reshape(&tokens(&input)?, &[1, -1])?;
+        let head = tokens(&[first])?;
+        let x = ops::concatenate(&[&head, &ops::astype(&guesses, head.dtype())?], 0)?;
+        let x = ops::reshape(&x, &[1, -1])?;
         let logits = ops::squeeze(&model.forward(&x, &mut batch.caches)?, &[0])?;
         let checked = check(row, &logits)?;
+        eval(&[&checked.ids, &guesses])?;
         let sampled = read_ids("scheduler", &checked.ids)?;
+        let drafts = read_ids("scheduler", &guesses)?;
+        let k = drafts.len();
         let n = accepted(&drafts, &sampled);
         let now = Instant::now();
         let mut outcome = row.emit(&batch.pending, 0, first, now, self.mirrored);
