@@ -26,12 +26,11 @@ int mlxs_fused_norm_add(mlxs_array* h, mlxs_array* y, mlxs_array x, mlxs_array r
 // transposed 4-bit affine matrix w (scales, biases, group_size, bits) as one
 // kernel of ours where it applies (CUDA, one row of x, where our one-row
 // product kernel would take y): *applied is 1 and *h and *out are set, the
-// same bits as the two kernels give. With rope_heads > 0 (custom kernels
-// ALWAYS only, until checked on a GPU) the first rope_heads heads of head_dim
-// values of the product are rotated as mlxs_qk_norm_rope rotates them without
-// a norm (not traditional, dims = head_dim; has_base/base or freqs, scale, one
-// offset). Elsewhere *applied is 0 and nothing is set: the caller composes the
-// steps (mlxs_fused_norm_add, mlxs_quantized_matmul, mlxs_qk_norm_rope).
+// same bits as the two kernels give. With rope_heads > 0 the first
+// rope_heads heads of head_dim values of the product are rotated as
+// mlxs_qk_norm_rope rotates them without a norm (not traditional, dims =
+// head_dim; has_base/base or freqs, scale, one offset). Elsewhere *applied is 0 and nothing is set:
+// the caller composes the steps (mlxs_fused_norm_add, mlxs_quantized_matmul, mlxs_qk_norm_rope).
 int mlxs_fused_norm_add_qmv(mlxs_array* h, mlxs_array* out, int* applied, mlxs_array x,
                             mlxs_array r, mlxs_array r_weight, mlxs_array h_weight, float eps,
                             mlxs_array w, mlxs_array scales, mlxs_array biases, int group_size,

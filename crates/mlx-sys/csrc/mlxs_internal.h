@@ -225,9 +225,9 @@ const char* norm_qmv_header();
 // w (transposed, as a linear layer holds it; y itself is not returned), as one
 // kernel of ours on CUDA for one row of x where our one-row product kernel
 // would take y (nullopt elsewhere: the caller composes the two).
-// With `rope`'s rotation (qk_heads > 0; in ALWAYS mode only, until checked on
-// a GPU): the first heads of the product rotated, or nullopt where it does not
-// fit (the caller then joins without it).
+// With `rope`'s rotation (qk_heads > 0): the first heads of the product
+// rotated, or nullopt where it does not fit (the caller then joins without
+// it).
 std::optional<std::pair<mx::array, mx::array>> try_fused_norm_add_qmv(
     const mx::array& x, const mx::array& r, const std::optional<mx::array>& r_weight,
     const mx::array& h_weight, float eps, const mx::array& w, const mx::array& scales,

@@ -367,9 +367,8 @@ std::optional<std::pair<mx::array, mx::array>> try_fused_norm_add_qmv(
     // A block's warps take whole pairs of one head: an even number of warps
     // that divides a head's pairs, whole heads, one int32 offset.
     int hd = rope.head_dim;
-    bool fits = kernels_always() && warps % 2 == 0 && hd > 0 && hd % 2 == 0 &&
-                (hd / 2) % (warps / 2) == 0 && n % hd == 0 &&
-                static_cast<int64_t>(rope.qk_heads) * hd <= n && rope.offset &&
+    bool fits = warps % 2 == 0 && hd > 0 && hd % 2 == 0 && (hd / 2) % (warps / 2) == 0 &&
+                n % hd == 0 && static_cast<int64_t>(rope.qk_heads) * hd <= n && rope.offset &&
                 rope.offset->dtype() == mx::int32 && rope.offset->size() == 1 &&
                 !rope.offset->is_tracer() &&
                 (!rope.freqs ||

@@ -67,8 +67,7 @@ pub fn fused_norm_add(
 /// (without a norm) rotates them, bit for bit: a fused q/k/v projection's
 /// queries and keys, laid out as its output is (`[.., N]`). Only for
 /// `rotation`s of all `head_dim` features, not traditional, at a fixed
-/// offset, and, until it has been checked on a GPU, only with
-/// [`CustomKernels::Always`]; `None` elsewhere.
+/// offset; `None` elsewhere.
 pub fn fused_norm_add_quantized_matmul(
     x: &Array,
     r: &Array,

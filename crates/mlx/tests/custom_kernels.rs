@@ -306,9 +306,9 @@ fn norm_and_product(on_cuda: bool) {
 }
 
 /// The same with the rope after the product (a fused q/k/v projection of a model without q/k norms):
-/// on CUDA with our kernels `Always`, the first heads bit for bit the joined product then
-/// `fast::qk_norm_rope` without a norm, the rest the joined product's; `None` off CUDA, in `Auto`
-/// (until it has been checked on a GPU), for a traditional rope and for a rope of fewer features.
+/// on CUDA with our kernels `Always` or `Auto`, the first heads bit for bit the joined product then
+/// `fast::qk_norm_rope` without a norm, the rest the joined product's; `None` off CUDA, for a
+/// traditional rope and for a rope of fewer features.
 /// Llama 3 8B's q/k/v (40 heads of 128 rotated, 8 not, its own frequencies) and 32 heads of 64 in
 /// fp16 with a base, a position scale and group 128.
 fn norm_product_and_rope(on_cuda: bool) {
@@ -334,39 +334,40 @@ fn norm_product_and_rope(on_cuda: bool) {
         let rotation = Rotation { dims: hd, traditional: false, freqs, scale, offset: RopeOffset::Fixed(offset) };
         let what = format!("{dtype:?} width {d}, {qk_heads} of {all_heads} heads of {hd} rotated");
         let rope = Some((qk_heads, hd, &rotation));
-        set_custom_kernels(CustomKernels::Always);
-        let joined = mlx::fast::fused_norm_add_quantized_matmul(&x, &r, None, &wh, 1e-6, &q, rope).unwrap();
-        let plain = mlx::fast::fused_norm_add_quantized_matmul(&x, &r, None, &wh, 1e-6, &q, None).unwrap();
-        match (joined, plain) {
-            (Some((jh, jy)), Some((ph, py))) => {
-                assert!(on_cuda, "{what}: joined off CUDA");
-                assert_eq!(jh.to_vec_f32().unwrap(), ph.to_vec_f32().unwrap(), "{what}: h");
-                let theirs = mlx::fast::qk_norm_rope(&py, qk_heads, hd, None, &rotation).unwrap();
-                let (ours, plain) = (jy.to_vec_f32().unwrap(), py.to_vec_f32().unwrap());
-                let split = (qk_heads * hd) as usize;
-                assert_eq!(ours[..split], theirs.to_vec_f32().unwrap()[..], "{what}: the rotated heads");
-                assert_eq!(ours[split..], plain[split..], "{what}: the heads not rotated");
-                rotated += 1;
+        for mode in [CustomKernels::Always, CustomKernels::Auto] {
+            set_custom_kernels(mode);
+            let what = format!("{what}, {mode:?}");
+            let joined = mlx::fast::fused_norm_add_quantized_matmul(&x, &r, None, &wh, 1e-6, &q, rope).unwrap();
+            let plain = mlx::fast::fused_norm_add_quantized_matmul(&x, &r, None, &wh, 1e-6, &q, None).unwrap();
+            match (joined, plain) {
+                (Some((jh, jy)), Some((ph, py))) => {
+                    assert!(on_cuda, "{what}: joined off CUDA");
+                    assert_eq!(jh.to_vec_f32().unwrap(), ph.to_vec_f32().unwrap(), "{what}: h");
+                    let theirs = mlx::fast::qk_norm_rope(&py, qk_heads, hd, None, &rotation).unwrap();
+                    let (ours, plain) = (jy.to_vec_f32().unwrap(), py.to_vec_f32().unwrap());
+                    let split = (qk_heads * hd) as usize;
+                    assert_eq!(ours[..split], theirs.to_vec_f32().unwrap()[..], "{what}: the rotated heads");
+                    assert_eq!(ours[split..], plain[split..], "{what}: the heads not rotated");
+                    rotated += 1;
+                }
+                (None, None) => assert!(!on_cuda, "{what}: not joined on CUDA"),
+                (joined, plain) => {
+                    panic!("{what}: with the rope {:?}, without {:?}", joined.is_some(), plain.is_some())
+                }
             }
-            (None, None) => assert!(!on_cuda, "{what}: not joined on CUDA"),
-            (joined, plain) => panic!("{what}: with the rope {:?}, without {:?}", joined.is_some(), plain.is_some()),
         }
-        // Not joined with the rope: Auto (until checked on a GPU), traditional, fewer features.
+        // Not joined with the rope: traditional, fewer features.
+        set_custom_kernels(CustomKernels::Always);
         let traditional = Rotation { traditional: true, ..rotation };
         let partial = Rotation { dims: hd / 2, ..rotation };
-        for (mode, rot, why) in [
-            (CustomKernels::Auto, &rotation, "Auto"),
-            (CustomKernels::Always, &traditional, "a traditional rope"),
-            (CustomKernels::Always, &partial, "a rope of half the features"),
-        ] {
-            set_custom_kernels(mode);
+        for (rot, why) in [(&traditional, "a traditional rope"), (&partial, "a rope of half the features")] {
             let out =
                 mlx::fast::fused_norm_add_quantized_matmul(&x, &r, None, &wh, 1e-6, &q, Some((qk_heads, hd, rot)))
                     .unwrap();
             assert!(out.is_none(), "{what}: joined with {why}");
         }
     }
-    assert_eq!(rotated, if on_cuda { cases.len() } else { 0 });
+    assert_eq!(rotated, if on_cuda { 2 * cases.len() } else { 0 });
 }
 
 /// Attention for one query (`fast::scaled_dot_product_attention`, our decode kernel where MLX has no
