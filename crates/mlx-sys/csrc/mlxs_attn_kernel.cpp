@@ -188,6 +188,166 @@ constexpr const char* kSdpaDecodeSource = R"(
   }
 )";
 
+// A few queries a sequence (2 to 8: speculative decoding's check of its
+// guesses) as one launch: one block of WARPS warps a (batch row, key/value
+// head), its REP query heads of L queries each (ROWS = REP x L rows), the
+// lower-right causal mask when CAUSAL (query i sees keys up to len - L + i).
+// The steps and roundings of grouped_sdpa's several-query path (mlxs_fast.cpp:
+// those of cuDNN's fused attention, which MLX's CUDA backend takes for them):
+// q times the float scale in float, float scores, exp(s - max) in float, the
+// float sum of those, each rounded to T for the product with v, the product
+// summed in float and divided by the float sum, rounded once. Sums in another
+// order than the matmuls', so a value may differ in its last bits. A lane
+// takes a key for the scores (32 keys a warp at a time, the scaled queries
+// read from shared memory), twice (the max, then the exponentials; the keys
+// are read again rather than kept); a lane takes D / 32 values of a row for
+// the product with v, the warp's 32 rounded exponentials a row passed through
+// shared memory. Inputs q [B, hkv * REP, L, D], k and v ([B, hkv, cap, D],
+// positions from 0); output out like q; scalars len, cap, hkv, scale.
+constexpr const char* kSdpaFewSource = R"(
+  constexpr int VPL = D / 32;
+  constexpr int ROWS = REP * L;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int b = blockIdx.x / hkv;
+  const int g = blockIdx.x % hkv;
+  extern __shared__ float4 smem4[];
+  float* qs = reinterpret_cast<float*>(smem4);
+  float* pe = qs + ROWS * D;
+  float* mred = pe + WARPS * ROWS * 32;
+  float* lred = mred + WARPS * ROWS;
+  float* ared = lred + WARPS * ROWS;
+  const size_t qbase = (static_cast<size_t>(b) * hkv + g) * ROWS * D;
+  for (int i = threadIdx.x; i < ROWS * D; i += WARPS * 32) {
+    qs[i] = scale * static_cast<float>(q[qbase + i]);
+  }
+  __syncthreads();
+  const size_t head = (static_cast<size_t>(b) * hkv + g) * static_cast<size_t>(cap) * D;
+  const T* kb = k + head;
+  const T* vb = v + head;
+  float m[ROWS];
+  float lsum[ROWS];
+#pragma unroll
+  for (int j = 0; j < ROWS; ++j) {
+    m[j] = __int_as_float(0xff800000);
+    lsum[j] = 0.f;
+  }
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass) {
+    float acc[ROWS][VPL];
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) {
+#pragma unroll
+      for (int e = 0; e < VPL; ++e) {
+        acc[j][e] = 0.f;
+      }
+    }
+    for (int s0 = warp * 32; s0 < len; s0 += WARPS * 32) {
+      const int s = s0 + lane;
+      float dot[ROWS];
+#pragma unroll
+      for (int j = 0; j < ROWS; ++j) {
+        dot[j] = 0.f;
+      }
+      if (s < len) {
+        const T* kp = kb + static_cast<size_t>(s) * D;
+        for (int e0 = 0; e0 < D; e0 += 8) {
+          float kr[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            kr[e] = static_cast<float>(kp[e0 + e]);
+          }
+#pragma unroll
+          for (int j = 0; j < ROWS; ++j) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+              dot[j] += qs[j * D + e0 + e] * kr[e];
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < ROWS; ++j) {
+        const bool seen = s < len && (!CAUSAL || s <= len - L + j % L);
+        if (pass == 0) {
+          if (seen) {
+            m[j] = fmaxf(m[j], dot[j]);
+          }
+        } else {
+          const float ex = seen ? expf(dot[j] - m[j]) : 0.f;
+          lsum[j] += ex;
+          pe[(warp * ROWS + j) * 32 + lane] = static_cast<float>(static_cast<T>(ex));
+        }
+      }
+      if (pass == 1) {
+        __syncwarp();
+        const int n = min(32, len - s0);
+        for (int kk = 0; kk < n; ++kk) {
+          float vr[VPL];
+          const T* vp = vb + static_cast<size_t>(s0 + kk) * D + lane * VPL;
+#pragma unroll
+          for (int e = 0; e < VPL; ++e) {
+            vr[e] = static_cast<float>(vp[e]);
+          }
+#pragma unroll
+          for (int j = 0; j < ROWS; ++j) {
+            const float p = pe[(warp * ROWS + j) * 32 + kk];
+#pragma unroll
+            for (int e = 0; e < VPL; ++e) {
+              acc[j][e] += p * vr[e];
+            }
+          }
+        }
+        __syncwarp();
+      }
+    }
+    float* red = pass == 0 ? mred : lred;
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) {
+      float x = pass == 0 ? m[j] : lsum[j];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const float y = __shfl_xor_sync(0xffffffffu, x, o);
+        x = pass == 0 ? fmaxf(x, y) : x + y;
+      }
+      if (lane == 0) {
+        red[warp * ROWS + j] = x;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) {
+      float x = pass == 0 ? __int_as_float(0xff800000) : 0.f;
+      for (int w = 0; w < WARPS; ++w) {
+        x = pass == 0 ? fmaxf(x, red[w * ROWS + j]) : x + red[w * ROWS + j];
+      }
+      if (pass == 0) {
+        m[j] = x;
+      } else {
+        lsum[j] = x;
+      }
+    }
+    if (pass == 1) {
+#pragma unroll
+      for (int j = 0; j < ROWS; ++j) {
+#pragma unroll
+        for (int e = 0; e < VPL; ++e) {
+          ared[warp * D + lane * VPL + e] = acc[j][e];
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < D; i += WARPS * 32) {
+          float total = 0.f;
+          for (int w = 0; w < WARPS; ++w) {
+            total += ared[w * D + i];
+          }
+          out[qbase + j * D + i] = static_cast<T>(total / lsum[j]);
+        }
+        __syncthreads();
+      }
+    }
+  }
+)";
+
 constexpr int kSdpaDecodeWarps = 8;
 // The most query heads a key/value head, the widest head, and the most shared
 // memory a block (MLX raises the limit past 48,000 bytes only at a kernel's
@@ -203,6 +363,17 @@ int sdpa_decode_shared(const mx::array& q, int rep, int len) {
   int d = q.shape(3);
   return (rep * len * static_cast<int>(mx::size_of(q.dtype())) + 15) / 16 * 16 +
          kSdpaDecodeWarps * std::max(d, rep) * 4;
+}
+
+// The most queries a sequence for kSdpaFewSource, and the most values a lane
+// holds for a row's product with v (ROWS x D / 32, registers).
+constexpr int kSdpaFewMaxQuery = 8;
+constexpr int kSdpaFewMaxLaneValues = 64;
+
+int sdpa_few_shared(int rows, int d) {
+  return (rows * d + kSdpaDecodeWarps * rows * 32 + 2 * kSdpaDecodeWarps * rows +
+          kSdpaDecodeWarps * d) *
+         4;
 }
 
 // The buffer a prefix slice of keys or values was cut from ([B, H, cap, D],
@@ -311,6 +482,58 @@ std::optional<mx::array> try_sdpa_decode(const mx::array& q, const mx::array& k,
   return mx::fast::precompiled_cuda_kernel(
       kernel->name, code, {q, kbuf, vbuf, m}, {q.shape()}, {t}, scalars, {b * hkv * threads, 1, 1},
       {threads, 1, 1}, sdpa_decode_shared(q, rep, len), std::nullopt, true, stream)[0];
+}
+
+KernelSpec sdpa_few_spec(mx::Dtype t, int d, int rep, int l, bool causal) {
+  return {
+      "mlxr_sdpa_few",
+      kSdpaFewSource,
+      t,
+      {{"D", d}, {"REP", rep}, {"L", l}, {"CAUSAL", causal ? 1 : 0}, {"WARPS", kSdpaDecodeWarps}},
+      {"q", "k", "v"},
+      {"out"},
+      {"int len", "int cap", "int hkv", "float scale"}};
+}
+
+std::optional<mx::array> try_sdpa_few(const mx::array& q, const mx::array& k, const mx::array& v,
+                                      float scale, bool causal,
+                                      const std::optional<mx::array>& mask, mx::StreamOrDevice s) {
+  auto t = q.dtype();
+  // Custom kernels ALWAYS only, until checked on a GPU.
+  if (!kernels_always() || !cuda_routes_on(s) || !kernel_cache_on() || mask ||
+      (t != mx::bfloat16 && t != mx::float16) || q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 ||
+      k.dtype() != t || v.dtype() != t || q.is_tracer() || k.is_tracer() || v.is_tracer()) {
+    return std::nullopt;
+  }
+  int b = q.shape(0), h = q.shape(1), l = q.shape(2), d = q.shape(3);
+  int hkv = k.shape(1), len = k.shape(2);
+  // Several queries after keys already cached (a causal prompt from an empty
+  // cache is MLX's, as use_grouped decides), whole groups of query heads.
+  if (l < 2 || l > kSdpaFewMaxQuery || l >= len || hkv <= 0 || h % hkv != 0 || k.shape(0) != b ||
+      k.shape(3) != d || v.shape() != k.shape() || d % 32 != 0 || d > kSdpaDecodeMaxD) {
+    return std::nullopt;
+  }
+  int rep = h / hkv;
+  int rows = rep * l;
+  if (rows * (d / 32) > kSdpaFewMaxLaneValues || sdpa_few_shared(rows, d) > kSdpaDecodeMaxShared) {
+    return std::nullopt;
+  }
+  auto kbuf = key_buffer(k);
+  auto vbuf = key_buffer(v);
+  if (kbuf.shape() != vbuf.shape() || kbuf.shape(0) != b || kbuf.shape(1) != hkv ||
+      kbuf.shape(3) != d || kbuf.shape(2) < len) {
+    return std::nullopt;
+  }
+  auto kernel = cached_kernel(sdpa_few_spec(t, d, rep, l, causal), "");
+  if (!kernel) {
+    return std::nullopt;
+  }
+  const auto& code = kernel->handle.empty() ? kernel->cubin : kernel->handle;
+  int threads = 32 * kSdpaDecodeWarps;
+  std::vector<mx::fast::ScalarArg> scalars = {len, kbuf.shape(2), hkv, scale};
+  return mx::fast::precompiled_cuda_kernel(
+      kernel->name, code, {q, kbuf, vbuf}, {q.shape()}, {t}, scalars, {b * hkv * threads, 1, 1},
+      {threads, 1, 1}, sdpa_few_shared(rows, d), std::nullopt, true, mx::to_stream(s))[0];
 }
 
 }  // namespace mlxs

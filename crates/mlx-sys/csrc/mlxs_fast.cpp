@@ -243,6 +243,10 @@ int mlxs_sdpa(mlxs_array* out, mlxs_array q, mlxs_array k, mlxs_array v, float s
       }
     }
     if (use_grouped(arr(q), arr(k), arr(v), causal, opt(mask), sinks != nullptr, sod(dev))) {
+      if (auto o = try_sdpa_few(arr(q), arr(k), arr(v), scale, causal, opt(mask), sod(dev))) {
+        put(out, *o);
+        return;
+      }
       put(out, grouped_sdpa(arr(q), arr(k), arr(v), scale, causal, opt(mask), sod(dev)));
       return;
     }

@@ -170,6 +170,14 @@ std::optional<mx::array> try_sdpa_decode(const mx::array& q, const mx::array& k,
 // heads per key/value head `rep` and mask kind `mask` (0 none, 1 boolean, 2
 // additive; `mask_rows`: one mask row per batch row) (mlxs_attn_kernel.cpp).
 KernelSpec sdpa_decode_spec(mx::Dtype t, int d, int rep, int mask, bool mask_rows);
+// Attention for 2 to 8 queries a sequence after cached keys (speculative
+// decoding's check), causal or unmasked, as one kernel of ours with
+// grouped_sdpa's several-query roundings (CUDA; custom kernels ALWAYS only,
+// until checked on a GPU); nullopt elsewhere.
+std::optional<mx::array> try_sdpa_few(const mx::array& q, const mx::array& k, const mx::array& v,
+                                      float scale, bool causal,
+                                      const std::optional<mx::array>& mask, mx::StreamOrDevice s);
+KernelSpec sdpa_few_spec(mx::Dtype t, int d, int rep, int l, bool causal);
 
 // The first `heads` heads of `d` values of y: [B, L, N] (a fused q/k/v
 // projection's output, q's heads then k's), RMS-normed with the weight

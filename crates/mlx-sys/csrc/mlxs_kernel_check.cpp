@@ -46,6 +46,11 @@ int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int
                                         {64, 3, 2, false}}) {
         specs.push_back(mlxs::sdpa_decode_spec(t, d, rep, mask, rows));
       }
+      // A few queries: SmolLM2, Llama 3 and Gemma 3 checking guesses, one unmasked.
+      for (auto [d, rep, l, causal] :
+           {std::tuple{64, 3, 4, true}, {128, 4, 4, true}, {256, 4, 2, true}, {128, 4, 2, false}}) {
+        specs.push_back(mlxs::sdpa_few_spec(t, d, rep, l, causal));
+      }
       // Gemma 3 (a scalar offset, one a batch row), Llama 3 (its frequencies), SmolLM2 (traditional
       // here, to compile that branch).
       for (auto [d, heads, norm, trad, freqs, rows] :

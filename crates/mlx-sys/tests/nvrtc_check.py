@@ -74,6 +74,15 @@ KERNELS = {
         "args": [(t, d, rep, mask, rows, 8) for t in TYPES
                  for d, rep, mask, rows in ((256, 4, 0, 0), (256, 4, 1, 0), (256, 1, 2, 1), (128, 4, 1, 1), (64, 3, 2, 0))],
     },
+    "kSdpaFewSource": {
+        "inputs": [("q", "T"), ("k", "T"), ("v", "T")],
+        "outputs": [("out", "T")],
+        "scalars": ["int len", "int cap", "int hkv", "float scale"],
+        "template": ["typename T", "int D", "int REP", "int L", "int CAUSAL", "int WARPS"],
+        # SmolLM2 (64, 3 query heads a key/value head), Llama 3 (128, 4) and Gemma 3 (256, 4) checking guesses.
+        "args": [(t, d, rep, l, causal, 8) for t in TYPES
+                 for d, rep, l, causal in ((64, 3, 4, 1), (128, 4, 4, 1), (256, 4, 2, 1), (128, 4, 2, 0))],
+    },
     "kQkNormRopeSource": {
         "inputs": [("y", "T"), ("w", "T"), ("offset", "T"), ("freqs", "T")],
         "outputs": [("out", "T")],

@@ -163,6 +163,7 @@ fn quantized_matvec_kernel_matches_mlx() {
     fused_norms(on_cuda);
     norm_and_product(on_cuda);
     decode_attention(on_cuda);
+    few_query_attention(on_cuda);
     qk_norm_rope(on_cuda);
     set_custom_kernels(before);
     eprintln!("custom kernels checked on {device}{}", if on_cuda { " (CUDA)" } else { "" });
@@ -431,6 +432,69 @@ fn decode_attention(on_cuda: bool) {
                 );
             } else {
                 assert_eq!(ours, theirs, "{what}: the switch changed a result off CUDA");
+            }
+        }
+    }
+}
+
+/// Attention for a few queries after cached keys (speculative decoding's check: causal, or
+/// unmasked) with our kernels `Always` against `fast::grouped_attention` (the composed steps with
+/// cuDNN's roundings that `Auto` runs there) and an f32 reference: on CUDA within two roundings of
+/// the composed steps (sums in another order) and no further from the reference than they are;
+/// elsewhere bit for bit MLX's. SmolLM2's, Llama 3's and Gemma 3's heads, keys as the first
+/// positions of a longer buffer.
+fn few_query_attention(on_cuda: bool) {
+    use mlx::fast::AttentionMask;
+    // (batch, query heads, key/value heads, head size, keys, buffer positions, queries, causal)
+    let cases = [
+        (1, 9, 3, 64, 45, 64, 4, true),
+        (1, 32, 8, 128, 300, 512, 4, true),
+        (2, 4, 1, 256, 70, 128, 2, true),
+        (1, 32, 8, 128, 100, 100, 2, false),
+    ];
+    for (i, &(b, h, hkv, d, len, cap, ql, causal)) in cases.iter().enumerate() {
+        let seed = 900 + 10 * i as u64;
+        let normal = |shape: &[i32], seed: u64| {
+            let key = random::key(seed).unwrap();
+            random::normal(shape, Dtype::Float32, 0.0, 1.0, Some(&key)).unwrap()
+        };
+        let (q, k_buf, v_buf) =
+            (normal(&[b, h, ql, d], seed), normal(&[b, hkv, cap, d], seed + 1), normal(&[b, hkv, cap, d], seed + 2));
+        let scale = 1.0 / (d as f32).sqrt();
+        let mask = if causal { AttentionMask::Causal } else { AttentionMask::None };
+        let run = |dtype: Dtype, mode, grouped: bool| {
+            set_custom_kernels(mode);
+            let cast = |a: &mlx::Array| ops::astype(a, dtype).unwrap();
+            let prefix = |a: &mlx::Array| ops::slice(&cast(a), &[0, 0, 0, 0], &[b, hkv, len, d]).unwrap();
+            let (q, k, v) = (cast(&q), prefix(&k_buf), prefix(&v_buf));
+            let out = if grouped {
+                mlx::fast::grouped_attention(&q, &k, &v, scale, mask).unwrap()
+            } else {
+                mlx::fast::scaled_dot_product_attention(&q, &k, &v, scale, mask, None).unwrap()
+            };
+            out.to_vec_f32().unwrap()
+        };
+        let reference = run(Dtype::Float32, CustomKernels::Off, false);
+        for dtype in [Dtype::Bfloat16, Dtype::Float16] {
+            let what =
+                format!("case {i} ({b} x {h}/{hkv} heads of {d}, {len} keys, {ql} queries, causal {causal}) {dtype:?}");
+            let ours = run(dtype, CustomKernels::Always, false);
+            if on_cuda {
+                let composed = run(dtype, CustomKernels::Always, true);
+                assert_within_a_rounding(&ours, &composed, dtype, &what);
+                let (apart, most) = values_apart(&ours, &composed, dtype);
+                eprintln!(
+                    "{what}: {apart} of {} values differ from the composed steps, at most {most} units",
+                    ours.len()
+                );
+                let top = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let (err_ours, err_composed) = (max_abs_diff(&ours, &reference), max_abs_diff(&composed, &reference));
+                assert!(
+                    err_ours <= err_composed.max(0.01 * top) * 1.5,
+                    "{what}: ours is {err_ours} from the f32 reference, the composed steps {err_composed}"
+                );
+            } else {
+                assert_eq!(ours, run(dtype, CustomKernels::Off, false), "{what}: the switch changed a result off CUDA");
             }
         }
     }
