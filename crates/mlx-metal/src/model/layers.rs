@@ -147,7 +147,8 @@ impl Attention {
     /// [`Hidden::sum_and_norm`] and [`Attention::forward`] give. A decode step
     /// of one sequence runs the norm and the fused q/k/v projection as one
     /// kernel on CUDA ([`FusedLinear::forward_joined_after_norm`], the same
-    /// bits).
+    /// bits), and for a model without q/k norms the rope of q's and k's heads
+    /// in it too.
     pub fn forward_after(
         &self,
         hidden: Hidden<'_>,
