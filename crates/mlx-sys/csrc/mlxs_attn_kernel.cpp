@@ -7,9 +7,11 @@
 // window) it runs its unfused attention, some five kernels a layer (the scale,
 // a matmul, the mask, a softmax, a matmul), and a small model's decode step is
 // bound by the host's cost a kernel (docs/benchmarks.md). This kernel takes
-// those steps, with their roundings, in one launch. Compiled and launched as
-// our other kernels are (mlxs_kernel_cache.cpp), through MLX's precompiled
-// launch only: it takes the keys' count as a scalar.
+// those steps, with their roundings, in one launch. A second kernel does the
+// same for 2 to 8 queries after cached keys (try_sdpa_few: speculative
+// decoding's check), which grouped_sdpa composes from some eighteen. Both are
+// compiled and launched as our other kernels are (mlxs_kernel_cache.cpp),
+// through MLX's precompiled launch only: they take the keys' count as a scalar.
 
 #include <algorithm>
 #include <cstring>
