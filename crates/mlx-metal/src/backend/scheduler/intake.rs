@@ -98,6 +98,7 @@ impl Scheduler {
                 draft: None,
                 drafted: 0,
                 accepted: 0,
+                pace: Default::default(),
             };
             if max_tokens == 0 {
                 let mut row = row;

@@ -379,6 +379,7 @@ impl Scheduler {
     /// One decode step of the batch: queues the next forward pass, hands
     /// out the pending tokens, retires the rows that are done.
     fn decode(&mut self, model: &dyn LanguageModel) -> Result<()> {
+        self.spec_totals.decodes += 1;
         if self.may_speculate() && self.speculate(model)? {
             return Ok(());
         }

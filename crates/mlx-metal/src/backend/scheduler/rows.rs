@@ -169,6 +169,8 @@ pub(super) struct Row {
     /// Guesses checked for this row, and those accepted and handed out.
     pub(super) drafted: usize,
     pub(super) accepted: usize,
+    /// Whether its steps speculate, while it decodes alone (`speculate.rs`).
+    pub(super) pace: super::speculate::Pace,
 }
 
 impl Row {

@@ -46,6 +46,9 @@ pub(super) struct SpecTotals {
     pub(super) steps: u64,
     pub(super) drafted: u64,
     pub(super) accepted: u64,
+    /// The batch's decode steps, speculative or not: a row's [`Pace`] times
+    /// only consecutive ones.
+    pub(super) decodes: u64,
 }
 
 impl Scheduler {
@@ -67,6 +70,9 @@ impl Scheduler {
     pub(super) fn speculate(&mut self, model: &dyn LanguageModel) -> Result<bool> {
         let (Some(spec), Some(batch)) = (self.speculator.as_ref(), self.batch.as_mut()) else { return Ok(false) };
         let [row] = &mut batch.rows[..] else { return Ok(false) };
+        if !row.pace.speculates(Instant::now(), self.spec_totals.decodes, row.produced) {
+            return Ok(false);
+        }
         let pending = read_ids("scheduler", &batch.pending.ids)?;
         let Some(&first) = pending.first() else { return Ok(false) };
         let mut context = row.context();
@@ -80,6 +86,7 @@ impl Scheduler {
             DraftSource::PromptLookup { max_ngram } => {
                 let drafts = lookup_draft(&context, *max_ngram, k);
                 if drafts.is_empty() {
+                    row.pace.stepped_plainly();
                     return Ok(false);
                 }
                 tokens(&drafts)?
@@ -93,7 +100,10 @@ impl Scheduler {
                 let _span = tracing::trace_span!("draft", tokens = k).entered();
                 draft_greedy(draft, caches, state, &context, k, self.limits.prefill_step)?
             }
-            DraftSource::Model(_) => return Ok(false),
+            DraftSource::Model(_) => {
+                row.pace.stepped_plainly();
+                return Ok(false);
+            }
         };
         let _step = tracing::trace_span!("speculative_step", drafts = guesses.size()).entered();
         for c in &mut batch.caches {
@@ -141,6 +151,95 @@ impl Scheduler {
     }
 }
 
+/// Whether a row's steps speculate: the time a token takes with guesses
+/// against plain steps, measured as the row decodes, so that guessing pauses
+/// where it costs more than it saves (a draft that is seldom right; a check of
+/// several tokens that costs much more than a step, as on a CPU with a
+/// quantised model) and resumes where it pays. A row speculates for a run of
+/// [`Pace::RUN`] steps, then steps plainly as many to measure them once,
+/// then keeps whichever took less time a token. While plain steps are ahead
+/// it pauses for a run of plain steps that doubles each time (from
+/// [`Pace::RUN`] up to [`Pace::MAX_PAUSE`]) and guesses for one run in
+/// between, to notice a text that has become easier to guess. A step's time
+/// is the time from its start to the next one's, counted only where the step
+/// before was of the same kind and the batch's previous step (a switch drains
+/// the other kind's queued work; another request may have shared the batch).
+/// The output is the same either way: only the speed depends on it.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Pace {
+    /// Seconds a token, moving averages: plain steps, speculative steps.
+    per_token: [Option<f64>; 2],
+    /// The run going on: whether it speculates, and its steps left.
+    run: Option<(bool, u32)>,
+    /// The length of the next pause.
+    pause: u32,
+    /// The last step: when it started, the batch's step count, the row's tokens
+    /// then, whether it speculated, and whether the step before was alike.
+    last: Option<(Instant, u64, usize, bool, bool)>,
+}
+
+impl Pace {
+    /// Steps in a run of guesses, and in the first run of plain steps.
+    pub(super) const RUN: u32 = 4;
+    /// The longest pause in plain steps.
+    pub(super) const MAX_PAUSE: u32 = 256;
+    /// The weight of a new measurement in the moving averages.
+    const WEIGHT: f64 = 0.3;
+
+    /// Whether the step starting `now` (the batch's step `step`, the row
+    /// having handed out `produced` tokens) should speculate.
+    pub(super) fn speculates(&mut self, now: Instant, step: u64, produced: usize) -> bool {
+        if let Some((then, last_step, before, kind, steady)) = self.last
+            && steady
+            && last_step + 1 == step
+            && produced > before
+        {
+            let seconds = now.saturating_duration_since(then).as_secs_f64() / (produced - before) as f64;
+            let avg = &mut self.per_token[usize::from(kind)];
+            *avg = Some(avg.map_or(seconds, |a| a + Self::WEIGHT * (seconds - a)));
+        }
+        let kind = self.next_kind();
+        let steady = self.last.is_some_and(|(_, last_step, _, was, _)| was == kind && last_step + 1 == step);
+        self.last = Some((now, step, produced, kind, steady));
+        kind
+    }
+
+    /// The step [`Pace::speculates`] let speculate had nothing to guess and
+    /// went plainly: timed as a plain step.
+    pub(super) fn stepped_plainly(&mut self) {
+        if let Some(last) = self.last.as_mut() {
+            last.3 = false;
+            last.4 = false;
+        }
+    }
+
+    /// The kind of the next step: the run's, or a new run's.
+    fn next_kind(&mut self) -> bool {
+        if let Some((kind, left)) = self.run.as_mut()
+            && *left > 0
+        {
+            *left -= 1;
+            return *kind;
+        }
+        let (kind, len) = match (self.run, self.per_token) {
+            // A row's first run guesses; a run of plain steps is followed by guesses.
+            (None, _) | (Some((false, _)), _) => (true, Self::RUN),
+            (Some((true, _)), [None, _]) => (false, Self::RUN),
+            (Some((true, _)), [Some(plain), Some(spec)]) if spec >= plain => {
+                let pause = self.pause.clamp(Self::RUN, Self::MAX_PAUSE);
+                self.pause = (pause * 2).min(Self::MAX_PAUSE);
+                (false, pause)
+            }
+            (Some((true, _)), _) => {
+                self.pause = Self::RUN;
+                (true, Self::RUN)
+            }
+        };
+        self.run = Some((kind, len - 1));
+        kind
+    }
+}
+
 /// A row that may speculate: one that generates (not a classification),
 /// draws without logits processors, and has at least two tokens to go.
 fn row_may_speculate(row: &Row) -> bool {
@@ -176,4 +275,114 @@ fn trim(caches: &mut [LayerCache], n: i32) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The kinds of `n` steps of a row whose plain step takes `plain_ms` a token and whose
+    /// speculative step takes `spec_ms` and hands out `spec_tokens`, from one [`Pace`]; `gap_at`
+    /// leaves a step of the batch out there (another request shared it) and lets a minute pass.
+    fn run(n: usize, plain_ms: u64, spec_ms: u64, spec_tokens: usize, gap_at: Option<usize>) -> Vec<bool> {
+        let mut pace = Pace::default();
+        let (mut now, mut step, mut produced) = (Instant::now(), 0u64, 0usize);
+        let mut kinds = Vec::with_capacity(n);
+        for i in 0..n {
+            if gap_at == Some(i) {
+                now += Duration::from_secs(60);
+                step += 1;
+            }
+            let spec = pace.speculates(now, step, produced);
+            kinds.push(spec);
+            let (ms, tokens) = if spec { (spec_ms, spec_tokens) } else { (plain_ms, 1) };
+            now += Duration::from_millis(ms);
+            produced += tokens;
+            step += 1;
+        }
+        kinds
+    }
+
+    fn runs(kinds: &[bool]) -> Vec<(bool, usize)> {
+        let mut out: Vec<(bool, usize)> = Vec::new();
+        for &k in kinds {
+            match out.last_mut() {
+                Some((kind, len)) if *kind == k => *len += 1,
+                _ => out.push((k, 1)),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_row_keeps_guessing_where_it_pays() {
+        // 3 tokens in 4 ms against 2 ms a plain token.
+        let kinds = run(200, 2, 4, 3, None);
+        let r = Pace::RUN as usize;
+        assert_eq!(runs(&kinds)[..3], [(true, r), (false, r), (true, 200 - 2 * r)]);
+    }
+
+    #[test]
+    fn a_row_pauses_guessing_where_it_costs_and_probes_again() {
+        // 2 tokens in 6 ms against 2 ms a plain token.
+        let kinds = run(2000, 2, 6, 2, None);
+        let r = Pace::RUN as usize;
+        let got = runs(&kinds);
+        assert_eq!(got[..2], [(true, r), (false, r)], "the first runs measure both");
+        // Then pauses of 4, 8, ... 256 plain steps, each followed by one run of guesses.
+        let mut pause = r;
+        for pair in got[2..got.len() - 1].chunks(2) {
+            assert_eq!(pair[0], (true, r), "{got:?}");
+            if pair.len() == 2 {
+                assert_eq!(pair[1], (false, pause), "{got:?}");
+            }
+            pause = (pause * 2).min(Pace::MAX_PAUSE as usize);
+        }
+        assert_eq!(pause, Pace::MAX_PAUSE as usize, "the pauses reached their longest: {got:?}");
+        let guessed = kinds.iter().filter(|&&k| k).count();
+        assert!(guessed * 20 < kinds.len(), "{guessed} of {} steps guessed", kinds.len());
+    }
+
+    #[test]
+    fn a_row_that_becomes_easier_to_guess_guesses_again() {
+        // Slow guesses for 300 steps, then fast ones: the next probe finds them.
+        let mut pace = Pace::default();
+        let (mut now, mut produced) = (Instant::now(), 0usize);
+        let mut last_pause_end = None;
+        let mut kinds = Vec::new();
+        for step in 0..1200u64 {
+            let spec = pace.speculates(now, step, produced);
+            kinds.push(spec);
+            let easy = step >= 300;
+            let (ms, tokens) = match (spec, easy) {
+                (false, _) => (2, 1),
+                (true, false) => (6, 1),
+                (true, true) => (4, 4),
+            };
+            if easy && !spec {
+                last_pause_end = Some(step);
+            }
+            now += Duration::from_millis(ms);
+            produced += tokens;
+        }
+        let end = last_pause_end.expect("a pause after the text became easy") as usize;
+        assert!(end < 300 + 2 * Pace::MAX_PAUSE as usize, "paused until step {end}");
+        assert!(kinds[end + 1..].iter().all(|&k| k), "guessing for good after step {end}");
+    }
+
+    #[test]
+    fn steps_of_another_kind_or_not_in_a_row_are_not_timed() {
+        // The minute between steps 10 and 11 (the batch's step 11 left out) is not a token's time:
+        // with it counted as a guess's time, guessing would pause.
+        assert_eq!(run(40, 2, 4, 3, Some(10)), run(40, 2, 4, 3, None));
+        let mut pace = Pace::default();
+        let now = Instant::now();
+        assert!(pace.speculates(now, 0, 0));
+        pace.stepped_plainly();
+        assert!(pace.speculates(now + Duration::from_millis(1), 1, 1));
+        // Step 0 went plainly (nothing to guess), so step 1 was not steady: nothing timed.
+        assert_eq!(pace.per_token, [None, None]);
+    }
 }
