@@ -155,22 +155,23 @@ impl Scheduler {
 /// against plain steps, measured as the row decodes, so that guessing pauses
 /// where it costs more than it saves (a draft that is seldom right; a check of
 /// several tokens that costs much more than a step, as on a CPU with a
-/// quantised model) and resumes where it pays. A row speculates for a run of
-/// [`Pace::RUN`] steps, then steps plainly as many to measure them once,
-/// then keeps whichever took less time a token. While plain steps are ahead
-/// it pauses for a run of plain steps that doubles each time (from
-/// [`Pace::RUN`] up to [`Pace::MAX_PAUSE`]) and guesses for one run in
-/// between, to notice a text that has become easier to guess. A step's time
-/// is the time from its start to the next one's, counted only where the step
-/// before was of the same kind and the batch's previous step (a switch drains
-/// the other kind's queued work; another request may have shared the batch).
-/// The output is the same either way: only the speed depends on it.
+/// quantised model) and goes on where it pays. A row guesses for a run of
+/// [`Pace::RUN`] steps, steps plainly as many to time them, then keeps
+/// whichever took less time a token, deciding again after each run. While
+/// plain steps are ahead it pauses guessing for runs of plain steps that
+/// double (from [`Pace::MIN_PAUSE`] up to [`Pace::MAX_PAUSE`]) with a probe of
+/// [`Pace::PROBE`] guessing steps after each, timed afresh, to notice a text
+/// that has become easier to guess. A step's time runs from its start to the next one's and
+/// counts only where the step before was of the same kind and the batch's
+/// previous step (a switch drains the other kind's queued work; another
+/// request may have shared the batch). The output is the same either way:
+/// only the speed depends on it.
 #[derive(Debug, Default, Clone)]
 pub(super) struct Pace {
     /// Seconds a token, moving averages: plain steps, speculative steps.
     per_token: [Option<f64>; 2],
-    /// The run going on: whether it speculates, and its steps left.
-    run: Option<(bool, u32)>,
+    /// The run going on and its steps left.
+    run: Option<(Run, u32)>,
     /// The length of the next pause.
     pause: u32,
     /// The last step: when it started, the batch's step count, the row's tokens
@@ -178,10 +179,24 @@ pub(super) struct Pace {
     last: Option<(Instant, u64, usize, bool, bool)>,
 }
 
+/// A run of a row's steps ([`Pace`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// Guessing.
+    Guess,
+    /// Plain steps, to time them.
+    Measure,
+    /// Plain steps while they are ahead.
+    Pause,
+}
+
 impl Pace {
-    /// Steps in a run of guesses, and in the first run of plain steps.
+    /// Steps in a run of guesses, and in a run of plain steps that times them.
     pub(super) const RUN: u32 = 4;
-    /// The longest pause in plain steps.
+    /// Guessing steps after a pause.
+    pub(super) const PROBE: u32 = 2;
+    /// The shortest and the longest pause, in plain steps.
+    pub(super) const MIN_PAUSE: u32 = 16;
     pub(super) const MAX_PAUSE: u32 = 256;
     /// The weight of a new measurement in the moving averages.
     const WEIGHT: f64 = 0.3;
@@ -198,7 +213,7 @@ impl Pace {
             let avg = &mut self.per_token[usize::from(kind)];
             *avg = Some(avg.map_or(seconds, |a| a + Self::WEIGHT * (seconds - a)));
         }
-        let kind = self.next_kind();
+        let kind = self.next_run() == Run::Guess;
         let steady = self.last.is_some_and(|(_, last_step, _, was, _)| was == kind && last_step + 1 == step);
         self.last = Some((now, step, produced, kind, steady));
         kind
@@ -213,30 +228,35 @@ impl Pace {
         }
     }
 
-    /// The kind of the next step: the run's, or a new run's.
-    fn next_kind(&mut self) -> bool {
-        if let Some((kind, left)) = self.run.as_mut()
+    /// The run the next step belongs to: the current one, or a new one.
+    fn next_run(&mut self) -> Run {
+        if let Some((run, left)) = self.run.as_mut()
             && *left > 0
         {
             *left -= 1;
-            return *kind;
+            return *run;
         }
-        let (kind, len) = match (self.run, self.per_token) {
-            // A row's first run guesses; a run of plain steps is followed by guesses.
-            (None, _) | (Some((false, _)), _) => (true, Self::RUN),
-            (Some((true, _)), [None, _]) => (false, Self::RUN),
-            (Some((true, _)), [Some(plain), Some(spec)]) if spec >= plain => {
-                let pause = self.pause.clamp(Self::RUN, Self::MAX_PAUSE);
-                self.pause = (pause * 2).min(Self::MAX_PAUSE);
-                (false, pause)
+        let (run, len) = match (self.run.map(|(run, _)| run), self.per_token) {
+            (None, _) => (Run::Guess, Self::RUN),
+            (Some(Run::Pause), _) => {
+                // What the probe measures stands alone: the guesses timed before the pause
+                // are of an earlier text.
+                self.per_token[1] = None;
+                (Run::Guess, Self::PROBE)
             }
-            (Some((true, _)), _) => {
-                self.pause = Self::RUN;
-                (true, Self::RUN)
+            (Some(_), [None, _]) => (Run::Measure, Self::RUN),
+            (Some(_), [Some(plain), Some(spec)]) if spec >= plain => {
+                let pause = self.pause.clamp(Self::MIN_PAUSE, Self::MAX_PAUSE);
+                self.pause = (pause * 2).min(Self::MAX_PAUSE);
+                (Run::Pause, pause)
+            }
+            (Some(_), _) => {
+                self.pause = Self::MIN_PAUSE;
+                (Run::Guess, Self::RUN)
             }
         };
-        self.run = Some((kind, len - 1));
-        kind
+        self.run = Some((run, len - 1));
+        run
     }
 }
 
@@ -321,20 +341,21 @@ mod tests {
         // 3 tokens in 4 ms against 2 ms a plain token.
         let kinds = run(200, 2, 4, 3, None);
         let r = Pace::RUN as usize;
-        assert_eq!(runs(&kinds)[..3], [(true, r), (false, r), (true, 200 - 2 * r)]);
+        assert_eq!(runs(&kinds), [(true, r), (false, r), (true, 200 - 2 * r)]);
     }
 
     #[test]
     fn a_row_pauses_guessing_where_it_costs_and_probes_again() {
         // 2 tokens in 6 ms against 2 ms a plain token.
         let kinds = run(2000, 2, 6, 2, None);
-        let r = Pace::RUN as usize;
+        let (r, probe) = (Pace::RUN as usize, Pace::PROBE as usize);
         let got = runs(&kinds);
-        assert_eq!(got[..2], [(true, r), (false, r)], "the first runs measure both");
-        // Then pauses of 4, 8, ... 256 plain steps, each followed by one run of guesses.
-        let mut pause = r;
+        // Guesses and plain steps timed, then pauses of 16, 32, ... 256 plain steps (the time
+        // timing them counted in the first), each followed by a probe of guesses.
+        assert_eq!(got[..2], [(true, r), (false, r + Pace::MIN_PAUSE as usize)], "{got:?}");
+        let mut pause = 2 * Pace::MIN_PAUSE as usize;
         for pair in got[2..got.len() - 1].chunks(2) {
-            assert_eq!(pair[0], (true, r), "{got:?}");
+            assert_eq!(pair[0], (true, probe), "{got:?}");
             if pair.len() == 2 {
                 assert_eq!(pair[1], (false, pause), "{got:?}");
             }
@@ -342,7 +363,7 @@ mod tests {
         }
         assert_eq!(pause, Pace::MAX_PAUSE as usize, "the pauses reached their longest: {got:?}");
         let guessed = kinds.iter().filter(|&&k| k).count();
-        assert!(guessed * 20 < kinds.len(), "{guessed} of {} steps guessed", kinds.len());
+        assert!(guessed * 50 < kinds.len(), "{guessed} of {} steps guessed", kinds.len());
     }
 
     #[test]
