@@ -405,6 +405,43 @@ mx::array key_buffer(const mx::array& a) {
 
 namespace mlxs {
 
+namespace {
+
+// Launches the attention kernel `spec` (a block of kSdpaDecodeWarps warps a
+// batch row and key/value head, q's shape out) on q and the buffers the first
+// `len` positions of k and v were cut from (read in place), `extra` inputs
+// after them, and the keys' count, the buffers' length and `tail` as its
+// scalars: nullopt where the buffers are not alike or the kernel does not
+// compile.
+std::optional<mx::array> launch_attention(const KernelSpec& spec, const mx::array& q,
+                                          const mx::array& k, const mx::array& v, int len,
+                                          std::vector<mx::array> extra,
+                                          std::vector<mx::fast::ScalarArg> tail, int shared,
+                                          const mx::Stream& stream) {
+  auto kbuf = key_buffer(k);
+  auto vbuf = key_buffer(v);
+  int b = k.shape(0), hkv = k.shape(1);
+  if (kbuf.shape() != vbuf.shape() || kbuf.shape(0) != b || kbuf.shape(1) != hkv ||
+      kbuf.shape(3) != k.shape(3) || kbuf.shape(2) < len) {
+    return std::nullopt;
+  }
+  auto kernel = cached_kernel(spec, "");
+  if (!kernel) {
+    return std::nullopt;
+  }
+  const auto& code = kernel->handle.empty() ? kernel->cubin : kernel->handle;
+  int threads = 32 * kSdpaDecodeWarps;
+  std::vector<mx::array> inputs = {q, kbuf, vbuf};
+  inputs.insert(inputs.end(), extra.begin(), extra.end());
+  std::vector<mx::fast::ScalarArg> scalars = {len, kbuf.shape(2)};
+  scalars.insert(scalars.end(), tail.begin(), tail.end());
+  return mx::fast::precompiled_cuda_kernel(kernel->name, code, inputs, {q.shape()}, {q.dtype()},
+                                           scalars, {b * hkv * threads, 1, 1}, {threads, 1, 1},
+                                           shared, std::nullopt, true, stream)[0];
+}
+
+}  // namespace
+
 KernelSpec sdpa_decode_spec(mx::Dtype t, int d, int rep, int mask, bool mask_rows) {
   return {"mlxr_sdpa_decode",
           kSdpaDecodeSource,
@@ -467,23 +504,9 @@ std::optional<mx::array> try_sdpa_decode(const mx::array& q, const mx::array& k,
     kind = mask->dtype() == mx::bool_ ? 1 : 2;
     m = mx::reshape(*mask, {rows ? b : 1, len}, stream);
   }
-  auto kbuf = key_buffer(k);
-  auto vbuf = key_buffer(v);
-  if (kbuf.shape() != vbuf.shape() || kbuf.shape(0) != b || kbuf.shape(1) != hkv ||
-      kbuf.shape(3) != d || kbuf.shape(2) < len) {
-    return std::nullopt;
-  }
-  auto kernel = cached_kernel(sdpa_decode_spec(t, d, rep, kind, rows), "");
-  if (!kernel) {
-    return std::nullopt;
-  }
-  const auto& code = kernel->handle.empty() ? kernel->cubin : kernel->handle;
-  int threads = 32 * kSdpaDecodeWarps;
   auto lowest = static_cast<float>(mx::finfo(t).min);
-  std::vector<mx::fast::ScalarArg> scalars = {len, kbuf.shape(2), hkv, scale, lowest};
-  return mx::fast::precompiled_cuda_kernel(
-      kernel->name, code, {q, kbuf, vbuf, m}, {q.shape()}, {t}, scalars, {b * hkv * threads, 1, 1},
-      {threads, 1, 1}, sdpa_decode_shared(q, rep, len), std::nullopt, true, stream)[0];
+  return launch_attention(sdpa_decode_spec(t, d, rep, kind, rows), q, k, v, len, {m},
+                          {hkv, scale, lowest}, sdpa_decode_shared(q, rep, len), stream);
 }
 
 KernelSpec sdpa_few_spec(mx::Dtype t, int d, int rep, int l, bool causal) {
@@ -520,22 +543,8 @@ std::optional<mx::array> try_sdpa_few(const mx::array& q, const mx::array& k, co
   if (rows * (d / 32) > kSdpaFewMaxLaneValues || sdpa_few_shared(rows, d) > kSdpaDecodeMaxShared) {
     return std::nullopt;
   }
-  auto kbuf = key_buffer(k);
-  auto vbuf = key_buffer(v);
-  if (kbuf.shape() != vbuf.shape() || kbuf.shape(0) != b || kbuf.shape(1) != hkv ||
-      kbuf.shape(3) != d || kbuf.shape(2) < len) {
-    return std::nullopt;
-  }
-  auto kernel = cached_kernel(sdpa_few_spec(t, d, rep, l, causal), "");
-  if (!kernel) {
-    return std::nullopt;
-  }
-  const auto& code = kernel->handle.empty() ? kernel->cubin : kernel->handle;
-  int threads = 32 * kSdpaDecodeWarps;
-  std::vector<mx::fast::ScalarArg> scalars = {len, kbuf.shape(2), hkv, scale};
-  return mx::fast::precompiled_cuda_kernel(
-      kernel->name, code, {q, kbuf, vbuf}, {q.shape()}, {t}, scalars, {b * hkv * threads, 1, 1},
-      {threads, 1, 1}, sdpa_few_shared(rows, d), std::nullopt, true, mx::to_stream(s))[0];
+  return launch_attention(sdpa_few_spec(t, d, rep, l, causal), q, k, v, len, {}, {hkv, scale},
+                          sdpa_few_shared(rows, d), mx::to_stream(s));
 }
 
 }  // namespace mlxs
