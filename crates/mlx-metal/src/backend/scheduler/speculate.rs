@@ -16,7 +16,9 @@
 //! plain row) and speculates again once it is alone; a draft model's caches
 //! catch up then. Rows with a repetition penalty or a constraint (whose
 //! processing depends on every token before) and classifications decode
-//! plainly.
+//! plainly. A row that may speculate does so only while it pays: its
+//! [`Pace`] times its steps with guesses and without and pauses guessing
+//! while plain steps give tokens faster.
 
 use std::time::Instant;
 
@@ -64,9 +66,10 @@ impl Scheduler {
         self.speculator.is_some() && !self.mirrored && self.prefilling.is_empty() && alone
     }
 
-    /// One speculative step of the batch's one row. `Ok(false)` when there
-    /// was nothing to guess: a plain step follows (the pending token has
-    /// been read, nothing else has changed).
+    /// One speculative step of the batch's one row. `Ok(false)` when its
+    /// pace steps plainly now or there was nothing to guess: a plain step
+    /// follows (nothing has changed but that the pending token may have been
+    /// read).
     pub(super) fn speculate(&mut self, model: &dyn LanguageModel) -> Result<bool> {
         let (Some(spec), Some(batch)) = (self.speculator.as_ref(), self.batch.as_mut()) else { return Ok(false) };
         let [row] = &mut batch.rows[..] else { return Ok(false) };
