@@ -407,6 +407,26 @@ namespace mlxs {
 
 namespace {
 
+// Whether our attention kernels take q, k and v (and `mask`) at all: CUDA
+// with our compile path, q, k and v 4-D of one 16-bit type, not traced, whole
+// groups of query heads a key/value head, keys and values alike, head sizes a
+// multiple of 32 up to kSdpaDecodeMaxD, 1 to kSdpaDecodeMaxKeys keys (one
+// block a key/value head reads them all: longer ones go to MLX's matmuls,
+// which spread them over the GPU).
+bool attention_fits(const mx::array& q, const mx::array& k, const mx::array& v,
+                    const std::optional<mx::array>& mask, mx::StreamOrDevice s) {
+  auto t = q.dtype();
+  if (!cuda_routes_on(s) || !kernel_cache_on() || (t != mx::bfloat16 && t != mx::float16) ||
+      q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || k.dtype() != t || v.dtype() != t ||
+      q.is_tracer() || k.is_tracer() || v.is_tracer() || (mask && mask->is_tracer())) {
+    return false;
+  }
+  int h = q.shape(1), d = q.shape(3), hkv = k.shape(1), len = k.shape(2);
+  return hkv > 0 && h % hkv == 0 && k.shape(0) == q.shape(0) && k.shape(3) == d &&
+         v.shape() == k.shape() && d % 32 == 0 && d <= kSdpaDecodeMaxD && len >= 1 &&
+         len <= kSdpaDecodeMaxKeys;
+}
+
 // Launches the attention kernel `spec` (a block of kSdpaDecodeWarps warps a
 // batch row and key/value head, q's shape out) on q and the buffers the first
 // `len` positions of k and v were cut from (read in place), `extra` inputs
@@ -460,21 +480,13 @@ std::optional<mx::array> try_sdpa_decode(const mx::array& q, const mx::array& k,
                                          float scale, bool causal,
                                          const std::optional<mx::array>& mask,
                                          mx::StreamOrDevice s) {
-  auto t = q.dtype();
-  if (!cuda_routes_on(s) || !kernel_cache_on() || (t != mx::bfloat16 && t != mx::float16) ||
-      q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || k.dtype() != t || v.dtype() != t ||
-      q.is_tracer() || k.is_tracer() || v.is_tracer() || (mask && mask->is_tracer())) {
+  // One query (a lower-right causal mask then hides nothing).
+  if (!attention_fits(q, k, v, mask, s) || q.shape(2) != 1 || (causal && mask)) {
     return std::nullopt;
   }
+  auto t = q.dtype();
   int b = q.shape(0), h = q.shape(1), d = q.shape(3);
   int hkv = k.shape(1), len = k.shape(2);
-  // One query (a lower-right causal mask then hides nothing), whole groups of
-  // query heads, keys and values alike.
-  if (q.shape(2) != 1 || hkv <= 0 || h % hkv != 0 || k.shape(0) != b || k.shape(3) != d ||
-      v.shape() != k.shape() || d % 32 != 0 || d > kSdpaDecodeMaxD || len < 1 ||
-      len > kSdpaDecodeMaxKeys || (causal && mask)) {
-    return std::nullopt;
-  }
   int rep = h / hkv;
   // MLX's fused vector kernel takes the unmasked head sizes it has.
   bool fused = d == 64 || d == 96 || d == 128;
@@ -523,19 +535,16 @@ KernelSpec sdpa_few_spec(mx::Dtype t, int d, int rep, int l, bool causal) {
 std::optional<mx::array> try_sdpa_few(const mx::array& q, const mx::array& k, const mx::array& v,
                                       float scale, bool causal,
                                       const std::optional<mx::array>& mask, mx::StreamOrDevice s) {
-  auto t = q.dtype();
-  // Custom kernels ALWAYS only, until checked on a GPU.
-  if (!kernels_always() || !cuda_routes_on(s) || !kernel_cache_on() || mask ||
-      (t != mx::bfloat16 && t != mx::float16) || q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 ||
-      k.dtype() != t || v.dtype() != t || q.is_tracer() || k.is_tracer() || v.is_tracer()) {
+  // Custom kernels ALWAYS only, until checked on a GPU. Several queries after
+  // keys already cached (a causal prompt from an empty cache is MLX's, as
+  // use_grouped decides), no mask array.
+  if (!kernels_always() || mask || !attention_fits(q, k, v, mask, s)) {
     return std::nullopt;
   }
-  int b = q.shape(0), h = q.shape(1), l = q.shape(2), d = q.shape(3);
+  auto t = q.dtype();
+  int h = q.shape(1), l = q.shape(2), d = q.shape(3);
   int hkv = k.shape(1), len = k.shape(2);
-  // Several queries after keys already cached (a causal prompt from an empty
-  // cache is MLX's, as use_grouped decides), whole groups of query heads.
-  if (l < 2 || l > kSdpaFewMaxQuery || l >= len || hkv <= 0 || h % hkv != 0 || k.shape(0) != b ||
-      k.shape(3) != d || v.shape() != k.shape() || d % 32 != 0 || d > kSdpaDecodeMaxD) {
+  if (l < 2 || l > kSdpaFewMaxQuery || l >= len) {
     return std::nullopt;
   }
   int rep = h / hkv;

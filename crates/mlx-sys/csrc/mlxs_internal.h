@@ -170,8 +170,8 @@ std::optional<mx::array> try_sdpa_decode(const mx::array& q, const mx::array& k,
 // heads per key/value head `rep` and mask kind `mask` (0 none, 1 boolean, 2
 // additive; `mask_rows`: one mask row per batch row) (mlxs_attn_kernel.cpp).
 KernelSpec sdpa_decode_spec(mx::Dtype t, int d, int rep, int mask, bool mask_rows);
-// Attention for 2 to 8 queries a sequence after cached keys (speculative
-// decoding's check), causal or unmasked, as one kernel of ours with
+// Attention for 2 to 8 queries a sequence after cached keys (at most 2,048;
+// speculative decoding's check), causal or unmasked, as one kernel of ours with
 // grouped_sdpa's several-query roundings (CUDA; custom kernels ALWAYS only,
 // until checked on a GPU); nullopt elsewhere.
 std::optional<mx::array> try_sdpa_few(const mx::array& q, const mx::array& k, const mx::array& v,
