@@ -177,9 +177,23 @@ pub(super) struct Pace {
     run: Option<(Run, u32)>,
     /// The length of the next pause.
     pause: u32,
-    /// The last step: when it started, the batch's step count, the row's tokens
-    /// then, whether it speculated, and whether the step before was alike.
-    last: Option<(Instant, u64, usize, bool, bool)>,
+    /// The last step.
+    last: Option<Step>,
+}
+
+/// A step of a row's [`Pace`].
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    /// When it started.
+    at: Instant,
+    /// The batch's step count then.
+    step: u64,
+    /// The row's tokens handed out then.
+    produced: usize,
+    /// Whether it speculated.
+    guessed: bool,
+    /// Whether the step before was of the same kind and the batch's step before: its time is timed.
+    steady: bool,
 }
 
 /// A run of a row's steps ([`Pace`]).
@@ -207,27 +221,26 @@ impl Pace {
     /// Whether the step starting `now` (the batch's step `step`, the row
     /// having handed out `produced` tokens) should speculate.
     pub(super) fn speculates(&mut self, now: Instant, step: u64, produced: usize) -> bool {
-        if let Some((then, last_step, before, kind, steady)) = self.last
-            && steady
-            && last_step + 1 == step
-            && produced > before
+        if let Some(last) = self.last
+            && last.steady
+            && last.step + 1 == step
+            && produced > last.produced
         {
-            let seconds = now.saturating_duration_since(then).as_secs_f64() / (produced - before) as f64;
-            let avg = &mut self.per_token[usize::from(kind)];
+            let seconds = now.saturating_duration_since(last.at).as_secs_f64() / (produced - last.produced) as f64;
+            let avg = &mut self.per_token[usize::from(last.guessed)];
             *avg = Some(avg.map_or(seconds, |a| a + Self::WEIGHT * (seconds - a)));
         }
-        let kind = self.next_run() == Run::Guess;
-        let steady = self.last.is_some_and(|(_, last_step, _, was, _)| was == kind && last_step + 1 == step);
-        self.last = Some((now, step, produced, kind, steady));
-        kind
+        let guessed = self.next_run() == Run::Guess;
+        let steady = self.last.is_some_and(|last| last.guessed == guessed && last.step + 1 == step);
+        self.last = Some(Step { at: now, step, produced, guessed, steady });
+        guessed
     }
 
     /// The step [`Pace::speculates`] let speculate had nothing to guess and
     /// went plainly: timed as a plain step.
     pub(super) fn stepped_plainly(&mut self) {
         if let Some(last) = self.last.as_mut() {
-            last.3 = false;
-            last.4 = false;
+            (last.guessed, last.steady) = (false, false);
         }
     }
 
