@@ -25,6 +25,12 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
+/// Normal values of standard deviation `std` drawn in f32 from the key of `seed`, as `dtype`.
+fn normal_as(shape: &[i32], seed: u64, std: f32, dtype: Dtype) -> mlx::Array {
+    let key = random::key(seed).unwrap();
+    ops::astype(&random::normal(shape, Dtype::Float32, 0.0, std, Some(&key)).unwrap(), dtype).unwrap()
+}
+
 /// `ours` is within two roundings of a bf16 (8 bits) or fp16 (11 bits) value at the scale of
 /// `theirs`' largest value from `theirs` (MLX's ops).
 fn assert_within_a_rounding(ours: &[f32], theirs: &[f32], dtype: Dtype, what: &str) {
@@ -189,10 +195,7 @@ fn fused_norms(on_cuda: bool) {
         (Dtype::Bfloat16, 64, 10, false),
     ];
     for (i, &(dtype, d, rows, offset)) in cases.iter().enumerate() {
-        let normal = |shape: &[i32], seed: u64, std: f32| {
-            let key = random::key(seed).unwrap();
-            ops::astype(&random::normal(shape, Dtype::Float32, 0.0, std, Some(&key)).unwrap(), dtype).unwrap()
-        };
+        let normal = |shape: &[i32], seed: u64, std: f32| normal_as(shape, seed, std, dtype);
         let x = if offset {
             let flat = normal(&[rows * d + 1], 100 + i as u64, 4.0);
             ops::reshape(&ops::slice(&flat, &[1], &[rows * d + 1]).unwrap(), &[rows, 1, d]).unwrap()
@@ -258,10 +261,7 @@ fn norm_and_product(on_cuda: bool) {
     ];
     let mut fused = 0;
     for (i, &(dtype, d, n, group, r_norm, offset)) in cases.iter().enumerate() {
-        let normal = |shape: &[i32], seed: u64, std: f32| {
-            let key = random::key(seed).unwrap();
-            ops::astype(&random::normal(shape, Dtype::Float32, 0.0, std, Some(&key)).unwrap(), dtype).unwrap()
-        };
+        let normal = |shape: &[i32], seed: u64, std: f32| normal_as(shape, seed, std, dtype);
         let x = if offset {
             let flat = normal(&[d + 1], 500 + i as u64, 4.0);
             ops::reshape(&ops::slice(&flat, &[1], &[d + 1]).unwrap(), &[1, 1, d]).unwrap()
@@ -325,10 +325,7 @@ fn norm_product_and_rope(on_cuda: bool) {
     ];
     let mut rotated = 0;
     for (i, &(dtype, d, group, hd, qk_heads, all_heads, freqs, scale, offset)) in cases.iter().enumerate() {
-        let normal = |shape: &[i32], seed: u64, std: f32| {
-            let key = random::key(seed).unwrap();
-            ops::astype(&random::normal(shape, Dtype::Float32, 0.0, std, Some(&key)).unwrap(), dtype).unwrap()
-        };
+        let normal = |shape: &[i32], seed: u64, std: f32| normal_as(shape, seed, std, dtype);
         let (x, r) = (normal(&[1, 1, d], 1100 + i as u64, 4.0), normal(&[1, 1, d], 1200 + i as u64, 1.0));
         let wh = normal(&[d], 1300 + i as u64, 1.0);
         let q = ops::quantize(&normal(&[all_heads * hd, d], 1400 + i as u64, 0.02), group, 4).unwrap();
@@ -393,10 +390,7 @@ fn decode_attention(on_cuda: bool) {
     ];
     for (i, &(b, h, hkv, d, len, cap, mask_kind, ql)) in cases.iter().enumerate() {
         let seed = 500 + 10 * i as u64;
-        let normal = |shape: &[i32], seed: u64| {
-            let key = random::key(seed).unwrap();
-            random::normal(shape, Dtype::Float32, 0.0, 1.0, Some(&key)).unwrap()
-        };
+        let normal = |shape: &[i32], seed: u64| normal_as(shape, seed, 1.0, Dtype::Float32);
         let q = normal(&[b, h, ql, d], seed);
         let k_buf = normal(&[b, hkv, cap, d], seed + 1);
         let v_buf = normal(&[b, hkv, cap, d], seed + 2);
@@ -454,10 +448,7 @@ fn few_query_attention(on_cuda: bool) {
     ];
     for (i, &(b, h, hkv, d, len, cap, ql, causal)) in cases.iter().enumerate() {
         let seed = 900 + 10 * i as u64;
-        let normal = |shape: &[i32], seed: u64| {
-            let key = random::key(seed).unwrap();
-            random::normal(shape, Dtype::Float32, 0.0, 1.0, Some(&key)).unwrap()
-        };
+        let normal = |shape: &[i32], seed: u64| normal_as(shape, seed, 1.0, Dtype::Float32);
         let (q, k_buf, v_buf) =
             (normal(&[b, h, ql, d], seed), normal(&[b, hkv, cap, d], seed + 1), normal(&[b, hkv, cap, d], seed + 2));
         let scale = 1.0 / (d as f32).sqrt();
@@ -523,10 +514,7 @@ fn qk_norm_rope(on_cuda: bool) {
     ];
     for (i, &(b, l, heads, d, dims, norm, traditional, custom, offsets)) in cases.iter().enumerate() {
         let seed = 700 + 10 * i as u64;
-        let normal = |shape: &[i32], seed: u64, dtype: Dtype| {
-            let key = random::key(seed).unwrap();
-            ops::astype(&random::normal(shape, Dtype::Float32, 0.0, 2.0, Some(&key)).unwrap(), dtype).unwrap()
-        };
+        let normal = |shape: &[i32], seed: u64, dtype: Dtype| normal_as(shape, seed, 2.0, dtype);
         // Half again as many features as the heads take (v's, left alone).
         let n = heads * d + heads * d / 2;
         let freqs: Vec<f32> = (0..dims / 2).map(|j| 10_000f32.powf(2.0 * j as f32 / dims as f32) * 1.5).collect();
