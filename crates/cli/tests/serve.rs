@@ -110,8 +110,9 @@ fn models_health_and_unknown_paths() {
 fn the_model_is_warmed_up_before_the_server_listens() {
     // The warm-up generates in a chat session of its own: the prompt cache that requests share
     // stays empty, and the engine's counters start at 0 for the first request either way.
-    for (flags, warmed) in [(&[][..], true), (&["--no-warmup"][..], false)] {
-        let server = Server::start(&tiny(MODEL), flags);
+    let model = tiny(MODEL);
+    for (flags, warmed) in [(&[][..], true), (&["--no-warmup"][..], false), (&["--draft-model", &model][..], true)] {
+        let server = Server::start(&model, flags);
         let (status, health) = get(&server.url("/health"));
         assert_eq!(status, 200, "{health}");
         let batch = &health["engine"]["batch"];
@@ -126,6 +127,12 @@ fn the_model_is_warmed_up_before_the_server_listens() {
         assert!(starting <= stderr.find("warmed up"), "{stderr}");
         // Nine generations at once, their prompts cut to what the tiny model's 128 positions take.
         assert_eq!(stderr.contains("prompts=9"), warmed, "{flags:?}: {stderr}");
+        // Then one alone, which speculates where the server does: its draft's steps and the
+        // verifying pass are compiled before the first request too.
+        if warmed {
+            let speculated = stderr.contains("speculative_steps=") && !stderr.contains("speculative_steps=0");
+            assert_eq!(speculated, flags.contains(&"--draft-model"), "{flags:?}: {stderr}");
+        }
     }
 }
 

@@ -180,7 +180,8 @@ fn serve_model(args: &ServeArgs, model_id: String) -> Result<(), Failure> {
 /// each size class of MLX's quantised matmul tiles runs (on CUDA, `qmm_sm80` for 16, 32 and 64 rows:
 /// NVRTC compiles each on first use, tens of seconds with its CUTLASS headers on a machine whose PTX
 /// cache is empty, which stalled the first burst of 8 clients for 32-35 s on an H100), and enough of
-/// them that a decode step of more than 8 rows (a batch's tiles, and our multi-row kernel's) runs too.
+/// them that a decode step of more than 8 rows (a batch's tiles, and our multi-row kernel's) runs too;
+/// then one generation alone, which speculates where the server does.
 fn warm_up(model: &dyn inference_core::TextModel) -> Result<(), inference_core::Error> {
     use inference_core::{CancelToken, Error, GenerateSettings};
     let started = Instant::now();
@@ -209,10 +210,23 @@ fn warm_up(model: &dyn inference_core::TextModel) -> Result<(), inference_core::
     for stream in streams {
         stream.collect_text()?;
     }
+    // Then one generation alone: only a row alone in the batch speculates, so where the server
+    // speculates (`--draft-model`, `--prompt-lookup`) this compiles the draft's steps and the
+    // verifying pass of several queries (on CUDA our few-query attention kernel) too.
+    if let (Some(session), Some(prompt)) = (sessions.first_mut(), prompts.get(1)) {
+        let alone = GenerateSettings { max_tokens: 8, ..settings };
+        session.generate(prompt, &alone, CancelToken::new())?.collect_text()?;
+    }
     // The most rows a step ran: the sessions run as they reach the engine, so a short one may end
     // before the last starts on a slow machine; the log says how many ran together.
-    let peak_batch = model.engine_load().map_or(0, |l| l.peak_batch_size);
-    tracing::info!(ms = started.elapsed().as_millis() as u64, prompts = prompts.len(), peak_batch, "warmed up");
+    let load = model.engine_load().unwrap_or_default();
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        prompts = prompts.len(),
+        peak_batch = load.peak_batch_size,
+        speculative_steps = load.speculative_steps,
+        "warmed up"
+    );
     Ok(())
 }
 
