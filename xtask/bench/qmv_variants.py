@@ -5,7 +5,7 @@ Each variant runs through `mx.fast.cuda_kernel` on weight copies of 320 MB per s
 HBM), is checked against MLX's `quantized_matmul`, and is timed by wall clock per call; run it under the CUPTI
 injection library (`cupti_kernels.c`) for the GPU time per kernel name, which is what docs/benchmarks.md reports:
 
-    CUDA_INJECTION64_PATH=libcupti_kernels.so CUPTI_KERNELS_TOP=120 python qmv_variants.py [s0,g4w4,xq,bw,bwx,bw2,bwp,rows,...]
+    CUDA_INJECTION64_PATH=libcupti_kernels.so CUPTI_KERNELS_TOP=120 python qmv_variants.py [s0,g4w4,xq,bw,bwx,bw2,bwp,xr4,rows,...]
 
 `rows` is the committed tensor-core kernel (kQmmRowsSource, read from the source file) on one row of x.
 """
@@ -399,6 +399,53 @@ GP = PRO + r'''
 #undef GP_FETCH
 '''
 
+# xr: x read once a warp into registers (a lane's chunks: PER x 64 bytes), then RPW rows a warp, each
+# row's words, scales and biases loaded a row ahead: x's reads through L1 (four times the weights' bytes in
+# g4w4, which is what bwx showed cost 9-47 us over bw) fall RPW-fold. K up to 4,096 (PER <= 4).
+XR = PRO + r'''
+  constexpr int PER = (CHUNKS + 31) / 32;
+  const int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * RPW;
+  if (row0 >= n) return;
+  const uint4* xq = reinterpret_cast<const uint4*>(x);
+  uint4 xv[PER][4];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int c = lane + 32 * i;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) xv[i][q] = c < CHUNKS ? __ldg(xq + c * 4 + q) : make_uint4(0u, 0u, 0u, 0u);
+  }
+  uint4 wn[PER];
+  T sn[PER], bn[PER];
+  auto fetch = [&](int r) {
+    const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<size_t>(r) * (K / 8));
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int c = lane + 32 * i;
+      if (c < CHUNKS) {
+        wn[i] = __ldg(wr + c);
+        sn[i] = scales[static_cast<size_t>(r) * GROUPS + (c * 32) / GROUP];
+        bn[i] = biases[static_cast<size_t>(r) * GROUPS + (c * 32) / GROUP];
+      }
+    }
+  };
+  fetch(row0);
+  const int last = min(row0 + RPW, n);
+  for (int row = row0; row < last; ++row) {
+    uint4 wc[PER];
+    T sc[PER], bc[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) { wc[i] = wn[i]; sc[i] = sn[i]; bc[i] = bn[i]; }
+    if (row + 1 < last) fetch(row + 1);
+    float acc = 0.f;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      if (lane + 32 * i < CHUNKS) acc += qdot32<T>(wc[i], xv[i], P::splat(sc[i]), P::splat(bc[i]));
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) out[row] = static_cast<T>(acc);
+  }
+'''
+
 def committed_unroll(k):
     return 2 if (k % 1024 == 0 and k <= 8192) else 8
 
@@ -427,6 +474,10 @@ VARIANTS = {
     "gp8": (GP.replace("DEPTH", "8"), 4, 1, lambda k: 1, 8),
     "gp8p4": (GP.replace("DEPTH", "8"), 4, 1, lambda k: 1, 4),
     "gp16p4": (GP.replace("DEPTH", "16"), 4, 1, lambda k: 1, 4),
+    "xr2": (XR.replace("RPW", "2"), 4, 2, lambda k: 1, 0),
+    "xr4": (XR.replace("RPW", "4"), 4, 4, lambda k: 1, 0),
+    "xr8": (XR.replace("RPW", "8"), 4, 8, lambda k: 1, 0),
+    "xr4w8": (XR.replace("RPW", "4"), 8, 4, lambda k: 1, 0),
     "rows": (None, 0, 0, None, 0),
 }
 
@@ -462,6 +513,8 @@ def main():
         calls = {"mlx": mlx_call}
         for vname in only:
             src, wpb, rpw, unroll, persist = VARIANTS[vname]
+            if vname.startswith("xr") and k > 4096:
+                continue  # x would not fit a lane's registers
             if vname == "rows":
                 rk = mx.fast.cuda_kernel(name=f"qv_rows_{sname.replace('-', '_')}", input_names=["x", "w", "scales", "biases"],
                                          output_names=["out"], source=_RAW["kQmmRowsSource"], header=_RAW["kQmvHeader"])
