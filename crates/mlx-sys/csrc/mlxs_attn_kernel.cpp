@@ -535,10 +535,10 @@ KernelSpec sdpa_few_spec(mx::Dtype t, int d, int rep, int l, bool causal) {
 std::optional<mx::array> try_sdpa_few(const mx::array& q, const mx::array& k, const mx::array& v,
                                       float scale, bool causal,
                                       const std::optional<mx::array>& mask, mx::StreamOrDevice s) {
-  // Custom kernels ALWAYS only, until checked on a GPU. Several queries after
-  // keys already cached (a causal prompt from an empty cache is MLX's, as
-  // use_grouped decides), no mask array.
-  if (!kernels_always() || mask || !attention_fits(q, k, v, mask, s)) {
+  // Several queries after keys already cached (a causal prompt from an empty
+  // cache is MLX's, as use_grouped decides), no mask array. Checked on an H100
+  // (docs/benchmarks.md, 2026-12-07, session 26).
+  if (mask || !attention_fits(q, k, v, mask, s)) {
     return std::nullopt;
   }
   auto t = q.dtype();

@@ -126,10 +126,6 @@ mx::array rope(const mx::array& x, int dims, bool traditional, std::optional<flo
                float scale, const mx::array& offset, const std::optional<mx::array>& freqs,
                mx::StreamOrDevice s);
 
-// Whether our kernels are on everywhere they apply (MLXR_CUSTOM_KERNELS=always,
-// or fast::set_custom_kernels(Always)), not only where AUTO takes them.
-bool kernels_always();
-
 struct KernelSpec;
 
 // One call of our kernel `spec` (its header `header`; mlxs_kernels.cpp).
@@ -172,8 +168,7 @@ std::optional<mx::array> try_sdpa_decode(const mx::array& q, const mx::array& k,
 KernelSpec sdpa_decode_spec(mx::Dtype t, int d, int rep, int mask, bool mask_rows);
 // Attention for 2 to 8 queries a sequence after cached keys (at most 2,048;
 // speculative decoding's check), causal or unmasked, as one kernel of ours with
-// grouped_sdpa's several-query roundings (CUDA; custom kernels ALWAYS only,
-// until checked on a GPU); nullopt elsewhere.
+// grouped_sdpa's several-query roundings (CUDA); nullopt elsewhere.
 std::optional<mx::array> try_sdpa_few(const mx::array& q, const mx::array& k, const mx::array& v,
                                       float scale, bool causal,
                                       const std::optional<mx::array>& mask, mx::StreamOrDevice s);

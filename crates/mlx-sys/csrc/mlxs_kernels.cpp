@@ -445,8 +445,6 @@ bool cpu_routes_on(mx::StreamOrDevice s) {
   return kernels_mode() != MLXS_KERNELS_OFF && mx::to_stream(s).device.type == mx::Device::cpu;
 }
 
-bool kernels_always() { return kernels_mode() == MLXS_KERNELS_ALWAYS; }
-
 bool one_row_qmv(int n, int k, bool any_size) {
   int kernels = kernels_mode();
   if (kernels == MLXS_KERNELS_OFF || n <= 0 || n > kQmvMaxRows ||

@@ -432,8 +432,8 @@ fn decode_attention(on_cuda: bool) {
 }
 
 /// Attention for a few queries after cached keys (speculative decoding's check: causal, or
-/// unmasked) with our kernels `Always` against `fast::grouped_attention` (the composed steps with
-/// cuDNN's roundings that `Auto` runs there) and an f32 reference: on CUDA within two roundings of
+/// unmasked) with our kernels `Always` and `Auto` (alike) against `fast::grouped_attention` (the
+/// composed steps with cuDNN's roundings, what ran there before) and an f32 reference: on CUDA within two roundings of
 /// the composed steps (sums in another order) and no further from the reference than they are;
 /// elsewhere bit for bit MLX's. SmolLM2's, Llama 3's and Gemma 3's heads, keys as the first
 /// positions of a longer buffer.
@@ -470,6 +470,8 @@ fn few_query_attention(on_cuda: bool) {
             let what =
                 format!("case {i} ({b} x {h}/{hkv} heads of {d}, {len} keys, {ql} queries, causal {causal}) {dtype:?}");
             let ours = run(dtype, CustomKernels::Always, false);
+            // `Auto` takes the kernel too.
+            assert_eq!(ours, run(dtype, CustomKernels::Auto, false), "{what}: Auto against Always");
             if on_cuda {
                 let composed = run(dtype, CustomKernels::Always, true);
                 assert_within_a_rounding(&ours, &composed, dtype, &what);
