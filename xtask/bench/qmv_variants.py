@@ -5,11 +5,13 @@ Each variant runs through `mx.fast.cuda_kernel` on weight copies of 320 MB per s
 HBM), is checked against MLX's `quantized_matmul`, and is timed by wall clock per call; run it under the CUPTI
 injection library (`cupti_kernels.c`) for the GPU time per kernel name, which is what docs/benchmarks.md reports:
 
-    CUDA_INJECTION64_PATH=libcupti_kernels.so CUPTI_KERNELS_TOP=120 python qmv_variants.py [s0,g4w4,xq,bw,bwx,bw2,bwp,xr4,rows,...]
+    CUDA_INJECTION64_PATH=libcupti_kernels.so CUPTI_KERNELS_TOP=120 python qmv_variants.py [s0,g4w4,xq,bw,bwx,bw2,bwp,xr4,ks2,rows,...]
+
+`QMV_SHAPES=l-down,g-down` takes only those shapes (SHAPES below).
 
 `rows` is the committed tensor-core kernel (kQmmRowsSource, read from the source file) on one row of x.
 """
-import math, sys, time
+import math, os, sys, time
 import mlx.core as mx
 
 HEADER = r'''
@@ -446,6 +448,43 @@ XR = PRO + r'''
   }
 '''
 
+# ks: KS warps a row (split K), each taking every KS-th step of 512 bytes, their sums added through shared
+# memory: more warps and loads in flight for a long row (Llama's down projection, K = 14,336: 4,096 rows make
+# only 4,096 warps, where gate/up has 28,672).
+KS = PRO + r'''
+  const int wib = threadIdx.x >> 5;
+  const int warp = blockIdx.x * (blockDim.x >> 5) + wib;
+  const int row = warp / KSPLIT;
+  const int part = warp % KSPLIT;
+  const bool valid = row < n;
+  const uint4* xq = reinterpret_cast<const uint4*>(x);
+  float acc = 0.f;
+  if (valid) {
+    const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * (K / 8));
+    const T* srow = scales + static_cast<size_t>(row) * GROUPS;
+    const T* brow = biases + static_cast<size_t>(row) * GROUPS;
+#pragma unroll UNROLL
+    for (int c = lane + 32 * part; c < CHUNKS; c += 32 * KSPLIT) {
+      const uint4 wv = __ldg(wrow + c);
+      const int g = (c * 32) / GROUP;
+      uint4 xv[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) xv[q] = __ldg(xq + c * 4 + q);
+      acc += qdot32<T>(wv, xv, P::splat(srow[g]), P::splat(brow[g]));
+    }
+  }
+  acc = warp_sum(acc);
+  __shared__ float partial[32];
+  if (lane == 0) partial[wib] = acc;
+  __syncthreads();
+  if (valid && part == 0 && lane == 0) {
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < KSPLIT; ++j) s += partial[wib + j];
+    out[row] = static_cast<T>(s);
+  }
+'''
+
 def committed_unroll(k):
     return 2 if (k % 1024 == 0 and k <= 8192) else 8
 
@@ -478,6 +517,10 @@ VARIANTS = {
     "xr4": (XR.replace("RPW", "4"), 4, 4, lambda k: 1, 0),
     "xr8": (XR.replace("RPW", "8"), 4, 8, lambda k: 1, 0),
     "xr4w8": (XR.replace("RPW", "4"), 8, 4, lambda k: 1, 0),
+    "ks2": (KS.replace("KSPLIT", "2"), 4, 1 / 2, lambda k: 4, 0),
+    "ks4": (KS.replace("KSPLIT", "4"), 8, 1 / 4, lambda k: 4, 0),
+    "ks2w8": (KS.replace("KSPLIT", "2"), 8, 1 / 2, lambda k: 4, 0),
+    "ks4u2": (KS.replace("KSPLIT", "4"), 8, 1 / 4, lambda k: 2, 0),
     "rows": (None, 0, 0, None, 0),
 }
 
@@ -497,7 +540,8 @@ def main():
     mx.random.seed(0)
     print("| shape | variant | wall us/call | GB/s (wall) | max rel err |")
     print("|---|---|---|---|---|")
-    for sname, (n, k) in SHAPES.items():
+    shapes = os.environ.get("QMV_SHAPES", "").split(",") if os.environ.get("QMV_SHAPES") else list(SHAPES)
+    for sname, (n, k) in ((name, SHAPES[name]) for name in shapes):
         g = 64
         nbytes = n * k // 2 + 2 * n * (k // g) * 2
         copies = max(2, math.ceil((320 << 20) / nbytes))
