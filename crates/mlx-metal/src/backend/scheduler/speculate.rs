@@ -17,8 +17,8 @@
 //! catch up then. Rows with a repetition penalty or a constraint (whose
 //! processing depends on every token before) and classifications decode
 //! plainly. A row that may speculate does so only while it pays: its
-//! [`Pace`] times its steps with guesses and without and pauses guessing
-//! while plain steps give tokens faster.
+//! [`Pace`] times its steps with guesses and without, pauses guessing
+//! while plain steps give tokens faster, and times both afresh now and then.
 
 use std::time::Instant;
 
@@ -164,7 +164,10 @@ impl Scheduler {
 /// plain steps are ahead it pauses guessing for runs of plain steps that
 /// double (from [`Pace::MIN_PAUSE`] up to [`Pace::MAX_PAUSE`]) with a probe of
 /// [`Pace::PROBE`] guessing steps after each, timed afresh, to notice a text
-/// that has become easier to guess. A step's time runs from its start to the next one's and
+/// that has become easier to guess; while guesses are ahead it times
+/// [`Pace::RUN`] plain steps afresh after stretches of guessing that double
+/// the same way, so that plain steps timed in a slow moment (another process
+/// busy on the machine) do not keep the row guessing for good. A step's time runs from its start to the next one's and
 /// counts only where the step before was of the same kind and the batch's
 /// previous step (a switch drains the other kind's queued work; another
 /// request may have shared the batch). The output is the same either way:
@@ -177,6 +180,10 @@ pub(super) struct Pace {
     run: Option<(Run, u32)>,
     /// The length of the next pause.
     pause: u32,
+    /// The length of the next stretch of guessing before plain steps are timed again.
+    stretch: u32,
+    /// Steps guessed in the current stretch.
+    guessed: u32,
     /// The last step.
     last: Option<Step>,
 }
@@ -264,11 +271,21 @@ impl Pace {
             (Some(_), [Some(plain), Some(spec)]) if spec >= plain => {
                 let pause = self.pause.clamp(Self::MIN_PAUSE, Self::MAX_PAUSE);
                 self.pause = (pause * 2).min(Self::MAX_PAUSE);
+                (self.stretch, self.guessed) = (Self::MIN_PAUSE, 0);
                 (Run::Pause, pause)
             }
             (Some(_), _) => {
                 self.pause = Self::MIN_PAUSE;
-                (Run::Guess, Self::RUN)
+                let stretch = self.stretch.clamp(Self::MIN_PAUSE, Self::MAX_PAUSE);
+                if self.guessed >= stretch {
+                    // What the re-timing measures stands alone, as a probe's guesses do.
+                    self.per_token[0] = None;
+                    (self.stretch, self.guessed) = ((stretch * 2).min(Self::MAX_PAUSE), 0);
+                    (Run::Measure, Self::RUN)
+                } else {
+                    self.guessed += Self::RUN;
+                    (Run::Guess, Self::RUN)
+                }
             }
         };
         self.run = Some((run, len - 1));
@@ -354,10 +371,52 @@ mod tests {
 
     #[test]
     fn a_row_keeps_guessing_where_it_pays() {
-        // 3 tokens in 4 ms against 2 ms a plain token.
-        let kinds = run(200, 2, 4, 3, None);
+        // 3 tokens in 4 ms against 2 ms a plain token: guesses, plain steps timed, then stretches
+        // of guessing of 16, 32, 64, ... steps, plain steps timed again after each.
+        let kinds = run(1000, 2, 4, 3, None);
         let r = Pace::RUN as usize;
-        assert_eq!(runs(&kinds), [(true, r), (false, r), (true, 200 - 2 * r)]);
+        let got = runs(&kinds);
+        assert_eq!(got[..2], [(true, r), (false, r)], "{got:?}");
+        let mut stretch = Pace::MIN_PAUSE as usize;
+        for pair in got[2..got.len() - 1].chunks(2) {
+            assert_eq!(pair[0], (true, stretch), "{got:?}");
+            if pair.len() == 2 {
+                assert_eq!(pair[1], (false, r), "{got:?}");
+            }
+            stretch = (stretch * 2).min(Pace::MAX_PAUSE as usize);
+        }
+        let plain = kinds.iter().filter(|&&k| !k).count();
+        assert!(plain * 20 < kinds.len(), "{plain} of {} steps plain", kinds.len());
+    }
+
+    #[test]
+    fn plain_steps_timed_in_a_slow_moment_are_timed_again() {
+        // Plain steps take 100 ms while they are first timed (another process busy), then 2 ms;
+        // 2 tokens in 6 ms: the row guesses at first, then times plain steps again and pauses.
+        let mut pace = Pace::default();
+        let (mut now, mut produced) = (Instant::now(), 0usize);
+        let mut kinds = Vec::new();
+        for step in 0..200u64 {
+            let spec = pace.speculates(now, step, produced);
+            kinds.push(spec);
+            let (ms, tokens) = match (spec, step < 2 * u64::from(Pace::RUN)) {
+                (true, _) => (6, 2),
+                (false, true) => (100, 1),
+                (false, false) => (2, 1),
+            };
+            now += Duration::from_millis(ms);
+            produced += tokens;
+        }
+        let got = runs(&kinds);
+        let r = Pace::RUN as usize;
+        // Guesses, plain steps timed slow, a stretch of guesses, plain steps timed again: a pause.
+        assert_eq!(
+            got[..4],
+            [(true, r), (false, r), (true, Pace::MIN_PAUSE as usize), (false, r + Pace::MIN_PAUSE as usize)],
+            "{got:?}"
+        );
+        let guessed = kinds[100..].iter().filter(|&&k| k).count();
+        assert!(guessed * 10 < 100, "{guessed} of the last 100 steps guessed: {got:?}");
     }
 
     #[test]
@@ -387,7 +446,6 @@ mod tests {
         // Slow guesses for 300 steps, then fast ones: the next probe finds them.
         let mut pace = Pace::default();
         let (mut now, mut produced) = (Instant::now(), 0usize);
-        let mut last_pause_end = None;
         let mut kinds = Vec::new();
         for step in 0..1200u64 {
             let spec = pace.speculates(now, step, produced);
@@ -398,15 +456,17 @@ mod tests {
                 (true, false) => (6, 1),
                 (true, true) => (4, 4),
             };
-            if easy && !spec {
-                last_pause_end = Some(step);
-            }
             now += Duration::from_millis(ms);
             produced += tokens;
         }
-        let end = last_pause_end.expect("a pause after the text became easy") as usize;
-        assert!(end < 300 + 2 * Pace::MAX_PAUSE as usize, "paused until step {end}");
-        assert!(kinds[end + 1..].iter().all(|&k| k), "guessing for good after step {end}");
+        // The pause going on at step 300 ends within the longest pause; from the probe after it,
+        // guessing but for plain steps timed again now and then.
+        let resumed = (300..kinds.len()).find(|&i| kinds[i]).expect("a probe after step 300");
+        assert!(resumed <= 300 + Pace::MAX_PAUSE as usize, "paused until step {resumed}");
+        let got = runs(&kinds[resumed..]);
+        assert!(got.iter().all(|&(k, len)| k || len == Pace::RUN as usize), "{got:?}");
+        let plain = kinds[resumed..].iter().filter(|&&k| !k).count();
+        assert!(plain * 10 < kinds.len() - resumed, "{plain} of {} steps plain: {got:?}", kinds.len() - resumed);
     }
 
     #[test]
