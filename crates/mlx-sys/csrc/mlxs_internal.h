@@ -138,10 +138,11 @@ std::vector<mx::array> launch_all(const mx::fast::CustomKernelFunction& mlx_kern
                                   const mx::Stream& stream);
 
 // The header of the 4-bit product kernels (QmvPair, qmv_row), and their
-// instantiations for dtype `t`, K = `k` and `group`: one row of x, and 2 to
-// 32 rows in `mt` tiles of 8 with K split over `ksplit` warps (mlxs_kernels.cpp).
+// instantiations for dtype `t`, K = `k` and `group`: one row of x (K split
+// over `ksplit` warps, 1 or 2), and 2 to 32 rows in `mt` tiles of 8 with K
+// split over `ksplit` warps (mlxs_kernels.cpp).
 const char* qmv_header();
-KernelSpec qmv_spec(mx::Dtype t, int k, int group);
+KernelSpec qmv_spec(mx::Dtype t, int k, int group, int ksplit);
 KernelSpec qmm_rows_spec(mx::Dtype t, int k, int group, int mt, int ksplit);
 
 // The fused norm's instantiation for dtype `t`, rows of `d`, the norms taken

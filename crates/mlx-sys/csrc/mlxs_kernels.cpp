@@ -98,17 +98,19 @@ template <> struct QmvPair<__half> {
 };
 // One output row of a 4-bit matrix times one vector x of K values, in every
 // lane of the warp (kQmvSource says how); x in shared memory (SHARED_X) or in
-// global memory, read through L1.
-template <typename T, int K, int GROUP, bool SHARED_X>
+// global memory, read through L1. With KSPLIT warps a row, this warp's share:
+// every KSPLIT-th step of 32 chunks from step `part`.
+template <typename T, int K, int GROUP, bool SHARED_X, int KSPLIT = 1>
 __device__ __forceinline__ float qmv_row(const unsigned int* wrow, bool w_aligned, const T* srow,
-                                         const T* brow, const T* x, bool x_aligned, int lane) {
+                                         const T* brow, const T* x, bool x_aligned, int lane,
+                                         int part = 0) {
   using P = QmvPair<T>;
   using T2 = typename P::T2;
   constexpr int CHUNKS = K / 32;
   const T2 off = P::offset();
   float acc = 0.f;
 #pragma unroll 4
-  for (int c = lane; c < CHUNKS; c += 32) {
+  for (int c = lane + 32 * part; c < CHUNKS; c += 32 * KSPLIT) {
     const uint4 wv = w_aligned
         ? __ldg(reinterpret_cast<const uint4*>(wrow) + c)
         : make_uint4(wrow[4 * c], wrow[4 * c + 1], wrow[4 * c + 2], wrow[4 * c + 3]);
@@ -163,24 +165,42 @@ __device__ __forceinline__ float qmv_row(const unsigned int* wrow, bool w_aligne
 )";
 
 // Template arguments: T (x, scales, biases and output dtype), K (input
-// features, a multiple of 32), GROUP (32, 64 or 128). N comes from w's shape.
-// x is read where each chunk needs it, through L1 (every warp of the GPU
-// reads the same few KB): no shared memory, so no limit on K and no wait at
-// the start of a block before the first weight load.
+// features, a multiple of 32), GROUP (32, 64 or 128), KSPLIT (warps a row: 1,
+// or 2 for a long row, their sums added through shared memory; the block's
+// warps a multiple of it). N comes from w's shape. x is read where each chunk
+// needs it, through L1 (every warp of the GPU reads the same few KB): no
+// shared memory for it, so no limit on K and no wait at the start of a block
+// before the first weight load.
 constexpr const char* kQmvSource = R"(
   const int n = w_shape[0];
   const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= n) {
-    return;
-  }
+  const int wib = threadIdx.x >> 5;
+  const int warp = blockIdx.x * (blockDim.x >> 5) + wib;
+  const int row = warp / KSPLIT;
   const bool x_aligned = (reinterpret_cast<size_t>(x) & 15) == 0;
   const bool w_aligned = (reinterpret_cast<size_t>(w) & 15) == 0;
-  const float acc = qmv_row<T, K, GROUP, false>(w + static_cast<size_t>(row) * (K / 8), w_aligned,
-                                                scales + static_cast<size_t>(row) * (K / GROUP),
-                                                biases + static_cast<size_t>(row) * (K / GROUP), x,
-                                                x_aligned, lane);
-  if (lane == 0) {
+  float acc = 0.f;
+  if (row < n) {
+    acc = qmv_row<T, K, GROUP, false, KSPLIT>(w + static_cast<size_t>(row) * (K / 8), w_aligned,
+                                              scales + static_cast<size_t>(row) * (K / GROUP),
+                                              biases + static_cast<size_t>(row) * (K / GROUP), x,
+                                              x_aligned, lane, warp % KSPLIT);
+  }
+  if (KSPLIT > 1) {
+    __shared__ float partial[32];
+    if (lane == 0) {
+      partial[wib] = acc;
+    }
+    __syncthreads();
+    if (warp % KSPLIT != 0) {
+      return;
+    }
+#pragma unroll
+    for (int j = 1; j < KSPLIT; ++j) {
+      acc += partial[wib + j];
+    }
+  }
+  if (row < n && lane == 0) {
     out[row] = static_cast<T>(acc);
   }
 )";
@@ -345,6 +365,11 @@ constexpr const char* kQmmRowsSource = R"(
 constexpr int kQmvWarpsPerBlock = 4;
 // The launch counts threads in an int: 32 per row.
 constexpr int kQmvMaxRows = 1 << 25;
+// Rows at least this long take two warps each (KSPLIT 2): Llama-3.1-8B's down
+// projection (K = 14,336) has 4,096 rows, a seventh of gate/up's warps, and
+// on an H100 reads at half their rate (docs/benchmarks.md). Custom kernels
+// ALWAYS only, until measured on a GPU.
+constexpr int kQmvSplitMinK = 8192;
 
 const mx::fast::CustomKernelFunction& qmv_kernel() {
   static const mx::fast::CustomKernelFunction k =
@@ -379,6 +404,11 @@ bool has_bf16_mma() {
   return ok;
 }
 
+// Warps a row for the one-row kernel (kQmvSource's KSPLIT).
+int qmv_ksplit(int k) {
+  return kernels_mode() == MLXS_KERNELS_ALWAYS && k >= kQmvSplitMinK ? 2 : 1;
+}
+
 // One call of a quantised matmul kernel: x's and w's rows are its scalars.
 mx::array launch(const mx::fast::CustomKernelFunction& mlx_kernel, const mlxs::KernelSpec& spec,
                  const std::vector<mx::array>& inputs, const mx::Shape& shape, int x_rows,
@@ -395,8 +425,8 @@ namespace mlxs {
 
 const char* qmv_header() { return kQmvHeader; }
 
-KernelSpec qmv_spec(mx::Dtype t, int k, int group) {
-  return {"mlxr_qmv4", kQmvSource, t, {{"K", k}, {"GROUP", group}}};
+KernelSpec qmv_spec(mx::Dtype t, int k, int group, int ksplit) {
+  return {"mlxr_qmv4", kQmvSource, t, {{"K", k}, {"GROUP", group}, {"KSPLIT", ksplit}}};
 }
 
 KernelSpec qmm_rows_spec(mx::Dtype t, int k, int group, int mt, int ksplit) {
@@ -514,9 +544,13 @@ std::optional<mx::array> try_fast_qmv(const mx::array& x, const mx::array& w,
                {x2, w, scales, b}, {m, n}, m, n, {blocks * threads, 1, 1}, {threads, 1, 1}, stream);
     return mx::reshape(y, out_shape, stream);
   }
+  int ksplit = qmv_ksplit(k);
+  if (n > kQmvMaxRows / ksplit) {
+    return std::nullopt;
+  }
   int threads = 32 * kQmvWarpsPerBlock;
-  int blocks = (n + kQmvWarpsPerBlock - 1) / kQmvWarpsPerBlock;
-  return launch(qmv_kernel(), qmv_spec(t, k, group), {x, w, scales, b}, out_shape,
+  int blocks = (n * ksplit + kQmvWarpsPerBlock - 1) / kQmvWarpsPerBlock;
+  return launch(qmv_kernel(), qmv_spec(t, k, group, ksplit), {x, w, scales, b}, out_shape,
                 static_cast<int>(rows), n, {blocks * threads, 1, 1}, {threads, 1, 1}, stream);
 }
 

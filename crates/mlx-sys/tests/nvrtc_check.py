@@ -28,8 +28,10 @@ KERNELS = {
     "kQmvSource": {
         "inputs": [("x", "T"), ("w", "uint32_t"), ("scales", "T"), ("biases", "T")],
         "outputs": [("out", "T")],
-        "template": ["typename T", "int K", "int GROUP"],
-        "args": [(t, k, g) for t in TYPES for k, g in ((4096, 64), (1152, 32), (14336, 128), (25600, 64))],
+        "template": ["typename T", "int K", "int GROUP", "int KSPLIT"],
+        # Rows of 8,192 or more take two warps each (qmv_ksplit).
+        "args": [(t, k, g, 2 if k >= 8192 else 1) for t in TYPES
+                 for k, g in ((4096, 64), (1152, 32), (14336, 128), (25600, 64))],
     },
     "kQmmRowsSource": {
         "inputs": [("x", "T"), ("w", "uint32_t"), ("scales", "T"), ("biases", "T")],
