@@ -340,6 +340,12 @@ mod tests {
     /// speculative step takes `spec_ms` and hands out `spec_tokens`, from one [`Pace`]; `gap_at`
     /// leaves a step of the batch out there (another request shared it) and lets a minute pass.
     fn run(n: usize, plain_ms: u64, spec_ms: u64, spec_tokens: usize, gap_at: Option<usize>) -> Vec<bool> {
+        drive(n, gap_at, |_, spec| if spec { (spec_ms, spec_tokens) } else { (plain_ms, 1) })
+    }
+
+    /// The kinds of `n` steps from one [`Pace`], step `i` (speculative or not) taking the
+    /// milliseconds and handing out the tokens `times(i, spec)` says; `gap_at` as in [`run`].
+    fn drive(n: usize, gap_at: Option<usize>, times: impl Fn(usize, bool) -> (u64, usize)) -> Vec<bool> {
         let mut pace = Pace::default();
         let (mut now, mut step, mut produced) = (Instant::now(), 0u64, 0usize);
         let mut kinds = Vec::with_capacity(n);
@@ -350,7 +356,7 @@ mod tests {
             }
             let spec = pace.speculates(now, step, produced);
             kinds.push(spec);
-            let (ms, tokens) = if spec { (spec_ms, spec_tokens) } else { (plain_ms, 1) };
+            let (ms, tokens) = times(i, spec);
             now += Duration::from_millis(ms);
             produced += tokens;
             step += 1;
@@ -393,20 +399,11 @@ mod tests {
     fn plain_steps_timed_in_a_slow_moment_are_timed_again() {
         // Plain steps take 100 ms while they are first timed (another process busy), then 2 ms;
         // 2 tokens in 6 ms: the row guesses at first, then times plain steps again and pauses.
-        let mut pace = Pace::default();
-        let (mut now, mut produced) = (Instant::now(), 0usize);
-        let mut kinds = Vec::new();
-        for step in 0..200u64 {
-            let spec = pace.speculates(now, step, produced);
-            kinds.push(spec);
-            let (ms, tokens) = match (spec, step < 2 * u64::from(Pace::RUN)) {
-                (true, _) => (6, 2),
-                (false, true) => (100, 1),
-                (false, false) => (2, 1),
-            };
-            now += Duration::from_millis(ms);
-            produced += tokens;
-        }
+        let kinds = drive(200, None, |step, spec| match (spec, step < 2 * Pace::RUN as usize) {
+            (true, _) => (6, 2),
+            (false, true) => (100, 1),
+            (false, false) => (2, 1),
+        });
         let got = runs(&kinds);
         let r = Pace::RUN as usize;
         // Guesses, plain steps timed slow, a stretch of guesses, plain steps timed again: a pause.
@@ -444,21 +441,11 @@ mod tests {
     #[test]
     fn a_row_that_becomes_easier_to_guess_guesses_again() {
         // Slow guesses for 300 steps, then fast ones: the next probe finds them.
-        let mut pace = Pace::default();
-        let (mut now, mut produced) = (Instant::now(), 0usize);
-        let mut kinds = Vec::new();
-        for step in 0..1200u64 {
-            let spec = pace.speculates(now, step, produced);
-            kinds.push(spec);
-            let easy = step >= 300;
-            let (ms, tokens) = match (spec, easy) {
-                (false, _) => (2, 1),
-                (true, false) => (6, 1),
-                (true, true) => (4, 4),
-            };
-            now += Duration::from_millis(ms);
-            produced += tokens;
-        }
+        let kinds = drive(1200, None, |step, spec| match (spec, step >= 300) {
+            (false, _) => (2, 1),
+            (true, false) => (6, 1),
+            (true, true) => (4, 4),
+        });
         // The pause going on at step 300 ends within the longest pause; from the probe after it,
         // guessing but for plain steps timed again now and then.
         let resumed = (300..kinds.len()).find(|&i| kinds[i]).expect("a probe after step 300");
