@@ -182,8 +182,8 @@ pub(super) struct Pace {
     pause: u32,
     /// The length of the next stretch of guessing before plain steps are timed again.
     stretch: u32,
-    /// Steps guessed in the current stretch.
-    guessed: u32,
+    /// Steps guessed since plain steps were last timed.
+    since_timed: u32,
     /// The last step.
     last: Option<Step>,
 }
@@ -251,6 +251,15 @@ impl Pace {
         }
     }
 
+    /// The length `len` holds (from [`Pace::MIN_PAUSE`] up to
+    /// [`Pace::MAX_PAUSE`]), doubling it for the next time: pauses and
+    /// stretches of guessing grow alike.
+    fn lengthen(len: &mut u32) -> u32 {
+        let now = (*len).clamp(Self::MIN_PAUSE, Self::MAX_PAUSE);
+        *len = (now * 2).min(Self::MAX_PAUSE);
+        now
+    }
+
     /// The run the next step belongs to: the current one, or a new one.
     fn next_run(&mut self) -> Run {
         if let Some((run, left)) = self.run.as_mut()
@@ -269,21 +278,19 @@ impl Pace {
             }
             (Some(_), [None, _]) => (Run::Measure, Self::RUN),
             (Some(_), [Some(plain), Some(spec)]) if spec >= plain => {
-                let pause = self.pause.clamp(Self::MIN_PAUSE, Self::MAX_PAUSE);
-                self.pause = (pause * 2).min(Self::MAX_PAUSE);
-                (self.stretch, self.guessed) = (Self::MIN_PAUSE, 0);
-                (Run::Pause, pause)
+                (self.stretch, self.since_timed) = (Self::MIN_PAUSE, 0);
+                (Run::Pause, Self::lengthen(&mut self.pause))
             }
             (Some(_), _) => {
                 self.pause = Self::MIN_PAUSE;
-                let stretch = self.stretch.clamp(Self::MIN_PAUSE, Self::MAX_PAUSE);
-                if self.guessed >= stretch {
+                if self.since_timed >= self.stretch.max(Self::MIN_PAUSE) {
                     // What the re-timing measures stands alone, as a probe's guesses do.
                     self.per_token[0] = None;
-                    (self.stretch, self.guessed) = ((stretch * 2).min(Self::MAX_PAUSE), 0);
+                    Self::lengthen(&mut self.stretch);
+                    self.since_timed = 0;
                     (Run::Measure, Self::RUN)
                 } else {
-                    self.guessed += Self::RUN;
+                    self.since_timed += Self::RUN;
                     (Run::Guess, Self::RUN)
                 }
             }
