@@ -143,6 +143,11 @@ std::vector<mx::array> launch_all(const mx::fast::CustomKernelFunction& mlx_kern
 // split over `ksplit` warps (mlxs_kernels.cpp).
 const char* qmv_header();
 KernelSpec qmv_spec(mx::Dtype t, int k, int group, int ksplit);
+// Rows at least this long take two warps each in the one-row kernel (KSPLIT
+// 2): Llama-3.1-8B's down projection (K = 14,336) has 4,096 rows, a seventh of
+// gate/up's warps, and on an H100 reads at half their rate
+// (docs/benchmarks.md). Custom kernels ALWAYS only, until measured on a GPU.
+constexpr int kQmvSplitMinK = 8192;
 KernelSpec qmm_rows_spec(mx::Dtype t, int k, int group, int mt, int ksplit);
 
 // The fused norm's instantiation for dtype `t`, rows of `d`, the norms taken

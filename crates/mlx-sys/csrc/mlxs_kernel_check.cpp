@@ -24,7 +24,7 @@ int mlxs_kernel_cache_check(const char* nvrtc_path, const char* include_dir, int
     std::vector<mlxs::KernelSpec> specs;
     for (auto t : {mx::bfloat16, mx::float16}) {
       for (auto [k, g] : {std::pair{4096, 64}, {1152, 32}, {14336, 128}, {25600, 64}}) {
-        specs.push_back(mlxs::qmv_spec(t, k, g, k >= 8192 ? 2 : 1));
+        specs.push_back(mlxs::qmv_spec(t, k, g, k >= mlxs::kQmvSplitMinK ? 2 : 1));
       }
       for (auto [k, g] : {std::pair{4096, 64}, {640, 32}, {14336, 128}}) {
         for (int mt : {1, 4}) {

@@ -365,11 +365,6 @@ constexpr const char* kQmmRowsSource = R"(
 constexpr int kQmvWarpsPerBlock = 4;
 // The launch counts threads in an int: 32 per row.
 constexpr int kQmvMaxRows = 1 << 25;
-// Rows at least this long take two warps each (KSPLIT 2): Llama-3.1-8B's down
-// projection (K = 14,336) has 4,096 rows, a seventh of gate/up's warps, and
-// on an H100 reads at half their rate (docs/benchmarks.md). Custom kernels
-// ALWAYS only, until measured on a GPU.
-constexpr int kQmvSplitMinK = 8192;
 
 const mx::fast::CustomKernelFunction& qmv_kernel() {
   static const mx::fast::CustomKernelFunction k =
@@ -406,7 +401,7 @@ bool has_bf16_mma() {
 
 // Warps a row for the one-row kernel (kQmvSource's KSPLIT).
 int qmv_ksplit(int k) {
-  return kernels_mode() == MLXS_KERNELS_ALWAYS && k >= kQmvSplitMinK ? 2 : 1;
+  return kernels_mode() == MLXS_KERNELS_ALWAYS && k >= mlxs::kQmvSplitMinK ? 2 : 1;
 }
 
 // One call of a quantised matmul kernel: x's and w's rows are its scalars.
