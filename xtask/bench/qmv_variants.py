@@ -14,7 +14,7 @@ The pieces the variants are built from are in `qmv_parts.py`, the read-only prob
 """
 import math, os, sys, time
 import mlx.core as mx
-from qmv_parts import HEADER, PRO, X_SHARED, ROW_POINTERS, ROW, ROW_END, indent
+from qmv_parts import HEADER, RAW, PRO, X_SHARED, ROW_POINTERS, ROW, ROW_END, indent
 from qmv_reads import BW, BW2, BWP, STREAM
 
 # s0: as committed (x copied into shared memory per block, one warp per row).
@@ -335,11 +335,6 @@ VARIANTS = {
     "rows": (None, 0, 0, None, 0),
 }
 
-import re
-from pathlib import Path
-_CSRC = Path(__file__).resolve().parents[2] / "crates/mlx-sys/csrc/mlxs_kernels.cpp"
-_RAW = dict(re.findall(r'constexpr const char\* (\w+) =\s*R"\((.*?)\)";', _CSRC.read_text(), re.S))
-
 SHAPES = {
     "l-qkv": (6144, 4096), "l-o": (4096, 4096), "l-gateup": (28672, 4096), "l-down": (4096, 14336),
     "l-head": (128256, 4096), "g-gateup": (13824, 1152), "g-head": (262144, 1152), "g-down": (1152, 6912),
@@ -372,7 +367,7 @@ def main():
                 continue  # x would not fit a lane's registers
             if vname == "rows":
                 rk = mx.fast.cuda_kernel(name=f"qv_rows_{sname.replace('-', '_')}", input_names=["x", "w", "scales", "biases"],
-                                         output_names=["out"], source=_RAW["kQmmRowsSource"], header=_RAW["kQmvHeader"])
+                                         output_names=["out"], source=RAW["kQmmRowsSource"], header=RAW["kQmvHeader"])
                 ks = min(8, k // 128)
                 def rcall(i, rk=rk, ks=ks):
                     return rk(inputs=[x, ws[i], ss[i], bs[i]], output_shapes=[(1, n)], output_dtypes=[mx.bfloat16],

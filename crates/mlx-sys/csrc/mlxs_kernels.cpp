@@ -96,6 +96,37 @@ template <> struct QmvPair<__half> {
   static __device__ __forceinline__ float2 to_float2(T2 v) { return __half22float2(v); }
   static __device__ __forceinline__ T2 splat(__half v) { return __half2half2(v); }
 };
+// The dot product of one 32-bit word of 4-bit weights (8 values, lowest
+// nibble first, dequantised as w * s + b) with the 8 values of x in xv, summed
+// in float: the nibbles become 16-bit values by an OR into the mantissa of
+// magic (offset + nibble), pairs at a time.
+template <typename T>
+__device__ __forceinline__ float qmv_word(unsigned int wq, uint4 xv, typename QmvPair<T>::T2 s2,
+                                          typename QmvPair<T>::T2 b2) {
+  using P = QmvPair<T>;
+  using T2 = typename P::T2;
+  const T2 off = P::offset();
+  T2 xp[4];
+  memcpy(xp, &xv, sizeof(xv));
+  unsigned int u04 = (wq & 0x000F000Fu) | P::magic;
+  unsigned int u15 = ((wq >> 4) & 0x000F000Fu) | P::magic;
+  unsigned int u26 = ((wq >> 8) & 0x000F000Fu) | P::magic;
+  unsigned int u37 = ((wq >> 12) & 0x000F000Fu) | P::magic;
+  const T2 w04 = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u04), off), s2, b2);
+  const T2 w15 = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u15), off), s2, b2);
+  const T2 w26 = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u26), off), s2, b2);
+  const T2 w37 = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u37), off), s2, b2);
+  T2 w01, w23, w45, w67;
+  w01.x = w04.x; w01.y = w15.x;
+  w23.x = w26.x; w23.y = w37.x;
+  w45.x = w04.y; w45.y = w15.y;
+  w67.x = w26.y; w67.y = w37.y;
+  const float2 a = P::to_float2(__hmul2(xp[0], w01));
+  const float2 b = P::to_float2(__hmul2(xp[1], w23));
+  const float2 cc = P::to_float2(__hmul2(xp[2], w45));
+  const float2 d = P::to_float2(__hmul2(xp[3], w67));
+  return ((a.x + a.y) + (b.x + b.y)) + ((cc.x + cc.y) + (d.x + d.y));
+}
 // One output row of a 4-bit matrix times one vector x of K values, in every
 // lane of the warp (kQmvSource says how); x in shared memory (SHARED_X) or in
 // global memory, read through L1. With KSPLIT warps a row, this warp's share:
@@ -107,7 +138,6 @@ __device__ __forceinline__ float qmv_row(const unsigned int* wrow, bool w_aligne
   using P = QmvPair<T>;
   using T2 = typename P::T2;
   constexpr int CHUNKS = K / 32;
-  const T2 off = P::offset();
   float acc = 0.f;
 #pragma unroll 4
   for (int c = lane + 32 * part; c < CHUNKS; c += 32 * KSPLIT) {
@@ -133,27 +163,7 @@ __device__ __forceinline__ float qmv_row(const unsigned int* wrow, bool w_aligne
         }
         memcpy(&xv, v, sizeof(xv));
       }
-      T2 xp[4];
-      memcpy(xp, &xv, sizeof(xv));
-      const unsigned int wq = words[q];
-      unsigned int u04 = (wq & 0x000F000Fu) | P::magic;
-      unsigned int u15 = ((wq >> 4) & 0x000F000Fu) | P::magic;
-      unsigned int u26 = ((wq >> 8) & 0x000F000Fu) | P::magic;
-      unsigned int u37 = ((wq >> 12) & 0x000F000Fu) | P::magic;
-      const T2 w04 = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u04), off), s2, b2);
-      const T2 w15 = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u15), off), s2, b2);
-      const T2 w26 = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u26), off), s2, b2);
-      const T2 w37 = __hfma2(__hsub2(*reinterpret_cast<T2*>(&u37), off), s2, b2);
-      T2 w01, w23, w45, w67;
-      w01.x = w04.x; w01.y = w15.x;
-      w23.x = w26.x; w23.y = w37.x;
-      w45.x = w04.y; w45.y = w15.y;
-      w67.x = w26.y; w67.y = w37.y;
-      const float2 a = P::to_float2(__hmul2(xp[0], w01));
-      const float2 b = P::to_float2(__hmul2(xp[1], w23));
-      const float2 cc = P::to_float2(__hmul2(xp[2], w45));
-      const float2 d = P::to_float2(__hmul2(xp[3], w67));
-      acc += ((a.x + a.y) + (b.x + b.y)) + ((cc.x + cc.y) + (d.x + d.y));
+      acc += qmv_word<T>(words[q], xv, s2, b2);
     }
   }
 #pragma unroll
